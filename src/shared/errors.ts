@@ -1,0 +1,166 @@
+/**
+ * chipmunk's error classes. Every failure that crosses a component boundary (CRIU, runc,
+ * CNI, the store, HTTP between processes) is translated into one of these, each with a
+ * stable `code` that scripts and the CLI can rely on. `toJSON()` is the wire form; the
+ * HTTP client turns it back into the same class with `errorFromJSON()`.
+ */
+
+export type ErrorCode =
+  | 'CHIPMUNK_INVALID_INPUT'
+  | 'CHIPMUNK_NOT_FOUND'
+  | 'CHIPMUNK_CONFLICT'
+  | 'CHIPMUNK_UNAUTHORIZED'
+  | 'CHIPMUNK_UNAVAILABLE'
+  | 'CHIPMUNK_CAPABILITY_MISSING'
+  | 'CHIPMUNK_RUNTIME_FAILED'
+  | 'CHIPMUNK_MIGRATION_FAILED'
+  | 'CHIPMUNK_MIGRATION_IN_PROGRESS'
+  | 'CHIPMUNK_TRANSFER_FAILED'
+  | 'CHIPMUNK_STORE_CONFLICT'
+  | 'CHIPMUNK_STORE_FAILED'
+  | 'CHIPMUNK_INTERNAL';
+
+export interface ErrorJSON {
+  code: ErrorCode;
+  message: string;
+  details?: Record<string, unknown>;
+}
+
+export class ChipmunkError extends Error {
+  readonly code: ErrorCode;
+  readonly details: Record<string, unknown>;
+  /** HTTP status the API answers with for this error. */
+  readonly status: number;
+
+  constructor(code: ErrorCode, message: string, opts: { status?: number; details?: Record<string, unknown>; cause?: unknown } = {}) {
+    super(message, opts.cause === undefined ? undefined : { cause: opts.cause });
+    this.name = new.target.name;
+    this.code = code;
+    this.status = opts.status ?? 500;
+    this.details = opts.details ?? {};
+  }
+
+  toJSON(): ErrorJSON {
+    const details = { ...this.details };
+    if (this.cause !== undefined) details.cause = describeCause(this.cause);
+    return { code: this.code, message: this.message, ...(Object.keys(details).length ? { details } : {}) };
+  }
+}
+
+/** Bad input from a user or a client: names what was wrong and what to do. */
+export class InvalidInputError extends ChipmunkError {
+  constructor(message: string, details?: Record<string, unknown>) {
+    super('CHIPMUNK_INVALID_INPUT', message, { status: 400, details });
+  }
+}
+
+export class NotFoundError extends ChipmunkError {
+  constructor(message: string, details?: Record<string, unknown>) {
+    super('CHIPMUNK_NOT_FOUND', message, { status: 404, details });
+  }
+}
+
+export class ConflictError extends ChipmunkError {
+  constructor(message: string, details?: Record<string, unknown>) {
+    super('CHIPMUNK_CONFLICT', message, { status: 409, details });
+  }
+}
+
+export class UnauthorizedError extends ChipmunkError {
+  constructor(message = 'missing or wrong cluster token: pass the token from the cluster config (Authorization: Bearer TOKEN)') {
+    super('CHIPMUNK_UNAUTHORIZED', message, { status: 401 });
+  }
+}
+
+export class UnavailableError extends ChipmunkError {
+  constructor(message: string, details?: Record<string, unknown>, cause?: unknown) {
+    super('CHIPMUNK_UNAVAILABLE', message, { status: 503, details, cause });
+  }
+}
+
+/** A kernel or tool capability that an operation needs is absent on this host. */
+export class CapabilityMissingError extends ChipmunkError {
+  constructor(message: string, details?: Record<string, unknown>) {
+    super('CHIPMUNK_CAPABILITY_MISSING', message, { status: 422, details });
+  }
+}
+
+/** runc, CRIU, CNI or podman failed; `logPath` points at the tool's own log when there is one. */
+export class RuntimeFailedError extends ChipmunkError {
+  constructor(message: string, details: { op: string; logPath?: string; stderr?: string; [k: string]: unknown }, cause?: unknown) {
+    super('CHIPMUNK_RUNTIME_FAILED', message, { status: 500, details, cause });
+  }
+}
+
+export type MigrationPhase = 'prepare' | 'checkpoint' | 'transfer' | 'restore' | 'verify' | 'cleanup' | 'rollback';
+
+export class MigrationFailedError extends ChipmunkError {
+  constructor(message: string, details: { phase: MigrationPhase; node: string; logPath?: string; rolledBack?: boolean; [k: string]: unknown }, cause?: unknown) {
+    super('CHIPMUNK_MIGRATION_FAILED', message, { status: 500, details, cause });
+  }
+}
+
+export class MigrationInProgressError extends ChipmunkError {
+  constructor(name: string, migrationId: string) {
+    super('CHIPMUNK_MIGRATION_IN_PROGRESS', `container ${name} is already being migrated (migration ${migrationId}); wait for it to finish`, {
+      status: 409,
+      details: { name, migrationId },
+    });
+  }
+}
+
+export class TransferFailedError extends ChipmunkError {
+  constructor(message: string, details?: Record<string, unknown>, cause?: unknown) {
+    super('CHIPMUNK_TRANSFER_FAILED', message, { status: 502, details, cause });
+  }
+}
+
+/** Compare-and-swap lost: the key's revision was not the expected one. */
+export class StoreConflictError extends ChipmunkError {
+  constructor(key: string, expected: number, actual: number) {
+    super('CHIPMUNK_STORE_CONFLICT', `store key ${key} changed concurrently (expected revision ${expected}, found ${actual})`, {
+      status: 409,
+      details: { key, expected, actual },
+    });
+  }
+}
+
+export class StoreFailedError extends ChipmunkError {
+  constructor(message: string, cause?: unknown) {
+    super('CHIPMUNK_STORE_FAILED', message, { status: 500, cause });
+  }
+}
+
+const byCode: Partial<Record<ErrorCode, (m: string, d: Record<string, unknown>) => ChipmunkError>> = {
+  CHIPMUNK_INVALID_INPUT: (m, d) => new InvalidInputError(m, d),
+  CHIPMUNK_NOT_FOUND: (m, d) => new NotFoundError(m, d),
+  CHIPMUNK_CONFLICT: (m, d) => new ConflictError(m, d),
+  CHIPMUNK_UNAUTHORIZED: (m) => new UnauthorizedError(m),
+  CHIPMUNK_UNAVAILABLE: (m, d) => new UnavailableError(m, d),
+  CHIPMUNK_CAPABILITY_MISSING: (m, d) => new CapabilityMissingError(m, d),
+  CHIPMUNK_RUNTIME_FAILED: (m, d) => new RuntimeFailedError(m, { op: String(d.op ?? 'unknown'), ...d }),
+  CHIPMUNK_MIGRATION_FAILED: (m, d) => new MigrationFailedError(m, { phase: (d.phase as MigrationPhase) ?? 'prepare', node: String(d.node ?? ''), ...d }),
+  CHIPMUNK_TRANSFER_FAILED: (m, d) => new TransferFailedError(m, d),
+};
+
+/** Rebuilds our error class from its wire form (HTTP client side). */
+export function errorFromJSON(body: ErrorJSON, status?: number): ChipmunkError {
+  const make = byCode[body.code];
+  if (make) return make(body.message, body.details ?? {});
+  if (body.code === 'CHIPMUNK_MIGRATION_IN_PROGRESS') {
+    return new ChipmunkError(body.code, body.message, { status: 409, details: body.details });
+  }
+  return new ChipmunkError(body.code ?? 'CHIPMUNK_INTERNAL', body.message ?? 'unknown error', { status, details: body.details });
+}
+
+/** Any thrown value as our error; unknown errors become CHIPMUNK_INTERNAL with their message. */
+export function toChipmunkError(err: unknown): ChipmunkError {
+  if (err instanceof ChipmunkError) return err;
+  return new ChipmunkError('CHIPMUNK_INTERNAL', err instanceof Error ? err.message : String(err), { cause: err });
+}
+
+function describeCause(cause: unknown): unknown {
+  if (cause instanceof ChipmunkError) return cause.toJSON();
+  if (cause instanceof Error) return cause.message;
+  return cause;
+}
