@@ -1,0 +1,252 @@
+/**
+ * Every message that crosses a process boundary (CLI -> controller -> agents, agent -> agent),
+ * one TypeBox schema each. The schemas drive request validation in fastify, the TypeScript
+ * types (Static<>), and the API reference (docs/api.md is generated from them).
+ */
+import { Type, type Static, type TSchema } from '@sinclair/typebox';
+
+// ------------------------------------------------------------------ common
+
+export const NodeName = Type.String({ pattern: '^[a-z0-9][a-z0-9-]{0,30}$', description: 'node name: lowercase letters, digits, dashes' });
+export const ContainerName = Type.String({
+  pattern: '^[a-z0-9][a-z0-9_.-]{0,39}$',
+  description: 'container name: lowercase letters, digits, and _ . - (at most 40 characters)',
+});
+
+export const PortMapping = Type.Object({
+  hostPort: Type.Integer({ minimum: 1, maximum: 65535 }),
+  containerPort: Type.Integer({ minimum: 1, maximum: 65535 }),
+  protocol: Type.Union([Type.Literal('tcp'), Type.Literal('udp')], { default: 'tcp' }),
+});
+export type PortMapping = Static<typeof PortMapping>;
+
+export const MigrationMode = Type.Union([Type.Literal('lazy'), Type.Literal('copy')], {
+  description: 'lazy: post-copy, memory follows after resume (needs userfaultfd); copy: stop-and-copy',
+});
+export type MigrationMode = Static<typeof MigrationMode>;
+
+/** What the operator asked for: enough to (re)create the container anywhere. */
+export const ContainerSpec = Type.Object({
+  name: ContainerName,
+  image: Type.String({ minLength: 1 }),
+  /** Overrides the image's CMD when non-empty. */
+  command: Type.Array(Type.String(), { default: [] }),
+  env: Type.Record(Type.String(), Type.String(), { default: {} }),
+  ports: Type.Array(PortMapping, { default: [] }),
+  /** Memory limit in bytes; 0 means none. */
+  memoryBytes: Type.Integer({ minimum: 0, default: 0 }),
+});
+export type ContainerSpec = Static<typeof ContainerSpec>;
+
+export const ContainerStatus = Type.Union([
+  Type.Literal('created'),
+  Type.Literal('running'),
+  Type.Literal('stopped'),
+  Type.Literal('migrating'),
+  Type.Literal('unknown'),
+]);
+export type ContainerStatus = Static<typeof ContainerStatus>;
+
+/** What an agent reports about one container it runs. */
+export const AgentContainer = Type.Object({
+  name: ContainerName,
+  spec: ContainerSpec,
+  status: ContainerStatus,
+  /** Increments with every restore: names the runc container and cgroup of this incarnation. */
+  generation: Type.Integer({ minimum: 0 }),
+  ip: Type.Optional(Type.String()),
+  pid: Type.Optional(Type.Integer()),
+  exitCode: Type.Optional(Type.Integer()),
+  createdAt: Type.String(),
+});
+export type AgentContainer = Static<typeof AgentContainer>;
+
+export const ContainerStats = Type.Object({
+  name: ContainerName,
+  cpuUsageNs: Type.Number(),
+  memoryBytes: Type.Number(),
+  memoryLimitBytes: Type.Optional(Type.Number()),
+  pids: Type.Number(),
+});
+export type ContainerStats = Static<typeof ContainerStats>;
+
+export const HostCapabilities = Type.Object({
+  lazyMigration: Type.Boolean(),
+  softDirty: Type.Boolean(),
+  criuVersion: Type.Optional(Type.String()),
+  cgroupMode: Type.String(),
+});
+export type HostCapabilities = Static<typeof HostCapabilities>;
+
+export const AgentInfo = Type.Object({
+  node: NodeName,
+  /** Address other agents and clients reach this node at. */
+  address: Type.String(),
+  apiPort: Type.Integer(),
+  capabilities: HostCapabilities,
+  version: Type.String(),
+});
+export type AgentInfo = Static<typeof AgentInfo>;
+
+// ------------------------------------------------------------------ agent: migration steps
+
+/** Source side: freeze and dump the container for a migration. */
+export const CheckpointRequest = Type.Object({
+  migrationId: Type.String({ minLength: 1 }),
+  mode: MigrationMode,
+  /** Port the source's CRIU page server listens on (lazy mode). */
+  pageServerPort: Type.Optional(Type.Integer({ minimum: 1024, maximum: 65535 })),
+});
+export type CheckpointRequest = Static<typeof CheckpointRequest>;
+
+export const CheckpointResult = Type.Object({
+  migrationId: Type.String(),
+  /** Bytes of the image directory the target must fetch before restore. */
+  imageBytes: Type.Integer(),
+  /** Bytes of the file-system changes (overlay upper layer). */
+  upperBytes: Type.Integer(),
+  /** When the container stopped answering (ms since epoch, source clock). */
+  frozenAt: Type.Number(),
+  pageServer: Type.Optional(Type.Object({ address: Type.String(), port: Type.Integer() })),
+});
+export type CheckpointResult = Static<typeof CheckpointResult>;
+
+/** Target side: fetch the checkpoint from the source agent and restore it here. */
+export const RestoreRequest = Type.Object({
+  migrationId: Type.String({ minLength: 1 }),
+  mode: MigrationMode,
+  spec: ContainerSpec,
+  generation: Type.Integer({ minimum: 0 }),
+  source: Type.Object({ node: NodeName, url: Type.String() }),
+  pageServer: Type.Optional(Type.Object({ address: Type.String(), port: Type.Integer() })),
+});
+export type RestoreRequest = Static<typeof RestoreRequest>;
+
+export const RestoreResult = Type.Object({
+  container: AgentContainer,
+  bytesTransferred: Type.Integer(),
+  restoredAt: Type.Number(),
+});
+export type RestoreResult = Static<typeof RestoreResult>;
+
+/** Source side: the migration failed after the checkpoint; run the container here again. */
+export const RollbackRequest = Type.Object({ migrationId: Type.String({ minLength: 1 }) });
+export type RollbackRequest = Static<typeof RollbackRequest>;
+
+/** Progress of a transfer, streamed by agents to the controller (and on to the CLI). */
+export const TransferProgress = Type.Object({
+  migrationId: Type.String(),
+  what: Type.Union([Type.Literal('images'), Type.Literal('files'), Type.Literal('image'), Type.Literal('pages')]),
+  bytes: Type.Integer(),
+  totalBytes: Type.Optional(Type.Integer()),
+});
+export type TransferProgress = Static<typeof TransferProgress>;
+
+// ------------------------------------------------------------------ controller API (CLI-facing)
+
+export const NodeView = Type.Object({
+  name: NodeName,
+  address: Type.String(),
+  url: Type.String(),
+  status: Type.Union([Type.Literal('ready'), Type.Literal('unreachable')]),
+  capabilities: Type.Optional(HostCapabilities),
+  lastSeen: Type.Optional(Type.String()),
+});
+export type NodeView = Static<typeof NodeView>;
+
+export const RegisterNodeRequest = Type.Object({
+  name: NodeName,
+  address: Type.String({ minLength: 1 }),
+  url: Type.String({ minLength: 1 }),
+  capabilities: HostCapabilities,
+});
+export type RegisterNodeRequest = Static<typeof RegisterNodeRequest>;
+
+export const RunRequest = Type.Object({
+  spec: ContainerSpec,
+  node: Type.Optional(NodeName),
+});
+export type RunRequest = Static<typeof RunRequest>;
+
+export const ContainerView = Type.Object({
+  name: ContainerName,
+  node: Type.String(),
+  status: ContainerStatus,
+  image: Type.String(),
+  ports: Type.Array(Type.String({ description: 'ADDRESS:HOSTPORT->CTRPORT/PROTO' })),
+  ip: Type.Optional(Type.String()),
+  createdAt: Type.String(),
+});
+export type ContainerView = Static<typeof ContainerView>;
+
+export const MigrateRequest = Type.Object({
+  to: NodeName,
+  mode: Type.Optional(MigrationMode),
+});
+export type MigrateRequest = Static<typeof MigrateRequest>;
+
+export const MigrationPhaseName = Type.Union([
+  Type.Literal('prepare'),
+  Type.Literal('checkpoint'),
+  Type.Literal('transfer'),
+  Type.Literal('restore'),
+  Type.Literal('verify'),
+  Type.Literal('cleanup'),
+  Type.Literal('rollback'),
+  Type.Literal('done'),
+  Type.Literal('failed'),
+]);
+
+/** One line of the migration's progress stream (NDJSON), and its stored record. */
+export const MigrationEvent = Type.Object({
+  migrationId: Type.String(),
+  phase: MigrationPhaseName,
+  at: Type.Number(),
+  bytes: Type.Optional(Type.Integer()),
+  totalBytes: Type.Optional(Type.Integer()),
+  message: Type.Optional(Type.String()),
+});
+export type MigrationEvent = Static<typeof MigrationEvent>;
+
+export const MigrationSummary = Type.Object({
+  id: Type.String(),
+  name: ContainerName,
+  from: NodeName,
+  to: NodeName,
+  mode: MigrationMode,
+  /** Container frozen on the source until it runs on the target (agent clocks, same host clock in local clusters). */
+  downtimeMs: Type.Number(),
+  totalMs: Type.Number(),
+  bytesTransferred: Type.Integer(),
+  phases: Type.Array(Type.Object({ phase: Type.String(), ms: Type.Number() })),
+});
+export type MigrationSummary = Static<typeof MigrationSummary>;
+
+export const ErrorBody = Type.Object({
+  code: Type.String(),
+  message: Type.String(),
+  details: Type.Optional(Type.Record(Type.String(), Type.Unknown())),
+});
+
+/** Schemas by name, for the generated API reference. */
+export const schemas: Record<string, TSchema> = {
+  ContainerSpec,
+  PortMapping,
+  AgentContainer,
+  ContainerStats,
+  AgentInfo,
+  CheckpointRequest,
+  CheckpointResult,
+  RestoreRequest,
+  RestoreResult,
+  RollbackRequest,
+  TransferProgress,
+  NodeView,
+  RegisterNodeRequest,
+  RunRequest,
+  ContainerView,
+  MigrateRequest,
+  MigrationEvent,
+  MigrationSummary,
+  ErrorBody,
+};
