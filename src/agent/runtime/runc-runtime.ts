@@ -1,0 +1,700 @@
+/**
+ * The real runtime: containers on runc, checkpoint/restore through runc's CRIU integration
+ * (CRIU >= 4.2 installed by setup), file systems as overlays over Podman's image store,
+ * networks from CNI plugins.
+ *
+ * On-disk layout under the agent's data dir (what a newcomer debugging a node looks at):
+ *   containers/NAME/state.json        what this node knows of the container (ContainerRecord)
+ *   containers/NAME/files/upper/      overlay upper layer: every file the container changed
+ *   containers/NAME/files/logs/       stdout.log, stderr.log
+ *   containers/NAME/work/, rootfs/    overlay work dir and mount point
+ *   containers/NAME/config.json       OCI config of the current incarnation (runc bundle)
+ *   migrations/ID/images/             CRIU images of one migration
+ *   migrations/ID/criu-work/          CRIU logs (dump.log, restore.log, lazy-pages.log)
+ * runc's own state lives under RUN_DIR/runc.
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { closeSync, constants, existsSync, openSync } from 'node:fs';
+import { Socket } from 'node:net';
+import { mkdir, readdir, readFile, rename, stat, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import {
+  ChipmunkError,
+  ConflictError,
+  InvalidInputError,
+  NotFoundError,
+  RuntimeFailedError,
+} from '../../shared/errors.js';
+import { lastLines, runUnchecked } from '../../shared/exec.js';
+import type { AgentContainer, ContainerSpec, ContainerStats, HostCapabilities, MigrationMode } from '../../shared/protocol.js';
+import { removeTree } from '../../shared/remove-tree.js';
+import { MIN_MEMORY_BYTES } from '../../shared/units.js';
+import { buildOciConfig } from './bundle.js';
+import { imageLowerDirs, inspectImage, type ImageConfig } from './images.js';
+import { spawnWithLogPipes } from './logs.js';
+import { CniNetwork, netnsPath } from './network.js';
+import { mountRootfs, unmountBelow } from './rootfs.js';
+import type {
+  CheckpointOptions,
+  CheckpointOutcome,
+  ContainerRuntime,
+  LogStream,
+  MigrationPaths,
+  RestoreOptions,
+} from './types.js';
+
+export interface RuncRuntimeOptions {
+  node: string;
+  dataDir: string;
+  runDir: string;
+  /** Container subnet of this node (CIDR). */
+  subnet: string;
+  criuPath: string;
+  capabilities: HostCapabilities;
+  runcPath?: string;
+}
+
+/** What this node persists about one container. */
+interface ContainerRecord {
+  spec: ContainerSpec;
+  imageId: string;
+  generation: number;
+  netns: string;
+  ip: string;
+  createdAt: string;
+  /** Set when the operator stopped it or it exited; cleared when it runs again. */
+  stopped?: boolean;
+  /** Set while a migration has frozen or is restoring this container. */
+  migration?: { id: string; role: 'source' | 'target'; mode: MigrationMode };
+}
+
+/** Source-side state of a migration in flight. */
+interface SourceMigration {
+  name: string;
+  mode: MigrationMode;
+  pageServer?: { address: string; port: number };
+  /** The runc checkpoint process; in lazy mode it lives until every page was served. */
+  checkpointer?: ChildProcess;
+  checkpointDone: Promise<{ code: number; stderr: string }>;
+}
+
+const LAZY_SOCKET_WAIT_MS = 15_000;
+const PAGE_DRAIN_TIMEOUT_MS = 10 * 60_000;
+
+export class RuncRuntime implements ContainerRuntime {
+  readonly capabilities: HostCapabilities;
+  private readonly runc: string;
+  private readonly network: CniNetwork;
+  private readonly sources = new Map<string, SourceMigration>();
+  /** Lazy-pages daemons of restores on this node, by migration. */
+  private readonly lazyDaemons = new Map<string, ChildProcess>();
+  /** Serialises operations per container name. */
+  private readonly locks = new Map<string, Promise<unknown>>();
+
+  constructor(private readonly opts: RuncRuntimeOptions) {
+    this.capabilities = opts.capabilities;
+    this.runc = opts.runcPath ?? 'runc';
+    this.network = new CniNetwork({
+      networkName: `chipmunk-${opts.node}`,
+      bridge: 'chmk0',
+      subnet: opts.subnet,
+      ipamDir: join(opts.dataDir, 'cni'),
+    });
+  }
+
+  // ------------------------------------------------------------------ paths and records
+
+  private containerDir(name: string): string {
+    return join(this.opts.dataDir, 'containers', name);
+  }
+
+  private runcRoot(): string {
+    return join(this.opts.runDir, 'runc');
+  }
+
+  private runcId(name: string, generation: number): string {
+    return `chmk-${this.opts.node}-${name}-${generation}`;
+  }
+
+  private netnsName(name: string, generation: number): string {
+    return `chmk-${this.opts.node}-${name}-${generation}`;
+  }
+
+  private cgroupsPath(name: string, generation: number): string {
+    return `/chipmunk/${this.opts.node}/${name}-${generation}`;
+  }
+
+  migrationPaths(migrationId: string, containerName?: string): MigrationPaths {
+    const name = containerName ?? this.sources.get(migrationId)?.name;
+    return {
+      images: join(this.opts.dataDir, 'migrations', migrationId, 'images'),
+      files: name ? join(this.containerDir(name), 'files') : join(this.opts.dataDir, 'migrations', migrationId, 'files'),
+    };
+  }
+
+  private criuWorkDir(migrationId: string): string {
+    return join(this.opts.dataDir, 'migrations', migrationId, 'criu-work');
+  }
+
+  private async readRecord(name: string): Promise<ContainerRecord> {
+    try {
+      return JSON.parse(await readFile(join(this.containerDir(name), 'state.json'), 'utf8')) as ContainerRecord;
+    } catch {
+      throw new NotFoundError(`no container named '${name}' on node ${this.opts.node}`, { name, node: this.opts.node });
+    }
+  }
+
+  private async writeRecord(rec: ContainerRecord): Promise<void> {
+    const path = join(this.containerDir(rec.spec.name), 'state.json');
+    await writeFile(`${path}.tmp`, JSON.stringify(rec, null, 2));
+    await rename(`${path}.tmp`, path);
+  }
+
+  private async withLock<T>(name: string, fn: () => Promise<T>): Promise<T> {
+    const prev = this.locks.get(name) ?? Promise.resolve();
+    const next = prev.then(fn, fn);
+    this.locks.set(name, next.catch(() => undefined));
+    return next;
+  }
+
+  // ------------------------------------------------------------------ lifecycle
+
+  async run(spec: ContainerSpec): Promise<AgentContainer> {
+    if (spec.memoryBytes > 0 && spec.memoryBytes < MIN_MEMORY_BYTES) {
+      throw new InvalidInputError(`memory limit ${spec.memoryBytes} bytes is too small: give at least 6m`, { memoryBytes: spec.memoryBytes });
+    }
+    return this.withLock(spec.name, async () => {
+      if (existsSync(this.containerDir(spec.name))) {
+        throw new ConflictError(`a container named '${spec.name}' already exists on node ${this.opts.node}: pick another name or remove it first`, {
+          name: spec.name,
+        });
+      }
+      await this.assertPortsFree(spec);
+      const image = await inspectImage(spec.image);
+      const undo: Array<() => Promise<void>> = [];
+      try {
+        const dir = this.containerDir(spec.name);
+        await mkdir(join(dir, 'files', 'logs'), { recursive: true });
+        undo.push(() => this.removeContainerDir(spec.name));
+        const rec: ContainerRecord = {
+          spec,
+          imageId: image.id,
+          generation: 0,
+          netns: this.netnsName(spec.name, 0),
+          ip: '',
+          createdAt: new Date().toISOString(),
+        };
+        await this.mountContainerRootfs(spec.name, image);
+        const att = await this.network.attach(rec.netns, this.runcId(spec.name, 0), spec.ports);
+        undo.push(() => this.network.detach(rec.netns, this.runcId(spec.name, 0), spec.ports));
+        rec.ip = att.ip;
+        await this.writeBundle(rec, image);
+        await this.writeRecord(rec);
+        await this.startRunc(rec, ['run', '-d', '--bundle', dir, this.runcId(spec.name, 0)], 'runc run');
+        return await this.view(rec);
+      } catch (err) {
+        for (const u of undo.reverse()) await u().catch(() => undefined);
+        throw err;
+      }
+    });
+  }
+
+  async get(name: string): Promise<AgentContainer> {
+    return this.view(await this.readRecord(name));
+  }
+
+  async list(): Promise<AgentContainer[]> {
+    const dir = join(this.opts.dataDir, 'containers');
+    const names = existsSync(dir) ? await readdir(dir) : [];
+    const out: AgentContainer[] = [];
+    for (const n of names.sort()) {
+      try {
+        out.push(await this.get(n));
+      } catch (err) {
+        if (!(err instanceof NotFoundError)) throw err;
+      }
+    }
+    return out;
+  }
+
+  async stop(name: string, opts: { timeoutMs?: number } = {}): Promise<AgentContainer> {
+    return this.withLock(name, async () => {
+      const rec = await this.readRecord(name);
+      this.assertNotMigrating(rec);
+      const id = this.runcId(name, rec.generation);
+      const state = await this.runcState(id);
+      if (state?.status === 'running' || state?.status === 'paused') {
+        await runUnchecked(this.runc, ['--root', this.runcRoot(), 'kill', id, 'TERM']);
+        const deadline = Date.now() + (opts.timeoutMs ?? 10_000);
+        while (Date.now() < deadline && (await this.runcState(id))?.status === 'running') await sleep(100);
+        if ((await this.runcState(id))?.status === 'running') await runUnchecked(this.runc, ['--root', this.runcRoot(), 'kill', id, 'KILL']);
+      }
+      rec.stopped = true;
+      await this.writeRecord(rec);
+      return this.view(rec);
+    });
+  }
+
+  async remove(name: string, opts: { force?: boolean } = {}): Promise<void> {
+    await this.withLock(name, async () => {
+      const rec = await this.readRecord(name);
+      this.assertNotMigrating(rec);
+      const id = this.runcId(name, rec.generation);
+      const state = await this.runcState(id);
+      if (state?.status === 'running' && !opts.force) {
+        throw new ConflictError(`container '${name}' is running: stop it first or remove it with force`, { name });
+      }
+      await this.destroyIncarnation(name, rec.generation);
+      await this.network.detach(rec.netns, id, rec.spec.ports);
+      await this.removeContainerDir(name);
+    });
+  }
+
+  async logs(name: string, opts: { stream?: LogStream; tailLines?: number } = {}): Promise<string> {
+    await this.readRecord(name);
+    const logDir = join(this.containerDir(name), 'files', 'logs');
+    const read = async (f: string) => (existsSync(join(logDir, f)) ? readFile(join(logDir, f), 'utf8') : '');
+    const stream = opts.stream ?? 'all';
+    let text = stream === 'stdout' ? await read('stdout.log') : stream === 'stderr' ? await read('stderr.log') : (await read('stdout.log')) + (await read('stderr.log'));
+    if (opts.tailLines !== undefined) text = text.split('\n').slice(-opts.tailLines - 1).join('\n');
+    return text;
+  }
+
+  async stats(name: string): Promise<ContainerStats> {
+    const rec = await this.readRecord(name);
+    const id = this.runcId(name, rec.generation);
+    const res = await runUnchecked(this.runc, ['--root', this.runcRoot(), 'events', '--stats', id], { timeoutMs: 10_000 });
+    if (res.code !== 0) throw new ConflictError(`container '${name}' is not running, so it has no stats`, { name });
+    const data = (JSON.parse(res.stdout) as { data?: Record<string, any> }).data ?? {};
+    const limit = data.memory?.usage?.limit;
+    return {
+      name,
+      cpuUsageNs: Number(data.cpu?.usage?.total ?? 0),
+      memoryBytes: Number(data.memory?.usage?.usage ?? 0),
+      ...(limit && limit < 2 ** 62 ? { memoryLimitBytes: Number(limit) } : {}),
+      pids: Number(data.pids?.current ?? 0),
+    };
+  }
+
+  // ------------------------------------------------------------------ migration: source side
+
+  async checkpoint(name: string, opts: CheckpointOptions): Promise<CheckpointOutcome> {
+    if (opts.mode === 'lazy' && !this.capabilities.lazyMigration) {
+      throw new ChipmunkError('CHIPMUNK_CAPABILITY_MISSING', `lazy migration needs userfaultfd, which node ${this.opts.node} lacks: use --mode copy`, {
+        status: 422,
+      });
+    }
+    if (opts.mode === 'lazy' && !opts.pageServer) throw new InvalidInputError('lazy checkpoint needs a page server address and port');
+    return this.withLock(name, async () => {
+      const rec = await this.readRecord(name);
+      this.assertNotMigrating(rec);
+      const id = this.runcId(name, rec.generation);
+      if ((await this.runcState(id))?.status !== 'running') {
+        throw new ConflictError(`container '${name}' is not running on node ${this.opts.node}; only running containers migrate`, { name });
+      }
+      const images = this.migrationPaths(opts.migrationId, name).images;
+      const work = this.criuWorkDir(opts.migrationId);
+      await mkdir(images, { recursive: true });
+      await mkdir(work, { recursive: true });
+      rec.migration = { id: opts.migrationId, role: 'source', mode: opts.mode };
+      await this.writeRecord(rec);
+
+      const args = ['--root', this.runcRoot(), '--criu', this.opts.criuPath, 'checkpoint', '--image-path', images, '--work-path', work, '--tcp-established'];
+      if (opts.mode === 'lazy') {
+        args.push('--lazy-pages', '--page-server', `${opts.pageServer!.address}:${opts.pageServer!.port}`, '--status-fd', '3');
+      }
+      args.push(id);
+      const status = opts.mode === 'lazy' ? await openStatusFifo(join(work, 'status.fifo')) : undefined;
+      const frozenAt = Date.now();
+      const child = spawn(this.runc, args, { stdio: ['ignore', 'ignore', 'pipe', status?.writeFd ?? 'ignore'], detached: true });
+      status?.closeWriteEnd();
+      const stderr: Buffer[] = [];
+      child.stderr!.on('data', (d: Buffer) => stderr.push(d));
+      const checkpointDone = new Promise<{ code: number; stderr: string }>((resolve) => {
+        child.on('close', (code) => resolve({ code: code ?? 1, stderr: Buffer.concat(stderr).toString() }));
+        child.on('error', (e) => resolve({ code: 1, stderr: e.message }));
+      });
+      const mig: SourceMigration = { name, mode: opts.mode, pageServer: opts.pageServer, checkpointer: child, checkpointDone };
+      this.sources.set(opts.migrationId, mig);
+
+      const failed = (res: { code: number; stderr: string }) =>
+        new RuntimeFailedError(`checkpoint of '${name}' failed: ${lastLines(res.stderr, 3) || `runc exited ${res.code}`}`, {
+          op: 'runc checkpoint',
+          logPath: join(work, 'dump.log'),
+          stderr: lastLines(res.stderr, 20),
+        });
+      if (opts.mode === 'lazy') {
+        // The page server is ready when CRIU writes one byte to the status fd; if runc exits
+        // first (EOF without a byte), the dump failed and CRIU has unfrozen the container.
+        const ready = await new Promise<boolean>((resolve) => {
+          status!.readable.once('data', () => resolve(true));
+          void checkpointDone.then(() => resolve(false));
+        });
+        status!.readable.destroy();
+        if (!ready) {
+          await this.clearMigrationMark(name);
+          this.sources.delete(opts.migrationId);
+          throw failed(await checkpointDone);
+        }
+      } else {
+        const res = await checkpointDone;
+        if (res.code !== 0) {
+          await this.clearMigrationMark(name);
+          this.sources.delete(opts.migrationId);
+          throw failed(res);
+        }
+      }
+      return {
+        imageBytes: await treeBytes(images),
+        upperBytes: await treeBytes(join(this.containerDir(name), 'files')),
+        frozenAt,
+      };
+    });
+  }
+
+  async rollback(migrationId: string): Promise<AgentContainer> {
+    const mig = this.sources.get(migrationId);
+    const name = mig?.name ?? (await this.findByMigration(migrationId, 'source'));
+    return this.withLock(name, async () => {
+      const rec = await this.readRecord(name);
+      const id = this.runcId(name, rec.generation);
+      // A failed dump unfreezes the container: then it simply still runs here.
+      if ((await this.runcState(id))?.status === 'running' && !(await this.isCheckpointerAlive(mig))) {
+        delete rec.migration;
+        await this.writeRecord(rec);
+        return this.view(rec);
+      }
+      const mode = mig?.mode ?? rec.migration?.mode ?? 'copy';
+      if (mode === 'lazy' && !(await this.isCheckpointerAlive(mig))) {
+        throw new RuntimeFailedError(
+          `cannot roll '${name}' back on node ${this.opts.node}: its lazy page server has already ended, so its memory is gone`,
+          { op: 'rollback', logPath: join(this.criuWorkDir(migrationId), 'dump.log') },
+        );
+      }
+      const image = await inspectImage(rec.spec.image);
+      await this.destroyIncarnation(name, rec.generation);
+      rec.generation += 1;
+      // Same network namespace as before: the container keeps its address and connections.
+      const restored = await this.restoreIncarnation(rec, image, migrationId, mode, mode === 'lazy' ? mig!.pageServer : undefined);
+      delete restored.migration;
+      await this.writeRecord(restored);
+      return this.view(restored);
+    });
+  }
+
+  async finishMigration(migrationId: string): Promise<void> {
+    const mig = this.sources.get(migrationId);
+    const name = mig?.name ?? (await this.findByMigration(migrationId, 'source').catch(() => undefined));
+    if (mig) {
+      const drained = await Promise.race([mig.checkpointDone, sleep(PAGE_DRAIN_TIMEOUT_MS).then(() => undefined)]);
+      if (!drained) mig.checkpointer?.kill('SIGKILL');
+      this.sources.delete(migrationId);
+    }
+    if (name) {
+      await this.withLock(name, async () => {
+        const rec = await this.readRecord(name).catch(() => undefined);
+        if (!rec) return;
+        await this.destroyIncarnation(name, rec.generation);
+        await this.network.detach(rec.netns, this.runcId(name, rec.generation), rec.spec.ports);
+        await this.removeContainerDir(name);
+      });
+    }
+    await this.removeMigrationDir(migrationId);
+  }
+
+  // ------------------------------------------------------------------ migration: target side
+
+  async restore(spec: ContainerSpec, opts: RestoreOptions): Promise<AgentContainer> {
+    if (opts.mode === 'lazy' && !opts.pageServer) throw new InvalidInputError('lazy restore needs the source page server address and port');
+    return this.withLock(spec.name, async () => {
+      const dir = this.containerDir(spec.name);
+      if (existsSync(join(dir, 'state.json'))) {
+        throw new ConflictError(`node ${this.opts.node} already has a container named '${spec.name}'`, { name: spec.name });
+      }
+      await this.assertPortsFree(spec);
+      const image = await inspectImage(spec.image);
+      await mkdir(join(dir, 'files', 'upper'), { recursive: true });
+      await mkdir(join(dir, 'files', 'logs'), { recursive: true });
+      const rec: ContainerRecord = {
+        spec,
+        imageId: image.id,
+        generation: opts.generation,
+        netns: this.netnsName(spec.name, opts.generation),
+        ip: '',
+        createdAt: new Date().toISOString(),
+        migration: { id: opts.migrationId, role: 'target', mode: opts.mode },
+      };
+      await this.writeRecord(rec);
+      const att = await this.network.attach(rec.netns, this.runcId(spec.name, opts.generation), spec.ports);
+      rec.ip = att.ip;
+      await this.writeRecord(rec);
+      const restored = await this.restoreIncarnation(rec, image, opts.migrationId, opts.mode, opts.pageServer);
+      delete restored.migration;
+      await this.writeRecord(restored);
+      return this.view(restored);
+    });
+  }
+
+  async abortRestore(migrationId: string): Promise<void> {
+    const daemon = this.lazyDaemons.get(migrationId);
+    daemon?.kill('SIGKILL');
+    this.lazyDaemons.delete(migrationId);
+    const name = await this.findByMigration(migrationId, 'target').catch(() => undefined);
+    if (name) {
+      await this.withLock(name, async () => {
+        const rec = await this.readRecord(name);
+        await this.destroyIncarnation(name, rec.generation);
+        await this.network.detach(rec.netns, this.runcId(name, rec.generation), rec.spec.ports);
+        await this.removeContainerDir(name);
+      });
+    }
+    await this.removeMigrationDir(migrationId);
+  }
+
+  /**
+   * Restores `rec` (generation already set) from the migration's images into its record's
+   * network namespace. Lazy mode starts CRIU's lazy-pages daemon first: it connects to the
+   * page server when the restored process first needs memory, and exits once all is copied.
+   */
+  private async restoreIncarnation(
+    rec: ContainerRecord,
+    image: ImageConfig,
+    migrationId: string,
+    mode: MigrationMode,
+    pageServer: { address: string; port: number } | undefined,
+  ): Promise<ContainerRecord> {
+    const name = rec.spec.name;
+    const id = this.runcId(name, rec.generation);
+    const images = this.migrationPaths(migrationId, name).images;
+    const work = this.criuWorkDir(migrationId);
+    await mkdir(work, { recursive: true });
+    await this.mountContainerRootfs(name, image);
+    await this.writeBundle(rec, image);
+    const args = ['restore', '-d', '--image-path', images, '--work-path', work, '--bundle', this.containerDir(name)];
+    try {
+      if (mode === 'lazy') {
+        await this.startLazyPagesDaemon(migrationId, images, work, pageServer!);
+        args.push('--lazy-pages');
+      }
+      args.push(id);
+      await this.startRunc(rec, args, 'runc restore', join(work, 'restore.log'));
+    } catch (err) {
+      this.lazyDaemons.get(migrationId)?.kill('SIGKILL');
+      this.lazyDaemons.delete(migrationId);
+      await this.destroyIncarnation(name, rec.generation);
+      throw err;
+    }
+    delete rec.stopped;
+    return rec;
+  }
+
+  private async startLazyPagesDaemon(migrationId: string, images: string, work: string, pageServer: { address: string; port: number }): Promise<void> {
+    const socket = join(work, 'lazy-pages.socket');
+    const daemon = spawn(
+      this.opts.criuPath,
+      ['lazy-pages', '--page-server', '--address', pageServer.address, '--port', String(pageServer.port), '--images-dir', images, '--work-dir', work, '-o', 'lazy-pages.log', '-v4'],
+      { stdio: 'ignore', detached: true },
+    );
+    daemon.unref();
+    this.lazyDaemons.set(migrationId, daemon);
+    daemon.on('exit', () => this.lazyDaemons.delete(migrationId));
+    const deadline = Date.now() + LAZY_SOCKET_WAIT_MS;
+    while (!existsSync(socket)) {
+      if (daemon.exitCode !== null || Date.now() > deadline) {
+        throw new RuntimeFailedError(`CRIU lazy-pages daemon did not start (page server ${pageServer.address}:${pageServer.port})`, {
+          op: 'criu lazy-pages',
+          logPath: join(work, 'lazy-pages.log'),
+        });
+      }
+      await sleep(5);
+    }
+  }
+
+  // ------------------------------------------------------------------ helpers
+
+  /**
+   * Runs `runc run -d` or `runc restore -d` with the container's stdio wired to its log
+   * writers. runc's own messages go to a separate log (--log) so they do not end up in the
+   * container's stderr and can be quoted in our error.
+   */
+  private async startRunc(rec: ContainerRecord, subcommand: string[], op: string, criuLog?: string): Promise<void> {
+    const logDir = join(this.containerDir(rec.spec.name), 'files', 'logs');
+    const runcLog = join(this.containerDir(rec.spec.name), 'runc.log');
+    await writeFile(runcLog, '');
+    const child = spawnWithLogPipes(this.runc, ['--root', this.runcRoot(), '--criu', this.opts.criuPath, '--log', runcLog, ...subcommand], {
+      stdout: join(logDir, 'stdout.log'),
+      stderr: join(logDir, 'stderr.log'),
+    });
+    const code = await new Promise<number>((resolve) => {
+      child.on('close', (c) => resolve(c ?? 1));
+      child.on('error', () => resolve(127));
+    });
+    if (code !== 0) {
+      const messages = (await readFile(runcLog, 'utf8').catch(() => ''))
+        .split('\n')
+        .filter((l) => /level=(error|fatal)/.test(l))
+        .map((l) => /msg="((?:[^"\\]|\\.)*)"/.exec(l)?.[1]?.replace(/\\n/g, ' ') ?? l);
+      const why = messages.slice(-2).join('; ') || `runc exited ${code}`;
+      throw new RuntimeFailedError(`${op} of '${rec.spec.name}' failed: ${why}`, {
+        op,
+        logPath: criuLog ?? runcLog,
+        stderr: messages.join('\n'),
+      });
+    }
+  }
+
+  private async writeBundle(rec: ContainerRecord, image: ImageConfig): Promise<void> {
+    const dir = this.containerDir(rec.spec.name);
+    const criuConf = join(dir, 'criu.conf');
+    // Restore-time CRIU options. Connections open at checkpoint time were dumped with
+    // --tcp-established; the target has another address, so they come back closed
+    // (the client sees a reset and reconnects) instead of failing the restore.
+    await writeFile(criuConf, 'tcp-close\n');
+    const config = buildOciConfig({
+      spec: rec.spec,
+      image,
+      rootfs: join(dir, 'rootfs'),
+      netnsPath: netnsPath(rec.netns),
+      cgroupsPath: this.cgroupsPath(rec.spec.name, rec.generation),
+      hostname: rec.spec.name,
+      criuConfigPath: criuConf,
+    });
+    await writeFile(join(dir, 'config.json'), JSON.stringify(config, null, 2));
+  }
+
+  private async mountContainerRootfs(name: string, image: ImageConfig): Promise<void> {
+    const dir = this.containerDir(name);
+    const lower = await imageLowerDirs(image);
+    await mountRootfs({ lower, upper: join(dir, 'files', 'upper'), work: join(dir, 'work'), mountpoint: join(dir, 'rootfs') });
+  }
+
+  /** Removes one runc incarnation and anything a failed restore left mounted for it. */
+  private async destroyIncarnation(name: string, generation: number): Promise<void> {
+    const id = this.runcId(name, generation);
+    await runUnchecked(this.runc, ['--root', this.runcRoot(), 'delete', '-f', id], { timeoutMs: 30_000 });
+    const stateDir = join(this.runcRoot(), id);
+    if (existsSync(stateDir)) {
+      await unmountBelow(stateDir);
+      await removeTree(stateDir);
+    }
+  }
+
+  private async removeContainerDir(name: string): Promise<void> {
+    const dir = this.containerDir(name);
+    await unmountBelow(dir);
+    await removeTree(dir);
+  }
+
+  private async removeMigrationDir(migrationId: string): Promise<void> {
+    const dir = join(this.opts.dataDir, 'migrations', migrationId);
+    if (!existsSync(dir)) return;
+    await unmountBelow(dir);
+    await removeTree(dir);
+  }
+
+  private async clearMigrationMark(name: string): Promise<void> {
+    const rec = await this.readRecord(name);
+    delete rec.migration;
+    await this.writeRecord(rec);
+  }
+
+  private async findByMigration(migrationId: string, role: 'source' | 'target'): Promise<string> {
+    const dir = join(this.opts.dataDir, 'containers');
+    for (const n of existsSync(dir) ? await readdir(dir) : []) {
+      const rec = await this.readRecord(n).catch(() => undefined);
+      if (rec?.migration?.id === migrationId && rec.migration.role === role) return n;
+    }
+    throw new NotFoundError(`no ${role} container for migration ${migrationId} on node ${this.opts.node}`, { migrationId });
+  }
+
+  private async isCheckpointerAlive(mig: SourceMigration | undefined): Promise<boolean> {
+    if (!mig?.checkpointer) return false;
+    return mig.checkpointer.exitCode === null && mig.checkpointer.signalCode === null;
+  }
+
+  private assertNotMigrating(rec: ContainerRecord): void {
+    if (rec.migration) {
+      throw new ConflictError(`container '${rec.spec.name}' is being migrated (${rec.migration.id}); try again when it is done`, {
+        name: rec.spec.name,
+        migrationId: rec.migration.id,
+      });
+    }
+  }
+
+  private async assertPortsFree(spec: ContainerSpec): Promise<void> {
+    const seen = new Set<string>();
+    for (const p of spec.ports) {
+      const key = `${p.hostPort}/${p.protocol}`;
+      if (seen.has(key)) throw new InvalidInputError(`host port ${key} is published twice`, { port: p.hostPort });
+      seen.add(key);
+    }
+    const dir = join(this.opts.dataDir, 'containers');
+    for (const n of existsSync(dir) ? await readdir(dir) : []) {
+      if (n === spec.name) continue;
+      const rec = await this.readRecord(n).catch(() => undefined);
+      for (const p of rec?.spec.ports ?? []) {
+        if (seen.has(`${p.hostPort}/${p.protocol}`)) {
+          throw new ConflictError(`host port ${p.hostPort}/${p.protocol} is already published by container '${n}' on node ${this.opts.node}`, {
+            port: p.hostPort,
+            container: n,
+          });
+        }
+      }
+    }
+  }
+
+  private async runcState(id: string): Promise<{ status: string; pid: number } | undefined> {
+    const res = await runUnchecked(this.runc, ['--root', this.runcRoot(), 'state', id], { timeoutMs: 10_000 });
+    if (res.code !== 0) return undefined;
+    return JSON.parse(res.stdout) as { status: string; pid: number };
+  }
+
+  private async view(rec: ContainerRecord): Promise<AgentContainer> {
+    const state = await this.runcState(this.runcId(rec.spec.name, rec.generation));
+    let status: AgentContainer['status'];
+    if (rec.migration) status = 'migrating';
+    else if (state?.status === 'running') status = 'running';
+    else if (state?.status === 'created') status = 'created';
+    else status = 'stopped';
+    return {
+      name: rec.spec.name,
+      spec: rec.spec,
+      status,
+      generation: rec.generation,
+      ...(rec.ip ? { ip: rec.ip } : {}),
+      ...(state && state.pid > 0 && status === 'running' ? { pid: state.pid } : {}),
+      createdAt: rec.createdAt,
+    };
+  }
+
+  async close(): Promise<void> {
+    // Containers, log writers, lazy-pages daemons and checkpointers are detached on purpose:
+    // they outlive the agent.
+  }
+}
+
+async function treeBytes(dir: string): Promise<number> {
+  if (!existsSync(dir)) return 0;
+  const res = await runUnchecked('du', ['-sb', dir]);
+  if (res.code === 0) return Number(res.stdout.split(/\s/)[0]);
+  return (await stat(dir)).size;
+}
+
+/**
+ * runc wants a writable file descriptor for --status-fd, and the stdio "pipes" node creates are
+ * socket pairs runc rejects: so a FIFO, opened for reading first (non-blocking) so that opening
+ * its write end does not block.
+ */
+async function openStatusFifo(path: string): Promise<{ writeFd: number; readable: NodeJS.ReadableStream & { destroy(): void }; closeWriteEnd(): void }> {
+  await runUnchecked('rm', ['-f', path]);
+  await runUnchecked('mkfifo', ['-m', '600', path]);
+  const readFd = openSync(path, constants.O_RDONLY | constants.O_NONBLOCK);
+  const writeFd = openSync(path, constants.O_WRONLY);
+  // A libuv pipe handle, not an fs stream: fs streams fail with EAGAIN on a non-blocking FIFO.
+  const readable = new Socket({ fd: readFd, readable: true, writable: false });
+  return { writeFd, readable, closeWriteEnd: () => closeSync(writeFd) };
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((r) => setTimeout(r, ms));
+}

@@ -1,0 +1,70 @@
+/**
+ * The container runtime as the agent sees it. RuncRuntime drives runc + CRIU for real;
+ * FakeRuntime keeps everything in memory for unit tests of the agent and controller. Both pass
+ * the same contract suite (test/contract/runtime.contract.ts).
+ *
+ * A migration touches two runtimes: the source's `checkpoint` freezes and dumps the container
+ * into `migrationPaths(id)`, the transfer layer copies those trees to the target, and the
+ * target's `restore` brings it back there. If anything after the checkpoint fails, the
+ * source's `rollback` runs the container on the source again; after success the source's
+ * `finishMigration` waits for the last lazy pages and removes what is left of it.
+ */
+import type { AgentContainer, ContainerSpec, ContainerStats, HostCapabilities, MigrationMode } from '../../shared/protocol.js';
+
+export type LogStream = 'stdout' | 'stderr' | 'all';
+
+export interface CheckpointOptions {
+  migrationId: string;
+  mode: MigrationMode;
+  /** Lazy mode: where the source's CRIU page server listens. */
+  pageServer?: { address: string; port: number };
+}
+
+export interface CheckpointOutcome {
+  imageBytes: number;
+  upperBytes: number;
+  /** ms since epoch at which the container was frozen. */
+  frozenAt: number;
+}
+
+export interface RestoreOptions {
+  migrationId: string;
+  mode: MigrationMode;
+  generation: number;
+  /** Lazy mode: the source's page server, where the lazy-pages daemon fetches memory from. */
+  pageServer?: { address: string; port: number };
+}
+
+/** Where a migration's trees live on this node: what the transfer layer sends or fills. */
+export interface MigrationPaths {
+  /** CRIU image directory. */
+  images: string;
+  /** The container's file-system changes (overlay upper layer) and logs. */
+  files: string;
+}
+
+export interface ContainerRuntime {
+  readonly capabilities: HostCapabilities;
+
+  run(spec: ContainerSpec): Promise<AgentContainer>;
+  get(name: string): Promise<AgentContainer>;
+  list(): Promise<AgentContainer[]>;
+  stop(name: string, opts?: { timeoutMs?: number }): Promise<AgentContainer>;
+  remove(name: string, opts?: { force?: boolean }): Promise<void>;
+  logs(name: string, opts?: { stream?: LogStream; tailLines?: number }): Promise<string>;
+  stats(name: string): Promise<ContainerStats>;
+
+  migrationPaths(migrationId: string, containerName?: string): MigrationPaths;
+  checkpoint(name: string, opts: CheckpointOptions): Promise<CheckpointOutcome>;
+  /** Target side: the images and files are in `migrationPaths(id)`; run the container here. */
+  restore(spec: ContainerSpec, opts: RestoreOptions): Promise<AgentContainer>;
+  /** Target side: undo a restore that failed or was not wanted. Idempotent. */
+  abortRestore(migrationId: string): Promise<void>;
+  /** Source side: run the checkpointed container here again. */
+  rollback(migrationId: string): Promise<AgentContainer>;
+  /** Source side, after the target runs it: wait for lazy pages to drain, then clean up. */
+  finishMigration(migrationId: string): Promise<void>;
+
+  /** Stops background work (not the containers: they outlive the agent). */
+  close(): Promise<void>;
+}
