@@ -37,6 +37,10 @@ export class ApiClient {
     return this.json<T>('POST', path, body ?? {}, opts);
   }
 
+  put<T>(path: string, body?: unknown, opts: { timeoutMs?: number } = {}): Promise<T> {
+    return this.json<T>('PUT', path, body ?? {}, opts);
+  }
+
   delete<T>(path: string, opts: { timeoutMs?: number } = {}): Promise<T> {
     return this.json<T>('DELETE', path, undefined, opts);
   }

@@ -124,11 +124,17 @@ export class RuncRuntime implements ContainerRuntime {
     return `/chipmunk/${this.opts.node}/${name}-${generation}`;
   }
 
-  migrationPaths(migrationId: string, containerName?: string): MigrationPaths {
-    const name = containerName ?? this.sources.get(migrationId)?.name;
+  /**
+   * Source side (a checkpoint of this node's): the container's own files. Target side: a
+   * staging directory that `restore` moves into place, so an aborted transfer leaves nothing
+   * under containers/.
+   */
+  migrationPaths(migrationId: string): MigrationPaths {
+    const name = this.sources.get(migrationId)?.name;
+    const migrationDir = join(this.opts.dataDir, 'migrations', migrationId);
     return {
-      images: join(this.opts.dataDir, 'migrations', migrationId, 'images'),
-      files: name ? join(this.containerDir(name), 'files') : join(this.opts.dataDir, 'migrations', migrationId, 'files'),
+      images: join(migrationDir, 'images'),
+      files: name ? join(this.containerDir(name), 'files') : join(migrationDir, 'files'),
     };
   }
 
@@ -292,7 +298,7 @@ export class RuncRuntime implements ContainerRuntime {
       if ((await this.runcState(id))?.status !== 'running') {
         throw new ConflictError(`container '${name}' is not running on node ${this.opts.node}; only running containers migrate`, { name });
       }
-      const images = this.migrationPaths(opts.migrationId, name).images;
+      const images = join(this.opts.dataDir, 'migrations', opts.migrationId, 'images');
       const work = this.criuWorkDir(opts.migrationId);
       await mkdir(images, { recursive: true });
       await mkdir(work, { recursive: true });
@@ -413,6 +419,9 @@ export class RuncRuntime implements ContainerRuntime {
       }
       await this.assertPortsFree(spec);
       const image = await inspectImage(spec.image);
+      await mkdir(dir, { recursive: true });
+      const incoming = join(this.opts.dataDir, 'migrations', opts.migrationId, 'files');
+      if (existsSync(incoming)) await rename(incoming, join(dir, 'files'));
       await mkdir(join(dir, 'files', 'upper'), { recursive: true });
       await mkdir(join(dir, 'files', 'logs'), { recursive: true });
       const rec: ContainerRecord = {
@@ -425,13 +434,21 @@ export class RuncRuntime implements ContainerRuntime {
         migration: { id: opts.migrationId, role: 'target', mode: opts.mode },
       };
       await this.writeRecord(rec);
-      const att = await this.network.attach(rec.netns, this.runcId(spec.name, opts.generation), spec.ports);
-      rec.ip = att.ip;
-      await this.writeRecord(rec);
-      const restored = await this.restoreIncarnation(rec, image, opts.migrationId, opts.mode, opts.pageServer);
-      delete restored.migration;
-      await this.writeRecord(restored);
-      return this.view(restored);
+      const id = this.runcId(spec.name, opts.generation);
+      try {
+        const att = await this.network.attach(rec.netns, id, spec.ports);
+        rec.ip = att.ip;
+        await this.writeRecord(rec);
+        const restored = await this.restoreIncarnation(rec, image, opts.migrationId, opts.mode, opts.pageServer);
+        delete restored.migration;
+        await this.writeRecord(restored);
+        return await this.view(restored);
+      } catch (err) {
+        // Leave nothing of a failed restore: the source still has the container.
+        await this.network.detach(rec.netns, id, spec.ports).catch(() => undefined);
+        await this.removeContainerDir(spec.name).catch(() => undefined);
+        throw err;
+      }
     });
   }
 
@@ -465,7 +482,7 @@ export class RuncRuntime implements ContainerRuntime {
   ): Promise<ContainerRecord> {
     const name = rec.spec.name;
     const id = this.runcId(name, rec.generation);
-    const images = this.migrationPaths(migrationId, name).images;
+    const images = join(this.opts.dataDir, 'migrations', migrationId, 'images');
     const work = this.criuWorkDir(migrationId);
     await mkdir(work, { recursive: true });
     await this.mountContainerRootfs(name, image);

@@ -54,7 +54,7 @@ export interface ContainerRuntime {
   logs(name: string, opts?: { stream?: LogStream; tailLines?: number }): Promise<string>;
   stats(name: string): Promise<ContainerStats>;
 
-  migrationPaths(migrationId: string, containerName?: string): MigrationPaths;
+  migrationPaths(migrationId: string): MigrationPaths;
   checkpoint(name: string, opts: CheckpointOptions): Promise<CheckpointOutcome>;
   /** Target side: the images and files are in `migrationPaths(id)`; run the container here. */
   restore(spec: ContainerSpec, opts: RestoreOptions): Promise<AgentContainer>;

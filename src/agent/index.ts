@@ -1,0 +1,82 @@
+/**
+ * The agent: one per host. Public entry of the component.
+ *
+ * It probes the host (CRIU, userfaultfd), serves the agent API on its node address, and
+ * registers with the controller, repeating the registration as a heartbeat.
+ */
+import { mkdir } from 'node:fs/promises';
+import pino from 'pino';
+import { detectCapabilities } from './host/capabilities.js';
+import { ApiClient } from '../shared/http.js';
+import type { AgentInfo, NodeView, RegisterNodeRequest } from '../shared/protocol.js';
+import { FaultInjector } from './faults.js';
+import { RuncRuntime } from './runtime/runc-runtime.js';
+import { buildAgentServer } from './server.js';
+
+export interface AgentOptions {
+  node: string;
+  listen: { host: string; port: number };
+  /** Address other nodes and clients reach this node at; defaults to the listen host. */
+  advertiseAddress?: string;
+  controllerUrl?: string;
+  token: string;
+  dataDir: string;
+  runDir: string;
+  /** Container subnet of this node (CIDR). */
+  subnet: string;
+  criuPath?: string;
+  heartbeatMs?: number;
+  enableFaults?: boolean;
+}
+
+export interface RunningAgent {
+  url: string;
+  info: AgentInfo;
+  close(): Promise<void>;
+}
+
+export const AGENT_VERSION = '0.1.0';
+
+export async function startAgent(opts: AgentOptions): Promise<RunningAgent> {
+  const log = pino({ name: `agent-${opts.node}`, level: process.env.CHIPMUNK_LOG_LEVEL ?? 'info' });
+  const criuPath = opts.criuPath ?? process.env.CHIPMUNK_CRIU ?? '/opt/chipmunk/bin/criu';
+  await mkdir(opts.dataDir, { recursive: true });
+  await mkdir(opts.runDir, { recursive: true });
+  const capabilities = await detectCapabilities({ criuPath });
+  const address = opts.advertiseAddress ?? opts.listen.host;
+  const info: AgentInfo = { node: opts.node, address, apiPort: opts.listen.port, capabilities, version: AGENT_VERSION };
+  const runtime = new RuncRuntime({ node: opts.node, dataDir: opts.dataDir, runDir: opts.runDir, subnet: opts.subnet, criuPath, capabilities });
+  const faults = new FaultInjector(opts.enableFaults ?? process.env.CHIPMUNK_ENABLE_FAULTS === '1');
+  const app = buildAgentServer({ info, token: opts.token, runtime, faults, logger: log });
+  await app.listen({ host: opts.listen.host, port: opts.listen.port });
+  const url = `http://${address}:${opts.listen.port}`;
+  log.info({ url, capabilities }, 'agent listening');
+
+  let heartbeat: NodeJS.Timeout | undefined;
+  if (opts.controllerUrl) {
+    const controller = new ApiClient({ baseUrl: opts.controllerUrl, token: opts.token, peer: 'controller', timeoutMs: 5_000 });
+    const registration: RegisterNodeRequest = { name: opts.node, address, url, capabilities };
+    let warned = false;
+    const register = async () => {
+      try {
+        await controller.put<NodeView>(`/v1/nodes/${opts.node}`, registration);
+        warned = false;
+      } catch (err) {
+        if (!warned) log.warn({ err: (err as Error).message }, 'cannot reach the controller; will keep trying');
+        warned = true;
+      }
+    };
+    await register();
+    heartbeat = setInterval(register, opts.heartbeatMs ?? 2_000);
+  }
+
+  return {
+    url,
+    info,
+    async close() {
+      if (heartbeat) clearInterval(heartbeat);
+      await app.close();
+      await runtime.close();
+    },
+  };
+}

@@ -1,0 +1,166 @@
+/**
+ * The agent's HTTP API (docs/design.md lists it). Thin: validation comes from the protocol
+ * schemas, the work from the ContainerRuntime, the streaming of trees from transfer.ts.
+ */
+import Fastify, { type FastifyInstance } from 'fastify';
+import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox';
+import { Type } from '@sinclair/typebox';
+import { TransferFailedError } from '../shared/errors.js';
+import { installApiConventions } from '../shared/http.js';
+import {
+  AgentContainer,
+  AgentInfo,
+  CheckpointRequest,
+  CheckpointResult,
+  ContainerName,
+  ContainerSpec,
+  ContainerStats,
+  RestoreRequest,
+  RestoreResult,
+  type TransferProgress,
+} from '../shared/protocol.js';
+import type { FaultInjector } from './faults.js';
+import type { ContainerRuntime } from './runtime/types.js';
+import { fetchTree, serveTree } from './transfer.js';
+
+export interface AgentServerDeps {
+  info: AgentInfo;
+  token: string;
+  runtime: ContainerRuntime;
+  faults: FaultInjector;
+  logger?: boolean | object;
+}
+
+const NameParams = Type.Object({ name: ContainerName });
+const MigrationParams = Type.Object({ id: Type.String({ pattern: '^[A-Za-z0-9_-]{1,64}$' }) });
+
+export function buildAgentServer(deps: AgentServerDeps): FastifyInstance {
+  const { runtime, token, faults } = deps;
+  const app = Fastify({ logger: deps.logger ?? false, bodyLimit: 1024 * 1024 }).withTypeProvider<TypeBoxTypeProvider>();
+  installApiConventions(app, token);
+  /** Transfer progress of restores running on this node, for the controller to poll. */
+  const progress = new Map<string, TransferProgress>();
+
+  app.get('/healthz', async () => ({ ok: true }));
+  app.get('/v1/info', { schema: { response: { 200: AgentInfo } } }, async () => deps.info);
+
+  app.get('/v1/containers', { schema: { response: { 200: Type.Array(AgentContainer) } } }, async () => runtime.list());
+
+  app.post('/v1/containers', { schema: { body: ContainerSpec, response: { 201: AgentContainer } } }, async (req, reply) => {
+    reply.code(201);
+    return runtime.run(req.body);
+  });
+
+  app.get('/v1/containers/:name', { schema: { params: NameParams, response: { 200: AgentContainer } } }, async (req) => runtime.get(req.params.name));
+
+  app.post('/v1/containers/:name/stop', { schema: { params: NameParams, response: { 200: AgentContainer } } }, async (req) =>
+    runtime.stop(req.params.name),
+  );
+
+  app.delete(
+    '/v1/containers/:name',
+    { schema: { params: NameParams, querystring: Type.Object({ force: Type.Optional(Type.Boolean()) }) } },
+    async (req, reply) => {
+      await runtime.remove(req.params.name, { force: req.query.force ?? true });
+      reply.code(204);
+    },
+  );
+
+  app.get(
+    '/v1/containers/:name/logs',
+    {
+      schema: {
+        params: NameParams,
+        querystring: Type.Object({
+          stream: Type.Optional(Type.Union([Type.Literal('stdout'), Type.Literal('stderr'), Type.Literal('all')])),
+          tail: Type.Optional(Type.Integer({ minimum: 0 })),
+        }),
+      },
+    },
+    async (req, reply) => {
+      reply.type('text/plain; charset=utf-8');
+      return runtime.logs(req.params.name, { stream: req.query.stream, tailLines: req.query.tail });
+    },
+  );
+
+  app.get('/v1/containers/:name/stats', { schema: { params: NameParams, response: { 200: ContainerStats } } }, async (req) =>
+    runtime.stats(req.params.name),
+  );
+
+  // ---------------------------------------------------------------- migration, source side
+
+  app.post(
+    '/v1/containers/:name/checkpoint',
+    { schema: { params: NameParams, body: CheckpointRequest, response: { 200: CheckpointResult } } },
+    async (req) => {
+      const { migrationId, mode, pageServerPort } = req.body;
+      const pageServer = mode === 'lazy' && pageServerPort ? { address: deps.info.address, port: pageServerPort } : undefined;
+      const outcome = await runtime.checkpoint(req.params.name, { migrationId, mode, pageServer });
+      return { migrationId, ...outcome, ...(pageServer ? { pageServer } : {}) };
+    },
+  );
+
+  app.get('/v1/migrations/:id/images.tar', { schema: { params: MigrationParams } }, async (req, reply) => {
+    await serveTree(reply, runtime.migrationPaths(req.params.id).images, { cutAfterBytes: faults.cutTransferAfterBytes() });
+  });
+
+  app.get('/v1/migrations/:id/files.tar', { schema: { params: MigrationParams } }, async (req, reply) => {
+    await serveTree(reply, runtime.migrationPaths(req.params.id).files, { cutAfterBytes: faults.cutTransferAfterBytes() });
+  });
+
+  app.post('/v1/migrations/:id/rollback', { schema: { params: MigrationParams, response: { 200: AgentContainer } } }, async (req) =>
+    runtime.rollback(req.params.id),
+  );
+
+  app.post('/v1/migrations/:id/finish', { schema: { params: MigrationParams } }, async (req, reply) => {
+    await runtime.finishMigration(req.params.id);
+    reply.code(204);
+  });
+
+  // ---------------------------------------------------------------- migration, target side
+
+  app.post(
+    '/v1/migrations/:id/restore',
+    { schema: { params: MigrationParams, body: RestoreRequest, response: { 200: RestoreResult } } },
+    async (req) => {
+      const r = req.body;
+      const migrationId = req.params.id;
+      const paths = runtime.migrationPaths(migrationId);
+      await faults.beforeTransfer();
+      let bytes = 0;
+      const fetchOne = async (what: 'images' | 'files', dest: string) => {
+        const base = bytes;
+        try {
+          const res = await fetchTree({
+            url: `${r.source.url}/v1/migrations/${migrationId}/${what}.tar`,
+            token,
+            dest,
+            onProgress: (b) => progress.set(migrationId, { migrationId, what, bytes: base + b }),
+          });
+          bytes += res.bytes;
+        } catch (err) {
+          throw err instanceof TransferFailedError ? err : new TransferFailedError(`fetching ${what} from node ${r.source.node} failed: ${(err as Error).message}`, { what }, err);
+        }
+      };
+      try {
+        await fetchOne('images', paths.images);
+        await fetchOne('files', paths.files);
+        await faults.beforeRestore(paths.images);
+        const container = await runtime.restore(r.spec, { migrationId, mode: r.mode, generation: r.generation, pageServer: r.pageServer });
+        return { container, bytesTransferred: bytes, restoredAt: Date.now() };
+      } finally {
+        progress.delete(migrationId);
+      }
+    },
+  );
+
+  app.get('/v1/migrations/:id/progress', { schema: { params: MigrationParams } }, async (req) => progress.get(req.params.id) ?? { migrationId: req.params.id, what: 'images', bytes: 0 });
+
+  app.post('/v1/migrations/:id/abort', { schema: { params: MigrationParams } }, async (req, reply) => {
+    await runtime.abortRestore(req.params.id);
+    reply.code(204);
+  });
+
+  faults.registerRoutes(app);
+  return app;
+}
