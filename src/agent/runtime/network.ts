@@ -20,6 +20,8 @@ export interface NetworkConfig {
   /** host-local IPAM state. */
   ipamDir: string;
   cniPath?: string;
+  /** Run the plugins in this network namespace (path) instead of the current one. */
+  hostNetns?: string;
 }
 
 export interface Attachment {
@@ -91,7 +93,7 @@ export class CniNetwork {
   }
 
   private async plugin(type: string, command: 'ADD' | 'DEL', netns: string, containerId: string, conf: object): Promise<Record<string, unknown>> {
-    const res = await run(`${this.cniPath}/${type}`, [], {
+    const res = await run(...inHostNetns(this.cfg.hostNetns, `${this.cniPath}/${type}`, []), {
       input: JSON.stringify(conf),
       env: this.cniEnv(command, netns, containerId),
       op: `CNI ${type} ${command}`,
@@ -101,7 +103,7 @@ export class CniNetwork {
   }
 
   private async pluginBestEffort(type: string, netns: string, containerId: string, conf: object): Promise<void> {
-    await runUnchecked(`${this.cniPath}/${type}`, [], {
+    await runUnchecked(...inHostNetns(this.cfg.hostNetns, `${this.cniPath}/${type}`, []), {
       input: JSON.stringify(conf),
       env: this.cniEnv('DEL', netns, containerId),
       timeoutMs: 30_000,
@@ -118,4 +120,9 @@ export class CniNetwork {
       CNI_PATH: this.cniPath,
     };
   }
+}
+
+/** [cmd, args] to run `cmd` inside network namespace `netns` (a path), or as is without one. */
+export function inHostNetns(netns: string | undefined, cmd: string, args: string[]): [string, string[]] {
+  return netns ? ['nsenter', [`--net=${netns}`, '--', cmd, ...args]] : [cmd, args];
 }

@@ -32,7 +32,7 @@ import { MIN_MEMORY_BYTES } from '../../shared/units.js';
 import { buildOciConfig } from './bundle.js';
 import { imageLowerDirs, inspectImage, type ImageConfig } from './images.js';
 import { spawnWithLogPipes } from './logs.js';
-import { CniNetwork, netnsPath } from './network.js';
+import { CniNetwork, inHostNetns, netnsPath } from './network.js';
 import { mountRootfs, unmountBelow } from './rootfs.js';
 import type {
   CheckpointOptions,
@@ -52,6 +52,12 @@ export interface RuncRuntimeOptions {
   criuPath: string;
   capabilities: HostCapabilities;
   runcPath?: string;
+  /**
+   * Network namespace of the node, when this process runs outside it (tests drive a runtime
+   * for a test host from the machine's namespace). The CNI plugins, the page server and the
+   * lazy-pages daemon run there; runc itself does not care where it runs.
+   */
+  hostNetns?: string;
 }
 
 /** What this node persists about one container. */
@@ -99,6 +105,7 @@ export class RuncRuntime implements ContainerRuntime {
       bridge: 'chmk0',
       subnet: opts.subnet,
       ipamDir: join(opts.dataDir, 'cni'),
+      hostNetns: opts.hostNetns,
     });
   }
 
@@ -312,7 +319,7 @@ export class RuncRuntime implements ContainerRuntime {
       args.push(id);
       const status = opts.mode === 'lazy' ? await openStatusFifo(join(work, 'status.fifo')) : undefined;
       const frozenAt = Date.now();
-      const child = spawn(this.runc, args, { stdio: ['ignore', 'ignore', 'pipe', status?.writeFd ?? 'ignore'], detached: true });
+      const child = spawn(...inHostNetns(this.opts.hostNetns, this.runc, args), { stdio: ['ignore', 'ignore', 'pipe', status?.writeFd ?? 'ignore'], detached: true });
       status?.closeWriteEnd();
       const stderr: Buffer[] = [];
       child.stderr!.on('data', (d: Buffer) => stderr.push(d));
@@ -508,8 +515,10 @@ export class RuncRuntime implements ContainerRuntime {
   private async startLazyPagesDaemon(migrationId: string, images: string, work: string, pageServer: { address: string; port: number }): Promise<void> {
     const socket = join(work, 'lazy-pages.socket');
     const daemon = spawn(
-      this.opts.criuPath,
-      ['lazy-pages', '--page-server', '--address', pageServer.address, '--port', String(pageServer.port), '--images-dir', images, '--work-dir', work, '-o', 'lazy-pages.log', '-v4'],
+      ...inHostNetns(this.opts.hostNetns, this.opts.criuPath, [
+        'lazy-pages', '--page-server', '--address', pageServer.address, '--port', String(pageServer.port),
+        '--images-dir', images, '--work-dir', work, '-o', 'lazy-pages.log', '-v4',
+      ]),
       { stdio: 'ignore', detached: true },
     );
     daemon.unref();
