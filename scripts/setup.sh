@@ -107,8 +107,15 @@ criu_ok || install_criu
 if [ "$(cat /proc/sys/fs/pipe-user-pages-soft)" != 0 ]; then
   sysctl -qw fs.pipe-user-pages-soft=0
 fi
+# The lazy page server serves pages through pipes it resizes; without CAP_SYS_RESOURCE a pipe
+# may not grow past fs.pipe-max-size (1 MiB by default) and serving fails with
+# 'page-pipe: tee: Operation not permitted'.
+PIPE_MAX=268435456
+if [ "$(cat /proc/sys/fs/pipe-max-size)" -lt "$PIPE_MAX" ]; then
+  sysctl -qw fs.pipe-max-size=$PIPE_MAX
+fi
 mkdir -p /etc/sysctl.d
-echo "fs.pipe-user-pages-soft = 0" >/etc/sysctl.d/90-chipmunk.conf
+printf 'fs.pipe-user-pages-soft = 0\nfs.pipe-max-size = %s\n' "$PIPE_MAX" >/etc/sysctl.d/90-chipmunk.conf
 if [ "$(cat /proc/sys/net/ipv4/ip_forward)" != 1 ]; then sysctl -qw net.ipv4.ip_forward=1; fi
 
 # ---------------------------------------------------------------- podman configuration
