@@ -24,7 +24,7 @@ export interface ContainerRecord {
 /** The agent API of a node; one place decides how the controller reaches agents (HTTP, or fakes in tests). */
 export type AgentResolver = (node: NodeRecord) => AgentApi;
 
-export const CONTAINERS_PREFIX = '/containers/';
+const CONTAINERS_PREFIX = '/containers/';
 
 export function containerKey(name: string): string {
   return CONTAINERS_PREFIX + name;
@@ -107,7 +107,7 @@ export class ContainerService {
     await this.store.delete(containerKey(name), { expectModRevision: current.modRevision });
   }
 
-  async require(name: string): Promise<KeyValue<ContainerRecord>> {
+  private async require(name: string): Promise<KeyValue<ContainerRecord>> {
     const current = await this.store.get<ContainerRecord>(containerKey(name));
     if (!current) throw new NotFoundError(`unknown container "${name}": see \`chipmunk ps\` for the containers of this cluster`, { name });
     return current;

@@ -46,7 +46,7 @@ import { containerKey, unreachable, type AgentResolver, type ContainerRecord } f
 import type { NodeRecord, NodeRegistry } from './registry.js';
 import type { StateStore, TxnResult } from './store/index.js';
 
-export const MIGRATIONS_PREFIX = '/migrations/';
+const MIGRATIONS_PREFIX = '/migrations/';
 
 export function migrationKey(id: string): string {
   return MIGRATIONS_PREFIX + id;
@@ -57,7 +57,7 @@ export interface PortRange {
   last: number;
 }
 
-export const DEFAULT_PAGE_SERVER_PORTS: PortRange = { first: 27000, last: 27999 };
+const DEFAULT_PAGE_SERVER_PORTS: PortRange = { first: 27000, last: 27999 };
 
 export type MigrationLog = Pick<Logger, 'info' | 'warn' | 'error'>;
 

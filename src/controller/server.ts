@@ -3,7 +3,7 @@
  * schemas of src/shared/protocol.ts validating every request, and the shared conventions (cluster
  * token, errors as `{code, message, details}`).
  */
-import Fastify, { type FastifyBaseLogger, type FastifyInstance, type FastifyReply } from 'fastify';
+import Fastify, { LogController, type FastifyBaseLogger, type FastifyInstance, type FastifyReply } from 'fastify';
 import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox';
 import { Type } from '@sinclair/typebox';
 import { InvalidInputError, toChipmunkError } from '../shared/errors.js';
@@ -30,8 +30,11 @@ const LogsQuery = Type.Object({
 
 export function buildControllerServer(opts: ControllerServerOptions): FastifyInstance {
   const { nodes, containers, migrations } = opts;
-  // Agents heartbeat every few seconds: logging each request would bury everything else.
-  const base = Fastify({ loggerInstance: opts.logger, disableRequestLogging: true });
+  const base = Fastify({
+    loggerInstance: opts.logger,
+    // Agents heartbeat every few seconds: logging those requests would bury everything else.
+    logController: new LogController({ disableRequestLogging: (req) => isHeartbeat(req.method, req.url) || req.url === '/healthz' }),
+  });
   installApiConventions(base, opts.token);
   const app = base.withTypeProvider<TypeBoxTypeProvider>();
 
@@ -86,6 +89,10 @@ export function buildControllerServer(opts: ControllerServerOptions): FastifyIns
   app.get('/v1/migrations', { schema: { response: { 200: Type.Array(MigrationRecord) } } }, async () => migrations.list());
 
   return base;
+}
+
+function isHeartbeat(method: string, url: string): boolean {
+  return method === 'PUT' && url.startsWith('/v1/nodes/');
 }
 
 /**
