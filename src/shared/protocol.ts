@@ -196,6 +196,7 @@ export const MigrationPhaseName = Type.Union([
   Type.Literal('done'),
   Type.Literal('failed'),
 ]);
+export type MigrationPhaseName = Static<typeof MigrationPhaseName>;
 
 /** One line of the migration's progress stream (NDJSON), and its stored record. */
 export const MigrationEvent = Type.Object({
@@ -228,6 +229,24 @@ export const ErrorBody = Type.Object({
   details: Type.Optional(Type.Record(Type.String(), Type.Unknown())),
 });
 
+/** A migration as the controller records it: where it stands, how it got there, how it ended. */
+export const MigrationRecord = Type.Object({
+  id: Type.String(),
+  name: ContainerName,
+  from: NodeName,
+  to: NodeName,
+  mode: MigrationMode,
+  /** The phase it is in, or `done` / `failed` once it ended. */
+  phase: MigrationPhaseName,
+  /** Every phase entered, in order, as streamed to the client. */
+  history: Type.Array(MigrationEvent),
+  startedAt: Type.Number(),
+  finishedAt: Type.Optional(Type.Number()),
+  summary: Type.Optional(MigrationSummary),
+  error: Type.Optional(ErrorBody),
+});
+export type MigrationRecord = Static<typeof MigrationRecord>;
+
 /** Schemas by name, for the generated API reference. */
 export const schemas: Record<string, TSchema> = {
   ContainerSpec,
@@ -249,4 +268,5 @@ export const schemas: Record<string, TSchema> = {
   MigrationEvent,
   MigrationSummary,
   ErrorBody,
+  MigrationRecord,
 };

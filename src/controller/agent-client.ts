@@ -1,0 +1,138 @@
+/**
+ * The controller's view of one agent: the agent HTTP API of docs/design.md as typed methods.
+ * The orchestrator and the container service depend on the AgentApi interface only, so tests
+ * drive them with in-memory agents and the HTTP details stay here.
+ */
+import { ApiClient } from '../shared/http.js';
+import type {
+  AgentContainer,
+  AgentInfo,
+  CheckpointRequest,
+  CheckpointResult,
+  ContainerSpec,
+  ContainerStats,
+  RestoreRequest,
+  RestoreResult,
+  RollbackRequest,
+} from '../shared/protocol.js';
+
+export type LogStream = 'stdout' | 'stderr' | 'all';
+
+export interface LogsOptions {
+  stream?: LogStream;
+  /** Last N lines only. */
+  tail?: number;
+}
+
+export interface AgentApi {
+  info(): Promise<AgentInfo>;
+  listContainers(): Promise<AgentContainer[]>;
+  run(spec: ContainerSpec): Promise<AgentContainer>;
+  get(name: string): Promise<AgentContainer>;
+  stop(name: string): Promise<AgentContainer>;
+  remove(name: string): Promise<void>;
+  logs(name: string, opts?: LogsOptions): Promise<string>;
+  stats(name: string): Promise<ContainerStats>;
+  /** Source side: freeze and dump the container. */
+  checkpoint(name: string, req: CheckpointRequest): Promise<CheckpointResult>;
+  /** Target side: fetch the checkpoint from the source agent and restore it. */
+  restore(migrationId: string, req: RestoreRequest): Promise<RestoreResult>;
+  /** Source side: the migration failed after the checkpoint; run the container here again. */
+  rollback(migrationId: string): Promise<AgentContainer>;
+  /** Source side: the target runs the container; serve the remaining pages, then clean up. */
+  finish(migrationId: string): Promise<void>;
+  /** Target side: remove whatever a failed restore left behind. */
+  abort(migrationId: string): Promise<void>;
+}
+
+export interface HttpAgentApiOptions {
+  node: string;
+  url: string;
+  token: string;
+  /** For ordinary requests. */
+  timeoutMs?: number;
+  /** For the migration steps, which copy images and wait for CRIU: minutes, not seconds. */
+  migrationStepTimeoutMs?: number;
+}
+
+const DEFAULT_TIMEOUT_MS = 30_000;
+const DEFAULT_MIGRATION_STEP_TIMEOUT_MS = 15 * 60_000;
+
+export class HttpAgentApi implements AgentApi {
+  private readonly client: ApiClient;
+  private readonly requestTimeout: { timeoutMs: number };
+  private readonly stepTimeout: { timeoutMs: number };
+
+  constructor(opts: HttpAgentApiOptions) {
+    this.requestTimeout = { timeoutMs: opts.timeoutMs ?? DEFAULT_TIMEOUT_MS };
+    this.client = new ApiClient({ baseUrl: opts.url, token: opts.token, timeoutMs: this.requestTimeout.timeoutMs, peer: `agent ${opts.node}` });
+    this.stepTimeout = { timeoutMs: opts.migrationStepTimeoutMs ?? DEFAULT_MIGRATION_STEP_TIMEOUT_MS };
+  }
+
+  info(): Promise<AgentInfo> {
+    return this.client.get('/v1/info');
+  }
+
+  listContainers(): Promise<AgentContainer[]> {
+    return this.client.get('/v1/containers');
+  }
+
+  run(spec: ContainerSpec): Promise<AgentContainer> {
+    return this.client.post('/v1/containers', spec);
+  }
+
+  get(name: string): Promise<AgentContainer> {
+    return this.client.get(containerPath(name));
+  }
+
+  stop(name: string): Promise<AgentContainer> {
+    return this.client.post(`${containerPath(name)}/stop`);
+  }
+
+  remove(name: string): Promise<void> {
+    return this.client.delete(containerPath(name));
+  }
+
+  async logs(name: string, opts: LogsOptions = {}): Promise<string> {
+    const query = new URLSearchParams();
+    if (opts.stream !== undefined) query.set('stream', opts.stream);
+    if (opts.tail !== undefined) query.set('tail', String(opts.tail));
+    const queryText = query.toString();
+    // Logs are text/plain, not JSON: read the body as it is.
+    const res = await this.client.stream('GET', `${containerPath(name)}/logs${queryText ? `?${queryText}` : ''}`, undefined, this.requestTimeout);
+    return res.body.text();
+  }
+
+  stats(name: string): Promise<ContainerStats> {
+    return this.client.get(`${containerPath(name)}/stats`);
+  }
+
+  checkpoint(name: string, req: CheckpointRequest): Promise<CheckpointResult> {
+    return this.client.post(`${containerPath(name)}/checkpoint`, req, this.stepTimeout);
+  }
+
+  restore(migrationId: string, req: RestoreRequest): Promise<RestoreResult> {
+    return this.client.post(`${migrationPath(migrationId)}/restore`, req, this.stepTimeout);
+  }
+
+  rollback(migrationId: string): Promise<AgentContainer> {
+    const body: RollbackRequest = { migrationId };
+    return this.client.post(`${migrationPath(migrationId)}/rollback`, body, this.stepTimeout);
+  }
+
+  finish(migrationId: string): Promise<void> {
+    return this.client.post(`${migrationPath(migrationId)}/finish`, undefined, this.stepTimeout);
+  }
+
+  abort(migrationId: string): Promise<void> {
+    return this.client.post(`${migrationPath(migrationId)}/abort`, undefined, this.stepTimeout);
+  }
+}
+
+function containerPath(name: string): string {
+  return `/v1/containers/${encodeURIComponent(name)}`;
+}
+
+function migrationPath(migrationId: string): string {
+  return `/v1/migrations/${encodeURIComponent(migrationId)}`;
+}

@@ -1,0 +1,169 @@
+/**
+ * Containers as the controller knows them: the desired state of each under /containers/<name>
+ * (its spec, the node it runs on, its incarnation) and the operations that change it. The agents
+ * do the work; this module decides where, and keeps the record in step with what they did.
+ */
+import { ConflictError, MigrationInProgressError, NotFoundError, StoreConflictError, UnavailableError } from '../shared/errors.js';
+import type { AgentContainer, ContainerSpec, ContainerStatus, ContainerView, MigrationPhaseName, RunRequest } from '../shared/protocol.js';
+import type { AgentApi, LogsOptions } from './agent-client.js';
+import type { NodeRecord, NodeRegistry } from './registry.js';
+import type { KeyValue, StateStore } from './store/index.js';
+
+export interface ContainerRecord {
+  spec: ContainerSpec;
+  node: string;
+  status: ContainerStatus;
+  /** The agent's incarnation counter: one more with every restore. */
+  generation: number;
+  ip?: string;
+  createdAt: string;
+  /** Set while a migration holds the container: it is the container's migration lock. */
+  migration?: { id: string; phase: MigrationPhaseName };
+}
+
+/** The agent API of a node; one place decides how the controller reaches agents (HTTP, or fakes in tests). */
+export type AgentResolver = (node: NodeRecord) => AgentApi;
+
+const CONTAINERS_PREFIX = '/containers/';
+
+export function containerKey(name: string): string {
+  return CONTAINERS_PREFIX + name;
+}
+
+/** How often a read-modify-write of one record retries after losing a compare-and-swap. */
+const MAX_UPDATE_ATTEMPTS = 5;
+
+export class ContainerService {
+  constructor(
+    private readonly store: StateStore,
+    private readonly nodes: NodeRegistry,
+    private readonly agentFor: AgentResolver,
+  ) {}
+
+  /**
+   * Starts a container on the requested node, or on the ready node running the fewest. The name
+   * is reserved in the store first, so two runs of one name cannot both reach an agent; if the
+   * agent refuses (unknown image, port taken...), the reservation is removed and the agent's
+   * error is passed on as it is.
+   */
+  async run(req: RunRequest): Promise<ContainerView> {
+    const { spec } = req;
+    const node = await this.placement(req.node);
+    const key = containerKey(spec.name);
+    const reserved: ContainerRecord = { spec, node: node.name, status: 'created', generation: 0, createdAt: new Date().toISOString() };
+    let reservedRevision: number;
+    try {
+      reservedRevision = await this.store.put(key, reserved, { expectModRevision: 0 });
+    } catch (err) {
+      if (!(err instanceof StoreConflictError)) throw err;
+      const existing = await this.store.get<ContainerRecord>(key);
+      throw new ConflictError(
+        `container name "${spec.name}" is already in use${existing ? ` (on node ${existing.value.node})` : ''}: pick another name, or remove it with \`chipmunk rm ${spec.name}\``,
+        { name: spec.name },
+      );
+    }
+    let started: AgentContainer;
+    try {
+      started = await this.agentFor(node).run(spec);
+    } catch (err) {
+      await this.store.delete(key, { expectModRevision: reservedRevision });
+      throw err;
+    }
+    const record: ContainerRecord = { ...reserved, status: started.status, generation: started.generation, ip: started.ip, createdAt: started.createdAt };
+    await this.store.put(key, record, { expectModRevision: reservedRevision });
+    return toView(record, node.address);
+  }
+
+  async list(): Promise<ContainerView[]> {
+    const [records, nodes] = await Promise.all([this.store.list<ContainerRecord>(CONTAINERS_PREFIX), this.nodes.list()]);
+    const addressOf = new Map(nodes.map((node) => [node.name, node.address]));
+    return records.map(({ value }) => toView(value, addressOf.get(value.node) ?? value.node));
+  }
+
+  async logs(name: string, opts: LogsOptions): Promise<string> {
+    const { value } = await this.require(name);
+    return this.agentFor(await this.nodes.require(value.node)).logs(name, opts);
+  }
+
+  async stop(name: string): Promise<ContainerView> {
+    const { value } = await this.require(name);
+    refuseWhileMigrating(name, value);
+    const node = await this.nodes.require(value.node);
+    const stopped = await this.agentFor(node).stop(name);
+    const updated = await this.update(name, (record) => ({ ...record, status: stopped.status }));
+    return toView(updated, node.address);
+  }
+
+  async remove(name: string): Promise<void> {
+    const current = await this.require(name);
+    refuseWhileMigrating(name, current.value);
+    const node = await this.nodes.require(current.value.node);
+    try {
+      await this.agentFor(node).remove(name);
+    } catch (err) {
+      // The agent does not have it (a run the controller did not see through): only the record is left to remove.
+      if (!(err instanceof NotFoundError)) throw err;
+    }
+    await this.store.delete(containerKey(name), { expectModRevision: current.modRevision });
+  }
+
+  private async require(name: string): Promise<KeyValue<ContainerRecord>> {
+    const current = await this.store.get<ContainerRecord>(containerKey(name));
+    if (!current) throw new NotFoundError(`unknown container "${name}": see \`chipmunk ps\` for the containers of this cluster`, { name });
+    return current;
+  }
+
+  private async placement(requested: string | undefined): Promise<NodeRecord> {
+    if (requested !== undefined) {
+      const node = await this.nodes.require(requested);
+      if (!(await this.nodes.isReady(requested))) throw unreachable(node);
+      return node;
+    }
+    const ready = await this.nodes.listReady();
+    if (ready.length === 0) throw new UnavailableError('no node is ready to run containers: start an agent, and see `chipmunk node ls`');
+    const containersOn = new Map<string, number>();
+    for (const { value } of await this.store.list<ContainerRecord>(CONTAINERS_PREFIX)) {
+      containersOn.set(value.node, (containersOn.get(value.node) ?? 0) + 1);
+    }
+    // Ties go to the first node in name order (the list's order), so placement is predictable.
+    return ready.reduce((best, node) => ((containersOn.get(node.name) ?? 0) < (containersOn.get(best.name) ?? 0) ? node : best));
+  }
+
+  /** Read-modify-write of one record, retried when a concurrent write wins the compare-and-swap. */
+  private async update(name: string, change: (record: ContainerRecord) => ContainerRecord): Promise<ContainerRecord> {
+    for (let attempt = 1; ; attempt++) {
+      const current = await this.require(name);
+      refuseWhileMigrating(name, current.value);
+      const updated = change(current.value);
+      try {
+        await this.store.put(containerKey(name), updated, { expectModRevision: current.modRevision });
+        return updated;
+      } catch (err) {
+        if (!(err instanceof StoreConflictError) || attempt >= MAX_UPDATE_ATTEMPTS) throw err;
+      }
+    }
+  }
+}
+
+export function unreachable(node: NodeRecord): UnavailableError {
+  return new UnavailableError(`node ${node.name} is unreachable (last heartbeat ${node.lastSeen}): start its agent, or pick another node`, {
+    node: node.name,
+  });
+}
+
+function refuseWhileMigrating(name: string, record: ContainerRecord): void {
+  if (record.migration) throw new MigrationInProgressError(name, record.migration.id);
+}
+
+/** The `chipmunk ps` row: published ports at the address of the node the container runs on. */
+function toView(record: ContainerRecord, nodeAddress: string): ContainerView {
+  return {
+    name: record.spec.name,
+    node: record.node,
+    status: record.migration ? 'migrating' : record.status,
+    image: record.spec.image,
+    ports: record.spec.ports.map((port) => `${nodeAddress}:${port.hostPort}->${port.containerPort}/${port.protocol}`),
+    ...(record.ip !== undefined ? { ip: record.ip } : {}),
+    createdAt: record.createdAt,
+  };
+}

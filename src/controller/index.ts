@@ -1,0 +1,77 @@
+/**
+ * The controller process: opens the state store, settles migrations a previous run left
+ * mid-way, and serves the controller API.
+ */
+import { mkdir } from 'node:fs/promises';
+import type { AddressInfo } from 'node:net';
+import { dirname } from 'node:path';
+import { pino, type Logger } from 'pino';
+import { InvalidInputError } from '../shared/errors.js';
+import { HttpAgentApi } from './agent-client.js';
+import { ContainerService, type AgentResolver } from './containers.js';
+import { MigrationOrchestrator } from './migration.js';
+import { NodeRegistry } from './registry.js';
+import { buildControllerServer } from './server.js';
+import { openStore } from './store/index.js';
+
+export type { AgentApi } from './agent-client.js';
+export type { AgentResolver } from './containers.js';
+export type { NodeRecord } from './registry.js';
+
+export const DEFAULT_STORE_SPEC = 'sqlite:/var/lib/chipmunk/controller.db';
+
+export interface ControllerOptions {
+  listen: { host: string; port: number };
+  /** The cluster token: clients and agents must present it, and the controller presents it to agents. */
+  token: string;
+  /** `sqlite:/path/to/file.db` or `memory:`. */
+  storeSpec?: string;
+  logger?: Logger;
+  /** How the controller reaches a node's agent; HTTP unless replaced (tests pass in-memory agents). */
+  agentFactory?: AgentResolver;
+  /** A node is ready if it heartbeated at most this long ago. */
+  nodeReadyWithinMs?: number;
+}
+
+export interface RunningController {
+  url: string;
+  close(): Promise<void>;
+}
+
+export async function startController(opts: ControllerOptions): Promise<RunningController> {
+  const logger = opts.logger ?? pino({ name: 'chipmunk-controller' });
+  const storeSpec = opts.storeSpec ?? DEFAULT_STORE_SPEC;
+  if (storeSpec.startsWith('sqlite:')) await mkdir(dirname(storeSpec.slice('sqlite:'.length)), { recursive: true });
+  const store = await openStore(storeSpec);
+
+  const agentFor: AgentResolver = opts.agentFactory ?? ((node) => new HttpAgentApi({ node: node.name, url: node.url, token: opts.token }));
+  const nodes = new NodeRegistry(store, opts.nodeReadyWithinMs);
+  const containers = new ContainerService(store, nodes, agentFor);
+  const migrations = new MigrationOrchestrator({ store, nodes, agentFor, log: logger });
+  const app = buildControllerServer({ token: opts.token, logger, nodes, containers, migrations });
+  try {
+    // Before the API opens, so no new migration meets a container still locked by an interrupted one.
+    await migrations.resolveInterrupted();
+    await app.listen(opts.listen).catch((err: NodeJS.ErrnoException) => {
+      throw new InvalidInputError(`the controller cannot listen on ${opts.listen.host}:${opts.listen.port} (${err.code ?? err.message}): pick another address or port`, {
+        host: opts.listen.host,
+        port: opts.listen.port,
+      });
+    });
+  } catch (err) {
+    await app.close();
+    await store.close();
+    throw err;
+  }
+
+  const address = app.server.address() as AddressInfo;
+  const host = address.family === 'IPv6' ? `[${address.address}]` : address.address;
+  logger.info({ store: storeSpec }, `controller listening on http://${host}:${address.port}`);
+  return {
+    url: `http://${host}:${address.port}`,
+    close: async () => {
+      await app.close();
+      await store.close();
+    },
+  };
+}

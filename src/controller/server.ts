@@ -1,0 +1,121 @@
+/**
+ * The controller's HTTP API (docs/design.md, "Controller HTTP API"): fastify with the TypeBox
+ * schemas of src/shared/protocol.ts validating every request, and the shared conventions (cluster
+ * token, errors as `{code, message, details}`).
+ */
+import Fastify, { LogController, type FastifyBaseLogger, type FastifyInstance, type FastifyReply } from 'fastify';
+import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox';
+import { Type } from '@sinclair/typebox';
+import { InvalidInputError, toChipmunkError } from '../shared/errors.js';
+import { installApiConventions } from '../shared/http.js';
+import { ContainerName, ContainerView, MigrateRequest, MigrationRecord, NodeName, NodeView, RegisterNodeRequest, RunRequest } from '../shared/protocol.js';
+import type { ContainerService } from './containers.js';
+import type { MigrationOrchestrator } from './migration.js';
+import type { NodeRegistry } from './registry.js';
+
+export interface ControllerServerOptions {
+  token: string;
+  logger: FastifyBaseLogger;
+  nodes: NodeRegistry;
+  containers: ContainerService;
+  migrations: MigrationOrchestrator;
+}
+
+const NodeParams = Type.Object({ name: NodeName });
+const ContainerParams = Type.Object({ name: ContainerName });
+const LogsQuery = Type.Object({
+  stream: Type.Optional(Type.Union([Type.Literal('stdout'), Type.Literal('stderr'), Type.Literal('all')])),
+  tail: Type.Optional(Type.Integer({ minimum: 0 })),
+});
+
+export function buildControllerServer(opts: ControllerServerOptions): FastifyInstance {
+  const { nodes, containers, migrations } = opts;
+  const base = Fastify({
+    loggerInstance: opts.logger,
+    // Agents heartbeat every few seconds: logging those requests would bury everything else.
+    logController: new LogController({ disableRequestLogging: (req) => isHeartbeat(req.method, req.url) || req.url === '/healthz' }),
+  });
+  installApiConventions(base, opts.token);
+  const app = base.withTypeProvider<TypeBoxTypeProvider>();
+
+  app.get('/healthz', async () => ({ ok: true }));
+
+  app.put('/v1/nodes/:name', { schema: { params: NodeParams, body: RegisterNodeRequest, response: { 200: NodeView } } }, async (req) => {
+    if (req.body.name !== req.params.name) {
+      throw new InvalidInputError(`node name in the path (${req.params.name}) and in the body (${req.body.name}) differ`, {
+        path: req.params.name,
+        body: req.body.name,
+      });
+    }
+    return nodes.heartbeat(req.body);
+  });
+
+  app.get('/v1/nodes', { schema: { response: { 200: Type.Array(NodeView) } } }, async () => nodes.list());
+
+  app.post('/v1/containers', { schema: { body: RunRequest, response: { 201: ContainerView } } }, async (req, reply) => {
+    const view = await containers.run(req.body);
+    return reply.code(201).send(view);
+  });
+
+  app.get('/v1/containers', { schema: { response: { 200: Type.Array(ContainerView) } } }, async () => containers.list());
+
+  app.get('/v1/containers/:name/logs', { schema: { params: ContainerParams, querystring: LogsQuery } }, async (req, reply) => {
+    const text = await containers.logs(req.params.name, req.query);
+    return reply.type('text/plain; charset=utf-8').send(text);
+  });
+
+  app.post('/v1/containers/:name/stop', { schema: { params: ContainerParams, response: { 200: ContainerView } } }, async (req) =>
+    containers.stop(req.params.name),
+  );
+
+  app.delete('/v1/containers/:name', { schema: { params: ContainerParams } }, async (req, reply) => {
+    await containers.remove(req.params.name);
+    return reply.code(204).send();
+  });
+
+  app.post('/v1/containers/:name/migrate', { schema: { params: ContainerParams, body: MigrateRequest } }, async (req, reply) => {
+    const stream = new NdjsonReply(reply);
+    try {
+      const summary = await migrations.migrate(req.params.name, req.body, (event) => stream.write(event));
+      stream.write({ summary });
+    } catch (err) {
+      // Refused before it started (nothing was streamed yet): an ordinary error answer with its status.
+      if (!stream.started) throw err;
+      stream.write({ error: toChipmunkError(err).toJSON() });
+    }
+    stream.end();
+  });
+
+  app.get('/v1/migrations', { schema: { response: { 200: Type.Array(MigrationRecord) } } }, async () => migrations.list());
+
+  return base;
+}
+
+function isHeartbeat(method: string, url: string): boolean {
+  return method === 'PUT' && url.startsWith('/v1/nodes/');
+}
+
+/**
+ * A migration's answer: one JSON object per line as the phases happen. The status line goes out
+ * with the first line, so until then the route can still answer with an ordinary error.
+ */
+class NdjsonReply {
+  started = false;
+
+  constructor(private readonly reply: FastifyReply) {}
+
+  write(line: unknown): void {
+    const raw = this.reply.raw;
+    if (!this.started) {
+      this.started = true;
+      this.reply.hijack();
+      raw.writeHead(200, { 'content-type': 'application/x-ndjson; charset=utf-8', 'cache-control': 'no-store' });
+    }
+    // A client that went away stops reading, not the migration: it runs to its end either way.
+    if (!raw.destroyed) raw.write(`${JSON.stringify(line)}\n`);
+  }
+
+  end(): void {
+    if (!this.reply.raw.destroyed) this.reply.raw.end();
+  }
+}
