@@ -43,7 +43,7 @@ export const LOCAL_NETWORK: TestNetwork = {
 };
 const CONTROLLER_PORT = 7400;
 const AGENT_PORT = 7401;
-/** Node i's containers get 198.19.i.0/24, so i must fit in one octet; veth names cap it lower still. */
+/** Each node is a full agent process on this one machine; the address plan alone would allow 244. */
 export const MAX_NODES = 50;
 
 const READY_TIMEOUT_MS = 60_000;
@@ -78,7 +78,6 @@ export interface ClusterUpOptions extends LocalClusterDirs {
   nodes: number;
   /** Start-up steps, for the operator ("starting agent node2"). */
   onProgress?: (message: string) => void;
-  readyTimeoutMs?: number;
 }
 
 export interface ClusterUpResult {
@@ -95,8 +94,9 @@ function nodeName(i: number): string {
   return `node${i}`;
 }
 
+/** Node i is .(10+i) in the bridge's /24. */
 function nodeAddress(i: number): string {
-  return `198.18.0.${10 + i}`;
+  return `${LOCAL_NETWORK.gateway.split('.').slice(0, 3).join('.')}.${10 + i}`;
 }
 
 function nodeDataDir(stateDir: string, node: string): string {
@@ -132,12 +132,18 @@ async function writeClusterState(stateDir: string, state: LocalClusterState): Pr
 
 // ---------------------------------------------------------------- processes
 
-function isAlive(pid: number): boolean {
+/**
+ * Whether PID runs. A zombie does not: our daemons are reparented to PID 1 once the CLI that
+ * started them exits, and PID 1 may take its time to reap them.
+ */
+async function isRunning(pid: number): Promise<boolean> {
   try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
+    const stat = await readFile(`/proc/${pid}/stat`, 'utf8');
+    // "PID (COMM) STATE ...": COMM may itself contain ") ", so take the last one.
+    const state = stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3);
+    return state !== 'Z' && state !== 'X';
+  } catch {
+    return false;
   }
 }
 
@@ -160,8 +166,8 @@ async function stopDaemon(pid: number, args: string[]): Promise<void> {
   if (!(await isOurDaemon(pid, args))) return;
   process.kill(pid, 'SIGTERM');
   const deadline = Date.now() + DAEMON_STOP_GRACE_MS;
-  while (isAlive(pid) && Date.now() < deadline) await sleep(100);
-  if (isAlive(pid)) process.kill(pid, 'SIGKILL');
+  while ((await isRunning(pid)) && Date.now() < deadline) await sleep(100);
+  if (await isRunning(pid)) process.kill(pid, 'SIGKILL');
 }
 
 /** Starts a detached process with stdout and stderr appended to LOG; it outlives this one. */
@@ -203,17 +209,19 @@ export async function clusterUp(opts: ClusterUpOptions): Promise<ClusterUpResult
   }
 
   const existing = await readClusterState(stateDir);
-  if (existing) return { state: checkExistingCluster(existing, opts.nodes, stateDir), alreadyUp: true };
+  if (existing) return { state: await checkExistingCluster(existing, opts.nodes, stateDir), alreadyUp: true };
+
+  // The bridge first: it fails when the subnet is taken, and then nothing else should be left behind.
+  progress(`creating bridge ${LOCAL_NETWORK.bridge} (${LOCAL_NETWORK.gateway}/${LOCAL_NETWORK.prefixLength})`);
+  await ensureBridge(LOCAL_NETWORK);
 
   await mkdir(join(stateDir, 'logs'), { recursive: true, mode: 0o700 });
   await mkdir(runDir, { recursive: true });
   const tokenFile = join(stateDir, 'token');
-  await writeFile(tokenFile, randomBytes(32).toString('hex'), { mode: 0o600 });
+  const token = randomBytes(32).toString('hex');
+  await writeFile(tokenFile, token, { mode: 0o600 });
+  // writeFile's mode only applies when it creates the file.
   await chmod(tokenFile, 0o600);
-  const token = (await readFile(tokenFile, 'utf8')).trim();
-
-  progress(`creating bridge ${LOCAL_NETWORK.bridge} (${LOCAL_NETWORK.gateway}/${LOCAL_NETWORK.prefixLength})`);
-  await ensureBridge(LOCAL_NETWORK);
 
   const controllerListen = `${LOCAL_NETWORK.gateway}:${CONTROLLER_PORT}`;
   const controllerUrl = `http://${controllerListen}`;
@@ -246,7 +254,7 @@ function withCleanupHint(err: unknown): ChipmunkError {
 /** Creates the test hosts, starts an agent in each, and waits until the whole cluster is ready. */
 async function startAgents(
   state: LocalClusterState,
-  opts: { nodes: number; stateDir: string; runDir: string; progress: (message: string) => void; readyTimeoutMs?: number },
+  opts: { nodes: number; stateDir: string; runDir: string; progress: (message: string) => void },
   controllerExit: Promise<never>,
   token: string,
 ): Promise<void> {
@@ -287,23 +295,22 @@ async function startAgents(
   }
 
   progress('waiting for the controller and every agent to be ready');
-  const timeoutMs = opts.readyTimeoutMs ?? READY_TIMEOUT_MS;
   const stopWaiting = new AbortController();
   try {
-    await Promise.race([waitUntilReady(state, token, stateDir, timeoutMs, stopWaiting.signal), ...exits]);
+    await Promise.race([waitUntilReady(state, token, stateDir, READY_TIMEOUT_MS, stopWaiting.signal), ...exits]);
   } finally {
     stopWaiting.abort();
   }
 }
 
-function checkExistingCluster(existing: LocalClusterState, nodes: number, stateDir: string): LocalClusterState {
+async function checkExistingCluster(existing: LocalClusterState, nodes: number, stateDir: string): Promise<LocalClusterState> {
   if (existing.status !== 'ready') {
     throw new ConflictError(
       `a previous 'chipmunk cluster up' did not finish (logs in ${join(stateDir, 'logs')}): run 'chipmunk cluster down' first`,
       { stateDir },
     );
   }
-  if (!isAlive(existing.controllerPid)) {
+  if (!(await isRunning(existing.controllerPid))) {
     throw new ConflictError(
       `the local cluster's controller (pid ${existing.controllerPid}) is not running: run 'chipmunk cluster down', then 'chipmunk cluster up'`,
       { stateDir },
@@ -392,8 +399,8 @@ export async function clusterDown(dirs: LocalClusterDirs = {}): Promise<ClusterD
   // Test hosts found by name too: a crash may have left some that the state file does not list.
   const nodeNames = new Set(state?.nodes.map((n) => n.name) ?? []);
   for (const netns of allNetns) {
-    const m = /^chmk-(node\d+)$/.exec(netns);
-    if (m) nodeNames.add(m[1]!);
+    const node = netns.slice(LOCAL_NETWORK.netnsPrefix.length);
+    if (netns.startsWith(LOCAL_NETWORK.netnsPrefix) && /^node\d+$/.test(node)) nodeNames.add(node);
   }
   const wasUp =
     state !== undefined || nodeNames.size > 0 || (await bridgeExists(LOCAL_NETWORK)) || (await exists(stateDir)) || (await exists(runDir));

@@ -113,7 +113,7 @@ async function assertSubnetFree(network: TestNetwork): Promise<void> {
     for (const addr of link.addr_info ?? []) {
       if (subnetsOverlap(addr.local, addr.prefixlen, network.gateway, network.prefixLength)) {
         throw new ConflictError(
-          `subnet ${network.gateway}/${network.prefixLength} is already in use on interface ${link.ifname} (${addr.local}/${addr.prefixlen}): ` +
+          `${network.gateway}/${network.prefixLength} overlaps ${addr.local}/${addr.prefixlen}, already in use on interface ${link.ifname}: ` +
             `remove that interface (another set of test hosts?) before creating bridge ${network.bridge}`,
           { interface: link.ifname, address: `${addr.local}/${addr.prefixlen}` },
         );

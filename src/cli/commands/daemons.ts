@@ -80,6 +80,8 @@ export function registerDaemonCommands(program: Command): void {
     announce(opts.json, 'controller', controller.url);
     await untilStopSignal();
     await controller.close();
+    // Closed: a handle it forgot (a timer, a keep-alive socket) must not keep the process around.
+    process.exit(0);
   });
 
   addJsonOption(
@@ -108,5 +110,6 @@ export function registerDaemonCommands(program: Command): void {
     announce(opts.json, `agent ${opts.node}`, urlOf(opts.listen));
     await untilStopSignal();
     await agent.close();
+    process.exit(0);
   });
 }

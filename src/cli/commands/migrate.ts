@@ -44,12 +44,16 @@ async function* ndjsonLines(body: AsyncIterable<Buffer>): AsyncGenerator<StreamL
 class ProgressDisplay {
   private readonly startedAt = Date.now();
   private lastPhase = '';
+  /** Bytes moved so far: phases after the transfer report none of their own. */
+  private bytes: number | undefined;
   private lineOpen = false;
 
   constructor(private readonly out: NodeJS.WriteStream) {}
 
   show(event: MigrationEvent): void {
-    const bytes = event.bytes === undefined ? '' : `  ${formatBytes(event.bytes)}${event.totalBytes ? ` / ${formatBytes(event.totalBytes)}` : ''}`;
+    this.bytes = event.bytes ?? this.bytes;
+    const total = event.bytes !== undefined && event.totalBytes ? ` / ${formatBytes(event.totalBytes)}` : '';
+    const bytes = this.bytes === undefined ? '' : `  ${formatBytes(this.bytes)}${total}`;
     const text = `${event.phase.padEnd(10)}${bytes}  ${formatDuration(Date.now() - this.startedAt)}${event.message ? `  ${event.message}` : ''}`;
     if (this.out.isTTY) {
       // \r and "erase line": the new text replaces the old even when it is shorter.
@@ -119,7 +123,7 @@ export function registerMigrateCommand(program: Command): void {
       const { from, to, mode, downtimeMs, totalMs, bytesTransferred } = summary;
       printJson({ name: summary.name, from, to, mode, downtimeMs, totalMs, bytesTransferred });
     } else {
-      process.stdout.write(`${renderSummary(summary)}\n`);
+      process.stdout.write(`\n${renderSummary(summary)}\n`);
     }
   });
 }
