@@ -1,0 +1,45 @@
+/** `chipmunk cluster up|down`: the local cluster, test hosts on this machine. */
+import type { Command } from 'commander';
+
+import { clusterDown, clusterUp, type LocalClusterState } from '../../cluster/index.js';
+import { localClusterStateDir } from '../context.js';
+import { addJsonOption, parsePositiveInt } from '../options.js';
+import { printJson, renderTable } from '../output.js';
+
+const DEFAULT_NODES = 2;
+
+function describeCluster(state: LocalClusterState): string {
+  const rows = state.nodes.map((node) => [node.name, node.address, node.netns, String(node.agentPid)]);
+  return `${renderTable(['NODE', 'ADDRESS', 'NETNS', 'AGENT PID'], rows)}\n\ncontroller: ${state.controllerUrl} (pid ${state.controllerPid})`;
+}
+
+export function registerClusterCommands(program: Command): void {
+  const cluster = program.command('cluster').description('a local cluster: controller and agents in test hosts on this machine');
+
+  addJsonOption(
+    cluster
+      .command('up')
+      .description('start a controller and N agents, each agent in its own test host (network namespace)')
+      .option('--nodes <n>', 'number of nodes', parsePositiveInt, DEFAULT_NODES),
+  ).action(async (opts: { nodes: number; json?: boolean }) => {
+    const { state, alreadyUp } = await clusterUp({
+      nodes: opts.nodes,
+      stateDir: localClusterStateDir(),
+      onProgress: opts.json ? undefined : (message) => process.stderr.write(`${message}\n`),
+    });
+    if (opts.json) {
+      printJson({ alreadyUp, ...state });
+      return;
+    }
+    process.stdout.write(`${alreadyUp ? `local cluster already up with ${state.nodes.length} nodes` : 'local cluster up'}\n\n${describeCluster(state)}\n`);
+  });
+
+  addJsonOption(
+    cluster.command('down').description('stop the local cluster and remove its containers, mounts, namespaces and state'),
+  ).action(async (opts: { json?: boolean }) => {
+    const result = await clusterDown({ stateDir: localClusterStateDir() });
+    for (const warning of result.warnings) process.stderr.write(`warning: ${warning}\n`);
+    if (opts.json) printJson(result);
+    else process.stdout.write(result.wasUp ? 'local cluster is down\n' : 'no local cluster is up: nothing to do\n');
+  });
+}

@@ -1,0 +1,92 @@
+/** `chipmunk run|ps|logs|stop|rm`: containers, through the controller. */
+import type { Command } from 'commander';
+
+import type { ContainerView, PortMapping, RunRequest } from '../../shared/protocol.js';
+import { controllerClient } from '../context.js';
+import { addConnectionOptions, addJsonOption, collectEnv, collectPort, parseContainerName, parseMemory, parseNodeName } from '../options.js';
+import { printJson, renderTable } from '../output.js';
+
+interface RunOptions {
+  name: string;
+  node?: string;
+  publish: PortMapping[];
+  env: Record<string, string>;
+  memory?: number;
+  json?: boolean;
+}
+
+function describeContainer(view: ContainerView): string {
+  const ports = view.ports.length ? ` (${view.ports.join(', ')})` : '';
+  return `${view.name} ${view.status} on ${view.node}${ports}`;
+}
+
+function containerPath(name: string): string {
+  return `/v1/containers/${encodeURIComponent(name)}`;
+}
+
+export function registerContainerCommands(program: Command): void {
+  addConnectionOptions(
+    addJsonOption(
+      program
+        .command('run')
+        .description('run a container on the cluster')
+        .requiredOption('--name <name>', 'container name', parseContainerName)
+        .option('--node <node>', 'node to run it on (default: the controller chooses)', parseNodeName)
+        .option('-p, --publish <hostport:ctrport>', 'publish a container port on the node, e.g. 8080:80 or 5353:53/udp (repeatable)', collectPort, [])
+        .option('-e, --env <key=value>', 'environment variable (repeatable)', collectEnv, {})
+        .option('--memory <size>', 'memory limit, e.g. 256m or 1g', parseMemory)
+        .argument('<image>', 'image name')
+        .argument('[command...]', "command to run instead of the image's CMD")
+        // Everything after IMAGE belongs to the container's command, options included (like docker run).
+        .passThroughOptions(),
+    ),
+  ).action(async (image: string, command: string[], opts: RunOptions, cmd: Command) => {
+    const request: RunRequest = {
+      spec: { name: opts.name, image, command, env: opts.env, ports: opts.publish, memoryBytes: opts.memory ?? 0 },
+      ...(opts.node ? { node: opts.node } : {}),
+    };
+    const view = await (await controllerClient(cmd)).post<ContainerView>('/v1/containers', request);
+    if (opts.json) printJson(view);
+    else process.stdout.write(`${describeContainer(view)}\n`);
+  });
+
+  addConnectionOptions(addJsonOption(program.command('ps').description('list containers'))).action(
+    async (opts: { json?: boolean }, cmd: Command) => {
+      const views = await (await controllerClient(cmd)).get<ContainerView[]>('/v1/containers');
+      const containers = views.map(({ name, node, status, image, ports }) => ({ name, node, status, image, ports }));
+      if (opts.json) {
+        printJson(containers);
+        return;
+      }
+      const rows = containers.map((c) => [c.name, c.node, c.status, c.image, c.ports.join(', ')]);
+      process.stdout.write(`${renderTable(['NAME', 'NODE', 'STATUS', 'IMAGE', 'PORTS'], rows)}\n`);
+    },
+  );
+
+  addConnectionOptions(
+    addJsonOption(program.command('logs').description("a container's output (stdout and stderr)").argument('<name>', 'container name', parseContainerName)),
+  ).action(async (name: string, opts: { json?: boolean }, cmd: Command) => {
+    const res = await (await controllerClient(cmd)).stream('GET', `${containerPath(name)}/logs`);
+    if (opts.json) {
+      printJson({ name, logs: await res.body.text() });
+      return;
+    }
+    for await (const chunk of res.body) process.stdout.write(chunk as Buffer);
+  });
+
+  addConnectionOptions(
+    addJsonOption(program.command('stop').description('stop a container (it stays listed)').argument('<name>', 'container name', parseContainerName)),
+  ).action(async (name: string, opts: { json?: boolean }, cmd: Command) => {
+    const view = await (await controllerClient(cmd)).post<ContainerView>(`${containerPath(name)}/stop`);
+    if (opts.json) printJson(view);
+    else process.stdout.write(`${describeContainer(view)}\n`);
+  });
+
+  addConnectionOptions(
+    addJsonOption(program.command('rm').description('remove a container').argument('<name>', 'container name', parseContainerName)),
+  ).action(async (name: string, opts: { json?: boolean }, cmd: Command) => {
+    await (await controllerClient(cmd)).delete(containerPath(name));
+    if (opts.json) printJson({ name, removed: true });
+    else process.stdout.write(`${name} removed\n`);
+  });
+}

@@ -1,0 +1,115 @@
+/**
+ * `chipmunk controller` and `chipmunk agent`: the long-running processes. Each starts, prints
+ * where it listens, and runs until SIGTERM or SIGINT, then closes cleanly.
+ */
+import { mkdir } from 'node:fs/promises';
+import { dirname } from 'node:path';
+import type { Command } from 'commander';
+import pino from 'pino';
+
+import { daemonToken } from '../context.js';
+import { addJsonOption, parseIPv4Cidr, parseListen, parseNodeName, parseUrl, type ListenAddress } from '../options.js';
+import { printJson } from '../output.js';
+
+const DEFAULT_CONTROLLER_LISTEN = '127.0.0.1:7400';
+const DEFAULT_STORE = 'sqlite:/var/lib/chipmunk/controller.db';
+const DEFAULT_AGENT_DATA_DIR = '/var/lib/chipmunk/agent';
+const DEFAULT_AGENT_RUN_DIR = '/run/chipmunk/agent';
+const DEFAULT_AGENT_SUBNET = '198.19.0.0/24';
+
+/** Resolves at the first SIGTERM or SIGINT; a second one exits at once, for a close that hangs. */
+function untilStopSignal(): Promise<NodeJS.Signals> {
+  return new Promise((resolve) => {
+    const signals: NodeJS.Signals[] = ['SIGTERM', 'SIGINT'];
+    const onFirst = (signal: NodeJS.Signals): void => {
+      for (const s of signals) {
+        process.off(s, onFirst);
+        process.once(s, () => process.exit(1));
+      }
+      resolve(signal);
+    };
+    for (const s of signals) process.on(s, onFirst);
+  });
+}
+
+function announce(json: boolean | undefined, what: string, url: string): void {
+  if (json) printJson({ url });
+  else process.stdout.write(`${what} listening at ${url}\n`);
+}
+
+function urlOf(listen: ListenAddress): string {
+  const host = listen.host.includes(':') ? `[${listen.host}]` : listen.host;
+  return `http://${host}:${listen.port}`;
+}
+
+interface ControllerOptions {
+  listen: ListenAddress;
+  store: string;
+  tokenFile?: string;
+  json?: boolean;
+}
+
+interface AgentOptions {
+  node: string;
+  controller: string;
+  listen: ListenAddress;
+  tokenFile?: string;
+  dataDir: string;
+  runDir: string;
+  subnet: string;
+  json?: boolean;
+}
+
+export function registerDaemonCommands(program: Command): void {
+  addJsonOption(
+    program
+      .command('controller')
+      .description('run the controller: it knows the nodes and containers and orchestrates migrations')
+      .option('--listen <host:port>', 'address to serve the API on', parseListen, parseListen(DEFAULT_CONTROLLER_LISTEN))
+      .option('--store <spec>', 'state store: sqlite:/path/to/file.db or memory:', DEFAULT_STORE)
+      .option('--token-file <file>', 'file holding the cluster token (default: $CHIPMUNK_TOKEN)'),
+  ).action(async (opts: ControllerOptions) => {
+    const token = await daemonToken(opts.tokenFile);
+    // SQLite creates the file but not its folder.
+    if (opts.store.startsWith('sqlite:')) await mkdir(dirname(opts.store.slice('sqlite:'.length)), { recursive: true });
+    // Loaded only here: the other commands need neither fastify nor the store.
+    const { startController } = await import('../../controller/index.js');
+    // Logs on stderr: stdout carries only the announcement (which --json scripts parse).
+    const logger = pino(pino.destination(2));
+    const controller = await startController({ listen: opts.listen, token, storeSpec: opts.store, logger });
+    announce(opts.json, 'controller', controller.url);
+    await untilStopSignal();
+    await controller.close();
+    // Closed: a handle it forgot (a timer, a keep-alive socket) must not keep the process around.
+    process.exit(0);
+  });
+
+  addJsonOption(
+    program
+      .command('agent')
+      .description("run a node's agent: it runs containers with runc and CRIU and moves them between nodes")
+      .requiredOption('--node <name>', 'this node\'s name', parseNodeName)
+      .requiredOption('--controller <url>', 'controller URL to register with', parseUrl)
+      .requiredOption('--listen <addr:port>', 'address to serve the agent API on (other nodes reach this node there)', parseListen)
+      .option('--token-file <file>', 'file holding the cluster token (default: $CHIPMUNK_TOKEN)')
+      .option('--data-dir <dir>', 'persistent state: container layers, checkpoints', DEFAULT_AGENT_DATA_DIR)
+      .option('--run-dir <dir>', 'runtime state: runc root, sockets', DEFAULT_AGENT_RUN_DIR)
+      .option('--subnet <cidr>', "containers' addresses on this node", parseIPv4Cidr, DEFAULT_AGENT_SUBNET),
+  ).action(async (opts: AgentOptions) => {
+    const token = await daemonToken(opts.tokenFile);
+    const { startAgent } = await import('../../agent/index.js');
+    const agent = await startAgent({
+      node: opts.node,
+      listen: opts.listen,
+      controllerUrl: opts.controller,
+      token,
+      dataDir: opts.dataDir,
+      runDir: opts.runDir,
+      subnet: opts.subnet,
+    });
+    announce(opts.json, `agent ${opts.node}`, urlOf(opts.listen));
+    await untilStopSignal();
+    await agent.close();
+    process.exit(0);
+  });
+}

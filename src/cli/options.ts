@@ -1,0 +1,108 @@
+/**
+ * Option and argument parsers for commander. Each turns the operator's text into the value the
+ * API takes, or fails with a UsageError (exit 2) before anything is sent anywhere.
+ */
+import type { Command } from 'commander';
+
+import { InvalidInputError } from '../shared/errors.js';
+import { ContainerName, NodeName, type PortMapping } from '../shared/protocol.js';
+import { MIN_MEMORY_BYTES, formatBytes, parseEnvSpec, parsePortSpec, parseSize } from '../shared/units.js';
+import { UsageError } from './output.js';
+
+/** Re-throws the shared parsers' InvalidInputError as a UsageError, keeping message and details. */
+function asUsage<T>(parse: () => T): T {
+  try {
+    return parse();
+  } catch (err) {
+    if (err instanceof InvalidInputError) throw new UsageError(err.message, err.details);
+    throw err;
+  }
+}
+
+/**
+ * Checks VALUE against a protocol name schema, the same pattern the controller validates with,
+ * so a bad name fails here rather than after a round trip.
+ */
+function parseName(schema: { pattern?: string; description?: string }, what: string, value: string): string {
+  if (new RegExp(schema.pattern!).test(value)) return value;
+  // The schema describes itself as "container name: lowercase letters, ...": keep the rule only.
+  const rule = (schema.description ?? '').replace(/^[^:]*:\s*/, '');
+  throw new UsageError(`bad ${what} '${value}': ${rule}`, { value });
+}
+
+export function parseContainerName(value: string): string {
+  return parseName(ContainerName, 'container name', value);
+}
+
+export function parseNodeName(value: string): string {
+  return parseName(NodeName, 'node name', value);
+}
+
+/** Repeatable -p: collects every mapping given. */
+export function collectPort(value: string, previous: PortMapping[] = []): PortMapping[] {
+  return [...previous, asUsage(() => parsePortSpec(value))];
+}
+
+/** Repeatable -e: collects KEY=VALUE pairs; a later KEY wins. */
+export function collectEnv(value: string, previous: Record<string, string> = {}): Record<string, string> {
+  const [key, val] = asUsage(() => parseEnvSpec(value));
+  return { ...previous, [key]: val };
+}
+
+export function parseMemory(value: string): number {
+  const bytes = asUsage(() => parseSize(value, 'memory size'));
+  if (bytes < MIN_MEMORY_BYTES) {
+    throw new UsageError(`bad memory size '${value}': at least ${formatBytes(MIN_MEMORY_BYTES)}, or the container cannot start`, { value });
+  }
+  return bytes;
+}
+
+export interface ListenAddress {
+  host: string;
+  port: number;
+}
+
+/** "HOST:PORT" (the port after the last colon). */
+export function parseListen(value: string): ListenAddress {
+  const m = /^(.+):(\d{1,5})$/.exec(value);
+  const port = m ? Number(m[2]) : 0;
+  if (!m || port < 1 || port > 65535) throw new UsageError(`bad listen address '${value}': use HOST:PORT, e.g. 127.0.0.1:7400`, { value });
+  return { host: m[1]!, port };
+}
+
+export function parseIPv4Cidr(value: string): string {
+  const m = /^(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})\/(\d{1,2})$/.exec(value);
+  if (!m || m.slice(1, 5).some((octet) => Number(octet) > 255) || Number(m[5]) > 32) {
+    throw new UsageError(`bad subnet '${value}': use an IPv4 CIDR, e.g. 198.19.1.0/24`, { value });
+  }
+  return value;
+}
+
+export function parseUrl(value: string): string {
+  try {
+    const url = new URL(value);
+    if (url.protocol === 'http:' || url.protocol === 'https:') return value;
+  } catch {
+    // described below
+  }
+  throw new UsageError(`bad URL '${value}': use http://HOST:PORT`, { value });
+}
+
+export function parsePositiveInt(value: string): number {
+  if (!/^\d+$/.test(value) || Number(value) < 1) throw new UsageError(`bad number '${value}': use a whole number of at least 1`, { value });
+  return Number(value);
+}
+
+export function addJsonOption(cmd: Command): Command {
+  return cmd.option('--json', 'machine-readable output on stdout (and nothing else there)');
+}
+
+/**
+ * --controller and --token-file, accepted after the subcommand too: with positional options
+ * (which `run IMAGE CMD...` needs), the program-level ones must come before it.
+ */
+export function addConnectionOptions(cmd: Command): Command {
+  return cmd
+    .option('--controller <url>', 'controller URL (default: $CHIPMUNK_CONTROLLER, else the local cluster)', parseUrl)
+    .option('--token-file <file>', 'file holding the cluster token (default: $CHIPMUNK_TOKEN, else the local cluster)');
+}

@@ -1,0 +1,28 @@
+/** The local cluster (controller + agents in test hosts on one machine) and its test hosts. */
+export {
+  DEFAULT_RUN_DIR,
+  DEFAULT_STATE_DIR,
+  LOCAL_NETWORK,
+  MAX_NODES,
+  clusterDown,
+  clusterUp,
+  readClusterState,
+  type ClusterDownResult,
+  type ClusterUpOptions,
+  type ClusterUpResult,
+  type LocalClusterDirs,
+  type LocalClusterNode,
+  type LocalClusterState,
+} from './local-cluster.js';
+export {
+  createTestHost,
+  deleteBridge,
+  deleteTestHost,
+  ensureBridge,
+  inNetns,
+  killAllInHost,
+  netnsExists,
+  netnsPath,
+  type TestHost,
+  type TestNetwork,
+} from './testhost.js';

@@ -1,0 +1,479 @@
+/**
+ * The local cluster: a controller on the machine and N agents, each in its own test host, all
+ * on one machine. `clusterUp` starts them as detached background processes (they outlive the
+ * CLI) and records what it started in STATEDIR/cluster.json, which `clusterDown` and the CLI's
+ * controller lookup read.
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { chmod, mkdir, open, readFile, rename, stat, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { fileURLToPath } from 'node:url';
+
+import { ChipmunkError, ConflictError, InvalidInputError, UnavailableError, toChipmunkError } from '../shared/errors.js';
+import { run, runUnchecked } from '../shared/exec.js';
+import { ApiClient } from '../shared/http.js';
+import type { NodeView } from '../shared/protocol.js';
+import { removeTree } from '../shared/remove-tree.js';
+import {
+  bridgeExists,
+  createTestHost,
+  deleteBridge,
+  deleteNetns,
+  deleteTestHost,
+  ensureBridge,
+  killAllInHost,
+  listNetns,
+  netnsPath,
+  testHostNetns,
+  type TestNetwork,
+} from './testhost.js';
+
+export const DEFAULT_STATE_DIR = '/var/lib/chipmunk/local-cluster';
+export const DEFAULT_RUN_DIR = '/run/chipmunk/local-cluster';
+
+/** Node i is 198.18.0.(10+i); the bridge holds .1, where the controller listens. */
+export const LOCAL_NETWORK: TestNetwork = {
+  bridge: 'chmk-br0',
+  gateway: '198.18.0.1',
+  prefixLength: 24,
+  netnsPrefix: 'chmk-',
+  vethPrefix: 'chmkv-',
+};
+const CONTROLLER_PORT = 7400;
+const AGENT_PORT = 7401;
+/** Each node is a full agent process on this one machine; the address plan alone would allow 244. */
+export const MAX_NODES = 50;
+
+const READY_TIMEOUT_MS = 60_000;
+const READY_POLL_MS = 250;
+const DAEMON_STOP_GRACE_MS = 5_000;
+
+const REPO_ROOT = fileURLToPath(new URL('../../', import.meta.url));
+const CHIPMUNK_BIN = join(REPO_ROOT, 'bin', 'chipmunk.mjs');
+
+export interface LocalClusterNode {
+  name: string;
+  address: string;
+  netns: string;
+  agentPid: number;
+}
+
+export interface LocalClusterState {
+  controllerUrl: string;
+  tokenFile: string;
+  controllerPid: number;
+  nodes: LocalClusterNode[];
+  /** 'starting' until every agent is ready: what a failed `cluster up` leaves for `cluster down`. */
+  status: 'starting' | 'ready';
+}
+
+export interface LocalClusterDirs {
+  stateDir?: string;
+  runDir?: string;
+}
+
+export interface ClusterUpOptions extends LocalClusterDirs {
+  nodes: number;
+  /** Start-up steps, for the operator ("starting agent node2"). */
+  onProgress?: (message: string) => void;
+}
+
+export interface ClusterUpResult {
+  state: LocalClusterState;
+  /** The cluster was already up with this many nodes: nothing was done. */
+  alreadyUp: boolean;
+}
+
+function stateFile(stateDir: string): string {
+  return join(stateDir, 'cluster.json');
+}
+
+function nodeName(i: number): string {
+  return `node${i}`;
+}
+
+/** Node i is .(10+i) in the bridge's /24. */
+function nodeAddress(i: number): string {
+  return `${LOCAL_NETWORK.gateway.split('.').slice(0, 3).join('.')}.${10 + i}`;
+}
+
+function nodeDataDir(stateDir: string, node: string): string {
+  return join(stateDir, 'nodes', node);
+}
+
+function nodeRunDir(runDir: string, node: string): string {
+  return join(runDir, node);
+}
+
+function logFile(stateDir: string, daemon: string): string {
+  return join(stateDir, 'logs', `${daemon}.log`);
+}
+
+/** The local cluster's record, or undefined when none was started (or it was taken down). */
+export async function readClusterState(stateDir = DEFAULT_STATE_DIR): Promise<LocalClusterState | undefined> {
+  let text: string;
+  try {
+    text = await readFile(stateFile(stateDir), 'utf8');
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+    throw err;
+  }
+  return JSON.parse(text) as LocalClusterState;
+}
+
+async function writeClusterState(stateDir: string, state: LocalClusterState): Promise<void> {
+  // Written whole then renamed, so a reader never sees half a file.
+  const file = stateFile(stateDir);
+  await writeFile(`${file}.tmp`, `${JSON.stringify(state, null, 2)}\n`);
+  await rename(`${file}.tmp`, file);
+}
+
+// ---------------------------------------------------------------- processes
+
+/**
+ * Whether PID runs. A zombie does not: our daemons are reparented to PID 1 once the CLI that
+ * started them exits, and PID 1 may take its time to reap them.
+ */
+async function isRunning(pid: number): Promise<boolean> {
+  try {
+    const stat = await readFile(`/proc/${pid}/stat`, 'utf8');
+    // "PID (COMM) STATE ...": COMM may itself contain ") ", so take the last one.
+    const state = stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3);
+    return state !== 'Z' && state !== 'X';
+  } catch {
+    return false;
+  }
+}
+
+/**
+ * Whether PID still is a chipmunk daemon as we started it (its command line names the launcher,
+ * from this checkout or another, and these arguments), so that a PID reused since cannot be
+ * killed by mistake.
+ */
+async function isOurDaemon(pid: number, args: string[]): Promise<boolean> {
+  try {
+    const argv = (await readFile(`/proc/${pid}/cmdline`, 'utf8')).split('\0');
+    return argv.some((arg) => arg.endsWith('/bin/chipmunk.mjs')) && args.every((arg) => argv.includes(arg));
+  } catch {
+    return false;
+  }
+}
+
+/** SIGTERM, so the daemon closes its listeners and store; SIGKILL if it does not exit in time. */
+async function stopDaemon(pid: number, args: string[]): Promise<void> {
+  if (!(await isOurDaemon(pid, args))) return;
+  process.kill(pid, 'SIGTERM');
+  const deadline = Date.now() + DAEMON_STOP_GRACE_MS;
+  while ((await isRunning(pid)) && Date.now() < deadline) await sleep(100);
+  if (await isRunning(pid)) process.kill(pid, 'SIGKILL');
+}
+
+/** Starts a detached process with stdout and stderr appended to LOG; it outlives this one. */
+async function spawnDaemon(cmd: string, args: string[], log: string): Promise<ChildProcess> {
+  const logHandle = await open(log, 'a');
+  try {
+    const child = spawn(cmd, args, { cwd: REPO_ROOT, detached: true, stdio: ['ignore', logHandle.fd, logHandle.fd] });
+    await new Promise<void>((resolve, reject) => {
+      child.once('spawn', resolve);
+      child.once('error', reject);
+    });
+    child.unref();
+    return child;
+  } finally {
+    await logHandle.close();
+  }
+}
+
+/** Rejects as soon as CHILD exits: a daemon that dies during start-up will never become ready. */
+function failOnExit(child: ChildProcess, what: string, log: string): Promise<never> {
+  const exited = new Promise<never>((_, reject) => {
+    child.once('exit', (code, signal) => {
+      reject(new UnavailableError(`${what} exited during start-up (${signal ?? `exit code ${code}`}): read ${log}`, { logPath: log }));
+    });
+  });
+  // Only the wait for readiness looks at it; an exit before or after that must not crash the CLI.
+  exited.catch(() => {});
+  return exited;
+}
+
+// ---------------------------------------------------------------- up
+
+export async function clusterUp(opts: ClusterUpOptions): Promise<ClusterUpResult> {
+  const stateDir = opts.stateDir ?? DEFAULT_STATE_DIR;
+  const runDir = opts.runDir ?? DEFAULT_RUN_DIR;
+  const progress = opts.onProgress ?? (() => {});
+  if (!Number.isInteger(opts.nodes) || opts.nodes < 1 || opts.nodes > MAX_NODES) {
+    throw new InvalidInputError(`bad node count ${opts.nodes}: a local cluster has 1 to ${MAX_NODES} nodes`, { nodes: opts.nodes });
+  }
+
+  const existing = await readClusterState(stateDir);
+  if (existing) return { state: await checkExistingCluster(existing, opts.nodes, stateDir), alreadyUp: true };
+
+  // The bridge first: it fails when the subnet is taken, and then nothing else should be left behind.
+  progress(`creating bridge ${LOCAL_NETWORK.bridge} (${LOCAL_NETWORK.gateway}/${LOCAL_NETWORK.prefixLength})`);
+  await ensureBridge(LOCAL_NETWORK);
+
+  await mkdir(join(stateDir, 'logs'), { recursive: true, mode: 0o700 });
+  await mkdir(runDir, { recursive: true });
+  const tokenFile = join(stateDir, 'token');
+  const token = randomBytes(32).toString('hex');
+  await writeFile(tokenFile, token, { mode: 0o600 });
+  // writeFile's mode only applies when it creates the file.
+  await chmod(tokenFile, 0o600);
+
+  const controllerListen = `${LOCAL_NETWORK.gateway}:${CONTROLLER_PORT}`;
+  const controllerUrl = `http://${controllerListen}`;
+  const controllerLog = logFile(stateDir, 'controller');
+  progress(`starting controller at ${controllerUrl} (log: ${controllerLog})`);
+  const controller = await spawnDaemon(
+    process.execPath,
+    [CHIPMUNK_BIN, 'controller', '--listen', controllerListen, '--store', `sqlite:${join(stateDir, 'controller.db')}`, '--token-file', tokenFile],
+    controllerLog,
+  );
+  const state: LocalClusterState = { controllerUrl, tokenFile, controllerPid: controller.pid!, nodes: [], status: 'starting' };
+  await writeClusterState(stateDir, state);
+  try {
+    await startAgents(state, { ...opts, stateDir, runDir, progress }, failOnExit(controller, 'controller', controllerLog), token);
+  } catch (err) {
+    throw withCleanupHint(err);
+  }
+  state.status = 'ready';
+  await writeClusterState(stateDir, state);
+  return { state, alreadyUp: false };
+}
+
+/** Half a cluster is running now: the error must say how to get rid of it. */
+function withCleanupHint(err: unknown): ChipmunkError {
+  const e = toChipmunkError(err);
+  if (e.message.includes('cluster down')) return e;
+  return new ChipmunkError(e.code, `${e.message}; run 'chipmunk cluster down' to clean up`, { status: e.status, details: e.details });
+}
+
+/** Creates the test hosts, starts an agent in each, and waits until the whole cluster is ready. */
+async function startAgents(
+  state: LocalClusterState,
+  opts: { nodes: number; stateDir: string; runDir: string; progress: (message: string) => void },
+  controllerExit: Promise<never>,
+  token: string,
+): Promise<void> {
+  const { stateDir, runDir, progress } = opts;
+  const exits = [controllerExit];
+  for (let i = 1; i <= opts.nodes; i++) {
+    const name = nodeName(i);
+    const address = nodeAddress(i);
+    progress(`creating test host ${name} (${address})`);
+    const host = await createTestHost(LOCAL_NETWORK, name, address);
+    const dataDir = nodeDataDir(stateDir, name);
+    const agentRunDir = nodeRunDir(runDir, name);
+    await mkdir(dataDir, { recursive: true });
+    await mkdir(agentRunDir, { recursive: true });
+    const agentLog = logFile(stateDir, `agent-${name}`);
+    progress(`starting agent ${name} (log: ${agentLog})`);
+    const agent = await spawnDaemon(
+      'nsenter',
+      [
+        `--net=${netnsPath(host.netns)}`,
+        process.execPath,
+        CHIPMUNK_BIN,
+        'agent',
+        '--node', name,
+        '--listen', `${address}:${AGENT_PORT}`,
+        '--controller', state.controllerUrl,
+        '--token-file', state.tokenFile,
+        '--subnet', `198.19.${i}.0/24`,
+        '--data-dir', dataDir,
+        '--run-dir', agentRunDir,
+      ],
+      agentLog,
+    );
+    // nsenter execs the command, so this is the agent's own PID.
+    state.nodes.push({ name, address, netns: host.netns, agentPid: agent.pid! });
+    await writeClusterState(stateDir, state);
+    exits.push(failOnExit(agent, `agent ${name}`, agentLog));
+  }
+
+  progress('waiting for the controller and every agent to be ready');
+  const stopWaiting = new AbortController();
+  try {
+    await Promise.race([waitUntilReady(state, token, stateDir, READY_TIMEOUT_MS, stopWaiting.signal), ...exits]);
+  } finally {
+    stopWaiting.abort();
+  }
+}
+
+async function checkExistingCluster(existing: LocalClusterState, nodes: number, stateDir: string): Promise<LocalClusterState> {
+  if (existing.status !== 'ready') {
+    throw new ConflictError(
+      `a previous 'chipmunk cluster up' did not finish (logs in ${join(stateDir, 'logs')}): run 'chipmunk cluster down' first`,
+      { stateDir },
+    );
+  }
+  if (!(await isRunning(existing.controllerPid))) {
+    throw new ConflictError(
+      `the local cluster's controller (pid ${existing.controllerPid}) is not running: run 'chipmunk cluster down', then 'chipmunk cluster up'`,
+      { stateDir },
+    );
+  }
+  if (existing.nodes.length !== nodes) {
+    throw new ConflictError(
+      `the local cluster is up with ${existing.nodes.length} nodes, not ${nodes}: run 'chipmunk cluster down' first`,
+      { nodes: existing.nodes.length },
+    );
+  }
+  return existing;
+}
+
+async function answersHealthz(url: string): Promise<boolean> {
+  try {
+    await new ApiClient({ baseUrl: url, token: '', timeoutMs: 2_000 }).get('/healthz');
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** Until the controller and every agent answer /healthz and every node shows as ready in the controller. */
+async function waitUntilReady(state: LocalClusterState, token: string, stateDir: string, timeoutMs: number, signal: AbortSignal): Promise<void> {
+  const controller = new ApiClient({ baseUrl: state.controllerUrl, token, timeoutMs: 2_000, peer: 'controller' });
+  const deadline = Date.now() + timeoutMs;
+  let waitingFor = 'controller';
+  let log = logFile(stateDir, 'controller');
+  while (Date.now() < deadline && !signal.aborted) {
+    if (await answersHealthz(state.controllerUrl)) {
+      const notReady = await firstNodeNotReady(state, controller);
+      if (notReady === undefined) return;
+      waitingFor = `agent ${notReady}`;
+      log = logFile(stateDir, `agent-${notReady}`);
+    }
+    await sleep(READY_POLL_MS);
+  }
+  throw new UnavailableError(`${waitingFor} not ready after ${timeoutMs / 1000} s: read ${log}, then run 'chipmunk cluster down'`, {
+    logPath: log,
+  });
+}
+
+async function firstNodeNotReady(state: LocalClusterState, controller: ApiClient): Promise<string | undefined> {
+  let views: NodeView[] = [];
+  try {
+    views = await controller.get<NodeView[]>('/v1/nodes');
+  } catch (err) {
+    // A wrong token will not fix itself: say so now rather than after the timeout.
+    if (err instanceof ChipmunkError && err.code === 'CHIPMUNK_UNAUTHORIZED') throw err;
+  }
+  for (const node of state.nodes) {
+    if (!(await answersHealthz(`http://${node.address}:${AGENT_PORT}`))) return node.name;
+    if (views.find((view) => view.name === node.name)?.status !== 'ready') return node.name;
+  }
+  return undefined;
+}
+
+// ---------------------------------------------------------------- down
+
+export interface ClusterDownResult {
+  /** Something of a local cluster was found (and removed). */
+  wasUp: boolean;
+  /** Cleanup steps that failed without stopping the rest, e.g. "podman image unmount --all: ...". */
+  warnings: string[];
+}
+
+async function exists(path: string): Promise<boolean> {
+  try {
+    await stat(path);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/**
+ * Takes the local cluster down, including what a crashed or half-started one left: processes,
+ * containers, mounts, namespaces, the bridge and the state. Safe to run again at any point.
+ */
+export async function clusterDown(dirs: LocalClusterDirs = {}): Promise<ClusterDownResult> {
+  const stateDir = dirs.stateDir ?? DEFAULT_STATE_DIR;
+  const runDir = dirs.runDir ?? DEFAULT_RUN_DIR;
+  const state = await readClusterState(stateDir);
+  const allNetns = await listNetns();
+  // Test hosts found by name too: a crash may have left some that the state file does not list.
+  const nodeNames = new Set(state?.nodes.map((n) => n.name) ?? []);
+  for (const netns of allNetns) {
+    const node = netns.slice(LOCAL_NETWORK.netnsPrefix.length);
+    if (netns.startsWith(LOCAL_NETWORK.netnsPrefix) && /^node\d+$/.test(node)) nodeNames.add(node);
+  }
+  const wasUp =
+    state !== undefined || nodeNames.size > 0 || (await bridgeExists(LOCAL_NETWORK)) || (await exists(stateDir)) || (await exists(runDir));
+  if (!wasUp) return { wasUp: false, warnings: [] };
+
+  const warnings: string[] = [];
+  for (const name of nodeNames) {
+    const agentPid = state?.nodes.find((n) => n.name === name)?.agentPid;
+    if (agentPid !== undefined) await stopDaemon(agentPid, ['agent', name]);
+    await killAllInHost(testHostNetns(LOCAL_NETWORK, name));
+    const containerNetns = allNetns.filter((netns) => netns.startsWith(`${testHostNetns(LOCAL_NETWORK, name)}-`));
+    for (const netns of containerNetns) await killAllInHost(netns);
+    await deleteRuncContainers(join(nodeRunDir(runDir, name), 'runc'), warnings);
+    await unmountUnder([nodeDataDir(stateDir, name), nodeRunDir(runDir, name)]);
+    for (const netns of containerNetns) await deleteNetns(netns);
+    await deleteTestHost(LOCAL_NETWORK, name);
+  }
+  if (state) await stopDaemon(state.controllerPid, ['controller']);
+
+  const podman = await runUnchecked('podman', ['image', 'unmount', '--all']).catch((err: Error) => ({ code: 1, stderr: err.message }));
+  if (podman.code !== 0) warnings.push(`podman image unmount --all: ${podman.stderr.trim()}`);
+  // Mounts before directories: removeTree does not cross into file systems, so it would leave them.
+  await unmountUnder([join(stateDir, 'nodes'), runDir]);
+  await deleteBridge(LOCAL_NETWORK);
+  await removeTree(runDir);
+  await removeTree(stateDir);
+  return { wasUp: true, warnings };
+}
+
+async function deleteRuncContainers(runcRoot: string, warnings: string[]): Promise<void> {
+  if (!(await exists(runcRoot))) return;
+  const list = await runUnchecked('runc', ['--root', runcRoot, 'list', '-q']);
+  if (list.code !== 0) {
+    warnings.push(`runc --root ${runcRoot} list: ${list.stderr.trim()}`);
+    return;
+  }
+  for (const id of list.stdout.split('\n').filter(Boolean)) {
+    const res = await runUnchecked('runc', ['--root', runcRoot, 'delete', '-f', id]);
+    if (res.code !== 0) warnings.push(`runc --root ${runcRoot} delete -f ${id}: ${res.stderr.trim()}`);
+  }
+}
+
+/** findmnt -r writes special characters (space, backslash) as \xHH. */
+function decodeMountPath(raw: string): string {
+  return raw.replace(/\\x([0-9a-fA-F]{2})/g, (_, hex: string) => String.fromCharCode(parseInt(hex, 16)));
+}
+
+async function mountsUnder(dirs: string[]): Promise<string[]> {
+  const { stdout } = await run('findmnt', ['-rn', '-o', 'TARGET'], { op: 'list mounts' });
+  return stdout
+    .split('\n')
+    .filter(Boolean)
+    .map(decodeMountPath)
+    .filter((target) => dirs.some((dir) => target === dir || target.startsWith(`${dir}/`)));
+}
+
+const UNMOUNT_ROUNDS = 10;
+
+/** Unmounts everything mounted at or below DIRS, deepest first; rounds because mounts can be stacked. */
+async function unmountUnder(dirs: string[]): Promise<void> {
+  for (let round = 0; round < UNMOUNT_ROUNDS; round++) {
+    const targets = await mountsUnder(dirs);
+    if (targets.length === 0) return;
+    targets.sort((a, b) => b.split('/').length - a.split('/').length);
+    for (const target of targets) {
+      // A busy mount (a process still holding it) is detached lazily rather than left behind.
+      if ((await runUnchecked('umount', [target])).code !== 0) await runUnchecked('umount', ['-l', target]);
+    }
+  }
+  const left = await mountsUnder(dirs);
+  if (left.length > 0) {
+    throw new ChipmunkError('CHIPMUNK_RUNTIME_FAILED', `cannot unmount ${left.join(', ')}: check 'findmnt' and unmount by hand`, {
+      details: { mounts: left },
+    });
+  }
+}

@@ -1,0 +1,93 @@
+// Bad command lines: each must fail with a clear message and the usage exit code (2), before
+// anything reaches the controller, and never with a stack trace.
+import { after, before, describe, it } from 'node:test';
+import assert from 'node:assert/strict';
+import { createServer, type Server } from 'node:http';
+import type { AddressInfo } from 'node:net';
+
+import { runCli, type CliResult } from './run-cli.js';
+
+describe('chipmunk command-line errors', () => {
+  let server: Server;
+  let requests = 0;
+  let env: Record<string, string>;
+
+  before(async () => {
+    // A controller that counts what reaches it: usage errors must send nothing.
+    server = createServer((_req, res) => {
+      requests++;
+      res.writeHead(500).end();
+    });
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    env = { CHIPMUNK_CONTROLLER: `http://127.0.0.1:${(server.address() as AddressInfo).port}`, CHIPMUNK_TOKEN: 'test-token' };
+  });
+
+  after(() => {
+    server.close();
+  });
+
+  function assertUsageError(result: CliResult, message: RegExp): void {
+    assert.equal(result.code, 2, `exit code (stderr: ${result.stderr})`);
+    assert.match(result.stderr, /^error: /);
+    assert.match(result.stderr, message);
+    assert.doesNotMatch(result.stderr, /\n\s+at /, 'no stack trace');
+    assert.equal(result.stdout, '', 'nothing on stdout without --json');
+  }
+
+  it('rejects a bad port spec', async () => {
+    assertUsageError(await runCli(['run', '--name', 'web', '-p', '80', 'img'], env), /bad port spec '80': use HOSTPORT:CONTAINERPORT/);
+    assertUsageError(await runCli(['run', '--name', 'web', '-p', '8080:70000', 'img'], env), /container port 70000 is outside 1-65535/);
+    assert.equal(requests, 0);
+  });
+
+  it('rejects a bad memory size', async () => {
+    assertUsageError(await runCli(['run', '--name', 'web', '--memory', 'lots', 'img'], env), /bad memory size 'lots'.*e\.g\. 256m or 1g/);
+    assertUsageError(await runCli(['run', '--name', 'web', '--memory', '1k', 'img'], env), /bad memory size '1k': at least/);
+    assert.equal(requests, 0);
+  });
+
+  it('rejects a bad container name or environment variable', async () => {
+    assertUsageError(await runCli(['run', '--name', 'Web!', 'img'], env), /bad container name 'Web!': lowercase letters/);
+    assertUsageError(await runCli(['run', '--name', 'web', '-e', 'NOVALUE', 'img'], env), /bad environment variable 'NOVALUE': use KEY=VALUE/);
+    assert.equal(requests, 0);
+  });
+
+  it('requires --to on migrate', async () => {
+    assertUsageError(await runCli(['migrate', 'web'], env), /required option '--to <node>' not specified/);
+    assert.equal(requests, 0);
+  });
+
+  it('rejects an unknown migration mode', async () => {
+    assertUsageError(await runCli(['migrate', 'web', '--to', 'node2', '--mode', 'fast'], env), /'fast' is invalid\. Allowed choices are lazy, copy/);
+    assert.equal(requests, 0);
+  });
+
+  it('rejects unknown commands and options', async () => {
+    assertUsageError(await runCli(['frobnicate'], env), /unknown command 'frobnicate'/);
+    assertUsageError(await runCli(['ps', '--all'], env), /unknown option '--all'/);
+    assert.equal(requests, 0);
+  });
+
+  it('with --json, also prints the error as JSON on stdout', async () => {
+    const result = await runCli(['run', '--name', 'web', '--memory', 'lots', '--json', 'img'], env);
+    assert.equal(result.code, 2);
+    assert.match(result.stderr, /^error: bad memory size/);
+    const { error } = JSON.parse(result.stdout) as { error: { code: string; message: string; details: Record<string, unknown> } };
+    assert.equal(error.code, 'CHIPMUNK_INVALID_INPUT');
+    assert.match(error.message, /^bad memory size 'lots'/);
+    assert.deepEqual(error.details, { value: 'lots' });
+    assert.equal(requests, 0);
+  });
+
+  it('says how to get a controller when none is configured', async () => {
+    for (const args of [['ps'], ['node', 'ls'], ['migrate', 'web', '--to', 'node2']]) {
+      assertUsageError(await runCli(args), /no controller: run 'chipmunk cluster up' or pass --controller URL/);
+    }
+  });
+
+  it('asks for a token when the controller is given without one', async () => {
+    assertUsageError(await runCli(['ps', '--controller', env.CHIPMUNK_CONTROLLER!]), /no token for controller .*--token-file FILE or set CHIPMUNK_TOKEN/);
+    assertUsageError(await runCli(['--token-file', '/nonexistent/token', 'ps'], env), /cannot read token file \/nonexistent\/token: ENOENT/);
+    assert.equal(requests, 0);
+  });
+});
