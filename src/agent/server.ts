@@ -2,7 +2,7 @@
  * The agent's HTTP API (docs/design.md lists it). Thin: validation comes from the protocol
  * schemas, the work from the ContainerRuntime, the streaming of trees from transfer.ts.
  */
-import Fastify, { type FastifyInstance } from 'fastify';
+import Fastify, { type FastifyBaseLogger, type FastifyInstance } from 'fastify';
 import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox';
 import { Type } from '@sinclair/typebox';
 import { TransferFailedError } from '../shared/errors.js';
@@ -28,7 +28,7 @@ export interface AgentServerDeps {
   token: string;
   runtime: ContainerRuntime;
   faults: FaultInjector;
-  logger?: boolean | object;
+  logger?: FastifyBaseLogger;
 }
 
 const NameParams = Type.Object({ name: ContainerName });
@@ -36,7 +36,7 @@ const MigrationParams = Type.Object({ id: Type.String({ pattern: '^[A-Za-z0-9_-]
 
 export function buildAgentServer(deps: AgentServerDeps): FastifyInstance {
   const { runtime, token, faults } = deps;
-  const app = Fastify({ logger: deps.logger ?? false, bodyLimit: 1024 * 1024 }).withTypeProvider<TypeBoxTypeProvider>();
+  const app = Fastify({ ...(deps.logger ? { loggerInstance: deps.logger } : {}), disableRequestLogging: true, bodyLimit: 1024 * 1024 }).withTypeProvider<TypeBoxTypeProvider>();
   installApiConventions(app, token);
   /** Transfer progress of restores running on this node, for the controller to poll. */
   const progress = new Map<string, TransferProgress>();

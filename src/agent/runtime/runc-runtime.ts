@@ -32,7 +32,7 @@ import { MIN_MEMORY_BYTES } from '../../shared/units.js';
 import { buildOciConfig } from './bundle.js';
 import { imageLowerDirs, inspectImage, type ImageConfig } from './images.js';
 import { spawnWithLogPipes } from './logs.js';
-import { CniNetwork, inHostNetns, netnsPath } from './network.js';
+import { CniNetwork, inHostNetns, netnsPath, removeCriuNetworkLock } from './network.js';
 import { mountRootfs, unmountBelow } from './rootfs.js';
 import type {
   CheckpointOptions,
@@ -86,6 +86,7 @@ interface SourceMigration {
 
 const LAZY_SOCKET_WAIT_MS = 15_000;
 const PAGE_DRAIN_TIMEOUT_MS = 10 * 60_000;
+const RUNC_START_TIMEOUT_MS = 120_000;
 
 export class RuncRuntime implements ContainerRuntime {
   readonly capabilities: HostCapabilities;
@@ -345,6 +346,7 @@ export class RuncRuntime implements ContainerRuntime {
         });
         status!.readable.destroy();
         if (!ready) {
+          await removeCriuNetworkLock(rec.netns);
           await this.clearMigrationMark(name);
           this.sources.delete(opts.migrationId);
           throw failed(await checkpointDone);
@@ -352,6 +354,7 @@ export class RuncRuntime implements ContainerRuntime {
       } else {
         const res = await checkpointDone;
         if (res.code !== 0) {
+          await removeCriuNetworkLock(rec.netns);
           await this.clearMigrationMark(name);
           this.sources.delete(opts.migrationId);
           throw failed(res);
@@ -373,6 +376,7 @@ export class RuncRuntime implements ContainerRuntime {
       const id = this.runcId(name, rec.generation);
       // A failed dump unfreezes the container: then it simply still runs here.
       if ((await this.runcState(id))?.status === 'running' && !(await this.isCheckpointerAlive(mig))) {
+        await removeCriuNetworkLock(rec.netns);
         delete rec.migration;
         await this.writeRecord(rec);
         return this.view(rec);
@@ -501,7 +505,7 @@ export class RuncRuntime implements ContainerRuntime {
         args.push('--lazy-pages');
       }
       args.push(id);
-      await this.startRunc(rec, args, 'runc restore', join(work, 'restore.log'));
+      await this.startRunc(rec, args, 'runc restore', { criuLog: join(work, 'restore.log'), lazyDaemon: this.lazyDaemons.get(migrationId) });
     } catch (err) {
       this.lazyDaemons.get(migrationId)?.kill('SIGKILL');
       this.lazyDaemons.delete(migrationId);
@@ -543,7 +547,12 @@ export class RuncRuntime implements ContainerRuntime {
    * writers. runc's own messages go to a separate log (--log) so they do not end up in the
    * container's stderr and can be quoted in our error.
    */
-  private async startRunc(rec: ContainerRecord, subcommand: string[], op: string, criuLog?: string): Promise<void> {
+  private async startRunc(
+    rec: ContainerRecord,
+    subcommand: string[],
+    op: string,
+    opts: { criuLog?: string; lazyDaemon?: ChildProcess } = {},
+  ): Promise<void> {
     const logDir = join(this.containerDir(rec.spec.name), 'files', 'logs');
     const runcLog = join(this.containerDir(rec.spec.name), 'runc.log');
     await writeFile(runcLog, '');
@@ -551,19 +560,32 @@ export class RuncRuntime implements ContainerRuntime {
       stdout: join(logDir, 'stdout.log'),
       stderr: join(logDir, 'stderr.log'),
     });
+    let abortReason = '';
+    const abort = (why: string) => {
+      abortReason = why;
+      if (child.pid) process.kill(-child.pid, 'SIGKILL');
+    };
+    // A restore whose lazy-pages daemon died, or that hangs, would otherwise wait forever.
+    const timer = setTimeout(() => abort(`no answer from runc within ${RUNC_START_TIMEOUT_MS / 1000} s`), RUNC_START_TIMEOUT_MS);
+    const onDaemonExit = (c: number | null) => {
+      if (c !== 0) abort('the lazy-pages daemon failed (see lazy-pages.log)');
+    };
+    opts.lazyDaemon?.once('exit', onDaemonExit);
     const code = await new Promise<number>((resolve) => {
       child.on('close', (c) => resolve(c ?? 1));
       child.on('error', () => resolve(127));
     });
+    clearTimeout(timer);
+    opts.lazyDaemon?.off('exit', onDaemonExit);
     if (code !== 0) {
       const messages = (await readFile(runcLog, 'utf8').catch(() => ''))
         .split('\n')
         .filter((l) => /level=(error|fatal)/.test(l))
         .map((l) => /msg="((?:[^"\\]|\\.)*)"/.exec(l)?.[1]?.replace(/\\n/g, ' ') ?? l);
-      const why = messages.slice(-2).join('; ') || `runc exited ${code}`;
+      const why = abortReason || messages.slice(-2).join('; ') || `runc exited ${code}`;
       throw new RuntimeFailedError(`${op} of '${rec.spec.name}' failed: ${why}`, {
         op,
-        logPath: criuLog ?? runcLog,
+        logPath: opts.criuLog ?? runcLog,
         stderr: messages.join('\n'),
       });
     }
