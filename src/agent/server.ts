@@ -17,6 +17,7 @@ import {
   ContainerStats,
   RestoreRequest,
   RestoreResult,
+  SettleResult,
   type TransferProgress,
 } from '../shared/protocol.js';
 import type { FaultInjector } from './faults.js';
@@ -155,6 +156,10 @@ export function buildAgentServer(deps: AgentServerDeps): FastifyInstance {
   );
 
   app.get('/v1/migrations/:id/progress', { schema: { params: MigrationParams } }, async (req) => progress.get(req.params.id) ?? { migrationId: req.params.id, what: 'images', bytes: 0 });
+
+  app.post('/v1/migrations/:id/settle', { schema: { params: MigrationParams, response: { 200: SettleResult } } }, async (req) =>
+    runtime.settleRestore(req.params.id),
+  );
 
   app.post('/v1/migrations/:id/abort', { schema: { params: MigrationParams } }, async (req, reply) => {
     await runtime.abortRestore(req.params.id);

@@ -14,6 +14,7 @@ import type {
   RestoreRequest,
   RestoreResult,
   RollbackRequest,
+  SettleResult,
 } from '../shared/protocol.js';
 
 export type LogStream = 'stdout' | 'stderr' | 'all';
@@ -41,6 +42,8 @@ export interface AgentApi {
   rollback(migrationId: string): Promise<AgentContainer>;
   /** Source side: the target runs the container; serve the remaining pages, then clean up. */
   finish(migrationId: string): Promise<void>;
+  /** Target side, after finish: wait for the last lazy page, drop the images, report bytes. */
+  settle(migrationId: string): Promise<SettleResult>;
   /** Target side: remove whatever a failed restore left behind. */
   abort(migrationId: string): Promise<void>;
 }
@@ -118,6 +121,10 @@ export class HttpAgentApi implements AgentApi {
   rollback(migrationId: string): Promise<AgentContainer> {
     const body: RollbackRequest = { migrationId };
     return this.client.post(`${migrationPath(migrationId)}/rollback`, body, this.stepTimeout);
+  }
+
+  settle(migrationId: string): Promise<SettleResult> {
+    return this.client.post(`${migrationPath(migrationId)}/settle`, undefined, this.stepTimeout);
   }
 
   finish(migrationId: string): Promise<void> {

@@ -241,8 +241,13 @@ export class MigrationOrchestrator {
       });
       await source.finish(id);
       progress.sourceFinished = true;
+      // The target's copy is the only one now: a failure to settle is logged, not undone.
+      const settled = await target.settle(id).catch((err: unknown) => {
+        this.log.warn({ migrationId: id, err: toChipmunkError(err).toJSON() }, `settling migration ${id} on ${to} failed`);
+        return { lazyPagesBytes: 0 };
+      });
 
-      return await this.complete(run, checkpoint.frozenAt, restored, running);
+      return await this.complete(run, checkpoint.frozenAt, { ...restored, bytesTransferred: restored.bytesTransferred + settled.lazyPagesBytes }, running);
     } catch (err) {
       throw await this.fail(run, err, progress);
     }

@@ -129,6 +129,10 @@ export const RestoreResult = Type.Object({
 });
 export type RestoreResult = Static<typeof RestoreResult>;
 
+/** Target side, after the source finished: what the lazy-pages daemon copied. */
+export const SettleResult = Type.Object({ lazyPagesBytes: Type.Integer({ minimum: 0 }) });
+export type SettleResult = Static<typeof SettleResult>;
+
 /** Source side: the migration failed after the checkpoint; run the container here again. */
 export const RollbackRequest = Type.Object({ migrationId: Type.String({ minLength: 1 }) });
 export type RollbackRequest = Static<typeof RollbackRequest>;
@@ -259,6 +263,7 @@ export const schemas: Record<string, TSchema> = {
   RestoreRequest,
   RestoreResult,
   RollbackRequest,
+  SettleResult,
   TransferProgress,
   NodeView,
   RegisterNodeRequest,

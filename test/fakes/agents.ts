@@ -14,9 +14,13 @@ import type {
   RegisterNodeRequest,
   RestoreRequest,
   RestoreResult,
+  SettleResult,
 } from '../../src/shared/protocol.js';
 import type { AgentApi, LogsOptions } from '../../src/controller/agent-client.js';
 import type { AgentResolver } from '../../src/controller/containers.js';
+
+/** What every fake restore reports as copied lazily, after the images. */
+export const FAKE_LAZY_PAGES_BYTES = 8192;
 
 export type AgentMethod = keyof AgentApi;
 
@@ -204,6 +208,14 @@ export class FakeAgent implements AgentApi {
     });
   }
 
+  settle(migrationId: string): Promise<SettleResult> {
+    return this.step('settle', () => {
+      if (!this.restoredBy.has(migrationId)) throw new NotFoundError(`no restore of migration ${migrationId} on ${this.node}`);
+      this.restoredBy.delete(migrationId);
+      return { lazyPagesBytes: FAKE_LAZY_PAGES_BYTES };
+    });
+  }
+
   abort(migrationId: string): Promise<void> {
     return this.step('abort', () => {
       const name = this.restoredBy.get(migrationId);
@@ -218,7 +230,7 @@ export class FakeAgent implements AgentApi {
       spec,
       status: 'running',
       generation,
-      ip: `10.88.${this.index}.${this.nextIp++}`,
+      ip: `198.19.${this.index}.${this.nextIp++}`,
       createdAt: new Date().toISOString(),
     };
     this.containers.set(spec.name, container);

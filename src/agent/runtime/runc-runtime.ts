@@ -87,6 +87,7 @@ interface SourceMigration {
 const LAZY_SOCKET_WAIT_MS = 15_000;
 const PAGE_DRAIN_TIMEOUT_MS = 10 * 60_000;
 const RUNC_START_TIMEOUT_MS = 120_000;
+const PAGE_SIZE = 4096;
 
 export class RuncRuntime implements ContainerRuntime {
   readonly capabilities: HostCapabilities;
@@ -461,6 +462,20 @@ export class RuncRuntime implements ContainerRuntime {
         throw err;
       }
     });
+  }
+
+  async settleRestore(migrationId: string): Promise<{ lazyPagesBytes: number }> {
+    const daemon = this.lazyDaemons.get(migrationId);
+    if (daemon && daemon.exitCode === null) {
+      const exited = new Promise<void>((resolve) => daemon.once('exit', () => resolve()));
+      await Promise.race([exited, sleep(PAGE_DRAIN_TIMEOUT_MS)]);
+    }
+    const log = await readFile(join(this.criuWorkDir(migrationId), 'lazy-pages.log'), 'utf8').catch(() => '');
+    // One line per restored process: "UFFD transferred pages: (copied/total)".
+    let pages = 0;
+    for (const m of log.matchAll(/UFFD transferred pages: \((\d+)\/\d+\)/g)) pages += Number(m[1]);
+    await this.removeMigrationDir(migrationId);
+    return { lazyPagesBytes: pages * PAGE_SIZE };
   }
 
   async abortRestore(migrationId: string): Promise<void> {

@@ -58,6 +58,11 @@ export interface ContainerRuntime {
   checkpoint(name: string, opts: CheckpointOptions): Promise<CheckpointOutcome>;
   /** Target side: the images and files are in `migrationPaths(id)`; run the container here. */
   restore(spec: ContainerSpec, opts: RestoreOptions): Promise<AgentContainer>;
+  /**
+   * Target side, after the source finished: wait for the lazy-pages daemon to copy the last
+   * page, then drop the migration's images. Reports how much memory came over lazily.
+   */
+  settleRestore(migrationId: string): Promise<{ lazyPagesBytes: number }>;
   /** Target side: undo a restore that failed or was not wanted. Idempotent. */
   abortRestore(migrationId: string): Promise<void>;
   /** Source side: run the checkpointed container here again. */
