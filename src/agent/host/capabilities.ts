@@ -52,7 +52,7 @@ const RUN_SETUP = 'npm run setup';
 
 export async function runHostChecks(opts: HostProbeOptions = {}): Promise<HostCheck[]> {
   const criuPath = resolveCriuPath(opts);
-  const [criu, runc, cgroup, nofile, pipePages, ipForward, podman, cni, iptables, nsenter, ip, tar] = await Promise.all([
+  const [criu, runc, cgroup, nofile, pipePages, pipeMaxSize, ipForward, podman, cni, iptables, nsenter, ip, tar] = await Promise.all([
     probeCriu(criuPath, { withSelfCheck: true }),
     checkRunc(),
     readCgroupMode(),
@@ -62,6 +62,13 @@ export async function runHostChecks(opts: HostProbeOptions = {}): Promise<HostCh
       key: 'fs.pipe-user-pages-soft',
       want: '0',
       why: 'lazy dumps of large memory fail with "page-pipe: tee: Operation not permitted" under the per-user pipe page budget',
+    }),
+    checkSysctl({
+      id: 'pipe-max-size',
+      key: 'fs.pipe-max-size',
+      want: '268435456',
+      atLeast: true,
+      why: 'the lazy page server grows its pipes past the 1 MiB default, which needs CAP_SYS_RESOURCE otherwise ("page-pipe: tee: Operation not permitted")',
     }),
     checkSysctl({
       id: 'ip-forward',
@@ -83,6 +90,7 @@ export async function runHostChecks(opts: HostProbeOptions = {}): Promise<HostCh
     cgroupCheck(cgroup),
     nofile,
     pipePages,
+    pipeMaxSize,
     ipForward,
     podman,
     cni,
@@ -387,15 +395,16 @@ async function checkCniPlugins(): Promise<HostCheck> {
 
 // ---------------------------------------------------------------- kernel settings
 
-async function checkSysctl(spec: { id: string; key: string; want: string; why: string }): Promise<HostCheck> {
+async function checkSysctl(spec: { id: string; key: string; want: string; why: string; atLeast?: boolean }): Promise<HostCheck> {
   const raw = await readText(`/proc/sys/${spec.key.replaceAll('.', '/')}`);
   const value = raw?.trim();
-  if (value === spec.want) return { id: spec.id, title: spec.key, status: 'ok', detail: `${spec.key} = ${value}` };
+  const good = spec.atLeast ? value !== undefined && Number(value) >= Number(spec.want) : value === spec.want;
+  if (good) return { id: spec.id, title: spec.key, status: 'ok', detail: `${spec.key} = ${value}` };
   return {
     id: spec.id,
     title: spec.key,
     status: 'missing',
-    detail: `${spec.key} = ${value ?? 'unreadable'}, want ${spec.want}: ${spec.why}`,
+    detail: `${spec.key} = ${value ?? 'unreadable'}, want ${spec.atLeast ? 'at least ' : ''}${spec.want}: ${spec.why}`,
     fix: `sysctl -w ${spec.key}=${spec.want}`,
   };
 }
