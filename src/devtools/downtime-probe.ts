@@ -1,0 +1,86 @@
+/**
+ * Measures what a client sees while a container moves: it polls the container's published
+ * port on the source and on the target node, each about every millisecond, and records the
+ * last answer from the source and the first answer from the target after it. Downtime is the
+ * gap between the two. Bounded: it stops by itself after `maxMs` whatever happens.
+ */
+import { request } from 'undici';
+
+export interface ProbeTarget {
+  /** http://ADDRESS:PORT/PATH, an address of this machine's test hosts or loopback only. */
+  url: string;
+}
+
+export interface DowntimeResult {
+  lastSourceAnswerAt?: number;
+  firstTargetAnswerAt?: number;
+  /** firstTargetAnswerAt - lastSourceAnswerAt, when both were seen. */
+  downtimeMs?: number;
+  requests: number;
+  /** Answers the target gave before the source's last one: would mean two copies answering. */
+  overlappingAnswers: number;
+}
+
+const REQUEST_TIMEOUT_MS = 200;
+const POLL_INTERVAL_MS = 1;
+
+export class DowntimeProbe {
+  private stopped = false;
+  private lastSource?: number;
+  private firstTarget?: number;
+  private targetAnswers: number[] = [];
+  private requests = 0;
+  private loops: Promise<void>[] = [];
+  private deadline: NodeJS.Timeout | undefined;
+
+  constructor(
+    private readonly source: string,
+    private readonly target: string,
+    private readonly maxMs = 120_000,
+  ) {}
+
+  start(): void {
+    this.loops = [this.poll(this.source, (t) => (this.lastSource = t)), this.poll(this.target, (t) => this.onTarget(t))];
+    this.deadline = setTimeout(() => (this.stopped = true), this.maxMs);
+  }
+
+  /** Stops once the target has answered (or at once with `now`), and reports. */
+  async stop(opts: { waitForTargetMs?: number } = {}): Promise<DowntimeResult> {
+    const until = Date.now() + (opts.waitForTargetMs ?? 10_000);
+    while (this.firstTarget === undefined && Date.now() < until && !this.stopped) await sleep(5);
+    this.stopped = true;
+    clearTimeout(this.deadline);
+    await Promise.all(this.loops);
+    const overlapping = this.lastSource === undefined ? 0 : this.targetAnswers.filter((t) => t < this.lastSource!).length;
+    return {
+      lastSourceAnswerAt: this.lastSource,
+      firstTargetAnswerAt: this.firstTarget,
+      ...(this.lastSource !== undefined && this.firstTarget !== undefined ? { downtimeMs: this.firstTarget - this.lastSource } : {}),
+      requests: this.requests,
+      overlappingAnswers: overlapping,
+    };
+  }
+
+  private onTarget(t: number): void {
+    this.targetAnswers.push(t);
+    if (this.firstTarget === undefined) this.firstTarget = t;
+  }
+
+  private async poll(url: string, onAnswer: (at: number) => void): Promise<void> {
+    while (!this.stopped) {
+      this.requests++;
+      try {
+        const res = await request(url, { headersTimeout: REQUEST_TIMEOUT_MS, bodyTimeout: REQUEST_TIMEOUT_MS, reset: true });
+        await res.body.dump();
+        if (res.statusCode < 500) onAnswer(Date.now());
+      } catch {
+        // refused, reset or timed out: no answer at this moment
+      }
+      await sleep(POLL_INTERVAL_MS);
+    }
+  }
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((r) => setTimeout(r, ms));
+}
