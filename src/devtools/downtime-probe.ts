@@ -81,6 +81,60 @@ export class DowntimeProbe {
   }
 }
 
+/**
+ * For a container that keeps its address (Podman's own checkpoint/restore): one endpoint,
+ * polled about every millisecond; downtime is the longest gap between two answers.
+ */
+export class GapProbe {
+  private stopped = false;
+  private answers: number[] = [];
+  private requests = 0;
+  private loop: Promise<void> = Promise.resolve();
+  private deadline: NodeJS.Timeout | undefined;
+
+  constructor(
+    private readonly url: string,
+    private readonly maxMs = 300_000,
+  ) {}
+
+  start(): void {
+    this.loop = (async () => {
+      while (!this.stopped) {
+        this.requests++;
+        try {
+          const res = await request(this.url, { headersTimeout: REQUEST_TIMEOUT_MS, bodyTimeout: REQUEST_TIMEOUT_MS, reset: true });
+          await res.body.dump();
+          if (res.statusCode < 500) this.answers.push(Date.now());
+        } catch {
+          // no answer at this moment
+        }
+        await sleep(POLL_INTERVAL_MS);
+      }
+    })();
+    this.deadline = setTimeout(() => (this.stopped = true), this.maxMs);
+  }
+
+  async stop(): Promise<{ downtimeMs?: number; requests: number }> {
+    this.stopped = true;
+    clearTimeout(this.deadline);
+    await this.loop;
+    let gap: number | undefined;
+    for (let i = 1; i < this.answers.length; i++) gap = Math.max(gap ?? 0, this.answers[i] - this.answers[i - 1]);
+    return { ...(gap !== undefined ? { downtimeMs: gap } : {}), requests: this.requests };
+  }
+
+  /** Resolves once an answer arrived after `since` (ms since epoch). */
+  async answeredAfter(since: number, timeoutMs = 60_000): Promise<number> {
+    const until = Date.now() + timeoutMs;
+    for (;;) {
+      const t = this.answers.find((a) => a > since);
+      if (t !== undefined) return t;
+      if (Date.now() > until) throw new Error(`${this.url} did not answer within ${timeoutMs} ms`);
+      await sleep(2);
+    }
+  }
+}
+
 function sleep(ms: number): Promise<void> {
   return new Promise((r) => setTimeout(r, ms));
 }
