@@ -100,6 +100,12 @@ EOF
   criu_ok || die "installed criu does not run: try '$CRIU_WRAPPER --version'"
 }
 criu_ok || install_criu
+# Podman (and runc without --criu) run whatever `criu` is first on PATH; Debian's podman
+# package pulls in bookworm's broken criu 3.17 at /usr/sbin/criu. /usr/local/sbin comes first.
+if [ "$(readlink -f /usr/local/sbin/criu 2>/dev/null)" != "$CRIU_WRAPPER" ]; then
+  mkdir -p /usr/local/sbin
+  ln -sf "$CRIU_WRAPPER" /usr/local/sbin/criu
+fi
 
 # ---------------------------------------------------------------- kernel settings
 # Lazy dumps of large memory fail with 'page-pipe: tee: Operation not permitted' under the

@@ -109,7 +109,14 @@ async function podmanWay(sizeMB: number, scratch: string): Promise<Row> {
   const name = `chmk-bench-${sizeMB}`;
   const podman = (args: string[], op: string) => run('podman', args, { env: PODMAN_ENV, op, timeoutMs: 600_000 });
   await runUnchecked('podman', ['rm', '-f', name, `${name}-restored`], { env: PODMAN_ENV });
-  await podman(['run', '-d', '--name', name, '--network', PODMAN_NET, '-e', `MEMORY_MB=${sizeMB}`, 'chipmunk/statefulapp'], 'podman run');
+  // Same CRIU options chipmunk uses (podman 4.3 has no --tcp-skip-in-flight): the polling
+  // client always has a connection in the listen backlog, which would fail the dump.
+  const criuConf = join(scratch, 'criu.conf');
+  await writeFile(criuConf, 'skip-in-flight\ntcp-close\n');
+  await podman(
+    ['run', '-d', '--name', name, '--network', PODMAN_NET, '--annotation', `org.criu.config=${criuConf}`, '-e', `MEMORY_MB=${sizeMB}`, 'chipmunk/statefulapp'],
+    'podman run',
+  );
   try {
     const ip = (await podman(['inspect', '-f', '{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}', name], 'podman inspect')).stdout.trim();
     if (!ip.startsWith('198.19.250.')) throw new Error(`podman gave the container address ${ip}, outside ${PODMAN_SUBNET}`);
@@ -127,7 +134,7 @@ async function podmanWay(sizeMB: number, scratch: string): Promise<Row> {
     // "copy the archive": to another directory here, as it would go to another host.
     await run('cp', [archive, copied], { op: 'copy archive' });
     const bytes = (await stat(copied)).size;
-    await podman(['container', 'restore', '--tcp-established', '--import', copied, '--name', `${name}-restored`], 'podman container restore');
+    await podman(['container', 'restore', '--import', copied, '--name', `${name}-restored`], 'podman container restore');
     const answered = await probe.answeredAfter(frozenAt);
     const seen = await probe.stop();
     return { sizeMB, way: 'podman', downtimeMs: seen.downtimeMs, totalMs: answered - started, bytes };

@@ -609,10 +609,11 @@ export class RuncRuntime implements ContainerRuntime {
   private async writeBundle(rec: ContainerRecord, image: ImageConfig): Promise<void> {
     const dir = this.containerDir(rec.spec.name);
     const criuConf = join(dir, 'criu.conf');
-    // Restore-time CRIU options. Connections open at checkpoint time were dumped with
-    // --tcp-established; the target has another address, so they come back closed
-    // (the client sees a reset and reconnects) instead of failing the restore.
-    await writeFile(criuConf, 'tcp-close\n');
+    // CRIU options runc passes on (org.criu.config). skip-in-flight (dump): a connection
+    // still in the listen backlog would fail the dump; its client retries. tcp-close
+    // (restore): connections dumped with --tcp-established come back closed, since the
+    // target has another address, instead of failing the restore; their clients reconnect.
+    await writeFile(criuConf, 'skip-in-flight\ntcp-close\n');
     const config = buildOciConfig({
       spec: rec.spec,
       image,
