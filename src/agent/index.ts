@@ -5,11 +5,13 @@
  * registers with the controller, repeating the registration as a heartbeat.
  */
 import { mkdir } from 'node:fs/promises';
+import { join } from 'node:path';
 import pino from 'pino';
 import { detectCapabilities } from './host/capabilities.js';
 import { ApiClient } from '../shared/http.js';
 import type { AgentInfo, NodeView, RegisterNodeRequest } from '../shared/protocol.js';
 import { FaultInjector } from './faults.js';
+import { ImageStore } from './runtime/images.js';
 import { RuncRuntime } from './runtime/runc-runtime.js';
 import { buildAgentServer } from './server.js';
 
@@ -26,6 +28,8 @@ export interface AgentOptions {
   subnet: string;
   criuPath?: string;
   heartbeatMs?: number;
+  /** A private Podman store (root dir; runroot beside it) instead of the machine's default. */
+  imageStore?: string;
   enableFaults?: boolean;
 }
 
@@ -45,9 +49,10 @@ export async function startAgent(opts: AgentOptions): Promise<RunningAgent> {
   const capabilities = await detectCapabilities({ criuPath });
   const address = opts.advertiseAddress ?? opts.listen.host;
   const info: AgentInfo = { node: opts.node, address, apiPort: opts.listen.port, capabilities, version: AGENT_VERSION };
-  const runtime = new RuncRuntime({ node: opts.node, dataDir: opts.dataDir, runDir: opts.runDir, subnet: opts.subnet, criuPath, capabilities });
+  const images = new ImageStore(opts.imageStore ? { root: join(opts.imageStore, 'root'), runroot: join(opts.imageStore, 'runroot') } : {});
+  const runtime = new RuncRuntime({ node: opts.node, dataDir: opts.dataDir, runDir: opts.runDir, subnet: opts.subnet, criuPath, capabilities, images });
   const faults = new FaultInjector(opts.enableFaults ?? process.env.CHIPMUNK_ENABLE_FAULTS === '1');
-  const app = buildAgentServer({ info, token: opts.token, runtime, faults, logger: log });
+  const app = buildAgentServer({ info, token: opts.token, runtime, images, scratchDir: join(opts.dataDir, 'scratch'), faults, logger: log });
   await app.listen({ host: opts.listen.host, port: opts.listen.port });
   const url = `http://${address}:${opts.listen.port}`;
   log.info({ url, capabilities }, 'agent listening');

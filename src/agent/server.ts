@@ -2,11 +2,14 @@
  * The agent's HTTP API (docs/design.md lists it). Thin: validation comes from the protocol
  * schemas, the work from the ContainerRuntime, the streaming of trees from transfer.ts.
  */
+import { randomUUID } from 'node:crypto';
+import { join } from 'node:path';
 import Fastify, { type FastifyBaseLogger, type FastifyInstance } from 'fastify';
 import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox';
 import { Type } from '@sinclair/typebox';
 import { TransferFailedError } from '../shared/errors.js';
 import { installApiConventions } from '../shared/http.js';
+import { removeTree } from '../shared/remove-tree.js';
 import {
   AgentContainer,
   AgentInfo,
@@ -21,6 +24,7 @@ import {
   type TransferProgress,
 } from '../shared/protocol.js';
 import type { FaultInjector } from './faults.js';
+import type { ImageStore } from './runtime/images.js';
 import type { ContainerRuntime } from './runtime/types.js';
 import { fetchTree, serveTree } from './transfer.js';
 
@@ -28,6 +32,9 @@ export interface AgentServerDeps {
   info: AgentInfo;
   token: string;
   runtime: ContainerRuntime;
+  images: ImageStore;
+  /** Scratch space for image archives on their way to another node. */
+  scratchDir: string;
   faults: FaultInjector;
   logger?: FastifyBaseLogger;
 }
@@ -36,7 +43,7 @@ const NameParams = Type.Object({ name: ContainerName });
 const MigrationParams = Type.Object({ id: Type.String({ pattern: '^[A-Za-z0-9_-]{1,64}$' }) });
 
 export function buildAgentServer(deps: AgentServerDeps): FastifyInstance {
-  const { runtime, token, faults } = deps;
+  const { runtime, images, token, faults } = deps;
   const app = Fastify({ ...(deps.logger ? { loggerInstance: deps.logger } : {}), disableRequestLogging: true, bodyLimit: 1024 * 1024 }).withTypeProvider<TypeBoxTypeProvider>();
   installApiConventions(app, token);
   /** Transfer progress of restores running on this node, for the controller to poll. */
@@ -144,6 +151,7 @@ export function buildAgentServer(deps: AgentServerDeps): FastifyInstance {
         }
       };
       try {
+        if (!(await images.exists(r.spec.image))) await fetchImage(r.spec.image, r.source, migrationId);
         await fetchOne('images', paths.images);
         await fetchOne('files', paths.files);
         await faults.beforeRestore(paths.images);
@@ -154,6 +162,34 @@ export function buildAgentServer(deps: AgentServerDeps): FastifyInstance {
       }
     },
   );
+
+  /** A target whose store lacks the image gets it from the source, checksummed like the rest. */
+  async function fetchImage(ref: string, source: { node: string; url: string }, migrationId: string): Promise<void> {
+    const dir = join(deps.scratchDir, `image-${migrationId}`);
+    await removeTree(dir);
+    try {
+      const res = await fetchTree({
+        url: `${source.url}/v1/images/archive?ref=${encodeURIComponent(ref)}`,
+        token,
+        dest: dir,
+        onProgress: (b) => progress.set(migrationId, { migrationId, what: 'image', bytes: b }),
+      });
+      progress.set(migrationId, { migrationId, what: 'image', bytes: res.bytes });
+      await images.importFrom(dir, ref);
+    } finally {
+      await removeTree(dir);
+    }
+  }
+
+  app.get('/v1/images/archive', { schema: { querystring: Type.Object({ ref: Type.String({ minLength: 1 }) }) } }, async (req, reply) => {
+    const dir = join(deps.scratchDir, `export-${randomUUID()}`);
+    try {
+      await images.exportTo(req.query.ref, dir);
+      await serveTree(reply, dir);
+    } finally {
+      await removeTree(dir);
+    }
+  });
 
   app.get('/v1/migrations/:id/progress', { schema: { params: MigrationParams } }, async (req) => progress.get(req.params.id) ?? { migrationId: req.params.id, what: 'images', bytes: 0 });
 

@@ -30,7 +30,7 @@ import type { AgentContainer, ContainerSpec, ContainerStats, HostCapabilities, M
 import { removeTree } from '../../shared/remove-tree.js';
 import { MIN_MEMORY_BYTES } from '../../shared/units.js';
 import { buildOciConfig } from './bundle.js';
-import { imageLowerDirs, inspectImage, type ImageConfig } from './images.js';
+import { ImageStore, type ImageConfig } from './images.js';
 import { spawnWithLogPipes } from './logs.js';
 import { CniNetwork, inHostNetns, netnsPath, removeCriuNetworkLock } from './network.js';
 import { mountRootfs, unmountBelow } from './rootfs.js';
@@ -52,6 +52,8 @@ export interface RuncRuntimeOptions {
   criuPath: string;
   capabilities: HostCapabilities;
   runcPath?: string;
+  /** Where images come from; the machine's default Podman store if not given. */
+  images?: ImageStore;
   /**
    * Network namespace of the node, when this process runs outside it (tests drive a runtime
    * for a test host from the machine's namespace). The CNI plugins, the page server and the
@@ -93,6 +95,7 @@ export class RuncRuntime implements ContainerRuntime {
   readonly capabilities: HostCapabilities;
   private readonly runc: string;
   private readonly network: CniNetwork;
+  private readonly images: ImageStore;
   private readonly sources = new Map<string, SourceMigration>();
   /** Lazy-pages daemons of restores on this node, by migration. */
   private readonly lazyDaemons = new Map<string, ChildProcess>();
@@ -102,6 +105,7 @@ export class RuncRuntime implements ContainerRuntime {
   constructor(private readonly opts: RuncRuntimeOptions) {
     this.capabilities = opts.capabilities;
     this.runc = opts.runcPath ?? 'runc';
+    this.images = opts.images ?? new ImageStore();
     this.network = new CniNetwork({
       networkName: `chipmunk-${opts.node}`,
       bridge: 'chmk0',
@@ -185,7 +189,7 @@ export class RuncRuntime implements ContainerRuntime {
         });
       }
       await this.assertPortsFree(spec);
-      const image = await inspectImage(spec.image);
+      const image = await this.images.inspect(spec.image);
       const undo: Array<() => Promise<void>> = [];
       try {
         const dir = this.containerDir(spec.name);
@@ -389,7 +393,7 @@ export class RuncRuntime implements ContainerRuntime {
           { op: 'rollback', logPath: join(this.criuWorkDir(migrationId), 'dump.log') },
         );
       }
-      const image = await inspectImage(rec.spec.image);
+      const image = await this.images.inspect(rec.spec.image);
       await this.destroyIncarnation(name, rec.generation);
       rec.generation += 1;
       // Same network namespace as before: the container keeps its address and connections.
@@ -430,7 +434,7 @@ export class RuncRuntime implements ContainerRuntime {
         throw new ConflictError(`node ${this.opts.node} already has a container named '${spec.name}'`, { name: spec.name });
       }
       await this.assertPortsFree(spec);
-      const image = await inspectImage(spec.image);
+      const image = await this.images.inspect(spec.image);
       await mkdir(dir, { recursive: true });
       const incoming = join(this.opts.dataDir, 'migrations', opts.migrationId, 'files');
       if (existsSync(incoming)) await rename(incoming, join(dir, 'files'));
@@ -628,7 +632,7 @@ export class RuncRuntime implements ContainerRuntime {
 
   private async mountContainerRootfs(name: string, image: ImageConfig): Promise<void> {
     const dir = this.containerDir(name);
-    const lower = await imageLowerDirs(image);
+    const lower = await this.images.lowerDirs(image);
     await mountRootfs({ lower, upper: join(dir, 'files', 'upper'), work: join(dir, 'work'), mountpoint: join(dir, 'rootfs') });
   }
 

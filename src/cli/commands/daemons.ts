@@ -57,6 +57,7 @@ interface AgentOptions {
   dataDir: string;
   runDir: string;
   subnet: string;
+  imageStore?: string;
   json?: boolean;
 }
 
@@ -94,7 +95,8 @@ export function registerDaemonCommands(program: Command): void {
       .option('--token-file <file>', 'file holding the cluster token (default: $CHIPMUNK_TOKEN)')
       .option('--data-dir <dir>', 'persistent state: container layers, checkpoints', DEFAULT_AGENT_DATA_DIR)
       .option('--run-dir <dir>', 'runtime state: runc root, sockets', DEFAULT_AGENT_RUN_DIR)
-      .option('--subnet <cidr>', "containers' addresses on this node", parseIPv4Cidr, DEFAULT_AGENT_SUBNET),
+      .option('--subnet <cidr>', "containers' addresses on this node", parseIPv4Cidr, DEFAULT_AGENT_SUBNET)
+      .option('--image-store <dir>', "a private Podman store for this agent's images (default: the machine's)"),
   ).action(async (opts: AgentOptions) => {
     const token = await daemonToken(opts.tokenFile);
     const { startAgent } = await import('../../agent/index.js');
@@ -106,6 +108,7 @@ export function registerDaemonCommands(program: Command): void {
       dataDir: opts.dataDir,
       runDir: opts.runDir,
       subnet: opts.subnet,
+      imageStore: opts.imageStore,
     });
     announce(opts.json, `agent ${opts.node}`, urlOf(opts.listen));
     await untilStopSignal();
