@@ -15,6 +15,7 @@ import type {
   RestoreResult,
   RollbackRequest,
   SettleResult,
+  TransferProgress,
 } from '../shared/protocol.js';
 
 export type LogStream = 'stdout' | 'stderr' | 'all';
@@ -42,6 +43,8 @@ export interface AgentApi {
   rollback(migrationId: string): Promise<AgentContainer>;
   /** Source side: the target runs the container; serve the remaining pages, then clean up. */
   finish(migrationId: string): Promise<void>;
+  /** Target side: bytes received so far by a restore in progress. */
+  progress(migrationId: string): Promise<TransferProgress>;
   /** Target side, after finish: wait for the last lazy page, drop the images, report bytes. */
   settle(migrationId: string): Promise<SettleResult>;
   /** Target side: remove whatever a failed restore left behind. */
@@ -121,6 +124,10 @@ export class HttpAgentApi implements AgentApi {
   rollback(migrationId: string): Promise<AgentContainer> {
     const body: RollbackRequest = { migrationId };
     return this.client.post(`${migrationPath(migrationId)}/rollback`, body, this.stepTimeout);
+  }
+
+  progress(migrationId: string): Promise<TransferProgress> {
+    return this.client.get(`${migrationPath(migrationId)}/progress`, { timeoutMs: 2_000 });
   }
 
   settle(migrationId: string): Promise<SettleResult> {

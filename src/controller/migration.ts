@@ -61,6 +61,8 @@ const DEFAULT_PAGE_SERVER_PORTS: PortRange = { first: 27000, last: 27999 };
 
 export type MigrationLog = Pick<Logger, 'info' | 'warn' | 'error'>;
 
+const TRANSFER_PROGRESS_POLL_MS = 250;
+
 export type MigrationEventListener = (event: MigrationEvent) => void;
 
 export interface MigrationOrchestratorOptions {
@@ -221,6 +223,14 @@ export class MigrationOrchestrator {
         message: `${to} fetches the checkpoint from ${from} and restores ${name}`,
       });
       progress.restoreAttempted = true;
+      // Bytes as the target receives them: reported live, not recorded (the phase is).
+      const transferTotal = checkpoint.imageBytes + checkpoint.upperBytes;
+      const poll = setInterval(() => {
+        target
+          .progress(id)
+          .then((p) => p.bytes > 0 && this.emit(run, { migrationId: id, phase: 'transfer', at: Date.now(), bytes: p.bytes, totalBytes: transferTotal }))
+          .catch(() => undefined);
+      }, TRANSFER_PROGRESS_POLL_MS);
       const restored = await target.restore(id, {
         migrationId: id,
         mode,
@@ -228,7 +238,7 @@ export class MigrationOrchestrator {
         generation: run.container.generation + 1,
         source: { node: from, url: run.source.url },
         ...(checkpoint.pageServer ? { pageServer: checkpoint.pageServer } : {}),
-      });
+      }).finally(() => clearInterval(poll));
 
       await this.enter(run, 'verify', { bytes: restored.bytesTransferred, message: `checking that ${name} runs on ${to}` });
       const running = await target.get(name);

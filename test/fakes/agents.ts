@@ -15,6 +15,7 @@ import type {
   RestoreRequest,
   RestoreResult,
   SettleResult,
+  TransferProgress,
 } from '../../src/shared/protocol.js';
 import type { AgentApi, LogsOptions } from '../../src/controller/agent-client.js';
 import type { AgentResolver } from '../../src/controller/containers.js';
@@ -206,6 +207,10 @@ export class FakeAgent implements AgentApi {
       this.checkpoints.delete(migrationId);
       this.containers.delete(checkpoint.name);
     });
+  }
+
+  progress(migrationId: string): Promise<TransferProgress> {
+    return this.step('progress', () => ({ migrationId, what: 'images' as const, bytes: 0 }));
   }
 
   settle(migrationId: string): Promise<SettleResult> {
