@@ -4,7 +4,8 @@
  * do the work; this module decides where, and keeps the record in step with what they did.
  */
 import { ConflictError, MigrationInProgressError, NotFoundError, StoreConflictError, UnavailableError } from '../shared/errors.js';
-import type { AgentContainer, ContainerSpec, ContainerStatus, ContainerView, MigrationPhaseName, RunRequest } from '../shared/protocol.js';
+import type {
+  ContainerStats, AgentContainer, ContainerSpec, ContainerStatus, ContainerView, MigrationPhaseName, RunRequest } from '../shared/protocol.js';
 import type { AgentApi, LogsOptions } from './agent-client.js';
 import type { NodeRecord, NodeRegistry } from './registry.js';
 import type { KeyValue, StateStore } from './store/index.js';
@@ -83,6 +84,11 @@ export class ContainerService {
   async logs(name: string, opts: LogsOptions): Promise<string> {
     const { value } = await this.require(name);
     return this.agentFor(await this.nodes.require(value.node)).logs(name, opts);
+  }
+
+  async stats(name: string): Promise<ContainerStats> {
+    const { value } = await this.require(name);
+    return this.agentFor(await this.nodes.require(value.node)).stats(name);
   }
 
   async stop(name: string): Promise<ContainerView> {

@@ -8,7 +8,7 @@ import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox';
 import { Type } from '@sinclair/typebox';
 import { InvalidInputError, toChipmunkError } from '../shared/errors.js';
 import { installApiConventions } from '../shared/http.js';
-import { ContainerName, ContainerView, MigrateRequest, MigrationRecord, NodeName, NodeView, RegisterNodeRequest, RunRequest } from '../shared/protocol.js';
+import { ContainerName, ContainerStats, ContainerView, MigrateRequest, MigrationRecord, NodeName, NodeView, RegisterNodeRequest, RunRequest } from '../shared/protocol.js';
 import type { ContainerService } from './containers.js';
 import type { MigrationOrchestrator } from './migration.js';
 import type { NodeRegistry } from './registry.js';
@@ -63,6 +63,10 @@ export function buildControllerServer(opts: ControllerServerOptions): FastifyIns
     const text = await containers.logs(req.params.name, req.query);
     return reply.type('text/plain; charset=utf-8').send(text);
   });
+
+  app.get('/v1/containers/:name/stats', { schema: { params: ContainerParams, response: { 200: ContainerStats } } }, async (req) =>
+    containers.stats(req.params.name),
+  );
 
   app.post('/v1/containers/:name/stop', { schema: { params: ContainerParams, response: { 200: ContainerView } } }, async (req) =>
     containers.stop(req.params.name),

@@ -1,7 +1,7 @@
-/** `chipmunk run|ps|logs|stop|rm`: containers, through the controller. */
+/** `chipmunk run|ps|logs|stats|stop|rm`: containers, through the controller. */
 import type { Command } from 'commander';
-
-import type { ContainerView, PortMapping, RunRequest } from '../../shared/protocol.js';
+import type { ContainerStats, ContainerView, PortMapping, RunRequest } from '../../shared/protocol.js';
+import { formatBytes } from '../../shared/units.js';
 import { controllerClient } from '../context.js';
 import { addConnectionOptions, addJsonOption, collectEnv, collectPort, parseContainerName, parseMemory, parseNodeName } from '../options.js';
 import { printJson, renderTable } from '../output.js';
@@ -72,6 +72,19 @@ export function registerContainerCommands(program: Command): void {
       return;
     }
     for await (const chunk of res.body) process.stdout.write(chunk as Buffer);
+  });
+
+  addConnectionOptions(
+    addJsonOption(program.command('stats').description("a container's CPU and memory use, from its cgroups").argument('<name>', 'container name', parseContainerName)),
+  ).action(async (name: string, opts: { json?: boolean }, cmd: Command) => {
+    const stats = await (await controllerClient(cmd)).get<ContainerStats>(`${containerPath(name)}/stats`);
+    if (opts.json) {
+      printJson(stats);
+      return;
+    }
+    const limit = stats.memoryLimitBytes !== undefined ? ` of ${formatBytes(stats.memoryLimitBytes)}` : '';
+    const rows = [[stats.name, `${(stats.cpuUsageNs / 1e9).toFixed(2)} s`, `${formatBytes(stats.memoryBytes)}${limit}`, String(stats.pids)]];
+    process.stdout.write(`${renderTable(['NAME', 'CPU TIME', 'MEMORY', 'PIDS'], rows)}\n`);
   });
 
   addConnectionOptions(
