@@ -9,6 +9,7 @@ import { join } from 'node:path';
 import pino from 'pino';
 import { detectCapabilities } from './host/capabilities.js';
 import { ApiClient } from '../shared/http.js';
+import { PAGE_SERVER_PORTS } from '../shared/protocol.js';
 import type { AgentInfo, NodeView, RegisterNodeRequest } from '../shared/protocol.js';
 import { FaultInjector } from './faults.js';
 import { ImageStore } from './runtime/images.js';
@@ -50,7 +51,12 @@ export async function startAgent(opts: AgentOptions): Promise<RunningAgent> {
   const address = opts.advertiseAddress ?? opts.listen.host;
   const info: AgentInfo = { node: opts.node, address, apiPort: opts.listen.port, capabilities, version: AGENT_VERSION };
   const images = new ImageStore(opts.imageStore ? { root: join(opts.imageStore, 'root'), runroot: join(opts.imageStore, 'runroot') } : {});
-  const runtime = new RuncRuntime({ node: opts.node, dataDir: opts.dataDir, runDir: opts.runDir, subnet: opts.subnet, criuPath, capabilities, images });
+  const runtime = new RuncRuntime({ node: opts.node, dataDir: opts.dataDir, runDir: opts.runDir, subnet: opts.subnet, criuPath, capabilities, images,
+    reservedHostPorts: [
+      { from: opts.listen.port, to: opts.listen.port, usedBy: 'the chipmunk agent' },
+      { from: PAGE_SERVER_PORTS.first, to: PAGE_SERVER_PORTS.last, usedBy: 'migration page servers' },
+    ],
+  });
   const faults = new FaultInjector(opts.enableFaults ?? process.env.CHIPMUNK_ENABLE_FAULTS === '1');
   const app = buildAgentServer({ info, token: opts.token, runtime, images, scratchDir: join(opts.dataDir, 'scratch'), faults, logger: log });
   await app.listen({ host: opts.listen.host, port: opts.listen.port });

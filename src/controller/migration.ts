@@ -41,6 +41,7 @@ import type {
   MigrationSummary,
   RestoreResult,
 } from '../shared/protocol.js';
+import { PAGE_SERVER_PORTS } from '../shared/protocol.js';
 import type { AgentApi } from './agent-client.js';
 import { containerKey, unreachable, type AgentResolver, type ContainerRecord } from './containers.js';
 import type { NodeRecord, NodeRegistry } from './registry.js';
@@ -57,7 +58,7 @@ export interface PortRange {
   last: number;
 }
 
-const DEFAULT_PAGE_SERVER_PORTS: PortRange = { first: 27000, last: 27999 };
+const DEFAULT_PAGE_SERVER_PORTS: PortRange = PAGE_SERVER_PORTS;
 
 export type MigrationLog = Pick<Logger, 'info' | 'warn' | 'error'>;
 

@@ -90,6 +90,9 @@ export type AgentInfo = Static<typeof AgentInfo>;
 
 // ------------------------------------------------------------------ agent: migration steps
 
+/** Ports the controller hands to source agents for CRIU page servers (lazy mode). */
+export const PAGE_SERVER_PORTS = { first: 27000, last: 27999 } as const;
+
 /** Source side: freeze and dump the container for a migration. */
 export const CheckpointRequest = Type.Object({
   migrationId: Type.String({ minLength: 1 }),

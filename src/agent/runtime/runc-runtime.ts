@@ -52,6 +52,11 @@ export interface RuncRuntimeOptions {
   criuPath: string;
   capabilities: HostCapabilities;
   runcPath?: string;
+  /**
+   * Host ports containers may not publish: the agent's own API and the page-server range.
+   * A port mapping there would capture the agent's traffic.
+   */
+  reservedHostPorts?: Array<{ from: number; to: number; usedBy: string }>;
   /** Where images come from; the machine's default Podman store if not given. */
   images?: ImageStore;
   /**
@@ -692,6 +697,12 @@ export class RuncRuntime implements ContainerRuntime {
   private async assertPortsFree(spec: ContainerSpec): Promise<void> {
     const seen = new Set<string>();
     for (const p of spec.ports) {
+      const reserved = this.opts.reservedHostPorts?.find((r) => p.hostPort >= r.from && p.hostPort <= r.to);
+      if (reserved) {
+        throw new ConflictError(`host port ${p.hostPort} is reserved on node ${this.opts.node} for ${reserved.usedBy}: publish another port`, {
+          port: p.hostPort,
+        });
+      }
       const key = `${p.hostPort}/${p.protocol}`;
       if (seen.has(key)) throw new InvalidInputError(`host port ${key} is published twice`, { port: p.hostPort });
       seen.add(key);
