@@ -58,6 +58,11 @@ export class CniNetwork {
     }
   }
 
+  /** Releases only the published ports, keeping address and namespace. Idempotent. */
+  async unmapPorts(netns: string, containerId: string, ports: PortMapping[]): Promise<void> {
+    if (ports.length > 0) await this.pluginBestEffort('portmap', netns, containerId, this.portmapConf(ports, null));
+  }
+
   /** Releases ports, address and namespace. Idempotent: every step tolerates "already gone". */
   async detach(netns: string, containerId: string, ports: PortMapping[]): Promise<void> {
     if (ports.length > 0) await this.pluginBestEffort('portmap', netns, containerId, this.portmapConf(ports, null));

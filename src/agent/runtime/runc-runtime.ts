@@ -79,6 +79,12 @@ interface ContainerRecord {
   stopped?: boolean;
   /** Set while a migration has frozen or is restoring this container. */
   migration?: { id: string; role: 'source' | 'target'; mode: MigrationMode };
+  /**
+   * Target side: the migration whose restore brought it here. The mark above is gone once the
+   * restore returns, but the migration can still fail after it (verify) and abortRestore must
+   * then find and remove it. Cleared when the container starts its next migration.
+   */
+  restoredBy?: string;
 }
 
 /** Source-side state of a migration in flight. */
@@ -92,6 +98,8 @@ interface SourceMigration {
 }
 
 const LAZY_SOCKET_WAIT_MS = 15_000;
+/** How long a lazy `runc restore` may outlive a failed lazy-pages daemon before it is killed. */
+const LAZY_RESTORE_GRACE_MS = 5_000;
 const PAGE_DRAIN_TIMEOUT_MS = 10 * 60_000;
 const RUNC_START_TIMEOUT_MS = 120_000;
 const PAGE_SIZE = 4096;
@@ -136,6 +144,16 @@ export class RuncRuntime implements ContainerRuntime {
 
   private netnsName(name: string, generation: number): string {
     return `chmk-${this.opts.node}-${name}-${generation}`;
+  }
+
+  /**
+   * The CNI container ID the network was attached with: the runc ID of the incarnation that
+   * created the namespace, which the namespace is named after. A rollback keeps namespace and
+   * attachment while the generation moves on, so the current runc ID is not it: detaching with
+   * that would leave the port mappings (and the address) of a removed container behind.
+   */
+  private cniId(rec: ContainerRecord): string {
+    return rec.netns;
   }
 
   private cgroupsPath(name: string, generation: number): string {
@@ -269,7 +287,7 @@ export class RuncRuntime implements ContainerRuntime {
         throw new ConflictError(`container '${name}' is running: stop it first or remove it with force`, { name });
       }
       await this.destroyIncarnation(name, rec.generation);
-      await this.network.detach(rec.netns, id, rec.spec.ports);
+      await this.network.detach(rec.netns, this.cniId(rec), rec.spec.ports);
       await this.removeContainerDir(name);
     });
   }
@@ -321,6 +339,7 @@ export class RuncRuntime implements ContainerRuntime {
       await mkdir(images, { recursive: true });
       await mkdir(work, { recursive: true });
       rec.migration = { id: opts.migrationId, role: 'source', mode: opts.mode };
+      delete rec.restoredBy;
       await this.writeRecord(rec);
 
       const args = ['--root', this.runcRoot(), '--criu', this.opts.criuPath, 'checkpoint', '--image-path', images, '--work-path', work, '--tcp-established'];
@@ -399,10 +418,36 @@ export class RuncRuntime implements ContainerRuntime {
         );
       }
       const image = await this.images.inspect(rec.spec.image);
-      await this.destroyIncarnation(name, rec.generation);
+      const frozen = { generation: rec.generation, netns: rec.netns, cniId: this.cniId(rec) };
       rec.generation += 1;
-      // Same network namespace as before: the container keeps its address and connections.
-      const restored = await this.restoreIncarnation(rec, image, migrationId, mode, mode === 'lazy' ? mig!.pageServer : undefined);
+      let restored: ContainerRecord;
+      if (mode === 'copy') {
+        await this.destroyIncarnation(name, frozen.generation);
+        // Same network namespace as before: the container keeps its address.
+        restored = await this.restoreIncarnation(rec, image, migrationId, mode, undefined);
+      } else {
+        // The page server sends the frozen tasks' own pages (spliced, not copied) and CRIU kills
+        // those tasks after the last one. Killing them earlier corrupts memory it still serves
+        // (exiting threads' kernel writes: clear_child_tid, robust futexes; the restored process
+        // then crashes at random), and while they live they hold their sockets: so a new
+        // namespace (new address), the published ports moved over, and the frozen incarnation
+        // and its namespace deleted once the checkpointer is done.
+        await this.network.unmapPorts(frozen.netns, frozen.cniId, rec.spec.ports);
+        rec.netns = this.netnsName(name, rec.generation);
+        try {
+          rec.ip = (await this.network.attach(rec.netns, this.cniId(rec), rec.spec.ports)).ip;
+          restored = await this.restoreIncarnation(rec, image, migrationId, mode, mig!.pageServer);
+        } catch (err) {
+          await this.network.detach(rec.netns, this.cniId(rec), rec.spec.ports).catch(() => undefined);
+          throw err;
+        }
+        void mig!.checkpointDone
+          .then(async () => {
+            await this.destroyIncarnation(name, frozen.generation);
+            await this.network.detach(frozen.netns, frozen.cniId, []);
+          })
+          .catch(() => undefined);
+      }
       delete restored.migration;
       await this.writeRecord(restored);
       return this.view(restored);
@@ -413,7 +458,7 @@ export class RuncRuntime implements ContainerRuntime {
     const mig = this.sources.get(migrationId);
     const name = mig?.name ?? (await this.findByMigration(migrationId, 'source').catch(() => undefined));
     if (mig) {
-      const drained = await Promise.race([mig.checkpointDone, sleep(PAGE_DRAIN_TIMEOUT_MS).then(() => undefined)]);
+      const drained = await within(mig.checkpointDone, PAGE_DRAIN_TIMEOUT_MS);
       if (!drained) mig.checkpointer?.kill('SIGKILL');
       this.sources.delete(migrationId);
     }
@@ -422,7 +467,7 @@ export class RuncRuntime implements ContainerRuntime {
         const rec = await this.readRecord(name).catch(() => undefined);
         if (!rec) return;
         await this.destroyIncarnation(name, rec.generation);
-        await this.network.detach(rec.netns, this.runcId(name, rec.generation), rec.spec.ports);
+        await this.network.detach(rec.netns, this.cniId(rec), rec.spec.ports);
         await this.removeContainerDir(name);
       });
     }
@@ -462,6 +507,7 @@ export class RuncRuntime implements ContainerRuntime {
         await this.writeRecord(rec);
         const restored = await this.restoreIncarnation(rec, image, opts.migrationId, opts.mode, opts.pageServer);
         delete restored.migration;
+        restored.restoredBy = opts.migrationId;
         await this.writeRecord(restored);
         return await this.view(restored);
       } catch (err) {
@@ -496,7 +542,7 @@ export class RuncRuntime implements ContainerRuntime {
       await this.withLock(name, async () => {
         const rec = await this.readRecord(name);
         await this.destroyIncarnation(name, rec.generation);
-        await this.network.detach(rec.netns, this.runcId(name, rec.generation), rec.spec.ports);
+        await this.network.detach(rec.netns, this.cniId(rec), rec.spec.ports);
         await this.removeContainerDir(name);
       });
     }
@@ -524,12 +570,22 @@ export class RuncRuntime implements ContainerRuntime {
     await this.writeBundle(rec, image);
     const args = ['restore', '-d', '--image-path', images, '--work-path', work, '--bundle', this.containerDir(name)];
     try {
+      let daemonFailed: Promise<string> | undefined;
       if (mode === 'lazy') {
-        await this.startLazyPagesDaemon(migrationId, images, work, pageServer!);
+        const daemon = await this.startLazyPagesDaemon(migrationId, images, work, pageServer!);
+        // CRIU's restore waits forever once the daemon is gone (page server unreachable or
+        // failing): without this the restore, and the container's lock, would never return.
+        daemonFailed = new Promise((resolve) => {
+          daemon.once('exit', (code, signal) => {
+            if (code !== 0) {
+              resolve(`the CRIU lazy-pages daemon failed (${signal ?? `exit code ${code}`}) fetching memory from the page server ${pageServer!.address}:${pageServer!.port}; see ${join(work, 'lazy-pages.log')}`);
+            }
+          });
+        });
         args.push('--lazy-pages');
       }
       args.push(id);
-      await this.startRunc(rec, args, 'runc restore', { criuLog: join(work, 'restore.log'), lazyDaemon: this.lazyDaemons.get(migrationId) });
+      await this.startRunc(rec, args, 'runc restore', join(work, 'restore.log'), daemonFailed);
     } catch (err) {
       this.lazyDaemons.get(migrationId)?.kill('SIGKILL');
       this.lazyDaemons.delete(migrationId);
@@ -540,7 +596,7 @@ export class RuncRuntime implements ContainerRuntime {
     return rec;
   }
 
-  private async startLazyPagesDaemon(migrationId: string, images: string, work: string, pageServer: { address: string; port: number }): Promise<void> {
+  private async startLazyPagesDaemon(migrationId: string, images: string, work: string, pageServer: { address: string; port: number }): Promise<ChildProcess> {
     const socket = join(work, 'lazy-pages.socket');
     const daemon = spawn(
       ...inHostNetns(this.opts.hostNetns, this.opts.criuPath, [
@@ -562,6 +618,7 @@ export class RuncRuntime implements ContainerRuntime {
       }
       await sleep(5);
     }
+    return daemon;
   }
 
   // ------------------------------------------------------------------ helpers
@@ -569,14 +626,11 @@ export class RuncRuntime implements ContainerRuntime {
   /**
    * Runs `runc run -d` or `runc restore -d` with the container's stdio wired to its log
    * writers. runc's own messages go to a separate log (--log) so they do not end up in the
-   * container's stderr and can be quoted in our error.
+   * container's stderr and can be quoted in our error. If `abandon` resolves while runc still
+   * runs, runc gets a grace period and is then killed (its process group: runc, CRIU, the
+   * new log writers) and the operation fails with that reason.
    */
-  private async startRunc(
-    rec: ContainerRecord,
-    subcommand: string[],
-    op: string,
-    opts: { criuLog?: string; lazyDaemon?: ChildProcess } = {},
-  ): Promise<void> {
+  private async startRunc(rec: ContainerRecord, subcommand: string[], op: string, criuLog?: string, abandon?: Promise<string>): Promise<void> {
     const logDir = join(this.containerDir(rec.spec.name), 'files', 'logs');
     const runcLog = join(this.containerDir(rec.spec.name), 'runc.log');
     await writeFile(runcLog, '');
@@ -584,32 +638,37 @@ export class RuncRuntime implements ContainerRuntime {
       stdout: join(logDir, 'stdout.log'),
       stderr: join(logDir, 'stderr.log'),
     });
-    let abortReason = '';
-    const abort = (why: string) => {
-      abortReason = why;
-      if (child.pid) process.kill(-child.pid, 'SIGKILL');
-    };
-    // A restore whose lazy-pages daemon died, or that hangs, would otherwise wait forever.
-    const timer = setTimeout(() => abort(`no answer from runc within ${RUNC_START_TIMEOUT_MS / 1000} s`), RUNC_START_TIMEOUT_MS);
-    const onDaemonExit = (c: number | null) => {
-      if (c !== 0) abort('the lazy-pages daemon failed (see lazy-pages.log)');
-    };
-    opts.lazyDaemon?.once('exit', onDaemonExit);
+    let exited = false;
+    let abandoned: string | undefined;
+    // A runc that hangs (it has been seen waiting forever on a broken CRIU) is given up too.
+    const hung = new Promise<string>((resolve) => {
+      setTimeout(() => resolve(`no answer from runc within ${RUNC_START_TIMEOUT_MS / 1000} s`), RUNC_START_TIMEOUT_MS).unref();
+    });
+    void (abandon ? Promise.race([abandon, hung]) : hung).then(async (why) => {
+      await sleep(LAZY_RESTORE_GRACE_MS);
+      if (exited || child.pid === undefined) return;
+      abandoned = why;
+      try {
+        process.kill(-child.pid, 'SIGKILL');
+      } catch {
+        // exited meanwhile
+      }
+    });
     const code = await new Promise<number>((resolve) => {
       child.on('close', (c) => resolve(c ?? 1));
       child.on('error', () => resolve(127));
     });
-    clearTimeout(timer);
-    opts.lazyDaemon?.off('exit', onDaemonExit);
+    exited = true;
+    if (abandoned) throw new RuntimeFailedError(`${op} of '${rec.spec.name}' failed: ${abandoned}`, { op, logPath: criuLog ?? runcLog });
     if (code !== 0) {
       const messages = (await readFile(runcLog, 'utf8').catch(() => ''))
         .split('\n')
         .filter((l) => /level=(error|fatal)/.test(l))
         .map((l) => /msg="((?:[^"\\]|\\.)*)"/.exec(l)?.[1]?.replace(/\\n/g, ' ') ?? l);
-      const why = abortReason || messages.slice(-2).join('; ') || `runc exited ${code}`;
+      const why = messages.slice(-2).join('; ') || `runc exited ${code}`;
       throw new RuntimeFailedError(`${op} of '${rec.spec.name}' failed: ${why}`, {
         op,
-        logPath: opts.criuLog ?? runcLog,
+        logPath: criuLog ?? runcLog,
         stderr: messages.join('\n'),
       });
     }
@@ -676,6 +735,7 @@ export class RuncRuntime implements ContainerRuntime {
     for (const n of existsSync(dir) ? await readdir(dir) : []) {
       const rec = await this.readRecord(n).catch(() => undefined);
       if (rec?.migration?.id === migrationId && rec.migration.role === role) return n;
+      if (role === 'target' && rec?.restoredBy === migrationId) return n;
     }
     throw new NotFoundError(`no ${role} container for migration ${migrationId} on node ${this.opts.node}`, { migrationId });
   }
@@ -772,6 +832,22 @@ async function openStatusFifo(path: string): Promise<{ writeFd: number; readable
   // A libuv pipe handle, not an fs stream: fs streams fail with EAGAIN on a non-blocking FIFO.
   const readable = new Socket({ fd: readFd, readable: true, writable: false });
   return { writeFd, readable, closeWriteEnd: () => closeSync(writeFd) };
+}
+
+/**
+ * `p`'s value, or undefined once `ms` have passed. Clears its timer: a pending one would keep
+ * the process (a test, the CLI) alive for the whole timeout after the work is done.
+ */
+async function within<T>(p: Promise<T>, ms: number): Promise<T | undefined> {
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<undefined>((resolve) => {
+    timer = setTimeout(() => resolve(undefined), ms);
+  });
+  try {
+    return await Promise.race([p, timeout]);
+  } finally {
+    clearTimeout(timer);
+  }
 }
 
 function sleep(ms: number): Promise<void> {

@@ -1,0 +1,316 @@
+/**
+ * Two RuncRuntimes, each driving its own test host (src/cluster/testhost.ts) through
+ * `hostNetns`, as a RuntimePair for the runtime contract; and a cleanup that removes all they
+ * made (containers, runc state, mounts, namespaces, cgroups, test hosts, temp dirs) whatever
+ * state a failed test left them in.
+ */
+import assert from 'node:assert/strict';
+import { existsSync } from 'node:fs';
+import { mkdir, mkdtemp, readdir, readFile } from 'node:fs/promises';
+import { request } from 'node:http';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { detectCapabilities } from '../../src/agent/host/capabilities.js';
+import { RuncRuntime } from '../../src/agent/runtime/runc-runtime.js';
+import type { ContainerRuntime } from '../../src/agent/runtime/types.js';
+import { createTestHost, deleteBridge, deleteTestHost, ensureBridge, killAllInHost, netnsPath, type TestNetwork } from '../../src/cluster/testhost.js';
+import { runUnchecked } from '../../src/shared/exec.js';
+import type { AgentContainer, HostCapabilities } from '../../src/shared/protocol.js';
+import { APP_PORT, type AppClient, type RuntimePair } from '../contract/runtime.contract.js';
+
+export const CRIU = '/opt/chipmunk/bin/criu';
+/**
+ * This suite's own bridge, names and subnet, so a local cluster (chmk-*, 198.18.0.0/24) or the
+ * test-host test (chmkt-*, 198.18.1.0/24) can run meanwhile. Traffic goes to 198.18.2.x only.
+ */
+const NETWORK: TestNetwork = { bridge: 'chmkr-br0', gateway: '198.18.2.1', prefixLength: 24, netnsPrefix: 'chmkr-', vethPrefix: 'chmkrv-' };
+const TMP_PREFIX = 'chipmunk-rt-test-';
+/** Node names are unique to these tests: they name runc ids, cgroups and container namespaces. */
+const NODES = [
+  { node: 'rtch1', host: 'h1', address: '198.18.2.11', subnet: '198.19.201.0/24' },
+  { node: 'rtch2', host: 'h2', address: '198.18.2.12', subnet: '198.19.202.0/24' },
+] as const;
+const hostNetns = (host: string) => NETWORK.netnsPrefix + host;
+const PAGE_SERVER_PORT_BASE = 27300;
+
+let capabilities: HostCapabilities | undefined;
+
+/** Call once before the first pair: probes CRIU and removes what runs that died left behind. */
+export async function prepareRuncPairs(): Promise<void> {
+  assert.ok(existsSync(CRIU), `${CRIU} is missing: run scripts/setup.sh`);
+  capabilities = await detectCapabilities({ criuPath: CRIU });
+  await sweepLeftovers();
+}
+
+interface NodeFixture {
+  cfg: (typeof NODES)[number];
+  runtime: RuncRuntime;
+  dataDir: string;
+  runDir: string;
+}
+
+export async function makeRuncPair(): Promise<RuntimePair> {
+  assert.ok(capabilities, 'call prepareRuncPairs() first');
+  const root = await mkdtemp(join(tmpdir(), TMP_PREFIX));
+  let nodes: NodeFixture[] = [];
+  const cleanup = async () => {
+    const problems: string[] = [];
+    for (const n of nodes) await cleanupRuntime(n, problems);
+    problems.push(...(await removeLeftovers(root, NODES.map((n) => n.node))));
+    problems.push(...(await destroyTestHosts()));
+    await runUnchecked('rm', ['-rf', '--one-file-system', '--', root]);
+    if (existsSync(root)) problems.push(`${root} could not be deleted`);
+    if (problems.length) throw new Error(`runtime test cleanup: ${problems.join('; ')}`);
+  };
+  try {
+    await destroyTestHosts(); // what a run that died left
+    await ensureBridge(NETWORK);
+    for (const n of NODES) await createTestHost(NETWORK, n.host, n.address);
+    nodes = await Promise.all(
+      NODES.map(async (cfg, i) => {
+        const dataDir = join(root, `h${i + 1}`, 'data');
+        const runDir = join(root, `h${i + 1}`, 'run');
+        await mkdir(dataDir, { recursive: true });
+        await mkdir(runDir, { recursive: true });
+        const runtime = new RuncRuntime({
+          node: cfg.node,
+          dataDir,
+          runDir,
+          subnet: cfg.subnet,
+          criuPath: CRIU,
+          capabilities: capabilities!,
+          hostNetns: netnsPath(hostNetns(cfg.host)),
+        });
+        return { cfg, runtime, dataDir, runDir };
+      }),
+    );
+  } catch (err) {
+    await cleanup().catch(() => undefined);
+    throw err;
+  }
+  const [source, target] = nodes as [NodeFixture, NodeFixture];
+  let nextPort = PAGE_SERVER_PORT_BASE;
+  return {
+    source: source.runtime,
+    target: target.runtime,
+    image: 'chipmunk/statefulapp',
+    async copyTrees(id) {
+      const from = source.runtime.migrationPaths(id);
+      const to = target.runtime.migrationPaths(id);
+      for (const [a, b] of [[from.images, to.images], [from.files, to.files]] as const) {
+        await mkdir(b, { recursive: true });
+        const res = await runUnchecked('cp', ['-a', '--sparse=always', `${a}/.`, b]);
+        assert.equal(res.code, 0, `cp ${a} ${b}: ${res.stderr}`);
+      }
+    },
+    reach(rt: ContainerRuntime, c: AgentContainer) {
+      const node = nodes.find((n) => n.runtime === rt);
+      assert.ok(node, 'reach: not a runtime of this pair');
+      const port = c.spec.ports.find((p) => p.containerPort === APP_PORT)?.hostPort;
+      assert.ok(port, `reach: ${c.name} publishes no port for ${APP_PORT}`);
+      return appClient(node.cfg.address, port);
+    },
+    pageServer: () => ({ address: source.cfg.address, port: nextPort++ }),
+    cleanup,
+  };
+}
+
+// ------------------------------------------------------------------ talking to the app
+
+async function appClient(address: string, port: number): Promise<AppClient> {
+  // Only our test hosts' addresses: never send traffic anywhere else.
+  assert.match(address, /^198\.18\.2\.\d+$/);
+  const call = (method: string, path: string) => httpJson(method, address, port, path);
+  const deadline = Date.now() + 30_000;
+  for (;;) {
+    try {
+      await call('GET', '/health');
+      break;
+    } catch (err) {
+      if (Date.now() > deadline) throw new Error(`app at ${address}:${port} did not answer within 30 s: ${(err as Error).message}`);
+      await new Promise((r) => setTimeout(r, 100));
+    }
+  }
+  return { get: (path) => call('GET', path), post: (path) => call('POST', path) };
+}
+
+/** One request on its own connection (no keep-alive: a checkpoint would carry a pooled one along). */
+function httpJson(method: string, host: string, port: number, path: string): Promise<any> {
+  return new Promise((resolve, reject) => {
+    const req = request({ host, port, path, method, agent: false, timeout: 15_000 }, (res) => {
+      let body = '';
+      res.setEncoding('utf8');
+      res.on('data', (d: string) => (body += d));
+      res.on('end', () => {
+        if ((res.statusCode ?? 0) >= 400) return reject(new Error(`${method} ${path}: HTTP ${res.statusCode} ${body}`));
+        try {
+          resolve(body && res.headers['content-type']?.includes('json') ? JSON.parse(body) : body);
+        } catch (err) {
+          reject(err);
+        }
+      });
+      res.on('error', reject);
+    });
+    req.on('timeout', () => req.destroy(new Error(`${method} ${path}: timed out`)));
+    req.on('error', (err) => reject(new Error(`${method} http://${host}:${port}${path}: ${err.message}`)));
+    req.end();
+  });
+}
+
+// ------------------------------------------------------------------ cleanup
+
+/**
+ * Through the runtime first, as an operator would: lazy page servers and lazy-pages daemons
+ * (the only processes in the test host's own namespace) are killed so nothing waits on pages,
+ * then every container is finished, aborted or removed according to its record.
+ */
+async function cleanupRuntime(n: NodeFixture, problems: string[]): Promise<void> {
+  await killAllInHost(hostNetns(n.cfg.host)).catch((err: Error) => problems.push(err.message));
+  // A runc restore or checkpoint of ours that hangs (CRIU can, when a lazy restore fails)
+  // would hold the runtime's lock on its container forever.
+  await killToolsUsing(n.dataDir);
+  await killToolsUsing(n.runDir);
+  const dir = join(n.dataDir, 'containers');
+  for (const name of existsSync(dir) ? await readdir(dir) : []) {
+    try {
+      const rec = JSON.parse(await readFile(join(dir, name, 'state.json'), 'utf8')) as { migration?: { id: string; role: string } };
+      if (rec.migration?.role === 'source') await withTimeout(n.runtime.finishMigration(rec.migration.id), `finishMigration on ${n.cfg.node}`);
+      else if (rec.migration?.role === 'target') await withTimeout(n.runtime.abortRestore(rec.migration.id), `abortRestore on ${n.cfg.node}`);
+      else await withTimeout(n.runtime.remove(name, { force: true }), `remove on ${n.cfg.node}`);
+    } catch (err) {
+      problems.push(`removing ${name} on ${n.cfg.node}: ${(err as Error).message}`);
+    }
+  }
+  await n.runtime.close();
+}
+
+/**
+ * Whatever the runtimes could not remove: runc containers, mounts (deepest first, before any
+ * delete), container network namespaces and cgroups of our nodes. Returns what is still there.
+ */
+async function removeLeftovers(root: string, nodes: string[]): Promise<string[]> {
+  for (const runcRoot of await globRuncRoots(root)) {
+    const ids = (await runUnchecked('runc', ['--root', runcRoot, 'list', '-q'])).stdout.split('\n').filter(Boolean);
+    for (const id of ids) await runUnchecked('runc', ['--root', runcRoot, 'delete', '-f', id], { timeoutMs: 30_000 });
+  }
+  for (const n of NODES) await killAllInHost(hostNetns(n.host)).catch(() => undefined);
+  await killToolsUsing(root);
+  for (const t of await mountsBelow(root)) {
+    if ((await runUnchecked('umount', [t])).code !== 0) await runUnchecked('umount', ['-l', t]);
+  }
+  for (const ns of await ourNetns(nodes)) await runUnchecked('ip', ['netns', 'del', ns]);
+  for (const node of nodes) await removeCgroups(node);
+  const problems: string[] = [];
+  const mounts = await mountsBelow(root);
+  if (mounts.length) problems.push(`still mounted: ${mounts.join(', ')}`);
+  const netns = await ourNetns(nodes);
+  if (netns.length) problems.push(`network namespaces left: ${netns.join(', ')}`);
+  return problems;
+}
+
+/** Leftovers of earlier runs that died before their cleanup. */
+async function sweepLeftovers(): Promise<void> {
+  for (const entry of await readdir(tmpdir())) {
+    if (!entry.startsWith(TMP_PREFIX)) continue;
+    const root = join(tmpdir(), entry);
+    const problems = await removeLeftovers(root, NODES.map((n) => n.node));
+    if (problems.length === 0) await runUnchecked('rm', ['-rf', '--one-file-system', '--', root]);
+  }
+  await removeLeftovers(join(tmpdir(), `${TMP_PREFIX}none`), NODES.map((n) => n.node));
+}
+
+/**
+ * SIGKILLs the processes whose command line names `dir` (a temporary directory of this test:
+ * runc and CRIU runs the runtimes started), with their descendants.
+ */
+async function killToolsUsing(dir: string): Promise<void> {
+  const procs: Array<{ pid: number; ppid: number; cmdline: string }> = [];
+  for (const entry of await readdir('/proc')) {
+    const pid = Number(entry);
+    if (!Number.isInteger(pid) || pid === process.pid) continue;
+    try {
+      const cmdline = (await readFile(`/proc/${pid}/cmdline`, 'utf8')).replace(/\0/g, ' ');
+      const stat = await readFile(`/proc/${pid}/stat`, 'utf8');
+      const ppid = Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]);
+      procs.push({ pid, ppid, cmdline });
+    } catch {
+      // gone meanwhile
+    }
+  }
+  const doomed = new Set(procs.filter((p) => p.cmdline.includes(`${dir}/`) || p.cmdline.includes(`${dir} `)).map((p) => p.pid));
+  for (let grew = true; grew; ) {
+    grew = false;
+    for (const p of procs) {
+      if (doomed.has(p.ppid) && !doomed.has(p.pid)) {
+        doomed.add(p.pid);
+        grew = true;
+      }
+    }
+  }
+  for (const pid of doomed) {
+    try {
+      process.kill(pid, 'SIGKILL');
+    } catch {
+      // already gone
+    }
+  }
+  if (doomed.size) await new Promise((r) => setTimeout(r, 200));
+}
+
+/** Kills what still runs in the test hosts' namespaces, deletes them and the bridge. */
+async function destroyTestHosts(): Promise<string[]> {
+  const problems: string[] = [];
+  for (const n of NODES) {
+    try {
+      await killAllInHost(hostNetns(n.host));
+      await deleteTestHost(NETWORK, n.host);
+    } catch (err) {
+      problems.push(`test host ${n.host}: ${(err as Error).message}`);
+    }
+  }
+  await deleteBridge(NETWORK).catch((err: Error) => problems.push(err.message));
+  return problems;
+}
+
+async function globRuncRoots(root: string): Promise<string[]> {
+  if (!existsSync(root)) return [];
+  const out: string[] = [];
+  for (const h of await readdir(root)) {
+    const r = join(root, h, 'run', 'runc');
+    if (existsSync(r)) out.push(r);
+  }
+  return out;
+}
+
+async function mountsBelow(dir: string): Promise<string[]> {
+  const res = await runUnchecked('findmnt', ['-rn', '-o', 'TARGET']);
+  return res.stdout
+    .split('\n')
+    .map((l) => l.replace(/\\x20/g, ' '))
+    .filter((t) => t === dir || t.startsWith(`${dir}/`))
+    .sort((a, b) => b.length - a.length);
+}
+
+async function ourNetns(nodes: string[]): Promise<string[]> {
+  const dir = '/var/run/netns';
+  const names = existsSync(dir) ? await readdir(dir) : [];
+  return names.filter((n) => nodes.some((node) => n.startsWith(`chmk-${node}-`)));
+}
+
+/** runc removes a container's own cgroup, not the chipmunk/NODE parents it created. */
+async function removeCgroups(node: string): Promise<void> {
+  const base = '/sys/fs/cgroup';
+  for (const ctrl of existsSync(base) ? await readdir(base) : []) {
+    const dir = join(base, ctrl, 'chipmunk', node);
+    if (existsSync(dir)) await runUnchecked('find', [dir, '-depth', '-type', 'd', '-exec', 'rmdir', '{}', ';']);
+  }
+}
+
+async function withTimeout<T>(p: Promise<T>, what: string, ms = 60_000): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  try {
+    return await Promise.race([p, new Promise<never>((_, reject) => (timer = setTimeout(() => reject(new Error(`${what} timed out`)), ms)))]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
