@@ -125,6 +125,12 @@ export class RuncRuntime implements ContainerRuntime {
     return `chmk-${this.opts.node}-${name}-${generation}`;
   }
 
+  /**
+   * The network namespace of an incarnation. Its name is also the CNI container ID of the
+   * attachment (portmap's DNAT rules and the IPAM reservation are keyed by it): a rollback
+   * restores a new incarnation (generation + 1) into the same namespace, so the runc ID of the
+   * current generation would not name the attachment any more.
+   */
   private netnsName(name: string, generation: number): string {
     return `chmk-${this.opts.node}-${name}-${generation}`;
   }
@@ -200,8 +206,8 @@ export class RuncRuntime implements ContainerRuntime {
           createdAt: new Date().toISOString(),
         };
         await this.mountContainerRootfs(spec.name, image);
-        const att = await this.network.attach(rec.netns, this.runcId(spec.name, 0), spec.ports);
-        undo.push(() => this.network.detach(rec.netns, this.runcId(spec.name, 0), spec.ports));
+        const att = await this.network.attach(rec.netns, rec.netns, spec.ports);
+        undo.push(() => this.network.detach(rec.netns, rec.netns, spec.ports));
         rec.ip = att.ip;
         await this.writeBundle(rec, image);
         await this.writeRecord(rec);
@@ -260,7 +266,7 @@ export class RuncRuntime implements ContainerRuntime {
         throw new ConflictError(`container '${name}' is running: stop it first or remove it with force`, { name });
       }
       await this.destroyIncarnation(name, rec.generation);
-      await this.network.detach(rec.netns, id, rec.spec.ports);
+      await this.network.detach(rec.netns, rec.netns, rec.spec.ports);
       await this.removeContainerDir(name);
     });
   }
@@ -413,7 +419,7 @@ export class RuncRuntime implements ContainerRuntime {
         const rec = await this.readRecord(name).catch(() => undefined);
         if (!rec) return;
         await this.destroyIncarnation(name, rec.generation);
-        await this.network.detach(rec.netns, this.runcId(name, rec.generation), rec.spec.ports);
+        await this.network.detach(rec.netns, rec.netns, rec.spec.ports);
         await this.removeContainerDir(name);
       });
     }
@@ -446,9 +452,8 @@ export class RuncRuntime implements ContainerRuntime {
         migration: { id: opts.migrationId, role: 'target', mode: opts.mode },
       };
       await this.writeRecord(rec);
-      const id = this.runcId(spec.name, opts.generation);
       try {
-        const att = await this.network.attach(rec.netns, id, spec.ports);
+        const att = await this.network.attach(rec.netns, rec.netns, spec.ports);
         rec.ip = att.ip;
         await this.writeRecord(rec);
         const restored = await this.restoreIncarnation(rec, image, opts.migrationId, opts.mode, opts.pageServer);
@@ -457,7 +462,7 @@ export class RuncRuntime implements ContainerRuntime {
         return await this.view(restored);
       } catch (err) {
         // Leave nothing of a failed restore: the source still has the container.
-        await this.network.detach(rec.netns, id, spec.ports).catch(() => undefined);
+        await this.network.detach(rec.netns, rec.netns, spec.ports).catch(() => undefined);
         await this.removeContainerDir(spec.name).catch(() => undefined);
         throw err;
       }
@@ -487,7 +492,7 @@ export class RuncRuntime implements ContainerRuntime {
       await this.withLock(name, async () => {
         const rec = await this.readRecord(name);
         await this.destroyIncarnation(name, rec.generation);
-        await this.network.detach(rec.netns, this.runcId(name, rec.generation), rec.spec.ports);
+        await this.network.detach(rec.netns, rec.netns, rec.spec.ports);
         await this.removeContainerDir(name);
       });
     }
