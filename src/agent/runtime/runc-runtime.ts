@@ -386,6 +386,8 @@ export class RuncRuntime implements ContainerRuntime {
         await removeCriuNetworkLock(rec.netns);
         delete rec.migration;
         await this.writeRecord(rec);
+        this.sources.delete(migrationId);
+        await this.discardMigrationData(migrationId);
         return this.view(rec);
       }
       const mode = mig?.mode ?? rec.migration?.mode ?? 'copy';
@@ -402,8 +404,22 @@ export class RuncRuntime implements ContainerRuntime {
       const restored = await this.restoreIncarnation(rec, image, migrationId, mode, mode === 'lazy' ? mig!.pageServer : undefined);
       delete restored.migration;
       await this.writeRecord(restored);
+      this.sources.delete(migrationId);
+      // In lazy mode the restored container is still pulling its memory from the page server:
+      // the images go once both CRIU processes are done. Nobody waits for it.
+      void this.discardWhenServed(migrationId, mig).catch(() => undefined);
       return this.view(restored);
     });
+  }
+
+  /** After a rollback: waits for the lazy-pages daemon and the page server to end, then drops the images. */
+  private async discardWhenServed(migrationId: string, mig: SourceMigration | undefined): Promise<void> {
+    const daemon = this.lazyDaemons.get(migrationId);
+    const waits: Array<Promise<unknown>> = [];
+    if (daemon && daemon.exitCode === null && daemon.signalCode === null) waits.push(new Promise((resolve) => daemon.once('exit', resolve)));
+    if (mig) waits.push(mig.checkpointDone);
+    await Promise.race([Promise.all(waits), sleep(PAGE_DRAIN_TIMEOUT_MS)]);
+    await this.discardMigrationData(migrationId);
   }
 
   async finishMigration(migrationId: string): Promise<void> {
@@ -496,7 +512,8 @@ export class RuncRuntime implements ContainerRuntime {
         await this.removeContainerDir(name);
       });
     }
-    await this.removeMigrationDir(migrationId);
+    // The failure that led here names CRIU's logs (criu-work/restore.log): they stay.
+    await this.discardMigrationData(migrationId);
   }
 
   /**
@@ -651,6 +668,19 @@ export class RuncRuntime implements ContainerRuntime {
     const dir = this.containerDir(name);
     await unmountBelow(dir);
     await removeTree(dir);
+  }
+
+  /**
+   * What a failed migration leaves: everything in its directory (images, staged files) but
+   * CRIU's logs in criu-work/, which the migration's error points the operator at.
+   */
+  private async discardMigrationData(migrationId: string): Promise<void> {
+    const dir = join(this.opts.dataDir, 'migrations', migrationId);
+    if (!existsSync(dir)) return;
+    await unmountBelow(dir);
+    for (const entry of await readdir(dir)) {
+      if (entry !== 'criu-work') await removeTree(join(dir, entry));
+    }
   }
 
   private async removeMigrationDir(migrationId: string): Promise<void> {
