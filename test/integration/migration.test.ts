@@ -6,6 +6,7 @@
 // (fault injection: the target agent dies before restoring). Nothing may run after it; a new
 // test that needs all nodes goes above it.
 import assert from 'node:assert/strict';
+import { existsSync } from 'node:fs';
 import { after, before, describe, it } from 'node:test';
 
 import {
@@ -17,6 +18,7 @@ import {
   cliOk,
   controllerContainers,
   http,
+  migrationLeftovers,
   ps,
   runcList,
   runningCopies,
@@ -104,6 +106,20 @@ async function assertMigrated(
   assert.deepEqual(entry.ports, [`${cluster().address(to)}:${port}->${APP_PORT}/tcp`]);
   const copies = await runningCopies(name);
   assert.deepEqual(copies.map((c) => c.node), [to], `running copies of ${name}: ${JSON.stringify(copies)}`);
+  await assertNoLeftovers([from, to]);
+}
+
+/** No checkpoint images or staged files left on NODES (the source's may take a moment after a lazy rollback). */
+async function assertNoLeftovers(nodes: string[]): Promise<void> {
+  let left: string[] = [];
+  try {
+    await waitFor(async () => {
+      left = (await Promise.all(nodes.map(migrationLeftovers))).flat();
+      return left.length === 0;
+    }, 15_000, 'migration data to be removed');
+  } catch {
+    assert.deepEqual(left, [], 'migration data left behind');
+  }
 }
 
 // ---------------------------------------------------------------- successful migrations
@@ -354,6 +370,11 @@ describe('a failed migration leaves the container running on its source (last: k
     assert.match(res.error.message, new RegExp(`failed in phase ${String(details.phase)}`));
     assert.match(res.error.message, /fragile runs on node1 again/);
     assert.match(res.stderr, /\(CHIPMUNK_MIGRATION_FAILED\)/);
+    // A log the error points at must be there to read.
+    if (typeof details.logPath === 'string') {
+      assert.ok(existsSync(details.logPath), `the error names ${details.logPath}, which does not exist`);
+      assert.match(res.stderr, new RegExp(`log: ${details.logPath}`));
+    }
 
     const state = await appState(source, port);
     assert.deepEqual(state, { counter, lines: counter, memoryOk: true, memoryMB: 32 });
@@ -365,6 +386,7 @@ describe('a failed migration leaves the container running on its source (last: k
     if (opts.targetAlive) assert.deepEqual((await agentContainers(opts.to)).map((c) => c.name), []);
     const onSource = (await agentContainers(source)).find((c) => c.name === name);
     assert.equal(onSource?.status, 'running');
+    await assertNoLeftovers(opts.targetAlive ? [source, opts.to] : [source]);
     return res;
   }
 

@@ -14,7 +14,7 @@
  */
 import { execFile, spawn } from 'node:child_process';
 import { request } from 'node:http';
-import { readFile } from 'node:fs/promises';
+import { readdir, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
@@ -339,6 +339,19 @@ export async function runningCopies(name: string): Promise<Array<{ node: string;
     for (const c of await runcList(node)) if (incarnation.test(c.id) && c.status === 'running') copies.push({ node, id: c.id });
   }
   return copies;
+}
+
+/**
+ * What migrations left in NODE's agent data dir (migrations/ID/ENTRY), CRIU's logs (criu-work)
+ * aside: checkpoint images and staged files, which must not outlive their migration.
+ */
+export async function migrationLeftovers(node: string): Promise<string[]> {
+  const dir = join(clusterStateDir(), 'nodes', node, 'migrations');
+  const left: string[] = [];
+  for (const id of await readdir(dir).catch(() => [] as string[])) {
+    for (const entry of await readdir(join(dir, id)).catch(() => [] as string[])) if (entry !== 'criu-work') left.push(`${node}:migrations/${id}/${entry}`);
+  }
+  return left;
 }
 
 // ---------------------------------------------------------------- waiting
