@@ -142,6 +142,12 @@ export class RuncRuntime implements ContainerRuntime {
     return `chmk-${this.opts.node}-${name}-${generation}`;
   }
 
+  /**
+   * The network namespace of an incarnation. Its name is also the CNI container ID of the
+   * attachment (portmap's DNAT rules and the IPAM reservation are keyed by it): a rollback
+   * restores a new incarnation (generation + 1) into the same namespace, so the runc ID of the
+   * current generation would not name the attachment any more.
+   */
   private netnsName(name: string, generation: number): string {
     return `chmk-${this.opts.node}-${name}-${generation}`;
   }
@@ -227,8 +233,8 @@ export class RuncRuntime implements ContainerRuntime {
           createdAt: new Date().toISOString(),
         };
         await this.mountContainerRootfs(spec.name, image);
-        const att = await this.network.attach(rec.netns, this.runcId(spec.name, 0), spec.ports);
-        undo.push(() => this.network.detach(rec.netns, this.runcId(spec.name, 0), spec.ports));
+        const att = await this.network.attach(rec.netns, this.cniId(rec), spec.ports);
+        undo.push(() => this.network.detach(rec.netns, rec.netns, spec.ports));
         rec.ip = att.ip;
         await this.writeBundle(rec, image);
         await this.writeRecord(rec);
@@ -408,6 +414,8 @@ export class RuncRuntime implements ContainerRuntime {
         await removeCriuNetworkLock(rec.netns);
         delete rec.migration;
         await this.writeRecord(rec);
+        this.sources.delete(migrationId);
+        await this.discardMigrationData(migrationId);
         return this.view(rec);
       }
       const mode = mig?.mode ?? rec.migration?.mode ?? 'copy';
@@ -450,8 +458,22 @@ export class RuncRuntime implements ContainerRuntime {
       }
       delete restored.migration;
       await this.writeRecord(restored);
+      this.sources.delete(migrationId);
+      // In lazy mode the restored container is still pulling its memory from the page server:
+      // the images go once both CRIU processes are done. Nobody waits for it.
+      void this.discardWhenServed(migrationId, mig).catch(() => undefined);
       return this.view(restored);
     });
+  }
+
+  /** After a rollback: waits for the lazy-pages daemon and the page server to end, then drops the images. */
+  private async discardWhenServed(migrationId: string, mig: SourceMigration | undefined): Promise<void> {
+    const daemon = this.lazyDaemons.get(migrationId);
+    const waits: Array<Promise<unknown>> = [];
+    if (daemon && daemon.exitCode === null && daemon.signalCode === null) waits.push(new Promise((resolve) => daemon.once('exit', resolve)));
+    if (mig) waits.push(mig.checkpointDone);
+    await Promise.race([Promise.all(waits), sleep(PAGE_DRAIN_TIMEOUT_MS)]);
+    await this.discardMigrationData(migrationId);
   }
 
   async finishMigration(migrationId: string): Promise<void> {
@@ -500,9 +522,8 @@ export class RuncRuntime implements ContainerRuntime {
         migration: { id: opts.migrationId, role: 'target', mode: opts.mode },
       };
       await this.writeRecord(rec);
-      const id = this.runcId(spec.name, opts.generation);
       try {
-        const att = await this.network.attach(rec.netns, id, spec.ports);
+        const att = await this.network.attach(rec.netns, this.cniId(rec), spec.ports);
         rec.ip = att.ip;
         await this.writeRecord(rec);
         const restored = await this.restoreIncarnation(rec, image, opts.migrationId, opts.mode, opts.pageServer);
@@ -512,7 +533,7 @@ export class RuncRuntime implements ContainerRuntime {
         return await this.view(restored);
       } catch (err) {
         // Leave nothing of a failed restore: the source still has the container.
-        await this.network.detach(rec.netns, id, spec.ports).catch(() => undefined);
+        await this.network.detach(rec.netns, rec.netns, spec.ports).catch(() => undefined);
         await this.removeContainerDir(spec.name).catch(() => undefined);
         throw err;
       }
@@ -546,7 +567,8 @@ export class RuncRuntime implements ContainerRuntime {
         await this.removeContainerDir(name);
       });
     }
-    await this.removeMigrationDir(migrationId);
+    // The failure that led here names CRIU's logs (criu-work/restore.log): they stay.
+    await this.discardMigrationData(migrationId);
   }
 
   /**
@@ -715,6 +737,19 @@ export class RuncRuntime implements ContainerRuntime {
     const dir = this.containerDir(name);
     await unmountBelow(dir);
     await removeTree(dir);
+  }
+
+  /**
+   * What a failed migration leaves: everything in its directory (images, staged files) but
+   * CRIU's logs in criu-work/, which the migration's error points the operator at.
+   */
+  private async discardMigrationData(migrationId: string): Promise<void> {
+    const dir = join(this.opts.dataDir, 'migrations', migrationId);
+    if (!existsSync(dir)) return;
+    await unmountBelow(dir);
+    for (const entry of await readdir(dir)) {
+      if (entry !== 'criu-work') await removeTree(join(dir, entry));
+    }
   }
 
   private async removeMigrationDir(migrationId: string): Promise<void> {
