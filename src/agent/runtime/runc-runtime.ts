@@ -472,7 +472,7 @@ export class RuncRuntime implements ContainerRuntime {
     const waits: Array<Promise<unknown>> = [];
     if (daemon && daemon.exitCode === null && daemon.signalCode === null) waits.push(new Promise((resolve) => daemon.once('exit', resolve)));
     if (mig) waits.push(mig.checkpointDone);
-    await Promise.race([Promise.all(waits), sleep(PAGE_DRAIN_TIMEOUT_MS)]);
+    await within(Promise.all(waits), PAGE_DRAIN_TIMEOUT_MS);
     await this.discardMigrationData(migrationId);
   }
 
@@ -544,7 +544,7 @@ export class RuncRuntime implements ContainerRuntime {
     const daemon = this.lazyDaemons.get(migrationId);
     if (daemon && daemon.exitCode === null) {
       const exited = new Promise<void>((resolve) => daemon.once('exit', () => resolve()));
-      await Promise.race([exited, sleep(PAGE_DRAIN_TIMEOUT_MS)]);
+      await within(exited, PAGE_DRAIN_TIMEOUT_MS);
     }
     const log = await readFile(join(this.criuWorkDir(migrationId), 'lazy-pages.log'), 'utf8').catch(() => '');
     // One line per restored process: "UFFD transferred pages: (copied/total)".
