@@ -15,9 +15,7 @@ import { LOCAL_NETWORK } from '../../src/cluster/local-cluster.js';
 import { runUnchecked } from '../../src/shared/exec.js';
 import { removeTree } from '../../src/shared/remove-tree.js';
 import { unmountBelow } from '../../src/agent/runtime/rootfs.js';
-import { cliOk, http, localCluster, ps, useLocalCluster, waitFor } from '../support/local-cluster.js';
-
-useLocalCluster({ nodes: 2 });
+import { cliOk, http, ps, startLocalCluster, stopLocalCluster, waitFor } from '../support/local-cluster.js';
 
 const NODE = 'node4';
 const ADDRESS = '198.18.0.14';
@@ -31,9 +29,10 @@ const podmanPrivate = (args: string[]) =>
   });
 
 before(async () => {
+  // The cluster first, then the extra node on its bridge (one hook: the order matters).
+  const cluster = await startLocalCluster(2);
   scratch = await mkdtemp(join(tmpdir(), 'chipmunk-image-transfer-'));
   const host = await createTestHost(LOCAL_NETWORK, NODE, ADDRESS);
-  const cluster = localCluster();
   agent = spawn(
     'nsenter',
     [
@@ -72,6 +71,7 @@ after(async () => {
     await unmountBelow(scratch);
     await removeTree(scratch);
   }
+  await stopLocalCluster();
 }, { timeout: 120_000 });
 
 test('a migration to a node without the image streams the image there first', { timeout: 240_000 }, async () => {
