@@ -42,7 +42,8 @@ function chipmunk(args: string[], opts: { json?: boolean; quiet?: boolean } = {}
 
 async function call(node: string, method: 'GET' | 'POST', path: string): Promise<any> {
   const res = await request(`http://${address(node)}:${PORT}${path}`, { method, headersTimeout: 5_000, bodyTimeout: 30_000 });
-  return res.body.json();
+  const text = await res.body.text();
+  return res.headers['content-type']?.toString().includes('json') ? JSON.parse(text) : text;
 }
 
 async function waitForAnswer(node: string): Promise<void> {
