@@ -18,7 +18,7 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { request } from 'undici';
-import { DowntimeProbe, GapProbe } from '../../src/devtools/downtime-probe.js';
+import { DowntimeProbe, AnswerWatch, firstAnswer } from '../../src/devtools/downtime-probe.js';
 import { ensureTestImages } from '../../src/devtools/images.js';
 import { run, runUnchecked } from '../../src/shared/exec.js';
 import { removeTree } from '../../src/shared/remove-tree.js';
@@ -122,7 +122,7 @@ async function podmanWay(sizeMB: number, scratch: string): Promise<Row> {
     if (!ip.startsWith('198.19.250.')) throw new Error(`podman gave the container address ${ip}, outside ${PODMAN_SUBNET}`);
     const url = `http://${ip}:${PORT}/health`;
     await waitForAnswer(url);
-    const probe = new GapProbe(url);
+    const probe = new AnswerWatch(url);
     probe.start();
     await new Promise((r) => setTimeout(r, 200));
     const archive = join(scratch, `${name}.tar`);
@@ -135,8 +135,12 @@ async function podmanWay(sizeMB: number, scratch: string): Promise<Row> {
     await run('cp', [archive, copied], { op: 'copy archive' });
     const bytes = (await stat(copied)).size;
     await podman(['container', 'restore', '--import', copied, '--name', `${name}-restored`], 'podman container restore');
-    const answered = await probe.answeredAfter(frozenAt);
-    const seen = await probe.stop();
+    // The restored container may get another address: poll wherever it is now.
+    const newIp = (await podman(['inspect', '-f', '{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}', `${name}-restored`], 'podman inspect')).stdout.trim();
+    const answered = await firstAnswer(`http://${newIp}:${PORT}/health`);
+    const lastBefore = probe.lastAnswerBefore(frozenAt);
+    await probe.stop();
+    const seen = { downtimeMs: lastBefore !== undefined ? answered - lastBefore : undefined };
     return { sizeMB, way: 'podman', downtimeMs: seen.downtimeMs, totalMs: answered - started, bytes };
   } finally {
     await runUnchecked('podman', ['rm', '-f', name, `${name}-restored`], { env: PODMAN_ENV });

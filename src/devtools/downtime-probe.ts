@@ -4,7 +4,13 @@
  * last answer from the source and the first answer from the target after it. Downtime is the
  * gap between the two. Bounded: it stops by itself after `maxMs` whatever happens.
  */
-import { request } from 'undici';
+import { Agent, request } from 'undici';
+
+/**
+ * Fresh connection per request, and a short connect timeout: a SYN that is dropped (a frozen
+ * or locked network) must not park the client in the kernel's one-second retransmission.
+ */
+const client = new Agent({ connect: { timeout: 100 }, pipelining: 0 });
 
 export interface ProbeTarget {
   /** http://ADDRESS:PORT/PATH, an address of this machine's test hosts or loopback only. */
@@ -70,7 +76,7 @@ export class DowntimeProbe {
     while (!this.stopped) {
       this.requests++;
       try {
-        const res = await request(url, { headersTimeout: REQUEST_TIMEOUT_MS, bodyTimeout: REQUEST_TIMEOUT_MS, reset: true });
+        const res = await request(url, { dispatcher: client, headersTimeout: REQUEST_TIMEOUT_MS, bodyTimeout: REQUEST_TIMEOUT_MS, reset: true });
         await res.body.dump();
         if (res.statusCode < 500) onAnswer(Date.now());
       } catch {
@@ -82,10 +88,10 @@ export class DowntimeProbe {
 }
 
 /**
- * For a container that keeps its address (Podman's own checkpoint/restore): one endpoint,
- * polled about every millisecond; downtime is the longest gap between two answers.
+ * Watches one endpoint (the source, when the target's address is known only afterwards, as
+ * with Podman's restore): polls it about every millisecond and keeps the times it answered.
  */
-export class GapProbe {
+export class AnswerWatch {
   private stopped = false;
   private answers: number[] = [];
   private requests = 0;
@@ -102,7 +108,7 @@ export class GapProbe {
       while (!this.stopped) {
         this.requests++;
         try {
-          const res = await request(this.url, { headersTimeout: REQUEST_TIMEOUT_MS, bodyTimeout: REQUEST_TIMEOUT_MS, reset: true });
+          const res = await request(this.url, { dispatcher: client, headersTimeout: REQUEST_TIMEOUT_MS, bodyTimeout: REQUEST_TIMEOUT_MS, reset: true });
           await res.body.dump();
           if (res.statusCode < 500) this.answers.push(Date.now());
         } catch {
@@ -114,24 +120,33 @@ export class GapProbe {
     this.deadline = setTimeout(() => (this.stopped = true), this.maxMs);
   }
 
-  async stop(): Promise<{ downtimeMs?: number; requests: number }> {
+  async stop(): Promise<{ requests: number }> {
     this.stopped = true;
     clearTimeout(this.deadline);
     await this.loop;
-    let gap: number | undefined;
-    for (let i = 1; i < this.answers.length; i++) gap = Math.max(gap ?? 0, this.answers[i] - this.answers[i - 1]);
-    return { ...(gap !== undefined ? { downtimeMs: gap } : {}), requests: this.requests };
+    return { requests: this.requests };
   }
 
-  /** Resolves once an answer arrived after `since` (ms since epoch). */
-  async answeredAfter(since: number, timeoutMs = 60_000): Promise<number> {
-    const until = Date.now() + timeoutMs;
-    for (;;) {
-      const t = this.answers.find((a) => a > since);
-      if (t !== undefined) return t;
-      if (Date.now() > until) throw new Error(`${this.url} did not answer within ${timeoutMs} ms`);
-      await sleep(2);
+  /** The last answer at or before `t`, if any. */
+  lastAnswerBefore(t: number): number | undefined {
+    return this.answers.filter((a) => a <= t).at(-1);
+  }
+
+}
+
+/** Polls `url` about every millisecond until it answers; the time of that first answer. */
+export async function firstAnswer(url: string, timeoutMs = 60_000): Promise<number> {
+  const until = Date.now() + timeoutMs;
+  for (;;) {
+    try {
+      const res = await request(url, { dispatcher: client, headersTimeout: REQUEST_TIMEOUT_MS, bodyTimeout: REQUEST_TIMEOUT_MS, reset: true });
+      await res.body.dump();
+      if (res.statusCode < 500) return Date.now();
+    } catch {
+      // not yet
     }
+    if (Date.now() > until) throw new Error(`${url} did not answer within ${timeoutMs} ms`);
+    await sleep(POLL_INTERVAL_MS);
   }
 }
 

@@ -590,6 +590,7 @@ export class RuncRuntime implements ContainerRuntime {
     await mkdir(work, { recursive: true });
     await this.mountContainerRootfs(name, image);
     await this.writeBundle(rec, image);
+    await this.writeCriuOptions(name, 'restore');
     const args = ['restore', '-d', '--image-path', images, '--work-path', work, '--bundle', this.containerDir(name)];
     try {
       let daemonFailed: Promise<string> | undefined;
@@ -613,6 +614,8 @@ export class RuncRuntime implements ContainerRuntime {
       this.lazyDaemons.delete(migrationId);
       await this.destroyIncarnation(name, rec.generation);
       throw err;
+    } finally {
+      await this.writeCriuOptions(name, 'dump').catch(() => undefined);
     }
     delete rec.stopped;
     return rec;
@@ -699,11 +702,7 @@ export class RuncRuntime implements ContainerRuntime {
   private async writeBundle(rec: ContainerRecord, image: ImageConfig): Promise<void> {
     const dir = this.containerDir(rec.spec.name);
     const criuConf = join(dir, 'criu.conf');
-    // CRIU options runc passes on (org.criu.config). skip-in-flight (dump): a connection
-    // still in the listen backlog would fail the dump; its client retries. tcp-close
-    // (restore): connections dumped with --tcp-established come back closed, since the
-    // target has another address, instead of failing the restore; their clients reconnect.
-    await writeFile(criuConf, 'skip-in-flight\ntcp-close\n');
+    await this.writeCriuOptions(rec.spec.name, 'dump');
     const config = buildOciConfig({
       spec: rec.spec,
       image,
@@ -714,6 +713,23 @@ export class RuncRuntime implements ContainerRuntime {
       criuConfigPath: criuConf,
     });
     await writeFile(join(dir, 'config.json'), JSON.stringify(config, null, 2));
+  }
+
+  /**
+   * The CRIU options runc passes on (org.criu.config). runc reads the file named in the
+   * running container's config for a dump and in the bundle's for a restore: one path, whose
+   * content is switched to the restore options around a restore.
+   * - skip-in-flight (dump): a connection still in the listen backlog would fail the dump; its
+   *   client retries.
+   * - tcp-close (restore): connections dumped with --tcp-established come back closed, since the
+   *   target has another address, instead of failing the restore; their clients reconnect.
+   * - network-lock skip (restore): the namespace is new and holds no connection to protect;
+   *   locked, it would silently drop the first clients' SYNs and cost them a one-second
+   *   retransmission; unlocked, they are refused until the listener is back and retry at once.
+   */
+  private async writeCriuOptions(name: string, purpose: 'dump' | 'restore'): Promise<void> {
+    const options = purpose === 'dump' ? ['skip-in-flight', 'tcp-close'] : ['skip-in-flight', 'tcp-close', 'network-lock skip'];
+    await writeFile(join(this.containerDir(name), 'criu.conf'), `${options.join('\n')}\n`);
   }
 
   private async mountContainerRootfs(name: string, image: ImageConfig): Promise<void> {
