@@ -18,6 +18,7 @@ import {
   ContainerName,
   ContainerSpec,
   ContainerStats,
+  PrepareRequest,
   RestoreRequest,
   RestoreResult,
   SettleResult,
@@ -126,6 +127,13 @@ export function buildAgentServer(deps: AgentServerDeps): FastifyInstance {
   });
 
   // ---------------------------------------------------------------- migration, target side
+
+  app.post('/v1/migrations/:id/prepare', { schema: { params: MigrationParams, body: PrepareRequest } }, async (req, reply) => {
+    const r = req.body;
+    if (!(await images.exists(r.spec.image))) await fetchImage(r.spec.image, r.source, req.params.id);
+    await runtime.prepareRestore(r.spec, { migrationId: req.params.id, mode: r.mode, generation: r.generation });
+    reply.code(204);
+  });
 
   app.post(
     '/v1/migrations/:id/restore',

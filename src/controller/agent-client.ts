@@ -11,6 +11,7 @@ import type {
   CheckpointResult,
   ContainerSpec,
   ContainerStats,
+  PrepareRequest,
   RestoreRequest,
   RestoreResult,
   RollbackRequest,
@@ -43,6 +44,8 @@ export interface AgentApi {
   rollback(migrationId: string): Promise<AgentContainer>;
   /** Source side: the target runs the container; serve the remaining pages, then clean up. */
   finish(migrationId: string): Promise<void>;
+  /** Target side, before the checkpoint: image and network ready, nothing frozen yet. */
+  prepare(migrationId: string, req: PrepareRequest): Promise<void>;
   /** Target side: bytes received so far by a restore in progress. */
   progress(migrationId: string): Promise<TransferProgress>;
   /** Target side, after finish: wait for the last lazy page, drop the images, report bytes. */
@@ -124,6 +127,10 @@ export class HttpAgentApi implements AgentApi {
   rollback(migrationId: string): Promise<AgentContainer> {
     const body: RollbackRequest = { migrationId };
     return this.client.post(`${migrationPath(migrationId)}/rollback`, body, this.stepTimeout);
+  }
+
+  prepare(migrationId: string, req: PrepareRequest): Promise<void> {
+    return this.client.post(`${migrationPath(migrationId)}/prepare`, req, this.stepTimeout);
   }
 
   progress(migrationId: string): Promise<TransferProgress> {

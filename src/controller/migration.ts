@@ -211,6 +211,16 @@ export class MigrationOrchestrator {
     const target = this.agentFor(run.target);
     const progress: Progress = { checkpointAttempted: false, restoreAttempted: false, sourceFinished: false };
     try {
+      // The target gets ready (image, network namespace, address, ports) while the container
+      // still runs: none of it has to happen inside the downtime.
+      progress.restoreAttempted = true;
+      await target.prepare(id, {
+        migrationId: id,
+        mode,
+        spec: run.container.spec,
+        generation: run.container.generation + 1,
+        source: { node: from, url: run.source.url },
+      });
       await this.enter(run, 'checkpoint', { message: `freezing ${name} on ${from}` });
       progress.checkpointAttempted = true;
       const checkpoint = await source.checkpoint(name, {
@@ -299,7 +309,8 @@ export class MigrationOrchestrator {
     const { id, name, from, to } = run.record;
     const cause = toChipmunkError(err);
     const phase = failedPhase(run.record.phase, cause);
-    const node = phase === 'transfer' || phase === 'restore' || phase === 'verify' ? to : from;
+    // Inside a run, 'prepare' is the target getting ready (validation failures never get here).
+    const node = phase === 'prepare' || phase === 'transfer' || phase === 'restore' || phase === 'verify' ? to : from;
     const logPath = typeof cause.details.logPath === 'string' ? cause.details.logPath : undefined;
     const failure = `migration ${id} of ${name} from ${from} to ${to} failed in phase ${phase} on node ${node}: ${cause.message}`;
 
@@ -326,6 +337,11 @@ export class MigrationOrchestrator {
         container = { ...container, status: 'unknown' };
         outcome = `rolling ${name} back on ${from} failed too (${back.error.message}); see \`chipmunk ps\` and the agent log on ${from}`;
       }
+    } else if (progress.restoreAttempted) {
+      // Only the target was prepared: undo that; the container never stopped on the source.
+      await this.agentFor(run.target)
+        .abort(id)
+        .catch((err: unknown) => this.log.warn({ migrationId: id, err: toChipmunkError(err).toJSON() }, `abort of migration ${id} on ${to} failed`));
     }
 
     const error = new MigrationFailedError(

@@ -114,6 +114,16 @@ export const CheckpointResult = Type.Object({
 });
 export type CheckpointResult = Static<typeof CheckpointResult>;
 
+/** Target side, before the checkpoint: get the image if missing, set up the network. */
+export const PrepareRequest = Type.Object({
+  migrationId: Type.String({ minLength: 1 }),
+  mode: MigrationMode,
+  spec: ContainerSpec,
+  generation: Type.Integer({ minimum: 0 }),
+  source: Type.Object({ node: NodeName, url: Type.String() }),
+});
+export type PrepareRequest = Static<typeof PrepareRequest>;
+
 /** Target side: fetch the checkpoint from the source agent and restore it here. */
 export const RestoreRequest = Type.Object({
   migrationId: Type.String({ minLength: 1 }),
@@ -263,6 +273,7 @@ export const schemas: Record<string, TSchema> = {
   AgentInfo,
   CheckpointRequest,
   CheckpointResult,
+  PrepareRequest,
   RestoreRequest,
   RestoreResult,
   RollbackRequest,

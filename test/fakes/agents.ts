@@ -12,6 +12,7 @@ import type {
   ContainerSpec,
   ContainerStats,
   RegisterNodeRequest,
+  PrepareRequest,
   RestoreRequest,
   RestoreResult,
   SettleResult,
@@ -206,6 +207,12 @@ export class FakeAgent implements AgentApi {
       if (!checkpoint) throw new NotFoundError(`no migration ${migrationId} on ${this.node}`);
       this.checkpoints.delete(migrationId);
       this.containers.delete(checkpoint.name);
+    });
+  }
+
+  prepare(_migrationId: string, req: PrepareRequest): Promise<void> {
+    return this.step('prepare', () => {
+      if (this.containers.has(req.spec.name)) throw new ConflictError(`${this.node} already has a container named ${req.spec.name}`);
     });
   }
 

@@ -156,8 +156,24 @@ describe('migration orchestrator', () => {
       assert.equal(error.details.rolledBack, true);
       assert.match(error.message, /criu dump failed/);
       assert.deepEqual(events.map((event) => event.phase), ['prepare', 'checkpoint', 'rollback', 'failed']);
-      assert.equal(env.cluster.callIndex('node2.abort'), -1, 'the target never restored, so it has nothing to abort');
+      assert.ok(env.cluster.callIndex('node2.abort') >= 0, 'the prepared target is undone');
+      assert.ok(env.cluster.callIndex('node2.abort') < env.cluster.callIndex('node1.rollback'), 'target aborted before the source rolls back');
       await assertRolledBack(env);
+    });
+
+    it('at prepare, before anything froze: the target is undone, the source never touched', async () => {
+      const env = await setup();
+      env.cluster.agent('node2').failNext('prepare', new RuntimeFailedError('CNI bridge ADD failed', { op: 'CNI bridge ADD' }));
+      const { error, events } = await migrateExpectingFailure(env);
+      assert.equal(error.details.phase, 'prepare');
+      assert.equal(error.details.node, 'node2');
+      assert.match(error.message, /CNI bridge ADD failed/);
+      assert.deepEqual(events.map((event) => event.phase), ['prepare', 'failed']);
+      assert.equal(env.cluster.callIndex('node1.checkpoint'), -1, 'the source was not frozen');
+      assert.ok(env.cluster.callIndex('node2.abort') >= 0, 'the prepared target is undone');
+      const container = await env.record();
+      assert.equal(container.node, 'node1');
+      assert.equal(container.migration, undefined);
     });
 
     it('at checkpoint, after the source froze it', async () => {

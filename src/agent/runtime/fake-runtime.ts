@@ -249,6 +249,10 @@ export class FakeRuntime implements ContainerRuntime {
     }
   }
 
+  async prepareRestore(spec: ContainerSpec): Promise<void> {
+    if (!this.knownImages.has(spec.image)) throw new InvalidInputError(`unknown image '${spec.image}'`, { image: spec.image });
+  }
+
   async settleRestore(migrationId: string): Promise<{ lazyPagesBytes: number }> {
     await this.removeMigrationDir(migrationId);
     return { lazyPagesBytes: 0 };

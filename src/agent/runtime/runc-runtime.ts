@@ -40,6 +40,7 @@ import type {
   ContainerRuntime,
   LogStream,
   MigrationPaths,
+  PrepareOptions,
   RestoreOptions,
 } from './types.js';
 
@@ -498,34 +499,49 @@ export class RuncRuntime implements ContainerRuntime {
 
   // ------------------------------------------------------------------ migration: target side
 
+  async prepareRestore(spec: ContainerSpec, opts: PrepareOptions): Promise<void> {
+    await this.withLock(spec.name, async () => {
+      const existing = await this.readRecord(spec.name).catch(() => undefined);
+      if (existing?.migration?.id === opts.migrationId && existing.migration.role === 'target') return;
+      if (existing) throw new ConflictError(`node ${this.opts.node} already has a container named '${spec.name}'`, { name: spec.name });
+      await this.assertPortsFree(spec);
+      const image = await this.images.inspect(spec.image);
+      const rec = this.targetRecord(spec, image, opts);
+      await mkdir(this.containerDir(spec.name), { recursive: true });
+      await this.writeRecord(rec);
+      try {
+        rec.ip = (await this.network.attach(rec.netns, this.cniId(rec), spec.ports)).ip;
+        await this.writeRecord(rec);
+      } catch (err) {
+        await this.removeContainerDir(spec.name).catch(() => undefined);
+        throw err;
+      }
+    });
+  }
+
   async restore(spec: ContainerSpec, opts: RestoreOptions): Promise<AgentContainer> {
     if (opts.mode === 'lazy' && !opts.pageServer) throw new InvalidInputError('lazy restore needs the source page server address and port');
     return this.withLock(spec.name, async () => {
       const dir = this.containerDir(spec.name);
-      if (existsSync(join(dir, 'state.json'))) {
+      const prepared = await this.readRecord(spec.name).catch(() => undefined);
+      const isPrepared = prepared?.migration?.id === opts.migrationId && prepared.migration.role === 'target';
+      if (prepared && !isPrepared) {
         throw new ConflictError(`node ${this.opts.node} already has a container named '${spec.name}'`, { name: spec.name });
       }
-      await this.assertPortsFree(spec);
+      if (!isPrepared) await this.assertPortsFree(spec);
       const image = await this.images.inspect(spec.image);
+      const rec = isPrepared ? prepared! : this.targetRecord(spec, image, opts);
       await mkdir(dir, { recursive: true });
       const incoming = join(this.opts.dataDir, 'migrations', opts.migrationId, 'files');
       if (existsSync(incoming)) await rename(incoming, join(dir, 'files'));
       await mkdir(join(dir, 'files', 'upper'), { recursive: true });
       await mkdir(join(dir, 'files', 'logs'), { recursive: true });
-      const rec: ContainerRecord = {
-        spec,
-        imageId: image.id,
-        generation: opts.generation,
-        netns: this.netnsName(spec.name, opts.generation),
-        ip: '',
-        createdAt: new Date().toISOString(),
-        migration: { id: opts.migrationId, role: 'target', mode: opts.mode },
-      };
       await this.writeRecord(rec);
       try {
-        const att = await this.network.attach(rec.netns, this.cniId(rec), spec.ports);
-        rec.ip = att.ip;
-        await this.writeRecord(rec);
+        if (!rec.ip) {
+          rec.ip = (await this.network.attach(rec.netns, this.cniId(rec), spec.ports)).ip;
+          await this.writeRecord(rec);
+        }
         const restored = await this.restoreIncarnation(rec, image, opts.migrationId, opts.mode, opts.pageServer);
         delete restored.migration;
         restored.restoredBy = opts.migrationId;
@@ -533,11 +549,23 @@ export class RuncRuntime implements ContainerRuntime {
         return await this.view(restored);
       } catch (err) {
         // Leave nothing of a failed restore: the source still has the container.
-        await this.network.detach(rec.netns, rec.netns, spec.ports).catch(() => undefined);
+        await this.network.detach(rec.netns, this.cniId(rec), spec.ports).catch(() => undefined);
         await this.removeContainerDir(spec.name).catch(() => undefined);
         throw err;
       }
     });
+  }
+
+  private targetRecord(spec: ContainerSpec, image: ImageConfig, opts: { migrationId: string; generation: number; mode: MigrationMode }): ContainerRecord {
+    return {
+      spec,
+      imageId: image.id,
+      generation: opts.generation,
+      netns: this.netnsName(spec.name, opts.generation),
+      ip: '',
+      createdAt: new Date().toISOString(),
+      migration: { id: opts.migrationId, role: 'target', mode: opts.mode },
+    };
   }
 
   async settleRestore(migrationId: string): Promise<{ lazyPagesBytes: number }> {

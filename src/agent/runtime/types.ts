@@ -35,6 +35,12 @@ export interface RestoreOptions {
   pageServer?: { address: string; port: number };
 }
 
+export interface PrepareOptions {
+  migrationId: string;
+  mode: MigrationMode;
+  generation: number;
+}
+
 /** Where a migration's trees live on this node: what the transfer layer sends or fills. */
 export interface MigrationPaths {
   /** CRIU image directory. */
@@ -56,6 +62,12 @@ export interface ContainerRuntime {
 
   migrationPaths(migrationId: string): MigrationPaths;
   checkpoint(name: string, opts: CheckpointOptions): Promise<CheckpointOutcome>;
+  /**
+   * Target side, before the source freezes: everything a restore needs that does not depend on
+   * the checkpoint (the network namespace, its address and published ports), so it is not
+   * paid for while the container is frozen. Idempotent; undone by `abortRestore`.
+   */
+  prepareRestore(spec: ContainerSpec, opts: PrepareOptions): Promise<void>;
   /** Target side: the images and files are in `migrationPaths(id)`; run the container here. */
   restore(spec: ContainerSpec, opts: RestoreOptions): Promise<AgentContainer>;
   /**
