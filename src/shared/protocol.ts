@@ -102,6 +102,9 @@ export const CheckpointRequest = Type.Object({
 });
 export type CheckpointRequest = Static<typeof CheckpointRequest>;
 
+/** Where a source's CRIU page server listens (lazy mode). */
+export const PageServerAddress = Type.Object({ address: Type.String(), port: Type.Integer() });
+
 export const CheckpointResult = Type.Object({
   migrationId: Type.String(),
   /** Bytes of the image directory the target must fetch before restore. */
@@ -110,7 +113,7 @@ export const CheckpointResult = Type.Object({
   upperBytes: Type.Integer(),
   /** When the container stopped answering (ms since epoch, source clock). */
   frozenAt: Type.Number(),
-  pageServer: Type.Optional(Type.Object({ address: Type.String(), port: Type.Integer() })),
+  pageServer: Type.Optional(PageServerAddress),
 });
 export type CheckpointResult = Static<typeof CheckpointResult>;
 
@@ -125,14 +128,7 @@ export const PrepareRequest = Type.Object({
 export type PrepareRequest = Static<typeof PrepareRequest>;
 
 /** Target side: fetch the checkpoint from the source agent and restore it here. */
-export const RestoreRequest = Type.Object({
-  migrationId: Type.String({ minLength: 1 }),
-  mode: MigrationMode,
-  spec: ContainerSpec,
-  generation: Type.Integer({ minimum: 0 }),
-  source: Type.Object({ node: NodeName, url: Type.String() }),
-  pageServer: Type.Optional(Type.Object({ address: Type.String(), port: Type.Integer() })),
-});
+export const RestoreRequest = Type.Composite([PrepareRequest, Type.Object({ pageServer: Type.Optional(PageServerAddress) })]);
 export type RestoreRequest = Static<typeof RestoreRequest>;
 
 export const RestoreResult = Type.Object({
