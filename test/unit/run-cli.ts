@@ -1,14 +1,17 @@
 // Runs the `chipmunk` CLI as a subprocess, the way an operator or script does.
 import { spawn } from 'node:child_process';
-import { mkdtempSync } from 'node:fs';
+import { randomUUID } from 'node:crypto';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 const BIN = fileURLToPath(new URL('../../bin/chipmunk.mjs', import.meta.url));
 
-/** An empty local-cluster folder, so a local cluster that happens to be up cannot answer. */
-const NO_LOCAL_CLUSTER = mkdtempSync(join(tmpdir(), 'chipmunk-cli-test-'));
+/**
+ * A local-cluster folder that does not exist, so a local cluster that happens to be up cannot
+ * answer (and nothing is left behind in the temp dir).
+ */
+const NO_LOCAL_CLUSTER = join(tmpdir(), `chipmunk-cli-test-${randomUUID()}`);
 
 export interface CliResult {
   code: number | null;
