@@ -410,6 +410,7 @@ describe('gateway: HTTP routes', () => {
       assert.equal(got.status, 200);
       assert.equal(got.body.who, 'b');
       assert.equal(got.body.url, '/slow');
+      await b.kill();
     }));
 
   it('does not send again a POST that reached the upstream (502), but does one that could not connect', () =>
