@@ -11,7 +11,7 @@ import { STATUS_CODES, createServer, type IncomingMessage, type Server, type Ser
 import { Readable } from 'node:stream';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { Pool, type Dispatcher } from 'undici';
-import { InvalidInputError, type ChipmunkError } from '../shared/errors.js';
+import { InvalidInputError, toChipmunkError, type ChipmunkError } from '../shared/errors.js';
 import { RouteGate, RouteRefusedError, UpstreamFailedError } from './gate.js';
 import type { Route, Upstream } from './protocol.js';
 import { listenForRoute, type ProxySettings, type RouteProxy } from './proxy.js';
@@ -37,8 +37,6 @@ export class HttpRouteProxy implements RouteProxy {
   private readonly gate: RouteGate;
   private readonly server: Server;
   private upstream?: { at: Upstream; pool: Pool };
-  /** Pools of earlier upstreams, finishing the requests they still carry. */
-  private readonly retired = new Set<Pool>();
 
   private constructor(
     route: Route,
@@ -77,9 +75,16 @@ export class HttpRouteProxy implements RouteProxy {
     await Promise.race([closed, sleep(CLOSE_GRACE_MS)]);
     this.server.closeAllConnections();
     await closed;
-    await Promise.all([this.upstream?.pool.destroy(), ...[...this.retired].map((pool) => pool.destroy())]);
+    await this.upstream?.pool.destroy();
   }
 
+  /**
+   * A new upstream gets a new pool; the old one is destroyed with what it still carries. The
+   * container moved: requests in progress at its old location will never be answered there (a
+   * checkpointed container's connections vanish without even a reset). Destroying them now
+   * fails them at once: those safe to resend go to the new location (the route changed since
+   * they were sent, see RouteGate.retryDelay), the others get a 502, or a cut answer.
+   */
   private followUpstream(route: Route): void {
     if (sameUpstream(this.upstream?.at, route.upstream)) return;
     const old = this.upstream;
@@ -90,33 +95,33 @@ export class HttpRouteProxy implements RouteProxy {
         }
       : undefined;
     if (old) {
-      this.retired.add(old.pool);
-      void old.pool.close().finally(() => this.retired.delete(old.pool));
+      const moved = route.upstream ? `to ${route.upstream.address}:${route.upstream.port}` : 'away';
+      void old.pool.destroy(new Error(`the container moved ${moved}: given up at its old location`));
     }
   }
 
   private async forward(req: IncomingMessage, res: ServerResponse): Promise<void> {
-    const exchange = new Exchange(res);
+    const exchange = new ProxiedExchange(req, res);
     try {
-      await this.exchange(req, res, exchange);
+      await this.exchange(exchange);
     } catch (err) {
-      if (!exchange.clientGone) this.answerError(res, err as ChipmunkError);
+      if (!exchange.clientGone) this.answerError(res, toChipmunkError(err));
     }
     this.settings.metrics.request(exchange.clientGone && !res.headersSent ? 0 : res.statusCode);
   }
 
   /** Sends the request until it is answered, or throws the error to answer with. */
-  private async exchange(req: IncomingMessage, res: ServerResponse, exchange: Exchange): Promise<void> {
+  private async exchange(exchange: ProxiedExchange): Promise<void> {
+    const { req } = exchange;
     if (req.url?.[0] !== '/') throw new InvalidInputError('the gateway only proxies origin-form request targets (a path starting with /)');
-    const headers = upstreamHeaders(req);
     const body = await readBody(req, this.settings.replayableBodyBytes);
+    const headers = upstreamHeaders(req);
     for (let attempts = 0; ; attempts++) {
       const route = await this.gate.pass(this.gate.route.state === 'holding' ? exchange.waitSignal() : undefined);
       // pass() resolved, so the route has an upstream, and followUpstream made its pool.
       const pool = (this.upstream as { pool: Pool }).pool;
-      const failure = await send(pool, req, res, headers, body.payload, exchange);
-      if (!failure) return;
-      if (exchange.clientGone) return;
+      const failure = await exchange.send(pool, headers, body.payload);
+      if (!failure || exchange.clientGone) return;
       // Sent again only if that cannot do harm: the body is at hand, and the method changes
       // nothing or the request never reached the container (no byte written: connect failed).
       const resendable = body.replayable && (ALWAYS_RESENDABLE.has(req.method ?? '') || !failure.written);
@@ -136,36 +141,14 @@ export class HttpRouteProxy implements RouteProxy {
     }
     const reason = err instanceof RouteRefusedError || err instanceof UpstreamFailedError ? err.reason : undefined;
     if (err instanceof UpstreamFailedError) this.settings.log.warn({ route: this.gate.route.name, err: err.toJSON() }, err.message);
-    const text = JSON.stringify(typeof err.toJSON === 'function' ? err.toJSON() : { code: 'CHIPMUNK_INTERNAL', message: String(err) });
-    res.writeHead(err.status ?? 500, {
+    const text = JSON.stringify(err.toJSON());
+    res.writeHead(err.status, {
       'content-type': 'application/json; charset=utf-8',
       'content-length': Buffer.byteLength(text),
       ...(reason ? { 'x-chipmunk-reason': reason } : {}),
       ...(err instanceof RouteRefusedError ? { 'retry-after': '1' } : {}),
     });
     res.end(text);
-  }
-}
-
-/** One client request: whether its client is still there, and how to stop what it waits for. */
-class Exchange {
-  clientGone = false;
-  abortUpstream?: (err?: Error) => void;
-  private waiting?: AbortController;
-
-  constructor(res: ServerResponse) {
-    res.once('close', () => {
-      if (res.writableFinished) return;
-      this.clientGone = true;
-      this.abortUpstream?.();
-      this.waiting?.abort();
-    });
-  }
-
-  /** Withdraws the request from a hold queue when the client goes away. */
-  waitSignal(): AbortSignal {
-    this.waiting ??= new AbortController();
-    return this.waiting.signal;
   }
 }
 
@@ -209,59 +192,95 @@ interface FailedSend {
 }
 
 /**
- * One attempt: resolves undefined once the answer went to the client (even if cut short after
- * its headers: then the client sees the connection drop), or the failure if nothing was answered.
+ * One client request on its way to the upstream, attempt after attempt; also the undici
+ * handler of the current attempt (one object per request: this is the hot path).
  *
  * `written` comes from undici's onConnect, which it calls on a connected socket right before it
  * writes the request; a connect failure (refused, timed out, reset while connecting) reaches
  * onError without it. So `written: false` means no byte of this request left the gateway.
  */
-function send(
-  pool: Pool,
-  req: IncomingMessage,
-  res: ServerResponse,
-  headers: string[],
-  payload: RequestBody['payload'],
-  exchange: Exchange,
-): Promise<FailedSend | undefined> {
-  return new Promise((resolve) => {
-    let written = false;
-    let answering = false;
-    const handler: Dispatcher.DispatchHandlers = {
-      onConnect: (abort) => {
-        written = true;
-        exchange.abortUpstream = abort;
-        if (exchange.clientGone) abort();
-      },
-      onHeaders: (statusCode, rawHeaders, resume, statusText) => {
-        // Informational answers (103) are not passed on: node's ServerResponse has no way to.
-        if (statusCode < 200) return true;
-        answering = true;
-        const headerList = clientHeaders(rawHeaders);
-        if (statusText) res.writeHead(statusCode, statusText, headerList);
-        else res.writeHead(statusCode, STATUS_CODES[statusCode] ?? 'Unknown', headerList);
-        res.on('drain', resume);
-        return true;
-      },
-      // false pauses undici until 'drain' resumes it: the body never piles up here.
-      onData: (chunk) => res.write(chunk),
-      onComplete: () => {
-        exchange.abortUpstream = undefined;
-        res.end();
-        resolve(undefined);
-      },
-      onError: (error) => {
-        exchange.abortUpstream = undefined;
-        if (answering) {
-          res.destroy(error);
-          resolve(undefined);
-        } else {
-          resolve({ error, written });
-        }
-      },
-    };
-    pool.dispatch({ path: req.url as string, method: req.method as Dispatcher.HttpMethod, headers, body: payload }, handler);
-  });
+class ProxiedExchange implements Dispatcher.DispatchHandlers {
+  clientGone = false;
+  private abortUpstream?: (err?: Error) => void;
+  private waiting?: AbortController;
+  private written = false;
+  private answering = false;
+  private settle?: (failure: FailedSend | undefined) => void;
+
+  constructor(
+    readonly req: IncomingMessage,
+    private readonly res: ServerResponse,
+  ) {
+    res.once('close', () => {
+      if (res.writableFinished) return;
+      this.clientGone = true;
+      this.abortUpstream?.();
+      this.waiting?.abort();
+    });
+  }
+
+  /** Withdraws the request from a hold queue when the client goes away. */
+  waitSignal(): AbortSignal {
+    this.waiting ??= new AbortController();
+    return this.waiting.signal;
+  }
+
+  /**
+   * One attempt: resolves undefined once the answer went to the client (even if cut short after
+   * its headers: then the client sees the connection drop), or the failure if nothing was answered.
+   */
+  send(pool: Pool, headers: string[], payload: RequestBody['payload']): Promise<FailedSend | undefined> {
+    this.written = false;
+    return new Promise((resolve) => {
+      this.settle = resolve;
+      pool.dispatch({ path: this.req.url as string, method: this.req.method as Dispatcher.HttpMethod, headers, body: payload }, this);
+    });
+  }
+
+  onConnect(abort: (err?: Error) => void): void {
+    this.written = true;
+    this.abortUpstream = abort;
+    if (this.clientGone) abort();
+  }
+
+  onHeaders(statusCode: number, rawHeaders: Buffer[], resume: () => void, statusText: string): boolean {
+    // Informational answers (103) are not passed on: node's ServerResponse has no way to.
+    if (statusCode < 200) return true;
+    this.answering = true;
+    const res = this.res;
+    // Head, body and end of a small answer usually arrive in one read: corked until the next
+    // tick, they leave in one write instead of three.
+    res.cork();
+    process.nextTick(uncork, res);
+    res.writeHead(statusCode, statusText || (STATUS_CODES[statusCode] ?? 'Unknown'), clientHeaders(rawHeaders));
+    res.on('drain', resume);
+    return true;
+  }
+
+  /** false pauses undici until 'drain' resumes it: the body never piles up here. */
+  onData(chunk: Buffer): boolean {
+    return this.res.write(chunk);
+  }
+
+  onComplete(): void {
+    this.abortUpstream = undefined;
+    this.res.end();
+    this.settle?.(undefined);
+  }
+
+  onError(error: Error): void {
+    this.abortUpstream = undefined;
+    if (this.answering) {
+      this.res.destroy(error);
+      this.settle?.(undefined);
+    } else {
+      this.settle?.({ error, written: this.written });
+    }
+  }
+}
+
+function uncork(res: ServerResponse): void {
+  res.uncork();
 }
 
 function upstreamFailure(route: Route, failure: FailedSend): UpstreamFailedError {

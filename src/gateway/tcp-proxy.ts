@@ -5,8 +5,10 @@
  * a connection is piped: the gateway cannot know what the bytes meant.
  *
  * Connections open when a migration starts stay piped to the old location: a container's TCP
- * connections do not survive a move to another address. When the old upstream closes them (or
- * resets them), the client gets a clean end of stream (FIN) and can reconnect, through the
+ * connections do not survive a move to another address. They end when the old upstream closes
+ * or resets them, or at the latest when the route's upstream changes (a checkpointed container's
+ * connections vanish without a reset, so the gateway cannot wait for one). Either way the client
+ * gets what was already piped, then a clean end of stream (FIN), and can reconnect, through the
  * gateway, to the new location.
  */
 import { createServer, connect, type Server, type Socket } from 'node:net';
@@ -14,6 +16,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { RouteGate, RouteRefusedError } from './gate.js';
 import type { Route, Upstream } from './protocol.js';
 import { listenForRoute, type ProxySettings, type RouteProxy } from './proxy.js';
+import { sameUpstream } from './routes.js';
 
 /** An upstream that does not accept within this long counts as unreachable. */
 const CONNECT_TIMEOUT_MS = 5_000;
@@ -24,6 +27,8 @@ export class TcpRouteProxy implements RouteProxy {
   private readonly gate: RouteGate;
   private readonly server: Server;
   private readonly sockets = new Set<Socket>();
+  /** Upstream connections in use, with where they go. */
+  private readonly piped = new Map<Socket, Upstream>();
 
   private constructor(
     route: Route,
@@ -45,6 +50,7 @@ export class TcpRouteProxy implements RouteProxy {
   }
 
   update(route: Route, expired = false): void {
+    for (const [socket, upstream] of this.piped) if (!sameUpstream(upstream, route.upstream)) socket.destroy();
     this.gate.update(route, expired);
   }
 
@@ -95,6 +101,8 @@ export class TcpRouteProxy implements RouteProxy {
         return;
       }
       this.settings.metrics.connection('proxied');
+      this.piped.set(upstream, route.upstream);
+      upstream.once('close', () => this.piped.delete(upstream));
       this.splice(client, upstream);
       return;
     }
@@ -106,8 +114,8 @@ export class TcpRouteProxy implements RouteProxy {
     client.pipe(upstream);
     upstream.pipe(client);
     client.on('close', () => upstream.destroy());
-    // Closed or reset by the upstream (the container stopped, froze and moved, or just hung up):
-    // the client gets what was already piped, then a clean end of stream.
+    // Closed or reset by the upstream (the container stopped or hung up), or given up because the
+    // container moved: the client gets what was already piped, then a clean end of stream.
     upstream.on('error', () => upstream.destroy());
     upstream.once('close', () => {
       if (client.destroyed) return;

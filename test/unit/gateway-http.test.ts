@@ -413,6 +413,33 @@ describe('gateway: HTTP routes', () => {
       await b.kill();
     }));
 
+  it('gives up requests in progress at the old location once the container moved: GET sent again, POST 502', () =>
+    withGateway(async ({ client }) => {
+      // Frozen for good, as a checkpointed container: no answer, and no reset either.
+      const arrived: string[] = [];
+      const a = await httpUpstream((req) => {
+        req.resume();
+        arrived.push(`${req.method} ${req.url}`);
+      });
+      const b = await httpUpstream(echoHandler('b'));
+      const url = await httpRoute(client, 'checkpointed', a.upstream);
+      const get = getJson<Echo>(`${url}/read`);
+      const post = request(`${url}/write`, { method: 'POST', body: 'x=1' });
+      await eventually(() => arrived.length === 2, 'both requests to reach the old location');
+      await client.hold('checkpointed', 'm1');
+      await client.release('checkpointed', 'm1', b.upstream);
+
+      const got = await get;
+      assert.equal(got.body.who, 'b');
+      assert.equal(got.body.url, '/read');
+      const failed = await post;
+      assert.equal(failed.statusCode, 502);
+      assert.equal(failed.headers['x-chipmunk-reason'], 'upstream-failed');
+      assert.match(((await failed.body.json()) as { message: string }).message, /moved to 127\.0\.0\.1/);
+      await a.kill();
+      await b.kill();
+    }));
+
   it('does not send again a POST that reached the upstream (502), but does one that could not connect', () =>
     withGateway(async ({ client }) => {
       let arrived = 0;

@@ -68,17 +68,32 @@ describe('gateway: TCP routes', () => {
       await client.release('db', 'm1', b.upstream);
       await Promise.all(during.map((conn, i) => conn.until(`B:query ${i}`)));
 
-      // The connection from before the move stays with the old location until it closes it,
-      // then ends cleanly (FIN, not a reset).
-      before.socket.write('still A');
-      await before.until('A:still A');
-      await a.kill();
+      // The connection from before the move went to the old location: it ends cleanly at the
+      // release (FIN, not a reset), and the client's reconnection reaches the new one.
       await before.closed;
       assert.equal(before.ended, true);
       assert.equal(before.error, undefined);
+      const again = new TestConnection(port);
+      await again.until('B:');
+      again.socket.destroy();
+      await a.kill();
 
       for (const conn of during) conn.socket.destroy();
       await b.kill();
+    }));
+
+  it('ends the client connection cleanly when the upstream closes it', () =>
+    withGateway(async ({ client }) => {
+      const a = await echoUpstream('A:');
+      const port = await tcpRoute(client, 'closing', a.upstream);
+      const conn = new TestConnection(port);
+      conn.socket.write('last words');
+      await conn.until('A:last words');
+      await a.kill(); // resets its connections
+      await conn.closed;
+      assert.equal(conn.ended, true);
+      assert.equal(conn.error, undefined);
+      assert.equal(conn.received, 'A:last words');
     }));
 
   it('resets connections beyond the queue limit', () =>
