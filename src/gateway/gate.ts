@@ -7,6 +7,7 @@
  */
 import { ChipmunkError, UnavailableError } from '../shared/errors.js';
 import type { Route } from './protocol.js';
+import { sameUpstream } from './routes.js';
 
 export interface HoldLimits {
   /** Requests (http) or connections (tcp) one route may hold; more are refused (503 queue-full / closed). */
@@ -14,8 +15,8 @@ export interface HoldLimits {
   /** Longest hold: a hold not released by then ends by itself, traffic goes to the old upstream. */
   maxHoldMs: number;
   /**
-   * After a release, for this long a connection the new upstream refuses is tried again rather
-   * than failed: the container may need a moment before it answers at its new address.
+   * After a release (or an upstream change), for this long a connection the upstream refuses is
+   * tried again rather than failed: the container may need a moment before it answers there.
    */
   reconnectMs: number;
 }
@@ -68,7 +69,7 @@ interface Waiter {
 export class RouteGate {
   private current: Route;
   private readonly waiters = new Set<Waiter>();
-  /** When the route last stopped holding; starts the reconnect window. */
+  /** When traffic was last redirected (hold ended, upstream changed): starts the reconnect window. */
   private openedAt = 0;
 
   constructor(
@@ -109,10 +110,12 @@ export class RouteGate {
    * it if there is nowhere to go; `expired` says the hold timed out (the reason then given).
    */
   update(route: Route, expired = false): void {
-    const wasHolding = this.current.state === 'holding';
+    const previous = this.current;
     this.current = route;
-    if (!wasHolding || route.state === 'holding') return;
-    this.openedAt = Date.now();
+    if (route.state === 'holding') return;
+    // Traffic is redirected (a hold ended, or the upstream changed): the reconnect window opens.
+    if (previous.state === 'holding' || !sameUpstream(previous.upstream, route.upstream)) this.openedAt = Date.now();
+    if (previous.state !== 'holding') return;
     if (route.upstream) this.drain((w) => w.resolve());
     else if (expired) this.refuseAll('hold-timeout', `the hold on container '${route.name}' timed out and it has no previous upstream`);
     else this.refuseAll('no-upstream', `container '${route.name}' was released without an upstream`);
@@ -129,8 +132,8 @@ export class RouteGate {
    * Only resendable attempts qualify, and only when the failure is likely the migration's doing:
    * - the route is holding now, or changed since the attempt started (a hold or release came
    *   in between: the container froze or moved under it) -> again at once (pass() waits out a hold);
-   * - the connection was refused within `reconnectMs` of a release (the container is not yet
-   *   answering at its new address) -> again after a short backoff.
+   * - the connection failed within `reconnectMs` of a release or upstream change (the container
+   *   is not yet answering at its new address) -> again after a short backoff.
    * Otherwise (the upstream failed on its own) the client gets the failure.
    */
   retryDelay(attempt: FailedAttempt): number | undefined {
@@ -143,7 +146,7 @@ export class RouteGate {
   private wait(signal?: AbortSignal): Promise<void> {
     if (this.waiters.size >= this.limits.maxQueued) {
       return Promise.reject(
-        new RouteRefusedError('queue-full', `container '${this.current.name}' is moving and ${this.limits.maxQueued} requests already wait for it`, {
+        new RouteRefusedError('queue-full', `container '${this.current.name}' is moving and its hold queue is full (${this.limits.maxQueued} waiting)`, {
           route: this.current.name,
           maxQueued: this.limits.maxQueued,
         }),

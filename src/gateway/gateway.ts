@@ -8,7 +8,7 @@
  * is reported as such (StoreFailedError) with the change already live.
  */
 import type { Logger } from 'pino';
-import { ConflictError } from '../shared/errors.js';
+import { ConflictError, InvalidInputError } from '../shared/errors.js';
 import type { HoldLimits } from './gate.js';
 import { HttpRouteProxy } from './http-proxy.js';
 import type { GatewayMetrics } from './metrics.js';
@@ -114,7 +114,7 @@ export class Gateway {
   sync(routes: SyncedRoute[]): Promise<RouteView[]> {
     return this.serialized(async () => {
       const wanted = new Map(routes.map((r) => [r.name, r]));
-      if (wanted.size !== routes.length) throw new ConflictError('a route name appears twice in the sync', { names: routes.map((r) => r.name) });
+      if (wanted.size !== routes.length) throw new InvalidInputError('a route name appears twice in the sync: list each container once', { names: routes.map((r) => r.name) });
       for (const route of this.table.list()) {
         if (wanted.has(route.name)) continue;
         this.table.delete(route.name);

@@ -123,7 +123,7 @@ export class HttpRouteProxy implements RouteProxy {
       const failure = await exchange.send(pool, headers, body.payload);
       if (!failure || exchange.clientGone) return;
       // Sent again only if that cannot do harm: the body is at hand, and the method changes
-      // nothing or the request never reached the container (no byte written: connect failed).
+      // nothing or the request cannot have reached the container (no byte of it was written).
       const resendable = body.replayable && (ALWAYS_RESENDABLE.has(req.method ?? '') || !failure.written);
       const delay = this.gate.retryDelay({ route, resendable, connectFailed: !failure.written, attempts });
       if (delay === undefined) throw upstreamFailure(route, failure);

@@ -360,7 +360,7 @@ describe('gateway: HTTP routes', () => {
         assert.equal(refused.headers['retry-after'], '1');
         const body = (await refused.body.json()) as { code: string; message: string };
         assert.equal(body.code, 'CHIPMUNK_UNAVAILABLE');
-        assert.match(body.message, /2 requests already wait/);
+        assert.match(body.message, /hold queue is full \(2 waiting\)/);
         await client.release('full', 'm1', a.upstream);
         for (const answer of await Promise.all(held)) assert.equal(answer.status, 200);
         await a.kill();
