@@ -1,0 +1,54 @@
+/**
+ * The gateway API as the controller calls it: typed methods over the shared ApiClient (cluster
+ * token, our error classes back from the wire). Migration order: hold() before the checkpoint
+ * freezes the container, release() once it answers at its new location (or, after a rollback,
+ * at the old one); sync() after either side restarted.
+ */
+import { ApiClient } from '../shared/http.js';
+import type { RouteSpec, RouteView, SyncedRoute, Upstream } from './protocol.js';
+
+export interface GatewayClientOptions {
+  url: string;
+  token: string;
+  timeoutMs?: number;
+}
+
+export class GatewayClient {
+  private readonly api: ApiClient;
+
+  constructor(opts: GatewayClientOptions) {
+    this.api = new ApiClient({ baseUrl: opts.url, token: opts.token, timeoutMs: opts.timeoutMs ?? 10_000, peer: 'gateway' });
+  }
+
+  listRoutes(): Promise<RouteView[]> {
+    return this.api.get('/v1/routes');
+  }
+
+  getRoute(name: string): Promise<RouteView> {
+    return this.api.get(`/v1/routes/${encodeURIComponent(name)}`);
+  }
+
+  /** Creates or changes a container's route (a running hold is kept). */
+  putRoute(name: string, spec: RouteSpec): Promise<RouteView> {
+    return this.api.put(`/v1/routes/${encodeURIComponent(name)}`, spec);
+  }
+
+  removeRoute(name: string): Promise<void> {
+    return this.api.delete(`/v1/routes/${encodeURIComponent(name)}`);
+  }
+
+  /** New traffic waits from now on; `timeoutMs` (capped by the gateway) ends the hold if no release comes. */
+  hold(name: string, migrationId: string, timeoutMs?: number): Promise<RouteView> {
+    return this.api.post(`/v1/routes/${encodeURIComponent(name)}/hold`, { migrationId, ...(timeoutMs !== undefined ? { timeoutMs } : {}) });
+  }
+
+  /** Held and new traffic goes to `upstream` from now on. */
+  release(name: string, migrationId: string, upstream: Upstream): Promise<RouteView> {
+    return this.api.post(`/v1/routes/${encodeURIComponent(name)}/release`, { migrationId, upstream });
+  }
+
+  /** Replaces the whole table: routes not listed are removed. */
+  sync(routes: SyncedRoute[]): Promise<RouteView[]> {
+    return this.api.put('/v1/routes', { routes });
+  }
+}

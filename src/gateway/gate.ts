@@ -1,0 +1,184 @@
+/**
+ * The part of holding that HTTP and TCP routes share: a route's gate lets traffic through to
+ * the current upstream while the route is open, and queues it (bounded) while it is held; on
+ * release the queue drains in arrival order. It also decides when a failed attempt to reach the
+ * upstream may be tried again (retryDelay); each proxy decides whether its request is safe
+ * to send again at all.
+ */
+import { ChipmunkError, UnavailableError } from '../shared/errors.js';
+import type { Route } from './protocol.js';
+import { sameUpstream } from './routes.js';
+
+export interface HoldLimits {
+  /** Requests (http) or connections (tcp) one route may hold; more are refused (503 queue-full / closed). */
+  maxQueued: number;
+  /** Longest hold: a hold not released by then ends by itself, traffic goes to the old upstream. */
+  maxHoldMs: number;
+  /**
+   * After a release (or an upstream change), for this long a connection the upstream refuses is
+   * tried again rather than failed: the container may need a moment before it answers there.
+   */
+  reconnectMs: number;
+}
+
+export const DEFAULT_HOLD_LIMITS: HoldLimits = { maxQueued: 10_000, maxHoldMs: 30_000, reconnectMs: 5_000 };
+
+/** Why traffic was turned away; the `X-Chipmunk-Reason` header of a 503. */
+export type RefusalReason = 'queue-full' | 'hold-timeout' | 'no-upstream' | 'route-removed' | 'shutting-down';
+
+export class RouteRefusedError extends UnavailableError {
+  constructor(
+    readonly reason: RefusalReason,
+    message: string,
+    details: Record<string, unknown> = {},
+  ) {
+    super(message, { reason, ...details });
+  }
+}
+
+/** Why the proxy answered 502 itself: the upstream could not be reached, or failed before answering. */
+export type UpstreamFailureReason = 'upstream-unreachable' | 'upstream-failed';
+
+export class UpstreamFailedError extends ChipmunkError {
+  constructor(
+    readonly reason: UpstreamFailureReason,
+    message: string,
+    details: Record<string, unknown> = {},
+  ) {
+    super('CHIPMUNK_UNAVAILABLE', message, { status: 502, details: { reason, ...details } });
+  }
+}
+
+/** What happened to a failed attempt, as far as retrying is concerned. */
+export interface FailedAttempt {
+  /** The route as it was when the attempt started. */
+  route: Route;
+  /** Sending it again cannot do harm (proxy's rule: idempotent, or it never reached the upstream). */
+  resendable: boolean;
+  /** No byte of it reached the upstream: the connection itself failed. */
+  connectFailed: boolean;
+  /** Attempts so far, for the backoff. */
+  attempts: number;
+}
+
+interface Waiter {
+  resolve(): void;
+  reject(err: Error): void;
+}
+
+export class RouteGate {
+  private current: Route;
+  private readonly waiters = new Set<Waiter>();
+  /** When traffic was last redirected (hold ended, upstream changed): starts the reconnect window. */
+  private openedAt = 0;
+
+  constructor(
+    route: Route,
+    private readonly limits: HoldLimits,
+    /** Told the queue length after every change, for the held-traffic gauge. */
+    private readonly onHeldChange: (held: number) => void,
+  ) {
+    this.current = route;
+  }
+
+  get route(): Route {
+    return this.current;
+  }
+
+  get held(): number {
+    return this.waiters.size;
+  }
+
+  /**
+   * The route to send to now: at once while open, after the hold while holding. Rejects with
+   * RouteRefusedError when the queue is full, the route has no upstream, or the hold ended badly.
+   * `signal` withdraws a waiting client (it went away).
+   */
+  async pass(signal?: AbortSignal): Promise<Route & { upstream: NonNullable<Route['upstream']> }> {
+    while (this.current.state === 'holding') await this.wait(signal);
+    const route = this.current;
+    if (!route.upstream) {
+      throw new RouteRefusedError('no-upstream', `container '${route.name}' runs nowhere the gateway knows of: no upstream for this route`, {
+        route: route.name,
+      });
+    }
+    return route as Route & { upstream: NonNullable<Route['upstream']> };
+  }
+
+  /**
+   * A new version of the route. Leaving `holding` releases the queue in arrival order, or refuses
+   * it if there is nowhere to go; `expired` says the hold timed out (the reason then given).
+   */
+  update(route: Route, expired = false): void {
+    const previous = this.current;
+    this.current = route;
+    if (route.state === 'holding') return;
+    // Traffic is redirected (a hold ended, or the upstream changed): the reconnect window opens.
+    if (previous.state === 'holding' || !sameUpstream(previous.upstream, route.upstream)) this.openedAt = Date.now();
+    if (previous.state !== 'holding') return;
+    if (route.upstream) this.drain((w) => w.resolve());
+    else if (expired) this.refuseAll('hold-timeout', `the hold on container '${route.name}' timed out and it has no previous upstream`);
+    else this.refuseAll('no-upstream', `container '${route.name}' was released without an upstream`);
+  }
+
+  /** Turns every waiting request or connection away, e.g. when the route is removed. */
+  refuseAll(reason: RefusalReason, message: string): void {
+    const err = new RouteRefusedError(reason, message, { route: this.current.name });
+    this.drain((w) => w.reject(err));
+  }
+
+  /**
+   * Whether to try a failed attempt again, and after how many ms; undefined: answer the failure.
+   * Only resendable attempts qualify, and only when the failure is likely the migration's doing:
+   * - the route is holding now, or changed since the attempt started (a hold or release came
+   *   in between: the container froze or moved under it) -> again at once (pass() waits out a hold);
+   * - the connection failed within `reconnectMs` of a release or upstream change (the container
+   *   is not yet answering at its new address) -> again after a short backoff.
+   * Otherwise (the upstream failed on its own) the client gets the failure.
+   */
+  retryDelay(attempt: FailedAttempt): number | undefined {
+    if (!attempt.resendable) return undefined;
+    if (this.current.state === 'holding' || this.current.generation !== attempt.route.generation) return 0;
+    if (attempt.connectFailed && Date.now() < this.openedAt + this.limits.reconnectMs) return Math.min(25 * 2 ** attempt.attempts, 250);
+    return undefined;
+  }
+
+  private wait(signal?: AbortSignal): Promise<void> {
+    if (this.waiters.size >= this.limits.maxQueued) {
+      return Promise.reject(
+        new RouteRefusedError('queue-full', `container '${this.current.name}' is moving and its hold queue is full (${this.limits.maxQueued} waiting)`, {
+          route: this.current.name,
+          maxQueued: this.limits.maxQueued,
+        }),
+      );
+    }
+    return new Promise<void>((resolve, reject) => {
+      const onAbort = (): void => {
+        if (this.waiters.delete(waiter)) this.onHeldChange(this.waiters.size);
+        reject(signal?.reason instanceof Error ? signal.reason : new Error('client went away'));
+      };
+      const waiter: Waiter = {
+        resolve: () => {
+          signal?.removeEventListener('abort', onAbort);
+          resolve();
+        },
+        reject: (err) => {
+          signal?.removeEventListener('abort', onAbort);
+          reject(err);
+        },
+      };
+      signal?.addEventListener('abort', onAbort, { once: true });
+      this.waiters.add(waiter);
+      this.onHeldChange(this.waiters.size);
+    });
+  }
+
+  private drain(settle: (w: Waiter) => void): void {
+    const waiters = [...this.waiters];
+    this.waiters.clear();
+    this.onHeldChange(0);
+    // In arrival order: a Set iterates in insertion order, and the waiters' continuations (which
+    // send the requests) run as microtasks in the order they were settled.
+    for (const w of waiters) settle(w);
+  }
+}

@@ -1,0 +1,272 @@
+/**
+ * The gateway's state machine: the route table (routes.ts), one proxy per route, the timers that
+ * end holds nobody released, and the state file. The API (server.ts) calls it; so could a
+ * controller embedding the gateway in-process.
+ *
+ * Changes are applied one at a time. Each goes to the proxies first and to the state file right
+ * after (before the API answers): traffic follows a hold or release at once, and a failed write
+ * is reported as such (StoreFailedError) with the change already live.
+ */
+import type { Logger } from 'pino';
+import { ConflictError, InvalidInputError } from '../shared/errors.js';
+import type { HoldLimits } from './gate.js';
+import { HttpRouteProxy } from './http-proxy.js';
+import type { GatewayMetrics } from './metrics.js';
+import type { HoldRequest, ReleaseRequest, Route, RouteSpec, RouteView, SyncedRoute } from './protocol.js';
+import type { RouteProxy } from './proxy.js';
+import { RouteStateFile, RouteTable } from './routes.js';
+import { TcpRouteProxy } from './tcp-proxy.js';
+
+export interface GatewaySettings {
+  /** Address route listeners bind. */
+  routeHost: string;
+  limits: HoldLimits;
+  replayableBodyBytes: number;
+  upstreamConnections: number;
+  stateFile: RouteStateFile;
+  metrics: GatewayMetrics;
+  log: Logger;
+}
+
+export class Gateway {
+  private readonly proxies = new Map<string, RouteProxy>();
+  /** Routes whose listener could not start when the gateway did (port taken meanwhile). */
+  private readonly listenErrors = new Map<string, string>();
+  private readonly holdTimers = new Map<string, NodeJS.Timeout>();
+  private queue: Promise<unknown> = Promise.resolve();
+  private closed = false;
+
+  private constructor(
+    private readonly table: RouteTable,
+    private readonly settings: GatewaySettings,
+  ) {}
+
+  /** Loads the saved table and starts a listener per route; a route whose port is taken is kept, with its listenError. */
+  static async open(settings: GatewaySettings): Promise<Gateway> {
+    const gateway = new Gateway(new RouteTable(await settings.stateFile.load()), settings);
+    for (const route of gateway.table.list()) {
+      try {
+        gateway.proxies.set(route.name, await gateway.startProxy(route));
+      } catch (err) {
+        gateway.listenErrors.set(route.name, (err as Error).message);
+        settings.log.error({ route: route.name, err: (err as Error).message }, 'route listener not started');
+      }
+      if (route.state === 'holding') gateway.armHoldTimer(route);
+    }
+    return gateway;
+  }
+
+  list(): RouteView[] {
+    return this.table.list().map((route) => this.view(route));
+  }
+
+  get(name: string): RouteView {
+    return this.view(this.table.get(name));
+  }
+
+  /** Creates or changes a route. A port change binds the new port before the old one is let go. */
+  put(name: string, spec: RouteSpec): Promise<RouteView> {
+    return this.serialized(async () => {
+      await this.applySpec(name, spec);
+      await this.save();
+      return this.get(name);
+    });
+  }
+
+  remove(name: string): Promise<void> {
+    return this.serialized(async () => {
+      const route = this.table.delete(name);
+      this.clearHoldTimer(name);
+      this.listenErrors.delete(name);
+      const proxy = this.proxies.get(name);
+      this.proxies.delete(name);
+      await proxy?.close('route-removed');
+      this.settings.log.info({ route: route.name }, 'route removed');
+      await this.save();
+    });
+  }
+
+  /** Holds new traffic for `migrationId` until release(), or until the hold times out. */
+  hold(name: string, request: HoldRequest): Promise<RouteView> {
+    return this.serialized(async () => {
+      this.applyHold(name, request);
+      await this.save();
+      return this.get(name);
+    });
+  }
+
+  /** Sends held and new traffic to `upstream`, the container's new location (or its old one after a failed migration). */
+  release(name: string, request: ReleaseRequest): Promise<RouteView> {
+    return this.serialized(async () => {
+      const now = Date.now();
+      const route = this.table.withRelease(name, request.migrationId, request.upstream, now);
+      this.commit(route);
+      await this.save();
+      return this.get(name);
+    });
+  }
+
+  /**
+   * Makes the table exactly `routes` (the controller resends everything after a restart of
+   * either side). Every route that can be applied is; the ones that cannot (port taken) keep
+   * their previous state and are named in the ConflictError thrown at the end.
+   */
+  sync(routes: SyncedRoute[]): Promise<RouteView[]> {
+    return this.serialized(async () => {
+      const wanted = new Map(routes.map((r) => [r.name, r]));
+      if (wanted.size !== routes.length) throw new InvalidInputError('a route name appears twice in the sync: list each container once', { names: routes.map((r) => r.name) });
+      for (const route of this.table.list()) {
+        if (wanted.has(route.name)) continue;
+        this.table.delete(route.name);
+        this.clearHoldTimer(route.name);
+        this.listenErrors.delete(route.name);
+        await this.proxies.get(route.name)?.close('route-removed');
+        this.proxies.delete(route.name);
+      }
+      const failed: Record<string, string> = {};
+      for (const synced of routes) {
+        try {
+          await this.applySpec(synced.name, synced);
+          this.applySyncedHold(synced);
+        } catch (err) {
+          failed[synced.name] = (err as Error).message;
+        }
+      }
+      await this.save();
+      if (Object.keys(failed).length) {
+        throw new ConflictError(`the sync could not apply ${Object.keys(failed).join(', ')}: ${Object.values(failed).join('; ')}`, { failed });
+      }
+      return this.list();
+    });
+  }
+
+  /** Stops every listener; held traffic gets 503 shutting-down. The state file keeps the routes. */
+  async close(): Promise<void> {
+    await this.serialized(async () => {
+      this.closed = true;
+      for (const timer of this.holdTimers.values()) clearTimeout(timer);
+      this.holdTimers.clear();
+      await Promise.all([...this.proxies.values()].map((proxy) => proxy.close('shutting-down')));
+      this.proxies.clear();
+    });
+  }
+
+  private async applySpec(name: string, spec: RouteSpec): Promise<void> {
+    const previous = this.table.find(name);
+    const route = this.table.withSpec(name, spec);
+    const proxy = this.proxies.get(name);
+    if (previous && proxy && route.protocol === previous.protocol && route.listenPort === previous.listenPort) {
+      if (route !== previous) this.commit(route);
+      return;
+    }
+    // A new listener: for a new route, a route whose listener failed before, or a new port or protocol.
+    let replaced = proxy;
+    if (replaced && route.listenPort === previous?.listenPort) {
+      // Same port, other protocol: the old listener must go first.
+      await replaced.close('route-removed');
+      this.proxies.delete(name);
+      replaced = undefined;
+    }
+    let started: RouteProxy;
+    try {
+      started = await this.startProxy(route);
+    } catch (err) {
+      // A route left without any listener says why.
+      if (previous && !this.proxies.has(name)) this.listenErrors.set(name, (err as Error).message);
+      throw err;
+    }
+    await replaced?.close('route-removed');
+    this.proxies.set(name, started);
+    this.listenErrors.delete(name);
+    this.table.set(route);
+    this.settings.log.info({ route: route.name, protocol: route.protocol, listenPort: route.listenPort, upstream: route.upstream }, 'route listening');
+  }
+
+  private applyHold(name: string, request: HoldRequest): void {
+    const now = Date.now();
+    const timeoutMs = Math.min(request.timeoutMs ?? this.settings.limits.maxHoldMs, this.settings.limits.maxHoldMs);
+    const route = this.table.withHold(name, request.migrationId, now + timeoutMs, now);
+    this.commit(route);
+  }
+
+  /** A synced route holds exactly when the controller says a migration runs. */
+  private applySyncedHold(synced: SyncedRoute): void {
+    const route = this.table.get(synced.name);
+    if (synced.hold) {
+      if (route.state === 'holding' && route.migration?.id !== synced.hold.migrationId) {
+        // The controller knows better which migration runs: the old hold is over.
+        this.commit(this.table.withExpiredHold(synced.name, Date.now()));
+      }
+      this.applyHold(synced.name, synced.hold);
+    } else if (route.state === 'holding') {
+      this.commit(this.table.withExpiredHold(synced.name, Date.now()));
+    }
+  }
+
+  /** Records a changed route and applies it to its proxy and hold timer. */
+  private commit(route: Route): void {
+    const previous = this.table.get(route.name);
+    if (route === previous) return;
+    this.table.set(route);
+    const expired = route.migration?.outcome === 'expired' && previous.state === 'holding';
+    this.proxies.get(route.name)?.update(route, expired);
+    if (previous.state !== 'holding' && route.state === 'holding') {
+      this.armHoldTimer(route);
+      this.settings.log.info({ route: route.name, migrationId: route.migration?.id, expiresAt: route.migration?.expiresAt }, 'route holding');
+    } else if (previous.state === 'holding' && route.state === 'open') {
+      this.clearHoldTimer(route.name);
+      const migration = route.migration;
+      if (migration?.outcome && migration.endedAt !== undefined) {
+        this.settings.metrics.holdEnded(route.name, migration.outcome, (migration.endedAt - migration.heldAt) / 1000);
+      }
+      this.settings.log.info({ route: route.name, migrationId: migration?.id, outcome: migration?.outcome, upstream: route.upstream }, 'route open');
+    }
+  }
+
+  private armHoldTimer(route: Route): void {
+    this.clearHoldTimer(route.name);
+    const delay = Math.max(0, (route.migration?.expiresAt ?? 0) - Date.now());
+    const timer = setTimeout(() => {
+      this.holdTimers.delete(route.name);
+      void this.serialized(async () => {
+        const current = this.table.find(route.name);
+        if (this.closed || current?.state !== 'holding' || current.migration?.id !== route.migration?.id) return;
+        this.settings.log.warn(
+          { route: route.name, migrationId: route.migration?.id, upstream: current.upstream },
+          'hold timed out without a release: traffic goes to the old upstream',
+        );
+        this.commit(this.table.withExpiredHold(route.name, Date.now()));
+        await this.save();
+      }).catch((err: unknown) => this.settings.log.error({ route: route.name, err: (err as Error).message }, 'ending an expired hold failed'));
+    }, delay);
+    timer.unref();
+    this.holdTimers.set(route.name, timer);
+  }
+
+  private clearHoldTimer(name: string): void {
+    clearTimeout(this.holdTimers.get(name));
+    this.holdTimers.delete(name);
+  }
+
+  private startProxy(route: Route): Promise<RouteProxy> {
+    const { routeHost: host, limits, log, metrics, replayableBodyBytes, upstreamConnections } = this.settings;
+    const settings = { host, limits, log, metrics: metrics.forRoute(route.name) };
+    return route.protocol === 'http' ? HttpRouteProxy.listen(route, { ...settings, replayableBodyBytes, upstreamConnections }) : TcpRouteProxy.listen(route, settings);
+  }
+
+  private view(route: Route): RouteView {
+    const listenError = this.listenErrors.get(route.name);
+    return { ...route, held: this.proxies.get(route.name)?.held ?? 0, ...(listenError ? { listenError } : {}) };
+  }
+
+  private save(): Promise<void> {
+    return this.settings.stateFile.save(this.table.list());
+  }
+
+  /** Runs changes one after the other: listeners and the state file never see two at once. */
+  private serialized<T>(change: () => Promise<T>): Promise<T> {
+    const next = this.queue.then(change, change);
+    this.queue = next.catch(() => undefined);
+    return next;
+  }
+}

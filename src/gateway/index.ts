@@ -1,0 +1,100 @@
+/**
+ * The gateway: one stable address per container for its clients, whichever node the container
+ * runs on. Public entry of the component (docs/gateway.md).
+ *
+ * It listens on one port per route (HTTP reverse proxy or TCP pipe) and serves an API on which
+ * the controller pushes routes and holds/releases them around migrations. The route table is
+ * saved in `stateFile` and reloaded on start.
+ */
+import { mkdir } from 'node:fs/promises';
+import type { AddressInfo } from 'node:net';
+import { dirname } from 'node:path';
+import { pino, type Logger } from 'pino';
+import { InvalidInputError } from '../shared/errors.js';
+import { DEFAULT_HOLD_LIMITS, type HoldLimits } from './gate.js';
+import { Gateway } from './gateway.js';
+import { GatewayMetrics } from './metrics.js';
+import { RouteStateFile } from './routes.js';
+import { buildGatewayServer } from './server.js';
+
+export { GatewayClient, type GatewayClientOptions } from './client.js';
+export { DEFAULT_HOLD_LIMITS, type HoldLimits, type RefusalReason, type UpstreamFailureReason } from './gate.js';
+export type { HoldRequest, ReleaseRequest, Route, RouteProtocol, RouteSpec, RouteView, SyncedRoute, Upstream } from './protocol.js';
+
+export const DEFAULT_REPLAYABLE_BODY_BYTES = 1024 * 1024;
+export const DEFAULT_UPSTREAM_CONNECTIONS = 256;
+
+export interface GatewayOptions {
+  /** Where the API listens (the controller talks to it). */
+  apiListen: { host: string; port: number };
+  /** Address the route listeners bind, for the containers' clients; all interfaces by default. */
+  routeHost?: string;
+  /** The cluster token: the API requires it. */
+  token: string;
+  /** JSON file the route table is kept in (created with its folder). */
+  stateFile: string;
+  holdLimits?: Partial<HoldLimits>;
+  /** Request bodies up to this size are kept so the request can be sent again after a move (1 MiB). */
+  replayableBodyBytes?: number;
+  /** Connections per upstream (256). */
+  upstreamConnections?: number;
+  logger?: Logger;
+}
+
+export interface RunningGateway {
+  /** The API's URL. */
+  url: string;
+  close(): Promise<void>;
+}
+
+export async function startGateway(opts: GatewayOptions): Promise<RunningGateway> {
+  const logger = opts.logger ?? pino({ name: 'chipmunk-gateway' });
+  const limits: HoldLimits = { ...DEFAULT_HOLD_LIMITS, ...opts.holdLimits };
+  const replayableBodyBytes = opts.replayableBodyBytes ?? DEFAULT_REPLAYABLE_BODY_BYTES;
+  const upstreamConnections = opts.upstreamConnections ?? DEFAULT_UPSTREAM_CONNECTIONS;
+  requirePositive({ ...limits, upstreamConnections });
+  requirePositive({ replayableBodyBytes }, 0);
+
+  await mkdir(dirname(opts.stateFile), { recursive: true });
+  const metrics = new GatewayMetrics();
+  const gateway = await Gateway.open({
+    routeHost: opts.routeHost ?? '0.0.0.0',
+    limits,
+    replayableBodyBytes,
+    upstreamConnections,
+    stateFile: new RouteStateFile(opts.stateFile),
+    metrics,
+    log: logger,
+  });
+  const app = buildGatewayServer({ token: opts.token, logger, gateway, metrics });
+  try {
+    await app.listen(opts.apiListen).catch((err: NodeJS.ErrnoException) => {
+      throw new InvalidInputError(`the gateway API cannot listen on ${opts.apiListen.host}:${opts.apiListen.port} (${err.code ?? err.message}): pick another address or port`, {
+        host: opts.apiListen.host,
+        port: opts.apiListen.port,
+      });
+    });
+  } catch (err) {
+    await app.close();
+    await gateway.close();
+    throw err;
+  }
+
+  const address = app.server.address() as AddressInfo;
+  const host = address.family === 'IPv6' ? `[${address.address}]` : address.address;
+  const url = `http://${host}:${address.port}`;
+  logger.info({ stateFile: opts.stateFile, routes: gateway.list().length }, `gateway API listening on ${url}`);
+  return {
+    url,
+    close: async () => {
+      await app.close();
+      await gateway.close();
+    },
+  };
+}
+
+function requirePositive(values: Record<string, number>, minimum = 1): void {
+  for (const [name, value] of Object.entries(values)) {
+    if (!Number.isInteger(value) || value < minimum) throw new InvalidInputError(`gateway option ${name} must be an integer of at least ${minimum} (got ${value})`, { [name]: value });
+  }
+}
