@@ -169,6 +169,7 @@ function toView(record: ContainerRecord, nodeAddress: string): ContainerView {
     status: record.migration ? 'migrating' : record.status,
     image: record.spec.image,
     ports: record.spec.ports.map((port) => `${nodeAddress}:${port.hostPort}->${port.containerPort}/${port.protocol}`),
+    endpoints: [],
     ...(record.ip !== undefined ? { ip: record.ip } : {}),
     createdAt: record.createdAt,
   };

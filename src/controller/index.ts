@@ -11,6 +11,7 @@ import { HttpAgentApi } from './agent-client.js';
 import { ContainerService, type AgentResolver } from './containers.js';
 import { MigrationOrchestrator } from './migration.js';
 import { NodeRegistry } from './registry.js';
+import { RouteService } from './routes.js';
 import { buildControllerServer } from './server.js';
 import { openStore } from './store/index.js';
 
@@ -31,6 +32,8 @@ export interface ControllerOptions {
   agentFactory?: AgentResolver;
   /** A node is ready if it heartbeated at most this long ago. */
   nodeReadyWithinMs?: number;
+  /** The gateway's API URL, when exposed services go through one. */
+  gatewayUrl?: string;
 }
 
 export interface RunningController {
@@ -47,8 +50,14 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
   const agentFor: AgentResolver = opts.agentFactory ?? ((node) => new HttpAgentApi({ node: node.name, url: node.url, token: opts.token }));
   const nodes = new NodeRegistry(store, opts.nodeReadyWithinMs);
   const containers = new ContainerService(store, nodes, agentFor);
-  const migrations = new MigrationOrchestrator({ store, nodes, agentFor, log: logger });
-  const app = buildControllerServer({ token: opts.token, logger, nodes, containers, migrations });
+  const routes = new RouteService(
+    store,
+    async (node) => (await nodes.get(node).catch(() => undefined))?.address,
+    logger,
+    opts.gatewayUrl ? { url: opts.gatewayUrl, token: opts.token } : undefined,
+  );
+  const migrations = new MigrationOrchestrator({ store, nodes, agentFor, log: logger, traffic: routes });
+  const app = buildControllerServer({ token: opts.token, logger, nodes, containers, migrations, routes });
   try {
     // Before the API opens, so no new migration meets a container still locked by an interrupted one.
     await migrations.resolveInterrupted();
@@ -66,10 +75,12 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
 
   const address = app.server.address() as AddressInfo;
   const host = address.family === 'IPv6' ? `[${address.address}]` : address.address;
+  routes.start();
   logger.info({ store: storeSpec }, `controller listening on http://${host}:${address.port}`);
   return {
     url: `http://${host}:${address.port}`,
     close: async () => {
+      routes.stop();
       await app.close();
       await store.close();
     },

@@ -73,6 +73,16 @@ export interface MigrationOrchestratorOptions {
   log: MigrationLog;
   /** Ports the source's CRIU page server may listen on in lazy mode. */
   pageServerPorts?: PortRange;
+  /** The gateway in front of exposed containers: holds their traffic while they move. */
+  traffic?: TrafficGate;
+}
+
+/** What the orchestrator needs of the gateway (RouteService implements it). Best effort both. */
+export interface TrafficGate {
+  /** Before the container freezes: new requests wait. */
+  hold(name: string, migrationId: string): Promise<void>;
+  /** Once it answers again, at `container`'s location (the target, or the source after a rollback). */
+  release(name: string, migrationId: string, container: ContainerRecord): Promise<void>;
 }
 
 /** One migration while this controller runs it, with the store state it last wrote. */
@@ -103,8 +113,12 @@ export class MigrationOrchestrator {
   private readonly agentFor: AgentResolver;
   private readonly log: MigrationLog;
   private readonly pageServerPorts: PortPool;
+  private readonly traffic?: TrafficGate;
+  /** Migrations whose traffic the gateway holds: released whatever happens. */
+  private readonly held = new Set<string>();
 
   constructor(opts: MigrationOrchestratorOptions) {
+    this.traffic = opts.traffic;
     this.store = opts.store;
     this.nodes = opts.nodes;
     this.agentFor = opts.agentFor;
@@ -221,6 +235,10 @@ export class MigrationOrchestrator {
         generation: run.container.generation + 1,
         source: { node: from, url: run.source.url },
       });
+      if (this.traffic) {
+        await this.traffic.hold(name, id);
+        this.held.add(id);
+      }
       await this.enter(run, 'checkpoint', { message: `freezing ${name} on ${from}` });
       progress.checkpointAttempted = true;
       const checkpoint = await source.checkpoint(name, {
@@ -257,6 +275,7 @@ export class MigrationOrchestrator {
         throw new RuntimeFailedError(`${name} is ${running.status} on ${to} right after its restore`, { op: 'verify', status: running.status });
       }
 
+      if (this.held.delete(id)) await this.traffic!.release(name, id, movedTo(run.container, to, running));
       await this.enter(run, 'cleanup', {
         message: mode === 'lazy' ? `${from} serves the remaining memory pages, then removes its copy` : `${from} removes its copy`,
       });
@@ -344,6 +363,8 @@ export class MigrationOrchestrator {
         .catch((err: unknown) => this.log.warn({ migrationId: id, err: toChipmunkError(err).toJSON() }, `abort of migration ${id} on ${to} failed`));
     }
 
+    // Held requests go back to the source (where the container runs again, or at least was).
+    if (this.held.delete(id)) await this.traffic!.release(name, id, container);
     const error = new MigrationFailedError(
       `${failure}; ${outcome}`,
       { phase, node, ...(logPath !== undefined ? { logPath } : {}), ...(rolledBack !== undefined ? { rolledBack } : {}) },

@@ -8,10 +8,11 @@ import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox';
 import { Type } from '@sinclair/typebox';
 import { InvalidInputError, toChipmunkError } from '../shared/errors.js';
 import { installApiConventions } from '../shared/http.js';
-import { ContainerName, ContainerStats, ContainerView, MigrateRequest, MigrationRecord, NodeName, NodeView, RegisterNodeRequest, RunRequest } from '../shared/protocol.js';
+import { ContainerName, ContainerStats, ContainerView, ExposeRequest, ExposedRoute, MigrateRequest, MigrationRecord, NodeName, NodeView, RegisterNodeRequest, RunRequest } from '../shared/protocol.js';
 import type { ContainerService } from './containers.js';
 import type { MigrationOrchestrator } from './migration.js';
 import type { NodeRegistry } from './registry.js';
+import type { RouteService } from './routes.js';
 
 export interface ControllerServerOptions {
   token: string;
@@ -19,6 +20,7 @@ export interface ControllerServerOptions {
   nodes: NodeRegistry;
   containers: ContainerService;
   migrations: MigrationOrchestrator;
+  routes: RouteService;
 }
 
 const NodeParams = Type.Object({ name: NodeName });
@@ -57,7 +59,19 @@ export function buildControllerServer(opts: ControllerServerOptions): FastifyIns
     return reply.code(201).send(view);
   });
 
-  app.get('/v1/containers', { schema: { response: { 200: Type.Array(ContainerView) } } }, async () => containers.list());
+  app.get('/v1/containers', { schema: { response: { 200: Type.Array(ContainerView) } } }, async () => {
+    const endpoints = await opts.routes.endpointsByContainer();
+    return (await containers.list()).map((c) => ({ ...c, endpoints: endpoints.get(c.name) ?? [] }));
+  });
+
+  app.post('/v1/containers/:name/expose', { schema: { params: ContainerParams, body: ExposeRequest, response: { 200: ExposedRoute } } }, async (req) =>
+    opts.routes.expose(req.params.name, req.body),
+  );
+
+  app.delete('/v1/containers/:name/expose', { schema: { params: ContainerParams } }, async (req, reply) => {
+    await opts.routes.unexpose(req.params.name);
+    reply.code(204);
+  });
 
   app.get('/v1/containers/:name/logs', { schema: { params: ContainerParams, querystring: LogsQuery } }, async (req, reply) => {
     const text = await containers.logs(req.params.name, req.query);

@@ -187,10 +187,29 @@ export const ContainerView = Type.Object({
   status: ContainerStatus,
   image: Type.String(),
   ports: Type.Array(Type.String({ description: 'ADDRESS:HOSTPORT->CTRPORT/PROTO' })),
+  /** Routes through the gateway: GATEWAY:PORT->CTRPORT/PROTO. */
+  endpoints: Type.Array(Type.String(), { default: [] }),
   ip: Type.Optional(Type.String()),
   createdAt: Type.String(),
 });
 export type ContainerView = Static<typeof ContainerView>;
+
+export const ExposeRequest = Type.Object({
+  /** The container port the service listens on. */
+  port: Type.Integer({ minimum: 1, maximum: 65535 }),
+  /** The gateway port clients use; the container port by default. */
+  listen: Type.Optional(Type.Integer({ minimum: 1, maximum: 65535 })),
+  protocol: Type.Optional(Type.Union([Type.Literal('http'), Type.Literal('tcp')])),
+});
+export type ExposeRequest = Static<typeof ExposeRequest>;
+
+export const ExposedRoute = Type.Object({
+  name: ContainerName,
+  containerPort: Type.Integer(),
+  listenPort: Type.Integer(),
+  protocol: Type.Union([Type.Literal('http'), Type.Literal('tcp')]),
+});
+export type ExposedRoute = Static<typeof ExposedRoute>;
 
 export const MigrateRequest = Type.Object({
   to: NodeName,
@@ -279,6 +298,8 @@ export const schemas: Record<string, TSchema> = {
   RegisterNodeRequest,
   RunRequest,
   ContainerView,
+  ExposeRequest,
+  ExposedRoute,
   MigrateRequest,
   MigrationEvent,
   MigrationSummary,

@@ -20,6 +20,7 @@ const web: ContainerView = {
   status: 'running',
   image: 'statefulapp',
   ports: ['198.18.0.11:8080->80/tcp'],
+  endpoints: [],
   ip: '198.19.1.2',
   createdAt: '2025-01-01T00:00:00Z',
 };

@@ -1,0 +1,134 @@
+/**
+ * Exposed services: which container the gateway fronts, on which port, in which protocol.
+ * The controller owns the table (store keys /routes/NAME) and pushes it to the gateway: the
+ * whole table after every change and periodically (so a restarted gateway is current within
+ * one period), and hold/release around each migration of an exposed container.
+ */
+import type { Logger } from 'pino';
+import { ConflictError, InvalidInputError, NotFoundError, toChipmunkError } from '../shared/errors.js';
+import type { StateStore } from './store/index.js';
+import { GatewayClient } from '../gateway/client.js';
+import type { SyncedRoute, Upstream } from '../gateway/protocol.js';
+import type { ExposeRequest, ExposedRoute } from '../shared/protocol.js';
+import { containerKey, type ContainerRecord } from './containers.js';
+
+
+const routeKey = (name: string) => `/routes/${name}`;
+const SYNC_PERIOD_MS = 5_000;
+
+export class RouteService {
+  private readonly gateway?: GatewayClient;
+  private timer?: NodeJS.Timeout;
+  /** Where clients reach the gateway's route listeners, for `ps`. */
+  private readonly gatewayHost?: string;
+
+  constructor(
+    private readonly store: StateStore,
+    private readonly nodeAddress: (node: string) => Promise<string | undefined>,
+    private readonly log: Logger,
+    gateway?: { url: string; token: string; publicHost?: string },
+  ) {
+    if (gateway) this.gateway = new GatewayClient({ url: gateway.url, token: gateway.token });
+    this.gatewayHost = gateway?.publicHost;
+  }
+
+  /** Starts the periodic push; a gateway that restarted gets the table back. */
+  start(): void {
+    if (!this.gateway) return;
+    void this.sync();
+    this.timer = setInterval(() => void this.sync(), SYNC_PERIOD_MS);
+    this.timer.unref();
+  }
+
+  stop(): void {
+    if (this.timer) clearInterval(this.timer);
+  }
+
+  async expose(name: string, req: ExposeRequest): Promise<ExposedRoute> {
+    if (!this.gateway) throw new InvalidInputError('this controller has no gateway: start it with --gateway URL (the local cluster has one)');
+    const container = await this.store.get<ContainerRecord>(containerKey(name));
+    if (!container) throw new NotFoundError(`no container named '${name}': 'chipmunk ps' lists them`, { name });
+    const route: ExposedRoute = { name, containerPort: req.port, listenPort: req.listen ?? req.port, protocol: req.protocol ?? 'http' };
+    for (const other of await this.list()) {
+      if (other.name !== name && other.listenPort === route.listenPort) {
+        throw new ConflictError(`gateway port ${route.listenPort} already serves '${other.name}': pick another with --listen`, { port: route.listenPort });
+      }
+    }
+    const upstream = await this.upstreamOf(container.value, route);
+    // The gateway opens the listener first: a port taken on its host fails here, nothing stored.
+    await this.gateway.putRoute(name, { protocol: route.protocol, listenPort: route.listenPort, ...(upstream ? { upstream } : {}) });
+    await this.store.put(routeKey(name), route);
+    return route;
+  }
+
+  async unexpose(name: string): Promise<void> {
+    const existing = await this.store.get(routeKey(name));
+    if (!existing) throw new NotFoundError(`container '${name}' is not exposed`, { name });
+    await this.store.delete(routeKey(name));
+    await this.gateway?.removeRoute(name).catch((err: unknown) => this.warn(`removing route ${name} from the gateway failed`, err));
+  }
+
+  async get(name: string): Promise<ExposedRoute | undefined> {
+    return (await this.store.get<ExposedRoute>(routeKey(name)))?.value;
+  }
+
+  async list(): Promise<ExposedRoute[]> {
+    return (await this.store.list<ExposedRoute>('/routes/')).map((kv) => kv.value);
+  }
+
+  /** Before the container freezes: new requests wait at the gateway. Best effort. */
+  async hold(name: string, migrationId: string): Promise<void> {
+    if (!this.gateway || !(await this.get(name))) return;
+    await this.gateway.hold(name, migrationId).catch((err: unknown) => this.warn(`gateway hold of ${name} failed; requests during the move may fail`, err));
+  }
+
+  /** After the move (or the rollback): held and new requests go to where the container runs now. */
+  async release(name: string, migrationId: string, container: ContainerRecord): Promise<void> {
+    const route = await this.get(name);
+    if (!this.gateway || !route) return;
+    const upstream = await this.upstreamOf(container, route);
+    if (!upstream) return;
+    await this.gateway.release(name, migrationId, upstream).catch((err: unknown) => this.warn(`gateway release of ${name} failed`, err));
+  }
+
+  /** "GATEWAY:PORT->CTRPORT/proto" by container, for `ps`. */
+  async endpointsByContainer(): Promise<Map<string, string[]>> {
+    const out = new Map<string, string[]>();
+    const host = this.gatewayHost ?? 'gateway';
+    for (const r of await this.list()) out.set(r.name, [...(out.get(r.name) ?? []), `${host}:${r.listenPort}->${r.containerPort}/${r.protocol}`]);
+    return out;
+  }
+
+  private async sync(): Promise<void> {
+    if (!this.gateway) return;
+    try {
+      const routes: SyncedRoute[] = [];
+      for (const r of await this.list()) {
+        const container = await this.store.get<ContainerRecord>(containerKey(r.name));
+        const upstream = container ? await this.upstreamOf(container.value, r) : undefined;
+        routes.push({ name: r.name, protocol: r.protocol, listenPort: r.listenPort, ...(upstream ? { upstream } : {}) });
+      }
+      await this.gateway.sync(routes);
+    } catch (err) {
+      this.warn('pushing the route table to the gateway failed; will retry', err);
+    }
+  }
+
+  /**
+   * Where the gateway reaches the container: its node's address and the host port it
+   * publishes for the exposed port (reachable from anywhere the node is), else its own
+   * address, which needs a route to the node's container subnet.
+   */
+  private async upstreamOf(container: ContainerRecord, route: ExposedRoute): Promise<Upstream | undefined> {
+    const published = container.spec.ports.find((p) => p.containerPort === route.containerPort && p.protocol === 'tcp');
+    if (published) {
+      const address = await this.nodeAddress(container.node);
+      if (address) return { address, port: published.hostPort };
+    }
+    return container.ip ? { address: container.ip, port: route.containerPort } : undefined;
+  }
+
+  private warn(message: string, err: unknown): void {
+    this.log.warn({ err: toChipmunkError(err).toJSON() }, message);
+  }
+}
