@@ -93,6 +93,16 @@ export function parsePositiveInt(value: string): number {
   return Number(value);
 }
 
+export function parsePort(value: string): number {
+  if (!/^\d{1,5}$/.test(value) || Number(value) < 1 || Number(value) > 65535) throw new UsageError(`bad port '${value}': use a number from 1 to 65535`, { value });
+  return Number(value);
+}
+
+export function parseRouteProtocol(value: string): 'http' | 'tcp' {
+  if (value !== 'http' && value !== 'tcp') throw new UsageError(`bad protocol '${value}': use http or tcp`, { value });
+  return value;
+}
+
 export function addJsonOption(cmd: Command): Command {
   return cmd.option('--json', 'machine-readable output on stdout (and nothing else there)');
 }

@@ -32,8 +32,8 @@ export interface ControllerOptions {
   agentFactory?: AgentResolver;
   /** A node is ready if it heartbeated at most this long ago. */
   nodeReadyWithinMs?: number;
-  /** The gateway's API URL, when exposed services go through one. */
-  gatewayUrl?: string;
+  /** The gateway, when exposed services go through one: its API, and where clients reach it. */
+  gateway?: { url: string; publicHost?: string };
 }
 
 export interface RunningController {
@@ -54,7 +54,7 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
     store,
     async (node) => (await nodes.get(node).catch(() => undefined))?.address,
     logger,
-    opts.gatewayUrl ? { url: opts.gatewayUrl, token: opts.token } : undefined,
+    opts.gateway ? { ...opts.gateway, token: opts.token } : undefined,
   );
   const migrations = new MigrationOrchestrator({ store, nodes, agentFor, log: logger, traffic: routes });
   const app = buildControllerServer({ token: opts.token, logger, nodes, containers, migrations, routes });

@@ -1,9 +1,9 @@
 /** `chipmunk run|ps|logs|stats|stop|rm`: containers, through the controller. */
 import type { Command } from 'commander';
-import type { ContainerStats, ContainerView, PortMapping, RunRequest } from '../../shared/protocol.js';
+import type { ContainerStats, ContainerView, ExposedRoute, PortMapping, RunRequest } from '../../shared/protocol.js';
 import { formatBytes } from '../../shared/units.js';
 import { controllerClient } from '../context.js';
-import { addConnectionOptions, addJsonOption, collectEnv, collectPort, parseContainerName, parseMemory, parseNodeName } from '../options.js';
+import { addConnectionOptions, addJsonOption, collectEnv, collectPort, parseContainerName, parseMemory, parseNodeName, parsePort, parseRouteProtocol } from '../options.js';
 import { printJson, renderTable } from '../output.js';
 
 interface RunOptions {
@@ -53,13 +53,13 @@ export function registerContainerCommands(program: Command): void {
   addConnectionOptions(addJsonOption(program.command('ps').description('list containers'))).action(
     async (opts: { json?: boolean }, cmd: Command) => {
       const views = await (await controllerClient(cmd)).get<ContainerView[]>('/v1/containers');
-      const containers = views.map(({ name, node, status, image, ports }) => ({ name, node, status, image, ports }));
+      const containers = views.map(({ name, node, status, image, ports, endpoints }) => ({ name, node, status, image, ports, endpoints }));
       if (opts.json) {
         printJson(containers);
         return;
       }
-      const rows = containers.map((c) => [c.name, c.node, c.status, c.image, c.ports.join(', ')]);
-      process.stdout.write(`${renderTable(['NAME', 'NODE', 'STATUS', 'IMAGE', 'PORTS'], rows)}\n`);
+      const rows = containers.map((c) => [c.name, c.node, c.status, c.image, c.ports.join(', '), c.endpoints.join(', ')]);
+      process.stdout.write(`${renderTable(['NAME', 'NODE', 'STATUS', 'IMAGE', 'PORTS', 'ENDPOINTS'], rows)}\n`);
     },
   );
 
@@ -85,6 +85,34 @@ export function registerContainerCommands(program: Command): void {
     const limit = stats.memoryLimitBytes !== undefined ? ` of ${formatBytes(stats.memoryLimitBytes)}` : '';
     const rows = [[stats.name, `${(stats.cpuUsageNs / 1e9).toFixed(2)} s`, `${formatBytes(stats.memoryBytes)}${limit}`, String(stats.pids)]];
     process.stdout.write(`${renderTable(['NAME', 'CPU TIME', 'MEMORY', 'PIDS'], rows)}\n`);
+  });
+
+  addConnectionOptions(
+    addJsonOption(
+      program
+        .command('expose')
+        .description('serve a container through the gateway: clients keep one address while it moves')
+        .argument('<name>', 'container name', parseContainerName)
+        .requiredOption('--port <port>', 'the container port the service listens on', parsePort)
+        .option('--listen <port>', 'the gateway port clients use (default: the container port)', parsePort)
+        .option('--protocol <protocol>', 'http or tcp', parseRouteProtocol, 'http'),
+    ),
+  ).action(async (name: string, opts: { port: number; listen?: number; protocol: 'http' | 'tcp'; json?: boolean }, cmd: Command) => {
+    const route = await (await controllerClient(cmd)).post<ExposedRoute>(`${containerPath(name)}/expose`, {
+      port: opts.port,
+      ...(opts.listen !== undefined ? { listen: opts.listen } : {}),
+      protocol: opts.protocol,
+    });
+    if (opts.json) printJson(route);
+    else process.stdout.write(`${name} exposed: gateway port ${route.listenPort} -> container port ${route.containerPort} (${route.protocol})\n`);
+  });
+
+  addConnectionOptions(
+    addJsonOption(program.command('unexpose').description('stop serving a container through the gateway').argument('<name>', 'container name', parseContainerName)),
+  ).action(async (name: string, opts: { json?: boolean }, cmd: Command) => {
+    await (await controllerClient(cmd)).delete(`${containerPath(name)}/expose`);
+    if (opts.json) printJson({ name, exposed: false });
+    else process.stdout.write(`${name} is no longer exposed\n`);
   });
 
   addConnectionOptions(

@@ -13,6 +13,9 @@ import { printJson } from '../output.js';
 
 const DEFAULT_CONTROLLER_LISTEN = '127.0.0.1:7400';
 const DEFAULT_STORE = 'sqlite:/var/lib/chipmunk/controller.db';
+const DEFAULT_GATEWAY_API = '127.0.0.1:7402';
+const DEFAULT_GATEWAY_ROUTE_HOST = '0.0.0.0';
+const DEFAULT_GATEWAY_STATE = '/var/lib/chipmunk/gateway/routes.json';
 const DEFAULT_AGENT_DATA_DIR = '/var/lib/chipmunk/agent';
 const DEFAULT_AGENT_RUN_DIR = '/run/chipmunk/agent';
 const DEFAULT_AGENT_SUBNET = '198.19.0.0/24';
@@ -46,6 +49,16 @@ interface ControllerOptions {
   listen: ListenAddress;
   store: string;
   tokenFile?: string;
+  gateway?: string;
+  gatewayHost?: string;
+  json?: boolean;
+}
+
+interface GatewayDaemonOptions {
+  api: ListenAddress;
+  routeHost: string;
+  state: string;
+  tokenFile?: string;
   json?: boolean;
 }
 
@@ -68,7 +81,9 @@ export function registerDaemonCommands(program: Command): void {
       .description('run the controller: it knows the nodes and containers and orchestrates migrations')
       .option('--listen <host:port>', 'address to serve the API on', parseListen, parseListen(DEFAULT_CONTROLLER_LISTEN))
       .option('--store <spec>', 'state store: sqlite:/path/to/file.db or memory:', DEFAULT_STORE)
-      .option('--token-file <file>', 'file holding the cluster token (default: $CHIPMUNK_TOKEN)'),
+      .option('--token-file <file>', 'file holding the cluster token (default: $CHIPMUNK_TOKEN)')
+      .option('--gateway <url>', "the gateway's API, for exposed services", parseUrl)
+      .option('--gateway-host <address>', 'where clients reach the gateway (shown by ps)'),
   ).action(async (opts: ControllerOptions) => {
     const token = await daemonToken(opts.tokenFile);
     // SQLite creates the file but not its folder.
@@ -77,11 +92,36 @@ export function registerDaemonCommands(program: Command): void {
     const { startController } = await import('../../controller/index.js');
     // Logs on stderr: stdout carries only the announcement (which --json scripts parse).
     const logger = pino(pino.destination(2));
-    const controller = await startController({ listen: opts.listen, token, storeSpec: opts.store, logger });
+    const controller = await startController({
+      listen: opts.listen,
+      token,
+      storeSpec: opts.store,
+      logger,
+      ...(opts.gateway ? { gateway: { url: opts.gateway, publicHost: opts.gatewayHost } } : {}),
+    });
     announce(opts.json, 'controller', controller.url);
     await untilStopSignal();
     await controller.close();
     // Closed: a handle it forgot (a timer, a keep-alive socket) must not keep the process around.
+    process.exit(0);
+  });
+
+  addJsonOption(
+    program
+      .command('gateway')
+      .description("run the gateway: clients keep one address while containers move; the controller pushes its routes")
+      .option('--api <host:port>', 'address to serve the gateway API on (the controller talks to it)', parseListen, parseListen(DEFAULT_GATEWAY_API))
+      .option('--route-host <address>', "address the routes' listeners bind (clients connect there)", DEFAULT_GATEWAY_ROUTE_HOST)
+      .option('--state <file>', 'route table file (survives restarts)', DEFAULT_GATEWAY_STATE)
+      .option('--token-file <file>', 'file holding the cluster token (default: $CHIPMUNK_TOKEN)'),
+  ).action(async (opts: GatewayDaemonOptions) => {
+    const token = await daemonToken(opts.tokenFile);
+    const { startGateway } = await import('../../gateway/index.js');
+    const logger = pino(pino.destination(2));
+    const gateway = await startGateway({ apiListen: opts.api, routeHost: opts.routeHost, token, stateFile: opts.state, logger });
+    announce(opts.json, 'gateway', gateway.url);
+    await untilStopSignal();
+    await gateway.close();
     process.exit(0);
   });
 
