@@ -42,6 +42,9 @@ export const LOCAL_NETWORK: TestNetwork = {
   vethPrefix: 'chmkv-',
 };
 const CONTROLLER_PORT = 7400;
+const GATEWAY_API_PORT = 7402;
+/** Clients on this machine reach exposed services at 127.0.0.1:PORT. */
+export const LOCAL_GATEWAY_HOST = '127.0.0.1';
 const AGENT_PORT = 7401;
 /** Each node is a full agent process on this one machine; the address plan alone would allow 244. */
 export const MAX_NODES = 50;
@@ -64,6 +67,9 @@ export interface LocalClusterState {
   controllerUrl: string;
   tokenFile: string;
   controllerPid: number;
+  /** The gateway: its API on the bridge, its route listeners on the machine's loopback. */
+  gatewayPid?: number;
+  gatewayUrl?: string;
   nodes: LocalClusterNode[];
   /** 'starting' until every agent is ready: what a failed `cluster up` leaves for `cluster down`. */
   status: 'starting' | 'ready';
@@ -223,16 +229,35 @@ export async function clusterUp(opts: ClusterUpOptions): Promise<ClusterUpResult
   // writeFile's mode only applies when it creates the file.
   await chmod(tokenFile, 0o600);
 
+  const gatewayApi = `${LOCAL_NETWORK.gateway}:${GATEWAY_API_PORT}`;
+  const gatewayLog = logFile(stateDir, 'gateway');
+  progress(`starting gateway (routes on ${LOCAL_GATEWAY_HOST}, API at http://${gatewayApi}; log: ${gatewayLog})`);
+  const gateway = await spawnDaemon(
+    process.execPath,
+    [CHIPMUNK_BIN, 'gateway', '--api', gatewayApi, '--route-host', LOCAL_GATEWAY_HOST, '--state', join(stateDir, 'gateway', 'routes.json'), '--token-file', tokenFile],
+    gatewayLog,
+  );
   const controllerListen = `${LOCAL_NETWORK.gateway}:${CONTROLLER_PORT}`;
   const controllerUrl = `http://${controllerListen}`;
   const controllerLog = logFile(stateDir, 'controller');
   progress(`starting controller at ${controllerUrl} (log: ${controllerLog})`);
   const controller = await spawnDaemon(
     process.execPath,
-    [CHIPMUNK_BIN, 'controller', '--listen', controllerListen, '--store', `sqlite:${join(stateDir, 'controller.db')}`, '--token-file', tokenFile],
+    [
+      CHIPMUNK_BIN, 'controller', '--listen', controllerListen, '--store', `sqlite:${join(stateDir, 'controller.db')}`, '--token-file', tokenFile,
+      '--gateway', `http://${gatewayApi}`, '--gateway-host', LOCAL_GATEWAY_HOST,
+    ],
     controllerLog,
   );
-  const state: LocalClusterState = { controllerUrl, tokenFile, controllerPid: controller.pid!, nodes: [], status: 'starting' };
+  const state: LocalClusterState = {
+    controllerUrl,
+    tokenFile,
+    controllerPid: controller.pid!,
+    gatewayPid: gateway.pid!,
+    gatewayUrl: `http://${gatewayApi}`,
+    nodes: [],
+    status: 'starting',
+  };
   await writeClusterState(stateDir, state);
   try {
     await startAgents(state, { ...opts, stateDir, runDir, progress }, failOnExit(controller, 'controller', controllerLog), token);
@@ -419,6 +444,7 @@ export async function clusterDown(dirs: LocalClusterDirs = {}): Promise<ClusterD
     await deleteTestHost(LOCAL_NETWORK, name);
   }
   if (state) await stopDaemon(state.controllerPid, ['controller']);
+  if (state?.gatewayPid !== undefined) await stopDaemon(state.gatewayPid, ['gateway']);
 
   const podman = await runUnchecked('podman', ['image', 'unmount', '--all']).catch((err: Error) => ({ code: 1, stderr: err.message }));
   if (podman.code !== 0) warnings.push(`podman image unmount --all: ${podman.stderr.trim()}`);
