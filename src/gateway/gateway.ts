@@ -28,6 +28,9 @@ export interface GatewaySettings {
   log: Logger;
 }
 
+/** Longest wait, at the start of a hold, for requests already on their way to the container. */
+const HOLD_DRAIN_MS = 5_000;
+
 export class Gateway {
   private readonly proxies = new Map<string, RouteProxy>();
   /** Routes whose listener could not start when the gateway did (port taken meanwhile). */
@@ -91,6 +94,9 @@ export class Gateway {
     return this.serialized(async () => {
       this.applyHold(name, request);
       await this.save();
+      // Answers only once requests already sent have been answered (bounded): the controller
+      // freezes the container right after, and a request it applied must not lose its answer.
+      await this.proxies.get(name)?.idle(HOLD_DRAIN_MS);
       return this.get(name);
     });
   }

@@ -37,6 +37,9 @@ export class HttpRouteProxy implements RouteProxy {
   private readonly gate: RouteGate;
   private readonly server: Server;
   private upstream?: { at: Upstream; pool: Pool };
+  /** Requests sent to the upstream and not yet answered. */
+  private inFlight = 0;
+  private readonly idleWaiters: Array<() => void> = [];
 
   private constructor(
     route: Route,
@@ -100,6 +103,17 @@ export class HttpRouteProxy implements RouteProxy {
     }
   }
 
+  idle(timeoutMs: number): Promise<void> {
+    if (this.inFlight === 0) return Promise.resolve();
+    return new Promise((resolve) => {
+      const timer = setTimeout(resolve, timeoutMs);
+      this.idleWaiters.push(() => {
+        clearTimeout(timer);
+        resolve();
+      });
+    });
+  }
+
   private async forward(req: IncomingMessage, res: ServerResponse): Promise<void> {
     const exchange = new ProxiedExchange(req, res);
     try {
@@ -120,7 +134,13 @@ export class HttpRouteProxy implements RouteProxy {
       const route = await this.gate.pass(this.gate.route.state === 'holding' ? exchange.waitSignal() : undefined);
       // pass() resolved, so the route has an upstream, and followUpstream made its pool.
       const pool = (this.upstream as { pool: Pool }).pool;
-      const failure = await exchange.send(pool, headers, body.payload);
+      this.inFlight++;
+      let failure: Awaited<ReturnType<ProxiedExchange['send']>>;
+      try {
+        failure = await exchange.send(pool, headers, body.payload);
+      } finally {
+        if (--this.inFlight === 0) for (const wake of this.idleWaiters.splice(0)) wake();
+      }
       if (!failure || exchange.clientGone) return;
       // Sent again only if that cannot do harm: the body is at hand, and the method changes
       // nothing or the request cannot have reached the container (no byte of it was written).

@@ -17,6 +17,12 @@ export interface RouteProxy {
    * because its hold timed out.
    */
   update(route: Route, expired?: boolean): void;
+  /**
+   * Resolves once no request is on its way to the upstream, or after `timeoutMs`: a hold waits
+   * for this before the controller freezes the container, so no request the container has
+   * applied can lose its answer to the freeze. (TCP connections are not waited for.)
+   */
+  idle(timeoutMs: number): Promise<void>;
   /** Stops listening, turns held traffic away with `reason`, and ends every connection. */
   close(reason: 'route-removed' | 'shutting-down'): Promise<void>;
 }

@@ -49,6 +49,11 @@ export class TcpRouteProxy implements RouteProxy {
     return this.gate.held;
   }
 
+  /** Open connections are not drained: they end with the container's move (docs/gateway.md). */
+  idle(): Promise<void> {
+    return Promise.resolve();
+  }
+
   update(route: Route, expired = false): void {
     for (const [socket, upstream] of this.piped) if (!sameUpstream(upstream, route.upstream)) socket.destroy();
     this.gate.update(route, expired);
