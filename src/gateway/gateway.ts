@@ -96,6 +96,9 @@ export class Gateway {
       await this.save();
       // Answers only once requests already sent have been answered (bounded): the controller
       // freezes the container right after, and a request it applied must not lose its answer.
+      // One turn of the event loop first: a request let through just before the hold may
+      // still be between the gate and the upstream, not yet counted as in flight.
+      await new Promise((resolve) => setImmediate(resolve));
       await this.proxies.get(name)?.idle(HOLD_DRAIN_MS);
       return this.get(name);
     });
