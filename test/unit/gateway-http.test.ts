@@ -213,7 +213,7 @@ describe('gateway: HTTP routes', () => {
         },
         'the upstream to stall',
       );
-      assert.ok(written < 256 * MiB, `the upstream wrote ${written} bytes for a client that read ${read}`);
+      assert.ok(written < 64 * MiB, `the upstream wrote ${written} bytes for a client that read ${read}`);
       await a.kill();
     }));
 
