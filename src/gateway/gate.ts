@@ -10,8 +10,10 @@ import type { Route } from './protocol.js';
 import { sameUpstream } from './routes.js';
 
 export interface HoldLimits {
-  /** Requests (http) or connections (tcp) one route may hold; more are refused (503 queue-full / closed). */
+  /** Requests (http) or connections (tcp) one route may hold; more are refused (503 queue-full / reset). */
   maxQueued: number;
+  /** Request body bytes one route may hold in memory (bodies are read before the queue, to keep its order). */
+  maxQueuedBytes: number;
   /** Longest hold: a hold not released by then ends by itself, traffic goes to the old upstream. */
   maxHoldMs: number;
   /**
@@ -21,7 +23,7 @@ export interface HoldLimits {
   reconnectMs: number;
 }
 
-export const DEFAULT_HOLD_LIMITS: HoldLimits = { maxQueued: 10_000, maxHoldMs: 30_000, reconnectMs: 5_000 };
+export const DEFAULT_HOLD_LIMITS: HoldLimits = { maxQueued: 10_000, maxQueuedBytes: 256 * 1024 * 1024, maxHoldMs: 30_000, reconnectMs: 5_000 };
 
 /** Why traffic was turned away; the `X-Chipmunk-Reason` header of a 503. */
 export type RefusalReason = 'queue-full' | 'hold-timeout' | 'no-upstream' | 'route-removed' | 'shutting-down';
@@ -62,6 +64,7 @@ export interface FailedAttempt {
 }
 
 interface Waiter {
+  bytes: number;
   resolve(): void;
   reject(err: Error): void;
 }
@@ -69,6 +72,7 @@ interface Waiter {
 export class RouteGate {
   private current: Route;
   private readonly waiters = new Set<Waiter>();
+  private waitingBytes = 0;
   /** When traffic was last redirected (hold ended, upstream changed): starts the reconnect window. */
   private openedAt = 0;
 
@@ -92,10 +96,10 @@ export class RouteGate {
   /**
    * The route to send to now: at once while open, after the hold while holding. Rejects with
    * RouteRefusedError when the queue is full, the route has no upstream, or the hold ended badly.
-   * `signal` withdraws a waiting client (it went away).
+   * `signal` withdraws a waiting client (it went away); `bytes` is what it holds in memory.
    */
-  async pass(signal?: AbortSignal): Promise<Route & { upstream: NonNullable<Route['upstream']> }> {
-    while (this.current.state === 'holding') await this.wait(signal);
+  async pass(signal?: AbortSignal, bytes = 0): Promise<Route & { upstream: NonNullable<Route['upstream']> }> {
+    while (this.current.state === 'holding') await this.wait(signal, bytes);
     const route = this.current;
     if (!route.upstream) {
       throw new RouteRefusedError('no-upstream', `container '${route.name}' runs nowhere the gateway knows of: no upstream for this route`, {
@@ -143,21 +147,25 @@ export class RouteGate {
     return undefined;
   }
 
-  private wait(signal?: AbortSignal): Promise<void> {
-    if (this.waiters.size >= this.limits.maxQueued) {
+  private wait(signal: AbortSignal | undefined, bytes: number): Promise<void> {
+    const { maxQueued, maxQueuedBytes } = this.limits;
+    if (this.waiters.size >= maxQueued || this.waitingBytes + bytes > maxQueuedBytes) {
+      const full = this.waiters.size >= maxQueued ? `${maxQueued} waiting` : `${this.waitingBytes + bytes} bytes of request bodies, more than ${maxQueuedBytes}`;
       return Promise.reject(
-        new RouteRefusedError('queue-full', `container '${this.current.name}' is moving and its hold queue is full (${this.limits.maxQueued} waiting)`, {
+        new RouteRefusedError('queue-full', `container '${this.current.name}' is moving and its hold queue is full (${full})`, {
           route: this.current.name,
-          maxQueued: this.limits.maxQueued,
+          maxQueued,
+          maxQueuedBytes,
         }),
       );
     }
     return new Promise<void>((resolve, reject) => {
       const onAbort = (): void => {
-        if (this.waiters.delete(waiter)) this.onHeldChange(this.waiters.size);
+        if (this.forget(waiter)) this.onHeldChange(this.waiters.size);
         reject(signal?.reason instanceof Error ? signal.reason : new Error('client went away'));
       };
       const waiter: Waiter = {
+        bytes,
         resolve: () => {
           signal?.removeEventListener('abort', onAbort);
           resolve();
@@ -169,13 +177,21 @@ export class RouteGate {
       };
       signal?.addEventListener('abort', onAbort, { once: true });
       this.waiters.add(waiter);
+      this.waitingBytes += bytes;
       this.onHeldChange(this.waiters.size);
     });
+  }
+
+  private forget(waiter: Waiter): boolean {
+    if (!this.waiters.delete(waiter)) return false;
+    this.waitingBytes -= waiter.bytes;
+    return true;
   }
 
   private drain(settle: (w: Waiter) => void): void {
     const waiters = [...this.waiters];
     this.waiters.clear();
+    this.waitingBytes = 0;
     this.onHeldChange(0);
     // In arrival order: a Set iterates in insertion order, and the waiters' continuations (which
     // send the requests) run as microtasks in the order they were settled.

@@ -1,7 +1,6 @@
 /**
  * The gateway's state machine: the route table (routes.ts), one proxy per route, the timers that
- * end holds nobody released, and the state file. The API (server.ts) calls it; so could a
- * controller embedding the gateway in-process.
+ * end holds nobody released, and the state file. The API (server.ts) calls it.
  *
  * Changes are applied one at a time. Each goes to the proxies first and to the state file right
  * after (before the API answers): traffic follows a hold or release at once, and a failed write
@@ -33,7 +32,7 @@ const HOLD_DRAIN_MS = 5_000;
 
 export class Gateway {
   private readonly proxies = new Map<string, RouteProxy>();
-  /** Routes whose listener could not start when the gateway did (port taken meanwhile). */
+  /** Routes left without a listener, and why (port taken when the gateway started, or when a protocol change rebound it). */
   private readonly listenErrors = new Map<string, string>();
   private readonly holdTimers = new Map<string, NodeJS.Timeout>();
   private queue: Promise<unknown> = Promise.resolve();
@@ -78,13 +77,7 @@ export class Gateway {
 
   remove(name: string): Promise<void> {
     return this.serialized(async () => {
-      const route = this.table.delete(name);
-      this.clearHoldTimer(name);
-      this.listenErrors.delete(name);
-      const proxy = this.proxies.get(name);
-      this.proxies.delete(name);
-      await proxy?.close('route-removed');
-      this.settings.log.info({ route: route.name }, 'route removed');
+      await this.drop(name);
       await this.save();
     });
   }
@@ -125,12 +118,7 @@ export class Gateway {
       const wanted = new Map(routes.map((r) => [r.name, r]));
       if (wanted.size !== routes.length) throw new InvalidInputError('a route name appears twice in the sync: list each container once', { names: routes.map((r) => r.name) });
       for (const route of this.table.list()) {
-        if (wanted.has(route.name)) continue;
-        this.table.delete(route.name);
-        this.clearHoldTimer(route.name);
-        this.listenErrors.delete(route.name);
-        await this.proxies.get(route.name)?.close('route-removed');
-        this.proxies.delete(route.name);
+        if (!wanted.has(route.name)) await this.drop(route.name);
       }
       const failed: Record<string, string> = {};
       for (const synced of routes) {
@@ -158,6 +146,16 @@ export class Gateway {
       await Promise.all([...this.proxies.values()].map((proxy) => proxy.close('shutting-down')));
       this.proxies.clear();
     });
+  }
+
+  private async drop(name: string): Promise<void> {
+    this.table.delete(name);
+    this.clearHoldTimer(name);
+    this.listenErrors.delete(name);
+    const proxy = this.proxies.get(name);
+    this.proxies.delete(name);
+    await proxy?.close('route-removed');
+    this.settings.log.info({ route: name }, 'route removed');
   }
 
   private async applySpec(name: string, spec: RouteSpec): Promise<void> {

@@ -128,10 +128,13 @@ export class HttpRouteProxy implements RouteProxy {
   private async exchange(exchange: ProxiedExchange): Promise<void> {
     const { req } = exchange;
     if (req.url?.[0] !== '/') throw new InvalidInputError('the gateway only proxies origin-form request targets (a path starting with /)');
+    // Read before the hold queue, so that held requests leave in the order they came (the
+    // queue's byte bound keeps what it holds in memory in check).
     const body = await readBody(req, this.settings.replayableBodyBytes);
     const headers = upstreamHeaders(req);
+    const heldBytes = body.payload instanceof Buffer ? body.payload.length : 0;
     for (let attempts = 0; ; attempts++) {
-      const route = await this.gate.pass(this.gate.route.state === 'holding' ? exchange.waitSignal() : undefined);
+      const route = await this.gate.pass(this.gate.route.state === 'holding' ? exchange.waitSignal() : undefined, heldBytes);
       // pass() resolved, so the route has an upstream, and followUpstream made its pool.
       const pool = (this.upstream as { pool: Pool }).pool;
       this.inFlight++;
