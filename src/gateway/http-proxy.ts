@@ -27,6 +27,21 @@ export interface HttpProxySettings extends ProxySettings {
 /** Sent again even if they may have reached the container: they change nothing there. */
 const ALWAYS_RESENDABLE = new Set(['GET', 'HEAD', 'OPTIONS']);
 
+/** What requests still at a container's old location fail with when it has moved. */
+class MovedAwayError extends Error {
+  constructor(
+    message: string,
+    /** Every request sent before the freeze had been answered (the hold drained). */
+    readonly drainedBeforeMove: boolean,
+  ) {
+    super(message);
+  }
+}
+
+function unprocessedByMovedContainer(err: Error): boolean {
+  return err instanceof MovedAwayError && err.drainedBeforeMove;
+}
+
 /** Headers of one connection, not of the message (RFC 9110 7.6.1), plus the proxy's own. */
 const HOP_BY_HOP = new Set(['connection', 'keep-alive', 'te', 'trailer', 'transfer-encoding', 'upgrade']);
 
@@ -39,6 +54,12 @@ export class HttpRouteProxy implements RouteProxy {
   private upstream?: { at: Upstream; pool: Pool };
   /** Requests sent to the upstream and not yet answered. */
   private inFlight = 0;
+  /**
+   * The current hold found nothing in flight before the container froze: whatever is still
+   * at the old location when the container moves was sent to a frozen container, which never
+   * read it (its connections come back closed), so it is safe to send again.
+   */
+  private drainedBeforeMove = false;
   private readonly idleWaiters: Array<() => void> = [];
 
   private constructor(
@@ -99,17 +120,18 @@ export class HttpRouteProxy implements RouteProxy {
       : undefined;
     if (old) {
       const moved = route.upstream ? `to ${route.upstream.address}:${route.upstream.port}` : 'away';
-      void old.pool.destroy(new Error(`the container moved ${moved}: given up at its old location`));
+      void old.pool.destroy(new MovedAwayError(`the container moved ${moved}: given up at its old location`, this.drainedBeforeMove));
+      this.drainedBeforeMove = false;
     }
   }
 
-  idle(timeoutMs: number): Promise<void> {
-    if (this.inFlight === 0) return Promise.resolve();
-    return new Promise((resolve) => {
-      const timer = setTimeout(resolve, timeoutMs);
+  async idle(timeoutMs: number): Promise<void> {
+    this.drainedBeforeMove = await new Promise<boolean>((resolve) => {
+      if (this.inFlight === 0) return resolve(true);
+      const timer = setTimeout(() => resolve(false), timeoutMs);
       this.idleWaiters.push(() => {
         clearTimeout(timer);
-        resolve();
+        resolve(true);
       });
     });
   }
@@ -147,7 +169,7 @@ export class HttpRouteProxy implements RouteProxy {
       if (!failure || exchange.clientGone) return;
       // Sent again only if that cannot do harm: the body is at hand, and the method changes
       // nothing or the request cannot have reached the container (no byte of it was written).
-      const resendable = body.replayable && (ALWAYS_RESENDABLE.has(req.method ?? '') || !failure.written);
+      const resendable = body.replayable && (ALWAYS_RESENDABLE.has(req.method ?? '') || !failure.written || unprocessedByMovedContainer(failure.error));
       const delay = this.gate.retryDelay({ route, resendable, connectFailed: !failure.written, attempts });
       if (delay === undefined) throw upstreamFailure(route, failure);
       this.settings.metrics.retry();
