@@ -15,6 +15,8 @@ import { containerKey, type ContainerRecord } from './containers.js';
 
 const routeKey = (name: string) => `/routes/${name}`;
 const SYNC_PERIOD_MS = 5_000;
+/** Phases of a migration during which the orchestrator holds the container's traffic. */
+const HELD_PHASES = new Set<string>(['checkpoint', 'transfer', 'restore', 'verify', 'rollback']);
 
 export class RouteService {
   private readonly gateway?: GatewayClient;
@@ -106,7 +108,10 @@ export class RouteService {
       for (const r of await this.list()) {
         const container = await this.store.get<ContainerRecord>(containerKey(r.name));
         const upstream = container ? await this.upstreamOf(container.value, r) : undefined;
-        routes.push({ name: r.name, protocol: r.protocol, listenPort: r.listenPort, ...(upstream ? { upstream } : {}) });
+        // A sync without the hold would end it: traffic would go to the frozen source.
+        const migration = container?.value.migration;
+        const hold = migration && HELD_PHASES.has(migration.phase) ? { migrationId: migration.id } : undefined;
+        routes.push({ name: r.name, protocol: r.protocol, listenPort: r.listenPort, ...(upstream ? { upstream } : {}), ...(hold ? { hold } : {}) });
       }
       await this.gateway.sync(routes);
     } catch (err) {
