@@ -128,7 +128,7 @@ export async function cliFails(args: string[], opts: CliOptions = {}): Promise<C
 }
 
 /** `chipmunk ps --json`. */
-export function ps(): Promise<Pick<ContainerView, 'name' | 'node' | 'status' | 'image' | 'ports'>[]> {
+export function ps(): Promise<Pick<ContainerView, 'name' | 'node' | 'status' | 'image' | 'ports' | 'endpoints'>[]> {
   return cliOk(['ps']);
 }
 

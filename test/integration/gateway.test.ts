@@ -1,0 +1,155 @@
+/**
+ * The gateway on a real local cluster: clients keep one address (127.0.0.1:PORT on this
+ * machine) while the container moves, and no request fails.
+ */
+import assert from 'node:assert/strict';
+import { connect } from 'node:net';
+import { after, before, describe, it } from 'node:test';
+import { Agent, request } from 'undici';
+import { cli, cliFails, cliOk, ps, startLocalCluster, stopLocalCluster, waitFor } from '../support/local-cluster.js';
+
+const GATEWAY = '127.0.0.1';
+const HTTP_PORT = 28080;
+const TCP_PORT = 29000;
+
+before(async () => {
+  await startLocalCluster(3);
+}, { timeout: 300_000 });
+
+after(async () => {
+  await stopLocalCluster();
+}, { timeout: 120_000 });
+
+/** Sends POST /increment through the gateway from `workers` clients until stopped (bounded). */
+function steadyIncrements(workers: number, maxMs: number) {
+  const agent = new Agent({ keepAliveTimeout: 10_000 });
+  let stop = false;
+  const stats = { ok: 0, failed: 0, errors: [] as string[], maxLatencyMs: 0 };
+  const deadline = setTimeout(() => (stop = true), maxMs);
+  const loops = Array.from({ length: workers }, async () => {
+    while (!stop) {
+      const t = Date.now();
+      try {
+        const res = await request(`http://${GATEWAY}:${HTTP_PORT}/increment`, { method: 'POST', dispatcher: agent, headersTimeout: 60_000 });
+        const body = await res.body.text();
+        if (res.statusCode === 200) stats.ok++;
+        else {
+          stats.failed++;
+          stats.errors.push(`${res.statusCode} ${body.slice(0, 200)}`);
+        }
+      } catch (err) {
+        stats.failed++;
+        stats.errors.push(String((err as Error).message));
+      }
+      stats.maxLatencyMs = Math.max(stats.maxLatencyMs, Date.now() - t);
+    }
+  });
+  return {
+    stats,
+    async stop() {
+      stop = true;
+      clearTimeout(deadline);
+      await Promise.all(loops);
+      await agent.close();
+      return stats;
+    },
+  };
+}
+
+/** One short TCP exchange through the gateway: connect, send a line, read the echo, close. */
+function echoOnce(line: string): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const socket = connect({ host: GATEWAY, port: TCP_PORT });
+    let got = '';
+    socket.setTimeout(30_000, () => socket.destroy(new Error('echo timed out')));
+    socket.on('connect', () => socket.write(`${line}\n`));
+    socket.on('data', (d) => {
+      got += d.toString();
+      if (got.endsWith('\n')) {
+        socket.end();
+        resolve(got.trim());
+      }
+    });
+    socket.on('error', reject);
+    socket.on('close', () => {
+      if (!got.endsWith('\n')) reject(new Error(`connection closed after '${got}'`));
+    });
+  });
+}
+
+describe('gateway', { timeout: 600_000 }, () => {
+  it('HTTP: a client sending increments nonstop through two migrations (lazy, then copy) sees no failure', async () => {
+    await cliOk(['run', '--name', 'counter', '--node', 'node1', '-p', '8080:8080', '-e', 'MEMORY_MB=32', 'chipmunk/statefulapp']);
+    const route = await cliOk<{ listenPort: number; protocol: string }>(['expose', 'counter', '--port', '8080', '--listen', String(HTTP_PORT)]);
+    assert.deepEqual([route.listenPort, route.protocol], [HTTP_PORT, 'http']);
+    await waitFor(async () => {
+      const res = await request(`http://${GATEWAY}:${HTTP_PORT}/health`).catch(() => undefined);
+      await res?.body.dump();
+      return res?.statusCode === 200;
+    }, 30_000, 'counter answers through the gateway');
+
+    const client = steadyIncrements(2, 120_000);
+    await new Promise((r) => setTimeout(r, 1_000));
+    await cliOk(['migrate', 'counter', '--to', 'node2', '--mode', 'lazy'], { timeoutMs: 120_000 });
+    await new Promise((r) => setTimeout(r, 1_000));
+    await cliOk(['migrate', 'counter', '--to', 'node3', '--mode', 'copy'], { timeoutMs: 120_000 });
+    await new Promise((r) => setTimeout(r, 1_000));
+    const stats = await client.stop();
+
+    assert.deepEqual(stats.errors, [], 'no client request failed');
+    assert.ok(stats.ok > 100, `the client kept going (${stats.ok} acknowledged)`);
+    const res = await request(`http://${GATEWAY}:${HTTP_PORT}/`);
+    const state = (await res.body.json()) as { counter: number };
+    assert.equal(state.counter, stats.ok, 'every acknowledged increment, and only those, is in the state');
+    const row = (await ps()).find((c) => c.name === 'counter');
+    assert.equal(row?.node, 'node3');
+    assert.deepEqual(row?.endpoints, [`${GATEWAY}:${HTTP_PORT}->8080/http`]);
+  });
+
+  it('TCP: new connections during a migration are held, then connected to the new location', async () => {
+    const server = "require('net').createServer((s) => s.pipe(s)).listen(7000, '0.0.0.0')";
+    await cliOk(['run', '--name', 'echo', '--node', 'node1', '-p', '7000:7000', 'chipmunk/statefulapp', '/usr/bin/node', '-e', server]);
+    await cliOk(['expose', 'echo', '--port', '7000', '--listen', String(TCP_PORT), '--protocol', 'tcp']);
+    await waitFor(async () => (await echoOnce('hello').catch(() => '')) === 'hello', 30_000, 'echo answers through the gateway');
+
+    let stop = false;
+    const failures: string[] = [];
+    let exchanges = 0;
+    const loop = (async () => {
+      for (let i = 0; !stop && i < 100_000; i++) {
+        try {
+          const echoed = await echoOnce(`line ${i}`);
+          if (echoed !== `line ${i}`) failures.push(`got '${echoed}' for 'line ${i}'`);
+          exchanges++;
+        } catch (err) {
+          failures.push((err as Error).message);
+        }
+      }
+    })();
+    await new Promise((r) => setTimeout(r, 500));
+    await cliOk(['migrate', 'echo', '--to', 'node2', '--mode', 'lazy'], { timeoutMs: 120_000 });
+    await new Promise((r) => setTimeout(r, 500));
+    stop = true;
+    await loop;
+    assert.deepEqual(failures, [], 'no new connection failed');
+    assert.ok(exchanges > 20, `connections kept coming (${exchanges})`);
+  });
+
+  it('bad input gets a clear error and changes nothing', async () => {
+    const before = await ps();
+    const unknown = await cliFails(['expose', 'nosuch', '--port', '80']);
+    assert.equal(unknown.error.code, 'CHIPMUNK_NOT_FOUND');
+    assert.match(unknown.error.message, /nosuch/);
+    const taken = await cliFails(['expose', 'echo', '--port', '7000', '--listen', String(HTTP_PORT)]);
+    assert.equal(taken.error.code, 'CHIPMUNK_CONFLICT');
+    assert.match(taken.error.message, new RegExp(String(HTTP_PORT)));
+    const badProtocol = await cli(['expose', 'echo', '--port', '7000', '--protocol', 'udp']);
+    assert.equal(badProtocol.code, 2);
+    assert.match(badProtocol.stderr, /protocol/);
+    const badPort = await cli(['expose', 'echo', '--port', '0']);
+    assert.equal(badPort.code, 2);
+    const notExposed = await cliFails(['unexpose', 'nosuch']);
+    assert.equal(notExposed.error.code, 'CHIPMUNK_NOT_FOUND');
+    assert.deepEqual(await ps(), before);
+  });
+});
