@@ -24,7 +24,7 @@ die() { echo "setup: ERROR: $*" >&2; exit 1; }
 command -v apt-get >/dev/null || die "apt-get not found: chipmunk's set-up supports Debian 12 hosts."
 
 # ---------------------------------------------------------------- system packages
-APT_PACKAGES=(runc podman containernetworking-plugins iproute2 iptables busybox-static tar util-linux procps)
+APT_PACKAGES=(runc podman containernetworking-plugins iproute2 iptables busybox-static tar util-linux procps haproxy wrk)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
