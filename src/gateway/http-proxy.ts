@@ -154,9 +154,8 @@ export class HttpRouteProxy implements RouteProxy {
     // queue's byte bound keeps what it holds in memory in check).
     const body = await readBody(req, this.settings.replayableBodyBytes);
     const headers = upstreamHeaders(req);
-    const heldBytes = body.payload instanceof Buffer ? body.payload.length : 0;
     for (let attempts = 0; ; attempts++) {
-      const route = await this.gate.pass(this.gate.route.state === 'holding' ? exchange.waitSignal() : undefined, heldBytes);
+      const route = await this.gate.pass(this.gate.route.state === 'holding' ? exchange.waitSignal() : undefined, body.bytesInMemory);
       // pass() resolved, so the route has an upstream, and followUpstream made its pool.
       const pool = (this.upstream as { pool: Pool }).pool;
       this.inFlight++;
@@ -201,16 +200,18 @@ interface RequestBody {
   payload: Buffer | Readable | null;
   /** Whole in memory, so it can be sent again. */
   replayable: boolean;
+  /** What was read of it so far (all of it, or the read-ahead of a body that streams). */
+  bytesInMemory: number;
 }
 
-const NO_BODY: RequestBody = { payload: null, replayable: true };
+const NO_BODY: RequestBody = { payload: null, replayable: true, bytesInMemory: 0 };
 
 /** The request body: read whole if it is at most `limit` bytes, else streamed (and never sent twice). */
 async function readBody(req: IncomingMessage, limit: number): Promise<RequestBody> {
   const length = req.headers['content-length'];
   if (req.headers['transfer-encoding'] === undefined) {
     if (length === undefined || length === '0') return NO_BODY;
-    if (Number(length) > limit) return { payload: req, replayable: false };
+    if (Number(length) > limit) return { payload: req, replayable: false, bytesInMemory: 0 };
   }
   // Chunked (length unknown) or small: read up to the limit, and stream the rest if there is more.
   const chunks: Buffer[] = [];
@@ -218,11 +219,11 @@ async function readBody(req: IncomingMessage, limit: number): Promise<RequestBod
   const reader = req[Symbol.asyncIterator]() as AsyncIterator<Buffer>;
   while (size <= limit) {
     const next = await reader.next();
-    if (next.done) return { payload: Buffer.concat(chunks, size), replayable: true };
+    if (next.done) return { payload: Buffer.concat(chunks, size), replayable: true, bytesInMemory: size };
     chunks.push(next.value);
     size += next.value.length;
   }
-  return { payload: Readable.from(readAheadThenRest(chunks, reader), { objectMode: false }), replayable: false };
+  return { payload: Readable.from(readAheadThenRest(chunks, reader), { objectMode: false }), replayable: false, bytesInMemory: size };
 }
 
 async function* readAheadThenRest(first: Buffer[], rest: AsyncIterator<Buffer>): AsyncIterable<Buffer> {

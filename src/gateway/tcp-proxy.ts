@@ -105,6 +105,11 @@ export class TcpRouteProxy implements RouteProxy {
         upstream.destroy();
         return;
       }
+      if (this.gate.route.generation !== route.generation) {
+        // Held or redirected while connecting: nothing was sent yet, so start over.
+        upstream.destroy();
+        continue;
+      }
       this.settings.metrics.connection('proxied');
       this.piped.set(upstream, route.upstream);
       upstream.once('close', () => this.piped.delete(upstream));
@@ -121,7 +126,6 @@ export class TcpRouteProxy implements RouteProxy {
     client.on('close', () => upstream.destroy());
     // Closed or reset by the upstream (the container stopped or hung up), or given up because the
     // container moved: the client gets what was already piped, then a clean end of stream.
-    upstream.on('error', () => upstream.destroy());
     upstream.once('close', () => {
       if (client.destroyed) return;
       client.unpipe(upstream);
@@ -146,6 +150,8 @@ function connectTo(upstream: Upstream): Promise<Socket> {
     socket.once('connect', () => {
       socket.setTimeout(0);
       socket.off('error', reject);
+      // From now on an error (a reset) just closes it; splice() passes the close on to the client.
+      socket.on('error', () => socket.destroy());
       resolve(socket);
     });
   });

@@ -39,13 +39,23 @@ export async function withGateway(run: (env: TestGateway) => Promise<void>, opts
   }
 }
 
-/** A port nothing listens on right now (the kernel's choice, released at once). */
+/**
+ * A port nothing uses right now, for a route's listener. Picked below the kernel's ephemeral
+ * range (32768 and up), where the tests' own client connections take their local ports: one of
+ * those could otherwise take the port between this check and the gateway's bind.
+ */
 export async function freePort(): Promise<number> {
-  const server = createNetServer();
-  await new Promise<void>((resolve) => server.listen(0, LOOPBACK, resolve));
-  const port = (server.address() as { port: number }).port;
-  await new Promise<void>((resolve) => server.close(() => resolve()));
-  return port;
+  for (;;) {
+    const port = 20_000 + Math.floor(Math.random() * 12_000);
+    const server = createNetServer();
+    const free = await new Promise<boolean>((resolve) => {
+      server.once('error', () => resolve(false));
+      server.listen(port, LOOPBACK, () => resolve(true));
+    });
+    if (!free) continue;
+    await new Promise<void>((resolve) => server.close(() => resolve()));
+    return port;
+  }
 }
 
 export interface TestUpstream {
