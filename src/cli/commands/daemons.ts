@@ -8,7 +8,7 @@ import type { Command } from 'commander';
 import pino from 'pino';
 
 import { daemonToken } from '../context.js';
-import { addJsonOption, parseIPv4Cidr, parseListen, parseNodeName, parseUrl, type ListenAddress } from '../options.js';
+import { addJsonOption, parseIPv4Cidr, parseListen, parseNodeName, parsePositiveInt, parseUrl, type ListenAddress } from '../options.js';
 import { printJson } from '../output.js';
 
 const DEFAULT_CONTROLLER_LISTEN = '127.0.0.1:7400';
@@ -58,6 +58,8 @@ interface GatewayDaemonOptions {
   api: ListenAddress;
   routeHost: string;
   state: string;
+  maxHeld?: number;
+  maxHoldMs?: number;
   tokenFile?: string;
   json?: boolean;
 }
@@ -113,12 +115,18 @@ export function registerDaemonCommands(program: Command): void {
       .option('--api <host:port>', 'address to serve the gateway API on (the controller talks to it)', parseListen, parseListen(DEFAULT_GATEWAY_API))
       .option('--route-host <address>', "address the routes' listeners bind (clients connect there)", DEFAULT_GATEWAY_ROUTE_HOST)
       .option('--state <file>', 'route table file (survives restarts)', DEFAULT_GATEWAY_STATE)
+      .option('--max-held <n>', 'requests (or connections) one route may hold during a migration; more get 503 queue-full', parsePositiveInt)
+      .option('--max-hold-ms <ms>', 'longest hold; then traffic goes back to the old location', parsePositiveInt)
       .option('--token-file <file>', 'file holding the cluster token (default: $CHIPMUNK_TOKEN)'),
   ).action(async (opts: GatewayDaemonOptions) => {
     const token = await daemonToken(opts.tokenFile);
     const { startGateway } = await import('../../gateway/index.js');
     const logger = pino(pino.destination(2));
-    const gateway = await startGateway({ apiListen: opts.api, routeHost: opts.routeHost, token, stateFile: opts.state, logger });
+    const holdLimits = {
+      ...(opts.maxHeld !== undefined ? { maxQueued: opts.maxHeld } : {}),
+      ...(opts.maxHoldMs !== undefined ? { maxHoldMs: opts.maxHoldMs } : {}),
+    };
+    const gateway = await startGateway({ apiListen: opts.api, routeHost: opts.routeHost, token, stateFile: opts.state, holdLimits, logger });
     announce(opts.json, 'gateway', gateway.url);
     await untilStopSignal();
     await gateway.close();
