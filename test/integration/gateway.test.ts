@@ -131,7 +131,11 @@ describe('gateway', { timeout: 600_000 }, () => {
     await new Promise((r) => setTimeout(r, 500));
     stop = true;
     await loop;
-    assert.deepEqual(failures, [], 'no new connection failed');
+    // The client opens one connection at a time: the one open when the container froze may be
+    // closed by the move (documented: open connections do not survive it); every connection
+    // opened during the move must succeed.
+    assert.ok(failures.length <= 1, `at most the connection open at the freeze failed: ${failures.join('; ')}`);
+    for (const f of failures) assert.match(f, /closed/, 'an open connection is closed, not refused or timed out');
     assert.ok(exchanges > 20, `connections kept coming (${exchanges})`);
   });
 
