@@ -21,10 +21,10 @@ import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { Agent, request } from 'undici';
 import { ensureTestImages } from '../../src/devtools/images.js';
+import { runChipmunk } from '../../src/devtools/run-chipmunk.js';
 import { run } from '../../src/shared/exec.js';
 import { removeTree } from '../../src/shared/remove-tree.js';
 
-const BIN = fileURLToPath(new URL('../../bin/chipmunk.mjs', import.meta.url));
 const RESULTS = fileURLToPath(new URL('../results/gateway.md', import.meta.url));
 const NODE1 = '198.18.0.11';
 const GATEWAY_PORT = 28080;
@@ -42,16 +42,6 @@ interface LoadRow {
   errors: number;
 }
 
-function chipmunk(args: string[]): Promise<string> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [BIN, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
-    let out = '';
-    let err = '';
-    child.stdout.on('data', (d: Buffer) => (out += d));
-    child.stderr.on('data', (d: Buffer) => (err += d));
-    child.on('close', (code) => (code === 0 ? resolve(out) : reject(new Error(`chipmunk ${args.join(' ')}: ${err.trim() || out.trim()}`))));
-  });
-}
 
 /** wrk's own numbers: requests/s, latency percentiles, and non-2xx/socket errors. */
 async function wrk(name: string, url: string): Promise<LoadRow> {
@@ -115,9 +105,9 @@ async function latencyDuringMigrations(): Promise<{ requests: number; failed: nu
     }
   });
   await new Promise((r) => setTimeout(r, 500));
-  await chipmunk(['migrate', 'bench', '--to', 'node2', '--mode', 'lazy']);
+  await runChipmunk(['migrate', 'bench', '--to', 'node2', '--mode', 'lazy']);
   await new Promise((r) => setTimeout(r, 500));
-  await chipmunk(['migrate', 'bench', '--to', 'node1', '--mode', 'copy']);
+  await runChipmunk(['migrate', 'bench', '--to', 'node1', '--mode', 'copy']);
   await new Promise((r) => setTimeout(r, 500));
   stop = true;
   await Promise.all(loops);
@@ -136,10 +126,10 @@ async function main(): Promise<void> {
   const scratch = await mkdtemp(join(tmpdir(), 'chipmunk-bench-gw-'));
   let stopHaproxy: (() => void) | undefined;
   try {
-    await chipmunk(['cluster', 'down']).catch(() => undefined);
-    await chipmunk(['cluster', 'up', '--nodes', '2']);
-    await chipmunk(['run', '--name', 'bench', '--node', 'node1', '-p', '8080:8080', '-e', 'MEMORY_MB=32', 'chipmunk/statefulapp']);
-    await chipmunk(['expose', 'bench', '--port', '8080', '--listen', String(GATEWAY_PORT)]);
+    await runChipmunk(['cluster', 'down']).catch(() => undefined);
+    await runChipmunk(['cluster', 'up', '--nodes', '2']);
+    await runChipmunk(['run', '--name', 'bench', '--node', 'node1', '-p', '8080:8080', '-e', 'MEMORY_MB=32', 'chipmunk/statefulapp']);
+    await runChipmunk(['expose', 'bench', '--port', '8080', '--listen', String(GATEWAY_PORT)]);
     stopHaproxy = await startHaproxy(scratch);
     await new Promise((r) => setTimeout(r, 1_000));
     const rows: LoadRow[] = [];
@@ -177,7 +167,7 @@ async function main(): Promise<void> {
     await writeFile(RESULTS, `# bench/gateway\n\nMeasured ${new Date().toISOString()}.\n\n${out}\n`);
   } finally {
     stopHaproxy?.();
-    await chipmunk(['cluster', 'down']).catch(() => undefined);
+    await runChipmunk(['cluster', 'down']).catch(() => undefined);
     await removeTree(scratch);
   }
 }

@@ -11,7 +11,6 @@
  * Usage: npm run bench:migration [-- --sizes 64,256,1024 --modes lazy,copy,podman]
  * Prints a table and writes it to bench/results/migration.md.
  */
-import { spawn } from 'node:child_process';
 import { mkdir, mkdtemp, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -20,10 +19,10 @@ import { parseArgs } from 'node:util';
 import { request } from 'undici';
 import { DowntimeProbe, AnswerWatch, firstAnswer } from '../../src/devtools/downtime-probe.js';
 import { ensureTestImages } from '../../src/devtools/images.js';
+import { runChipmunk } from '../../src/devtools/run-chipmunk.js';
 import { run, runUnchecked } from '../../src/shared/exec.js';
 import { removeTree } from '../../src/shared/remove-tree.js';
 
-const BIN = fileURLToPath(new URL('../../bin/chipmunk.mjs', import.meta.url));
 const RESULTS = fileURLToPath(new URL('../results/migration.md', import.meta.url));
 const PORT = 8080;
 const SRC = '198.18.0.11';
@@ -49,16 +48,6 @@ const { values } = parseArgs({
 const sizes = values.sizes!.split(',').map(Number);
 const ways = values.modes!.split(',') as Way[];
 
-function chipmunk(args: string[]): Promise<string> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [BIN, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
-    let out = '';
-    let err = '';
-    child.stdout.on('data', (d: Buffer) => (out += d));
-    child.stderr.on('data', (d: Buffer) => (err += d));
-    child.on('close', (code) => (code === 0 ? resolve(out) : reject(new Error(`chipmunk ${args.join(' ')}: ${err.trim() || out.trim()}`))));
-  });
-}
 
 async function waitForAnswer(url: string, timeoutMs = 120_000): Promise<void> {
   const until = Date.now() + timeoutMs;
@@ -77,14 +66,14 @@ async function waitForAnswer(url: string, timeoutMs = 120_000): Promise<void> {
 
 async function chipmunkWay(sizeMB: number, mode: 'lazy' | 'copy'): Promise<Row> {
   const name = `bench-${mode}-${sizeMB}`;
-  await chipmunk(['run', '--name', name, '--node', 'node1', '-p', `${PORT}:8080`, '-e', `MEMORY_MB=${sizeMB}`, 'chipmunk/statefulapp']);
+  await runChipmunk(['run', '--name', name, '--node', 'node1', '-p', `${PORT}:8080`, '-e', `MEMORY_MB=${sizeMB}`, 'chipmunk/statefulapp']);
   try {
     await waitForAnswer(`http://${SRC}:${PORT}/health`);
     const probe = new DowntimeProbe(`http://${SRC}:${PORT}/health`, `http://${DST}:${PORT}/health`);
     probe.start();
     await new Promise((r) => setTimeout(r, 200));
     const started = Date.now();
-    const summary = JSON.parse(await chipmunk(['migrate', name, '--to', 'node2', '--mode', mode, '--json'])) as {
+    const summary = JSON.parse(await runChipmunk(['migrate', name, '--to', 'node2', '--mode', mode, '--json'])) as {
       downtimeMs: number;
       totalMs: number;
       bytesTransferred: number;
@@ -101,7 +90,7 @@ async function chipmunkWay(sizeMB: number, mode: 'lazy' | 'copy'): Promise<Row> 
       note: verify.ok ? undefined : 'MEMORY CORRUPTED',
     };
   } finally {
-    await chipmunk(['rm', name]).catch(() => undefined);
+    await runChipmunk(['rm', name]).catch(() => undefined);
   }
 }
 
@@ -176,8 +165,8 @@ async function main(): Promise<void> {
   const usesCluster = ways.some((w) => w !== 'podman');
   try {
     if (usesCluster) {
-      await chipmunk(['cluster', 'down']).catch(() => undefined);
-      await chipmunk(['cluster', 'up', '--nodes', '2']);
+      await runChipmunk(['cluster', 'down']).catch(() => undefined);
+      await runChipmunk(['cluster', 'up', '--nodes', '2']);
     }
     if (ways.includes('podman')) {
       const exists = await runUnchecked('podman', ['network', 'exists', PODMAN_NET], { env: PODMAN_ENV });
@@ -192,7 +181,7 @@ async function main(): Promise<void> {
       }
     }
   } finally {
-    if (usesCluster) await chipmunk(['cluster', 'down']).catch(() => undefined);
+    if (usesCluster) await runChipmunk(['cluster', 'down']).catch(() => undefined);
     if (ways.includes('podman')) await runUnchecked('podman', ['network', 'rm', '-f', PODMAN_NET], { env: PODMAN_ENV });
     await removeTree(scratch);
   }
