@@ -5,6 +5,8 @@ export {
   LOCAL_NETWORK,
   MAX_NODES,
   clusterDown,
+  clusterKill,
+  clusterRevive,
   clusterUp,
   readClusterState,
   type ClusterDownResult,

@@ -11,7 +11,7 @@ import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 
-import { ChipmunkError, ConflictError, InvalidInputError, UnavailableError, toChipmunkError } from '../shared/errors.js';
+import { ChipmunkError, ConflictError, InvalidInputError, NotFoundError, UnavailableError, toChipmunkError } from '../shared/errors.js';
 import { run, runUnchecked } from '../shared/exec.js';
 import { ApiClient } from '../shared/http.js';
 import type { NodeView } from '../shared/protocol.js';
@@ -290,32 +290,10 @@ async function startAgents(
     const address = nodeAddress(i);
     progress(`creating test host ${name} (${address})`);
     const host = await createTestHost(LOCAL_NETWORK, name, address);
-    const dataDir = nodeDataDir(stateDir, name);
-    const agentRunDir = nodeRunDir(runDir, name);
-    await mkdir(dataDir, { recursive: true });
-    await mkdir(agentRunDir, { recursive: true });
-    const agentLog = logFile(stateDir, `agent-${name}`);
-    progress(`starting agent ${name} (log: ${agentLog})`);
-    const agent = await spawnDaemon(
-      'nsenter',
-      [
-        `--net=${netnsPath(host.netns)}`,
-        process.execPath,
-        CHIPMUNK_BIN,
-        'agent',
-        '--node', name,
-        '--listen', `${address}:${AGENT_PORT}`,
-        '--controller', state.controllerUrl,
-        '--token-file', state.tokenFile,
-        '--subnet', `198.19.${i}.0/24`,
-        '--data-dir', dataDir,
-        '--run-dir', agentRunDir,
-      ],
-      agentLog,
-    );
-    // nsenter execs the command, so this is the agent's own PID.
+    const agent = await spawnAgent(state, { index: i, stateDir, runDir, netns: host.netns, progress });
     state.nodes.push({ name, address, netns: host.netns, agentPid: agent.pid! });
     await writeClusterState(stateDir, state);
+    const agentLog = logFile(stateDir, `agent-${name}`);
     exits.push(failOnExit(agent, `agent ${name}`, agentLog));
   }
 
@@ -326,6 +304,37 @@ async function startAgents(
   } finally {
     stopWaiting.abort();
   }
+}
+
+/** Starts node I's agent inside its test host (nsenter execs it: the PID is the agent's). */
+async function spawnAgent(
+  state: LocalClusterState,
+  opts: { index: number; stateDir: string; runDir: string; netns: string; progress: (message: string) => void },
+): Promise<ChildProcess> {
+  const name = nodeName(opts.index);
+  const dataDir = nodeDataDir(opts.stateDir, name);
+  const agentRunDir = nodeRunDir(opts.runDir, name);
+  await mkdir(dataDir, { recursive: true });
+  await mkdir(agentRunDir, { recursive: true });
+  const agentLog = logFile(opts.stateDir, `agent-${name}`);
+  opts.progress(`starting agent ${name} (log: ${agentLog})`);
+  return spawnDaemon(
+    'nsenter',
+    [
+      `--net=${netnsPath(opts.netns)}`,
+      process.execPath,
+      CHIPMUNK_BIN,
+      'agent',
+      '--node', name,
+      '--listen', `${nodeAddress(opts.index)}:${AGENT_PORT}`,
+      '--controller', state.controllerUrl,
+      '--token-file', state.tokenFile,
+      '--subnet', `198.19.${opts.index}.0/24`,
+      '--data-dir', dataDir,
+      '--run-dir', agentRunDir,
+    ],
+    agentLog,
+  );
 }
 
 async function checkExistingCluster(existing: LocalClusterState, nodes: number, stateDir: string): Promise<LocalClusterState> {
@@ -502,4 +511,48 @@ async function unmountUnder(dirs: string[]): Promise<void> {
       details: { mounts: left },
     });
   }
+}
+
+// ---------------------------------------------------------------- fault injection
+
+async function requireNode(stateDir: string, node: string): Promise<{ state: LocalClusterState; entry: LocalClusterNode }> {
+  const state = await readClusterState(stateDir);
+  if (!state) throw new ConflictError("no local cluster is up: run 'chipmunk cluster up' first");
+  const entry = state.nodes.find((n) => n.name === node);
+  if (!entry) throw new NotFoundError(`no node '${node}' in the local cluster (${state.nodes.map((n) => n.name).join(', ')})`, { node });
+  return { state, entry };
+}
+
+/**
+ * A power loss on one test host: every process of it (agent, log writers, CRIU daemons) and
+ * of its containers' namespaces is SIGKILLed at once. Nothing is cleaned up: the host, its
+ * files and runc's state stay, as a machine's disk would.
+ */
+export async function clusterKill(node: string, dirs: LocalClusterDirs = {}): Promise<{ node: string; killedPids: number[] }> {
+  const { entry } = await requireNode(dirs.stateDir ?? DEFAULT_STATE_DIR, node);
+  const containerNetns = (await listNetns()).filter((netns) => netns.startsWith(`${entry.netns}-`));
+  const killed = await Promise.all([entry.netns, ...containerNetns].map((netns) => killAllInHost(netns)));
+  return { node, killedPids: killed.flat().sort((a, b) => a - b) };
+}
+
+/** Brings a killed test host's agent back; it registers with the controller again. */
+export async function clusterRevive(node: string, dirs: LocalClusterDirs = {}): Promise<{ node: string; agentPid: number }> {
+  const stateDir = dirs.stateDir ?? DEFAULT_STATE_DIR;
+  const { state, entry } = await requireNode(stateDir, node);
+  if (await isOurDaemon(entry.agentPid, ['agent', node])) {
+    throw new ConflictError(`node ${node} is up (agent pid ${entry.agentPid}): only a killed node can be revived`, { node });
+  }
+  const index = Number(node.slice('node'.length));
+  const agent = await spawnAgent(state, { index, stateDir, runDir: dirs.runDir ?? DEFAULT_RUN_DIR, netns: entry.netns, progress: () => {} });
+  entry.agentPid = agent.pid!;
+  await writeClusterState(stateDir, state);
+  const url = `http://${entry.address}:${AGENT_PORT}`;
+  const deadline = Date.now() + READY_TIMEOUT_MS;
+  while (!(await answersHealthz(url))) {
+    if (agent.exitCode !== null || Date.now() > deadline) {
+      throw new UnavailableError(`the agent of ${node} did not come back: read ${logFile(stateDir, `agent-${node}`)}`, { node });
+    }
+    await sleep(READY_POLL_MS);
+  }
+  return { node, agentPid: agent.pid! };
 }

@@ -1,9 +1,9 @@
-/** `chipmunk cluster up|down`: the local cluster, test hosts on this machine. */
+/** `chipmunk cluster up|down|kill|revive`: the local cluster, test hosts on this machine. */
 import type { Command } from 'commander';
 
-import { clusterDown, clusterUp, type LocalClusterState } from '../../cluster/index.js';
+import { clusterDown, clusterKill, clusterRevive, clusterUp, type LocalClusterState } from '../../cluster/index.js';
 import { localClusterStateDir } from '../context.js';
-import { addJsonOption, parsePositiveInt } from '../options.js';
+import { addJsonOption, parseNodeName, parsePositiveInt } from '../options.js';
 import { printJson, renderTable } from '../output.js';
 
 const DEFAULT_NODES = 2;
@@ -41,5 +41,24 @@ export function registerClusterCommands(program: Command): void {
     for (const warning of result.warnings) process.stderr.write(`warning: ${warning}\n`);
     if (opts.json) printJson(result);
     else process.stdout.write(result.wasUp ? 'local cluster is down\n' : 'no local cluster is up: nothing to do\n');
+  });
+
+  addJsonOption(
+    cluster
+      .command('kill')
+      .description("power loss on one test host: every process of it and of its containers is killed at once")
+      .argument('<node>', 'node name', parseNodeName),
+  ).action(async (node: string, opts: { json?: boolean }) => {
+    const result = await clusterKill(node, { stateDir: localClusterStateDir() });
+    if (opts.json) printJson(result);
+    else process.stdout.write(`${node} killed (${result.killedPids.length} processes)\n`);
+  });
+
+  addJsonOption(
+    cluster.command('revive').description("bring a killed test host's agent back").argument('<node>', 'node name', parseNodeName),
+  ).action(async (node: string, opts: { json?: boolean }) => {
+    const result = await clusterRevive(node, { stateDir: localClusterStateDir() });
+    if (opts.json) printJson(result);
+    else process.stdout.write(`${node} is back (agent pid ${result.agentPid})\n`);
   });
 }
