@@ -75,10 +75,24 @@ export class ContainerService {
     return toView(record, node.address);
   }
 
+  /**
+   * Desired state from the store, status as the agents see it now: a container whose node is
+   * unreachable, or whose agent does not know it, is `unknown`, not what it was last told.
+   */
   async list(): Promise<ContainerView[]> {
-    const [records, nodes] = await Promise.all([this.store.list<ContainerRecord>(CONTAINERS_PREFIX), this.nodes.list()]);
+    const [records, nodes, ready] = await Promise.all([this.store.list<ContainerRecord>(CONTAINERS_PREFIX), this.nodes.list(), this.nodes.listReady()]);
     const addressOf = new Map(nodes.map((node) => [node.name, node.address]));
-    return records.map(({ value }) => toView(value, addressOf.get(value.node) ?? value.node));
+    const observed = new Map<string, ContainerStatus>();
+    await Promise.all(
+      ready.map(async (node) => {
+        const running = await within(this.agentFor(node).listContainers(), AGENT_LIST_TIMEOUT_MS).catch(() => undefined);
+        for (const c of running ?? []) observed.set(`${node.name}/${c.name}`, c.status);
+      }),
+    );
+    return records.map(({ value }) => {
+      const status = observed.get(`${value.node}/${value.spec.name}`) ?? 'unknown';
+      return toView({ ...value, status: value.status === 'created' && status === 'unknown' ? 'created' : status }, addressOf.get(value.node) ?? value.node);
+    });
   }
 
   async logs(name: string, opts: LogsOptions): Promise<string> {
@@ -173,4 +187,12 @@ function toView(record: ContainerRecord, nodeAddress: string): ContainerView {
     ...(record.ip !== undefined ? { ip: record.ip } : {}),
     createdAt: record.createdAt,
   };
+}
+
+/** How long `ps` waits for an agent before showing its containers as unknown. */
+const AGENT_LIST_TIMEOUT_MS = 3_000;
+
+function within<T>(p: Promise<T>, ms: number): Promise<T | undefined> {
+  let timer: NodeJS.Timeout | undefined;
+  return Promise.race([p, new Promise<undefined>((resolve) => (timer = setTimeout(() => resolve(undefined), ms)))]).finally(() => clearTimeout(timer));
 }

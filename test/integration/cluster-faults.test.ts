@@ -4,7 +4,7 @@
  */
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
-import { cliFails, cliOk, http, runcList, startLocalCluster, stopLocalCluster, waitFor } from '../support/local-cluster.js';
+import { cliFails, cliOk, http, ps, runcList, startLocalCluster, stopLocalCluster, waitFor } from '../support/local-cluster.js';
 
 before(async () => {
   await startLocalCluster(2);
@@ -24,6 +24,8 @@ test('kill takes every process of a test host down at once; revive brings its ag
   await assert.rejects(http('node1', 7401, '/healthz', 'GET', { timeoutMs: 1_000 }), 'the agent is gone');
   assert.ok((await runcList('node1')).every((c) => c.status !== 'running'), 'no container of node1 runs');
   assert.equal((await http('node2', 7401, '/healthz')).status, 200, 'the other node is untouched');
+  const status = async () => (await ps()).find((c) => c.name === 'victim')?.status;
+  assert.equal(await status(), 'unknown', 'ps does not claim a container of a dead node runs');
 
   const revived = await cliOk<{ node: string; agentPid: number }>(['cluster', 'revive', 'node1']);
   assert.equal(revived.node, 'node1');
@@ -33,6 +35,7 @@ test('kill takes every process of a test host down at once; revive brings its ag
     return nodes.find((n) => n.name === 'node1')?.status === 'ready';
   }, 30_000, 'node1 ready again');
 
+  assert.equal(await status(), 'stopped', 'after the power loss the container is known and stopped (no failover yet)');
   assert.equal((await cliFails(['cluster', 'revive', 'node1'])).error.code, 'CHIPMUNK_CONFLICT', 'a running node cannot be revived');
   assert.equal((await cliFails(['cluster', 'kill', 'node9'])).error.code, 'CHIPMUNK_NOT_FOUND');
 });
