@@ -234,7 +234,7 @@ export async function clusterUp(opts: ClusterUpOptions): Promise<ClusterUpResult
   progress(`starting gateway (routes on ${LOCAL_GATEWAY_HOST}, API at http://${gatewayApi}; log: ${gatewayLog})`);
   const gateway = await spawnDaemon(
     process.execPath,
-    [CHIPMUNK_BIN, 'gateway', '--api', gatewayApi, '--route-host', LOCAL_GATEWAY_HOST, '--state', join(stateDir, 'gateway', 'routes.json'), '--token-file', tokenFile],
+    ['--max-semi-space-size=64', CHIPMUNK_BIN, 'gateway', '--api', gatewayApi, '--route-host', LOCAL_GATEWAY_HOST, '--state', join(stateDir, 'gateway', 'routes.json'), '--token-file', tokenFile],
     gatewayLog,
   );
   const controllerListen = `${LOCAL_NETWORK.gateway}:${CONTROLLER_PORT}`;
