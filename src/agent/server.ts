@@ -159,7 +159,6 @@ export function buildAgentServer(deps: AgentServerDeps): FastifyInstance {
         }
       };
       try {
-        if (!(await images.exists(r.spec.image))) await fetchImage(r.spec.image, r.source, migrationId);
         await fetchOne('images', paths.images);
         await fetchOne('files', paths.files);
         await faults.beforeRestore(paths.images);

@@ -71,7 +71,8 @@ export interface RuncRuntimeOptions {
 /** What this node persists about one container. */
 interface ContainerRecord {
   spec: ContainerSpec;
-  imageId: string;
+  /** The image as resolved when the container was created here (or prepared for a restore). */
+  image: ImageConfig;
   generation: number;
   netns: string;
   ip: string;
@@ -227,7 +228,7 @@ export class RuncRuntime implements ContainerRuntime {
         undo.push(() => this.removeContainerDir(spec.name));
         const rec: ContainerRecord = {
           spec,
-          imageId: image.id,
+          image,
           generation: 0,
           netns: this.netnsName(spec.name, 0),
           ip: '',
@@ -426,7 +427,7 @@ export class RuncRuntime implements ContainerRuntime {
           { op: 'rollback', logPath: join(this.criuWorkDir(migrationId), 'dump.log') },
         );
       }
-      const image = await this.images.inspect(rec.spec.image);
+      const image = rec.image;
       const frozen = { generation: rec.generation, netns: rec.netns, cniId: this.cniId(rec) };
       rec.generation += 1;
       let restored: ContainerRecord;
@@ -529,8 +530,9 @@ export class RuncRuntime implements ContainerRuntime {
         throw new ConflictError(`node ${this.opts.node} already has a container named '${spec.name}'`, { name: spec.name });
       }
       if (!isPrepared) await this.assertPortsFree(spec);
-      const image = await this.images.inspect(spec.image);
-      const rec = isPrepared ? prepared! : this.targetRecord(spec, image, opts);
+      // Prepared: image and network were resolved before the freeze; nothing to ask Podman now.
+      const rec = isPrepared ? prepared! : this.targetRecord(spec, await this.images.inspect(spec.image), opts);
+      const image = rec.image;
       await mkdir(dir, { recursive: true });
       const incoming = join(this.opts.dataDir, 'migrations', opts.migrationId, 'files');
       if (existsSync(incoming)) await rename(incoming, join(dir, 'files'));
@@ -559,7 +561,7 @@ export class RuncRuntime implements ContainerRuntime {
   private targetRecord(spec: ContainerSpec, image: ImageConfig, opts: { migrationId: string; generation: number; mode: MigrationMode }): ContainerRecord {
     return {
       spec,
-      imageId: image.id,
+      image,
       generation: opts.generation,
       netns: this.netnsName(spec.name, opts.generation),
       ip: '',
