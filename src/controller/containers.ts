@@ -3,6 +3,7 @@
  * (its spec, the node it runs on, its incarnation) and the operations that change it. The agents
  * do the work; this module decides where, and keeps the record in step with what they did.
  */
+import { within } from '../shared/time.js';
 import { ConflictError, MigrationInProgressError, NotFoundError, StoreConflictError, UnavailableError } from '../shared/errors.js';
 import type {
   ContainerStats, AgentContainer, ContainerSpec, ContainerStatus, ContainerView, MigrationPhaseName, RunRequest } from '../shared/protocol.js';
@@ -191,8 +192,3 @@ function toView(record: ContainerRecord, nodeAddress: string): ContainerView {
 
 /** How long `ps` waits for an agent before showing its containers as unknown. */
 const AGENT_LIST_TIMEOUT_MS = 3_000;
-
-function within<T>(p: Promise<T>, ms: number): Promise<T | undefined> {
-  let timer: NodeJS.Timeout | undefined;
-  return Promise.race([p, new Promise<undefined>((resolve) => (timer = setTimeout(() => resolve(undefined), ms)))]).finally(() => clearTimeout(timer));
-}

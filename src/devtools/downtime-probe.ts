@@ -4,6 +4,7 @@
  * last answer from the source and the first answer from the target after it. Downtime is the
  * gap between the two. Bounded: it stops by itself after `maxMs` whatever happens.
  */
+import { setTimeout as sleep } from 'node:timers/promises';
 import { Agent, request } from 'undici';
 
 /**
@@ -148,8 +149,4 @@ export async function firstAnswer(url: string, timeoutMs = 60_000): Promise<numb
     if (Date.now() > until) throw new Error(`${url} did not answer within ${timeoutMs} ms`);
     await sleep(POLL_INTERVAL_MS);
   }
-}
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((r) => setTimeout(r, ms));
 }

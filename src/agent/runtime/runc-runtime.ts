@@ -16,6 +16,7 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { closeSync, constants, existsSync, openSync } from 'node:fs';
 import { Socket } from 'node:net';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { mkdir, readdir, readFile, rename, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import {
@@ -28,6 +29,7 @@ import {
 import { lastLines, runUnchecked } from '../../shared/exec.js';
 import type { AgentContainer, ContainerSpec, ContainerStats, HostCapabilities, MigrationMode } from '../../shared/protocol.js';
 import { removeTree } from '../../shared/remove-tree.js';
+import { within } from '../../shared/time.js';
 import { MIN_MEMORY_BYTES } from '../../shared/units.js';
 import { buildOciConfig } from './bundle.js';
 import { ImageStore, type ImageConfig } from './images.js';
@@ -913,24 +915,4 @@ async function openStatusFifo(path: string): Promise<{ writeFd: number; readable
   // A libuv pipe handle, not an fs stream: fs streams fail with EAGAIN on a non-blocking FIFO.
   const readable = new Socket({ fd: readFd, readable: true, writable: false });
   return { writeFd, readable, closeWriteEnd: () => closeSync(writeFd) };
-}
-
-/**
- * `p`'s value, or undefined once `ms` have passed. Clears its timer: a pending one would keep
- * the process (a test, the CLI) alive for the whole timeout after the work is done.
- */
-async function within<T>(p: Promise<T>, ms: number): Promise<T | undefined> {
-  let timer: NodeJS.Timeout | undefined;
-  const timeout = new Promise<undefined>((resolve) => {
-    timer = setTimeout(() => resolve(undefined), ms);
-  });
-  try {
-    return await Promise.race([p, timeout]);
-  } finally {
-    clearTimeout(timer);
-  }
-}
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((r) => setTimeout(r, ms));
 }

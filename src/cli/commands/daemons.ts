@@ -2,8 +2,6 @@
  * `chipmunk controller` and `chipmunk agent`: the long-running processes. Each starts, prints
  * where it listens, and runs until SIGTERM or SIGINT, then closes cleanly.
  */
-import { mkdir } from 'node:fs/promises';
-import { dirname } from 'node:path';
 import type { Command } from 'commander';
 import pino from 'pino';
 
@@ -35,14 +33,14 @@ function untilStopSignal(): Promise<NodeJS.Signals> {
   });
 }
 
-function announce(json: boolean | undefined, what: string, url: string): void {
-  if (json) printJson({ url });
-  else process.stdout.write(`${what} listening at ${url}\n`);
-}
-
-function urlOf(listen: ListenAddress): string {
-  const host = listen.host.includes(':') ? `[${listen.host}]` : listen.host;
-  return `http://${host}:${listen.port}`;
+/** Announces the daemon's URL on stdout (JSON with --json), runs it until a stop signal, closes it. */
+async function serveUntilStopped(json: boolean | undefined, what: string, daemon: { url: string; close(): Promise<void> }): Promise<never> {
+  if (json) printJson({ url: daemon.url });
+  else process.stdout.write(`${what} listening at ${daemon.url}\n`);
+  await untilStopSignal();
+  await daemon.close();
+  // Closed: a handle it forgot (a timer, a keep-alive socket) must not keep the process around.
+  process.exit(0);
 }
 
 interface ControllerOptions {
@@ -88,8 +86,6 @@ export function registerDaemonCommands(program: Command): void {
       .option('--gateway-host <address>', 'where clients reach the gateway (shown by ps)'),
   ).action(async (opts: ControllerOptions) => {
     const token = await daemonToken(opts.tokenFile);
-    // SQLite creates the file but not its folder.
-    if (opts.store.startsWith('sqlite:')) await mkdir(dirname(opts.store.slice('sqlite:'.length)), { recursive: true });
     // Loaded only here: the other commands need neither fastify nor the store.
     const { startController } = await import('../../controller/index.js');
     // Logs on stderr: stdout carries only the announcement (which --json scripts parse).
@@ -101,11 +97,7 @@ export function registerDaemonCommands(program: Command): void {
       logger,
       ...(opts.gateway ? { gateway: { url: opts.gateway, publicHost: opts.gatewayHost } } : {}),
     });
-    announce(opts.json, 'controller', controller.url);
-    await untilStopSignal();
-    await controller.close();
-    // Closed: a handle it forgot (a timer, a keep-alive socket) must not keep the process around.
-    process.exit(0);
+    await serveUntilStopped(opts.json, 'controller', controller);
   });
 
   addJsonOption(
@@ -127,10 +119,7 @@ export function registerDaemonCommands(program: Command): void {
       ...(opts.maxHoldMs !== undefined ? { maxHoldMs: opts.maxHoldMs } : {}),
     };
     const gateway = await startGateway({ apiListen: opts.api, routeHost: opts.routeHost, token, stateFile: opts.state, holdLimits, logger });
-    announce(opts.json, 'gateway', gateway.url);
-    await untilStopSignal();
-    await gateway.close();
-    process.exit(0);
+    await serveUntilStopped(opts.json, 'gateway', gateway);
   });
 
   addJsonOption(
@@ -158,9 +147,6 @@ export function registerDaemonCommands(program: Command): void {
       subnet: opts.subnet,
       imageStore: opts.imageStore,
     });
-    announce(opts.json, `agent ${opts.node}`, urlOf(opts.listen));
-    await untilStopSignal();
-    await agent.close();
-    process.exit(0);
+    await serveUntilStopped(opts.json, `agent ${opts.node}`, agent);
   });
 }
