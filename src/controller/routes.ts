@@ -15,12 +15,11 @@ import { containerKey, type ContainerRecord } from './containers.js';
 
 const routeKey = (name: string) => `/routes/${name}`;
 const SYNC_PERIOD_MS = 5_000;
-/** Phases of a migration during which the orchestrator holds the container's traffic. */
-const HELD_PHASES = new Set<string>(['checkpoint', 'transfer', 'restore', 'verify', 'rollback']);
 
 export class RouteService {
   private readonly gateway?: GatewayClient;
   private timer?: NodeJS.Timeout;
+  private queue: Promise<unknown> = Promise.resolve();
   /** Where clients reach the gateway's route listeners, for `ps`. */
   private readonly gatewayHost?: string;
 
@@ -81,7 +80,8 @@ export class RouteService {
   /** Before the container freezes: new requests wait at the gateway. Best effort. */
   async hold(name: string, migrationId: string): Promise<void> {
     if (!this.gateway || !(await this.get(name))) return;
-    await this.gateway.hold(name, migrationId).catch((err: unknown) => this.warn(`gateway hold of ${name} failed; requests during the move may fail`, err));
+    const gateway = this.gateway;
+    await this.serial(() => gateway.hold(name, migrationId)).catch((err: unknown) => this.warn(`gateway hold of ${name} failed; requests during the move may fail`, err));
   }
 
   /** After the move (or the rollback): held and new requests go to where the container runs now. */
@@ -90,7 +90,8 @@ export class RouteService {
     if (!this.gateway || !route) return;
     const upstream = await this.upstreamOf(container, route);
     if (!upstream) return;
-    await this.gateway.release(name, migrationId, upstream).catch((err: unknown) => this.warn(`gateway release of ${name} failed`, err));
+    const gateway = this.gateway;
+    await this.serial(() => gateway.release(name, migrationId, upstream)).catch((err: unknown) => this.warn(`gateway release of ${name} failed`, err));
   }
 
   /** "GATEWAY:PORT->CTRPORT/proto" by container, for `ps`. */
@@ -101,22 +102,40 @@ export class RouteService {
     return out;
   }
 
-  private async sync(): Promise<void> {
-    if (!this.gateway) return;
-    try {
-      const routes: SyncedRoute[] = [];
-      for (const r of await this.list()) {
-        const container = await this.store.get<ContainerRecord>(containerKey(r.name));
-        const upstream = container ? await this.upstreamOf(container.value, r) : undefined;
-        // A sync without the hold would end it: traffic would go to the frozen source.
-        const migration = container?.value.migration;
-        const hold = migration && HELD_PHASES.has(migration.phase) ? { migrationId: migration.id } : undefined;
-        routes.push({ name: r.name, protocol: r.protocol, listenPort: r.listenPort, ...(upstream ? { upstream } : {}), ...(hold ? { hold } : {}) });
+  /**
+   * Pushes the whole table. A route whose container is migrating is resent exactly as the
+   * gateway has it (upstream and hold): during a move only the migration's own hold and release
+   * say where traffic goes; the store still names the source until the move is recorded.
+   * Serialized with hold and release, so a sync never lands between them with older data.
+   */
+  private sync(): Promise<void> {
+    return this.serial(async () => {
+      if (!this.gateway) return;
+      try {
+        const live = new Map((await this.gateway.listRoutes()).map((route) => [route.name, route]));
+        const routes: SyncedRoute[] = [];
+        for (const r of await this.list()) {
+          const container = await this.store.get<ContainerRecord>(containerKey(r.name));
+          const current = live.get(r.name);
+          if (container?.value.migration && current) {
+            const hold = current.state === 'holding' && current.migration ? { migrationId: current.migration.id } : undefined;
+            routes.push({ name: r.name, protocol: r.protocol, listenPort: r.listenPort, ...(current.upstream ? { upstream: current.upstream } : {}), ...(hold ? { hold } : {}) });
+            continue;
+          }
+          const upstream = container ? await this.upstreamOf(container.value, r) : undefined;
+          routes.push({ name: r.name, protocol: r.protocol, listenPort: r.listenPort, ...(upstream ? { upstream } : {}) });
+        }
+        await this.gateway.sync(routes);
+      } catch (err) {
+        this.warn('pushing the route table to the gateway failed; will retry', err);
       }
-      await this.gateway.sync(routes);
-    } catch (err) {
-      this.warn('pushing the route table to the gateway failed; will retry', err);
-    }
+    });
+  }
+
+  private serial<T>(fn: () => Promise<T>): Promise<T> {
+    const next = this.queue.then(fn, fn);
+    this.queue = next.catch(() => undefined);
+    return next;
   }
 
   /**
