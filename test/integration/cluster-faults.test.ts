@@ -17,6 +17,13 @@ after(async () => {
 test('kill takes every process of a test host down at once; revive brings its agent back', { timeout: 120_000 }, async () => {
   await cliOk(['run', '--name', 'victim', '--node', 'node1', '-e', 'MEMORY_MB=8', 'chipmunk/statefulapp']);
   await waitFor(async () => (await runcList('node1')).some((c) => c.status === 'running'), 30_000, 'victim running');
+  // `chipmunk stats` reads the container's cgroups through its node's agent.
+  const stats = await waitFor(async () => {
+    const s = await cliOk<{ memoryBytes: number; cpuUsageNs: number; pids: number }>(['stats', 'victim']);
+    return s.memoryBytes > 8 * 2 ** 20 ? s : undefined;
+  }, 30_000, 'the app touched its 8 MB');
+  assert.ok(stats.cpuUsageNs > 0 && stats.pids >= 1);
+  assert.equal((await cliFails(['stats', 'nosuch'])).error.code, 'CHIPMUNK_NOT_FOUND');
 
   const killed = await cliOk<{ node: string; killedPids: number[] }>(['cluster', 'kill', 'node1']);
   assert.equal(killed.node, 'node1');
