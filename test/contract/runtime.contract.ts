@@ -5,7 +5,7 @@ import { existsSync } from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { ConflictError, InvalidInputError, NotFoundError, RuntimeFailedError, type ChipmunkError } from '../../src/shared/errors.js';
 import type { AgentContainer, ContainerSpec, MigrationMode } from '../../src/shared/protocol.js';
-import type { ContainerRuntime } from '../../src/agent/runtime/types.js';
+import type { ContainerRuntime, MigrationPaths } from '../../src/agent/runtime/types.js';
 
 /**
  * The behaviour every ContainerRuntime must have (RuncRuntime for real, FakeRuntime in memory),
@@ -26,8 +26,11 @@ export interface AppClient {
 export interface RuntimePair {
   source: ContainerRuntime;
   target: ContainerRuntime;
-  /** Copies the source's `migrationPaths(id)` trees to the target's (what the transfer layer does). */
-  copyTrees(migrationId: string): Promise<void>;
+  /**
+   * Copies the source's `migrationPaths(id)` trees (or `from`, a snapshot's) to the target's
+   * `migrationPaths(id)`: what the transfer layer, or a download from the checkpoint store, does.
+   */
+  copyTrees(migrationId: string, from?: MigrationPaths): Promise<void>;
   /** A client for the container's app once it answers; undefined when nothing runs (fakes). */
   reach(runtime: ContainerRuntime, container: AgentContainer): Promise<AppClient> | undefined;
   /** Where the source's CRIU page server may listen for a lazy migration (a fresh port each call). */
@@ -249,6 +252,32 @@ export function describeRuntimeContract(name: string, makePair: () => Promise<Ru
           assert.deepEqual(await source.list(), []);
         }));
     }
+
+    it('snapshots a running container, which runs on; a restore of the snapshot has the state of that instant', { timeout }, () =>
+      withPair(async (pair) => {
+        const { source, target } = pair;
+        const c = await source.run(appSpec(pair, 'snap'));
+        const app = await pair.reach(source, c);
+        await addState(app, 3);
+
+        const snapshotId = migrationId('snap');
+        const snap = await source.snapshot(c.name, snapshotId);
+        assert.ok(snap.imageBytes > 0, `imageBytes ${snap.imageBytes}`);
+        assert.ok(snap.frozenMs >= 0);
+        assert.equal((await source.get(c.name)).status, 'running', 'a snapshot leaves the container running');
+        if (app) assert.equal((await app.post('/increment')).counter, 4, 'and working');
+        await assertRejects(source.snapshot('no-such', migrationId('snap')), NotFoundError, 'unknown name');
+
+        const restoreId = migrationId('from-snap');
+        await pair.copyTrees(restoreId, snap.paths);
+        await source.discardSnapshot(snapshotId);
+        assert.ok(!existsSync(snap.paths.images), 'discardSnapshot removed the images');
+        const restored = await target.restore(c.spec, { migrationId: restoreId, mode: 'copy', generation: c.generation + 1 });
+        assert.equal(restored.status, 'running');
+        await assertState(await pair.reach(target, restored), 3);
+        await target.remove(c.name, { force: true });
+        await source.remove(c.name, { force: true });
+      }));
 
     it('aborts a completed restore: nothing is left on the target and the source rolls back', { timeout }, () =>
       withPair(async (pair) => {

@@ -94,8 +94,8 @@ export async function makeRuncPair(): Promise<RuntimePair> {
     source: source.runtime,
     target: target.runtime,
     image: 'chipmunk/statefulapp',
-    async copyTrees(id) {
-      const from = source.runtime.migrationPaths(id);
+    async copyTrees(id, snapshot) {
+      const from = snapshot ?? source.runtime.migrationPaths(id);
       const to = target.runtime.migrationPaths(id);
       for (const [a, b] of [[from.images, to.images], [from.files, to.files]] as const) {
         await mkdir(b, { recursive: true });

@@ -26,8 +26,8 @@ async function fakePair(): Promise<RuntimePair> {
     source,
     target,
     image: 'chipmunk/statefulapp',
-    async copyTrees(id) {
-      const from = source.migrationPaths(id);
+    async copyTrees(id, snapshot) {
+      const from = snapshot ?? source.migrationPaths(id);
       const to = target.migrationPaths(id);
       await copyTree(from.images, to.images);
       await copyTree(from.files, to.files);

@@ -21,7 +21,7 @@ import { ChipmunkError, ConflictError, InvalidInputError, NotFoundError, Runtime
 import type { AgentContainer, ContainerSpec, ContainerStats, HostCapabilities, MigrationMode } from '../../shared/protocol.js';
 import { removeTree } from '../../shared/remove-tree.js';
 import { MIN_MEMORY_BYTES } from '../../shared/units.js';
-import type { CheckpointOptions, CheckpointOutcome, ContainerRuntime, LogStream, MigrationPaths, RestoreOptions } from './types.js';
+import type { CheckpointOptions, CheckpointOutcome, ContainerRuntime, LogStream, MigrationPaths, RestoreOptions, SnapshotOutcome } from './types.js';
 
 export interface FakeRuntimeOptions {
   node?: string;
@@ -49,6 +49,7 @@ interface FakeContainer {
 }
 
 interface CheckpointImage {
+  /** The migration or snapshot that wrote it. */
   migrationId: string;
   mode: MigrationMode;
   spec: ContainerSpec;
@@ -195,6 +196,31 @@ export class FakeRuntime implements ContainerRuntime {
     };
   }
 
+  async snapshot(name: string, snapshotId: string): Promise<SnapshotOutcome> {
+    const c = this.find(name);
+    this.assertNotMigrating(c);
+    if (c.status !== 'running') {
+      throw new ConflictError(`container '${name}' is not running on node ${this.node}; only running containers can be checkpointed`, { name });
+    }
+    const dir = join(this.dataDir, 'snapshots', snapshotId);
+    const paths: MigrationPaths = { images: join(dir, 'images'), files: join(dir, 'files') };
+    const image: CheckpointImage = { migrationId: snapshotId, mode: 'copy', spec: c.spec, generation: c.generation, state: structuredClone(c.state) };
+    await mkdir(paths.images, { recursive: true });
+    await mkdir(paths.files, { recursive: true });
+    await writeFile(join(paths.images, IMAGE_FILE), JSON.stringify(image));
+    await writeFile(join(paths.files, FILES_FILE), JSON.stringify({ logs: c.logs }));
+    return {
+      paths,
+      frozenMs: 0,
+      imageBytes: (await stat(join(paths.images, IMAGE_FILE))).size,
+      filesBytes: (await stat(join(paths.files, FILES_FILE))).size,
+    };
+  }
+
+  async discardSnapshot(snapshotId: string): Promise<void> {
+    await removeTree(join(this.dataDir, 'snapshots', snapshotId));
+  }
+
   async rollback(migrationId: string): Promise<AgentContainer> {
     const c = this.findByMigration(migrationId, 'source');
     c.generation += 1;
@@ -226,7 +252,7 @@ export class FakeRuntime implements ContainerRuntime {
     try {
       const paths = this.migrationPaths(opts.migrationId);
       const image = await readJson<CheckpointImage>(join(paths.images, IMAGE_FILE));
-      if (!image || image.migrationId !== opts.migrationId) {
+      if (!image) {
         throw new RuntimeFailedError(`runc restore of '${spec.name}' failed: no checkpoint images for migration ${opts.migrationId} in ${paths.images}`, {
           op: 'runc restore',
         });

@@ -11,6 +11,7 @@
  *   containers/NAME/config.json       OCI config of the current incarnation (runc bundle)
  *   migrations/ID/images/             CRIU images of one migration
  *   migrations/ID/criu-work/          CRIU logs (dump.log, restore.log, lazy-pages.log)
+ *   snapshots/ID/{images,files}/      a checkpoint that left the container running, until uploaded
  * runc's own state lives under RUN_DIR/runc.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
@@ -44,6 +45,7 @@ import type {
   MigrationPaths,
   PrepareOptions,
   RestoreOptions,
+  SnapshotOutcome,
 } from './types.js';
 
 export interface RuncRuntimeOptions {
@@ -498,6 +500,65 @@ export class RuncRuntime implements ContainerRuntime {
       });
     }
     await this.removeMigrationDir(migrationId);
+  }
+
+  // ------------------------------------------------------------------ snapshots (checkpoints that leave it running)
+
+  private snapshotDir(snapshotId: string): string {
+    return join(this.opts.dataDir, 'snapshots', snapshotId);
+  }
+
+  /**
+   * runc pause first: the cgroup freezer holds every task while the upper layer and logs are
+   * copied, and CRIU dumps a paused container and leaves it paused; so files and memory are of
+   * the same instant. TCP connections are not dumped (criu.conf: tcp-close): a restore from a
+   * snapshot happens after a failure, when those connections are gone anyway.
+   */
+  async snapshot(name: string, snapshotId: string): Promise<SnapshotOutcome> {
+    return this.withLock(name, async () => {
+      const rec = await this.readRecord(name);
+      this.assertNotMigrating(rec);
+      const id = this.runcId(name, rec.generation);
+      if ((await this.runcState(id))?.status !== 'running') {
+        throw new ConflictError(`container '${name}' is not running on node ${this.opts.node}; only running containers can be checkpointed`, { name });
+      }
+      const dir = this.snapshotDir(snapshotId);
+      const paths: MigrationPaths = { images: join(dir, 'images'), files: join(dir, 'files') };
+      const work = join(dir, 'criu-work');
+      await removeTree(dir);
+      await mkdir(paths.images, { recursive: true });
+      await mkdir(work, { recursive: true });
+      const runc = (args: string[]) => runUnchecked(...inHostNetns(this.opts.hostNetns, this.runc, ['--root', this.runcRoot(), ...args]), { timeoutMs: RUNC_START_TIMEOUT_MS });
+      const failed = (op: string, stderr: string, logPath?: string) =>
+        new RuntimeFailedError(`checkpoint of '${name}' failed (${op}): ${lastLines(stderr, 3)}`, { op, ...(logPath ? { logPath } : {}), stderr: lastLines(stderr, 20) });
+
+      const frozenAt = Date.now();
+      const paused = await runc(['pause', id]);
+      if (paused.code !== 0) throw failed('runc pause', paused.stderr);
+      let failure: unknown;
+      try {
+        const copied = await runUnchecked('cp', ['-a', '--reflink=auto', join(this.containerDir(name), 'files'), paths.files]);
+        if (copied.code !== 0) throw failed('copying the container files', copied.stderr);
+        const dumped = await runc(['--criu', this.opts.criuPath, 'checkpoint', '--leave-running', '--image-path', paths.images, '--work-path', work, id]);
+        if (dumped.code !== 0) throw failed('runc checkpoint', dumped.stderr, join(work, 'dump.log'));
+      } catch (err) {
+        failure = err;
+      }
+      const resumed = await runc(['resume', id]);
+      const frozenMs = Date.now() - frozenAt;
+      await removeCriuNetworkLock(rec.netns);
+      // A container left frozen is worse than a lost snapshot: that error wins.
+      if (resumed.code !== 0) throw failed('runc resume: the container may still be frozen', resumed.stderr);
+      if (failure) throw failure;
+      return { paths, frozenMs, imageBytes: await treeBytes(paths.images), filesBytes: await treeBytes(paths.files) };
+    }).catch(async (err: unknown) => {
+      await removeTree(this.snapshotDir(snapshotId)).catch(() => undefined);
+      throw err;
+    });
+  }
+
+  async discardSnapshot(snapshotId: string): Promise<void> {
+    await removeTree(this.snapshotDir(snapshotId));
   }
 
   // ------------------------------------------------------------------ migration: target side

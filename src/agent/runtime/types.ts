@@ -27,6 +27,16 @@ export interface CheckpointOutcome {
   frozenAt: number;
 }
 
+/** A checkpoint that left the container running: its trees wait on this node for upload. */
+export interface SnapshotOutcome {
+  /** CRIU images, and a copy of the container's files taken inside the same freeze. */
+  paths: MigrationPaths;
+  /** How long the container was frozen. */
+  frozenMs: number;
+  imageBytes: number;
+  filesBytes: number;
+}
+
 export interface RestoreOptions {
   migrationId: string;
   mode: MigrationMode;
@@ -81,6 +91,14 @@ export interface ContainerRuntime {
   rollback(migrationId: string): Promise<AgentContainer>;
   /** Source side, after the target runs it: wait for lazy pages to drain, then clean up. */
   finishMigration(migrationId: string): Promise<void>;
+
+  /**
+   * Checkpoints the container and lets it run on: memory and files are captured in one freeze,
+   * so they match. The trees stay in `paths` until `discardSnapshot`.
+   */
+  snapshot(name: string, snapshotId: string): Promise<SnapshotOutcome>;
+  /** Drops a snapshot's trees. Idempotent. */
+  discardSnapshot(snapshotId: string): Promise<void>;
 
   /** Stops background work (not the containers: they outlive the agent). */
   close(): Promise<void>;
