@@ -6,14 +6,15 @@
  */
 import { mkdir } from 'node:fs/promises';
 import { join } from 'node:path';
-import pino from 'pino';
+import pino, { type Logger } from 'pino';
 import { detectCapabilities } from './host/capabilities.js';
 import { ApiClient } from '../shared/http.js';
 import { PAGE_SERVER_PORTS } from '../shared/protocol.js';
-import type { AgentInfo, NodeView, RegisterNodeRequest } from '../shared/protocol.js';
+import type { AgentInfo, FencedContainer, HeartbeatResponse, RegisterNodeRequest } from '../shared/protocol.js';
 import { FaultInjector } from './faults.js';
 import { ImageStore } from './runtime/images.js';
 import { RuncRuntime } from './runtime/runc-runtime.js';
+import type { ContainerRuntime } from './runtime/types.js';
 import { buildAgentServer } from './server.js';
 
 export interface AgentOptions {
@@ -41,6 +42,23 @@ export interface RunningAgent {
 }
 
 export const AGENT_VERSION = '0.1.0';
+const DEFAULT_HEARTBEAT_MS = 2_000;
+
+/**
+ * Fencing: a container the controller restored elsewhere while this node was cut off must not
+ * run here too. Any incarnation older than the one that runs elsewhere is stopped and removed;
+ * its state lives on in the newer one.
+ */
+async function fenceMovedContainers(runtime: ContainerRuntime, fence: FencedContainer[], log: Logger): Promise<void> {
+  if (fence.length === 0) return;
+  const local = new Map((await runtime.list()).map((c) => [c.name, c]));
+  for (const moved of fence) {
+    const here = local.get(moved.name);
+    if (!here || here.generation >= moved.generation) continue;
+    log.warn({ container: moved.name, generation: here.generation, runsElsewhereAs: moved.generation }, `fencing ${moved.name}: it was restored on another node while this one was unreachable; removing this copy`);
+    await runtime.remove(moved.name, { force: true }).catch((err: unknown) => log.error({ err: (err as Error).message }, `could not remove fenced container ${moved.name}`));
+  }
+}
 
 export async function startAgent(opts: AgentOptions): Promise<RunningAgent> {
   const log = pino({ name: `agent-${opts.node}`, level: process.env.CHIPMUNK_LOG_LEVEL ?? 'info' });
@@ -64,28 +82,37 @@ export async function startAgent(opts: AgentOptions): Promise<RunningAgent> {
   log.info({ url, capabilities }, 'agent listening');
 
   let heartbeat: NodeJS.Timeout | undefined;
+  let closed = false;
   if (opts.controllerUrl) {
     const controller = new ApiClient({ baseUrl: opts.controllerUrl, token: opts.token, peer: 'controller', timeoutMs: 5_000 });
     const registration: RegisterNodeRequest = { name: opts.node, address, url, capabilities };
     let warned = false;
+    let intervalMs = opts.heartbeatMs ?? DEFAULT_HEARTBEAT_MS;
     const register = async () => {
       try {
-        await controller.put<NodeView>(`/v1/nodes/${opts.node}`, registration);
+        const answer = await controller.put<HeartbeatResponse>(`/v1/nodes/${opts.node}`, registration);
         warned = false;
+        // The controller sizes heartbeats to its node lease (unless this agent was told an interval).
+        if (!opts.heartbeatMs) intervalMs = answer.heartbeatMs;
+        await fenceMovedContainers(runtime, answer.fence, log);
       } catch (err) {
         if (!warned) log.warn({ err: (err as Error).message }, 'cannot reach the controller; will keep trying');
         warned = true;
       }
     };
-    await register();
-    heartbeat = setInterval(register, opts.heartbeatMs ?? 2_000);
+    const loop = async () => {
+      await register();
+      if (!closed) heartbeat = setTimeout(loop, intervalMs);
+    };
+    await loop();
   }
 
   return {
     url,
     info,
     async close() {
-      if (heartbeat) clearInterval(heartbeat);
+      closed = true;
+      if (heartbeat) clearTimeout(heartbeat);
       await app.close();
       await runtime.close();
     },

@@ -7,7 +7,8 @@ import { join } from 'node:path';
 import Fastify, { type FastifyBaseLogger, type FastifyInstance } from 'fastify';
 import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox';
 import { Type } from '@sinclair/typebox';
-import { TransferFailedError } from '../shared/errors.js';
+import { CheckpointInfo, uploadCheckpoint } from '../checkpoint-store/index.js';
+import { NotFoundError, TransferFailedError } from '../shared/errors.js';
 import { installApiConventions } from '../shared/http.js';
 import { removeTree } from '../shared/remove-tree.js';
 import {
@@ -22,11 +23,14 @@ import {
   RestoreRequest,
   RestoreResult,
   SettleResult,
+  SnapshotRequest,
+  SnapshotResult,
+  UploadSnapshotRequest,
   type TransferProgress,
 } from '../shared/protocol.js';
 import type { FaultInjector } from './faults.js';
 import type { ImageStore } from './runtime/images.js';
-import type { ContainerRuntime } from './runtime/types.js';
+import type { ContainerRuntime, MigrationPaths } from './runtime/types.js';
 import { fetchTree, serveTree } from './transfer.js';
 
 export interface AgentServerDeps {
@@ -126,6 +130,49 @@ export function buildAgentServer(deps: AgentServerDeps): FastifyInstance {
     reply.code(204);
   });
 
+  // ---------------------------------------------------------------- checkpoints that leave the container running
+
+  /** Snapshots taken and not yet discarded, by id: their trees wait here for the upload. */
+  const snapshots = new Map<string, MigrationPaths>();
+
+  app.post(
+    '/v1/containers/:name/snapshots',
+    { schema: { params: NameParams, body: SnapshotRequest, response: { 200: SnapshotResult } } },
+    async (req) => {
+      const { snapshotId } = req.body;
+      const out = await runtime.snapshot(req.params.name, snapshotId);
+      snapshots.set(snapshotId, out.paths);
+      return { snapshotId, frozenMs: out.frozenMs, imageBytes: out.imageBytes, filesBytes: out.filesBytes };
+    },
+  );
+
+  app.post(
+    '/v1/snapshots/:id/upload',
+    { schema: { params: MigrationParams, body: UploadSnapshotRequest, response: { 200: CheckpointInfo } } },
+    async (req) => {
+      const paths = snapshots.get(req.params.id);
+      if (!paths) throw new NotFoundError(`no snapshot ${req.params.id} on node ${deps.info.node} (it was discarded, or the agent restarted): take a new checkpoint`, { snapshotId: req.params.id });
+      const { container, storeUrl, logPosition, metadata } = req.body;
+      return uploadCheckpoint({
+        storeUrl,
+        token,
+        container,
+        parts: [
+          { name: 'criu', dir: paths.images },
+          { name: 'files', dir: paths.files },
+        ],
+        logPosition,
+        metadata,
+      });
+    },
+  );
+
+  app.delete('/v1/snapshots/:id', { schema: { params: MigrationParams } }, async (req, reply) => {
+    snapshots.delete(req.params.id);
+    await runtime.discardSnapshot(req.params.id);
+    reply.code(204);
+  });
+
   // ---------------------------------------------------------------- migration, target side
 
   app.post('/v1/migrations/:id/prepare', { schema: { params: MigrationParams, body: PrepareRequest } }, async (req, reply) => {
@@ -148,16 +195,22 @@ export function buildAgentServer(deps: AgentServerDeps): FastifyInstance {
         const base = bytes;
         try {
           const res = await fetchTree({
-            url: `${r.source.url}/v1/migrations/${migrationId}/${what}.tar`,
+            url: treeUrl(what),
             token,
             dest,
             onProgress: (b) => progress.set(migrationId, { migrationId, what, bytes: base + b }),
           });
           bytes += res.bytes;
         } catch (err) {
-          throw err instanceof TransferFailedError ? err : new TransferFailedError(`fetching ${what} from node ${r.source.node} failed: ${(err as Error).message}`, { what }, err);
+          const from = r.checkpoint ? `checkpoint ${r.checkpoint.id} in the store` : `node ${r.source.node}`;
+          throw err instanceof TransferFailedError ? err : new TransferFailedError(`fetching ${what} from ${from} failed: ${(err as Error).message}`, { what }, err);
         }
       };
+      // From the source agent (a migration) or from the checkpoint store (a failover, a restore --from).
+      const treeUrl = (what: 'images' | 'files') =>
+        r.checkpoint
+          ? `${r.checkpoint.storeUrl}/v1/checkpoints/${encodeURIComponent(r.spec.name)}/${encodeURIComponent(r.checkpoint.id)}/parts/${what === 'images' ? 'criu' : 'files'}.tar`
+          : `${r.source.url}/v1/migrations/${migrationId}/${what}.tar`;
       try {
         await fetchOne('images', paths.images);
         await fetchOne('files', paths.files);

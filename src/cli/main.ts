@@ -7,6 +7,7 @@ import { registerDaemonCommands } from './commands/daemons.js';
 import { registerDoctorCommand } from './commands/doctor.js';
 import { registerMigrateCommand } from './commands/migrate.js';
 import { registerNodeCommands } from './commands/nodes.js';
+import { registerProtectionCommands } from './commands/protection.js';
 import { parseUrl } from './options.js';
 import { reportError } from './output.js';
 
@@ -25,6 +26,7 @@ function buildProgram(): Command {
   registerNodeCommands(program);
   registerContainerCommands(program);
   registerMigrateCommand(program);
+  registerProtectionCommands(program);
   registerDoctorCommand(program);
   registerDaemonCommands(program);
   return program;

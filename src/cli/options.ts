@@ -6,7 +6,7 @@ import type { Command } from 'commander';
 
 import { InvalidInputError } from '../shared/errors.js';
 import { ContainerName, NodeName, type PortMapping } from '../shared/protocol.js';
-import { MIN_MEMORY_BYTES, formatBytes, parseEnvSpec, parsePortSpec, parseSize } from '../shared/units.js';
+import { MIN_MEMORY_BYTES, formatBytes, parseDuration, parseEnvSpec, parsePortSpec, parseSize } from '../shared/units.js';
 import { UsageError } from './output.js';
 
 /** Re-throws the shared parsers' InvalidInputError as a UsageError, keeping message and details. */
@@ -55,6 +55,13 @@ export function parseMemory(value: string): number {
     throw new UsageError(`bad memory size '${value}': at least ${formatBytes(MIN_MEMORY_BYTES)}, or the container cannot start`, { value });
   }
   return bytes;
+}
+
+/** Checkpoint intervals: at least a second (a checkpoint freezes the container briefly). */
+export function parseCheckpointInterval(value: string): number {
+  const ms = asUsage(() => parseDuration(value, 'checkpoint interval'));
+  if (ms < 1000) throw new UsageError(`bad checkpoint interval '${value}': at least 1s`, { value });
+  return ms;
 }
 
 export interface ListenAddress {

@@ -16,8 +16,12 @@ import type {
   RestoreResult,
   RollbackRequest,
   SettleResult,
+  SnapshotRequest,
+  SnapshotResult,
   TransferProgress,
+  UploadSnapshotRequest,
 } from '../shared/protocol.js';
+import type { CheckpointInfo } from '../checkpoint-store/index.js';
 
 export type LogStream = 'stdout' | 'stderr' | 'all';
 
@@ -52,6 +56,11 @@ export interface AgentApi {
   settle(migrationId: string): Promise<SettleResult>;
   /** Target side: remove whatever a failed restore left behind. */
   abort(migrationId: string): Promise<void>;
+  /** Checkpoint the container and let it run on; the trees wait on the agent for upload. */
+  snapshot(name: string, req: SnapshotRequest): Promise<SnapshotResult>;
+  /** Send a snapshot to the checkpoint store, only the chunks it lacks. */
+  uploadSnapshot(snapshotId: string, req: UploadSnapshotRequest): Promise<CheckpointInfo>;
+  discardSnapshot(snapshotId: string): Promise<void>;
 }
 
 export interface HttpAgentApiOptions {
@@ -147,6 +156,18 @@ export class HttpAgentApi implements AgentApi {
 
   abort(migrationId: string): Promise<void> {
     return this.client.post(`${migrationPath(migrationId)}/abort`, undefined, this.stepTimeout);
+  }
+
+  snapshot(name: string, req: SnapshotRequest): Promise<SnapshotResult> {
+    return this.client.post(`${containerPath(name)}/snapshots`, req, this.stepTimeout);
+  }
+
+  uploadSnapshot(snapshotId: string, req: UploadSnapshotRequest): Promise<CheckpointInfo> {
+    return this.client.post(`/v1/snapshots/${encodeURIComponent(snapshotId)}/upload`, req, this.stepTimeout);
+  }
+
+  discardSnapshot(snapshotId: string): Promise<void> {
+    return this.client.delete(`/v1/snapshots/${encodeURIComponent(snapshotId)}`);
   }
 }
 

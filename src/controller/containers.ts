@@ -6,7 +6,7 @@
 import { within } from '../shared/time.js';
 import { ConflictError, MigrationInProgressError, NotFoundError, StoreConflictError, UnavailableError } from '../shared/errors.js';
 import type {
-  ContainerStats, AgentContainer, ContainerSpec, ContainerStatus, ContainerView, MigrationPhaseName, RunRequest } from '../shared/protocol.js';
+  ContainerStats, AgentContainer, ContainerSpec, ContainerStatus, ContainerView, MigrationPhaseName, ProtectionPolicy, RunRequest } from '../shared/protocol.js';
 import type { AgentApi, LogsOptions } from './agent-client.js';
 import type { NodeRecord, NodeRegistry } from './registry.js';
 import type { KeyValue, StateStore } from './store/index.js';
@@ -21,7 +21,13 @@ export interface ContainerRecord {
   createdAt: string;
   /** Set while a migration holds the container: it is the container's migration lock. */
   migration?: { id: string; phase: MigrationPhaseName };
+  /** Set while a checkpoint, a restore or a failover holds the container (the same kind of lock). */
+  busy?: { id: string; operation: BusyOperation };
+  /** Protected: checkpointed every `everyMs`, restored elsewhere when its node dies. */
+  protection?: ProtectionPolicy;
 }
+
+export type BusyOperation = 'checkpoint' | 'restore' | 'failover';
 
 /** The agent API of a node; one place decides how the controller reaches agents (HTTP, or fakes in tests). */
 export type AgentResolver = (node: NodeRecord) => AgentApi;
@@ -52,7 +58,14 @@ export class ContainerService {
     const { spec } = req;
     const node = await this.placement(req.node);
     const key = containerKey(spec.name);
-    const reserved: ContainerRecord = { spec, node: node.name, status: 'created', generation: 0, createdAt: new Date().toISOString() };
+    const reserved: ContainerRecord = {
+      spec,
+      node: node.name,
+      status: 'created',
+      generation: 0,
+      createdAt: new Date().toISOString(),
+      ...(req.protection ? { protection: req.protection } : {}),
+    };
     let reservedRevision: number;
     try {
       reservedRevision = await this.store.put(key, reserved, { expectModRevision: 0 });
@@ -128,7 +141,7 @@ export class ContainerService {
     await this.store.delete(containerKey(name), { expectModRevision: current.modRevision });
   }
 
-  private async require(name: string): Promise<KeyValue<ContainerRecord>> {
+  async require(name: string): Promise<KeyValue<ContainerRecord>> {
     const current = await this.store.get<ContainerRecord>(containerKey(name));
     if (!current) throw new NotFoundError(`unknown container "${name}": see \`chipmunk ps\` for the containers of this cluster`, { name });
     return current;
@@ -174,6 +187,7 @@ export function unreachable(node: NodeRecord): UnavailableError {
 
 function refuseWhileMigrating(name: string, record: ContainerRecord): void {
   if (record.migration) throw new MigrationInProgressError(name, record.migration.id);
+  if (record.busy) throw new ConflictError(`container ${name} is busy (${record.busy.operation} ${record.busy.id}); try again when it ends`, { name, busy: record.busy });
 }
 
 /** The `chipmunk ps` row: published ports at the address of the node the container runs on. */
@@ -187,6 +201,7 @@ function toView(record: ContainerRecord, nodeAddress: string): ContainerView {
     endpoints: [],
     ...(record.ip !== undefined ? { ip: record.ip } : {}),
     createdAt: record.createdAt,
+    ...(record.protection ? { protection: record.protection } : {}),
   };
 }
 

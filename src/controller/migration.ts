@@ -18,7 +18,9 @@
  */
 import { randomUUID } from 'node:crypto';
 import type { Logger } from 'pino';
+import { setTimeout as sleep } from 'node:timers/promises';
 import {
+  ConflictError,
   CapabilityMissingError,
   InvalidInputError,
   MigrationFailedError,
@@ -78,6 +80,9 @@ export interface MigrationOrchestratorOptions {
 }
 
 /** What the orchestrator needs of the gateway (RouteService implements it). Best effort both. */
+/** How long a migration waits for a checkpoint or restore of the container to end. */
+const BUSY_WAIT_MS = 60_000;
+
 export interface TrafficGate {
   /** Before the container freezes: new requests wait. */
   hold(name: string, migrationId: string): Promise<void>;
@@ -176,6 +181,14 @@ export class MigrationOrchestrator {
       if (!current) throw new NotFoundError(`unknown container "${name}": see \`chipmunk ps\` for the containers of this cluster`, { name });
       const container = current.value;
       if (container.migration) throw new MigrationInProgressError(name, container.migration.id);
+      if (container.busy) {
+        // A checkpoint takes seconds: the migration waits for it rather than failing.
+        if (Date.now() - startedAt > BUSY_WAIT_MS) {
+          throw new ConflictError(`container ${name} is busy (${container.busy.operation} ${container.busy.id}); try again when it ends`, { name, busy: container.busy });
+        }
+        await sleep(100);
+        continue;
+      }
       if (container.status !== 'running') {
         throw new InvalidInputError(`container ${name} is ${container.status}: only running containers can be migrated`, { name, status: container.status });
       }

@@ -25,7 +25,7 @@ export interface NodeRecord {
   lastSeen: string;
 }
 
-export const DEFAULT_NODE_READY_WITHIN_MS = 10_000;
+export const DEFAULT_NODE_READY_WITHIN_MS = 5_000;
 
 const NODES_PREFIX = '/nodes/';
 const LIVENESS_PREFIX = '/liveness/';

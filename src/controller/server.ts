@@ -8,8 +8,26 @@ import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox';
 import { Type } from '@sinclair/typebox';
 import { InvalidInputError, toChipmunkError } from '../shared/errors.js';
 import { installApiConventions } from '../shared/http.js';
-import { ContainerName, ContainerStats, ContainerView, ExposeRequest, ExposedRoute, MigrateRequest, MigrationRecord, NodeName, NodeView, RegisterNodeRequest, RunRequest } from '../shared/protocol.js';
+import {
+  ContainerName,
+  ContainerStats,
+  ContainerView,
+  ExposeRequest,
+  ExposedRoute,
+  HeartbeatResponse,
+  MigrateRequest,
+  MigrationRecord,
+  NodeName,
+  NodeView,
+  ProtectionPolicy,
+  RegisterNodeRequest,
+  RestoreFromRequest,
+  RunRequest,
+} from '../shared/protocol.js';
+import { CheckpointInfo } from '../checkpoint-store/index.js';
+import type { CheckpointService } from './checkpoints.js';
 import type { ContainerService } from './containers.js';
+import type { FailoverService } from './failover.js';
 import type { MigrationOrchestrator } from './migration.js';
 import type { NodeRegistry } from './registry.js';
 import type { RouteService } from './routes.js';
@@ -21,7 +39,14 @@ export interface ControllerServerOptions {
   containers: ContainerService;
   migrations: MigrationOrchestrator;
   routes: RouteService;
+  checkpoints: CheckpointService;
+  failovers: FailoverService;
+  /** How often agents should heartbeat (a fraction of the node lease). */
+  heartbeatMs: number;
 }
+
+const CheckpointResultView = Type.Composite([CheckpointInfo, Type.Object({ frozenMs: Type.Number() })]);
+const RestoreFromResult = Type.Object({ restoredFrom: Type.String(), safetyCheckpoint: Type.String(), checkpoint: Type.String() });
 
 const NodeParams = Type.Object({ name: NodeName });
 const ContainerParams = Type.Object({ name: ContainerName });
@@ -31,7 +56,7 @@ const LogsQuery = Type.Object({
 });
 
 export function buildControllerServer(opts: ControllerServerOptions): FastifyInstance {
-  const { nodes, containers, migrations } = opts;
+  const { nodes, containers, migrations, checkpoints, failovers } = opts;
   const base = Fastify({
     loggerInstance: opts.logger,
     // Agents heartbeat every few seconds: logging those requests would bury everything else.
@@ -42,14 +67,15 @@ export function buildControllerServer(opts: ControllerServerOptions): FastifyIns
 
   app.get('/healthz', async () => ({ ok: true }));
 
-  app.put('/v1/nodes/:name', { schema: { params: NodeParams, body: RegisterNodeRequest, response: { 200: NodeView } } }, async (req) => {
+  app.put('/v1/nodes/:name', { schema: { params: NodeParams, body: RegisterNodeRequest, response: { 200: HeartbeatResponse } } }, async (req) => {
     if (req.body.name !== req.params.name) {
       throw new InvalidInputError(`node name in the path (${req.params.name}) and in the body (${req.body.name}) differ`, {
         path: req.params.name,
         body: req.body.name,
       });
     }
-    return nodes.heartbeat(req.body);
+    const view = await nodes.heartbeat(req.body);
+    return { ...view, heartbeatMs: opts.heartbeatMs, fence: await failovers.fenceFor(req.params.name) };
   });
 
   app.get('/v1/nodes', { schema: { response: { 200: Type.Array(NodeView) } } }, async () => nodes.list());
@@ -105,6 +131,32 @@ export function buildControllerServer(opts: ControllerServerOptions): FastifyIns
   });
 
   app.get('/v1/migrations', { schema: { response: { 200: Type.Array(MigrationRecord) } } }, async () => migrations.list());
+
+  // ---------------------------------------------------------------- protection, checkpoints, failover
+
+  app.post('/v1/containers/:name/checkpoint', { schema: { params: ContainerParams, response: { 200: CheckpointResultView } } }, async (req) =>
+    checkpoints.checkpoint(req.params.name),
+  );
+
+  app.get('/v1/containers/:name/checkpoints', { schema: { params: ContainerParams, response: { 200: Type.Array(CheckpointInfo) } } }, async (req) => {
+    await containers.require(req.params.name);
+    return checkpoints.list(req.params.name);
+  });
+
+  app.put('/v1/containers/:name/protection', { schema: { params: ContainerParams, body: ProtectionPolicy, response: { 200: ProtectionPolicy } } }, async (req) =>
+    checkpoints.protect(req.params.name, req.body),
+  );
+
+  app.delete('/v1/containers/:name/protection', { schema: { params: ContainerParams } }, async (req, reply) => {
+    await checkpoints.unprotect(req.params.name);
+    reply.code(204);
+  });
+
+  app.post('/v1/containers/:name/restore', { schema: { params: ContainerParams, body: RestoreFromRequest, response: { 200: RestoreFromResult } } }, async (req) =>
+    checkpoints.restoreFrom(req.params.name, req.body.from),
+  );
+
+  app.get('/v1/failovers', async () => failovers.list());
 
   return base;
 }

@@ -127,8 +127,22 @@ export const PrepareRequest = Type.Object({
 });
 export type PrepareRequest = Static<typeof PrepareRequest>;
 
-/** Target side: fetch the checkpoint from the source agent and restore it here. */
-export const RestoreRequest = Type.Composite([PrepareRequest, Type.Object({ pageServer: Type.Optional(PageServerAddress) })]);
+/** A stored checkpoint to restore from, instead of the source agent's trees. */
+export const StoredCheckpointRef = Type.Object({
+  /** The checkpoint store's API (the controller's by default). */
+  storeUrl: Type.String({ minLength: 1 }),
+  id: Type.String({ minLength: 1 }),
+});
+export type StoredCheckpointRef = Static<typeof StoredCheckpointRef>;
+
+/**
+ * Target side: fetch the checkpoint from the source agent (or, with `checkpoint`, from the
+ * checkpoint store: a failover or a restore of an older version) and restore it here.
+ */
+export const RestoreRequest = Type.Composite([
+  PrepareRequest,
+  Type.Object({ pageServer: Type.Optional(PageServerAddress), checkpoint: Type.Optional(StoredCheckpointRef) }),
+]);
 export type RestoreRequest = Static<typeof RestoreRequest>;
 
 export const RestoreResult = Type.Object({
@@ -145,6 +159,30 @@ export type SettleResult = Static<typeof SettleResult>;
 /** Source side: the migration failed after the checkpoint; run the container here again. */
 export const RollbackRequest = Type.Object({ migrationId: Type.String({ minLength: 1 }) });
 export type RollbackRequest = Static<typeof RollbackRequest>;
+
+/** Checkpoint a container and let it run on (the trees wait on the agent for upload). */
+export const SnapshotRequest = Type.Object({ snapshotId: Type.String({ pattern: '^[A-Za-z0-9_-]{1,64}$' }) });
+export type SnapshotRequest = Static<typeof SnapshotRequest>;
+
+export const SnapshotResult = Type.Object({
+  snapshotId: Type.String(),
+  /** How long the container was frozen (paused, files copied, memory dumped). */
+  frozenMs: Type.Number(),
+  imageBytes: Type.Integer(),
+  filesBytes: Type.Integer(),
+});
+export type SnapshotResult = Static<typeof SnapshotResult>;
+
+/** Send a snapshot to the checkpoint store; it becomes a checkpoint once every chunk is durable there. */
+export const UploadSnapshotRequest = Type.Object({
+  container: ContainerName,
+  storeUrl: Type.String({ minLength: 1 }),
+  /** The gateway log position the snapshot was cut at (null: the container is not behind a logging route). */
+  logPosition: Type.Union([Type.Integer({ minimum: 0 }), Type.Null()]),
+  /** Kept with the checkpoint for restores: the container spec, its generation. */
+  metadata: Type.Record(Type.String(), Type.Unknown()),
+});
+export type UploadSnapshotRequest = Static<typeof UploadSnapshotRequest>;
 
 /** Progress of a transfer, streamed by agents to the controller (and on to the CLI). */
 export const TransferProgress = Type.Object({
@@ -175,9 +213,34 @@ export const RegisterNodeRequest = Type.Object({
 });
 export type RegisterNodeRequest = Static<typeof RegisterNodeRequest>;
 
+/** A container that moved away from a node while the node was dead: it must not run there. */
+export const FencedContainer = Type.Object({
+  name: ContainerName,
+  /** The incarnation that runs elsewhere now: any older one on this node is stopped and removed. */
+  generation: Type.Integer({ minimum: 0 }),
+});
+export type FencedContainer = Static<typeof FencedContainer>;
+
+/** The controller's answer to a heartbeat. */
+export const HeartbeatResponse = Type.Composite([
+  NodeView,
+  Type.Object({
+    /** How often the agent should heartbeat: a fraction of the node lease. */
+    heartbeatMs: Type.Integer({ minimum: 1 }),
+    fence: Type.Array(FencedContainer),
+  }),
+]);
+export type HeartbeatResponse = Static<typeof HeartbeatResponse>;
+
+/** How often a protected container is checkpointed. */
+export const ProtectionPolicy = Type.Object({ everyMs: Type.Integer({ minimum: 1000, description: 'checkpoint interval, ms (at least 1 s)' }) });
+export type ProtectionPolicy = Static<typeof ProtectionPolicy>;
+
 export const RunRequest = Type.Object({
   spec: ContainerSpec,
   node: Type.Optional(NodeName),
+  /** Protect it from the start (`chipmunk run --checkpoint-every`). */
+  protection: Type.Optional(ProtectionPolicy),
 });
 export type RunRequest = Static<typeof RunRequest>;
 
@@ -191,8 +254,14 @@ export const ContainerView = Type.Object({
   endpoints: Type.Array(Type.String(), { default: [] }),
   ip: Type.Optional(Type.String()),
   createdAt: Type.String(),
+  /** Set for protected containers: checkpointed periodically, failed over when their node dies. */
+  protection: Type.Optional(ProtectionPolicy),
 });
 export type ContainerView = Static<typeof ContainerView>;
+
+/** `chipmunk restore NAME --from CKPT`: roll the running container back to a checkpoint. */
+export const RestoreFromRequest = Type.Object({ from: Type.String({ minLength: 1 }) });
+export type RestoreFromRequest = Static<typeof RestoreFromRequest>;
 
 export const ExposeRequest = Type.Object({
   /** The container port the service listens on. */
@@ -293,10 +362,18 @@ export const schemas: Record<string, TSchema> = {
   RestoreResult,
   RollbackRequest,
   SettleResult,
+  SnapshotRequest,
+  SnapshotResult,
+  UploadSnapshotRequest,
+  StoredCheckpointRef,
   TransferProgress,
   NodeView,
   RegisterNodeRequest,
+  HeartbeatResponse,
+  FencedContainer,
+  ProtectionPolicy,
   RunRequest,
+  RestoreFromRequest,
   ContainerView,
   ExposeRequest,
   ExposedRoute,

@@ -1,4 +1,4 @@
-/** Parsing of the operator's shorthand: sizes (256m, 1g) and port specs (8080:80[/tcp]). */
+/** Parsing of the operator's shorthand: sizes (256m, 1g), durations (30s, 5m) and port specs (8080:80[/tcp]). */
 import { InvalidInputError } from './errors.js';
 import type { PortMapping } from './protocol.js';
 
@@ -11,6 +11,24 @@ export function parseSize(text: string, what = 'size'): number {
   const bytes = Math.round(Number(m[1]) * sizeUnits[m[2].toLowerCase()]);
   if (!Number.isFinite(bytes) || bytes <= 0) throw new InvalidInputError(`bad ${what} '${text}': must be greater than zero`, { value: text });
   return bytes;
+}
+
+const durationUnits: Record<string, number> = { ms: 1, s: 1000, m: 60_000, h: 3_600_000 };
+
+/** "30s" -> 30000 ms. Units ms, s, m, h; a bare number is seconds. */
+export function parseDuration(text: string, what = 'duration'): number {
+  const m = /^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$/i.exec(text);
+  if (!m) throw new InvalidInputError(`bad ${what} '${text}': use a number with a unit, e.g. 30s, 5m or 1h`, { value: text });
+  const ms = Math.round(Number(m[1]) * durationUnits[(m[2] ?? 's').toLowerCase()]!);
+  if (ms <= 0) throw new InvalidInputError(`bad ${what} '${text}': must be greater than zero`, { value: text });
+  return ms;
+}
+
+export function formatDuration(ms: number): string {
+  if (ms % 3_600_000 === 0) return `${ms / 3_600_000}h`;
+  if (ms % 60_000 === 0) return `${ms / 60_000}m`;
+  if (ms % 1000 === 0) return `${ms / 1000}s`;
+  return `${ms}ms`;
 }
 
 /** Minimum memory limit: below this runc cannot even start the container's init. */

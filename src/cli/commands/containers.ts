@@ -1,9 +1,9 @@
 /** `chipmunk run|ps|logs|stats|stop|rm`: containers, through the controller. */
 import type { Command } from 'commander';
 import type { ContainerStats, ContainerView, ExposedRoute, PortMapping, RunRequest } from '../../shared/protocol.js';
-import { formatBytes } from '../../shared/units.js';
+import { formatBytes, formatDuration } from '../../shared/units.js';
 import { controllerClient } from '../context.js';
-import { addConnectionOptions, addJsonOption, collectEnv, collectPort, parseContainerName, parseMemory, parseNodeName, parsePort, parseRouteProtocol } from '../options.js';
+import { addConnectionOptions, addJsonOption, collectEnv, collectPort, parseCheckpointInterval, parseContainerName, parseMemory, parseNodeName, parsePort, parseRouteProtocol } from '../options.js';
 import { printJson, renderTable } from '../output.js';
 
 interface RunOptions {
@@ -12,6 +12,7 @@ interface RunOptions {
   publish: PortMapping[];
   env: Record<string, string>;
   memory?: number;
+  checkpointEvery?: number;
   json?: boolean;
 }
 
@@ -35,6 +36,7 @@ export function registerContainerCommands(program: Command): void {
         .option('-p, --publish <hostport:ctrport>', 'publish a container port on the node, e.g. 8080:80 or 5353:53/udp (repeatable)', collectPort, [])
         .option('-e, --env <key=value>', 'environment variable (repeatable)', collectEnv, {})
         .option('--memory <size>', 'memory limit, e.g. 256m or 1g', parseMemory)
+        .option('--checkpoint-every <duration>', 'protect it: checkpoint every DURATION (e.g. 30s), fail over when its node dies', parseCheckpointInterval)
         .argument('<image>', 'image name')
         .argument('[command...]', "command to run instead of the image's CMD")
         // Everything after IMAGE belongs to the container's command, options included (like docker run).
@@ -44,6 +46,7 @@ export function registerContainerCommands(program: Command): void {
     const request: RunRequest = {
       spec: { name: opts.name, image, command, env: opts.env, ports: opts.publish, memoryBytes: opts.memory ?? 0 },
       ...(opts.node ? { node: opts.node } : {}),
+      ...(opts.checkpointEvery ? { protection: { everyMs: opts.checkpointEvery } } : {}),
     };
     const view = await (await controllerClient(cmd)).post<ContainerView>('/v1/containers', request);
     if (opts.json) printJson(view);
@@ -53,13 +56,13 @@ export function registerContainerCommands(program: Command): void {
   addConnectionOptions(addJsonOption(program.command('ps').description('list containers'))).action(
     async (opts: { json?: boolean }, cmd: Command) => {
       const views = await (await controllerClient(cmd)).get<ContainerView[]>('/v1/containers');
-      const containers = views.map(({ name, node, status, image, ports, endpoints }) => ({ name, node, status, image, ports, endpoints }));
+      const containers = views.map(({ name, node, status, image, ports, endpoints, protection }) => ({ name, node, status, image, ports, endpoints, ...(protection ? { protection } : {}) }));
       if (opts.json) {
         printJson(containers);
         return;
       }
-      const rows = containers.map((c) => [c.name, c.node, c.status, c.image, c.ports.join(', '), c.endpoints.join(', ')]);
-      process.stdout.write(`${renderTable(['NAME', 'NODE', 'STATUS', 'IMAGE', 'PORTS', 'ENDPOINTS'], rows)}\n`);
+      const rows = containers.map((c) => [c.name, c.node, c.status, c.image, c.ports.join(', '), c.endpoints.join(', '), c.protection ? `every ${formatDuration(c.protection.everyMs)}` : '-']);
+      process.stdout.write(`${renderTable(['NAME', 'NODE', 'STATUS', 'IMAGE', 'PORTS', 'ENDPOINTS', 'CHECKPOINTS'], rows)}\n`);
     },
   );
 

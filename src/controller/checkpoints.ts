@@ -1,0 +1,318 @@
+/**
+ * Protected containers: checkpoints on demand and on a schedule, and rolling a container back to
+ * one. A checkpoint is taken by the container's agent (pause, copy files, CRIU dump, resume) and
+ * sent by it to the checkpoint store, chunk by chunk, only what the store lacks.
+ *
+ * For a container behind a logging gateway route the checkpoint is a cut of the request log:
+ * the gateway holds new requests and waits for those sent to be answered, reports how far its
+ * log got (the position), and releases once the dump is done. Every request up to the position
+ * is in the checkpoint's memory; every later one is in the log, durably, before it was forwarded.
+ *
+ * Operations on one container exclude each other through its record's `busy` lock (the same
+ * compare-and-swap discipline as a migration's lock).
+ */
+import { randomUUID } from 'node:crypto';
+import type { Logger } from 'pino';
+import { ChipmunkError, ConflictError, InvalidInputError, MigrationInProgressError, NotFoundError, toChipmunkError } from '../shared/errors.js';
+import type { ContainerView, ProtectionPolicy } from '../shared/protocol.js';
+import type { CheckpointInfo } from '../checkpoint-store/index.js';
+import { containerKey, type AgentResolver, type BusyOperation, type ContainerRecord } from './containers.js';
+import type { NodeRegistry } from './registry.js';
+import type { StateStore } from './store/index.js';
+
+/** The gateway side of a checkpoint and a restore, as the route service provides it. */
+export interface LoggedTraffic {
+  /**
+   * Holds the container's route (if it has one) and waits for requests already sent to be
+   * answered. `logPosition` is the last logged request the container has seen: null when the
+   * route does not log (no route, TCP, no gateway).
+   */
+  cut(name: string, holdId: string): Promise<{ held: boolean; logPosition: number | null }>;
+  /** Ends the hold: traffic goes to where `container` runs. */
+  release(name: string, holdId: string, container: ContainerRecord): Promise<void>;
+  /** Log entries up to `upToSeq` are no longer needed by any checkpoint a restore could use. */
+  trimLog(name: string, upToSeq: number): Promise<void>;
+  /** Sends the logged requests after `afterSeq`, in order, to where `container` runs now. */
+  replay(name: string, afterSeq: number, container: ContainerRecord): Promise<{ replayed: number; delivered: number }>;
+  /** The route's log setting follows the container's protection. */
+  refresh(name: string): Promise<void>;
+}
+
+/** What the controller needs of the checkpoint store (in process). */
+export interface CheckpointCatalog {
+  /** Newest first. */
+  list(container: string): Promise<CheckpointInfo[]>;
+  forget(container: string): Promise<void>;
+}
+
+export interface CheckpointResult extends CheckpointInfo {
+  /** How long the container was frozen for it. */
+  frozenMs: number;
+}
+
+export interface CheckpointServiceOptions {
+  store: StateStore;
+  nodes: NodeRegistry;
+  agentFor: AgentResolver;
+  traffic: LoggedTraffic;
+  catalog: CheckpointCatalog;
+  /** Where agents reach the checkpoint store. */
+  storeUrl: string;
+  log: Logger;
+}
+
+/** How often the scheduler looks for protected containers whose checkpoint is due. */
+const SCHEDULER_TICK_MS = 250;
+/** How long an operation waits for another one on the same container (a checkpoint, say) to end. */
+const LOCK_WAIT_MS = 60_000;
+
+export class CheckpointService {
+  private timer?: NodeJS.Timeout;
+  /** When each protected container was last checkpointed (or tried), by name. */
+  private readonly lastAttempt = new Map<string, number>();
+  private readonly running = new Set<string>();
+
+  constructor(private readonly opts: CheckpointServiceOptions) {}
+
+  start(): void {
+    this.timer = setInterval(() => void this.checkpointDue(), SCHEDULER_TICK_MS);
+    this.timer.unref();
+  }
+
+  stop(): void {
+    if (this.timer) clearInterval(this.timer);
+  }
+
+  async protect(name: string, policy: ProtectionPolicy): Promise<ContainerView['protection']> {
+    await this.updateRecord(name, (record) => ({ ...record, protection: policy }));
+    this.lastAttempt.delete(name);
+    await this.opts.traffic.refresh(name);
+    return policy;
+  }
+
+  async unprotect(name: string): Promise<void> {
+    await this.updateRecord(name, (record) => {
+      if (!record.protection) throw new InvalidInputError(`container '${name}' is not protected`, { name });
+      const { protection: _dropped, ...rest } = record;
+      return rest;
+    });
+    await this.opts.traffic.refresh(name);
+  }
+
+  /** Checkpoints the container now: it runs on, and the checkpoint counts once it is in the store. */
+  async checkpoint(name: string): Promise<CheckpointResult> {
+    return this.withLock(name, 'checkpoint', (record, lockId) => this.takeCheckpoint(record, lockId));
+  }
+
+  /**
+   * Rolls the running container back to checkpoint `checkpointId` (memory and files). A
+   * checkpoint of the current state is taken first, so a failed restore puts that back; and one
+   * right after, so the newest checkpoint (what a failover would use) is the restored state.
+   * Requests logged since `checkpointId` are not replayed: rolling back discards them.
+   */
+  async restoreFrom(name: string, checkpointId: string): Promise<{ restoredFrom: string; safetyCheckpoint: string; checkpoint: string }> {
+    const available = await this.opts.catalog.list(name);
+    const wanted = available.find((c) => c.id === checkpointId);
+    if (!wanted) {
+      throw new NotFoundError(`container '${name}' has no checkpoint '${checkpointId}': \`chipmunk checkpoints ${name}\` lists them`, { name, checkpoint: checkpointId });
+    }
+    if (wanted.corrupt) throw new InvalidInputError(`checkpoint '${checkpointId}' of '${name}' is corrupt (a chunk failed its hash check): pick another`, { name, checkpoint: checkpointId });
+    return this.withLock(name, 'restore', async (record, lockId) => {
+      const node = await this.opts.nodes.require(record.node);
+      const agent = this.opts.agentFor(node);
+      const cut = await this.opts.traffic.cut(name, lockId);
+      let current = record;
+      try {
+        const safety = await this.snapshotAndUpload(record, `${lockId}-before`, cut.logPosition, 'before-restore');
+        await agent.remove(name);
+        try {
+          current = await this.restoreOn(record, node.name, checkpointId, `${lockId}-restore`, record.generation + 1);
+        } catch (err) {
+          this.opts.log.error({ container: name, err: toChipmunkError(err).toJSON() }, `restoring ${name} from ${checkpointId} failed; putting back its state from just before (${safety.id})`);
+          current = await this.restoreOn(record, node.name, safety.id, `${lockId}-undo`, record.generation + 2);
+          await this.saveRecord(name, lockId, current);
+          throw err;
+        }
+        await this.saveRecord(name, lockId, current);
+        const after = await this.snapshotAndUpload(current, `${lockId}-after`, cut.logPosition, 'after-restore');
+        return { restoredFrom: checkpointId, safetyCheckpoint: safety.id, checkpoint: after.id };
+      } finally {
+        if (cut.held) await this.opts.traffic.release(name, lockId, current);
+      }
+    });
+  }
+
+  /**
+   * Restores checkpoint `checkpointId` of the container on `nodeName` (which must not run it):
+   * the agent prepares (image, network), fetches the trees from the store and restores them.
+   * Returns the record of the container running there.
+   */
+  async restoreOn(record: ContainerRecord, nodeName: string, checkpointId: string, opId: string, generation: number): Promise<ContainerRecord> {
+    const node = await this.opts.nodes.require(nodeName);
+    const agent = this.opts.agentFor(node);
+    const imageSource = await this.imageSourceFor(node.name);
+    const base = { migrationId: opId, mode: 'copy' as const, spec: record.spec, generation, source: imageSource };
+    try {
+      await agent.prepare(opId, base);
+      const restored = await agent.restore(opId, { ...base, checkpoint: { storeUrl: this.opts.storeUrl, id: checkpointId } });
+      await agent.settle(opId).catch(() => undefined);
+      const running = restored.container;
+      return { ...record, node: node.name, status: running.status, generation: running.generation, ...(running.ip ? { ip: running.ip } : {}) };
+    } catch (err) {
+      await agent.abort(opId).catch(() => undefined);
+      throw err;
+    }
+  }
+
+  /** Checkpoints of the container, newest first, from the store. */
+  list(name: string): Promise<CheckpointInfo[]> {
+    return this.opts.catalog.list(name);
+  }
+
+  private async takeCheckpoint(record: ContainerRecord, lockId: string): Promise<CheckpointResult> {
+    const name = record.spec.name;
+    const cut = await this.opts.traffic.cut(name, lockId);
+    let snapshot: { frozenMs: number } | undefined;
+    const node = await this.opts.nodes.require(record.node);
+    const agent = this.opts.agentFor(node);
+    try {
+      snapshot = await agent.snapshot(name, { snapshotId: lockId });
+    } catch (err) {
+      await agent.discardSnapshot(lockId).catch(() => undefined);
+      throw err;
+    } finally {
+      if (cut.held) await this.opts.traffic.release(name, lockId, record);
+    }
+    const info = await this.upload(record, lockId, cut.logPosition, 'scheduled');
+    await this.trimAfter(name);
+    return { ...info, frozenMs: snapshot.frozenMs };
+  }
+
+  /** A snapshot while the caller holds the route: no release here. */
+  private async snapshotAndUpload(record: ContainerRecord, snapshotId: string, logPosition: number | null, reason: string): Promise<CheckpointInfo> {
+    const agent = this.opts.agentFor(await this.opts.nodes.require(record.node));
+    try {
+      await agent.snapshot(record.spec.name, { snapshotId });
+    } catch (err) {
+      await agent.discardSnapshot(snapshotId).catch(() => undefined);
+      throw err;
+    }
+    return this.upload(record, snapshotId, logPosition, reason);
+  }
+
+  private async upload(record: ContainerRecord, snapshotId: string, logPosition: number | null, reason: string): Promise<CheckpointInfo> {
+    const agent = this.opts.agentFor(await this.opts.nodes.require(record.node));
+    try {
+      return await agent.uploadSnapshot(snapshotId, {
+        container: record.spec.name,
+        storeUrl: this.opts.storeUrl,
+        logPosition,
+        metadata: { spec: record.spec, generation: record.generation, node: record.node, reason },
+      });
+    } finally {
+      await agent.discardSnapshot(snapshotId).catch(() => undefined);
+    }
+  }
+
+  /**
+   * Trims the log up to the second-newest good checkpoint, not the newest: if the newest turns
+   * out corrupt when a failover reads it, the one before must still have every later request.
+   */
+  private async trimAfter(name: string): Promise<void> {
+    const good = (await this.opts.catalog.list(name)).filter((c) => !c.corrupt && c.logPosition !== null);
+    const keepFrom = good[1];
+    if (keepFrom?.logPosition == null) return;
+    await this.opts.traffic.trimLog(name, keepFrom.logPosition).catch((err: unknown) => this.opts.log.warn({ err: toChipmunkError(err).toJSON() }, `trimming the request log of ${name} failed`));
+  }
+
+  private async checkpointDue(): Promise<void> {
+    const now = Date.now();
+    for (const { value } of await this.opts.store.list<ContainerRecord>('/containers/').catch(() => [])) {
+      const name = value.spec.name;
+      if (!value.protection || value.status !== 'running' || value.busy || value.migration || this.running.has(name)) continue;
+      if (now - (this.lastAttempt.get(name) ?? 0) < value.protection.everyMs) continue;
+      if (!(await this.opts.nodes.isReady(value.node))) continue;
+      this.lastAttempt.set(name, now);
+      this.running.add(name);
+      void this.checkpoint(name)
+        .then((c) => this.opts.log.info({ container: name, checkpoint: c.id, frozenMs: c.frozenMs, newBytes: c.newBytes, logPosition: c.logPosition }, `checkpointed ${name}`))
+        .catch((err: unknown) => this.opts.log.warn({ container: name, err: toChipmunkError(err).toJSON() }, `scheduled checkpoint of ${name} failed; the previous one stays valid`))
+        .finally(() => this.running.delete(name));
+    }
+  }
+
+  /** The image comes from any other ready node (the target fetches it only if it lacks it). */
+  private async imageSourceFor(target: string): Promise<{ node: string; url: string }> {
+    const ready = await this.opts.nodes.listReady();
+    const other = ready.find((n) => n.name !== target) ?? ready.find((n) => n.name === target);
+    if (!other) throw new ChipmunkError('CHIPMUNK_UNAVAILABLE', 'no node is ready', { status: 503 });
+    return { node: other.name, url: other.url };
+  }
+
+  // ------------------------------------------------------------------ the container lock
+
+  /**
+   * Runs `fn` while the container's record carries the `busy` lock. Waits (bounded) for another
+   * operation on it to finish; a migration in progress is an error, as it would be for migrate.
+   */
+  async withLock<T>(name: string, operation: BusyOperation, fn: (record: ContainerRecord, lockId: string) => Promise<T>): Promise<T> {
+    const lockId = `${operation}-${randomUUID().slice(0, 8)}`;
+    const deadline = Date.now() + LOCK_WAIT_MS;
+    let locked: ContainerRecord;
+    for (;;) {
+      const current = await this.opts.store.get<ContainerRecord>(containerKey(name));
+      if (!current) throw new NotFoundError(`unknown container "${name}": see \`chipmunk ps\` for the containers of this cluster`, { name });
+      const record = current.value;
+      if (record.migration) throw new MigrationInProgressError(name, record.migration.id);
+      // A failover does not wait for a checkpoint of a dead node's container: that one can only fail.
+      if (!record.busy || (operation === 'failover' && record.busy.operation === 'checkpoint')) {
+        if (operation !== 'failover' && record.status !== 'running') {
+          throw new InvalidInputError(`container ${name} is ${record.status}: only running containers can be checkpointed or restored`, { name, status: record.status });
+        }
+        locked = { ...record, busy: { id: lockId, operation } };
+        const res = await this.opts.store.txn({ compare: [{ key: containerKey(name), modRevision: current.modRevision }], ops: [{ type: 'put', key: containerKey(name), value: locked }] });
+        if (res.succeeded) break;
+        continue;
+      }
+      if (Date.now() > deadline) {
+        throw new ConflictError(`container ${name} is busy (${record.busy.operation} ${record.busy.id}); try again when it ends`, { name, busy: record.busy });
+      }
+      await new Promise((resolve) => setTimeout(resolve, 100));
+    }
+    try {
+      return await fn(locked, lockId);
+    } finally {
+      await this.unlock(name, lockId).catch((err: unknown) => this.opts.log.error({ err: toChipmunkError(err).toJSON() }, `could not release the lock ${lockId} of ${name}`));
+    }
+  }
+
+  /** Writes the record of a container this operation holds, keeping the lock. */
+  async saveRecord(name: string, lockId: string, record: ContainerRecord): Promise<void> {
+    await this.mutateLocked(name, lockId, () => ({ ...record, busy: { id: lockId, operation: record.busy?.operation ?? 'restore' } }));
+  }
+
+  private async unlock(name: string, lockId: string): Promise<void> {
+    await this.mutateLocked(name, lockId, (record) => {
+      const { busy: _released, ...rest } = record;
+      return rest;
+    });
+  }
+
+  private async mutateLocked(name: string, lockId: string, change: (record: ContainerRecord) => ContainerRecord): Promise<void> {
+    for (;;) {
+      const current = await this.opts.store.get<ContainerRecord>(containerKey(name));
+      if (!current || current.value.busy?.id !== lockId) return;
+      const res = await this.opts.store.txn({ compare: [{ key: containerKey(name), modRevision: current.modRevision }], ops: [{ type: 'put', key: containerKey(name), value: change(current.value) }] });
+      if (res.succeeded) return;
+    }
+  }
+
+  private async updateRecord(name: string, change: (record: ContainerRecord) => ContainerRecord): Promise<void> {
+    for (;;) {
+      const current = await this.opts.store.get<ContainerRecord>(containerKey(name));
+      if (!current) throw new NotFoundError(`unknown container "${name}": see \`chipmunk ps\` for the containers of this cluster`, { name });
+      const res = await this.opts.store.txn({ compare: [{ key: containerKey(name), modRevision: current.modRevision }], ops: [{ type: 'put', key: containerKey(name), value: change(current.value) }] });
+      if (res.succeeded) return;
+    }
+  }
+}
