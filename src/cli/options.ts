@@ -64,6 +64,13 @@ export function parseCheckpointInterval(value: string): number {
   return ms;
 }
 
+/** Node leases: short enough to fail over fast, long enough for a few heartbeats (a quarter of it each). */
+export function parseNodeLease(value: string): number {
+  const ms = asUsage(() => parseDuration(value, 'node lease'));
+  if (ms < 400) throw new UsageError(`bad node lease '${value}': at least 400ms (agents heartbeat every quarter of it)`, { value });
+  return ms;
+}
+
 export interface ListenAddress {
   host: string;
   port: number;

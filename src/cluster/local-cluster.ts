@@ -82,6 +82,8 @@ export interface LocalClusterDirs {
 
 export interface ClusterUpOptions extends LocalClusterDirs {
   nodes: number;
+  /** The controller's node lease: how soon a killed node is declared dead and its protected containers fail over. */
+  nodeLeaseMs?: number;
   /** Start-up steps, for the operator ("starting agent node2"). */
   onProgress?: (message: string) => void;
 }
@@ -246,6 +248,8 @@ export async function clusterUp(opts: ClusterUpOptions): Promise<ClusterUpResult
     [
       CHIPMUNK_BIN, 'controller', '--listen', controllerListen, '--store', `sqlite:${join(stateDir, 'controller.db')}`, '--token-file', tokenFile,
       '--gateway', `http://${gatewayApi}`, '--gateway-host', LOCAL_GATEWAY_HOST,
+      '--checkpoint-dir', join(stateDir, 'checkpoints'),
+      ...(opts.nodeLeaseMs !== undefined ? ['--node-lease', `${opts.nodeLeaseMs}ms`] : []),
     ],
     controllerLog,
   );
@@ -441,6 +445,8 @@ export async function clusterDown(dirs: LocalClusterDirs = {}): Promise<ClusterD
   if (!wasUp) return { wasUp: false, warnings: [] };
 
   const warnings: string[] = [];
+  // The controller goes first: stopped agents look like dead nodes, and it would fail their containers over.
+  if (state) await stopDaemon(state.controllerPid, ['controller']);
   for (const name of nodeNames) {
     const agentPid = state?.nodes.find((n) => n.name === name)?.agentPid;
     if (agentPid !== undefined) await stopDaemon(agentPid, ['agent', name]);
@@ -452,7 +458,6 @@ export async function clusterDown(dirs: LocalClusterDirs = {}): Promise<ClusterD
     for (const netns of containerNetns) await deleteNetns(netns);
     await deleteTestHost(LOCAL_NETWORK, name);
   }
-  if (state) await stopDaemon(state.controllerPid, ['controller']);
   if (state?.gatewayPid !== undefined) await stopDaemon(state.gatewayPid, ['gateway']);
 
   const podman = await runUnchecked('podman', ['image', 'unmount', '--all']).catch((err: Error) => ({ code: 1, stderr: err.message }));

@@ -13,9 +13,9 @@
  */
 import { randomUUID } from 'node:crypto';
 import type { Logger } from 'pino';
-import { ChipmunkError, ConflictError, InvalidInputError, MigrationInProgressError, NotFoundError, toChipmunkError } from '../shared/errors.js';
+import { ConflictError, UnavailableError, InvalidInputError, MigrationInProgressError, NotFoundError, toChipmunkError } from '../shared/errors.js';
 import type { ContainerView, ProtectionPolicy } from '../shared/protocol.js';
-import type { CheckpointInfo } from '../checkpoint-store/index.js';
+import type { CheckpointInfo, CheckpointSummary } from '../checkpoint-store/index.js';
 import { containerKey, type AgentResolver, type BusyOperation, type ContainerRecord } from './containers.js';
 import type { NodeRegistry } from './registry.js';
 import type { StateStore } from './store/index.js';
@@ -41,14 +41,14 @@ export interface LoggedTraffic {
 /** What the controller needs of the checkpoint store (in process). */
 export interface CheckpointCatalog {
   /** Newest first. */
-  list(container: string): Promise<CheckpointInfo[]>;
+  list(container: string): Promise<CheckpointSummary[]>;
   forget(container: string): Promise<void>;
 }
 
-export interface CheckpointResult extends CheckpointInfo {
+export type CheckpointResult = CheckpointInfo & {
   /** How long the container was frozen for it. */
   frozenMs: number;
-}
+};
 
 export interface CheckpointServiceOptions {
   store: StateStore;
@@ -56,8 +56,8 @@ export interface CheckpointServiceOptions {
   agentFor: AgentResolver;
   traffic: LoggedTraffic;
   catalog: CheckpointCatalog;
-  /** Where agents reach the checkpoint store. */
-  storeUrl: string;
+  /** Where agents reach the checkpoint store (known once the controller listens). */
+  storeUrl: () => string;
   log: Logger;
 }
 
@@ -154,7 +154,7 @@ export class CheckpointService {
     const base = { migrationId: opId, mode: 'copy' as const, spec: record.spec, generation, source: imageSource };
     try {
       await agent.prepare(opId, base);
-      const restored = await agent.restore(opId, { ...base, checkpoint: { storeUrl: this.opts.storeUrl, id: checkpointId } });
+      const restored = await agent.restore(opId, { ...base, checkpoint: { storeUrl: this.opts.storeUrl(), id: checkpointId } });
       await agent.settle(opId).catch(() => undefined);
       const running = restored.container;
       return { ...record, node: node.name, status: running.status, generation: running.generation, ...(running.ip ? { ip: running.ip } : {}) };
@@ -164,8 +164,22 @@ export class CheckpointService {
     }
   }
 
+  /**
+   * The next scheduler tick checkpoints it (if protected): after its route started logging, the
+   * newest checkpoint must be one cut at a log position.
+   */
+  expedite(name: string): void {
+    this.lastAttempt.delete(name);
+  }
+
+  /** Drops every checkpoint of a removed container. */
+  async forget(name: string): Promise<void> {
+    await this.opts.catalog.forget(name);
+    this.lastAttempt.delete(name);
+  }
+
   /** Checkpoints of the container, newest first, from the store. */
-  list(name: string): Promise<CheckpointInfo[]> {
+  list(name: string): Promise<CheckpointSummary[]> {
     return this.opts.catalog.list(name);
   }
 
@@ -205,7 +219,7 @@ export class CheckpointService {
     try {
       return await agent.uploadSnapshot(snapshotId, {
         container: record.spec.name,
-        storeUrl: this.opts.storeUrl,
+        storeUrl: this.opts.storeUrl(),
         logPosition,
         metadata: { spec: record.spec, generation: record.generation, node: record.node, reason },
       });
@@ -245,7 +259,7 @@ export class CheckpointService {
   private async imageSourceFor(target: string): Promise<{ node: string; url: string }> {
     const ready = await this.opts.nodes.listReady();
     const other = ready.find((n) => n.name !== target) ?? ready.find((n) => n.name === target);
-    if (!other) throw new ChipmunkError('CHIPMUNK_UNAVAILABLE', 'no node is ready', { status: 503 });
+    if (!other) throw new UnavailableError('no node is ready to supply the image: start an agent, and see `chipmunk node ls`');
     return { node: other.name, url: other.url };
   }
 

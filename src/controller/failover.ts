@@ -11,7 +11,7 @@
  */
 import { randomUUID } from 'node:crypto';
 import type { Logger } from 'pino';
-import { ChipmunkError, toChipmunkError, type ErrorJSON } from '../shared/errors.js';
+import { ConflictError, FailoverFailedError, toChipmunkError, type ErrorJSON } from '../shared/errors.js';
 import type { FencedContainer } from '../shared/protocol.js';
 import type { CheckpointCatalog, CheckpointService, LoggedTraffic } from './checkpoints.js';
 import type { ContainerRecord } from './containers.js';
@@ -109,19 +109,23 @@ export class FailoverService {
   }
 
   private async run(name: string, deadNode: string, detectedAt: number): Promise<FailoverRecord> {
-    const { checkpoints, catalog, traffic, nodes, log } = this.opts;
+    const { checkpoints, catalog, traffic, log } = this.opts;
     const record: FailoverRecord = { id: `failover-${randomUUID().slice(0, 8)}`, name, from: deadNode, skipped: [], detectedAt, outcome: 'running' };
     await this.save(record);
     try {
       return await checkpoints.withLock(name, 'failover', async (container, lockId) => {
-        if (container.node !== deadNode) throw new ChipmunkError('CHIPMUNK_CONFLICT', `${name} no longer runs on ${deadNode} (it is on ${container.node})`, { status: 409 });
+        if (container.node !== deadNode) throw new ConflictError(`${name} no longer runs on ${deadNode} (it is on ${container.node})`, { name });
         const held = await traffic.holdNow(name, lockId);
         let current = container;
         try {
-          const good = (await catalog.list(name)).filter((c) => !c.corrupt);
-          if (good.length === 0) throw new ChipmunkError('CHIPMUNK_NO_CHECKPOINT', `${name} has no checkpoint to restore from: it stays down until ${deadNode} returns`, { status: 409 });
+          const intact = (await catalog.list(name)).filter((c) => !c.corrupt);
+          // Checkpoints cut at a log position come with the requests after them; one taken before
+          // the route logged would lose those, so it is used only when there is nothing else.
+          const cut = intact.filter((c) => c.logPosition !== null);
+          const good = cut.length > 0 ? cut : intact;
+          if (good.length === 0) throw new FailoverFailedError(`${name} has no checkpoint to restore from: it stays down until ${deadNode} returns`, { name, from: deadNode });
           const targets = await this.targetsFor(deadNode);
-          if (targets.length === 0) throw new ChipmunkError('CHIPMUNK_UNAVAILABLE', `no ready node to restore ${name} on`, { status: 503 });
+          if (targets.length === 0) throw new FailoverFailedError(`no ready node to restore ${name} on: it stays down until a node is ready`, { name, from: deadNode });
           let attempt = 0;
           for (const candidate of good) {
             const target = targets[attempt % targets.length]!;
@@ -141,7 +145,7 @@ export class FailoverService {
               await this.save(record);
             }
           }
-          if (!record.to) throw new ChipmunkError('CHIPMUNK_FAILOVER_FAILED', `no checkpoint of ${name} could be restored: ${record.skipped.map((s) => `${s.checkpoint}: ${s.reason}`).join('; ')}`, { status: 500 });
+          if (!record.to) throw new FailoverFailedError(`no checkpoint of ${name} could be restored: ${record.skipped.map((s) => `${s.checkpoint}: ${s.reason}`).join('; ')}`, { name, from: deadNode, skipped: record.skipped });
           // From here the new incarnation is the container: fence the old one, then record the move.
           await this.opts.store.put(fenceKey(deadNode, name), { name, generation: current.generation } satisfies FencedContainer);
           await this.opts.store.delete(fenceKey(record.to, name));

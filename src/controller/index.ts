@@ -10,7 +10,10 @@ import { InvalidInputError } from '../shared/errors.js';
 import { HttpAgentApi } from './agent-client.js';
 import { ContainerService, type AgentResolver } from './containers.js';
 import { MigrationOrchestrator } from './migration.js';
-import { NodeRegistry } from './registry.js';
+import { CheckpointStore } from '../checkpoint-store/index.js';
+import { CheckpointService, type CheckpointCatalog } from './checkpoints.js';
+import { FailoverService } from './failover.js';
+import { DEFAULT_NODE_READY_WITHIN_MS, NodeRegistry } from './registry.js';
 import { RouteService } from './routes.js';
 import { buildControllerServer } from './server.js';
 import { openStore } from './store/index.js';
@@ -34,7 +37,15 @@ export interface ControllerOptions {
   nodeReadyWithinMs?: number;
   /** The gateway, when exposed services go through one: its API, and where clients reach it. */
   gateway?: { url: string; publicHost?: string };
+  /** Where the checkpoint store keeps its chunks and index (on this, the controller's, host). */
+  checkpointDir?: string;
+  /** Checkpoints kept per container. */
+  keepCheckpoints?: number;
+  /** How agents reach this controller (and its checkpoint store); the listen address by default. */
+  advertiseUrl?: string;
 }
+
+export const DEFAULT_CHECKPOINT_DIR = '/var/lib/chipmunk/checkpoints';
 
 export interface RunningController {
   url: string;
@@ -48,7 +59,8 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
   const store = await openStore(storeSpec);
 
   const agentFor: AgentResolver = opts.agentFactory ?? ((node) => new HttpAgentApi({ node: node.name, url: node.url, token: opts.token }));
-  const nodes = new NodeRegistry(store, opts.nodeReadyWithinMs);
+  const nodeLeaseMs = opts.nodeReadyWithinMs ?? DEFAULT_NODE_READY_WITHIN_MS;
+  const nodes = new NodeRegistry(store, nodeLeaseMs);
   const containers = new ContainerService(store, nodes, agentFor);
   const routes = new RouteService(
     store,
@@ -57,7 +69,27 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
     opts.gateway ? { ...opts.gateway, token: opts.token } : undefined,
   );
   const migrations = new MigrationOrchestrator({ store, nodes, agentFor, log: logger, traffic: routes });
-  const app = buildControllerServer({ token: opts.token, logger, nodes, containers, migrations, routes });
+  const checkpointStore = await CheckpointStore.open({ root: opts.checkpointDir ?? DEFAULT_CHECKPOINT_DIR, keep: opts.keepCheckpoints, logger });
+  const catalog: CheckpointCatalog = {
+    list: async (container) => checkpointStore.list(container),
+    forget: async (container) => void (await checkpointStore.forget(container)),
+  };
+  // Agents upload to the store through this URL: known once listening, when no advertised URL was given.
+  let storeUrl = opts.advertiseUrl ?? '';
+  const checkpoints = new CheckpointService({ store, nodes, agentFor, traffic: routes, catalog, storeUrl: () => storeUrl, log: logger });
+  const failovers = new FailoverService({ store, nodes, checkpoints, catalog, traffic: routes, log: logger });
+  const app = buildControllerServer({
+    token: opts.token,
+    logger,
+    nodes,
+    containers,
+    migrations,
+    routes,
+    checkpoints,
+    failovers,
+    checkpointStore,
+    heartbeatMs: Math.max(100, Math.floor(nodeLeaseMs / 4)),
+  });
   try {
     // Before the API opens, so no new migration meets a container still locked by an interrupted one.
     await migrations.resolveInterrupted();
@@ -69,19 +101,26 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
     });
   } catch (err) {
     await app.close();
+    await checkpointStore.close();
     await store.close();
     throw err;
   }
 
   const address = app.server.address() as AddressInfo;
   const host = address.family === 'IPv6' ? `[${address.address}]` : address.address;
+  storeUrl ||= `http://${host}:${address.port}`;
   routes.start();
+  checkpoints.start();
+  await failovers.start();
   logger.info({ store: storeSpec }, `controller listening on http://${host}:${address.port}`);
   return {
     url: `http://${host}:${address.port}`,
     close: async () => {
       routes.stop();
+      checkpoints.stop();
+      failovers.stop();
       await app.close();
+      await checkpointStore.close();
       await store.close();
     },
   };

@@ -24,7 +24,7 @@ import {
   RestoreFromRequest,
   RunRequest,
 } from '../shared/protocol.js';
-import { CheckpointInfo } from '../checkpoint-store/index.js';
+import { CheckpointInfo, CheckpointSummary, checkpointStoreRoutes, type CheckpointStore } from '../checkpoint-store/index.js';
 import type { CheckpointService } from './checkpoints.js';
 import type { ContainerService } from './containers.js';
 import type { FailoverService } from './failover.js';
@@ -41,6 +41,8 @@ export interface ControllerServerOptions {
   routes: RouteService;
   checkpoints: CheckpointService;
   failovers: FailoverService;
+  /** The checkpoint store, served on this API for agents (uploads, downloads) and the CLI (files, diff). */
+  checkpointStore: CheckpointStore;
   /** How often agents should heartbeat (a fraction of the node lease). */
   heartbeatMs: number;
 }
@@ -90,9 +92,11 @@ export function buildControllerServer(opts: ControllerServerOptions): FastifyIns
     return (await containers.list()).map((c) => ({ ...c, endpoints: endpoints.get(c.name) ?? [] }));
   });
 
-  app.post('/v1/containers/:name/expose', { schema: { params: ContainerParams, body: ExposeRequest, response: { 200: ExposedRoute } } }, async (req) =>
-    opts.routes.expose(req.params.name, req.body),
-  );
+  app.post('/v1/containers/:name/expose', { schema: { params: ContainerParams, body: ExposeRequest, response: { 200: ExposedRoute } } }, async (req) => {
+    const route = await opts.routes.expose(req.params.name, req.body);
+    checkpoints.expedite(req.params.name);
+    return route;
+  });
 
   app.delete('/v1/containers/:name/expose', { schema: { params: ContainerParams } }, async (req, reply) => {
     await opts.routes.unexpose(req.params.name);
@@ -114,6 +118,8 @@ export function buildControllerServer(opts: ControllerServerOptions): FastifyIns
 
   app.delete('/v1/containers/:name', { schema: { params: ContainerParams } }, async (req, reply) => {
     await containers.remove(req.params.name);
+    // A later container of the same name must never be restored from this one's checkpoints.
+    await checkpoints.forget(req.params.name);
     return reply.code(204).send();
   });
 
@@ -138,7 +144,7 @@ export function buildControllerServer(opts: ControllerServerOptions): FastifyIns
     checkpoints.checkpoint(req.params.name),
   );
 
-  app.get('/v1/containers/:name/checkpoints', { schema: { params: ContainerParams, response: { 200: Type.Array(CheckpointInfo) } } }, async (req) => {
+  app.get('/v1/containers/:name/checkpoints', { schema: { params: ContainerParams, response: { 200: Type.Array(CheckpointSummary) } } }, async (req) => {
     await containers.require(req.params.name);
     return checkpoints.list(req.params.name);
   });
@@ -157,6 +163,8 @@ export function buildControllerServer(opts: ControllerServerOptions): FastifyIns
   );
 
   app.get('/v1/failovers', async () => failovers.list());
+
+  void base.register(checkpointStoreRoutes(opts.checkpointStore));
 
   return base;
 }

@@ -15,6 +15,7 @@ export type ErrorCode =
   | 'CHIPMUNK_RUNTIME_FAILED'
   | 'CHIPMUNK_MIGRATION_FAILED'
   | 'CHIPMUNK_MIGRATION_IN_PROGRESS'
+  | 'CHIPMUNK_FAILOVER_FAILED'
   | 'CHIPMUNK_TRANSFER_FAILED'
   | 'CHIPMUNK_STORE_CONFLICT'
   | 'CHIPMUNK_STORE_FAILED'
@@ -100,6 +101,13 @@ export class MigrationFailedError extends ChipmunkError {
   }
 }
 
+/** A protected container could not be restored elsewhere after its node died. */
+export class FailoverFailedError extends ChipmunkError {
+  constructor(message: string, details: { name: string; from: string; [k: string]: unknown }, cause?: unknown) {
+    super('CHIPMUNK_FAILOVER_FAILED', message, { status: 500, details, cause });
+  }
+}
+
 export class MigrationInProgressError extends ChipmunkError {
   constructor(name: string, migrationId: string) {
     super('CHIPMUNK_MIGRATION_IN_PROGRESS', `container ${name} is already being migrated (migration ${migrationId}); wait for it to finish`, {
@@ -141,6 +149,7 @@ const byCode: Partial<Record<ErrorCode, (m: string, d: Record<string, unknown>) 
   CHIPMUNK_RUNTIME_FAILED: (m, d) => new RuntimeFailedError(m, { op: String(d.op ?? 'unknown'), ...d }),
   CHIPMUNK_MIGRATION_FAILED: (m, d) => new MigrationFailedError(m, { phase: (d.phase as MigrationPhase) ?? 'prepare', node: String(d.node ?? ''), ...d }),
   CHIPMUNK_TRANSFER_FAILED: (m, d) => new TransferFailedError(m, d),
+  CHIPMUNK_FAILOVER_FAILED: (m, d) => new FailoverFailedError(m, { name: String(d.name ?? ''), from: String(d.from ?? ''), ...d }),
 };
 
 /** Rebuilds our error class from its wire form (HTTP client side). */

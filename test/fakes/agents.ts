@@ -16,8 +16,13 @@ import type {
   RestoreRequest,
   RestoreResult,
   SettleResult,
+  SnapshotRequest,
+  SnapshotResult,
   TransferProgress,
+  UploadSnapshotRequest,
 } from '../../src/shared/protocol.js';
+import type { CheckpointInfo, CheckpointSummary } from '../../src/checkpoint-store/index.js';
+import type { CheckpointCatalog } from '../../src/controller/checkpoints.js';
 import type { AgentApi, LogsOptions } from '../../src/controller/agent-client.js';
 import type { AgentResolver } from '../../src/controller/containers.js';
 
@@ -37,9 +42,34 @@ interface Checkpoint {
   bytes: number;
 }
 
+/** The checkpoint store as the fake agents upload to it and restore from it. */
+export class FakeCheckpointCatalog implements CheckpointCatalog {
+  readonly checkpoints = new Map<string, CheckpointInfo[]>();
+  private next = 1;
+
+  add(container: string, logPosition: number | null): CheckpointInfo {
+    const info: CheckpointInfo = { id: (this.next++).toString(16).padStart(16, '0'), container, time: Date.now(), logicalBytes: 4096, newBytes: 4096, logPosition, parts: [] };
+    this.checkpoints.set(container, [info, ...(this.checkpoints.get(container) ?? [])]);
+    return info;
+  }
+
+  find(container: string, id: string): CheckpointInfo | undefined {
+    return this.checkpoints.get(container)?.find((c) => c.id === id);
+  }
+
+  async list(container: string): Promise<CheckpointSummary[]> {
+    return structuredClone(this.checkpoints.get(container) ?? []);
+  }
+
+  async forget(container: string): Promise<void> {
+    this.checkpoints.delete(container);
+  }
+}
+
 export class FakeCluster {
   /** Every agent call, in order: "node1.checkpoint". */
   readonly calls: string[] = [];
+  readonly catalog = new FakeCheckpointCatalog();
   private readonly agents = new Map<string, FakeAgent>();
 
   add(name: string, opts: { lazyMigration?: boolean } = {}): FakeAgent {
@@ -70,6 +100,8 @@ export class FakeAgent implements AgentApi {
   readonly containers = new Map<string, AgentContainer>();
   readonly checkpointRequests: CheckpointRequest[] = [];
   readonly checkpoints = new Map<string, Checkpoint>();
+  /** Snapshots taken and not discarded: id -> container name. */
+  readonly snapshots = new Map<string, string>();
   private readonly restoredBy = new Map<string, string>();
   private readonly failures = new Map<AgentMethod, InjectedFailure>();
   private readonly gates = new Map<AgentMethod, Promise<void>>();
@@ -179,6 +211,13 @@ export class FakeAgent implements AgentApi {
 
   restore(migrationId: string, req: RestoreRequest): Promise<RestoreResult> {
     return this.step('restore', () => {
+      if (req.checkpoint) {
+        const stored = this.cluster.catalog.find(req.spec.name, req.checkpoint.id);
+        if (!stored || stored.corrupt) throw new TransferFailedError(`checkpoint ${req.checkpoint.id} of ${req.spec.name} cannot be read from the store`);
+        const container = this.start(req.spec, req.generation);
+        this.restoredBy.set(migrationId, req.spec.name);
+        return { container, bytesTransferred: stored.logicalBytes, restoredAt: Date.now() };
+      }
       const checkpoint = this.cluster.agent(req.source.node).checkpoints.get(migrationId);
       if (!checkpoint) throw new TransferFailedError(`no checkpoint ${migrationId} on ${req.source.node}`);
       const container = this.start(req.spec, req.generation);
@@ -233,6 +272,28 @@ export class FakeAgent implements AgentApi {
       const name = this.restoredBy.get(migrationId);
       if (name !== undefined) this.containers.delete(name);
       this.restoredBy.delete(migrationId);
+    });
+  }
+
+  snapshot(name: string, req: SnapshotRequest): Promise<SnapshotResult> {
+    return this.step('snapshot', () => {
+      const container = this.require(name);
+      if (container.status !== 'running') throw new ConflictError(`${name} is ${container.status} on ${this.node}`);
+      this.snapshots.set(req.snapshotId, name);
+      return { snapshotId: req.snapshotId, frozenMs: 1, imageBytes: 4000, filesBytes: 96 };
+    });
+  }
+
+  uploadSnapshot(snapshotId: string, req: UploadSnapshotRequest): Promise<CheckpointInfo> {
+    return this.step('uploadSnapshot', () => {
+      if (!this.snapshots.has(snapshotId)) throw new NotFoundError(`no snapshot ${snapshotId} on ${this.node}`);
+      return this.cluster.catalog.add(req.container, req.logPosition);
+    });
+  }
+
+  discardSnapshot(snapshotId: string): Promise<void> {
+    return this.step('discardSnapshot', () => {
+      this.snapshots.delete(snapshotId);
     });
   }
 

@@ -5,7 +5,8 @@
 import assert from 'node:assert/strict';
 import { connect } from 'node:net';
 import { after, before, describe, it } from 'node:test';
-import { Agent, request } from 'undici';
+import { request } from 'undici';
+import { steadyIncrements } from '../support/clients.js';
 import { cli, cliFails, cliOk, ps, startLocalCluster, stopLocalCluster, waitFor } from '../support/local-cluster.js';
 
 const GATEWAY = '127.0.0.1';
@@ -19,42 +20,6 @@ before(async () => {
 after(async () => {
   await stopLocalCluster();
 }, { timeout: 120_000 });
-
-/** Sends POST /increment through the gateway from `workers` clients until stopped (bounded). */
-function steadyIncrements(workers: number, maxMs: number) {
-  const agent = new Agent({ keepAliveTimeout: 10_000 });
-  let stop = false;
-  const stats = { ok: 0, failed: 0, errors: [] as string[], maxLatencyMs: 0 };
-  const deadline = setTimeout(() => (stop = true), maxMs);
-  const loops = Array.from({ length: workers }, async () => {
-    while (!stop) {
-      const t = Date.now();
-      try {
-        const res = await request(`http://${GATEWAY}:${HTTP_PORT}/increment`, { method: 'POST', dispatcher: agent, headersTimeout: 60_000 });
-        const body = await res.body.text();
-        if (res.statusCode === 200) stats.ok++;
-        else {
-          stats.failed++;
-          stats.errors.push(`${res.statusCode} ${body.slice(0, 200)}`);
-        }
-      } catch (err) {
-        stats.failed++;
-        stats.errors.push(String((err as Error).message));
-      }
-      stats.maxLatencyMs = Math.max(stats.maxLatencyMs, Date.now() - t);
-    }
-  });
-  return {
-    stats,
-    async stop() {
-      stop = true;
-      clearTimeout(deadline);
-      await Promise.all(loops);
-      await agent.close();
-      return stats;
-    },
-  };
-}
 
 /** One short TCP exchange through the gateway: connect, send a line, read the echo, close. */
 function echoOnce(line: string): Promise<string> {
@@ -88,7 +53,7 @@ describe('gateway', { timeout: 600_000 }, () => {
       return res?.statusCode === 200;
     }, 30_000, 'counter answers through the gateway');
 
-    const client = steadyIncrements(2, 120_000);
+    const client = steadyIncrements(`http://${GATEWAY}:${HTTP_PORT}`, 2, 120_000);
     await new Promise((r) => setTimeout(r, 1_000));
     await cliOk(['migrate', 'counter', '--to', 'node2', '--mode', 'lazy'], { timeoutMs: 120_000 });
     await new Promise((r) => setTimeout(r, 1_000));

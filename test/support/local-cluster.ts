@@ -170,12 +170,13 @@ export function useLocalCluster(opts: { nodes?: number } = {}): () => LocalClust
   return localCluster;
 }
 
-export async function startLocalCluster(nodes: number): Promise<LocalCluster> {
+export async function startLocalCluster(nodes: number, opts: { nodeLeaseMs?: number } = {}): Promise<LocalCluster> {
   // A cluster left by a crashed or interrupted run (or by hand) would be reused as it is, with
   // its containers and possibly without fault injection: always start from nothing.
   await stopLocalCluster();
   await ensureTestImages();
-  const up = await cli<LocalClusterState>(['cluster', 'up', '--nodes', String(nodes)], {
+  const lease = opts.nodeLeaseMs !== undefined ? ['--node-lease', `${opts.nodeLeaseMs}ms`] : [];
+  const up = await cli<LocalClusterState>(['cluster', 'up', '--nodes', String(nodes), ...lease], {
     env: { CHIPMUNK_ENABLE_FAULTS: '1' },
     timeoutMs: CLUSTER_UP_TIMEOUT_MS,
   });

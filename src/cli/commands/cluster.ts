@@ -3,7 +3,7 @@ import type { Command } from 'commander';
 
 import { clusterDown, clusterKill, clusterRevive, clusterUp, type LocalClusterState } from '../../cluster/index.js';
 import { localClusterStateDir } from '../context.js';
-import { addJsonOption, parseNodeName, parsePositiveInt } from '../options.js';
+import { addJsonOption, parseNodeLease, parseNodeName, parsePositiveInt } from '../options.js';
 import { printJson, renderTable } from '../output.js';
 
 const DEFAULT_NODES = 2;
@@ -20,10 +20,12 @@ export function registerClusterCommands(program: Command): void {
     cluster
       .command('up')
       .description('start a controller and N agents, each agent in its own test host (network namespace)')
-      .option('--nodes <n>', 'number of nodes', parsePositiveInt, DEFAULT_NODES),
-  ).action(async (opts: { nodes: number; json?: boolean }) => {
+      .option('--nodes <n>', 'number of nodes', parsePositiveInt, DEFAULT_NODES)
+      .option('--node-lease <duration>', 'how long a node may miss heartbeats before it is dead and its protected containers fail over (default 5s)', parseNodeLease),
+  ).action(async (opts: { nodes: number; nodeLease?: number; json?: boolean }) => {
     const { state, alreadyUp } = await clusterUp({
       nodes: opts.nodes,
+      ...(opts.nodeLease !== undefined ? { nodeLeaseMs: opts.nodeLease } : {}),
       stateDir: localClusterStateDir(),
       onProgress: opts.json ? undefined : (message) => process.stderr.write(`${message}\n`),
     });

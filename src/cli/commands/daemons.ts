@@ -6,11 +6,12 @@ import type { Command } from 'commander';
 import pino from 'pino';
 
 import { daemonToken } from '../context.js';
-import { addJsonOption, parseIPv4Cidr, parseListen, parseNodeName, parsePositiveInt, parseUrl, type ListenAddress } from '../options.js';
+import { addJsonOption, parseIPv4Cidr, parseListen, parseNodeLease, parseNodeName, parsePositiveInt, parseUrl, type ListenAddress } from '../options.js';
 import { printJson } from '../output.js';
 
 const DEFAULT_CONTROLLER_LISTEN = '127.0.0.1:7400';
 const DEFAULT_STORE = 'sqlite:/var/lib/chipmunk/controller.db';
+const DEFAULT_CHECKPOINT_DIR = '/var/lib/chipmunk/checkpoints';
 const DEFAULT_GATEWAY_API = '127.0.0.1:7402';
 const DEFAULT_GATEWAY_ROUTE_HOST = '0.0.0.0';
 const DEFAULT_GATEWAY_STATE = '/var/lib/chipmunk/gateway/routes.json';
@@ -49,6 +50,10 @@ interface ControllerOptions {
   tokenFile?: string;
   gateway?: string;
   gatewayHost?: string;
+  advertiseUrl?: string;
+  checkpointDir: string;
+  keepCheckpoints: number;
+  nodeLease: number;
   json?: boolean;
 }
 
@@ -83,7 +88,11 @@ export function registerDaemonCommands(program: Command): void {
       .option('--store <spec>', 'state store: sqlite:/path/to/file.db or memory:', DEFAULT_STORE)
       .option('--token-file <file>', 'file holding the cluster token (default: $CHIPMUNK_TOKEN)')
       .option('--gateway <url>', "the gateway's API, for exposed services", parseUrl)
-      .option('--gateway-host <address>', 'where clients reach the gateway (shown by ps)'),
+      .option('--gateway-host <address>', 'where clients reach the gateway (shown by ps)')
+      .option('--advertise-url <url>', 'how agents reach this controller and its checkpoint store (default: the listen address)', parseUrl)
+      .option('--checkpoint-dir <dir>', 'where the checkpoint store keeps chunks and index', DEFAULT_CHECKPOINT_DIR)
+      .option('--keep-checkpoints <n>', 'checkpoints kept per container', parsePositiveInt, 5)
+      .option('--node-lease <duration>', 'a node that has not heartbeated for this long is dead: its protected containers fail over', parseNodeLease, 5000),
   ).action(async (opts: ControllerOptions) => {
     const token = await daemonToken(opts.tokenFile);
     // Loaded only here: the other commands need neither fastify nor the store.
@@ -96,6 +105,10 @@ export function registerDaemonCommands(program: Command): void {
       storeSpec: opts.store,
       logger,
       ...(opts.gateway ? { gateway: { url: opts.gateway, publicHost: opts.gatewayHost } } : {}),
+      ...(opts.advertiseUrl ? { advertiseUrl: opts.advertiseUrl } : {}),
+      checkpointDir: opts.checkpointDir,
+      keepCheckpoints: opts.keepCheckpoints,
+      nodeReadyWithinMs: opts.nodeLease,
     });
     await serveUntilStopped(opts.json, 'controller', controller);
   });

@@ -21,6 +21,7 @@ interface CheckpointRow {
 
 interface DirListing {
   type: 'dir';
+  /** mtime in seconds since the epoch, as tar keeps it. */
   entries: Array<{ name: string; type: string; size: number; mode: number; mtime: number }>;
 }
 
@@ -91,7 +92,7 @@ export function registerProtectionCommands(program: Command): void {
       printJson(listing);
       return;
     }
-    const rows = listing.entries.map((e) => [`${(e.mode & 0o7777).toString(8).padStart(4, '0')}`, e.type, e.type === 'file' ? String(e.size) : '', new Date(e.mtime).toISOString(), e.name]);
+    const rows = listing.entries.map((e) => [`${(e.mode & 0o7777).toString(8).padStart(4, '0')}`, e.type, e.type === 'file' ? String(e.size) : '', new Date(e.mtime * 1000).toISOString(), e.name]);
     process.stdout.write(`${renderTable(['MODE', 'TYPE', 'SIZE', 'MODIFIED', 'NAME'], rows)}\n`);
   });
 

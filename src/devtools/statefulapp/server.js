@@ -2,7 +2,7 @@
 // memory with a verifiable pattern) and on disk (a log file), so a migration can be checked
 // for losing any of it. Standard library only: it runs from a bare image with just node.
 import { createHash } from 'node:crypto';
-import { appendFileSync, mkdirSync, readFileSync } from 'node:fs';
+import { appendFileSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer } from 'node:http';
 import { hostname } from 'node:os';
 import { join } from 'node:path';
@@ -71,6 +71,16 @@ function logLineCount() {
   }
 }
 
+/** ?name=: a plain file name in DATA_DIR (no slashes), or a 400 answer. */
+function fileName(url, res) {
+  const name = url.searchParams.get('name') ?? '';
+  if (!/^[A-Za-z0-9._-]{1,64}$/.test(name) || name.startsWith('.')) {
+    sendJSON(res, 400, { error: 'name must be a plain file name' });
+    return undefined;
+  }
+  return name;
+}
+
 function sendJSON(res, status, body) {
   res.writeHead(status, { 'content-type': 'application/json' });
   res.end(JSON.stringify(body));
@@ -87,6 +97,21 @@ const routes = {
   },
 
   'GET /file': (_url, res) => sendJSON(res, 200, { lines: logLineCount() }),
+
+  // Named files in DATA_DIR, for file-version tests: POST writes (or replaces) one, DELETE removes it.
+  'POST /files': (url, res) => {
+    const name = fileName(url, res);
+    if (!name) return;
+    writeFileSync(join(DATA_DIR, name), `${url.searchParams.get('content') ?? ''}\n`);
+    sendJSON(res, 200, { written: name });
+  },
+
+  'DELETE /files': (url, res) => {
+    const name = fileName(url, res);
+    if (!name) return;
+    rmSync(join(DATA_DIR, name), { force: true });
+    sendJSON(res, 200, { removed: name });
+  },
 
   'GET /verify-memory': (_url, res) => {
     const patternOk = memory.every((buffer, i) => matchesPattern(buffer, patternBlock(i, generations[i])));

@@ -1,0 +1,41 @@
+/** Clients that load a service through the gateway in integration tests. */
+import { Agent, request } from 'undici';
+
+/**
+ * Sends POST /increment to `baseUrl` (the gateway) from `workers` clients until stopped, or
+ * for at most `maxMs`: load in tests is bounded. Counts acknowledged (200) and failed requests.
+ */
+export function steadyIncrements(baseUrl: string, workers: number, maxMs: number) {
+  const agent = new Agent({ keepAliveTimeout: 10_000 });
+  let stop = false;
+  const stats = { ok: 0, failed: 0, errors: [] as string[], maxLatencyMs: 0 };
+  const deadline = setTimeout(() => (stop = true), maxMs);
+  const loops = Array.from({ length: workers }, async () => {
+    while (!stop) {
+      const t = Date.now();
+      try {
+        const res = await request(`${baseUrl}/increment`, { method: 'POST', dispatcher: agent, headersTimeout: 60_000 });
+        const body = await res.body.text();
+        if (res.statusCode === 200) stats.ok++;
+        else {
+          stats.failed++;
+          stats.errors.push(`${res.statusCode} ${body.slice(0, 200)}`);
+        }
+      } catch (err) {
+        stats.failed++;
+        stats.errors.push(String((err as Error).message));
+      }
+      stats.maxLatencyMs = Math.max(stats.maxLatencyMs, Date.now() - t);
+    }
+  });
+  return {
+    stats,
+    async stop() {
+      stop = true;
+      clearTimeout(deadline);
+      await Promise.all(loops);
+      await agent.close();
+      return stats;
+    },
+  };
+}
