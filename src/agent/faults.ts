@@ -17,6 +17,8 @@ export const FaultPlan = Type.Object({
   cutTransferAfterBytes: Type.Optional(Type.Integer({ minimum: 0 })),
   /** The target deletes a CRIU image file before restoring, so CRIU's restore fails. */
   corruptImagesBeforeRestore: Type.Optional(Type.Boolean()),
+  /** The agent process exits (as if killed) while uploading a checkpoint: chunks sent, commit not. */
+  dieBeforeCheckpointCommit: Type.Optional(Type.Boolean()),
 });
 export type FaultPlan = Static<typeof FaultPlan>;
 
@@ -36,6 +38,10 @@ export class FaultInjector {
       // An abrupt death: no cleanup, no answer to the pending request.
       process.kill(process.pid, 'SIGKILL');
     }
+  }
+
+  async beforeCheckpointCommit(): Promise<void> {
+    if (this.plan.dieBeforeCheckpointCommit) process.kill(process.pid, 'SIGKILL');
   }
 
   async beforeRestore(imagesDir: string): Promise<void> {

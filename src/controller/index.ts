@@ -89,6 +89,7 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
     failovers,
     checkpointStore,
     heartbeatMs: Math.max(100, Math.floor(nodeLeaseMs / 4)),
+    enableFaults: process.env.CHIPMUNK_ENABLE_FAULTS === '1',
   });
   try {
     // Before the API opens, so no new migration meets a container still locked by an interrupted one.

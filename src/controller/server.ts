@@ -28,6 +28,7 @@ import { CheckpointInfo, CheckpointSummary, checkpointStoreRoutes, type Checkpoi
 import type { CheckpointService } from './checkpoints.js';
 import type { ContainerService } from './containers.js';
 import type { FailoverService } from './failover.js';
+import { registerControllerFaults } from './faults.js';
 import type { MigrationOrchestrator } from './migration.js';
 import type { NodeRegistry } from './registry.js';
 import type { RouteService } from './routes.js';
@@ -45,6 +46,8 @@ export interface ControllerServerOptions {
   checkpointStore: CheckpointStore;
   /** How often agents should heartbeat (a fraction of the node lease). */
   heartbeatMs: number;
+  /** The debug route of src/controller/faults.ts answers (CHIPMUNK_ENABLE_FAULTS=1). */
+  enableFaults?: boolean;
 }
 
 const CheckpointResultView = Type.Composite([CheckpointInfo, Type.Object({ frozenMs: Type.Number() })]);
@@ -165,6 +168,7 @@ export function buildControllerServer(opts: ControllerServerOptions): FastifyIns
   app.get('/v1/failovers', async () => failovers.list());
 
   void base.register(checkpointStoreRoutes(opts.checkpointStore));
+  registerControllerFaults(base, opts.checkpointStore, opts.enableFaults ?? false);
 
   return base;
 }

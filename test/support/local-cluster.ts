@@ -16,7 +16,6 @@ import { execFile, spawn } from 'node:child_process';
 import { request } from 'node:http';
 import { readdir, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 import { after, before } from 'node:test';
 
@@ -286,10 +285,17 @@ export async function answers(node: string, port: number, path = '/'): Promise<b
 /** Arms a fault on NODE's agent (src/agent/faults.ts): it fires once. */
 export async function armFault(
   node: string,
-  plan: { dieBeforeRestore?: boolean; cutTransferAfterBytes?: number; corruptImagesBeforeRestore?: boolean },
+  plan: { dieBeforeRestore?: boolean; cutTransferAfterBytes?: number; corruptImagesBeforeRestore?: boolean; dieBeforeCheckpointCommit?: boolean },
 ): Promise<void> {
   const res = await http(node, AGENT_PORT, '/v1/debug/faults', 'POST', { body: plan, token: localCluster().token });
   if (res.status !== 200) throw new Error(`arming ${JSON.stringify(plan)} on ${node} failed: HTTP ${res.status} ${JSON.stringify(res.body)}`);
+}
+
+/** Arms a fault in the controller (src/controller/faults.ts), e.g. damaging a stored chunk. */
+export async function armControllerFault(plan: { corruptChunkOf?: { container: string; checkpoint: string } }): Promise<void> {
+  const url = new URL(localCluster().state.controllerUrl);
+  const res = await http(url.hostname, Number(url.port), '/v1/debug/faults', 'POST', { body: plan, token: localCluster().token });
+  if (res.status !== 200) throw new Error(`arming ${JSON.stringify(plan)} in the controller failed: HTTP ${res.status} ${JSON.stringify(res.body)}`);
 }
 
 /** The containers NODE's agent reports (GET /v1/containers). */
@@ -357,24 +363,4 @@ export async function migrationLeftovers(node: string): Promise<string[]> {
 
 // ---------------------------------------------------------------- waiting
 
-/**
- * Polls COND until it returns a truthy value (returned) or TIMEOUTMS pass (throws, naming
- * WHAT and the last error COND threw, if any).
- */
-export async function waitFor<T>(cond: () => T | Promise<T>, timeoutMs: number, what = 'condition'): Promise<NonNullable<T>> {
-  const deadline = Date.now() + timeoutMs;
-  let lastError: unknown;
-  for (;;) {
-    try {
-      const value = await cond();
-      if (value) return value as NonNullable<T>;
-    } catch (err) {
-      lastError = err;
-    }
-    if (Date.now() >= deadline) {
-      const why = lastError === undefined ? '' : `; last error: ${lastError instanceof Error ? lastError.message : String(lastError)}`;
-      throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}${why}`);
-    }
-    await sleep(100);
-  }
-}
+export { waitFor } from './wait.js';

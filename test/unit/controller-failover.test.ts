@@ -1,0 +1,158 @@
+/**
+ * The controller's protection logic against in-memory agents: the checkpoint cut (hold, snapshot,
+ * release, upload, trim), failover on lease expiry (newest good checkpoint, replay from its
+ * position, fencing), and the container lock shared with migrations.
+ */
+import { describe, it } from 'node:test';
+import assert from 'node:assert/strict';
+import { pino } from 'pino';
+import type { ContainerSpec } from '../../src/shared/protocol.js';
+import { CheckpointService, type LoggedTraffic } from '../../src/controller/checkpoints.js';
+import { ContainerService, containerKey, type ContainerRecord } from '../../src/controller/containers.js';
+import { FailoverService, fenceKey, type FailoverTraffic } from '../../src/controller/failover.js';
+import { NodeRegistry } from '../../src/controller/registry.js';
+import { MemoryStore } from '../../src/controller/store/index.js';
+import { FakeCluster } from '../fakes/agents.js';
+import { waitFor } from '../support/wait.js';
+
+const silent = pino({ level: 'silent' });
+
+function spec(name: string): ContainerSpec {
+  return { name, image: 'counter', command: [], env: {}, ports: [{ hostPort: 8080, containerPort: 80, protocol: 'tcp' }], memoryBytes: 0 };
+}
+
+/** The gateway as the services see it: a log position that grows, and every call recorded. */
+class FakeTraffic implements FailoverTraffic {
+  readonly calls: string[] = [];
+  position = 0;
+  logged = true;
+
+  async cut(name: string) {
+    this.calls.push(`cut ${name}`);
+    return { held: true, logPosition: this.logged ? this.position : null };
+  }
+  async holdNow(name: string) {
+    this.calls.push(`holdNow ${name}`);
+    return true;
+  }
+  async release(name: string, _holdId: string, container: ContainerRecord) {
+    this.calls.push(`release ${name} -> ${container.node}`);
+  }
+  async trimLog(name: string, upToSeq: number) {
+    this.calls.push(`trim ${name} ${upToSeq}`);
+  }
+  async replay(name: string, afterSeq: number, container: ContainerRecord) {
+    this.calls.push(`replay ${name} after ${afterSeq} -> ${container.node}`);
+    return { replayed: this.position - afterSeq, delivered: 0 };
+  }
+  async refresh(name: string) {
+    this.calls.push(`refresh ${name}`);
+  }
+}
+
+async function setup(leaseMs = 60_000) {
+  const store = new MemoryStore();
+  const cluster = new FakeCluster();
+  for (const node of ['node1', 'node2', 'node3']) cluster.add(node);
+  const nodes = new NodeRegistry(store, leaseMs);
+  for (const node of ['node1', 'node2', 'node3']) await nodes.heartbeat(cluster.agent(node).registration());
+  const containers = new ContainerService(store, nodes, cluster.resolver);
+  const traffic = new FakeTraffic();
+  const checkpoints = new CheckpointService({ store, nodes, agentFor: cluster.resolver, traffic: traffic satisfies LoggedTraffic, catalog: cluster.catalog, storeUrl: () => 'http://controller', log: silent });
+  const failovers = new FailoverService({ store, nodes, checkpoints, catalog: cluster.catalog, traffic, log: silent });
+  await containers.run({ spec: spec('web'), node: 'node1', protection: { everyMs: 60_000 } });
+  const record = async () => (await store.get<ContainerRecord>(containerKey('web')))!.value;
+  return { store, cluster, nodes, containers, traffic, checkpoints, failovers, record };
+}
+
+describe('checkpoints and failover (controller, fake agents)', () => {
+  it('a checkpoint holds the route, snapshots, releases, then uploads with the cut position; the log is trimmed to the checkpoint before', async () => {
+    const env = await setup();
+    env.traffic.position = 7;
+    const first = await env.checkpoints.checkpoint('web');
+    assert.equal(first.logPosition, 7);
+    env.traffic.position = 12;
+    const second = await env.checkpoints.checkpoint('web');
+    assert.equal(second.logPosition, 12);
+    assert.deepEqual(env.traffic.calls, ['cut web', 'release web -> node1', 'cut web', 'release web -> node1', 'trim web 7']);
+    const calls = env.cluster.calls.filter((c) => c.startsWith('node1.'));
+    assert.deepEqual(calls.slice(-3), ['node1.snapshot', 'node1.uploadSnapshot', 'node1.discardSnapshot']);
+    assert.equal((await env.record()).busy, undefined, 'the lock is released');
+    assert.deepEqual((await env.checkpoints.list('web')).map((c) => c.id), [second.id, first.id]);
+  });
+
+  it('a failed snapshot releases the route and the lock, and stores nothing', async () => {
+    const env = await setup();
+    env.cluster.agent('node1').failNext('snapshot', new Error('criu dump failed'));
+    await assert.rejects(env.checkpoints.checkpoint('web'), /criu dump failed/);
+    assert.deepEqual(env.traffic.calls, ['cut web', 'release web -> node1']);
+    assert.equal((await env.record()).busy, undefined);
+    assert.deepEqual(await env.checkpoints.list('web'), []);
+  });
+
+  it("a node whose lease ends: its protected container runs elsewhere from the newest checkpoint, the log replayed from that cut, and its old node fenced", async () => {
+    const env = await setup(300);
+    env.traffic.position = 3;
+    const ckpt = await env.checkpoints.checkpoint('web');
+    env.traffic.position = 9;
+    await env.failovers.start();
+    // node2 and node3 keep heartbeating; node1 stops (its container dies with it).
+    env.cluster.agent('node1').containers.clear();
+    const beat = setInterval(() => {
+      for (const node of ['node2', 'node3']) void env.nodes.heartbeat(env.cluster.agent(node).registration());
+    }, 50);
+    try {
+      const done = await waitFor(async () => (await env.failovers.list()).find((f) => f.outcome !== 'running'), 10_000, 'the failover');
+      assert.equal(done.outcome, 'done', JSON.stringify(done));
+      assert.equal(done.checkpoint, ckpt.id);
+      assert.ok(done.to === 'node2' || done.to === 'node3');
+      const record = await env.record();
+      assert.equal(record.node, done.to);
+      assert.equal(record.busy, undefined);
+      assert.equal(env.cluster.runningCopies('web'), 1);
+      assert.ok(record.generation > 0);
+      assert.deepEqual(env.traffic.calls.slice(-3), ['holdNow web', `replay web after 3 -> ${done.to}`, `release web -> ${done.to}`], 'replayed before live traffic');
+      assert.deepEqual((await env.store.get(fenceKey('node1', 'web')))?.value, { name: 'web', generation: record.generation });
+      assert.deepEqual(await env.failovers.fenceFor('node1'), [{ name: 'web', generation: record.generation }]);
+    } finally {
+      clearInterval(beat);
+      env.failovers.stop();
+    }
+  });
+
+  it('a corrupt newest checkpoint is skipped and reported; the one before is used', async () => {
+    const env = await setup();
+    env.traffic.position = 2;
+    const older = await env.checkpoints.checkpoint('web');
+    env.traffic.position = 5;
+    const newer = await env.checkpoints.checkpoint('web');
+    env.cluster.catalog.find('web', newer.id)!.corrupt = true;
+    env.cluster.agent('node1').containers.clear();
+    const done = await env.failovers.failover('web', 'node1');
+    assert.equal(done.checkpoint, older.id);
+    assert.equal(env.traffic.calls.find((c) => c.startsWith('replay')), `replay web after 2 -> ${done.to}`);
+  });
+
+  it('without any checkpoint the failover fails clearly and the route stays held (nothing goes back to the dead node)', async () => {
+    const env = await setup();
+    await assert.rejects(env.failovers.failover('web', 'node1'), (err: Error & { code?: string }) => err.code === 'CHIPMUNK_FAILOVER_FAILED' && /no checkpoint/.test(err.message));
+    assert.ok(!env.traffic.calls.some((c) => c.startsWith('release')), env.traffic.calls.join(', '));
+    assert.equal((await env.record()).node, 'node1');
+    assert.equal((await env.failovers.list())[0]?.outcome, 'failed');
+  });
+
+  it('restore --from rolls back on the same node, with a checkpoint of the state before and one after', async () => {
+    const env = await setup();
+    const target = await env.checkpoints.checkpoint('web');
+    await env.checkpoints.checkpoint('web');
+    const res = await env.checkpoints.restoreFrom('web', target.id);
+    assert.equal(res.restoredFrom, target.id);
+    const ids = (await env.checkpoints.list('web')).map((c) => c.id);
+    assert.equal(ids[0], res.checkpoint, 'the newest checkpoint is the restored state');
+    assert.ok(ids.includes(res.safetyCheckpoint));
+    const record = await env.record();
+    assert.equal(record.node, 'node1');
+    assert.equal(env.cluster.runningCopies('web'), 1);
+    await assert.rejects(env.checkpoints.restoreFrom('web', 'ffffffffffffffff'), (err: Error & { code?: string }) => err.code === 'CHIPMUNK_NOT_FOUND');
+  });
+});
