@@ -153,16 +153,13 @@ export function padded(size: number): number {
 export class TarReader {
   /** Zero bytes after the last entry (end-of-archive blocks and record padding), once next() returned null. */
   endBytes = 0;
-  private readonly source: AsyncIterator<Buffer>;
-  private buffered: Buffer[] = [];
-  private bufferedBytes = 0;
-  private sourceDone = false;
+  private readonly source: ExactReader;
   private unread = 0;
   private unreadPadding = 0;
   private readonly globals: PaxGlobals = new Map();
 
   constructor(source: AsyncIterable<Buffer>) {
-    this.source = source[Symbol.asyncIterator]();
+    this.source = new ExactReader(source);
   }
 
   async next(): Promise<TarEntry | null> {
@@ -220,8 +217,24 @@ export class TarReader {
     }
   }
 
+  private read(bytes: number): Promise<Buffer> {
+    return this.source.read(bytes);
+  }
+}
+
+/** Reads a byte stream in pieces of the sizes asked for, however the stream is cut. */
+export class ExactReader {
+  private readonly source: AsyncIterator<Buffer>;
+  private buffered: Buffer[] = [];
+  private bufferedBytes = 0;
+  private sourceDone = false;
+
+  constructor(source: AsyncIterable<Buffer>) {
+    this.source = source[Symbol.asyncIterator]();
+  }
+
   /** Up to `bytes` bytes: fewer only at the end of the stream. */
-  private async read(bytes: number): Promise<Buffer> {
+  async read(bytes: number): Promise<Buffer> {
     while (this.bufferedBytes < bytes && !this.sourceDone) {
       const { value, done } = await this.source.next();
       if (done) this.sourceDone = true;
