@@ -349,20 +349,23 @@ export class CheckpointStore {
     return removed;
   }
 
-  /** Part `part` of a checkpoint re-created as the tar archive the agent made, chunks verified. */
-  async *partArchive(container: string, id: string, part: string): AsyncGenerator<Buffer> {
+  /**
+   * Part `part` of a checkpoint re-created as the tar archive the agent made, chunks verified as
+   * they are read. An unknown checkpoint or part throws here, before any byte.
+   */
+  partArchive(container: string, id: string, part: string): AsyncIterable<Buffer> {
     const manifest = this.partManifest(this.checkpointRow(container, id), part);
     const ctx = { container, checkpoint: id };
-    yield* this.reading(
-      async function* (this: CheckpointStore) {
-        for (const { entry, hashes } of manifest.entries) {
-          yield entry.header;
-          yield* this.readChunks(hashes, ctx);
-          if (entry.size % 512 !== 0) yield paddingOf(entry.size);
-        }
-        yield Buffer.alloc(manifest.endBytes);
-      }.call(this),
-    );
+    const store = this;
+    async function* archive(): AsyncGenerator<Buffer> {
+      for (const { entry, hashes } of manifest.entries) {
+        yield entry.header;
+        yield* store.readChunks(hashes, ctx);
+        if (entry.size % 512 !== 0) yield paddingOf(entry.size);
+      }
+      yield Buffer.alloc(manifest.endBytes);
+    }
+    return this.reading(archive());
   }
 
   /**
