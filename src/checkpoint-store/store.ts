@@ -109,8 +109,10 @@ const SCHEMA_VERSION = 1;
 export class CheckpointStore {
   private readonly uploads = new Map<string, Upload>();
   private readonly packFiles = new Map<string, Promise<FileHandle>>();
-  /** Reads in progress: GC waits for them, so it never deletes a pack under a reader. */
+  /** Reads in progress: GC waits for them, and packs retired meanwhile are deleted after them. */
   private readers = 0;
+  /** Packs no index row names any more, whose files a reader in progress may still read. */
+  private readonly retiredPacks: string[] = [];
   private gcWanted = false;
   private gcRunning = false;
 
@@ -153,6 +155,7 @@ export class CheckpointStore {
 
   async close(): Promise<void> {
     for (const upload of [...this.uploads.values()]) await this.dropUpload(upload);
+    for (const id of this.retiredPacks.splice(0)) await this.removePackFile(id);
     for (const file of this.packFiles.values()) await (await file).close();
     this.packFiles.clear();
     this.db.close();
@@ -531,6 +534,11 @@ export class CheckpointStore {
 
   private async deletePack(id: string): Promise<void> {
     this.db.prepare('DELETE FROM packs WHERE id = ?').run(id);
+    if (this.readers > 0) this.retiredPacks.push(id);
+    else await this.removePackFile(id);
+  }
+
+  private async removePackFile(id: string): Promise<void> {
     await this.closePackFile(id);
     await unlink(this.packPath(id)).catch((err: NodeJS.ErrnoException) => {
       if (err.code !== 'ENOENT') throw err;
@@ -594,9 +602,16 @@ export class CheckpointStore {
       yield* source;
     } finally {
       this.readers--;
-      if (this.readers === 0 && this.gcWanted) {
-        void this.gc().catch((err: unknown) => this.log?.error({ err }, 'checkpoint store garbage collection failed'));
-      }
+      if (this.readers === 0) void this.afterReads();
+    }
+  }
+
+  private async afterReads(): Promise<void> {
+    try {
+      for (let id = this.retiredPacks.pop(); id !== undefined; id = this.retiredPacks.pop()) await this.removePackFile(id);
+      if (this.gcWanted) await this.gc();
+    } catch (err) {
+      this.log?.error({ err }, 'checkpoint store garbage collection failed');
     }
   }
 

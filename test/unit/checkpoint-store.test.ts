@@ -400,6 +400,34 @@ describe('checkpoint store', { skip: notRoot }, () => {
     assert.ok((await stat(join(dest, 'upper/etc/app/app.conf'))).isFile());
   });
 
+  it('drops an upload left idle past the upload timeout, with its chunks', async () => {
+    const root = join(work, 'timeout-store');
+    const idle = await CheckpointStore.open({ root, uploadTimeoutMs: 50 });
+    try {
+      const dir = join(work, 'timeout-dir');
+      await mkdir(dir);
+      await writeFile(join(dir, 'a'), 'x');
+      const tar = execFileSync('tar', ['-C', dir, '-cf', '-', '.']);
+      const { manifest } = await scanTar(Readable.from([tar]));
+      const { uploadId } = idle.createUpload({ container: 'idle', parts: [{ name: 'files', manifest: encodeManifest(manifest) }], time: 1, metadata: {} });
+      const hash = manifest.entries.find((e) => e.entry.size > 0)!.hashes;
+      const frame = Buffer.concat([hash, Buffer.from([0, 0, 0, 1]), Buffer.from('x')]);
+      assert.deepEqual(await idle.receiveChunks(uploadId, Readable.from([frame])), { chunks: 1, bytes: 1 });
+      assert.equal((await readdir(join(root, 'packs'))).length, 1);
+      await new Promise((resolve) => setTimeout(resolve, 150));
+      await assert.rejects(idle.commit(uploadId), (err: unknown) => err instanceof ChipmunkError && err.code === 'CHIPMUNK_NOT_FOUND');
+      assert.deepEqual(await readdir(join(root, 'packs')), []);
+    } finally {
+      await idle.close();
+    }
+  });
+
+  it('needs the cluster token', async () => {
+    const res = await request(`${url}/v1/checkpoints/app1`);
+    assert.equal(res.statusCode, 401);
+    await res.body.dump();
+  });
+
   it('answers an unknown checkpoint with NOT_FOUND', async () => {
     await assert.rejects(client.get('app1', '0123456789abcdef'), (err: unknown) => err instanceof ChipmunkError && err.code === 'CHIPMUNK_NOT_FOUND');
   });
