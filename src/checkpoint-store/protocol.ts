@@ -11,42 +11,40 @@ export const PartName = Type.String({ pattern: '^[a-z][a-z0-9-]{0,31}$', descrip
 export const CheckpointId = Type.String({ pattern: '^[0-9a-f]{16}$', description: 'checkpoint id (16 hex digits)' });
 export const UploadId = Type.String({ pattern: '^[0-9a-f]{32}$', description: 'upload id (32 hex digits)' });
 
-/** Byte offset in the container's log the checkpoint corresponds to, when the caller keeps one. */
-const LogPosition = Type.Union([Type.Integer({ minimum: 0 }), Type.Null()]);
+const LogPosition = Type.Union([Type.Integer({ minimum: 0 }), Type.Null()], {
+  description: "position in the container's log the checkpoint corresponds to, when the caller keeps one",
+});
 
 export const UploadPart = Type.Object({
   name: PartName,
-  /** base64 of the binary part manifest (src/checkpoint-store/manifest.ts): tar headers + 32-byte chunk hashes. */
-  manifest: Type.String({ contentEncoding: 'base64' }),
+  manifest: Type.String({ contentEncoding: 'base64', description: 'base64 of the binary part manifest (src/checkpoint-store/manifest.ts): tar headers + 32-byte chunk hashes' }),
 });
 export type UploadPart = Static<typeof UploadPart>;
 
 export const CreateUploadRequest = Type.Object({
   parts: Type.Array(UploadPart, { minItems: 1 }),
-  /** When the checkpoint was taken, ms since the epoch. */
-  time: Type.Integer({ minimum: 0 }),
+  time: Type.Integer({ minimum: 0, description: 'when the checkpoint was taken, ms since the epoch' }),
   logPosition: Type.Optional(LogPosition),
-  /** Opaque to the store (the controller keeps the container spec here); `volumes: [{name, path}]` places the files part's volumes/NAME/ at path. */
-  metadata: Type.Record(Type.String(), Type.Unknown()),
+  metadata: Type.Record(Type.String(), Type.Unknown(), {
+    description: "opaque to the store (the controller keeps the container spec here), except volumes: [{name, path}], which places the files part's volumes/NAME/ at path",
+  }),
 });
 export type CreateUploadRequest = Static<typeof CreateUploadRequest>;
 
 export const CreateUploadResponse = Type.Object({
   uploadId: UploadId,
-  /**
-   * base64 bitmap over every chunk position of the request's manifests in order (parts, entries,
-   * chunks), most significant bit first: a set bit asks for that chunk. Only the first position
-   * of a missing hash is set.
-   */
-  missing: Type.String({ contentEncoding: 'base64' }),
+  missing: Type.String({
+    contentEncoding: 'base64',
+    description:
+      'base64 bitmap over every chunk position of the manifests in request order (parts, entries, chunks), most significant bit first: a set bit asks for that chunk; only the first position of a missing hash is set',
+  }),
   missingChunks: Type.Integer({ minimum: 0 }),
   missingBytes: Type.Integer({ minimum: 0 }),
 });
 export type CreateUploadResponse = Static<typeof CreateUploadResponse>;
 
 export const UploadChunksResponse = Type.Object({
-  /** Chunks stored by this request (a chunk sent twice counts once). */
-  chunks: Type.Integer({ minimum: 0 }),
+  chunks: Type.Integer({ minimum: 0, description: 'chunks stored by this request (a chunk sent twice counts once)' }),
   bytes: Type.Integer({ minimum: 0 }),
 });
 export type UploadChunksResponse = Static<typeof UploadChunksResponse>;
@@ -54,13 +52,10 @@ export type UploadChunksResponse = Static<typeof UploadChunksResponse>;
 export const CheckpointSummary = Type.Object({
   id: CheckpointId,
   time: Type.Integer(),
-  /** Content bytes of every part, as if nothing were shared with other checkpoints. */
-  logicalBytes: Type.Integer({ minimum: 0 }),
-  /** Chunk bytes this checkpoint added to the store. */
-  newBytes: Type.Integer({ minimum: 0 }),
+  logicalBytes: Type.Integer({ minimum: 0, description: 'content bytes of every part, as if nothing were shared with other checkpoints' }),
+  newBytes: Type.Integer({ minimum: 0, description: 'chunk bytes this checkpoint added to the store' }),
   logPosition: LogPosition,
-  /** A read found a damaged chunk: restore from an older checkpoint. */
-  corrupt: Type.Optional(Type.Boolean()),
+  corrupt: Type.Optional(Type.Boolean({ description: 'a read found a damaged chunk: restore from an older checkpoint' })),
 });
 export type CheckpointSummary = Static<typeof CheckpointSummary>;
 
@@ -83,18 +78,19 @@ export const FileEntry = Type.Object({
   type: FileType,
   size: Type.Integer({ minimum: 0 }),
   mode: Type.Integer({ minimum: 0 }),
-  /** Seconds since the epoch. */
-  mtime: Type.Number(),
+  mtime: Type.Number({ description: 'seconds since the epoch' }),
   linkTarget: Type.Optional(Type.String()),
 });
 export type FileEntry = Static<typeof FileEntry>;
 
-/** Answer of the files route for a directory; a file is answered with its bytes (application/octet-stream). */
-export const DirectoryListing = Type.Object({
-  type: Type.Literal('dir'),
-  path: Type.String(),
-  entries: Type.Array(FileEntry),
-});
+export const DirectoryListing = Type.Object(
+  {
+    type: Type.Literal('dir'),
+    path: Type.String(),
+    entries: Type.Array(FileEntry),
+  },
+  { description: 'answer of the files route for a directory; a file is answered with its bytes (application/octet-stream)' },
+);
 export type DirectoryListing = Static<typeof DirectoryListing>;
 
 export const FilesQuery = Type.Object({
