@@ -74,7 +74,8 @@ interface Upload {
   /** Chunks appended to this upload's pack, by hex hash. */
   written: Map<string, { offset: number; length: number }>;
   pack?: { id: string; file: FileHandle; bytes: number };
-  receiving: boolean;
+  /** A chunk request or a commit is running: the next one waits for it to end. */
+  busy: boolean;
   /** Drops the upload when it stays idle for uploadTimeoutMs. */
   timer?: NodeJS.Timeout;
 }
@@ -148,8 +149,13 @@ export class CheckpointStore {
       );
     }
     const store = new CheckpointStore(db, packsDir, opts.keep ?? DEFAULT_KEEP, opts.uploadTimeoutMs ?? DEFAULT_UPLOAD_TIMEOUT_MS, opts.logger);
-    await store.removeOrphanPacks();
-    await store.gc();
+    try {
+      await store.removeOrphanPacks();
+      await store.gc();
+    } catch (err) {
+      db.close();
+      throw new StoreFailedError(`cannot recover checkpoint store ${opts.root}: ${(err as Error).message}`, err);
+    }
     return store;
   }
 
@@ -179,6 +185,7 @@ export class CheckpointStore {
       const logicalBytes = decoded.entries.reduce((sum, { entry }) => sum + entry.size, 0);
       return { name, manifest, decoded, logicalBytes };
     });
+    // Checked now: a bad volumes list would otherwise only show when the files are browsed.
     volumesOf(req.metadata);
 
     const has = this.db.prepare<[Buffer], number>('SELECT 1 FROM chunks WHERE hash = ?').pluck();
@@ -212,7 +219,7 @@ export class CheckpointStore {
       parts,
       wanted,
       written: new Map(),
-      receiving: false,
+      busy: false,
     };
     this.uploads.set(upload.id, upload);
     this.armTimer(upload);
@@ -225,8 +232,8 @@ export class CheckpointStore {
    */
   async receiveChunks(uploadId: string, body: AsyncIterable<Buffer>): Promise<UploadChunksResponse> {
     const upload = this.upload(uploadId);
-    if (upload.receiving) throw new ConflictError(`upload ${uploadId} is already receiving chunks: send them in one request at a time`, { uploadId });
-    upload.receiving = true;
+    if (upload.busy) throw new ConflictError(`upload ${uploadId} is busy with another chunk request or its commit: send chunks in one request at a time, before the commit`, { uploadId });
+    upload.busy = true;
     this.armTimer(upload);
     const reader = new ExactReader(body);
     const batch: Buffer[] = [];
@@ -273,7 +280,7 @@ export class CheckpointStore {
       if (upload.pack) upload.pack.bytes -= batchBytes;
       throw err;
     } finally {
-      upload.receiving = false;
+      upload.busy = false;
       this.armTimer(upload);
     }
     return { chunks, bytes };
@@ -285,8 +292,8 @@ export class CheckpointStore {
    */
   async commit(uploadId: string): Promise<CheckpointInfo> {
     const upload = this.upload(uploadId);
-    if (upload.receiving) throw new ConflictError(`upload ${uploadId} is still receiving chunks: commit after the chunk request ended`, { uploadId });
-    upload.receiving = true;
+    if (upload.busy) throw new ConflictError(`upload ${uploadId} is busy with a chunk request or another commit: commit once, after the chunks are sent`, { uploadId });
+    upload.busy = true;
     try {
       if (upload.pack) {
         await upload.pack.file.sync();
@@ -320,7 +327,7 @@ export class CheckpointStore {
       await this.gc();
       return info;
     } finally {
-      upload.receiving = false;
+      upload.busy = false;
     }
   }
 
@@ -424,6 +431,13 @@ export class CheckpointStore {
       this.gcRunning = false;
     }
     if (result.deletedPacks + result.rewrittenPacks > 0) this.log?.info({ ...result }, 'checkpoint store garbage collected');
+    // Asked for again while it ran (another commit): those changes are not collected yet.
+    if (this.gcWanted && this.readers === 0) {
+      const again = await this.gc();
+      result.deletedPacks += again.deletedPacks;
+      result.rewrittenPacks += again.rewrittenPacks;
+      result.freedBytes += again.freedBytes;
+    }
     return result;
   }
 
@@ -438,7 +452,7 @@ export class CheckpointStore {
   private armTimer(upload: Upload): void {
     clearTimeout(upload.timer);
     upload.timer = setTimeout(() => {
-      if (upload.receiving) return this.armTimer(upload);
+      if (upload.busy) return this.armTimer(upload);
       this.log?.warn({ uploadId: upload.id, container: upload.container }, 'checkpoint upload dropped: no request within the upload timeout');
       void this.dropUpload(upload);
     }, this.uploadTimeoutMs);
