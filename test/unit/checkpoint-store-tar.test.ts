@@ -2,7 +2,7 @@ import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { link, mkdir, mkdtemp, open, readFile, symlink, writeFile } from 'node:fs/promises';
+import { link, mkdir, mkdtemp, open, readFile, readlink, stat, symlink, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { TAR_FLAGS } from '../../src/agent/transfer.js';
@@ -18,6 +18,7 @@ async function* once(buffer: Buffer): AsyncGenerator<Buffer> {
 describe('checkpoint store tar', () => {
   let work: string;
   let archive: Buffer;
+  let rebuiltArchive: Buffer | undefined;
 
   before(async () => {
     work = await mkdtemp(join(tmpdir(), 'chipmunk-cstar-'));
@@ -55,7 +56,8 @@ describe('checkpoint store tar', () => {
       byPath.set(entry.path, entry);
     }
     rebuilt.push(Buffer.alloc(reader.endBytes));
-    assert.ok(Buffer.concat(rebuilt).equals(archive), 'rebuilt archive differs');
+    rebuiltArchive = Buffer.concat(rebuilt);
+    assert.ok(rebuiltArchive.equals(archive), 'rebuilt archive differs');
 
     assert.equal(byPath.get('')?.type, 'dir');
     assert.equal(byPath.get('empty-dir')?.type, 'dir');
@@ -85,7 +87,7 @@ describe('checkpoint store tar', () => {
     assert.fail('no sparse entry');
   });
 
-  it('round-trips the manifest, and tar extracts what the manifest re-creates', async () => {
+  it('round-trips the manifest, and tar extracts the re-created archive', async () => {
     const { manifest, logicalBytes } = await scanTar(once(archive));
     const decoded = decodeManifest(encodeManifest(manifest));
     assert.equal(decoded.entries.length, manifest.entries.length);
@@ -93,7 +95,13 @@ describe('checkpoint store tar', () => {
     assert.ok(logicalBytes > 3 * 4096);
     const out = join(work, 'out');
     await mkdir(out);
-    execFileSync('tar', ['-C', out, '-xf', '-', ...TAR_FLAGS], { input: archive });
-    assert.ok((await readFile(join(out, 'big'))).equals(await readFile(join(work, 'src/big'))));
+    assert.ok(rebuiltArchive, 'the parse test rebuilt the archive');
+    execFileSync('tar', ['-C', out, '-xf', '-', ...TAR_FLAGS], { input: rebuiltArchive });
+    for (const name of ['big', 'hard', 'small', 'empty', 'sparse', `${'d'.repeat(60)}/${'e'.repeat(60)}/${'f'.repeat(120)}`]) {
+      assert.ok((await readFile(join(out, name))).equals(await readFile(join(work, 'src', name))), name);
+    }
+    assert.equal(await readlink(join(out, 'long-link')), 'x'.repeat(150));
+    assert.ok((await stat(join(out, 'empty-dir'))).isDirectory());
+    assert.equal((await stat(join(out, 'hard'))).ino, (await stat(join(out, 'big'))).ino);
   });
 });
