@@ -33,7 +33,7 @@ export const BYTES_TRAILER = 'x-chipmunk-bytes';
  * trusted.overlay.*; ACLs; sparse files stay sparse. Whiteouts (char devices 0/0) need no
  * flag, only root, which the agent is.
  */
-const TAR_FLAGS = ['--numeric-owner', '--xattrs', '--xattrs-include=*', '--acls', '-S'];
+export const TAR_FLAGS = ['--numeric-owner', '--xattrs', '--xattrs-include=*', '--acls', '-S'];
 
 const PROGRESS_EVERY_BYTES = 64 * 1024;
 const PROGRESS_EVERY_MS = 100;

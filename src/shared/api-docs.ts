@@ -1,16 +1,17 @@
 /** Renders the protocol schemas as a Markdown reference (docs/api.md). */
 import type { TSchema } from '@sinclair/typebox';
+import { checkpointStoreSchemas } from '../checkpoint-store/protocol.js';
 import { schemas } from './protocol.js';
 
 export function renderApiDocs(): string {
   const parts = [
     '# chipmunk API messages',
     '',
-    'Generated from `src/shared/protocol.ts` by `npm run docs`; do not edit by hand.',
+    'Generated from `src/shared/protocol.ts` and `src/checkpoint-store/protocol.ts` by `npm run docs`; do not edit by hand.',
     'The routes that carry them are listed in `docs/design.md`.',
     '',
   ];
-  for (const [name, schema] of Object.entries(schemas)) {
+  for (const [name, schema] of Object.entries({ ...schemas, ...checkpointStoreSchemas })) {
     parts.push(`## ${name}`, '');
     if (schema.description) parts.push(schema.description, '');
     if (schema.type === 'object' && schema.properties) {

@@ -19,6 +19,8 @@ export type ErrorCode =
   | 'CHIPMUNK_TRANSFER_FAILED'
   | 'CHIPMUNK_STORE_CONFLICT'
   | 'CHIPMUNK_STORE_FAILED'
+  | 'CHIPMUNK_PATH_ESCAPES'
+  | 'CHIPMUNK_CHUNK_CORRUPT'
   | 'CHIPMUNK_INTERNAL';
 
 export interface ErrorJSON {
@@ -50,8 +52,19 @@ export class ChipmunkError extends Error {
 
 /** Bad input from a user or a client: names what was wrong and what to do. */
 export class InvalidInputError extends ChipmunkError {
+  constructor(message: string, details?: Record<string, unknown>, code: ErrorCode = 'CHIPMUNK_INVALID_INPUT') {
+    super(code, message, { status: 400, details });
+  }
+}
+
+/**
+ * A path given for a container's files would leave the container's tree: `..` above `/`, or a
+ * symlink chain that points outside or loops. Refused, never clamped, so a caller never reads
+ * a different file than the one it named.
+ */
+export class PathEscapesError extends InvalidInputError {
   constructor(message: string, details?: Record<string, unknown>) {
-    super('CHIPMUNK_INVALID_INPUT', message, { status: 400, details });
+    super(message, details, 'CHIPMUNK_PATH_ESCAPES');
   }
 }
 
@@ -139,6 +152,27 @@ export class StoreFailedError extends ChipmunkError {
   }
 }
 
+export class CheckpointNotFoundError extends NotFoundError {
+  constructor(container: string, id?: string) {
+    super(
+      id === undefined
+        ? `no checkpoints of container ${container} in the checkpoint store`
+        : `no checkpoint ${id} of container ${container} in the checkpoint store: list them with GET /v1/checkpoints/${container}`,
+      { container, ...(id === undefined ? {} : { checkpoint: id }) },
+    );
+  }
+}
+
+/**
+ * A chunk's bytes do not hash to its name: damaged on disk (a read: status 500, the checkpoint
+ * is marked corrupt, use an older one) or in flight (an upload: status 400, send it again).
+ */
+export class ChunkCorruptError extends ChipmunkError {
+  constructor(message: string, details: { chunk: string; container?: string; checkpoint?: string; pack?: string; [k: string]: unknown }, status = 500) {
+    super('CHIPMUNK_CHUNK_CORRUPT', message, { status, details });
+  }
+}
+
 const byCode: Partial<Record<ErrorCode, (m: string, d: Record<string, unknown>) => ChipmunkError>> = {
   CHIPMUNK_INVALID_INPUT: (m, d) => new InvalidInputError(m, d),
   CHIPMUNK_NOT_FOUND: (m, d) => new NotFoundError(m, d),
@@ -150,12 +184,17 @@ const byCode: Partial<Record<ErrorCode, (m: string, d: Record<string, unknown>) 
   CHIPMUNK_MIGRATION_FAILED: (m, d) => new MigrationFailedError(m, { phase: (d.phase as MigrationPhase) ?? 'prepare', node: String(d.node ?? ''), ...d }),
   CHIPMUNK_TRANSFER_FAILED: (m, d) => new TransferFailedError(m, d),
   CHIPMUNK_FAILOVER_FAILED: (m, d) => new FailoverFailedError(m, { name: String(d.name ?? ''), from: String(d.from ?? ''), ...d }),
+  CHIPMUNK_PATH_ESCAPES: (m, d) => new PathEscapesError(m, d),
 };
 
 /** Rebuilds our error class from its wire form (HTTP client side). */
 export function errorFromJSON(body: ErrorJSON, status?: number): ChipmunkError {
   const make = byCode[body.code];
   if (make) return make(body.message, body.details ?? {});
+  if (body.code === 'CHIPMUNK_CHUNK_CORRUPT') {
+    const details = body.details ?? {};
+    return new ChunkCorruptError(body.message, { ...details, chunk: String(details.chunk ?? '') }, status);
+  }
   if (body.code === 'CHIPMUNK_MIGRATION_IN_PROGRESS') {
     return new ChipmunkError(body.code, body.message, { status: 409, details: body.details });
   }

@@ -1,0 +1,120 @@
+/**
+ * The checkpoint store's HTTP messages, one TypeBox schema each (validation, types, docs), as in
+ * src/shared/protocol.ts. Routes: src/checkpoint-store/routes.ts; docs/design.md has the table.
+ */
+import { Type, type Static, type TSchema } from '@sinclair/typebox';
+import { ContainerName } from '../shared/protocol.js';
+
+export { ContainerName };
+
+export const PartName = Type.String({ pattern: '^[a-z][a-z0-9-]{0,31}$', description: 'part name, e.g. criu or files' });
+export const CheckpointId = Type.String({ pattern: '^[0-9a-f]{16}$', description: 'checkpoint id (16 hex digits)' });
+export const UploadId = Type.String({ pattern: '^[0-9a-f]{32}$', description: 'upload id (32 hex digits)' });
+
+const LogPosition = Type.Union([Type.Integer({ minimum: 0 }), Type.Null()], {
+  description: "position in the container's log the checkpoint corresponds to, when the caller keeps one",
+});
+
+export const UploadPart = Type.Object({
+  name: PartName,
+  manifest: Type.String({ contentEncoding: 'base64', description: 'base64 of the binary part manifest (src/checkpoint-store/manifest.ts): tar headers + 32-byte chunk hashes' }),
+});
+export type UploadPart = Static<typeof UploadPart>;
+
+export const CreateUploadRequest = Type.Object({
+  parts: Type.Array(UploadPart, { minItems: 1 }),
+  time: Type.Integer({ minimum: 0, description: 'when the checkpoint was taken, ms since the epoch' }),
+  logPosition: Type.Optional(LogPosition),
+  metadata: Type.Record(Type.String(), Type.Unknown(), {
+    description: "opaque to the store (the controller keeps the container spec here), except volumes: [{name, path}], which places the files part's volumes/NAME/ at path",
+  }),
+});
+export type CreateUploadRequest = Static<typeof CreateUploadRequest>;
+
+export const CreateUploadResponse = Type.Object({
+  uploadId: UploadId,
+  missing: Type.String({
+    contentEncoding: 'base64',
+    description:
+      'base64 bitmap over every chunk position of the manifests in request order (parts, entries, chunks), most significant bit first: a set bit asks for that chunk; only the first position of a missing hash is set',
+  }),
+  missingChunks: Type.Integer({ minimum: 0 }),
+  missingBytes: Type.Integer({ minimum: 0 }),
+});
+export type CreateUploadResponse = Static<typeof CreateUploadResponse>;
+
+export const UploadChunksResponse = Type.Object({
+  chunks: Type.Integer({ minimum: 0, description: 'chunks stored by this request (a chunk sent twice counts once)' }),
+  bytes: Type.Integer({ minimum: 0 }),
+});
+export type UploadChunksResponse = Static<typeof UploadChunksResponse>;
+
+export const CheckpointSummary = Type.Object({
+  id: CheckpointId,
+  time: Type.Integer(),
+  logicalBytes: Type.Integer({ minimum: 0, description: 'content bytes of every part, as if nothing were shared with other checkpoints' }),
+  newBytes: Type.Integer({ minimum: 0, description: 'chunk bytes this checkpoint added to the store' }),
+  logPosition: LogPosition,
+  corrupt: Type.Optional(Type.Boolean({ description: 'a read found a damaged chunk: restore from an older checkpoint' })),
+});
+export type CheckpointSummary = Static<typeof CheckpointSummary>;
+
+export const CheckpointPart = Type.Object({
+  name: PartName,
+  logicalBytes: Type.Integer({ minimum: 0 }),
+  entries: Type.Integer({ minimum: 0 }),
+});
+
+export const CheckpointInfo = Type.Composite([CheckpointSummary, Type.Object({ container: ContainerName, parts: Type.Array(CheckpointPart) })]);
+export type CheckpointInfo = Static<typeof CheckpointInfo>;
+
+export const CheckpointDetail = Type.Composite([CheckpointInfo, Type.Object({ metadata: Type.Record(Type.String(), Type.Unknown()) })]);
+export type CheckpointDetail = Static<typeof CheckpointDetail>;
+
+export const FileType = Type.Union(['file', 'dir', 'symlink', 'char', 'block', 'fifo'].map((t) => Type.Literal(t)));
+
+export const FileEntry = Type.Object({
+  name: Type.String(),
+  type: FileType,
+  size: Type.Integer({ minimum: 0 }),
+  mode: Type.Integer({ minimum: 0 }),
+  mtime: Type.Number({ description: 'seconds since the epoch' }),
+  linkTarget: Type.Optional(Type.String()),
+});
+export type FileEntry = Static<typeof FileEntry>;
+
+export const DirectoryListing = Type.Object(
+  {
+    type: Type.Literal('dir'),
+    path: Type.String(),
+    entries: Type.Array(FileEntry),
+  },
+  { description: 'answer of the files route for a directory; a file is answered with its bytes (application/octet-stream)' },
+);
+export type DirectoryListing = Static<typeof DirectoryListing>;
+
+export const FilesQuery = Type.Object({
+  path: Type.String({ default: '/', description: 'a path in the container, / being its root; symlinks resolve inside the container' }),
+});
+
+export const DiffQuery = Type.Object({ from: CheckpointId, to: CheckpointId });
+
+export const CheckpointDiff = Type.Object({
+  added: Type.Array(Type.String()),
+  changed: Type.Array(Type.String()),
+  removed: Type.Array(Type.String()),
+});
+export type CheckpointDiff = Static<typeof CheckpointDiff>;
+
+export const checkpointStoreSchemas: Record<string, TSchema> = {
+  UploadPart,
+  CreateUploadRequest,
+  CreateUploadResponse,
+  UploadChunksResponse,
+  CheckpointSummary,
+  CheckpointInfo,
+  CheckpointDetail,
+  FileEntry,
+  DirectoryListing,
+  CheckpointDiff,
+};
