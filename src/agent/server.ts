@@ -163,6 +163,7 @@ export function buildAgentServer(deps: AgentServerDeps): FastifyInstance {
         ],
         logPosition,
         metadata,
+        beforeCommit: () => faults.beforeCheckpointCommit(),
       });
     },
   );

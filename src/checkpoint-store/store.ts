@@ -399,6 +399,43 @@ export class CheckpointStore {
     return diffTrees(this.treeOf(this.checkpointRow(container, from)), this.treeOf(this.checkpointRow(container, to)));
   }
 
+  /**
+   * Fault injection (the controller's debug route): flips one byte of a chunk that only this
+   * checkpoint references, as bit rot would, so reading it fails its hash check while older
+   * checkpoints stay readable. Returns the damaged chunk's hash.
+   */
+  async damageUniqueChunk(container: string, id: string): Promise<string> {
+    const target = this.checkpointRow(container, id);
+    const sharedWith = new Set<string>();
+    for (const row of this.db.prepare<[string], CheckpointRow>('SELECT * FROM checkpoints WHERE container = ?').all(container)) {
+      if (row.seq === target.seq) continue;
+      for (const part of this.partNames(row)) for (const h of chunkHashes(this.partManifest(row, part))) sharedWith.add(h.toString('hex'));
+    }
+    for (const part of this.partNames(target)) {
+      for (const hash of chunkHashes(this.partManifest(target, part))) {
+        if (sharedWith.has(hash.toString('hex'))) continue;
+        const chunk = this.db.prepare<[Buffer], ChunkRow>('SELECT hash, pack, offset, length FROM chunks WHERE hash = ?').get(hash);
+        if (!chunk || chunk.length === 0) continue;
+        const file = await open(this.packPath(chunk.pack), 'r+');
+        try {
+          const byte = Buffer.alloc(1);
+          await file.read(byte, 0, 1, chunk.offset);
+          byte[0] = byte[0]! ^ 0xff;
+          await file.write(byte, 0, 1, chunk.offset);
+          await file.sync();
+        } finally {
+          await file.close();
+        }
+        return hash.toString('hex');
+      }
+    }
+    throw new InvalidInputError(`checkpoint ${id} of ${container} has no chunk of its own to damage`, { container, checkpoint: id });
+  }
+
+  private partNames(row: CheckpointRow): string[] {
+    return this.db.prepare<[number], string>('SELECT name FROM parts WHERE checkpoint = ? ORDER BY name').pluck().all(row.seq);
+  }
+
   // ---------------------------------------------------------------- garbage collection
 
   /**

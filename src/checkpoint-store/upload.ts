@@ -30,6 +30,8 @@ export interface UploadCheckpointOptions {
   time?: number;
   logPosition?: number | null;
   metadata: Record<string, unknown>;
+  /** Called once every chunk is sent, right before the commit (fault injection hooks in here). */
+  beforeCommit?: () => Promise<void>;
   /** Per request; the chunk request gets no timeout beyond undici's idle ones. */
   timeoutMs?: number;
 }
@@ -58,6 +60,7 @@ export async function uploadCheckpoint(opts: UploadCheckpointOptions): Promise<U
       const frames = missingFrames(opts.parts, manifests, missing, (bytes) => (sentBytes += bytes));
       await putChunks(`${api.baseUrl}/v1/checkpoints/uploads/${upload.uploadId}/chunks`, opts.token, frames);
     }
+    await opts.beforeCommit?.();
     const info = await api.post<CheckpointInfo>(`/v1/checkpoints/uploads/${upload.uploadId}/commit`);
     return { ...info, sentBytes };
   } catch (err) {
