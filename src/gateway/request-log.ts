@@ -144,6 +144,11 @@ export class RequestLog {
     }
   }
 
+  /** Why appends are refused, if a write or sync failed. */
+  get failed(): StoreFailedError | undefined {
+    return this.failure;
+  }
+
   /** The highest seq on disk (0 if nothing was ever logged). */
   get lastSeq(): number {
     return this.durableSeq;
