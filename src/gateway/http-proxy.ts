@@ -330,11 +330,11 @@ export class HttpRouteProxy implements RouteProxy {
     this.replayRunning = true;
     const pool = new Pool(`http://${hostForUrl(upstream.address)}:${upstream.port}`, { connections: 1 });
     try {
-      this.abandonUpstream();
       await requestLog.flushed();
       const { firstSeq, lastSeq: through } = requestLog.state();
       if (afterSeq > through) throw new ConflictError(`the log of container '${name}' ends at ${through}, before position ${afterSeq}: it is not the log that position belongs to`, { name, afterSeq, lastSeq: through });
       if (afterSeq < firstSeq - 1) throw new ConflictError(`the log of container '${name}' was trimmed up to ${firstSeq - 1}: the records after ${afterSeq} are gone`, { name, afterSeq, firstSeq });
+      this.abandonUpstream();
       const result: ReplayResult = { replayed: 0, delivered: 0, dropped: 0, lastSeq: afterSeq };
       for await (const record of requestLog.read(afterSeq)) {
         if (record.seq > through) break;
