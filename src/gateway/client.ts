@@ -5,7 +5,7 @@
  * at the old one); sync() after either side restarted.
  */
 import { ApiClient } from '../shared/http.js';
-import type { RouteSpec, RouteView, SyncedRoute, Upstream } from './protocol.js';
+import type { HoldResponse, ReplayResult, RouteSpec, RouteView, SyncedRoute, Upstream } from './protocol.js';
 
 export interface GatewayClientOptions {
   url: string;
@@ -37,9 +37,27 @@ export class GatewayClient {
     return this.api.delete(`/v1/routes/${encodeURIComponent(name)}`);
   }
 
-  /** New traffic waits from now on; `timeoutMs` (capped by the gateway) ends the hold if no release comes. */
-  hold(name: string, migrationId: string, timeoutMs?: number): Promise<RouteView> {
+  /**
+   * New traffic waits from now on; `timeoutMs` (capped by the gateway) ends the hold if no
+   * release comes. On a logged route the answer has the cut: `logPosition`, or `uncleanCut`
+   * saying why a checkpoint taken now is not a restore point.
+   */
+  hold(name: string, migrationId: string, timeoutMs?: number): Promise<HoldResponse> {
     return this.api.post(`/v1/routes/${encodeURIComponent(name)}/hold`, { migrationId, ...(timeoutMs !== undefined ? { timeoutMs } : {}) });
+  }
+
+  /**
+   * Sends the held route's logged requests after `afterSeq` (the checkpoint's logPosition), in
+   * order, to the container restored at `upstream`; waiting clients get their answers. Then
+   * release() to the same upstream. A long log takes a while: `timeoutMs` defaults to 5 minutes.
+   */
+  replay(name: string, afterSeq: number, upstream: Upstream, timeoutMs = 300_000): Promise<ReplayResult> {
+    return this.api.post(`/v1/routes/${encodeURIComponent(name)}/replay`, { afterSeq, upstream }, { timeoutMs });
+  }
+
+  /** The checkpoint at `upToSeq` is committed: log records up to it are deleted. */
+  trimLog(name: string, upToSeq: number): Promise<RouteView> {
+    return this.api.post(`/v1/routes/${encodeURIComponent(name)}/log/trim`, { upToSeq });
   }
 
   /** Held and new traffic goes to `upstream` from now on. */

@@ -25,8 +25,12 @@ export interface HoldLimits {
 
 export const DEFAULT_HOLD_LIMITS: HoldLimits = { maxQueued: 10_000, maxQueuedBytes: 256 * 1024 * 1024, maxHoldMs: 30_000, reconnectMs: 5_000 };
 
-/** Why traffic was turned away; the `X-Chipmunk-Reason` header of a 503. */
-export type RefusalReason = 'queue-full' | 'hold-timeout' | 'no-upstream' | 'route-removed' | 'shutting-down';
+/**
+ * Why traffic was turned away; the `X-Chipmunk-Reason` header of a 503. The last two are for
+ * logged routes: the log could not be written (the request was not forwarded), or the upstream
+ * was lost and no replay answered within maxReplayWaitMs.
+ */
+export type RefusalReason = 'queue-full' | 'hold-timeout' | 'no-upstream' | 'route-removed' | 'shutting-down' | 'log-failed' | 'upstream-lost';
 
 export class RouteRefusedError extends UnavailableError {
   constructor(

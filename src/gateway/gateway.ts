@@ -6,13 +6,15 @@
  * after (before the API answers): traffic follows a hold or release at once, and a failed write
  * is reported as such (StoreFailedError) with the change already live.
  */
+import { join } from 'node:path';
 import type { Logger } from 'pino';
 import { ConflictError, InvalidInputError } from '../shared/errors.js';
 import type { HoldLimits } from './gate.js';
 import { HttpRouteProxy } from './http-proxy.js';
 import type { GatewayMetrics } from './metrics.js';
-import type { HoldRequest, ReleaseRequest, Route, RouteSpec, RouteView, SyncedRoute } from './protocol.js';
+import type { HoldRequest, HoldResponse, ReleaseRequest, ReplayRequest, ReplayResult, Route, RouteSpec, RouteView, SyncedRoute } from './protocol.js';
 import type { RouteProxy } from './proxy.js';
+import { RequestLog } from './request-log.js';
 import { RouteStateFile, RouteTable } from './routes.js';
 import { TcpRouteProxy } from './tcp-proxy.js';
 
@@ -22,6 +24,10 @@ export interface GatewaySettings {
   limits: HoldLimits;
   replayableBodyBytes: number;
   upstreamConnections: number;
+  /** Logged routes keep their request logs in `<logDir>/<route>/`. */
+  logDir: string;
+  maxLoggedBodyBytes: number;
+  maxReplayWaitMs: number;
   stateFile: RouteStateFile;
   metrics: GatewayMetrics;
   log: Logger;
@@ -35,6 +41,8 @@ export class Gateway {
   /** Routes left without a listener, and why (port taken when the gateway started, or when a protocol change rebound it). */
   private readonly listenErrors = new Map<string, string>();
   private readonly holdTimers = new Map<string, NodeJS.Timeout>();
+  /** The open request log of every logged route. */
+  private readonly requestLogs = new Map<string, RequestLog>();
   private queue: Promise<unknown> = Promise.resolve();
   private closed = false;
 
@@ -82,8 +90,11 @@ export class Gateway {
     });
   }
 
-  /** Holds new traffic for `migrationId` until release(), or until the hold times out. */
-  hold(name: string, request: HoldRequest): Promise<RouteView> {
+  /**
+   * Holds new traffic for `migrationId` until release(), or until the hold times out. On a
+   * logged route the answer carries the cut: the log position a checkpoint taken now is at.
+   */
+  hold(name: string, request: HoldRequest): Promise<HoldResponse> {
     return this.serialized(async () => {
       this.applyHold(name, request);
       await this.save();
@@ -92,14 +103,36 @@ export class Gateway {
       // One turn of the event loop first: a request let through just before the hold may
       // still be between the gate and the upstream, not yet counted as in flight.
       await new Promise((resolve) => setImmediate(resolve));
-      await this.proxies.get(name)?.idle(HOLD_DRAIN_MS);
-      return this.get(name);
+      const proxy = this.proxies.get(name);
+      await proxy?.idle(HOLD_DRAIN_MS);
+      const cut = proxy instanceof HttpRouteProxy ? proxy.cut() : undefined;
+      return { ...this.get(name), ...cut };
     });
+  }
+
+  /**
+   * Sends a held, logged route's records after `afterSeq` to the restored container (see
+   * HttpRouteProxy.replay). Not queued with the other changes: it may take a while, and the
+   * periodic sync must go on meanwhile; release() is refused until it ends.
+   */
+  replay(name: string, request: ReplayRequest): Promise<ReplayResult> {
+    return this.loggedProxy(name).replay(request.afterSeq, request.upstream);
+  }
+
+  /** Drops the log records up to `upToSeq`: a checkpoint at that position is committed. */
+  async trimLog(name: string, upToSeq: number): Promise<RouteView> {
+    this.loggedProxy(name);
+    await this.requestLogs.get(name)?.trim(upToSeq);
+    return this.get(name);
   }
 
   /** Sends held and new traffic to `upstream`, the container's new location (or its old one after a failed migration). */
   release(name: string, request: ReleaseRequest): Promise<RouteView> {
     return this.serialized(async () => {
+      const proxy = this.proxies.get(name);
+      if (proxy instanceof HttpRouteProxy && proxy.replaying) {
+        throw new ConflictError(`container '${name}''s request log is being replayed: release the route once the replay has answered`, { name });
+      }
       const now = Date.now();
       const route = this.table.withRelease(name, request.migrationId, request.upstream, now);
       this.commit(route);
@@ -145,6 +178,8 @@ export class Gateway {
       this.holdTimers.clear();
       await Promise.all([...this.proxies.values()].map((proxy) => proxy.close('shutting-down')));
       this.proxies.clear();
+      await Promise.all([...this.requestLogs.values()].map((log) => log.close()));
+      this.requestLogs.clear();
     });
   }
 
@@ -155,6 +190,7 @@ export class Gateway {
     const proxy = this.proxies.get(name);
     this.proxies.delete(name);
     await proxy?.close('route-removed');
+    await this.dropRequestLog(name);
     this.settings.log.info({ route: name }, 'route removed');
   }
 
@@ -162,8 +198,11 @@ export class Gateway {
     const previous = this.table.find(name);
     const route = this.table.withSpec(name, spec);
     const proxy = this.proxies.get(name);
+    const requestLog = await this.requestLogOf(route);
     if (previous && proxy && route.protocol === previous.protocol && route.listenPort === previous.listenPort) {
+      if (proxy instanceof HttpRouteProxy) proxy.useLog(requestLog);
       if (route !== previous) this.commit(route);
+      if (!route.log) await this.dropRequestLog(name);
       return;
     }
     // A new listener: for a new route, a route whose listener failed before, or a new port or protocol.
@@ -180,12 +219,15 @@ export class Gateway {
     } catch (err) {
       // A route left without any listener says why.
       if (previous && !this.proxies.has(name)) this.listenErrors.set(name, (err as Error).message);
+      // A route that could not be created keeps no log.
+      if (!previous) await this.dropRequestLog(name);
       throw err;
     }
     await replaced?.close('route-removed');
     this.proxies.set(name, started);
     this.listenErrors.delete(name);
     this.table.set(route);
+    if (!route.log) await this.dropRequestLog(name);
     this.settings.log.info({ route: route.name, protocol: route.protocol, listenPort: route.listenPort, upstream: route.upstream }, 'route listening');
   }
 
@@ -255,15 +297,57 @@ export class Gateway {
     this.holdTimers.delete(name);
   }
 
-  private startProxy(route: Route): Promise<RouteProxy> {
-    const { routeHost: host, limits, log, metrics, replayableBodyBytes, upstreamConnections } = this.settings;
+  private async startProxy(route: Route): Promise<RouteProxy> {
+    const { routeHost: host, limits, log, metrics } = this.settings;
     const settings = { host, limits, log, metrics: metrics.forRoute(route.name) };
-    return route.protocol === 'http' ? HttpRouteProxy.listen(route, { ...settings, replayableBodyBytes, upstreamConnections }) : TcpRouteProxy.listen(route, settings);
+    if (route.protocol === 'tcp') return TcpRouteProxy.listen(route, settings);
+    const { replayableBodyBytes, upstreamConnections, maxLoggedBodyBytes, maxReplayWaitMs } = this.settings;
+    const requestLog = await this.requestLogOf(route);
+    return HttpRouteProxy.listen(route, { ...settings, replayableBodyBytes, upstreamConnections, maxLoggedBodyBytes, maxReplayWaitMs, requestLog });
+  }
+
+  /** The route's request log, opened (and kept) on first use; none if the route is not logged. */
+  private async requestLogOf(route: Route): Promise<RequestLog | undefined> {
+    if (!route.log) return undefined;
+    let requestLog = this.requestLogs.get(route.name);
+    if (!requestLog) {
+      const metrics = this.settings.metrics;
+      requestLog = await RequestLog.open(join(this.settings.logDir, route.name), {
+        onBatch: (records, seconds) => metrics.logBatch(route.name, records, seconds),
+      });
+      this.requestLogs.set(route.name, requestLog);
+    }
+    return requestLog;
+  }
+
+  /** A route no longer logged (or removed): its log no longer describes the container, it is deleted. */
+  private async dropRequestLog(name: string): Promise<void> {
+    const requestLog = this.requestLogs.get(name);
+    if (!requestLog) return;
+    this.requestLogs.delete(name);
+    await requestLog.destroy();
+    this.settings.log.info({ route: name, dir: requestLog.dir }, 'request log deleted');
+  }
+
+  private loggedProxy(name: string): HttpRouteProxy {
+    const route = this.table.get(name);
+    const proxy = this.proxies.get(name);
+    if (!route.log || !(proxy instanceof HttpRouteProxy)) {
+      throw new ConflictError(`the route of container '${name}' is not logged (PUT it with log: true, http only)${proxy ? '' : ', or has no listener'}`, { name });
+    }
+    return proxy;
   }
 
   private view(route: Route): RouteView {
     const listenError = this.listenErrors.get(route.name);
-    return { ...route, held: this.proxies.get(route.name)?.held ?? 0, ...(listenError ? { listenError } : {}) };
+    const proxy = this.proxies.get(route.name);
+    const requestLog = this.requestLogs.get(route.name);
+    return {
+      ...route,
+      held: proxy?.held ?? 0,
+      ...(listenError ? { listenError } : {}),
+      ...(requestLog ? { requestLog: { ...requestLog.state(), parked: proxy instanceof HttpRouteProxy ? proxy.parked : 0 } } : {}),
+    };
   }
 
   private save(): Promise<void> {

@@ -4,6 +4,12 @@
  * backpressure; only request bodies up to `replayableBodyBytes` are read whole first, so that
  * they can be sent again (docs/gateway.md, "Which requests are sent again").
  *
+ * A logged route (docs/gateway.md, "Request log") reads every body whole, appends the request
+ * to the route's RequestLog when it is about to be forwarded and forwards it once that is on
+ * disk. A logged request whose upstream is lost before it answers is parked: its client waits
+ * for replay(), which sends the log after a checkpoint's position to the restored container
+ * and gives each waiting client the answer to its own request.
+ *
  * node:http serves the clients: keep-alive, and pipelined requests answered in order (each
  * request gets its own ServerResponse, which node writes out only after the previous one).
  */
@@ -11,10 +17,11 @@ import { STATUS_CODES, createServer, type IncomingMessage, type Server, type Ser
 import { Readable } from 'node:stream';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { Pool, type Dispatcher } from 'undici';
-import { InvalidInputError, toChipmunkError, type ChipmunkError } from '../shared/errors.js';
+import { ChipmunkError, ConflictError, InvalidInputError, toChipmunkError } from '../shared/errors.js';
 import { RouteGate, RouteRefusedError, UpstreamFailedError } from './gate.js';
-import type { Route, Upstream } from './protocol.js';
+import type { ReplayResult, Route, Upstream } from './protocol.js';
 import { listenForRoute, type ProxySettings, type RouteProxy } from './proxy.js';
+import type { LogRecord, RequestLog } from './request-log.js';
 import { sameUpstream } from './routes.js';
 
 export interface HttpProxySettings extends ProxySettings {
@@ -22,7 +29,35 @@ export interface HttpProxySettings extends ProxySettings {
   replayableBodyBytes: number;
   /** Connections to one upstream; a released queue of thousands must not open thousands at once. */
   upstreamConnections: number;
+  /** Logged routes: larger request bodies are refused (413 body-too-large-to-log). */
+  maxLoggedBodyBytes: number;
+  /** Logged routes: how long a request whose upstream was lost waits for a replay (then 503 upstream-lost). */
+  maxReplayWaitMs: number;
+  /** The route's request log, if it is logged. */
+  requestLog?: RequestLog;
 }
+
+/** A logged route's request whose body exceeds maxLoggedBodyBytes: it cannot be logged, so it is not forwarded. */
+export class BodyTooLargeToLogError extends ChipmunkError {
+  readonly reason = 'body-too-large-to-log';
+
+  constructor(route: string, limit: number) {
+    super('CHIPMUNK_INVALID_INPUT', `container '${route}' logs its requests, and request bodies over ${limit} bytes are not logged: send a smaller body`, {
+      status: 413,
+      details: { reason: 'body-too-large-to-log', route, maxLoggedBodyBytes: limit },
+    });
+  }
+}
+
+/** A replay stopped at a record the restored container did not answer. */
+export class ReplayFailedError extends ChipmunkError {
+  constructor(message: string, details: Record<string, unknown>) {
+    super('CHIPMUNK_UNAVAILABLE', message, { status: 502, details });
+  }
+}
+
+/** Tries per record of a replay while the restored container refuses connections (it may need a moment). */
+const REPLAY_ATTEMPTS = 8;
 
 /** Sent again even if they may have reached the container: they change nothing there. */
 const ALWAYS_RESENDABLE = new Set(['GET', 'HEAD', 'OPTIONS']);
@@ -61,12 +96,18 @@ export class HttpRouteProxy implements RouteProxy {
    */
   private drainedBeforeMove = false;
   private readonly idleWaiters: Array<() => void> = [];
+  private requestLog?: RequestLog;
+  /** Logged requests by seq whose clients still wait for an answer (in flight, retrying or parked). */
+  private readonly unanswered = new Map<number, ProxiedExchange>();
+  private parkedCount = 0;
+  private replayRunning = false;
 
   private constructor(
     route: Route,
     private readonly settings: HttpProxySettings,
   ) {
     this.gate = new RouteGate(route, settings.limits, settings.metrics.held);
+    this.requestLog = settings.requestLog;
     this.followUpstream(route);
     this.server = createServer({ noDelay: true }, (req, res) => void this.forward(req, res));
   }
@@ -84,6 +125,36 @@ export class HttpRouteProxy implements RouteProxy {
 
   get held(): number {
     return this.gate.held;
+  }
+
+  /** Logged requests waiting for a replay to answer them. */
+  get parked(): number {
+    return this.parkedCount;
+  }
+
+  get replaying(): boolean {
+    return this.replayRunning;
+  }
+
+  /** Starts or stops logging; a request keeps the log it started with. */
+  useLog(requestLog: RequestLog | undefined): void {
+    this.requestLog = requestLog;
+  }
+
+  /**
+   * The cut at the start of a hold (after idle()): the log position every request up to which
+   * was answered, none after it forwarded; or why there is no clean one.
+   */
+  cut(): { logPosition: number } | { uncleanCut: string } | undefined {
+    const log = this.requestLog;
+    if (!log) return undefined;
+    if (log.failed) return { uncleanCut: `the request log cannot be written (${log.failed.message})` };
+    if (this.inFlight > 0 || this.unanswered.size > 0) {
+      return {
+        uncleanCut: `${Math.max(this.inFlight, this.unanswered.size)} logged requests are still unanswered (${this.parkedCount} parked): the container may or may not have applied them`,
+      };
+    }
+    return { logPosition: log.lastSeq };
   }
 
   update(route: Route, expired = false): void {
@@ -125,6 +196,18 @@ export class HttpRouteProxy implements RouteProxy {
     }
   }
 
+  /**
+   * Gives the current upstream up (the container is lost there and restored elsewhere): what is
+   * in progress there fails now, and logged requests park for the replay. The next route update
+   * makes a pool again.
+   */
+  private abandonUpstream(): void {
+    const lost = this.upstream;
+    this.upstream = undefined;
+    this.drainedBeforeMove = false;
+    void lost?.pool.destroy(new MovedAwayError(`container '${this.gate.route.name}' is being restored elsewhere: given up at ${lost.at.address}:${lost.at.port}`, false));
+  }
+
   async idle(timeoutMs: number): Promise<void> {
     this.drainedBeforeMove = await new Promise<boolean>((resolve) => {
       if (this.inFlight === 0) return resolve(true);
@@ -142,6 +225,8 @@ export class HttpRouteProxy implements RouteProxy {
       await this.exchange(exchange);
     } catch (err) {
       if (!exchange.clientGone) this.answerError(res, toChipmunkError(err));
+    } finally {
+      if (exchange.seq !== undefined) this.unanswered.delete(exchange.seq);
     }
     this.settings.metrics.request(exchange.clientGone && !res.headersSent ? 0 : res.statusCode);
   }
@@ -150,31 +235,146 @@ export class HttpRouteProxy implements RouteProxy {
   private async exchange(exchange: ProxiedExchange): Promise<void> {
     const { req } = exchange;
     if (req.url?.[0] !== '/') throw new InvalidInputError('the gateway only proxies origin-form request targets (a path starting with /)');
+    const requestLog = this.requestLog;
     // Read before the hold queue, so that held requests leave in the order they came (the
-    // queue's byte bound keeps what it holds in memory in check).
-    const body = await readBody(req, this.settings.replayableBodyBytes);
+    // queue's byte bound keeps what it holds in memory in check). A logged body is read whole:
+    // the log keeps it.
+    const body = requestLog ? await readLoggedBody(req, this.gate.route.name, this.settings.maxLoggedBodyBytes) : await readBody(req, this.settings.replayableBodyBytes);
     const headers = upstreamHeaders(req);
     for (let attempts = 0; ; attempts++) {
       const route = await this.gate.pass(this.gate.route.state === 'holding' ? exchange.waitSignal() : undefined, body.bytesInMemory);
-      // pass() resolved, so the route has an upstream, and followUpstream made its pool.
-      const pool = (this.upstream as { pool: Pool }).pool;
+      if (exchange.claimed) return this.park(exchange);
       this.inFlight++;
-      let failure: Awaited<ReturnType<ProxiedExchange['send']>>;
+      let failure: FailedSend | undefined;
       try {
-        failure = await exchange.send(pool, headers, body.payload);
+        // Logged when it is about to be forwarded, not while it was held: so a request is
+        // either in the log before a cut, or forwarded after it, never replayed and sent live.
+        if (requestLog && exchange.seq === undefined) await this.logRequest(requestLog, exchange, headers, body.payload as Buffer | null);
+        // A replay may have taken the request over meanwhile, or given the upstream up.
+        if (exchange.claimed) failure = undefined;
+        else if (this.upstream) failure = await exchange.send(this.upstream.pool, headers, body.payload);
+        else failure = { error: new Error(`container '${route.name}' is being restored elsewhere`), written: false };
       } finally {
         if (--this.inFlight === 0) for (const wake of this.idleWaiters.splice(0)) wake();
       }
+      if (exchange.claimed) return this.park(exchange);
       if (!failure || exchange.clientGone) return;
       // Sent again only if that cannot do harm: the body is at hand, and the method changes
       // nothing or the request cannot have reached the container (no byte of it was written).
       const resendable = body.replayable && (ALWAYS_RESENDABLE.has(req.method ?? '') || !failure.written || unprocessedByMovedContainer(failure.error));
       const delay = this.gate.retryDelay({ route, resendable, connectFailed: !failure.written, attempts });
-      if (delay === undefined) throw upstreamFailure(route, failure);
+      if (delay === undefined) {
+        // A logged request may or may not have reached the container: not a 502, its answer
+        // comes from the replay once the container is restored from a checkpoint.
+        if (exchange.seq !== undefined) return this.park(exchange, route, failure);
+        throw upstreamFailure(route, failure);
+      }
       this.settings.metrics.retry();
       this.settings.log.debug({ route: route.name, method: req.method, url: req.url, err: failure.error.message, delay }, 'sending again after the upstream failed');
       if (delay > 0) await sleep(delay);
       if (exchange.clientGone) return;
+    }
+  }
+
+  private async logRequest(requestLog: RequestLog, exchange: ProxiedExchange, headers: string[], body: Buffer | null): Promise<void> {
+    const { req } = exchange;
+    let seq: number;
+    try {
+      seq = await requestLog.append({ method: req.method as string, url: req.url as string, headers, body });
+    } catch (err) {
+      throw new RouteRefusedError('log-failed', `the request log of container '${this.gate.route.name}' cannot be written, so the request was not forwarded (${(err as Error).message})`, {
+        route: this.gate.route.name,
+      });
+    }
+    exchange.seq = seq;
+    if (!exchange.clientGone) this.unanswered.set(seq, exchange);
+  }
+
+  /** Waits, bounded by maxReplayWaitMs, for a replay to answer a logged request whose upstream was lost. */
+  private async park(exchange: ProxiedExchange, route?: Route, failure?: FailedSend): Promise<void> {
+    if (failure && route) {
+      this.settings.log.warn(
+        { route: route.name, seq: exchange.seq, upstream: route.upstream, err: failure.error.message },
+        'upstream lost before answering a logged request: it waits for the replay',
+      );
+    }
+    this.settings.metrics.parked(++this.parkedCount);
+    try {
+      await exchange.awaitReplay(this.settings.maxReplayWaitMs, () => {
+        const name = this.gate.route.name;
+        return new RouteRefusedError(
+          'upstream-lost',
+          `container '${name}' stopped answering and was not restored within ${this.settings.maxReplayWaitMs} ms: request ${exchange.seq} is in its log and may or may not have been applied`,
+          { route: name, seq: exchange.seq },
+        );
+      });
+    } finally {
+      this.settings.metrics.parked(--this.parkedCount);
+    }
+  }
+
+  /**
+   * Sends every logged record with seq > afterSeq, one at a time in seq order, to `upstream`
+   * (the container restored from the checkpoint at afterSeq). A client still waiting for a
+   * record's answer gets it; other answers are dropped. The route must be held, so no live
+   * request mixes in; the records covered are those on disk when the replay starts.
+   */
+  async replay(afterSeq: number, upstream: Upstream): Promise<ReplayResult> {
+    const name = this.gate.route.name;
+    const requestLog = this.requestLog;
+    if (!requestLog) throw new ConflictError(`the route of container '${name}' is not logged: there is nothing to replay`, { name });
+    if (this.gate.route.state !== 'holding') {
+      throw new ConflictError(`hold the route of container '${name}' before replaying its log: live requests would mix with the replay`, { name });
+    }
+    if (this.replayRunning) throw new ConflictError(`a replay of container '${name}''s log is already running`, { name });
+    this.replayRunning = true;
+    const pool = new Pool(`http://${hostForUrl(upstream.address)}:${upstream.port}`, { connections: 1 });
+    try {
+      await requestLog.flushed();
+      const { firstSeq, lastSeq: through } = requestLog.state();
+      if (afterSeq > through) throw new ConflictError(`the log of container '${name}' ends at ${through}, before position ${afterSeq}: it is not the log that position belongs to`, { name, afterSeq, lastSeq: through });
+      if (afterSeq < firstSeq - 1) throw new ConflictError(`the log of container '${name}' was trimmed up to ${firstSeq - 1}: the records after ${afterSeq} are gone`, { name, afterSeq, firstSeq });
+      this.abandonUpstream();
+      const result: ReplayResult = { replayed: 0, delivered: 0, dropped: 0, lastSeq: afterSeq };
+      for await (const record of requestLog.read(afterSeq)) {
+        if (record.seq > through) break;
+        const waiting = this.unanswered.get(record.seq);
+        const client = waiting && (await waiting.claimForReplay()) ? waiting : undefined;
+        try {
+          await this.replayRecord(pool, record, upstream, client);
+        } catch (err) {
+          client?.replayFinished(false);
+          throw err;
+        }
+        client?.replayFinished(true);
+        const outcome = client && !client.clientGone ? 'delivered' : 'dropped';
+        result.replayed++;
+        result.lastSeq = record.seq;
+        result[outcome]++;
+        this.settings.metrics.replayed(outcome);
+      }
+      this.settings.log.info({ route: name, afterSeq, ...result, upstream }, 'request log replayed');
+      return result;
+    } finally {
+      this.replayRunning = false;
+      await pool.destroy();
+    }
+  }
+
+  private async replayRecord(pool: Pool, record: LogRecord, upstream: Upstream, client: ProxiedExchange | undefined): Promise<void> {
+    for (let attempt = 1; ; attempt++) {
+      const failure = client ? await client.send(pool, record.headers, record.body) : await sendDiscardingAnswer(pool, record);
+      if (!failure) return;
+      // Only a connection that failed is tried again: a request that was written may have been applied.
+      if (failure.written || attempt === REPLAY_ATTEMPTS) {
+        const where = `${upstream.address}:${upstream.port}`;
+        const maybe = failure.written ? ' it may have been applied;' : '';
+        throw new ReplayFailedError(
+          `replaying request ${record.seq} (${record.method} ${record.url}) to container '${this.gate.route.name}' at ${where} failed after ${attempt} attempts (${failure.error.message}):${maybe} the replay stopped there`,
+          { route: this.gate.route.name, seq: record.seq, upstream: where, written: failure.written },
+        );
+      }
+      await sleep(Math.min(50 * 2 ** (attempt - 1), 1_000));
     }
   }
 
@@ -183,7 +383,7 @@ export class HttpRouteProxy implements RouteProxy {
       res.destroy();
       return;
     }
-    const reason = err instanceof RouteRefusedError || err instanceof UpstreamFailedError ? err.reason : undefined;
+    const reason = err instanceof RouteRefusedError || err instanceof UpstreamFailedError || err instanceof BodyTooLargeToLogError ? err.reason : undefined;
     if (err instanceof UpstreamFailedError) this.settings.log.warn({ route: this.gate.route.name, err: err.toJSON() }, err.message);
     const text = JSON.stringify(err.toJSON());
     res.writeHead(err.status, {
@@ -226,6 +426,25 @@ async function readBody(req: IncomingMessage, limit: number): Promise<RequestBod
   return { payload: Readable.from(readAheadThenRest(chunks, reader), { objectMode: false }), replayable: false, bytesInMemory: size };
 }
 
+/** A logged request's body, read whole; over `limit` bytes it cannot be logged. */
+async function readLoggedBody(req: IncomingMessage, route: string, limit: number): Promise<RequestBody> {
+  const length = req.headers['content-length'];
+  if (req.headers['transfer-encoding'] === undefined) {
+    if (length === undefined || length === '0') return NO_BODY;
+    if (Number(length) > limit) throw new BodyTooLargeToLogError(route, limit);
+  }
+  const chunks: Buffer[] = [];
+  let size = 0;
+  // Not for-await: leaving that loop early would destroy the connection before the 413 is sent.
+  const reader = req[Symbol.asyncIterator]() as AsyncIterator<Buffer>;
+  for (let next = await reader.next(); !next.done; next = await reader.next()) {
+    size += next.value.length;
+    if (size > limit) throw new BodyTooLargeToLogError(route, limit);
+    chunks.push(next.value);
+  }
+  return { payload: size ? Buffer.concat(chunks, size) : null, replayable: true, bytesInMemory: size };
+}
+
 async function* readAheadThenRest(first: Buffer[], rest: AsyncIterator<Buffer>): AsyncIterable<Buffer> {
   yield* first;
   for (let next = await rest.next(); !next.done; next = await rest.next()) yield next.value;
@@ -247,11 +466,21 @@ interface FailedSend {
  */
 class ProxiedExchange implements Dispatcher.DispatchHandlers {
   clientGone = false;
+  /** Its place in the route's request log, once logged. */
+  seq?: number;
+  /** A replay answers this client: the live attempts are over. */
+  claimed = false;
   private abortUpstream?: (err?: Error) => void;
+  private resumeUpstream?: () => void;
   private waiting?: AbortController;
   private written = false;
   private answering = false;
   private settle?: (failure: FailedSend | undefined) => void;
+  /** The attempt in progress, which a replay waits out before it answers through this exchange. */
+  private attempt?: Promise<FailedSend | undefined>;
+  private replayDelivered = false;
+  private replayWaitExpired = false;
+  private parked?: { resolve(): void; reject(err: Error): void; lost: () => Error; timer: NodeJS.Timeout };
 
   constructor(
     readonly req: IncomingMessage,
@@ -260,8 +489,11 @@ class ProxiedExchange implements Dispatcher.DispatchHandlers {
     res.once('close', () => {
       if (res.writableFinished) return;
       this.clientGone = true;
-      this.abortUpstream?.();
       this.waiting?.abort();
+      this.endParking();
+      // A replayed request goes on without its client (the restored container needs it), its answer dropped.
+      if (this.claimed) this.resumeUpstream?.();
+      else this.abortUpstream?.();
     });
   }
 
@@ -277,35 +509,94 @@ class ProxiedExchange implements Dispatcher.DispatchHandlers {
    */
   send(pool: Pool, headers: string[], payload: RequestBody['payload']): Promise<FailedSend | undefined> {
     this.written = false;
-    return new Promise((resolve) => {
-      this.settle = resolve;
+    this.attempt = new Promise((resolve) => {
+      this.settle = (failure) => {
+        this.settle = undefined;
+        this.attempt = undefined;
+        resolve(failure);
+      };
       pool.dispatch({ path: this.req.url as string, method: this.req.method as Dispatcher.HttpMethod, headers, body: payload }, this);
     });
+    return this.attempt;
+  }
+
+  /**
+   * A replay takes over answering this client, unless an answer already started (or the client
+   * left). A live attempt still in progress is given up first (its upstream was abandoned).
+   */
+  async claimForReplay(): Promise<boolean> {
+    if (this.clientGone || this.answering || this.claimed) return false;
+    this.claimed = true;
+    if (this.attempt) {
+      this.abortUpstream?.(new Error('answered by the replay instead'));
+      await this.attempt;
+    }
+    if (this.answering || this.clientGone) {
+      this.replayFinished(true);
+      return false;
+    }
+    return true;
+  }
+
+  /** The replay is done with this client: answered (`true`), or it failed before (the client waits on, bounded). */
+  replayFinished(answered: boolean): void {
+    if (answered) {
+      this.replayDelivered = true;
+      this.endParking();
+      return;
+    }
+    this.claimed = false;
+    if (this.replayWaitExpired) this.endParking(this.parked?.lost());
+  }
+
+  /** Resolves once a replay answered this client (or it left); rejects with `lost()` after `timeoutMs` without one. */
+  awaitReplay(timeoutMs: number, lost: () => Error): Promise<void> {
+    if (this.replayDelivered || this.clientGone) return Promise.resolve();
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.replayWaitExpired = true;
+        // A replay answering right now is let finish.
+        if (!this.claimed) this.endParking(lost());
+      }, timeoutMs);
+      this.parked = { resolve, reject, lost, timer };
+    });
+  }
+
+  private endParking(err?: Error): void {
+    const parked = this.parked;
+    if (!parked) return;
+    this.parked = undefined;
+    clearTimeout(parked.timer);
+    if (err) parked.reject(err);
+    else parked.resolve();
   }
 
   onConnect(abort: (err?: Error) => void): void {
     this.written = true;
     this.abortUpstream = abort;
-    if (this.clientGone) abort();
+    if (this.clientGone && !this.claimed) abort();
   }
 
   onHeaders(statusCode: number, rawHeaders: Buffer[], resume: () => void, statusText: string): boolean {
     // Informational answers (103) are not passed on: node's ServerResponse has no way to.
     if (statusCode < 200) return true;
     this.answering = true;
+    // A replayed answer whose client left is read and dropped.
+    if (this.clientGone) return true;
     const res = this.res;
     // Head, body and end of a small answer usually arrive in one read: corked until the next
     // tick, they leave in one write instead of three.
     res.cork();
     process.nextTick(uncork, res);
     res.writeHead(statusCode, statusText || (STATUS_CODES[statusCode] ?? 'Unknown'), clientHeaders(rawHeaders));
+    this.resumeUpstream = resume;
     res.on('drain', resume);
     return true;
   }
 
   /** false pauses undici until 'drain' resumes it: the body never piles up here. */
   onData(chunk: Buffer): boolean {
-    return this.res.write(chunk);
+    return this.clientGone || this.res.write(chunk);
   }
 
   onComplete(): void {
@@ -323,6 +614,25 @@ class ProxiedExchange implements Dispatcher.DispatchHandlers {
       this.settle?.({ error, written: this.written });
     }
   }
+}
+
+/** Sends a replayed record whose client had its answer already: the answer is read and dropped. */
+function sendDiscardingAnswer(pool: Pool, record: LogRecord): Promise<FailedSend | undefined> {
+  return new Promise((resolve) => {
+    let written = false;
+    pool.dispatch(
+      { path: record.url, method: record.method as Dispatcher.HttpMethod, headers: record.headers, body: record.body },
+      {
+        onConnect: () => {
+          written = true;
+        },
+        onHeaders: () => true,
+        onData: () => true,
+        onComplete: () => resolve(undefined),
+        onError: (error) => resolve({ error, written }),
+      },
+    );
+  });
 }
 
 function uncork(res: ServerResponse): void {

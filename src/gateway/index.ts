@@ -8,7 +8,7 @@
  */
 import { mkdir } from 'node:fs/promises';
 import type { AddressInfo } from 'node:net';
-import { dirname } from 'node:path';
+import { dirname, join } from 'node:path';
 import { pino, type Logger } from 'pino';
 import { InvalidInputError } from '../shared/errors.js';
 import { DEFAULT_HOLD_LIMITS, type HoldLimits } from './gate.js';
@@ -19,10 +19,25 @@ import { buildGatewayServer } from './server.js';
 
 export { GatewayClient, type GatewayClientOptions } from './client.js';
 export { DEFAULT_HOLD_LIMITS, type HoldLimits, type RefusalReason, type UpstreamFailureReason } from './gate.js';
-export type { HoldRequest, ReleaseRequest, Route, RouteProtocol, RouteSpec, RouteView, SyncedRoute, Upstream } from './protocol.js';
+export type {
+  HoldRequest,
+  HoldResponse,
+  ReleaseRequest,
+  ReplayRequest,
+  ReplayResult,
+  RequestLogView,
+  Route,
+  RouteProtocol,
+  RouteSpec,
+  RouteView,
+  SyncedRoute,
+  Upstream,
+} from './protocol.js';
 
 export const DEFAULT_REPLAYABLE_BODY_BYTES = 1024 * 1024;
 export const DEFAULT_UPSTREAM_CONNECTIONS = 256;
+export const DEFAULT_MAX_LOGGED_BODY_BYTES = 8 * 1024 * 1024;
+export const DEFAULT_MAX_REPLAY_WAIT_MS = 60_000;
 
 export interface GatewayOptions {
   /** Where the API listens (the controller talks to it). */
@@ -38,6 +53,12 @@ export interface GatewayOptions {
   replayableBodyBytes?: number;
   /** Connections per upstream (256). */
   upstreamConnections?: number;
+  /** Folder of the logged routes' request logs, one subfolder per route (default: `request-log` next to `stateFile`). */
+  logDir?: string;
+  /** Logged routes refuse larger request bodies with 413 (8 MiB). */
+  maxLoggedBodyBytes?: number;
+  /** Logged routes: longest wait of a request whose upstream was lost for the replay that answers it (60 s). */
+  maxReplayWaitMs?: number;
   logger?: Logger;
 }
 
@@ -52,8 +73,11 @@ export async function startGateway(opts: GatewayOptions): Promise<RunningGateway
   const limits: HoldLimits = { ...DEFAULT_HOLD_LIMITS, ...opts.holdLimits };
   const replayableBodyBytes = opts.replayableBodyBytes ?? DEFAULT_REPLAYABLE_BODY_BYTES;
   const upstreamConnections = opts.upstreamConnections ?? DEFAULT_UPSTREAM_CONNECTIONS;
-  requirePositive({ ...limits, upstreamConnections });
-  requirePositive({ replayableBodyBytes }, 0);
+  const maxLoggedBodyBytes = opts.maxLoggedBodyBytes ?? DEFAULT_MAX_LOGGED_BODY_BYTES;
+  const maxReplayWaitMs = opts.maxReplayWaitMs ?? DEFAULT_MAX_REPLAY_WAIT_MS;
+  const logDir = opts.logDir ?? join(dirname(opts.stateFile), 'request-log');
+  requirePositive({ ...limits, upstreamConnections, maxReplayWaitMs });
+  requirePositive({ replayableBodyBytes, maxLoggedBodyBytes }, 0);
 
   await mkdir(dirname(opts.stateFile), { recursive: true });
   const metrics = new GatewayMetrics();
@@ -62,6 +86,9 @@ export async function startGateway(opts: GatewayOptions): Promise<RunningGateway
     limits,
     replayableBodyBytes,
     upstreamConnections,
+    logDir,
+    maxLoggedBodyBytes,
+    maxReplayWaitMs,
     stateFile: new RouteStateFile(opts.stateFile),
     metrics,
     log: logger,
@@ -83,7 +110,7 @@ export async function startGateway(opts: GatewayOptions): Promise<RunningGateway
   const address = app.server.address() as AddressInfo;
   const host = address.family === 'IPv6' ? `[${address.address}]` : address.address;
   const url = `http://${host}:${address.port}`;
-  logger.info({ stateFile: opts.stateFile, routes: gateway.list().length }, `gateway API listening on ${url}`);
+  logger.info({ stateFile: opts.stateFile, logDir, routes: gateway.list().length }, `gateway API listening on ${url}`);
   return {
     url,
     close: async () => {

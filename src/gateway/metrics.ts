@@ -39,11 +39,45 @@ export class GatewayMetrics {
     registers: [this.registry],
   });
 
+  private readonly logAppends = new Counter({
+    name: 'chipmunk_gateway_log_appends_total',
+    help: 'requests written to a logged route’s request log',
+    labelNames: ['route'] as const,
+    registers: [this.registry],
+  });
+  private readonly logBatchRecords = new Histogram({
+    name: 'chipmunk_gateway_log_batch_records',
+    help: 'requests per group commit (one write + fdatasync) of a request log',
+    labelNames: ['route'] as const,
+    buckets: [1, 2, 4, 8, 16, 32, 64, 128, 256, 512],
+    registers: [this.registry],
+  });
+  private readonly logSyncSeconds = new Histogram({
+    name: 'chipmunk_gateway_log_sync_seconds',
+    help: 'time to write and fdatasync one batch of a request log',
+    labelNames: ['route'] as const,
+    buckets: [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1],
+    registers: [this.registry],
+  });
+  private readonly replays = new Counter({
+    name: 'chipmunk_gateway_replayed_total',
+    help: 'logged requests replayed to a restored container, by outcome (delivered to a waiting client, or dropped: answered before)',
+    labelNames: ['route', 'outcome'] as const,
+    registers: [this.registry],
+  });
+  private readonly parkedRequests = new Gauge({
+    name: 'chipmunk_gateway_parked',
+    help: 'logged requests whose upstream was lost, waiting for a replay to answer them',
+    labelNames: ['route'] as const,
+    registers: [this.registry],
+  });
+
   forRoute(name: string): RouteMetrics {
     const requests = new Map<number, Counter.Internal>();
     const connections = new Map<string, Counter.Internal>();
     const held = this.held.labels(name);
     const retries = this.retries.labels(name);
+    const parked = this.parkedRequests.labels(name);
     return {
       request: (status) => {
         let child = requests.get(status);
@@ -57,7 +91,16 @@ export class GatewayMetrics {
       },
       held: (count) => held.set(count),
       retry: () => retries.inc(),
+      parked: (count) => parked.set(count),
+      replayed: (outcome) => this.replays.labels(name, outcome).inc(),
     };
+  }
+
+  /** A request log's group commit: `records` appended with one write + fdatasync that took `seconds`. */
+  logBatch(route: string, records: number, seconds: number): void {
+    this.logAppends.labels(route).inc(records);
+    this.logBatchRecords.labels(route).observe(records);
+    this.logSyncSeconds.labels(route).observe(seconds);
   }
 
   holdEnded(route: string, outcome: 'released' | 'expired', seconds: number): void {
@@ -71,4 +114,7 @@ export interface RouteMetrics {
   connection(outcome: string): void;
   held(count: number): void;
   retry(): void;
+  /** Logged requests now parked, waiting for a replay. */
+  parked(count: number): void;
+  replayed(outcome: 'delivered' | 'dropped'): void;
 }

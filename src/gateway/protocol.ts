@@ -19,6 +19,13 @@ export const Upstream = Type.Object({
 });
 export type Upstream = Static<typeof Upstream>;
 
+/**
+ * HTTP routes only (a TCP route with it is refused): every request is written to the route's
+ * durable request log before it is forwarded, so it can be replayed to the container restored
+ * from a checkpoint (docs/gateway.md, "Request log"). Off by default; turning it off deletes the log.
+ */
+const LogFlag = Type.Optional(Type.Boolean({ description: 'log every request durably before forwarding it (http routes only)' }));
+
 /** PUT /v1/routes/:name: what the controller states about one container's route. */
 export const RouteSpec = Type.Object({
   protocol: RouteProtocol,
@@ -26,6 +33,7 @@ export const RouteSpec = Type.Object({
   listenPort: Port,
   /** Absent while the container runs nowhere: requests get 503, connections are closed. */
   upstream: Type.Optional(Upstream),
+  log: LogFlag,
 });
 export type RouteSpec = Static<typeof RouteSpec>;
 
@@ -51,6 +59,7 @@ export const SyncedRoute = Type.Object({
   protocol: RouteProtocol,
   listenPort: Port,
   upstream: Type.Optional(Upstream),
+  log: LogFlag,
   hold: Type.Optional(HoldRequest),
 });
 export type SyncedRoute = Static<typeof SyncedRoute>;
@@ -77,12 +86,24 @@ export const Route = Type.Object({
   protocol: RouteProtocol,
   listenPort: Port,
   upstream: Type.Optional(Upstream),
+  log: LogFlag,
   state: Type.Union([Type.Literal('open'), Type.Literal('holding')]),
   /** Increments with every change of the route (PUT, hold, release, hold expiry). */
   generation: Type.Integer({ minimum: 1 }),
   migration: Type.Optional(RouteMigration),
 });
 export type Route = Static<typeof Route>;
+
+/** A logged route's request log. Records firstSeq..lastSeq can be replayed; none when firstSeq > lastSeq. */
+export const RequestLogView = Type.Object({
+  firstSeq: Type.Integer({ minimum: 1 }),
+  /** Highest seq on disk: every request forwarded so far has a seq up to this. */
+  lastSeq: Type.Integer({ minimum: 0 }),
+  bytes: Type.Integer({ minimum: 0 }),
+  /** Logged requests whose upstream was lost before it answered, waiting for a replay to answer them. */
+  parked: Type.Integer({ minimum: 0 }),
+});
+export type RequestLogView = Static<typeof RequestLogView>;
 
 /** A route as the API shows it: the stored route and what its listener is doing now. */
 export const RouteView = Type.Composite([
@@ -92,9 +113,53 @@ export const RouteView = Type.Composite([
     held: Type.Integer({ minimum: 0 }),
     /** Why the listener is not running (its port was taken when the gateway restarted); PUT the route again to retry. */
     listenError: Type.Optional(Type.String()),
+    /** Present when the route is logged. */
+    requestLog: Type.Optional(RequestLogView),
   }),
 ]);
 export type RouteView = Static<typeof RouteView>;
+
+/**
+ * POST /v1/routes/:name/hold's answer: the route, and on a logged route the cut. A clean cut
+ * has `logPosition`: every logged request up to it was answered by the container, none after
+ * it was forwarded (the route holds), so a checkpoint taken now contains exactly requests
+ * 1..logPosition. Otherwise `uncleanCut` says why (requests still unanswered after the bounded
+ * drain, or parked): a checkpoint taken now may or may not contain them, so it must not be
+ * used as a restore point.
+ */
+export const HoldResponse = Type.Composite([
+  RouteView,
+  Type.Object({
+    logPosition: Type.Optional(Type.Integer({ minimum: 0 })),
+    uncleanCut: Type.Optional(Type.String()),
+  }),
+]);
+export type HoldResponse = Static<typeof HoldResponse>;
+
+/** POST /v1/routes/:name/replay: send the logged requests after a checkpoint's position to the restored container. */
+export const ReplayRequest = Type.Object({
+  /** The checkpoint's logPosition: records with a higher seq are sent. */
+  afterSeq: Type.Integer({ minimum: 0 }),
+  /** Where the container was restored. */
+  upstream: Upstream,
+});
+export type ReplayRequest = Static<typeof ReplayRequest>;
+
+export const ReplayResult = Type.Object({
+  /** Records sent, in seq order. */
+  replayed: Type.Integer({ minimum: 0 }),
+  /** Of those, answers given to clients still waiting for them. */
+  delivered: Type.Integer({ minimum: 0 }),
+  /** Of those, answers dropped: their clients had their answer already (or left). */
+  dropped: Type.Integer({ minimum: 0 }),
+  /** Seq of the last record sent (afterSeq if none). */
+  lastSeq: Type.Integer({ minimum: 0 }),
+});
+export type ReplayResult = Static<typeof ReplayResult>;
+
+/** POST /v1/routes/:name/log/trim: a checkpoint at `upToSeq` is committed; older records are not needed. */
+export const TrimLogRequest = Type.Object({ upToSeq: Type.Integer({ minimum: 0 }) });
+export type TrimLogRequest = Static<typeof TrimLogRequest>;
 
 /** The state file: the route table, reloaded when the gateway starts. */
 export const RouteTableFile = Type.Object({

@@ -47,12 +47,16 @@ export class RouteTable {
         route: owner.name,
       });
     }
+    if (spec.log && spec.protocol !== 'http') {
+      throw new InvalidInputError(`only http routes can be logged: the gateway cannot replay a TCP stream (container '${name}')`, { name, protocol: spec.protocol });
+    }
     const previous = this.routes.get(name);
     const route: Route = {
       name,
       protocol: spec.protocol,
       listenPort: spec.listenPort,
       ...(spec.upstream ? { upstream: { address: spec.upstream.address, port: spec.upstream.port } } : {}),
+      ...(spec.log ? { log: true } : {}),
       state: previous?.state ?? 'open',
       generation: (previous?.generation ?? 0) + 1,
       ...(previous?.migration ? { migration: previous.migration } : {}),
@@ -122,7 +126,7 @@ export function sameUpstream(a: Upstream | undefined, b: Upstream | undefined): 
 }
 
 function sameRoute(a: Route, b: Route): boolean {
-  return a.protocol === b.protocol && a.listenPort === b.listenPort && sameUpstream(a.upstream, b.upstream);
+  return a.protocol === b.protocol && a.listenPort === b.listenPort && sameUpstream(a.upstream, b.upstream) && Boolean(a.log) === Boolean(b.log);
 }
 
 /** The table's JSON file. Written whole to a temporary file, synced, then renamed over the old one. */

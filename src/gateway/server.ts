@@ -10,7 +10,7 @@ import { installApiConventions } from '../shared/http.js';
 import { ContainerName } from '../shared/protocol.js';
 import type { Gateway } from './gateway.js';
 import type { GatewayMetrics } from './metrics.js';
-import { HoldRequest, ReleaseRequest, RouteSpec, RouteView, SyncRoutesRequest } from './protocol.js';
+import { HoldRequest, HoldResponse, ReleaseRequest, ReplayRequest, ReplayResult, RouteSpec, RouteView, SyncRoutesRequest, TrimLogRequest } from './protocol.js';
 
 export interface GatewayServerOptions {
   token: string;
@@ -51,8 +51,16 @@ export function buildGatewayServer(opts: GatewayServerOptions): FastifyInstance 
     return reply.code(204).send();
   });
 
-  app.post('/v1/routes/:name/hold', { schema: { params: RouteParams, body: HoldRequest, response: { 200: RouteView } } }, async (req) =>
+  app.post('/v1/routes/:name/hold', { schema: { params: RouteParams, body: HoldRequest, response: { 200: HoldResponse } } }, async (req) =>
     gateway.hold(req.params.name, req.body),
+  );
+
+  app.post('/v1/routes/:name/replay', { schema: { params: RouteParams, body: ReplayRequest, response: { 200: ReplayResult } } }, async (req) =>
+    gateway.replay(req.params.name, req.body),
+  );
+
+  app.post('/v1/routes/:name/log/trim', { schema: { params: RouteParams, body: TrimLogRequest, response: { 200: RouteView } } }, async (req) =>
+    gateway.trimLog(req.params.name, req.body.upToSeq),
   );
 
   app.post('/v1/routes/:name/release', { schema: { params: RouteParams, body: ReleaseRequest, response: { 200: RouteView } } }, async (req) =>

@@ -63,6 +63,9 @@ interface GatewayDaemonOptions {
   state: string;
   maxHeld?: number;
   maxHoldMs?: number;
+  logDir?: string;
+  maxLoggedBody?: number;
+  maxReplayWaitMs?: number;
   tokenFile?: string;
   json?: boolean;
 }
@@ -122,6 +125,9 @@ export function registerDaemonCommands(program: Command): void {
       .option('--state <file>', 'route table file (survives restarts)', DEFAULT_GATEWAY_STATE)
       .option('--max-held <n>', 'requests (or connections) one route may hold during a migration; more get 503 queue-full', parsePositiveInt)
       .option('--max-hold-ms <ms>', 'longest hold; then traffic goes back to the old location', parsePositiveInt)
+      .option('--log-dir <dir>', "logged routes' request logs, one folder per route (default: request-log next to --state)")
+      .option('--max-logged-body <bytes>', 'logged routes refuse larger request bodies with 413 (default 8 MiB)', parsePositiveInt)
+      .option('--max-replay-wait-ms <ms>', 'logged routes: how long a request whose container was lost waits for its replay, then 503 upstream-lost (default 60000)', parsePositiveInt)
       .option('--token-file <file>', 'file holding the cluster token (default: $CHIPMUNK_TOKEN)'),
   ).action(async (opts: GatewayDaemonOptions) => {
     const token = await daemonToken(opts.tokenFile);
@@ -131,7 +137,17 @@ export function registerDaemonCommands(program: Command): void {
       ...(opts.maxHeld !== undefined ? { maxQueued: opts.maxHeld } : {}),
       ...(opts.maxHoldMs !== undefined ? { maxHoldMs: opts.maxHoldMs } : {}),
     };
-    const gateway = await startGateway({ apiListen: opts.api, routeHost: opts.routeHost, token, stateFile: opts.state, holdLimits, logger });
+    const gateway = await startGateway({
+      apiListen: opts.api,
+      routeHost: opts.routeHost,
+      token,
+      stateFile: opts.state,
+      holdLimits,
+      logger,
+      ...(opts.logDir !== undefined ? { logDir: opts.logDir } : {}),
+      ...(opts.maxLoggedBody !== undefined ? { maxLoggedBodyBytes: opts.maxLoggedBody } : {}),
+      ...(opts.maxReplayWaitMs !== undefined ? { maxReplayWaitMs: opts.maxReplayWaitMs } : {}),
+    });
     await serveUntilStopped(opts.json, 'gateway', gateway);
   });
 

@@ -1,0 +1,278 @@
+import { describe, it } from 'node:test';
+import assert from 'node:assert/strict';
+import { access, mkdtemp, rm } from 'node:fs/promises';
+import type { IncomingMessage, ServerResponse } from 'node:http';
+import { tmpdir } from 'node:os';
+import { Readable } from 'node:stream';
+import { join } from 'node:path';
+import { pino } from 'pino';
+import { request } from 'undici';
+import { ConflictError, InvalidInputError } from '../../src/shared/errors.js';
+import { GatewayClient, startGateway, type Upstream } from '../../src/gateway/index.js';
+import { RequestLog, type LogRecord } from '../../src/gateway/request-log.js';
+import { LOOPBACK, TOKEN, eventually, freePort, httpUpstream, withGateway } from './gateway-env.js';
+
+async function loggedRoute(client: GatewayClient, name: string, upstream?: Upstream): Promise<string> {
+  const listenPort = await freePort();
+  await client.putRoute(name, { protocol: 'http', listenPort, log: true, ...(upstream ? { upstream } : {}) });
+  return `http://${LOOPBACK}:${listenPort}`;
+}
+
+/** A counter as a container would run it: applies an increment when it reads it, answers after `delayMs`. */
+class CounterService {
+  /** The x-n header of every increment, in the order applied. */
+  readonly applied: string[] = [];
+
+  constructor(
+    public count: number,
+    private readonly delayMs = 0,
+  ) {}
+
+  readonly handle = (req: IncomingMessage, res: ServerResponse): void => {
+    req.resume();
+    req.on('end', () => {
+      if (req.method === 'POST' && req.url === '/increment') {
+        this.count++;
+        this.applied.push(String(req.headers['x-n']));
+      }
+      const count = this.count;
+      const answer = (): void => void res.end(JSON.stringify({ count }));
+      if (this.delayMs) setTimeout(answer, this.delayMs);
+      else answer();
+    });
+  };
+}
+
+async function increment(url: string, n: number): Promise<{ status: number; reason?: string }> {
+  const res = await request(`${url}/increment`, { method: 'POST', headers: { 'x-n': String(n) }, body: `increment ${n}` });
+  await res.body.text();
+  return { status: res.statusCode, reason: res.headers['x-chipmunk-reason'] as string | undefined };
+}
+
+async function readLog(dir: string): Promise<LogRecord[]> {
+  const log = await RequestLog.open(dir);
+  const records: LogRecord[] = [];
+  for await (const record of log.read(0)) records.push(record);
+  await log.close();
+  return records;
+}
+
+function header(record: LogRecord, name: string): string | undefined {
+  const i = record.headers.findIndex((h, index) => index % 2 === 0 && h.toLowerCase() === name);
+  return i < 0 ? undefined : record.headers[i + 1];
+}
+
+async function withLogDir(run: (logDir: string) => Promise<void>): Promise<void> {
+  const dir = await mkdtemp(join(tmpdir(), 'chipmunk-gateway-log-'));
+  try {
+    await run(dir);
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+}
+
+describe('gateway: logged HTTP routes', () => {
+  it('forwards a request only once it is in the log on disk, and shows the log', () =>
+    withGateway(async ({ client, gateway }) => {
+      let seen = 0;
+      const lastSeqOnArrival: number[] = [];
+      const upstream = await httpUpstream((req, res) => {
+        req.resume();
+        seen++;
+        void client.getRoute('web').then((view) => {
+          lastSeqOnArrival.push((view.requestLog?.lastSeq ?? 0) - seen);
+          res.end('ok');
+        });
+      });
+      const url = await loggedRoute(client, 'web', upstream.upstream);
+      const answers = await Promise.all(Array.from({ length: 20 }, (_, n) => increment(url, n)));
+      assert.deepEqual(new Set(answers.map((a) => a.status)), new Set([200]));
+      assert.ok(lastSeqOnArrival.every((ahead) => ahead >= 0), `every request was on disk before the upstream saw it: ${lastSeqOnArrival}`);
+
+      const view = await client.getRoute('web');
+      assert.equal(view.log, true);
+      assert.deepEqual({ ...view.requestLog, bytes: undefined }, { firstSeq: 1, lastSeq: 20, bytes: undefined, parked: 0 });
+      const metrics = await (await request(`${gateway.url}/metrics`)).body.text();
+      assert.match(metrics, /chipmunk_gateway_log_appends_total\{route="web"\} 20/);
+      assert.match(metrics, /chipmunk_gateway_log_batch_records_count\{route="web"\} \d+/);
+      await upstream.kill();
+    }));
+
+  it('reports the cut on hold (the number forwarded), and trims the log up to it', () =>
+    withGateway(async ({ client }) => {
+      const counter = new CounterService(0);
+      const upstream = await httpUpstream(counter.handle);
+      const url = await loggedRoute(client, 'web', upstream.upstream);
+      for (let n = 1; n <= 5; n++) assert.equal((await increment(url, n)).status, 200);
+
+      const held = await client.hold('web', 'checkpoint-1');
+      assert.equal(held.logPosition, 5);
+      assert.equal(held.uncleanCut, undefined);
+      assert.equal(counter.count, 5, 'the container applied exactly the requests up to the cut');
+      // Held requests are logged when the hold lets them go, after the cut.
+      const late = increment(url, 6);
+      await eventually(async () => (await client.getRoute('web')).held === 1, 'the request held');
+      assert.equal((await client.getRoute('web')).requestLog?.lastSeq, 5);
+      await client.release('web', 'checkpoint-1', upstream.upstream);
+      assert.equal((await late).status, 200);
+
+      const trimmed = await client.trimLog('web', 5);
+      assert.deepEqual({ firstSeq: trimmed.requestLog?.firstSeq, lastSeq: trimmed.requestLog?.lastSeq }, { firstSeq: 6, lastSeq: 6 });
+      await upstream.kill();
+    }));
+
+  it('loses no increment and fails no client when the container dies: parked requests get their answers from the replay', () =>
+    withLogDir(async (logDir) => {
+      const total = 60;
+      let cut = 0;
+      let snapshot = 0;
+      const acked = new Set<number>();
+      const failed: string[] = [];
+      let b: CounterService | undefined;
+      let replay: Awaited<ReturnType<GatewayClient['replay']>> | undefined;
+      await withGateway(
+        async ({ client }) => {
+          const a = new CounterService(0, 20);
+          const nodeA = await httpUpstream(a.handle);
+          const url = await loggedRoute(client, 'counter', nodeA.upstream);
+
+          let next = 0;
+          const worker = async (): Promise<void> => {
+            while (next < total) {
+              const n = ++next;
+              const answer = await increment(url, n);
+              if (answer.status === 200) acked.add(n);
+              else failed.push(`${n}: ${answer.status} ${answer.reason}`);
+            }
+          };
+          const workers = Promise.all(Array.from({ length: 4 }, worker));
+
+          // A checkpoint: hold, dump the container (here: its count), release, trim.
+          await eventually(() => acked.size >= 15, '15 increments answered');
+          const held = await client.hold('counter', 'checkpoint-1');
+          assert.ok(held.logPosition !== undefined, `a clean cut: ${held.uncleanCut}`);
+          cut = held.logPosition;
+          snapshot = a.count;
+          await client.release('counter', 'checkpoint-1', nodeA.upstream);
+          await client.trimLog('counter', cut);
+
+          // The node dies with requests in flight (the container answers after 20 ms).
+          await eventually(() => acked.size >= 30, '30 increments answered');
+          await nodeA.kill();
+          await eventually(async () => ((await client.getRoute('counter')).requestLog?.parked ?? 0) > 0, 'requests parked');
+
+          // Failover: hold, restore from the checkpoint elsewhere, replay after the cut, release.
+          const failover = await client.hold('counter', 'failover-1');
+          assert.equal(failover.logPosition, undefined);
+          assert.match(failover.uncleanCut ?? '', /unanswered/);
+          b = new CounterService(snapshot);
+          const nodeB = await httpUpstream(b.handle);
+          replay = await client.replay('counter', cut, nodeB.upstream);
+          await client.release('counter', 'failover-1', nodeB.upstream);
+
+          await workers;
+          assert.equal((await client.getRoute('counter')).requestLog?.parked, 0);
+          await nodeB.kill();
+        },
+        { logDir },
+      );
+
+      assert.deepEqual(failed, [], 'no client request failed');
+      assert.equal(acked.size, total);
+      assert.equal(snapshot, cut, 'the checkpoint holds exactly the requests up to the cut');
+      assert.equal(b?.count, total, 'the restored counter equals the acknowledged increments');
+
+      const records = await readLog(join(logDir, 'counter'));
+      const afterCut = records.filter((r) => r.seq > cut);
+      assert.ok(replay && replay.replayed > 0 && replay.delivered > 0, `some answers came from the replay: ${JSON.stringify(replay)}`);
+      assert.equal(replay?.replayed, (replay?.lastSeq ?? 0) - cut);
+      assert.equal((replay?.delivered ?? 0) + (replay?.dropped ?? 0), replay?.replayed);
+      assert.deepEqual(
+        b?.applied,
+        afterCut.map((r) => header(r, 'x-n')),
+        'the restored container got every request after the cut once, in log order (the replay, then live traffic)',
+      );
+    }));
+
+  it('answers 503 upstream-lost when no replay comes within maxReplayWaitMs', () =>
+    withGateway(
+      async ({ client }) => {
+        const dying = await httpUpstream((req) => req.socket.destroy());
+        const url = await loggedRoute(client, 'web', dying.upstream);
+        const started = Date.now();
+        const answer = await increment(url, 1);
+        assert.deepEqual(answer, { status: 503, reason: 'upstream-lost' });
+        assert.ok(Date.now() - started >= 250, 'it waited for a replay first');
+        await dying.kill();
+      },
+      { maxReplayWaitMs: 300 },
+    ));
+
+  it('refuses a body too large to log with 413 body-too-large-to-log', () =>
+    withGateway(
+      async ({ client }) => {
+        const counter = new CounterService(0);
+        const upstream = await httpUpstream(counter.handle);
+        const url = await loggedRoute(client, 'web', upstream.upstream);
+        const sized = await request(`${url}/increment`, { method: 'POST', body: Buffer.alloc(2000) });
+        assert.equal(sized.statusCode, 413);
+        assert.equal(sized.headers['x-chipmunk-reason'], 'body-too-large-to-log');
+        assert.match(((await sized.body.json()) as { message: string }).message, /over 1000 bytes/);
+        const chunked = await request(`${url}/increment`, { method: 'POST', body: Readable.from([Buffer.alloc(500), Buffer.alloc(500), Buffer.alloc(500)]) });
+        assert.equal(chunked.statusCode, 413);
+        await chunked.body.text();
+        assert.equal(counter.count, 0, 'neither was forwarded');
+        assert.equal((await client.getRoute('web')).requestLog?.lastSeq, 0, 'nor logged');
+        await upstream.kill();
+      },
+      { maxLoggedBodyBytes: 1000 },
+    ));
+
+  it('refuses a replay on a route that is not held or not logged, a log on a TCP route, and deletes the log with the route', () =>
+    withLogDir(async (logDir) =>
+      withGateway(
+        async ({ client }) => {
+          const upstream = { address: LOOPBACK, port: 9 };
+          await loggedRoute(client, 'web', upstream);
+          await assert.rejects(client.replay('web', 0, upstream), (err) => err instanceof ConflictError && /hold the route/.test(err.message));
+          await client.putRoute('plain', { protocol: 'http', listenPort: await freePort(), upstream });
+          await client.hold('plain', 'm1');
+          await assert.rejects(client.replay('plain', 0, upstream), (err) => err instanceof ConflictError && /not logged/.test(err.message));
+          await assert.rejects(
+            client.putRoute('tcp', { protocol: 'tcp', listenPort: await freePort(), upstream, log: true }),
+            (err) => err instanceof InvalidInputError && /only http routes/.test(err.message),
+          );
+          await client.hold('web', 'm2');
+          await assert.rejects(client.replay('web', 7, upstream), (err) => err instanceof ConflictError && /ends at 0/.test(err.message));
+
+          await access(join(logDir, 'web'));
+          await client.removeRoute('web');
+          await assert.rejects(access(join(logDir, 'web')), /ENOENT/);
+        },
+        { logDir },
+      ),
+    ));
+
+  it('keeps the log across a gateway restart and continues its seq', () =>
+    withLogDir(async (dir) => {
+      const counter = new CounterService(0);
+      const upstream = await httpUpstream(counter.handle);
+      const options = { apiListen: { host: LOOPBACK, port: 0 }, routeHost: LOOPBACK, token: TOKEN, stateFile: join(dir, 'routes.json'), logger: pino({ level: 'silent' }) };
+      const first = await startGateway(options);
+      const url = await loggedRoute(new GatewayClient({ url: first.url, token: TOKEN }), 'web', upstream.upstream);
+      for (let n = 1; n <= 3; n++) assert.equal((await increment(url, n)).status, 200);
+      await first.close();
+
+      const second = await startGateway(options);
+      try {
+        const client = new GatewayClient({ url: second.url, token: TOKEN });
+        assert.equal((await client.getRoute('web')).requestLog?.lastSeq, 3);
+        assert.equal((await increment(url, 4)).status, 200);
+        assert.equal((await client.hold('web', 'm1')).logPosition, 4);
+      } finally {
+        await second.close();
+        await upstream.kill();
+      }
+      assert.deepEqual((await readLog(join(dir, 'request-log', 'web'))).map((r) => header(r, 'x-n')), ['1', '2', '3', '4']);
+    }));
+});
