@@ -5,7 +5,7 @@
  * one period), and hold/release around each migration of an exposed container.
  */
 import type { Logger } from 'pino';
-import { ConflictError, InvalidInputError, NotFoundError, toChipmunkError } from '../shared/errors.js';
+import { ConflictError, InvalidInputError, NotFoundError, UnavailableError, toChipmunkError } from '../shared/errors.js';
 import type { StateStore } from './store/index.js';
 import { GatewayClient } from '../gateway/client.js';
 import type { SyncedRoute, Upstream } from '../gateway/protocol.js';
@@ -15,6 +15,13 @@ import { containerKey, type ContainerRecord } from './containers.js';
 
 const routeKey = (name: string) => `/routes/${name}`;
 const SYNC_PERIOD_MS = 5_000;
+/** A failover's hold asks for this long (the gateway caps it at its own maximum). */
+const FAILOVER_HOLD_MS = 10 * 60_000;
+
+/** A protected container's HTTP route logs every request: a failover replays them. */
+function logs(route: ExposedRoute, container: ContainerRecord): boolean {
+  return route.protocol === 'http' && container.protection !== undefined;
+}
 
 export class RouteService {
   private readonly gateway?: GatewayClient;
@@ -57,7 +64,7 @@ export class RouteService {
     }
     const upstream = await this.upstreamOf(container.value, route);
     // The gateway opens the listener first: a port taken on its host fails here, nothing stored.
-    await this.gateway.putRoute(name, { protocol: route.protocol, listenPort: route.listenPort, ...(upstream ? { upstream } : {}) });
+    await this.gateway.putRoute(name, { protocol: route.protocol, listenPort: route.listenPort, log: logs(route, container.value), ...(upstream ? { upstream } : {}) });
     await this.store.put(routeKey(name), route);
     return route;
   }
@@ -84,6 +91,37 @@ export class RouteService {
     await this.serial(() => gateway.hold(name, migrationId)).catch((err: unknown) => this.warn(`gateway hold of ${name} failed; requests during the move may fail`, err));
   }
 
+  /**
+   * The cut of a checkpoint: on a logging route, holds it and returns the log position the
+   * container has answered up to. A route that is not (yet) logging, or a gateway that cannot
+   * give a clean cut, fails the checkpoint rather than store one without its position.
+   */
+  async cut(name: string, holdId: string): Promise<{ held: boolean; logPosition: number | null }> {
+    const route = await this.get(name);
+    const container = (await this.store.get<ContainerRecord>(containerKey(name)))?.value;
+    if (!this.gateway || !route || !container || !logs(route, container)) return { held: false, logPosition: null };
+    const gateway = this.gateway;
+    const held = await this.serial(() => gateway.hold(name, holdId));
+    if (held.logPosition === undefined) {
+      if (held.upstream) await this.serial(() => gateway.release(name, holdId, held.upstream!)).catch((err: unknown) => this.warn(`gateway release of ${name} failed`, err));
+      throw new UnavailableError(`no clean cut of ${name}'s request log (${held.uncleanCut ?? 'the route does not log yet'}): the checkpoint was not taken; the previous one stays valid`, { name });
+    }
+    return { held: true, logPosition: held.logPosition };
+  }
+
+  /** A failover: hold at once (nothing will come back from the dead node), as long as the gateway allows. */
+  async holdNow(name: string, holdId: string): Promise<boolean> {
+    if (!this.gateway || !(await this.get(name))) return false;
+    const gateway = this.gateway;
+    try {
+      await this.serial(() => gateway.hold(name, holdId, { drain: false, timeoutMs: FAILOVER_HOLD_MS }));
+      return true;
+    } catch (err) {
+      this.warn(`gateway hold of ${name} for its failover failed; its clients may see errors`, err);
+      return false;
+    }
+  }
+
   /** After the move (or the rollback): held and new requests go to where the container runs now. */
   async release(name: string, migrationId: string, container: ContainerRecord): Promise<void> {
     const route = await this.get(name);
@@ -92,6 +130,26 @@ export class RouteService {
     if (!upstream) return;
     const gateway = this.gateway;
     await this.serial(() => gateway.release(name, migrationId, upstream)).catch((err: unknown) => this.warn(`gateway release of ${name} failed`, err));
+  }
+
+  async trimLog(name: string, upToSeq: number): Promise<void> {
+    if (!this.gateway || !(await this.get(name))) return;
+    await this.gateway.trimLog(name, upToSeq);
+  }
+
+  /** Replays the logged requests after `afterSeq` into the container where it runs now (the route is held). */
+  async replay(name: string, afterSeq: number, container: ContainerRecord): Promise<{ replayed: number; delivered: number }> {
+    const route = await this.get(name);
+    if (!this.gateway || !route) return { replayed: 0, delivered: 0 };
+    const upstream = await this.upstreamOf(container, route);
+    if (!upstream) throw new UnavailableError(`cannot replay into ${name}: it has no address the gateway can reach`, { name });
+    const result = await this.gateway.replay(name, afterSeq, upstream);
+    return { replayed: result.replayed, delivered: result.delivered };
+  }
+
+  /** Pushes the table now: a protection change turns the route's request log on or off. */
+  refresh(_name: string): Promise<void> {
+    return this.sync();
   }
 
   /** "GATEWAY:PORT->CTRPORT/proto" by container, for `ps`. */
@@ -117,13 +175,15 @@ export class RouteService {
         for (const r of await this.list()) {
           const container = await this.store.get<ContainerRecord>(containerKey(r.name));
           const current = live.get(r.name);
-          if (container?.value.migration && current) {
+          // Without the flag the gateway stops logging and deletes the log: always state it.
+          const log = container ? logs(r, container.value) : false;
+          if ((container?.value.migration || container?.value.busy) && current) {
             const hold = current.state === 'holding' && current.migration ? { migrationId: current.migration.id } : undefined;
-            routes.push({ name: r.name, protocol: r.protocol, listenPort: r.listenPort, ...(current.upstream ? { upstream: current.upstream } : {}), ...(hold ? { hold } : {}) });
+            routes.push({ name: r.name, protocol: r.protocol, listenPort: r.listenPort, log, ...(current.upstream ? { upstream: current.upstream } : {}), ...(hold ? { hold } : {}) });
             continue;
           }
           const upstream = container ? await this.upstreamOf(container.value, r) : undefined;
-          routes.push({ name: r.name, protocol: r.protocol, listenPort: r.listenPort, ...(upstream ? { upstream } : {}) });
+          routes.push({ name: r.name, protocol: r.protocol, listenPort: r.listenPort, log, ...(upstream ? { upstream } : {}) });
         }
         await this.gateway.sync(routes);
       } catch (err) {

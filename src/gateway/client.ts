@@ -42,8 +42,12 @@ export class GatewayClient {
    * release comes. On a logged route the answer has the cut: `logPosition`, or `uncleanCut`
    * saying why a checkpoint taken now is not a restore point.
    */
-  hold(name: string, migrationId: string, timeoutMs?: number): Promise<HoldResponse> {
-    return this.api.post(`/v1/routes/${encodeURIComponent(name)}/hold`, { migrationId, ...(timeoutMs !== undefined ? { timeoutMs } : {}) });
+  hold(name: string, migrationId: string, opts: { timeoutMs?: number; drain?: boolean } = {}): Promise<HoldResponse> {
+    return this.api.post(`/v1/routes/${encodeURIComponent(name)}/hold`, {
+      migrationId,
+      ...(opts.timeoutMs !== undefined ? { timeoutMs: opts.timeoutMs } : {}),
+      ...(opts.drain !== undefined ? { drain: opts.drain } : {}),
+    });
   }
 
   /**

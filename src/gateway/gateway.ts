@@ -104,7 +104,7 @@ export class Gateway {
       // still be between the gate and the upstream, not yet counted as in flight.
       await new Promise((resolve) => setImmediate(resolve));
       const proxy = this.proxies.get(name);
-      await proxy?.idle(HOLD_DRAIN_MS);
+      if (request.drain !== false) await proxy?.idle(HOLD_DRAIN_MS);
       const cut = proxy instanceof HttpRouteProxy ? proxy.cut() : undefined;
       return { ...this.get(name), ...cut };
     });

@@ -42,6 +42,11 @@ export const HoldRequest = Type.Object({
   migrationId: Type.String({ minLength: 1 }),
   /** Ends the hold (back to the old upstream) if no release came; capped at the gateway's maximum hold. */
   timeoutMs: Type.Optional(Type.Integer({ minimum: 1 })),
+  /**
+   * Wait (bounded) for requests already sent to be answered before answering: the default, for a
+   * freeze. A failover sets it false: what was sent to a dead node will not be answered from there.
+   */
+  drain: Type.Optional(Type.Boolean()),
 });
 export type HoldRequest = Static<typeof HoldRequest>;
 

@@ -72,7 +72,7 @@ describe('gateway API', () => {
 
       await client.putRoute('web', { protocol: 'http', listenPort: await freePort(), upstream: { address: LOOPBACK, port: 8080 } });
       await rejectsWith(client.release('web', 'm1', { address: LOOPBACK, port: 8081 }), ConflictError, /is not held/);
-      const held = await client.hold('web', 'm1', 60_000);
+      const held = await client.hold('web', 'm1', { timeoutMs: 60_000 });
       assert.equal(held.state, 'holding');
       assert.equal(held.migration?.id, 'm1');
       assert.ok((held.migration?.expiresAt ?? 0) - (held.migration?.heldAt ?? 0) <= 30_000, 'the hold is capped at the maximum hold');

@@ -395,7 +395,7 @@ describe('gateway: HTTP routes', () => {
     withGateway(async ({ client }) => {
       const a = await httpUpstream(echoHandler('a'));
       const url = await httpRoute(client, 'stuck', a.upstream);
-      await client.hold('stuck', 'm1', 300);
+      await client.hold('stuck', 'm1', { timeoutMs: 300 });
       const started = Date.now();
       const answer = await getJson<Echo>(`${url}/x`);
       assert.equal(answer.status, 200);
@@ -410,7 +410,7 @@ describe('gateway: HTTP routes', () => {
   it('answers 503 hold-timeout when a hold on a route without upstream times out', () =>
     withGateway(async ({ client }) => {
       const url = await httpRoute(client, 'unplaced');
-      await client.hold('unplaced', 'm1', 200);
+      await client.hold('unplaced', 'm1', { timeoutMs: 200 });
       const res = await request(`${url}/`);
       assert.equal(res.statusCode, 503);
       assert.equal(res.headers['x-chipmunk-reason'], 'hold-timeout');

@@ -121,7 +121,7 @@ describe('gateway: TCP routes', () => {
     withGateway(async ({ client }) => {
       const a = await echoUpstream('A:');
       const port = await tcpRoute(client, 'slow-move', a.upstream);
-      await client.hold('slow-move', 'm1', 200);
+      await client.hold('slow-move', 'm1', { timeoutMs: 200 });
       const conn = new TestConnection(port);
       conn.socket.write('x');
       await conn.until('A:x');
