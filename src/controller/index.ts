@@ -2,9 +2,11 @@
  * The controller process: opens the state store, settles migrations a previous run left
  * mid-way, and serves the controller API.
  */
-import { mkdir } from 'node:fs/promises';
+import { mkdir, mkdtemp } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
 import type { AddressInfo } from 'node:net';
-import { dirname } from 'node:path';
+import { dirname, join } from 'node:path';
+import { removeTree } from '../shared/remove-tree.js';
 import { pino, type Logger } from 'pino';
 import { InvalidInputError } from '../shared/errors.js';
 import { HttpAgentApi } from './agent-client.js';
@@ -37,7 +39,11 @@ export interface ControllerOptions {
   nodeReadyWithinMs?: number;
   /** The gateway, when exposed services go through one: its API, and where clients reach it. */
   gateway?: { url: string; publicHost?: string };
-  /** Where the checkpoint store keeps its chunks and index (on this, the controller's, host). */
+  /**
+   * Where the checkpoint store keeps its chunks and index (on this, the controller's, host):
+   * `checkpoints/` beside the SQLite store by default; a temporary directory, removed at close,
+   * with the memory store.
+   */
   checkpointDir?: string;
   /** Checkpoints kept per container. */
   keepCheckpoints?: number;
@@ -45,7 +51,6 @@ export interface ControllerOptions {
   advertiseUrl?: string;
 }
 
-export const DEFAULT_CHECKPOINT_DIR = '/var/lib/chipmunk/checkpoints';
 
 export interface RunningController {
   url: string;
@@ -69,7 +74,13 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
     opts.gateway ? { ...opts.gateway, token: opts.token } : undefined,
   );
   const migrations = new MigrationOrchestrator({ store, nodes, agentFor, log: logger, traffic: routes });
-  const checkpointStore = await CheckpointStore.open({ root: opts.checkpointDir ?? DEFAULT_CHECKPOINT_DIR, keep: opts.keepCheckpoints, logger });
+  const temporaryCheckpointDir = opts.checkpointDir || storeSpec.startsWith('sqlite:') ? undefined : await mkdtemp(join(tmpdir(), 'chipmunk-checkpoints-'));
+  const checkpointDir = opts.checkpointDir ?? temporaryCheckpointDir ?? join(dirname(storeSpec.slice('sqlite:'.length)), 'checkpoints');
+  const checkpointStore = await CheckpointStore.open({ root: checkpointDir, keep: opts.keepCheckpoints, logger });
+  const closeCheckpointStore = async () => {
+    await checkpointStore.close();
+    if (temporaryCheckpointDir) await removeTree(temporaryCheckpointDir);
+  };
   const catalog: CheckpointCatalog = {
     list: async (container) => checkpointStore.list(container),
     forget: async (container) => void (await checkpointStore.forget(container)),
@@ -102,7 +113,7 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
     });
   } catch (err) {
     await app.close();
-    await checkpointStore.close();
+    await closeCheckpointStore();
     await store.close();
     throw err;
   }
@@ -121,7 +132,7 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
       checkpoints.stop();
       failovers.stop();
       await app.close();
-      await checkpointStore.close();
+      await closeCheckpointStore();
       await store.close();
     },
   };

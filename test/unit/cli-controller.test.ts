@@ -120,7 +120,7 @@ describe('chipmunk against a controller', () => {
   it('ps prints a table, and ps --json the documented fields only', async () => {
     const table = await runCli(['ps'], env);
     assert.equal(table.code, 0, table.stderr);
-    assert.match(table.stdout, /^NAME\s+NODE\s+STATUS\s+IMAGE\s+PORTS\s+ENDPOINTS\nweb\s+node1\s+running\s+statefulapp\s+198\.18\.0\.11:8080->80\/tcp\s*\n$/);
+    assert.match(table.stdout, /^NAME\s+NODE\s+STATUS\s+IMAGE\s+PORTS\s+ENDPOINTS\s+CHECKPOINTS\nweb\s+node1\s+running\s+statefulapp\s+198\.18\.0\.11:8080->80\/tcp\s+-\s*\n$/);
     const result = await runCli(['ps', '--json'], env);
     assert.deepEqual(JSON.parse(result.stdout), [
       { name: 'web', node: 'node1', status: 'running', image: 'statefulapp', ports: ['198.18.0.11:8080->80/tcp'], endpoints: [] },

@@ -11,7 +11,6 @@ import { printJson } from '../output.js';
 
 const DEFAULT_CONTROLLER_LISTEN = '127.0.0.1:7400';
 const DEFAULT_STORE = 'sqlite:/var/lib/chipmunk/controller.db';
-const DEFAULT_CHECKPOINT_DIR = '/var/lib/chipmunk/checkpoints';
 const DEFAULT_GATEWAY_API = '127.0.0.1:7402';
 const DEFAULT_GATEWAY_ROUTE_HOST = '0.0.0.0';
 const DEFAULT_GATEWAY_STATE = '/var/lib/chipmunk/gateway/routes.json';
@@ -51,7 +50,7 @@ interface ControllerOptions {
   gateway?: string;
   gatewayHost?: string;
   advertiseUrl?: string;
-  checkpointDir: string;
+  checkpointDir?: string;
   keepCheckpoints: number;
   nodeLease: number;
   json?: boolean;
@@ -93,7 +92,7 @@ export function registerDaemonCommands(program: Command): void {
       .option('--gateway <url>', "the gateway's API, for exposed services", parseUrl)
       .option('--gateway-host <address>', 'where clients reach the gateway (shown by ps)')
       .option('--advertise-url <url>', 'how agents reach this controller and its checkpoint store (default: the listen address)', parseUrl)
-      .option('--checkpoint-dir <dir>', 'where the checkpoint store keeps chunks and index', DEFAULT_CHECKPOINT_DIR)
+      .option('--checkpoint-dir <dir>', 'where the checkpoint store keeps chunks and index (default: checkpoints/ beside the SQLite store)')
       .option('--keep-checkpoints <n>', 'checkpoints kept per container', parsePositiveInt, 5)
       .option('--node-lease <duration>', 'a node that has not heartbeated for this long is dead: its protected containers fail over', parseNodeLease, 5000),
   ).action(async (opts: ControllerOptions) => {
@@ -109,7 +108,7 @@ export function registerDaemonCommands(program: Command): void {
       logger,
       ...(opts.gateway ? { gateway: { url: opts.gateway, publicHost: opts.gatewayHost } } : {}),
       ...(opts.advertiseUrl ? { advertiseUrl: opts.advertiseUrl } : {}),
-      checkpointDir: opts.checkpointDir,
+      ...(opts.checkpointDir ? { checkpointDir: opts.checkpointDir } : {}),
       keepCheckpoints: opts.keepCheckpoints,
       nodeReadyWithinMs: opts.nodeLease,
     });
