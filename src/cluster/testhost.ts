@@ -7,7 +7,7 @@
  * Commands enter a test host with `nsenter --net=`, never `ip netns exec`: the latter remounts
  * /sys, which hides /sys/fs/cgroup from runc.
  */
-import { readdir, readFile, readlink, stat } from 'node:fs/promises';
+import { readdir, readFile, readlink, stat, writeFile } from 'node:fs/promises';
 import { setTimeout as sleep } from 'node:timers/promises';
 
 import { ConflictError, InvalidInputError, RuntimeFailedError } from '../shared/errors.js';
@@ -202,6 +202,17 @@ const KILL_ROUND_PAUSE_MS = 100;
  * until none is left. Several rounds, because a dying parent may still have forked a child.
  * Returns the PIDs it killed.
  */
+/** Thaws the freezer cgroup a process is in (v1 freezer.state, v2 cgroup.freeze); nothing if it is not frozen. */
+async function thawCgroupOf(pid: number): Promise<void> {
+  const cgroups = await readFile(`/proc/${pid}/cgroup`, 'utf8').catch(() => '');
+  for (const line of cgroups.split('\n')) {
+    const [, controllers, path] = line.split(':');
+    if (path === undefined) continue;
+    if (controllers === 'freezer') await writeFile(`/sys/fs/cgroup/freezer${path}/freezer.state`, 'THAWED').catch(() => undefined);
+    if (controllers === '') await writeFile(`/sys/fs/cgroup${path}/cgroup.freeze`, '0').catch(() => undefined);
+  }
+}
+
 export async function killAllInHost(netns: string): Promise<number[]> {
   const inode = await netnsInode(netns);
   if (inode === undefined) return [];
@@ -217,6 +228,9 @@ export async function killAllInHost(netns: string): Promise<number[]> {
         if ((err as NodeJS.ErrnoException).code !== 'ESRCH') throw err;
       }
     }
+    // A frozen process (a container paused by a checkpoint whose agent died) takes SIGKILL
+    // only once thawed, under cgroup v1's freezer.
+    await Promise.all(pids.map(thawCgroupOf));
     await sleep(KILL_ROUND_PAUSE_MS);
   }
   const survivors = await pidsInNetns(inode);

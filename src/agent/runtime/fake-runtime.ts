@@ -221,6 +221,11 @@ export class FakeRuntime implements ContainerRuntime {
     await removeTree(join(this.dataDir, 'snapshots', snapshotId));
   }
 
+  async recoverInterruptedSnapshots(): Promise<string[]> {
+    await removeTree(join(this.dataDir, 'snapshots'));
+    return [];
+  }
+
   async rollback(migrationId: string): Promise<AgentContainer> {
     const c = this.findByMigration(migrationId, 'source');
     c.generation += 1;

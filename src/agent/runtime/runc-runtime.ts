@@ -561,6 +561,24 @@ export class RuncRuntime implements ContainerRuntime {
     await removeTree(this.snapshotDir(snapshotId));
   }
 
+  async recoverInterruptedSnapshots(): Promise<string[]> {
+    await removeTree(join(this.opts.dataDir, 'snapshots'));
+    const resumed: string[] = [];
+    const dir = join(this.opts.dataDir, 'containers');
+    for (const name of existsSync(dir) ? await readdir(dir) : []) {
+      const rec = await this.readRecord(name).catch(() => undefined);
+      if (!rec) continue;
+      const id = this.runcId(name, rec.generation);
+      // chipmunk pauses containers only inside a snapshot, so a paused one is a leftover.
+      if ((await this.runcState(id))?.status !== 'paused') continue;
+      const res = await runUnchecked(this.runc, ['--root', this.runcRoot(), 'resume', id], { timeoutMs: 30_000 });
+      if (res.code !== 0) throw new RuntimeFailedError(`container '${name}' was left paused by an interrupted checkpoint and cannot be resumed: ${lastLines(res.stderr, 3)}`, { op: 'runc resume' });
+      await removeCriuNetworkLock(rec.netns);
+      resumed.push(name);
+    }
+    return resumed;
+  }
+
   // ------------------------------------------------------------------ migration: target side
 
   async prepareRestore(spec: ContainerSpec, opts: PrepareOptions): Promise<void> {

@@ -99,6 +99,11 @@ export interface ContainerRuntime {
   snapshot(name: string, snapshotId: string): Promise<SnapshotOutcome>;
   /** Drops a snapshot's trees. Idempotent. */
   discardSnapshot(snapshotId: string): Promise<void>;
+  /**
+   * At agent start: a snapshot the previous agent process died in left its container paused
+   * and its trees behind. Resumes those containers and drops the trees; returns their names.
+   */
+  recoverInterruptedSnapshots(): Promise<string[]>;
 
   /** Stops background work (not the containers: they outlive the agent). */
   close(): Promise<void>;
