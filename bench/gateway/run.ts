@@ -22,8 +22,8 @@ import { parseArgs } from 'node:util';
 import { Agent, request } from 'undici';
 import { ensureTestImages } from '../../src/devtools/images.js';
 import { runChipmunk } from '../../src/devtools/run-chipmunk.js';
-import { run } from '../../src/shared/exec.js';
 import { removeTree } from '../../src/shared/remove-tree.js';
+import { wrk, type LoadRow } from '../support/wrk.js';
 
 const RESULTS = fileURLToPath(new URL('../results/gateway.md', import.meta.url));
 const NODE1 = '198.18.0.11';
@@ -33,31 +33,6 @@ const HAPROXY_PORT = 38080;
 const { values } = parseArgs({ options: { connections: { type: 'string', default: '16' }, seconds: { type: 'string', default: '5' } } });
 const connections = Number(values.connections);
 const seconds = Number(values.seconds);
-
-interface LoadRow {
-  path: string;
-  rps: number;
-  p50Ms: number;
-  p99Ms: number;
-  errors: number;
-}
-
-
-/** wrk's own numbers: requests/s, latency percentiles, and non-2xx/socket errors. */
-async function wrk(name: string, url: string): Promise<LoadRow> {
-  const res = await run('wrk', ['-t', '2', '-c', String(connections), '-d', `${seconds}s`, '--latency', url], { op: 'wrk', timeoutMs: (seconds + 30) * 1000 });
-  const out = res.stdout;
-  const ms = (label: string) => {
-    const m = new RegExp(`^\\s*${label}\\s+([\\d.]+)(us|ms|s)\\s*$`, 'm').exec(out);
-    if (!m) throw new Error(`wrk printed no ${label} latency:\n${out}`);
-    return Number(m[1]) * (m[2] === 'us' ? 0.001 : m[2] === 's' ? 1000 : 1);
-  };
-  const rps = Number(/Requests\/sec:\s+([\d.]+)/.exec(out)?.[1]);
-  const non2xx = Number(/Non-2xx or 3xx responses:\s+(\d+)/.exec(out)?.[1] ?? 0);
-  const socketErrors = /Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)/.exec(out);
-  const errors = non2xx + (socketErrors ? socketErrors.slice(1).reduce((a, b) => a + Number(b), 0) : 0);
-  return { path: name, rps, p50Ms: ms('50%'), p99Ms: ms('99%'), errors };
-}
 
 async function startHaproxy(dir: string): Promise<() => void> {
   const cfg = join(dir, 'haproxy.cfg');
@@ -139,7 +114,7 @@ async function main(): Promise<void> {
       ['haproxy', `http://127.0.0.1:${HAPROXY_PORT}/health`],
     ] as const) {
       process.stderr.write(`${name}... `);
-      rows.push(await wrk(name, url));
+      rows.push(await wrk(name, url, { connections, seconds }));
       process.stderr.write(`${rows.at(-1)!.rps.toFixed(0)} req/s\n`);
     }
     stopHaproxy();

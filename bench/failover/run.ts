@@ -1,0 +1,262 @@
+/**
+ * bench/failover: what protection costs and what it buys, measured in one run.
+ *
+ * 1. Failover: a protected 256 MB stateful app behind the gateway, a client sending POST
+ *    /increment nonstop, and its test host killed (`chipmunk cluster kill`): time from the kill
+ *    to the client's first successful answer from the new host, for several node leases, with
+ *    the controller's own phases (detection, restore, replay and switch) and failed requests.
+ * 2. Checkpoints: 64 MB / 256 MB / 1 GB apps that change 1% and 10% of their memory between
+ *    checkpoints: how long each checkpoint froze the app, and the bytes it newly stored next
+ *    to the bytes that changed.
+ * 3. Throughput through the gateway with request logging on (a protected container) and off
+ *    (an unprotected one), side by side: wrk POST /increment at fixed concurrency.
+ *
+ * Usage: npm run bench:failover [-- --leases 1000,2000,5000 --sizes 64,256,1024 --seconds 5]
+ * Prints the tables and writes them to bench/results/failover.md.
+ */
+import { mkdir, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { fileURLToPath } from 'node:url';
+import { parseArgs } from 'node:util';
+import { Agent, request } from 'undici';
+import { ensureTestImages } from '../../src/devtools/images.js';
+import { runChipmunk } from '../../src/devtools/run-chipmunk.js';
+import { wrk, type LoadRow } from '../support/wrk.js';
+
+const RESULTS = fileURLToPath(new URL('../results/failover.md', import.meta.url));
+const GATEWAY = '127.0.0.1';
+const MiB = 1024 * 1024;
+
+const { values } = parseArgs({
+  options: {
+    leases: { type: 'string', default: '1000,2000,5000' },
+    sizes: { type: 'string', default: '64,256,1024' },
+    seconds: { type: 'string', default: '5' },
+    connections: { type: 'string', default: '16' },
+  },
+});
+const leases = values.leases.split(',').map(Number);
+const sizes = values.sizes.split(',').map(Number);
+const seconds = Number(values.seconds);
+const connections = Number(values.connections);
+
+interface Failover {
+  name: string;
+  outcome: string;
+  to?: string;
+  detectedAt: number;
+  restoredAt?: number;
+  finishedAt?: number;
+  replayed?: number;
+}
+
+interface Checkpoint {
+  id: string;
+  logicalBytes: number;
+  newBytes: number;
+  logPosition: number | null;
+  frozenMs: number;
+}
+
+const json = async <T>(args: string[]): Promise<T> => JSON.parse(await runChipmunk([...args.slice(0, args[0] === 'cluster' ? 2 : 1), '--json', ...args.slice(args[0] === 'cluster' ? 2 : 1)])) as T;
+
+async function waitFor<T>(what: string, timeoutMs: number, probe: () => Promise<T | undefined>): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const value = await probe().catch(() => undefined);
+    if (value !== undefined) return value;
+    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
+    await sleep(100);
+  }
+}
+
+async function answersThroughGateway(port: number): Promise<true | undefined> {
+  const res = await request(`http://${GATEWAY}:${port}/health`, { headersTimeout: 5_000 });
+  await res.body.dump();
+  return res.statusCode === 200 ? true : undefined;
+}
+
+// ---------------------------------------------------------------- 1. failover
+
+interface FailoverRow {
+  leaseMs: number;
+  firstAnswerMs: number;
+  detectMs: number;
+  restoreMs: number;
+  replayMs: number;
+  replayed: number;
+  requests: number;
+  failed: number;
+}
+
+async function measureFailover(leaseMs: number): Promise<FailoverRow> {
+  const port = 28280;
+  await runChipmunk(['cluster', 'down']);
+  await runChipmunk(['cluster', 'up', '--nodes', '3', '--node-lease', `${leaseMs}ms`]);
+  await runChipmunk(['run', '--name', 'fo', '--node', 'node1', '-p', `${port}:8080`, '-e', 'MEMORY_MB=256', '--memory', '768m', '--checkpoint-every', '10s', 'chipmunk/statefulapp']);
+  await runChipmunk(['expose', 'fo', '--port', '8080', '--listen', String(port)]);
+  await waitFor('the app through the gateway', 60_000, () => answersThroughGateway(port));
+  await waitFor('a checkpoint cut at a log position', 120_000, async () => ((await json<Checkpoint[]>(['checkpoints', 'fo'])).some((c) => c.logPosition !== null) ? true : undefined));
+
+  const agent = new Agent({ keepAliveTimeout: 10_000 });
+  let stop = false;
+  let killedAt = Number.POSITIVE_INFINITY;
+  let firstAnswerAfterKill: number | undefined;
+  let requests = 0;
+  let failed = 0;
+  const client = (async () => {
+    while (!stop) {
+      try {
+        const res = await request(`http://${GATEWAY}:${port}/increment`, { method: 'POST', dispatcher: agent, headersTimeout: 120_000 });
+        await res.body.dump();
+        requests++;
+        const at = Date.now();
+        if (res.statusCode !== 200) failed++;
+        else if (at > killedAt && firstAnswerAfterKill === undefined) firstAnswerAfterKill = at;
+      } catch {
+        failed++;
+      }
+    }
+  })();
+  await sleep(2_000);
+  killedAt = Date.now();
+  await runChipmunk(['cluster', 'kill', 'node1']);
+  const failover = await waitFor('the failover', 180_000, async () => (await json<Failover[]>(['failovers'])).find((f) => f.name === 'fo' && f.outcome !== 'running'));
+  await waitFor('an answer after the kill', 60_000, async () => firstAnswerAfterKill);
+  await sleep(1_000);
+  stop = true;
+  await client;
+  await agent.close();
+  if (failover.outcome !== 'done') throw new Error(`failover with a ${leaseMs} ms lease failed: ${JSON.stringify(failover)}`);
+  return {
+    leaseMs,
+    firstAnswerMs: firstAnswerAfterKill! - killedAt,
+    detectMs: failover.detectedAt - killedAt,
+    restoreMs: failover.restoredAt! - failover.detectedAt,
+    replayMs: failover.finishedAt! - failover.restoredAt!,
+    replayed: failover.replayed ?? 0,
+    requests,
+    failed,
+  };
+}
+
+// ---------------------------------------------------------------- 2. checkpoints
+
+interface CheckpointRow {
+  sizeMb: number;
+  changedPercent: number | 'first';
+  changedBytes: number;
+  frozenMs: number;
+  logicalBytes: number;
+  newBytes: number;
+}
+
+async function measureCheckpoints(sizeMb: number): Promise<CheckpointRow[]> {
+  const name = `ck${sizeMb}`;
+  const port = 28300;
+  await runChipmunk(['run', '--name', name, '--node', 'node2', '-p', `${port}:8080`, '-e', `MEMORY_MB=${sizeMb}`, '--memory', `${sizeMb + 512}m`, 'chipmunk/statefulapp']);
+  try {
+    await runChipmunk(['expose', name, '--port', '8080', '--listen', String(port)]);
+    await waitFor(`${name} through the gateway`, 120_000, () => answersThroughGateway(port));
+    const rows: CheckpointRow[] = [];
+    const first = await json<Checkpoint>(['checkpoint', name]);
+    rows.push({ sizeMb, changedPercent: 'first', changedBytes: first.logicalBytes, frozenMs: first.frozenMs, logicalBytes: first.logicalBytes, newBytes: first.newBytes });
+    for (const percent of [1, 10]) {
+      const res = await request(`http://${GATEWAY}:${port}/touch?percent=${percent}`, { method: 'POST' });
+      const touched = (await res.body.json()) as { touchedMB: number };
+      const c = await json<Checkpoint>(['checkpoint', name]);
+      rows.push({ sizeMb, changedPercent: percent, changedBytes: touched.touchedMB * MiB, frozenMs: c.frozenMs, logicalBytes: c.logicalBytes, newBytes: c.newBytes });
+    }
+    return rows;
+  } finally {
+    await runChipmunk(['rm', name]).catch(() => undefined);
+  }
+}
+
+// ---------------------------------------------------------------- 3. logging on vs off
+
+async function measureLogging(): Promise<LoadRow[]> {
+  const ports = { on: 28310, off: 28311 };
+  await runChipmunk(['run', '--name', 'log-on', '--node', 'node3', '-p', `${ports.on}:8080`, '-e', 'MEMORY_MB=16', '--checkpoint-every', '1h', 'chipmunk/statefulapp']);
+  await runChipmunk(['run', '--name', 'log-off', '--node', 'node3', '-p', `${ports.off}:8080`, '-e', 'MEMORY_MB=16', 'chipmunk/statefulapp']);
+  await runChipmunk(['expose', 'log-on', '--port', '8080', '--listen', String(ports.on)]);
+  await runChipmunk(['expose', 'log-off', '--port', '8080', '--listen', String(ports.off)]);
+  for (const port of Object.values(ports)) await waitFor('the app through the gateway', 60_000, () => answersThroughGateway(port));
+  await waitFor('log-on checkpointed at a log position', 60_000, async () => ((await json<Checkpoint[]>(['checkpoints', 'log-on'])).some((c) => c.logPosition !== null) ? true : undefined));
+  const rows: LoadRow[] = [];
+  // Alternating, twice each: the machine's noise hits both.
+  for (const round of [1, 2]) {
+    for (const which of ['off', 'on'] as const) {
+      rows.push(await wrk(`logging ${which} (round ${round})`, `http://${GATEWAY}:${ports[which]}/increment`, { connections, seconds, method: 'POST' }));
+    }
+  }
+  return rows;
+}
+
+// ---------------------------------------------------------------- report
+
+const mb = (bytes: number) => `${(bytes / MiB).toFixed(1)} MiB`;
+
+async function main(): Promise<void> {
+  await ensureTestImages();
+  try {
+    const failovers: FailoverRow[] = [];
+    for (const lease of leases) {
+      process.stderr.write(`failover with a ${lease} ms lease... `);
+      failovers.push(await measureFailover(lease));
+      process.stderr.write(`${failovers.at(-1)!.firstAnswerMs} ms\n`);
+    }
+
+    await runChipmunk(['cluster', 'down']);
+    await runChipmunk(['cluster', 'up', '--nodes', '3']);
+    const checkpoints: CheckpointRow[] = [];
+    for (const size of sizes) {
+      process.stderr.write(`checkpoints of a ${size} MB app... `);
+      checkpoints.push(...(await measureCheckpoints(size)));
+      process.stderr.write('done\n');
+    }
+    process.stderr.write('gateway throughput, logging on vs off... ');
+    const logging = await measureLogging();
+    process.stderr.write('done\n');
+
+    const mean = (which: string) => {
+      const rows = logging.filter((r) => r.path.startsWith(`logging ${which}`));
+      return rows.reduce((sum, r) => sum + r.rps, 0) / rows.length;
+    };
+    const lines = [
+      'All on one 2-core machine, 3 test hosts; the gateway and the controller (with the checkpoint store) on the same machine.',
+      '',
+      `Failover of a protected 256 MB app behind the gateway, one client sending POST /increment nonstop, its host killed (every process at once):`,
+      '',
+      '| node lease | kill -> first answer from the new host | detection | restore | replay + switch | replayed | requests | failed |',
+      '|---:|---:|---:|---:|---:|---:|---:|---:|',
+      ...failovers.map((f) => `| ${f.leaseMs} ms | ${f.firstAnswerMs} ms | ${f.detectMs} ms | ${f.restoreMs} ms | ${f.replayMs} ms | ${f.replayed} | ${f.requests} | ${f.failed} |`),
+      '',
+      'Checkpoints (the app dirties N% of its memory, in 1 MiB blocks, between checkpoints; "first" is the first checkpoint of the app):',
+      '',
+      '| app memory | changed | bytes changed | frozen | checkpoint size | newly stored | stored / changed |',
+      '|---:|---:|---:|---:|---:|---:|---:|',
+      ...checkpoints.map(
+        (c) =>
+          `| ${c.sizeMb} MB | ${c.changedPercent === 'first' ? 'first' : `${c.changedPercent}%`} | ${mb(c.changedBytes)} | ${c.frozenMs} ms | ${mb(c.logicalBytes)} | ${mb(c.newBytes)} | ${c.changedPercent === 'first' ? '-' : `${(c.newBytes / c.changedBytes).toFixed(2)}x`} |`,
+      ),
+      '',
+      `Through the gateway, wrk POST /increment, ${connections} connections, ${seconds} s each, alternating:`,
+      '',
+      '| route | requests/s | p50 | p99 | errors |',
+      '|---|---:|---:|---:|---:|',
+      ...logging.map((r) => `| ${r.path} | ${r.rps.toFixed(0)} | ${r.p50Ms.toFixed(2)} ms | ${r.p99Ms.toFixed(2)} ms | ${r.errors} |`),
+      '',
+      `Logging on / off: throughput ${((mean('on') / mean('off')) * 100).toFixed(0)}% (means of the rounds).`,
+    ];
+    const out = lines.join('\n');
+    console.log(out);
+    await mkdir(join(RESULTS, '..'), { recursive: true });
+    await writeFile(RESULTS, `# bench/failover\n\nMeasured ${new Date().toISOString()}.\n\n${out}\n`);
+  } finally {
+    await runChipmunk(['cluster', 'down']).catch(() => undefined);
+  }
+}
+
+await main();
