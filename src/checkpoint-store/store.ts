@@ -18,6 +18,7 @@ import { join } from 'node:path';
 import Database from 'better-sqlite3';
 import type { Logger } from 'pino';
 import { CheckpointNotFoundError, ChunkCorruptError, ConflictError, InvalidInputError, NotFoundError, StoreFailedError } from '../shared/errors.js';
+import { openExclusiveSqlite, syncDirectory } from '../shared/durable.js';
 import { CHUNK_BYTES, HASH_BYTES, ManifestFormatError, chunkHashes, chunkLength, decodeManifest, sha256, type PartManifest } from './manifest.js';
 import type { CheckpointDetail, CheckpointDiff, CheckpointInfo, CheckpointSummary, CreateUploadResponse, DirectoryListing, UploadChunksResponse } from './protocol.js';
 import { ExactReader, expandSparse, paddingOf } from './tar.js';
@@ -130,24 +131,9 @@ export class CheckpointStore {
     const packsDir = join(opts.root, 'packs');
     await mkdir(packsDir, { recursive: true });
     const path = join(opts.root, 'index.sqlite');
-    let db: Database.Database | undefined;
-    try {
-      // timeout 0 and exclusive locking: the store keeps uploads in memory, so a second process on
-      // the same root would delete their packs as orphans. It fails at once instead.
-      db = new Database(path, { timeout: 0 });
-      db.pragma('locking_mode = EXCLUSIVE');
-      db.pragma('journal_mode = WAL');
-      // A checkpoint acknowledged to the agent must survive power loss: it may be the only copy.
-      db.pragma('synchronous = FULL');
-      migrate(db);
-    } catch (err) {
-      db?.close();
-      const locked = String((err as { code?: unknown }).code).startsWith('SQLITE_BUSY');
-      throw new StoreFailedError(
-        locked ? `checkpoint store ${path} is in use by another process; stop it or use another directory` : `cannot open checkpoint store ${path}: ${(err as Error).message}`,
-        err,
-      );
-    }
+    // One process only: the store keeps uploads in memory, so a second process on the same root
+    // would delete their packs as orphans. It fails at once instead.
+    const db = openExclusiveSqlite(path, 'checkpoint store', migrate);
     const store = new CheckpointStore(db, packsDir, opts.keep ?? DEFAULT_KEEP, opts.uploadTimeoutMs ?? DEFAULT_UPLOAD_TIMEOUT_MS, opts.logger);
     try {
       await store.removeOrphanPacks();
@@ -781,14 +767,6 @@ function volumesOf(metadata: Record<string, unknown>): VolumeMount[] {
   return volumes as VolumeMount[];
 }
 
-async function syncDirectory(dir: string): Promise<void> {
-  const handle = await open(dir, 'r');
-  try {
-    await handle.sync();
-  } finally {
-    await handle.close();
-  }
-}
 
 function migrate(db: Database.Database): void {
   const version = db.pragma('user_version', { simple: true }) as number;

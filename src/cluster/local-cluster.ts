@@ -533,11 +533,13 @@ async function requireNode(stateDir: string, node: string): Promise<{ state: Loc
  * of its containers' namespaces is SIGKILLed at once. Nothing is cleaned up: the host, its
  * files and runc's state stay, as a machine's disk would.
  */
-export async function clusterKill(node: string, dirs: LocalClusterDirs = {}): Promise<{ node: string; killedPids: number[] }> {
+export async function clusterKill(node: string, dirs: LocalClusterDirs = {}): Promise<{ node: string; killedPids: number[]; killedAt: number }> {
   const { entry } = await requireNode(dirs.stateDir ?? DEFAULT_STATE_DIR, node);
   const containerNetns = (await listNetns()).filter((netns) => netns.startsWith(`${entry.netns}-`));
+  // When the host died (ms since the epoch): benchmarks measure failover from here.
+  const killedAt = Date.now();
   const killed = await Promise.all([entry.netns, ...containerNetns].map((netns) => killAllInHost(netns)));
-  return { node, killedPids: killed.flat().sort((a, b) => a - b) };
+  return { node, killedPids: killed.flat().sort((a, b) => a - b), killedAt };
 }
 
 /** Brings a killed test host's agent back; it registers with the controller again. */

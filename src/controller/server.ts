@@ -121,7 +121,8 @@ export function buildControllerServer(opts: ControllerServerOptions): FastifyIns
 
   app.delete('/v1/containers/:name', { schema: { params: ContainerParams } }, async (req, reply) => {
     await containers.remove(req.params.name);
-    // A later container of the same name must never be restored from this one's checkpoints.
+    // Its route and checkpoints go with it: a later container of the same name must get neither.
+    if (await opts.routes.get(req.params.name)) await opts.routes.unexpose(req.params.name);
     await checkpoints.forget(req.params.name);
     return reply.code(204).send();
   });

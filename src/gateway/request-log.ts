@@ -20,6 +20,7 @@
 import { mkdir, open, readdir, rm, unlink, type FileHandle } from 'node:fs/promises';
 import { join } from 'node:path';
 import { crc32 } from 'node:zlib';
+import { syncDirectory } from '../shared/durable.js';
 import { StoreFailedError } from '../shared/errors.js';
 
 /** A request as it is forwarded upstream. */
@@ -375,12 +376,3 @@ async function readFully(file: FileHandle, into: Buffer, position: number): Prom
   }
 }
 
-/** Makes file creations and deletions in `dir` durable. */
-async function syncDirectory(dir: string): Promise<void> {
-  const handle = await open(dir, 'r');
-  try {
-    await handle.sync();
-  } finally {
-    await handle.close();
-  }
-}

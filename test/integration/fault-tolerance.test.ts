@@ -215,4 +215,15 @@ describe('fault tolerance', { timeout: 900_000 }, () => {
     const policy = await cliOk<{ protection: { everyMs: number } }>(['protect', 'ft-files', '--every', '30s']);
     assert.equal(policy.protection.everyMs, 30_000);
   });
+
+  it('rm takes the route and the checkpoints with it: a new container of that name starts clean', async () => {
+    await cliOk(['rm', 'ft-files']);
+    await cliOk(['run', '--name', 'ft-files', '--node', 'node2', '-p', '28183:8080', '-e', 'MEMORY_MB=16', 'chipmunk/statefulapp']);
+    await cliOk(['expose', 'ft-files', '--port', '8080', '--listen', '28183']);
+    assert.deepEqual(await checkpoints('ft-files'), [], 'no checkpoint of the old ft-files');
+    await waitFor(async () => {
+      const res = await request(`http://${GATEWAY}:28183/`).catch(() => undefined);
+      return res?.statusCode === 200 && ((await res.body.json()) as { counter: number }).counter === 0;
+    }, 30_000, 'the new ft-files answers through the gateway, from zero');
+  });
 });

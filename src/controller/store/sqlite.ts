@@ -1,4 +1,5 @@
 import Database from 'better-sqlite3';
+import { openExclusiveSqlite } from '../../shared/durable.js';
 import { StoreFailedError } from '../../shared/errors.js';
 import { LocalStore, type Commit, type LeaseRecord, type LocalBackend, type LocalStoreOptions, type StoredEvent, type StoredKv } from './local.js';
 
@@ -17,26 +18,7 @@ export class SqliteStore extends LocalStore {
   }
 
   static open(path: string, options: LocalStoreOptions = {}): SqliteStore {
-    let db: Database.Database | undefined;
-    try {
-      // timeout 0: a locked file means another controller has it; waiting would not help.
-      db = new Database(path, { timeout: 0 });
-      db.pragma('locking_mode = EXCLUSIVE');
-      db.pragma('journal_mode = WAL');
-      // FULL syncs the WAL on every commit, so an acknowledged write survives power loss, not
-      // only a process crash: the store decides which node runs a container.
-      db.pragma('synchronous = FULL');
-      migrate(db);
-    } catch (err) {
-      db?.close();
-      const locked = String((err as { code?: unknown }).code).startsWith('SQLITE_BUSY');
-      throw new StoreFailedError(
-        locked
-          ? `sqlite store ${path} is in use by another process (another controller?); stop it or use another file`
-          : `cannot open sqlite store ${path}: ${(err as Error).message}`,
-        err,
-      );
-    }
+    const db = openExclusiveSqlite(path, 'sqlite store (another controller?)', migrate);
     try {
       return new SqliteStore(new SqliteBackend(db, path), options);
     } catch (err) {
