@@ -14,14 +14,16 @@
  * Usage: npm run bench:failover [-- --leases 1000,2000,5000 --sizes 64,256,1024 --seconds 5]
  * Prints the tables and writes them to bench/results/failover.md.
  */
-import { mkdir, writeFile } from 'node:fs/promises';
+import { mkdir, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { Agent, request } from 'undici';
+import { DEFAULT_STATE_DIR, readClusterState } from '../../src/cluster/index.js';
 import { ensureTestImages } from '../../src/devtools/images.js';
 import { runChipmunk } from '../../src/devtools/run-chipmunk.js';
+import { clearSoftDirty, softDirtyBytes } from '../support/soft-dirty.js';
 import { wrk, type LoadRow } from '../support/wrk.js';
 
 const RESULTS = fileURLToPath(new URL('../results/failover.md', import.meta.url));
@@ -44,6 +46,7 @@ const connections = Number(values.connections);
 interface Failover {
   name: string;
   outcome: string;
+  timings: Record<string, number>;
   to?: string;
   detectedAt: number;
   restoredAt?: number;
@@ -85,6 +88,8 @@ interface FailoverRow {
   detectMs: number;
   restoreMs: number;
   replayMs: number;
+  prepareMs: number;
+  fetchRestoreMs: number;
   replayed: number;
   requests: number;
   failed: number;
@@ -130,12 +135,15 @@ async function measureFailover(leaseMs: number): Promise<FailoverRow> {
   await client;
   await agent.close();
   if (failover.outcome !== 'done') throw new Error(`failover with a ${leaseMs} ms lease failed: ${JSON.stringify(failover)}`);
+  if (failover.detectedAt < killedAt) throw new Error(`node1 was declared dead before it was killed (a false failover, lease ${leaseMs} ms): ${JSON.stringify(failover)}`);
   return {
     leaseMs,
     firstAnswerMs: firstAnswerAfterKill - killedAt,
     detectMs: failover.detectedAt - killedAt,
     restoreMs: failover.restoredAt! - failover.detectedAt,
     replayMs: failover.finishedAt! - failover.restoredAt!,
+    prepareMs: failover.timings.prepareMs ?? 0,
+    fetchRestoreMs: failover.timings.restoreMs ?? 0,
     replayed: failover.replayed ?? 0,
     requests,
     failed,
@@ -147,6 +155,9 @@ async function measureFailover(leaseMs: number): Promise<FailoverRow> {
 interface CheckpointRow {
   sizeMb: number;
   changedPercent: number | 'first';
+  /** What the app deliberately rewrote (its /touch). */
+  touchedBytes: number;
+  /** What the kernel saw written since the checkpoint before (soft-dirty pages): the bytes that changed. */
   changedBytes: number;
   frozenMs: number;
   logicalBytes: number;
@@ -161,18 +172,33 @@ async function measureCheckpoints(sizeMb: number): Promise<CheckpointRow[]> {
     await runChipmunk(['expose', name, '--port', '8080', '--listen', String(port)]);
     await waitFor(`${name} through the gateway`, 120_000, () => answersThroughGateway(port));
     const rows: CheckpointRow[] = [];
+    const pid = await appPid(name, 'node2');
     const first = await json<Checkpoint>(['checkpoint', name]);
-    rows.push({ sizeMb, changedPercent: 'first', changedBytes: first.logicalBytes, frozenMs: first.frozenMs, logicalBytes: first.logicalBytes, newBytes: first.newBytes });
+    rows.push({ sizeMb, changedPercent: 'first', touchedBytes: 0, changedBytes: first.logicalBytes, frozenMs: first.frozenMs, logicalBytes: first.logicalBytes, newBytes: first.newBytes });
     for (const percent of [1, 10]) {
+      await clearSoftDirty(pid);
       const res = await request(`http://${GATEWAY}:${port}/touch?percent=${percent}`, { method: 'POST' });
       const touched = (await res.body.json()) as { touchedMB: number };
+      const changedBytes = await softDirtyBytes(pid);
       const c = await json<Checkpoint>(['checkpoint', name]);
-      rows.push({ sizeMb, changedPercent: percent, changedBytes: touched.touchedMB * MiB, frozenMs: c.frozenMs, logicalBytes: c.logicalBytes, newBytes: c.newBytes });
+      rows.push({ sizeMb, changedPercent: percent, touchedBytes: touched.touchedMB * MiB, changedBytes, frozenMs: c.frozenMs, logicalBytes: c.logicalBytes, newBytes: c.newBytes });
     }
     return rows;
   } finally {
     await runChipmunk(['rm', name]).catch(() => undefined);
   }
+}
+
+/** The host pid of the container's main process, from its agent. */
+async function appPid(name: string, node: string): Promise<number> {
+  const state = await readClusterState(DEFAULT_STATE_DIR);
+  const entry = state?.nodes.find((n) => n.name === node);
+  if (!state || !entry) throw new Error(`no ${node} in the local cluster`);
+  const token = (await readFile(state.tokenFile, 'utf8')).trim();
+  const res = await request(`http://${entry.address}:7401/v1/containers/${name}`, { headers: { authorization: `Bearer ${token}` } });
+  const container = (await res.body.json()) as { pid?: number };
+  if (!container.pid) throw new Error(`the agent of ${node} reports no pid for ${name}`);
+  return container.pid;
 }
 
 // ---------------------------------------------------------------- 3. logging on vs off
@@ -230,17 +256,21 @@ async function main(): Promise<void> {
       '',
       `Failover of a protected 256 MB app behind the gateway, one client sending POST /increment nonstop, its host killed (every process at once):`,
       '',
-      '| node lease | kill -> first answer from the new host | detection | restore | replay + switch | replayed | requests | failed |',
+      '| node lease | kill -> first answer from the new host | detection | restore (prepare; fetch + CRIU) | replay + switch | replayed | requests | failed |',
       '|---:|---:|---:|---:|---:|---:|---:|---:|',
-      ...failovers.map((f) => `| ${f.leaseMs} ms | ${f.firstAnswerMs} ms | ${f.detectMs} ms | ${f.restoreMs} ms | ${f.replayMs} ms | ${f.replayed} | ${f.requests} | ${f.failed} |`),
+      ...failovers.map(
+        (f) => `| ${f.leaseMs} ms | ${f.firstAnswerMs} ms | ${f.detectMs} ms | ${f.restoreMs} ms (${f.prepareMs}; ${f.fetchRestoreMs}) | ${f.replayMs} ms | ${f.replayed} | ${f.requests} | ${f.failed} |`,
+      ),
       '',
-      'Checkpoints (the app dirties N% of its memory, in 1 MiB blocks, between checkpoints; "first" is the first checkpoint of the app):',
+      'Checkpoints: the app rewrites N% of its memory (in 1 MiB blocks) between checkpoints; "changed" is what the kernel saw written',
+      'in that time (soft-dirty pages: the rewrite plus what the node.js runtime touched); "first" is the app\'s first checkpoint:',
       '',
-      '| app memory | changed | bytes changed | frozen | checkpoint size | newly stored | stored / changed |',
-      '|---:|---:|---:|---:|---:|---:|---:|',
-      ...checkpoints.map(
-        (c) =>
-          `| ${c.sizeMb} MB | ${c.changedPercent === 'first' ? 'first' : `${c.changedPercent}%`} | ${mb(c.changedBytes)} | ${c.frozenMs} ms | ${mb(c.logicalBytes)} | ${mb(c.newBytes)} | ${c.changedPercent === 'first' ? '-' : `${(c.newBytes / c.changedBytes).toFixed(2)}x`} |`,
+      '| app memory | rewrite | app rewrote | changed (kernel) | frozen | checkpoint size | newly stored | stored / changed | stored / rewrote |',
+      '|---:|---:|---:|---:|---:|---:|---:|---:|---:|',
+      ...checkpoints.map((c) =>
+        c.changedPercent === 'first'
+          ? `| ${c.sizeMb} MB | first | - | - | ${c.frozenMs} ms | ${mb(c.logicalBytes)} | ${mb(c.newBytes)} | - | - |`
+          : `| ${c.sizeMb} MB | ${c.changedPercent}% | ${mb(c.touchedBytes)} | ${mb(c.changedBytes)} | ${c.frozenMs} ms | ${mb(c.logicalBytes)} | ${mb(c.newBytes)} | ${(c.newBytes / c.changedBytes).toFixed(2)}x | ${(c.newBytes / c.touchedBytes).toFixed(2)}x |`,
       ),
       '',
       `Through the gateway, wrk POST /increment, ${connections} connections, ${seconds} s each, alternating:`,

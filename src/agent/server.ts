@@ -8,7 +8,7 @@ import Fastify, { type FastifyBaseLogger, type FastifyInstance } from 'fastify';
 import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox';
 import { Type } from '@sinclair/typebox';
 import { CheckpointInfo, uploadCheckpoint } from '../checkpoint-store/index.js';
-import { NotFoundError, TransferFailedError } from '../shared/errors.js';
+import { InvalidInputError, NotFoundError, TransferFailedError } from '../shared/errors.js';
 import { installApiConventions } from '../shared/http.js';
 import { removeTree } from '../shared/remove-tree.js';
 import {
@@ -26,6 +26,7 @@ import {
   SnapshotRequest,
   SnapshotResult,
   UploadSnapshotRequest,
+  volumeConflicts,
   type TransferProgress,
 } from '../shared/protocol.js';
 import type { FaultInjector } from './faults.js';
@@ -60,6 +61,8 @@ export function buildAgentServer(deps: AgentServerDeps): FastifyInstance {
   app.get('/v1/containers', { schema: { response: { 200: Type.Array(AgentContainer) } } }, async () => runtime.list());
 
   app.post('/v1/containers', { schema: { body: ContainerSpec, response: { 201: AgentContainer } } }, async (req, reply) => {
+    const conflict = volumeConflicts(req.body.volumes);
+    if (conflict) throw new InvalidInputError(`${conflict}: each volume needs its own name and path`, { volumes: req.body.volumes });
     reply.code(201);
     return runtime.run(req.body);
   });

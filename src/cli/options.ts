@@ -5,7 +5,7 @@
 import type { Command } from 'commander';
 
 import { InvalidInputError } from '../shared/errors.js';
-import { ContainerName, NodeName, type PortMapping } from '../shared/protocol.js';
+import { ContainerName, NodeName, VolumeMount, type PortMapping } from '../shared/protocol.js';
 import { MIN_MEMORY_BYTES, formatBytes, parseDuration, parseEnvSpec, parsePortSpec, parseSize } from '../shared/units.js';
 import { UsageError } from './output.js';
 
@@ -41,6 +41,16 @@ export function parseNodeName(value: string): string {
 /** Repeatable -p: collects every mapping given. */
 export function collectPort(value: string, previous: PortMapping[] = []): PortMapping[] {
   return [...previous, asUsage(() => parsePortSpec(value))];
+}
+
+/** Repeatable -v NAME:/path: collects named volumes, checked against the protocol's rules. */
+export function collectVolume(value: string, previous: VolumeMount[] = []): VolumeMount[] {
+  const i = value.indexOf(':');
+  const volume = { name: value.slice(0, i), path: value.slice(i + 1) };
+  if (i <= 0 || !new RegExp(VolumeMount.properties.name.pattern!).test(volume.name) || !new RegExp(VolumeMount.properties.path.pattern!).test(volume.path)) {
+    throw new UsageError(`bad volume '${value}': use NAME:/path (name: lowercase letters, digits, _ . -; path: absolute, not /, no . or .. parts)`, { value });
+  }
+  return [...previous, volume];
 }
 
 /** Repeatable -e: collects KEY=VALUE pairs; a later KEY wins. */

@@ -147,14 +147,18 @@ export class CheckpointService {
    * the agent prepares (image, network), fetches the trees from the store and restores them.
    * Returns the record of the container running there.
    */
-  async restoreOn(record: ContainerRecord, nodeName: string, checkpointId: string, opId: string, generation: number): Promise<ContainerRecord> {
+  async restoreOn(record: ContainerRecord, nodeName: string, checkpointId: string, opId: string, generation: number, timings: Record<string, number> = {}): Promise<ContainerRecord> {
     const node = await this.opts.nodes.require(nodeName);
     const agent = this.opts.agentFor(node);
     const imageSource = await this.imageSourceFor(node.name);
     const base = { migrationId: opId, mode: 'copy' as const, spec: record.spec, generation, source: imageSource };
     try {
+      let t = Date.now();
       await agent.prepare(opId, base);
+      timings.prepareMs = Date.now() - t;
+      t = Date.now();
       const restored = await agent.restore(opId, { ...base, checkpoint: { storeUrl: this.opts.storeUrl(), id: checkpointId } });
+      timings.restoreMs = Date.now() - t;
       await agent.settle(opId).catch(() => undefined);
       const running = restored.container;
       return { ...record, node: node.name, status: running.status, generation: running.generation, ...(running.ip ? { ip: running.ip } : {}) };
@@ -221,7 +225,8 @@ export class CheckpointService {
         container: record.spec.name,
         storeUrl: this.opts.storeUrl(),
         logPosition,
-        metadata: { spec: record.spec, generation: record.generation, node: record.node, reason },
+        // `volumes` tells the store where each volume of the files part sits in the container.
+        metadata: { spec: record.spec, generation: record.generation, node: record.node, reason, volumes: record.spec.volumes ?? [] },
       });
     } finally {
       await agent.discardSnapshot(snapshotId).catch(() => undefined);

@@ -38,6 +38,8 @@ export interface FailoverRecord {
   finishedAt?: number;
   replayed?: number;
   delivered?: number;
+  /** Where the time went, ms: waiting for the lock, target preparation, fetch + restore, replay, release. */
+  timings: Record<string, number>;
   outcome: 'running' | 'done' | 'failed';
   error?: ErrorJSON;
 }
@@ -110,10 +112,11 @@ export class FailoverService {
 
   private async run(name: string, deadNode: string, detectedAt: number): Promise<FailoverRecord> {
     const { checkpoints, catalog, traffic, log } = this.opts;
-    const record: FailoverRecord = { id: `failover-${randomUUID().slice(0, 8)}`, name, from: deadNode, skipped: [], detectedAt, outcome: 'running' };
+    const record: FailoverRecord = { id: `failover-${randomUUID().slice(0, 8)}`, name, from: deadNode, skipped: [], detectedAt, timings: {}, outcome: 'running' };
     await this.save(record);
     try {
       return await checkpoints.withLock(name, 'failover', async (container, lockId) => {
+        record.timings.lockMs = Date.now() - detectedAt;
         if (container.node !== deadNode) throw new ConflictError(`${name} no longer runs on ${deadNode} (it is on ${container.node})`, { name });
         const held = await traffic.holdNow(name, lockId);
         let current = container;
@@ -131,7 +134,7 @@ export class FailoverService {
             const target = targets[attempt % targets.length]!;
             attempt += 1;
             try {
-              current = await checkpoints.restoreOn(container, target, candidate.id, `${lockId}-${attempt}`, container.generation + attempt);
+              current = await checkpoints.restoreOn(container, target, candidate.id, `${lockId}-${attempt}`, container.generation + attempt, record.timings);
               record.to = target;
               record.checkpoint = candidate.id;
               record.logPosition = candidate.logPosition;
@@ -151,7 +154,9 @@ export class FailoverService {
           await this.opts.store.delete(fenceKey(record.to, name));
           await checkpoints.saveRecord(name, lockId, current);
           if (record.logPosition !== null && record.logPosition !== undefined) {
+            const t = Date.now();
             const replay = await traffic.replay(name, record.logPosition, current);
+            record.timings.replayMs = Date.now() - t;
             record.replayed = replay.replayed;
             record.delivered = replay.delivered;
           }
@@ -162,7 +167,12 @@ export class FailoverService {
           return record;
         } finally {
           // A failed failover releases nothing: traffic must not go back to the dead node.
-          if (held && record.to) await traffic.release(name, lockId, current);
+          if (held && record.to) {
+            const t = Date.now();
+            await traffic.release(name, lockId, current);
+            record.timings.releaseMs = Date.now() - t;
+            await this.save(record).catch(() => undefined);
+          }
         }
       });
     } catch (err) {

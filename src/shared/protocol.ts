@@ -26,6 +26,27 @@ export const MigrationMode = Type.Union([Type.Literal('lazy'), Type.Literal('cop
 export type MigrationMode = Static<typeof MigrationMode>;
 
 /** What the operator asked for: enough to (re)create the container anywhere. */
+/** A named volume: a directory of the container's own, mounted at `path`; it travels with migrations and is part of every checkpoint. */
+export const VolumeMount = Type.Object({
+  name: Type.String({ pattern: '^[a-z0-9][a-z0-9_.-]{0,62}$', description: 'volume name: lowercase letters, digits, _ . -' }),
+  path: Type.String({ pattern: '^(?!.*/\\.\\.?(/|$))/[^\\0]+$', description: 'absolute path in the container, not / and without . or .. segments' }),
+});
+export type VolumeMount = Static<typeof VolumeMount>;
+
+/** What the schema cannot say about a spec's volumes: names and paths are each used once. */
+export function volumeConflicts(volumes: VolumeMount[] = []): string | undefined {
+  const names = new Set<string>();
+  const paths = new Set<string>();
+  for (const v of volumes) {
+    const path = v.path.replace(/\/+$/, '');
+    if (names.has(v.name)) return `volume '${v.name}' is given twice`;
+    if (paths.has(path)) return `two volumes are mounted at ${path}`;
+    names.add(v.name);
+    paths.add(path);
+  }
+  return undefined;
+}
+
 export const ContainerSpec = Type.Object({
   name: ContainerName,
   image: Type.String({ minLength: 1 }),
@@ -35,6 +56,7 @@ export const ContainerSpec = Type.Object({
   ports: Type.Array(PortMapping, { default: [] }),
   /** Memory limit in bytes; 0 means none. */
   memoryBytes: Type.Integer({ minimum: 0, default: 0 }),
+  volumes: Type.Optional(Type.Array(VolumeMount)),
 });
 export type ContainerSpec = Static<typeof ContainerSpec>;
 
@@ -351,6 +373,7 @@ export type MigrationRecord = Static<typeof MigrationRecord>;
 /** Schemas by name, for the generated API reference. */
 export const schemas: Record<string, TSchema> = {
   ContainerSpec,
+  VolumeMount,
   PortMapping,
   AgentContainer,
   ContainerStats,

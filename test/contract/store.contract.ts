@@ -267,6 +267,21 @@ export function describeStoreContract(name: string, makeStore: (opts: StoreFixtu
         await waitFor(async () => (await store.get('/ka/a')) === undefined, 'the key to expire after keep-alives stop');
       }));
 
+    it('does not end a lease for the time its own process was stalled: keep-alives were waiting, not missing', () =>
+      withStore({}, async ({ store }) => {
+        const lease = await store.grantLease(300);
+        await store.put('/stall/a', 1, { lease });
+        await sleep(150);
+        // A long synchronous step in this process (what a big commit can be): no keep-alive can arrive meanwhile.
+        const until = Date.now() + 700;
+        while (Date.now() < until) {
+          // busy
+        }
+        await store.keepAlive(lease);
+        assert.ok(await store.get('/stall/a'), 'the lease outlived a stall longer than its TTL');
+        await waitFor(async () => (await store.get('/stall/a')) === undefined, 'the key to expire once keep-alives stop');
+      }));
+
     it('revokes a lease at once, deleting only its keys', () =>
       withStore({}, async ({ store }) => {
         const lease = await store.grantLease(10_000);

@@ -60,8 +60,8 @@ async function post(port: number, path: string, method: 'POST' | 'DELETE' = 'POS
 }
 
 /** Runs a protected statefulapp on `node`, exposed on gateway port `listen`, and waits for it to answer there. */
-async function protectedApp(name: string, node: string, listen: number, every: string): Promise<void> {
-  await cliOk(['run', '--name', name, '--node', node, '-p', `${listen}:8080`, '-e', 'MEMORY_MB=32', '--checkpoint-every', every, 'chipmunk/statefulapp']);
+async function protectedApp(name: string, node: string, listen: number, every: string, extra: string[] = []): Promise<void> {
+  await cliOk(['run', '--name', name, '--node', node, '-p', `${listen}:8080`, '-e', 'MEMORY_MB=32', '--checkpoint-every', every, ...extra, 'chipmunk/statefulapp']);
   await cliOk(['expose', name, '--port', '8080', '--listen', String(listen)]);
   await waitFor(async () => {
     const res = await request(`http://${GATEWAY}:${listen}/health`).catch(() => undefined);
@@ -162,9 +162,9 @@ describe('fault tolerance', { timeout: 900_000 }, () => {
     await cliOk(['cluster', 'revive', 'node3']);
   });
 
-  it('file versions: files, diff and restore --from; paths cannot escape the container', async () => {
+  it('file versions (its data in a named volume): files, diff and restore --from; paths cannot escape the container', async () => {
     const port = 28183;
-    await protectedApp('ft-files', 'node1', port, '1h');
+    await protectedApp('ft-files', 'node1', port, '1h', ['-v', 'appdata:/data']);
     await post(port, '/files?name=kept.txt&content=one');
     await post(port, '/files?name=gone.txt&content=bye');
     for (let i = 0; i < 2; i++) await post(port, '/increment');
@@ -198,6 +198,9 @@ describe('fault tolerance', { timeout: 900_000 }, () => {
     assert.equal((await get<{ lines: number }>(port, '/file')).lines, 2, 'and so are the files');
     await post(port, '/increment');
     assert.equal((await get<{ counter: number }>(port, '/')).counter, 3, 'and it keeps working');
+    // The volume travels with a migration too.
+    await cliOk(['migrate', 'ft-files', '--to', 'node3', '--mode', 'copy'], { timeoutMs: 120_000 });
+    assert.equal((await get<{ lines: number }>(port, '/file')).lines, 3, 'the volume moved with the container');
     const newest = (await checkpoints('ft-files'))[0]!;
     const afterRestore = await cliOk<{ entries: Array<{ name: string }> }>(['files', 'ft-files', '/data', '--at', newest.id]);
     assert.deepEqual(afterRestore.entries.map((e) => e.name).sort(), ['gone.txt', 'kept.txt', 'log.txt'], 'the newest checkpoint is the restored state');

@@ -40,6 +40,15 @@ describe('chipmunk command-line errors', () => {
     assert.equal(requests, 0);
   });
 
+  it('rejects a bad volume, checkpoint interval or node lease', async () => {
+    assertUsageError(await runCli(['run', '--name', 'web', '-v', 'data', 'img'], env), /bad volume 'data': use NAME:\/path/);
+    assertUsageError(await runCli(['run', '--name', 'web', '-v', 'data:/a/../etc', 'img'], env), /bad volume/);
+    assertUsageError(await runCli(['run', '--name', 'web', '-v', 'data:/', 'img'], env), /bad volume/);
+    assertUsageError(await runCli(['run', '--name', 'web', '--checkpoint-every', '500ms', 'img'], env), /bad checkpoint interval '500ms': at least 1s/);
+    assertUsageError(await runCli(['protect', 'web', '--every', 'soon'], env), /bad checkpoint interval 'soon'/);
+    assertUsageError(await runCli(['cluster', 'up', '--node-lease', '100ms'], env), /bad node lease '100ms'/);
+  });
+
   it('rejects a bad memory size', async () => {
     assertUsageError(await runCli(['run', '--name', 'web', '--memory', 'lots', 'img'], env), /bad memory size 'lots'.*e\.g\. 256m or 1g/);
     assertUsageError(await runCli(['run', '--name', 'web', '--memory', '1k', 'img'], env), /bad memory size '1k': at least/);

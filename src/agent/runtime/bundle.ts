@@ -14,6 +14,8 @@ export interface BundleInputs {
   hostname: string;
   /** CRIU config file runc passes to CRIU (org.criu.config), e.g. restore options. */
   criuConfigPath: string;
+  /** Host directory of each named volume of the spec. */
+  volumeDir(name: string): string;
 }
 
 const DEFAULT_CAPS = [
@@ -59,6 +61,9 @@ export function buildOciConfig(b: BundleInputs): Record<string, unknown> {
       { destination: '/dev/shm', type: 'tmpfs', source: 'shm', options: ['nosuid', 'noexec', 'nodev', 'mode=1777', 'size=65536k'] },
       { destination: '/dev/mqueue', type: 'mqueue', source: 'mqueue', options: ['nosuid', 'noexec', 'nodev'] },
       { destination: '/sys', type: 'sysfs', source: 'sysfs', options: ['nosuid', 'noexec', 'nodev', 'ro'] },
+      // Bind mounts: runc declares them to CRIU as external mounts, and maps them to this
+      // config's sources on restore, so a volume follows its container to the new node.
+      ...(b.spec.volumes ?? []).map((v) => ({ destination: v.path, type: 'bind', source: b.volumeDir(v.name), options: ['rbind', 'rw'] })),
     ],
     linux: {
       cgroupsPath: b.cgroupsPath,

@@ -7,6 +7,7 @@
  *   containers/NAME/state.json        what this node knows of the container (ContainerRecord)
  *   containers/NAME/files/upper/      overlay upper layer: every file the container changed
  *   containers/NAME/files/logs/       stdout.log, stderr.log
+ *   containers/NAME/files/volumes/V/  named volume V (bind-mounted at its path)
  *   containers/NAME/work/, rootfs/    overlay work dir and mount point
  *   containers/NAME/config.json       OCI config of the current incarnation (runc bundle)
  *   migrations/ID/images/             CRIU images of one migration
@@ -822,7 +823,9 @@ export class RuncRuntime implements ContainerRuntime {
       cgroupsPath: this.cgroupsPath(rec.spec.name, rec.generation),
       hostname: rec.spec.name,
       criuConfigPath: criuConf,
+      volumeDir: (volume) => this.volumeDir(rec.spec.name, volume),
     });
+    for (const v of rec.spec.volumes ?? []) await mkdir(this.volumeDir(rec.spec.name, v.name), { recursive: true });
     await writeFile(join(dir, 'config.json'), JSON.stringify(config, null, 2));
   }
 
@@ -841,6 +844,11 @@ export class RuncRuntime implements ContainerRuntime {
   private async writeCriuOptions(name: string, purpose: 'dump' | 'restore'): Promise<void> {
     const options = purpose === 'dump' ? ['skip-in-flight', 'tcp-close'] : ['skip-in-flight', 'tcp-close', 'network-lock skip'];
     await writeFile(join(this.containerDir(name), 'criu.conf'), `${options.join('\n')}\n`);
+  }
+
+  /** Under files/, so volumes travel with every migration and are in every snapshot. */
+  private volumeDir(name: string, volume: string): string {
+    return join(this.containerDir(name), 'files', 'volumes', volume);
   }
 
   private async mountContainerRootfs(name: string, image: ImageConfig): Promise<void> {

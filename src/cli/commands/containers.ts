@@ -1,9 +1,9 @@
 /** `chipmunk run|ps|logs|stats|stop|rm`: containers, through the controller. */
 import type { Command } from 'commander';
-import type { ContainerStats, ContainerView, ExposedRoute, PortMapping, RunRequest } from '../../shared/protocol.js';
+import type { ContainerStats, ContainerView, ExposedRoute, PortMapping, RunRequest, VolumeMount } from '../../shared/protocol.js';
 import { formatBytes, formatDuration } from '../../shared/units.js';
 import { controllerClient } from '../context.js';
-import { addConnectionOptions, addJsonOption, collectEnv, collectPort, parseCheckpointInterval, parseContainerName, parseMemory, parseNodeName, parsePort, parseRouteProtocol } from '../options.js';
+import { addConnectionOptions, addJsonOption, collectEnv, collectPort, collectVolume, parseCheckpointInterval, parseContainerName, parseMemory, parseNodeName, parsePort, parseRouteProtocol } from '../options.js';
 import { printJson, renderTable } from '../output.js';
 
 interface RunOptions {
@@ -13,6 +13,7 @@ interface RunOptions {
   env: Record<string, string>;
   memory?: number;
   checkpointEvery?: number;
+  volume: VolumeMount[];
   json?: boolean;
 }
 
@@ -36,6 +37,7 @@ export function registerContainerCommands(program: Command): void {
         .option('-p, --publish <hostport:ctrport>', 'publish a container port on the node, e.g. 8080:80 or 5353:53/udp (repeatable)', collectPort, [])
         .option('-e, --env <key=value>', 'environment variable (repeatable)', collectEnv, {})
         .option('--memory <size>', 'memory limit, e.g. 256m or 1g', parseMemory)
+        .option('-v, --volume <name:/path>', 'named volume mounted at /path; it moves with the container and is in its checkpoints (repeatable)', collectVolume, [])
         .option('--checkpoint-every <duration>', 'protect it: checkpoint every DURATION (e.g. 30s), fail over when its node dies', parseCheckpointInterval)
         .argument('<image>', 'image name')
         .argument('[command...]', "command to run instead of the image's CMD")
@@ -44,7 +46,7 @@ export function registerContainerCommands(program: Command): void {
     ),
   ).action(async (image: string, command: string[], opts: RunOptions, cmd: Command) => {
     const request: RunRequest = {
-      spec: { name: opts.name, image, command, env: opts.env, ports: opts.publish, memoryBytes: opts.memory ?? 0 },
+      spec: { name: opts.name, image, command, env: opts.env, ports: opts.publish, memoryBytes: opts.memory ?? 0, ...(opts.volume.length ? { volumes: opts.volume } : {}) },
       ...(opts.node ? { node: opts.node } : {}),
       ...(opts.checkpointEvery ? { protection: { everyMs: opts.checkpointEvery } } : {}),
     };

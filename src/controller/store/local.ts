@@ -64,6 +64,9 @@ export interface LocalStoreOptions {
 
 const DEFAULT_HISTORY_REVISIONS = 10_000;
 const MAX_TIMER_DELAY_MS = 2 ** 31 - 1;
+/** The stall guard's period, and how late a tick must be to count as a stall. */
+const STALL_TICK_MS = 100;
+const STALL_THRESHOLD_MS = 150;
 
 type PlannedWrite = { type: 'put'; key: string; valueJson: string; lease?: string } | { type: 'delete'; key: string };
 
@@ -83,6 +86,9 @@ export class LocalStore implements StateStore {
   private readonly watchers = new Set<Watcher>();
   private expiryTimer: NodeJS.Timeout | undefined;
   private closed = false;
+  /** Ticks every STALL_TICK_MS; a late tick means this process was stalled (see compensateStall). */
+  private readonly stallGuard: NodeJS.Timeout;
+  private lastTickAt = Date.now();
 
   protected constructor(
     private readonly backend: LocalBackend,
@@ -99,6 +105,8 @@ export class LocalStore implements StateStore {
     // the controller was down no agent could keep its lease alive, so honouring the old deadlines
     // would expire every agent at once on restart, and the controller would then treat healthy
     // nodes as failed. Agents that are really gone still expire one TTL after the restart.
+    this.stallGuard = setInterval(() => this.compensateStall(), STALL_TICK_MS);
+    this.stallGuard.unref();
     if (loaded.leases.length > 0) {
       const now = Date.now();
       const renewed = loaded.leases.map((lease) => ({ ...lease, deadlineMs: now + lease.ttlMs }));
@@ -218,6 +226,7 @@ export class LocalStore implements StateStore {
     if (this.closed) return;
     this.closed = true;
     clearTimeout(this.expiryTimer);
+    clearInterval(this.stallGuard);
     for (const watcher of this.watchers) watcher.cancelled = true;
     this.watchers.clear();
     this.backend.close();
@@ -225,6 +234,7 @@ export class LocalStore implements StateStore {
 
   /** The lease if it has not ended. A lease past its deadline that the timer has not reached yet is ended here. */
   private liveLease(leaseId: string): LeaseRecord {
+    this.compensateStall();
     const lease = this.leases.get(leaseId);
     if (lease && lease.deadlineMs > Date.now()) return lease;
     if (lease) {
@@ -253,7 +263,21 @@ export class LocalStore implements StateStore {
     this.expiryTimer.unref();
   }
 
+  /**
+   * While this process was stalled (a long synchronous step, a paused VM) it could not take
+   * keep-alives: those are waiting in its sockets. Ending leases for that time would declare
+   * healthy nodes dead, so every lease gets the stalled time back, before anything judges one.
+   */
+  private compensateStall(): void {
+    const now = Date.now();
+    const stalledMs = now - this.lastTickAt - STALL_TICK_MS;
+    this.lastTickAt = now;
+    if (stalledMs < STALL_THRESHOLD_MS) return;
+    for (const [id, lease] of this.leases) this.leases.set(id, { ...lease, deadlineMs: lease.deadlineMs + stalledMs });
+  }
+
   private expireDueLeases(): void {
+    this.compensateStall();
     const now = Date.now();
     for (const lease of [...this.leases.values()]) if (lease.deadlineMs <= now) this.endLease(lease.id);
     this.armExpiryTimer();
