@@ -3,6 +3,7 @@
  * (its spec, the node it runs on, its incarnation) and the operations that change it. The agents
  * do the work; this module decides where, and keeps the record in step with what they did.
  */
+import { setTimeout as sleep } from 'node:timers/promises';
 import { within } from '../shared/time.js';
 import { ConflictError, InvalidInputError, MigrationInProgressError, NotFoundError, StoreConflictError, UnavailableError } from '../shared/errors.js';
 import type {
@@ -123,7 +124,7 @@ export class ContainerService {
   }
 
   async stop(name: string): Promise<ContainerView> {
-    const { value } = await this.require(name);
+    const { value } = await this.requireIdle(name);
     refuseWhileMigrating(name, value);
     const node = await this.nodes.require(value.node);
     const stopped = await this.agentFor(node).stop(name);
@@ -132,7 +133,7 @@ export class ContainerService {
   }
 
   async remove(name: string): Promise<void> {
-    const current = await this.require(name);
+    const current = await this.requireIdle(name);
     refuseWhileMigrating(name, current.value);
     const node = await this.nodes.require(current.value.node);
     try {
@@ -142,6 +143,16 @@ export class ContainerService {
       if (!(err instanceof NotFoundError)) throw err;
     }
     await this.store.delete(containerKey(name), { expectModRevision: current.modRevision });
+  }
+
+  /** The record once no checkpoint or restore holds it (they take seconds: waited for, bounded). */
+  private async requireIdle(name: string): Promise<KeyValue<ContainerRecord>> {
+    const deadline = Date.now() + BUSY_WAIT_MS;
+    for (;;) {
+      const current = await this.require(name);
+      if (!current.value.busy || Date.now() > deadline) return current;
+      await sleep(100);
+    }
   }
 
   async require(name: string): Promise<KeyValue<ContainerRecord>> {
@@ -207,6 +218,9 @@ function toView(record: ContainerRecord, nodeAddress: string): ContainerView {
     ...(record.protection ? { protection: record.protection } : {}),
   };
 }
+
+/** How long stop and rm wait for a checkpoint or restore of the container to end. */
+const BUSY_WAIT_MS = 60_000;
 
 /** How long `ps` waits for an agent before showing its containers as unknown. */
 const AGENT_LIST_TIMEOUT_MS = 3_000;
