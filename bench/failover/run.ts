@@ -23,7 +23,7 @@ import { Agent, request } from 'undici';
 import { DEFAULT_STATE_DIR, readClusterState } from '../../src/cluster/index.js';
 import { ensureTestImages } from '../../src/devtools/images.js';
 import { runChipmunk } from '../../src/devtools/run-chipmunk.js';
-import { clearSoftDirty, softDirtyBytes } from '../support/soft-dirty.js';
+import { changedBytes, pageHashes } from '../support/page-diff.js';
 import { wrk, type LoadRow } from '../support/wrk.js';
 
 const RESULTS = fileURLToPath(new URL('../results/failover.md', import.meta.url));
@@ -89,7 +89,8 @@ interface FailoverRow {
   restoreMs: number;
   replayMs: number;
   prepareMs: number;
-  fetchRestoreMs: number;
+  fetchMs: number;
+  criuMs: number;
   replayed: number;
   requests: number;
   failed: number;
@@ -143,7 +144,8 @@ async function measureFailover(leaseMs: number): Promise<FailoverRow> {
     restoreMs: failover.restoredAt! - failover.detectedAt,
     replayMs: failover.finishedAt! - failover.restoredAt!,
     prepareMs: failover.timings.prepareMs ?? 0,
-    fetchRestoreMs: failover.timings.restoreMs ?? 0,
+    fetchMs: failover.timings.fetchMs ?? 0,
+    criuMs: failover.timings.criuMs ?? 0,
     replayed: failover.replayed ?? 0,
     requests,
     failed,
@@ -157,7 +159,7 @@ interface CheckpointRow {
   changedPercent: number | 'first';
   /** What the app deliberately rewrote (its /touch). */
   touchedBytes: number;
-  /** What the kernel saw written since the checkpoint before (soft-dirty pages): the bytes that changed. */
+  /** Pages of the process whose content changed since the checkpoint before (read from /proc/PID/mem): the bytes that changed. */
   changedBytes: number;
   frozenMs: number;
   logicalBytes: number;
@@ -175,13 +177,14 @@ async function measureCheckpoints(sizeMb: number): Promise<CheckpointRow[]> {
     const pid = await appPid(name, 'node2');
     const first = await json<Checkpoint>(['checkpoint', name]);
     rows.push({ sizeMb, changedPercent: 'first', touchedBytes: 0, changedBytes: first.logicalBytes, frozenMs: first.frozenMs, logicalBytes: first.logicalBytes, newBytes: first.newBytes });
+    let before = await pageHashes(pid);
     for (const percent of [1, 10]) {
-      await clearSoftDirty(pid);
       const res = await request(`http://${GATEWAY}:${port}/touch?percent=${percent}`, { method: 'POST' });
       const touched = (await res.body.json()) as { touchedMB: number };
-      const changedBytes = await softDirtyBytes(pid);
+      const after = await pageHashes(pid);
       const c = await json<Checkpoint>(['checkpoint', name]);
-      rows.push({ sizeMb, changedPercent: percent, touchedBytes: touched.touchedMB * MiB, changedBytes, frozenMs: c.frozenMs, logicalBytes: c.logicalBytes, newBytes: c.newBytes });
+      rows.push({ sizeMb, changedPercent: percent, touchedBytes: touched.touchedMB * MiB, changedBytes: changedBytes(before, after), frozenMs: c.frozenMs, logicalBytes: c.logicalBytes, newBytes: c.newBytes });
+      before = await pageHashes(pid);
     }
     return rows;
   } finally {
@@ -256,16 +259,16 @@ async function main(): Promise<void> {
       '',
       `Failover of a protected 256 MB app behind the gateway, one client sending POST /increment nonstop, its host killed (every process at once):`,
       '',
-      '| node lease | kill -> first answer from the new host | detection | restore (prepare; fetch + CRIU) | replay + switch | replayed | requests | failed |',
+      '| node lease | kill -> first answer from the new host | detection | restore (prepare; fetch from store; runc restore) | replay + switch | replayed | requests | failed |',
       '|---:|---:|---:|---:|---:|---:|---:|---:|',
       ...failovers.map(
-        (f) => `| ${f.leaseMs} ms | ${f.firstAnswerMs} ms | ${f.detectMs} ms | ${f.restoreMs} ms (${f.prepareMs}; ${f.fetchRestoreMs}) | ${f.replayMs} ms | ${f.replayed} | ${f.requests} | ${f.failed} |`,
+        (f) => `| ${f.leaseMs} ms | ${f.firstAnswerMs} ms | ${f.detectMs} ms | ${f.restoreMs} ms (${f.prepareMs}; ${f.fetchMs}; ${f.criuMs}) | ${f.replayMs} ms | ${f.replayed} | ${f.requests} | ${f.failed} |`,
       ),
       '',
-      'Checkpoints: the app rewrites N% of its memory (in 1 MiB blocks) between checkpoints; "changed" is what the kernel saw written',
-      'in that time (soft-dirty pages: the rewrite plus what the node.js runtime touched); "first" is the app\'s first checkpoint:',
+      'Checkpoints: the app rewrites N% of its memory (in 1 MiB blocks) between checkpoints; "changed" is every page of the process',
+      'whose content changed in that time, read from /proc/PID/mem (the rewrite plus what the node.js runtime touched); "first" is the app\'s first checkpoint:',
       '',
-      '| app memory | rewrite | app rewrote | changed (kernel) | frozen | checkpoint size | newly stored | stored / changed | stored / rewrote |',
+      '| app memory | rewrite | app rewrote | changed (pages) | frozen | checkpoint size | newly stored | stored / changed | stored / rewrote |',
       '|---:|---:|---:|---:|---:|---:|---:|---:|---:|',
       ...checkpoints.map((c) =>
         c.changedPercent === 'first'

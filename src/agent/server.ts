@@ -216,11 +216,14 @@ export function buildAgentServer(deps: AgentServerDeps): FastifyInstance {
           ? `${r.checkpoint.storeUrl}/v1/checkpoints/${encodeURIComponent(r.spec.name)}/${encodeURIComponent(r.checkpoint.id)}/parts/${what === 'images' ? 'criu' : 'files'}.tar`
           : `${r.source.url}/v1/migrations/${migrationId}/${what}.tar`;
       try {
+        const fetchStart = Date.now();
         await fetchOne('images', paths.images);
         await fetchOne('files', paths.files);
+        const fetchMs = Date.now() - fetchStart;
         await faults.beforeRestore(paths.images);
+        const criuStart = Date.now();
         const container = await runtime.restore(r.spec, { migrationId, mode: r.mode, generation: r.generation, pageServer: r.pageServer });
-        return { container, bytesTransferred: bytes, restoredAt: Date.now() };
+        return { container, bytesTransferred: bytes, restoredAt: Date.now(), fetchMs, criuMs: Date.now() - criuStart };
       } finally {
         progress.delete(migrationId);
       }

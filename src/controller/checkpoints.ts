@@ -159,6 +159,8 @@ export class CheckpointService {
       t = Date.now();
       const restored = await agent.restore(opId, { ...base, checkpoint: { storeUrl: this.opts.storeUrl(), id: checkpointId } });
       timings.restoreMs = Date.now() - t;
+      if (restored.fetchMs !== undefined) timings.fetchMs = restored.fetchMs;
+      if (restored.criuMs !== undefined) timings.criuMs = restored.criuMs;
       await agent.settle(opId).catch(() => undefined);
       const running = restored.container;
       return { ...record, node: node.name, status: running.status, generation: running.generation, ...(running.ip ? { ip: running.ip } : {}) };

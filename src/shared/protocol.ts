@@ -171,6 +171,9 @@ export const RestoreResult = Type.Object({
   container: AgentContainer,
   bytesTransferred: Type.Integer(),
   restoredAt: Type.Number(),
+  /** Where the target's time went, ms: fetching the trees, and runc/CRIU restoring. */
+  fetchMs: Type.Optional(Type.Number()),
+  criuMs: Type.Optional(Type.Number()),
 });
 export type RestoreResult = Static<typeof RestoreResult>;
 
