@@ -3,27 +3,15 @@
  * containers, their checkpoints and the file versions those hold, through the controller.
  */
 import type { Command } from 'commander';
+import type { CheckpointDiff, CheckpointSummary, DirectoryListing } from '../../checkpoint-store/protocol.js';
 import type { ProtectionPolicy } from '../../shared/protocol.js';
 import { formatBytes, formatDuration } from '../../shared/units.js';
 import { controllerClient } from '../context.js';
 import { addConnectionOptions, addJsonOption, parseCheckpointInterval, parseContainerName } from '../options.js';
 import { printJson, renderTable } from '../output.js';
 
-interface CheckpointRow {
-  id: string;
-  time: number;
-  logicalBytes: number;
-  newBytes: number;
-  logPosition: number | null;
-  corrupt?: boolean;
-  frozenMs?: number;
-}
-
-interface DirListing {
-  type: 'dir';
-  /** mtime in seconds since the epoch, as tar keeps it. */
-  entries: Array<{ name: string; type: string; size: number; mode: number; mtime: number }>;
-}
+/** A checkpoint as `checkpoint` answers it: the stored summary and how long the container was frozen. */
+type CheckpointRow = CheckpointSummary & { frozenMs?: number };
 
 const containerPath = (name: string) => `/v1/containers/${encodeURIComponent(name)}`;
 const storePath = (name: string) => `/v1/checkpoints/${encodeURIComponent(name)}`;
@@ -87,7 +75,7 @@ export function registerProtectionCommands(program: Command): void {
       for await (const chunk of res.body) process.stdout.write(chunk as Buffer);
       return;
     }
-    const listing = (await res.body.json()) as DirListing;
+    const listing = (await res.body.json()) as DirectoryListing;
     if (opts.json) {
       printJson(listing);
       return;
@@ -106,7 +94,7 @@ export function registerProtectionCommands(program: Command): void {
         .argument('<to>', 'newer checkpoint id'),
     ),
   ).action(async (name: string, from: string, to: string, opts: { json?: boolean }, cmd: Command) => {
-    const diff = await (await controllerClient(cmd)).get<{ added: string[]; changed: string[]; removed: string[] }>(
+    const diff = await (await controllerClient(cmd)).get<CheckpointDiff>(
       `${storePath(name)}/diff?from=${encodeURIComponent(from)}&to=${encodeURIComponent(to)}`,
     );
     if (opts.json) {
