@@ -11,7 +11,7 @@
  * 3. Throughput through the gateway with request logging on (a protected container) and off
  *    (an unprotected one), side by side: wrk POST /increment at fixed concurrency.
  *
- * Usage: npm run bench:failover [-- --leases 1000,2000,5000 --sizes 64,256,1024 --seconds 5]
+ * Usage: npm run bench:failover [-- --leases 1000,2000,5000 --sizes 64,256,1024 --seconds 5 --parts failover,checkpoints,logging]
  * Prints the tables and writes them to bench/results/failover.md.
  */
 import { mkdir, readFile, writeFile } from 'node:fs/promises';
@@ -36,8 +36,10 @@ const { values } = parseArgs({
     sizes: { type: 'string', default: '64,256,1024' },
     seconds: { type: 'string', default: '5' },
     connections: { type: 'string', default: '16' },
+    parts: { type: 'string', default: 'failover,checkpoints,logging' },
   },
 });
+const parts = new Set(values.parts.split(','));
 const leases = values.leases.split(',').map(Number);
 const sizes = values.sizes.split(',').map(Number);
 const seconds = Number(values.seconds);
@@ -232,58 +234,73 @@ async function main(): Promise<void> {
   await ensureTestImages();
   try {
     const failovers: FailoverRow[] = [];
-    for (const lease of leases) {
+    for (const lease of parts.has('failover') ? leases : []) {
       process.stderr.write(`failover with a ${lease} ms lease... `);
       failovers.push(await measureFailover(lease));
       process.stderr.write(`${failovers.at(-1)!.firstAnswerMs} ms\n`);
     }
 
-    await runChipmunk(['cluster', 'down']);
-    await runChipmunk(['cluster', 'up', '--nodes', '3']);
     const checkpoints: CheckpointRow[] = [];
-    for (const size of sizes) {
+    let logging: LoadRow[] = [];
+    if (parts.has('checkpoints') || parts.has('logging')) {
+      await runChipmunk(['cluster', 'down']);
+      await runChipmunk(['cluster', 'up', '--nodes', '3']);
+    }
+    for (const size of parts.has('checkpoints') ? sizes : []) {
       process.stderr.write(`checkpoints of a ${size} MB app... `);
       checkpoints.push(...(await measureCheckpoints(size)));
       process.stderr.write('done\n');
     }
-    process.stderr.write('gateway throughput, logging on vs off... ');
-    const logging = await measureLogging();
-    process.stderr.write('done\n');
+    if (parts.has('logging')) {
+      process.stderr.write('gateway throughput, logging on vs off... ');
+      logging = await measureLogging();
+      process.stderr.write('done\n');
+    }
 
     const mean = (which: string) => {
       const rows = logging.filter((r) => r.path.startsWith(`logging ${which}`));
       return rows.reduce((sum, r) => sum + r.rps, 0) / rows.length;
     };
-    const lines = [
-      'All on one 2-core machine, 3 test hosts; the gateway and the controller (with the checkpoint store) on the same machine.',
-      '',
-      `Failover of a protected 256 MB app behind the gateway, one client sending POST /increment nonstop, its host killed (every process at once):`,
-      '',
-      '| node lease | kill -> first answer from the new host | detection | restore (prepare; fetch from store; runc restore) | replay + switch | replayed | requests | failed |',
-      '|---:|---:|---:|---:|---:|---:|---:|---:|',
-      ...failovers.map(
-        (f) => `| ${f.leaseMs} ms | ${f.firstAnswerMs} ms | ${f.detectMs} ms | ${f.restoreMs} ms (${f.prepareMs}; ${f.fetchMs}; ${f.criuMs}) | ${f.replayMs} ms | ${f.replayed} | ${f.requests} | ${f.failed} |`,
-      ),
-      '',
-      'Checkpoints: the app rewrites N% of its memory (in 1 MiB blocks) between checkpoints; "changed" is every page of the process',
-      'whose content changed in that time, read from /proc/PID/mem (the rewrite plus what the node.js runtime touched); "first" is the app\'s first checkpoint:',
-      '',
-      '| app memory | rewrite | app rewrote | changed (pages) | frozen | checkpoint size | newly stored | stored / changed | stored / rewrote |',
-      '|---:|---:|---:|---:|---:|---:|---:|---:|---:|',
-      ...checkpoints.map((c) =>
-        c.changedPercent === 'first'
-          ? `| ${c.sizeMb} MB | first | - | - | ${c.frozenMs} ms | ${mb(c.logicalBytes)} | ${mb(c.newBytes)} | - | - |`
-          : `| ${c.sizeMb} MB | ${c.changedPercent}% | ${mb(c.touchedBytes)} | ${mb(c.changedBytes)} | ${c.frozenMs} ms | ${mb(c.logicalBytes)} | ${mb(c.newBytes)} | ${(c.newBytes / c.changedBytes).toFixed(2)}x | ${(c.newBytes / c.touchedBytes).toFixed(2)}x |`,
-      ),
-      '',
-      `Through the gateway, wrk POST /increment, ${connections} connections, ${seconds} s each, alternating:`,
-      '',
-      '| route | requests/s | p50 | p99 | errors |',
-      '|---|---:|---:|---:|---:|',
-      ...logging.map((r) => `| ${r.path} | ${r.rps.toFixed(0)} | ${r.p50Ms.toFixed(2)} ms | ${r.p99Ms.toFixed(2)} ms | ${r.errors} |`),
-      '',
-      `Logging on / off: throughput ${((mean('on') / mean('off')) * 100).toFixed(0)}% (means of the rounds).`,
-    ];
+    const lines = ['All on one 2-core machine, 3 test hosts; the gateway and the controller (with the checkpoint store) on the same machine.'];
+    if (failovers.length > 0) {
+      lines.push(
+        '',
+        'Failover of a protected 256 MB app behind the gateway, one client sending POST /increment nonstop, its host killed (every process at once):',
+        '',
+        '| node lease | kill -> first answer from the new host | detection | restore (prepare; fetch from store; runc restore) | replay + switch | replayed | requests | failed |',
+        '|---:|---:|---:|---:|---:|---:|---:|---:|',
+        ...failovers.map(
+          (f) => `| ${f.leaseMs} ms | ${f.firstAnswerMs} ms | ${f.detectMs} ms | ${f.restoreMs} ms (${f.prepareMs}; ${f.fetchMs}; ${f.criuMs}) | ${f.replayMs} ms | ${f.replayed} | ${f.requests} | ${f.failed} |`,
+        ),
+      );
+    }
+    if (checkpoints.length > 0) {
+      lines.push(
+        '',
+        'Checkpoints: the app rewrites N% of its memory (in 1 MiB blocks) between checkpoints; "changed" is every page of the process',
+        'whose content changed in that time, read from /proc/PID/mem (the rewrite plus what the node.js runtime touched); "first" is the app\'s first checkpoint:',
+        '',
+        '| app memory | rewrite | app rewrote | changed (pages) | frozen | checkpoint size | newly stored | stored / changed | stored / rewrote |',
+        '|---:|---:|---:|---:|---:|---:|---:|---:|---:|',
+        ...checkpoints.map((c) =>
+          c.changedPercent === 'first'
+            ? `| ${c.sizeMb} MB | first | - | - | ${c.frozenMs} ms | ${mb(c.logicalBytes)} | ${mb(c.newBytes)} | - | - |`
+            : `| ${c.sizeMb} MB | ${c.changedPercent}% | ${mb(c.touchedBytes)} | ${mb(c.changedBytes)} | ${c.frozenMs} ms | ${mb(c.logicalBytes)} | ${mb(c.newBytes)} | ${(c.newBytes / c.changedBytes).toFixed(2)}x | ${(c.newBytes / c.touchedBytes).toFixed(2)}x |`,
+        ),
+      );
+    }
+    if (logging.length > 0) {
+      lines.push(
+        '',
+        `Through the gateway, wrk POST /increment, ${connections} connections, ${seconds} s each, alternating:`,
+        '',
+        '| route | requests/s | p50 | p99 | errors |',
+        '|---|---:|---:|---:|---:|',
+        ...logging.map((r) => `| ${r.path} | ${r.rps.toFixed(0)} | ${r.p50Ms.toFixed(2)} ms | ${r.p99Ms.toFixed(2)} ms | ${r.errors} |`),
+        '',
+        `Logging on / off: throughput ${((mean('on') / mean('off')) * 100).toFixed(0)}% (means of the rounds).`,
+      );
+    }
     const out = lines.join('\n');
     console.log(out);
     await mkdir(join(RESULTS, '..'), { recursive: true });
