@@ -179,10 +179,14 @@ export function buildAgentServer(deps: AgentServerDeps): FastifyInstance {
 
   // ---------------------------------------------------------------- migration, target side
 
+  /** Image (from the source if missing), network namespace, address, ports: idempotent. */
+  async function prepare(r: PrepareRequest, migrationId: string): Promise<void> {
+    if (!(await images.exists(r.spec.image))) await fetchImage(r.spec.image, r.source, migrationId);
+    await runtime.prepareRestore(r.spec, { migrationId, mode: r.mode, generation: r.generation });
+  }
+
   app.post('/v1/migrations/:id/prepare', { schema: { params: MigrationParams, body: PrepareRequest } }, async (req, reply) => {
-    const r = req.body;
-    if (!(await images.exists(r.spec.image))) await fetchImage(r.spec.image, r.source, req.params.id);
-    await runtime.prepareRestore(r.spec, { migrationId: req.params.id, mode: r.mode, generation: r.generation });
+    await prepare(req.body, req.params.id);
     reply.code(204);
   });
 
@@ -217,8 +221,15 @@ export function buildAgentServer(deps: AgentServerDeps): FastifyInstance {
           : `${r.source.url}/v1/migrations/${migrationId}/${what}.tar`;
       try {
         const fetchStart = Date.now();
-        await fetchOne('images', paths.images);
-        await fetchOne('files', paths.files);
+        // From the store nothing was prepared beforehand (a failover has no time to spare): the
+        // network and image are set up while the trees arrive.
+        const prepared = r.checkpoint ? prepare(r, migrationId) : Promise.resolve();
+        const fetched = (async () => {
+          await fetchOne('images', paths.images);
+          await fetchOne('files', paths.files);
+        })();
+        const [preparing, fetching] = await Promise.allSettled([prepared, fetched]);
+        for (const outcome of [preparing, fetching]) if (outcome.status === 'rejected') throw outcome.reason;
         const fetchMs = Date.now() - fetchStart;
         await faults.beforeRestore(paths.images);
         const criuStart = Date.now();

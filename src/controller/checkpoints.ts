@@ -153,10 +153,8 @@ export class CheckpointService {
     const imageSource = await this.imageSourceFor(node.name);
     const base = { migrationId: opId, mode: 'copy' as const, spec: record.spec, generation, source: imageSource };
     try {
-      let t = Date.now();
-      await agent.prepare(opId, base);
-      timings.prepareMs = Date.now() - t;
-      t = Date.now();
+      // One call: the agent prepares (image, network) while it fetches the trees from the store.
+      const t = Date.now();
       const restored = await agent.restore(opId, { ...base, checkpoint: { storeUrl: this.opts.storeUrl(), id: checkpointId } });
       timings.restoreMs = Date.now() - t;
       if (restored.fetchMs !== undefined) timings.fetchMs = restored.fetchMs;

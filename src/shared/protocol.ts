@@ -171,7 +171,7 @@ export const RestoreResult = Type.Object({
   container: AgentContainer,
   bytesTransferred: Type.Integer(),
   restoredAt: Type.Number(),
-  /** Where the target's time went, ms: fetching the trees, and runc/CRIU restoring. */
+  /** Where the target's time went, ms: fetching the trees (from the store: with preparing), and runc/CRIU restoring. */
   fetchMs: Type.Optional(Type.Number()),
   criuMs: Type.Optional(Type.Number()),
 });
