@@ -337,13 +337,14 @@ export function runcList(node: string): Promise<RuncContainer[]> {
   });
 }
 
-/** Every running runc incarnation of container NAME, on every node: [{node, id}]. */
+/** Every running (or, mid-checkpoint, paused) runc incarnation of NAME across the nodes. */
 export async function runningCopies(name: string): Promise<Array<{ node: string; id: string }>> {
   const copies: Array<{ node: string; id: string }> = [];
   for (const node of localCluster().nodes) {
     // Agents name incarnations chmk-NODE-NAME-GENERATION.
     const incarnation = new RegExp(`^chmk-${node}-${name.replace(/[.]/g, '\\.')}-\\d+$`);
-    for (const c of await runcList(node)) if (incarnation.test(c.id) && c.status === 'running') copies.push({ node, id: c.id });
+    // Paused is running too: a checkpoint pauses the container for a moment.
+    for (const c of await runcList(node)) if (incarnation.test(c.id) && (c.status === 'running' || c.status === 'paused')) copies.push({ node, id: c.id });
   }
   return copies;
 }
