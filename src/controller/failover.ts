@@ -86,6 +86,14 @@ export class FailoverService {
     return (await this.opts.store.list<FencedContainer>(`/fence/${node}/`)).map((kv) => kv.value);
   }
 
+  /**
+   * A removed container's fences go with it: a later container of the same name, which starts
+   * again at generation 0, must not be taken for the stale copy they were about.
+   */
+  async forgetFences(name: string): Promise<void> {
+    for (const { key } of await this.opts.store.list('/fence/')) if (key.endsWith(`/${name}`)) await this.opts.store.delete(key);
+  }
+
   private async nodeLost(node: string, detectedAt: number): Promise<void> {
     const containers = (await this.opts.store.list<ContainerRecord>('/containers/')).map((kv) => kv.value).filter((c) => c.node === node);
     if (containers.length === 0) return;

@@ -121,9 +121,10 @@ export function buildControllerServer(opts: ControllerServerOptions): FastifyIns
 
   app.delete('/v1/containers/:name', { schema: { params: ContainerParams } }, async (req, reply) => {
     await containers.remove(req.params.name);
-    // Its route and checkpoints go with it: a later container of the same name must get neither.
+    // Its route, checkpoints and fences go with it: a later container of the same name must get none of them.
     if (await opts.routes.get(req.params.name)) await opts.routes.unexpose(req.params.name);
     await checkpoints.forget(req.params.name);
+    await failovers.forgetFences(req.params.name);
     return reply.code(204).send();
   });
 

@@ -114,6 +114,8 @@ describe('checkpoints and failover (controller, fake agents)', () => {
       assert.deepEqual(env.traffic.calls.slice(-3), ['holdNow web', `replay web after 3 -> ${done.to}`, `release web -> ${done.to}`], 'replayed before live traffic');
       assert.deepEqual((await env.store.get(fenceKey('node1', 'web')))?.value, { name: 'web', generation: record.generation });
       assert.deepEqual(await env.failovers.fenceFor('node1'), [{ name: 'web', generation: record.generation }]);
+      await env.failovers.forgetFences('web');
+      assert.deepEqual(await env.failovers.fenceFor('node1'), [], 'removing the container drops its fences');
     } finally {
       clearInterval(beat);
       env.failovers.stop();
