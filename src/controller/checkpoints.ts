@@ -16,7 +16,7 @@ import type { Logger } from 'pino';
 import { ConflictError, UnavailableError, InvalidInputError, MigrationInProgressError, NotFoundError, toChipmunkError } from '../shared/errors.js';
 import type { ContainerView, ProtectionPolicy } from '../shared/protocol.js';
 import type { CheckpointInfo, CheckpointSummary } from '../checkpoint-store/index.js';
-import { containerKey, type AgentResolver, type BusyOperation, type ContainerRecord } from './containers.js';
+import { BUSY_WAIT_MS, containerKey, type AgentResolver, type BusyOperation, type ContainerRecord } from './containers.js';
 import type { NodeRegistry } from './registry.js';
 import type { StateStore } from './store/index.js';
 
@@ -63,8 +63,6 @@ export interface CheckpointServiceOptions {
 
 /** How often the scheduler looks for protected containers whose checkpoint is due. */
 const SCHEDULER_TICK_MS = 250;
-/** How long an operation waits for another one on the same container (a checkpoint, say) to end. */
-const LOCK_WAIT_MS = 60_000;
 
 export class CheckpointService {
   private timer?: NodeJS.Timeout;
@@ -188,34 +186,33 @@ export class CheckpointService {
   }
 
   private async takeCheckpoint(record: ContainerRecord, lockId: string): Promise<CheckpointResult> {
-    const name = record.spec.name;
-    const cut = await this.opts.traffic.cut(name, lockId);
-    let snapshot: { frozenMs: number } | undefined;
-    const node = await this.opts.nodes.require(record.node);
-    const agent = this.opts.agentFor(node);
+    const cut = await this.opts.traffic.cut(record.spec.name, lockId);
+    let frozenMs: number;
     try {
-      snapshot = await agent.snapshot(name, { snapshotId: lockId });
-    } catch (err) {
-      await agent.discardSnapshot(lockId).catch(() => undefined);
-      throw err;
+      frozenMs = await this.snapshot(record, lockId);
     } finally {
-      if (cut.held) await this.opts.traffic.release(name, lockId, record);
+      if (cut.held) await this.opts.traffic.release(record.spec.name, lockId, record);
     }
     const info = await this.upload(record, lockId, cut.logPosition, 'scheduled');
-    await this.trimAfter(name);
-    return { ...info, frozenMs: snapshot.frozenMs };
+    await this.trimAfter(record.spec.name);
+    return { ...info, frozenMs };
   }
 
   /** A snapshot while the caller holds the route: no release here. */
   private async snapshotAndUpload(record: ContainerRecord, snapshotId: string, logPosition: number | null, reason: string): Promise<CheckpointInfo> {
+    await this.snapshot(record, snapshotId);
+    return this.upload(record, snapshotId, logPosition, reason);
+  }
+
+  /** The agent checkpoints the container and lets it run on; returns how long it was frozen. */
+  private async snapshot(record: ContainerRecord, snapshotId: string): Promise<number> {
     const agent = this.opts.agentFor(await this.opts.nodes.require(record.node));
     try {
-      await agent.snapshot(record.spec.name, { snapshotId });
+      return (await agent.snapshot(record.spec.name, { snapshotId })).frozenMs;
     } catch (err) {
       await agent.discardSnapshot(snapshotId).catch(() => undefined);
       throw err;
     }
-    return this.upload(record, snapshotId, logPosition, reason);
   }
 
   private async upload(record: ContainerRecord, snapshotId: string, logPosition: number | null, reason: string): Promise<CheckpointInfo> {
@@ -276,7 +273,7 @@ export class CheckpointService {
    */
   async withLock<T>(name: string, operation: BusyOperation, fn: (record: ContainerRecord, lockId: string) => Promise<T>): Promise<T> {
     const lockId = `${operation}-${randomUUID().slice(0, 8)}`;
-    const deadline = Date.now() + LOCK_WAIT_MS;
+    const deadline = Date.now() + BUSY_WAIT_MS;
     let locked: ContainerRecord;
     for (;;) {
       const current = await this.opts.store.get<ContainerRecord>(containerKey(name));
@@ -307,30 +304,31 @@ export class CheckpointService {
 
   /** Writes the record of a container this operation holds, keeping the lock. */
   async saveRecord(name: string, lockId: string, record: ContainerRecord): Promise<void> {
-    await this.mutateLocked(name, lockId, () => ({ ...record, busy: { id: lockId, operation: record.busy?.operation ?? 'restore' } }));
+    await this.compareAndSwap(name, (current) => (current?.busy?.id === lockId ? { ...record, busy: current.busy } : undefined));
   }
 
   private async unlock(name: string, lockId: string): Promise<void> {
-    await this.mutateLocked(name, lockId, (record) => {
-      const { busy: _released, ...rest } = record;
+    await this.compareAndSwap(name, (current) => {
+      if (current?.busy?.id !== lockId) return undefined;
+      const { busy: _released, ...rest } = current;
       return rest;
     });
   }
 
-  private async mutateLocked(name: string, lockId: string, change: (record: ContainerRecord) => ContainerRecord): Promise<void> {
-    for (;;) {
-      const current = await this.opts.store.get<ContainerRecord>(containerKey(name));
-      if (!current || current.value.busy?.id !== lockId) return;
-      const res = await this.opts.store.txn({ compare: [{ key: containerKey(name), modRevision: current.modRevision }], ops: [{ type: 'put', key: containerKey(name), value: change(current.value) }] });
-      if (res.succeeded) return;
-    }
+  private async updateRecord(name: string, change: (record: ContainerRecord) => ContainerRecord): Promise<void> {
+    await this.compareAndSwap(name, (current) => {
+      if (!current) throw new NotFoundError(`unknown container "${name}": see \`chipmunk ps\` for the containers of this cluster`, { name });
+      return change(current);
+    });
   }
 
-  private async updateRecord(name: string, change: (record: ContainerRecord) => ContainerRecord): Promise<void> {
+  /** Read-modify-write of the container record, retried until no concurrent write got in between; `change` returning undefined writes nothing. */
+  private async compareAndSwap(name: string, change: (current: ContainerRecord | undefined) => ContainerRecord | undefined): Promise<void> {
     for (;;) {
       const current = await this.opts.store.get<ContainerRecord>(containerKey(name));
-      if (!current) throw new NotFoundError(`unknown container "${name}": see \`chipmunk ps\` for the containers of this cluster`, { name });
-      const res = await this.opts.store.txn({ compare: [{ key: containerKey(name), modRevision: current.modRevision }], ops: [{ type: 'put', key: containerKey(name), value: change(current.value) }] });
+      const next = change(current?.value);
+      if (!next) return;
+      const res = await this.opts.store.txn({ compare: [{ key: containerKey(name), modRevision: current?.modRevision ?? 0 }], ops: [{ type: 'put', key: containerKey(name), value: next }] });
       if (res.succeeded) return;
     }
   }

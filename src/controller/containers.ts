@@ -31,6 +31,9 @@ export interface ContainerRecord {
 
 export type BusyOperation = 'checkpoint' | 'restore' | 'failover';
 
+/** How long an operation on a container (stop, rm, migrate, checkpoint) waits for a `busy` lock to go. */
+export const BUSY_WAIT_MS = 60_000;
+
 /** The agent API of a node; one place decides how the controller reaches agents (HTTP, or fakes in tests). */
 export type AgentResolver = (node: NodeRecord) => AgentApi;
 
@@ -218,9 +221,6 @@ function toView(record: ContainerRecord, nodeAddress: string): ContainerView {
     ...(record.protection ? { protection: record.protection } : {}),
   };
 }
-
-/** How long stop and rm wait for a checkpoint or restore of the container to end. */
-const BUSY_WAIT_MS = 60_000;
 
 /** How long `ps` waits for an agent before showing its containers as unknown. */
 const AGENT_LIST_TIMEOUT_MS = 3_000;

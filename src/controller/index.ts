@@ -51,7 +51,6 @@ export interface ControllerOptions {
   advertiseUrl?: string;
 }
 
-
 export interface RunningController {
   url: string;
   close(): Promise<void>;

@@ -45,7 +45,7 @@ import type {
 } from '../shared/protocol.js';
 import { PAGE_SERVER_PORTS } from '../shared/protocol.js';
 import type { AgentApi } from './agent-client.js';
-import { containerKey, unreachable, type AgentResolver, type ContainerRecord } from './containers.js';
+import { BUSY_WAIT_MS, containerKey, unreachable, type AgentResolver, type ContainerRecord } from './containers.js';
 import type { NodeRecord, NodeRegistry } from './registry.js';
 import type { StateStore, TxnResult } from './store/index.js';
 
@@ -80,9 +80,6 @@ export interface MigrationOrchestratorOptions {
 }
 
 /** What the orchestrator needs of the gateway (RouteService implements it). Best effort both. */
-/** How long a migration waits for a checkpoint or restore of the container to end. */
-const BUSY_WAIT_MS = 60_000;
-
 export interface TrafficGate {
   /** Before the container freezes: new requests wait. */
   hold(name: string, migrationId: string): Promise<void>;
