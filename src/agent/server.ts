@@ -7,8 +7,8 @@ import { join } from 'node:path';
 import Fastify, { type FastifyBaseLogger, type FastifyInstance } from 'fastify';
 import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox';
 import { Type } from '@sinclair/typebox';
-import { CheckpointInfo, uploadCheckpoint } from '../checkpoint-store/index.js';
-import { InvalidInputError, NotFoundError, TransferFailedError } from '../shared/errors.js';
+import { CheckpointInfo, checkpointPartUrl, uploadCheckpoint } from '../checkpoint-store/index.js';
+import { NotFoundError, TransferFailedError } from '../shared/errors.js';
 import { installApiConventions } from '../shared/http.js';
 import { removeTree } from '../shared/remove-tree.js';
 import {
@@ -26,7 +26,7 @@ import {
   SnapshotRequest,
   SnapshotResult,
   UploadSnapshotRequest,
-  volumeConflicts,
+  assertDistinctVolumes,
   type TransferProgress,
 } from '../shared/protocol.js';
 import type { FaultInjector } from './faults.js';
@@ -61,8 +61,7 @@ export function buildAgentServer(deps: AgentServerDeps): FastifyInstance {
   app.get('/v1/containers', { schema: { response: { 200: Type.Array(AgentContainer) } } }, async () => runtime.list());
 
   app.post('/v1/containers', { schema: { body: ContainerSpec, response: { 201: AgentContainer } } }, async (req, reply) => {
-    const conflict = volumeConflicts(req.body.volumes);
-    if (conflict) throw new InvalidInputError(`${conflict}: each volume needs its own name and path`, { volumes: req.body.volumes });
+    assertDistinctVolumes(req.body.volumes);
     reply.code(201);
     return runtime.run(req.body);
   });
@@ -217,7 +216,7 @@ export function buildAgentServer(deps: AgentServerDeps): FastifyInstance {
       // From the source agent (a migration) or from the checkpoint store (a failover, a restore --from).
       const treeUrl = (what: 'images' | 'files') =>
         r.checkpoint
-          ? `${r.checkpoint.storeUrl}/v1/checkpoints/${encodeURIComponent(r.spec.name)}/${encodeURIComponent(r.checkpoint.id)}/parts/${what === 'images' ? 'criu' : 'files'}.tar`
+          ? checkpointPartUrl(r.checkpoint.storeUrl, r.spec.name, r.checkpoint.id, what === 'images' ? 'criu' : 'files')
           : `${r.source.url}/v1/migrations/${migrationId}/${what}.tar`;
       try {
         const fetchStart = Date.now();

@@ -46,8 +46,13 @@ export class CheckpointStoreClient {
 
   /** Where a part streams as a tar archive: give it to fetchTree (src/agent/transfer.ts) with the token. */
   partUrl(container: string, id: string, part: string): string {
-    return `${this.api.baseUrl}/v1/checkpoints/${enc(container)}/${enc(id)}/parts/${enc(part)}.tar`;
+    return checkpointPartUrl(this.api.baseUrl, container, id, part);
   }
+}
+
+/** The URL of a checkpoint part's tar stream in the store at `storeUrl` (agents fetch it during a restore). */
+export function checkpointPartUrl(storeUrl: string, container: string, id: string, part: string): string {
+  return `${storeUrl}/v1/checkpoints/${enc(container)}/${enc(id)}/parts/${enc(part)}.tar`;
 }
 
 function enc(value: string): string {

@@ -8,6 +8,6 @@
  */
 export { CheckpointStore, DEFAULT_KEEP, DEFAULT_UPLOAD_TIMEOUT_MS, type CheckpointFile, type CheckpointStoreOptions, type GcResult, type NewUpload } from './store.js';
 export { checkpointStoreRoutes } from './routes.js';
-export { CheckpointStoreClient, type CheckpointFileContent } from './client.js';
+export { CheckpointStoreClient, checkpointPartUrl, type CheckpointFileContent } from './client.js';
 export { uploadCheckpoint, type UploadCheckpointOptions, type UploadedCheckpoint } from './upload.js';
 export * from './protocol.js';

@@ -5,10 +5,10 @@
  */
 import { setTimeout as sleep } from 'node:timers/promises';
 import { within } from '../shared/time.js';
-import { ConflictError, InvalidInputError, MigrationInProgressError, NotFoundError, StoreConflictError, UnavailableError } from '../shared/errors.js';
+import { ConflictError, MigrationInProgressError, NotFoundError, StoreConflictError, UnavailableError } from '../shared/errors.js';
 import type {
   ContainerStats, AgentContainer, ContainerSpec, ContainerStatus, ContainerView, MigrationPhaseName, ProtectionPolicy, RunRequest } from '../shared/protocol.js';
-import { volumeConflicts } from '../shared/protocol.js';
+import { assertDistinctVolumes } from '../shared/protocol.js';
 import type { AgentApi, LogsOptions } from './agent-client.js';
 import type { NodeRecord, NodeRegistry } from './registry.js';
 import type { KeyValue, StateStore } from './store/index.js';
@@ -61,8 +61,7 @@ export class ContainerService {
    */
   async run(req: RunRequest): Promise<ContainerView> {
     const { spec } = req;
-    const conflict = volumeConflicts(spec.volumes);
-    if (conflict) throw new InvalidInputError(`${conflict}: each volume needs its own name and path`, { volumes: spec.volumes });
+    assertDistinctVolumes(spec.volumes);
     const node = await this.placement(req.node);
     const key = containerKey(spec.name);
     const reserved: ContainerRecord = {

@@ -4,6 +4,7 @@
  * types (Static<>), and the API reference (docs/api.md is generated from them).
  */
 import { Type, type Static, type TSchema } from '@sinclair/typebox';
+import { InvalidInputError } from './errors.js';
 
 // ------------------------------------------------------------------ common
 
@@ -34,17 +35,16 @@ export const VolumeMount = Type.Object({
 export type VolumeMount = Static<typeof VolumeMount>;
 
 /** What the schema cannot say about a spec's volumes: names and paths are each used once. */
-export function volumeConflicts(volumes: VolumeMount[] = []): string | undefined {
+export function assertDistinctVolumes(volumes: VolumeMount[] = []): void {
   const names = new Set<string>();
   const paths = new Set<string>();
   for (const v of volumes) {
     const path = v.path.replace(/\/+$/, '');
-    if (names.has(v.name)) return `volume '${v.name}' is given twice`;
-    if (paths.has(path)) return `two volumes are mounted at ${path}`;
+    const conflict = names.has(v.name) ? `volume '${v.name}' is given twice` : paths.has(path) ? `two volumes are mounted at ${path}` : undefined;
+    if (conflict) throw new InvalidInputError(`${conflict}: each volume needs its own name and path`, { volumes });
     names.add(v.name);
     paths.add(path);
   }
-  return undefined;
 }
 
 export const ContainerSpec = Type.Object({

@@ -209,9 +209,13 @@ describe('fault tolerance', { timeout: 900_000 }, () => {
     assert.equal(unknown.error.code, 'CHIPMUNK_NOT_FOUND');
   });
 
-  it('bad input: unknown container, bad interval, unprotect of an unprotected container', async () => {
+  it('bad input: unknown container, bad interval, a volume given twice, unprotect of an unprotected container', async () => {
     assert.equal((await cliFails(['checkpoint', 'no-such'])).error.code, 'CHIPMUNK_NOT_FOUND');
     assert.equal((await cliFails(['checkpoints', 'no-such'])).error.code, 'CHIPMUNK_NOT_FOUND');
+    const twice = await cliFails(['run', '--name', 'ft-dup', '-v', 'data:/a', '-v', 'data:/b', 'chipmunk/statefulapp']);
+    assert.equal(twice.error.code, 'CHIPMUNK_INVALID_INPUT');
+    assert.match(twice.error.message, /volume 'data' is given twice/);
+    assert.ok(!(await ps()).some((c) => c.name === 'ft-dup'), 'nothing was created');
     assert.equal((await cliFails(['protect', 'ft-files', '--every', '10ms'])).code, 2, 'an interval under 1s is a usage error');
     await cliOk(['unprotect', 'ft-files']);
     assert.equal((await cliFails(['unprotect', 'ft-files'])).error.code, 'CHIPMUNK_INVALID_INPUT');
