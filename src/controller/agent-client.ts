@@ -11,6 +11,7 @@ import type {
   CheckpointResult,
   ContainerSpec,
   ContainerStats,
+  DumpState,
   PrepareRequest,
   RestoreRequest,
   RestoreResult,
@@ -46,6 +47,8 @@ export interface AgentApi {
   restore(migrationId: string, req: RestoreRequest): Promise<RestoreResult>;
   /** Source side: the migration failed after the checkpoint; run the container here again. */
   rollback(migrationId: string): Promise<AgentContainer>;
+  /** Source side: whether it can still run the container again from its dump (after a failure). */
+  dumpState(migrationId: string): Promise<DumpState>;
   /** Source side: the target runs the container; serve the remaining pages, then clean up. */
   finish(migrationId: string): Promise<void>;
   /** Target side, before the checkpoint: image and network ready, nothing frozen yet. */
@@ -148,6 +151,10 @@ export class HttpAgentApi implements AgentApi {
 
   settle(migrationId: string): Promise<SettleResult> {
     return this.client.post(`${migrationPath(migrationId)}/settle`, undefined, this.stepTimeout);
+  }
+
+  dumpState(migrationId: string): Promise<DumpState> {
+    return this.client.get(`${migrationPath(migrationId)}/dump`, this.requestTimeout);
   }
 
   finish(migrationId: string): Promise<void> {

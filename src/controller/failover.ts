@@ -12,13 +12,14 @@
 import { randomUUID } from 'node:crypto';
 import type { Logger } from 'pino';
 import { ConflictError, FailoverFailedError, toChipmunkError, type ErrorJSON } from '../shared/errors.js';
-import type { FencedContainer } from '../shared/protocol.js';
 import type { CheckpointCatalog, CheckpointService, LoggedTraffic } from './checkpoints.js';
-import type { ContainerRecord } from './containers.js';
+import type { ContainerLock, ContainerLocks, ContainerRecord, HeldLock } from './container-lock.js';
+import type { AgentResolver } from './containers.js';
+import type { Fences } from './fences.js';
+import type { ContainerRescuer } from './migration-settle.js';
 import type { NodeRegistry } from './registry.js';
 import type { StateStore, Watch } from './store/index.js';
 
-export const fenceKey = (node: string, name: string) => `/fence/${node}/${name}`;
 const FAILOVERS_PREFIX = '/failovers/';
 
 /** What the controller records of one failover (GET /v1/failovers). */
@@ -32,8 +33,10 @@ export interface FailoverRecord {
   logPosition?: number | null;
   /** Checkpoints passed over, newest first, and why (a corrupt chunk, a failed restore). */
   skipped: Array<{ checkpoint: string; reason: string }>;
-  /** When the node was declared dead (its lease expired). */
+  /** When the node was declared dead (its lease expired), or the failed migration that lost the container gave up on it. */
   detectedAt: number;
+  /** Why it was restored from a checkpoint when not for a dead node (a migration that lost it). */
+  reason?: string;
   restoredAt?: number;
   finishedAt?: number;
   replayed?: number;
@@ -41,6 +44,8 @@ export interface FailoverRecord {
   /** Where the time went, ms: waiting for the lock, target preparation, fetch + restore, replay, release. */
   timings: Record<string, number>;
   outcome: 'running' | 'done' | 'failed';
+  /** The container lock it ran under: a restarted controller finds an interrupted failover by it. */
+  lockId?: string;
   error?: ErrorJSON;
 }
 
@@ -52,144 +57,237 @@ export interface FailoverTraffic extends LoggedTraffic {
 export interface FailoverServiceOptions {
   store: StateStore;
   nodes: NodeRegistry;
+  locks: ContainerLocks;
+  fences: Fences;
+  agentFor: AgentResolver;
+  /** A node is dead once its lease (this long) expired; nothing is failed over before the controller has listened this long. */
+  nodeLeaseMs: number;
   checkpoints: CheckpointService;
   catalog: CheckpointCatalog;
   traffic: FailoverTraffic;
   log: Logger;
 }
 
-export class FailoverService {
+export class FailoverService implements ContainerRescuer {
   private watch?: Watch;
+  private timer?: NodeJS.Timeout;
   private readonly inProgress = new Map<string, Promise<FailoverRecord>>();
+  /** When this controller started listening: agents get one lease to heartbeat before any node is judged. */
+  private listeningSince = Number.POSITIVE_INFINITY;
 
   constructor(private readonly opts: FailoverServiceOptions) {}
 
-  /** Watches node liveness; a lease that ends (delete of /liveness/NODE) starts the failovers. */
+  /**
+   * Watches node liveness (a lease that ends deletes /liveness/NODE: failover at once), and looks
+   * every half lease for protected containers on nodes that are not ready, so a death this
+   * process did not see (it happened while it was down or starting, or a failover that could
+   * not run then) is still acted on. Call once the API listens: agents can heartbeat from then.
+   */
   async start(): Promise<void> {
+    this.listeningSince = Date.now();
     this.watch = await this.opts.store.watch<{ node: string }>('/liveness/', {}, (ev) => {
-      if (ev.type !== 'delete') return;
-      const node = ev.kv.key.slice('/liveness/'.length);
-      void this.nodeLost(node, Date.now());
+      if (ev.type === 'delete') void this.reconcile();
     });
+    this.timer = setInterval(() => void this.reconcile(), Math.max(250, Math.floor(this.opts.nodeLeaseMs / 2)));
+    this.timer.unref();
   }
 
   stop(): void {
     this.watch?.cancel();
+    if (this.timer) clearInterval(this.timer);
   }
 
   list(): Promise<FailoverRecord[]> {
     return this.opts.store.list<FailoverRecord>(FAILOVERS_PREFIX).then((kvs) => kvs.map((kv) => kv.value).sort((a, b) => a.detectedAt - b.detectedAt));
   }
 
-  /** Fence entries for a node's heartbeat answer. */
-  async fenceFor(node: string): Promise<FencedContainer[]> {
-    return (await this.opts.store.list<FencedContainer>(`/fence/${node}/`)).map((kv) => kv.value);
+  /** Fails over every protected container whose node is dead and that no other operation of this controller handles. */
+  async reconcile(): Promise<void> {
+    // Right after a start no agent has had the chance to heartbeat to this controller yet.
+    if (Date.now() - this.listeningSince < this.opts.nodeLeaseMs) return;
+    const records = await this.opts.store.list<ContainerRecord>('/containers/').catch(() => []);
+    const ready = new Set((await this.opts.nodes.listReady().catch(() => undefined))?.map((n) => n.name) ?? []);
+    if (ready.size === 0) return;
+    const lost = new Map<string, string[]>();
+    for (const { value } of records) {
+      if (ready.has(value.node) || this.inProgress.has(value.spec.name)) continue;
+      if (value.status === 'lost' || value.status === 'stopped' || value.status === 'created') continue;
+      if (value.lock && !this.mayTakeOver(value.lock)) continue;
+      lost.set(value.node, [...(lost.get(value.node) ?? []), value.spec.name]);
+      if (!value.protection) continue;
+      void this.failover(value.spec.name, value.node).catch(() => undefined);
+    }
+    for (const [node, names] of lost) this.warnOnce(node, names);
   }
 
   /**
-   * A removed container's fences go with it: a later container of the same name, which starts
-   * again at generation 0, must not be taken for the stale copy they were about.
+   * Restores `name` (last seen on `deadNode`) elsewhere. One failover per container at a time.
+   * Waits for nothing: a checkpoint of the dead node's container can only fail, and a lock a
+   * previous controller left ended with it.
    */
-  async forgetFences(name: string): Promise<void> {
-    for (const { key } of await this.opts.store.list('/fence/')) if (key.endsWith(`/${name}`)) await this.opts.store.delete(key);
-  }
-
-  private async nodeLost(node: string, detectedAt: number): Promise<void> {
-    const containers = (await this.opts.store.list<ContainerRecord>('/containers/')).map((kv) => kv.value).filter((c) => c.node === node);
-    if (containers.length === 0) return;
-    this.opts.log.warn({ node, containers: containers.map((c) => c.spec.name) }, `node ${node} is dead (its lease expired)`);
-    await Promise.all(
-      containers.map(async (c) => {
-        if (!c.protection) {
-          this.opts.log.warn({ node, container: c.spec.name }, `${c.spec.name} is not protected: it stays down until ${node} returns (\`chipmunk protect\` makes it fail over)`);
-          return;
-        }
-        await this.failover(c.spec.name, node, detectedAt).catch(() => undefined);
-      }),
-    );
-  }
-
-  /** Restores `name` (last seen on `deadNode`) elsewhere. One failover per container at a time. */
   failover(name: string, deadNode: string, detectedAt = Date.now()): Promise<FailoverRecord> {
+    return this.once(name, async () => {
+      const record = this.newRecord(name, deadNode, detectedAt);
+      await this.save(record);
+      let held: HeldLock;
+      try {
+        held = await this.opts.locks.acquire(name, 'failover', { takeOver: (lock) => this.mayTakeOver(lock), wait: false });
+      } catch (err) {
+        await this.failed(record, err);
+        throw err;
+      }
+      return this.run(record, held);
+    });
+  }
+
+  /** A failed migration lost the container (its memory is gone): restore it from its newest checkpoint, under the lock handed over. */
+  async rescue(held: HeldLock, lostOn: string, reason: string): Promise<ContainerRecord> {
+    await this.once(held.name, async () => {
+      const started = this.newRecord(held.name, lostOn, Date.now());
+      started.reason = reason;
+      await this.save(started);
+      return this.run(started, held);
+    });
+    return (await this.opts.locks.require(held.name)).value;
+  }
+
+  /**
+   * A failover or restore a previous controller left under `held` (adopted): if the container
+   * already runs on its new node, the requests logged after its checkpoint are replayed (unless
+   * that was done) and traffic released; otherwise it is restored again from its checkpoints.
+   */
+  async resume(held: HeldLock, interrupted?: FailoverRecord): Promise<void> {
+    const { locks, traffic, nodes, agentFor } = this.opts;
+    const node = await nodes.get(held.record.node);
+    const here = node && (await nodes.isReady(node.name)) ? await agentFor(node).get(held.name).catch(() => undefined) : undefined;
+    if (here?.status === 'running' && here.generation >= held.record.generation) {
+      const current = { ...held.record, generation: here.generation, ip: here.ip, status: 'running' as const };
+      if (interrupted?.to === current.node && interrupted.logPosition != null && interrupted.replayed === undefined) {
+        const replay = await traffic.replay(held.name, interrupted.logPosition, current);
+        Object.assign(interrupted, { replayed: replay.replayed, delivered: replay.delivered, outcome: 'done', finishedAt: Date.now() });
+        await this.save(interrupted);
+      }
+      await traffic.release(held.name, held.lock.id, current);
+      await locks.release(held, current);
+      return;
+    }
+    if (interrupted) await this.failed(interrupted, new FailoverFailedError('the controller stopped during this failover; a new one takes over', { name: held.name, from: interrupted.from }));
+    if (!held.record.protection) {
+      await locks.release(held, { ...held.record, status: 'unknown' });
+      return;
+    }
+    await this.rescue(held, held.record.node, 'the controller stopped while it restored this container');
+  }
+
+  /** The record of the failover that ran under lock `lockId`, if any. */
+  async byLock(lockId: string): Promise<FailoverRecord | undefined> {
+    return (await this.list()).find((r) => r.lockId === lockId);
+  }
+
+  private once(name: string, fn: () => Promise<FailoverRecord>): Promise<FailoverRecord> {
     const running = this.inProgress.get(name);
     if (running) return running;
-    const run = this.run(name, deadNode, detectedAt).finally(() => this.inProgress.delete(name));
+    const run = fn().finally(() => this.inProgress.delete(name));
     this.inProgress.set(name, run);
     return run;
   }
 
-  private async run(name: string, deadNode: string, detectedAt: number): Promise<FailoverRecord> {
-    const { checkpoints, catalog, traffic, log } = this.opts;
-    const record: FailoverRecord = { id: `failover-${randomUUID().slice(0, 8)}`, name, from: deadNode, skipped: [], detectedAt, timings: {}, outcome: 'running' };
-    await this.save(record);
+  /** A checkpoint (it can only fail on a dead node) or a lock a previous controller left. A migration settles its own failure. */
+  private mayTakeOver(lock: ContainerLock): boolean {
+    return lock.operation === 'checkpoint' || lock.owner !== this.opts.locks.owner;
+  }
+
+  private newRecord(name: string, from: string, detectedAt: number): FailoverRecord {
+    return { id: `failover-${randomUUID().slice(0, 8)}`, name, from, skipped: [], detectedAt, timings: {}, outcome: 'running' };
+  }
+
+  private readonly warned = new Set<string>();
+
+  private warnOnce(node: string, names: string[]): void {
+    const key = `${node}:${names.join(',')}`;
+    if (this.warned.has(key)) return;
+    this.warned.add(key);
+    this.opts.log.warn({ node, containers: names }, `node ${node} is dead (its lease expired); unprotected containers on it stay down until it returns (\`chipmunk protect\` makes them fail over)`);
+  }
+
+  private async failed(record: FailoverRecord, err: unknown): Promise<void> {
+    record.outcome = 'failed';
+    record.finishedAt = Date.now();
+    record.error = toChipmunkError(err).toJSON();
+    this.opts.log.error({ container: record.name, err: record.error }, `failover of ${record.name} from ${record.from} failed`);
+    await this.save(record).catch(() => undefined);
+  }
+
+  private async run(record: FailoverRecord, held: HeldLock): Promise<FailoverRecord> {
+    const { checkpoints, catalog, traffic, log, locks, fences } = this.opts;
+    const { name, from: deadNode, detectedAt } = record;
+    const lockId = held.lock.id;
+    const container = held.record;
+    record.lockId = lockId;
     try {
-      return await checkpoints.withLock(name, 'failover', async (container, lockId) => {
-        record.timings.lockMs = Date.now() - detectedAt;
-        if (container.node !== deadNode) throw new ConflictError(`${name} no longer runs on ${deadNode} (it is on ${container.node})`, { name });
-        const held = await traffic.holdNow(name, lockId);
-        let current = container;
-        try {
-          const intact = (await catalog.list(name)).filter((c) => !c.corrupt);
-          // Checkpoints cut at a log position come with the requests after them; one taken before
-          // the route logged would lose those, so it is used only when there is nothing else.
-          const cut = intact.filter((c) => c.logPosition !== null);
-          const good = cut.length > 0 ? cut : intact;
-          if (good.length === 0) throw new FailoverFailedError(`${name} has no checkpoint to restore from: it stays down until ${deadNode} returns`, { name, from: deadNode });
-          const targets = await this.targetsFor(deadNode);
-          if (targets.length === 0) throw new FailoverFailedError(`no ready node to restore ${name} on: it stays down until a node is ready`, { name, from: deadNode });
-          let attempt = 0;
-          for (const candidate of good) {
-            const target = targets[attempt % targets.length]!;
-            attempt += 1;
-            try {
-              current = await checkpoints.restoreOn(container, target, candidate.id, `${lockId}-${attempt}`, container.generation + attempt, record.timings);
-              record.to = target;
-              record.checkpoint = candidate.id;
-              record.logPosition = candidate.logPosition;
-              record.restoredAt = Date.now();
-              break;
-            } catch (err) {
-              const corrupt = (await catalog.list(name)).find((c) => c.id === candidate.id)?.corrupt;
-              const reason = corrupt ? `corrupt: ${toChipmunkError(err).message}` : toChipmunkError(err).message;
-              record.skipped.push({ checkpoint: candidate.id, reason });
-              log.error({ container: name, checkpoint: candidate.id, target, corrupt: Boolean(corrupt) }, `restoring ${name} from checkpoint ${candidate.id} on ${target} failed (${reason}); trying the one before`);
-              await this.save(record);
-            }
-          }
-          if (!record.to) throw new FailoverFailedError(`no checkpoint of ${name} could be restored: ${record.skipped.map((s) => `${s.checkpoint}: ${s.reason}`).join('; ')}`, { name, from: deadNode, skipped: record.skipped });
-          // From here the new incarnation is the container: fence the old one, then record the move.
-          await this.opts.store.put(fenceKey(deadNode, name), { name, generation: current.generation } satisfies FencedContainer);
-          await this.opts.store.delete(fenceKey(record.to, name));
-          await checkpoints.saveRecord(name, lockId, current);
-          if (record.logPosition !== null && record.logPosition !== undefined) {
-            const t = Date.now();
-            const replay = await traffic.replay(name, record.logPosition, current);
-            record.timings.replayMs = Date.now() - t;
-            record.replayed = replay.replayed;
-            record.delivered = replay.delivered;
-          }
-          record.outcome = 'done';
-          record.finishedAt = Date.now();
-          log.info({ container: name, from: deadNode, to: record.to, checkpoint: record.checkpoint, ms: record.finishedAt - detectedAt, replayed: record.replayed }, `failed ${name} over to ${record.to}`);
-          await this.save(record);
-          return record;
-        } finally {
-          // A failed failover releases nothing: traffic must not go back to the dead node.
-          if (held && record.to) {
-            const t = Date.now();
-            await traffic.release(name, lockId, current);
-            record.timings.releaseMs = Date.now() - t;
-            await this.save(record).catch(() => undefined);
+      record.timings.lockMs = Date.now() - detectedAt;
+      if (container.node !== deadNode) throw new ConflictError(`${name} no longer runs on ${deadNode} (it is on ${container.node})`, { name });
+      const held_ = await traffic.holdNow(name, lockId);
+      let current = container;
+      try {
+        const intact = (await catalog.list(name)).filter((c) => !c.corrupt);
+        // Checkpoints cut at a log position come with the requests after them; one taken before
+        // the route logged would lose those, so it is used only when there is nothing else.
+        const cut = intact.filter((c) => c.logPosition !== null);
+        const good = cut.length > 0 ? cut : intact;
+        if (good.length === 0) throw new FailoverFailedError(`${name} has no checkpoint to restore from: it stays down until ${deadNode} returns`, { name, from: deadNode });
+        const targets = await this.targetsFor(deadNode);
+        if (targets.length === 0) throw new FailoverFailedError(`no ready node to restore ${name} on: it stays down until a node is ready`, { name, from: deadNode });
+        let attempt = 0;
+        for (const candidate of good) {
+          const target = targets[attempt % targets.length]!;
+          attempt += 1;
+          try {
+            current = await checkpoints.restoreOn(container, target, candidate.id, `${lockId}-${attempt}`, container.generation + attempt + 1, record.timings);
+            record.to = target;
+            record.checkpoint = candidate.id;
+            record.logPosition = candidate.logPosition;
+            record.restoredAt = Date.now();
+            break;
+          } catch (err) {
+            const corrupt = (await catalog.list(name)).find((c) => c.id === candidate.id)?.corrupt;
+            const reason = corrupt ? `corrupt: ${toChipmunkError(err).message}` : toChipmunkError(err).message;
+            record.skipped.push({ checkpoint: candidate.id, reason });
+            log.error({ container: name, checkpoint: candidate.id, target, corrupt: Boolean(corrupt) }, `restoring ${name} from checkpoint ${candidate.id} on ${target} failed (${reason}); trying the one before`);
+            await this.save(record);
           }
         }
-      });
+        if (!record.to) throw new FailoverFailedError(`no checkpoint of ${name} could be restored: ${record.skipped.map((s) => `${s.checkpoint}: ${s.reason}`).join('; ')}`, { name, from: deadNode, skipped: record.skipped });
+        // From here the new incarnation is the container: fence the old one, then record the move.
+        await fences.fence(deadNode, name, current.generation);
+        await fences.clear(record.to, name);
+        await locks.save(held, current);
+        if (record.logPosition !== null && record.logPosition !== undefined) {
+          const t = Date.now();
+          const replay = await traffic.replay(name, record.logPosition, current);
+          record.timings.replayMs = Date.now() - t;
+          record.replayed = replay.replayed;
+          record.delivered = replay.delivered;
+        }
+        record.outcome = 'done';
+        record.finishedAt = Date.now();
+        log.info({ container: name, from: deadNode, to: record.to, checkpoint: record.checkpoint, ms: record.finishedAt - detectedAt, replayed: record.replayed }, `failed ${name} over to ${record.to}`);
+        await this.save(record);
+        return record;
+      } finally {
+        // A failed failover releases nothing: traffic must not go back to the dead node.
+        if (held_ && record.outcome === 'done') {
+          const t = Date.now();
+          await traffic.release(name, lockId, current);
+          record.timings.releaseMs = Date.now() - t;
+          await this.save(record).catch(() => undefined);
+        }
+      }
     } catch (err) {
-      record.outcome = 'failed';
-      record.finishedAt = Date.now();
-      record.error = toChipmunkError(err).toJSON();
-      log.error({ container: name, err: record.error }, `failover of ${name} from ${deadNode} failed`);
-      await this.save(record).catch(() => undefined);
+      await this.failed(record, err);
       throw err;
+    } finally {
+      await locks.releaseIfHeld(held).catch((err: unknown) => log.error({ err: toChipmunkError(err).toJSON() }, `could not release the lock ${lockId} of ${name}`));
     }
   }
 

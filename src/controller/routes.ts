@@ -10,7 +10,7 @@ import type { StateStore } from './store/index.js';
 import { GatewayClient } from '../gateway/client.js';
 import type { SyncedRoute, Upstream } from '../gateway/protocol.js';
 import type { ExposeRequest, ExposedRoute } from '../shared/protocol.js';
-import { containerKey, type ContainerRecord } from './containers.js';
+import { containerKey, type ContainerRecord } from './container-lock.js';
 
 
 const routeKey = (name: string) => `/routes/${name}`;
@@ -177,7 +177,7 @@ export class RouteService {
           const current = live.get(r.name);
           // Without the flag the gateway stops logging and deletes the log: always state it.
           const log = container ? logs(r, container.value) : false;
-          if ((container?.value.migration || container?.value.busy) && current) {
+          if (container?.value.lock && current) {
             const hold = current.state === 'holding' && current.migration ? { migrationId: current.migration.id } : undefined;
             routes.push({ name: r.name, protocol: r.protocol, listenPort: r.listenPort, log, ...(current.upstream ? { upstream: current.upstream } : {}), ...(hold ? { hold } : {}) });
             continue;

@@ -21,6 +21,7 @@ export type ErrorCode =
   | 'CHIPMUNK_STORE_FAILED'
   | 'CHIPMUNK_PATH_ESCAPES'
   | 'CHIPMUNK_CHUNK_CORRUPT'
+  | 'CHIPMUNK_LOCK_LOST'
   | 'CHIPMUNK_INTERNAL';
 
 export interface ErrorJSON {
@@ -130,6 +131,16 @@ export class MigrationInProgressError extends ChipmunkError {
   }
 }
 
+/**
+ * An operation on a container lost the container's lock to another (a failover took it over, or
+ * a restarted controller recovered it): it must stop acting on the container at once.
+ */
+export class LockLostError extends ChipmunkError {
+  constructor(message: string, details?: Record<string, unknown>) {
+    super('CHIPMUNK_LOCK_LOST', message, { status: 409, details });
+  }
+}
+
 export class TransferFailedError extends ChipmunkError {
   constructor(message: string, details?: Record<string, unknown>, cause?: unknown) {
     super('CHIPMUNK_TRANSFER_FAILED', message, { status: 502, details, cause });
@@ -185,6 +196,7 @@ const byCode: Partial<Record<ErrorCode, (m: string, d: Record<string, unknown>) 
   CHIPMUNK_TRANSFER_FAILED: (m, d) => new TransferFailedError(m, d),
   CHIPMUNK_FAILOVER_FAILED: (m, d) => new FailoverFailedError(m, { name: String(d.name ?? ''), from: String(d.from ?? ''), ...d }),
   CHIPMUNK_PATH_ESCAPES: (m, d) => new PathEscapesError(m, d),
+  CHIPMUNK_LOCK_LOST: (m, d) => new LockLostError(m, d),
 };
 
 /** Rebuilds our error class from its wire form (HTTP client side). */

@@ -66,6 +66,8 @@ export const ContainerStatus = Type.Union([
   Type.Literal('stopped'),
   Type.Literal('migrating'),
   Type.Literal('unknown'),
+  /** Its memory was lost with a node and it has no checkpoint to come back from (see `chipmunk migrations`). */
+  Type.Literal('lost'),
 ]);
 export type ContainerStatus = Static<typeof ContainerStatus>;
 
@@ -311,6 +313,19 @@ export const MigrateRequest = Type.Object({
 });
 export type MigrateRequest = Static<typeof MigrateRequest>;
 
+/**
+ * The source's view of its dump for a migration (asked when a migration failed): whether it can
+ * still run the container again from it.
+ */
+export const DumpState = Type.Object({
+  migrationId: Type.String(),
+  /** True with the images of a copy-mode dump, or a lazy page server no target has pulled pages from. */
+  canRollBack: Type.Boolean(),
+  /** Why not, when it cannot. */
+  reason: Type.Optional(Type.String()),
+});
+export type DumpState = Static<typeof DumpState>;
+
 export const MigrationPhaseName = Type.Union([
   Type.Literal('prepare'),
   Type.Literal('checkpoint'),
@@ -367,7 +382,11 @@ export const MigrationRecord = Type.Object({
   /** Every phase entered, in order, as streamed to the client. */
   history: Type.Array(MigrationEvent),
   startedAt: Type.Number(),
+  /** The container's incarnation on the source when the migration began (the target's is one more). */
+  generation: Type.Optional(Type.Integer({ minimum: 0 })),
   finishedAt: Type.Optional(Type.Number()),
+  /** Committed, but the source has not confirmed removing its copy yet: the controller keeps asking it. */
+  cleanupPending: Type.Optional(Type.Boolean()),
   summary: Type.Optional(MigrationSummary),
   error: Type.Optional(ErrorBody),
 });
@@ -375,6 +394,7 @@ export type MigrationRecord = Static<typeof MigrationRecord>;
 
 /** Schemas by name, for the generated API reference. */
 export const schemas: Record<string, TSchema> = {
+  DumpState,
   ContainerSpec,
   VolumeMount,
   PortMapping,

@@ -3,7 +3,7 @@
  * invariant (each container runs exactly once), record every call in order across the cluster,
  * and fail or pause a chosen call on demand.
  */
-import { ConflictError, NotFoundError, TransferFailedError } from '../../src/shared/errors.js';
+import { ConflictError, NotFoundError, RuntimeFailedError, TransferFailedError } from '../../src/shared/errors.js';
 import type {
   AgentContainer,
   AgentInfo,
@@ -11,6 +11,7 @@ import type {
   CheckpointResult,
   ContainerSpec,
   ContainerStats,
+  DumpState,
   RegisterNodeRequest,
   PrepareRequest,
   RestoreRequest,
@@ -40,6 +41,9 @@ interface InjectedFailure {
 interface Checkpoint {
   name: string;
   bytes: number;
+  mode: 'lazy' | 'copy';
+  /** Lazy mode: a target pulled pages from the page server, so the memory left this node. */
+  pagesPulled?: boolean;
 }
 
 /** The checkpoint store as the fake agents upload to it and restore from it. */
@@ -106,6 +110,10 @@ export class FakeAgent implements AgentApi {
   private readonly failures = new Map<AgentMethod, InjectedFailure>();
   private readonly gates = new Map<AgentMethod, Promise<void>>();
   private nextIp = 2;
+  /** Its host is dead: every call fails as an unreachable agent's would. */
+  down = false;
+  /** The next restore starts the container, which dies at once (its memory pages could not be had). */
+  crashNextRestore = false;
 
   constructor(
     private readonly cluster: FakeCluster,
@@ -198,7 +206,7 @@ export class FakeAgent implements AgentApi {
       if (container.status !== 'running') throw new ConflictError(`${name} is ${container.status} on ${this.node}`);
       // Dumped (copy) or frozen behind a page server (lazy): either way it no longer runs here.
       container.status = 'migrating';
-      this.checkpoints.set(req.migrationId, { name, bytes: 4096 });
+      this.checkpoints.set(req.migrationId, { name, bytes: 4096, mode: req.pageServerPort !== undefined ? 'lazy' : 'copy' });
       return {
         migrationId: req.migrationId,
         imageBytes: 4000,
@@ -218,11 +226,30 @@ export class FakeAgent implements AgentApi {
         this.restoredBy.set(migrationId, req.spec.name);
         return { container, bytesTransferred: stored.logicalBytes, restoredAt: Date.now() };
       }
-      const checkpoint = this.cluster.agent(req.source.node).checkpoints.get(migrationId);
+      const source = this.cluster.agent(req.source.node);
+      if (source.down) throw new TransferFailedError(`agent ${req.source.node} is unreachable: fetching the dump failed`);
+      const checkpoint = source.checkpoints.get(migrationId);
       if (!checkpoint) throw new TransferFailedError(`no checkpoint ${migrationId} on ${req.source.node}`);
+      // A lazy restore pulls pages from the source's page server: from here its memory is split.
+      if (req.pageServer) checkpoint.pagesPulled = true;
       const container = this.start(req.spec, req.generation);
+      if (this.crashNextRestore) {
+        this.crashNextRestore = false;
+        container.status = 'stopped';
+        this.restoredBy.set(migrationId, req.spec.name);
+        throw new RuntimeFailedError('the restored process died: a memory page could not be fetched', { op: 'restore' });
+      }
       this.restoredBy.set(migrationId, req.spec.name);
       return { container, bytesTransferred: checkpoint.bytes, restoredAt: Date.now() };
+    });
+  }
+
+  dumpState(migrationId: string): Promise<DumpState> {
+    return this.step('dumpState', () => {
+      const checkpoint = this.checkpoints.get(migrationId);
+      if (!checkpoint) return { migrationId, canRollBack: false, reason: `${this.node} has no dump of migration ${migrationId}` };
+      if (checkpoint.pagesPulled) return { migrationId, canRollBack: false, reason: `a target pulled memory pages from ${this.node}'s page server` };
+      return { migrationId, canRollBack: true };
     });
   }
 
@@ -230,6 +257,7 @@ export class FakeAgent implements AgentApi {
     return this.step('rollback', () => {
       const checkpoint = this.checkpoints.get(migrationId);
       if (!checkpoint) throw new NotFoundError(`no migration ${migrationId} on ${this.node}`);
+      if (checkpoint.pagesPulled) throw new ConflictError(`cannot roll back on ${this.node}: a target pulled its memory pages`);
       this.checkpoints.delete(migrationId);
       const container = this.require(checkpoint.name);
       if (container.status !== 'running') {
@@ -320,6 +348,7 @@ export class FakeAgent implements AgentApi {
   private async step<T>(method: AgentMethod, effect: () => T): Promise<T> {
     this.cluster.calls.push(`${this.node}.${method}`);
     await this.gates.get(method);
+    if (this.down) throw new TransferFailedError(`agent ${this.node} is unreachable`);
     const failure = this.failures.get(method);
     this.failures.delete(method);
     if (failure && !failure.afterEffect) throw failure.error;

@@ -8,8 +8,12 @@ import assert from 'node:assert/strict';
 import { pino } from 'pino';
 import type { ContainerSpec } from '../../src/shared/protocol.js';
 import { CheckpointService, type LoggedTraffic } from '../../src/controller/checkpoints.js';
-import { ContainerService, containerKey, type ContainerRecord } from '../../src/controller/containers.js';
-import { FailoverService, fenceKey, type FailoverTraffic } from '../../src/controller/failover.js';
+import { ContainerLocks, containerKey, type ContainerRecord } from '../../src/controller/container-lock.js';
+import { ContainerService } from '../../src/controller/containers.js';
+import { FailoverService, type FailoverTraffic } from '../../src/controller/failover.js';
+import { Fences, fenceKey } from '../../src/controller/fences.js';
+import { MigrationOrchestrator } from '../../src/controller/migration.js';
+import { recoverStaleLocks } from '../../src/controller/recovery.js';
 import { NodeRegistry } from '../../src/controller/registry.js';
 import { MemoryStore } from '../../src/controller/store/index.js';
 import { FakeCluster } from '../fakes/agents.js';
@@ -30,6 +34,9 @@ class FakeTraffic implements FailoverTraffic {
   async cut(name: string) {
     this.calls.push(`cut ${name}`);
     return { held: true, logPosition: this.logged ? this.position : null };
+  }
+  async hold(name: string) {
+    this.calls.push(`hold ${name}`);
   }
   async holdNow(name: string) {
     this.calls.push(`holdNow ${name}`);
@@ -56,13 +63,21 @@ async function setup(leaseMs = 60_000) {
   for (const node of ['node1', 'node2', 'node3']) cluster.add(node);
   const nodes = new NodeRegistry(store, leaseMs);
   for (const node of ['node1', 'node2', 'node3']) await nodes.heartbeat(cluster.agent(node).registration());
-  const containers = new ContainerService(store, nodes, cluster.resolver);
   const traffic = new FakeTraffic();
-  const checkpoints = new CheckpointService({ store, nodes, agentFor: cluster.resolver, traffic: traffic satisfies LoggedTraffic, catalog: cluster.catalog, storeUrl: () => 'http://controller', log: silent });
-  const failovers = new FailoverService({ store, nodes, checkpoints, catalog: cluster.catalog, traffic, log: silent });
-  await containers.run({ spec: spec('web'), node: 'node1', protection: { everyMs: 60_000 } });
+  const fences = new Fences(store);
+  /** One controller instance: its lock owner and services. A second call is a restarted controller. */
+  const controller = () => {
+    const locks = new ContainerLocks(store);
+    const containers = new ContainerService(store, nodes, cluster.resolver, locks);
+    const checkpoints = new CheckpointService({ store, nodes, agentFor: cluster.resolver, locks, traffic: traffic satisfies LoggedTraffic, catalog: cluster.catalog, storeUrl: () => 'http://controller', log: silent });
+    const failovers = new FailoverService({ store, nodes, locks, fences, agentFor: cluster.resolver, nodeLeaseMs: leaseMs, checkpoints, catalog: cluster.catalog, traffic, log: silent });
+    const migrations = new MigrationOrchestrator({ store, nodes, agentFor: cluster.resolver, locks, fences, log: silent, traffic, rescuer: failovers });
+    return { locks, containers, checkpoints, failovers, migrations };
+  };
+  const first = controller();
+  await first.containers.run({ spec: spec('web'), node: 'node1', protection: { everyMs: 60_000 } });
   const record = async () => (await store.get<ContainerRecord>(containerKey('web')))!.value;
-  return { store, cluster, nodes, containers, traffic, checkpoints, failovers, record };
+  return { store, cluster, nodes, traffic, fences, controller, ...first, record };
 }
 
 describe('checkpoints and failover (controller, fake agents)', () => {
@@ -77,7 +92,7 @@ describe('checkpoints and failover (controller, fake agents)', () => {
     assert.deepEqual(env.traffic.calls, ['cut web', 'release web -> node1', 'cut web', 'release web -> node1', 'trim web 7']);
     const calls = env.cluster.calls.filter((c) => c.startsWith('node1.'));
     assert.deepEqual(calls.slice(-3), ['node1.snapshot', 'node1.uploadSnapshot', 'node1.discardSnapshot']);
-    assert.equal((await env.record()).busy, undefined, 'the lock is released');
+    assert.equal((await env.record()).lock, undefined, 'the lock is released');
     assert.deepEqual((await env.checkpoints.list('web')).map((c) => c.id), [second.id, first.id]);
   });
 
@@ -86,7 +101,7 @@ describe('checkpoints and failover (controller, fake agents)', () => {
     env.cluster.agent('node1').failNext('snapshot', new Error('criu dump failed'));
     await assert.rejects(env.checkpoints.checkpoint('web'), /criu dump failed/);
     assert.deepEqual(env.traffic.calls, ['cut web', 'release web -> node1']);
-    assert.equal((await env.record()).busy, undefined);
+    assert.equal((await env.record()).lock, undefined);
     assert.deepEqual(await env.checkpoints.list('web'), []);
   });
 
@@ -108,14 +123,14 @@ describe('checkpoints and failover (controller, fake agents)', () => {
       assert.ok(done.to === 'node2' || done.to === 'node3');
       const record = await env.record();
       assert.equal(record.node, done.to);
-      assert.equal(record.busy, undefined);
+      assert.equal(record.lock, undefined);
       assert.equal(env.cluster.runningCopies('web'), 1);
       assert.ok(record.generation > 0);
       assert.deepEqual(env.traffic.calls.slice(-3), ['holdNow web', `replay web after 3 -> ${done.to}`, `release web -> ${done.to}`], 'replayed before live traffic');
       assert.deepEqual((await env.store.get(fenceKey('node1', 'web')))?.value, { name: 'web', generation: record.generation });
-      assert.deepEqual(await env.failovers.fenceFor('node1'), [{ name: 'web', generation: record.generation }]);
-      await env.failovers.forgetFences('web');
-      assert.deepEqual(await env.failovers.fenceFor('node1'), [], 'removing the container drops its fences');
+      assert.deepEqual(await env.fences.forNode('node1'), [{ name: 'web', generation: record.generation }]);
+      await env.fences.forget('web');
+      assert.deepEqual(await env.fences.forNode('node1'), [], 'removing the container drops its fences');
     } finally {
       clearInterval(beat);
       env.failovers.stop();
@@ -156,5 +171,115 @@ describe('checkpoints and failover (controller, fake agents)', () => {
     assert.equal(record.node, 'node1');
     assert.equal(env.cluster.runningCopies('web'), 1);
     await assert.rejects(env.checkpoints.restoreFrom('web', 'ffffffffffffffff'), (err: Error & { code?: string }) => err.code === 'CHIPMUNK_NOT_FOUND');
+  });
+
+  it('issue 8 item 3: the source host of a protected container dies mid-migration; it is restored from its checkpoint', async () => {
+    const env = await setup(300);
+    env.traffic.position = 4;
+    const ckpt = await env.checkpoints.checkpoint('web');
+    env.traffic.position = 6;
+    const releaseRestore = env.cluster.agent('node2').hold('restore');
+    const migration = env.migrations.migrate('web', { to: 'node2' });
+    await waitFor(async () => env.cluster.callIndex('node2.restore') >= 0 || undefined, 5_000, 'the restore call');
+    // node1 dies while node2 fetches: its agent and its page server are gone, its lease ends.
+    env.cluster.agent('node1').down = true;
+    env.cluster.agent('node1').containers.clear();
+    await env.store.delete('/liveness/node1');
+    releaseRestore();
+    await assert.rejects(migration, (err: Error & { details?: Record<string, unknown> }) => err.details?.rescued === true && /runs on node[23] again/.test(err.message));
+    const record = await env.record();
+    assert.notEqual(record.node, 'node1');
+    assert.equal(record.lock, undefined);
+    assert.equal(record.status, 'running');
+    assert.equal(env.cluster.runningCopies('web'), 1);
+    const [failover] = await env.failovers.list();
+    assert.equal(failover.outcome, 'done');
+    assert.equal(failover.checkpoint, ckpt.id);
+    assert.ok(env.traffic.calls.includes(`replay web after 4 -> ${record.node}`), env.traffic.calls.join(', '));
+  });
+
+  it('issue 8 item 4: a checkpoint a crashed controller left locked is released at the next start, and protection goes on', async () => {
+    const env = await setup();
+    const release = env.cluster.agent('node1').hold('snapshot');
+    void env.checkpoints.checkpoint('web').catch(() => undefined);
+    await waitFor(async () => ((await env.record()).lock ? true : undefined), 5_000, 'the checkpoint lock');
+    // The controller dies here; a new one starts.
+    const next = env.controller();
+    await recoverStaleLocks({ locks: next.locks, nodes: env.nodes, agentFor: env.cluster.resolver, traffic: env.traffic, failovers: next.failovers, log: silent });
+    assert.equal((await env.record()).lock, undefined, 'the stale lock is gone');
+    assert.ok(env.traffic.calls.includes('release web -> node1'), 'the held route is released');
+    release();
+    const ckpt = await next.checkpoints.checkpoint('web');
+    assert.ok(ckpt.id);
+    await next.containers.stop('web');
+    assert.equal((await env.record()).status, 'stopped');
+  });
+
+  it('issue 8 item 4: a failover a crashed controller left after the restore is finished: replayed, then released', async () => {
+    const env = await setup();
+    env.traffic.position = 2;
+    await env.checkpoints.checkpoint('web');
+    env.traffic.position = 5;
+    env.cluster.agent('node1').containers.clear();
+    // The controller dies right before the replay.
+    const stopped = new Error('controller killed');
+    const replay = env.traffic.replay.bind(env.traffic);
+    env.traffic.replay = async () => {
+      throw stopped;
+    };
+    await assert.rejects(env.failovers.failover('web', 'node1'), /controller killed/);
+    env.traffic.replay = replay;
+    // What a killed controller leaves: the lock (its finally never ran) on the new node.
+    const [failover] = await env.failovers.list();
+    const to = failover.to!;
+    await env.store.put(containerKey('web'), { ...(await env.record()), node: to, lock: { id: failover.lockId!, operation: 'failover', owner: 'controller-dead', since: Date.now() } });
+    await env.store.put(`/failovers/${failover.id}`, { ...failover, outcome: 'running' });
+    env.traffic.calls.length = 0;
+    const next = env.controller();
+    await recoverStaleLocks({ locks: next.locks, nodes: env.nodes, agentFor: env.cluster.resolver, traffic: env.traffic, failovers: next.failovers, log: silent });
+    assert.deepEqual(env.traffic.calls, [`replay web after 2 -> ${to}`, `release web -> ${to}`], 'replayed before traffic is released');
+    assert.equal((await env.record()).lock, undefined);
+    assert.equal(env.cluster.runningCopies('web'), 1);
+  });
+
+  it('issue 8 item 4: a restore --from cut by a crash, with the container running nowhere, is restored from its newest checkpoint', async () => {
+    const env = await setup();
+    env.traffic.position = 1;
+    const ckpt = await env.checkpoints.checkpoint('web');
+    env.cluster.agent('node1').containers.clear();
+    await env.store.put(containerKey('web'), { ...(await env.record()), lock: { id: 'restore-dead', operation: 'restore', owner: 'controller-dead', since: Date.now() } });
+    const next = env.controller();
+    await recoverStaleLocks({ locks: next.locks, nodes: env.nodes, agentFor: env.cluster.resolver, traffic: env.traffic, failovers: next.failovers, log: silent });
+    const record = await env.record();
+    assert.equal(record.lock, undefined);
+    assert.equal(env.cluster.runningCopies('web'), 1);
+    assert.equal((await next.failovers.list()).at(-1)?.checkpoint, ckpt.id);
+  });
+
+  it('issue 8 item 5: a controller that starts judges no node before agents had a lease to heartbeat, and fails over a node that died while it was down', async () => {
+    const env = await setup(400);
+    await env.checkpoints.checkpoint('web');
+    await env.containers.run({ spec: spec('db'), node: 'node2', protection: { everyMs: 60_000 } });
+    await env.checkpoints.checkpoint('db');
+    // While no controller ran, every lease ran out; node1 died, node2 and node3 are fine.
+    for (const node of ['node1', 'node2', 'node3']) await env.store.delete(`/liveness/${node}`);
+    env.cluster.agent('node1').containers.clear();
+    const next = env.controller();
+    await next.failovers.start();
+    const beat = setInterval(() => {
+      for (const node of ['node2', 'node3']) void env.nodes.heartbeat(env.cluster.agent(node).registration());
+    }, 50);
+    try {
+      const done = await waitFor(async () => (await next.failovers.list()).find((f) => f.outcome === 'done'), 10_000, 'the failover of web');
+      assert.equal(done.name, 'web');
+      await new Promise((resolve) => setTimeout(resolve, 500));
+      const failovers = await next.failovers.list();
+      assert.deepEqual(failovers.map((f) => f.name), ['web'], 'db on the healthy node2 is not failed over');
+      assert.equal(env.cluster.runningCopies('web'), 1);
+      assert.equal(env.cluster.runningCopies('db'), 1);
+    } finally {
+      clearInterval(beat);
+      next.failovers.stop();
+    }
   });
 });

@@ -7,12 +7,12 @@ import { describe, it } from 'node:test';
 import { pino } from 'pino';
 import { RouteService } from '../../src/controller/routes.js';
 import { MemoryStore } from '../../src/controller/store/index.js';
-import type { ContainerRecord } from '../../src/controller/containers.js';
+import type { ContainerRecord } from '../../src/controller/container-lock.js';
 import { TOKEN, freePort, withGateway } from './gateway-env.js';
 
 const silent = pino({ level: 'silent' });
 
-function record(migration?: ContainerRecord['migration']): ContainerRecord {
+function record(lock?: ContainerRecord['lock']): ContainerRecord {
   return {
     spec: { name: 'web', image: 'app', command: [], env: {}, ports: [{ hostPort: 8080, containerPort: 80, protocol: 'tcp' }], memoryBytes: 0 },
     node: 'node1',
@@ -20,7 +20,7 @@ function record(migration?: ContainerRecord['migration']): ContainerRecord {
     generation: 0,
     ip: '198.19.1.2',
     createdAt: new Date().toISOString(),
-    ...(migration ? { migration } : {}),
+    ...(lock ? { lock } : {}),
   };
 }
 
@@ -52,7 +52,7 @@ describe('RouteService', () => {
       const routes = new RouteService(store, async () => '198.18.0.11', silent, { url: gateway.url, token: TOKEN });
       await routes.expose('web', { port: 80, listen: await freePort() });
 
-      await store.put('/containers/web', record({ id: 'm1', phase: 'transfer' }));
+      await store.put('/containers/web', record({ id: 'm1', operation: 'migration', owner: 'controller-test', since: Date.now(), phase: 'transfer' }));
       await routes.hold('web', 'm1');
       routes.start(); // syncs at once
       await new Promise((r) => setTimeout(r, 300));
