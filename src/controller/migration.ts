@@ -3,14 +3,14 @@
  * (the target) through recorded phases:
  *
  *   prepare     validate, choose the mode, take the container's migration lock
- *   checkpoint  the source freezes and dumps the container
- *   transfer    the target fetches the checkpoint from the source and restores it (one agent call)
+ *   dump        the source freezes and dumps the container
+ *   transfer    the target fetches the dump from the source and restores it (one agent call)
  *   verify      the target reports the container running
  *   cleanup     the source serves the remaining pages (lazy mode) and removes its copy
  *   done        the container record names the target
  *
  * The invariant throughout: the container runs exactly once when the orchestrator is done, never
- * zero times and never twice. A failure from the checkpoint on therefore undoes in a fixed order:
+ * zero times and never twice. A failure from the dump on therefore undoes in a fixed order:
  * the target removes whatever it restored (abort) before the source runs the container again
  * (rollback). Each phase is written to the store (/migrations/<id> and the container record's
  * `migration` field, in one transaction) before it starts, so a controller that crashed mid-way
@@ -102,7 +102,7 @@ interface Run {
 /** How far a migration got, which decides what a failure has to undo. */
 interface Progress {
   /** The source may have frozen or dumped the container. */
-  checkpointAttempted: boolean;
+  dumpAttempted: boolean;
   /** The target may hold a partial or complete copy. */
   restoreAttempted: boolean;
   /** The source removed its copy: the target's is the only one left. */
@@ -233,7 +233,7 @@ export class MigrationOrchestrator {
     const { id, name, from, to, mode } = run.record;
     const source = this.agentFor(run.source);
     const target = this.agentFor(run.target);
-    const progress: Progress = { checkpointAttempted: false, restoreAttempted: false, sourceFinished: false };
+    const progress: Progress = { dumpAttempted: false, restoreAttempted: false, sourceFinished: false };
     try {
       // The target gets ready (image, network namespace, address, ports) while the container
       // still runs: none of it has to happen inside the downtime.
@@ -249,21 +249,21 @@ export class MigrationOrchestrator {
         await this.traffic.hold(name, id);
         this.held.add(id);
       }
-      await this.enter(run, 'checkpoint', { message: `freezing ${name} on ${from}` });
-      progress.checkpointAttempted = true;
-      const checkpoint = await source.checkpoint(name, {
+      await this.enter(run, 'dump', { message: `freezing ${name} on ${from}` });
+      progress.dumpAttempted = true;
+      const dump = await source.dump(name, {
         migrationId: id,
         mode,
         ...(run.pageServerPort !== undefined ? { pageServerPort: run.pageServerPort } : {}),
       });
 
       await this.enter(run, 'transfer', {
-        totalBytes: checkpoint.imageBytes + checkpoint.upperBytes,
-        message: `${to} fetches the checkpoint from ${from} and restores ${name}`,
+        totalBytes: dump.imageBytes + dump.upperBytes,
+        message: `${to} fetches the dump from ${from} and restores ${name}`,
       });
       progress.restoreAttempted = true;
       // Bytes as the target receives them: reported live, not recorded (the phase is).
-      const transferTotal = checkpoint.imageBytes + checkpoint.upperBytes;
+      const transferTotal = dump.imageBytes + dump.upperBytes;
       const poll = setInterval(() => {
         target
           .progress(id)
@@ -276,7 +276,7 @@ export class MigrationOrchestrator {
         spec: run.container.spec,
         generation: run.container.generation + 1,
         source: { node: from, url: run.source.url },
-        ...(checkpoint.pageServer ? { pageServer: checkpoint.pageServer } : {}),
+        ...(dump.pageServer ? { pageServer: dump.pageServer } : {}),
       }).finally(() => clearInterval(poll));
 
       await this.enter(run, 'verify', { bytes: restored.bytesTransferred, message: `checking that ${name} runs on ${to}` });
@@ -297,7 +297,7 @@ export class MigrationOrchestrator {
         return { lazyPagesBytes: 0 };
       });
 
-      return await this.complete(run, checkpoint.frozenAt, { ...restored, bytesTransferred: restored.bytesTransferred + settled.lazyPagesBytes }, running);
+      return await this.complete(run, dump.frozenAt, { ...restored, bytesTransferred: restored.bytesTransferred + settled.lazyPagesBytes }, running);
     } catch (err) {
       throw await this.fail(run, err, progress);
     }
@@ -356,7 +356,7 @@ export class MigrationOrchestrator {
     let container = withoutLock(run.container);
     let outcome = `nothing was changed; ${name} still runs on ${from}`;
     let rolledBack: boolean | undefined;
-    if (progress.checkpointAttempted) {
+    if (progress.dumpAttempted) {
       const back = await this.rollBack(run, progress.restoreAttempted);
       rolledBack = 'running' in back;
       if ('running' in back) {
@@ -414,7 +414,7 @@ export class MigrationOrchestrator {
     try {
       return { running: await source.rollback(id) };
     } catch (err) {
-      // A checkpoint that failed before freezing leaves the container running, and the agent may
+      // A dump that failed before freezing leaves the container running, and the agent may
       // then have nothing to roll back: what counts is whether it runs.
       const current = await source.get(name).catch(() => undefined);
       if (current?.status === 'running') return { running: current };
@@ -438,7 +438,7 @@ export class MigrationOrchestrator {
       } catch (err) {
         this.log.warn({ migrationId: id, err: toChipmunkError(err).toJSON() }, `abort of interrupted migration ${id} on ${to} failed`);
       }
-      const error = await this.fail(run, interrupted, { checkpointAttempted: false, restoreAttempted: false, sourceFinished: false });
+      const error = await this.fail(run, interrupted, { dumpAttempted: false, restoreAttempted: false, sourceFinished: false });
       this.log.warn({ migrationId: id }, error.message);
       return;
     }
@@ -457,7 +457,7 @@ export class MigrationOrchestrator {
       return;
     }
 
-    const error = await this.fail(run, interrupted, { checkpointAttempted: true, restoreAttempted: true, sourceFinished: false });
+    const error = await this.fail(run, interrupted, { dumpAttempted: true, restoreAttempted: true, sourceFinished: false });
     this.log.warn({ migrationId: id }, error.message);
   }
 

@@ -7,19 +7,19 @@ import { ConflictError, NotFoundError, TransferFailedError } from '../../src/sha
 import type {
   AgentContainer,
   AgentInfo,
-  CheckpointRequest,
-  CheckpointResult,
   ContainerSpec,
   ContainerStats,
+  DumpRequest,
+  DumpResult,
   RegisterNodeRequest,
   PrepareRequest,
   RestoreRequest,
   RestoreResult,
   SettleResult,
-  SnapshotRequest,
-  SnapshotResult,
+  TakeCheckpointRequest,
+  TakeCheckpointResult,
   TransferProgress,
-  UploadSnapshotRequest,
+  UploadCheckpointRequest,
 } from '../../src/shared/protocol.js';
 import type { CheckpointInfo, CheckpointSummary } from '../../src/checkpoint-store/index.js';
 import type { CheckpointCatalog } from '../../src/controller/checkpoints.js';
@@ -37,7 +37,8 @@ interface InjectedFailure {
   afterEffect: boolean;
 }
 
-interface Checkpoint {
+/** A migration's dump on its source agent. */
+interface Dump {
   name: string;
   bytes: number;
 }
@@ -67,7 +68,7 @@ export class FakeCheckpointCatalog implements CheckpointCatalog {
 }
 
 export class FakeCluster {
-  /** Every agent call, in order: "node1.checkpoint". */
+  /** Every agent call, in order: "node1.dump". */
   readonly calls: string[] = [];
   readonly catalog = new FakeCheckpointCatalog();
   private readonly agents = new Map<string, FakeAgent>();
@@ -98,10 +99,11 @@ export class FakeCluster {
 
 export class FakeAgent implements AgentApi {
   readonly containers = new Map<string, AgentContainer>();
-  readonly checkpointRequests: CheckpointRequest[] = [];
-  readonly checkpoints = new Map<string, Checkpoint>();
-  /** Snapshots taken and not discarded: id -> container name. */
-  readonly snapshots = new Map<string, string>();
+  readonly dumpRequests: DumpRequest[] = [];
+  /** Dumps of migrations in flight, by migration id. */
+  readonly dumps = new Map<string, Dump>();
+  /** Checkpoints taken and not discarded: id -> container name. */
+  readonly checkpoints = new Map<string, string>();
   private readonly restoredBy = new Map<string, string>();
   private readonly failures = new Map<AgentMethod, InjectedFailure>();
   private readonly gates = new Map<AgentMethod, Promise<void>>();
@@ -191,14 +193,14 @@ export class FakeAgent implements AgentApi {
     });
   }
 
-  checkpoint(name: string, req: CheckpointRequest): Promise<CheckpointResult> {
-    return this.step('checkpoint', () => {
-      this.checkpointRequests.push(req);
+  dump(name: string, req: DumpRequest): Promise<DumpResult> {
+    return this.step('dump', () => {
+      this.dumpRequests.push(req);
       const container = this.require(name);
       if (container.status !== 'running') throw new ConflictError(`${name} is ${container.status} on ${this.node}`);
       // Dumped (copy) or frozen behind a page server (lazy): either way it no longer runs here.
       container.status = 'migrating';
-      this.checkpoints.set(req.migrationId, { name, bytes: 4096 });
+      this.dumps.set(req.migrationId, { name, bytes: 4096 });
       return {
         migrationId: req.migrationId,
         imageBytes: 4000,
@@ -218,20 +220,20 @@ export class FakeAgent implements AgentApi {
         this.restoredBy.set(migrationId, req.spec.name);
         return { container, bytesTransferred: stored.logicalBytes, restoredAt: Date.now() };
       }
-      const checkpoint = this.cluster.agent(req.source.node).checkpoints.get(migrationId);
-      if (!checkpoint) throw new TransferFailedError(`no checkpoint ${migrationId} on ${req.source.node}`);
+      const dump = this.cluster.agent(req.source.node).dumps.get(migrationId);
+      if (!dump) throw new TransferFailedError(`no dump of migration ${migrationId} on ${req.source.node}`);
       const container = this.start(req.spec, req.generation);
       this.restoredBy.set(migrationId, req.spec.name);
-      return { container, bytesTransferred: checkpoint.bytes, restoredAt: Date.now() };
+      return { container, bytesTransferred: dump.bytes, restoredAt: Date.now() };
     });
   }
 
   rollback(migrationId: string): Promise<AgentContainer> {
     return this.step('rollback', () => {
-      const checkpoint = this.checkpoints.get(migrationId);
-      if (!checkpoint) throw new NotFoundError(`no migration ${migrationId} on ${this.node}`);
-      this.checkpoints.delete(migrationId);
-      const container = this.require(checkpoint.name);
+      const dump = this.dumps.get(migrationId);
+      if (!dump) throw new NotFoundError(`no migration ${migrationId} on ${this.node}`);
+      this.dumps.delete(migrationId);
+      const container = this.require(dump.name);
       if (container.status !== 'running') {
         container.status = 'running';
         container.generation += 1;
@@ -242,10 +244,10 @@ export class FakeAgent implements AgentApi {
 
   finish(migrationId: string): Promise<void> {
     return this.step('finish', () => {
-      const checkpoint = this.checkpoints.get(migrationId);
-      if (!checkpoint) throw new NotFoundError(`no migration ${migrationId} on ${this.node}`);
-      this.checkpoints.delete(migrationId);
-      this.containers.delete(checkpoint.name);
+      const dump = this.dumps.get(migrationId);
+      if (!dump) throw new NotFoundError(`no migration ${migrationId} on ${this.node}`);
+      this.dumps.delete(migrationId);
+      this.containers.delete(dump.name);
     });
   }
 
@@ -275,25 +277,25 @@ export class FakeAgent implements AgentApi {
     });
   }
 
-  snapshot(name: string, req: SnapshotRequest): Promise<SnapshotResult> {
-    return this.step('snapshot', () => {
+  checkpoint(name: string, req: TakeCheckpointRequest): Promise<TakeCheckpointResult> {
+    return this.step('checkpoint', () => {
       const container = this.require(name);
       if (container.status !== 'running') throw new ConflictError(`${name} is ${container.status} on ${this.node}`);
-      this.snapshots.set(req.snapshotId, name);
-      return { snapshotId: req.snapshotId, frozenMs: 1, imageBytes: 4000, filesBytes: 96 };
+      this.checkpoints.set(req.checkpointId, name);
+      return { checkpointId: req.checkpointId, frozenMs: 1, imageBytes: 4000, filesBytes: 96 };
     });
   }
 
-  uploadSnapshot(snapshotId: string, req: UploadSnapshotRequest): Promise<CheckpointInfo> {
-    return this.step('uploadSnapshot', () => {
-      if (!this.snapshots.has(snapshotId)) throw new NotFoundError(`no snapshot ${snapshotId} on ${this.node}`);
+  uploadCheckpoint(checkpointId: string, req: UploadCheckpointRequest): Promise<CheckpointInfo> {
+    return this.step('uploadCheckpoint', () => {
+      if (!this.checkpoints.has(checkpointId)) throw new NotFoundError(`no checkpoint ${checkpointId} on ${this.node}`);
       return this.cluster.catalog.add(req.container, req.logPosition);
     });
   }
 
-  discardSnapshot(snapshotId: string): Promise<void> {
-    return this.step('discardSnapshot', () => {
-      this.snapshots.delete(snapshotId);
+  discardCheckpoint(checkpointId: string): Promise<void> {
+    return this.step('discardCheckpoint', () => {
+      this.checkpoints.delete(checkpointId);
     });
   }
 

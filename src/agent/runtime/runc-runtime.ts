@@ -12,7 +12,7 @@
  *   containers/NAME/config.json       OCI config of the current incarnation (runc bundle)
  *   migrations/ID/images/             CRIU images of one migration
  *   migrations/ID/criu-work/          CRIU logs (dump.log, restore.log, lazy-pages.log)
- *   snapshots/ID/{images,files}/      a checkpoint that left the container running, until uploaded
+ *   checkpoints/ID/{images,files}/    a checkpoint (the container ran on), until uploaded or discarded
  * runc's own state lives under RUN_DIR/runc.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
@@ -39,14 +39,14 @@ import { spawnWithLogPipes } from './logs.js';
 import { CniNetwork, inHostNetns, netnsPath, removeCriuNetworkLock } from './network.js';
 import { mountRootfs, unmountBelow } from './rootfs.js';
 import type {
-  CheckpointOptions,
-  CheckpointOutcome,
   ContainerRuntime,
+  DumpOptions,
+  DumpOutcome,
+  LocalCheckpoint,
   LogStream,
   MigrationPaths,
   PrepareOptions,
   RestoreOptions,
-  SnapshotOutcome,
 } from './types.js';
 
 export interface RuncRuntimeOptions {
@@ -99,9 +99,9 @@ interface SourceMigration {
   name: string;
   mode: MigrationMode;
   pageServer?: { address: string; port: number };
-  /** The runc checkpoint process; in lazy mode it lives until every page was served. */
-  checkpointer?: ChildProcess;
-  checkpointDone: Promise<{ code: number; stderr: string }>;
+  /** The `runc checkpoint` process of the dump; in lazy mode it lives until every page was served. */
+  dumper?: ChildProcess;
+  dumpDone: Promise<{ code: number; stderr: string }>;
 }
 
 const LAZY_SOCKET_WAIT_MS = 15_000;
@@ -174,7 +174,7 @@ export class RuncRuntime implements ContainerRuntime {
   }
 
   /**
-   * Source side (a checkpoint of this node's): the container's own files. Target side: a
+   * Source side (a dump of this node's): the container's own files. Target side: a
    * staging directory that `restore` moves into place, so an aborted transfer leaves nothing
    * under containers/.
    */
@@ -333,13 +333,13 @@ export class RuncRuntime implements ContainerRuntime {
 
   // ------------------------------------------------------------------ migration: source side
 
-  async checkpoint(name: string, opts: CheckpointOptions): Promise<CheckpointOutcome> {
+  async dump(name: string, opts: DumpOptions): Promise<DumpOutcome> {
     if (opts.mode === 'lazy' && !this.capabilities.lazyMigration) {
       throw new ChipmunkError('CHIPMUNK_CAPABILITY_MISSING', `lazy migration needs userfaultfd, which node ${this.opts.node} lacks: use --mode copy`, {
         status: 422,
       });
     }
-    if (opts.mode === 'lazy' && !opts.pageServer) throw new InvalidInputError('lazy checkpoint needs a page server address and port');
+    if (opts.mode === 'lazy' && !opts.pageServer) throw new InvalidInputError('a lazy dump needs a page server address and port');
     return this.withLock(name, async () => {
       const rec = await this.readRecord(name);
       this.assertNotMigrating(rec);
@@ -366,15 +366,15 @@ export class RuncRuntime implements ContainerRuntime {
       status?.closeWriteEnd();
       const stderr: Buffer[] = [];
       child.stderr!.on('data', (d: Buffer) => stderr.push(d));
-      const checkpointDone = new Promise<{ code: number; stderr: string }>((resolve) => {
+      const dumpDone = new Promise<{ code: number; stderr: string }>((resolve) => {
         child.on('close', (code) => resolve({ code: code ?? 1, stderr: Buffer.concat(stderr).toString() }));
         child.on('error', (e) => resolve({ code: 1, stderr: e.message }));
       });
-      const mig: SourceMigration = { name, mode: opts.mode, pageServer: opts.pageServer, checkpointer: child, checkpointDone };
+      const mig: SourceMigration = { name, mode: opts.mode, pageServer: opts.pageServer, dumper: child, dumpDone };
       this.sources.set(opts.migrationId, mig);
 
       const failed = (res: { code: number; stderr: string }) =>
-        new RuntimeFailedError(`checkpoint of '${name}' failed: ${lastLines(res.stderr, 3) || `runc exited ${res.code}`}`, {
+        new RuntimeFailedError(`dump of '${name}' failed: ${lastLines(res.stderr, 3) || `runc exited ${res.code}`}`, {
           op: 'runc checkpoint',
           logPath: join(work, 'dump.log'),
           stderr: lastLines(res.stderr, 20),
@@ -384,17 +384,17 @@ export class RuncRuntime implements ContainerRuntime {
         // first (EOF without a byte), the dump failed and CRIU has unfrozen the container.
         const ready = await new Promise<boolean>((resolve) => {
           status!.readable.once('data', () => resolve(true));
-          void checkpointDone.then(() => resolve(false));
+          void dumpDone.then(() => resolve(false));
         });
         status!.readable.destroy();
         if (!ready) {
           await removeCriuNetworkLock(rec.netns);
           await this.clearMigrationMark(name);
           this.sources.delete(opts.migrationId);
-          throw failed(await checkpointDone);
+          throw failed(await dumpDone);
         }
       } else {
-        const res = await checkpointDone;
+        const res = await dumpDone;
         if (res.code !== 0) {
           await removeCriuNetworkLock(rec.netns);
           await this.clearMigrationMark(name);
@@ -417,7 +417,7 @@ export class RuncRuntime implements ContainerRuntime {
       const rec = await this.readRecord(name);
       const id = this.runcId(name, rec.generation);
       // A failed dump unfreezes the container: then it simply still runs here.
-      if ((await this.runcState(id))?.status === 'running' && !(await this.isCheckpointerAlive(mig))) {
+      if ((await this.runcState(id))?.status === 'running' && !(await this.isDumperAlive(mig))) {
         await removeCriuNetworkLock(rec.netns);
         delete rec.migration;
         await this.writeRecord(rec);
@@ -426,7 +426,7 @@ export class RuncRuntime implements ContainerRuntime {
         return this.view(rec);
       }
       const mode = mig?.mode ?? rec.migration?.mode ?? 'copy';
-      if (mode === 'lazy' && !(await this.isCheckpointerAlive(mig))) {
+      if (mode === 'lazy' && !(await this.isDumperAlive(mig))) {
         throw new RuntimeFailedError(
           `cannot roll '${name}' back on node ${this.opts.node}: its lazy page server has already ended, so its memory is gone`,
           { op: 'rollback', logPath: join(this.criuWorkDir(migrationId), 'dump.log') },
@@ -446,7 +446,7 @@ export class RuncRuntime implements ContainerRuntime {
         // (exiting threads' kernel writes: clear_child_tid, robust futexes; the restored process
         // then crashes at random), and while they live they hold their sockets: so a new
         // namespace (new address), the published ports moved over, and the frozen incarnation
-        // and its namespace deleted once the checkpointer is done.
+        // and its namespace deleted once the dumper is done.
         await this.network.unmapPorts(frozen.netns, frozen.cniId, rec.spec.ports);
         rec.netns = this.netnsName(name, rec.generation);
         try {
@@ -456,7 +456,7 @@ export class RuncRuntime implements ContainerRuntime {
           await this.network.detach(rec.netns, this.cniId(rec), rec.spec.ports).catch(() => undefined);
           throw err;
         }
-        void mig!.checkpointDone
+        void mig!.dumpDone
           .then(async () => {
             await this.destroyIncarnation(name, frozen.generation);
             await this.network.detach(frozen.netns, frozen.cniId, []);
@@ -478,7 +478,7 @@ export class RuncRuntime implements ContainerRuntime {
     const daemon = this.lazyDaemons.get(migrationId);
     const waits: Array<Promise<unknown>> = [];
     if (daemon && daemon.exitCode === null && daemon.signalCode === null) waits.push(new Promise((resolve) => daemon.once('exit', resolve)));
-    if (mig) waits.push(mig.checkpointDone);
+    if (mig) waits.push(mig.dumpDone);
     await within(Promise.all(waits), PAGE_DRAIN_TIMEOUT_MS);
     await this.discardMigrationData(migrationId);
   }
@@ -487,8 +487,8 @@ export class RuncRuntime implements ContainerRuntime {
     const mig = this.sources.get(migrationId);
     const name = mig?.name ?? (await this.findByMigration(migrationId, 'source').catch(() => undefined));
     if (mig) {
-      const drained = await within(mig.checkpointDone, PAGE_DRAIN_TIMEOUT_MS);
-      if (!drained) mig.checkpointer?.kill('SIGKILL');
+      const drained = await within(mig.dumpDone, PAGE_DRAIN_TIMEOUT_MS);
+      if (!drained) mig.dumper?.kill('SIGKILL');
       this.sources.delete(migrationId);
     }
     if (name) {
@@ -503,19 +503,19 @@ export class RuncRuntime implements ContainerRuntime {
     await this.removeMigrationDir(migrationId);
   }
 
-  // ------------------------------------------------------------------ snapshots (checkpoints that leave it running)
+  // ------------------------------------------------------------------ checkpoints (the container runs on)
 
-  private snapshotDir(snapshotId: string): string {
-    return join(this.opts.dataDir, 'snapshots', snapshotId);
+  private checkpointDir(checkpointId: string): string {
+    return join(this.opts.dataDir, 'checkpoints', checkpointId);
   }
 
   /**
    * runc pause first: the cgroup freezer holds every task while the upper layer and logs are
    * copied, and CRIU dumps a paused container and leaves it paused; so files and memory are of
    * the same instant. TCP connections are not dumped (criu.conf: tcp-close): a restore from a
-   * snapshot happens after a failure, when those connections are gone anyway.
+   * checkpoint happens after a failure, when those connections are gone anyway.
    */
-  async snapshot(name: string, snapshotId: string): Promise<SnapshotOutcome> {
+  async checkpoint(name: string, checkpointId: string): Promise<LocalCheckpoint> {
     return this.withLock(name, async () => {
       const rec = await this.readRecord(name);
       this.assertNotMigrating(rec);
@@ -523,7 +523,7 @@ export class RuncRuntime implements ContainerRuntime {
       if ((await this.runcState(id))?.status !== 'running') {
         throw new ConflictError(`container '${name}' is not running on node ${this.opts.node}; only running containers can be checkpointed`, { name });
       }
-      const dir = this.snapshotDir(snapshotId);
+      const dir = this.checkpointDir(checkpointId);
       const paths: MigrationPaths = { images: join(dir, 'images'), files: join(dir, 'files') };
       const work = join(dir, 'criu-work');
       await removeTree(dir);
@@ -548,21 +548,23 @@ export class RuncRuntime implements ContainerRuntime {
       const resumed = await runc(['resume', id]);
       const frozenMs = Date.now() - frozenAt;
       await removeCriuNetworkLock(rec.netns);
-      // A container left frozen is worse than a lost snapshot: that error wins.
+      // A container left frozen is worse than a lost checkpoint: that error wins.
       if (resumed.code !== 0) throw failed('runc resume: the container may still be frozen', resumed.stderr);
       if (failure) throw failure;
       return { paths, frozenMs, imageBytes: await treeBytes(paths.images), filesBytes: await treeBytes(paths.files) };
     }).catch(async (err: unknown) => {
-      await removeTree(this.snapshotDir(snapshotId)).catch(() => undefined);
+      await removeTree(this.checkpointDir(checkpointId)).catch(() => undefined);
       throw err;
     });
   }
 
-  async discardSnapshot(snapshotId: string): Promise<void> {
-    await removeTree(this.snapshotDir(snapshotId));
+  async discardCheckpoint(checkpointId: string): Promise<void> {
+    await removeTree(this.checkpointDir(checkpointId));
   }
 
-  async recoverInterruptedSnapshots(): Promise<string[]> {
+  async recoverInterruptedCheckpoints(): Promise<string[]> {
+    await removeTree(join(this.opts.dataDir, 'checkpoints'));
+    // Agents up to chipmunk 0.1.0 kept them in snapshots/: an upgraded node drops those too.
     await removeTree(join(this.opts.dataDir, 'snapshots'));
     const resumed: string[] = [];
     const dir = join(this.opts.dataDir, 'containers');
@@ -570,7 +572,7 @@ export class RuncRuntime implements ContainerRuntime {
       const rec = await this.readRecord(name).catch(() => undefined);
       if (!rec) continue;
       const id = this.runcId(name, rec.generation);
-      // chipmunk pauses containers only inside a snapshot, so a paused one is a leftover.
+      // chipmunk pauses containers only inside a checkpoint, so a paused one is a leftover.
       if ((await this.runcState(id))?.status !== 'paused') continue;
       const res = await runUnchecked(this.runc, ['--root', this.runcRoot(), 'resume', id], { timeoutMs: 30_000 });
       if (res.code !== 0) throw new RuntimeFailedError(`container '${name}' was left paused by an interrupted checkpoint and cannot be resumed: ${lastLines(res.stderr, 3)}`, { op: 'runc resume' });
@@ -846,7 +848,7 @@ export class RuncRuntime implements ContainerRuntime {
     await writeFile(join(this.containerDir(name), 'criu.conf'), `${options.join('\n')}\n`);
   }
 
-  /** Under files/, so volumes travel with every migration and are in every snapshot. */
+  /** Under files/, so volumes travel with every migration and are in every checkpoint. */
   private volumeDir(name: string, volume: string): string {
     return join(this.containerDir(name), 'files', 'volumes', volume);
   }
@@ -910,9 +912,9 @@ export class RuncRuntime implements ContainerRuntime {
     throw new NotFoundError(`no ${role} container for migration ${migrationId} on node ${this.opts.node}`, { migrationId });
   }
 
-  private async isCheckpointerAlive(mig: SourceMigration | undefined): Promise<boolean> {
-    if (!mig?.checkpointer) return false;
-    return mig.checkpointer.exitCode === null && mig.checkpointer.signalCode === null;
+  private async isDumperAlive(mig: SourceMigration | undefined): Promise<boolean> {
+    if (!mig?.dumper) return false;
+    return mig.dumper.exitCode === null && mig.dumper.signalCode === null;
   }
 
   private assertNotMigrating(rec: ContainerRecord): void {
@@ -977,7 +979,7 @@ export class RuncRuntime implements ContainerRuntime {
   }
 
   async close(): Promise<void> {
-    // Containers, log writers, lazy-pages daemons and checkpointers are detached on purpose:
+    // Containers, log writers, lazy-pages daemons and dumpers are detached on purpose:
     // they outlive the agent.
   }
 }
