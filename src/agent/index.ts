@@ -75,7 +75,7 @@ export async function startAgent(opts: AgentOptions): Promise<RunningAgent> {
       { from: PAGE_SERVER_PORTS.first, to: PAGE_SERVER_PORTS.last, usedBy: 'migration page servers' },
     ],
   });
-  const resumed = await runtime.recoverInterruptedSnapshots();
+  const resumed = await runtime.recoverInterruptedCheckpoints();
   if (resumed.length > 0) log.warn({ containers: resumed }, 'resumed containers an interrupted checkpoint had left paused');
   const faults = new FaultInjector(opts.enableFaults ?? process.env.CHIPMUNK_ENABLE_FAULTS === '1');
   const app = buildAgentServer({ info, token: opts.token, runtime, images, scratchDir: join(opts.dataDir, 'scratch'), faults, logger: log });

@@ -132,7 +132,7 @@ export class CheckpointService {
       const cut = await this.opts.traffic.cut(name, lockId);
       let current = record;
       try {
-        const safety = await this.snapshotAndUpload(record, `${lockId}-before`, cut.logPosition, 'before-restore');
+        const safety = await this.checkpointAndUpload(record, `${lockId}-before`, cut.logPosition, 'before-restore');
         await agent.remove(name);
         try {
           current = await this.restoreOn(record, node.name, checkpointId, `${lockId}-restore`, record.generation + 1);
@@ -143,7 +143,7 @@ export class CheckpointService {
           throw err;
         }
         await this.opts.locks.save(held, current);
-        const after = await this.snapshotAndUpload(current, `${lockId}-after`, cut.logPosition, 'after-restore');
+        const after = await this.checkpointAndUpload(current, `${lockId}-after`, cut.logPosition, 'after-restore');
         return { restoredFrom: checkpointId, safetyCheckpoint: safety.id, checkpoint: after.id };
       } finally {
         if (cut.held) await this.opts.traffic.release(name, lockId, current);
@@ -202,7 +202,7 @@ export class CheckpointService {
     const cut = await this.opts.traffic.cut(record.spec.name, lockId);
     let frozenMs: number;
     try {
-      frozenMs = await this.snapshot(record, lockId);
+      frozenMs = await this.checkpointOnAgent(record, lockId);
     } finally {
       if (cut.held) await this.opts.traffic.release(record.spec.name, lockId, record);
     }
@@ -211,27 +211,27 @@ export class CheckpointService {
     return { ...info, frozenMs };
   }
 
-  /** A snapshot while the caller holds the route: no release here. */
-  private async snapshotAndUpload(record: ContainerRecord, snapshotId: string, logPosition: number | null, reason: string): Promise<CheckpointInfo> {
-    await this.snapshot(record, snapshotId);
-    return this.upload(record, snapshotId, logPosition, reason);
+  /** A checkpoint while the caller holds the route: no release here. */
+  private async checkpointAndUpload(record: ContainerRecord, agentCheckpointId: string, logPosition: number | null, reason: string): Promise<CheckpointInfo> {
+    await this.checkpointOnAgent(record, agentCheckpointId);
+    return this.upload(record, agentCheckpointId, logPosition, reason);
   }
 
   /** The agent checkpoints the container and lets it run on; returns how long it was frozen. */
-  private async snapshot(record: ContainerRecord, snapshotId: string): Promise<number> {
+  private async checkpointOnAgent(record: ContainerRecord, agentCheckpointId: string): Promise<number> {
     const agent = this.opts.agentFor(await this.opts.nodes.require(record.node));
     try {
-      return (await agent.snapshot(record.spec.name, { snapshotId })).frozenMs;
+      return (await agent.checkpoint(record.spec.name, { checkpointId: agentCheckpointId })).frozenMs;
     } catch (err) {
-      await agent.discardSnapshot(snapshotId).catch(() => undefined);
+      await agent.discardCheckpoint(agentCheckpointId).catch(() => undefined);
       throw err;
     }
   }
 
-  private async upload(record: ContainerRecord, snapshotId: string, logPosition: number | null, reason: string): Promise<CheckpointInfo> {
+  private async upload(record: ContainerRecord, agentCheckpointId: string, logPosition: number | null, reason: string): Promise<CheckpointInfo> {
     const agent = this.opts.agentFor(await this.opts.nodes.require(record.node));
     try {
-      return await agent.uploadSnapshot(snapshotId, {
+      return await agent.uploadCheckpoint(agentCheckpointId, {
         container: record.spec.name,
         storeUrl: this.opts.storeUrl(),
         logPosition,
@@ -239,7 +239,7 @@ export class CheckpointService {
         metadata: { spec: record.spec, generation: record.generation, node: record.node, reason, volumes: record.spec.volumes ?? [] },
       });
     } finally {
-      await agent.discardSnapshot(snapshotId).catch(() => undefined);
+      await agent.discardCheckpoint(agentCheckpointId).catch(() => undefined);
     }
   }
 

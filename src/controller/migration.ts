@@ -3,7 +3,7 @@
  * (the target) through recorded phases:
  *
  *   prepare     validate, choose the mode, take the container's lock; the target gets ready
- *   checkpoint  the source freezes and dumps the container
+ *   dump        the source freezes and dumps the container
  *   transfer    the target fetches the dump from the source and restores it (one agent call)
  *   verify      the target reports the container running
  *   cleanup     committed: the record names the target; the source serves the remaining pages
@@ -228,10 +228,10 @@ export class MigrationOrchestrator {
       // still runs: none of it has to happen inside the downtime.
       await target.prepare(id, { migrationId: id, mode, spec: run.held.record.spec, generation, source: { node: from, url: run.source.url } });
       await this.journal.hold(run);
-      await this.journal.enter(run, 'checkpoint', { message: `freezing ${name} on ${from}` });
+      await this.journal.enter(run, 'dump', { message: `freezing ${name} on ${from}` });
       progress.dumpStarted = true;
       const dump = await source
-        .checkpoint(name, { migrationId: id, mode, ...(run.pageServerPort !== undefined ? { pageServerPort: run.pageServerPort } : {}) })
+        .dump(name, { migrationId: id, mode, ...(run.pageServerPort !== undefined ? { pageServerPort: run.pageServerPort } : {}) })
         .catch((err: unknown) => {
           // Refused before it froze anything (the container is not running there): nothing to undo on the source.
           if (err instanceof ConflictError || err instanceof NotFoundError) progress.dumpStarted = false;

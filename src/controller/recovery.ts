@@ -46,7 +46,7 @@ async function settle(opts: RecoveryOptions, held: HeldLock): Promise<void> {
   switch (held.lock.operation) {
     case 'checkpoint': {
       // The agent finishes or abandons its part on its own; what it took locally is dropped.
-      await agent?.discardSnapshot(held.lock.id).catch(() => undefined);
+      await agent?.discardCheckpoint(held.lock.id).catch(() => undefined);
       await traffic.release(held.name, held.lock.id, held.record);
       await locks.release(held);
       return;

@@ -107,7 +107,7 @@ export class RuntimeFailedError extends ChipmunkError {
   }
 }
 
-export type MigrationPhase = 'prepare' | 'checkpoint' | 'transfer' | 'restore' | 'verify' | 'cleanup' | 'rollback';
+export type MigrationPhase = 'prepare' | 'dump' | 'transfer' | 'restore' | 'verify' | 'cleanup' | 'rollback';
 
 export class MigrationFailedError extends ChipmunkError {
   constructor(message: string, details: { phase: MigrationPhase; node: string; logPath?: string; rolledBack?: boolean; [k: string]: unknown }, cause?: unknown) {

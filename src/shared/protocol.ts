@@ -117,19 +117,19 @@ export type AgentInfo = Static<typeof AgentInfo>;
 /** Ports the controller hands to source agents for CRIU page servers (lazy mode). */
 export const PAGE_SERVER_PORTS = { first: 27000, last: 27999 } as const;
 
-/** Source side: freeze and dump the container for a migration. */
-export const CheckpointRequest = Type.Object({
+/** Source side: freeze and dump the container for a migration (it stops running here). */
+export const DumpRequest = Type.Object({
   migrationId: Type.String({ minLength: 1 }),
   mode: MigrationMode,
   /** Port the source's CRIU page server listens on (lazy mode). */
   pageServerPort: Type.Optional(Type.Integer({ minimum: 1024, maximum: 65535 })),
 });
-export type CheckpointRequest = Static<typeof CheckpointRequest>;
+export type DumpRequest = Static<typeof DumpRequest>;
 
 /** Where a source's CRIU page server listens (lazy mode). */
 export const PageServerAddress = Type.Object({ address: Type.String(), port: Type.Integer() });
 
-export const CheckpointResult = Type.Object({
+export const DumpResult = Type.Object({
   migrationId: Type.String(),
   /** Bytes of the image directory the target must fetch before restore. */
   imageBytes: Type.Integer(),
@@ -139,9 +139,9 @@ export const CheckpointResult = Type.Object({
   frozenAt: Type.Number(),
   pageServer: Type.Optional(PageServerAddress),
 });
-export type CheckpointResult = Static<typeof CheckpointResult>;
+export type DumpResult = Static<typeof DumpResult>;
 
-/** Target side, before the checkpoint: get the image if missing, set up the network. */
+/** Target side, before the dump: get the image if missing, set up the network. */
 export const PrepareRequest = Type.Object({
   migrationId: Type.String({ minLength: 1 }),
   mode: MigrationMode,
@@ -160,8 +160,8 @@ export const StoredCheckpointRef = Type.Object({
 export type StoredCheckpointRef = Static<typeof StoredCheckpointRef>;
 
 /**
- * Target side: fetch the checkpoint from the source agent (or, with `checkpoint`, from the
- * checkpoint store: a failover or a restore of an older version) and restore it here.
+ * Target side: fetch the dump from the source agent (or, with `checkpoint`, a checkpoint from
+ * the checkpoint store: a failover or a restore of an older version) and restore it here.
  */
 export const RestoreRequest = Type.Composite([
   PrepareRequest,
@@ -183,33 +183,36 @@ export type RestoreResult = Static<typeof RestoreResult>;
 export const SettleResult = Type.Object({ lazyPagesBytes: Type.Integer({ minimum: 0 }) });
 export type SettleResult = Static<typeof SettleResult>;
 
-/** Source side: the migration failed after the checkpoint; run the container here again. */
+/** Source side: the migration failed after the dump; run the container here again. */
 export const RollbackRequest = Type.Object({ migrationId: Type.String({ minLength: 1 }) });
 export type RollbackRequest = Static<typeof RollbackRequest>;
 
-/** Checkpoint a container and let it run on (the trees wait on the agent for upload). */
-export const SnapshotRequest = Type.Object({ snapshotId: Type.String({ pattern: '^[A-Za-z0-9_-]{1,64}$' }) });
-export type SnapshotRequest = Static<typeof SnapshotRequest>;
+/**
+ * Checkpoint a container and let it run on. The trees wait on the agent, under this id, until
+ * they are uploaded (the checkpoint store then names the stored checkpoint) or discarded.
+ */
+export const TakeCheckpointRequest = Type.Object({ checkpointId: Type.String({ pattern: '^[A-Za-z0-9_-]{1,64}$' }) });
+export type TakeCheckpointRequest = Static<typeof TakeCheckpointRequest>;
 
-export const SnapshotResult = Type.Object({
-  snapshotId: Type.String(),
+export const TakeCheckpointResult = Type.Object({
+  checkpointId: Type.String(),
   /** How long the container was frozen (paused, files copied, memory dumped). */
   frozenMs: Type.Number(),
   imageBytes: Type.Integer(),
   filesBytes: Type.Integer(),
 });
-export type SnapshotResult = Static<typeof SnapshotResult>;
+export type TakeCheckpointResult = Static<typeof TakeCheckpointResult>;
 
-/** Send a snapshot to the checkpoint store; it becomes a checkpoint once every chunk is durable there. */
-export const UploadSnapshotRequest = Type.Object({
+/** Send a checkpoint taken on the agent to the checkpoint store; it counts once every chunk is durable there. */
+export const UploadCheckpointRequest = Type.Object({
   container: ContainerName,
   storeUrl: Type.String({ minLength: 1 }),
-  /** The gateway log position the snapshot was cut at (null: the container is not behind a logging route). */
+  /** The gateway log position the checkpoint was cut at (null: the container is not behind a logging route). */
   logPosition: Type.Union([Type.Integer({ minimum: 0 }), Type.Null()]),
   /** Kept with the checkpoint for restores: the container spec, its generation. */
   metadata: Type.Record(Type.String(), Type.Unknown()),
 });
-export type UploadSnapshotRequest = Static<typeof UploadSnapshotRequest>;
+export type UploadCheckpointRequest = Static<typeof UploadCheckpointRequest>;
 
 /** Progress of a transfer, streamed by agents to the controller (and on to the CLI). */
 export const TransferProgress = Type.Object({
@@ -328,7 +331,7 @@ export type DumpState = Static<typeof DumpState>;
 
 export const MigrationPhaseName = Type.Union([
   Type.Literal('prepare'),
-  Type.Literal('checkpoint'),
+  Type.Literal('dump'),
   Type.Literal('transfer'),
   Type.Literal('restore'),
   Type.Literal('verify'),
@@ -401,16 +404,16 @@ export const schemas: Record<string, TSchema> = {
   AgentContainer,
   ContainerStats,
   AgentInfo,
-  CheckpointRequest,
-  CheckpointResult,
+  DumpRequest,
+  DumpResult,
   PrepareRequest,
   RestoreRequest,
   RestoreResult,
   RollbackRequest,
   SettleResult,
-  SnapshotRequest,
-  SnapshotResult,
-  UploadSnapshotRequest,
+  TakeCheckpointRequest,
+  TakeCheckpointResult,
+  UploadCheckpointRequest,
   StoredCheckpointRef,
   TransferProgress,
   NodeView,

@@ -7,20 +7,20 @@ import { ConflictError, NotFoundError, RuntimeFailedError, TransferFailedError }
 import type {
   AgentContainer,
   AgentInfo,
-  CheckpointRequest,
-  CheckpointResult,
   ContainerSpec,
   ContainerStats,
+  DumpRequest,
+  DumpResult,
   DumpState,
   RegisterNodeRequest,
   PrepareRequest,
   RestoreRequest,
   RestoreResult,
   SettleResult,
-  SnapshotRequest,
-  SnapshotResult,
+  TakeCheckpointRequest,
+  TakeCheckpointResult,
   TransferProgress,
-  UploadSnapshotRequest,
+  UploadCheckpointRequest,
 } from '../../src/shared/protocol.js';
 import type { CheckpointInfo, CheckpointSummary } from '../../src/checkpoint-store/index.js';
 import type { CheckpointCatalog } from '../../src/controller/checkpoints.js';
@@ -38,7 +38,8 @@ interface InjectedFailure {
   afterEffect: boolean;
 }
 
-interface Checkpoint {
+/** A migration's dump on its source agent. */
+interface Dump {
   name: string;
   bytes: number;
   mode: 'lazy' | 'copy';
@@ -71,7 +72,7 @@ export class FakeCheckpointCatalog implements CheckpointCatalog {
 }
 
 export class FakeCluster {
-  /** Every agent call, in order: "node1.checkpoint". */
+  /** Every agent call, in order: "node1.dump". */
   readonly calls: string[] = [];
   readonly catalog = new FakeCheckpointCatalog();
   private readonly agents = new Map<string, FakeAgent>();
@@ -102,10 +103,11 @@ export class FakeCluster {
 
 export class FakeAgent implements AgentApi {
   readonly containers = new Map<string, AgentContainer>();
-  readonly checkpointRequests: CheckpointRequest[] = [];
-  readonly checkpoints = new Map<string, Checkpoint>();
-  /** Snapshots taken and not discarded: id -> container name. */
-  readonly snapshots = new Map<string, string>();
+  readonly dumpRequests: DumpRequest[] = [];
+  /** Dumps of migrations in flight, by migration id. */
+  readonly dumps = new Map<string, Dump>();
+  /** Checkpoints taken and not discarded: id -> container name. */
+  readonly checkpoints = new Map<string, string>();
   private readonly restoredBy = new Map<string, string>();
   private readonly failures = new Map<AgentMethod, InjectedFailure>();
   private readonly gates = new Map<AgentMethod, Promise<void>>();
@@ -199,14 +201,14 @@ export class FakeAgent implements AgentApi {
     });
   }
 
-  checkpoint(name: string, req: CheckpointRequest): Promise<CheckpointResult> {
-    return this.step('checkpoint', () => {
-      this.checkpointRequests.push(req);
+  dump(name: string, req: DumpRequest): Promise<DumpResult> {
+    return this.step('dump', () => {
+      this.dumpRequests.push(req);
       const container = this.require(name);
       if (container.status !== 'running') throw new ConflictError(`${name} is ${container.status} on ${this.node}`);
       // Dumped (copy) or frozen behind a page server (lazy): either way it no longer runs here.
       container.status = 'migrating';
-      this.checkpoints.set(req.migrationId, { name, bytes: 4096, mode: req.pageServerPort !== undefined ? 'lazy' : 'copy' });
+      this.dumps.set(req.migrationId, { name, bytes: 4096, mode: req.pageServerPort !== undefined ? 'lazy' : 'copy' });
       return {
         migrationId: req.migrationId,
         imageBytes: 4000,
@@ -228,10 +230,10 @@ export class FakeAgent implements AgentApi {
       }
       const source = this.cluster.agent(req.source.node);
       if (source.down) throw new TransferFailedError(`agent ${req.source.node} is unreachable: fetching the dump failed`);
-      const checkpoint = source.checkpoints.get(migrationId);
-      if (!checkpoint) throw new TransferFailedError(`no checkpoint ${migrationId} on ${req.source.node}`);
+      const dump = source.dumps.get(migrationId);
+      if (!dump) throw new TransferFailedError(`no dump of migration ${migrationId} on ${req.source.node}`);
       // A lazy restore pulls pages from the source's page server: from here its memory is split.
-      if (req.pageServer) checkpoint.pagesPulled = true;
+      if (req.pageServer) dump.pagesPulled = true;
       const container = this.start(req.spec, req.generation);
       if (this.crashNextRestore) {
         this.crashNextRestore = false;
@@ -240,26 +242,26 @@ export class FakeAgent implements AgentApi {
         throw new RuntimeFailedError('the restored process died: a memory page could not be fetched', { op: 'restore' });
       }
       this.restoredBy.set(migrationId, req.spec.name);
-      return { container, bytesTransferred: checkpoint.bytes, restoredAt: Date.now() };
+      return { container, bytesTransferred: dump.bytes, restoredAt: Date.now() };
     });
   }
 
   dumpState(migrationId: string): Promise<DumpState> {
     return this.step('dumpState', () => {
-      const checkpoint = this.checkpoints.get(migrationId);
-      if (!checkpoint) return { migrationId, canRollBack: false, reason: `${this.node} has no dump of migration ${migrationId}` };
-      if (checkpoint.pagesPulled) return { migrationId, canRollBack: false, reason: `a target pulled memory pages from ${this.node}'s page server` };
+      const dump = this.dumps.get(migrationId);
+      if (!dump) return { migrationId, canRollBack: false, reason: `${this.node} has no dump of migration ${migrationId}` };
+      if (dump.pagesPulled) return { migrationId, canRollBack: false, reason: `a target pulled memory pages from ${this.node}'s page server` };
       return { migrationId, canRollBack: true };
     });
   }
 
   rollback(migrationId: string): Promise<AgentContainer> {
     return this.step('rollback', () => {
-      const checkpoint = this.checkpoints.get(migrationId);
-      if (!checkpoint) throw new NotFoundError(`no migration ${migrationId} on ${this.node}`);
-      if (checkpoint.pagesPulled) throw new ConflictError(`cannot roll back on ${this.node}: a target pulled its memory pages`);
-      this.checkpoints.delete(migrationId);
-      const container = this.require(checkpoint.name);
+      const dump = this.dumps.get(migrationId);
+      if (!dump) throw new NotFoundError(`no migration ${migrationId} on ${this.node}`);
+      if (dump.pagesPulled) throw new ConflictError(`cannot roll back on ${this.node}: a target pulled its memory pages`);
+      this.dumps.delete(migrationId);
+      const container = this.require(dump.name);
       if (container.status !== 'running') {
         container.status = 'running';
         container.generation += 1;
@@ -270,10 +272,10 @@ export class FakeAgent implements AgentApi {
 
   finish(migrationId: string): Promise<void> {
     return this.step('finish', () => {
-      const checkpoint = this.checkpoints.get(migrationId);
-      if (!checkpoint) throw new NotFoundError(`no migration ${migrationId} on ${this.node}`);
-      this.checkpoints.delete(migrationId);
-      this.containers.delete(checkpoint.name);
+      const dump = this.dumps.get(migrationId);
+      if (!dump) throw new NotFoundError(`no migration ${migrationId} on ${this.node}`);
+      this.dumps.delete(migrationId);
+      this.containers.delete(dump.name);
     });
   }
 
@@ -303,25 +305,25 @@ export class FakeAgent implements AgentApi {
     });
   }
 
-  snapshot(name: string, req: SnapshotRequest): Promise<SnapshotResult> {
-    return this.step('snapshot', () => {
+  checkpoint(name: string, req: TakeCheckpointRequest): Promise<TakeCheckpointResult> {
+    return this.step('checkpoint', () => {
       const container = this.require(name);
       if (container.status !== 'running') throw new ConflictError(`${name} is ${container.status} on ${this.node}`);
-      this.snapshots.set(req.snapshotId, name);
-      return { snapshotId: req.snapshotId, frozenMs: 1, imageBytes: 4000, filesBytes: 96 };
+      this.checkpoints.set(req.checkpointId, name);
+      return { checkpointId: req.checkpointId, frozenMs: 1, imageBytes: 4000, filesBytes: 96 };
     });
   }
 
-  uploadSnapshot(snapshotId: string, req: UploadSnapshotRequest): Promise<CheckpointInfo> {
-    return this.step('uploadSnapshot', () => {
-      if (!this.snapshots.has(snapshotId)) throw new NotFoundError(`no snapshot ${snapshotId} on ${this.node}`);
+  uploadCheckpoint(checkpointId: string, req: UploadCheckpointRequest): Promise<CheckpointInfo> {
+    return this.step('uploadCheckpoint', () => {
+      if (!this.checkpoints.has(checkpointId)) throw new NotFoundError(`no checkpoint ${checkpointId} on ${this.node}`);
       return this.cluster.catalog.add(req.container, req.logPosition);
     });
   }
 
-  discardSnapshot(snapshotId: string): Promise<void> {
-    return this.step('discardSnapshot', () => {
-      this.snapshots.delete(snapshotId);
+  discardCheckpoint(checkpointId: string): Promise<void> {
+    return this.step('discardCheckpoint', () => {
+      this.checkpoints.delete(checkpointId);
     });
   }
 

@@ -351,7 +351,7 @@ export async function runningCopies(name: string): Promise<Array<{ node: string;
 
 /**
  * What migrations left in NODE's agent data dir (migrations/ID/ENTRY), CRIU's logs (criu-work)
- * aside: checkpoint images and staged files, which must not outlive their migration.
+ * aside: CRIU images and staged files, which must not outlive their migration.
  */
 export async function migrationLeftovers(node: string): Promise<string[]> {
   const dir = join(clusterStateDir(), 'nodes', node, 'migrations');

@@ -183,7 +183,7 @@ describe('controller HTTP API', () => {
       const events = lines.slice(0, -1) as MigrationEvent[];
       assert.deepEqual(
         events.map((event) => event.phase),
-        ['prepare', 'checkpoint', 'transfer', 'verify', 'cleanup', 'done'],
+        ['prepare', 'dump', 'transfer', 'verify', 'cleanup', 'done'],
       );
       const last = lines.at(-1)!;
       assert.ok('summary' in last, `last line: ${JSON.stringify(last)}`);

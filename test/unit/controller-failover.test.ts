@@ -1,5 +1,5 @@
 /**
- * The controller's protection logic against in-memory agents: the checkpoint cut (hold, snapshot,
+ * The controller's protection logic against in-memory agents: the checkpoint cut (hold, checkpoint on the agent,
  * release, upload, trim), failover on lease expiry (newest good checkpoint, replay from its
  * position, fencing), and the container lock shared with migrations.
  */
@@ -81,7 +81,7 @@ async function setup(leaseMs = 60_000) {
 }
 
 describe('checkpoints and failover (controller, fake agents)', () => {
-  it('a checkpoint holds the route, snapshots, releases, then uploads with the cut position; the log is trimmed to the checkpoint before', async () => {
+  it('a checkpoint holds the route, checkpoints on the agent, releases, then uploads with the cut position; the log is trimmed to the checkpoint before', async () => {
     const env = await setup();
     env.traffic.position = 7;
     const first = await env.checkpoints.checkpoint('web');
@@ -91,14 +91,14 @@ describe('checkpoints and failover (controller, fake agents)', () => {
     assert.equal(second.logPosition, 12);
     assert.deepEqual(env.traffic.calls, ['cut web', 'release web -> node1', 'cut web', 'release web -> node1', 'trim web 7']);
     const calls = env.cluster.calls.filter((c) => c.startsWith('node1.'));
-    assert.deepEqual(calls.slice(-3), ['node1.snapshot', 'node1.uploadSnapshot', 'node1.discardSnapshot']);
+    assert.deepEqual(calls.slice(-3), ['node1.checkpoint', 'node1.uploadCheckpoint', 'node1.discardCheckpoint']);
     assert.equal((await env.record()).lock, undefined, 'the lock is released');
     assert.deepEqual((await env.checkpoints.list('web')).map((c) => c.id), [second.id, first.id]);
   });
 
-  it('a failed snapshot releases the route and the lock, and stores nothing', async () => {
+  it('a failed checkpoint on the agent releases the route and the lock, and stores nothing', async () => {
     const env = await setup();
-    env.cluster.agent('node1').failNext('snapshot', new Error('criu dump failed'));
+    env.cluster.agent('node1').failNext('checkpoint', new Error('criu dump failed'));
     await assert.rejects(env.checkpoints.checkpoint('web'), /criu dump failed/);
     assert.deepEqual(env.traffic.calls, ['cut web', 'release web -> node1']);
     assert.equal((await env.record()).lock, undefined);
@@ -200,7 +200,7 @@ describe('checkpoints and failover (controller, fake agents)', () => {
 
   it('issue 8 item 4: a checkpoint a crashed controller left locked is released at the next start, and protection goes on', async () => {
     const env = await setup();
-    const release = env.cluster.agent('node1').hold('snapshot');
+    const release = env.cluster.agent('node1').hold('checkpoint');
     void env.checkpoints.checkpoint('web').catch(() => undefined);
     await waitFor(async () => ((await env.record()).lock ? true : undefined), 5_000, 'the checkpoint lock');
     // The controller dies here; a new one starts.

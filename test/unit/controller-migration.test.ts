@@ -103,7 +103,7 @@ describe('migration orchestrator', () => {
     const events: MigrationEvent[] = [];
     const summary = await env.migrations.migrate('web', { to: 'node2' }, (event) => events.push(event));
 
-    const phases: MigrationPhaseName[] = ['prepare', 'checkpoint', 'transfer', 'verify', 'cleanup', 'done'];
+    const phases: MigrationPhaseName[] = ['prepare', 'dump', 'transfer', 'verify', 'cleanup', 'done'];
     assert.deepEqual(events.map((event) => event.phase), phases);
     assert.ok(events.every((event, i) => i === 0 || event.at >= events[i - 1].at));
     assert.ok(events.every((event) => event.migrationId === summary.id));
@@ -122,7 +122,7 @@ describe('migration orchestrator', () => {
     assert.equal(env.cluster.runningCopies('web'), 1);
     assert.equal(env.cluster.agent('node1').containers.has('web'), false);
 
-    const [checkpoint] = env.cluster.agent('node1').checkpointRequests;
+    const [checkpoint] = env.cluster.agent('node1').dumpRequests;
     assert.ok(checkpoint.pageServerPort! >= 27000 && checkpoint.pageServerPort! <= 27999, 'lazy mode gets a page server port');
     const stored = (await env.store.get<MigrationRecord>(migrationKey(summary.id)))!.value;
     assert.equal(stored.phase, 'done');
@@ -140,7 +140,7 @@ describe('migration orchestrator', () => {
     const env = await setup({ lazy: { node2: false } });
     const summary = await env.migrations.migrate('web', { to: 'node2' });
     assert.equal(summary.mode, 'copy');
-    assert.equal(env.cluster.agent('node1').checkpointRequests[0].pageServerPort, undefined);
+    assert.equal(env.cluster.agent('node1').dumpRequests[0].pageServerPort, undefined);
   });
 
   it('refuses lazy mode when the target lacks it, naming copy mode, and changes nothing', async () => {
@@ -159,25 +159,25 @@ describe('migration orchestrator', () => {
   it('gives concurrent lazy migrations different page server ports', async () => {
     const env = await setup();
     await env.containers.run({ spec: spec('db'), node: 'node1' });
-    const release = env.cluster.agent('node1').hold('checkpoint');
+    const release = env.cluster.agent('node1').hold('dump');
     const both = Promise.all([env.migrations.migrate('web', { to: 'node2' }), env.migrations.migrate('db', { to: 'node2' })]);
-    while (env.cluster.calls.filter((call) => call === 'node1.checkpoint').length < 2) await sleep(1);
+    while (env.cluster.calls.filter((call) => call === 'node1.dump').length < 2) await sleep(1);
     release();
     await both;
-    const ports = env.cluster.agent('node1').checkpointRequests.map((req) => req.pageServerPort);
+    const ports = env.cluster.agent('node1').dumpRequests.map((req) => req.pageServerPort);
     assert.equal(new Set(ports).size, 2);
   });
 
   describe('failures before the target runs it leave the container on the source, exactly once', () => {
-    it('at checkpoint, before the source froze it: nothing to roll back', async () => {
+    it('at dump, before the source froze it: nothing to roll back', async () => {
       const env = await setup();
-      env.cluster.agent('node1').failNext('checkpoint', new RuntimeFailedError('criu dump failed', { op: 'checkpoint', logPath: '/var/log/dump.log' }));
+      env.cluster.agent('node1').failNext('dump', new RuntimeFailedError('criu dump failed', { op: 'checkpoint', logPath: '/var/log/dump.log' }));
       const { error, events } = await migrateExpectingFailure(env);
-      assert.equal(error.details.phase, 'checkpoint');
+      assert.equal(error.details.phase, 'dump');
       assert.equal(error.details.node, 'node1');
       assert.equal(error.details.logPath, '/var/log/dump.log');
       assert.match(error.message, /criu dump failed.*web still runs on node1/);
-      assert.deepEqual(events.map((event) => event.phase), ['prepare', 'checkpoint', 'failed']);
+      assert.deepEqual(events.map((event) => event.phase), ['prepare', 'dump', 'failed']);
       assert.ok(env.cluster.callIndex('node2.abort') >= 0, 'the prepared target is undone');
       assert.equal(env.cluster.callIndex('node1.rollback'), -1, 'a container that still runs is not rolled back');
       await assertOnSource(env);
@@ -191,16 +191,16 @@ describe('migration orchestrator', () => {
       assert.equal(error.details.node, 'node2');
       assert.match(error.message, /CNI bridge ADD failed/);
       assert.deepEqual(events.map((event) => event.phase), ['prepare', 'failed']);
-      assert.equal(env.cluster.callIndex('node1.checkpoint'), -1, 'the source was not frozen');
+      assert.equal(env.cluster.callIndex('node1.dump'), -1, 'the source was not frozen');
       assert.ok(env.cluster.callIndex('node2.abort') >= 0, 'the prepared target is undone');
       await assertOnSource(env);
     });
 
-    it('at checkpoint, after the source froze it', async () => {
+    it('at dump, after the source froze it', async () => {
       const env = await setup();
-      env.cluster.agent('node1').failNext('checkpoint', new RuntimeFailedError('criu dump timed out', { op: 'checkpoint' }), { afterEffect: true });
+      env.cluster.agent('node1').failNext('dump', new RuntimeFailedError('criu dump timed out', { op: 'checkpoint' }), { afterEffect: true });
       const { error } = await migrateExpectingFailure(env);
-      assert.equal(error.details.phase, 'checkpoint');
+      assert.equal(error.details.phase, 'dump');
       assert.ok(env.cluster.callIndex('node1.rollback') >= 0);
       await assertRolledBack(env);
       assert.equal((await env.record()).generation, 1, 'the rollback restored a new incarnation on the source');
@@ -340,9 +340,9 @@ describe('migration orchestrator', () => {
 
   it('refuses a second migration of a container while one runs', async () => {
     const env = await setup();
-    const release = env.cluster.agent('node1').hold('checkpoint');
+    const release = env.cluster.agent('node1').hold('dump');
     const first = env.migrations.migrate('web', { to: 'node2' });
-    while (env.cluster.callIndex('node1.checkpoint') < 0) await sleep(1);
+    while (env.cluster.callIndex('node1.dump') < 0) await sleep(1);
 
     await assert.rejects(env.migrations.migrate('web', { to: 'node2' }), MigrationInProgressError);
     await assert.rejects(env.containers.stop('web'), MigrationInProgressError);
@@ -438,7 +438,7 @@ describe('migration orchestrator', () => {
 
     it('fails it when the source still runs the container', async () => {
       const env = await setup();
-      const id = await interruptedAt(env, 'checkpoint');
+      const id = await interruptedAt(env, 'dump');
       await env.orchestrator().settleUnfinished();
       assert.equal((await migrationRecord(env, id)).phase, 'failed');
       const container = await env.record();
@@ -450,7 +450,7 @@ describe('migration orchestrator', () => {
       const env = await setup();
       const id = await interruptedAt(env, 'verify');
       const spec0 = (await env.record()).spec;
-      await env.cluster.agent('node1').checkpoint('web', { migrationId: id, mode: 'lazy', pageServerPort: 27000 });
+      await env.cluster.agent('node1').dump('web', { migrationId: id, mode: 'lazy', pageServerPort: 27000 });
       await env.cluster.agent('node2').restore(id, { migrationId: id, mode: 'lazy', spec: spec0, generation: 1, source: { node: 'node1', url: 'http://node1' } });
 
       await env.orchestrator().settleUnfinished();
@@ -464,7 +464,7 @@ describe('migration orchestrator', () => {
     it('rolls the source back when neither node runs the container', async () => {
       const env = await setup();
       const id = await interruptedAt(env, 'transfer');
-      await env.cluster.agent('node1').checkpoint('web', { migrationId: id, mode: 'lazy', pageServerPort: 27000 });
+      await env.cluster.agent('node1').dump('web', { migrationId: id, mode: 'lazy', pageServerPort: 27000 });
       assert.equal(env.cluster.runningCopies('web'), 0);
 
       await env.orchestrator().settleUnfinished();
