@@ -19,6 +19,7 @@ import {
   ContainerStats,
   DumpRequest,
   DumpResult,
+  DumpState,
   PrepareRequest,
   RestoreRequest,
   RestoreResult,
@@ -127,6 +128,8 @@ export function buildAgentServer(deps: AgentServerDeps): FastifyInstance {
   app.post('/v1/migrations/:id/rollback', { schema: { params: IdParams, response: { 200: AgentContainer } } }, async (req) =>
     runtime.rollback(req.params.id),
   );
+
+  app.get('/v1/migrations/:id/dump', { schema: { params: IdParams, response: { 200: DumpState } } }, async (req) => runtime.dumpState(req.params.id));
 
   app.post('/v1/migrations/:id/finish', { schema: { params: IdParams } }, async (req, reply) => {
     await runtime.finishMigration(req.params.id);

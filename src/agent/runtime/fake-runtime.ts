@@ -18,7 +18,7 @@ import { mkdir, readFile, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { ChipmunkError, ConflictError, InvalidInputError, NotFoundError, RuntimeFailedError } from '../../shared/errors.js';
-import type { AgentContainer, ContainerSpec, ContainerStats, HostCapabilities, MigrationMode } from '../../shared/protocol.js';
+import type { AgentContainer, ContainerSpec, ContainerStats, DumpState, HostCapabilities, MigrationMode } from '../../shared/protocol.js';
 import { removeTree } from '../../shared/remove-tree.js';
 import { MIN_MEMORY_BYTES } from '../../shared/units.js';
 import type { ContainerRuntime, DumpOptions, DumpOutcome, LocalCheckpoint, LogStream, MigrationPaths, RestoreOptions } from './types.js';
@@ -234,6 +234,11 @@ export class FakeRuntime implements ContainerRuntime {
     if (c.migration?.pageServer) pageServers.delete(c.migration.pageServer);
     delete c.migration;
     return this.view(c);
+  }
+
+  async dumpState(migrationId: string): Promise<DumpState> {
+    const c = [...this.containers.values()].find((x) => x.migration?.id === migrationId && x.migration.role === 'source');
+    return c ? { migrationId, canRollBack: true } : { migrationId, canRollBack: false, reason: `node ${this.node} has no dump of migration ${migrationId}` };
   }
 
   async finishMigration(migrationId: string): Promise<void> {

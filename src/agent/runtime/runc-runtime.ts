@@ -9,7 +9,7 @@
  *   criu.ts              everything asked of CRIU; runc.ts: runc itself
  *   records.ts, layout.ts  the per-container record, and where things live on disk
  */
-import type { AgentContainer, ContainerSpec, ContainerStats, HostCapabilities } from '../../shared/protocol.js';
+import type { AgentContainer, ContainerSpec, ContainerStats, DumpState, HostCapabilities } from '../../shared/protocol.js';
 import { RuntimeContext, type RuncRuntimeOptions } from './context.js';
 import { ContainerLifecycle } from './lifecycle.js';
 import { LocalCheckpoints } from './local-checkpoints.js';
@@ -73,6 +73,10 @@ export class RuncRuntime implements ContainerRuntime {
 
   rollback(migrationId: string): Promise<AgentContainer> {
     return this.source.rollback(migrationId);
+  }
+
+  dumpState(migrationId: string): Promise<DumpState> {
+    return this.source.dumpState(migrationId);
   }
 
   finishMigration(migrationId: string): Promise<void> {

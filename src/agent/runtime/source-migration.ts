@@ -2,10 +2,11 @@
  * A migration as its source node sees it: dump the container (it stops running here), then
  * either roll back (run it here again) or finish (serve the last lazy pages, remove it).
  */
-import { mkdir } from 'node:fs/promises';
+import { existsSync } from 'node:fs';
+import { mkdir, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { CapabilityMissingError, ConflictError, InvalidInputError, RuntimeFailedError } from '../../shared/errors.js';
-import type { AgentContainer } from '../../shared/protocol.js';
+import type { AgentContainer, DumpState } from '../../shared/protocol.js';
 import { within } from '../../shared/time.js';
 import type { RuntimeContext, SourceMigration } from './context.js';
 import { treeBytes } from './context.js';
@@ -111,6 +112,26 @@ export class SourceMigrations {
     });
   }
 
+  /**
+   * Whether `rollback` can still run the container here. Copy mode: while the dump's images are
+   * on disk. Lazy mode: while the page server runs and no target is connected to it; once a
+   * target pulls pages the memory is split between the nodes and only the target can go on.
+   */
+  async dumpState(migrationId: string): Promise<DumpState> {
+    const { ctx } = this;
+    const mig = ctx.sources.get(migrationId);
+    const name = mig?.name ?? (await ctx.findByMigration(migrationId, 'source').catch(() => undefined));
+    const no = (reason: string): DumpState => ({ migrationId, canRollBack: false, reason });
+    if (!name) return no(`node ${ctx.node} has no dump of migration ${migrationId}`);
+    const rec = await ctx.records.read(name);
+    if ((await ctx.runc.state(ctx.runcId(rec)))?.status === 'running' && !isDumping(mig)) return { migrationId, canRollBack: true };
+    const mode = mig?.mode ?? rec.migration?.mode ?? 'copy';
+    if (mode === 'copy') return existsSync(ctx.layout.migrationImages(migrationId)) ? { migrationId, canRollBack: true } : no(`the images of its dump on ${ctx.node} are gone`);
+    if (!isDumping(mig)) return no(`the lazy page server on ${ctx.node} has ended: the memory went to the target, or is gone`);
+    if (await hasPeer(mig!.dump!.process.pid, mig!.pageServer!.port)) return no(`a target is connected to the page server on ${ctx.node} and pulls memory pages from it`);
+    return { migrationId, canRollBack: true };
+  }
+
   /** Same network namespace as before: the container keeps its address. */
   private async rollbackCopy(rec: ContainerRecord, migrationId: string): Promise<ContainerRecord> {
     await this.ctx.runc.destroy(this.ctx.runcId(rec));
@@ -180,4 +201,21 @@ export class SourceMigrations {
 function isDumping(mig: SourceMigration | undefined): boolean {
   const child = mig?.dump?.process;
   return child !== undefined && child.exitCode === null && child.signalCode === null;
+}
+
+/**
+ * Whether a TCP connection to local `port` is established in the network namespace of process
+ * `pid` (the page server's: it runs in the node's namespace, which need not be this process's).
+ */
+async function hasPeer(pid: number | undefined, port: number): Promise<boolean> {
+  if (pid === undefined) return false;
+  const ESTABLISHED = '01';
+  for (const table of ['tcp', 'tcp6']) {
+    const text = await readFile(`/proc/${pid}/net/${table}`, 'utf8').catch(() => '');
+    for (const line of text.split('\n').slice(1)) {
+      const [, local, , state] = line.trim().split(/\s+/);
+      if (state === ESTABLISHED && local && parseInt(local.split(':')[1] ?? '', 16) === port) return true;
+    }
+  }
+  return false;
 }

@@ -9,7 +9,7 @@
  * source's `rollback` runs the container on the source again; after success the source's
  * `finishMigration` waits for the last lazy pages and removes what is left of it.
  */
-import type { AgentContainer, ContainerSpec, ContainerStats, HostCapabilities, MigrationMode } from '../../shared/protocol.js';
+import type { AgentContainer, ContainerSpec, ContainerStats, DumpState, HostCapabilities, MigrationMode } from '../../shared/protocol.js';
 
 export type LogStream = 'stdout' | 'stderr' | 'all';
 
@@ -89,6 +89,8 @@ export interface ContainerRuntime {
   abortRestore(migrationId: string): Promise<void>;
   /** Source side: run the dumped container here again. */
   rollback(migrationId: string): Promise<AgentContainer>;
+  /** Source side: whether `rollback` can still work (asked before a failed migration is undone). */
+  dumpState(migrationId: string): Promise<DumpState>;
   /** Source side, after the target runs it: wait for lazy pages to drain, then clean up. */
   finishMigration(migrationId: string): Promise<void>;
 
