@@ -15,6 +15,7 @@ import { ConflictError, FailoverFailedError, toChipmunkError, type ErrorJSON } f
 import type { FencedContainer } from '../shared/protocol.js';
 import type { CheckpointCatalog, CheckpointService, LoggedTraffic } from './checkpoints.js';
 import type { ContainerRecord } from './containers.js';
+import { controllerPauses } from './faults.js';
 import type { NodeRegistry } from './registry.js';
 import type { StateStore, Watch } from './store/index.js';
 
@@ -129,6 +130,7 @@ export class FailoverService {
         const held = await traffic.holdNow(name, lockId);
         let current = container;
         try {
+          await controllerPauses.at('failover:restore');
           const intact = (await catalog.list(name)).filter((c) => !c.corrupt);
           // Checkpoints cut at a log position come with the requests after them; one taken before
           // the route logged would lose those, so it is used only when there is nothing else.
@@ -161,6 +163,7 @@ export class FailoverService {
           await this.opts.store.put(fenceKey(deadNode, name), { name, generation: current.generation } satisfies FencedContainer);
           await this.opts.store.delete(fenceKey(record.to, name));
           await checkpoints.saveRecord(name, lockId, current);
+          await controllerPauses.at('failover:replay');
           if (record.logPosition !== null && record.logPosition !== undefined) {
             const t = Date.now();
             const replay = await traffic.replay(name, record.logPosition, current);
@@ -176,6 +179,7 @@ export class FailoverService {
         } finally {
           // A failed failover releases nothing: traffic must not go back to the dead node.
           if (held && record.to) {
+            await controllerPauses.at('failover:release');
             const t = Date.now();
             await traffic.release(name, lockId, current);
             record.timings.releaseMs = Date.now() - t;

@@ -45,6 +45,7 @@ import type {
 } from '../shared/protocol.js';
 import { PAGE_SERVER_PORTS } from '../shared/protocol.js';
 import type { AgentApi } from './agent-client.js';
+import { controllerPauses } from './faults.js';
 import { BUSY_WAIT_MS, containerKey, unreachable, type AgentResolver, type ContainerRecord } from './containers.js';
 import type { NodeRecord, NodeRegistry } from './registry.js';
 import type { StateStore, TxnResult } from './store/index.js';
@@ -245,11 +246,13 @@ export class MigrationOrchestrator {
         generation: run.container.generation + 1,
         source: { node: from, url: run.source.url },
       });
+      await controllerPauses.at('migration:prepare');
       if (this.traffic) {
         await this.traffic.hold(name, id);
         this.held.add(id);
       }
       await this.enter(run, 'checkpoint', { message: `freezing ${name} on ${from}` });
+      await controllerPauses.at('migration:dump');
       progress.checkpointAttempted = true;
       const checkpoint = await source.checkpoint(name, {
         migrationId: id,
@@ -261,6 +264,7 @@ export class MigrationOrchestrator {
         totalBytes: checkpoint.imageBytes + checkpoint.upperBytes,
         message: `${to} fetches the checkpoint from ${from} and restores ${name}`,
       });
+      await controllerPauses.at('migration:transfer');
       progress.restoreAttempted = true;
       // Bytes as the target receives them: reported live, not recorded (the phase is).
       const transferTotal = checkpoint.imageBytes + checkpoint.upperBytes;
@@ -280,6 +284,7 @@ export class MigrationOrchestrator {
       }).finally(() => clearInterval(poll));
 
       await this.enter(run, 'verify', { bytes: restored.bytesTransferred, message: `checking that ${name} runs on ${to}` });
+      await controllerPauses.at('migration:verify');
       const running = await target.get(name);
       if (running.status !== 'running') {
         throw new RuntimeFailedError(`${name} is ${running.status} on ${to} right after its restore`, { op: 'verify', status: running.status });
@@ -289,6 +294,7 @@ export class MigrationOrchestrator {
       await this.enter(run, 'cleanup', {
         message: mode === 'lazy' ? `${from} serves the remaining memory pages, then removes its copy` : `${from} removes its copy`,
       });
+      await controllerPauses.at('migration:cleanup');
       await source.finish(id);
       progress.sourceFinished = true;
       // The target's copy is the only one now: a failure to settle is logged, not undone.
