@@ -16,6 +16,7 @@ import type { ContainerView, ProtectionPolicy } from '../shared/protocol.js';
 import type { CheckpointInfo, CheckpointSummary } from '../checkpoint-store/index.js';
 import { unknownContainer, type ContainerLocks, type ContainerRecord, type HeldLock } from './container-lock.js';
 import type { AgentResolver } from './containers.js';
+import { controllerPauses } from './faults.js';
 import type { NodeRegistry } from './registry.js';
 import type { StateStore } from './store/index.js';
 
@@ -202,10 +203,12 @@ export class CheckpointService {
     const cut = await this.opts.traffic.cut(record.spec.name, lockId);
     let frozenMs: number;
     try {
+      await controllerPauses.at('checkpoint:cut');
       frozenMs = await this.checkpointOnAgent(record, lockId);
     } finally {
       if (cut.held) await this.opts.traffic.release(record.spec.name, lockId, record);
     }
+    await controllerPauses.at('checkpoint:upload');
     const info = await this.upload(record, lockId, cut.logPosition, 'scheduled');
     await this.trimAfter(record.spec.name);
     return { ...info, frozenMs };

@@ -15,6 +15,7 @@ import { ConflictError, FailoverFailedError, toChipmunkError, type ErrorJSON } f
 import type { CheckpointCatalog, CheckpointService, LoggedTraffic } from './checkpoints.js';
 import type { ContainerLock, ContainerLocks, ContainerRecord, HeldLock } from './container-lock.js';
 import type { AgentResolver } from './containers.js';
+import { controllerPauses } from './faults.js';
 import type { Fences } from './fences.js';
 import type { ContainerRescuer } from './migration-settle.js';
 import type { NodeRegistry } from './registry.js';
@@ -230,6 +231,7 @@ export class FailoverService implements ContainerRescuer {
       const held_ = await traffic.holdNow(name, lockId);
       let current = container;
       try {
+        await controllerPauses.at('failover:restore');
         const intact = (await catalog.list(name)).filter((c) => !c.corrupt);
         // Checkpoints cut at a log position come with the requests after them; one taken before
         // the route logged would lose those, so it is used only when there is nothing else.
@@ -262,6 +264,7 @@ export class FailoverService implements ContainerRescuer {
         await fences.fence(deadNode, name, current.generation);
         await fences.clear(record.to, name);
         await locks.save(held, current);
+        await controllerPauses.at('failover:replay');
         if (record.logPosition !== null && record.logPosition !== undefined) {
           const t = Date.now();
           const replay = await traffic.replay(name, record.logPosition, current);
@@ -277,6 +280,7 @@ export class FailoverService implements ContainerRescuer {
       } finally {
         // A failed failover releases nothing: traffic must not go back to the dead node.
         if (held_ && record.outcome === 'done') {
+          await controllerPauses.at('failover:release');
           const t = Date.now();
           await traffic.release(name, lockId, current);
           record.timings.releaseMs = Date.now() - t;

@@ -23,6 +23,7 @@ import type { AgentContainer, MigrationRecord, MigrationSummary, RestoreResult }
 import type { AgentApi } from './agent-client.js';
 import { unlocked, type ContainerLocks, type ContainerRecord, type HeldLock } from './container-lock.js';
 import type { AgentResolver } from './containers.js';
+import { controllerPauses } from './faults.js';
 import type { Fences } from './fences.js';
 import { blamedPhase, type MigrationJournal, type MigrationRun } from './migration-journal.js';
 import type { NodeRegistry } from './registry.js';
@@ -76,6 +77,7 @@ export class MigrationSettler {
     await this.opts.journal.enter(run, 'cleanup', { message: mode === 'lazy' ? `${from} serves the remaining memory pages, then removes its copy` : `${from} removes its copy` }, committed);
     await this.opts.fences.clear(to, name);
     await this.opts.journal.release(run, committed);
+    await controllerPauses.at('migration:cleanup');
     const cleanupPending = !(await this.finishSource(run.record));
     const settled = await this.agent(run, 'target')
       .settle(id)
