@@ -10,6 +10,7 @@
  * and held traffic never goes back to the dead one.
  */
 import { randomUUID } from 'node:crypto';
+import { setTimeout as sleep } from 'node:timers/promises';
 import type { Logger } from 'pino';
 import { ConflictError, FailoverFailedError, toChipmunkError, type ErrorJSON } from '../shared/errors.js';
 import type { CheckpointCatalog, CheckpointService, LoggedTraffic } from './checkpoints.js';
@@ -22,6 +23,8 @@ import type { NodeRegistry } from './registry.js';
 import type { StateStore, Watch } from './store/index.js';
 
 const FAILOVERS_PREFIX = '/failovers/';
+const REPLAY_ATTEMPTS = 3;
+const REPLAY_RETRY_MS = 1_000;
 
 /** What the controller records of one failover (GET /v1/failovers). */
 export interface FailoverRecord {
@@ -38,6 +41,8 @@ export interface FailoverRecord {
   detectedAt: number;
   /** Why it was restored from a checkpoint when not for a dead node (a migration that lost it). */
   reason?: string;
+  /** Restored, but the logged requests could not be replayed yet: the lock and the gateway hold stay, and the replay is retried. */
+  replayPending?: boolean;
   restoredAt?: number;
   finishedAt?: number;
   replayed?: number;
@@ -106,6 +111,7 @@ export class FailoverService implements ContainerRescuer {
   async reconcile(): Promise<void> {
     // Right after a start no agent has had the chance to heartbeat to this controller yet.
     if (Date.now() - this.listeningSince < this.opts.nodeLeaseMs) return;
+    await this.retryPendingReplays().catch((err: unknown) => this.opts.log.warn({ err: toChipmunkError(err).toJSON() }, "retrying pending replays failed"));
     const records = await this.opts.store.list<ContainerRecord>('/containers/').catch(() => []);
     const ready = new Set((await this.opts.nodes.listReady().catch(() => undefined))?.map((n) => n.name) ?? []);
     if (ready.size === 0) return;
@@ -165,7 +171,8 @@ export class FailoverService implements ContainerRescuer {
       const current = { ...held.record, generation: here.generation, ip: here.ip, status: 'running' as const };
       if (interrupted?.to === current.node && interrupted.logPosition != null && interrupted.replayed === undefined) {
         const replay = await traffic.replay(held.name, interrupted.logPosition, current);
-        Object.assign(interrupted, { replayed: replay.replayed, delivered: replay.delivered, outcome: 'done', finishedAt: Date.now() });
+        Object.assign(interrupted, { replayed: replay.replayed, delivered: replay.delivered, outcome: 'done', finishedAt: Date.now(), replayPending: false });
+        delete interrupted.error;
         await this.save(interrupted);
       }
       await traffic.release(held.name, held.lock.id, current);
@@ -225,6 +232,7 @@ export class FailoverService implements ContainerRescuer {
     const lockId = held.lock.id;
     const container = held.record;
     record.lockId = lockId;
+    let keepLock = false;
     try {
       record.timings.lockMs = Date.now() - detectedAt;
       if (container.node !== deadNode) throw new ConflictError(`${name} no longer runs on ${deadNode} (it is on ${container.node})`, { name });
@@ -267,7 +275,13 @@ export class FailoverService implements ContainerRescuer {
         await controllerPauses.at('failover:replay');
         if (record.logPosition !== null && record.logPosition !== undefined) {
           const t = Date.now();
-          const replay = await traffic.replay(name, record.logPosition, current);
+          const replay = await this.replay(record, current).catch(async (err: unknown) => {
+            // The new copy runs but lacks requests that were acknowledged: it must not get live
+            // traffic, and protection must not cut a checkpoint from it. The lock and the hold stay.
+            record.replayPending = true;
+            keepLock = true;
+            throw err;
+          });
           record.timings.replayMs = Date.now() - t;
           record.replayed = replay.replayed;
           record.delivered = replay.delivered;
@@ -291,7 +305,34 @@ export class FailoverService implements ContainerRescuer {
       await this.failed(record, err);
       throw err;
     } finally {
-      await locks.releaseIfHeld(held).catch((err: unknown) => log.error({ err: toChipmunkError(err).toJSON() }, `could not release the lock ${lockId} of ${name}`));
+      if (!keepLock) await locks.releaseIfHeld(held).catch((err: unknown) => log.error({ err: toChipmunkError(err).toJSON() }, `could not release the lock ${lockId} of ${name}`));
+    }
+  }
+
+  /** The logged requests after the checkpoint's cut, into the new copy; retried a few times (a replay resumes from where it is: positions make it idempotent). */
+  private async replay(record: FailoverRecord, current: ContainerRecord): Promise<{ replayed: number; delivered: number }> {
+    for (let attempt = 1; ; attempt++) {
+      try {
+        return await this.opts.traffic.replay(record.name, record.logPosition!, current);
+      } catch (err) {
+        if (attempt >= REPLAY_ATTEMPTS) throw err;
+        this.opts.log.warn({ container: record.name, attempt, err: toChipmunkError(err).toJSON() }, `replaying the logged requests of ${record.name} failed; trying again`);
+        await sleep(REPLAY_RETRY_MS);
+      }
+    }
+  }
+
+  /** Failovers whose replay failed: tried again while their lock still holds the container. */
+  private async retryPendingReplays(): Promise<void> {
+    for (const record of await this.list()) {
+      if (!record.replayPending || !record.lockId || this.inProgress.has(record.name)) continue;
+      const current = await this.opts.locks.get(record.name);
+      if (current?.value.lock?.id !== record.lockId) continue;
+      const held: HeldLock = { name: record.name, lock: current.value.lock, record: current.value };
+      await this.once(record.name, async () => {
+        await this.resume(held, record);
+        return record;
+      }).catch((err: unknown) => this.opts.log.warn({ container: record.name, err: toChipmunkError(err).toJSON() }, `replay of ${record.name} failed again; its route stays held`));
     }
   }
 

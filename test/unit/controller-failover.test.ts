@@ -19,7 +19,7 @@ import { MemoryStore } from '../../src/controller/store/index.js';
 import { FakeCluster } from '../fakes/agents.js';
 import { waitFor } from '../support/wait.js';
 
-const silent = pino({ level: 'silent' });
+const silent = pino({ level: process.env.DEBUG_LOG ? 'debug' : 'silent' });
 
 function spec(name: string): ContainerSpec {
   return { name, image: 'counter', command: [], env: {}, ports: [{ hostPort: 8080, containerPort: 80, protocol: 'tcp' }], memoryBytes: 0 };
@@ -280,6 +280,43 @@ describe('checkpoints and failover (controller, fake agents)', () => {
     } finally {
       clearInterval(beat);
       next.failovers.stop();
+    }
+  });
+
+  it('issue 8 item 6: a failed replay never releases traffic to the new copy; it is retried, and only then released', async () => {
+    const env = await setup(400);
+    env.traffic.position = 2;
+    await env.checkpoints.checkpoint('web');
+    env.traffic.position = 6;
+    env.cluster.agent('node1').containers.clear();
+    const replay = env.traffic.replay.bind(env.traffic);
+    let failing = true;
+    env.traffic.replay = async (...args: Parameters<typeof replay>) => {
+      if (failing) throw new Error('gateway unreachable');
+      return replay(...args);
+    };
+    await assert.rejects(env.failovers.failover('web', 'node1'), /gateway unreachable/);
+    const sinceHold = env.traffic.calls.slice(env.traffic.calls.indexOf('holdNow web'));
+    assert.ok(!sinceHold.some((c) => c.startsWith('release')), `no release after a failed replay: ${sinceHold.join(', ')}`);
+    assert.equal((await env.record()).lock?.operation, 'failover', 'the lock stays: no checkpoint may cut the unreplayed copy');
+    assert.equal((await env.failovers.list())[0].replayPending, true);
+    failing = false;
+    const beat = setInterval(() => {
+      for (const node of ['node2', 'node3']) void env.nodes.heartbeat(env.cluster.agent(node).registration());
+    }, 50);
+    await env.failovers.start();
+    try {
+      // Past the start grace (one lease), the reconcile loop retries the replay.
+      await waitFor(async () => ((await env.record()).lock ? undefined : true), 5_000, 'the retried replay');
+      const to = (await env.record()).node;
+      assert.deepEqual(env.traffic.calls.slice(-2), [`replay web after 2 -> ${to}`, `release web -> ${to}`]);
+      assert.equal((await env.record()).lock, undefined);
+      const [record] = await env.failovers.list();
+      assert.equal(record.outcome, 'done');
+      assert.equal(record.replayPending, false);
+    } finally {
+      clearInterval(beat);
+      env.failovers.stop();
     }
   });
 });
