@@ -4,7 +4,7 @@
  * lock, and the helpers more than one of them needs.
  */
 import { existsSync } from 'node:fs';
-import { mkdir, readdir, stat, writeFile } from 'node:fs/promises';
+import { mkdir, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { ConflictError, InvalidInputError, NotFoundError } from '../../shared/errors.js';
 import { runUnchecked } from '../../shared/exec.js';
@@ -12,6 +12,7 @@ import type { AgentContainer, ContainerSpec, HostCapabilities, MigrationMode } f
 import { removeTree } from '../../shared/remove-tree.js';
 import { buildOciConfig } from './bundle.js';
 import { Criu, criuOptionsPath, writeCriuOptions, type DumpProcess, type PageServer } from './criu.js';
+import { FailedLogs } from './failed-logs.js';
 import { ImageStore, type ImageConfig } from './images.js';
 import { NodeLayout } from './layout.js';
 import { CniNetwork, netnsPath } from './network.js';
@@ -60,6 +61,7 @@ export class RuntimeContext {
   readonly criu: Criu;
   readonly network: CniNetwork;
   readonly images: ImageStore;
+  readonly failedLogs: FailedLogs;
   /** Migrations this node is the source of, by id. */
   readonly sources = new Map<string, SourceMigration>();
   /** Serialises operations per container name. */
@@ -72,6 +74,7 @@ export class RuntimeContext {
     this.runc = new Runc({ runcPath: opts.runcPath ?? 'runc', root: this.layout.runcRoot(), criuPath: opts.criuPath, hostNetns: opts.hostNetns });
     this.criu = new Criu(this.runc, opts.criuPath, opts.hostNetns);
     this.images = opts.images ?? new ImageStore();
+    this.failedLogs = new FailedLogs(this.layout.failedLogsDir());
     this.network = new CniNetwork({
       networkName: `chipmunk-${opts.node}`,
       bridge: 'chmk0',
@@ -199,19 +202,7 @@ export class RuntimeContext {
     await this.removeContainerDir(rec.spec.name);
   }
 
-  /**
-   * What a failed migration leaves: everything in its directory (images, staged files) but
-   * CRIU's logs in criu-work/, which the migration's error points the operator at.
-   */
-  async discardMigrationData(migrationId: string): Promise<void> {
-    const dir = this.layout.migrationDir(migrationId);
-    if (!existsSync(dir)) return;
-    await unmountBelow(dir);
-    for (const entry of await readdir(dir)) {
-      if (entry !== 'criu-work') await removeTree(join(dir, entry));
-    }
-  }
-
+  /** A migration's images, staged files and CRIU work dir (a failure's logs were kept before: failed-logs.ts). */
   async removeMigrationDir(migrationId: string): Promise<void> {
     const dir = this.layout.migrationDir(migrationId);
     if (!existsSync(dir)) return;

@@ -57,8 +57,10 @@ export class LocalCheckpoints {
       if (failure) throw failure;
       return { paths, frozenMs, imageBytes: await treeBytes(paths.images), filesBytes: await treeBytes(paths.files) };
     }).catch(async (err: unknown) => {
-      await removeTree(ctx.layout.checkpointDir(checkpointId)).catch(() => undefined);
-      throw err;
+      const dir = ctx.layout.checkpointDir(checkpointId);
+      const kept = await ctx.failedLogs.keepFor(err, 'checkpoint', checkpointId, join(dir, 'criu-work'));
+      await removeTree(dir).catch(() => undefined);
+      throw kept;
     });
   }
 

@@ -68,7 +68,9 @@ export class SourceMigrations {
         delete current.migration;
         await ctx.records.write(current);
         ctx.sources.delete(opts.migrationId);
-        throw err;
+        const kept = await ctx.failedLogs.keepFor(err, 'dump', opts.migrationId, work);
+        await ctx.removeMigrationDir(opts.migrationId);
+        throw kept;
       }
       return {
         imageBytes: await treeBytes(images),
@@ -90,7 +92,7 @@ export class SourceMigrations {
         delete rec.migration;
         await ctx.records.write(rec);
         ctx.sources.delete(migrationId);
-        await ctx.discardMigrationData(migrationId);
+        await ctx.removeMigrationDir(migrationId);
         return ctx.view(rec);
       }
       const mode = mig?.mode ?? rec.migration?.mode ?? 'copy';
@@ -154,7 +156,7 @@ export class SourceMigrations {
     const waits: Array<Promise<unknown>> = [this.ctx.criu.lazyPagesEnded(migrationId, PAGE_DRAIN_TIMEOUT_MS)];
     if (mig?.dump) waits.push(mig.dump.done);
     await within(Promise.all(waits), PAGE_DRAIN_TIMEOUT_MS);
-    await this.ctx.discardMigrationData(migrationId);
+    await this.ctx.removeMigrationDir(migrationId);
   }
 
   async finishMigration(migrationId: string): Promise<void> {

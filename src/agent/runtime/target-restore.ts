@@ -103,8 +103,8 @@ export class TargetRestores {
     ctx.criu.killLazyPages(migrationId);
     const name = await ctx.findByMigration(migrationId, 'target').catch(() => undefined);
     if (name) await ctx.withLock(name, async () => ctx.removeContainer(await ctx.records.read(name)));
-    // The failure that led here names CRIU's logs (criu-work/restore.log): they stay.
-    await ctx.discardMigrationData(migrationId);
+    // A failed restore's logs, which its error names, were kept in failed-logs/ already.
+    await ctx.removeMigrationDir(migrationId);
   }
 }
 
@@ -133,7 +133,7 @@ export async function restoreIncarnation(
   } catch (err) {
     ctx.criu.killLazyPages(migrationId);
     await ctx.runc.destroy(ctx.runcId(rec));
-    throw err;
+    throw await ctx.failedLogs.keepFor(err, 'restore', migrationId, work);
   } finally {
     await writeCriuOptions(containerDir, 'dump').catch(() => undefined);
   }
