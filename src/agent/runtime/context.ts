@@ -16,7 +16,7 @@ import { FailedLogs } from './failed-logs.js';
 import { ImageStore, type ImageConfig } from './images.js';
 import { NodeLayout } from './layout.js';
 import { CniNetwork, netnsPath } from './network.js';
-import { RecordStore, type ContainerRecord } from './records.js';
+import { RecordStore, type ContainerRecord, type RecordWarning } from './records.js';
 import { mountRootfs, unmountBelow } from './rootfs.js';
 import { Runc, type StartTarget } from './runc.js';
 
@@ -42,6 +42,8 @@ export interface RuncRuntimeOptions {
    * lazy-pages daemon run there; runc itself does not care where it runs.
    */
   hostNetns?: string;
+  /** Where warnings go (a damaged record read from its previous copy); console.warn if not given. */
+  onWarning?: RecordWarning;
 }
 
 /** Source-side state of a migration in flight. */
@@ -70,7 +72,7 @@ export class RuntimeContext {
   constructor(readonly opts: RuncRuntimeOptions) {
     this.node = opts.node;
     this.layout = new NodeLayout(opts.node, opts.dataDir, opts.runDir);
-    this.records = new RecordStore(this.layout, opts.node);
+    this.records = new RecordStore(this.layout, opts.node, opts.onWarning ?? ((message, details) => console.warn(message, details)));
     this.runc = new Runc({ runcPath: opts.runcPath ?? 'runc', root: this.layout.runcRoot(), criuPath: opts.criuPath, hostNetns: opts.hostNetns });
     this.criu = new Criu(this.runc, opts.criuPath, opts.hostNetns);
     this.images = opts.images ?? new ImageStore();
@@ -150,10 +152,10 @@ export class RuntimeContext {
       if (seen.has(key)) throw new InvalidInputError(`host port ${key} is published twice`, { port: p.hostPort });
       seen.add(key);
     }
-    for (const n of await this.records.names()) {
+    for (const rec of await this.records.readable()) {
+      const n = rec.spec.name;
       if (n === spec.name) continue;
-      const rec = await this.records.find(n);
-      for (const p of rec?.spec.ports ?? []) {
+      for (const p of rec.spec.ports) {
         if (seen.has(`${p.hostPort}/${p.protocol}`)) {
           throw new ConflictError(`host port ${p.hostPort}/${p.protocol} is already published by container '${n}' on node ${this.node}`, {
             port: p.hostPort,
@@ -211,10 +213,9 @@ export class RuntimeContext {
   }
 
   async findByMigration(migrationId: string, role: 'source' | 'target'): Promise<string> {
-    for (const n of await this.records.names()) {
-      const rec = await this.records.find(n);
-      if (rec?.migration?.id === migrationId && rec.migration.role === role) return n;
-      if (role === 'target' && rec?.restoredBy === migrationId) return n;
+    for (const rec of await this.records.readable()) {
+      if (rec.migration?.id === migrationId && rec.migration.role === role) return rec.spec.name;
+      if (role === 'target' && rec.restoredBy === migrationId) return rec.spec.name;
     }
     throw new NotFoundError(`no ${role} container for migration ${migrationId} on node ${this.node}`, { migrationId });
   }
