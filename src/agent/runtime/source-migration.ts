@@ -9,12 +9,10 @@ import type { AgentContainer } from '../../shared/protocol.js';
 import { within } from '../../shared/time.js';
 import type { RuntimeContext, SourceMigration } from './context.js';
 import { treeBytes } from './context.js';
-import { CRIU_LOG, removeCriuNetworkLock } from './criu.js';
+import { CRIU_LOG, PAGE_DRAIN_TIMEOUT_MS, removeCriuNetworkLock } from './criu.js';
 import type { ContainerRecord } from './records.js';
 import { restoreIncarnation } from './target-restore.js';
 import type { DumpOptions, DumpOutcome, MigrationPaths } from './types.js';
-
-const PAGE_DRAIN_TIMEOUT_MS = 10 * 60_000;
 
 export class SourceMigrations {
   constructor(private readonly ctx: RuntimeContext) {}

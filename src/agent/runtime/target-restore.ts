@@ -9,12 +9,10 @@ import { join } from 'node:path';
 import { ConflictError, InvalidInputError } from '../../shared/errors.js';
 import type { AgentContainer, ContainerSpec, MigrationMode } from '../../shared/protocol.js';
 import type { RuntimeContext } from './context.js';
-import { writeCriuOptions, type PageServer } from './criu.js';
+import { PAGE_DRAIN_TIMEOUT_MS, writeCriuOptions, type PageServer } from './criu.js';
 import type { ImageConfig } from './images.js';
 import type { ContainerRecord } from './records.js';
 import type { PrepareOptions, RestoreOptions } from './types.js';
-
-const PAGE_DRAIN_TIMEOUT_MS = 10 * 60_000;
 
 export class TargetRestores {
   constructor(private readonly ctx: RuntimeContext) {}
@@ -128,7 +126,7 @@ export async function restoreIncarnation(
   await ctx.writeBundle(rec, image);
   await writeCriuOptions(containerDir, 'restore');
   try {
-    const restore = await ctx.criu.prepareRestore(migrationId, { images: ctx.layout.migrationImages(migrationId), work, bundle: containerDir, mode, pageServer });
+    const restore = await ctx.criu.restoreCommand(migrationId, { images: ctx.layout.migrationImages(migrationId), work, bundle: containerDir, mode, pageServer });
     await ctx.runc.start(ctx.startTarget(name), [...restore.args, ctx.runcId(rec)], 'runc restore', restore.log, restore.daemonFailed);
   } catch (err) {
     ctx.criu.killLazyPages(migrationId);
