@@ -82,6 +82,11 @@ export const AgentContainer = Type.Object({
   pid: Type.Optional(Type.Integer()),
   exitCode: Type.Optional(Type.Integer()),
   createdAt: Type.String(),
+  /**
+   * Set when the agent cannot read what it knows of the container (status `unknown`; `spec`,
+   * `generation` and `createdAt` are then placeholders): the container is there, maybe running.
+   */
+  error: Type.Optional(Type.Object({ code: Type.String(), message: Type.String() })),
 });
 export type AgentContainer = Static<typeof AgentContainer>;
 
