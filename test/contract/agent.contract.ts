@@ -180,7 +180,7 @@ export function describeAgentContract(name: string, makeCluster: () => Promise<A
       assert.equal((await api.stats(s.name)).name, s.name);
 
       await assertRejects(api.run(s), ConflictError, 'a second container of the same name');
-      await assertRejects(api.run({ ...spec('noimage'), image: 'chipmunk/no-such-image' }), InvalidInputError, 'an image the node lacks');
+      await assertRejects(api.run({ ...spec('noimage'), image: 'chipmunk/missing-image' }), InvalidInputError, 'an image the node lacks');
       const elsewhere = migrationId('taken');
       await assertRejects(api.prepare(elsewhere, { migrationId: elsewhere, mode: 'copy', spec: s, generation: 1, source: { node: node(1).name, url: node(1).url } }), ConflictError, 'preparing a restore where the name is taken');
       assert.deepEqual((await api.listContainers()).map((x) => x.name), [s.name], 'refused calls left nothing behind');
