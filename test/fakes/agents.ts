@@ -1,9 +1,11 @@
 /**
  * In-memory agents for controller tests. They keep just enough state to check the migration
  * invariant (each container runs exactly once), record every call in order across the cluster,
- * and fail or pause a chosen call on demand.
+ * and fail or pause a chosen call on demand. They answer as real agents do, errors included:
+ * test/unit/agent-contract-fake.test.ts runs the agent contract (test/contract/agent.contract.ts)
+ * against them, and test/integration/agent-contract.test.ts the same suite against real agents.
  */
-import { ConflictError, NotFoundError, RuntimeFailedError, TransferFailedError } from '../../src/shared/errors.js';
+import { CapabilityMissingError, ConflictError, InvalidInputError, NotFoundError, RuntimeFailedError, TransferFailedError, UnavailableError } from '../../src/shared/errors.js';
 import type {
   AgentContainer,
   AgentInfo,
@@ -36,6 +38,13 @@ interface InjectedFailure {
   error: Error;
   /** Fail after the call had its effect (a restore that started the container, then timed out). */
   afterEffect: boolean;
+}
+
+/** A migration (or a restore from the store) on its target agent: prepared, then restored. */
+interface TargetRestore {
+  name: string;
+  mode: 'lazy' | 'copy';
+  restored: boolean;
 }
 
 /** A migration's dump on its source agent. */
@@ -108,11 +117,12 @@ export class FakeAgent implements AgentApi {
   readonly dumps = new Map<string, Dump>();
   /** Checkpoints taken and not discarded: id -> container name. */
   readonly checkpoints = new Map<string, string>();
-  private readonly restoredBy = new Map<string, string>();
+  /** Migrations this agent is the target of, by id: what `abort` removes and `settle` ends. */
+  private readonly targets = new Map<string, TargetRestore>();
   private readonly failures = new Map<AgentMethod, InjectedFailure>();
   private readonly gates = new Map<AgentMethod, Promise<void>>();
   private nextIp = 2;
-  /** Its host is dead: every call fails as an unreachable agent's would. */
+  /** Its host is dead: every call fails as an unreachable agent's would (UnavailableError). */
   down = false;
   /** The next restore starts the container, which dies at once (its memory pages could not be had). */
   crashNextRestore = false;
@@ -162,8 +172,9 @@ export class FakeAgent implements AgentApi {
 
   run(spec: ContainerSpec): Promise<AgentContainer> {
     return this.step('run', () => {
-      if (spec.image.startsWith('missing')) throw new NotFoundError(`image ${spec.image} not found on ${this.node}: build or pull it first`, { image: spec.image });
-      if (this.containers.has(spec.name)) throw new ConflictError(`container ${spec.name} exists on ${this.node}`);
+      if (this.containers.has(spec.name)) throw new ConflictError(`a container named '${spec.name}' already exists on node ${this.node}`, { name: spec.name });
+      // The fake nodes lack exactly the images whose name starts with "missing".
+      if (/(^|\/)missing/.test(spec.image)) throw new InvalidInputError(`unknown image '${spec.image}': it is not in node ${this.node}'s image store`, { image: spec.image });
       return this.start(spec, 0);
     });
   }
@@ -174,7 +185,7 @@ export class FakeAgent implements AgentApi {
 
   stop(name: string): Promise<AgentContainer> {
     return this.step('stop', () => {
-      const container = this.require(name);
+      const container = this.requireNotMigrating(name);
       container.status = 'stopped';
       return container;
     });
@@ -182,7 +193,7 @@ export class FakeAgent implements AgentApi {
 
   remove(name: string): Promise<void> {
     return this.step('remove', () => {
-      this.require(name);
+      this.requireNotMigrating(name);
       this.containers.delete(name);
     });
   }
@@ -204,28 +215,34 @@ export class FakeAgent implements AgentApi {
   dump(name: string, req: DumpRequest): Promise<DumpResult> {
     return this.step('dump', () => {
       this.dumpRequests.push(req);
-      const container = this.require(name);
-      if (container.status !== 'running') throw new ConflictError(`${name} is ${container.status} on ${this.node}`);
+      if (req.mode === 'lazy' && !this.lazyMigration) throw new CapabilityMissingError(`lazy migration needs userfaultfd, which node ${this.node} lacks: use --mode copy`);
+      if (req.mode === 'lazy' && req.pageServerPort === undefined) throw new InvalidInputError('a lazy dump needs a page server address and port');
+      const container = this.requireNotMigrating(name);
+      if (container.status !== 'running') throw new ConflictError(`container '${name}' is not running on node ${this.node}; only running containers migrate`, { name });
       // Dumped (copy) or frozen behind a page server (lazy): either way it no longer runs here.
       container.status = 'migrating';
-      this.dumps.set(req.migrationId, { name, bytes: 4096, mode: req.pageServerPort !== undefined ? 'lazy' : 'copy' });
+      this.dumps.set(req.migrationId, { name, bytes: 4096, mode: req.mode });
       return {
         migrationId: req.migrationId,
         imageBytes: 4000,
         upperBytes: 96,
         frozenAt: Date.now(),
-        ...(req.pageServerPort !== undefined ? { pageServer: { address: this.address, port: req.pageServerPort } } : {}),
+        ...(req.mode === 'lazy' ? { pageServer: { address: this.address, port: req.pageServerPort! } } : {}),
       };
     });
   }
 
   restore(migrationId: string, req: RestoreRequest): Promise<RestoreResult> {
     return this.step('restore', () => {
+      const prepared = this.targets.get(migrationId);
+      if (this.containers.has(req.spec.name) && prepared?.name !== req.spec.name) {
+        throw new ConflictError(`node ${this.node} already has a container named '${req.spec.name}'`, { name: req.spec.name });
+      }
       if (req.checkpoint) {
         const stored = this.cluster.catalog.find(req.spec.name, req.checkpoint.id);
         if (!stored || stored.corrupt) throw new TransferFailedError(`checkpoint ${req.checkpoint.id} of ${req.spec.name} cannot be read from the store`);
         const container = this.start(req.spec, req.generation);
-        this.restoredBy.set(migrationId, req.spec.name);
+        this.targets.set(migrationId, { name: req.spec.name, mode: req.mode, restored: true });
         return { container, bytesTransferred: stored.logicalBytes, restoredAt: Date.now() };
       }
       const source = this.cluster.agent(req.source.node);
@@ -235,13 +252,12 @@ export class FakeAgent implements AgentApi {
       // A lazy restore pulls pages from the source's page server: from here its memory is split.
       if (req.pageServer) dump.pagesPulled = true;
       const container = this.start(req.spec, req.generation);
+      this.targets.set(migrationId, { name: req.spec.name, mode: req.mode, restored: true });
       if (this.crashNextRestore) {
         this.crashNextRestore = false;
         container.status = 'stopped';
-        this.restoredBy.set(migrationId, req.spec.name);
         throw new RuntimeFailedError('the restored process died: a memory page could not be fetched', { op: 'restore' });
       }
-      this.restoredBy.set(migrationId, req.spec.name);
       return { container, bytesTransferred: dump.bytes, restoredAt: Date.now() };
     });
   }
@@ -259,7 +275,7 @@ export class FakeAgent implements AgentApi {
     return this.step('rollback', () => {
       const dump = this.dumps.get(migrationId);
       if (!dump) throw new NotFoundError(`no migration ${migrationId} on ${this.node}`);
-      if (dump.pagesPulled) throw new ConflictError(`cannot roll back on ${this.node}: a target pulled its memory pages`);
+      if (dump.pagesPulled) throw new RuntimeFailedError(`cannot roll '${dump.name}' back on node ${this.node}: a target pulled its memory pages`, { op: 'rollback' });
       this.dumps.delete(migrationId);
       const container = this.require(dump.name);
       if (container.status !== 'running') {
@@ -272,16 +288,22 @@ export class FakeAgent implements AgentApi {
 
   finish(migrationId: string): Promise<void> {
     return this.step('finish', () => {
+      // Idempotent: a finish asked again (its answer was lost) finds nothing left to do.
       const dump = this.dumps.get(migrationId);
-      if (!dump) throw new NotFoundError(`no migration ${migrationId} on ${this.node}`);
+      if (!dump) return;
       this.dumps.delete(migrationId);
       this.containers.delete(dump.name);
     });
   }
 
-  prepare(_migrationId: string, req: PrepareRequest): Promise<void> {
+  prepare(migrationId: string, req: PrepareRequest): Promise<void> {
     return this.step('prepare', () => {
-      if (this.containers.has(req.spec.name)) throw new ConflictError(`${this.node} already has a container named ${req.spec.name}`);
+      if (this.targets.get(migrationId)?.name === req.spec.name) return;
+      if (this.containers.has(req.spec.name)) throw new ConflictError(`node ${this.node} already has a container named '${req.spec.name}'`, { name: req.spec.name });
+      // Image and network ready, nothing running: the name is taken on this node from here.
+      const container = this.start(req.spec, req.generation);
+      container.status = 'migrating';
+      this.targets.set(migrationId, { name: req.spec.name, mode: req.mode, restored: false });
     });
   }
 
@@ -291,24 +313,26 @@ export class FakeAgent implements AgentApi {
 
   settle(migrationId: string): Promise<SettleResult> {
     return this.step('settle', () => {
-      if (!this.restoredBy.has(migrationId)) throw new NotFoundError(`no restore of migration ${migrationId} on ${this.node}`);
-      this.restoredBy.delete(migrationId);
-      return { lazyPagesBytes: FAKE_LAZY_PAGES_BYTES };
+      // Idempotent, like the real one: an unknown or settled migration has no pages left to wait for.
+      const target = this.targets.get(migrationId);
+      if (!target?.restored) return { lazyPagesBytes: 0 };
+      this.targets.delete(migrationId);
+      return { lazyPagesBytes: target.mode === 'lazy' ? FAKE_LAZY_PAGES_BYTES : 0 };
     });
   }
 
   abort(migrationId: string): Promise<void> {
     return this.step('abort', () => {
-      const name = this.restoredBy.get(migrationId);
-      if (name !== undefined) this.containers.delete(name);
-      this.restoredBy.delete(migrationId);
+      const target = this.targets.get(migrationId);
+      if (target) this.containers.delete(target.name);
+      this.targets.delete(migrationId);
     });
   }
 
   checkpoint(name: string, req: TakeCheckpointRequest): Promise<TakeCheckpointResult> {
     return this.step('checkpoint', () => {
-      const container = this.require(name);
-      if (container.status !== 'running') throw new ConflictError(`${name} is ${container.status} on ${this.node}`);
+      const container = this.requireNotMigrating(name);
+      if (container.status !== 'running') throw new ConflictError(`container '${name}' is not running on node ${this.node}; only running containers can be checkpointed`, { name });
       this.checkpoints.set(req.checkpointId, name);
       return { checkpointId: req.checkpointId, frozenMs: 1, imageBytes: 4000, filesBytes: 96 };
     });
@@ -346,11 +370,18 @@ export class FakeAgent implements AgentApi {
     return container;
   }
 
+  /** A container a migration holds (dumped here, or prepared or restored here) takes no other operation. */
+  private requireNotMigrating(name: string): AgentContainer {
+    const container = this.require(name);
+    if (container.status === 'migrating') throw new ConflictError(`container '${name}' is being migrated on node ${this.node}; try again when it is done`, { name });
+    return container;
+  }
+
   /** One call: recorded, possibly held or failed, and answered with a copy as over the wire. */
   private async step<T>(method: AgentMethod, effect: () => T): Promise<T> {
     this.cluster.calls.push(`${this.node}.${method}`);
     await this.gates.get(method);
-    if (this.down) throw new TransferFailedError(`agent ${this.node} is unreachable`);
+    if (this.down) throw new UnavailableError(`agent ${this.node} is unreachable at ${this.registration().url} (ECONNREFUSED)`, { code: 'ECONNREFUSED' });
     const failure = this.failures.get(method);
     this.failures.delete(method);
     if (failure && !failure.afterEffect) throw failure.error;

@@ -30,6 +30,8 @@ const NODES = [
   { node: 'rtch1', host: 'h1', address: '198.18.2.11', subnet: '198.19.201.0/24' },
   { node: 'rtch2', host: 'h2', address: '198.18.2.12', subnet: '198.19.202.0/24' },
 ] as const;
+/** The nodes of a pair: its `source` is the first, its `target` the second. */
+export const RUNC_PAIR_NODES = NODES;
 const hostNetns = (host: string) => NETWORK.netnsPrefix + host;
 const PAGE_SERVER_PORT_BASE = 27300;
 

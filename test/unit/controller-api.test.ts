@@ -161,10 +161,10 @@ describe('controller HTTP API', () => {
         return true;
       });
       await assert.rejects(env.client.post('/v1/containers', runRequest('web')), ConflictError);
-      // The agent's own refusal comes through unchanged.
+      // The agent's own refusal comes through unchanged (an agent answers an unknown image with CHIPMUNK_INVALID_INPUT).
       await assert.rejects(env.client.post('/v1/containers', runRequest('api', { image: 'missing-image' })), (err: unknown) => {
-        assert.ok(err instanceof NotFoundError);
-        assert.match(err.message, /image missing-image not found on node/);
+        assert.ok(err instanceof InvalidInputError);
+        assert.match(err.message, /unknown image 'missing-image'.*node/);
         return true;
       });
       await assert.rejects(env.client.post('/v1/containers', { spec: { name: 'Bad Name', image: 'counter' } }), InvalidInputError);
