@@ -4,6 +4,11 @@
  * the gateway logged after that checkpoint's cut are replayed into it in order, and only then
  * does the gateway send it live traffic.
  *
+ * The route stays held from the start until the replay has succeeded: a failed replay leaves it
+ * held (never released to a copy that has not caught up), is recorded, and is retried (the
+ * gateway goes on after the last record the restored copy answered, so a retry applies nothing
+ * twice). `/replays/NAME` marks a replay still owed; the route sync keeps such a hold.
+ *
  * Fencing: the container's generation moves past the dead node's, and the controller keeps
  * /fence/NODE/NAME; when the node heartbeats again its agent is told to stop and remove any older
  * incarnation it still has. The gateway routes to the new node from the moment of the release,
@@ -11,8 +16,9 @@
  */
 import { randomUUID } from 'node:crypto';
 import type { Logger } from 'pino';
-import { ConflictError, FailoverFailedError, toChipmunkError, type ErrorJSON } from '../shared/errors.js';
-import type { FencedContainer } from '../shared/protocol.js';
+import { ConflictError, FailoverFailedError, LogMismatchError, toChipmunkError, type ErrorJSON } from '../shared/errors.js';
+import type { FencedContainer, LogPosition } from '../shared/protocol.js';
+import type { CheckpointSummary } from '../checkpoint-store/index.js';
 import type { CheckpointCatalog, CheckpointService, LoggedTraffic } from './checkpoints.js';
 import type { ContainerRecord } from './containers.js';
 import type { NodeRegistry } from './registry.js';
@@ -20,6 +26,30 @@ import type { StateStore, Watch } from './store/index.js';
 
 export const fenceKey = (node: string, name: string) => `/fence/${node}/${name}`;
 const FAILOVERS_PREFIX = '/failovers/';
+const REPLAYS_PREFIX = '/replays/';
+export const pendingReplayKey = (name: string) => `${REPLAYS_PREFIX}${name}`;
+
+/**
+ * A failover restored the container at `node` and the requests logged after `after` are not
+ * replayed into it yet: its route stays held by `holdId` until they are.
+ */
+export interface PendingReplay {
+  failoverId: string;
+  holdId: string;
+  node: string;
+  checkpoint: string;
+  after: LogPosition;
+  attempts: number;
+  lastError?: ErrorJSON;
+  /** The restored copy may have applied a request the replay could not confirm: retrying cannot fix it. */
+  uncertain?: boolean;
+}
+
+/** Replay attempts within a failover before it is left to the background retry, and the pause between them. */
+const REPLAY_ATTEMPTS = 3;
+const REPLAY_RETRY_MS = [200, 1_000];
+/** How often owed replays are tried again. */
+const REPLAY_RETRY_PERIOD_MS = 5_000;
 
 /** What the controller records of one failover (GET /v1/failovers). */
 export interface FailoverRecord {
@@ -29,7 +59,11 @@ export interface FailoverRecord {
   to?: string;
   /** The checkpoint restored, and the log position it was cut at. */
   checkpoint?: string;
-  logPosition?: number | null;
+  logPosition?: CheckpointSummary['logPosition'];
+  /** Why the restored copy got no replay (no checkpoint was cut in the route's current request log). */
+  noReplay?: string;
+  /** The last failed replay: the route stays held and the replay is retried. */
+  replayError?: ErrorJSON;
   /** Checkpoints passed over, newest first, and why (a corrupt chunk, a failed restore). */
   skipped: Array<{ checkpoint: string; reason: string }>;
   /** When the node was declared dead (its lease expired). */
@@ -47,6 +81,8 @@ export interface FailoverRecord {
 export interface FailoverTraffic extends LoggedTraffic {
   /** Holds new requests at once, without waiting for those sent to a node that is gone. */
   holdNow(name: string, holdId: string): Promise<boolean>;
+  /** The id of the container's current request log; undefined if its route does not log. */
+  currentLogId(name: string): Promise<string | undefined>;
 }
 
 export interface FailoverServiceOptions {
@@ -60,6 +96,7 @@ export interface FailoverServiceOptions {
 
 export class FailoverService {
   private watch?: Watch;
+  private retryTimer?: NodeJS.Timeout;
   private readonly inProgress = new Map<string, Promise<FailoverRecord>>();
 
   constructor(private readonly opts: FailoverServiceOptions) {}
@@ -71,10 +108,13 @@ export class FailoverService {
       const node = ev.kv.key.slice('/liveness/'.length);
       void this.nodeLost(node, Date.now());
     });
+    this.retryTimer = setInterval(() => void this.retryOwedReplays(), REPLAY_RETRY_PERIOD_MS);
+    this.retryTimer.unref();
   }
 
   stop(): void {
     this.watch?.cancel();
+    if (this.retryTimer) clearInterval(this.retryTimer);
   }
 
   list(): Promise<FailoverRecord[]> {
@@ -128,12 +168,18 @@ export class FailoverService {
         if (container.node !== deadNode) throw new ConflictError(`${name} no longer runs on ${deadNode} (it is on ${container.node})`, { name });
         const held = await traffic.holdNow(name, lockId);
         let current = container;
+        let releasable = false;
         try {
           const intact = (await catalog.list(name)).filter((c) => !c.corrupt);
-          // Checkpoints cut at a log position come with the requests after them; one taken before
-          // the route logged would lose those, so it is used only when there is nothing else.
-          const cut = intact.filter((c) => c.logPosition !== null);
-          const good = cut.length > 0 ? cut : intact;
+          // Checkpoints cut in the route's current request log come with the requests after them.
+          // One cut in an earlier log (the route was unlogged or removed since), or before the route
+          // logged, would lose those: it is used only when there is nothing else, without a replay.
+          const logId = await traffic.currentLogId(name);
+          const inLog = intact.filter((c) => logId !== undefined && c.logPosition?.logId === logId);
+          const good = inLog.length > 0 ? inLog : intact;
+          for (const c of inLog.length > 0 ? intact.filter((c) => !inLog.includes(c)) : []) {
+            record.skipped.push({ checkpoint: c.id, reason: `cut ${c.logPosition ? `in request log ${c.logPosition.logId ?? '(no id)'}` : 'before the route logged'}, not in the route's current log ${logId}: the requests after it cannot be replayed` });
+          }
           if (good.length === 0) throw new FailoverFailedError(`${name} has no checkpoint to restore from: it stays down until ${deadNode} returns`, { name, from: deadNode });
           const targets = await this.targetsFor(deadNode);
           if (targets.length === 0) throw new FailoverFailedError(`no ready node to restore ${name} on: it stays down until a node is ready`, { name, from: deadNode });
@@ -157,27 +203,39 @@ export class FailoverService {
             }
           }
           if (!record.to) throw new FailoverFailedError(`no checkpoint of ${name} could be restored: ${record.skipped.map((s) => `${s.checkpoint}: ${s.reason}`).join('; ')}`, { name, from: deadNode, skipped: record.skipped });
+          const position = record.logPosition;
+          const after = position?.logId && position.logId === logId ? { logId: position.logId, seq: position.seq } : undefined;
+          if (!after && logId !== undefined) {
+            record.noReplay = `no checkpoint of ${name} was cut in its route's current request log (${logId}): restored from ${record.checkpoint} without a replay, so the requests logged since it are not applied`;
+            log.warn({ container: name, checkpoint: record.checkpoint }, record.noReplay);
+          }
+          // Owed before the record names the new node: whoever finds the container there with its
+          // route held knows the hold must stay until the replay is done.
+          if (after && held) {
+            await this.opts.store.put(pendingReplayKey(name), { failoverId: record.id, holdId: lockId, node: record.to, checkpoint: record.checkpoint!, after, attempts: 0 } satisfies PendingReplay);
+          }
           // From here the new incarnation is the container: fence the old one, then record the move.
           await this.opts.store.put(fenceKey(deadNode, name), { name, generation: current.generation } satisfies FencedContainer);
           await this.opts.store.delete(fenceKey(record.to, name));
           await checkpoints.saveRecord(name, lockId, current);
-          if (record.logPosition !== null && record.logPosition !== undefined) {
+          if (after) {
             const t = Date.now();
-            const replay = await traffic.replay(name, record.logPosition, current);
+            await this.replayOwed(name, after, current, record);
             record.timings.replayMs = Date.now() - t;
-            record.replayed = replay.replayed;
-            record.delivered = replay.delivered;
           }
+          releasable = true;
           record.outcome = 'done';
           record.finishedAt = Date.now();
           log.info({ container: name, from: deadNode, to: record.to, checkpoint: record.checkpoint, ms: record.finishedAt - detectedAt, replayed: record.replayed }, `failed ${name} over to ${record.to}`);
           await this.save(record);
           return record;
         } finally {
-          // A failed failover releases nothing: traffic must not go back to the dead node.
-          if (held && record.to) {
+          // A failed failover releases nothing: traffic must not go back to the dead node, nor
+          // reach a restored copy whose replay did not succeed.
+          if (held && record.to && releasable) {
             const t = Date.now();
             await traffic.release(name, lockId, current);
+            await this.opts.store.delete(pendingReplayKey(name));
             record.timings.releaseMs = Date.now() - t;
             await this.save(record).catch(() => undefined);
           }
@@ -190,6 +248,83 @@ export class FailoverService {
       log.error({ container: name, err: record.error }, `failover of ${name} from ${deadNode} failed`);
       await this.save(record).catch(() => undefined);
       throw err;
+    }
+  }
+
+  /**
+   * Replays the requests after `after` into the restored container, trying again (the gateway
+   * goes on where the last try stopped) until it succeeds, the copy's state is uncertain, or the
+   * tries run out: then it throws, the route stays held, and the owed replay is retried later.
+   * A log that changed since (unlogged meanwhile) cannot be replayed: said so, not retried.
+   */
+  private async replayOwed(name: string, after: LogPosition, container: ContainerRecord, record: FailoverRecord): Promise<void> {
+    for (let attempt = 1; ; attempt++) {
+      try {
+        const replay = await this.opts.traffic.replay(name, after, container);
+        record.replayed = (record.replayed ?? 0) + replay.replayed;
+        record.delivered = (record.delivered ?? 0) + replay.delivered;
+        delete record.replayError;
+        return;
+      } catch (err) {
+        if (err instanceof LogMismatchError) {
+          record.noReplay = err.message;
+          return;
+        }
+        const error = toChipmunkError(err);
+        record.replayError = error.toJSON();
+        const uncertain = error.details.written === true || /cannot go on/.test(error.message);
+        await this.noteReplayFailure(name, error.toJSON(), uncertain);
+        await this.save(record).catch(() => undefined);
+        this.opts.log.error({ container: name, attempt, err: record.replayError }, `replaying the request log into ${name} failed; its route stays held`);
+        if (uncertain || attempt >= REPLAY_ATTEMPTS) {
+          throw new FailoverFailedError(
+            `${name} was restored on ${container.node} but the replay of its request log failed (${error.message}): its route stays held${uncertain ? '; the restored copy may have applied a request the replay could not confirm, restore it again' : ' and the replay is retried'}`,
+            { name, from: record.from, to: container.node },
+            err,
+          );
+        }
+        await new Promise((resolve) => setTimeout(resolve, REPLAY_RETRY_MS[attempt - 1] ?? 1_000));
+      }
+    }
+  }
+
+  private async noteReplayFailure(name: string, error: ErrorJSON, uncertain: boolean): Promise<void> {
+    const pending = await this.opts.store.get<PendingReplay>(pendingReplayKey(name));
+    if (!pending) return;
+    await this.opts.store.put(pendingReplayKey(name), { ...pending.value, attempts: pending.value.attempts + 1, lastError: error, ...(uncertain ? { uncertain } : {}) } satisfies PendingReplay);
+  }
+
+  /**
+   * Replays owed by failovers that ended without them (a failed replay, or a controller that
+   * died): under the container's lock, replay (the gateway goes on where it stopped), then
+   * release and record the failover done.
+   */
+  async retryOwedReplays(): Promise<void> {
+    const owed = await this.opts.store.list<PendingReplay>(REPLAYS_PREFIX).catch(() => []);
+    for (const { value: pending, key } of owed) {
+      const name = key.slice(REPLAYS_PREFIX.length);
+      if (pending.uncertain || this.inProgress.has(name)) continue;
+      await this.opts.checkpoints
+        .withLock(name, 'failover', async (container) => {
+          const still = await this.opts.store.get<PendingReplay>(key);
+          if (still?.value.holdId !== pending.holdId || container.node !== pending.node) return;
+          const record = (await this.opts.store.get<FailoverRecord>(FAILOVERS_PREFIX + pending.failoverId))?.value;
+          const t = Date.now();
+          const replay = await this.opts.traffic.replay(name, pending.after, container);
+          await this.opts.traffic.release(name, pending.holdId, container);
+          await this.opts.store.delete(key);
+          this.opts.log.info({ container: name, failover: pending.failoverId, replayed: replay.replayed }, `the owed replay into ${name} succeeded; its route is released`);
+          if (record) {
+            const { replayError: _fixed, error: _error, ...rest } = record;
+            await this.save({ ...rest, outcome: 'done', finishedAt: Date.now(), replayed: (record.replayed ?? 0) + replay.replayed, delivered: (record.delivered ?? 0) + replay.delivered, timings: { ...record.timings, replayMs: Date.now() - t } });
+          }
+        })
+        .catch(async (err: unknown) => {
+          const error = toChipmunkError(err);
+          const uncertain = error.details.written === true || /cannot go on/.test(error.message);
+          await this.noteReplayFailure(name, error.toJSON(), uncertain).catch(() => undefined);
+          this.opts.log.error({ container: name, err: error.toJSON() }, `the owed replay into ${name} failed again; its route stays held`);
+        });
     }
   }
 

@@ -21,6 +21,7 @@ export type ErrorCode =
   | 'CHIPMUNK_STORE_FAILED'
   | 'CHIPMUNK_PATH_ESCAPES'
   | 'CHIPMUNK_CHUNK_CORRUPT'
+  | 'CHIPMUNK_LOG_MISMATCH'
   | 'CHIPMUNK_INTERNAL';
 
 export interface ErrorJSON {
@@ -173,6 +174,17 @@ export class ChunkCorruptError extends ChipmunkError {
   }
 }
 
+/**
+ * A request-log position names another log than the route's current one (the route was unlogged
+ * and logged again, or removed and exposed again): replaying or trimming with it would act on
+ * requests it never described.
+ */
+export class LogMismatchError extends ChipmunkError {
+  constructor(message: string, details: Record<string, unknown>) {
+    super('CHIPMUNK_LOG_MISMATCH', message, { status: 409, details });
+  }
+}
+
 const byCode: Partial<Record<ErrorCode, (m: string, d: Record<string, unknown>) => ChipmunkError>> = {
   CHIPMUNK_INVALID_INPUT: (m, d) => new InvalidInputError(m, d),
   CHIPMUNK_NOT_FOUND: (m, d) => new NotFoundError(m, d),
@@ -185,6 +197,7 @@ const byCode: Partial<Record<ErrorCode, (m: string, d: Record<string, unknown>) 
   CHIPMUNK_TRANSFER_FAILED: (m, d) => new TransferFailedError(m, d),
   CHIPMUNK_FAILOVER_FAILED: (m, d) => new FailoverFailedError(m, { name: String(d.name ?? ''), from: String(d.from ?? ''), ...d }),
   CHIPMUNK_PATH_ESCAPES: (m, d) => new PathEscapesError(m, d),
+  CHIPMUNK_LOG_MISMATCH: (m, d) => new LogMismatchError(m, d),
 };
 
 /** Rebuilds our error class from its wire form (HTTP client side). */

@@ -6,7 +6,7 @@
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { pino } from 'pino';
-import type { ContainerSpec } from '../../src/shared/protocol.js';
+import type { ContainerSpec, LogPosition } from '../../src/shared/protocol.js';
 import { CheckpointService, type LoggedTraffic } from '../../src/controller/checkpoints.js';
 import { ContainerService, containerKey, type ContainerRecord } from '../../src/controller/containers.js';
 import { FailoverService, fenceKey, type FailoverTraffic } from '../../src/controller/failover.js';
@@ -26,10 +26,14 @@ class FakeTraffic implements FailoverTraffic {
   readonly calls: string[] = [];
   position = 0;
   logged = true;
+  /** The route's current request log. */
+  logId = 'log-1';
+  /** Errors the next replays fail with, in order. */
+  readonly replayFailures: Error[] = [];
 
   async cut(name: string) {
     this.calls.push(`cut ${name}`);
-    return { held: true, logPosition: this.logged ? this.position : null };
+    return { held: true, logPosition: this.logged ? { logId: this.logId, seq: this.position } : null };
   }
   async holdNow(name: string) {
     this.calls.push(`holdNow ${name}`);
@@ -38,12 +42,17 @@ class FakeTraffic implements FailoverTraffic {
   async release(name: string, _holdId: string, container: ContainerRecord) {
     this.calls.push(`release ${name} -> ${container.node}`);
   }
-  async trimLog(name: string, upToSeq: number) {
-    this.calls.push(`trim ${name} ${upToSeq}`);
+  async trimLog(name: string, upTo: LogPosition) {
+    this.calls.push(`trim ${name} ${upTo.seq}`);
   }
-  async replay(name: string, afterSeq: number, container: ContainerRecord) {
-    this.calls.push(`replay ${name} after ${afterSeq} -> ${container.node}`);
-    return { replayed: this.position - afterSeq, delivered: 0 };
+  async replay(name: string, after: LogPosition, container: ContainerRecord) {
+    this.calls.push(`replay ${name} after ${after.seq} -> ${container.node}`);
+    const failure = this.replayFailures.shift();
+    if (failure) throw failure;
+    return { replayed: this.position - after.seq, delivered: 0 };
+  }
+  async currentLogId() {
+    return this.logged ? this.logId : undefined;
   }
   async refresh(name: string) {
     this.calls.push(`refresh ${name}`);
@@ -70,10 +79,10 @@ describe('checkpoints and failover (controller, fake agents)', () => {
     const env = await setup();
     env.traffic.position = 7;
     const first = await env.checkpoints.checkpoint('web');
-    assert.equal(first.logPosition, 7);
+    assert.deepEqual(first.logPosition, { logId: 'log-1', seq: 7 });
     env.traffic.position = 12;
     const second = await env.checkpoints.checkpoint('web');
-    assert.equal(second.logPosition, 12);
+    assert.deepEqual(second.logPosition, { logId: 'log-1', seq: 12 });
     assert.deepEqual(env.traffic.calls, ['cut web', 'release web -> node1', 'cut web', 'release web -> node1', 'trim web 7']);
     const calls = env.cluster.calls.filter((c) => c.startsWith('node1.'));
     assert.deepEqual(calls.slice(-3), ['node1.snapshot', 'node1.uploadSnapshot', 'node1.discardSnapshot']);

@@ -29,7 +29,7 @@ describe('RouteService', () => {
     await withGateway(async ({ gateway, client }) => {
       const store = new MemoryStore();
       await store.put('/containers/web', record());
-      const routes = new RouteService(store, async () => '198.18.0.11', silent, { url: gateway.url, token: TOKEN, publicHost: '127.0.0.1' });
+      const routes = new RouteService(store, async () => '198.18.0.11', silent, { url: gateway.url, token: TOKEN, publicHost: '127.0.0.1', owner: 'store-a' });
       const listen = await freePort();
       const route = await routes.expose('web', { port: 80, listen });
       assert.deepEqual(route, { name: 'web', containerPort: 80, listenPort: listen, protocol: 'http' });
@@ -49,7 +49,7 @@ describe('RouteService', () => {
     await withGateway(async ({ gateway, client }) => {
       const store = new MemoryStore();
       await store.put('/containers/web', record());
-      const routes = new RouteService(store, async () => '198.18.0.11', silent, { url: gateway.url, token: TOKEN });
+      const routes = new RouteService(store, async () => '198.18.0.11', silent, { url: gateway.url, token: TOKEN, owner: 'store-a' });
       await routes.expose('web', { port: 80, listen: await freePort() });
 
       await store.put('/containers/web', record({ id: 'm1', phase: 'transfer' }));
