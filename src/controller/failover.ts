@@ -173,13 +173,11 @@ export class FailoverService {
           const intact = (await catalog.list(name)).filter((c) => !c.corrupt);
           // Checkpoints cut in the route's current request log come with the requests after them.
           // One cut in an earlier log (the route was unlogged or removed since), or before the route
-          // logged, would lose those: it is used only when there is nothing else, without a replay.
+          // logged, would lose those: it is tried only when none of the others could be restored,
+          // without a replay, and the record says so.
           const logId = await traffic.currentLogId(name);
           const inLog = intact.filter((c) => logId !== undefined && c.logPosition?.logId === logId);
-          const good = inLog.length > 0 ? inLog : intact;
-          for (const c of inLog.length > 0 ? intact.filter((c) => !inLog.includes(c)) : []) {
-            record.skipped.push({ checkpoint: c.id, reason: `cut ${c.logPosition ? `in request log ${c.logPosition.logId ?? '(no id)'}` : 'before the route logged'}, not in the route's current log ${logId}: the requests after it cannot be replayed` });
-          }
+          const good = [...inLog, ...intact.filter((c) => !inLog.includes(c))];
           if (good.length === 0) throw new FailoverFailedError(`${name} has no checkpoint to restore from: it stays down until ${deadNode} returns`, { name, from: deadNode });
           const targets = await this.targetsFor(deadNode);
           if (targets.length === 0) throw new FailoverFailedError(`no ready node to restore ${name} on: it stays down until a node is ready`, { name, from: deadNode });
@@ -200,6 +198,11 @@ export class FailoverService {
               record.skipped.push({ checkpoint: candidate.id, reason });
               log.error({ container: name, checkpoint: candidate.id, target, corrupt: Boolean(corrupt) }, `restoring ${name} from checkpoint ${candidate.id} on ${target} failed (${reason}); trying the one before`);
               await this.save(record);
+            }
+          }
+          if (inLog.some((c) => c.id === record.checkpoint)) {
+            for (const c of intact.filter((c) => !inLog.includes(c) && c.id !== record.checkpoint && !record.skipped.some((s) => s.checkpoint === c.id))) {
+              record.skipped.push({ checkpoint: c.id, reason: `cut ${c.logPosition ? `in request log ${c.logPosition.logId ?? '(no id)'}` : 'before the route logged'}, not in the route's current log ${logId}: the requests after it cannot be replayed` });
             }
           }
           if (!record.to) throw new FailoverFailedError(`no checkpoint of ${name} could be restored: ${record.skipped.map((s) => `${s.checkpoint}: ${s.reason}`).join('; ')}`, { name, from: deadNode, skipped: record.skipped });

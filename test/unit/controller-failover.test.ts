@@ -9,7 +9,8 @@ import { pino } from 'pino';
 import type { ContainerSpec, LogPosition } from '../../src/shared/protocol.js';
 import { CheckpointService, type LoggedTraffic } from '../../src/controller/checkpoints.js';
 import { ContainerService, containerKey, type ContainerRecord } from '../../src/controller/containers.js';
-import { FailoverService, fenceKey, type FailoverTraffic } from '../../src/controller/failover.js';
+import { FailoverService, fenceKey, pendingReplayKey, type FailoverTraffic } from '../../src/controller/failover.js';
+import { ReplayFailedError } from '../../src/gateway/http-proxy.js';
 import { NodeRegistry } from '../../src/controller/registry.js';
 import { MemoryStore } from '../../src/controller/store/index.js';
 import { FakeCluster } from '../fakes/agents.js';
@@ -165,5 +166,63 @@ describe('checkpoints and failover (controller, fake agents)', () => {
     assert.equal(record.node, 'node1');
     assert.equal(env.cluster.runningCopies('web'), 1);
     await assert.rejects(env.checkpoints.restoreFrom('web', 'ffffffffffffffff'), (err: Error & { code?: string }) => err.code === 'CHIPMUNK_NOT_FOUND');
+  });
+
+  it('a failed replay leaves the route held and is recorded; the retry goes on, and only then is the route released', async () => {
+    const env = await setup();
+    env.traffic.position = 3;
+    await env.checkpoints.checkpoint('web');
+    env.traffic.position = 9;
+    env.cluster.agent('node1').containers.clear();
+    const refused = () => new ReplayFailedError('replaying request 5 to web failed after 8 attempts (ECONNREFUSED)', { seq: 5, written: false });
+    env.traffic.replayFailures.push(refused(), refused(), refused());
+    await assert.rejects(env.failovers.failover('web', 'node1'), (err: Error & { code?: string }) => err.code === 'CHIPMUNK_FAILOVER_FAILED' && /route stays held/.test(err.message));
+    const sinceHold = env.traffic.calls.slice(env.traffic.calls.indexOf('holdNow web'));
+    assert.ok(!sinceHold.some((c) => c.startsWith('release')), `never released to the copy that did not catch up: ${sinceHold.join(', ')}`);
+    const [failed] = await env.failovers.list();
+    assert.equal(failed?.outcome, 'failed');
+    assert.match(failed?.replayError?.message ?? '', /request 5/);
+    const owed = (await env.store.get<{ holdId: string; attempts: number; after: { seq: number } }>(pendingReplayKey('web')))?.value;
+    assert.equal(owed?.after.seq, 3);
+    assert.equal(owed?.attempts, 3);
+    const record = await env.record();
+    assert.equal(record.node, failed?.to, 'the container runs at the target');
+    assert.equal(record.busy, undefined);
+
+    await env.failovers.retryOwedReplays();
+    assert.deepEqual(env.traffic.calls.slice(-2), [`replay web after 3 -> ${failed?.to}`, `release web -> ${failed?.to}`]);
+    assert.equal(await env.store.get(pendingReplayKey('web')), undefined);
+    const [done] = await env.failovers.list();
+    assert.equal(done?.outcome, 'done');
+    assert.equal(done?.replayError, undefined);
+  });
+
+  it("skips checkpoints cut in an earlier request log, or restores one without a replay when nothing better exists, saying so", async () => {
+    const env = await setup();
+    env.traffic.position = 3;
+    const older = await env.checkpoints.checkpoint('web');
+    // Unprotected and protected again: a new log, whose seqs start over.
+    env.traffic.logId = 'log-2';
+    env.traffic.position = 1;
+    const newer = await env.checkpoints.checkpoint('web');
+    env.cluster.agent('node1').containers.clear();
+    const done = await env.failovers.failover('web', 'node1');
+    assert.equal(done.checkpoint, newer.id);
+    assert.deepEqual(done.logPosition, { logId: 'log-2', seq: 1 });
+    assert.match(done.skipped.find((s) => s.checkpoint === older.id)?.reason ?? '', /in request log log-1, not in the route's current log log-2/);
+
+    // Only a checkpoint of an earlier log left: restored, but nothing replayed from a position of another log.
+    const env2 = await setup();
+    env2.traffic.position = 3;
+    const only = await env2.checkpoints.checkpoint('web');
+    env2.traffic.logId = 'log-2';
+    env2.traffic.position = 8;
+    env2.cluster.agent('node1').containers.clear();
+    const fallback = await env2.failovers.failover('web', 'node1');
+    assert.equal(fallback.outcome, 'done');
+    assert.equal(fallback.checkpoint, only.id);
+    assert.ok(!env2.traffic.calls.some((c) => c.startsWith('replay')), env2.traffic.calls.join(', '));
+    assert.match(fallback.noReplay ?? '', /without a replay/);
+    assert.equal(env2.traffic.calls.at(-1), `release web -> ${fallback.to}`);
   });
 });

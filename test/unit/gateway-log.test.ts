@@ -316,4 +316,47 @@ describe('gateway: logged HTTP routes', () => {
       assert.deepEqual(await client.replay('web', { logId: recreated.logId, seq: 0 }, upstream.upstream), { replayed: 0, delivered: 0, dropped: 0, lastSeq: 0 });
       await upstream.kill();
     }));
+
+  it('a replay that stopped at an unreachable container goes on after the last record it answered when sent again; one cut after a possibly applied record is refused', () =>
+    withGateway(async ({ client }) => {
+      const counter = new CounterService(0);
+      const first = await httpUpstream(counter.handle);
+      const url = await loggedRoute(client, 'web', first.upstream);
+      for (let n = 1; n <= 2; n++) assert.equal((await increment(url, n)).status, 200);
+      const cut = (await client.hold('web', 'checkpoint-1')).logPosition!;
+      await client.release('web', 'checkpoint-1', first.upstream);
+      for (let n = 3; n <= 6; n++) assert.equal((await increment(url, n)).status, 200);
+      await first.kill();
+
+      // Restored from the cut (count 2); it becomes unreachable after answering two replayed records.
+      const restored = new CounterService(2);
+      let answered = 0;
+      const flaky = await httpUpstream((req, res) => {
+        restored.handle(req, res);
+        if (++answered === 2) {
+          res.setHeader('connection', 'close');
+          flaky.server.close();
+        }
+      });
+      const port = flaky.upstream.port;
+      await client.hold('web', 'failover-1', { drain: false });
+      await assert.rejects(client.replay('web', cut, flaky.upstream), (err) => err instanceof Error && (err as { details?: { seq?: number; written?: boolean } }).details?.seq === 5 && (err as { details?: { written?: boolean } }).details?.written === false);
+      assert.deepEqual(restored.applied, ['3', '4']);
+
+      // Back on the same address: the replay sent again applies 5 and 6 only, once each.
+      const back = await httpUpstream(restored.handle, port);
+      const again = await client.replay('web', cut, back.upstream);
+      assert.equal(again.lastSeq, 6);
+      assert.deepEqual(restored.applied, ['3', '4', '5', '6']);
+      assert.equal(restored.count, 6);
+      await client.release('web', 'failover-1', back.upstream);
+      await back.kill();
+
+      // A record that was sent but not answered may have been applied: going on is refused.
+      const dropping = await httpUpstream((req) => req.socket.destroy());
+      await client.hold('web', 'failover-2', { drain: false });
+      await assert.rejects(client.replay('web', cut, dropping.upstream), (err) => (err as { details?: { written?: boolean } }).details?.written === true);
+      await assert.rejects(client.replay('web', cut, dropping.upstream), (err) => err instanceof ConflictError && /may or may not have been applied/.test(err.message));
+      await dropping.kill();
+    }));
 });
