@@ -12,7 +12,9 @@
 import { randomUUID } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { Logger } from 'pino';
-import { ConflictError, FailoverFailedError, toChipmunkError, type ErrorJSON } from '../shared/errors.js';
+import { ConflictError, FailoverFailedError, LogMismatchError, toChipmunkError, type ErrorJSON } from '../shared/errors.js';
+import type { LogPosition } from '../shared/protocol.js';
+import type { CheckpointSummary } from '../checkpoint-store/index.js';
 import type { CheckpointCatalog, CheckpointService, LoggedTraffic } from './checkpoints.js';
 import type { ContainerLock, ContainerLocks, ContainerRecord, HeldLock } from './container-lock.js';
 import type { AgentResolver } from './containers.js';
@@ -34,7 +36,11 @@ export interface FailoverRecord {
   to?: string;
   /** The checkpoint restored, and the log position it was cut at. */
   checkpoint?: string;
-  logPosition?: number | null;
+  logPosition?: CheckpointSummary['logPosition'];
+  /** Why the restored copy got no replay (no checkpoint was cut in the route's current request log). */
+  noReplay?: string;
+  /** The last failed replay. */
+  replayError?: ErrorJSON;
   /** Checkpoints passed over, newest first, and why (a corrupt chunk, a failed restore). */
   skipped: Array<{ checkpoint: string; reason: string }>;
   /** When the node was declared dead (its lease expired), or the failed migration that lost the container gave up on it. */
@@ -58,6 +64,8 @@ export interface FailoverRecord {
 export interface FailoverTraffic extends LoggedTraffic {
   /** Holds new requests at once, without waiting for those sent to a node that is gone. */
   holdNow(name: string, holdId: string): Promise<boolean>;
+  /** The id of the container's current request log; undefined if its route does not log. */
+  currentLogId(name: string): Promise<string | undefined>;
 }
 
 export interface FailoverServiceOptions {
@@ -169,10 +177,12 @@ export class FailoverService implements ContainerRescuer {
     const here = node && (await nodes.isReady(node.name)) ? await agentFor(node).get(held.name).catch(() => undefined) : undefined;
     if (here?.status === 'running' && here.generation >= held.record.generation) {
       const current = { ...held.record, generation: here.generation, ip: here.ip, status: 'running' as const };
-      if (interrupted?.to === current.node && interrupted.logPosition != null && interrupted.replayed === undefined) {
-        const replay = await traffic.replay(held.name, interrupted.logPosition, current);
+      const position = interrupted?.logPosition;
+      if (interrupted?.to === current.node && position?.logId && !interrupted.noReplay && interrupted.replayed === undefined) {
+        const replay = await this.replay(interrupted, { logId: position.logId, seq: position.seq }, current);
         Object.assign(interrupted, { replayed: replay.replayed, delivered: replay.delivered, outcome: 'done', finishedAt: Date.now(), replayPending: false });
         delete interrupted.error;
+        delete interrupted.replayError;
         await this.save(interrupted);
       }
       await traffic.release(held.name, held.lock.id, current);
@@ -241,10 +251,15 @@ export class FailoverService implements ContainerRescuer {
       try {
         await controllerPauses.at('failover:restore');
         const intact = (await catalog.list(name)).filter((c) => !c.corrupt);
-        // Checkpoints cut at a log position come with the requests after them; one taken before
-        // the route logged would lose those, so it is used only when there is nothing else.
-        const cut = intact.filter((c) => c.logPosition !== null);
-        const good = cut.length > 0 ? cut : intact;
+        // Checkpoints cut in the route's current request log come with the requests after them.
+        // One cut in an earlier log (the route was unlogged or removed since), or before the route
+        // logged, would lose those: it is used only when there is nothing else, without a replay.
+        const logId = await traffic.currentLogId(name);
+        const inLog = intact.filter((c) => logId !== undefined && c.logPosition?.logId === logId);
+        const good = inLog.length > 0 ? inLog : intact;
+        for (const c of inLog.length > 0 ? intact.filter((c) => !inLog.includes(c)) : []) {
+          record.skipped.push({ checkpoint: c.id, reason: `cut ${c.logPosition ? `in request log ${c.logPosition.logId ?? '(no id)'}` : 'before the route logged'}, not in the route's current log ${logId}: the requests after it cannot be replayed` });
+        }
         if (good.length === 0) throw new FailoverFailedError(`${name} has no checkpoint to restore from: it stays down until ${deadNode} returns`, { name, from: deadNode });
         const targets = await this.targetsFor(deadNode);
         if (targets.length === 0) throw new FailoverFailedError(`no ready node to restore ${name} on: it stays down until a node is ready`, { name, from: deadNode });
@@ -273,9 +288,15 @@ export class FailoverService implements ContainerRescuer {
         await fences.clear(record.to, name);
         await locks.save(held, current);
         await controllerPauses.at('failover:replay');
-        if (record.logPosition !== null && record.logPosition !== undefined) {
+        const position = record.logPosition;
+        const after = position?.logId && position.logId === logId ? { logId: position.logId, seq: position.seq } : undefined;
+        if (!after && logId !== undefined) {
+          record.noReplay = `no checkpoint of ${name} was cut in its route's current request log (${logId}): restored from ${record.checkpoint} without a replay, so the requests logged since it are not applied`;
+          log.warn({ container: name, checkpoint: record.checkpoint }, record.noReplay);
+        }
+        if (after) {
           const t = Date.now();
-          const replay = await this.replay(record, current).catch(async (err: unknown) => {
+          const replay = await this.replay(record, after, current).catch(async (err: unknown) => {
             // The new copy runs but lacks requests that were acknowledged: it must not get live
             // traffic, and protection must not cut a checkpoint from it. The lock and the hold stay.
             record.replayPending = true;
@@ -310,12 +331,19 @@ export class FailoverService implements ContainerRescuer {
   }
 
   /** The logged requests after the checkpoint's cut, into the new copy; retried a few times (a replay resumes from where it is: positions make it idempotent). */
-  private async replay(record: FailoverRecord, current: ContainerRecord): Promise<{ replayed: number; delivered: number }> {
+  private async replay(record: FailoverRecord, after: LogPosition, current: ContainerRecord): Promise<{ replayed: number; delivered: number }> {
     for (let attempt = 1; ; attempt++) {
       try {
-        return await this.opts.traffic.replay(record.name, record.logPosition!, current);
+        return await this.opts.traffic.replay(record.name, after, current);
       } catch (err) {
-        if (attempt >= REPLAY_ATTEMPTS) throw err;
+        if (err instanceof LogMismatchError) {
+          // The route's log changed since the cut (unlogged and logged again): nothing to replay from it.
+          record.noReplay = err.message;
+          return { replayed: 0, delivered: 0 };
+        }
+        record.replayError = toChipmunkError(err).toJSON();
+        // The copy may have applied a request the gateway could not confirm: another replay could apply it twice.
+        if (toChipmunkError(err).details.written === true || attempt >= REPLAY_ATTEMPTS) throw err;
         this.opts.log.warn({ container: record.name, attempt, err: toChipmunkError(err).toJSON() }, `replaying the logged requests of ${record.name} failed; trying again`);
         await sleep(REPLAY_RETRY_MS);
       }
@@ -330,8 +358,21 @@ export class FailoverService implements ContainerRescuer {
       if (current?.value.lock?.id !== record.lockId) continue;
       const held: HeldLock = { name: record.name, lock: current.value.lock, record: current.value };
       await this.once(record.name, async () => {
-        await this.resume(held, record);
-        return record;
+        if (record.replayError?.details?.written !== true) {
+          await this.resume(held, record);
+          return record;
+        }
+        // The copy may have applied a request the replay could not confirm: its state is unknown.
+        // It goes, and the container is restored again from its checkpoint, with a full replay.
+        const node = await this.opts.nodes.require(held.record.node);
+        await this.opts.agentFor(node).remove(record.name).catch((err: unknown) => {
+          if (toChipmunkError(err).code !== 'CHIPMUNK_NOT_FOUND') throw err;
+        });
+        await this.save({ ...record, replayPending: false });
+        const again = this.newRecord(record.name, held.record.node, Date.now());
+        again.reason = `the replay into the copy restored by ${record.id} may have applied a request twice: restored again`;
+        await this.save(again);
+        return this.run(again, held);
       }).catch((err: unknown) => this.opts.log.warn({ container: record.name, err: toChipmunkError(err).toJSON() }, `replay of ${record.name} failed again; its route stays held`));
     }
   }

@@ -23,6 +23,7 @@ export type ErrorCode =
   | 'CHIPMUNK_CHUNK_CORRUPT'
   | 'CHIPMUNK_LOCK_LOST'
   | 'CHIPMUNK_STATE_CORRUPT'
+  | 'CHIPMUNK_LOG_MISMATCH'
   | 'CHIPMUNK_INTERNAL';
 
 export interface ErrorJSON {
@@ -195,6 +196,17 @@ export class StateCorruptError extends ChipmunkError {
   }
 }
 
+/**
+ * A request-log position names another log than the route's current one (the route was unlogged
+ * and logged again, or removed and exposed again): replaying or trimming with it would act on
+ * requests it never described.
+ */
+export class LogMismatchError extends ChipmunkError {
+  constructor(message: string, details: Record<string, unknown>) {
+    super('CHIPMUNK_LOG_MISMATCH', message, { status: 409, details });
+  }
+}
+
 const byCode: Partial<Record<ErrorCode, (m: string, d: Record<string, unknown>) => ChipmunkError>> = {
   CHIPMUNK_INVALID_INPUT: (m, d) => new InvalidInputError(m, d),
   CHIPMUNK_NOT_FOUND: (m, d) => new NotFoundError(m, d),
@@ -209,6 +221,7 @@ const byCode: Partial<Record<ErrorCode, (m: string, d: Record<string, unknown>) 
   CHIPMUNK_PATH_ESCAPES: (m, d) => new PathEscapesError(m, d),
   CHIPMUNK_LOCK_LOST: (m, d) => new LockLostError(m, d),
   CHIPMUNK_STATE_CORRUPT: (m, d) => new StateCorruptError(m, { ...d, path: String(d.path ?? '') }),
+  CHIPMUNK_LOG_MISMATCH: (m, d) => new LogMismatchError(m, d),
 };
 
 /** Rebuilds our error class from its wire form (HTTP client side). */
