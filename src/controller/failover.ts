@@ -119,7 +119,7 @@ export class FailoverService implements ContainerRescuer {
   async reconcile(): Promise<void> {
     // Right after a start no agent has had the chance to heartbeat to this controller yet.
     if (Date.now() - this.listeningSince < this.opts.nodeLeaseMs) return;
-    await this.retryPendingReplays().catch((err: unknown) => this.opts.log.warn({ err: toChipmunkError(err).toJSON() }, "retrying pending replays failed"));
+    await this.retryPendingReplays().catch((err: unknown) => this.opts.log.warn({ err: toChipmunkError(err).toJSON() }, 'retrying pending replays failed'));
     const records = await this.opts.store.list<ContainerRecord>('/containers/').catch(() => []);
     const ready = new Set((await this.opts.nodes.listReady().catch(() => undefined))?.map((n) => n.name) ?? []);
     if (ready.size === 0) return;
@@ -129,8 +129,11 @@ export class FailoverService implements ContainerRescuer {
       if (value.status === 'lost' || value.status === 'stopped' || value.status === 'created') continue;
       if (value.lock && !this.mayTakeOver(value.lock)) continue;
       lost.set(value.node, [...(lost.get(value.node) ?? []), value.spec.name]);
-      if (!value.protection) continue;
-      void this.failover(value.spec.name, value.node).catch(() => undefined);
+      if (!value.protection || !this.retryDue(value.spec.name)) continue;
+      void this.failover(value.spec.name, value.node).then(
+        () => this.backoff.delete(value.spec.name),
+        () => this.backoff.set(value.spec.name, nextBackoff(this.backoff.get(value.spec.name))),
+      );
     }
     for (const [node, names] of lost) this.warnOnce(node, names);
   }
@@ -220,6 +223,12 @@ export class FailoverService implements ContainerRescuer {
   }
 
   private readonly warned = new Set<string>();
+  /** Containers whose failover failed: when to try again, and the wait that led there. */
+  private readonly backoff = new Map<string, { at: number; waitMs: number }>();
+
+  private retryDue(name: string): boolean {
+    return (this.backoff.get(name)?.at ?? 0) <= Date.now();
+  }
 
   private warnOnce(node: string, names: string[]): void {
     const key = `${node}:${names.join(',')}`;
@@ -388,4 +397,10 @@ export class FailoverService implements ContainerRescuer {
   private async save(record: FailoverRecord): Promise<void> {
     await this.opts.store.put(FAILOVERS_PREFIX + record.id, record);
   }
+}
+
+/** A failed failover is tried again after 5 s, then twice as long each time, up to 5 minutes. */
+function nextBackoff(previous: { waitMs: number } | undefined): { at: number; waitMs: number } {
+  const waitMs = Math.min(previous ? previous.waitMs * 2 : 5_000, 5 * 60_000);
+  return { at: Date.now() + waitMs, waitMs };
 }
