@@ -227,6 +227,15 @@ export function describeAgentContract(name: string, makeCluster: () => Promise<A
       await api.finish(id);
       await api.settle(id);
       await api.discardCheckpoint(checkpointId('ghost'));
+
+      // A restore of a migration its source has no dump of (the source restarted, or never dumped).
+      const target = node(1).api;
+      const orphan = migrationId('orphan');
+      const req: RestoreRequest = { migrationId: orphan, mode: 'copy', spec: spec('orphan'), generation: 1, source: { node: node(0).name, url: node(0).url } };
+      await target.prepare(orphan, req);
+      await assertRejects(target.restore(orphan, req), TransferFailedError, 'restore without a dump on the source');
+      assert.equal(await runningCopies(req.spec.name), 0);
+      await target.abort(orphan);
       await assertNothingLeft();
     });
 
