@@ -189,6 +189,7 @@ export function describeAgentContract(name: string, makeCluster: () => Promise<A
       const stopped = await api.stop(s.name);
       assert.equal(stopped.status, 'stopped');
       assert.equal((await api.get(s.name)).status, 'stopped');
+      assert.equal((await api.stop(s.name)).status, 'stopped', 'stopping a stopped container is no error');
       const refused = migrationId('stopped');
       await assertRejects(api.dump(s.name, { migrationId: refused, mode: 'copy' }), ConflictError, 'dump of a stopped container');
       await assertCanRollBack(api, refused, false, 'a refused dump leaves no dump');
