@@ -346,7 +346,7 @@ export function describeAgentContract(name: string, makeCluster: () => Promise<A
       await assertNothingLeft();
     });
 
-    it('checkpoints a running container, uploads and discards it, and restores it from the store elsewhere', { timeout }, async () => {
+    it('checkpoints a running container, uploads and discards it, restores it from the store elsewhere and in place', { timeout }, async () => {
       const [home, other] = [node(0).api, node(1).api];
       const c = await home.run(spec('ckpt'));
       const cid = checkpointId('ckpt');
@@ -395,6 +395,13 @@ export function describeAgentContract(name: string, makeCluster: () => Promise<A
       await other.settle(op);
       assert.equal(await runningCopies(c.name), 1);
       assert.equal((await other.get(c.name)).status, 'running');
+
+      // `restore --from`: the container is removed where it runs and comes back there, one incarnation on.
+      await other.remove(c.name);
+      const undo = migrationId('restore-from');
+      assert.equal((await other.restore(undo, fromStore(undo, stored.id, c.generation + 2))).container.generation, c.generation + 2);
+      await other.settle(undo);
+      assert.equal(await runningCopies(c.name), 1);
 
       await other.remove(c.name);
       await assertNothingLeft();
