@@ -1,19 +1,10 @@
 import { after, afterEach, before, describe, it, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import {
-  ConflictError,
-  InvalidInputError,
-  NotFoundError,
-  RuntimeFailedError,
-  TransferFailedError,
-  UnavailableError,
-  toChipmunkError,
-  type ChipmunkError,
-  type ErrorCode,
-} from '../../src/shared/errors.js';
+import { ConflictError, InvalidInputError, NotFoundError, RuntimeFailedError, TransferFailedError, UnavailableError } from '../../src/shared/errors.js';
 import type { AgentContainer, ContainerSpec, DumpResult, MigrationMode, RestoreRequest } from '../../src/shared/protocol.js';
 import type { AgentApi } from '../../src/controller/agent-client.js';
+import { assertRejects } from './errors.js';
 
 /**
  * The agent API as the controller relies on it (src/controller/migration.ts,
@@ -48,15 +39,6 @@ export interface AgentCluster {
   /** Removes everything the cluster made, whatever state a failed test left it in. */
   cleanup(): Promise<void>;
 }
-
-const CODES = new Map<Function, ErrorCode>([
-  [NotFoundError, 'CHIPMUNK_NOT_FOUND'],
-  [ConflictError, 'CHIPMUNK_CONFLICT'],
-  [InvalidInputError, 'CHIPMUNK_INVALID_INPUT'],
-  [RuntimeFailedError, 'CHIPMUNK_RUNTIME_FAILED'],
-  [TransferFailedError, 'CHIPMUNK_TRANSFER_FAILED'],
-  [UnavailableError, 'CHIPMUNK_UNAVAILABLE'],
-]);
 
 export function describeAgentContract(name: string, makeCluster: () => Promise<AgentCluster>, opts: { timeoutMs?: number } = {}): void {
   const timeout = opts.timeoutMs ?? 60_000;
@@ -409,14 +391,6 @@ export function describeAgentContract(name: string, makeCluster: () => Promise<A
   });
 }
 
-async function assertRejects(p: Promise<unknown>, cls: new (...args: any[]) => ChipmunkError, what: string): Promise<void> {
-  await assert.rejects(p, (err: unknown) => {
-    const got = toChipmunkError(err);
-    assert.equal(got.code, CODES.get(cls), `${what}: expected ${cls.name} (${CODES.get(cls)}), got ${got.constructor.name} (${got.code}): ${got.message}`);
-    assert.ok(err instanceof cls, `${what}: expected an instance of ${cls.name}, got ${got.constructor.name}`);
-    return true;
-  });
-}
 
 function skip(t: TestContext, why: string): void {
   t.skip(why);
