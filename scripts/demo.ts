@@ -125,7 +125,7 @@ fault tolerance: protect web, serve it through the gateway (127.0.0.1:${GATEWAY_
     const res = await request(`http://127.0.0.1:${GATEWAY_PORT}${path}`, { method, headersTimeout: 60_000 });
     return (await res.body.json()) as any;
   };
-  await waitUntil(async () => JSON.parse(await chipmunk(['checkpoints', 'web'], { json: true, quiet: true })).some((c: { logPosition: number | null }) => c.logPosition !== null));
+  await waitUntil(async () => JSON.parse(await chipmunk(['checkpoints', 'web'], { json: true, quiet: true })).some((c: { logPosition: { logId: string | null; seq: number } | null }) => c.logPosition !== null));
   await chipmunk(['checkpoints', 'web']);
   let acknowledged = acknowledgedSoFar;
   for (let i = 0; i < 20; i++) {

@@ -113,6 +113,7 @@ export function buildAgentServer(deps: AgentServerDeps): FastifyInstance {
       const { migrationId, mode, pageServerPort } = req.body;
       const pageServer = mode === 'lazy' && pageServerPort ? { address: deps.info.address, port: pageServerPort } : undefined;
       const outcome = await runtime.dump(req.params.name, { migrationId, mode, pageServer });
+      await faults.pauseAt('migration:dump');
       return { migrationId, ...outcome, ...(pageServer ? { pageServer } : {}) };
     },
   );
@@ -148,6 +149,7 @@ export function buildAgentServer(deps: AgentServerDeps): FastifyInstance {
       const { checkpointId } = req.body;
       const out = await runtime.checkpoint(req.params.name, checkpointId);
       checkpoints.set(checkpointId, out.paths);
+      await faults.pauseAt('checkpoint:dump');
       return { checkpointId, frozenMs: out.frozenMs, imageBytes: out.imageBytes, filesBytes: out.filesBytes };
     },
   );
@@ -159,6 +161,7 @@ export function buildAgentServer(deps: AgentServerDeps): FastifyInstance {
       const paths = checkpoints.get(req.params.id);
       if (!paths) throw new NotFoundError(`no checkpoint ${req.params.id} on node ${deps.info.node} (it was discarded, or the agent restarted): take a new checkpoint`, { checkpointId: req.params.id });
       const { container, storeUrl, logPosition, metadata } = req.body;
+      await faults.pauseAt('checkpoint:upload');
       return uploadCheckpoint({
         storeUrl,
         token,
@@ -229,6 +232,7 @@ export function buildAgentServer(deps: AgentServerDeps): FastifyInstance {
         const prepared = r.checkpoint ? prepare(r, migrationId) : Promise.resolve();
         const fetched = (async () => {
           await fetchOne('images', paths.images);
+          await faults.pauseAt('migration:transfer');
           await fetchOne('files', paths.files);
         })();
         const [preparing, fetching] = await Promise.allSettled([prepared, fetched]);
@@ -237,6 +241,7 @@ export function buildAgentServer(deps: AgentServerDeps): FastifyInstance {
         await faults.beforeRestore(paths.images);
         const criuStart = Date.now();
         const container = await runtime.restore(r.spec, { migrationId, mode: r.mode, generation: r.generation, pageServer: r.pageServer });
+        await faults.afterRestore(r.mode, paths.images);
         return { container, bytesTransferred: bytes, restoredAt: Date.now(), fetchMs, criuMs: Date.now() - criuStart };
       } finally {
         progress.delete(migrationId);

@@ -3,17 +3,28 @@
  * src/shared/protocol.ts. Routes: src/checkpoint-store/routes.ts; docs/design.md has the table.
  */
 import { Type, type Static, type TSchema } from '@sinclair/typebox';
-import { ContainerName } from '../shared/protocol.js';
+import { ContainerName, LogPosition } from '../shared/protocol.js';
 
-export { ContainerName };
+export { ContainerName, LogPosition };
 
 export const PartName = Type.String({ pattern: '^[a-z][a-z0-9-]{0,31}$', description: 'part name, e.g. criu or files' });
 export const CheckpointId = Type.String({ pattern: '^[0-9a-f]{16}$', description: 'checkpoint id (16 hex digits)' });
 export const UploadId = Type.String({ pattern: '^[0-9a-f]{32}$', description: 'upload id (32 hex digits)' });
 
-const LogPosition = Type.Union([Type.Integer({ minimum: 0 }), Type.Null()], {
-  description: "position in the container's log the checkpoint corresponds to, when the caller keeps one",
+/** Where an upload's checkpoint was cut in the container's request log; null when the caller keeps none. */
+const UploadLogPosition = Type.Union([LogPosition, Type.Null()], {
+  description: "position in the container's request log the checkpoint corresponds to, when the caller keeps one",
 });
+
+/**
+ * A stored checkpoint's position. `logId` is null on checkpoints stored before positions named
+ * their log: such a position cannot be matched to any log, so it is never replayed from.
+ */
+export const StoredLogPosition = Type.Union(
+  [Type.Object({ logId: Type.Union([Type.String(), Type.Null()]), seq: Type.Integer({ minimum: 0 }) }), Type.Null()],
+  { description: "position in the container's request log the checkpoint corresponds to (logId null: stored before logs had ids)" },
+);
+export type StoredLogPosition = Static<typeof StoredLogPosition>;
 
 export const UploadPart = Type.Object({
   name: PartName,
@@ -24,7 +35,7 @@ export type UploadPart = Static<typeof UploadPart>;
 export const CreateUploadRequest = Type.Object({
   parts: Type.Array(UploadPart, { minItems: 1 }),
   time: Type.Integer({ minimum: 0, description: 'when the checkpoint was taken, ms since the epoch' }),
-  logPosition: Type.Optional(LogPosition),
+  logPosition: Type.Optional(UploadLogPosition),
   metadata: Type.Record(Type.String(), Type.Unknown(), {
     description: "opaque to the store (the controller keeps the container spec here), except volumes: [{name, path}], which places the files part's volumes/NAME/ at path",
   }),
@@ -54,7 +65,7 @@ export const CheckpointSummary = Type.Object({
   time: Type.Integer(),
   logicalBytes: Type.Integer({ minimum: 0, description: 'content bytes of every part, as if nothing were shared with other checkpoints' }),
   newBytes: Type.Integer({ minimum: 0, description: 'chunk bytes this checkpoint added to the store' }),
-  logPosition: LogPosition,
+  logPosition: StoredLogPosition,
   corrupt: Type.Optional(Type.Boolean({ description: 'a read found a damaged chunk: restore from an older checkpoint' })),
 });
 export type CheckpointSummary = Static<typeof CheckpointSummary>;

@@ -20,7 +20,7 @@ import type { Logger } from 'pino';
 import { CheckpointNotFoundError, ChunkCorruptError, ConflictError, InvalidInputError, NotFoundError, StoreFailedError } from '../shared/errors.js';
 import { openExclusiveSqlite, syncDirectory } from '../shared/durable.js';
 import { CHUNK_BYTES, HASH_BYTES, ManifestFormatError, chunkHashes, chunkLength, decodeManifest, sha256, type PartManifest } from './manifest.js';
-import type { CheckpointDetail, CheckpointDiff, CheckpointInfo, CheckpointSummary, CreateUploadResponse, DirectoryListing, UploadChunksResponse } from './protocol.js';
+import type { CheckpointDetail, CheckpointDiff, CheckpointInfo, CheckpointSummary, CreateUploadResponse, DirectoryListing, LogPosition, UploadChunksResponse } from './protocol.js';
 import { ExactReader, expandSparse, paddingOf } from './tar.js';
 import { ContainerTree, diffTrees, type VolumeMount } from './tree.js';
 
@@ -44,7 +44,7 @@ export interface NewUpload {
   container: string;
   parts: { name: string; manifest: Buffer }[];
   time: number;
-  logPosition?: number | null;
+  logPosition?: LogPosition | null;
   metadata: Record<string, unknown>;
 }
 
@@ -67,7 +67,7 @@ interface Upload {
   id: string;
   container: string;
   time: number;
-  logPosition: number | null;
+  logPosition: LogPosition | null;
   metadata: Record<string, unknown>;
   parts: { name: string; manifest: Buffer; decoded: PartManifest; logicalBytes: number }[];
   /** Hex hashes the store lacked when the upload began: the only chunks it accepts. */
@@ -89,6 +89,8 @@ interface CheckpointRow {
   logical_bytes: number;
   new_bytes: number;
   log_position: number | null;
+  /** The request log log_position is in; null on rows from before schema version 2. */
+  log_id: string | null;
   metadata: string;
   corrupt: number;
 }
@@ -106,7 +108,8 @@ interface ReadContext {
   checkpoint: string;
 }
 
-const SCHEMA_VERSION = 1;
+/** 2: checkpoints.log_id, the request log a log_position is in. */
+const SCHEMA_VERSION = 2;
 
 export class CheckpointStore {
   private readonly uploads = new Map<string, Upload>();
@@ -517,8 +520,8 @@ export class CheckpointStore {
         }
       }
       const inserted = this.db
-        .prepare('INSERT INTO checkpoints (container, id, time, logical_bytes, new_bytes, log_position, metadata) VALUES (?, ?, ?, ?, ?, ?, ?)')
-        .run(upload.container, id, upload.time, logicalBytes, newBytes, upload.logPosition, JSON.stringify(upload.metadata));
+        .prepare('INSERT INTO checkpoints (container, id, time, logical_bytes, new_bytes, log_position, log_id, metadata) VALUES (?, ?, ?, ?, ?, ?, ?, ?)')
+        .run(upload.container, id, upload.time, logicalBytes, newBytes, upload.logPosition?.seq ?? null, upload.logPosition?.logId ?? null, JSON.stringify(upload.metadata));
       const insertPart = this.db.prepare('INSERT INTO parts (checkpoint, name, logical_bytes, entries, manifest) VALUES (?, ?, ?, ?, ?)');
       for (const part of upload.parts) insertPart.run(inserted.lastInsertRowid, part.name, part.logicalBytes, part.decoded.entries.length, part.manifest);
       return Number(inserted.lastInsertRowid);
@@ -752,7 +755,7 @@ function summaryOf(row: CheckpointRow): CheckpointSummary {
     time: row.time,
     logicalBytes: row.logical_bytes,
     newBytes: row.new_bytes,
-    logPosition: row.log_position,
+    logPosition: row.log_position === null ? null : { logId: row.log_id, seq: row.log_position },
     ...(row.corrupt ? { corrupt: true } : {}),
   };
 }
@@ -793,6 +796,7 @@ function migrate(db: Database.Database): void {
         logical_bytes INTEGER NOT NULL,
         new_bytes INTEGER NOT NULL,
         log_position INTEGER,
+        log_id TEXT,
         metadata TEXT NOT NULL,
         corrupt INTEGER NOT NULL DEFAULT 0
       );
@@ -807,6 +811,9 @@ function migrate(db: Database.Database): void {
         PRIMARY KEY (checkpoint, name)
       ) WITHOUT ROWID;
     `);
+    // Version 1 indexes lack log_id: their positions keep a null log id (matching no log).
+    const columns = db.prepare<[], { name: string }>("SELECT name FROM pragma_table_info('checkpoints')").all();
+    if (!columns.some((c) => c.name === 'log_id')) db.exec('ALTER TABLE checkpoints ADD COLUMN log_id TEXT');
     db.pragma(`user_version = ${SCHEMA_VERSION}`);
   }).immediate();
 }

@@ -16,7 +16,7 @@ import { ChipmunkError, TransferFailedError, UnavailableError, errorFromJSON, ty
 import { lastLines } from '../shared/exec.js';
 import { ApiClient } from '../shared/http.js';
 import { CHUNK_BYTES, HASH_BYTES, encodeManifest, scanTar, sha256, type PartManifest } from './manifest.js';
-import type { CheckpointInfo, CreateUploadRequest, CreateUploadResponse } from './protocol.js';
+import type { CheckpointInfo, CreateUploadRequest, CreateUploadResponse, LogPosition } from './protocol.js';
 import { TarReader } from './tar.js';
 
 export interface UploadCheckpointOptions {
@@ -28,7 +28,7 @@ export interface UploadCheckpointOptions {
   parts: { name: string; dir: string }[];
   /** When the checkpoint was taken, ms since the epoch; now by default. */
   time?: number;
-  logPosition?: number | null;
+  logPosition?: LogPosition | null;
   metadata: Record<string, unknown>;
   /** Called once every chunk is sent, right before the commit (fault injection hooks in here). */
   beforeCommit?: () => Promise<void>;

@@ -12,10 +12,11 @@
  */
 import type { Logger } from 'pino';
 import { UnavailableError, InvalidInputError, NotFoundError, toChipmunkError } from '../shared/errors.js';
-import type { ContainerView, ProtectionPolicy } from '../shared/protocol.js';
+import type { ContainerView, LogPosition, ProtectionPolicy } from '../shared/protocol.js';
 import type { CheckpointInfo, CheckpointSummary } from '../checkpoint-store/index.js';
 import { unknownContainer, type ContainerLocks, type ContainerRecord, type HeldLock } from './container-lock.js';
 import type { AgentResolver } from './containers.js';
+import { controllerPauses } from './faults.js';
 import type { NodeRegistry } from './registry.js';
 import type { StateStore } from './store/index.js';
 
@@ -23,16 +24,16 @@ import type { StateStore } from './store/index.js';
 export interface LoggedTraffic {
   /**
    * Holds the container's route (if it has one) and waits for requests already sent to be
-   * answered. `logPosition` is the last logged request the container has seen: null when the
-   * route does not log (no route, TCP, no gateway).
+   * answered. `logPosition` is the last logged request the container has seen, in its route's
+   * current log: null when the route does not log (no route, TCP, no gateway).
    */
-  cut(name: string, holdId: string): Promise<{ held: boolean; logPosition: number | null }>;
+  cut(name: string, holdId: string): Promise<{ held: boolean; logPosition: LogPosition | null }>;
   /** Ends the hold: traffic goes to where `container` runs. */
   release(name: string, holdId: string, container: ContainerRecord): Promise<void>;
-  /** Log entries up to `upToSeq` are no longer needed by any checkpoint a restore could use. */
-  trimLog(name: string, upToSeq: number): Promise<void>;
-  /** Sends the logged requests after `afterSeq`, in order, to where `container` runs now. */
-  replay(name: string, afterSeq: number, container: ContainerRecord): Promise<{ replayed: number; delivered: number }>;
+  /** Log entries up to `upTo` are no longer needed by any checkpoint a restore could use. */
+  trimLog(name: string, upTo: LogPosition): Promise<void>;
+  /** Sends the logged requests after `after`, in order, to where `container` runs now (refused if `after` is in another log). */
+  replay(name: string, after: LogPosition, container: ContainerRecord): Promise<{ replayed: number; delivered: number }>;
   /** The route's log setting follows the container's protection. */
   refresh(name: string): Promise<void>;
 }
@@ -202,17 +203,19 @@ export class CheckpointService {
     const cut = await this.opts.traffic.cut(record.spec.name, lockId);
     let frozenMs: number;
     try {
+      await controllerPauses.at('checkpoint:cut');
       frozenMs = await this.checkpointOnAgent(record, lockId);
     } finally {
       if (cut.held) await this.opts.traffic.release(record.spec.name, lockId, record);
     }
+    await controllerPauses.at('checkpoint:upload');
     const info = await this.upload(record, lockId, cut.logPosition, 'scheduled');
     await this.trimAfter(record.spec.name);
     return { ...info, frozenMs };
   }
 
   /** A checkpoint while the caller holds the route: no release here. */
-  private async checkpointAndUpload(record: ContainerRecord, agentCheckpointId: string, logPosition: number | null, reason: string): Promise<CheckpointInfo> {
+  private async checkpointAndUpload(record: ContainerRecord, agentCheckpointId: string, logPosition: LogPosition | null, reason: string): Promise<CheckpointInfo> {
     await this.checkpointOnAgent(record, agentCheckpointId);
     return this.upload(record, agentCheckpointId, logPosition, reason);
   }
@@ -228,7 +231,7 @@ export class CheckpointService {
     }
   }
 
-  private async upload(record: ContainerRecord, agentCheckpointId: string, logPosition: number | null, reason: string): Promise<CheckpointInfo> {
+  private async upload(record: ContainerRecord, agentCheckpointId: string, logPosition: LogPosition | null, reason: string): Promise<CheckpointInfo> {
     const agent = this.opts.agentFor(await this.opts.nodes.require(record.node));
     try {
       return await agent.uploadCheckpoint(agentCheckpointId, {
@@ -249,9 +252,10 @@ export class CheckpointService {
    */
   private async trimAfter(name: string): Promise<void> {
     const good = (await this.opts.catalog.list(name)).filter((c) => !c.corrupt && c.logPosition !== null);
-    const keepFrom = good[1];
-    if (keepFrom?.logPosition == null) return;
-    await this.opts.traffic.trimLog(name, keepFrom.logPosition).catch((err: unknown) => this.opts.log.warn({ err: toChipmunkError(err).toJSON() }, `trimming the request log of ${name} failed`));
+    const keepFrom = good[1]?.logPosition;
+    // A position of a log without an id (stored by an older version) names no log to trim.
+    if (!keepFrom?.logId) return;
+    await this.opts.traffic.trimLog(name, { logId: keepFrom.logId, seq: keepFrom.seq }).catch((err: unknown) => this.opts.log.warn({ err: toChipmunkError(err).toJSON() }, `trimming the request log of ${name} failed`));
   }
 
   private async checkpointDue(): Promise<void> {

@@ -10,17 +10,23 @@
  * and held traffic never goes back to the dead one.
  */
 import { randomUUID } from 'node:crypto';
+import { setTimeout as sleep } from 'node:timers/promises';
 import type { Logger } from 'pino';
-import { ConflictError, FailoverFailedError, toChipmunkError, type ErrorJSON } from '../shared/errors.js';
+import { ConflictError, FailoverFailedError, LogMismatchError, toChipmunkError, type ErrorJSON } from '../shared/errors.js';
+import type { LogPosition } from '../shared/protocol.js';
+import type { CheckpointSummary } from '../checkpoint-store/index.js';
 import type { CheckpointCatalog, CheckpointService, LoggedTraffic } from './checkpoints.js';
 import type { ContainerLock, ContainerLocks, ContainerRecord, HeldLock } from './container-lock.js';
 import type { AgentResolver } from './containers.js';
+import { controllerPauses } from './faults.js';
 import type { Fences } from './fences.js';
 import type { ContainerRescuer } from './migration-settle.js';
 import type { NodeRegistry } from './registry.js';
 import type { StateStore, Watch } from './store/index.js';
 
 const FAILOVERS_PREFIX = '/failovers/';
+const REPLAY_ATTEMPTS = 3;
+const REPLAY_RETRY_MS = 1_000;
 
 /** What the controller records of one failover (GET /v1/failovers). */
 export interface FailoverRecord {
@@ -30,13 +36,19 @@ export interface FailoverRecord {
   to?: string;
   /** The checkpoint restored, and the log position it was cut at. */
   checkpoint?: string;
-  logPosition?: number | null;
+  logPosition?: CheckpointSummary['logPosition'];
+  /** Why the restored copy got no replay (no checkpoint was cut in the route's current request log). */
+  noReplay?: string;
+  /** The last failed replay. */
+  replayError?: ErrorJSON;
   /** Checkpoints passed over, newest first, and why (a corrupt chunk, a failed restore). */
   skipped: Array<{ checkpoint: string; reason: string }>;
   /** When the node was declared dead (its lease expired), or the failed migration that lost the container gave up on it. */
   detectedAt: number;
   /** Why it was restored from a checkpoint when not for a dead node (a migration that lost it). */
   reason?: string;
+  /** Restored, but the logged requests could not be replayed yet: the lock and the gateway hold stay, and the replay is retried. */
+  replayPending?: boolean;
   restoredAt?: number;
   finishedAt?: number;
   replayed?: number;
@@ -52,6 +64,8 @@ export interface FailoverRecord {
 export interface FailoverTraffic extends LoggedTraffic {
   /** Holds new requests at once, without waiting for those sent to a node that is gone. */
   holdNow(name: string, holdId: string): Promise<boolean>;
+  /** The id of the container's current request log; undefined if its route does not log. */
+  currentLogId(name: string): Promise<string | undefined>;
 }
 
 export interface FailoverServiceOptions {
@@ -105,6 +119,7 @@ export class FailoverService implements ContainerRescuer {
   async reconcile(): Promise<void> {
     // Right after a start no agent has had the chance to heartbeat to this controller yet.
     if (Date.now() - this.listeningSince < this.opts.nodeLeaseMs) return;
+    await this.retryPendingReplays().catch((err: unknown) => this.opts.log.warn({ err: toChipmunkError(err).toJSON() }, 'retrying pending replays failed'));
     const records = await this.opts.store.list<ContainerRecord>('/containers/').catch(() => []);
     const ready = new Set((await this.opts.nodes.listReady().catch(() => undefined))?.map((n) => n.name) ?? []);
     if (ready.size === 0) return;
@@ -114,8 +129,11 @@ export class FailoverService implements ContainerRescuer {
       if (value.status === 'lost' || value.status === 'stopped' || value.status === 'created') continue;
       if (value.lock && !this.mayTakeOver(value.lock)) continue;
       lost.set(value.node, [...(lost.get(value.node) ?? []), value.spec.name]);
-      if (!value.protection) continue;
-      void this.failover(value.spec.name, value.node).catch(() => undefined);
+      if (!value.protection || !this.retryDue(value.spec.name)) continue;
+      void this.failover(value.spec.name, value.node).then(
+        () => this.backoff.delete(value.spec.name),
+        () => this.backoff.set(value.spec.name, nextBackoff(this.backoff.get(value.spec.name))),
+      );
     }
     for (const [node, names] of lost) this.warnOnce(node, names);
   }
@@ -162,9 +180,12 @@ export class FailoverService implements ContainerRescuer {
     const here = node && (await nodes.isReady(node.name)) ? await agentFor(node).get(held.name).catch(() => undefined) : undefined;
     if (here?.status === 'running' && here.generation >= held.record.generation) {
       const current = { ...held.record, generation: here.generation, ip: here.ip, status: 'running' as const };
-      if (interrupted?.to === current.node && interrupted.logPosition != null && interrupted.replayed === undefined) {
-        const replay = await traffic.replay(held.name, interrupted.logPosition, current);
-        Object.assign(interrupted, { replayed: replay.replayed, delivered: replay.delivered, outcome: 'done', finishedAt: Date.now() });
+      const position = interrupted?.logPosition;
+      if (interrupted?.to === current.node && position?.logId && !interrupted.noReplay && interrupted.replayed === undefined) {
+        const replay = await this.replay(interrupted, { logId: position.logId, seq: position.seq }, current);
+        Object.assign(interrupted, { replayed: replay.replayed, delivered: replay.delivered, outcome: 'done', finishedAt: Date.now(), replayPending: false });
+        delete interrupted.error;
+        delete interrupted.replayError;
         await this.save(interrupted);
       }
       await traffic.release(held.name, held.lock.id, current);
@@ -202,6 +223,12 @@ export class FailoverService implements ContainerRescuer {
   }
 
   private readonly warned = new Set<string>();
+  /** Containers whose failover failed: when to try again, and the wait that led there. */
+  private readonly backoff = new Map<string, { at: number; waitMs: number }>();
+
+  private retryDue(name: string): boolean {
+    return (this.backoff.get(name)?.at ?? 0) <= Date.now();
+  }
 
   private warnOnce(node: string, names: string[]): void {
     const key = `${node}:${names.join(',')}`;
@@ -224,17 +251,24 @@ export class FailoverService implements ContainerRescuer {
     const lockId = held.lock.id;
     const container = held.record;
     record.lockId = lockId;
+    let keepLock = false;
     try {
       record.timings.lockMs = Date.now() - detectedAt;
       if (container.node !== deadNode) throw new ConflictError(`${name} no longer runs on ${deadNode} (it is on ${container.node})`, { name });
       const held_ = await traffic.holdNow(name, lockId);
       let current = container;
       try {
+        await controllerPauses.at('failover:restore');
         const intact = (await catalog.list(name)).filter((c) => !c.corrupt);
-        // Checkpoints cut at a log position come with the requests after them; one taken before
-        // the route logged would lose those, so it is used only when there is nothing else.
-        const cut = intact.filter((c) => c.logPosition !== null);
-        const good = cut.length > 0 ? cut : intact;
+        // Checkpoints cut in the route's current request log come with the requests after them.
+        // One cut in an earlier log (the route was unlogged or removed since), or before the route
+        // logged, would lose those: it is used only when there is nothing else, without a replay.
+        const logId = await traffic.currentLogId(name);
+        const inLog = intact.filter((c) => logId !== undefined && c.logPosition?.logId === logId);
+        const good = inLog.length > 0 ? inLog : intact;
+        for (const c of inLog.length > 0 ? intact.filter((c) => !inLog.includes(c)) : []) {
+          record.skipped.push({ checkpoint: c.id, reason: `cut ${c.logPosition ? `in request log ${c.logPosition.logId ?? '(no id)'}` : 'before the route logged'}, not in the route's current log ${logId}: the requests after it cannot be replayed` });
+        }
         if (good.length === 0) throw new FailoverFailedError(`${name} has no checkpoint to restore from: it stays down until ${deadNode} returns`, { name, from: deadNode });
         const targets = await this.targetsFor(deadNode);
         if (targets.length === 0) throw new FailoverFailedError(`no ready node to restore ${name} on: it stays down until a node is ready`, { name, from: deadNode });
@@ -262,9 +296,22 @@ export class FailoverService implements ContainerRescuer {
         await fences.fence(deadNode, name, current.generation);
         await fences.clear(record.to, name);
         await locks.save(held, current);
-        if (record.logPosition !== null && record.logPosition !== undefined) {
+        await controllerPauses.at('failover:replay');
+        const position = record.logPosition;
+        const after = position?.logId && position.logId === logId ? { logId: position.logId, seq: position.seq } : undefined;
+        if (!after && logId !== undefined) {
+          record.noReplay = `no checkpoint of ${name} was cut in its route's current request log (${logId}): restored from ${record.checkpoint} without a replay, so the requests logged since it are not applied`;
+          log.warn({ container: name, checkpoint: record.checkpoint }, record.noReplay);
+        }
+        if (after) {
           const t = Date.now();
-          const replay = await traffic.replay(name, record.logPosition, current);
+          const replay = await this.replay(record, after, current).catch(async (err: unknown) => {
+            // The new copy runs but lacks requests that were acknowledged: it must not get live
+            // traffic, and protection must not cut a checkpoint from it. The lock and the hold stay.
+            record.replayPending = true;
+            keepLock = true;
+            throw err;
+          });
           record.timings.replayMs = Date.now() - t;
           record.replayed = replay.replayed;
           record.delivered = replay.delivered;
@@ -277,6 +324,7 @@ export class FailoverService implements ContainerRescuer {
       } finally {
         // A failed failover releases nothing: traffic must not go back to the dead node.
         if (held_ && record.outcome === 'done') {
+          await controllerPauses.at('failover:release');
           const t = Date.now();
           await traffic.release(name, lockId, current);
           record.timings.releaseMs = Date.now() - t;
@@ -287,7 +335,54 @@ export class FailoverService implements ContainerRescuer {
       await this.failed(record, err);
       throw err;
     } finally {
-      await locks.releaseIfHeld(held).catch((err: unknown) => log.error({ err: toChipmunkError(err).toJSON() }, `could not release the lock ${lockId} of ${name}`));
+      if (!keepLock) await locks.releaseIfHeld(held).catch((err: unknown) => log.error({ err: toChipmunkError(err).toJSON() }, `could not release the lock ${lockId} of ${name}`));
+    }
+  }
+
+  /** The logged requests after the checkpoint's cut, into the new copy; retried a few times (a replay resumes from where it is: positions make it idempotent). */
+  private async replay(record: FailoverRecord, after: LogPosition, current: ContainerRecord): Promise<{ replayed: number; delivered: number }> {
+    for (let attempt = 1; ; attempt++) {
+      try {
+        return await this.opts.traffic.replay(record.name, after, current);
+      } catch (err) {
+        if (err instanceof LogMismatchError) {
+          // The route's log changed since the cut (unlogged and logged again): nothing to replay from it.
+          record.noReplay = err.message;
+          return { replayed: 0, delivered: 0 };
+        }
+        record.replayError = toChipmunkError(err).toJSON();
+        // The copy may have applied a request the gateway could not confirm: another replay could apply it twice.
+        if (toChipmunkError(err).details.written === true || attempt >= REPLAY_ATTEMPTS) throw err;
+        this.opts.log.warn({ container: record.name, attempt, err: toChipmunkError(err).toJSON() }, `replaying the logged requests of ${record.name} failed; trying again`);
+        await sleep(REPLAY_RETRY_MS);
+      }
+    }
+  }
+
+  /** Failovers whose replay failed: tried again while their lock still holds the container. */
+  private async retryPendingReplays(): Promise<void> {
+    for (const record of await this.list()) {
+      if (!record.replayPending || !record.lockId || this.inProgress.has(record.name)) continue;
+      const current = await this.opts.locks.get(record.name);
+      if (current?.value.lock?.id !== record.lockId) continue;
+      const held: HeldLock = { name: record.name, lock: current.value.lock, record: current.value };
+      await this.once(record.name, async () => {
+        if (record.replayError?.details?.written !== true) {
+          await this.resume(held, record);
+          return record;
+        }
+        // The copy may have applied a request the replay could not confirm: its state is unknown.
+        // It goes, and the container is restored again from its checkpoint, with a full replay.
+        const node = await this.opts.nodes.require(held.record.node);
+        await this.opts.agentFor(node).remove(record.name).catch((err: unknown) => {
+          if (toChipmunkError(err).code !== 'CHIPMUNK_NOT_FOUND') throw err;
+        });
+        await this.save({ ...record, replayPending: false });
+        const again = this.newRecord(record.name, held.record.node, Date.now());
+        again.reason = `the replay into the copy restored by ${record.id} may have applied a request twice: restored again`;
+        await this.save(again);
+        return this.run(again, held);
+      }).catch((err: unknown) => this.opts.log.warn({ container: record.name, err: toChipmunkError(err).toJSON() }, `replay of ${record.name} failed again; its route stays held`));
     }
   }
 
@@ -302,4 +397,10 @@ export class FailoverService implements ContainerRescuer {
   private async save(record: FailoverRecord): Promise<void> {
     await this.opts.store.put(FAILOVERS_PREFIX + record.id, record);
   }
+}
+
+/** A failed failover is tried again after 5 s, then twice as long each time, up to 5 minutes. */
+function nextBackoff(previous: { waitMs: number } | undefined): { at: number; waitMs: number } {
+  const waitMs = Math.min(previous ? previous.waitMs * 2 : 5_000, 5 * 60_000);
+  return { at: Date.now() + waitMs, waitMs };
 }

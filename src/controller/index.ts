@@ -21,7 +21,7 @@ import { DEFAULT_NODE_READY_WITHIN_MS, NodeRegistry } from './registry.js';
 import { recoverStaleLocks } from './recovery.js';
 import { RouteService } from './routes.js';
 import { buildControllerServer } from './server.js';
-import { openStore } from './store/index.js';
+import { openStore, storeIdentity } from './store/index.js';
 
 export type { AgentApi } from './agent-client.js';
 export type { AgentResolver } from './containers.js';
@@ -64,6 +64,8 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
   const storeSpec = opts.storeSpec ?? DEFAULT_STORE_SPEC;
   if (storeSpec.startsWith('sqlite:')) await mkdir(dirname(storeSpec.slice('sqlite:'.length)), { recursive: true });
   const store = await openStore(storeSpec);
+  // Made once per store: it marks the gateway routes (and request logs) this controller owns.
+  const storeId = await storeIdentity(store);
 
   const agentFor: AgentResolver = opts.agentFactory ?? ((node) => new HttpAgentApi({ node: node.name, url: node.url, token: opts.token }));
   const nodeLeaseMs = opts.nodeReadyWithinMs ?? DEFAULT_NODE_READY_WITHIN_MS;
@@ -75,7 +77,7 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
     store,
     async (node) => (await nodes.get(node).catch(() => undefined))?.address,
     logger,
-    opts.gateway ? { ...opts.gateway, token: opts.token } : undefined,
+    opts.gateway ? { ...opts.gateway, token: opts.token, owner: storeId } : undefined,
   );
   const temporaryCheckpointDir = opts.checkpointDir || storeSpec.startsWith('sqlite:') ? undefined : await mkdtemp(join(tmpdir(), 'chipmunk-checkpoints-'));
   const checkpointDir = opts.checkpointDir ?? temporaryCheckpointDir ?? join(dirname(storeSpec.slice('sqlite:'.length)), 'checkpoints');
@@ -134,7 +136,7 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
   );
   migrations.start();
   checkpoints.start();
-  logger.info({ store: storeSpec }, `controller listening on http://${host}:${address.port}`);
+  logger.info({ store: storeSpec, storeId }, `controller listening on http://${host}:${address.port}`);
   return {
     url: `http://${host}:${address.port}`,
     close: async () => {

@@ -23,6 +23,7 @@ import type { AgentContainer, MigrationRecord, MigrationSummary, RestoreResult }
 import type { AgentApi } from './agent-client.js';
 import { unlocked, type ContainerLocks, type ContainerRecord, type HeldLock } from './container-lock.js';
 import type { AgentResolver } from './containers.js';
+import { controllerPauses } from './faults.js';
 import type { Fences } from './fences.js';
 import { blamedPhase, type MigrationJournal, type MigrationRun } from './migration-journal.js';
 import type { NodeRegistry } from './registry.js';
@@ -57,7 +58,9 @@ type Location =
   | { kind: 'away' };
 
 const ABORT_ATTEMPTS = 3;
-const ABORT_RETRY_MS = 300;
+const ABORT_RETRY_MS = 500;
+/** Past the node lease, how long a live migration keeps asking a silent target before it leaves the rollback to the retry loop. */
+const ABORT_GRACE_MS = 2_000;
 /** A target still restoring (pages arriving) when the failure was seen gets this long to come up. */
 const TARGET_GRACE_MS = 10_000;
 const TARGET_POLL_MS = 500;
@@ -76,6 +79,7 @@ export class MigrationSettler {
     await this.opts.journal.enter(run, 'cleanup', { message: mode === 'lazy' ? `${from} serves the remaining memory pages, then removes its copy` : `${from} removes its copy` }, committed);
     await this.opts.fences.clear(to, name);
     await this.opts.journal.release(run, committed);
+    await controllerPauses.at('migration:cleanup');
     const cleanupPending = !(await this.finishSource(run.record));
     const settled = await this.agent(run, 'target')
       .settle(id)
@@ -164,14 +168,15 @@ export class MigrationSettler {
         this.opts.log.warn({ migrationId: id, err: cause.toJSON() }, `migration ${id} of ${name} failed (${cause.message}), but ${name} runs on ${to}: it goes through`);
         return this.rollForward(run, where.running);
       case 'source': {
-        await this.abortTarget(run);
+        // Nothing was dumped, so the target cannot run a copy: its preparation is undone as far as it answers.
+        await this.abortTarget(run, false);
         const container = { ...run.held.record, status: 'running' as const, generation: where.running.generation, ip: where.running.ip };
         await this.opts.journal.release(run, container);
         throw await this.fail(run, container, cause, `${name} still runs on ${from}`);
       }
       case 'rollback': {
         await this.opts.journal.enter(run, 'rollback', { message: `removing ${name} from ${to}, then running it on ${from} again` }).catch(() => undefined);
-        if (!(await this.abortTarget(run))) throw await this.pending(run, cause, `${to} did not confirm that it removed its copy, and rolling back before it does could run ${name} twice`, live);
+        if (!(await this.abortTarget(run, live))) throw await this.pending(run, cause, `${to} did not confirm that it removed its copy, and rolling back before it does could run ${name} twice`, live);
         let running: AgentContainer;
         try {
           running = await this.agent(run, 'source').rollback(id);
@@ -193,7 +198,7 @@ export class MigrationSettler {
   /** The memory is gone from the source and the target does not run the container. */
   private async lost(run: MigrationRun, cause: ChipmunkError, reason: string, live: boolean): Promise<never> {
     const { name, from } = run.record;
-    await this.abortTarget(run);
+    await this.abortTarget(run, live);
     const { rescuer } = this.opts;
     if (run.held.record.protection && rescuer) {
       const message = `${name} could not run on either node (${reason}): restoring it from its newest checkpoint`;
@@ -243,19 +248,23 @@ export class MigrationSettler {
    * Whether the target confirmed it holds no copy. A target whose node is dead is fenced
    * instead: its agent removes that copy when it comes back, before anything runs twice.
    */
-  private async abortTarget(run: MigrationRun): Promise<boolean> {
+  private async abortTarget(run: MigrationRun, live: boolean): Promise<boolean> {
     const { id, name, to } = run.record;
     const target = this.agent(run, 'target');
-    for (let attempt = 1; attempt <= ABORT_ATTEMPTS; attempt++) {
+    // A client waits on a live migration: it gets a settled answer when the target's node is
+    // declared dead within its lease, instead of an unsettled one at once.
+    const deadline = Date.now() + (live ? this.opts.nodes.leaseMs + ABORT_GRACE_MS : 0);
+    for (let attempt = 1; ; attempt++) {
       try {
         await target.abort(id);
         return true;
       } catch (err) {
-        this.opts.log.warn({ migrationId: id, attempt, err: toChipmunkError(err).toJSON() }, `abort of migration ${id} on ${to} failed`);
-        if (attempt < ABORT_ATTEMPTS) await sleep(ABORT_RETRY_MS);
+        if (attempt === 1) this.opts.log.warn({ migrationId: id, err: toChipmunkError(err).toJSON() }, `abort of migration ${id} on ${to} failed; asking again until it answers or its node is dead`);
       }
+      if (!(await this.opts.nodes.isReady(to))) break;
+      if (attempt >= ABORT_ATTEMPTS && Date.now() >= deadline) return false;
+      await sleep(ABORT_RETRY_MS);
     }
-    if (await this.opts.nodes.isReady(to)) return false;
     const sourceGeneration = run.record.generation ?? run.held.record.generation;
     await this.opts.fences.fence(to, name, sourceGeneration + 2);
     this.opts.log.warn({ migrationId: id }, `${to} is dead: its copy of ${name} (if any) is fenced and will be removed when it returns`);

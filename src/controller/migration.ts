@@ -33,6 +33,7 @@ import {
 import type { MigrateRequest, MigrationEvent, MigrationMode, MigrationRecord, MigrationSummary } from '../shared/protocol.js';
 import { PAGE_SERVER_PORTS } from '../shared/protocol.js';
 import { lockedError, type ContainerLocks } from './container-lock.js';
+import { controllerPauses } from './faults.js';
 import { unreachable, type AgentResolver } from './containers.js';
 import { MigrationJournal, migrationKey, type MigrationRun, type TrafficGate } from './migration-journal.js';
 import { MigrationSettler, type ContainerRescuer, type Progress } from './migration-settle.js';
@@ -227,8 +228,10 @@ export class MigrationOrchestrator {
       // The target gets ready (image, network namespace, address, ports) while the container
       // still runs: none of it has to happen inside the downtime.
       await target.prepare(id, { migrationId: id, mode, spec: run.held.record.spec, generation, source: { node: from, url: run.source.url } });
+      await controllerPauses.at('migration:prepare');
       await this.journal.hold(run);
       await this.journal.enter(run, 'dump', { message: `freezing ${name} on ${from}` });
+      await controllerPauses.at('migration:dump');
       progress.dumpStarted = true;
       const dump = await source
         .dump(name, { migrationId: id, mode, ...(run.pageServerPort !== undefined ? { pageServerPort: run.pageServerPort } : {}) })
@@ -240,6 +243,7 @@ export class MigrationOrchestrator {
 
       const transferTotal = dump.imageBytes + dump.upperBytes;
       await this.journal.enter(run, 'transfer', { totalBytes: transferTotal, message: `${to} fetches the dump from ${from} and restores ${name}` });
+      await controllerPauses.at('migration:transfer');
       // Bytes as the target receives them: reported live, not recorded (the phase is).
       const poll = setInterval(() => {
         target
@@ -259,6 +263,7 @@ export class MigrationOrchestrator {
         .finally(() => clearInterval(poll));
 
       await this.journal.enter(run, 'verify', { bytes: restored.bytesTransferred, message: `checking that ${name} runs on ${to}` });
+      await controllerPauses.at('migration:verify');
       const running = await target.get(name);
       if (running.status !== 'running') {
         throw new RuntimeFailedError(`${name} is ${running.status} on ${to} right after its restore`, { op: 'verify', status: running.status });

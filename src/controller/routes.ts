@@ -3,20 +3,25 @@
  * The controller owns the table (store keys /routes/NAME) and pushes it to the gateway: the
  * whole table after every change and periodically (so a restarted gateway is current within
  * one period), and hold/release around each migration of an exposed container.
+ *
+ * Every route pushed carries the owner, this store's identity: a sync removes only routes of
+ * this owner that the store no longer has, so the routes (and request logs) of another
+ * controller, or of an older one that set no owner, are never touched; they are reported.
+ *
+ * Holds end only by a release. The sync settles holds left behind (their operation ended
+ * without releasing, e.g. a controller died): it releases them, unless the container is locked
+ * (its operation, or a failover whose replay is still owed, keeps the lock: failover.ts).
  */
 import type { Logger } from 'pino';
 import { ConflictError, InvalidInputError, NotFoundError, UnavailableError, toChipmunkError } from '../shared/errors.js';
 import type { StateStore } from './store/index.js';
 import { GatewayClient } from '../gateway/client.js';
-import type { SyncedRoute, Upstream } from '../gateway/protocol.js';
+import type { LogPosition, RouteView, SyncedRoute, Upstream } from '../gateway/protocol.js';
 import type { ExposeRequest, ExposedRoute } from '../shared/protocol.js';
 import { containerKey, type ContainerRecord } from './container-lock.js';
 
-
 const routeKey = (name: string) => `/routes/${name}`;
 const SYNC_PERIOD_MS = 5_000;
-/** A failover's hold asks for this long (the gateway caps it at its own maximum). */
-const FAILOVER_HOLD_MS = 10 * 60_000;
 
 /** A protected container's HTTP route logs every request: a failover replays them. */
 function logs(route: ExposedRoute, container: ContainerRecord): boolean {
@@ -29,15 +34,20 @@ export class RouteService {
   private queue: Promise<unknown> = Promise.resolve();
   /** Where clients reach the gateway's route listeners, for `ps`. */
   private readonly gatewayHost?: string;
+  /** This store's identity: the owner of every route this controller pushes. */
+  private readonly owner: string;
+  /** Routes of other owners already reported, so the log says it once per change. */
+  private reportedForeign = '';
 
   constructor(
     private readonly store: StateStore,
     private readonly nodeAddress: (node: string) => Promise<string | undefined>,
     private readonly log: Logger,
-    gateway?: { url: string; token: string; publicHost?: string },
+    gateway?: { url: string; token: string; publicHost?: string; owner: string },
   ) {
     if (gateway) this.gateway = new GatewayClient({ url: gateway.url, token: gateway.token });
     this.gatewayHost = gateway?.publicHost;
+    this.owner = gateway?.owner ?? '';
   }
 
   /** Starts the periodic push; a gateway that restarted gets the table back. */
@@ -64,7 +74,7 @@ export class RouteService {
     }
     const upstream = await this.upstreamOf(container.value, route);
     // The gateway opens the listener first: a port taken on its host fails here, nothing stored.
-    await this.gateway.putRoute(name, { protocol: route.protocol, listenPort: route.listenPort, log: logs(route, container.value), ...(upstream ? { upstream } : {}) });
+    await this.gateway.putRoute(name, { protocol: route.protocol, listenPort: route.listenPort, log: logs(route, container.value), owner: this.owner, ...(upstream ? { upstream } : {}) });
     await this.store.put(routeKey(name), route);
     return route;
   }
@@ -73,7 +83,8 @@ export class RouteService {
     const existing = await this.store.get(routeKey(name));
     if (!existing) throw new NotFoundError(`container '${name}' is not exposed`, { name });
     await this.store.delete(routeKey(name));
-    await this.gateway?.removeRoute(name).catch((err: unknown) => this.warn(`removing route ${name} from the gateway failed`, err));
+    // The only place a route's request log is deleted: an explicit unexpose by its owner.
+    await this.gateway?.removeRoute(name, this.owner).catch((err: unknown) => this.warn(`removing route ${name} from the gateway failed`, err));
   }
 
   async get(name: string): Promise<ExposedRoute | undefined> {
@@ -96,7 +107,7 @@ export class RouteService {
    * container has answered up to. A route that is not (yet) logging, or a gateway that cannot
    * give a clean cut, fails the checkpoint rather than store one without its position.
    */
-  async cut(name: string, holdId: string): Promise<{ held: boolean; logPosition: number | null }> {
+  async cut(name: string, holdId: string): Promise<{ held: boolean; logPosition: LogPosition | null }> {
     const route = await this.get(name);
     const container = (await this.store.get<ContainerRecord>(containerKey(name)))?.value;
     if (!this.gateway || !route || !container || !logs(route, container)) return { held: false, logPosition: null };
@@ -109,12 +120,15 @@ export class RouteService {
     return { held: true, logPosition: held.logPosition };
   }
 
-  /** A failover: hold at once (nothing will come back from the dead node), as long as the gateway allows. */
+  /**
+   * A failover: hold at once (nothing will come back from the dead node). The route stays held
+   * until released, however long the restore and replay take.
+   */
   async holdNow(name: string, holdId: string): Promise<boolean> {
     if (!this.gateway || !(await this.get(name))) return false;
     const gateway = this.gateway;
     try {
-      await this.serial(() => gateway.hold(name, holdId, { drain: false, timeoutMs: FAILOVER_HOLD_MS }));
+      await this.serial(() => gateway.hold(name, holdId, { drain: false }));
       return true;
     } catch (err) {
       this.warn(`gateway hold of ${name} for its failover failed; its clients may see errors`, err);
@@ -132,19 +146,25 @@ export class RouteService {
     await this.serial(() => gateway.release(name, migrationId, upstream)).catch((err: unknown) => this.warn(`gateway release of ${name} failed`, err));
   }
 
-  async trimLog(name: string, upToSeq: number): Promise<void> {
+  async trimLog(name: string, upTo: LogPosition): Promise<void> {
     if (!this.gateway || !(await this.get(name))) return;
-    await this.gateway.trimLog(name, upToSeq);
+    await this.gateway.trimLog(name, upTo);
   }
 
-  /** Replays the logged requests after `afterSeq` into the container where it runs now (the route is held). */
-  async replay(name: string, afterSeq: number, container: ContainerRecord): Promise<{ replayed: number; delivered: number }> {
+  /** Replays the logged requests after `after` into the container where it runs now (the route is held). */
+  async replay(name: string, after: LogPosition, container: ContainerRecord): Promise<{ replayed: number; delivered: number }> {
     const route = await this.get(name);
     if (!this.gateway || !route) return { replayed: 0, delivered: 0 };
     const upstream = await this.upstreamOf(container, route);
     if (!upstream) throw new UnavailableError(`cannot replay into ${name}: it has no address the gateway can reach`, { name });
-    const result = await this.gateway.replay(name, afterSeq, upstream);
+    const result = await this.gateway.replay(name, after, upstream);
     return { replayed: result.replayed, delivered: result.delivered };
+  }
+
+  /** The id of the container's current request log at the gateway; undefined if its route does not log (or no gateway). */
+  async currentLogId(name: string): Promise<string | undefined> {
+    if (!this.gateway || !(await this.get(name))) return undefined;
+    return (await this.gateway.getRoute(name)).requestLog?.logId;
   }
 
   /** Pushes the table now: a protection change turns the route's request log on or off. */
@@ -161,10 +181,11 @@ export class RouteService {
   }
 
   /**
-   * Pushes the whole table. A route whose container is migrating is resent exactly as the
-   * gateway has it (upstream and hold): during a move only the migration's own hold and release
-   * say where traffic goes; the store still names the source until the move is recorded.
-   * Serialized with hold and release, so a sync never lands between them with older data.
+   * Pushes this owner's whole table. A route whose container is migrating (or locked by another
+   * operation) is resent exactly as the gateway has it (upstream and hold): during a move only the
+   * operation's own hold and release say where traffic goes; the store still names the source
+   * until the move is recorded. Then holds left behind are settled, and routes of other owners
+   * reported. Serialized with hold and release, so a sync never lands between them with older data.
    */
   private sync(): Promise<void> {
     return this.serial(async () => {
@@ -172,24 +193,40 @@ export class RouteService {
       try {
         const live = new Map((await this.gateway.listRoutes()).map((route) => [route.name, route]));
         const routes: SyncedRoute[] = [];
+        const stale: Array<{ name: string; holdId: string; upstream: Upstream }> = [];
         for (const r of await this.list()) {
           const container = await this.store.get<ContainerRecord>(containerKey(r.name));
           const current = live.get(r.name);
           // Without the flag the gateway stops logging and deletes the log: always state it.
           const log = container ? logs(r, container.value) : false;
-          if (container?.value.lock && current) {
-            const hold = current.state === 'holding' && current.migration ? { migrationId: current.migration.id } : undefined;
-            routes.push({ name: r.name, protocol: r.protocol, listenPort: r.listenPort, log, ...(current.upstream ? { upstream: current.upstream } : {}), ...(hold ? { hold } : {}) });
+          const holdId = current?.state === 'holding' ? current.migration?.id : undefined;
+          if (current && container?.value.lock) {
+            routes.push({ name: r.name, protocol: r.protocol, listenPort: r.listenPort, log, ...(current.upstream ? { upstream: current.upstream } : {}), ...(holdId ? { hold: { migrationId: holdId } } : {}) });
             continue;
           }
           const upstream = container ? await this.upstreamOf(container.value, r) : undefined;
           routes.push({ name: r.name, protocol: r.protocol, listenPort: r.listenPort, log, ...(upstream ? { upstream } : {}) });
+          if (holdId && upstream && current?.owner === this.owner) stale.push({ name: r.name, holdId, upstream });
         }
-        await this.gateway.sync(routes);
+        const synced = await this.gateway.sync(this.owner, routes);
+        for (const { name, holdId, upstream } of stale) {
+          this.log.warn({ container: name, holdId, upstream }, `the gateway still held ${name} for ${holdId}, which no longer runs: releasing it to where the container runs`);
+          await this.gateway.release(name, holdId, upstream).catch((err: unknown) => this.warn(`releasing the leftover hold ${holdId} of ${name} failed; the next sync tries again`, err));
+        }
+        this.reportForeign(synced);
       } catch (err) {
         this.warn('pushing the route table to the gateway failed; will retry', err);
       }
     });
+  }
+
+  /** Routes at the gateway that are not this controller's: left alone, and said so once. */
+  private reportForeign(routes: RouteView[]): void {
+    const foreign = routes.filter((r) => r.owner !== this.owner).map((r) => `${r.name} (${r.owner ? `owner ${r.owner}` : 'no owner'})`);
+    const summary = foreign.join(', ');
+    if (summary === this.reportedForeign) return;
+    this.reportedForeign = summary;
+    if (foreign.length) this.log.warn({ routes: foreign, owner: this.owner }, `the gateway has routes this controller does not own, left alone: ${summary}`);
   }
 
   private serial<T>(fn: () => Promise<T>): Promise<T> {

@@ -5,7 +5,7 @@
  * at the old one); sync() after either side restarted.
  */
 import { ApiClient } from '../shared/http.js';
-import type { HoldResponse, ReplayResult, RouteSpec, RouteView, SyncedRoute, Upstream } from './protocol.js';
+import type { HoldResponse, LogPosition, ReplayResult, RouteSpec, RouteView, SyncedRoute, Upstream } from './protocol.js';
 
 export interface GatewayClientOptions {
   url: string;
@@ -33,13 +33,15 @@ export class GatewayClient {
     return this.api.put(`/v1/routes/${encodeURIComponent(name)}`, spec);
   }
 
-  removeRoute(name: string): Promise<void> {
-    return this.api.delete(`/v1/routes/${encodeURIComponent(name)}`);
+  /** Removes the route and deletes its request log; `owner` must be the route's, if it has one. */
+  removeRoute(name: string, owner?: string): Promise<void> {
+    const query = owner === undefined ? '' : `?owner=${encodeURIComponent(owner)}`;
+    return this.api.delete(`/v1/routes/${encodeURIComponent(name)}${query}`);
   }
 
   /**
-   * New traffic waits from now on; `timeoutMs` (capped by the gateway) ends the hold if no
-   * release comes. On a logged route the answer has the cut: `logPosition`, or `uncleanCut`
+   * New traffic waits from now on, until release(); requests waiting longer than `timeoutMs`
+   * (capped by the gateway) get 503 hold-timeout, but the route stays held. On a logged route the answer has the cut: `logPosition`, or `uncleanCut`
    * saying why a checkpoint taken now is not a restore point.
    */
   hold(name: string, migrationId: string, opts: { timeoutMs?: number; drain?: boolean } = {}): Promise<HoldResponse> {
@@ -51,17 +53,18 @@ export class GatewayClient {
   }
 
   /**
-   * Sends the held route's logged requests after `afterSeq` (the checkpoint's logPosition), in
+   * Sends the held route's logged requests after `after` (the checkpoint's logPosition), in
    * order, to the container restored at `upstream`; waiting clients get their answers. Then
    * release() to the same upstream. A long log takes a while: `timeoutMs` defaults to 5 minutes.
+   * A position of another log than the route's current one: LogMismatchError.
    */
-  replay(name: string, afterSeq: number, upstream: Upstream, timeoutMs = 300_000): Promise<ReplayResult> {
-    return this.api.post(`/v1/routes/${encodeURIComponent(name)}/replay`, { afterSeq, upstream }, { timeoutMs });
+  replay(name: string, after: LogPosition, upstream: Upstream, timeoutMs = 300_000): Promise<ReplayResult> {
+    return this.api.post(`/v1/routes/${encodeURIComponent(name)}/replay`, { after, upstream }, { timeoutMs });
   }
 
-  /** The checkpoint at `upToSeq` is committed: log records up to it are deleted. */
-  trimLog(name: string, upToSeq: number): Promise<RouteView> {
-    return this.api.post(`/v1/routes/${encodeURIComponent(name)}/log/trim`, { upToSeq });
+  /** The checkpoint at `upTo` is committed: log records up to it are deleted. */
+  trimLog(name: string, upTo: LogPosition): Promise<RouteView> {
+    return this.api.post(`/v1/routes/${encodeURIComponent(name)}/log/trim`, { upTo });
   }
 
   /** Held and new traffic goes to `upstream` from now on. */
@@ -69,8 +72,8 @@ export class GatewayClient {
     return this.api.post(`/v1/routes/${encodeURIComponent(name)}/release`, { migrationId, upstream });
   }
 
-  /** Replaces the whole table: routes not listed are removed. */
-  sync(routes: SyncedRoute[]): Promise<RouteView[]> {
-    return this.api.put('/v1/routes', { routes });
+  /** Replaces `owner`'s routes: its routes not listed are removed, other owners' are left alone. Ends no hold. */
+  sync(owner: string, routes: SyncedRoute[]): Promise<RouteView[]> {
+    return this.api.put('/v1/routes', { owner, routes });
   }
 }

@@ -14,7 +14,11 @@ export interface HoldLimits {
   maxQueued: number;
   /** Request body bytes one route may hold in memory (bodies are read before the queue, to keep its order). */
   maxQueuedBytes: number;
-  /** Longest hold: a hold not released by then ends by itself, traffic goes to the old upstream. */
+  /**
+   * Longest wait for a release: then the waiting requests get 503 hold-timeout (they were never
+   * acknowledged). The route stays held until it is released; a request arriving after the
+   * bound passed waits at most the hold's timeout itself.
+   */
   maxHoldMs: number;
   /**
    * After a release (or an upstream change), for this long a connection the upstream refuses is
@@ -103,7 +107,7 @@ export class RouteGate {
    * `signal` withdraws a waiting client (it went away); `bytes` is what it holds in memory.
    */
   async pass(signal?: AbortSignal, bytes = 0): Promise<Route & { upstream: NonNullable<Route['upstream']> }> {
-    while (this.current.state === 'holding') await this.wait(signal, bytes);
+    while (this.current.state === 'holding') await this.wait(signal, bytes, this.lapsedWaitMs());
     const route = this.current;
     if (!route.upstream) {
       throw new RouteRefusedError('no-upstream', `container '${route.name}' runs nowhere the gateway knows of: no upstream for this route`, {
@@ -115,17 +119,22 @@ export class RouteGate {
 
   /**
    * A new version of the route. Leaving `holding` releases the queue in arrival order, or refuses
-   * it if there is nowhere to go; `expired` says the hold timed out (the reason then given).
+   * it if there is nowhere to go. A hold whose time bound just passed turns its queue away and
+   * stays held.
    */
-  update(route: Route, expired = false): void {
+  update(route: Route): void {
     const previous = this.current;
     this.current = route;
-    if (route.state === 'holding') return;
+    if (route.state === 'holding') {
+      if (route.migration?.lapsedAt !== undefined && previous.migration?.lapsedAt === undefined) {
+        this.refuseAll('hold-timeout', `container '${route.name}' is still moving (held by ${route.migration.id}) after the hold's time bound: try again later`);
+      }
+      return;
+    }
     // Traffic is redirected (a hold ended, or the upstream changed): the reconnect window opens.
     if (previous.state === 'holding' || !sameUpstream(previous.upstream, route.upstream)) this.openedAt = Date.now();
     if (previous.state !== 'holding') return;
     if (route.upstream) this.drain((w) => w.resolve());
-    else if (expired) this.refuseAll('hold-timeout', `the hold on container '${route.name}' timed out and it has no previous upstream`);
     else this.refuseAll('no-upstream', `container '${route.name}' was released without an upstream`);
   }
 
@@ -151,7 +160,14 @@ export class RouteGate {
     return undefined;
   }
 
-  private wait(signal: AbortSignal | undefined, bytes: number): Promise<void> {
+  /** Past its time bound a hold still holds, but each new request waits at most the hold's own timeout. */
+  private lapsedWaitMs(): number | undefined {
+    const migration = this.current.migration;
+    if (this.current.state !== 'holding' || migration?.lapsedAt === undefined) return undefined;
+    return Math.max(1, migration.expiresAt - migration.heldAt);
+  }
+
+  private wait(signal: AbortSignal | undefined, bytes: number, timeoutMs: number | undefined): Promise<void> {
     const { maxQueued, maxQueuedBytes } = this.limits;
     if (this.waiters.size >= maxQueued || this.waitingBytes + bytes > maxQueuedBytes) {
       const full = this.waiters.size >= maxQueued ? `${maxQueued} waiting` : `${this.waitingBytes + bytes} bytes of request bodies, more than ${maxQueuedBytes}`;
@@ -165,16 +181,26 @@ export class RouteGate {
     }
     return new Promise<void>((resolve, reject) => {
       const onAbort = (): void => {
+        clearTimeout(timer);
         if (this.forget(waiter)) this.onHeldChange(this.waiters.size);
         reject(signal?.reason instanceof Error ? signal.reason : new Error('client went away'));
       };
+      const onTimeout = (): void => {
+        signal?.removeEventListener('abort', onAbort);
+        if (this.forget(waiter)) this.onHeldChange(this.waiters.size);
+        const route = this.current;
+        reject(new RouteRefusedError('hold-timeout', `container '${route.name}' is still moving (held by ${route.migration?.id}) after ${timeoutMs} ms: try again later`, { route: route.name }));
+      };
+      const timer = timeoutMs === undefined ? undefined : setTimeout(onTimeout, timeoutMs);
       const waiter: Waiter = {
         bytes,
         resolve: () => {
+          clearTimeout(timer);
           signal?.removeEventListener('abort', onAbort);
           resolve();
         },
         reject: (err) => {
+          clearTimeout(timer);
           signal?.removeEventListener('abort', onAbort);
           reject(err);
         },

@@ -1,6 +1,7 @@
 /**
  * The gateway's state machine: the route table (routes.ts), one proxy per route, the timers that
- * end holds nobody released, and the state file. The API (server.ts) calls it.
+ * turn away requests of holds not released in time (the hold itself stays until released), and
+ * the state file. The API (server.ts) calls it.
  *
  * Changes are applied one at a time. Each goes to the proxies first and to the state file right
  * after (before the API answers): traffic follows a hold or release at once, and a failed write
@@ -12,10 +13,10 @@ import { ConflictError, InvalidInputError } from '../shared/errors.js';
 import type { HoldLimits } from './gate.js';
 import { HttpRouteProxy } from './http-proxy.js';
 import type { GatewayMetrics } from './metrics.js';
-import type { HoldRequest, HoldResponse, ReleaseRequest, ReplayRequest, ReplayResult, Route, RouteSpec, RouteView, SyncedRoute } from './protocol.js';
+import type { HoldRequest, HoldResponse, LogPosition, ReleaseRequest, ReplayRequest, ReplayResult, Route, RouteSpec, RouteView, SyncedRoute } from './protocol.js';
 import type { RouteProxy } from './proxy.js';
-import { RequestLog } from './request-log.js';
-import { RouteStateFile, RouteTable } from './routes.js';
+import { RequestLog, requireSameLog } from './request-log.js';
+import { RouteStateFile, RouteTable, sameUpstream } from './routes.js';
 import { TcpRouteProxy } from './tcp-proxy.js';
 
 export interface GatewaySettings {
@@ -83,16 +84,19 @@ export class Gateway {
     });
   }
 
-  remove(name: string): Promise<void> {
+  /** Removes the route and deletes its request log; refused unless `owner` is the route's owner (or it has none). */
+  remove(name: string, owner: string | undefined): Promise<void> {
     return this.serialized(async () => {
+      this.table.checkOwner(this.table.get(name), owner, 'remove');
       await this.drop(name);
       await this.save();
     });
   }
 
   /**
-   * Holds new traffic for `migrationId` until release(), or until the hold times out. On a
-   * logged route the answer carries the cut: the log position a checkpoint taken now is at.
+   * Holds new traffic for `migrationId` until release(); requests that wait longer than the
+   * hold's timeout get 503 hold-timeout, but the route stays held. On a logged route the answer
+   * carries the cut: the log position a checkpoint taken now is at.
    */
   hold(name: string, request: HoldRequest): Promise<HoldResponse> {
     return this.serialized(async () => {
@@ -111,18 +115,35 @@ export class Gateway {
   }
 
   /**
-   * Sends a held, logged route's records after `afterSeq` to the restored container (see
+   * Sends a held, logged route's records after `request.after` to the restored container (see
    * HttpRouteProxy.replay). Not queued with the other changes: it may take a while, and the
-   * periodic sync must go on meanwhile; release() is refused until it ends.
+   * periodic sync must go on meanwhile; release() is refused until it ends. Sent again under the
+   * same hold (same position and upstream), it goes on after the last record answered.
    */
-  replay(name: string, request: ReplayRequest): Promise<ReplayResult> {
-    return this.loggedProxy(name).replay(request.afterSeq, request.upstream);
+  async replay(name: string, request: ReplayRequest): Promise<ReplayResult> {
+    const proxy = this.loggedProxy(name);
+    // The start is saved with the hold: a replay sent again after a gateway restart must not
+    // apply from the start what the restored container may have applied already.
+    const fresh = await this.serialized(async () => {
+      const route = this.table.get(name);
+      const started = route.migration?.replay;
+      const same = started && started.after.logId === request.after.logId && started.after.seq === request.after.seq && sameUpstream(started.upstream, request.upstream);
+      if (same || route.state !== 'holding' || !route.migration) return !same;
+      this.commit({ ...route, generation: route.generation + 1, migration: { ...route.migration, replay: { after: request.after, upstream: request.upstream } } });
+      await this.save();
+      return true;
+    });
+    return proxy.replay(request.after, request.upstream, fresh);
   }
 
-  /** Drops the log records up to `upToSeq`: a checkpoint at that position is committed. */
-  async trimLog(name: string, upToSeq: number): Promise<RouteView> {
+  /** Drops the log records up to `upTo`: a checkpoint at that position is committed. */
+  async trimLog(name: string, upTo: LogPosition): Promise<RouteView> {
     this.loggedProxy(name);
-    await this.requestLogs.get(name)?.trim(upToSeq);
+    const requestLog = this.requestLogs.get(name);
+    if (requestLog) {
+      requireSameLog(name, requestLog.id, upTo, 'trim');
+      await requestLog.trim(upTo.seq);
+    }
     return this.get(name);
   }
 
@@ -142,21 +163,22 @@ export class Gateway {
   }
 
   /**
-   * Makes the table exactly `routes` (the controller resends everything after a restart of
-   * either side). Every route that can be applied is; the ones that cannot (port taken) keep
-   * their previous state and are named in the ConflictError thrown at the end.
+   * Makes `owner`'s routes exactly `routes` (the controller resends everything after a restart
+   * of either side); routes of other owners, or of none, are left alone. Every route that can be
+   * applied is; the ones that cannot (port taken, another owner's) keep their previous state and
+   * are named in the ConflictError thrown at the end. A sync never ends a hold.
    */
-  sync(routes: SyncedRoute[]): Promise<RouteView[]> {
+  sync(owner: string, routes: SyncedRoute[]): Promise<RouteView[]> {
     return this.serialized(async () => {
       const wanted = new Map(routes.map((r) => [r.name, r]));
       if (wanted.size !== routes.length) throw new InvalidInputError('a route name appears twice in the sync: list each container once', { names: routes.map((r) => r.name) });
       for (const route of this.table.list()) {
-        if (!wanted.has(route.name)) await this.drop(route.name);
+        if (route.owner === owner && !wanted.has(route.name)) await this.drop(route.name);
       }
       const failed: Record<string, string> = {};
       for (const synced of routes) {
         try {
-          await this.applySpec(synced.name, synced);
+          await this.applySpec(synced.name, { ...synced, owner });
           this.applySyncedHold(synced);
         } catch (err) {
           failed[synced.name] = (err as Error).message;
@@ -231,25 +253,20 @@ export class Gateway {
     this.settings.log.info({ route: route.name, protocol: route.protocol, listenPort: route.listenPort, upstream: route.upstream }, 'route listening');
   }
 
-  private applyHold(name: string, request: HoldRequest): void {
+  private applyHold(name: string, request: HoldRequest, replace = false): void {
     const now = Date.now();
     const timeoutMs = Math.min(request.timeoutMs ?? this.settings.limits.maxHoldMs, this.settings.limits.maxHoldMs);
-    const route = this.table.withHold(name, request.migrationId, now + timeoutMs, now);
+    const route = this.table.withHold(name, request.migrationId, now + timeoutMs, now, replace);
     this.commit(route);
   }
 
-  /** A synced route holds exactly when the controller says a migration runs. */
+  /**
+   * A synced route with `hold` is held by that migration (the controller knows which one runs:
+   * it takes over another's hold). Without it a held route stays held: only a release opens it,
+   * so that no sync can send traffic to a copy that was not caught up yet.
+   */
   private applySyncedHold(synced: SyncedRoute): void {
-    const route = this.table.get(synced.name);
-    if (synced.hold) {
-      if (route.state === 'holding' && route.migration?.id !== synced.hold.migrationId) {
-        // The controller knows better which migration runs: the old hold is over.
-        this.commit(this.table.withExpiredHold(synced.name, Date.now()));
-      }
-      this.applyHold(synced.name, synced.hold);
-    } else if (route.state === 'holding') {
-      this.commit(this.table.withExpiredHold(synced.name, Date.now()));
-    }
+    if (synced.hold) this.applyHold(synced.name, synced.hold, true);
   }
 
   /** Records a changed route and applies it to its proxy and hold timer. */
@@ -257,23 +274,24 @@ export class Gateway {
     const previous = this.table.get(route.name);
     if (route === previous) return;
     this.table.set(route);
-    const expired = route.migration?.outcome === 'expired' && previous.state === 'holding';
-    this.proxies.get(route.name)?.update(route, expired);
-    if (previous.state !== 'holding' && route.state === 'holding') {
+    this.proxies.get(route.name)?.update(route);
+    if (route.state === 'holding' && (previous.state !== 'holding' || previous.migration?.id !== route.migration?.id)) {
       this.armHoldTimer(route);
       this.settings.log.info({ route: route.name, migrationId: route.migration?.id, expiresAt: route.migration?.expiresAt }, 'route holding');
     } else if (previous.state === 'holding' && route.state === 'open') {
       this.clearHoldTimer(route.name);
       const migration = route.migration;
-      if (migration?.outcome && migration.endedAt !== undefined) {
+      if (migration?.outcome === 'released' && migration.endedAt !== undefined) {
         this.settings.metrics.holdEnded(route.name, migration.outcome, (migration.endedAt - migration.heldAt) / 1000);
       }
       this.settings.log.info({ route: route.name, migrationId: migration?.id, outcome: migration?.outcome, upstream: route.upstream }, 'route open');
     }
   }
 
+  /** At the hold's time bound, its waiting requests are turned away; the route stays held. */
   private armHoldTimer(route: Route): void {
     this.clearHoldTimer(route.name);
+    if (route.migration?.lapsedAt !== undefined) return;
     const delay = Math.max(0, (route.migration?.expiresAt ?? 0) - Date.now());
     const timer = setTimeout(() => {
       this.holdTimers.delete(route.name);
@@ -281,12 +299,12 @@ export class Gateway {
         const current = this.table.find(route.name);
         if (this.closed || current?.state !== 'holding' || current.migration?.id !== route.migration?.id) return;
         this.settings.log.warn(
-          { route: route.name, migrationId: route.migration?.id, upstream: current.upstream },
-          'hold timed out without a release: traffic goes to the old upstream',
+          { route: route.name, migrationId: route.migration?.id, held: this.proxies.get(route.name)?.held ?? 0 },
+          "hold's time bound passed without a release: waiting requests get 503 hold-timeout; the route stays held until its release",
         );
-        this.commit(this.table.withExpiredHold(route.name, Date.now()));
+        this.commit(this.table.withLapsedHold(route.name, Date.now()));
         await this.save();
-      }).catch((err: unknown) => this.settings.log.error({ route: route.name, err: (err as Error).message }, 'ending an expired hold failed'));
+      }).catch((err: unknown) => this.settings.log.error({ route: route.name, err: (err as Error).message }, 'turning away the requests of a lapsed hold failed'));
     }, delay);
     timer.unref();
     this.holdTimers.set(route.name, timer);
@@ -361,3 +379,4 @@ export class Gateway {
     return next;
   }
 }
+

@@ -19,9 +19,9 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { Pool, type Dispatcher } from 'undici';
 import { ChipmunkError, ConflictError, InvalidInputError, toChipmunkError } from '../shared/errors.js';
 import { RouteGate, RouteRefusedError, UpstreamFailedError } from './gate.js';
-import type { ReplayResult, Route, Upstream } from './protocol.js';
+import type { LogPosition, ReplayResult, Route, Upstream } from './protocol.js';
 import { listenForRoute, type ProxySettings, type RouteProxy } from './proxy.js';
-import type { LogRecord, RequestLog } from './request-log.js';
+import { requireSameLog, type LogRecord, type RequestLog } from './request-log.js';
 import { sameUpstream } from './routes.js';
 
 export interface HttpProxySettings extends ProxySettings {
@@ -101,6 +101,13 @@ export class HttpRouteProxy implements RouteProxy {
   private readonly unanswered = new Map<number, ProxiedExchange>();
   private parkedCount = 0;
   private replayRunning = false;
+  /**
+   * How far the replays under the current hold got: a replay sent again (same hold, position and
+   * upstream) goes on after the last record the restored container answered, instead of applying
+   * records twice. `uncertainSeq`: a record that may or may not have been applied; no replay can
+   * go on from there (the container must be restored again).
+   */
+  private progress?: { holdId: string; after: LogPosition; upstream: Upstream; through: number; uncertainSeq?: number };
 
   private constructor(
     route: Route,
@@ -145,7 +152,7 @@ export class HttpRouteProxy implements RouteProxy {
    * The cut at the start of a hold (after idle()): the log position every request up to which
    * was answered, none after it forwarded; or why there is no clean one.
    */
-  cut(): { logPosition: number } | { uncleanCut: string } | undefined {
+  cut(): { logPosition: LogPosition } | { uncleanCut: string } | undefined {
     const log = this.requestLog;
     if (!log) return undefined;
     if (log.failed) return { uncleanCut: `the request log cannot be written (${log.failed.message})` };
@@ -154,13 +161,13 @@ export class HttpRouteProxy implements RouteProxy {
         uncleanCut: `${Math.max(this.inFlight, this.unanswered.size)} logged requests are still unanswered (${this.parkedCount} parked): the container may or may not have applied them`,
       };
     }
-    return { logPosition: log.lastSeq };
+    return { logPosition: { logId: log.id, seq: log.lastSeq } };
   }
 
-  update(route: Route, expired = false): void {
+  update(route: Route): void {
     // The pool first: requests the gate releases below go to the new upstream.
     this.followUpstream(route);
-    this.gate.update(route, expired);
+    this.gate.update(route);
   }
 
   async close(reason: 'route-removed' | 'shutting-down'): Promise<void> {
@@ -314,19 +321,33 @@ export class HttpRouteProxy implements RouteProxy {
   }
 
   /**
-   * Sends every logged record with seq > afterSeq, one at a time in seq order, to `upstream`
-   * (the container restored from the checkpoint at afterSeq). A client still waiting for a
-   * record's answer gets it; other answers are dropped. The route must be held, so no live
-   * request mixes in; the records covered are those on disk when the replay starts.
+   * Sends every logged record after position `after` (seq > after.seq), one at a time in seq
+   * order, to `upstream` (the container restored from the checkpoint at that position). A client
+   * still waiting for a record's answer gets it; other answers are dropped. The route must be
+   * held, so no live request mixes in; the records covered are those on disk when the replay
+   * starts. A position of another log than the route's current one is refused.
    */
-  async replay(afterSeq: number, upstream: Upstream): Promise<ReplayResult> {
+  async replay(after: LogPosition, upstream: Upstream, resumable: boolean): Promise<ReplayResult> {
     const name = this.gate.route.name;
     const requestLog = this.requestLog;
     if (!requestLog) throw new ConflictError(`the route of container '${name}' is not logged: there is nothing to replay`, { name });
-    if (this.gate.route.state !== 'holding') {
+    requireSameLog(name, requestLog.id, after, 'replay');
+    const holdId = this.gate.route.migration?.id;
+    if (this.gate.route.state !== 'holding' || holdId === undefined) {
       throw new ConflictError(`hold the route of container '${name}' before replaying its log: live requests would mix with the replay`, { name });
     }
     if (this.replayRunning) throw new ConflictError(`a replay of container '${name}''s log is already running`, { name });
+    const again = this.progress?.holdId === holdId && this.progress.after.seq === after.seq && sameUpstream(this.progress.upstream, upstream) ? this.progress : undefined;
+    if (again?.uncertainSeq !== undefined || (!again && !resumable)) {
+      const why = again ? `request ${again.uncertainSeq} was sent and may or may not have been applied` : 'the gateway restarted during it, so what it applied is unknown';
+      throw new ConflictError(`the replay of container '${name}''s log into ${upstream.address}:${upstream.port} cannot go on: ${why}; restore the container again from its checkpoint and replay into the new copy`, {
+        name,
+        ...(again ? { seq: again.uncertainSeq } : {}),
+      });
+    }
+    const progress = again ?? { holdId, after, upstream, through: after.seq };
+    this.progress = progress;
+    const afterSeq = progress.through;
     this.replayRunning = true;
     const pool = new Pool(`http://${hostForUrl(upstream.address)}:${upstream.port}`, { connections: 1 });
     try {
@@ -344,9 +365,11 @@ export class HttpRouteProxy implements RouteProxy {
           await this.replayRecord(pool, record, upstream, client);
         } catch (err) {
           client?.replayFinished(false);
+          if (!(err instanceof ReplayFailedError) || err.details?.written !== false) progress.uncertainSeq = record.seq;
           throw err;
         }
         client?.replayFinished(true);
+        progress.through = record.seq;
         const outcome = client && !client.clientGone ? 'delivered' : 'dropped';
         result.replayed++;
         result.lastSeq = record.seq;

@@ -22,6 +22,7 @@ export { DEFAULT_HOLD_LIMITS, type HoldLimits, type RefusalReason, type Upstream
 export type {
   HoldRequest,
   HoldResponse,
+  LogPosition,
   ReleaseRequest,
   ReplayRequest,
   ReplayResult,

@@ -33,7 +33,7 @@ export class GatewayMetrics {
   });
   private readonly holdDuration = new Histogram({
     name: 'chipmunk_gateway_hold_duration_seconds',
-    help: 'how long holds lasted, by route and outcome (released, expired)',
+    help: 'how long holds lasted, by route and outcome (released)',
     labelNames: ['route', 'outcome'] as const,
     buckets: [0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60],
     registers: [this.registry],
@@ -103,7 +103,7 @@ export class GatewayMetrics {
     this.logSyncSeconds.labels(route).observe(seconds);
   }
 
-  holdEnded(route: string, outcome: 'released' | 'expired', seconds: number): void {
+  holdEnded(route: string, outcome: 'released', seconds: number): void {
     this.holdDuration.labels(route, outcome).observe(seconds);
   }
 }

@@ -3,7 +3,9 @@
  * the requests in fastify, type the code (Static<>), and describe the state file.
  */
 import { Type, type Static } from '@sinclair/typebox';
-import { ContainerName } from '../shared/protocol.js';
+import { ContainerName, LogPosition } from '../shared/protocol.js';
+
+export { LogPosition };
 
 const Port = Type.Integer({ minimum: 1, maximum: 65535 });
 
@@ -26,6 +28,13 @@ export type Upstream = Static<typeof Upstream>;
  */
 const LogFlag = Type.Optional(Type.Boolean({ description: 'log every request durably before forwarding it (http routes only)' }));
 
+/**
+ * Who pushed the route: the identity of the controller's store (docs/gateway.md, "Owners"). A
+ * sync removes only its own owner's routes; PUT and DELETE of a route another owner has are refused.
+ */
+export const RouteOwner = Type.String({ minLength: 1, maxLength: 128, description: "the pushing controller's store id" });
+
+
 /** PUT /v1/routes/:name: what the controller states about one container's route. */
 export const RouteSpec = Type.Object({
   protocol: RouteProtocol,
@@ -34,13 +43,18 @@ export const RouteSpec = Type.Object({
   /** Absent while the container runs nowhere: requests get 503, connections are closed. */
   upstream: Type.Optional(Upstream),
   log: LogFlag,
+  /** Required to change or remove a route that has an owner; a route without one is claimed by the first owner that puts it. */
+  owner: Type.Optional(RouteOwner),
 });
 export type RouteSpec = Static<typeof RouteSpec>;
 
 /** POST /v1/routes/:name/hold: a migration begins; hold new traffic until it is released. */
 export const HoldRequest = Type.Object({
   migrationId: Type.String({ minLength: 1 }),
-  /** Ends the hold (back to the old upstream) if no release came; capped at the gateway's maximum hold. */
+  /**
+   * How long requests wait for the release; capped at the gateway's maximum hold. When it passes,
+   * the waiting requests get 503 hold-timeout but the route stays held: only a release opens it.
+   */
   timeoutMs: Type.Optional(Type.Integer({ minimum: 1 })),
   /**
    * Wait (bounded) for requests already sent to be answered before answering: the default, for a
@@ -69,18 +83,28 @@ export const SyncedRoute = Type.Object({
 });
 export type SyncedRoute = Static<typeof SyncedRoute>;
 
-/** PUT /v1/routes: the whole table at once; routes not listed are removed. */
-export const SyncRoutesRequest = Type.Object({ routes: Type.Array(SyncedRoute) });
+/** PUT /v1/routes: every route of one owner at once; that owner's routes not listed are removed, other owners' are left alone. */
+export const SyncRoutesRequest = Type.Object({ owner: RouteOwner, routes: Type.Array(SyncedRoute) });
 export type SyncRoutesRequest = Static<typeof SyncRoutesRequest>;
 
 /** The migration that holds a route, or held it last. Times are ms since the epoch (gateway clock). */
 export const RouteMigration = Type.Object({
   id: Type.String(),
   heldAt: Type.Number(),
-  /** When the hold ends by itself if no release comes. */
+  /** When waiting requests get 503 hold-timeout if no release came by then (the route stays held). */
   expiresAt: Type.Number(),
+  /** The time bound passed without a release: requests are turned away until the release. */
+  lapsedAt: Type.Optional(Type.Number()),
+  /**
+   * A replay was started under this hold, from this position into this upstream. Sent again, it
+   * goes on where it stopped; after a gateway restart it is refused (what it applied is unknown).
+   */
+  replay: Type.Optional(Type.Object({ after: LogPosition, upstream: Upstream })),
   endedAt: Type.Optional(Type.Number()),
-  /** released: the controller said where the container is; expired: the hold timed out (old upstream kept). */
+  /**
+   * released: the controller said where the container is. expired: only in state files of older
+   * gateways, whose holds ended by themselves.
+   */
   outcome: Type.Optional(Type.Union([Type.Literal('released'), Type.Literal('expired')])),
 });
 export type RouteMigration = Static<typeof RouteMigration>;
@@ -92,8 +116,10 @@ export const Route = Type.Object({
   listenPort: Port,
   upstream: Type.Optional(Upstream),
   log: LogFlag,
+  /** Absent on routes put without one (older controllers, or by hand): no sync removes them. */
+  owner: Type.Optional(RouteOwner),
   state: Type.Union([Type.Literal('open'), Type.Literal('holding')]),
-  /** Increments with every change of the route (PUT, hold, release, hold expiry). */
+  /** Increments with every change of the route (PUT, hold, release, hold lapse). */
   generation: Type.Integer({ minimum: 1 }),
   migration: Type.Optional(RouteMigration),
 });
@@ -101,6 +127,8 @@ export type Route = Static<typeof Route>;
 
 /** A logged route's request log. Records firstSeq..lastSeq can be replayed; none when firstSeq > lastSeq. */
 export const RequestLogView = Type.Object({
+  /** The log's identity: positions of another log are refused (CHIPMUNK_LOG_MISMATCH). */
+  logId: Type.String(),
   firstSeq: Type.Integer({ minimum: 1 }),
   /** Highest seq on disk: every request forwarded so far has a seq up to this. */
   lastSeq: Type.Integer({ minimum: 0 }),
@@ -126,16 +154,16 @@ export type RouteView = Static<typeof RouteView>;
 
 /**
  * POST /v1/routes/:name/hold's answer: the route, and on a logged route the cut. A clean cut
- * has `logPosition`: every logged request up to it was answered by the container, none after
+ * has `logPosition`: every logged request up to its seq was answered by the container, none after
  * it was forwarded (the route holds), so a checkpoint taken now contains exactly requests
- * 1..logPosition. Otherwise `uncleanCut` says why (requests still unanswered after the bounded
+ * 1..seq of log logId. Otherwise `uncleanCut` says why (requests still unanswered after the bounded
  * drain, or parked): a checkpoint taken now may or may not contain them, so it must not be
  * used as a restore point.
  */
 export const HoldResponse = Type.Composite([
   RouteView,
   Type.Object({
-    logPosition: Type.Optional(Type.Integer({ minimum: 0 })),
+    logPosition: Type.Optional(LogPosition),
     uncleanCut: Type.Optional(Type.String()),
   }),
 ]);
@@ -143,8 +171,8 @@ export type HoldResponse = Static<typeof HoldResponse>;
 
 /** POST /v1/routes/:name/replay: send the logged requests after a checkpoint's position to the restored container. */
 export const ReplayRequest = Type.Object({
-  /** The checkpoint's logPosition: records with a higher seq are sent. */
-  afterSeq: Type.Integer({ minimum: 0 }),
+  /** The checkpoint's logPosition: records of that log with a higher seq are sent. */
+  after: LogPosition,
   /** Where the container was restored. */
   upstream: Upstream,
 });
@@ -157,13 +185,13 @@ export const ReplayResult = Type.Object({
   delivered: Type.Integer({ minimum: 0 }),
   /** Of those, answers dropped: their clients had their answer already (or left). */
   dropped: Type.Integer({ minimum: 0 }),
-  /** Seq of the last record sent (afterSeq if none). */
+  /** Seq of the last record sent (after.seq if none). */
   lastSeq: Type.Integer({ minimum: 0 }),
 });
 export type ReplayResult = Static<typeof ReplayResult>;
 
-/** POST /v1/routes/:name/log/trim: a checkpoint at `upToSeq` is committed; older records are not needed. */
-export const TrimLogRequest = Type.Object({ upToSeq: Type.Integer({ minimum: 0 }) });
+/** POST /v1/routes/:name/log/trim: a checkpoint at `upTo` is committed; older records are not needed. */
+export const TrimLogRequest = Type.Object({ upTo: LogPosition });
 export type TrimLogRequest = Static<typeof TrimLogRequest>;
 
 /** The state file: the route table, reloaded when the gateway starts. */

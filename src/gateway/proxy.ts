@@ -12,11 +12,8 @@ import type { Route } from './protocol.js';
 export interface RouteProxy {
   /** Requests or connections waiting for the hold to end. */
   readonly held: number;
-  /**
-   * A new version of the route, same protocol and port. `expired` says it stopped holding
-   * because its hold timed out.
-   */
-  update(route: Route, expired?: boolean): void;
+  /** A new version of the route, same protocol and port. */
+  update(route: Route): void;
   /**
    * Resolves once no request is on its way to the upstream, or after `timeoutMs`: a hold waits
    * for this before the controller freezes the container, so no request the container has

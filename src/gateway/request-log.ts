@@ -16,12 +16,18 @@
  *
  * Seqs are monotonic per log and survive restarts, trims included: trim rolls to a new (empty)
  * segment named after the next seq before it deletes the old ones, so the name carries the seq on.
+ *
+ * Identity: `<dir>/log-id` holds a random id made when the log is created (or first opened by
+ * this version). A position is {logId, seq}: a log deleted and created again starts its seqs
+ * over, and its new id tells a position of the old one apart.
  */
-import { mkdir, open, readdir, rm, unlink, type FileHandle } from 'node:fs/promises';
+import { randomBytes } from 'node:crypto';
+import { mkdir, open, readFile, readdir, rm, unlink, type FileHandle } from 'node:fs/promises';
 import { join } from 'node:path';
 import { crc32 } from 'node:zlib';
 import { syncDirectory } from '../shared/durable.js';
-import { StoreFailedError } from '../shared/errors.js';
+import { LogMismatchError, StoreFailedError } from '../shared/errors.js';
+import type { LogPosition } from './protocol.js';
 
 /** A request as it is forwarded upstream. */
 export interface LoggedRequest {
@@ -50,6 +56,7 @@ export interface RequestLogOptions {
 
 /** What GET /v1/routes/:name shows of a log. Records firstSeq..lastSeq are readable (none if firstSeq > lastSeq). */
 export interface RequestLogState {
+  logId: string;
   firstSeq: number;
   lastSeq: number;
   bytes: number;
@@ -61,6 +68,8 @@ const META_LENGTH = 4;
 const MAX_RECORD_BYTES = 1024 * 1024 * 1024;
 const DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024;
 const SEGMENT_NAME = /^(\d{20})\.log$/;
+const ID_FILE = 'log-id';
+const LOG_ID = /^[0-9a-f]{16}$/;
 
 interface Segment {
   /** Seq of its first record (or of the next record appended, if it is empty). */
@@ -95,6 +104,8 @@ export class RequestLog {
 
   private constructor(
     readonly dir: string,
+    /** This log's identity, part of every position in it. */
+    readonly id: string,
     private readonly opts: Required<RequestLogOptions>,
     segments: Segment[],
     active: FileHandle,
@@ -116,6 +127,7 @@ export class RequestLog {
     };
     try {
       await mkdir(dir, { recursive: true });
+      const id = await logIdOf(dir);
       const segments = (await readdir(dir))
         .map((name) => SEGMENT_NAME.exec(name))
         .filter((match): match is RegExpExecArray => match !== null)
@@ -138,7 +150,7 @@ export class RequestLog {
       await active.truncate(newest.bytes);
       await active.datasync();
       await syncDirectory(dir);
-      return new RequestLog(dir, opts, segments, active, lastSeq);
+      return new RequestLog(dir, id, opts, segments, active, lastSeq);
     } catch (err) {
       if (err instanceof StoreFailedError) throw err;
       throw new StoreFailedError(`cannot open the request log in ${dir}`, err);
@@ -156,7 +168,7 @@ export class RequestLog {
   }
 
   state(): RequestLogState {
-    return { firstSeq: this.trimmedThrough + 1, lastSeq: this.durableSeq, bytes: this.segments.reduce((sum, s) => sum + s.bytes, 0) };
+    return { logId: this.id, firstSeq: this.trimmedThrough + 1, lastSeq: this.durableSeq, bytes: this.segments.reduce((sum, s) => sum + s.bytes, 0) };
   }
 
   /**
@@ -277,6 +289,37 @@ export class RequestLog {
     this.segments.push(segment);
     await previous.close();
   }
+}
+
+/** The log's id from its id file, made (and synced) if the log has none yet. */
+async function logIdOf(dir: string): Promise<string> {
+  const path = join(dir, ID_FILE);
+  try {
+    const id = (await readFile(path, 'utf8')).trim();
+    if (!LOG_ID.test(id)) throw new StoreFailedError(`the request log id file ${path} is damaged (${JSON.stringify(id.slice(0, 40))}): move the route's log away to start a new one`);
+    return id;
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
+  }
+  const id = randomBytes(8).toString('hex');
+  const file = await open(path, 'wx', 0o600);
+  try {
+    await file.writeFile(`${id}\n`);
+    await file.sync();
+  } finally {
+    await file.close();
+  }
+  await syncDirectory(dir);
+  return id;
+}
+
+/** Refuses a position of another log than the route's current one. */
+export function requireSameLog(name: string, logId: string, position: LogPosition, action: 'replay' | 'trim'): void {
+  if (position.logId === logId) return;
+  throw new LogMismatchError(
+    `position ${position.seq} of request log ${position.logId} is not in container '${name}''s current log (${logId}): the route was unlogged or removed since, so there is nothing to ${action} from it (restore without replay, or take a new checkpoint)`,
+    { name, logId, positionLogId: position.logId, seq: position.seq },
+  );
 }
 
 function segmentName(firstSeq: number): string {

@@ -1,6 +1,7 @@
 /**
  * The route table: one route per container, and the rules of its life (a port belongs to one
- * route; a hold belongs to one migration). Pure state: the listeners that carry the traffic
+ * route; a route belongs to the controller that put it, its owner; a hold belongs to one
+ * migration and ends only when released). Pure state: the listeners that carry the traffic
  * live in the proxies, and the gateway (gateway.ts) applies each change to them.
  *
  * Every change makes a new Route object with the next generation, so a proxy can tell whether
@@ -40,23 +41,26 @@ export class RouteTable {
    * running migration's hold). The table is unchanged until set().
    */
   withSpec(name: string, spec: RouteSpec): Route {
-    const owner = [...this.routes.values()].find((r) => r.listenPort === spec.listenPort && r.name !== name);
-    if (owner) {
-      throw new ConflictError(`port ${spec.listenPort} is already the gateway port of container '${owner.name}': pick another listenPort`, {
+    const previous = this.routes.get(name);
+    if (previous) this.checkOwner(previous, spec.owner, 'change');
+    const portTaken = [...this.routes.values()].find((r) => r.listenPort === spec.listenPort && r.name !== name);
+    if (portTaken) {
+      throw new ConflictError(`port ${spec.listenPort} is already the gateway port of container '${portTaken.name}': pick another listenPort`, {
         listenPort: spec.listenPort,
-        route: owner.name,
+        route: portTaken.name,
       });
     }
     if (spec.log && spec.protocol !== 'http') {
       throw new InvalidInputError(`only http routes can be logged: the gateway cannot replay a TCP stream (container '${name}')`, { name, protocol: spec.protocol });
     }
-    const previous = this.routes.get(name);
+    const owner = spec.owner ?? previous?.owner;
     const route: Route = {
       name,
       protocol: spec.protocol,
       listenPort: spec.listenPort,
       ...(spec.upstream ? { upstream: { address: spec.upstream.address, port: spec.upstream.port } } : {}),
       ...(spec.log ? { log: true } : {}),
+      ...(owner ? { owner } : {}),
       state: previous?.state ?? 'open',
       generation: (previous?.generation ?? 0) + 1,
       ...(previous?.migration ? { migration: previous.migration } : {}),
@@ -64,23 +68,40 @@ export class RouteTable {
     return previous && sameRoute(previous, route) ? previous : route;
   }
 
-  /** Holding by `migrationId` until `expiresAt`. Holding again for the same migration changes nothing. */
-  withHold(name: string, migrationId: string, expiresAt: number, now: number): Route {
+  /**
+   * A route may be changed or removed by its owner only; one without an owner by anyone (the
+   * first owner that puts it claims it).
+   */
+  checkOwner(route: Route, owner: string | undefined, action: 'change' | 'remove'): void {
+    if (route.owner === undefined || route.owner === owner) return;
+    const who = owner === undefined ? 'a request naming no owner' : `owner ${owner}`;
+    throw new ConflictError(`the route of container '${route.name}' belongs to the controller whose store is ${route.owner}; ${who} cannot ${action} it (use that controller, or name its owner)`, {
+      name: route.name,
+      owner: route.owner,
+    });
+  }
+
+  /**
+   * Holding by `migrationId`; waiting requests are turned away after `expiresAt`. Holding again
+   * for the same migration changes nothing; `replace` takes over a hold of another migration
+   * (the route stays held throughout).
+   */
+  withHold(name: string, migrationId: string, expiresAt: number, now: number, replace = false): Route {
     const route = this.get(name);
-    if (route.state === 'holding') {
+    if (route.state === 'holding' && !replace) {
       if (route.migration?.id === migrationId) return route;
       throw new ConflictError(`the route of container '${name}' is held by migration ${route.migration?.id}; release it first`, {
         name,
         heldBy: route.migration?.id,
       });
     }
+    if (route.state === 'holding' && route.migration?.id === migrationId) return route;
     return { ...route, state: 'holding', generation: route.generation + 1, migration: { id: migrationId, heldAt: now, expiresAt } };
   }
 
   /**
-   * Open again, towards `upstream`. Accepted from the migration that holds the route, and also
-   * from the one that held it last once its hold expired: a migration that finished late must
-   * still be able to say where the container runs now.
+   * Open again, towards `upstream`. Accepted from the migration that holds the route (also once
+   * its time bound passed: the route is still held), and resent by the one that released it last.
    */
   withRelease(name: string, migrationId: string, upstream: Upstream, now: number): Route {
     const route = this.get(name);
@@ -103,11 +124,14 @@ export class RouteTable {
     };
   }
 
-  /** Open again towards the old upstream: the migration presumably failed without saying so. */
-  withExpiredHold(name: string, now: number): Route {
+  /**
+   * The hold's time bound passed without a release: still held (the migration or failover may
+   * still be replaying, and only its release may open the route), but requests are turned away.
+   */
+  withLapsedHold(name: string, now: number): Route {
     const route = this.get(name);
-    if (route.state !== 'holding' || !route.migration) return route;
-    return { ...route, state: 'open', generation: route.generation + 1, migration: { ...route.migration, endedAt: now, outcome: 'expired' } };
+    if (route.state !== 'holding' || !route.migration || route.migration.lapsedAt !== undefined) return route;
+    return { ...route, generation: route.generation + 1, migration: { ...route.migration, lapsedAt: now } };
   }
 
   set(route: Route): void {
@@ -126,7 +150,7 @@ export function sameUpstream(a: Upstream | undefined, b: Upstream | undefined): 
 }
 
 function sameRoute(a: Route, b: Route): boolean {
-  return a.protocol === b.protocol && a.listenPort === b.listenPort && sameUpstream(a.upstream, b.upstream) && Boolean(a.log) === Boolean(b.log);
+  return a.protocol === b.protocol && a.listenPort === b.listenPort && sameUpstream(a.upstream, b.upstream) && Boolean(a.log) === Boolean(b.log) && a.owner === b.owner;
 }
 
 /** The table's JSON file. Written whole to a temporary file, synced, then renamed over the old one. */

@@ -10,7 +10,7 @@ import { installApiConventions } from '../shared/http.js';
 import { ContainerName } from '../shared/protocol.js';
 import type { Gateway } from './gateway.js';
 import type { GatewayMetrics } from './metrics.js';
-import { HoldRequest, HoldResponse, ReleaseRequest, ReplayRequest, ReplayResult, RouteSpec, RouteView, SyncRoutesRequest, TrimLogRequest } from './protocol.js';
+import { HoldRequest, HoldResponse, ReleaseRequest, ReplayRequest, ReplayResult, RouteOwner, RouteSpec, RouteView, SyncRoutesRequest, TrimLogRequest } from './protocol.js';
 
 export interface GatewayServerOptions {
   token: string;
@@ -20,6 +20,8 @@ export interface GatewayServerOptions {
 }
 
 const RouteParams = Type.Object({ name: ContainerName });
+/** A route with an owner is removed only by a request naming it. */
+const RemoveQuery = Type.Object({ owner: Type.Optional(RouteOwner) });
 const PUBLIC_PATHS = ['/healthz', '/metrics'];
 
 export function buildGatewayServer(opts: GatewayServerOptions): FastifyInstance {
@@ -38,7 +40,7 @@ export function buildGatewayServer(opts: GatewayServerOptions): FastifyInstance 
 
   app.get('/v1/routes', { schema: { response: { 200: Type.Array(RouteView) } } }, async () => gateway.list());
 
-  app.put('/v1/routes', { schema: { body: SyncRoutesRequest, response: { 200: Type.Array(RouteView) } } }, async (req) => gateway.sync(req.body.routes));
+  app.put('/v1/routes', { schema: { body: SyncRoutesRequest, response: { 200: Type.Array(RouteView) } } }, async (req) => gateway.sync(req.body.owner, req.body.routes));
 
   app.get('/v1/routes/:name', { schema: { params: RouteParams, response: { 200: RouteView } } }, async (req) => gateway.get(req.params.name));
 
@@ -46,8 +48,8 @@ export function buildGatewayServer(opts: GatewayServerOptions): FastifyInstance 
     gateway.put(req.params.name, req.body),
   );
 
-  app.delete('/v1/routes/:name', { schema: { params: RouteParams } }, async (req, reply) => {
-    await gateway.remove(req.params.name);
+  app.delete('/v1/routes/:name', { schema: { params: RouteParams, querystring: RemoveQuery } }, async (req, reply) => {
+    await gateway.remove(req.params.name, req.query.owner);
     return reply.code(204).send();
   });
 
@@ -60,7 +62,7 @@ export function buildGatewayServer(opts: GatewayServerOptions): FastifyInstance 
   );
 
   app.post('/v1/routes/:name/log/trim', { schema: { params: RouteParams, body: TrimLogRequest, response: { 200: RouteView } } }, async (req) =>
-    gateway.trimLog(req.params.name, req.body.upToSeq),
+    gateway.trimLog(req.params.name, req.body.upTo),
   );
 
   app.post('/v1/routes/:name/release', { schema: { params: RouteParams, body: ReleaseRequest, response: { 200: RouteView } } }, async (req) =>

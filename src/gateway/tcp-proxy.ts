@@ -54,9 +54,9 @@ export class TcpRouteProxy implements RouteProxy {
     return Promise.resolve();
   }
 
-  update(route: Route, expired = false): void {
+  update(route: Route): void {
     for (const [socket, upstream] of this.piped) if (!sameUpstream(upstream, route.upstream)) socket.destroy();
-    this.gate.update(route, expired);
+    this.gate.update(route);
   }
 
   async close(reason: 'route-removed' | 'shutting-down'): Promise<void> {

@@ -22,6 +22,8 @@ export type ErrorCode =
   | 'CHIPMUNK_PATH_ESCAPES'
   | 'CHIPMUNK_CHUNK_CORRUPT'
   | 'CHIPMUNK_LOCK_LOST'
+  | 'CHIPMUNK_STATE_CORRUPT'
+  | 'CHIPMUNK_LOG_MISMATCH'
   | 'CHIPMUNK_INTERNAL';
 
 export interface ErrorJSON {
@@ -184,6 +186,27 @@ export class ChunkCorruptError extends ChipmunkError {
   }
 }
 
+/**
+ * A state file a component keeps for itself (an agent's per-container record) cannot be read or
+ * makes no sense. Not "absent": the thing it describes may well exist and run.
+ */
+export class StateCorruptError extends ChipmunkError {
+  constructor(message: string, details: { path: string; [k: string]: unknown }) {
+    super('CHIPMUNK_STATE_CORRUPT', message, { status: 500, details });
+  }
+}
+
+/**
+ * A request-log position names another log than the route's current one (the route was unlogged
+ * and logged again, or removed and exposed again): replaying or trimming with it would act on
+ * requests it never described.
+ */
+export class LogMismatchError extends ChipmunkError {
+  constructor(message: string, details: Record<string, unknown>) {
+    super('CHIPMUNK_LOG_MISMATCH', message, { status: 409, details });
+  }
+}
+
 const byCode: Partial<Record<ErrorCode, (m: string, d: Record<string, unknown>) => ChipmunkError>> = {
   CHIPMUNK_INVALID_INPUT: (m, d) => new InvalidInputError(m, d),
   CHIPMUNK_NOT_FOUND: (m, d) => new NotFoundError(m, d),
@@ -197,6 +220,8 @@ const byCode: Partial<Record<ErrorCode, (m: string, d: Record<string, unknown>) 
   CHIPMUNK_FAILOVER_FAILED: (m, d) => new FailoverFailedError(m, { name: String(d.name ?? ''), from: String(d.from ?? ''), ...d }),
   CHIPMUNK_PATH_ESCAPES: (m, d) => new PathEscapesError(m, d),
   CHIPMUNK_LOCK_LOST: (m, d) => new LockLostError(m, d),
+  CHIPMUNK_STATE_CORRUPT: (m, d) => new StateCorruptError(m, { ...d, path: String(d.path ?? '') }),
+  CHIPMUNK_LOG_MISMATCH: (m, d) => new LogMismatchError(m, d),
 };
 
 /** Rebuilds our error class from its wire form (HTTP client side). */

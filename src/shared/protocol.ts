@@ -14,6 +14,17 @@ export const ContainerName = Type.String({
   description: 'container name: lowercase letters, digits, and _ . - (at most 40 characters)',
 });
 
+/**
+ * A place in a gateway route's request log: `seq` counts the log's records, `logId` names the log
+ * (a random id made with it). A route unlogged and logged again, or removed and exposed again,
+ * has a new log whose seqs start over: a position is meaningful only against the log it names.
+ */
+export const LogPosition = Type.Object({
+  logId: Type.String({ minLength: 1, description: 'the request log the position is in' }),
+  seq: Type.Integer({ minimum: 0, description: 'requests 1..seq of that log are in the checkpoint' }),
+});
+export type LogPosition = Static<typeof LogPosition>;
+
 export const PortMapping = Type.Object({
   hostPort: Type.Integer({ minimum: 1, maximum: 65535 }),
   containerPort: Type.Integer({ minimum: 1, maximum: 65535 }),
@@ -82,6 +93,11 @@ export const AgentContainer = Type.Object({
   pid: Type.Optional(Type.Integer()),
   exitCode: Type.Optional(Type.Integer()),
   createdAt: Type.String(),
+  /**
+   * Set when the agent cannot read what it knows of the container (status `unknown`; `spec`,
+   * `generation` and `createdAt` are then placeholders): the container is there, maybe running.
+   */
+  error: Type.Optional(Type.Object({ code: Type.String(), message: Type.String() })),
 });
 export type AgentContainer = Static<typeof AgentContainer>;
 
@@ -208,7 +224,7 @@ export const UploadCheckpointRequest = Type.Object({
   container: ContainerName,
   storeUrl: Type.String({ minLength: 1 }),
   /** The gateway log position the checkpoint was cut at (null: the container is not behind a logging route). */
-  logPosition: Type.Union([Type.Integer({ minimum: 0 }), Type.Null()]),
+  logPosition: Type.Union([LogPosition, Type.Null()]),
   /** Kept with the checkpoint for restores: the container spec, its generation. */
   metadata: Type.Record(Type.String(), Type.Unknown()),
 });
@@ -399,6 +415,7 @@ export type MigrationRecord = Static<typeof MigrationRecord>;
 export const schemas: Record<string, TSchema> = {
   DumpState,
   ContainerSpec,
+  LogPosition,
   VolumeMount,
   PortMapping,
   AgentContainer,

@@ -338,13 +338,13 @@ export function describeAgentContract(name: string, makeCluster: () => Promise<A
       assert.ok(taken.imageBytes > 0, `imageBytes ${taken.imageBytes}`);
       assert.equal((await home.get(c.name)).status, 'running', 'a checkpoint leaves the container running');
 
-      const stored = await home.uploadCheckpoint(cid, { container: c.name, storeUrl: cluster.storeUrl, logPosition: 7, metadata: { spec: c.spec, generation: c.generation } });
+      const stored = await home.uploadCheckpoint(cid, { container: c.name, storeUrl: cluster.storeUrl, logPosition: { logId: 'contract-log', seq: 7 }, metadata: { spec: c.spec, generation: c.generation } });
       assert.equal(stored.container, c.name);
-      assert.equal(stored.logPosition, 7);
+      assert.deepEqual(stored.logPosition, { logId: 'contract-log', seq: 7 });
       assert.ok(stored.id.length > 0);
       await home.discardCheckpoint(cid);
       await home.discardCheckpoint(cid);
-      await assertRejects(home.uploadCheckpoint(cid, { container: c.name, storeUrl: cluster.storeUrl, logPosition: 8, metadata: {} }), NotFoundError, 'upload of a discarded checkpoint');
+      await assertRejects(home.uploadCheckpoint(cid, { container: c.name, storeUrl: cluster.storeUrl, logPosition: { logId: 'contract-log', seq: 8 }, metadata: {} }), NotFoundError, 'upload of a discarded checkpoint');
 
       const fromStore = (opId: string, id: string, generation: number): RestoreRequest => ({
         migrationId: opId,

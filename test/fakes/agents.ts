@@ -61,7 +61,7 @@ export class FakeCheckpointCatalog implements CheckpointCatalog {
   readonly checkpoints = new Map<string, CheckpointInfo[]>();
   private next = 1;
 
-  add(container: string, logPosition: number | null): CheckpointInfo {
+  add(container: string, logPosition: CheckpointSummary['logPosition']): CheckpointInfo {
     const info: CheckpointInfo = { id: (this.next++).toString(16).padStart(16, '0'), container, time: Date.now(), logicalBytes: 4096, newBytes: 4096, logPosition, parts: [] };
     this.checkpoints.set(container, [info, ...(this.checkpoints.get(container) ?? [])]);
     return info;

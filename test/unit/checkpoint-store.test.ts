@@ -123,7 +123,7 @@ describe('checkpoint store', { skip: notRoot }, () => {
     await store.close();
   }
 
-  function upload(container: string, dirs: { criu: string; files: string }, extra: { logPosition?: number } = {}): Promise<UploadedCheckpoint> {
+  function upload(container: string, dirs: { criu: string; files: string }, extra: { logPosition?: { logId: string; seq: number } } = {}): Promise<UploadedCheckpoint> {
     return uploadCheckpoint({
       storeUrl: url,
       token: TOKEN,
@@ -156,13 +156,13 @@ describe('checkpoint store', { skip: notRoot }, () => {
 
     before(async () => {
       dirs = await makeCheckpointDirs(join(work, 'app1'));
-      first = await upload('app1', dirs, { logPosition: 120 });
+      first = await upload('app1', dirs, { logPosition: { logId: 'log-a', seq: 120 } });
       changedBytes = await changePages(dirs.criu, Math.ceil(PAGES / 100));
       await writeFile(join(dirs.files, 'upper/etc/app/app.conf'), 'listen 9090\n');
       await writeFile(join(dirs.files, 'upper/new.txt'), 'new\n');
       await removeTree(join(dirs.files, 'upper/etc/doomed'));
       execFileSync('mknod', [join(dirs.files, 'upper/etc/doomed'), 'c', '0', '0']);
-      second = await upload('app1', dirs, { logPosition: 480 });
+      second = await upload('app1', dirs, { logPosition: { logId: 'log-a', seq: 480 } });
     });
 
     it('stores only the changed pages, and counts logical bytes right', async () => {
@@ -176,8 +176,8 @@ describe('checkpoint store', { skip: notRoot }, () => {
       assert.deepEqual(
         listed.map((c) => [c.id, c.logPosition, c.newBytes, c.logicalBytes, c.corrupt ?? false]),
         [
-          [second.id, 480, second.newBytes, second.logicalBytes, false],
-          [first.id, 120, first.newBytes, first.logicalBytes, false],
+          [second.id, { logId: 'log-a', seq: 480 }, second.newBytes, second.logicalBytes, false],
+          [first.id, { logId: 'log-a', seq: 120 }, first.newBytes, first.logicalBytes, false],
         ],
       );
       const detail = await client.get('app1', second.id);

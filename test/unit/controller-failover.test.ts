@@ -6,7 +6,7 @@
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { pino } from 'pino';
-import type { ContainerSpec } from '../../src/shared/protocol.js';
+import type { ContainerSpec, LogPosition } from '../../src/shared/protocol.js';
 import { CheckpointService, type LoggedTraffic } from '../../src/controller/checkpoints.js';
 import { ContainerLocks, containerKey, type ContainerRecord } from '../../src/controller/container-lock.js';
 import { ContainerService } from '../../src/controller/containers.js';
@@ -17,9 +17,10 @@ import { recoverStaleLocks } from '../../src/controller/recovery.js';
 import { NodeRegistry } from '../../src/controller/registry.js';
 import { MemoryStore } from '../../src/controller/store/index.js';
 import { FakeCluster } from '../fakes/agents.js';
+import { ChipmunkError } from '../../src/shared/errors.js';
 import { waitFor } from '../support/wait.js';
 
-const silent = pino({ level: 'silent' });
+const silent = pino({ level: process.env.DEBUG_LOG ? 'debug' : 'silent' });
 
 function spec(name: string): ContainerSpec {
   return { name, image: 'counter', command: [], env: {}, ports: [{ hostPort: 8080, containerPort: 80, protocol: 'tcp' }], memoryBytes: 0 };
@@ -30,10 +31,14 @@ class FakeTraffic implements FailoverTraffic {
   readonly calls: string[] = [];
   position = 0;
   logged = true;
+  /** The route's current request log. */
+  logId = 'log-1';
+  /** Errors the next replays fail with, in order. */
+  readonly replayFailures: Error[] = [];
 
   async cut(name: string) {
     this.calls.push(`cut ${name}`);
-    return { held: true, logPosition: this.logged ? this.position : null };
+    return { held: true, logPosition: this.logged ? { logId: this.logId, seq: this.position } : null };
   }
   async hold(name: string) {
     this.calls.push(`hold ${name}`);
@@ -45,12 +50,17 @@ class FakeTraffic implements FailoverTraffic {
   async release(name: string, _holdId: string, container: ContainerRecord) {
     this.calls.push(`release ${name} -> ${container.node}`);
   }
-  async trimLog(name: string, upToSeq: number) {
-    this.calls.push(`trim ${name} ${upToSeq}`);
+  async trimLog(name: string, upTo: LogPosition) {
+    this.calls.push(`trim ${name} ${upTo.seq}`);
   }
-  async replay(name: string, afterSeq: number, container: ContainerRecord) {
-    this.calls.push(`replay ${name} after ${afterSeq} -> ${container.node}`);
-    return { replayed: this.position - afterSeq, delivered: 0 };
+  async replay(name: string, after: LogPosition, container: ContainerRecord) {
+    this.calls.push(`replay ${name} after ${after.seq} -> ${container.node}`);
+    const failure = this.replayFailures.shift();
+    if (failure) throw failure;
+    return { replayed: this.position - after.seq, delivered: 0 };
+  }
+  async currentLogId() {
+    return this.logged ? this.logId : undefined;
   }
   async refresh(name: string) {
     this.calls.push(`refresh ${name}`);
@@ -85,10 +95,10 @@ describe('checkpoints and failover (controller, fake agents)', () => {
     const env = await setup();
     env.traffic.position = 7;
     const first = await env.checkpoints.checkpoint('web');
-    assert.equal(first.logPosition, 7);
+    assert.deepEqual(first.logPosition, { logId: 'log-1', seq: 7 });
     env.traffic.position = 12;
     const second = await env.checkpoints.checkpoint('web');
-    assert.equal(second.logPosition, 12);
+    assert.deepEqual(second.logPosition, { logId: 'log-1', seq: 12 });
     assert.deepEqual(env.traffic.calls, ['cut web', 'release web -> node1', 'cut web', 'release web -> node1', 'trim web 7']);
     const calls = env.cluster.calls.filter((c) => c.startsWith('node1.'));
     assert.deepEqual(calls.slice(-3), ['node1.checkpoint', 'node1.uploadCheckpoint', 'node1.discardCheckpoint']);
@@ -280,6 +290,102 @@ describe('checkpoints and failover (controller, fake agents)', () => {
     } finally {
       clearInterval(beat);
       next.failovers.stop();
+    }
+  });
+
+  it('issue 8 item 6: a failed replay never releases traffic to the new copy; it is retried, and only then released', async () => {
+    const env = await setup(400);
+    env.traffic.position = 2;
+    await env.checkpoints.checkpoint('web');
+    env.traffic.position = 6;
+    env.cluster.agent('node1').containers.clear();
+    const replay = env.traffic.replay.bind(env.traffic);
+    let failing = true;
+    env.traffic.replay = async (...args: Parameters<typeof replay>) => {
+      if (failing) throw new Error('gateway unreachable');
+      return replay(...args);
+    };
+    await assert.rejects(env.failovers.failover('web', 'node1'), /gateway unreachable/);
+    const sinceHold = env.traffic.calls.slice(env.traffic.calls.indexOf('holdNow web'));
+    assert.ok(!sinceHold.some((c) => c.startsWith('release')), `no release after a failed replay: ${sinceHold.join(', ')}`);
+    assert.equal((await env.record()).lock?.operation, 'failover', 'the lock stays: no checkpoint may cut the unreplayed copy');
+    assert.equal((await env.failovers.list())[0].replayPending, true);
+    failing = false;
+    const beat = setInterval(() => {
+      for (const node of ['node2', 'node3']) void env.nodes.heartbeat(env.cluster.agent(node).registration());
+    }, 50);
+    await env.failovers.start();
+    try {
+      // Past the start grace (one lease), the reconcile loop retries the replay.
+      await waitFor(async () => ((await env.record()).lock ? undefined : true), 5_000, 'the retried replay');
+      const to = (await env.record()).node;
+      assert.deepEqual(env.traffic.calls.slice(-2), [`replay web after 2 -> ${to}`, `release web -> ${to}`]);
+      assert.equal((await env.record()).lock, undefined);
+      const [record] = await env.failovers.list();
+      assert.equal(record.outcome, 'done');
+      assert.equal(record.replayPending, false);
+    } finally {
+      clearInterval(beat);
+      env.failovers.stop();
+    }
+  });
+
+  it("skips checkpoints cut in an earlier request log, or restores one without a replay when nothing better exists, saying so", async () => {
+    const env = await setup();
+    env.traffic.position = 3;
+    const older = await env.checkpoints.checkpoint('web');
+    // Unprotected and protected again: a new log, whose seqs start over.
+    env.traffic.logId = 'log-2';
+    env.traffic.position = 1;
+    const newer = await env.checkpoints.checkpoint('web');
+    env.cluster.agent('node1').containers.clear();
+    const done = await env.failovers.failover('web', 'node1');
+    assert.equal(done.checkpoint, newer.id);
+    assert.deepEqual(done.logPosition, { logId: 'log-2', seq: 1 });
+    assert.match(done.skipped.find((s) => s.checkpoint === older.id)?.reason ?? '', /in request log log-1, not in the route's current log log-2/);
+
+    // Only a checkpoint of an earlier log left: restored, but nothing replayed from a position of another log.
+    const env2 = await setup();
+    env2.traffic.position = 3;
+    const only = await env2.checkpoints.checkpoint('web');
+    env2.traffic.logId = 'log-2';
+    env2.traffic.position = 8;
+    env2.cluster.agent('node1').containers.clear();
+    const fallback = await env2.failovers.failover('web', 'node1');
+    assert.equal(fallback.outcome, 'done');
+    assert.equal(fallback.checkpoint, only.id);
+    assert.ok(!env2.traffic.calls.some((c) => c.startsWith('replay')), env2.traffic.calls.join(', '));
+    assert.match(fallback.noReplay ?? '', /without a replay/);
+    assert.equal(env2.traffic.calls.at(-1), `release web -> ${fallback.to}`);
+  });
+
+  it('a replay that may have applied a request twice is not replayed again: that copy goes and the container is restored again, replayed in full', async () => {
+    const env = await setup(400);
+    env.traffic.position = 2;
+    await env.checkpoints.checkpoint('web');
+    env.traffic.position = 6;
+    env.cluster.agent('node1').containers.clear();
+    env.traffic.replayFailures.push(new ChipmunkError('CHIPMUNK_UNAVAILABLE', 'replaying request 4 to web: the connection broke after the request was written', { details: { seq: 4, written: true } }));
+    await assert.rejects(env.failovers.failover('web', 'node1'), /connection broke/);
+    const [first] = await env.failovers.list();
+    assert.equal(first.replayPending, true);
+    assert.equal(env.traffic.calls.filter((c) => c.startsWith('replay')).length, 1, 'not replayed again into a copy of unknown state');
+    const beat = setInterval(() => {
+      for (const node of ['node2', 'node3']) void env.nodes.heartbeat(env.cluster.agent(node).registration());
+    }, 50);
+    await env.failovers.start();
+    try {
+      await waitFor(async () => ((await env.record()).lock ? undefined : true), 5_000, 'the second restore');
+      const record = await env.record();
+      assert.notEqual(record.node, first.to, 'restored again elsewhere');
+      assert.equal(env.cluster.runningCopies('web'), 1, 'the uncertain copy is gone');
+      assert.deepEqual(env.traffic.calls.slice(-2), [`replay web after 2 -> ${record.node}`, `release web -> ${record.node}`]);
+      const again = (await env.failovers.list()).find((f) => f.id !== first.id);
+      assert.equal(again?.outcome, 'done');
+      assert.match(again?.reason ?? '', /may have applied a request twice/);
+    } finally {
+      clearInterval(beat);
+      env.failovers.stop();
     }
   });
 });

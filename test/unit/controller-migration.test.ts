@@ -1,4 +1,4 @@
-import { describe, it } from 'node:test';
+import { after, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { pino } from 'pino';
@@ -27,12 +27,12 @@ function spec(name: string): ContainerSpec {
 }
 
 /** Two nodes with fake agents, and `web` running on node1. */
-async function setup(opts: { lazy?: { node1?: boolean; node2?: boolean } } = {}) {
+async function setup(opts: { lazy?: { node1?: boolean; node2?: boolean }; leaseMs?: number } = {}) {
   const store = new MemoryStore();
   const cluster = new FakeCluster();
   cluster.add('node1', { lazyMigration: opts.lazy?.node1 ?? true });
   cluster.add('node2', { lazyMigration: opts.lazy?.node2 ?? true });
-  const nodes = new NodeRegistry(store);
+  const nodes = new NodeRegistry(store, opts.leaseMs);
   for (const node of ['node1', 'node2']) await nodes.heartbeat(cluster.agent(node).registration());
   const locks = new ContainerLocks(store);
   const fences = new Fences(store);
@@ -239,7 +239,12 @@ describe('migration orchestrator', () => {
     });
 
     it('issue 8 item 7: a target that does not confirm its abort blocks the rollback while its node is alive', async () => {
-      const env = await setup({ lazy: { node2: false } });
+      const env = await setup({ lazy: { node2: false }, leaseMs: 500 });
+      // Both nodes keep heartbeating: node2 is alive, only its answers to the controller are lost.
+      const beat = setInterval(() => {
+        for (const node of ['node1', 'node2']) void env.nodes.heartbeat(env.cluster.agent(node).registration());
+      }, 50);
+      after(() => clearInterval(beat));
       env.cluster.agent('node2').failNext('restore', new RuntimeFailedError('restore timed out', { op: 'restore' }), { afterEffect: true });
       // The target restored it, but it cannot be asked anything: every answer is lost.
       const target = env.cluster.agent('node2');

@@ -5,16 +5,19 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import { pino } from 'pino';
+import { Writable } from 'node:stream';
+import { request } from 'undici';
 import { RouteService } from '../../src/controller/routes.js';
-import { MemoryStore } from '../../src/controller/store/index.js';
+import { MemoryStore, storeIdentity } from '../../src/controller/store/index.js';
 import type { ContainerRecord } from '../../src/controller/container-lock.js';
-import { TOKEN, freePort, withGateway } from './gateway-env.js';
+import { ConflictError } from '../../src/shared/errors.js';
+import { LOOPBACK, TOKEN, eventually, freePort, httpUpstream, withGateway } from './gateway-env.js';
 
 const silent = pino({ level: 'silent' });
 
-function record(lock?: ContainerRecord['lock']): ContainerRecord {
+function record(lock?: ContainerRecord['lock'], hostPort = 8080): ContainerRecord {
   return {
-    spec: { name: 'web', image: 'app', command: [], env: {}, ports: [{ hostPort: 8080, containerPort: 80, protocol: 'tcp' }], memoryBytes: 0 },
+    spec: { name: 'web', image: 'app', command: [], env: {}, ports: [{ hostPort, containerPort: 80, protocol: 'tcp' }], memoryBytes: 0 },
     node: 'node1',
     status: 'running',
     generation: 0,
@@ -29,7 +32,7 @@ describe('RouteService', () => {
     await withGateway(async ({ gateway, client }) => {
       const store = new MemoryStore();
       await store.put('/containers/web', record());
-      const routes = new RouteService(store, async () => '198.18.0.11', silent, { url: gateway.url, token: TOKEN, publicHost: '127.0.0.1' });
+      const routes = new RouteService(store, async () => '198.18.0.11', silent, { url: gateway.url, token: TOKEN, publicHost: '127.0.0.1', owner: 'store-a' });
       const listen = await freePort();
       const route = await routes.expose('web', { port: 80, listen });
       assert.deepEqual(route, { name: 'web', containerPort: 80, listenPort: listen, protocol: 'http' });
@@ -49,7 +52,7 @@ describe('RouteService', () => {
     await withGateway(async ({ gateway, client }) => {
       const store = new MemoryStore();
       await store.put('/containers/web', record());
-      const routes = new RouteService(store, async () => '198.18.0.11', silent, { url: gateway.url, token: TOKEN });
+      const routes = new RouteService(store, async () => '198.18.0.11', silent, { url: gateway.url, token: TOKEN, owner: 'store-a' });
       await routes.expose('web', { port: 80, listen: await freePort() });
 
       await store.put('/containers/web', record({ id: 'm1', operation: 'migration', owner: 'controller-test', since: Date.now(), phase: 'transfer' }));
@@ -64,6 +67,72 @@ describe('RouteService', () => {
       await new Promise((r) => setTimeout(r, 300));
       routes.stop();
       assert.equal((await client.getRoute('web')).state, 'open');
+      await store.close();
+    });
+  });
+
+  it("a controller on another (or a fresh) store leaves the first one's routes and request logs alone, and reports them", async () => {
+    await withGateway(async ({ gateway, client }) => {
+      const upstream = await httpUpstream((req, res) => void req.resume().on('end', () => res.end('ok')));
+      const storeA = new MemoryStore();
+      await storeA.put('/containers/web', { ...record(undefined, upstream.upstream.port), protection: { everyMs: 60_000 } });
+      const ownerA = await storeIdentity(storeA);
+      assert.equal(await storeIdentity(storeA), ownerA, 'made once, then kept');
+      const a = new RouteService(storeA, async () => LOOPBACK, silent, { url: gateway.url, token: TOKEN, owner: ownerA });
+      const listen = await freePort();
+      await a.expose('web', { port: 80, listen });
+      for (let n = 0; n < 3; n++) assert.equal((await request(`http://${LOOPBACK}:${listen}/`, { method: 'POST', body: 'x' })).statusCode, 200);
+      const before = (await client.getRoute('web')).requestLog;
+      assert.equal(before?.lastSeq, 3);
+
+      // A second controller, on a fresh store: its own identity, no routes.
+      const storeB = new MemoryStore();
+      const ownerB = await storeIdentity(storeB);
+      assert.notEqual(ownerB, ownerA);
+      const warnings: string[] = [];
+      const sink = new Writable({ write: (chunk, _enc, done) => void (warnings.push(String(chunk)), done()) });
+      const b = new RouteService(storeB, async () => LOOPBACK, pino({ level: 'warn' }, sink), { url: gateway.url, token: TOKEN, owner: ownerB });
+      b.start(); // syncs at once
+      await eventually(() => warnings.some((w) => w.includes('does not own')), 'the foreign route reported');
+      b.stop();
+      const after = await client.getRoute('web');
+      assert.equal(after.owner, ownerA);
+      assert.deepEqual(after.requestLog, before, 'the route and its request log are intact');
+      assert.match(warnings.join(''), new RegExp(`web \\(owner ${ownerA}\\)`));
+      await storeB.put('/containers/web', record());
+      await assert.rejects(b.expose('web', { port: 80, listen: await freePort() }), ConflictError);
+      assert.equal((await client.getRoute('web')).owner, ownerA);
+
+      // Only its owner removes it, and its log with it.
+      await a.unexpose('web');
+      assert.deepEqual(await client.listRoutes(), []);
+      await upstream.kill();
+      await storeA.close();
+      await storeB.close();
+    });
+  });
+
+  it("the sync releases a hold left by an operation that ended, but keeps one a failover's replay is still owed", async () => {
+    await withGateway(async ({ gateway, client }) => {
+      const store = new MemoryStore();
+      await store.put('/containers/web', record());
+      const routes = new RouteService(store, async () => '198.18.0.11', silent, { url: gateway.url, token: TOKEN, owner: 'store-a' });
+      await routes.expose('web', { port: 80, listen: await freePort() });
+
+      // A checkpoint whose controller died between hold and release: nothing runs any more.
+      await client.hold('web', 'checkpoint-gone');
+      routes.start();
+      await eventually(async () => (await client.getRoute('web')).state === 'open', 'the leftover hold released');
+      routes.stop();
+      assert.equal((await client.getRoute('web')).migration?.outcome, 'released');
+
+      // A failover restored the container but its replay is owed: it keeps the lock, and the hold stays.
+      await store.put('/containers/web', record({ id: 'failover-1', operation: 'failover', owner: 'controller-test', since: Date.now() }));
+      await client.hold('web', 'failover-1');
+      routes.start();
+      await new Promise((r) => setTimeout(r, 300));
+      routes.stop();
+      assert.equal((await client.getRoute('web')).state, 'holding', 'no copy gets traffic before its replay');
       await store.close();
     });
   });

@@ -119,32 +119,53 @@ describe('gateway API', () => {
       assert.equal(((await res.body.json()) as { code: string }).code, 'CHIPMUNK_INVALID_INPUT');
     }));
 
-  it('replaces the whole table with a sync', () =>
+  it("a sync replaces its owner's routes only: other owners' and unowned routes (and their logs) stay, and it never ends a hold", () =>
     withGateway(async ({ client }) => {
       const oldPort = await freePort();
-      await client.putRoute('old', { protocol: 'tcp', listenPort: oldPort });
-      await client.putRoute('kept', { protocol: 'http', listenPort: await freePort() });
+      await client.putRoute('old', { protocol: 'tcp', listenPort: oldPort, owner: 'store-a' });
+      await client.putRoute('kept', { protocol: 'http', listenPort: await freePort(), owner: 'store-a' });
+      await client.putRoute('theirs', { protocol: 'http', listenPort: await freePort(), owner: 'store-b' });
+      await client.putRoute('manual', { protocol: 'http', listenPort: await freePort() });
       const keptPort = (await client.getRoute('kept')).listenPort;
       const newPort = await freePort();
-      const routes = await client.sync([
+      const routes = await client.sync('store-a', [
         { name: 'kept', protocol: 'http', listenPort: keptPort, upstream: { address: LOOPBACK, port: 8080 }, hold: { migrationId: 'm7' } },
         { name: 'new', protocol: 'tcp', listenPort: newPort },
       ]);
       assert.deepEqual(
-        routes.map((r) => [r.name, r.state, r.migration?.id]),
+        routes.map((r) => [r.name, r.owner, r.state, r.migration?.id]),
         [
-          ['kept', 'holding', 'm7'],
-          ['new', 'open', undefined],
+          ['kept', 'store-a', 'holding', 'm7'],
+          ['manual', undefined, 'open', undefined],
+          ['new', 'store-a', 'open', undefined],
+          ['theirs', 'store-b', 'open', undefined],
         ],
       );
       await listenOnce(oldPort);
 
-      // The controller knows of no migration any more: the hold ends.
-      const after = await client.sync([{ name: 'kept', protocol: 'http', listenPort: keptPort, upstream: { address: LOOPBACK, port: 8080 } }]);
+      // Only a release opens a held route: a sync without the hold leaves it held.
+      const after = await client.sync('store-a', [{ name: 'kept', protocol: 'http', listenPort: keptPort, upstream: { address: LOOPBACK, port: 8080 } }]);
       assert.deepEqual(
         after.map((r) => [r.name, r.state]),
-        [['kept', 'open']],
+        [
+          ['kept', 'holding'],
+          ['manual', 'open'],
+          ['theirs', 'open'],
+        ],
       );
+      await client.release('kept', 'm7', { address: LOOPBACK, port: 8080 });
+      assert.equal((await client.getRoute('kept')).state, 'open');
+
+      // Another owner's route is neither changed nor removed; an unowned one is claimed by a put.
+      const theirs = await client.getRoute('theirs');
+      await rejectsWith(client.sync('store-a', [{ name: 'theirs', protocol: 'http', listenPort: theirs.listenPort }]), ConflictError, /store-b/);
+      await rejectsWith(client.putRoute('theirs', { protocol: 'http', listenPort: theirs.listenPort, owner: 'store-a' }), ConflictError, /belongs to the controller whose store is store-b/);
+      await rejectsWith(client.removeRoute('theirs'), ConflictError, /store-b/);
+      await rejectsWith(client.removeRoute('theirs', 'store-a'), ConflictError, /store-b/);
+      assert.equal((await client.getRoute('theirs')).owner, 'store-b');
+      await client.removeRoute('theirs', 'store-b');
+      const manual = await client.putRoute('manual', { protocol: 'http', listenPort: (await client.getRoute('manual')).listenPort, owner: 'store-a' });
+      assert.equal(manual.owner, 'store-a');
     }));
 
   it('keeps its routes, holds included, across a restart', async () => {

@@ -391,20 +391,40 @@ describe('gateway: HTTP routes', () => {
       { holdLimits: { maxQueuedBytes: 1000 } },
     ));
 
-  it('sends held requests to the old upstream when the hold times out', () =>
+  it('a hold past its time bound turns its waiting requests away with 503 hold-timeout but stays held until released', () =>
     withGateway(async ({ client }) => {
-      const a = await httpUpstream(echoHandler('a'));
+      let reachedOld = 0;
+      const a = await httpUpstream((req, res) => {
+        reachedOld++;
+        echoHandler('a')(req, res);
+      });
+      const b = await httpUpstream(echoHandler('b'));
       const url = await httpRoute(client, 'stuck', a.upstream);
-      await client.hold('stuck', 'm1', { timeoutMs: 300 });
+      await client.hold('stuck', 'm1', { timeoutMs: 1_000 });
       const started = Date.now();
-      const answer = await getJson<Echo>(`${url}/x`);
-      assert.equal(answer.status, 200);
-      assert.equal(answer.body.who, 'a');
-      assert.ok(Date.now() - started >= 250, 'the request waited for the hold');
+      const waited = await request(`${url}/x`);
+      assert.equal(waited.statusCode, 503);
+      assert.equal(waited.headers['x-chipmunk-reason'], 'hold-timeout');
+      await waited.body.dump();
+      assert.ok(Date.now() - started >= 900, 'the request waited for the hold first');
       const route = await client.getRoute('stuck');
-      assert.equal(route.state, 'open');
-      assert.equal(route.migration?.outcome, 'expired');
+      assert.equal(route.state, 'holding', 'the route is still held: the move may still be replaying');
+      assert.ok(route.migration?.lapsedAt !== undefined);
+      assert.equal(route.migration?.outcome, undefined);
+
+      // A request arriving after the bound still never reaches the old upstream: it waits, bounded.
+      const late = await request(`${url}/late`);
+      assert.equal(late.statusCode, 503);
+      assert.equal(late.headers['x-chipmunk-reason'], 'hold-timeout');
+      await late.body.dump();
+      const released = getJson<Echo>(`${url}/after`);
+      await eventually(async () => (await client.getRoute('stuck')).held === 1, 'a request waiting on the lapsed hold');
+      await client.release('stuck', 'm1', b.upstream);
+      assert.equal((await released).body.who, 'b', 'the release lets it through, to the new upstream');
+      assert.equal(reachedOld, 0, 'nothing went back to the old upstream');
+      assert.equal((await client.getRoute('stuck')).migration?.outcome, 'released');
       await a.kill();
+      await b.kill();
     }));
 
   it('answers 503 hold-timeout when a hold on a route without upstream times out', () =>
@@ -415,6 +435,7 @@ describe('gateway: HTTP routes', () => {
       assert.equal(res.statusCode, 503);
       assert.equal(res.headers['x-chipmunk-reason'], 'hold-timeout');
       await res.body.dump();
+      assert.equal((await client.getRoute('unplaced')).state, 'holding');
     }));
 
   it('sends an in-flight GET again after the release when the old upstream dies under it', () =>

@@ -40,7 +40,8 @@ describe('gateway: request log file', () => {
       );
       assert.equal(records[5].body, null);
       assert.deepEqual((await collect(log.read(4))).map((r) => r.seq), [5, 6]);
-      assert.deepEqual(log.state(), { firstSeq: 1, lastSeq: 6, bytes: (await stat(join(dir, '00000000000000000001.log'))).size });
+      assert.deepEqual(log.state(), { logId: log.id, firstSeq: 1, lastSeq: 6, bytes: (await stat(join(dir, '00000000000000000001.log'))).size });
+      assert.match(log.id, /^[0-9a-f]{16}$/);
       await log.close();
     }));
 
@@ -102,11 +103,11 @@ describe('gateway: request log file', () => {
 
       await log.trim(10);
       assert.deepEqual(await collect(log.read(0)), []);
-      assert.deepEqual(await readdir(dir), ['00000000000000000011.log'], 'one empty segment named after the next seq');
+      assert.deepEqual(await readdir(dir), ['00000000000000000011.log', 'log-id'], 'one empty segment named after the next seq, and the id');
       await log.close();
 
       const reopened = await RequestLog.open(dir);
-      assert.deepEqual(reopened.state(), { firstSeq: 11, lastSeq: 10, bytes: 0 });
+      assert.deepEqual(reopened.state(), { logId: log.id, firstSeq: 11, lastSeq: 10, bytes: 0 });
       assert.equal(await reopened.append(increment(11)), 11);
       assert.deepEqual((await collect(reopened.read(0))).map((r) => r.seq), [11]);
       await reopened.close();

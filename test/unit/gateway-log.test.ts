@@ -7,7 +7,7 @@ import { Readable } from 'node:stream';
 import { join } from 'node:path';
 import { pino } from 'pino';
 import { request } from 'undici';
-import { ConflictError, InvalidInputError } from '../../src/shared/errors.js';
+import { ConflictError, InvalidInputError, LogMismatchError } from '../../src/shared/errors.js';
 import { GatewayClient, startGateway, type Upstream } from '../../src/gateway/index.js';
 import { RequestLog, type LogRecord } from '../../src/gateway/request-log.js';
 import { LOOPBACK, TOKEN, eventually, freePort, httpUpstream, withGateway } from './gateway-env.js';
@@ -91,7 +91,7 @@ describe('gateway: logged HTTP routes', () => {
 
       const view = await client.getRoute('web');
       assert.equal(view.log, true);
-      assert.deepEqual({ ...view.requestLog, bytes: undefined }, { firstSeq: 1, lastSeq: 20, bytes: undefined, parked: 0 });
+      assert.deepEqual({ ...view.requestLog, bytes: undefined, logId: undefined }, { firstSeq: 1, lastSeq: 20, bytes: undefined, logId: undefined, parked: 0 });
       const metrics = await (await request(`${gateway.url}/metrics`)).body.text();
       assert.match(metrics, /chipmunk_gateway_log_appends_total\{route="web"\} 20/);
       assert.match(metrics, /chipmunk_gateway_log_batch_records_count\{route="web"\} \d+/);
@@ -106,7 +106,9 @@ describe('gateway: logged HTTP routes', () => {
       for (let n = 1; n <= 5; n++) assert.equal((await increment(url, n)).status, 200);
 
       const held = await client.hold('web', 'checkpoint-1');
-      assert.equal(held.logPosition, 5);
+      const logId = (await client.getRoute('web')).requestLog?.logId;
+      assert.match(logId ?? '', /^[0-9a-f]{16}$/);
+      assert.deepEqual(held.logPosition, { logId, seq: 5 });
       assert.equal(held.uncleanCut, undefined);
       assert.equal(counter.count, 5, 'the container applied exactly the requests up to the cut');
       // Held requests are logged when the hold lets them go, after the cut.
@@ -116,7 +118,7 @@ describe('gateway: logged HTTP routes', () => {
       await client.release('web', 'checkpoint-1', upstream.upstream);
       assert.equal((await late).status, 200);
 
-      const trimmed = await client.trimLog('web', 5);
+      const trimmed = await client.trimLog('web', { logId: logId!, seq: 5 });
       assert.deepEqual({ firstSeq: trimmed.requestLog?.firstSeq, lastSeq: trimmed.requestLog?.lastSeq }, { firstSeq: 6, lastSeq: 6 });
       await upstream.kill();
     }));
@@ -124,7 +126,7 @@ describe('gateway: logged HTTP routes', () => {
   it('loses no increment and fails no client when the container dies: parked requests get their answers from the replay', () =>
     withLogDir(async (logDir) => {
       const total = 60;
-      let cut = 0;
+      let cut = { logId: '', seq: 0 };
       let checkpointed = 0;
       const acked = new Set<number>();
       const failed: string[] = [];
@@ -179,13 +181,13 @@ describe('gateway: logged HTTP routes', () => {
 
       assert.deepEqual(failed, [], 'no client request failed');
       assert.equal(acked.size, total);
-      assert.equal(checkpointed, cut, 'the checkpoint holds exactly the requests up to the cut');
+      assert.equal(checkpointed, cut.seq, 'the checkpoint holds exactly the requests up to the cut');
       assert.equal(b?.count, total, 'the restored counter equals the acknowledged increments');
 
       const records = await readLog(join(logDir, 'counter'));
-      const afterCut = records.filter((r) => r.seq > cut);
+      const afterCut = records.filter((r) => r.seq > cut.seq);
       assert.ok(replay && replay.replayed > 0 && replay.delivered > 0, `some answers came from the replay: ${JSON.stringify(replay)}`);
-      assert.equal(replay?.replayed, (replay?.lastSeq ?? 0) - cut);
+      assert.equal(replay?.replayed, (replay?.lastSeq ?? 0) - cut.seq);
       assert.equal((replay?.delivered ?? 0) + (replay?.dropped ?? 0), replay?.replayed);
       assert.deepEqual(
         b?.applied,
@@ -234,16 +236,17 @@ describe('gateway: logged HTTP routes', () => {
         async ({ client }) => {
           const upstream = { address: LOOPBACK, port: 9 };
           await loggedRoute(client, 'web', upstream);
-          await assert.rejects(client.replay('web', 0, upstream), (err) => err instanceof ConflictError && /hold the route/.test(err.message));
+          const logId = (await client.getRoute('web')).requestLog!.logId;
+          await assert.rejects(client.replay('web', { logId, seq: 0 }, upstream), (err) => err instanceof ConflictError && /hold the route/.test(err.message));
           await client.putRoute('plain', { protocol: 'http', listenPort: await freePort(), upstream });
           await client.hold('plain', 'm1');
-          await assert.rejects(client.replay('plain', 0, upstream), (err) => err instanceof ConflictError && /not logged/.test(err.message));
+          await assert.rejects(client.replay('plain', { logId, seq: 0 }, upstream), (err) => err instanceof ConflictError && /not logged/.test(err.message));
           await assert.rejects(
             client.putRoute('tcp', { protocol: 'tcp', listenPort: await freePort(), upstream, log: true }),
             (err) => err instanceof InvalidInputError && /only http routes/.test(err.message),
           );
           await client.hold('web', 'm2');
-          await assert.rejects(client.replay('web', 7, upstream), (err) => err instanceof ConflictError && /ends at 0/.test(err.message));
+          await assert.rejects(client.replay('web', { logId, seq: 7 }, upstream), (err) => err instanceof ConflictError && /ends at 0/.test(err.message));
 
           await access(join(logDir, 'web'));
           await client.removeRoute('web');
@@ -261,18 +264,99 @@ describe('gateway: logged HTTP routes', () => {
       const first = await startGateway(options);
       const url = await loggedRoute(new GatewayClient({ url: first.url, token: TOKEN }), 'web', upstream.upstream);
       for (let n = 1; n <= 3; n++) assert.equal((await increment(url, n)).status, 200);
+      const logId = (await new GatewayClient({ url: first.url, token: TOKEN }).getRoute('web')).requestLog?.logId;
       await first.close();
 
       const second = await startGateway(options);
       try {
         const client = new GatewayClient({ url: second.url, token: TOKEN });
         assert.equal((await client.getRoute('web')).requestLog?.lastSeq, 3);
+        assert.equal((await client.getRoute('web')).requestLog?.logId, logId, 'the log keeps its identity');
         assert.equal((await increment(url, 4)).status, 200);
-        assert.equal((await client.hold('web', 'm1')).logPosition, 4);
+        assert.equal((await client.hold('web', 'm1')).logPosition?.seq, 4);
       } finally {
         await second.close();
         await upstream.kill();
       }
       assert.deepEqual((await readLog(join(dir, 'request-log', 'web'))).map((r) => header(r, 'x-n')), ['1', '2', '3', '4']);
+    }));
+
+  it("refuses to replay or trim with a position of the route's earlier log (unlogged and logged again, or removed and put again)", () =>
+    withGateway(async ({ client }) => {
+      const counter = new CounterService(0);
+      const upstream = await httpUpstream(counter.handle);
+      const url = await loggedRoute(client, 'web', upstream.upstream);
+      for (let n = 1; n <= 2; n++) assert.equal((await increment(url, n)).status, 200);
+      const old = (await client.hold('web', 'checkpoint-1')).logPosition!;
+      await client.release('web', 'checkpoint-1', upstream.upstream);
+      const listenPort = (await client.getRoute('web')).listenPort;
+
+      // Unprotected, then protected again: the log is deleted and a new one starts at seq 1.
+      await client.putRoute('web', { protocol: 'http', listenPort, upstream: upstream.upstream });
+      await client.putRoute('web', { protocol: 'http', listenPort, upstream: upstream.upstream, log: true });
+      for (let n = 3; n <= 6; n++) assert.equal((await increment(url, n)).status, 200);
+      const relogged = (await client.getRoute('web')).requestLog!;
+      assert.notEqual(relogged.logId, old.logId);
+      assert.equal(relogged.lastSeq, 4);
+      await client.hold('web', 'failover-1', { drain: false });
+      const applied = counter.applied.length;
+      await assert.rejects(client.replay('web', old, upstream.upstream), (err) => err instanceof LogMismatchError && err.code === 'CHIPMUNK_LOG_MISMATCH' && /not in container 'web''s current log/.test(err.message));
+      assert.equal(counter.applied.length, applied, 'nothing was replayed');
+      await assert.rejects(client.trimLog('web', old), LogMismatchError);
+      assert.equal((await client.getRoute('web')).requestLog?.firstSeq, 1, 'nothing was trimmed');
+      await client.release('web', 'failover-1', upstream.upstream);
+
+      // Removed and put again: a new log too.
+      await client.removeRoute('web');
+      await loggedRoute(client, 'web', upstream.upstream);
+      const recreated = (await client.getRoute('web')).requestLog!;
+      assert.notEqual(recreated.logId, relogged.logId);
+      await client.hold('web', 'failover-2', { drain: false });
+      await assert.rejects(client.replay('web', { logId: relogged.logId, seq: 0 }, upstream.upstream), LogMismatchError);
+      assert.deepEqual(await client.replay('web', { logId: recreated.logId, seq: 0 }, upstream.upstream), { replayed: 0, delivered: 0, dropped: 0, lastSeq: 0 });
+      await upstream.kill();
+    }));
+
+  it('a replay that stopped at an unreachable container goes on after the last record it answered when sent again; one cut after a possibly applied record is refused', () =>
+    withGateway(async ({ client }) => {
+      const counter = new CounterService(0);
+      const first = await httpUpstream(counter.handle);
+      const url = await loggedRoute(client, 'web', first.upstream);
+      for (let n = 1; n <= 2; n++) assert.equal((await increment(url, n)).status, 200);
+      const cut = (await client.hold('web', 'checkpoint-1')).logPosition!;
+      await client.release('web', 'checkpoint-1', first.upstream);
+      for (let n = 3; n <= 6; n++) assert.equal((await increment(url, n)).status, 200);
+      await first.kill();
+
+      // Restored from the cut (count 2); it becomes unreachable after answering two replayed records.
+      const restored = new CounterService(2);
+      let answered = 0;
+      const flaky = await httpUpstream((req, res) => {
+        restored.handle(req, res);
+        if (++answered === 2) {
+          res.setHeader('connection', 'close');
+          flaky.server.close();
+        }
+      });
+      const port = flaky.upstream.port;
+      await client.hold('web', 'failover-1', { drain: false });
+      await assert.rejects(client.replay('web', cut, flaky.upstream), (err) => err instanceof Error && (err as { details?: { seq?: number; written?: boolean } }).details?.seq === 5 && (err as { details?: { written?: boolean } }).details?.written === false);
+      assert.deepEqual(restored.applied, ['3', '4']);
+
+      // Back on the same address: the replay sent again applies 5 and 6 only, once each.
+      const back = await httpUpstream(restored.handle, port);
+      const again = await client.replay('web', cut, back.upstream);
+      assert.equal(again.lastSeq, 6);
+      assert.deepEqual(restored.applied, ['3', '4', '5', '6']);
+      assert.equal(restored.count, 6);
+      await client.release('web', 'failover-1', back.upstream);
+      await back.kill();
+
+      // A record that was sent but not answered may have been applied: going on is refused.
+      const dropping = await httpUpstream((req) => req.socket.destroy());
+      await client.hold('web', 'failover-2', { drain: false });
+      await assert.rejects(client.replay('web', cut, dropping.upstream), (err) => (err as { details?: { written?: boolean } }).details?.written === true);
+      await assert.rejects(client.replay('web', cut, dropping.upstream), (err) => err instanceof ConflictError && /may or may not have been applied/.test(err.message));
+      await dropping.kill();
     }));
 });

@@ -117,16 +117,25 @@ describe('gateway: TCP routes', () => {
       { holdLimits: { maxQueued: 1 } },
     ));
 
-  it('connects held connections to the old upstream when the hold times out', () =>
+  it('resets held connections when the hold passes its time bound, and stays held until released', () =>
     withGateway(async ({ client }) => {
       const a = await echoUpstream('A:');
       const port = await tcpRoute(client, 'slow-move', a.upstream);
       await client.hold('slow-move', 'm1', { timeoutMs: 200 });
       const conn = new TestConnection(port);
       conn.socket.write('x');
-      await conn.until('A:x');
-      assert.equal((await client.getRoute('slow-move')).migration?.outcome, 'expired');
-      conn.socket.destroy();
+      await conn.closed;
+      assert.equal(conn.error, 'ECONNRESET');
+      assert.equal(conn.received, '');
+      assert.equal(a.connections, 0, 'nothing reached the old upstream');
+      const route = await client.getRoute('slow-move');
+      assert.equal(route.state, 'holding');
+      assert.ok(route.migration?.lapsedAt !== undefined);
+      await client.release('slow-move', 'm1', a.upstream);
+      const after = new TestConnection(port);
+      after.socket.write('y');
+      await after.until('A:y');
+      after.socket.destroy();
       await a.kill();
     }));
 

@@ -4,7 +4,7 @@
  * lock, and the helpers more than one of them needs.
  */
 import { existsSync } from 'node:fs';
-import { mkdir, readdir, stat, writeFile } from 'node:fs/promises';
+import { mkdir, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { ConflictError, InvalidInputError, NotFoundError } from '../../shared/errors.js';
 import { runUnchecked } from '../../shared/exec.js';
@@ -12,10 +12,11 @@ import type { AgentContainer, ContainerSpec, HostCapabilities, MigrationMode } f
 import { removeTree } from '../../shared/remove-tree.js';
 import { buildOciConfig } from './bundle.js';
 import { Criu, criuOptionsPath, writeCriuOptions, type DumpProcess, type PageServer } from './criu.js';
+import { FailedLogs } from './failed-logs.js';
 import { ImageStore, type ImageConfig } from './images.js';
 import { NodeLayout } from './layout.js';
 import { CniNetwork, netnsPath } from './network.js';
-import { RecordStore, type ContainerRecord } from './records.js';
+import { RecordStore, type ContainerRecord, type RecordWarning } from './records.js';
 import { mountRootfs, unmountBelow } from './rootfs.js';
 import { Runc, type StartTarget } from './runc.js';
 
@@ -41,6 +42,8 @@ export interface RuncRuntimeOptions {
    * lazy-pages daemon run there; runc itself does not care where it runs.
    */
   hostNetns?: string;
+  /** Where warnings go (a damaged record read from its previous copy); console.warn if not given. */
+  onWarning?: RecordWarning;
 }
 
 /** Source-side state of a migration in flight. */
@@ -60,6 +63,7 @@ export class RuntimeContext {
   readonly criu: Criu;
   readonly network: CniNetwork;
   readonly images: ImageStore;
+  readonly failedLogs: FailedLogs;
   /** Migrations this node is the source of, by id. */
   readonly sources = new Map<string, SourceMigration>();
   /** Serialises operations per container name. */
@@ -68,10 +72,11 @@ export class RuntimeContext {
   constructor(readonly opts: RuncRuntimeOptions) {
     this.node = opts.node;
     this.layout = new NodeLayout(opts.node, opts.dataDir, opts.runDir);
-    this.records = new RecordStore(this.layout, opts.node);
+    this.records = new RecordStore(this.layout, opts.node, opts.onWarning ?? ((message, details) => console.warn(message, details)));
     this.runc = new Runc({ runcPath: opts.runcPath ?? 'runc', root: this.layout.runcRoot(), criuPath: opts.criuPath, hostNetns: opts.hostNetns });
     this.criu = new Criu(this.runc, opts.criuPath, opts.hostNetns);
     this.images = opts.images ?? new ImageStore();
+    this.failedLogs = new FailedLogs(this.layout.failedLogsDir());
     this.network = new CniNetwork({
       networkName: `chipmunk-${opts.node}`,
       bridge: 'chmk0',
@@ -147,10 +152,10 @@ export class RuntimeContext {
       if (seen.has(key)) throw new InvalidInputError(`host port ${key} is published twice`, { port: p.hostPort });
       seen.add(key);
     }
-    for (const n of await this.records.names()) {
+    for (const rec of await this.records.readable()) {
+      const n = rec.spec.name;
       if (n === spec.name) continue;
-      const rec = await this.records.find(n);
-      for (const p of rec?.spec.ports ?? []) {
+      for (const p of rec.spec.ports) {
         if (seen.has(`${p.hostPort}/${p.protocol}`)) {
           throw new ConflictError(`host port ${p.hostPort}/${p.protocol} is already published by container '${n}' on node ${this.node}`, {
             port: p.hostPort,
@@ -199,19 +204,7 @@ export class RuntimeContext {
     await this.removeContainerDir(rec.spec.name);
   }
 
-  /**
-   * What a failed migration leaves: everything in its directory (images, staged files) but
-   * CRIU's logs in criu-work/, which the migration's error points the operator at.
-   */
-  async discardMigrationData(migrationId: string): Promise<void> {
-    const dir = this.layout.migrationDir(migrationId);
-    if (!existsSync(dir)) return;
-    await unmountBelow(dir);
-    for (const entry of await readdir(dir)) {
-      if (entry !== 'criu-work') await removeTree(join(dir, entry));
-    }
-  }
-
+  /** A migration's images, staged files and CRIU work dir (a failure's logs were kept before: failed-logs.ts). */
   async removeMigrationDir(migrationId: string): Promise<void> {
     const dir = this.layout.migrationDir(migrationId);
     if (!existsSync(dir)) return;
@@ -220,10 +213,9 @@ export class RuntimeContext {
   }
 
   async findByMigration(migrationId: string, role: 'source' | 'target'): Promise<string> {
-    for (const n of await this.records.names()) {
-      const rec = await this.records.find(n);
-      if (rec?.migration?.id === migrationId && rec.migration.role === role) return n;
-      if (role === 'target' && rec?.restoredBy === migrationId) return n;
+    for (const rec of await this.records.readable()) {
+      if (rec.migration?.id === migrationId && rec.migration.role === role) return rec.spec.name;
+      if (role === 'target' && rec.restoredBy === migrationId) return rec.spec.name;
     }
     throw new NotFoundError(`no ${role} container for migration ${migrationId} on node ${this.node}`, { migrationId });
   }

@@ -34,6 +34,8 @@ export interface DumpProcess {
 export const CRIU_LOG = { dump: 'dump.log', restore: 'restore.log', lazyPages: 'lazy-pages.log' } as const;
 
 const LAZY_SOCKET_WAIT_MS = 15_000;
+/** How long the last lazy pages may take to be served (source) or pulled (target). */
+export const PAGE_DRAIN_TIMEOUT_MS = 10 * 60_000;
 const PAGE_SIZE = 4096;
 
 /**
@@ -73,10 +75,10 @@ export async function criuFailureSummary(logPath: string): Promise<string> {
 }
 
 /** A dump that failed: runc's last words, CRIU's own, and the log that has the rest. */
-export async function dumpFailedError(what: string, res: { code: number; stderr: string }, logPath: string, op = 'runc checkpoint'): Promise<RuntimeFailedError> {
+async function dumpFailedError(what: string, res: { code: number; stderr: string }, logPath: string): Promise<RuntimeFailedError> {
   const criuSays = await criuFailureSummary(logPath);
   const why = [lastLines(res.stderr, 3) || `runc exited ${res.code}`, criuSays ? `CRIU: ${criuSays}` : ''].filter(Boolean).join('; ');
-  return new RuntimeFailedError(`${what} failed: ${why}`, { op, logPath, stderr: lastLines(res.stderr, 20) });
+  return new RuntimeFailedError(`${what} failed: ${why}`, { op: 'runc checkpoint', logPath, stderr: lastLines(res.stderr, 20) });
 }
 
 /**
@@ -162,7 +164,7 @@ export class Criu {
    * with a reason if the daemon fails: CRIU's restore then waits forever, so the caller must
    * give it up (Runc.start's `abandon`).
    */
-  async prepareRestore(
+  async restoreCommand(
     migrationId: string,
     opts: { images: string; work: string; bundle: string; mode: MigrationMode; pageServer?: PageServer },
   ): Promise<{ args: string[]; log: string; daemonFailed?: Promise<string> }> {

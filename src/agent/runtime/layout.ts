@@ -12,7 +12,7 @@
  *   migrations/ID/images/             CRIU images of one migration
  *   migrations/ID/criu-work/          CRIU logs (dump.log, restore.log, lazy-pages.log)
  *   checkpoints/ID/{images,files}/    a checkpoint (the container ran on), until uploaded or discarded
- *   failed-logs/OP-ID/                CRIU logs of a failed dump or checkpoint, the last few kept
+ *   failed-logs/OP-ID/                CRIU logs of a failed dump, checkpoint or restore (failed-logs.ts)
  * runc's own state lives under RUN_DIR/runc.
  */
 import { join } from 'node:path';

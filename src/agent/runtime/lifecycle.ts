@@ -5,7 +5,7 @@ import { existsSync } from 'node:fs';
 import { mkdir, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { ConflictError, InvalidInputError, NotFoundError } from '../../shared/errors.js';
+import { ConflictError, InvalidInputError, NotFoundError, StateCorruptError } from '../../shared/errors.js';
 import type { AgentContainer, ContainerSpec, ContainerStats } from '../../shared/protocol.js';
 import { MIN_MEMORY_BYTES } from '../../shared/units.js';
 import type { RuntimeContext } from './context.js';
@@ -60,13 +60,15 @@ export class ContainerLifecycle {
     return this.ctx.view(await this.ctx.records.read(name));
   }
 
+  /** A container whose record is damaged is listed as `unknown` with the error, never left out. */
   async list(): Promise<AgentContainer[]> {
     const out: AgentContainer[] = [];
     for (const n of await this.ctx.records.names()) {
       try {
         out.push(await this.get(n));
       } catch (err) {
-        if (!(err instanceof NotFoundError)) throw err;
+        if (err instanceof StateCorruptError) out.push(damagedView(n, err));
+        else if (!(err instanceof NotFoundError)) throw err;
       }
     }
     return out;
@@ -128,4 +130,16 @@ export class ContainerLifecycle {
       pids: Number(data.pids?.current ?? 0),
     };
   }
+}
+
+/** What can be said of a container whose record is damaged: its name, and why nothing more. */
+function damagedView(name: string, err: StateCorruptError): AgentContainer {
+  return {
+    name,
+    spec: { name, image: 'unknown', command: [], env: {}, ports: [], memoryBytes: 0 },
+    status: 'unknown',
+    generation: 0,
+    createdAt: new Date(0).toISOString(),
+    error: { code: err.code, message: err.message },
+  };
 }

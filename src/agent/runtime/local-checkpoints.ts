@@ -57,8 +57,10 @@ export class LocalCheckpoints {
       if (failure) throw failure;
       return { paths, frozenMs, imageBytes: await treeBytes(paths.images), filesBytes: await treeBytes(paths.files) };
     }).catch(async (err: unknown) => {
-      await removeTree(ctx.layout.checkpointDir(checkpointId)).catch(() => undefined);
-      throw err;
+      const dir = ctx.layout.checkpointDir(checkpointId);
+      const kept = await ctx.failedLogs.keepFor(err, 'checkpoint', checkpointId, join(dir, 'criu-work'));
+      await removeTree(dir).catch(() => undefined);
+      throw kept;
     });
   }
 
@@ -72,9 +74,8 @@ export class LocalCheckpoints {
     // Agents up to chipmunk 0.1.0 kept them in snapshots/: an upgraded node drops those too.
     await removeTree(join(ctx.layout.dataDir, 'snapshots'));
     const resumed: string[] = [];
-    for (const name of await ctx.records.names()) {
-      const rec = await ctx.records.find(name);
-      if (!rec) continue;
+    for (const rec of await ctx.records.readable()) {
+      const name = rec.spec.name;
       const id = ctx.runcId(rec);
       // chipmunk pauses containers only inside a checkpoint, so a paused one is a leftover.
       if ((await ctx.runc.state(id))?.status !== 'paused') continue;

@@ -10,12 +10,10 @@ import type { AgentContainer, DumpState } from '../../shared/protocol.js';
 import { within } from '../../shared/time.js';
 import type { RuntimeContext, SourceMigration } from './context.js';
 import { treeBytes } from './context.js';
-import { CRIU_LOG, removeCriuNetworkLock } from './criu.js';
+import { CRIU_LOG, PAGE_DRAIN_TIMEOUT_MS, removeCriuNetworkLock } from './criu.js';
 import type { ContainerRecord } from './records.js';
 import { restoreIncarnation } from './target-restore.js';
 import type { DumpOptions, DumpOutcome, MigrationPaths } from './types.js';
-
-const PAGE_DRAIN_TIMEOUT_MS = 10 * 60_000;
 
 export class SourceMigrations {
   constructor(private readonly ctx: RuntimeContext) {}
@@ -69,7 +67,9 @@ export class SourceMigrations {
         delete current.migration;
         await ctx.records.write(current);
         ctx.sources.delete(opts.migrationId);
-        throw err;
+        const kept = await ctx.failedLogs.keepFor(err, 'dump', opts.migrationId, work);
+        await ctx.removeMigrationDir(opts.migrationId);
+        throw kept;
       }
       return {
         imageBytes: await treeBytes(images),
@@ -91,7 +91,7 @@ export class SourceMigrations {
         delete rec.migration;
         await ctx.records.write(rec);
         ctx.sources.delete(migrationId);
-        await ctx.discardMigrationData(migrationId);
+        await ctx.removeMigrationDir(migrationId);
         return ctx.view(rec);
       }
       const mode = mig?.mode ?? rec.migration?.mode ?? 'copy';
@@ -175,7 +175,7 @@ export class SourceMigrations {
     const waits: Array<Promise<unknown>> = [this.ctx.criu.lazyPagesEnded(migrationId, PAGE_DRAIN_TIMEOUT_MS)];
     if (mig?.dump) waits.push(mig.dump.done);
     await within(Promise.all(waits), PAGE_DRAIN_TIMEOUT_MS);
-    await this.ctx.discardMigrationData(migrationId);
+    await this.ctx.removeMigrationDir(migrationId);
   }
 
   async finishMigration(migrationId: string): Promise<void> {

@@ -9,12 +9,10 @@ import { join } from 'node:path';
 import { ConflictError, InvalidInputError } from '../../shared/errors.js';
 import type { AgentContainer, ContainerSpec, MigrationMode } from '../../shared/protocol.js';
 import type { RuntimeContext } from './context.js';
-import { writeCriuOptions, type PageServer } from './criu.js';
+import { PAGE_DRAIN_TIMEOUT_MS, writeCriuOptions, type PageServer } from './criu.js';
 import type { ImageConfig } from './images.js';
 import type { ContainerRecord } from './records.js';
 import type { PrepareOptions, RestoreOptions } from './types.js';
-
-const PAGE_DRAIN_TIMEOUT_MS = 10 * 60_000;
 
 export class TargetRestores {
   constructor(private readonly ctx: RuntimeContext) {}
@@ -103,8 +101,8 @@ export class TargetRestores {
     ctx.criu.killLazyPages(migrationId);
     const name = await ctx.findByMigration(migrationId, 'target').catch(() => undefined);
     if (name) await ctx.withLock(name, async () => ctx.removeContainer(await ctx.records.read(name)));
-    // The failure that led here names CRIU's logs (criu-work/restore.log): they stay.
-    await ctx.discardMigrationData(migrationId);
+    // A failed restore's logs, which its error names, were kept in failed-logs/ already.
+    await ctx.removeMigrationDir(migrationId);
   }
 }
 
@@ -128,12 +126,12 @@ export async function restoreIncarnation(
   await ctx.writeBundle(rec, image);
   await writeCriuOptions(containerDir, 'restore');
   try {
-    const restore = await ctx.criu.prepareRestore(migrationId, { images: ctx.layout.migrationImages(migrationId), work, bundle: containerDir, mode, pageServer });
+    const restore = await ctx.criu.restoreCommand(migrationId, { images: ctx.layout.migrationImages(migrationId), work, bundle: containerDir, mode, pageServer });
     await ctx.runc.start(ctx.startTarget(name), [...restore.args, ctx.runcId(rec)], 'runc restore', restore.log, restore.daemonFailed);
   } catch (err) {
     ctx.criu.killLazyPages(migrationId);
     await ctx.runc.destroy(ctx.runcId(rec));
-    throw err;
+    throw await ctx.failedLogs.keepFor(err, 'restore', migrationId, work);
   } finally {
     await writeCriuOptions(containerDir, 'dump').catch(() => undefined);
   }

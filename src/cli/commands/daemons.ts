@@ -123,7 +123,7 @@ export function registerDaemonCommands(program: Command): void {
       .option('--route-host <address>', "address the routes' listeners bind (clients connect there)", DEFAULT_GATEWAY_ROUTE_HOST)
       .option('--state <file>', 'route table file (survives restarts)', DEFAULT_GATEWAY_STATE)
       .option('--max-held <n>', 'requests (or connections) one route may hold during a migration; more get 503 queue-full', parsePositiveInt)
-      .option('--max-hold-ms <ms>', 'longest hold; then traffic goes back to the old location', parsePositiveInt)
+      .option('--max-hold-ms <ms>', 'longest wait of a held request; then it gets 503 hold-timeout (the route stays held until released)', parsePositiveInt)
       .option('--log-dir <dir>', "logged routes' request logs, one folder per route (default: request-log next to --state)")
       .option('--max-logged-body <bytes>', 'logged routes refuse larger request bodies with 413 (default 8 MiB)', parsePositiveInt)
       .option('--max-replay-wait-ms <ms>', 'logged routes: how long a request whose container was lost waits for its replay, then 503 upstream-lost (default 60000)', parsePositiveInt)

@@ -55,7 +55,7 @@ export function registerProtectionCommands(program: Command): void {
       printJson(list.map(({ id, time, logicalBytes, newBytes, logPosition, corrupt }) => ({ id, time, logicalBytes, newBytes, logPosition, ...(corrupt ? { corrupt } : {}) })));
       return;
     }
-    const rows = list.map((c) => [c.id, new Date(c.time).toISOString(), formatBytes(c.logicalBytes), formatBytes(c.newBytes), c.logPosition === null ? '-' : String(c.logPosition), c.corrupt ? 'CORRUPT' : 'ok']);
+    const rows = list.map((c) => [c.id, new Date(c.time).toISOString(), formatBytes(c.logicalBytes), formatBytes(c.newBytes), formatLogPosition(c.logPosition), c.corrupt ? 'CORRUPT' : 'ok']);
     process.stdout.write(`${renderTable(['ID', 'TIME', 'SIZE', 'NEW', 'LOG POSITION', 'STATE'], rows)}\n`);
   });
 
@@ -130,4 +130,10 @@ export function registerProtectionCommands(program: Command): void {
       process.stdout.write(`${renderTable(['ID', 'CONTAINER', 'FROM', 'TO', 'OUTCOME', 'CHECKPOINT', 'REPLAYED', 'TOOK'], rows)}\n`);
     },
   );
+}
+
+/** "SEQ@LOGID": a position is a seq in one particular request log (no id: stored by an older version). */
+function formatLogPosition(position: CheckpointRow['logPosition']): string {
+  if (position === null) return '-';
+  return `${position.seq}@${position.logId ?? 'unknown-log'}`;
 }

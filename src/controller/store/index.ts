@@ -1,3 +1,4 @@
+import { randomBytes } from 'node:crypto';
 import { InvalidInputError } from '../../shared/errors.js';
 import type { LocalStoreOptions } from './local.js';
 import { MemoryStore } from './memory.js';
@@ -14,4 +15,22 @@ export async function openStore(spec: string, options: LocalStoreOptions = {}): 
   if (spec === 'memory:') return new MemoryStore(options);
   if (spec.startsWith('sqlite:') && spec.length > 'sqlite:'.length) return SqliteStore.open(spec.slice('sqlite:'.length), options);
   throw new InvalidInputError(`unknown state store "${spec}": use "memory:" or "sqlite:/path/to/file.db"`, { spec });
+}
+
+const IDENTITY_KEY = '/identity';
+
+/**
+ * The store's identity: a random id made once, the first time a controller opens the store, and
+ * kept in it. It names what this controller owns outside the store (its gateway routes and their
+ * request logs), so that a controller on another store, or on a fresh one, never takes those for
+ * its own leftovers.
+ */
+export async function storeIdentity(store: StateStore): Promise<string> {
+  for (;;) {
+    const existing = await store.get<{ id: string }>(IDENTITY_KEY);
+    if (existing) return existing.value.id;
+    const id = `store-${randomBytes(8).toString('hex')}`;
+    const res = await store.txn({ compare: [{ key: IDENTITY_KEY, modRevision: 0 }], ops: [{ type: 'put', key: IDENTITY_KEY, value: { id, createdAt: new Date().toISOString() } }] });
+    if (res.succeeded) return id;
+  }
 }
