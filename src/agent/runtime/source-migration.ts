@@ -95,6 +95,9 @@ export class SourceMigrations {
         return ctx.view(rec);
       }
       const mode = mig?.mode ?? rec.migration?.mode ?? 'copy';
+      if (mode === 'lazy' && isDumping(mig) && (await hasPeer(mig!.dump!.process.pid, mig!.pageServer!.port))) {
+        throw new RuntimeFailedError(`cannot roll '${name}' back on node ${ctx.node}: a target is connected to its page server and pulls its memory pages`, { op: 'rollback' });
+      }
       if (mode === 'lazy' && !isDumping(mig)) {
         throw new RuntimeFailedError(
           `cannot roll '${name}' back on node ${ctx.node}: its lazy page server has already ended, so its memory is gone`,

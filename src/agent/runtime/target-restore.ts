@@ -93,6 +93,16 @@ export class TargetRestores {
     await ctx.criu.lazyPagesEnded(migrationId, PAGE_DRAIN_TIMEOUT_MS);
     const lazyPagesBytes = await ctx.criu.lazyPagesBytes(ctx.layout.criuWorkDir(migrationId));
     await ctx.removeMigrationDir(migrationId);
+    // Settled: the copy is the container now, and no later abort of this migration may touch it.
+    const name = await ctx.findByMigration(migrationId, 'target').catch(() => undefined);
+    if (name) {
+      await ctx.withLock(name, async () => {
+        const rec = await ctx.records.read(name);
+        if (rec.restoredBy !== migrationId) return;
+        delete rec.restoredBy;
+        await ctx.records.write(rec);
+      });
+    }
     return { lazyPagesBytes };
   }
 
