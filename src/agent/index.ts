@@ -60,7 +60,7 @@ async function fenceMovedContainers(runtime: ContainerRuntime, fence: FencedCont
     }
     if (!here || here.generation >= moved.generation) continue;
     log.warn({ container: moved.name, generation: here.generation, runsElsewhereAs: moved.generation }, `fencing ${moved.name}: it was restored on another node while this one was unreachable; removing this copy`);
-    await runtime.remove(moved.name, { force: true }).catch((err: unknown) => log.error({ err: (err as Error).message }, `could not remove fenced container ${moved.name}`));
+    await runtime.remove(moved.name, { force: true, fenced: true }).catch((err: unknown) => log.error({ err: (err as Error).message }, `could not remove fenced container ${moved.name}`));
   }
 }
 

@@ -331,6 +331,20 @@ export function describeRuntimeContract(name: string, makePair: () => Promise<Ru
         await source.remove(c.name, { force: true });
       }));
 
+    it('removes a copy a lazy dump froze when it is fenced (it runs elsewhere now): no dump process, no trees left', { timeout }, (t) =>
+      withPair(async (pair) => {
+        if (lazyUnsupported(pair)) return skip(t, 'no lazy migration on these hosts');
+        const { source } = pair;
+        const c = await source.run(appSpec(pair, 'fenced'));
+        const id = migrationId('fenced');
+        await source.dump(c.name, dumpOpts(pair, id, 'lazy'));
+        await assertRejects(source.remove(c.name, { force: true }), ConflictError, 'an ordinary removal of a migrating copy');
+        await source.remove(c.name, { force: true, fenced: true });
+        assert.deepEqual(await source.list(), []);
+        assertNoTrees(source, id);
+        assert.equal((await source.dumpState(id)).canRollBack, false);
+      }));
+
     it('refuses a restore over an existing name or published port, leaving both in place', { timeout }, () =>
       withPair(async (pair) => {
         const { source, target } = pair;

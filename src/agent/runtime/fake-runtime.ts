@@ -21,7 +21,7 @@ import { ChipmunkError, ConflictError, InvalidInputError, NotFoundError, Runtime
 import type { AgentContainer, ContainerSpec, ContainerStats, DumpState, HostCapabilities, MigrationMode } from '../../shared/protocol.js';
 import { removeTree } from '../../shared/remove-tree.js';
 import { MIN_MEMORY_BYTES } from '../../shared/units.js';
-import type { ContainerRuntime, DumpOptions, DumpOutcome, LocalCheckpoint, LogStream, MigrationPaths, RestoreOptions } from './types.js';
+import type { ContainerRuntime, RemoveOptions, DumpOptions, DumpOutcome, LocalCheckpoint, LogStream, MigrationPaths, RestoreOptions } from './types.js';
 
 export interface FakeRuntimeOptions {
   node?: string;
@@ -125,13 +125,17 @@ export class FakeRuntime implements ContainerRuntime {
     return this.view(c);
   }
 
-  async remove(name: string, opts: { force?: boolean } = {}): Promise<void> {
+  async remove(name: string, opts: RemoveOptions = {}): Promise<void> {
     const c = this.find(name);
-    this.assertNotMigrating(c);
+    if (!opts.fenced) this.assertNotMigrating(c);
     if (c.status === 'running' && !opts.force) {
       throw new ConflictError(`container '${name}' is running: stop it first or remove it with force`, { name });
     }
     this.containers.delete(name);
+    if (c.migration) {
+      if (c.migration.pageServer) pageServers.delete(c.migration.pageServer);
+      await this.removeMigrationDir(c.migration.id);
+    }
   }
 
   async logs(name: string, opts: { stream?: LogStream; tailLines?: number } = {}): Promise<string> {

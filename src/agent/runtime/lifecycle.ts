@@ -10,7 +10,7 @@ import type { AgentContainer, ContainerSpec, ContainerStats } from '../../shared
 import { MIN_MEMORY_BYTES } from '../../shared/units.js';
 import type { RuntimeContext } from './context.js';
 import type { ContainerRecord } from './records.js';
-import type { LogStream } from './types.js';
+import type { LogStream, RemoveOptions } from './types.js';
 
 export class ContainerLifecycle {
   constructor(private readonly ctx: RuntimeContext) {}
@@ -93,13 +93,13 @@ export class ContainerLifecycle {
     });
   }
 
-  async remove(name: string, opts: { force?: boolean } = {}): Promise<void> {
+  async remove(name: string, opts: RemoveOptions = {}): Promise<void> {
     const { ctx } = this;
     await ctx.withLock(name, async () => {
       const rec = await ctx.records.read(name);
-      // Forced (a fence: the container runs elsewhere now), even a copy a migration holds goes,
-      // with its dump process or lazy-pages daemon and its migration data.
-      if (!opts.force) ctx.assertNotMigrating(rec);
+      // Fenced (it runs elsewhere now), even a copy a migration holds goes, with its dump
+      // process or lazy-pages daemon and its migration data.
+      if (!opts.fenced) ctx.assertNotMigrating(rec);
       const state = await ctx.runc.state(ctx.runcId(rec));
       if (state?.status === 'running' && !opts.force) {
         throw new ConflictError(`container '${name}' is running: stop it first or remove it with force`, { name });

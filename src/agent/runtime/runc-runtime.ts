@@ -15,7 +15,7 @@ import { ContainerLifecycle } from './lifecycle.js';
 import { LocalCheckpoints } from './local-checkpoints.js';
 import { SourceMigrations } from './source-migration.js';
 import { TargetRestores } from './target-restore.js';
-import type { ContainerRuntime, DumpOptions, DumpOutcome, LocalCheckpoint, LogStream, MigrationPaths, PrepareOptions, RestoreOptions } from './types.js';
+import type { ContainerRuntime, RemoveOptions, DumpOptions, DumpOutcome, LocalCheckpoint, LogStream, MigrationPaths, PrepareOptions, RestoreOptions } from './types.js';
 
 export type { RuncRuntimeOptions } from './context.js';
 
@@ -51,7 +51,7 @@ export class RuncRuntime implements ContainerRuntime {
     return this.lifecycle.stop(name, opts);
   }
 
-  remove(name: string, opts?: { force?: boolean }): Promise<void> {
+  remove(name: string, opts?: RemoveOptions): Promise<void> {
     return this.lifecycle.remove(name, opts);
   }
 

@@ -66,7 +66,11 @@ export interface ContainerRuntime {
   get(name: string): Promise<AgentContainer>;
   list(): Promise<AgentContainer[]>;
   stop(name: string, opts?: { timeoutMs?: number }): Promise<AgentContainer>;
-  remove(name: string, opts?: { force?: boolean }): Promise<void>;
+  /**
+   * `force` removes a running container; `fenced` (the controller fenced it: it runs elsewhere now)
+   * also one a migration holds, with its dump process or lazy-pages daemon.
+   */
+  remove(name: string, opts?: RemoveOptions): Promise<void>;
   logs(name: string, opts?: { stream?: LogStream; tailLines?: number }): Promise<string>;
   stats(name: string): Promise<ContainerStats>;
 
@@ -113,4 +117,9 @@ export interface ContainerRuntime {
 
   /** Stops background work (not the containers: they outlive the agent). */
   close(): Promise<void>;
+}
+
+export interface RemoveOptions {
+  force?: boolean;
+  fenced?: boolean;
 }
