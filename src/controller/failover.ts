@@ -16,7 +16,7 @@
  */
 import { randomUUID } from 'node:crypto';
 import type { Logger } from 'pino';
-import { ConflictError, FailoverFailedError, LogMismatchError, toChipmunkError, type ErrorJSON } from '../shared/errors.js';
+import { ConflictError, FailoverFailedError, LogMismatchError, toChipmunkError, type ChipmunkError, type ErrorJSON } from '../shared/errors.js';
 import type { FencedContainer, LogPosition } from '../shared/protocol.js';
 import type { CheckpointSummary } from '../checkpoint-store/index.js';
 import type { CheckpointCatalog, CheckpointService, LoggedTraffic } from './checkpoints.js';
@@ -36,6 +36,8 @@ export const pendingReplayKey = (name: string) => `${REPLAYS_PREFIX}${name}`;
 export interface PendingReplay {
   failoverId: string;
   holdId: string;
+  /** The node that died. */
+  from: string;
   node: string;
   checkpoint: string;
   after: LogPosition;
@@ -215,7 +217,7 @@ export class FailoverService {
           // Owed before the record names the new node: whoever finds the container there with its
           // route held knows the hold must stay until the replay is done.
           if (after && held) {
-            await this.opts.store.put(pendingReplayKey(name), { failoverId: record.id, holdId: lockId, node: record.to, checkpoint: record.checkpoint!, after, attempts: 0 } satisfies PendingReplay);
+            await this.opts.store.put(pendingReplayKey(name), { failoverId: record.id, holdId: lockId, from: deadNode, node: record.to, checkpoint: record.checkpoint!, after, attempts: 0 } satisfies PendingReplay);
           }
           // From here the new incarnation is the container: fence the old one, then record the move.
           await this.opts.store.put(fenceKey(deadNode, name), { name, generation: current.generation } satisfies FencedContainer);
@@ -275,13 +277,13 @@ export class FailoverService {
         }
         const error = toChipmunkError(err);
         record.replayError = error.toJSON();
-        const uncertain = error.details.written === true || /cannot go on/.test(error.message);
+        const uncertain = replayUncertain(error);
         await this.noteReplayFailure(name, error.toJSON(), uncertain);
         await this.save(record).catch(() => undefined);
         this.opts.log.error({ container: name, attempt, err: record.replayError }, `replaying the request log into ${name} failed; its route stays held`);
         if (uncertain || attempt >= REPLAY_ATTEMPTS) {
           throw new FailoverFailedError(
-            `${name} was restored on ${container.node} but the replay of its request log failed (${error.message}): its route stays held${uncertain ? '; the restored copy may have applied a request the replay could not confirm, restore it again' : ' and the replay is retried'}`,
+            `${name} was restored on ${container.node} but the replay of its request log failed (${error.message}): its route stays held and the replay is retried${uncertain ? ' into a copy restored again (this one may have applied a request the replay could not confirm)' : ''}`,
             { name, from: record.from, to: container.node },
             err,
           );
@@ -300,18 +302,21 @@ export class FailoverService {
   /**
    * Replays owed by failovers that ended without them (a failed replay, or a controller that
    * died): under the container's lock, replay (the gateway goes on where it stopped), then
-   * release and record the failover done.
+   * release and record the failover done. A copy that may have applied a request the replay
+   * could not confirm is replaced first: the checkpoint is restored again on another node (the
+   * old copy is fenced) and the replay starts over into the new one.
    */
   async retryOwedReplays(): Promise<void> {
     const owed = await this.opts.store.list<PendingReplay>(REPLAYS_PREFIX).catch(() => []);
     for (const { value: pending, key } of owed) {
       const name = key.slice(REPLAYS_PREFIX.length);
-      if (pending.uncertain || this.inProgress.has(name)) continue;
+      if (this.inProgress.has(name)) continue;
       await this.opts.checkpoints
-        .withLock(name, 'failover', async (container) => {
+        .withLock(name, 'failover', async (locked, lockId) => {
           const still = await this.opts.store.get<PendingReplay>(key);
-          if (still?.value.holdId !== pending.holdId || container.node !== pending.node) return;
+          if (still?.value.holdId !== pending.holdId || locked.node !== pending.node) return;
           const record = (await this.opts.store.get<FailoverRecord>(FAILOVERS_PREFIX + pending.failoverId))?.value;
+          const container = pending.uncertain ? await this.restoreAgain(name, pending, locked, lockId) : locked;
           const t = Date.now();
           const replay = await this.opts.traffic.replay(name, pending.after, container);
           await this.opts.traffic.release(name, pending.holdId, container);
@@ -319,16 +324,33 @@ export class FailoverService {
           this.opts.log.info({ container: name, failover: pending.failoverId, replayed: replay.replayed }, `the owed replay into ${name} succeeded; its route is released`);
           if (record) {
             const { replayError: _fixed, error: _error, ...rest } = record;
-            await this.save({ ...rest, outcome: 'done', finishedAt: Date.now(), replayed: (record.replayed ?? 0) + replay.replayed, delivered: (record.delivered ?? 0) + replay.delivered, timings: { ...record.timings, replayMs: Date.now() - t } });
+            await this.save({ ...rest, to: container.node, outcome: 'done', finishedAt: Date.now(), replayed: (record.replayed ?? 0) + replay.replayed, delivered: (record.delivered ?? 0) + replay.delivered, timings: { ...record.timings, replayMs: Date.now() - t } });
           }
         })
         .catch(async (err: unknown) => {
           const error = toChipmunkError(err);
-          const uncertain = error.details.written === true || /cannot go on/.test(error.message);
-          await this.noteReplayFailure(name, error.toJSON(), uncertain).catch(() => undefined);
+          await this.noteReplayFailure(name, error.toJSON(), replayUncertain(error)).catch(() => undefined);
           this.opts.log.error({ container: name, err: error.toJSON() }, `the owed replay into ${name} failed again; its route stays held`);
         });
     }
+  }
+
+  /**
+   * Restores the owed replay's checkpoint again, on another ready node, in place of a copy whose
+   * state the replay left uncertain; that copy is fenced (its node's agent removes it). Returns
+   * the record of the new copy, which the replay then starts over into.
+   */
+  private async restoreAgain(name: string, pending: PendingReplay, container: ContainerRecord, lockId: string): Promise<ContainerRecord> {
+    const [target] = (await this.targetsFor(pending.node)).filter((node) => node !== pending.from);
+    if (!target) throw new FailoverFailedError(`no ready node other than ${pending.node} and ${pending.from} to restore ${name} again on: its route stays held`, { name, from: pending.from });
+    const generation = container.generation + 1;
+    const current = await this.opts.checkpoints.restoreOn(container, target, pending.checkpoint, `${lockId}-again`, generation);
+    await this.opts.store.put(pendingReplayKey(name), { ...pending, node: target, attempts: 0, uncertain: false } satisfies PendingReplay);
+    await this.opts.store.put(fenceKey(pending.node, name), { name, generation: current.generation } satisfies FencedContainer);
+    await this.opts.store.delete(fenceKey(target, name));
+    await this.opts.checkpoints.saveRecord(name, lockId, current);
+    this.opts.log.warn({ container: name, from: pending.node, to: target, checkpoint: pending.checkpoint }, `restored ${name} again on ${target}: the copy on ${pending.node} may have applied a request its replay could not confirm`);
+    return current;
   }
 
   /** Ready nodes other than the dead one, fewest containers first. */
@@ -342,4 +364,9 @@ export class FailoverService {
   private async save(record: FailoverRecord): Promise<void> {
     await this.opts.store.put(FAILOVERS_PREFIX + record.id, record);
   }
+}
+
+/** The restored copy may have applied a request that no answer confirmed: no replay into it can go on. */
+function replayUncertain(error: ChipmunkError): boolean {
+  return error.details.written === true || error.details.uncertain === true;
 }

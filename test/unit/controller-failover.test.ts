@@ -225,4 +225,29 @@ describe('checkpoints and failover (controller, fake agents)', () => {
     assert.match(fallback.noReplay ?? '', /without a replay/);
     assert.equal(env2.traffic.calls.at(-1), `release web -> ${fallback.to}`);
   });
+
+  it('a replay that may have applied a request it could not confirm is not retried into that copy: the checkpoint is restored again elsewhere and replayed there', async () => {
+    const env = await setup();
+    env.traffic.position = 3;
+    const ckpt = await env.checkpoints.checkpoint('web');
+    env.traffic.position = 9;
+    env.cluster.agent('node1').containers.clear();
+    env.traffic.replayFailures.push(new ReplayFailedError('replaying request 5 to web failed after 1 attempts (socket closed): it may have been applied', { seq: 5, written: true }));
+    await assert.rejects(env.failovers.failover('web', 'node1'), /replay is retried into a copy restored again/);
+    const [failed] = await env.failovers.list();
+    const first = failed!.to!;
+    assert.equal(env.traffic.calls.filter((c) => c.startsWith('replay')).length, 1, 'no second try into the uncertain copy');
+    assert.equal((await env.store.get<{ uncertain?: boolean }>(pendingReplayKey('web')))?.value.uncertain, true);
+
+    await env.failovers.retryOwedReplays();
+    const record = await env.record();
+    assert.notEqual(record.node, first, 'restored again on another node');
+    assert.notEqual(record.node, 'node1');
+    assert.deepEqual(env.traffic.calls.slice(-2), [`replay web after ${ckpt.logPosition!.seq} -> ${record.node}`, `release web -> ${record.node}`]);
+    assert.deepEqual((await env.store.get(fenceKey(first, 'web')))?.value, { name: 'web', generation: record.generation }, 'the uncertain copy is fenced');
+    assert.equal(await env.store.get(pendingReplayKey('web')), undefined);
+    const [done] = await env.failovers.list();
+    assert.equal(done?.outcome, 'done');
+    assert.equal(done?.to, record.node);
+  });
 });

@@ -128,7 +128,7 @@ describe('RouteService', () => {
       assert.equal((await client.getRoute('web')).migration?.outcome, 'released');
 
       // A failover restored the container but its replay is owed: the hold stays.
-      await store.put(pendingReplayKey('web'), { failoverId: 'f1', holdId: 'failover-1', node: 'node1', checkpoint: '00000000000000aa', after: { logId: 'x', seq: 0 }, attempts: 1 });
+      await store.put(pendingReplayKey('web'), { failoverId: 'f1', holdId: 'failover-1', from: 'node2', node: 'node1', checkpoint: '00000000000000aa', after: { logId: 'x', seq: 0 }, attempts: 1 });
       await client.hold('web', 'failover-1');
       routes.start();
       await new Promise((r) => setTimeout(r, 300));
