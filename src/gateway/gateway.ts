@@ -15,7 +15,8 @@ import { HttpRouteProxy } from './http-proxy.js';
 import type { GatewayMetrics } from './metrics.js';
 import type { HoldRequest, HoldResponse, LogPosition, ReleaseRequest, ReplayRequest, ReplayResult, Route, RouteSpec, RouteView, SyncedRoute } from './protocol.js';
 import type { RouteProxy } from './proxy.js';
-import { RequestLog, requireSameLog } from './request-log.js';
+import { requireSameLog } from './log-identity.js';
+import { RequestLog } from './request-log.js';
 import { RouteStateFile, RouteTable, sameUpstream } from './routes.js';
 import { TcpRouteProxy } from './tcp-proxy.js';
 

@@ -21,7 +21,8 @@ import { ChipmunkError, ConflictError, InvalidInputError, toChipmunkError } from
 import { RouteGate, RouteRefusedError, UpstreamFailedError } from './gate.js';
 import type { LogPosition, ReplayResult, Route, Upstream } from './protocol.js';
 import { listenForRoute, type ProxySettings, type RouteProxy } from './proxy.js';
-import { requireSameLog, type LogRecord, type RequestLog } from './request-log.js';
+import { requireSameLog } from './log-identity.js';
+import type { LogRecord, RequestLog } from './request-log.js';
 import { sameUpstream } from './routes.js';
 
 export interface HttpProxySettings extends ProxySettings {
