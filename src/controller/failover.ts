@@ -16,7 +16,7 @@
  */
 import { randomUUID } from 'node:crypto';
 import type { Logger } from 'pino';
-import { ConflictError, FailoverFailedError, LogMismatchError, toChipmunkError, type ChipmunkError, type ErrorJSON } from '../shared/errors.js';
+import { ConflictError, FailoverFailedError, LogMismatchError, NotFoundError, toChipmunkError, type ChipmunkError, type ErrorJSON } from '../shared/errors.js';
 import type { FencedContainer, LogPosition } from '../shared/protocol.js';
 import type { CheckpointSummary } from '../checkpoint-store/index.js';
 import type { CheckpointCatalog, CheckpointService, LoggedTraffic } from './checkpoints.js';
@@ -313,10 +313,12 @@ export class FailoverService {
       if (this.inProgress.has(name)) continue;
       await this.opts.checkpoints
         .withLock(name, 'failover', async (locked, lockId) => {
-          const still = await this.opts.store.get<PendingReplay>(key);
-          if (still?.value.holdId !== pending.holdId || locked.node !== pending.node) return;
+          const still = (await this.opts.store.get<PendingReplay>(key))?.value;
+          if (still?.holdId !== pending.holdId) return;
+          // Moved meanwhile (its route held all along): what that copy applied is unknown too.
+          const owed = locked.node === still.node ? still : { ...still, node: locked.node, uncertain: true };
           const record = (await this.opts.store.get<FailoverRecord>(FAILOVERS_PREFIX + pending.failoverId))?.value;
-          const container = pending.uncertain ? await this.restoreAgain(name, pending, locked, lockId) : locked;
+          const container = owed.uncertain ? await this.restoreAgain(name, owed, locked, lockId) : locked;
           const t = Date.now();
           const replay = await this.opts.traffic.replay(name, pending.after, container);
           await this.opts.traffic.release(name, pending.holdId, container);
@@ -329,6 +331,8 @@ export class FailoverService {
         })
         .catch(async (err: unknown) => {
           const error = toChipmunkError(err);
+          // Removed meanwhile: nothing is owed any more.
+          if (error instanceof NotFoundError && error.details.name === name) return void (await this.opts.store.delete(key).catch(() => undefined));
           await this.noteReplayFailure(name, error.toJSON(), replayUncertain(error)).catch(() => undefined);
           this.opts.log.error({ container: name, err: error.toJSON() }, `the owed replay into ${name} failed again; its route stays held`);
         });
