@@ -73,6 +73,7 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
     async (node) => (await nodes.get(node).catch(() => undefined))?.address,
     logger,
     opts.gateway ? { ...opts.gateway, token: opts.token, owner: storeId } : undefined,
+    (node) => nodes.isReady(node),
   );
   const migrations = new MigrationOrchestrator({ store, nodes, agentFor, log: logger, traffic: routes });
   const temporaryCheckpointDir = opts.checkpointDir || storeSpec.startsWith('sqlite:') ? undefined : await mkdtemp(join(tmpdir(), 'chipmunk-checkpoints-'));

@@ -45,6 +45,8 @@ export class RouteService {
     private readonly nodeAddress: (node: string) => Promise<string | undefined>,
     private readonly log: Logger,
     gateway?: { url: string; token: string; publicHost?: string; owner: string },
+    /** Whether a node is alive: a leftover hold is released only towards a live node. */
+    private readonly nodeReady: (node: string) => Promise<boolean> = async () => true,
   ) {
     if (gateway) this.gateway = new GatewayClient({ url: gateway.url, token: gateway.token });
     this.gatewayHost = gateway?.publicHost;
@@ -209,7 +211,9 @@ export class RouteService {
           }
           const upstream = container ? await this.upstreamOf(container.value, r) : undefined;
           routes.push({ name: r.name, protocol: r.protocol, listenPort: r.listenPort, log, storeRevision, ...(upstream ? { upstream } : {}) });
-          if (holdId && upstream && current?.owner === this.owner && !(await this.replayPending(r.name, holdId))) stale.push({ name: r.name, holdId, upstream });
+          // Towards a dead node it stays held: its failover will restore the container elsewhere.
+          const settle = holdId && upstream && container && current?.owner === this.owner && !(await this.replayPending(r.name, holdId)) && (await this.nodeReady(container.value.node));
+          if (settle) stale.push({ name: r.name, holdId, upstream });
         }
         const synced = await this.gateway.sync(this.owner, routes, revision);
         for (const { name, holdId, upstream } of stale) {

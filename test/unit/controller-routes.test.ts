@@ -123,8 +123,14 @@ describe('RouteService', () => {
       const routes = new RouteService(store, async () => '198.18.0.11', silent, { url: gateway.url, token: TOKEN, owner: 'store-a' });
       await routes.expose('web', { port: 80, listen: await freePort() });
 
-      // A checkpoint whose controller died between hold and release: nothing runs any more.
+      // A checkpoint whose controller died between hold and release: nothing runs any more. While
+      // the container's node is dead the hold stays (never released towards a dead node).
       await client.hold('web', 'checkpoint-gone');
+      const nodeDead = new RouteService(store, async () => '198.18.0.11', silent, { url: gateway.url, token: TOKEN, owner: 'store-a' }, async () => false);
+      nodeDead.start();
+      await new Promise((r) => setTimeout(r, 300));
+      nodeDead.stop();
+      assert.equal((await client.getRoute('web')).state, 'holding');
       routes.start();
       await eventually(async () => (await client.getRoute('web')).state === 'open', 'the leftover hold released');
       routes.stop();
