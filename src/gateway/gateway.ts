@@ -166,9 +166,9 @@ export class Gateway {
   /**
    * Makes `owner`'s routes exactly `routes` (the controller resends everything after a restart
    * of either side); routes of other owners, or of none, are left alone, and so are the owner's
-   * routes created after store revision `revision` (the store is older than they are). Every route that can be
-   * applied is; the ones that cannot (port taken, another owner's) keep their previous state and
-   * are named in the ConflictError thrown at the end. A sync never ends a hold.
+   * routes created after store revision `revision` (the store is older than they are). Every
+   * route that can be applied is; the ones that cannot (port taken, another owner's) keep their
+   * previous state and are named in the ConflictError thrown at the end. A sync never ends a hold.
    */
   sync(owner: string, routes: SyncedRoute[], revision?: number): Promise<RouteView[]> {
     return this.serialized(async () => {
