@@ -54,6 +54,10 @@ async function fenceMovedContainers(runtime: ContainerRuntime, fence: FencedCont
   const local = new Map((await runtime.list()).map((c) => [c.name, c]));
   for (const moved of fence) {
     const here = local.get(moved.name);
+    if (here?.error) {
+      log.error({ container: moved.name, err: here.error }, `${moved.name} runs elsewhere now, but this node's record of it is damaged, so whether this copy is older cannot be told: not removed`);
+      continue;
+    }
     if (!here || here.generation >= moved.generation) continue;
     log.warn({ container: moved.name, generation: here.generation, runsElsewhereAs: moved.generation }, `fencing ${moved.name}: it was restored on another node while this one was unreachable; removing this copy`);
     await runtime.remove(moved.name, { force: true }).catch((err: unknown) => log.error({ err: (err as Error).message }, `could not remove fenced container ${moved.name}`));
@@ -70,12 +74,13 @@ export async function startAgent(opts: AgentOptions): Promise<RunningAgent> {
   const info: AgentInfo = { node: opts.node, address, apiPort: opts.listen.port, capabilities, version: AGENT_VERSION };
   const images = new ImageStore(opts.imageStore ? { root: join(opts.imageStore, 'root'), runroot: join(opts.imageStore, 'runroot') } : {});
   const runtime = new RuncRuntime({ node: opts.node, dataDir: opts.dataDir, runDir: opts.runDir, subnet: opts.subnet, criuPath, capabilities, images,
+    onWarning: (message, details) => log.warn(details, message),
     reservedHostPorts: [
       { from: opts.listen.port, to: opts.listen.port, usedBy: 'the chipmunk agent' },
       { from: PAGE_SERVER_PORTS.first, to: PAGE_SERVER_PORTS.last, usedBy: 'migration page servers' },
     ],
   });
-  const resumed = await runtime.recoverInterruptedSnapshots();
+  const resumed = await runtime.recoverInterruptedCheckpoints();
   if (resumed.length > 0) log.warn({ containers: resumed }, 'resumed containers an interrupted checkpoint had left paused');
   const faults = new FaultInjector(opts.enableFaults ?? process.env.CHIPMUNK_ENABLE_FAULTS === '1');
   const app = buildAgentServer({ info, token: opts.token, runtime, images, scratchDir: join(opts.dataDir, 'scratch'), faults, logger: log });

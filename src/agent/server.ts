@@ -14,18 +14,19 @@ import { removeTree } from '../shared/remove-tree.js';
 import {
   AgentContainer,
   AgentInfo,
-  CheckpointRequest,
-  CheckpointResult,
   ContainerName,
   ContainerSpec,
   ContainerStats,
+  DumpRequest,
+  DumpResult,
+  DumpState,
   PrepareRequest,
   RestoreRequest,
   RestoreResult,
   SettleResult,
-  SnapshotRequest,
-  SnapshotResult,
-  UploadSnapshotRequest,
+  TakeCheckpointRequest,
+  TakeCheckpointResult,
+  UploadCheckpointRequest,
   assertDistinctVolumes,
   type TransferProgress,
 } from '../shared/protocol.js';
@@ -46,7 +47,8 @@ export interface AgentServerDeps {
 }
 
 const NameParams = Type.Object({ name: ContainerName });
-const MigrationParams = Type.Object({ id: Type.String({ pattern: '^[A-Za-z0-9_-]{1,64}$' }) });
+/** A migration's id, or a checkpoint's while it waits on this node. */
+const IdParams = Type.Object({ id: Type.String({ pattern: '^[A-Za-z0-9_-]{1,64}$' }) });
 
 export function buildAgentServer(deps: AgentServerDeps): FastifyInstance {
   const { runtime, images, token, faults } = deps;
@@ -105,56 +107,61 @@ export function buildAgentServer(deps: AgentServerDeps): FastifyInstance {
   // ---------------------------------------------------------------- migration, source side
 
   app.post(
-    '/v1/containers/:name/checkpoint',
-    { schema: { params: NameParams, body: CheckpointRequest, response: { 200: CheckpointResult } } },
+    '/v1/containers/:name/dump',
+    { schema: { params: NameParams, body: DumpRequest, response: { 200: DumpResult } } },
     async (req) => {
       const { migrationId, mode, pageServerPort } = req.body;
       const pageServer = mode === 'lazy' && pageServerPort ? { address: deps.info.address, port: pageServerPort } : undefined;
-      const outcome = await runtime.checkpoint(req.params.name, { migrationId, mode, pageServer });
+      const outcome = await runtime.dump(req.params.name, { migrationId, mode, pageServer });
+      await faults.pauseAt('migration:dump');
       return { migrationId, ...outcome, ...(pageServer ? { pageServer } : {}) };
     },
   );
 
-  app.get('/v1/migrations/:id/images.tar', { schema: { params: MigrationParams } }, async (req, reply) => {
+  app.get('/v1/migrations/:id/images.tar', { schema: { params: IdParams } }, async (req, reply) => {
     await serveTree(reply, runtime.migrationPaths(req.params.id).images, { cutAfterBytes: faults.cutTransferAfterBytes() });
   });
 
-  app.get('/v1/migrations/:id/files.tar', { schema: { params: MigrationParams } }, async (req, reply) => {
+  app.get('/v1/migrations/:id/files.tar', { schema: { params: IdParams } }, async (req, reply) => {
     await serveTree(reply, runtime.migrationPaths(req.params.id).files, { cutAfterBytes: faults.cutTransferAfterBytes() });
   });
 
-  app.post('/v1/migrations/:id/rollback', { schema: { params: MigrationParams, response: { 200: AgentContainer } } }, async (req) =>
+  app.post('/v1/migrations/:id/rollback', { schema: { params: IdParams, response: { 200: AgentContainer } } }, async (req) =>
     runtime.rollback(req.params.id),
   );
 
-  app.post('/v1/migrations/:id/finish', { schema: { params: MigrationParams } }, async (req, reply) => {
+  app.get('/v1/migrations/:id/dump', { schema: { params: IdParams, response: { 200: DumpState } } }, async (req) => runtime.dumpState(req.params.id));
+
+  app.post('/v1/migrations/:id/finish', { schema: { params: IdParams } }, async (req, reply) => {
     await runtime.finishMigration(req.params.id);
     reply.code(204);
   });
 
-  // ---------------------------------------------------------------- checkpoints that leave the container running
+  // ---------------------------------------------------------------- checkpoints (the container runs on)
 
-  /** Snapshots taken and not yet discarded, by id: their trees wait here for the upload. */
-  const snapshots = new Map<string, MigrationPaths>();
+  /** Checkpoints taken and not yet discarded, by id: their trees wait here for the upload. */
+  const checkpoints = new Map<string, MigrationPaths>();
 
   app.post(
-    '/v1/containers/:name/snapshots',
-    { schema: { params: NameParams, body: SnapshotRequest, response: { 200: SnapshotResult } } },
+    '/v1/containers/:name/checkpoints',
+    { schema: { params: NameParams, body: TakeCheckpointRequest, response: { 200: TakeCheckpointResult } } },
     async (req) => {
-      const { snapshotId } = req.body;
-      const out = await runtime.snapshot(req.params.name, snapshotId);
-      snapshots.set(snapshotId, out.paths);
-      return { snapshotId, frozenMs: out.frozenMs, imageBytes: out.imageBytes, filesBytes: out.filesBytes };
+      const { checkpointId } = req.body;
+      const out = await runtime.checkpoint(req.params.name, checkpointId);
+      checkpoints.set(checkpointId, out.paths);
+      await faults.pauseAt('checkpoint:dump');
+      return { checkpointId, frozenMs: out.frozenMs, imageBytes: out.imageBytes, filesBytes: out.filesBytes };
     },
   );
 
   app.post(
-    '/v1/snapshots/:id/upload',
-    { schema: { params: MigrationParams, body: UploadSnapshotRequest, response: { 200: CheckpointInfo } } },
+    '/v1/checkpoints/:id/upload',
+    { schema: { params: IdParams, body: UploadCheckpointRequest, response: { 200: CheckpointInfo } } },
     async (req) => {
-      const paths = snapshots.get(req.params.id);
-      if (!paths) throw new NotFoundError(`no snapshot ${req.params.id} on node ${deps.info.node} (it was discarded, or the agent restarted): take a new checkpoint`, { snapshotId: req.params.id });
+      const paths = checkpoints.get(req.params.id);
+      if (!paths) throw new NotFoundError(`no checkpoint ${req.params.id} on node ${deps.info.node} (it was discarded, or the agent restarted): take a new checkpoint`, { checkpointId: req.params.id });
       const { container, storeUrl, logPosition, metadata } = req.body;
+      await faults.pauseAt('checkpoint:upload');
       return uploadCheckpoint({
         storeUrl,
         token,
@@ -170,9 +177,9 @@ export function buildAgentServer(deps: AgentServerDeps): FastifyInstance {
     },
   );
 
-  app.delete('/v1/snapshots/:id', { schema: { params: MigrationParams } }, async (req, reply) => {
-    snapshots.delete(req.params.id);
-    await runtime.discardSnapshot(req.params.id);
+  app.delete('/v1/checkpoints/:id', { schema: { params: IdParams } }, async (req, reply) => {
+    checkpoints.delete(req.params.id);
+    await runtime.discardCheckpoint(req.params.id);
     reply.code(204);
   });
 
@@ -184,14 +191,14 @@ export function buildAgentServer(deps: AgentServerDeps): FastifyInstance {
     await runtime.prepareRestore(r.spec, { migrationId, mode: r.mode, generation: r.generation });
   }
 
-  app.post('/v1/migrations/:id/prepare', { schema: { params: MigrationParams, body: PrepareRequest } }, async (req, reply) => {
+  app.post('/v1/migrations/:id/prepare', { schema: { params: IdParams, body: PrepareRequest } }, async (req, reply) => {
     await prepare(req.body, req.params.id);
     reply.code(204);
   });
 
   app.post(
     '/v1/migrations/:id/restore',
-    { schema: { params: MigrationParams, body: RestoreRequest, response: { 200: RestoreResult } } },
+    { schema: { params: IdParams, body: RestoreRequest, response: { 200: RestoreResult } } },
     async (req) => {
       const r = req.body;
       const migrationId = req.params.id;
@@ -225,6 +232,7 @@ export function buildAgentServer(deps: AgentServerDeps): FastifyInstance {
         const prepared = r.checkpoint ? prepare(r, migrationId) : Promise.resolve();
         const fetched = (async () => {
           await fetchOne('images', paths.images);
+          await faults.pauseAt('migration:transfer');
           await fetchOne('files', paths.files);
         })();
         const [preparing, fetching] = await Promise.allSettled([prepared, fetched]);
@@ -233,6 +241,7 @@ export function buildAgentServer(deps: AgentServerDeps): FastifyInstance {
         await faults.beforeRestore(paths.images);
         const criuStart = Date.now();
         const container = await runtime.restore(r.spec, { migrationId, mode: r.mode, generation: r.generation, pageServer: r.pageServer });
+        await faults.afterRestore(r.mode, paths.images);
         return { container, bytesTransferred: bytes, restoredAt: Date.now(), fetchMs, criuMs: Date.now() - criuStart };
       } finally {
         progress.delete(migrationId);
@@ -268,13 +277,13 @@ export function buildAgentServer(deps: AgentServerDeps): FastifyInstance {
     }
   });
 
-  app.get('/v1/migrations/:id/progress', { schema: { params: MigrationParams } }, async (req) => progress.get(req.params.id) ?? { migrationId: req.params.id, what: 'images', bytes: 0 });
+  app.get('/v1/migrations/:id/progress', { schema: { params: IdParams } }, async (req) => progress.get(req.params.id) ?? { migrationId: req.params.id, what: 'images', bytes: 0 });
 
-  app.post('/v1/migrations/:id/settle', { schema: { params: MigrationParams, response: { 200: SettleResult } } }, async (req) =>
+  app.post('/v1/migrations/:id/settle', { schema: { params: IdParams, response: { 200: SettleResult } } }, async (req) =>
     runtime.settleRestore(req.params.id),
   );
 
-  app.post('/v1/migrations/:id/abort', { schema: { params: MigrationParams } }, async (req, reply) => {
+  app.post('/v1/migrations/:id/abort', { schema: { params: IdParams } }, async (req, reply) => {
     await runtime.abortRestore(req.params.id);
     reply.code(204);
   });

@@ -1,5 +1,5 @@
 /**
- * Directory trees between agents: checkpoint image directories and overlay upper layers travel
+ * Directory trees between agents: CRIU image directories and overlay upper layers travel
  * as GNU tar archives over HTTP, checksummed end to end.
  *
  * The source streams the archive as a chunked response and, only after tar has exited cleanly,

@@ -5,7 +5,7 @@ import { registerClusterCommands } from './commands/cluster.js';
 import { registerContainerCommands } from './commands/containers.js';
 import { registerDaemonCommands } from './commands/daemons.js';
 import { registerDoctorCommand } from './commands/doctor.js';
-import { registerMigrateCommand } from './commands/migrate.js';
+import { registerMigrateCommand, registerMigrationsCommand } from './commands/migrate.js';
 import { registerNodeCommands } from './commands/nodes.js';
 import { registerProtectionCommands } from './commands/protection.js';
 import { parseUrl } from './options.js';
@@ -26,6 +26,7 @@ function buildProgram(): Command {
   registerNodeCommands(program);
   registerContainerCommands(program);
   registerMigrateCommand(program);
+  registerMigrationsCommand(program);
   registerProtectionCommands(program);
   registerDoctorCommand(program);
   registerDaemonCommands(program);

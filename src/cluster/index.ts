@@ -5,8 +5,6 @@ export {
   LOCAL_NETWORK,
   MAX_NODES,
   clusterDown,
-  clusterKill,
-  clusterRevive,
   clusterUp,
   readClusterState,
   type ClusterDownResult,
@@ -16,6 +14,7 @@ export {
   type LocalClusterNode,
   type LocalClusterState,
 } from './local-cluster.js';
+export { CLUSTER_DAEMONS, clusterKill, clusterRevive, type ClusterDaemon, type KillResult, type ReviveResult } from './faults.js';
 export {
   createTestHost,
   deleteBridge,

@@ -4,14 +4,13 @@
  * CLI) and records what it started in STATEDIR/cluster.json, which `clusterDown` and the CLI's
  * controller lookup read.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
+import { type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { chmod, mkdir, open, readFile, rename, stat, writeFile } from 'node:fs/promises';
+import { chmod, mkdir, readFile, rename, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { fileURLToPath } from 'node:url';
 
-import { ChipmunkError, ConflictError, InvalidInputError, NotFoundError, UnavailableError, toChipmunkError } from '../shared/errors.js';
+import { ChipmunkError, ConflictError, InvalidInputError, UnavailableError, toChipmunkError } from '../shared/errors.js';
 import { run, runUnchecked } from '../shared/exec.js';
 import { ApiClient } from '../shared/http.js';
 import type { NodeView } from '../shared/protocol.js';
@@ -29,6 +28,7 @@ import {
   testHostNetns,
   type TestNetwork,
 } from './testhost.js';
+import { REPO_ROOT, failOnExit, isRunning, spawnDaemon, stopDaemon } from './processes.js';
 
 export const DEFAULT_STATE_DIR = '/var/lib/chipmunk/local-cluster';
 export const DEFAULT_RUN_DIR = '/run/chipmunk/local-cluster';
@@ -45,15 +45,13 @@ const CONTROLLER_PORT = 7400;
 const GATEWAY_API_PORT = 7402;
 /** Clients on this machine reach exposed services at 127.0.0.1:PORT. */
 export const LOCAL_GATEWAY_HOST = '127.0.0.1';
-const AGENT_PORT = 7401;
+export const AGENT_PORT = 7401;
 /** Each node is a full agent process on this one machine; the address plan alone would allow 244. */
 export const MAX_NODES = 50;
 
-const READY_TIMEOUT_MS = 60_000;
-const READY_POLL_MS = 250;
-const DAEMON_STOP_GRACE_MS = 5_000;
+export const READY_TIMEOUT_MS = 60_000;
+export const READY_POLL_MS = 250;
 
-const REPO_ROOT = fileURLToPath(new URL('../../', import.meta.url));
 const CHIPMUNK_BIN = join(REPO_ROOT, 'bin', 'chipmunk.mjs');
 
 export interface LocalClusterNode {
@@ -71,6 +69,14 @@ export interface LocalClusterState {
   gatewayPid?: number;
   gatewayUrl?: string;
   nodes: LocalClusterNode[];
+  /**
+   * The command lines (after the node binary) the controller and the gateway were started with:
+   * `cluster revive controller|gateway` starts them again exactly so (same state dir and store).
+   */
+  controllerArgs?: string[];
+  gatewayArgs?: string[];
+  /** Started with CHIPMUNK_ENABLE_FAULTS=1: revived daemons get it too, or their fault routes would vanish. */
+  faultsEnabled?: boolean;
   /** 'starting' until every agent is ready: what a failed `cluster up` leaves for `cluster down`. */
   status: 'starting' | 'ready';
 }
@@ -115,7 +121,7 @@ function nodeRunDir(runDir: string, node: string): string {
   return join(runDir, node);
 }
 
-function logFile(stateDir: string, daemon: string): string {
+export function logFile(stateDir: string, daemon: string): string {
   return join(stateDir, 'logs', `${daemon}.log`);
 }
 
@@ -131,79 +137,11 @@ export async function readClusterState(stateDir = DEFAULT_STATE_DIR): Promise<Lo
   return JSON.parse(text) as LocalClusterState;
 }
 
-async function writeClusterState(stateDir: string, state: LocalClusterState): Promise<void> {
+export async function writeClusterState(stateDir: string, state: LocalClusterState): Promise<void> {
   // Written whole then renamed, so a reader never sees half a file.
   const file = stateFile(stateDir);
   await writeFile(`${file}.tmp`, `${JSON.stringify(state, null, 2)}\n`);
   await rename(`${file}.tmp`, file);
-}
-
-// ---------------------------------------------------------------- processes
-
-/**
- * Whether PID runs. A zombie does not: our daemons are reparented to PID 1 once the CLI that
- * started them exits, and PID 1 may take its time to reap them.
- */
-async function isRunning(pid: number): Promise<boolean> {
-  try {
-    const stat = await readFile(`/proc/${pid}/stat`, 'utf8');
-    // "PID (COMM) STATE ...": COMM may itself contain ") ", so take the last one.
-    const state = stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3);
-    return state !== 'Z' && state !== 'X';
-  } catch {
-    return false;
-  }
-}
-
-/**
- * Whether PID still is a chipmunk daemon as we started it (its command line names the launcher,
- * from this checkout or another, and these arguments), so that a PID reused since cannot be
- * killed by mistake.
- */
-async function isOurDaemon(pid: number, args: string[]): Promise<boolean> {
-  try {
-    const argv = (await readFile(`/proc/${pid}/cmdline`, 'utf8')).split('\0');
-    return argv.some((arg) => arg.endsWith('/bin/chipmunk.mjs')) && args.every((arg) => argv.includes(arg));
-  } catch {
-    return false;
-  }
-}
-
-/** SIGTERM, so the daemon closes its listeners and store; SIGKILL if it does not exit in time. */
-async function stopDaemon(pid: number, args: string[]): Promise<void> {
-  if (!(await isOurDaemon(pid, args))) return;
-  process.kill(pid, 'SIGTERM');
-  const deadline = Date.now() + DAEMON_STOP_GRACE_MS;
-  while ((await isRunning(pid)) && Date.now() < deadline) await sleep(100);
-  if (await isRunning(pid)) process.kill(pid, 'SIGKILL');
-}
-
-/** Starts a detached process with stdout and stderr appended to LOG; it outlives this one. */
-async function spawnDaemon(cmd: string, args: string[], log: string): Promise<ChildProcess> {
-  const logHandle = await open(log, 'a');
-  try {
-    const child = spawn(cmd, args, { cwd: REPO_ROOT, detached: true, stdio: ['ignore', logHandle.fd, logHandle.fd] });
-    await new Promise<void>((resolve, reject) => {
-      child.once('spawn', resolve);
-      child.once('error', reject);
-    });
-    child.unref();
-    return child;
-  } finally {
-    await logHandle.close();
-  }
-}
-
-/** Rejects as soon as CHILD exits: a daemon that dies during start-up will never become ready. */
-function failOnExit(child: ChildProcess, what: string, log: string): Promise<never> {
-  const exited = new Promise<never>((_, reject) => {
-    child.once('exit', (code, signal) => {
-      reject(new UnavailableError(`${what} exited during start-up (${signal ?? `exit code ${code}`}): read ${log}`, { logPath: log }));
-    });
-  });
-  // Only the wait for readiness looks at it; an exit before or after that must not crash the CLI.
-  exited.catch(() => {});
-  return exited;
 }
 
 // ---------------------------------------------------------------- up
@@ -234,25 +172,20 @@ export async function clusterUp(opts: ClusterUpOptions): Promise<ClusterUpResult
   const gatewayApi = `${LOCAL_NETWORK.gateway}:${GATEWAY_API_PORT}`;
   const gatewayLog = logFile(stateDir, 'gateway');
   progress(`starting gateway (routes on ${LOCAL_GATEWAY_HOST}, API at http://${gatewayApi}; log: ${gatewayLog})`);
-  const gateway = await spawnDaemon(
-    process.execPath,
-    ['--max-semi-space-size=64', CHIPMUNK_BIN, 'gateway', '--api', gatewayApi, '--route-host', LOCAL_GATEWAY_HOST, '--state', join(stateDir, 'gateway', 'routes.json'), '--token-file', tokenFile],
-    gatewayLog,
-  );
+  const faultsEnabled = process.env.CHIPMUNK_ENABLE_FAULTS === '1';
+  const gatewayArgs = ['--max-semi-space-size=64', CHIPMUNK_BIN, 'gateway', '--api', gatewayApi, '--route-host', LOCAL_GATEWAY_HOST, '--state', join(stateDir, 'gateway', 'routes.json'), '--token-file', tokenFile];
+  const gateway = await spawnDaemon(process.execPath, gatewayArgs, gatewayLog, daemonEnv(faultsEnabled));
   const controllerListen = `${LOCAL_NETWORK.gateway}:${CONTROLLER_PORT}`;
   const controllerUrl = `http://${controllerListen}`;
   const controllerLog = logFile(stateDir, 'controller');
   progress(`starting controller at ${controllerUrl} (log: ${controllerLog})`);
-  const controller = await spawnDaemon(
-    process.execPath,
-    [
-      CHIPMUNK_BIN, 'controller', '--listen', controllerListen, '--store', `sqlite:${join(stateDir, 'controller.db')}`, '--token-file', tokenFile,
-      '--gateway', `http://${gatewayApi}`, '--gateway-host', LOCAL_GATEWAY_HOST,
-      '--checkpoint-dir', join(stateDir, 'checkpoints'),
-      ...(opts.nodeLeaseMs !== undefined ? ['--node-lease', `${opts.nodeLeaseMs}ms`] : []),
-    ],
-    controllerLog,
-  );
+  const controllerArgs = [
+    CHIPMUNK_BIN, 'controller', '--listen', controllerListen, '--store', `sqlite:${join(stateDir, 'controller.db')}`, '--token-file', tokenFile,
+    '--gateway', `http://${gatewayApi}`, '--gateway-host', LOCAL_GATEWAY_HOST,
+    '--checkpoint-dir', join(stateDir, 'checkpoints'),
+    ...(opts.nodeLeaseMs !== undefined ? ['--node-lease', `${opts.nodeLeaseMs}ms`] : []),
+  ];
+  const controller = await spawnDaemon(process.execPath, controllerArgs, controllerLog, daemonEnv(faultsEnabled));
   const state: LocalClusterState = {
     controllerUrl,
     tokenFile,
@@ -260,6 +193,9 @@ export async function clusterUp(opts: ClusterUpOptions): Promise<ClusterUpResult
     gatewayPid: gateway.pid!,
     gatewayUrl: `http://${gatewayApi}`,
     nodes: [],
+    controllerArgs,
+    gatewayArgs,
+    faultsEnabled,
     status: 'starting',
   };
   await writeClusterState(stateDir, state);
@@ -271,6 +207,11 @@ export async function clusterUp(opts: ClusterUpOptions): Promise<ClusterUpResult
   state.status = 'ready';
   await writeClusterState(stateDir, state);
   return { state, alreadyUp: false };
+}
+
+/** What every daemon of the cluster gets in its environment. */
+function daemonEnv(faultsEnabled: boolean): Record<string, string> {
+  return faultsEnabled ? { CHIPMUNK_ENABLE_FAULTS: '1' } : {};
 }
 
 /** Half a cluster is running now: the error must say how to get rid of it. */
@@ -311,7 +252,7 @@ async function startAgents(
 }
 
 /** Starts node I's agent inside its test host (nsenter execs it: the PID is the agent's). */
-async function spawnAgent(
+export async function spawnAgent(
   state: LocalClusterState,
   opts: { index: number; stateDir: string; runDir: string; netns: string; progress: (message: string) => void },
 ): Promise<ChildProcess> {
@@ -338,6 +279,7 @@ async function spawnAgent(
       '--run-dir', agentRunDir,
     ],
     agentLog,
+    daemonEnv(state.faultsEnabled === true),
   );
 }
 
@@ -363,7 +305,7 @@ async function checkExistingCluster(existing: LocalClusterState, nodes: number, 
   return existing;
 }
 
-async function answersHealthz(url: string): Promise<boolean> {
+export async function answersHealthz(url: string): Promise<boolean> {
   try {
     await new ApiClient({ baseUrl: url, token: '', timeoutMs: 2_000 }).get('/healthz');
     return true;
@@ -518,48 +460,3 @@ async function unmountUnder(dirs: string[]): Promise<void> {
   }
 }
 
-// ---------------------------------------------------------------- fault injection
-
-async function requireNode(stateDir: string, node: string): Promise<{ state: LocalClusterState; entry: LocalClusterNode }> {
-  const state = await readClusterState(stateDir);
-  if (!state) throw new ConflictError("no local cluster is up: run 'chipmunk cluster up' first");
-  const entry = state.nodes.find((n) => n.name === node);
-  if (!entry) throw new NotFoundError(`no node '${node}' in the local cluster (${state.nodes.map((n) => n.name).join(', ')})`, { node });
-  return { state, entry };
-}
-
-/**
- * A power loss on one test host: every process of it (agent, log writers, CRIU daemons) and
- * of its containers' namespaces is SIGKILLed at once. Nothing is cleaned up: the host, its
- * files and runc's state stay, as a machine's disk would.
- */
-export async function clusterKill(node: string, dirs: LocalClusterDirs = {}): Promise<{ node: string; killedPids: number[]; killedAt: number }> {
-  const { entry } = await requireNode(dirs.stateDir ?? DEFAULT_STATE_DIR, node);
-  const containerNetns = (await listNetns()).filter((netns) => netns.startsWith(`${entry.netns}-`));
-  // When the host died (ms since the epoch): benchmarks measure failover from here.
-  const killedAt = Date.now();
-  const killed = await Promise.all([entry.netns, ...containerNetns].map((netns) => killAllInHost(netns)));
-  return { node, killedPids: killed.flat().sort((a, b) => a - b), killedAt };
-}
-
-/** Brings a killed test host's agent back; it registers with the controller again. */
-export async function clusterRevive(node: string, dirs: LocalClusterDirs = {}): Promise<{ node: string; agentPid: number }> {
-  const stateDir = dirs.stateDir ?? DEFAULT_STATE_DIR;
-  const { state, entry } = await requireNode(stateDir, node);
-  if (await isOurDaemon(entry.agentPid, ['agent', node])) {
-    throw new ConflictError(`node ${node} is up (agent pid ${entry.agentPid}): only a killed node can be revived`, { node });
-  }
-  const index = Number(node.slice('node'.length));
-  const agent = await spawnAgent(state, { index, stateDir, runDir: dirs.runDir ?? DEFAULT_RUN_DIR, netns: entry.netns, progress: () => {} });
-  entry.agentPid = agent.pid!;
-  await writeClusterState(stateDir, state);
-  const url = `http://${entry.address}:${AGENT_PORT}`;
-  const deadline = Date.now() + READY_TIMEOUT_MS;
-  while (!(await answersHealthz(url))) {
-    if (agent.exitCode !== null || Date.now() > deadline) {
-      throw new UnavailableError(`the agent of ${node} did not come back: read ${logFile(stateDir, `agent-${node}`)}`, { node });
-    }
-    await sleep(READY_POLL_MS);
-  }
-  return { node, agentPid: agent.pid! };
-}

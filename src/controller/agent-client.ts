@@ -7,19 +7,20 @@ import { ApiClient } from '../shared/http.js';
 import type {
   AgentContainer,
   AgentInfo,
-  CheckpointRequest,
-  CheckpointResult,
   ContainerSpec,
   ContainerStats,
+  DumpRequest,
+  DumpState,
+  DumpResult,
   PrepareRequest,
   RestoreRequest,
   RestoreResult,
   RollbackRequest,
   SettleResult,
-  SnapshotRequest,
-  SnapshotResult,
+  TakeCheckpointRequest,
+  TakeCheckpointResult,
   TransferProgress,
-  UploadSnapshotRequest,
+  UploadCheckpointRequest,
 } from '../shared/protocol.js';
 import type { CheckpointInfo } from '../checkpoint-store/index.js';
 
@@ -41,14 +42,16 @@ export interface AgentApi {
   logs(name: string, opts?: LogsOptions): Promise<string>;
   stats(name: string): Promise<ContainerStats>;
   /** Source side: freeze and dump the container. */
-  checkpoint(name: string, req: CheckpointRequest): Promise<CheckpointResult>;
-  /** Target side: fetch the checkpoint from the source agent and restore it. */
+  dump(name: string, req: DumpRequest): Promise<DumpResult>;
+  /** Target side: fetch the dump from the source agent (or a checkpoint from the store) and restore it. */
   restore(migrationId: string, req: RestoreRequest): Promise<RestoreResult>;
-  /** Source side: the migration failed after the checkpoint; run the container here again. */
+  /** Source side: the migration failed after the dump; run the container here again. */
   rollback(migrationId: string): Promise<AgentContainer>;
+  /** Source side: whether it can still run the container again from its dump (after a failure). */
+  dumpState(migrationId: string): Promise<DumpState>;
   /** Source side: the target runs the container; serve the remaining pages, then clean up. */
   finish(migrationId: string): Promise<void>;
-  /** Target side, before the checkpoint: image and network ready, nothing frozen yet. */
+  /** Target side, before the dump: image and network ready, nothing frozen yet. */
   prepare(migrationId: string, req: PrepareRequest): Promise<void>;
   /** Target side: bytes received so far by a restore in progress. */
   progress(migrationId: string): Promise<TransferProgress>;
@@ -57,10 +60,11 @@ export interface AgentApi {
   /** Target side: remove whatever a failed restore left behind. */
   abort(migrationId: string): Promise<void>;
   /** Checkpoint the container and let it run on; the trees wait on the agent for upload. */
-  snapshot(name: string, req: SnapshotRequest): Promise<SnapshotResult>;
-  /** Send a snapshot to the checkpoint store, only the chunks it lacks. */
-  uploadSnapshot(snapshotId: string, req: UploadSnapshotRequest): Promise<CheckpointInfo>;
-  discardSnapshot(snapshotId: string): Promise<void>;
+  checkpoint(name: string, req: TakeCheckpointRequest): Promise<TakeCheckpointResult>;
+  /** Send a checkpoint taken on the agent to the checkpoint store, only the chunks it lacks. */
+  uploadCheckpoint(checkpointId: string, req: UploadCheckpointRequest): Promise<CheckpointInfo>;
+  /** Drop a checkpoint's trees on the agent (uploaded or not). */
+  discardCheckpoint(checkpointId: string): Promise<void>;
 }
 
 export interface HttpAgentApiOptions {
@@ -125,8 +129,8 @@ export class HttpAgentApi implements AgentApi {
     return this.client.get(`${containerPath(name)}/stats`);
   }
 
-  checkpoint(name: string, req: CheckpointRequest): Promise<CheckpointResult> {
-    return this.client.post(`${containerPath(name)}/checkpoint`, req, this.stepTimeout);
+  dump(name: string, req: DumpRequest): Promise<DumpResult> {
+    return this.client.post(`${containerPath(name)}/dump`, req, this.stepTimeout);
   }
 
   restore(migrationId: string, req: RestoreRequest): Promise<RestoreResult> {
@@ -150,6 +154,10 @@ export class HttpAgentApi implements AgentApi {
     return this.client.post(`${migrationPath(migrationId)}/settle`, undefined, this.stepTimeout);
   }
 
+  dumpState(migrationId: string): Promise<DumpState> {
+    return this.client.get(`${migrationPath(migrationId)}/dump`, this.requestTimeout);
+  }
+
   finish(migrationId: string): Promise<void> {
     return this.client.post(`${migrationPath(migrationId)}/finish`, undefined, this.stepTimeout);
   }
@@ -158,16 +166,16 @@ export class HttpAgentApi implements AgentApi {
     return this.client.post(`${migrationPath(migrationId)}/abort`, undefined, this.stepTimeout);
   }
 
-  snapshot(name: string, req: SnapshotRequest): Promise<SnapshotResult> {
-    return this.client.post(`${containerPath(name)}/snapshots`, req, this.stepTimeout);
+  checkpoint(name: string, req: TakeCheckpointRequest): Promise<TakeCheckpointResult> {
+    return this.client.post(`${containerPath(name)}/checkpoints`, req, this.stepTimeout);
   }
 
-  uploadSnapshot(snapshotId: string, req: UploadSnapshotRequest): Promise<CheckpointInfo> {
-    return this.client.post(`/v1/snapshots/${encodeURIComponent(snapshotId)}/upload`, req, this.stepTimeout);
+  uploadCheckpoint(checkpointId: string, req: UploadCheckpointRequest): Promise<CheckpointInfo> {
+    return this.client.post(`/v1/checkpoints/${encodeURIComponent(checkpointId)}/upload`, req, this.stepTimeout);
   }
 
-  discardSnapshot(snapshotId: string): Promise<void> {
-    return this.client.delete(`/v1/snapshots/${encodeURIComponent(snapshotId)}`);
+  discardCheckpoint(checkpointId: string): Promise<void> {
+    return this.client.delete(`/v1/checkpoints/${encodeURIComponent(checkpointId)}`);
   }
 }
 

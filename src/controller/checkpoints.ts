@@ -8,15 +8,15 @@
  * log got (the position), and releases once the dump is done. Every request up to the position
  * is in the checkpoint's memory; every later one is in the log, durably, before it was forwarded.
  *
- * Operations on one container exclude each other through its record's `busy` lock (the same
- * compare-and-swap discipline as a migration's lock).
+ * Operations on one container exclude each other through its lock (container-lock.ts).
  */
-import { randomUUID } from 'node:crypto';
 import type { Logger } from 'pino';
-import { ConflictError, UnavailableError, InvalidInputError, MigrationInProgressError, NotFoundError, toChipmunkError } from '../shared/errors.js';
+import { UnavailableError, InvalidInputError, NotFoundError, toChipmunkError } from '../shared/errors.js';
 import type { ContainerView, LogPosition, ProtectionPolicy } from '../shared/protocol.js';
 import type { CheckpointInfo, CheckpointSummary } from '../checkpoint-store/index.js';
-import { BUSY_WAIT_MS, containerKey, type AgentResolver, type BusyOperation, type ContainerRecord } from './containers.js';
+import { unknownContainer, type ContainerLocks, type ContainerRecord, type HeldLock } from './container-lock.js';
+import type { AgentResolver } from './containers.js';
+import { controllerPauses } from './faults.js';
 import type { NodeRegistry } from './registry.js';
 import type { StateStore } from './store/index.js';
 
@@ -54,6 +54,7 @@ export interface CheckpointServiceOptions {
   store: StateStore;
   nodes: NodeRegistry;
   agentFor: AgentResolver;
+  locks: ContainerLocks;
   traffic: LoggedTraffic;
   catalog: CheckpointCatalog;
   /** Where agents reach the checkpoint store (known once the controller listens). */
@@ -82,14 +83,18 @@ export class CheckpointService {
   }
 
   async protect(name: string, policy: ProtectionPolicy): Promise<ContainerView['protection']> {
-    await this.updateRecord(name, (record) => ({ ...record, protection: policy }));
+    await this.opts.locks.update(name, (record) => {
+      if (!record) throw unknownContainer(name);
+      return { ...record, protection: policy };
+    });
     this.lastAttempt.delete(name);
     await this.opts.traffic.refresh(name);
     return policy;
   }
 
   async unprotect(name: string): Promise<void> {
-    await this.updateRecord(name, (record) => {
+    await this.opts.locks.update(name, (record) => {
+      if (!record) throw unknownContainer(name);
       if (!record.protection) throw new InvalidInputError(`container '${name}' is not protected`, { name });
       const { protection: _dropped, ...rest } = record;
       return rest;
@@ -99,7 +104,12 @@ export class CheckpointService {
 
   /** Checkpoints the container now: it runs on, and the checkpoint counts once it is in the store. */
   async checkpoint(name: string): Promise<CheckpointResult> {
-    return this.withLock(name, 'checkpoint', (record, lockId) => this.takeCheckpoint(record, lockId));
+    const held = await this.opts.locks.acquire(name, 'checkpoint', { admit: (record) => assertRunning(name, record) });
+    try {
+      return await this.takeCheckpoint(held.record, held.lock.id);
+    } finally {
+      await this.release(held);
+    }
   }
 
   /**
@@ -115,29 +125,33 @@ export class CheckpointService {
       throw new NotFoundError(`container '${name}' has no checkpoint '${checkpointId}': \`chipmunk checkpoints ${name}\` lists them`, { name, checkpoint: checkpointId });
     }
     if (wanted.corrupt) throw new InvalidInputError(`checkpoint '${checkpointId}' of '${name}' is corrupt (a chunk failed its hash check): pick another`, { name, checkpoint: checkpointId });
-    return this.withLock(name, 'restore', async (record, lockId) => {
+    const held = await this.opts.locks.acquire(name, 'restore', { admit: (record) => assertRunning(name, record) });
+    const { record, lock: { id: lockId } } = held;
+    try {
       const node = await this.opts.nodes.require(record.node);
       const agent = this.opts.agentFor(node);
       const cut = await this.opts.traffic.cut(name, lockId);
       let current = record;
       try {
-        const safety = await this.snapshotAndUpload(record, `${lockId}-before`, cut.logPosition, 'before-restore');
+        const safety = await this.checkpointAndUpload(record, `${lockId}-before`, cut.logPosition, 'before-restore');
         await agent.remove(name);
         try {
           current = await this.restoreOn(record, node.name, checkpointId, `${lockId}-restore`, record.generation + 1);
         } catch (err) {
           this.opts.log.error({ container: name, err: toChipmunkError(err).toJSON() }, `restoring ${name} from ${checkpointId} failed; putting back its state from just before (${safety.id})`);
           current = await this.restoreOn(record, node.name, safety.id, `${lockId}-undo`, record.generation + 2);
-          await this.saveRecord(name, lockId, current);
+          await this.opts.locks.save(held, current);
           throw err;
         }
-        await this.saveRecord(name, lockId, current);
-        const after = await this.snapshotAndUpload(current, `${lockId}-after`, cut.logPosition, 'after-restore');
+        await this.opts.locks.save(held, current);
+        const after = await this.checkpointAndUpload(current, `${lockId}-after`, cut.logPosition, 'after-restore');
         return { restoredFrom: checkpointId, safetyCheckpoint: safety.id, checkpoint: after.id };
       } finally {
         if (cut.held) await this.opts.traffic.release(name, lockId, current);
       }
-    });
+    } finally {
+      await this.release(held);
+    }
   }
 
   /**
@@ -189,36 +203,38 @@ export class CheckpointService {
     const cut = await this.opts.traffic.cut(record.spec.name, lockId);
     let frozenMs: number;
     try {
-      frozenMs = await this.snapshot(record, lockId);
+      await controllerPauses.at('checkpoint:cut');
+      frozenMs = await this.checkpointOnAgent(record, lockId);
     } finally {
       if (cut.held) await this.opts.traffic.release(record.spec.name, lockId, record);
     }
+    await controllerPauses.at('checkpoint:upload');
     const info = await this.upload(record, lockId, cut.logPosition, 'scheduled');
     await this.trimAfter(record.spec.name);
     return { ...info, frozenMs };
   }
 
-  /** A snapshot while the caller holds the route: no release here. */
-  private async snapshotAndUpload(record: ContainerRecord, snapshotId: string, logPosition: LogPosition | null, reason: string): Promise<CheckpointInfo> {
-    await this.snapshot(record, snapshotId);
-    return this.upload(record, snapshotId, logPosition, reason);
+  /** A checkpoint while the caller holds the route: no release here. */
+  private async checkpointAndUpload(record: ContainerRecord, agentCheckpointId: string, logPosition: LogPosition | null, reason: string): Promise<CheckpointInfo> {
+    await this.checkpointOnAgent(record, agentCheckpointId);
+    return this.upload(record, agentCheckpointId, logPosition, reason);
   }
 
   /** The agent checkpoints the container and lets it run on; returns how long it was frozen. */
-  private async snapshot(record: ContainerRecord, snapshotId: string): Promise<number> {
+  private async checkpointOnAgent(record: ContainerRecord, agentCheckpointId: string): Promise<number> {
     const agent = this.opts.agentFor(await this.opts.nodes.require(record.node));
     try {
-      return (await agent.snapshot(record.spec.name, { snapshotId })).frozenMs;
+      return (await agent.checkpoint(record.spec.name, { checkpointId: agentCheckpointId })).frozenMs;
     } catch (err) {
-      await agent.discardSnapshot(snapshotId).catch(() => undefined);
+      await agent.discardCheckpoint(agentCheckpointId).catch(() => undefined);
       throw err;
     }
   }
 
-  private async upload(record: ContainerRecord, snapshotId: string, logPosition: LogPosition | null, reason: string): Promise<CheckpointInfo> {
+  private async upload(record: ContainerRecord, agentCheckpointId: string, logPosition: LogPosition | null, reason: string): Promise<CheckpointInfo> {
     const agent = this.opts.agentFor(await this.opts.nodes.require(record.node));
     try {
-      return await agent.uploadSnapshot(snapshotId, {
+      return await agent.uploadCheckpoint(agentCheckpointId, {
         container: record.spec.name,
         storeUrl: this.opts.storeUrl(),
         logPosition,
@@ -226,7 +242,7 @@ export class CheckpointService {
         metadata: { spec: record.spec, generation: record.generation, node: record.node, reason, volumes: record.spec.volumes ?? [] },
       });
     } finally {
-      await agent.discardSnapshot(snapshotId).catch(() => undefined);
+      await agent.discardCheckpoint(agentCheckpointId).catch(() => undefined);
     }
   }
 
@@ -246,7 +262,7 @@ export class CheckpointService {
     const now = Date.now();
     for (const { value } of await this.opts.store.list<ContainerRecord>('/containers/').catch(() => [])) {
       const name = value.spec.name;
-      if (!value.protection || value.status !== 'running' || value.busy || value.migration || this.running.has(name)) continue;
+      if (!value.protection || value.status !== 'running' || value.lock || this.running.has(name)) continue;
       if (now - (this.lastAttempt.get(name) ?? 0) < value.protection.everyMs) continue;
       if (!(await this.opts.nodes.isReady(value.node))) continue;
       this.lastAttempt.set(name, now);
@@ -266,71 +282,14 @@ export class CheckpointService {
     return { node: other.name, url: other.url };
   }
 
-  // ------------------------------------------------------------------ the container lock
-
-  /**
-   * Runs `fn` while the container's record carries the `busy` lock. Waits (bounded) for another
-   * operation on it to finish; a migration in progress is an error, as it would be for migrate.
-   */
-  async withLock<T>(name: string, operation: BusyOperation, fn: (record: ContainerRecord, lockId: string) => Promise<T>): Promise<T> {
-    const lockId = `${operation}-${randomUUID().slice(0, 8)}`;
-    const deadline = Date.now() + BUSY_WAIT_MS;
-    let locked: ContainerRecord;
-    for (;;) {
-      const current = await this.opts.store.get<ContainerRecord>(containerKey(name));
-      if (!current) throw new NotFoundError(`unknown container "${name}": see \`chipmunk ps\` for the containers of this cluster`, { name });
-      const record = current.value;
-      if (record.migration) throw new MigrationInProgressError(name, record.migration.id);
-      // A failover does not wait for a checkpoint of a dead node's container: that one can only fail.
-      if (!record.busy || (operation === 'failover' && record.busy.operation === 'checkpoint')) {
-        if (operation !== 'failover' && record.status !== 'running') {
-          throw new InvalidInputError(`container ${name} is ${record.status}: only running containers can be checkpointed or restored`, { name, status: record.status });
-        }
-        locked = { ...record, busy: { id: lockId, operation } };
-        const res = await this.opts.store.txn({ compare: [{ key: containerKey(name), modRevision: current.modRevision }], ops: [{ type: 'put', key: containerKey(name), value: locked }] });
-        if (res.succeeded) break;
-        continue;
-      }
-      if (Date.now() > deadline) {
-        throw new ConflictError(`container ${name} is busy (${record.busy.operation} ${record.busy.id}); try again when it ends`, { name, busy: record.busy });
-      }
-      await new Promise((resolve) => setTimeout(resolve, 100));
-    }
-    try {
-      return await fn(locked, lockId);
-    } finally {
-      await this.unlock(name, lockId).catch((err: unknown) => this.opts.log.error({ err: toChipmunkError(err).toJSON() }, `could not release the lock ${lockId} of ${name}`));
-    }
+  /** Ends the operation's hold on the container; a lock already taken over (a failover) is not touched. */
+  private async release(held: HeldLock): Promise<void> {
+    await this.opts.locks.releaseIfHeld(held).catch((err: unknown) => this.opts.log.error({ err: toChipmunkError(err).toJSON() }, `could not release the lock ${held.lock.id} of ${held.name}`));
   }
+}
 
-  /** Writes the record of a container this operation holds, keeping the lock. */
-  async saveRecord(name: string, lockId: string, record: ContainerRecord): Promise<void> {
-    await this.compareAndSwap(name, (current) => (current?.busy?.id === lockId ? { ...record, busy: current.busy } : undefined));
-  }
-
-  private async unlock(name: string, lockId: string): Promise<void> {
-    await this.compareAndSwap(name, (current) => {
-      if (current?.busy?.id !== lockId) return undefined;
-      const { busy: _released, ...rest } = current;
-      return rest;
-    });
-  }
-
-  private async updateRecord(name: string, change: (record: ContainerRecord) => ContainerRecord): Promise<void> {
-    await this.compareAndSwap(name, (current) => {
-      if (!current) throw new NotFoundError(`unknown container "${name}": see \`chipmunk ps\` for the containers of this cluster`, { name });
-      return change(current);
-    });
-  }
-
-  /** Read-modify-write of the container record, retried until no concurrent write got in between; `change` returning undefined writes nothing. */
-  private async compareAndSwap(name: string, change: (current: ContainerRecord | undefined) => ContainerRecord | undefined): Promise<void> {
-    for (;;) {
-      const current = await this.opts.store.get<ContainerRecord>(containerKey(name));
-      const next = change(current?.value);
-      if (!next) return;
-      const res = await this.opts.store.txn({ compare: [{ key: containerKey(name), modRevision: current?.modRevision ?? 0 }], ops: [{ type: 'put', key: containerKey(name), value: next }] });
-      if (res.succeeded) return;
-    }
+function assertRunning(name: string, record: ContainerRecord): void {
+  if (record.status !== 'running') {
+    throw new InvalidInputError(`container ${name} is ${record.status}: only running containers can be checkpointed or restored`, { name, status: record.status });
   }
 }

@@ -3,54 +3,26 @@
  * (its spec, the node it runs on, its incarnation) and the operations that change it. The agents
  * do the work; this module decides where, and keeps the record in step with what they did.
  */
-import { setTimeout as sleep } from 'node:timers/promises';
 import { within } from '../shared/time.js';
-import { ConflictError, MigrationInProgressError, NotFoundError, StoreConflictError, UnavailableError } from '../shared/errors.js';
-import type {
-  ContainerStats, AgentContainer, ContainerSpec, ContainerStatus, ContainerView, MigrationPhaseName, ProtectionPolicy, RunRequest } from '../shared/protocol.js';
+import { ConflictError, NotFoundError, StoreConflictError, UnavailableError } from '../shared/errors.js';
+import type { ContainerStats, AgentContainer, ContainerStatus, ContainerView, RunRequest } from '../shared/protocol.js';
 import { assertDistinctVolumes } from '../shared/protocol.js';
 import type { AgentApi, LogsOptions } from './agent-client.js';
+import { containerKey, type ContainerLocks, type ContainerRecord } from './container-lock.js';
 import type { NodeRecord, NodeRegistry } from './registry.js';
-import type { KeyValue, StateStore } from './store/index.js';
-
-export interface ContainerRecord {
-  spec: ContainerSpec;
-  node: string;
-  status: ContainerStatus;
-  /** The agent's incarnation counter: one more with every restore. */
-  generation: number;
-  ip?: string;
-  createdAt: string;
-  /** Set while a migration holds the container: it is the container's migration lock. */
-  migration?: { id: string; phase: MigrationPhaseName };
-  /** Set while a checkpoint, a restore or a failover holds the container (the same kind of lock). */
-  busy?: { id: string; operation: BusyOperation };
-  /** Protected: checkpointed every `everyMs`, restored elsewhere when its node dies. */
-  protection?: ProtectionPolicy;
-}
-
-export type BusyOperation = 'checkpoint' | 'restore' | 'failover';
-
-/** How long an operation on a container (stop, rm, migrate, checkpoint) waits for a `busy` lock to go. */
-export const BUSY_WAIT_MS = 60_000;
+import type { StateStore } from './store/index.js';
 
 /** The agent API of a node; one place decides how the controller reaches agents (HTTP, or fakes in tests). */
 export type AgentResolver = (node: NodeRecord) => AgentApi;
 
 const CONTAINERS_PREFIX = '/containers/';
 
-export function containerKey(name: string): string {
-  return CONTAINERS_PREFIX + name;
-}
-
-/** How often a read-modify-write of one record retries after losing a compare-and-swap. */
-const MAX_UPDATE_ATTEMPTS = 5;
-
 export class ContainerService {
   constructor(
     private readonly store: StateStore,
     private readonly nodes: NodeRegistry,
     private readonly agentFor: AgentResolver,
+    private readonly locks: ContainerLocks,
   ) {}
 
   /**
@@ -125,42 +97,37 @@ export class ContainerService {
     return this.agentFor(await this.nodes.require(value.node)).stats(name);
   }
 
+  /** Stops the container where it runs; waits (bounded) for an operation holding it to end. */
   async stop(name: string): Promise<ContainerView> {
-    const { value } = await this.requireIdle(name);
-    refuseWhileMigrating(name, value);
-    const node = await this.nodes.require(value.node);
-    const stopped = await this.agentFor(node).stop(name);
-    const updated = await this.update(name, (record) => ({ ...record, status: stopped.status }));
-    return toView(updated, node.address);
-  }
-
-  async remove(name: string): Promise<void> {
-    const current = await this.requireIdle(name);
-    refuseWhileMigrating(name, current.value);
-    const node = await this.nodes.require(current.value.node);
+    const held = await this.locks.acquire(name, 'stop');
     try {
-      await this.agentFor(node).remove(name);
-    } catch (err) {
-      // The agent does not have it (a run the controller did not see through): only the record is left to remove.
-      if (!(err instanceof NotFoundError)) throw err;
-    }
-    await this.store.delete(containerKey(name), { expectModRevision: current.modRevision });
-  }
-
-  /** The record once no checkpoint or restore holds it (they take seconds: waited for, bounded). */
-  private async requireIdle(name: string): Promise<KeyValue<ContainerRecord>> {
-    const deadline = Date.now() + BUSY_WAIT_MS;
-    for (;;) {
-      const current = await this.require(name);
-      if (!current.value.busy || Date.now() > deadline) return current;
-      await sleep(100);
+      const node = await this.nodes.require(held.record.node);
+      const stopped = await this.agentFor(node).stop(name);
+      return toView(await this.locks.release(held, { ...held.record, status: stopped.status }), node.address);
+    } finally {
+      await this.locks.releaseIfHeld(held);
     }
   }
 
-  async require(name: string): Promise<KeyValue<ContainerRecord>> {
-    const current = await this.store.get<ContainerRecord>(containerKey(name));
-    if (!current) throw new NotFoundError(`unknown container "${name}": see \`chipmunk ps\` for the containers of this cluster`, { name });
-    return current;
+  /** Removes the container from its node and its record; waits (bounded) for an operation holding it to end. */
+  async remove(name: string): Promise<void> {
+    const held = await this.locks.acquire(name, 'remove');
+    try {
+      const node = await this.nodes.require(held.record.node);
+      try {
+        await this.agentFor(node).remove(name);
+      } catch (err) {
+        // The agent does not have it (a run the controller did not see through): only the record is left to remove.
+        if (!(err instanceof NotFoundError)) throw err;
+      }
+      await this.locks.remove(held);
+    } finally {
+      await this.locks.releaseIfHeld(held);
+    }
+  }
+
+  async require(name: string) {
+    return this.locks.require(name);
   }
 
   private async placement(requested: string | undefined): Promise<NodeRecord> {
@@ -178,21 +145,6 @@ export class ContainerService {
     // Ties go to the first node in name order (the list's order), so placement is predictable.
     return ready.reduce((best, node) => ((containersOn.get(node.name) ?? 0) < (containersOn.get(best.name) ?? 0) ? node : best));
   }
-
-  /** Read-modify-write of one record, retried when a concurrent write wins the compare-and-swap. */
-  private async update(name: string, change: (record: ContainerRecord) => ContainerRecord): Promise<ContainerRecord> {
-    for (let attempt = 1; ; attempt++) {
-      const current = await this.require(name);
-      refuseWhileMigrating(name, current.value);
-      const updated = change(current.value);
-      try {
-        await this.store.put(containerKey(name), updated, { expectModRevision: current.modRevision });
-        return updated;
-      } catch (err) {
-        if (!(err instanceof StoreConflictError) || attempt >= MAX_UPDATE_ATTEMPTS) throw err;
-      }
-    }
-  }
 }
 
 export function unreachable(node: NodeRecord): UnavailableError {
@@ -201,17 +153,12 @@ export function unreachable(node: NodeRecord): UnavailableError {
   });
 }
 
-function refuseWhileMigrating(name: string, record: ContainerRecord): void {
-  if (record.migration) throw new MigrationInProgressError(name, record.migration.id);
-  if (record.busy) throw new ConflictError(`container ${name} is busy (${record.busy.operation} ${record.busy.id}); try again when it ends`, { name, busy: record.busy });
-}
-
 /** The `chipmunk ps` row: published ports at the address of the node the container runs on. */
 function toView(record: ContainerRecord, nodeAddress: string): ContainerView {
   return {
     name: record.spec.name,
     node: record.node,
-    status: record.migration ? 'migrating' : record.status,
+    status: record.lock?.operation === 'migration' ? 'migrating' : record.status,
     image: record.spec.image,
     ports: record.spec.ports.map((port) => `${nodeAddress}:${port.hostPort}->${port.containerPort}/${port.protocol}`),
     endpoints: [],

@@ -1,6 +1,6 @@
 /**
- * The controller process: opens the state store, settles migrations a previous run left
- * mid-way, and serves the controller API.
+ * The controller process: opens the state store, serves the controller API, and settles what a
+ * previous run left mid-way (recovery.ts, the migrations' retry loop).
  */
 import { mkdir, mkdtemp } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -10,12 +10,15 @@ import { removeTree } from '../shared/remove-tree.js';
 import { pino, type Logger } from 'pino';
 import { InvalidInputError } from '../shared/errors.js';
 import { HttpAgentApi } from './agent-client.js';
+import { ContainerLocks } from './container-lock.js';
 import { ContainerService, type AgentResolver } from './containers.js';
+import { Fences } from './fences.js';
 import { MigrationOrchestrator } from './migration.js';
 import { CheckpointStore } from '../checkpoint-store/index.js';
 import { CheckpointService, type CheckpointCatalog } from './checkpoints.js';
 import { FailoverService } from './failover.js';
 import { DEFAULT_NODE_READY_WITHIN_MS, NodeRegistry } from './registry.js';
+import { recoverStaleLocks } from './recovery.js';
 import { RouteService } from './routes.js';
 import { buildControllerServer } from './server.js';
 import { openStore, storeIdentity } from './store/index.js';
@@ -67,7 +70,9 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
   const agentFor: AgentResolver = opts.agentFactory ?? ((node) => new HttpAgentApi({ node: node.name, url: node.url, token: opts.token }));
   const nodeLeaseMs = opts.nodeReadyWithinMs ?? DEFAULT_NODE_READY_WITHIN_MS;
   const nodes = new NodeRegistry(store, nodeLeaseMs);
-  const containers = new ContainerService(store, nodes, agentFor);
+  const locks = new ContainerLocks(store);
+  const fences = new Fences(store);
+  const containers = new ContainerService(store, nodes, agentFor, locks);
   const routes = new RouteService(
     store,
     async (node) => (await nodes.get(node).catch(() => undefined))?.address,
@@ -75,7 +80,6 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
     opts.gateway ? { ...opts.gateway, token: opts.token, owner: storeId } : undefined,
     (node) => nodes.isReady(node),
   );
-  const migrations = new MigrationOrchestrator({ store, nodes, agentFor, log: logger, traffic: routes });
   const temporaryCheckpointDir = opts.checkpointDir || storeSpec.startsWith('sqlite:') ? undefined : await mkdtemp(join(tmpdir(), 'chipmunk-checkpoints-'));
   const checkpointDir = opts.checkpointDir ?? temporaryCheckpointDir ?? join(dirname(storeSpec.slice('sqlite:'.length)), 'checkpoints');
   const checkpointStore = await CheckpointStore.open({ root: checkpointDir, keep: opts.keepCheckpoints, logger });
@@ -89,8 +93,9 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
   };
   // Agents upload to the store through this URL: known once listening, when no advertised URL was given.
   let storeUrl = opts.advertiseUrl ?? '';
-  const checkpoints = new CheckpointService({ store, nodes, agentFor, traffic: routes, catalog, storeUrl: () => storeUrl, log: logger });
-  const failovers = new FailoverService({ store, nodes, checkpoints, catalog, traffic: routes, log: logger });
+  const checkpoints = new CheckpointService({ store, nodes, agentFor, locks, traffic: routes, catalog, storeUrl: () => storeUrl, log: logger });
+  const failovers = new FailoverService({ store, nodes, locks, fences, agentFor, nodeLeaseMs, checkpoints, catalog, traffic: routes, log: logger });
+  const migrations = new MigrationOrchestrator({ store, nodes, agentFor, locks, fences, log: logger, traffic: routes, rescuer: failovers });
   const app = buildControllerServer({
     token: opts.token,
     logger,
@@ -100,13 +105,12 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
     routes,
     checkpoints,
     failovers,
+    fences,
     checkpointStore,
     heartbeatMs: Math.max(100, Math.floor(nodeLeaseMs / 4)),
     enableFaults: process.env.CHIPMUNK_ENABLE_FAULTS === '1',
   });
   try {
-    // Before the API opens, so no new migration meets a container still locked by an interrupted one.
-    await migrations.resolveInterrupted();
     await app.listen(opts.listen).catch((err: NodeJS.ErrnoException) => {
       throw new InvalidInputError(`the controller cannot listen on ${opts.listen.host}:${opts.listen.port} (${err.code ?? err.message}): pick another address or port`, {
         host: opts.listen.host,
@@ -124,8 +128,15 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
   const host = address.family === 'IPv6' ? `[${address.address}]` : address.address;
   storeUrl ||= `http://${host}:${address.port}`;
   routes.start();
-  checkpoints.start();
+  // Agents heartbeat from the moment the API listens; what a previous controller left is settled
+  // from then on (its locks keep new operations off those containers meanwhile), and node deaths
+  // are judged only once agents had a lease's time to heartbeat.
   await failovers.start();
+  void recoverStaleLocks({ locks, nodes, agentFor, traffic: routes, failovers, log: logger }).catch((err: unknown) =>
+    logger.error({ err: (err as Error).message }, 'settling what the previous controller left failed'),
+  );
+  migrations.start();
+  checkpoints.start();
   logger.info({ store: storeSpec, storeId }, `controller listening on http://${host}:${address.port}`);
   return {
     url: `http://${host}:${address.port}`,
@@ -133,6 +144,7 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
       routes.stop();
       checkpoints.stop();
       failovers.stop();
+      migrations.stop();
       await app.close();
       await closeCheckpointStore();
       await store.close();

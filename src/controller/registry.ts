@@ -37,6 +37,11 @@ export class NodeRegistry {
     private readonly readyWithinMs = DEFAULT_NODE_READY_WITHIN_MS,
   ) {}
 
+  /** How long a node may go without a heartbeat before it is dead. */
+  get leaseMs(): number {
+    return this.readyWithinMs;
+  }
+
   async heartbeat(req: RegisterNodeRequest): Promise<NodeView> {
     const record: NodeRecord = { name: req.name, address: req.address, url: req.url, capabilities: req.capabilities, lastSeen: new Date().toISOString() };
     await this.store.put(NODES_PREFIX + req.name, record);

@@ -9,8 +9,8 @@
  * controller, or of an older one that set no owner, are never touched; they are reported.
  *
  * Holds end only by a release. The sync settles holds left behind (their operation ended
- * without releasing, e.g. a controller died): it releases them, unless the container's lock
- * still names the hold or a failover's replay into the container is pending (failover.ts).
+ * without releasing, e.g. a controller died): it releases them, unless the container is locked
+ * (its operation, or a failover whose replay is still owed, keeps the lock: failover.ts).
  */
 import type { Logger } from 'pino';
 import { ConflictError, InvalidInputError, NotFoundError, UnavailableError, toChipmunkError } from '../shared/errors.js';
@@ -18,8 +18,7 @@ import type { StateStore } from './store/index.js';
 import { GatewayClient } from '../gateway/client.js';
 import type { LogPosition, RouteView, SyncedRoute, Upstream } from '../gateway/protocol.js';
 import type { ExposeRequest, ExposedRoute } from '../shared/protocol.js';
-import { containerKey, type ContainerRecord } from './containers.js';
-import { pendingReplayKey, type PendingReplay } from './failover.js';
+import { containerKey, type ContainerRecord } from './container-lock.js';
 
 const routeKey = (name: string) => `/routes/${name}`;
 const SYNC_PERIOD_MS = 5_000;
@@ -205,14 +204,14 @@ export class RouteService {
           // Without the flag the gateway stops logging and deletes the log: always state it.
           const log = container ? logs(r, container.value) : false;
           const holdId = current?.state === 'holding' ? current.migration?.id : undefined;
-          if (current && (container?.value.migration || container?.value.busy)) {
+          if (current && container?.value.lock) {
             routes.push({ name: r.name, protocol: r.protocol, listenPort: r.listenPort, log, storeRevision, ...(current.upstream ? { upstream: current.upstream } : {}), ...(holdId ? { hold: { migrationId: holdId } } : {}) });
             continue;
           }
           const upstream = container ? await this.upstreamOf(container.value, r) : undefined;
           routes.push({ name: r.name, protocol: r.protocol, listenPort: r.listenPort, log, storeRevision, ...(upstream ? { upstream } : {}) });
           // Towards a dead node it stays held: its failover will restore the container elsewhere.
-          const settle = holdId && upstream && container && current?.owner === this.owner && !(await this.replayPending(r.name, holdId)) && (await this.nodeReady(container.value.node));
+          const settle = holdId && upstream && container && current?.owner === this.owner && (await this.nodeReady(container.value.node));
           if (settle) stale.push({ name: r.name, holdId, upstream });
         }
         const synced = await this.gateway.sync(this.owner, routes, revision);
@@ -225,11 +224,6 @@ export class RouteService {
         this.warn('pushing the route table to the gateway failed; will retry', err);
       }
     });
-  }
-
-  /** A failover restored the container and has not replayed its log yet: its hold must stay. */
-  private async replayPending(name: string, holdId: string): Promise<boolean> {
-    return (await this.store.get<PendingReplay>(pendingReplayKey(name)))?.value.holdId === holdId;
   }
 
   /**

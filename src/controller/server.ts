@@ -28,6 +28,7 @@ import { CheckpointInfo, CheckpointSummary, checkpointStoreRoutes, type Checkpoi
 import type { CheckpointService } from './checkpoints.js';
 import type { ContainerService } from './containers.js';
 import type { FailoverService } from './failover.js';
+import type { Fences } from './fences.js';
 import { registerControllerFaults } from './faults.js';
 import type { MigrationOrchestrator } from './migration.js';
 import type { NodeRegistry } from './registry.js';
@@ -42,6 +43,7 @@ export interface ControllerServerOptions {
   routes: RouteService;
   checkpoints: CheckpointService;
   failovers: FailoverService;
+  fences: Fences;
   /** The checkpoint store, served on this API for agents (uploads, downloads) and the CLI (files, diff). */
   checkpointStore: CheckpointStore;
   /** How often agents should heartbeat (a fraction of the node lease). */
@@ -80,7 +82,7 @@ export function buildControllerServer(opts: ControllerServerOptions): FastifyIns
       });
     }
     const view = await nodes.heartbeat(req.body);
-    return { ...view, heartbeatMs: opts.heartbeatMs, fence: await failovers.fenceFor(req.params.name) };
+    return { ...view, heartbeatMs: opts.heartbeatMs, fence: await opts.fences.forNode(req.params.name) };
   });
 
   app.get('/v1/nodes', { schema: { response: { 200: Type.Array(NodeView) } } }, async () => nodes.list());
@@ -124,7 +126,7 @@ export function buildControllerServer(opts: ControllerServerOptions): FastifyIns
     // Its route, checkpoints and fences go with it: a later container of the same name must get none of them.
     if (await opts.routes.get(req.params.name)) await opts.routes.unexpose(req.params.name);
     await checkpoints.forget(req.params.name);
-    await failovers.forgetFences(req.params.name);
+    await opts.fences.forget(req.params.name);
     return reply.code(204).send();
   });
 

@@ -1,6 +1,6 @@
 /**
  * The gateway API as the controller calls it: typed methods over the shared ApiClient (cluster
- * token, our error classes back from the wire). Migration order: hold() before the checkpoint
+ * token, our error classes back from the wire). Migration order: hold() before the dump
  * freezes the container, release() once it answers at its new location (or, after a rollback,
  * at the old one); sync() after either side restarted.
  */

@@ -2,7 +2,8 @@
  * Durable files, the way the controller's state store, the checkpoint store and the gateway's
  * request log all need them: an acknowledged write survives power loss, not only a crash.
  */
-import { open } from 'node:fs/promises';
+import { open, rename } from 'node:fs/promises';
+import { dirname } from 'node:path';
 import Database from 'better-sqlite3';
 import { StoreFailedError } from './errors.js';
 
@@ -38,4 +39,22 @@ export async function syncDirectory(dir: string): Promise<void> {
   } finally {
     await handle.close();
   }
+}
+
+/**
+ * Replaces `path` with `data` so that a crash or power loss leaves the old content or the new,
+ * never a mix: written to a temporary sibling and synced, renamed over `path`, then the directory
+ * synced so the rename itself is durable.
+ */
+export async function writeFileDurably(path: string, data: string): Promise<void> {
+  const temp = `${path}.tmp`;
+  const handle = await open(temp, 'w', 0o600);
+  try {
+    await handle.writeFile(data);
+    await handle.sync();
+  } finally {
+    await handle.close();
+  }
+  await rename(temp, path);
+  await syncDirectory(dirname(path));
 }

@@ -21,6 +21,8 @@ export type ErrorCode =
   | 'CHIPMUNK_STORE_FAILED'
   | 'CHIPMUNK_PATH_ESCAPES'
   | 'CHIPMUNK_CHUNK_CORRUPT'
+  | 'CHIPMUNK_LOCK_LOST'
+  | 'CHIPMUNK_STATE_CORRUPT'
   | 'CHIPMUNK_LOG_MISMATCH'
   | 'CHIPMUNK_INTERNAL';
 
@@ -107,7 +109,7 @@ export class RuntimeFailedError extends ChipmunkError {
   }
 }
 
-export type MigrationPhase = 'prepare' | 'checkpoint' | 'transfer' | 'restore' | 'verify' | 'cleanup' | 'rollback';
+export type MigrationPhase = 'prepare' | 'dump' | 'transfer' | 'restore' | 'verify' | 'cleanup' | 'rollback';
 
 export class MigrationFailedError extends ChipmunkError {
   constructor(message: string, details: { phase: MigrationPhase; node: string; logPath?: string; rolledBack?: boolean; [k: string]: unknown }, cause?: unknown) {
@@ -128,6 +130,16 @@ export class MigrationInProgressError extends ChipmunkError {
       status: 409,
       details: { name, migrationId },
     });
+  }
+}
+
+/**
+ * An operation on a container lost the container's lock to another (a failover took it over, or
+ * a restarted controller recovered it): it must stop acting on the container at once.
+ */
+export class LockLostError extends ChipmunkError {
+  constructor(message: string, details?: Record<string, unknown>) {
+    super('CHIPMUNK_LOCK_LOST', message, { status: 409, details });
   }
 }
 
@@ -175,6 +187,16 @@ export class ChunkCorruptError extends ChipmunkError {
 }
 
 /**
+ * A state file a component keeps for itself (an agent's per-container record) cannot be read or
+ * makes no sense. Not "absent": the thing it describes may well exist and run.
+ */
+export class StateCorruptError extends ChipmunkError {
+  constructor(message: string, details: { path: string; [k: string]: unknown }) {
+    super('CHIPMUNK_STATE_CORRUPT', message, { status: 500, details });
+  }
+}
+
+/**
  * A request-log position names another log than the route's current one (the route was unlogged
  * and logged again, or removed and exposed again): replaying or trimming with it would act on
  * requests it never described.
@@ -197,6 +219,8 @@ const byCode: Partial<Record<ErrorCode, (m: string, d: Record<string, unknown>) 
   CHIPMUNK_TRANSFER_FAILED: (m, d) => new TransferFailedError(m, d),
   CHIPMUNK_FAILOVER_FAILED: (m, d) => new FailoverFailedError(m, { name: String(d.name ?? ''), from: String(d.from ?? ''), ...d }),
   CHIPMUNK_PATH_ESCAPES: (m, d) => new PathEscapesError(m, d),
+  CHIPMUNK_LOCK_LOST: (m, d) => new LockLostError(m, d),
+  CHIPMUNK_STATE_CORRUPT: (m, d) => new StateCorruptError(m, { ...d, path: String(d.path ?? '') }),
   CHIPMUNK_LOG_MISMATCH: (m, d) => new LogMismatchError(m, d),
 };
 

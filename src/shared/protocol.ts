@@ -77,6 +77,8 @@ export const ContainerStatus = Type.Union([
   Type.Literal('stopped'),
   Type.Literal('migrating'),
   Type.Literal('unknown'),
+  /** Its memory was lost with a node and it has no checkpoint to come back from (see `chipmunk migrations`). */
+  Type.Literal('lost'),
 ]);
 export type ContainerStatus = Static<typeof ContainerStatus>;
 
@@ -91,6 +93,11 @@ export const AgentContainer = Type.Object({
   pid: Type.Optional(Type.Integer()),
   exitCode: Type.Optional(Type.Integer()),
   createdAt: Type.String(),
+  /**
+   * Set when the agent cannot read what it knows of the container (status `unknown`; `spec`,
+   * `generation` and `createdAt` are then placeholders): the container is there, maybe running.
+   */
+  error: Type.Optional(Type.Object({ code: Type.String(), message: Type.String() })),
 });
 export type AgentContainer = Static<typeof AgentContainer>;
 
@@ -126,19 +133,19 @@ export type AgentInfo = Static<typeof AgentInfo>;
 /** Ports the controller hands to source agents for CRIU page servers (lazy mode). */
 export const PAGE_SERVER_PORTS = { first: 27000, last: 27999 } as const;
 
-/** Source side: freeze and dump the container for a migration. */
-export const CheckpointRequest = Type.Object({
+/** Source side: freeze and dump the container for a migration (it stops running here). */
+export const DumpRequest = Type.Object({
   migrationId: Type.String({ minLength: 1 }),
   mode: MigrationMode,
   /** Port the source's CRIU page server listens on (lazy mode). */
   pageServerPort: Type.Optional(Type.Integer({ minimum: 1024, maximum: 65535 })),
 });
-export type CheckpointRequest = Static<typeof CheckpointRequest>;
+export type DumpRequest = Static<typeof DumpRequest>;
 
 /** Where a source's CRIU page server listens (lazy mode). */
 export const PageServerAddress = Type.Object({ address: Type.String(), port: Type.Integer() });
 
-export const CheckpointResult = Type.Object({
+export const DumpResult = Type.Object({
   migrationId: Type.String(),
   /** Bytes of the image directory the target must fetch before restore. */
   imageBytes: Type.Integer(),
@@ -148,9 +155,9 @@ export const CheckpointResult = Type.Object({
   frozenAt: Type.Number(),
   pageServer: Type.Optional(PageServerAddress),
 });
-export type CheckpointResult = Static<typeof CheckpointResult>;
+export type DumpResult = Static<typeof DumpResult>;
 
-/** Target side, before the checkpoint: get the image if missing, set up the network. */
+/** Target side, before the dump: get the image if missing, set up the network. */
 export const PrepareRequest = Type.Object({
   migrationId: Type.String({ minLength: 1 }),
   mode: MigrationMode,
@@ -169,8 +176,8 @@ export const StoredCheckpointRef = Type.Object({
 export type StoredCheckpointRef = Static<typeof StoredCheckpointRef>;
 
 /**
- * Target side: fetch the checkpoint from the source agent (or, with `checkpoint`, from the
- * checkpoint store: a failover or a restore of an older version) and restore it here.
+ * Target side: fetch the dump from the source agent (or, with `checkpoint`, a checkpoint from
+ * the checkpoint store: a failover or a restore of an older version) and restore it here.
  */
 export const RestoreRequest = Type.Composite([
   PrepareRequest,
@@ -192,33 +199,36 @@ export type RestoreResult = Static<typeof RestoreResult>;
 export const SettleResult = Type.Object({ lazyPagesBytes: Type.Integer({ minimum: 0 }) });
 export type SettleResult = Static<typeof SettleResult>;
 
-/** Source side: the migration failed after the checkpoint; run the container here again. */
+/** Source side: the migration failed after the dump; run the container here again. */
 export const RollbackRequest = Type.Object({ migrationId: Type.String({ minLength: 1 }) });
 export type RollbackRequest = Static<typeof RollbackRequest>;
 
-/** Checkpoint a container and let it run on (the trees wait on the agent for upload). */
-export const SnapshotRequest = Type.Object({ snapshotId: Type.String({ pattern: '^[A-Za-z0-9_-]{1,64}$' }) });
-export type SnapshotRequest = Static<typeof SnapshotRequest>;
+/**
+ * Checkpoint a container and let it run on. The trees wait on the agent, under this id, until
+ * they are uploaded (the checkpoint store then names the stored checkpoint) or discarded.
+ */
+export const TakeCheckpointRequest = Type.Object({ checkpointId: Type.String({ pattern: '^[A-Za-z0-9_-]{1,64}$' }) });
+export type TakeCheckpointRequest = Static<typeof TakeCheckpointRequest>;
 
-export const SnapshotResult = Type.Object({
-  snapshotId: Type.String(),
+export const TakeCheckpointResult = Type.Object({
+  checkpointId: Type.String(),
   /** How long the container was frozen (paused, files copied, memory dumped). */
   frozenMs: Type.Number(),
   imageBytes: Type.Integer(),
   filesBytes: Type.Integer(),
 });
-export type SnapshotResult = Static<typeof SnapshotResult>;
+export type TakeCheckpointResult = Static<typeof TakeCheckpointResult>;
 
-/** Send a snapshot to the checkpoint store; it becomes a checkpoint once every chunk is durable there. */
-export const UploadSnapshotRequest = Type.Object({
+/** Send a checkpoint taken on the agent to the checkpoint store; it counts once every chunk is durable there. */
+export const UploadCheckpointRequest = Type.Object({
   container: ContainerName,
   storeUrl: Type.String({ minLength: 1 }),
-  /** The gateway log position the snapshot was cut at (null: the container is not behind a logging route). */
+  /** The gateway log position the checkpoint was cut at (null: the container is not behind a logging route). */
   logPosition: Type.Union([LogPosition, Type.Null()]),
   /** Kept with the checkpoint for restores: the container spec, its generation. */
   metadata: Type.Record(Type.String(), Type.Unknown()),
 });
-export type UploadSnapshotRequest = Static<typeof UploadSnapshotRequest>;
+export type UploadCheckpointRequest = Static<typeof UploadCheckpointRequest>;
 
 /** Progress of a transfer, streamed by agents to the controller (and on to the CLI). */
 export const TransferProgress = Type.Object({
@@ -322,9 +332,22 @@ export const MigrateRequest = Type.Object({
 });
 export type MigrateRequest = Static<typeof MigrateRequest>;
 
+/**
+ * The source's view of its dump for a migration (asked when a migration failed): whether it can
+ * still run the container again from it.
+ */
+export const DumpState = Type.Object({
+  migrationId: Type.String(),
+  /** True with the images of a copy-mode dump, or a lazy page server no target has pulled pages from. */
+  canRollBack: Type.Boolean(),
+  /** Why not, when it cannot. */
+  reason: Type.Optional(Type.String()),
+});
+export type DumpState = Static<typeof DumpState>;
+
 export const MigrationPhaseName = Type.Union([
   Type.Literal('prepare'),
-  Type.Literal('checkpoint'),
+  Type.Literal('dump'),
   Type.Literal('transfer'),
   Type.Literal('restore'),
   Type.Literal('verify'),
@@ -378,7 +401,11 @@ export const MigrationRecord = Type.Object({
   /** Every phase entered, in order, as streamed to the client. */
   history: Type.Array(MigrationEvent),
   startedAt: Type.Number(),
+  /** The container's incarnation on the source when the migration began (the target's is one more). */
+  generation: Type.Optional(Type.Integer({ minimum: 0 })),
   finishedAt: Type.Optional(Type.Number()),
+  /** Committed, but the source has not confirmed removing its copy yet: the controller keeps asking it. */
+  cleanupPending: Type.Optional(Type.Boolean()),
   summary: Type.Optional(MigrationSummary),
   error: Type.Optional(ErrorBody),
 });
@@ -386,6 +413,7 @@ export type MigrationRecord = Static<typeof MigrationRecord>;
 
 /** Schemas by name, for the generated API reference. */
 export const schemas: Record<string, TSchema> = {
+  DumpState,
   ContainerSpec,
   LogPosition,
   VolumeMount,
@@ -393,16 +421,16 @@ export const schemas: Record<string, TSchema> = {
   AgentContainer,
   ContainerStats,
   AgentInfo,
-  CheckpointRequest,
-  CheckpointResult,
+  DumpRequest,
+  DumpResult,
   PrepareRequest,
   RestoreRequest,
   RestoreResult,
   RollbackRequest,
   SettleResult,
-  SnapshotRequest,
-  SnapshotResult,
-  UploadSnapshotRequest,
+  TakeCheckpointRequest,
+  TakeCheckpointResult,
+  UploadCheckpointRequest,
   StoredCheckpointRef,
   TransferProgress,
   NodeView,

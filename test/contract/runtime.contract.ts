@@ -9,7 +9,7 @@ import type { ContainerRuntime, MigrationPaths } from '../../src/agent/runtime/t
 
 /**
  * The behaviour every ContainerRuntime must have (RuncRuntime for real, FakeRuntime in memory),
- * including a migration between two of them: source checkpoint, copy of the migration trees,
+ * including a migration between two of them: source dump, copy of the migration trees,
  * target restore, and the ways back (rollback, abortRestore).
  *
  * The container under test runs `image` with the statefulapp's interface (GET / → {counter},
@@ -27,7 +27,7 @@ export interface RuntimePair {
   source: ContainerRuntime;
   target: ContainerRuntime;
   /**
-   * Copies the source's `migrationPaths(id)` trees (or `from`, a snapshot's) to the target's
+   * Copies the source's `migrationPaths(id)` trees (or `from`, a checkpoint's) to the target's
    * `migrationPaths(id)`: what the transfer layer, or a download from the checkpoint store, does.
    */
   copyTrees(migrationId: string, from?: MigrationPaths): Promise<void>;
@@ -79,7 +79,7 @@ export function describeRuntimeContract(name: string, makePair: () => Promise<Ru
   const migrationId = (tag: string) => `mig-${tag}-${randomBytes(3).toString('hex')}`;
   const names = async (rt: ContainerRuntime) => (await rt.list()).map((c) => c.name);
   const lazyUnsupported = (pair: RuntimePair) => !pair.source.capabilities.lazyMigration || !pair.target.capabilities.lazyMigration;
-  const checkpointOpts = (pair: RuntimePair, id: string, mode: MigrationMode) => ({
+  const dumpOpts = (pair: RuntimePair, id: string, mode: MigrationMode) => ({
     migrationId: id,
     mode,
     ...(mode === 'lazy' ? { pageServer: pair.pageServer() } : {}),
@@ -95,7 +95,7 @@ export function describeRuntimeContract(name: string, makePair: () => Promise<Ru
   async function assertState(app: AppClient | undefined, n: number): Promise<void> {
     if (!app) return;
     assert.equal((await app.get('/')).counter, n, 'the counter (process memory) survived');
-    assert.equal((await app.get('/file')).lines, n, 'the file written before the checkpoint survived');
+    assert.equal((await app.get('/file')).lines, n, 'the file written before the dump survived');
     assert.equal((await app.get('/verify-memory')).ok, true, 'the 32 MB memory pattern is intact');
   }
 
@@ -128,7 +128,7 @@ export function describeRuntimeContract(name: string, makePair: () => Promise<Ru
         const stopped = await rt.stop('basic', { timeoutMs: 5_000 });
         assert.equal(stopped.status, 'stopped');
         assert.equal((await rt.get('basic')).status, 'stopped');
-        await assertRejects(rt.checkpoint('basic', { migrationId: migrationId('stopped'), mode: 'copy' }), ConflictError, 'only running containers migrate');
+        await assertRejects(rt.dump('basic', { migrationId: migrationId('stopped'), mode: 'copy' }), ConflictError, 'only running containers migrate');
         assert.equal((await rt.get('basic')).status, 'stopped');
 
         await rt.remove('basic');
@@ -160,7 +160,7 @@ export function describeRuntimeContract(name: string, makePair: () => Promise<Ru
           ['remove', () => rt.remove('ghost', { force: true })],
           ['logs', () => rt.logs('ghost')],
           ['stats', () => rt.stats('ghost')],
-          ['checkpoint', () => rt.checkpoint('ghost', { migrationId: migrationId('ghost'), mode: 'copy' })],
+          ['dump', () => rt.dump('ghost', { migrationId: migrationId('ghost'), mode: 'copy' })],
           ['rollback', () => rt.rollback(migrationId('ghost'))],
         ];
         for (const [op, attempt] of attempts) await assertRejects(attempt(), NotFoundError, `${op} of an unknown name or migration`);
@@ -181,8 +181,8 @@ export function describeRuntimeContract(name: string, makePair: () => Promise<Ru
           await addState(await pair.reach(source, c), 3);
 
           const id = migrationId(mode);
-          const opts = checkpointOpts(pair, id, mode);
-          const out = await source.checkpoint(c.name, opts);
+          const opts = dumpOpts(pair, id, mode);
+          const out = await source.dump(c.name, opts);
           assert.ok(out.imageBytes > 0, `imageBytes ${out.imageBytes}`);
           assert.ok(out.frozenAt > 0 && out.frozenAt <= Date.now());
           assert.equal((await source.get(c.name)).status, 'migrating');
@@ -212,7 +212,7 @@ export function describeRuntimeContract(name: string, makePair: () => Promise<Ru
           assert.deepEqual(await target.list(), []);
         }));
 
-      it(`rolls back after a ${mode} checkpoint: the container runs on the source again`, { timeout }, (t) =>
+      it(`rolls back after a ${mode} dump: the container runs on the source again`, { timeout }, (t) =>
         withPair(async (pair) => {
           if (mode === 'lazy' && lazyUnsupported(pair)) return skip(t, 'no lazy migration on these hosts');
           const { source, target } = pair;
@@ -222,7 +222,7 @@ export function describeRuntimeContract(name: string, makePair: () => Promise<Ru
           // Twice: a rolled-back container migrates (and rolls back) again like any other.
           for (let round = 1; round <= 2; round++) {
             const id = migrationId(`rb-${mode}`);
-            await source.checkpoint(c.name, checkpointOpts(pair, id, mode));
+            await source.dump(c.name, dumpOpts(pair, id, mode));
             await assertMigratingRefuses(source, c.name);
             // The transfer ran, then the migration failed before the restore.
             await pair.copyTrees(id);
@@ -253,25 +253,25 @@ export function describeRuntimeContract(name: string, makePair: () => Promise<Ru
         }));
     }
 
-    it('snapshots a running container, which runs on; a restore of the snapshot has the state of that instant', { timeout }, () =>
+    it('checkpoints a running container, which runs on; a restore of the checkpoint has the state of that instant', { timeout }, () =>
       withPair(async (pair) => {
         const { source, target } = pair;
-        const c = await source.run(appSpec(pair, 'snap'));
+        const c = await source.run(appSpec(pair, 'ckpt'));
         const app = await pair.reach(source, c);
         await addState(app, 3);
 
-        const snapshotId = migrationId('snap');
-        const snap = await source.snapshot(c.name, snapshotId);
-        assert.ok(snap.imageBytes > 0, `imageBytes ${snap.imageBytes}`);
-        assert.ok(snap.frozenMs >= 0);
-        assert.equal((await source.get(c.name)).status, 'running', 'a snapshot leaves the container running');
+        const checkpointId = migrationId('ckpt');
+        const ckpt = await source.checkpoint(c.name, checkpointId);
+        assert.ok(ckpt.imageBytes > 0, `imageBytes ${ckpt.imageBytes}`);
+        assert.ok(ckpt.frozenMs >= 0);
+        assert.equal((await source.get(c.name)).status, 'running', 'a checkpoint leaves the container running');
         if (app) assert.equal((await app.post('/increment')).counter, 4, 'and working');
-        await assertRejects(source.snapshot('no-such', migrationId('snap')), NotFoundError, 'unknown name');
+        await assertRejects(source.checkpoint('no-such', migrationId('ckpt')), NotFoundError, 'unknown name');
 
-        const restoreId = migrationId('from-snap');
-        await pair.copyTrees(restoreId, snap.paths);
-        await source.discardSnapshot(snapshotId);
-        assert.ok(!existsSync(snap.paths.images), 'discardSnapshot removed the images');
+        const restoreId = migrationId('from-ckpt');
+        await pair.copyTrees(restoreId, ckpt.paths);
+        await source.discardCheckpoint(checkpointId);
+        assert.ok(!existsSync(ckpt.paths.images), 'discardCheckpoint removed the images');
         const restored = await target.restore(c.spec, { migrationId: restoreId, mode: 'copy', generation: c.generation + 1 });
         assert.equal(restored.status, 'running');
         await assertState(await pair.reach(target, restored), 3);
@@ -285,7 +285,7 @@ export function describeRuntimeContract(name: string, makePair: () => Promise<Ru
         const c = await source.run(appSpec(pair, 'abort'));
         await addState(await pair.reach(source, c), 2);
         const id = migrationId('abort');
-        await source.checkpoint(c.name, { migrationId: id, mode: 'copy' });
+        await source.dump(c.name, { migrationId: id, mode: 'copy' });
         await pair.copyTrees(id);
         await target.restore(c.spec, { migrationId: id, mode: 'copy', generation: c.generation + 1 });
         assert.deepEqual(await names(target), [c.name]);
@@ -315,8 +315,8 @@ export function describeRuntimeContract(name: string, makePair: () => Promise<Ru
         const c = await source.run(appSpec(pair, 'nopages'));
         await addState(await pair.reach(source, c), 2);
         const id = migrationId('nopages');
-        const opts = checkpointOpts(pair, id, 'lazy');
-        await source.checkpoint(c.name, opts);
+        const opts = dumpOpts(pair, id, 'lazy');
+        await source.dump(c.name, opts);
         await pair.copyTrees(id);
         const elsewhere = { address: opts.pageServer!.address, port: opts.pageServer!.port + 1000 };
         await assertRejects(target.restore(c.spec, { migrationId: id, mode: 'lazy', generation: 1, pageServer: elsewhere }), RuntimeFailedError, 'no page server');
@@ -336,7 +336,7 @@ export function describeRuntimeContract(name: string, makePair: () => Promise<Ru
         const { source, target } = pair;
         const c = await source.run(appSpec(pair, 'dup'));
         const id = migrationId('dup');
-        await source.checkpoint(c.name, { migrationId: id, mode: 'copy' });
+        await source.dump(c.name, { migrationId: id, mode: 'copy' });
         await pair.copyTrees(id);
         await target.run(appSpec(pair, 'dup', { ports: [] }));
         await assertRejects(target.restore(c.spec, { migrationId: id, mode: 'copy', generation: 1 }), ConflictError, 'name taken on the target');
@@ -356,7 +356,7 @@ export function describeRuntimeContract(name: string, makePair: () => Promise<Ru
 async function assertMigratingRefuses(rt: ContainerRuntime, name: string): Promise<void> {
   await assertRejects(rt.stop(name), ConflictError, 'stop while migrating');
   await assertRejects(rt.remove(name, { force: true }), ConflictError, 'remove while migrating');
-  await assertRejects(rt.checkpoint(name, { migrationId: 'mig-second', mode: 'copy' }), ConflictError, 'a second checkpoint');
+  await assertRejects(rt.dump(name, { migrationId: 'mig-second', mode: 'copy' }), ConflictError, 'a second dump');
   assert.equal((await rt.get(name)).status, 'migrating');
 }
 

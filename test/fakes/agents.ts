@@ -1,25 +1,28 @@
 /**
  * In-memory agents for controller tests. They keep just enough state to check the migration
  * invariant (each container runs exactly once), record every call in order across the cluster,
- * and fail or pause a chosen call on demand.
+ * and fail or pause a chosen call on demand. They answer as real agents do, errors included:
+ * test/unit/agent-contract-fake.test.ts runs the agent contract (test/contract/agent.contract.ts)
+ * against them, and test/integration/agent-contract.test.ts the same suite against real agents.
  */
-import { ConflictError, NotFoundError, TransferFailedError } from '../../src/shared/errors.js';
+import { CapabilityMissingError, ConflictError, InvalidInputError, NotFoundError, RuntimeFailedError, TransferFailedError, UnavailableError } from '../../src/shared/errors.js';
 import type {
   AgentContainer,
   AgentInfo,
-  CheckpointRequest,
-  CheckpointResult,
   ContainerSpec,
   ContainerStats,
+  DumpRequest,
+  DumpResult,
+  DumpState,
   RegisterNodeRequest,
   PrepareRequest,
   RestoreRequest,
   RestoreResult,
   SettleResult,
-  SnapshotRequest,
-  SnapshotResult,
+  TakeCheckpointRequest,
+  TakeCheckpointResult,
   TransferProgress,
-  UploadSnapshotRequest,
+  UploadCheckpointRequest,
 } from '../../src/shared/protocol.js';
 import type { CheckpointInfo, CheckpointSummary } from '../../src/checkpoint-store/index.js';
 import type { CheckpointCatalog } from '../../src/controller/checkpoints.js';
@@ -37,9 +40,20 @@ interface InjectedFailure {
   afterEffect: boolean;
 }
 
-interface Checkpoint {
+/** A migration (or a restore from the store) on its target agent: prepared, then restored. */
+interface TargetRestore {
+  name: string;
+  mode: 'lazy' | 'copy';
+  restored: boolean;
+}
+
+/** A migration's dump on its source agent. */
+interface Dump {
   name: string;
   bytes: number;
+  mode: 'lazy' | 'copy';
+  /** Lazy mode: a target pulled pages from the page server, so the memory left this node. */
+  pagesPulled?: boolean;
 }
 
 /** The checkpoint store as the fake agents upload to it and restore from it. */
@@ -67,7 +81,7 @@ export class FakeCheckpointCatalog implements CheckpointCatalog {
 }
 
 export class FakeCluster {
-  /** Every agent call, in order: "node1.checkpoint". */
+  /** Every agent call, in order: "node1.dump". */
   readonly calls: string[] = [];
   readonly catalog = new FakeCheckpointCatalog();
   private readonly agents = new Map<string, FakeAgent>();
@@ -98,14 +112,20 @@ export class FakeCluster {
 
 export class FakeAgent implements AgentApi {
   readonly containers = new Map<string, AgentContainer>();
-  readonly checkpointRequests: CheckpointRequest[] = [];
-  readonly checkpoints = new Map<string, Checkpoint>();
-  /** Snapshots taken and not discarded: id -> container name. */
-  readonly snapshots = new Map<string, string>();
-  private readonly restoredBy = new Map<string, string>();
+  readonly dumpRequests: DumpRequest[] = [];
+  /** Dumps of migrations in flight, by migration id. */
+  readonly dumps = new Map<string, Dump>();
+  /** Checkpoints taken and not discarded: id -> container name. */
+  readonly checkpoints = new Map<string, string>();
+  /** Migrations this agent is the target of, by id: what `abort` removes and `settle` ends. */
+  private readonly targets = new Map<string, TargetRestore>();
   private readonly failures = new Map<AgentMethod, InjectedFailure>();
   private readonly gates = new Map<AgentMethod, Promise<void>>();
   private nextIp = 2;
+  /** Its host is dead: every call fails as an unreachable agent's would (UnavailableError). */
+  down = false;
+  /** The next restore starts the container, which dies at once (its memory pages could not be had). */
+  crashNextRestore = false;
 
   constructor(
     private readonly cluster: FakeCluster,
@@ -152,8 +172,9 @@ export class FakeAgent implements AgentApi {
 
   run(spec: ContainerSpec): Promise<AgentContainer> {
     return this.step('run', () => {
-      if (spec.image.startsWith('missing')) throw new NotFoundError(`image ${spec.image} not found on ${this.node}: build or pull it first`, { image: spec.image });
-      if (this.containers.has(spec.name)) throw new ConflictError(`container ${spec.name} exists on ${this.node}`);
+      if (this.containers.has(spec.name)) throw new ConflictError(`a container named '${spec.name}' already exists on node ${this.node}`, { name: spec.name });
+      // The fake nodes lack exactly the images whose name starts with "missing".
+      if (/(^|\/)missing/.test(spec.image)) throw new InvalidInputError(`unknown image '${spec.image}': it is not in node ${this.node}'s image store`, { image: spec.image });
       return this.start(spec, 0);
     });
   }
@@ -164,7 +185,7 @@ export class FakeAgent implements AgentApi {
 
   stop(name: string): Promise<AgentContainer> {
     return this.step('stop', () => {
-      const container = this.require(name);
+      const container = this.requireNotMigrating(name);
       container.status = 'stopped';
       return container;
     });
@@ -172,7 +193,7 @@ export class FakeAgent implements AgentApi {
 
   remove(name: string): Promise<void> {
     return this.step('remove', () => {
-      this.require(name);
+      this.requireNotMigrating(name);
       this.containers.delete(name);
     });
   }
@@ -191,47 +212,72 @@ export class FakeAgent implements AgentApi {
     });
   }
 
-  checkpoint(name: string, req: CheckpointRequest): Promise<CheckpointResult> {
-    return this.step('checkpoint', () => {
-      this.checkpointRequests.push(req);
-      const container = this.require(name);
-      if (container.status !== 'running') throw new ConflictError(`${name} is ${container.status} on ${this.node}`);
+  dump(name: string, req: DumpRequest): Promise<DumpResult> {
+    return this.step('dump', () => {
+      this.dumpRequests.push(req);
+      if (req.mode === 'lazy' && !this.lazyMigration) throw new CapabilityMissingError(`lazy migration needs userfaultfd, which node ${this.node} lacks: use --mode copy`);
+      if (req.mode === 'lazy' && req.pageServerPort === undefined) throw new InvalidInputError('a lazy dump needs a page server address and port');
+      const container = this.requireNotMigrating(name);
+      if (container.status !== 'running') throw new ConflictError(`container '${name}' is not running on node ${this.node}; only running containers migrate`, { name });
       // Dumped (copy) or frozen behind a page server (lazy): either way it no longer runs here.
       container.status = 'migrating';
-      this.checkpoints.set(req.migrationId, { name, bytes: 4096 });
+      this.dumps.set(req.migrationId, { name, bytes: 4096, mode: req.mode });
       return {
         migrationId: req.migrationId,
         imageBytes: 4000,
         upperBytes: 96,
         frozenAt: Date.now(),
-        ...(req.pageServerPort !== undefined ? { pageServer: { address: this.address, port: req.pageServerPort } } : {}),
+        ...(req.mode === 'lazy' ? { pageServer: { address: this.address, port: req.pageServerPort! } } : {}),
       };
     });
   }
 
   restore(migrationId: string, req: RestoreRequest): Promise<RestoreResult> {
     return this.step('restore', () => {
+      const prepared = this.targets.get(migrationId);
+      if (this.containers.has(req.spec.name) && prepared?.name !== req.spec.name) {
+        throw new ConflictError(`node ${this.node} already has a container named '${req.spec.name}'`, { name: req.spec.name });
+      }
       if (req.checkpoint) {
         const stored = this.cluster.catalog.find(req.spec.name, req.checkpoint.id);
         if (!stored || stored.corrupt) throw new TransferFailedError(`checkpoint ${req.checkpoint.id} of ${req.spec.name} cannot be read from the store`);
         const container = this.start(req.spec, req.generation);
-        this.restoredBy.set(migrationId, req.spec.name);
+        this.targets.set(migrationId, { name: req.spec.name, mode: req.mode, restored: true });
         return { container, bytesTransferred: stored.logicalBytes, restoredAt: Date.now() };
       }
-      const checkpoint = this.cluster.agent(req.source.node).checkpoints.get(migrationId);
-      if (!checkpoint) throw new TransferFailedError(`no checkpoint ${migrationId} on ${req.source.node}`);
+      const source = this.cluster.agent(req.source.node);
+      if (source.down) throw new TransferFailedError(`agent ${req.source.node} is unreachable: fetching the dump failed`);
+      const dump = source.dumps.get(migrationId);
+      if (!dump) throw new TransferFailedError(`no dump of migration ${migrationId} on ${req.source.node}`);
+      // A lazy restore pulls pages from the source's page server: from here its memory is split.
+      if (req.pageServer) dump.pagesPulled = true;
       const container = this.start(req.spec, req.generation);
-      this.restoredBy.set(migrationId, req.spec.name);
-      return { container, bytesTransferred: checkpoint.bytes, restoredAt: Date.now() };
+      this.targets.set(migrationId, { name: req.spec.name, mode: req.mode, restored: true });
+      if (this.crashNextRestore) {
+        this.crashNextRestore = false;
+        container.status = 'stopped';
+        throw new RuntimeFailedError('the restored process died: a memory page could not be fetched', { op: 'restore' });
+      }
+      return { container, bytesTransferred: dump.bytes, restoredAt: Date.now() };
+    });
+  }
+
+  dumpState(migrationId: string): Promise<DumpState> {
+    return this.step('dumpState', () => {
+      const dump = this.dumps.get(migrationId);
+      if (!dump) return { migrationId, canRollBack: false, reason: `${this.node} has no dump of migration ${migrationId}` };
+      if (dump.pagesPulled) return { migrationId, canRollBack: false, reason: `a target pulled memory pages from ${this.node}'s page server` };
+      return { migrationId, canRollBack: true };
     });
   }
 
   rollback(migrationId: string): Promise<AgentContainer> {
     return this.step('rollback', () => {
-      const checkpoint = this.checkpoints.get(migrationId);
-      if (!checkpoint) throw new NotFoundError(`no migration ${migrationId} on ${this.node}`);
-      this.checkpoints.delete(migrationId);
-      const container = this.require(checkpoint.name);
+      const dump = this.dumps.get(migrationId);
+      if (!dump) throw new NotFoundError(`no migration ${migrationId} on ${this.node}`);
+      if (dump.pagesPulled) throw new RuntimeFailedError(`cannot roll '${dump.name}' back on node ${this.node}: a target pulled its memory pages`, { op: 'rollback' });
+      this.dumps.delete(migrationId);
+      const container = this.require(dump.name);
       if (container.status !== 'running') {
         container.status = 'running';
         container.generation += 1;
@@ -242,16 +288,22 @@ export class FakeAgent implements AgentApi {
 
   finish(migrationId: string): Promise<void> {
     return this.step('finish', () => {
-      const checkpoint = this.checkpoints.get(migrationId);
-      if (!checkpoint) throw new NotFoundError(`no migration ${migrationId} on ${this.node}`);
-      this.checkpoints.delete(migrationId);
-      this.containers.delete(checkpoint.name);
+      // Idempotent: a finish asked again (its answer was lost) finds nothing left to do.
+      const dump = this.dumps.get(migrationId);
+      if (!dump) return;
+      this.dumps.delete(migrationId);
+      this.containers.delete(dump.name);
     });
   }
 
-  prepare(_migrationId: string, req: PrepareRequest): Promise<void> {
+  prepare(migrationId: string, req: PrepareRequest): Promise<void> {
     return this.step('prepare', () => {
-      if (this.containers.has(req.spec.name)) throw new ConflictError(`${this.node} already has a container named ${req.spec.name}`);
+      if (this.targets.get(migrationId)?.name === req.spec.name) return;
+      if (this.containers.has(req.spec.name)) throw new ConflictError(`node ${this.node} already has a container named '${req.spec.name}'`, { name: req.spec.name });
+      // Image and network ready, nothing running: the name is taken on this node from here.
+      const container = this.start(req.spec, req.generation);
+      container.status = 'migrating';
+      this.targets.set(migrationId, { name: req.spec.name, mode: req.mode, restored: false });
     });
   }
 
@@ -261,39 +313,41 @@ export class FakeAgent implements AgentApi {
 
   settle(migrationId: string): Promise<SettleResult> {
     return this.step('settle', () => {
-      if (!this.restoredBy.has(migrationId)) throw new NotFoundError(`no restore of migration ${migrationId} on ${this.node}`);
-      this.restoredBy.delete(migrationId);
-      return { lazyPagesBytes: FAKE_LAZY_PAGES_BYTES };
+      // Idempotent, like the real one: an unknown or settled migration has no pages left to wait for.
+      const target = this.targets.get(migrationId);
+      if (!target?.restored) return { lazyPagesBytes: 0 };
+      this.targets.delete(migrationId);
+      return { lazyPagesBytes: target.mode === 'lazy' ? FAKE_LAZY_PAGES_BYTES : 0 };
     });
   }
 
   abort(migrationId: string): Promise<void> {
     return this.step('abort', () => {
-      const name = this.restoredBy.get(migrationId);
-      if (name !== undefined) this.containers.delete(name);
-      this.restoredBy.delete(migrationId);
+      const target = this.targets.get(migrationId);
+      if (target) this.containers.delete(target.name);
+      this.targets.delete(migrationId);
     });
   }
 
-  snapshot(name: string, req: SnapshotRequest): Promise<SnapshotResult> {
-    return this.step('snapshot', () => {
-      const container = this.require(name);
-      if (container.status !== 'running') throw new ConflictError(`${name} is ${container.status} on ${this.node}`);
-      this.snapshots.set(req.snapshotId, name);
-      return { snapshotId: req.snapshotId, frozenMs: 1, imageBytes: 4000, filesBytes: 96 };
+  checkpoint(name: string, req: TakeCheckpointRequest): Promise<TakeCheckpointResult> {
+    return this.step('checkpoint', () => {
+      const container = this.requireNotMigrating(name);
+      if (container.status !== 'running') throw new ConflictError(`container '${name}' is not running on node ${this.node}; only running containers can be checkpointed`, { name });
+      this.checkpoints.set(req.checkpointId, name);
+      return { checkpointId: req.checkpointId, frozenMs: 1, imageBytes: 4000, filesBytes: 96 };
     });
   }
 
-  uploadSnapshot(snapshotId: string, req: UploadSnapshotRequest): Promise<CheckpointInfo> {
-    return this.step('uploadSnapshot', () => {
-      if (!this.snapshots.has(snapshotId)) throw new NotFoundError(`no snapshot ${snapshotId} on ${this.node}`);
+  uploadCheckpoint(checkpointId: string, req: UploadCheckpointRequest): Promise<CheckpointInfo> {
+    return this.step('uploadCheckpoint', () => {
+      if (!this.checkpoints.has(checkpointId)) throw new NotFoundError(`no checkpoint ${checkpointId} on ${this.node}`);
       return this.cluster.catalog.add(req.container, req.logPosition);
     });
   }
 
-  discardSnapshot(snapshotId: string): Promise<void> {
-    return this.step('discardSnapshot', () => {
-      this.snapshots.delete(snapshotId);
+  discardCheckpoint(checkpointId: string): Promise<void> {
+    return this.step('discardCheckpoint', () => {
+      this.checkpoints.delete(checkpointId);
     });
   }
 
@@ -316,10 +370,18 @@ export class FakeAgent implements AgentApi {
     return container;
   }
 
+  /** A container a migration holds (dumped here, or prepared or restored here) takes no other operation. */
+  private requireNotMigrating(name: string): AgentContainer {
+    const container = this.require(name);
+    if (container.status === 'migrating') throw new ConflictError(`container '${name}' is being migrated on node ${this.node}; try again when it is done`, { name });
+    return container;
+  }
+
   /** One call: recorded, possibly held or failed, and answered with a copy as over the wire. */
   private async step<T>(method: AgentMethod, effect: () => T): Promise<T> {
     this.cluster.calls.push(`${this.node}.${method}`);
     await this.gates.get(method);
+    if (this.down) throw new UnavailableError(`agent ${this.node} is unreachable at ${this.registration().url} (ECONNREFUSED)`, { code: 'ECONNREFUSED' });
     const failure = this.failures.get(method);
     this.failures.delete(method);
     if (failure && !failure.afterEffect) throw failure.error;

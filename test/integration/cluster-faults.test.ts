@@ -1,10 +1,13 @@
 /**
- * `chipmunk cluster kill|revive`: power loss on one test host, and its return. (Issue 4 uses
- * these to test failover; here: that they do what they say.)
+ * `chipmunk cluster kill|revive`: power loss on one test host and its return, a crash and restart
+ * of the controller or the gateway. (Failover tests and the fault harness use these; here: that
+ * they do what they say.)
  */
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
-import { cliFails, cliOk, http, ps, runcList, startLocalCluster, stopLocalCluster, waitFor } from '../support/local-cluster.js';
+import { request as undiciRequest } from 'undici';
+import { readClusterState } from '../../src/cluster/index.js';
+import { clusterStateDir, cliFails, cliOk, http, ps, runcList, startLocalCluster, stopLocalCluster, waitFor } from '../support/local-cluster.js';
 
 before(async () => {
   await startLocalCluster(2);
@@ -45,4 +48,42 @@ test('kill takes every process of a test host down at once; revive brings its ag
   assert.equal(await status(), 'stopped', 'after the power loss the container is known and stopped (no failover yet)');
   assert.equal((await cliFails(['cluster', 'revive', 'node1'])).error.code, 'CHIPMUNK_CONFLICT', 'a running node cannot be revived');
   assert.equal((await cliFails(['cluster', 'kill', 'node9'])).error.code, 'CHIPMUNK_NOT_FOUND');
+});
+
+test('kill and revive the controller and the gateway: the cluster works after, routes and containers intact', { timeout: 180_000 }, async () => {
+  const port = 28190;
+  const viaGateway = async (path: string, method: 'GET' | 'POST' = 'GET') => {
+    const res = await undiciRequest(`http://127.0.0.1:${port}${path}`, { method, headersTimeout: 10_000 });
+    return { status: res.statusCode, body: (await res.body.json()) as { counter: number } };
+  };
+  await cliOk(['run', '--name', 'daemons', '--node', 'node2', '-p', `${port}:8080`, '-e', 'MEMORY_MB=8', 'chipmunk/statefulapp']);
+  await cliOk(['expose', 'daemons', '--port', '8080', '--listen', String(port)]);
+  await waitFor(async () => (await viaGateway('/').catch(() => undefined))?.status === 200, 30_000, 'daemons answers through the gateway');
+  for (let i = 0; i < 3; i++) assert.equal((await viaGateway('/increment', 'POST')).status, 200);
+
+  const before = await readClusterState(clusterStateDir());
+  const killed = await cliOk<{ target: string; killedPids: number[] }>(['cluster', 'kill', 'controller']);
+  assert.deepEqual(killed.killedPids, [before!.controllerPid]);
+  await assert.rejects(http('198.18.0.1', 7400, '/healthz', 'GET', { timeoutMs: 1_000 }), 'the controller is gone');
+  assert.equal((await viaGateway('/increment', 'POST')).status, 200, 'the data path does not need the controller');
+  assert.equal((await cliFails(['cluster', 'kill', 'controller'])).error.code, 'CHIPMUNK_CONFLICT', 'a dead controller cannot be killed again');
+  const controller = await cliOk<{ pid: number }>(['cluster', 'revive', 'controller']);
+  assert.equal((await readClusterState(clusterStateDir()))!.controllerPid, controller.pid, 'cluster.json names the new controller');
+  assert.equal((await http('198.18.0.1', 7400, '/healthz')).status, 200);
+  const row = (await ps()).find((c) => c.name === 'daemons');
+  assert.equal(row?.node, 'node2');
+  assert.equal(row?.status, 'running', 'the restarted controller knows the container from its store');
+  assert.equal((await cliFails(['cluster', 'revive', 'controller'])).error.code, 'CHIPMUNK_CONFLICT', 'a running controller cannot be revived');
+
+  await cliOk(['cluster', 'kill', 'gateway']);
+  await assert.rejects(viaGateway('/'), 'nothing listens on the route while the gateway is dead');
+  const gateway = await cliOk<{ pid: number }>(['cluster', 'revive', 'gateway']);
+  assert.equal((await readClusterState(clusterStateDir()))!.gatewayPid, gateway.pid);
+  const after = await waitFor(async () => (await viaGateway('/').catch(() => undefined))?.body, 30_000, 'the route answers again');
+  assert.equal(after.counter, 4, 'the route leads to the same container, its state intact');
+  // And the control plane drives the revived gateway: a new route works.
+  await cliOk(['unexpose', 'daemons']);
+  await cliOk(['expose', 'daemons', '--port', '8080', '--listen', String(port)]);
+  await waitFor(async () => (await viaGateway('/').catch(() => undefined))?.body.counter === 4, 30_000, 'the route set up anew answers');
+  await cliOk(['rm', 'daemons']);
 });

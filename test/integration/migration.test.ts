@@ -109,7 +109,7 @@ async function assertMigrated(
   await assertNoLeftovers([from, to]);
 }
 
-/** No checkpoint images or staged files left on NODES (the source's may take a moment after a lazy rollback). */
+/** No CRIU images or staged files left on NODES (the source's may take a moment after a lazy rollback). */
 async function assertNoLeftovers(nodes: string[]): Promise<void> {
   let left: string[] = [];
   try {

@@ -28,14 +28,19 @@ export function steadyIncrements(baseUrl: string, workers: number, maxMs: number
       stats.maxLatencyMs = Math.max(stats.maxLatencyMs, Date.now() - t);
     }
   });
+  let stopped: Promise<typeof stats> | undefined;
   return {
     stats,
-    async stop() {
-      stop = true;
-      clearTimeout(deadline);
-      await Promise.all(loops);
-      await agent.close();
-      return stats;
+    /** Stops the loops once their requests are answered; calling it again waits for the same. */
+    stop() {
+      stopped ??= (async () => {
+        stop = true;
+        clearTimeout(deadline);
+        await Promise.all(loops);
+        await agent.close();
+        return stats;
+      })();
+      return stopped;
     },
   };
 }

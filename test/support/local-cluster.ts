@@ -19,10 +19,11 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { after, before } from 'node:test';
 
-import { DEFAULT_RUN_DIR, DEFAULT_STATE_DIR, readClusterState, type LocalClusterState } from '../../src/cluster/index.js';
+import { DEFAULT_RUN_DIR, DEFAULT_STATE_DIR, clusterRevive, readClusterState, type LocalClusterState } from '../../src/cluster/index.js';
 import { ensureTestImages } from '../../src/devtools/images.js';
 import type { ErrorJSON } from '../../src/shared/errors.js';
 import type { AgentContainer, ContainerView } from '../../src/shared/protocol.js';
+import { waitFor } from './wait.js';
 
 const BIN = fileURLToPath(new URL('../../bin/chipmunk.mjs', import.meta.url));
 const AGENT_PORT = 7401;
@@ -143,6 +144,8 @@ export interface LocalCluster {
 }
 
 let current: LocalCluster | undefined;
+/** How the current cluster was brought up: ensureClusterHealthy brings it up so again. */
+let startedWith: { nodes: number; nodeLeaseMs?: number } | undefined;
 
 /** The cluster `useLocalCluster()` brought up; throws when called before it is up. */
 export function localCluster(): LocalCluster {
@@ -183,6 +186,7 @@ export async function startLocalCluster(nodes: number, opts: { nodeLeaseMs?: num
     const logs = await readFile(join(clusterStateDir(), 'logs', 'controller.log'), 'utf8').catch(() => '');
     throw new Error(`cannot bring the local cluster up: ${describeRun(up)}\ncontroller log (end): ${logs.slice(-2000)}`);
   }
+  startedWith = { nodes, ...opts };
   const state = await readClusterState(clusterStateDir());
   if (!state || state.status !== 'ready') throw new Error(`cluster up succeeded but ${clusterStateDir()}/cluster.json says ${JSON.stringify(state)}`);
   const token = (await readFile(state.tokenFile, 'utf8')).trim();
@@ -204,6 +208,35 @@ export async function stopLocalCluster(): Promise<void> {
   current = undefined;
   const down = await cli(['cluster', 'down'], { timeoutMs: 120_000 });
   if (down.code !== 0) throw new Error(`cannot take the local cluster down: ${describeRun(down)}`);
+}
+
+/**
+ * After a fault: revives whatever of the cluster is down (controller, gateway, agents) and waits
+ * until every node is ready again; brings the cluster up anew when that does not work.
+ */
+export async function ensureClusterHealthy(log: (line: string) => void = () => {}): Promise<void> {
+  const cluster = localCluster();
+  const { controllerUrl, gatewayUrl } = cluster.state;
+  const targets: Array<[string, string]> = [
+    ['controller', controllerUrl],
+    ['gateway', gatewayUrl!],
+    ...cluster.nodes.map((node): [string, string] => [node, `http://${cluster.address(node)}:${AGENT_PORT}`]),
+  ];
+  try {
+    for (const [target, url] of targets) {
+      const { hostname, port } = new URL(url);
+      if (await answers(hostname, Number(port), '/healthz')) continue;
+      log(`${target} is down: reviving it`);
+      await clusterRevive(target, { stateDir: clusterStateDir() });
+    }
+    await waitFor(async () => {
+      const nodes = await cliOk<Array<{ name: string; status: string }>>(['node', 'ls'], { timeoutMs: 10_000 });
+      return cluster.nodes.every((name) => nodes.find((n) => n.name === name)?.status === 'ready');
+    }, 30_000, 'every node ready');
+  } catch (err) {
+    log(`the cluster does not recover (${(err as Error).message}): bringing it up anew`);
+    await startLocalCluster(startedWith!.nodes, startedWith!);
+  }
 }
 
 // ---------------------------------------------------------------- HTTP to nodes
@@ -351,7 +384,7 @@ export async function runningCopies(name: string): Promise<Array<{ node: string;
 
 /**
  * What migrations left in NODE's agent data dir (migrations/ID/ENTRY), CRIU's logs (criu-work)
- * aside: checkpoint images and staged files, which must not outlive their migration.
+ * aside: CRIU images and staged files, which must not outlive their migration.
  */
 export async function migrationLeftovers(node: string): Promise<string[]> {
   const dir = join(clusterStateDir(), 'nodes', node, 'migrations');
@@ -364,4 +397,4 @@ export async function migrationLeftovers(node: string): Promise<string[]> {
 
 // ---------------------------------------------------------------- waiting
 
-export { waitFor } from './wait.js';
+export { waitFor };

@@ -30,6 +30,8 @@ const NODES = [
   { node: 'rtch1', host: 'h1', address: '198.18.2.11', subnet: '198.19.201.0/24' },
   { node: 'rtch2', host: 'h2', address: '198.18.2.12', subnet: '198.19.202.0/24' },
 ] as const;
+/** The nodes of a pair: its `source` is the first, its `target` the second. */
+export const RUNC_PAIR_NODES = NODES;
 const hostNetns = (host: string) => NETWORK.netnsPrefix + host;
 const PAGE_SERVER_PORT_BASE = 27300;
 
@@ -94,8 +96,8 @@ export async function makeRuncPair(): Promise<RuntimePair> {
     source: source.runtime,
     target: target.runtime,
     image: 'chipmunk/statefulapp',
-    async copyTrees(id, snapshot) {
-      const from = snapshot ?? source.runtime.migrationPaths(id);
+    async copyTrees(id, checkpoint) {
+      const from = checkpoint ?? source.runtime.migrationPaths(id);
       const to = target.runtime.migrationPaths(id);
       for (const [a, b] of [[from.images, to.images], [from.files, to.files]] as const) {
         await mkdir(b, { recursive: true });
@@ -134,7 +136,7 @@ async function appClient(address: string, port: number): Promise<AppClient> {
   return { get: (path) => call('GET', path), post: (path) => call('POST', path) };
 }
 
-/** One request on its own connection (no keep-alive: a checkpoint would carry a pooled one along). */
+/** One request on its own connection (no keep-alive: a dump would carry a pooled one along). */
 function httpJson(method: string, host: string, port: number, path: string): Promise<any> {
   return new Promise((resolve, reject) => {
     const req = request({ host, port, path, method, agent: false, timeout: 15_000 }, (res) => {
@@ -166,7 +168,7 @@ function httpJson(method: string, host: string, port: number, path: string): Pro
  */
 async function cleanupRuntime(n: NodeFixture, problems: string[]): Promise<void> {
   await killAllInHost(hostNetns(n.cfg.host)).catch((err: Error) => problems.push(err.message));
-  // A runc restore or checkpoint of ours that hangs (CRIU can, when a lazy restore fails)
+  // A runc restore or dump of ours that hangs (CRIU can, when a lazy restore fails)
   // would hold the runtime's lock on its container forever.
   await killToolsUsing(n.dataDir);
   await killToolsUsing(n.runDir);

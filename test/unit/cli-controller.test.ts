@@ -34,13 +34,13 @@ const summary: MigrationSummary = {
   totalMs: 1234,
   bytesTransferred: 5 * 1024 * 1024,
   phases: [
-    { phase: 'checkpoint', ms: 250 },
+    { phase: 'dump', ms: 250 },
     { phase: 'transfer', ms: 600 },
   ],
 };
 const events: MigrationEvent[] = [
   { migrationId: 'm1', phase: 'prepare', at: 1 },
-  { migrationId: 'm1', phase: 'checkpoint', at: 2 },
+  { migrationId: 'm1', phase: 'dump', at: 2 },
   { migrationId: 'm1', phase: 'transfer', at: 3, bytes: 1024 * 1024, totalBytes: 5 * 1024 * 1024 },
   { migrationId: 'm1', phase: 'transfer', at: 4, bytes: 5 * 1024 * 1024, totalBytes: 5 * 1024 * 1024 },
   { migrationId: 'm1', phase: 'restore', at: 5 },
@@ -171,7 +171,7 @@ describe('chipmunk against a controller', () => {
     assert.equal(result.code, 0, result.stderr);
     const [progress] = result.stdout.split('migrated');
     const phases = progress!.split('\n').filter(Boolean);
-    assert.deepEqual(phases.map((line) => line.split(/\s+/)[0]), ['prepare', 'checkpoint', 'transfer', 'restore']);
+    assert.deepEqual(phases.map((line) => line.split(/\s+/)[0]), ['prepare', 'dump', 'transfer', 'restore']);
     assert.match(result.stdout, /transfer\s+1\.0 MiB \/ 5\.0 MiB/);
     assert.match(result.stdout, /migrated web from node1 to node2 \(lazy\)/);
     assert.match(result.stdout, /downtime\s+321 ms\ntotal\s+1\.23 s\ntransferred\s+5\.0 MiB/);

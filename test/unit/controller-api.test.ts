@@ -161,10 +161,10 @@ describe('controller HTTP API', () => {
         return true;
       });
       await assert.rejects(env.client.post('/v1/containers', runRequest('web')), ConflictError);
-      // The agent's own refusal comes through unchanged.
+      // The agent's own refusal comes through unchanged (an agent answers an unknown image with CHIPMUNK_INVALID_INPUT).
       await assert.rejects(env.client.post('/v1/containers', runRequest('api', { image: 'missing-image' })), (err: unknown) => {
-        assert.ok(err instanceof NotFoundError);
-        assert.match(err.message, /image missing-image not found on node/);
+        assert.ok(err instanceof InvalidInputError);
+        assert.match(err.message, /unknown image 'missing-image'.*node/);
         return true;
       });
       await assert.rejects(env.client.post('/v1/containers', { spec: { name: 'Bad Name', image: 'counter' } }), InvalidInputError);
@@ -183,7 +183,7 @@ describe('controller HTTP API', () => {
       const events = lines.slice(0, -1) as MigrationEvent[];
       assert.deepEqual(
         events.map((event) => event.phase),
-        ['prepare', 'checkpoint', 'transfer', 'verify', 'cleanup', 'done'],
+        ['prepare', 'dump', 'transfer', 'verify', 'cleanup', 'done'],
       );
       const last = lines.at(-1)!;
       assert.ok('summary' in last, `last line: ${JSON.stringify(last)}`);

@@ -1,5 +1,5 @@
 /**
- * The controller's protection logic against in-memory agents: the checkpoint cut (hold, snapshot,
+ * The controller's protection logic against in-memory agents: the checkpoint cut (hold, checkpoint on the agent,
  * release, upload, trim), failover on lease expiry (newest good checkpoint, replay from its
  * position, fencing), and the container lock shared with migrations.
  */
@@ -8,15 +8,19 @@ import assert from 'node:assert/strict';
 import { pino } from 'pino';
 import type { ContainerSpec, LogPosition } from '../../src/shared/protocol.js';
 import { CheckpointService, type LoggedTraffic } from '../../src/controller/checkpoints.js';
-import { ContainerService, containerKey, type ContainerRecord } from '../../src/controller/containers.js';
-import { FailoverService, fenceKey, pendingReplayKey, type FailoverTraffic } from '../../src/controller/failover.js';
-import { ReplayFailedError } from '../../src/gateway/http-proxy.js';
+import { ContainerLocks, containerKey, type ContainerRecord } from '../../src/controller/container-lock.js';
+import { ContainerService } from '../../src/controller/containers.js';
+import { FailoverService, type FailoverTraffic } from '../../src/controller/failover.js';
+import { Fences, fenceKey } from '../../src/controller/fences.js';
+import { MigrationOrchestrator } from '../../src/controller/migration.js';
+import { recoverStaleLocks } from '../../src/controller/recovery.js';
 import { NodeRegistry } from '../../src/controller/registry.js';
 import { MemoryStore } from '../../src/controller/store/index.js';
 import { FakeCluster } from '../fakes/agents.js';
+import { ChipmunkError } from '../../src/shared/errors.js';
 import { waitFor } from '../support/wait.js';
 
-const silent = pino({ level: 'silent' });
+const silent = pino({ level: process.env.DEBUG_LOG ? 'debug' : 'silent' });
 
 function spec(name: string): ContainerSpec {
   return { name, image: 'counter', command: [], env: {}, ports: [{ hostPort: 8080, containerPort: 80, protocol: 'tcp' }], memoryBytes: 0 };
@@ -35,6 +39,9 @@ class FakeTraffic implements FailoverTraffic {
   async cut(name: string) {
     this.calls.push(`cut ${name}`);
     return { held: true, logPosition: this.logged ? { logId: this.logId, seq: this.position } : null };
+  }
+  async hold(name: string) {
+    this.calls.push(`hold ${name}`);
   }
   async holdNow(name: string) {
     this.calls.push(`holdNow ${name}`);
@@ -66,17 +73,25 @@ async function setup(leaseMs = 60_000) {
   for (const node of ['node1', 'node2', 'node3']) cluster.add(node);
   const nodes = new NodeRegistry(store, leaseMs);
   for (const node of ['node1', 'node2', 'node3']) await nodes.heartbeat(cluster.agent(node).registration());
-  const containers = new ContainerService(store, nodes, cluster.resolver);
   const traffic = new FakeTraffic();
-  const checkpoints = new CheckpointService({ store, nodes, agentFor: cluster.resolver, traffic: traffic satisfies LoggedTraffic, catalog: cluster.catalog, storeUrl: () => 'http://controller', log: silent });
-  const failovers = new FailoverService({ store, nodes, checkpoints, catalog: cluster.catalog, traffic, log: silent });
-  await containers.run({ spec: spec('web'), node: 'node1', protection: { everyMs: 60_000 } });
+  const fences = new Fences(store);
+  /** One controller instance: its lock owner and services. A second call is a restarted controller. */
+  const controller = () => {
+    const locks = new ContainerLocks(store);
+    const containers = new ContainerService(store, nodes, cluster.resolver, locks);
+    const checkpoints = new CheckpointService({ store, nodes, agentFor: cluster.resolver, locks, traffic: traffic satisfies LoggedTraffic, catalog: cluster.catalog, storeUrl: () => 'http://controller', log: silent });
+    const failovers = new FailoverService({ store, nodes, locks, fences, agentFor: cluster.resolver, nodeLeaseMs: leaseMs, checkpoints, catalog: cluster.catalog, traffic, log: silent });
+    const migrations = new MigrationOrchestrator({ store, nodes, agentFor: cluster.resolver, locks, fences, log: silent, traffic, rescuer: failovers });
+    return { locks, containers, checkpoints, failovers, migrations };
+  };
+  const first = controller();
+  await first.containers.run({ spec: spec('web'), node: 'node1', protection: { everyMs: 60_000 } });
   const record = async () => (await store.get<ContainerRecord>(containerKey('web')))!.value;
-  return { store, cluster, nodes, containers, traffic, checkpoints, failovers, record };
+  return { store, cluster, nodes, traffic, fences, controller, ...first, record };
 }
 
 describe('checkpoints and failover (controller, fake agents)', () => {
-  it('a checkpoint holds the route, snapshots, releases, then uploads with the cut position; the log is trimmed to the checkpoint before', async () => {
+  it('a checkpoint holds the route, checkpoints on the agent, releases, then uploads with the cut position; the log is trimmed to the checkpoint before', async () => {
     const env = await setup();
     env.traffic.position = 7;
     const first = await env.checkpoints.checkpoint('web');
@@ -86,17 +101,17 @@ describe('checkpoints and failover (controller, fake agents)', () => {
     assert.deepEqual(second.logPosition, { logId: 'log-1', seq: 12 });
     assert.deepEqual(env.traffic.calls, ['cut web', 'release web -> node1', 'cut web', 'release web -> node1', 'trim web 7']);
     const calls = env.cluster.calls.filter((c) => c.startsWith('node1.'));
-    assert.deepEqual(calls.slice(-3), ['node1.snapshot', 'node1.uploadSnapshot', 'node1.discardSnapshot']);
-    assert.equal((await env.record()).busy, undefined, 'the lock is released');
+    assert.deepEqual(calls.slice(-3), ['node1.checkpoint', 'node1.uploadCheckpoint', 'node1.discardCheckpoint']);
+    assert.equal((await env.record()).lock, undefined, 'the lock is released');
     assert.deepEqual((await env.checkpoints.list('web')).map((c) => c.id), [second.id, first.id]);
   });
 
-  it('a failed snapshot releases the route and the lock, and stores nothing', async () => {
+  it('a failed checkpoint on the agent releases the route and the lock, and stores nothing', async () => {
     const env = await setup();
-    env.cluster.agent('node1').failNext('snapshot', new Error('criu dump failed'));
+    env.cluster.agent('node1').failNext('checkpoint', new Error('criu dump failed'));
     await assert.rejects(env.checkpoints.checkpoint('web'), /criu dump failed/);
     assert.deepEqual(env.traffic.calls, ['cut web', 'release web -> node1']);
-    assert.equal((await env.record()).busy, undefined);
+    assert.equal((await env.record()).lock, undefined);
     assert.deepEqual(await env.checkpoints.list('web'), []);
   });
 
@@ -118,14 +133,14 @@ describe('checkpoints and failover (controller, fake agents)', () => {
       assert.ok(done.to === 'node2' || done.to === 'node3');
       const record = await env.record();
       assert.equal(record.node, done.to);
-      assert.equal(record.busy, undefined);
+      assert.equal(record.lock, undefined);
       assert.equal(env.cluster.runningCopies('web'), 1);
       assert.ok(record.generation > 0);
       assert.deepEqual(env.traffic.calls.slice(-3), ['holdNow web', `replay web after 3 -> ${done.to}`, `release web -> ${done.to}`], 'replayed before live traffic');
       assert.deepEqual((await env.store.get(fenceKey('node1', 'web')))?.value, { name: 'web', generation: record.generation });
-      assert.deepEqual(await env.failovers.fenceFor('node1'), [{ name: 'web', generation: record.generation }]);
-      await env.failovers.forgetFences('web');
-      assert.deepEqual(await env.failovers.fenceFor('node1'), [], 'removing the container drops its fences');
+      assert.deepEqual(await env.fences.forNode('node1'), [{ name: 'web', generation: record.generation }]);
+      await env.fences.forget('web');
+      assert.deepEqual(await env.fences.forNode('node1'), [], 'removing the container drops its fences');
     } finally {
       clearInterval(beat);
       env.failovers.stop();
@@ -168,33 +183,151 @@ describe('checkpoints and failover (controller, fake agents)', () => {
     await assert.rejects(env.checkpoints.restoreFrom('web', 'ffffffffffffffff'), (err: Error & { code?: string }) => err.code === 'CHIPMUNK_NOT_FOUND');
   });
 
-  it('a failed replay leaves the route held and is recorded; the retry goes on, and only then is the route released', async () => {
-    const env = await setup();
-    env.traffic.position = 3;
-    await env.checkpoints.checkpoint('web');
-    env.traffic.position = 9;
+  it('issue 8 item 3: the source host of a protected container dies mid-migration; it is restored from its checkpoint', async () => {
+    const env = await setup(300);
+    env.traffic.position = 4;
+    const ckpt = await env.checkpoints.checkpoint('web');
+    env.traffic.position = 6;
+    const releaseRestore = env.cluster.agent('node2').hold('restore');
+    const migration = env.migrations.migrate('web', { to: 'node2' });
+    await waitFor(async () => env.cluster.callIndex('node2.restore') >= 0 || undefined, 5_000, 'the restore call');
+    // node1 dies while node2 fetches: its agent and its page server are gone, its lease ends.
+    env.cluster.agent('node1').down = true;
     env.cluster.agent('node1').containers.clear();
-    const refused = () => new ReplayFailedError('replaying request 5 to web failed after 8 attempts (ECONNREFUSED)', { seq: 5, written: false });
-    env.traffic.replayFailures.push(refused(), refused(), refused());
-    await assert.rejects(env.failovers.failover('web', 'node1'), (err: Error & { code?: string }) => err.code === 'CHIPMUNK_FAILOVER_FAILED' && /route stays held/.test(err.message));
-    const sinceHold = env.traffic.calls.slice(env.traffic.calls.indexOf('holdNow web'));
-    assert.ok(!sinceHold.some((c) => c.startsWith('release')), `never released to the copy that did not catch up: ${sinceHold.join(', ')}`);
-    const [failed] = await env.failovers.list();
-    assert.equal(failed?.outcome, 'failed');
-    assert.match(failed?.replayError?.message ?? '', /request 5/);
-    const owed = (await env.store.get<{ holdId: string; attempts: number; after: { seq: number } }>(pendingReplayKey('web')))?.value;
-    assert.equal(owed?.after.seq, 3);
-    assert.equal(owed?.attempts, 3);
+    await env.store.delete('/liveness/node1');
+    releaseRestore();
+    await assert.rejects(migration, (err: Error & { details?: Record<string, unknown> }) => err.details?.rescued === true && /runs on node[23] again/.test(err.message));
     const record = await env.record();
-    assert.equal(record.node, failed?.to, 'the container runs at the target');
-    assert.equal(record.busy, undefined);
+    assert.notEqual(record.node, 'node1');
+    assert.equal(record.lock, undefined);
+    assert.equal(record.status, 'running');
+    assert.equal(env.cluster.runningCopies('web'), 1);
+    const [failover] = await env.failovers.list();
+    assert.equal(failover.outcome, 'done');
+    assert.equal(failover.checkpoint, ckpt.id);
+    assert.ok(env.traffic.calls.includes(`replay web after 4 -> ${record.node}`), env.traffic.calls.join(', '));
+  });
 
-    await env.failovers.retryOwedReplays();
-    assert.deepEqual(env.traffic.calls.slice(-2), [`replay web after 3 -> ${failed?.to}`, `release web -> ${failed?.to}`]);
-    assert.equal(await env.store.get(pendingReplayKey('web')), undefined);
-    const [done] = await env.failovers.list();
-    assert.equal(done?.outcome, 'done');
-    assert.equal(done?.replayError, undefined);
+  it('issue 8 item 4: a checkpoint a crashed controller left locked is released at the next start, and protection goes on', async () => {
+    const env = await setup();
+    const release = env.cluster.agent('node1').hold('checkpoint');
+    void env.checkpoints.checkpoint('web').catch(() => undefined);
+    await waitFor(async () => ((await env.record()).lock ? true : undefined), 5_000, 'the checkpoint lock');
+    // The controller dies here; a new one starts.
+    const next = env.controller();
+    await recoverStaleLocks({ locks: next.locks, nodes: env.nodes, agentFor: env.cluster.resolver, traffic: env.traffic, failovers: next.failovers, log: silent });
+    assert.equal((await env.record()).lock, undefined, 'the stale lock is gone');
+    assert.ok(env.traffic.calls.includes('release web -> node1'), 'the held route is released');
+    release();
+    const ckpt = await next.checkpoints.checkpoint('web');
+    assert.ok(ckpt.id);
+    await next.containers.stop('web');
+    assert.equal((await env.record()).status, 'stopped');
+  });
+
+  it('issue 8 item 4: a failover a crashed controller left after the restore is finished: replayed, then released', async () => {
+    const env = await setup();
+    env.traffic.position = 2;
+    await env.checkpoints.checkpoint('web');
+    env.traffic.position = 5;
+    env.cluster.agent('node1').containers.clear();
+    // The controller dies right before the replay.
+    const stopped = new Error('controller killed');
+    const replay = env.traffic.replay.bind(env.traffic);
+    env.traffic.replay = async () => {
+      throw stopped;
+    };
+    await assert.rejects(env.failovers.failover('web', 'node1'), /controller killed/);
+    env.traffic.replay = replay;
+    // What a killed controller leaves: the lock (its finally never ran) on the new node.
+    const [failover] = await env.failovers.list();
+    const to = failover.to!;
+    await env.store.put(containerKey('web'), { ...(await env.record()), node: to, lock: { id: failover.lockId!, operation: 'failover', owner: 'controller-dead', since: Date.now() } });
+    await env.store.put(`/failovers/${failover.id}`, { ...failover, outcome: 'running' });
+    env.traffic.calls.length = 0;
+    const next = env.controller();
+    await recoverStaleLocks({ locks: next.locks, nodes: env.nodes, agentFor: env.cluster.resolver, traffic: env.traffic, failovers: next.failovers, log: silent });
+    assert.deepEqual(env.traffic.calls, [`replay web after 2 -> ${to}`, `release web -> ${to}`], 'replayed before traffic is released');
+    assert.equal((await env.record()).lock, undefined);
+    assert.equal(env.cluster.runningCopies('web'), 1);
+  });
+
+  it('issue 8 item 4: a restore --from cut by a crash, with the container running nowhere, is restored from its newest checkpoint', async () => {
+    const env = await setup();
+    env.traffic.position = 1;
+    const ckpt = await env.checkpoints.checkpoint('web');
+    env.cluster.agent('node1').containers.clear();
+    await env.store.put(containerKey('web'), { ...(await env.record()), lock: { id: 'restore-dead', operation: 'restore', owner: 'controller-dead', since: Date.now() } });
+    const next = env.controller();
+    await recoverStaleLocks({ locks: next.locks, nodes: env.nodes, agentFor: env.cluster.resolver, traffic: env.traffic, failovers: next.failovers, log: silent });
+    const record = await env.record();
+    assert.equal(record.lock, undefined);
+    assert.equal(env.cluster.runningCopies('web'), 1);
+    assert.equal((await next.failovers.list()).at(-1)?.checkpoint, ckpt.id);
+  });
+
+  it('issue 8 item 5: a controller that starts judges no node before agents had a lease to heartbeat, and fails over a node that died while it was down', async () => {
+    const env = await setup(400);
+    await env.checkpoints.checkpoint('web');
+    await env.containers.run({ spec: spec('db'), node: 'node2', protection: { everyMs: 60_000 } });
+    await env.checkpoints.checkpoint('db');
+    // While no controller ran, every lease ran out; node1 died, node2 and node3 are fine.
+    for (const node of ['node1', 'node2', 'node3']) await env.store.delete(`/liveness/${node}`);
+    env.cluster.agent('node1').containers.clear();
+    const next = env.controller();
+    await next.failovers.start();
+    const beat = setInterval(() => {
+      for (const node of ['node2', 'node3']) void env.nodes.heartbeat(env.cluster.agent(node).registration());
+    }, 50);
+    try {
+      const done = await waitFor(async () => (await next.failovers.list()).find((f) => f.outcome === 'done'), 10_000, 'the failover of web');
+      assert.equal(done.name, 'web');
+      await new Promise((resolve) => setTimeout(resolve, 500));
+      const failovers = await next.failovers.list();
+      assert.deepEqual(failovers.map((f) => f.name), ['web'], 'db on the healthy node2 is not failed over');
+      assert.equal(env.cluster.runningCopies('web'), 1);
+      assert.equal(env.cluster.runningCopies('db'), 1);
+    } finally {
+      clearInterval(beat);
+      next.failovers.stop();
+    }
+  });
+
+  it('issue 8 item 6: a failed replay never releases traffic to the new copy; it is retried, and only then released', async () => {
+    const env = await setup(400);
+    env.traffic.position = 2;
+    await env.checkpoints.checkpoint('web');
+    env.traffic.position = 6;
+    env.cluster.agent('node1').containers.clear();
+    const replay = env.traffic.replay.bind(env.traffic);
+    let failing = true;
+    env.traffic.replay = async (...args: Parameters<typeof replay>) => {
+      if (failing) throw new Error('gateway unreachable');
+      return replay(...args);
+    };
+    await assert.rejects(env.failovers.failover('web', 'node1'), /gateway unreachable/);
+    const sinceHold = env.traffic.calls.slice(env.traffic.calls.indexOf('holdNow web'));
+    assert.ok(!sinceHold.some((c) => c.startsWith('release')), `no release after a failed replay: ${sinceHold.join(', ')}`);
+    assert.equal((await env.record()).lock?.operation, 'failover', 'the lock stays: no checkpoint may cut the unreplayed copy');
+    assert.equal((await env.failovers.list())[0].replayPending, true);
+    failing = false;
+    const beat = setInterval(() => {
+      for (const node of ['node2', 'node3']) void env.nodes.heartbeat(env.cluster.agent(node).registration());
+    }, 50);
+    await env.failovers.start();
+    try {
+      // Past the start grace (one lease), the reconcile loop retries the replay.
+      await waitFor(async () => ((await env.record()).lock ? undefined : true), 5_000, 'the retried replay');
+      const to = (await env.record()).node;
+      assert.deepEqual(env.traffic.calls.slice(-2), [`replay web after 2 -> ${to}`, `release web -> ${to}`]);
+      assert.equal((await env.record()).lock, undefined);
+      const [record] = await env.failovers.list();
+      assert.equal(record.outcome, 'done');
+      assert.equal(record.replayPending, false);
+    } finally {
+      clearInterval(beat);
+      env.failovers.stop();
+    }
   });
 
   it("skips checkpoints cut in an earlier request log, or restores one without a replay when nothing better exists, saying so", async () => {
@@ -226,28 +359,33 @@ describe('checkpoints and failover (controller, fake agents)', () => {
     assert.equal(env2.traffic.calls.at(-1), `release web -> ${fallback.to}`);
   });
 
-  it('a replay that may have applied a request it could not confirm is not retried into that copy: the checkpoint is restored again elsewhere and replayed there', async () => {
-    const env = await setup();
-    env.traffic.position = 3;
-    const ckpt = await env.checkpoints.checkpoint('web');
-    env.traffic.position = 9;
+  it('a replay that may have applied a request twice is not replayed again: that copy goes and the container is restored again, replayed in full', async () => {
+    const env = await setup(400);
+    env.traffic.position = 2;
+    await env.checkpoints.checkpoint('web');
+    env.traffic.position = 6;
     env.cluster.agent('node1').containers.clear();
-    env.traffic.replayFailures.push(new ReplayFailedError('replaying request 5 to web failed after 1 attempts (socket closed): it may have been applied', { seq: 5, written: true }));
-    await assert.rejects(env.failovers.failover('web', 'node1'), /replay is retried into a copy restored again/);
-    const [failed] = await env.failovers.list();
-    const first = failed!.to!;
-    assert.equal(env.traffic.calls.filter((c) => c.startsWith('replay')).length, 1, 'no second try into the uncertain copy');
-    assert.equal((await env.store.get<{ uncertain?: boolean }>(pendingReplayKey('web')))?.value.uncertain, true);
-
-    await env.failovers.retryOwedReplays();
-    const record = await env.record();
-    assert.notEqual(record.node, first, 'restored again on another node');
-    assert.notEqual(record.node, 'node1');
-    assert.deepEqual(env.traffic.calls.slice(-2), [`replay web after ${ckpt.logPosition!.seq} -> ${record.node}`, `release web -> ${record.node}`]);
-    assert.deepEqual((await env.store.get(fenceKey(first, 'web')))?.value, { name: 'web', generation: record.generation }, 'the uncertain copy is fenced');
-    assert.equal(await env.store.get(pendingReplayKey('web')), undefined);
-    const [done] = await env.failovers.list();
-    assert.equal(done?.outcome, 'done');
-    assert.equal(done?.to, record.node);
+    env.traffic.replayFailures.push(new ChipmunkError('CHIPMUNK_UNAVAILABLE', 'replaying request 4 to web: the connection broke after the request was written', { details: { seq: 4, written: true } }));
+    await assert.rejects(env.failovers.failover('web', 'node1'), /connection broke/);
+    const [first] = await env.failovers.list();
+    assert.equal(first.replayPending, true);
+    assert.equal(env.traffic.calls.filter((c) => c.startsWith('replay')).length, 1, 'not replayed again into a copy of unknown state');
+    const beat = setInterval(() => {
+      for (const node of ['node2', 'node3']) void env.nodes.heartbeat(env.cluster.agent(node).registration());
+    }, 50);
+    await env.failovers.start();
+    try {
+      await waitFor(async () => ((await env.record()).lock ? undefined : true), 5_000, 'the second restore');
+      const record = await env.record();
+      assert.notEqual(record.node, first.to, 'restored again elsewhere');
+      assert.equal(env.cluster.runningCopies('web'), 1, 'the uncertain copy is gone');
+      assert.deepEqual(env.traffic.calls.slice(-2), [`replay web after 2 -> ${record.node}`, `release web -> ${record.node}`]);
+      const again = (await env.failovers.list()).find((f) => f.id !== first.id);
+      assert.equal(again?.outcome, 'done');
+      assert.match(again?.reason ?? '', /may have applied a request twice/);
+    } finally {
+      clearInterval(beat);
+      env.failovers.stop();
+    }
   });
 });

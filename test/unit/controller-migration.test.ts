@@ -1,4 +1,4 @@
-import { describe, it } from 'node:test';
+import { after, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { pino } from 'pino';
@@ -12,7 +12,9 @@ import {
   TransferFailedError,
 } from '../../src/shared/errors.js';
 import type { ContainerSpec, MigrationEvent, MigrationRecord, MigrationPhaseName } from '../../src/shared/protocol.js';
-import { ContainerService, containerKey, type ContainerRecord } from '../../src/controller/containers.js';
+import { ContainerLocks, containerKey, type ContainerRecord } from '../../src/controller/container-lock.js';
+import { ContainerService } from '../../src/controller/containers.js';
+import { Fences } from '../../src/controller/fences.js';
 import { MigrationOrchestrator, migrationKey } from '../../src/controller/migration.js';
 import { NodeRegistry } from '../../src/controller/registry.js';
 import { MemoryStore } from '../../src/controller/store/index.js';
@@ -25,20 +27,23 @@ function spec(name: string): ContainerSpec {
 }
 
 /** Two nodes with fake agents, and `web` running on node1. */
-async function setup(opts: { lazy?: { node1?: boolean; node2?: boolean } } = {}) {
+async function setup(opts: { lazy?: { node1?: boolean; node2?: boolean }; leaseMs?: number } = {}) {
   const store = new MemoryStore();
   const cluster = new FakeCluster();
   cluster.add('node1', { lazyMigration: opts.lazy?.node1 ?? true });
   cluster.add('node2', { lazyMigration: opts.lazy?.node2 ?? true });
-  const nodes = new NodeRegistry(store);
+  const nodes = new NodeRegistry(store, opts.leaseMs);
   for (const node of ['node1', 'node2']) await nodes.heartbeat(cluster.agent(node).registration());
-  const containers = new ContainerService(store, nodes, cluster.resolver);
-  const orchestrator = () => new MigrationOrchestrator({ store, nodes, agentFor: cluster.resolver, log: silent });
-  const migrations = orchestrator();
+  const locks = new ContainerLocks(store);
+  const fences = new Fences(store);
+  const containers = new ContainerService(store, nodes, cluster.resolver, locks);
+  /** A new orchestrator with its own lock owner: a restarted controller. */
+  const orchestrator = () => new MigrationOrchestrator({ store, nodes, agentFor: cluster.resolver, locks: new ContainerLocks(store), fences, log: silent });
+  const migrations = new MigrationOrchestrator({ store, nodes, agentFor: cluster.resolver, locks, fences, log: silent });
   await containers.run({ spec: spec('web'), node: 'node1' });
   cluster.calls.length = 0;
   const record = async (name = 'web') => (await store.get<ContainerRecord>(containerKey(name)))!.value;
-  return { store, cluster, nodes, containers, migrations, orchestrator, record };
+  return { store, cluster, nodes, containers, migrations, orchestrator, record, fences };
 }
 
 type Setup = Awaited<ReturnType<typeof setup>>;
@@ -60,11 +65,29 @@ async function assertRolledBack(env: Setup): Promise<void> {
   const container = await env.record();
   assert.equal(container.node, 'node1');
   assert.equal(container.status, 'running');
-  assert.equal(container.migration, undefined);
+  assert.equal(container.lock, undefined);
   const [migration] = await env.migrations.list();
   assert.equal(migration.phase, 'failed');
   assert.deepEqual(migration.history.slice(-2).map((event) => event.phase), ['rollback', 'failed']);
   assert.equal(migration.error?.code, 'CHIPMUNK_MIGRATION_FAILED');
+}
+
+/** The container still runs on node1 (never stopped), unlocked. */
+async function assertOnSource(env: Setup): Promise<void> {
+  assert.equal(env.cluster.runningCopies('web'), 1);
+  assert.equal(env.cluster.agent('node1').containers.get('web')?.status, 'running');
+  const container = await env.record();
+  assert.deepEqual([container.node, container.status, container.lock], ['node1', 'running', undefined]);
+  assert.equal((await env.migrations.list())[0].phase, 'failed');
+}
+
+/** The migration went through: the container runs on node2 only, and the record says so. */
+async function assertOnTarget(env: Setup): Promise<void> {
+  assert.equal(env.cluster.runningCopies('web'), 1);
+  assert.equal(env.cluster.agent('node2').containers.get('web')?.status, 'running');
+  const container = await env.record();
+  assert.deepEqual([container.node, container.status, container.lock], ['node2', 'running', undefined]);
+  assert.equal((await env.migrations.list())[0].phase, 'done');
 }
 
 function assertAbortBeforeRollback(cluster: FakeCluster): void {
@@ -80,7 +103,7 @@ describe('migration orchestrator', () => {
     const events: MigrationEvent[] = [];
     const summary = await env.migrations.migrate('web', { to: 'node2' }, (event) => events.push(event));
 
-    const phases: MigrationPhaseName[] = ['prepare', 'checkpoint', 'transfer', 'verify', 'cleanup', 'done'];
+    const phases: MigrationPhaseName[] = ['prepare', 'dump', 'transfer', 'verify', 'cleanup', 'done'];
     assert.deepEqual(events.map((event) => event.phase), phases);
     assert.ok(events.every((event, i) => i === 0 || event.at >= events[i - 1].at));
     assert.ok(events.every((event) => event.migrationId === summary.id));
@@ -95,11 +118,11 @@ describe('migration orchestrator', () => {
     assert.equal(container.node, 'node2');
     assert.equal(container.generation, 1);
     assert.equal(container.ip, env.cluster.agent('node2').containers.get('web')?.ip);
-    assert.equal(container.migration, undefined);
+    assert.equal(container.lock, undefined);
     assert.equal(env.cluster.runningCopies('web'), 1);
     assert.equal(env.cluster.agent('node1').containers.has('web'), false);
 
-    const [checkpoint] = env.cluster.agent('node1').checkpointRequests;
+    const [checkpoint] = env.cluster.agent('node1').dumpRequests;
     assert.ok(checkpoint.pageServerPort! >= 27000 && checkpoint.pageServerPort! <= 27999, 'lazy mode gets a page server port');
     const stored = (await env.store.get<MigrationRecord>(migrationKey(summary.id)))!.value;
     assert.equal(stored.phase, 'done');
@@ -117,7 +140,7 @@ describe('migration orchestrator', () => {
     const env = await setup({ lazy: { node2: false } });
     const summary = await env.migrations.migrate('web', { to: 'node2' });
     assert.equal(summary.mode, 'copy');
-    assert.equal(env.cluster.agent('node1').checkpointRequests[0].pageServerPort, undefined);
+    assert.equal(env.cluster.agent('node1').dumpRequests[0].pageServerPort, undefined);
   });
 
   it('refuses lazy mode when the target lacks it, naming copy mode, and changes nothing', async () => {
@@ -136,29 +159,28 @@ describe('migration orchestrator', () => {
   it('gives concurrent lazy migrations different page server ports', async () => {
     const env = await setup();
     await env.containers.run({ spec: spec('db'), node: 'node1' });
-    const release = env.cluster.agent('node1').hold('checkpoint');
+    const release = env.cluster.agent('node1').hold('dump');
     const both = Promise.all([env.migrations.migrate('web', { to: 'node2' }), env.migrations.migrate('db', { to: 'node2' })]);
-    while (env.cluster.calls.filter((call) => call === 'node1.checkpoint').length < 2) await sleep(1);
+    while (env.cluster.calls.filter((call) => call === 'node1.dump').length < 2) await sleep(1);
     release();
     await both;
-    const ports = env.cluster.agent('node1').checkpointRequests.map((req) => req.pageServerPort);
+    const ports = env.cluster.agent('node1').dumpRequests.map((req) => req.pageServerPort);
     assert.equal(new Set(ports).size, 2);
   });
 
-  describe('failures leave the container running on the source exactly once', () => {
-    it('at checkpoint, before the source froze it', async () => {
+  describe('failures before the target runs it leave the container on the source, exactly once', () => {
+    it('at dump, before the source froze it: nothing to roll back', async () => {
       const env = await setup();
-      env.cluster.agent('node1').failNext('checkpoint', new RuntimeFailedError('criu dump failed', { op: 'checkpoint', logPath: '/var/log/dump.log' }));
+      env.cluster.agent('node1').failNext('dump', new RuntimeFailedError('criu dump failed', { op: 'checkpoint', logPath: '/var/log/dump.log' }));
       const { error, events } = await migrateExpectingFailure(env);
-      assert.equal(error.details.phase, 'checkpoint');
+      assert.equal(error.details.phase, 'dump');
       assert.equal(error.details.node, 'node1');
       assert.equal(error.details.logPath, '/var/log/dump.log');
-      assert.equal(error.details.rolledBack, true);
-      assert.match(error.message, /criu dump failed/);
-      assert.deepEqual(events.map((event) => event.phase), ['prepare', 'checkpoint', 'rollback', 'failed']);
+      assert.match(error.message, /criu dump failed.*web still runs on node1/);
+      assert.deepEqual(events.map((event) => event.phase), ['prepare', 'dump', 'failed']);
       assert.ok(env.cluster.callIndex('node2.abort') >= 0, 'the prepared target is undone');
-      assert.ok(env.cluster.callIndex('node2.abort') < env.cluster.callIndex('node1.rollback'), 'target aborted before the source rolls back');
-      await assertRolledBack(env);
+      assert.equal(env.cluster.callIndex('node1.rollback'), -1, 'a container that still runs is not rolled back');
+      await assertOnSource(env);
     });
 
     it('at prepare, before anything froze: the target is undone, the source never touched', async () => {
@@ -169,24 +191,22 @@ describe('migration orchestrator', () => {
       assert.equal(error.details.node, 'node2');
       assert.match(error.message, /CNI bridge ADD failed/);
       assert.deepEqual(events.map((event) => event.phase), ['prepare', 'failed']);
-      assert.equal(env.cluster.callIndex('node1.checkpoint'), -1, 'the source was not frozen');
+      assert.equal(env.cluster.callIndex('node1.dump'), -1, 'the source was not frozen');
       assert.ok(env.cluster.callIndex('node2.abort') >= 0, 'the prepared target is undone');
-      const container = await env.record();
-      assert.equal(container.node, 'node1');
-      assert.equal(container.migration, undefined);
+      await assertOnSource(env);
     });
 
-    it('at checkpoint, after the source froze it', async () => {
+    it('at dump, after the source froze it', async () => {
       const env = await setup();
-      env.cluster.agent('node1').failNext('checkpoint', new RuntimeFailedError('criu dump timed out', { op: 'checkpoint' }), { afterEffect: true });
+      env.cluster.agent('node1').failNext('dump', new RuntimeFailedError('criu dump timed out', { op: 'checkpoint' }), { afterEffect: true });
       const { error } = await migrateExpectingFailure(env);
-      assert.equal(error.details.phase, 'checkpoint');
+      assert.equal(error.details.phase, 'dump');
       assert.ok(env.cluster.callIndex('node1.rollback') >= 0);
       await assertRolledBack(env);
       assert.equal((await env.record()).generation, 1, 'the rollback restored a new incarnation on the source');
     });
 
-    it('at transfer', async () => {
+    it('at transfer, before the target pulled any page', async () => {
       const env = await setup();
       env.cluster.agent('node2').failNext('restore', new TransferFailedError('connection reset while fetching images.tar'));
       const { error } = await migrateExpectingFailure(env);
@@ -196,58 +216,138 @@ describe('migration orchestrator', () => {
       await assertRolledBack(env);
     });
 
-    it('at restore, after the target had started its copy', async () => {
-      const env = await setup();
-      env.cluster
-        .agent('node2')
-        .failNext('restore', new RuntimeFailedError('criu restore failed', { op: 'restore', logPath: '/var/log/restore.log' }), { afterEffect: true });
+    it('copy mode: a restore that failed on the target rolls back from the dump', async () => {
+      const env = await setup({ lazy: { node2: false } });
+      env.cluster.agent('node2').failNext('restore', new RuntimeFailedError('criu restore failed', { op: 'restore', logPath: '/var/log/restore.log' }));
       const { error } = await migrateExpectingFailure(env);
       assert.equal(error.details.phase, 'restore');
-      assert.equal(error.details.node, 'node2');
       assert.equal(error.details.logPath, '/var/log/restore.log');
       assertAbortBeforeRollback(env.cluster);
       await assertRolledBack(env);
     });
 
-    it('at verify', async () => {
+    it('a rollback that fails is not given up: the lock stays and the retry loop finishes it', async () => {
       const env = await setup();
-      env.cluster.agent('node2').failNext('get', new RuntimeFailedError('runc state failed', { op: 'state' }));
-      const { error } = await migrateExpectingFailure(env);
-      assert.equal(error.details.phase, 'verify');
-      assert.equal(error.details.node, 'node2');
-      assertAbortBeforeRollback(env.cluster);
-      await assertRolledBack(env);
-    });
-
-    it('at cleanup', async () => {
-      const env = await setup();
-      env.cluster.agent('node1').failNext('finish', new RuntimeFailedError('page server died', { op: 'finish' }));
-      const { error } = await migrateExpectingFailure(env);
-      assert.equal(error.details.phase, 'cleanup');
-      assert.equal(error.details.node, 'node1');
-      assertAbortBeforeRollback(env.cluster);
-      await assertRolledBack(env);
-    });
-
-    it('reports a rollback that failed too, and marks the container unknown', async () => {
-      const env = await setup();
-      env.cluster.agent('node2').failNext('restore', new RuntimeFailedError('criu restore failed', { op: 'restore' }));
+      env.cluster.agent('node2').failNext('restore', new TransferFailedError('connection reset'));
       env.cluster.agent('node1').failNext('rollback', new RuntimeFailedError('criu restore failed on the source', { op: 'rollback' }));
       const { error } = await migrateExpectingFailure(env);
-      assert.equal(error.details.rolledBack, false);
-      assert.match(error.message, /rolling web back on node1 failed too/);
+      assert.match(error.message, /rolling web back on node1 failed.*tries again/);
+      assert.equal((await env.record()).lock?.operation, 'migration', 'the container stays locked until it is settled');
+      assert.equal((await env.migrations.list())[0].phase, 'rollback');
+      await env.migrations.settleUnfinished();
+      await assertRolledBack(env);
+    });
+
+    it('issue 8 item 7: a target that does not confirm its abort blocks the rollback while its node is alive', async () => {
+      const env = await setup({ lazy: { node2: false }, leaseMs: 500 });
+      // Both nodes keep heartbeating: node2 is alive, only its answers to the controller are lost.
+      const beat = setInterval(() => {
+        for (const node of ['node1', 'node2']) void env.nodes.heartbeat(env.cluster.agent(node).registration());
+      }, 50);
+      after(() => clearInterval(beat));
+      env.cluster.agent('node2').failNext('restore', new RuntimeFailedError('restore timed out', { op: 'restore' }), { afterEffect: true });
+      // The target restored it, but it cannot be asked anything: every answer is lost.
+      const target = env.cluster.agent('node2');
+      const unreachableError = new TransferFailedError('agent node2 did not answer');
+      const failAll = () => {
+        for (const method of ['get', 'abort'] as const) target.failNext(method, unreachableError);
+      };
+      const origAbort = target.abort.bind(target);
+      let aborts = 0;
+      target.abort = async (id: string) => {
+        aborts++;
+        failAll();
+        return origAbort(id);
+      };
+      const origGet = target.get.bind(target);
+      target.get = async (name: string) => {
+        target.failNext('get', unreachableError);
+        return origGet(name);
+      };
+      const { error } = await migrateExpectingFailure(env);
+      assert.ok(aborts >= 1);
+      assert.match(error.message, /did not confirm/);
+      assert.equal(env.cluster.callIndex('node1.rollback'), -1, 'no rollback while the target may run a copy');
+      assert.ok(env.cluster.runningCopies('web') <= 1, 'never two copies');
+      // The target answers again: it is told to abort, then the source rolls back.
+      target.abort = origAbort;
+      target.get = origGet;
+      target.containers.get('web')!.status = 'stopped';
+      await env.migrations.settleUnfinished();
+      await assertRolledBack(env);
+    });
+
+    it('issue 8 item 7: a dead target (lease expired) that does not answer is fenced, then the source rolls back', async () => {
+      const env = await setup();
+      env.cluster.agent('node2').failNext('restore', new TransferFailedError('connection reset'));
+      const target = env.cluster.agent('node2');
+      target.abort = async () => {
+        // Its lease has expired by now: node2 is dead as far as the cluster knows.
+        await env.store.delete('/liveness/node2');
+        throw new TransferFailedError('agent node2 did not answer');
+      };
+      const { error } = await migrateExpectingFailure(env);
+      assert.equal(error.details.rolledBack, true);
+      await assertRolledBack(env);
+      assert.deepEqual(await env.fences.forNode('node2'), [{ name: 'web', generation: 2 }], 'the target copy (generation 1) is removed when node2 returns');
+    });
+  });
+
+  describe('issue 8 items 1 and 2: once the target runs it, a failure rolls forward, never back', () => {
+    it('a restore that reports an error although the target started the container', async () => {
+      const env = await setup();
+      env.cluster.agent('node2').failNext('restore', new RuntimeFailedError('criu restore timed out', { op: 'restore' }), { afterEffect: true });
+      const summary = await env.migrations.migrate('web', { to: 'node2' });
+      assert.equal(summary.to, 'node2');
+      await assertOnTarget(env);
+      assert.equal(env.cluster.callIndex('node2.abort'), -1, 'the only running copy is not aborted');
+    });
+
+    it('a verify that fails once (a time-out) while the target runs it', async () => {
+      const env = await setup();
+      env.cluster.agent('node2').failNext('get', new RuntimeFailedError('runc state timed out', { op: 'state' }));
+      await env.migrations.migrate('web', { to: 'node2' });
+      await assertOnTarget(env);
+      assert.equal(env.cluster.callIndex('node2.abort'), -1);
+    });
+
+    it('a lost answer to the source cleanup: committed, the cleanup is asked again later', async () => {
+      const env = await setup();
+      env.cluster.agent('node1').failNext('finish', new TransferFailedError('connection reset before the answer'), { afterEffect: false });
+      await env.migrations.migrate('web', { to: 'node2' });
+      await assertOnTarget(env);
+      assert.equal(env.cluster.callIndex('node2.abort'), -1, 'the only running copy is not aborted');
+      assert.equal((await env.migrations.list())[0].cleanupPending, true);
+      await env.migrations.settleUnfinished();
+      assert.equal((await env.migrations.list())[0].cleanupPending, false);
+      assert.equal(env.cluster.agent('node1').containers.has('web'), false, 'the source removed its copy on the second ask');
+    });
+
+    it('copy mode too: a lost cleanup answer never aborts the target', async () => {
+      const env = await setup({ lazy: { node2: false } });
+      env.cluster.agent('node1').failNext('finish', new TransferFailedError('connection reset'), { afterEffect: true });
+      await env.migrations.migrate('web', { to: 'node2' });
+      await assertOnTarget(env);
+      assert.equal(env.cluster.callIndex('node2.abort'), -1);
+    });
+
+    it('lazy past the point of no return, target dead on arrival: an unprotected container is reported lost, never rolled back into a refusal', async () => {
+      const env = await setup();
+      env.cluster.agent('node2').crashNextRestore = true;
+      const { error } = await migrateExpectingFailure(env);
+      assert.match(error.message, /web is lost: a target pulled memory pages/);
+      assert.equal(env.cluster.callIndex('node1.rollback'), -1, 'no rollback from a page server that no longer has the memory');
       const container = await env.record();
-      assert.equal(container.status, 'unknown');
-      assert.equal(container.migration, undefined);
-      assert.equal(env.cluster.runningCopies('web'), 0);
+      assert.equal(container.status, 'lost');
+      assert.equal(container.lock, undefined);
     });
   });
 
   it('refuses a second migration of a container while one runs', async () => {
     const env = await setup();
-    const release = env.cluster.agent('node1').hold('checkpoint');
+    const release = env.cluster.agent('node1').hold('dump');
     const first = env.migrations.migrate('web', { to: 'node2' });
-    while (env.cluster.callIndex('node1.checkpoint') < 0) await sleep(1);
+    while (env.cluster.callIndex('node1.dump') < 0) await sleep(1);
 
     await assert.rejects(env.migrations.migrate('web', { to: 'node2' }), MigrationInProgressError);
     await assert.rejects(env.containers.stop('web'), MigrationInProgressError);
@@ -286,6 +386,19 @@ describe('migration orchestrator', () => {
       });
     }
 
+    it('issue 8 item 10: a container whose process has exited (the record still says running)', async () => {
+      const env = await setup();
+      env.cluster.agent('node1').containers.get('web')!.status = 'stopped';
+      const revision = await env.store.currentRevision();
+      await assert.rejects(env.migrations.migrate('web', { to: 'node2' }), (err: unknown) => {
+        assert.ok(err instanceof InvalidInputError);
+        assert.match(err.message, /web is not running on node1 \(it is stopped\).*chipmunk logs web/);
+        return true;
+      });
+      assert.equal(await env.store.currentRevision(), revision, 'nothing recorded');
+      assert.deepEqual(env.cluster.calls, ['node1.get']);
+    });
+
     it('a migration of a stopped container', async () => {
       const env = await setup();
       await env.containers.stop('web');
@@ -312,11 +425,12 @@ describe('migration orchestrator', () => {
           { migrationId: id, phase, at: Date.now() },
         ],
         startedAt: Date.now(),
+        generation: 0,
       };
       await env.store.txn({
         compare: [{ key: containerKey('web'), modRevision: container!.modRevision }],
         ops: [
-          { type: 'put', key: containerKey('web'), value: { ...container!.value, migration: { id, phase } } },
+          { type: 'put', key: containerKey('web'), value: { ...container!.value, lock: { id, operation: 'migration', owner: 'controller-crashed', since: Date.now(), phase } } },
           { type: 'put', key: migrationKey(id), value: record },
         ],
       });
@@ -329,11 +443,11 @@ describe('migration orchestrator', () => {
 
     it('fails it when the source still runs the container', async () => {
       const env = await setup();
-      const id = await interruptedAt(env, 'checkpoint');
-      await env.orchestrator().resolveInterrupted();
+      const id = await interruptedAt(env, 'dump');
+      await env.orchestrator().settleUnfinished();
       assert.equal((await migrationRecord(env, id)).phase, 'failed');
       const container = await env.record();
-      assert.deepEqual([container.node, container.status, container.migration], ['node1', 'running', undefined]);
+      assert.deepEqual([container.node, container.status, container.lock], ['node1', 'running', undefined]);
       assert.equal(env.cluster.runningCopies('web'), 1);
     });
 
@@ -341,13 +455,13 @@ describe('migration orchestrator', () => {
       const env = await setup();
       const id = await interruptedAt(env, 'verify');
       const spec0 = (await env.record()).spec;
-      await env.cluster.agent('node1').checkpoint('web', { migrationId: id, mode: 'lazy', pageServerPort: 27000 });
+      await env.cluster.agent('node1').dump('web', { migrationId: id, mode: 'lazy', pageServerPort: 27000 });
       await env.cluster.agent('node2').restore(id, { migrationId: id, mode: 'lazy', spec: spec0, generation: 1, source: { node: 'node1', url: 'http://node1' } });
 
-      await env.orchestrator().resolveInterrupted();
+      await env.orchestrator().settleUnfinished();
       assert.equal((await migrationRecord(env, id)).phase, 'done');
       const container = await env.record();
-      assert.deepEqual([container.node, container.status, container.generation, container.migration], ['node2', 'running', 1, undefined]);
+      assert.deepEqual([container.node, container.status, container.generation, container.lock], ['node2', 'running', 1, undefined]);
       assert.ok(env.cluster.callIndex('node1.finish') >= 0, 'the source cleaned up its frozen copy');
       assert.equal(env.cluster.runningCopies('web'), 1);
     });
@@ -355,16 +469,16 @@ describe('migration orchestrator', () => {
     it('rolls the source back when neither node runs the container', async () => {
       const env = await setup();
       const id = await interruptedAt(env, 'transfer');
-      await env.cluster.agent('node1').checkpoint('web', { migrationId: id, mode: 'lazy', pageServerPort: 27000 });
+      await env.cluster.agent('node1').dump('web', { migrationId: id, mode: 'lazy', pageServerPort: 27000 });
       assert.equal(env.cluster.runningCopies('web'), 0);
 
-      await env.orchestrator().resolveInterrupted();
+      await env.orchestrator().settleUnfinished();
       const record = await migrationRecord(env, id);
       assert.equal(record.phase, 'failed');
       assert.deepEqual(record.history.slice(-2).map((event) => event.phase), ['rollback', 'failed']);
       assertAbortBeforeRollback(env.cluster);
       const container = await env.record();
-      assert.deepEqual([container.node, container.status, container.migration], ['node1', 'running', undefined]);
+      assert.deepEqual([container.node, container.status, container.lock], ['node1', 'running', undefined]);
       assert.equal(env.cluster.runningCopies('web'), 1);
     });
 
@@ -373,7 +487,7 @@ describe('migration orchestrator', () => {
       await env.migrations.migrate('web', { to: 'node2' });
       const revision = await env.store.currentRevision();
       env.cluster.calls.length = 0;
-      await env.orchestrator().resolveInterrupted();
+      await env.orchestrator().settleUnfinished();
       assert.equal(await env.store.currentRevision(), revision);
       assert.deepEqual(env.cluster.calls, []);
     });

@@ -11,15 +11,14 @@ import { join } from 'node:path';
 import { Writable } from 'node:stream';
 import { request } from 'undici';
 import { RouteService } from '../../src/controller/routes.js';
-import { pendingReplayKey } from '../../src/controller/failover.js';
 import { MemoryStore, SqliteStore, storeIdentity } from '../../src/controller/store/index.js';
-import type { ContainerRecord } from '../../src/controller/containers.js';
+import type { ContainerRecord } from '../../src/controller/container-lock.js';
 import { ConflictError } from '../../src/shared/errors.js';
 import { LOOPBACK, TOKEN, eventually, freePort, httpUpstream, withGateway } from './gateway-env.js';
 
 const silent = pino({ level: 'silent' });
 
-function record(migration?: ContainerRecord['migration'], hostPort = 8080): ContainerRecord {
+function record(lock?: ContainerRecord['lock'], hostPort = 8080): ContainerRecord {
   return {
     spec: { name: 'web', image: 'app', command: [], env: {}, ports: [{ hostPort, containerPort: 80, protocol: 'tcp' }], memoryBytes: 0 },
     node: 'node1',
@@ -27,7 +26,7 @@ function record(migration?: ContainerRecord['migration'], hostPort = 8080): Cont
     generation: 0,
     ip: '198.19.1.2',
     createdAt: new Date().toISOString(),
-    ...(migration ? { migration } : {}),
+    ...(lock ? { lock } : {}),
   };
 }
 
@@ -59,7 +58,7 @@ describe('RouteService', () => {
       const routes = new RouteService(store, async () => '198.18.0.11', silent, { url: gateway.url, token: TOKEN, owner: 'store-a' });
       await routes.expose('web', { port: 80, listen: await freePort() });
 
-      await store.put('/containers/web', record({ id: 'm1', phase: 'transfer' }));
+      await store.put('/containers/web', record({ id: 'm1', operation: 'migration', owner: 'controller-test', since: Date.now(), phase: 'transfer' }));
       await routes.hold('web', 'm1');
       routes.start(); // syncs at once
       await new Promise((r) => setTimeout(r, 300));
@@ -136,8 +135,8 @@ describe('RouteService', () => {
       routes.stop();
       assert.equal((await client.getRoute('web')).migration?.outcome, 'released');
 
-      // A failover restored the container but its replay is owed: the hold stays.
-      await store.put(pendingReplayKey('web'), { failoverId: 'f1', holdId: 'failover-1', from: 'node2', node: 'node1', checkpoint: '00000000000000aa', after: { logId: 'x', seq: 0 }, attempts: 1 });
+      // A failover restored the container but its replay is owed: it keeps the lock, and the hold stays.
+      await store.put('/containers/web', record({ id: 'failover-1', operation: 'failover', owner: 'controller-test', since: Date.now() }));
       await client.hold('web', 'failover-1');
       routes.start();
       await new Promise((r) => setTimeout(r, 300));

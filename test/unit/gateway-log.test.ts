@@ -127,7 +127,7 @@ describe('gateway: logged HTTP routes', () => {
     withLogDir(async (logDir) => {
       const total = 60;
       let cut = { logId: '', seq: 0 };
-      let snapshot = 0;
+      let checkpointed = 0;
       const acked = new Set<number>();
       const failed: string[] = [];
       let b: CounterService | undefined;
@@ -154,7 +154,7 @@ describe('gateway: logged HTTP routes', () => {
           const held = await client.hold('counter', 'checkpoint-1');
           assert.ok(held.logPosition !== undefined, `a clean cut: ${held.uncleanCut}`);
           cut = held.logPosition;
-          snapshot = a.count;
+          checkpointed = a.count;
           await client.release('counter', 'checkpoint-1', nodeA.upstream);
           await client.trimLog('counter', cut);
 
@@ -167,7 +167,7 @@ describe('gateway: logged HTTP routes', () => {
           const failover = await client.hold('counter', 'failover-1');
           assert.equal(failover.logPosition, undefined);
           assert.match(failover.uncleanCut ?? '', /unanswered/);
-          b = new CounterService(snapshot);
+          b = new CounterService(checkpointed);
           const nodeB = await httpUpstream(b.handle);
           replay = await client.replay('counter', cut, nodeB.upstream);
           await client.release('counter', 'failover-1', nodeB.upstream);
@@ -181,7 +181,7 @@ describe('gateway: logged HTTP routes', () => {
 
       assert.deepEqual(failed, [], 'no client request failed');
       assert.equal(acked.size, total);
-      assert.equal(snapshot, cut.seq, 'the checkpoint holds exactly the requests up to the cut');
+      assert.equal(checkpointed, cut.seq, 'the checkpoint holds exactly the requests up to the cut');
       assert.equal(b?.count, total, 'the restored counter equals the acknowledged increments');
 
       const records = await readLog(join(logDir, 'counter'));

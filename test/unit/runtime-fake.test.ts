@@ -16,7 +16,7 @@ async function copyTree(from: string, to: string): Promise<void> {
   await execFileAsync('cp', ['-a', `${from}/.`, to]);
 }
 
-/** Fakes share one registry of page servers: each lazy checkpoint gets its own port. */
+/** Fakes share one registry of page servers: each lazy dump gets its own port. */
 let nextPageServerPort = 27000;
 
 async function fakePair(): Promise<RuntimePair> {
@@ -26,8 +26,8 @@ async function fakePair(): Promise<RuntimePair> {
     source,
     target,
     image: 'chipmunk/statefulapp',
-    async copyTrees(id, snapshot) {
-      const from = snapshot ?? source.migrationPaths(id);
+    async copyTrees(id, checkpoint) {
+      const from = checkpoint ?? source.migrationPaths(id);
       const to = target.migrationPaths(id);
       await copyTree(from.images, to.images);
       await copyTree(from.files, to.files);
@@ -54,7 +54,7 @@ describe('FakeRuntime specifics', () => {
       await source.run(spec);
       source.fakeState('app').counter = 7;
       source.fakeLog('app', 'hello from the source');
-      await source.checkpoint('app', { migrationId: 'm1', mode: 'copy' });
+      await source.dump('app', { migrationId: 'm1', mode: 'copy' });
       await pair.copyTrees('m1');
       await target.restore(spec, { migrationId: 'm1', mode: 'copy', generation: 1 });
       assert.equal(target.fakeState('app').counter, 7);
@@ -79,7 +79,7 @@ describe('FakeRuntime specifics', () => {
     try {
       await assert.rejects(rt.run(spec), InvalidInputError);
       await rt.run({ ...spec, image: 'mine' });
-      await assert.rejects(rt.checkpoint('app', { migrationId: 'm', mode: 'lazy', pageServer: { address: '198.18.2.11', port: 27000 } }), (err: unknown) => {
+      await assert.rejects(rt.dump('app', { migrationId: 'm', mode: 'lazy', pageServer: { address: '198.18.2.11', port: 27000 } }), (err: unknown) => {
         assert.ok(err instanceof ChipmunkError);
         assert.equal(err.code, 'CHIPMUNK_CAPABILITY_MISSING');
         return true;

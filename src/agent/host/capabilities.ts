@@ -81,7 +81,7 @@ export async function runHostChecks(opts: HostProbeOptions = {}): Promise<HostCh
     checkTool({ id: 'iptables', command: 'iptables', args: ['--version'], why: 'CNI port mappings and masquerading' }),
     checkTool({ id: 'nsenter', command: 'nsenter', args: ['--version'], why: 'enters network namespaces without remounting /sys' }),
     checkTool({ id: 'ip', command: 'ip', args: ['-V'], why: 'network namespaces and veth links' }),
-    checkTool({ id: 'tar', command: 'tar', args: ['--version'], why: 'packs checkpoint images for transfer' }),
+    checkTool({ id: 'tar', command: 'tar', args: ['--version'], why: 'packs CRIU images for transfer' }),
   ]);
   return [
     checkRoot(),

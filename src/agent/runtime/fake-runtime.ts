@@ -5,10 +5,10 @@
  * object a test may read and change (`fakeState(name)`), which travels with a migration.
  *
  * Migrations are real on disk, so the transfer layer can copy them between two fakes:
- * `checkpoint` writes images/fake-checkpoint.json (spec, generation, state) and
+ * `dump` and `checkpoint` write images/fake-criu-images.json (spec, generation, state) and
  * files/fake-files.json (logs) under `migrationPaths(id)`; `restore` on another FakeRuntime
  * reads them from its own `migrationPaths(id)` and fails like runc would when they are absent.
- * A lazy checkpoint "listens" on its page server address in a registry shared by all fakes of
+ * A lazy dump "listens" on its page server address in a registry shared by all fakes of
  * the process, so a lazy restore from an address nobody serves fails as it would for real.
  * Not modelled: lazy pages being consumed (a lazy rollback always works here).
  */
@@ -18,10 +18,10 @@ import { mkdir, readFile, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { ChipmunkError, ConflictError, InvalidInputError, NotFoundError, RuntimeFailedError } from '../../shared/errors.js';
-import type { AgentContainer, ContainerSpec, ContainerStats, HostCapabilities, MigrationMode } from '../../shared/protocol.js';
+import type { AgentContainer, ContainerSpec, ContainerStats, DumpState, HostCapabilities, MigrationMode } from '../../shared/protocol.js';
 import { removeTree } from '../../shared/remove-tree.js';
 import { MIN_MEMORY_BYTES } from '../../shared/units.js';
-import type { CheckpointOptions, CheckpointOutcome, ContainerRuntime, LogStream, MigrationPaths, RestoreOptions, SnapshotOutcome } from './types.js';
+import type { ContainerRuntime, DumpOptions, DumpOutcome, LocalCheckpoint, LogStream, MigrationPaths, RestoreOptions } from './types.js';
 
 export interface FakeRuntimeOptions {
   node?: string;
@@ -48,8 +48,8 @@ interface FakeContainer {
   restoredBy?: string;
 }
 
-interface CheckpointImage {
-  /** The migration or snapshot that wrote it. */
+interface FakeCriuImages {
+  /** The migration or checkpoint that wrote it. */
   migrationId: string;
   mode: MigrationMode;
   spec: ContainerSpec;
@@ -58,11 +58,11 @@ interface CheckpointImage {
 }
 
 export const FAKE_DEFAULT_IMAGES = ['chipmunk/statefulapp', 'chipmunk/busybox'];
-const IMAGE_FILE = 'fake-checkpoint.json';
+const IMAGE_FILE = 'fake-criu-images.json';
 const FILES_FILE = 'fake-files.json';
 
 let nextPid = 1000;
-/** Page servers of lazy checkpoints in flight, "address:port", across all fakes. */
+/** Page servers of lazy dumps in flight, "address:port", across all fakes. */
 const pageServers = new Set<string>();
 const pageServerKey = (ps: { address: string; port: number }) => `${ps.address}:${ps.port}`;
 
@@ -85,7 +85,7 @@ export class FakeRuntime implements ContainerRuntime {
     this.ipPrefix = opts.ipPrefix ?? '198.19.0';
   }
 
-  /** The fake process's memory: survives checkpoint/restore and rollback. */
+  /** The fake process's memory: survives dump/restore, checkpoint/restore and rollback. */
   fakeState(name: string): Record<string, unknown> {
     return this.find(name).state;
   }
@@ -155,20 +155,20 @@ export class FakeRuntime implements ContainerRuntime {
     return { images: join(dir, 'images'), files: join(dir, 'files') };
   }
 
-  async checkpoint(name: string, opts: CheckpointOptions): Promise<CheckpointOutcome> {
+  async dump(name: string, opts: DumpOptions): Promise<DumpOutcome> {
     if (opts.mode === 'lazy' && !this.capabilities.lazyMigration) {
       throw new ChipmunkError('CHIPMUNK_CAPABILITY_MISSING', `lazy migration needs userfaultfd, which node ${this.node} lacks: use --mode copy`, {
         status: 422,
       });
     }
-    if (opts.mode === 'lazy' && !opts.pageServer) throw new InvalidInputError('lazy checkpoint needs a page server address and port');
+    if (opts.mode === 'lazy' && !opts.pageServer) throw new InvalidInputError('a lazy dump needs a page server address and port');
     const c = this.find(name);
     this.assertNotMigrating(c);
     if (c.status !== 'running') {
       throw new ConflictError(`container '${name}' is not running on node ${this.node}; only running containers migrate`, { name });
     }
     if (opts.pageServer && pageServers.has(pageServerKey(opts.pageServer))) {
-      throw new RuntimeFailedError(`checkpoint of '${name}' failed: page server address ${pageServerKey(opts.pageServer)} is in use`, { op: 'runc checkpoint' });
+      throw new RuntimeFailedError(`dump of '${name}' failed: page server address ${pageServerKey(opts.pageServer)} is in use`, { op: 'runc checkpoint' });
     }
     c.migration = { id: opts.migrationId, role: 'source', mode: opts.mode };
     if (opts.mode === 'lazy') {
@@ -178,7 +178,7 @@ export class FakeRuntime implements ContainerRuntime {
     delete c.restoredBy;
     const frozenAt = Date.now();
     const paths = this.migrationPaths(opts.migrationId);
-    const image: CheckpointImage = { migrationId: opts.migrationId, mode: opts.mode, spec: c.spec, generation: c.generation, state: c.state };
+    const image: FakeCriuImages = { migrationId: opts.migrationId, mode: opts.mode, spec: c.spec, generation: c.generation, state: c.state };
     try {
       await mkdir(paths.images, { recursive: true });
       await mkdir(paths.files, { recursive: true });
@@ -187,7 +187,7 @@ export class FakeRuntime implements ContainerRuntime {
     } catch (err) {
       if (c.migration.pageServer) pageServers.delete(c.migration.pageServer);
       delete c.migration;
-      throw new RuntimeFailedError(`checkpoint of '${name}' failed: ${(err as Error).message}`, { op: 'runc checkpoint' }, err);
+      throw new RuntimeFailedError(`dump of '${name}' failed: ${(err as Error).message}`, { op: 'runc checkpoint' }, err);
     }
     return {
       imageBytes: (await stat(join(paths.images, IMAGE_FILE))).size,
@@ -196,15 +196,15 @@ export class FakeRuntime implements ContainerRuntime {
     };
   }
 
-  async snapshot(name: string, snapshotId: string): Promise<SnapshotOutcome> {
+  async checkpoint(name: string, checkpointId: string): Promise<LocalCheckpoint> {
     const c = this.find(name);
     this.assertNotMigrating(c);
     if (c.status !== 'running') {
       throw new ConflictError(`container '${name}' is not running on node ${this.node}; only running containers can be checkpointed`, { name });
     }
-    const dir = join(this.dataDir, 'snapshots', snapshotId);
+    const dir = join(this.dataDir, 'checkpoints', checkpointId);
     const paths: MigrationPaths = { images: join(dir, 'images'), files: join(dir, 'files') };
-    const image: CheckpointImage = { migrationId: snapshotId, mode: 'copy', spec: c.spec, generation: c.generation, state: structuredClone(c.state) };
+    const image: FakeCriuImages = { migrationId: checkpointId, mode: 'copy', spec: c.spec, generation: c.generation, state: structuredClone(c.state) };
     await mkdir(paths.images, { recursive: true });
     await mkdir(paths.files, { recursive: true });
     await writeFile(join(paths.images, IMAGE_FILE), JSON.stringify(image));
@@ -217,12 +217,12 @@ export class FakeRuntime implements ContainerRuntime {
     };
   }
 
-  async discardSnapshot(snapshotId: string): Promise<void> {
-    await removeTree(join(this.dataDir, 'snapshots', snapshotId));
+  async discardCheckpoint(checkpointId: string): Promise<void> {
+    await removeTree(join(this.dataDir, 'checkpoints', checkpointId));
   }
 
-  async recoverInterruptedSnapshots(): Promise<string[]> {
-    await removeTree(join(this.dataDir, 'snapshots'));
+  async recoverInterruptedCheckpoints(): Promise<string[]> {
+    await removeTree(join(this.dataDir, 'checkpoints'));
     return [];
   }
 
@@ -234,6 +234,11 @@ export class FakeRuntime implements ContainerRuntime {
     if (c.migration?.pageServer) pageServers.delete(c.migration.pageServer);
     delete c.migration;
     return this.view(c);
+  }
+
+  async dumpState(migrationId: string): Promise<DumpState> {
+    const c = [...this.containers.values()].find((x) => x.migration?.id === migrationId && x.migration.role === 'source');
+    return c ? { migrationId, canRollBack: true } : { migrationId, canRollBack: false, reason: `node ${this.node} has no dump of migration ${migrationId}` };
   }
 
   async finishMigration(migrationId: string): Promise<void> {
@@ -256,9 +261,9 @@ export class FakeRuntime implements ContainerRuntime {
     this.containers.set(spec.name, c);
     try {
       const paths = this.migrationPaths(opts.migrationId);
-      const image = await readJson<CheckpointImage>(join(paths.images, IMAGE_FILE));
+      const image = await readJson<FakeCriuImages>(join(paths.images, IMAGE_FILE));
       if (!image) {
-        throw new RuntimeFailedError(`runc restore of '${spec.name}' failed: no checkpoint images for migration ${opts.migrationId} in ${paths.images}`, {
+        throw new RuntimeFailedError(`runc restore of '${spec.name}' failed: no CRIU images for migration ${opts.migrationId} in ${paths.images}`, {
           op: 'runc restore',
         });
       }

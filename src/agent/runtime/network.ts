@@ -131,20 +131,3 @@ export class CniNetwork {
 export function inHostNetns(netns: string | undefined, cmd: string, args: string[]): [string, string[]] {
   return netns ? ['nsenter', [`--net=${netns}`, '--', cmd, ...args]] : [cmd, args];
 }
-
-/**
- * Removes the packet filter CRIU installs in the container's namespace while it dumps
- * ("network lock"). A successful restore removes it; a dump that fails after locking
- * (e.g. the lazy page server breaking) unfreezes the processes but leaves it, and the
- * container, though running, would drop every packet.
- */
-export async function removeCriuNetworkLock(netns: string): Promise<void> {
-  for (const tool of ['iptables', 'ip6tables']) {
-    const inNs = (args: string[]) => runUnchecked('nsenter', [`--net=${netnsPath(netns)}`, '--', tool, ...args]);
-    if ((await inNs(['-L', 'CRIU', '-n'])).code !== 0) continue;
-    await inNs(['-D', 'INPUT', '-j', 'CRIU']);
-    await inNs(['-D', 'OUTPUT', '-j', 'CRIU']);
-    await inNs(['-F', 'CRIU']);
-    await inNs(['-X', 'CRIU']);
-  }
-}

@@ -3,32 +3,32 @@
  * FakeRuntime keeps everything in memory for unit tests of the agent and controller. Both pass
  * the same contract suite (test/contract/runtime.contract.ts).
  *
- * A migration touches two runtimes: the source's `checkpoint` freezes and dumps the container
- * into `migrationPaths(id)`, the transfer layer copies those trees to the target, and the
- * target's `restore` brings it back there. If anything after the checkpoint fails, the
+ * A migration touches two runtimes: the source's `dump` freezes and dumps the container into
+ * `migrationPaths(id)`, the transfer layer copies those trees to the target, and the target's
+ * `restore` brings it back there. If anything after the dump fails, the
  * source's `rollback` runs the container on the source again; after success the source's
  * `finishMigration` waits for the last lazy pages and removes what is left of it.
  */
-import type { AgentContainer, ContainerSpec, ContainerStats, HostCapabilities, MigrationMode } from '../../shared/protocol.js';
+import type { AgentContainer, ContainerSpec, ContainerStats, DumpState, HostCapabilities, MigrationMode } from '../../shared/protocol.js';
 
 export type LogStream = 'stdout' | 'stderr' | 'all';
 
-export interface CheckpointOptions {
+export interface DumpOptions {
   migrationId: string;
   mode: MigrationMode;
   /** Lazy mode: where the source's CRIU page server listens. */
   pageServer?: { address: string; port: number };
 }
 
-export interface CheckpointOutcome {
+export interface DumpOutcome {
   imageBytes: number;
   upperBytes: number;
   /** ms since epoch at which the container was frozen. */
   frozenAt: number;
 }
 
-/** A checkpoint that left the container running: its trees wait on this node for upload. */
-export interface SnapshotOutcome {
+/** A checkpoint (the container ran on): its trees wait on this node for upload. */
+export interface LocalCheckpoint {
   /** CRIU images, and a copy of the container's files taken inside the same freeze. */
   paths: MigrationPaths;
   /** How long the container was frozen. */
@@ -71,10 +71,10 @@ export interface ContainerRuntime {
   stats(name: string): Promise<ContainerStats>;
 
   migrationPaths(migrationId: string): MigrationPaths;
-  checkpoint(name: string, opts: CheckpointOptions): Promise<CheckpointOutcome>;
+  dump(name: string, opts: DumpOptions): Promise<DumpOutcome>;
   /**
    * Target side, before the source freezes: everything a restore needs that does not depend on
-   * the checkpoint (the network namespace, its address and published ports), so it is not
+   * the dump (the network namespace, its address and published ports), so it is not
    * paid for while the container is frozen. Idempotent; undone by `abortRestore`.
    */
   prepareRestore(spec: ContainerSpec, opts: PrepareOptions): Promise<void>;
@@ -87,23 +87,25 @@ export interface ContainerRuntime {
   settleRestore(migrationId: string): Promise<{ lazyPagesBytes: number }>;
   /** Target side: undo a restore that failed or was not wanted. Idempotent. */
   abortRestore(migrationId: string): Promise<void>;
-  /** Source side: run the checkpointed container here again. */
+  /** Source side: run the dumped container here again. */
   rollback(migrationId: string): Promise<AgentContainer>;
+  /** Source side: whether `rollback` can still work (asked before a failed migration is undone). */
+  dumpState(migrationId: string): Promise<DumpState>;
   /** Source side, after the target runs it: wait for lazy pages to drain, then clean up. */
   finishMigration(migrationId: string): Promise<void>;
 
   /**
    * Checkpoints the container and lets it run on: memory and files are captured in one freeze,
-   * so they match. The trees stay in `paths` until `discardSnapshot`.
+   * so they match. The trees stay in `paths` until `discardCheckpoint`.
    */
-  snapshot(name: string, snapshotId: string): Promise<SnapshotOutcome>;
-  /** Drops a snapshot's trees. Idempotent. */
-  discardSnapshot(snapshotId: string): Promise<void>;
+  checkpoint(name: string, checkpointId: string): Promise<LocalCheckpoint>;
+  /** Drops a checkpoint's trees. Idempotent. */
+  discardCheckpoint(checkpointId: string): Promise<void>;
   /**
-   * At agent start: a snapshot the previous agent process died in left its container paused
+   * At agent start: a checkpoint the previous agent process died in left its container paused
    * and its trees behind. Resumes those containers and drops the trees; returns their names.
    */
-  recoverInterruptedSnapshots(): Promise<string[]>;
+  recoverInterruptedCheckpoints(): Promise<string[]>;
 
   /** Stops background work (not the containers: they outlive the agent). */
   close(): Promise<void>;

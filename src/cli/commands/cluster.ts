@@ -1,7 +1,7 @@
 /** `chipmunk cluster up|down|kill|revive`: the local cluster, test hosts on this machine. */
 import type { Command } from 'commander';
 
-import { clusterDown, clusterKill, clusterRevive, clusterUp, type LocalClusterState } from '../../cluster/index.js';
+import { CLUSTER_DAEMONS, clusterDown, clusterKill, clusterRevive, clusterUp, type LocalClusterState } from '../../cluster/index.js';
 import { localClusterStateDir } from '../context.js';
 import { addJsonOption, parseNodeLease, parseNodeName, parsePositiveInt } from '../options.js';
 import { printJson, renderTable } from '../output.js';
@@ -10,7 +10,8 @@ const DEFAULT_NODES = 2;
 
 function describeCluster(state: LocalClusterState): string {
   const rows = state.nodes.map((node) => [node.name, node.address, node.netns, String(node.agentPid)]);
-  return `${renderTable(['NODE', 'ADDRESS', 'NETNS', 'AGENT PID'], rows)}\n\ncontroller: ${state.controllerUrl} (pid ${state.controllerPid})`;
+  const gateway = state.gatewayUrl ? `\ngateway: ${state.gatewayUrl} (pid ${state.gatewayPid})` : '';
+  return `${renderTable(['NODE', 'ADDRESS', 'NETNS', 'AGENT PID'], rows)}\n\ncontroller: ${state.controllerUrl} (pid ${state.controllerPid})${gateway}`;
 }
 
 export function registerClusterCommands(program: Command): void {
@@ -48,19 +49,25 @@ export function registerClusterCommands(program: Command): void {
   addJsonOption(
     cluster
       .command('kill')
-      .description("power loss on one test host: every process of it and of its containers is killed at once")
-      .argument('<node>', 'node name', parseNodeName),
-  ).action(async (node: string, opts: { json?: boolean }) => {
-    const result = await clusterKill(node, { stateDir: localClusterStateDir() });
+      .description(
+        'SIGKILL, for real: a node is a power loss on its test host (every process of it and of its containers at once); ' +
+          "'controller' or 'gateway' kills that daemon",
+      )
+      .argument('<target>', `node name, or ${CLUSTER_DAEMONS.map((d) => `'${d}'`).join(' or ')}`, parseNodeName),
+  ).action(async (target: string, opts: { json?: boolean }) => {
+    const result = await clusterKill(target, { stateDir: localClusterStateDir() });
     if (opts.json) printJson(result);
-    else process.stdout.write(`${node} killed (${result.killedPids.length} processes)\n`);
+    else process.stdout.write(`${target} killed (${result.killedPids.length} processes)\n`);
   });
 
   addJsonOption(
-    cluster.command('revive').description("bring a killed test host's agent back").argument('<node>', 'node name', parseNodeName),
-  ).action(async (node: string, opts: { json?: boolean }) => {
-    const result = await clusterRevive(node, { stateDir: localClusterStateDir() });
+    cluster
+      .command('revive')
+      .description("bring a killed test host's agent, the controller or the gateway back (same arguments, state and store)")
+      .argument('<target>', `node name, or ${CLUSTER_DAEMONS.map((d) => `'${d}'`).join(' or ')}`, parseNodeName),
+  ).action(async (target: string, opts: { json?: boolean }) => {
+    const result = await clusterRevive(target, { stateDir: localClusterStateDir() });
     if (opts.json) printJson(result);
-    else process.stdout.write(`${node} is back (agent pid ${result.agentPid})\n`);
+    else process.stdout.write(`${target} is back (pid ${result.pid})\n`);
   });
 }

@@ -1,11 +1,13 @@
 /**
  * `chipmunk migrate NAME --to NODE`: follows the controller's NDJSON progress stream. People get
  * a live progress line (on a terminal) and a summary table; scripts (--json) get the summary.
+ * `chipmunk migrations`: the migrations the controller recorded, and how each ended (or why it is
+ * still being settled).
  */
 import { Option, type Command } from 'commander';
 
 import { ChipmunkError, MigrationFailedError, errorFromJSON, type ErrorJSON } from '../../shared/errors.js';
-import type { MigrateRequest, MigrationEvent, MigrationMode, MigrationSummary } from '../../shared/protocol.js';
+import type { MigrateRequest, MigrationEvent, MigrationMode, MigrationRecord, MigrationSummary } from '../../shared/protocol.js';
 import { formatBytes } from '../../shared/units.js';
 import { controllerClient } from '../context.js';
 import { addConnectionOptions, addJsonOption, parseContainerName, parseNodeName } from '../options.js';
@@ -126,4 +128,25 @@ export function registerMigrateCommand(program: Command): void {
       process.stdout.write(`\n${renderSummary(summary)}\n`);
     }
   });
+}
+
+/** The outcome column: the last event's message says how it ended or why it is not settled yet. */
+function outcomeOf(record: MigrationRecord): string {
+  if (record.phase === 'done') return record.cleanupPending ? 'done (source cleanup pending)' : 'done';
+  const last = record.history.at(-1)?.message ?? '';
+  return record.phase === 'failed' ? `failed: ${last}` : `${record.phase}: ${last}`;
+}
+
+export function registerMigrationsCommand(program: Command): void {
+  addConnectionOptions(addJsonOption(program.command('migrations').description('migrations the controller recorded, oldest first, and how each ended'))).action(
+    async (opts: { json?: boolean }, cmd: Command) => {
+      const list = await (await controllerClient(cmd)).get<MigrationRecord[]>('/v1/migrations');
+      if (opts.json) {
+        printJson(list);
+        return;
+      }
+      const rows = list.map((m) => [m.id.slice(0, 8), m.name, m.from, m.to, m.mode, new Date(m.startedAt).toISOString(), m.finishedAt ? formatDuration(m.finishedAt - m.startedAt) : '-', outcomeOf(m)]);
+      process.stdout.write(`${renderTable(['ID', 'CONTAINER', 'FROM', 'TO', 'MODE', 'STARTED', 'TOOK', 'OUTCOME'], rows)}\n`);
+    },
+  );
 }

@@ -1,0 +1,230 @@
+/**
+ * What the parts of the real runtime share (lifecycle, source-migration, target-restore,
+ * checkpoints): the node's layout, records, runc, CRIU, network and images, the per-container
+ * lock, and the helpers more than one of them needs.
+ */
+import { existsSync } from 'node:fs';
+import { mkdir, stat, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { ConflictError, InvalidInputError, NotFoundError } from '../../shared/errors.js';
+import { runUnchecked } from '../../shared/exec.js';
+import type { AgentContainer, ContainerSpec, HostCapabilities, MigrationMode } from '../../shared/protocol.js';
+import { removeTree } from '../../shared/remove-tree.js';
+import { buildOciConfig } from './bundle.js';
+import { Criu, criuOptionsPath, writeCriuOptions, type DumpProcess, type PageServer } from './criu.js';
+import { FailedLogs } from './failed-logs.js';
+import { ImageStore, type ImageConfig } from './images.js';
+import { NodeLayout } from './layout.js';
+import { CniNetwork, netnsPath } from './network.js';
+import { RecordStore, type ContainerRecord, type RecordWarning } from './records.js';
+import { mountRootfs, unmountBelow } from './rootfs.js';
+import { Runc, type StartTarget } from './runc.js';
+
+export interface RuncRuntimeOptions {
+  node: string;
+  dataDir: string;
+  runDir: string;
+  /** Container subnet of this node (CIDR). */
+  subnet: string;
+  criuPath: string;
+  capabilities: HostCapabilities;
+  runcPath?: string;
+  /**
+   * Host ports containers may not publish: the agent's own API and the page-server range.
+   * A port mapping there would capture the agent's traffic.
+   */
+  reservedHostPorts?: Array<{ from: number; to: number; usedBy: string }>;
+  /** Where images come from; the machine's default Podman store if not given. */
+  images?: ImageStore;
+  /**
+   * Network namespace of the node, when this process runs outside it (tests drive a runtime
+   * for a test host from the machine's namespace). The CNI plugins, the page server and the
+   * lazy-pages daemon run there; runc itself does not care where it runs.
+   */
+  hostNetns?: string;
+  /** Where warnings go (a damaged record read from its previous copy); console.warn if not given. */
+  onWarning?: RecordWarning;
+}
+
+/** Source-side state of a migration in flight. */
+export interface SourceMigration {
+  name: string;
+  mode: MigrationMode;
+  pageServer?: PageServer;
+  /** The dump's `runc checkpoint`; in lazy mode it lives until every page was served. */
+  dump?: DumpProcess;
+}
+
+export class RuntimeContext {
+  readonly node: string;
+  readonly layout: NodeLayout;
+  readonly records: RecordStore;
+  readonly runc: Runc;
+  readonly criu: Criu;
+  readonly network: CniNetwork;
+  readonly images: ImageStore;
+  readonly failedLogs: FailedLogs;
+  /** Migrations this node is the source of, by id. */
+  readonly sources = new Map<string, SourceMigration>();
+  /** Serialises operations per container name. */
+  private readonly locks = new Map<string, Promise<unknown>>();
+
+  constructor(readonly opts: RuncRuntimeOptions) {
+    this.node = opts.node;
+    this.layout = new NodeLayout(opts.node, opts.dataDir, opts.runDir);
+    this.records = new RecordStore(this.layout, opts.node, opts.onWarning ?? ((message, details) => console.warn(message, details)));
+    this.runc = new Runc({ runcPath: opts.runcPath ?? 'runc', root: this.layout.runcRoot(), criuPath: opts.criuPath, hostNetns: opts.hostNetns });
+    this.criu = new Criu(this.runc, opts.criuPath, opts.hostNetns);
+    this.images = opts.images ?? new ImageStore();
+    this.failedLogs = new FailedLogs(this.layout.failedLogsDir());
+    this.network = new CniNetwork({
+      networkName: `chipmunk-${opts.node}`,
+      bridge: 'chmk0',
+      subnet: opts.subnet,
+      ipamDir: join(opts.dataDir, 'cni'),
+      hostNetns: opts.hostNetns,
+    });
+  }
+
+  withLock<T>(name: string, fn: () => Promise<T>): Promise<T> {
+    const prev = this.locks.get(name) ?? Promise.resolve();
+    const next = prev.then(fn, fn);
+    this.locks.set(name, next.catch(() => undefined));
+    return next;
+  }
+
+  runcId(rec: ContainerRecord): string {
+    return this.layout.runcId(rec.spec.name, rec.generation);
+  }
+
+  /**
+   * The CNI container ID the network was attached with: the runc ID of the incarnation that
+   * created the namespace, which the namespace is named after. A rollback keeps namespace and
+   * attachment while the generation moves on, so the current runc ID is not it: detaching with
+   * that would leave the port mappings (and the address) of a removed container behind.
+   */
+  cniId(rec: ContainerRecord): string {
+    return rec.netns;
+  }
+
+  /** What runc.start needs to know of the container it starts or restores. */
+  startTarget(name: string): StartTarget {
+    return { name, containerDir: this.layout.containerDir(name), logDir: this.layout.logDir(name) };
+  }
+
+  async view(rec: ContainerRecord): Promise<AgentContainer> {
+    const state = await this.runc.state(this.runcId(rec));
+    let status: AgentContainer['status'];
+    if (rec.migration) status = 'migrating';
+    else if (state?.status === 'running') status = 'running';
+    else if (state?.status === 'created') status = 'created';
+    else status = 'stopped';
+    return {
+      name: rec.spec.name,
+      spec: rec.spec,
+      status,
+      generation: rec.generation,
+      ...(rec.ip ? { ip: rec.ip } : {}),
+      ...(state && state.pid > 0 && status === 'running' ? { pid: state.pid } : {}),
+      createdAt: rec.createdAt,
+    };
+  }
+
+  assertNotMigrating(rec: ContainerRecord): void {
+    if (rec.migration) {
+      throw new ConflictError(`container '${rec.spec.name}' is being migrated (${rec.migration.id}); try again when it is done`, {
+        name: rec.spec.name,
+        migrationId: rec.migration.id,
+      });
+    }
+  }
+
+  async assertPortsFree(spec: ContainerSpec): Promise<void> {
+    const seen = new Set<string>();
+    for (const p of spec.ports) {
+      const reserved = this.opts.reservedHostPorts?.find((r) => p.hostPort >= r.from && p.hostPort <= r.to);
+      if (reserved) {
+        throw new ConflictError(`host port ${p.hostPort} is reserved on node ${this.node} for ${reserved.usedBy}: publish another port`, {
+          port: p.hostPort,
+        });
+      }
+      const key = `${p.hostPort}/${p.protocol}`;
+      if (seen.has(key)) throw new InvalidInputError(`host port ${key} is published twice`, { port: p.hostPort });
+      seen.add(key);
+    }
+    for (const rec of await this.records.readable()) {
+      const n = rec.spec.name;
+      if (n === spec.name) continue;
+      for (const p of rec.spec.ports) {
+        if (seen.has(`${p.hostPort}/${p.protocol}`)) {
+          throw new ConflictError(`host port ${p.hostPort}/${p.protocol} is already published by container '${n}' on node ${this.node}`, {
+            port: p.hostPort,
+            container: n,
+          });
+        }
+      }
+    }
+  }
+
+  /** The runc bundle of the record's incarnation: config.json, with criu.conf set for dumps. */
+  async writeBundle(rec: ContainerRecord, image: ImageConfig): Promise<void> {
+    const name = rec.spec.name;
+    const dir = this.layout.containerDir(name);
+    await writeCriuOptions(dir, 'dump');
+    const config = buildOciConfig({
+      spec: rec.spec,
+      image,
+      rootfs: join(dir, 'rootfs'),
+      netnsPath: netnsPath(rec.netns),
+      cgroupsPath: this.layout.cgroupsPath(name, rec.generation),
+      hostname: name,
+      criuConfigPath: criuOptionsPath(dir),
+      volumeDir: (volume) => this.layout.volumeDir(name, volume),
+    });
+    for (const v of rec.spec.volumes ?? []) await mkdir(this.layout.volumeDir(name, v.name), { recursive: true });
+    await writeFile(join(dir, 'config.json'), JSON.stringify(config, null, 2));
+  }
+
+  async mountContainerRootfs(name: string, image: ImageConfig): Promise<void> {
+    const dir = this.layout.containerDir(name);
+    const lower = await this.images.lowerDirs(image);
+    await mountRootfs({ lower, upper: join(dir, 'files', 'upper'), work: join(dir, 'work'), mountpoint: join(dir, 'rootfs') });
+  }
+
+  async removeContainerDir(name: string): Promise<void> {
+    const dir = this.layout.containerDir(name);
+    await unmountBelow(dir);
+    await removeTree(dir);
+  }
+
+  /** The container's incarnation, network and directory: all of it gone from this node. */
+  async removeContainer(rec: ContainerRecord): Promise<void> {
+    await this.runc.destroy(this.runcId(rec));
+    await this.network.detach(rec.netns, this.cniId(rec), rec.spec.ports);
+    await this.removeContainerDir(rec.spec.name);
+  }
+
+  /** A migration's images, staged files and CRIU work dir (a failure's logs were kept before: failed-logs.ts). */
+  async removeMigrationDir(migrationId: string): Promise<void> {
+    const dir = this.layout.migrationDir(migrationId);
+    if (!existsSync(dir)) return;
+    await unmountBelow(dir);
+    await removeTree(dir);
+  }
+
+  async findByMigration(migrationId: string, role: 'source' | 'target'): Promise<string> {
+    for (const rec of await this.records.readable()) {
+      if (rec.migration?.id === migrationId && rec.migration.role === role) return rec.spec.name;
+      if (role === 'target' && rec.restoredBy === migrationId) return rec.spec.name;
+    }
+    throw new NotFoundError(`no ${role} container for migration ${migrationId} on node ${this.node}`, { migrationId });
+  }
+}
+
+/** Bytes of a directory tree (0 if absent). */
+export async function treeBytes(dir: string): Promise<number> {
+  if (!existsSync(dir)) return 0;
+  const res = await runUnchecked('du', ['-sb', dir]);
+  if (res.code === 0) return Number(res.stdout.split(/\s/)[0]);
+  return (await stat(dir)).size;
+}

@@ -1,0 +1,246 @@
+/**
+ * Everything chipmunk asks of CRIU, in one place (as runc keeps it in libcontainer/criu_linux.go):
+ * the `runc checkpoint` / `runc restore` arguments that drive it (lazy pages, page server,
+ * status fd, established TCP), the options file runc hands it, the lazy-pages daemon, the
+ * network lock it can leave behind, reading its logs, and its failures as RuntimeFailedErrors
+ * whose `logPath` names the log that explains them (failed-logs.ts keeps that log).
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { closeSync, constants, existsSync, openSync } from 'node:fs';
+import { readFile, writeFile } from 'node:fs/promises';
+import { Socket } from 'node:net';
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { RuntimeFailedError } from '../../shared/errors.js';
+import { lastLines, runUnchecked } from '../../shared/exec.js';
+import type { MigrationMode } from '../../shared/protocol.js';
+import { within } from '../../shared/time.js';
+import { inHostNetns, netnsPath } from './network.js';
+import type { Runc } from './runc.js';
+
+export interface PageServer {
+  address: string;
+  port: number;
+}
+
+/** A `runc checkpoint` of a migration's source, running. */
+export interface DumpProcess {
+  process: ChildProcess;
+  /** runc's exit; in lazy mode only after the page server sent the last page. */
+  done: Promise<{ code: number; stderr: string }>;
+}
+
+/** CRIU's own logs, in the work dir of each run. */
+export const CRIU_LOG = { dump: 'dump.log', restore: 'restore.log', lazyPages: 'lazy-pages.log' } as const;
+
+const LAZY_SOCKET_WAIT_MS = 15_000;
+/** How long the last lazy pages may take to be served (source) or pulled (target). */
+export const PAGE_DRAIN_TIMEOUT_MS = 10 * 60_000;
+const PAGE_SIZE = 4096;
+
+/**
+ * The CRIU options runc passes on (org.criu.config, the bundle's `criu.conf`). runc reads the
+ * file named in the running container's config for a dump and in the bundle's for a restore:
+ * one path, whose content is switched to the restore options around a restore.
+ * - skip-in-flight (dump): a connection still in the listen backlog would fail the dump; its
+ *   client retries.
+ * - tcp-close (restore): connections dumped with --tcp-established come back closed, since the
+ *   target has another address, instead of failing the restore; their clients reconnect.
+ * - network-lock skip (restore): the namespace is new and holds no connection to protect;
+ *   locked, it would silently drop the first clients' SYNs and cost them a one-second
+ *   retransmission; unlocked, they are refused until the listener is back and retry at once.
+ */
+export async function writeCriuOptions(containerDir: string, purpose: 'dump' | 'restore'): Promise<void> {
+  const options = purpose === 'dump' ? ['skip-in-flight', 'tcp-close'] : ['skip-in-flight', 'tcp-close', 'network-lock skip'];
+  await writeFile(criuOptionsPath(containerDir), `${options.join('\n')}\n`);
+}
+
+export function criuOptionsPath(containerDir: string): string {
+  return join(containerDir, 'criu.conf');
+}
+
+/**
+ * CRIU's own account of a failure: its `Error (file:line): ...` lines, the last few, from a
+ * log. Empty when the log is absent or has none (the failure came from elsewhere).
+ */
+export async function criuFailureSummary(logPath: string): Promise<string> {
+  const log = await readFile(logPath, 'utf8').catch(() => '');
+  const errors = log
+    .split('\n')
+    .filter((l) => /\bError \(/.test(l))
+    // Every CRIU run here says this (no CAP_SYS_RESOURCE): it explains nothing.
+    .filter((l) => !/RLIMIT_NOFILE/.test(l))
+    .map((l) => l.replace(/^\(\s*[\d.]+\)\s*/, '').trim());
+  return errors.slice(-2).join('; ');
+}
+
+/** A dump that failed: runc's last words, CRIU's own, and the log that has the rest. */
+async function dumpFailedError(what: string, res: { code: number; stderr: string }, logPath: string): Promise<RuntimeFailedError> {
+  const criuSays = await criuFailureSummary(logPath);
+  const why = [lastLines(res.stderr, 3) || `runc exited ${res.code}`, criuSays ? `CRIU: ${criuSays}` : ''].filter(Boolean).join('; ');
+  return new RuntimeFailedError(`${what} failed: ${why}`, { op: 'runc checkpoint', logPath, stderr: lastLines(res.stderr, 20) });
+}
+
+/**
+ * Removes the packet filter CRIU installs in the container's namespace while it dumps
+ * ("network lock"). A successful restore removes it; a dump that fails after locking
+ * (e.g. the lazy page server breaking) unfreezes the processes but leaves it, and the
+ * container, though running, would drop every packet.
+ */
+export async function removeCriuNetworkLock(netns: string): Promise<void> {
+  for (const tool of ['iptables', 'ip6tables']) {
+    const inNs = (args: string[]) => runUnchecked('nsenter', [`--net=${netnsPath(netns)}`, '--', tool, ...args]);
+    if ((await inNs(['-L', 'CRIU', '-n'])).code !== 0) continue;
+    await inNs(['-D', 'INPUT', '-j', 'CRIU']);
+    await inNs(['-D', 'OUTPUT', '-j', 'CRIU']);
+    await inNs(['-F', 'CRIU']);
+    await inNs(['-X', 'CRIU']);
+  }
+}
+
+export class Criu {
+  /** Lazy-pages daemons of restores on this node, by migration. */
+  private readonly lazyDaemons = new Map<string, ChildProcess>();
+
+  constructor(
+    private readonly runc: Runc,
+    private readonly criuPath: string,
+    private readonly hostNetns: string | undefined,
+  ) {}
+
+  /**
+   * A migration's dump: `runc checkpoint` with established TCP connections; in lazy mode all
+   * but memory, which a page server keeps serving until the target has pulled every page.
+   * Resolves once the container's state is captured (copy: the dump ended well; lazy: the page
+   * server is ready, signalled by one byte CRIU writes to the status fd). Rejects when runc
+   * exits first or fails: CRIU has then unfrozen the container. `onStarted` sees the process
+   * before it is waited for.
+   */
+  async dump(
+    id: string,
+    opts: { name: string; images: string; work: string; mode: MigrationMode; pageServer?: PageServer },
+    onStarted: (dump: DumpProcess) => void,
+  ): Promise<void> {
+    const args = this.runc.args(['checkpoint', '--image-path', opts.images, '--work-path', opts.work, '--tcp-established'], true);
+    if (opts.mode === 'lazy') args.push('--lazy-pages', '--page-server', `${opts.pageServer!.address}:${opts.pageServer!.port}`, '--status-fd', '3');
+    args.push(id);
+    const status = opts.mode === 'lazy' ? await openStatusFifo(join(opts.work, 'status.fifo')) : undefined;
+    const child = spawn(...inHostNetns(this.hostNetns, this.runc.opts.runcPath, args), { stdio: ['ignore', 'ignore', 'pipe', status?.writeFd ?? 'ignore'], detached: true });
+    status?.closeWriteEnd();
+    const stderr: Buffer[] = [];
+    child.stderr!.on('data', (d: Buffer) => stderr.push(d));
+    const done = new Promise<{ code: number; stderr: string }>((resolve) => {
+      child.on('close', (code) => resolve({ code: code ?? 1, stderr: Buffer.concat(stderr).toString() }));
+      child.on('error', (e) => resolve({ code: 1, stderr: e.message }));
+    });
+    onStarted({ process: child, done });
+    let captured: boolean;
+    if (status) {
+      // If runc exits first (EOF without a byte), the dump failed.
+      captured = await new Promise<boolean>((resolve) => {
+        status.readable.once('data', () => resolve(true));
+        void done.then(() => resolve(false));
+      });
+      status.readable.destroy();
+    } else {
+      captured = (await done).code === 0;
+    }
+    if (!captured) throw await dumpFailedError(`dump of '${opts.name}'`, await done, join(opts.work, CRIU_LOG.dump));
+  }
+
+  /**
+   * A checkpoint's dump: `runc checkpoint --leave-running` of a paused container, which stays
+   * paused (the caller resumes it). TCP connections are not dumped (criu.conf: tcp-close).
+   */
+  async dumpLeavingRunning(id: string, what: string, images: string, work: string): Promise<void> {
+    const res = await this.runc.exec(['checkpoint', '--leave-running', '--image-path', images, '--work-path', work, id], { inHostNetns: true, withCriu: true });
+    if (res.code !== 0) throw await dumpFailedError(what, res, join(work, CRIU_LOG.dump));
+  }
+
+  /**
+   * `runc restore -d` arguments for images in `images`, CRIU working (and logging) in `work`.
+   * Lazy mode starts CRIU's lazy-pages daemon first: it connects to the page server when the
+   * restored process first needs memory, and exits once all is copied. `daemonFailed` resolves
+   * with a reason if the daemon fails: CRIU's restore then waits forever, so the caller must
+   * give it up (Runc.start's `abandon`).
+   */
+  async restoreCommand(
+    migrationId: string,
+    opts: { images: string; work: string; bundle: string; mode: MigrationMode; pageServer?: PageServer },
+  ): Promise<{ args: string[]; log: string; daemonFailed?: Promise<string> }> {
+    const args = ['restore', '-d', '--image-path', opts.images, '--work-path', opts.work, '--bundle', opts.bundle];
+    const log = join(opts.work, CRIU_LOG.restore);
+    if (opts.mode !== 'lazy') return { args, log };
+    const pageServer = opts.pageServer!;
+    const daemon = await this.startLazyPagesDaemon(migrationId, opts.images, opts.work, pageServer);
+    const daemonFailed = new Promise<string>((resolve) => {
+      daemon.once('exit', (code, signal) => {
+        if (code !== 0) {
+          resolve(`the CRIU lazy-pages daemon failed (${signal ?? `exit code ${code}`}) fetching memory from the page server ${pageServer.address}:${pageServer.port}; see ${join(opts.work, CRIU_LOG.lazyPages)}`);
+        }
+      });
+    });
+    return { args: [...args, '--lazy-pages'], log, daemonFailed };
+  }
+
+  private async startLazyPagesDaemon(migrationId: string, images: string, work: string, pageServer: PageServer): Promise<ChildProcess> {
+    const socket = join(work, 'lazy-pages.socket');
+    const daemon = spawn(
+      ...inHostNetns(this.hostNetns, this.criuPath, [
+        'lazy-pages', '--page-server', '--address', pageServer.address, '--port', String(pageServer.port),
+        '--images-dir', images, '--work-dir', work, '-o', CRIU_LOG.lazyPages, '-v4',
+      ]),
+      { stdio: 'ignore', detached: true },
+    );
+    daemon.unref();
+    this.lazyDaemons.set(migrationId, daemon);
+    daemon.on('exit', () => this.lazyDaemons.delete(migrationId));
+    const deadline = Date.now() + LAZY_SOCKET_WAIT_MS;
+    while (!existsSync(socket)) {
+      if (daemon.exitCode !== null || Date.now() > deadline) {
+        throw new RuntimeFailedError(`CRIU lazy-pages daemon did not start (page server ${pageServer.address}:${pageServer.port})`, {
+          op: 'criu lazy-pages',
+          logPath: join(work, CRIU_LOG.lazyPages),
+        });
+      }
+      await sleep(5);
+    }
+    return daemon;
+  }
+
+  /** Ends a migration's lazy-pages daemon, if it runs. */
+  killLazyPages(migrationId: string): void {
+    this.lazyDaemons.get(migrationId)?.kill('SIGKILL');
+    this.lazyDaemons.delete(migrationId);
+  }
+
+  /** Resolves when the migration's lazy-pages daemon has ended (at once if none runs), or after `timeoutMs`. */
+  async lazyPagesEnded(migrationId: string, timeoutMs: number): Promise<void> {
+    const daemon = this.lazyDaemons.get(migrationId);
+    if (!daemon || daemon.exitCode !== null || daemon.signalCode !== null) return;
+    await within(new Promise((resolve) => daemon.once('exit', resolve)), timeoutMs);
+  }
+
+  /** Memory the lazy-pages daemon copied, from its log: one line per restored process. */
+  async lazyPagesBytes(work: string): Promise<number> {
+    const log = await readFile(join(work, CRIU_LOG.lazyPages), 'utf8').catch(() => '');
+    let pages = 0;
+    for (const m of log.matchAll(/UFFD transferred pages: \((\d+)\/\d+\)/g)) pages += Number(m[1]);
+    return pages * PAGE_SIZE;
+  }
+}
+
+/**
+ * runc wants a writable file descriptor for --status-fd, and the stdio "pipes" node creates are
+ * socket pairs runc rejects: so a FIFO, opened for reading first (non-blocking) so that opening
+ * its write end does not block.
+ */
+async function openStatusFifo(path: string): Promise<{ writeFd: number; readable: NodeJS.ReadableStream & { destroy(): void }; closeWriteEnd(): void }> {
+  await runUnchecked('rm', ['-f', path]);
+  await runUnchecked('mkfifo', ['-m', '600', path]);
+  const readFd = openSync(path, constants.O_RDONLY | constants.O_NONBLOCK);
+  const writeFd = openSync(path, constants.O_WRONLY);
+  // A libuv pipe handle, not an fs stream: fs streams fail with EAGAIN on a non-blocking FIFO.
+  const readable = new Socket({ fd: readFd, readable: true, writable: false });
+  return { writeFd, readable, closeWriteEnd: () => closeSync(writeFd) };
+}

@@ -1,0 +1,89 @@
+/**
+ * Checkpoints taken on this node: the container runs on, its memory and files wait under
+ * checkpoints/ID until the agent uploads them to the checkpoint store, then are discarded.
+ */
+import { mkdir } from 'node:fs/promises';
+import { join } from 'node:path';
+import { ConflictError, RuntimeFailedError } from '../../shared/errors.js';
+import { lastLines, runUnchecked } from '../../shared/exec.js';
+import { removeTree } from '../../shared/remove-tree.js';
+import { treeBytes, type RuntimeContext } from './context.js';
+import { removeCriuNetworkLock } from './criu.js';
+import type { LocalCheckpoint, MigrationPaths } from './types.js';
+
+export class LocalCheckpoints {
+  constructor(private readonly ctx: RuntimeContext) {}
+
+  /**
+   * runc pause first: the cgroup freezer holds every task while the upper layer and logs are
+   * copied, and CRIU dumps a paused container and leaves it paused; so files and memory are of
+   * the same instant. TCP connections are not dumped (criu.conf: tcp-close): a restore from a
+   * checkpoint happens after a failure, when those connections are gone anyway.
+   */
+  async checkpoint(name: string, checkpointId: string): Promise<LocalCheckpoint> {
+    const { ctx } = this;
+    return ctx.withLock(name, async () => {
+      const rec = await ctx.records.read(name);
+      ctx.assertNotMigrating(rec);
+      const id = ctx.runcId(rec);
+      if ((await ctx.runc.state(id))?.status !== 'running') {
+        throw new ConflictError(`container '${name}' is not running on node ${ctx.node}; only running containers can be checkpointed`, { name });
+      }
+      const dir = ctx.layout.checkpointDir(checkpointId);
+      const paths: MigrationPaths = { images: join(dir, 'images'), files: join(dir, 'files') };
+      const work = join(dir, 'criu-work');
+      await removeTree(dir);
+      await mkdir(paths.images, { recursive: true });
+      await mkdir(work, { recursive: true });
+      const what = `checkpoint of '${name}'`;
+      const failed = (op: string, stderr: string) => new RuntimeFailedError(`${what} failed (${op}): ${lastLines(stderr, 3)}`, { op, stderr: lastLines(stderr, 20) });
+
+      const frozenAt = Date.now();
+      const paused = await ctx.runc.exec(['pause', id], { inHostNetns: true });
+      if (paused.code !== 0) throw failed('runc pause', paused.stderr);
+      let failure: unknown;
+      try {
+        const copied = await runUnchecked('cp', ['-a', '--reflink=auto', join(ctx.layout.containerDir(name), 'files'), paths.files]);
+        if (copied.code !== 0) throw failed('copying the container files', copied.stderr);
+        await ctx.criu.dumpLeavingRunning(id, what, paths.images, work);
+      } catch (err) {
+        failure = err;
+      }
+      const resumed = await ctx.runc.exec(['resume', id], { inHostNetns: true });
+      const frozenMs = Date.now() - frozenAt;
+      await removeCriuNetworkLock(rec.netns);
+      // A container left frozen is worse than a lost checkpoint: that error wins.
+      if (resumed.code !== 0) throw failed('runc resume: the container may still be frozen', resumed.stderr);
+      if (failure) throw failure;
+      return { paths, frozenMs, imageBytes: await treeBytes(paths.images), filesBytes: await treeBytes(paths.files) };
+    }).catch(async (err: unknown) => {
+      const dir = ctx.layout.checkpointDir(checkpointId);
+      const kept = await ctx.failedLogs.keepFor(err, 'checkpoint', checkpointId, join(dir, 'criu-work'));
+      await removeTree(dir).catch(() => undefined);
+      throw kept;
+    });
+  }
+
+  async discardCheckpoint(checkpointId: string): Promise<void> {
+    await removeTree(this.ctx.layout.checkpointDir(checkpointId));
+  }
+
+  async recoverInterruptedCheckpoints(): Promise<string[]> {
+    const { ctx } = this;
+    await removeTree(ctx.layout.checkpointsDir());
+    // Agents up to chipmunk 0.1.0 kept them in snapshots/: an upgraded node drops those too.
+    await removeTree(join(ctx.layout.dataDir, 'snapshots'));
+    const resumed: string[] = [];
+    for (const rec of await ctx.records.readable()) {
+      const name = rec.spec.name;
+      const id = ctx.runcId(rec);
+      // chipmunk pauses containers only inside a checkpoint, so a paused one is a leftover.
+      if ((await ctx.runc.state(id))?.status !== 'paused') continue;
+      const res = await ctx.runc.exec(['resume', id], { timeoutMs: 30_000 });
+      if (res.code !== 0) throw new RuntimeFailedError(`container '${name}' was left paused by an interrupted checkpoint and cannot be resumed: ${lastLines(res.stderr, 3)}`, { op: 'runc resume' });
+      await removeCriuNetworkLock(rec.netns);
+      resumed.push(name);
+    }
+    return resumed;
+  }
+}

@@ -1,0 +1,140 @@
+/**
+ * A migration (or a restore from a stored checkpoint) as its target node sees it: prepare the
+ * network before the source freezes, restore from the fetched trees, then settle (last lazy
+ * page in) or abort (nothing of it left).
+ */
+import { existsSync } from 'node:fs';
+import { mkdir, rename } from 'node:fs/promises';
+import { join } from 'node:path';
+import { ConflictError, InvalidInputError } from '../../shared/errors.js';
+import type { AgentContainer, ContainerSpec, MigrationMode } from '../../shared/protocol.js';
+import type { RuntimeContext } from './context.js';
+import { PAGE_DRAIN_TIMEOUT_MS, writeCriuOptions, type PageServer } from './criu.js';
+import type { ImageConfig } from './images.js';
+import type { ContainerRecord } from './records.js';
+import type { PrepareOptions, RestoreOptions } from './types.js';
+
+export class TargetRestores {
+  constructor(private readonly ctx: RuntimeContext) {}
+
+  async prepareRestore(spec: ContainerSpec, opts: PrepareOptions): Promise<void> {
+    const { ctx } = this;
+    await ctx.withLock(spec.name, async () => {
+      const existing = await ctx.records.find(spec.name);
+      if (existing?.migration?.id === opts.migrationId && existing.migration.role === 'target') return;
+      if (existing) throw new ConflictError(`node ${ctx.node} already has a container named '${spec.name}'`, { name: spec.name });
+      await ctx.assertPortsFree(spec);
+      const image = await ctx.images.inspect(spec.image);
+      const rec = this.targetRecord(spec, image, opts);
+      await mkdir(ctx.layout.containerDir(spec.name), { recursive: true });
+      await ctx.records.write(rec);
+      try {
+        rec.ip = (await ctx.network.attach(rec.netns, ctx.cniId(rec), spec.ports)).ip;
+        await ctx.records.write(rec);
+      } catch (err) {
+        await ctx.removeContainerDir(spec.name).catch(() => undefined);
+        throw err;
+      }
+    });
+  }
+
+  async restore(spec: ContainerSpec, opts: RestoreOptions): Promise<AgentContainer> {
+    const { ctx } = this;
+    if (opts.mode === 'lazy' && !opts.pageServer) throw new InvalidInputError('lazy restore needs the source page server address and port');
+    return ctx.withLock(spec.name, async () => {
+      const dir = ctx.layout.containerDir(spec.name);
+      const prepared = await ctx.records.find(spec.name);
+      const isPrepared = prepared?.migration?.id === opts.migrationId && prepared.migration.role === 'target';
+      if (prepared && !isPrepared) {
+        throw new ConflictError(`node ${ctx.node} already has a container named '${spec.name}'`, { name: spec.name });
+      }
+      if (!isPrepared) await ctx.assertPortsFree(spec);
+      // Prepared: image and network were resolved before the freeze; nothing to ask Podman now.
+      const rec = isPrepared ? prepared! : this.targetRecord(spec, await ctx.images.inspect(spec.image), opts);
+      await mkdir(dir, { recursive: true });
+      const incoming = join(ctx.layout.migrationDir(opts.migrationId), 'files');
+      if (existsSync(incoming)) await rename(incoming, join(dir, 'files'));
+      await mkdir(join(dir, 'files', 'upper'), { recursive: true });
+      await mkdir(ctx.layout.logDir(spec.name), { recursive: true });
+      await ctx.records.write(rec);
+      try {
+        if (!rec.ip) {
+          rec.ip = (await ctx.network.attach(rec.netns, ctx.cniId(rec), spec.ports)).ip;
+          await ctx.records.write(rec);
+        }
+        const restored = await restoreIncarnation(ctx, rec, rec.image, opts.migrationId, opts.mode, opts.pageServer);
+        delete restored.migration;
+        restored.restoredBy = opts.migrationId;
+        await ctx.records.write(restored);
+        return await ctx.view(restored);
+      } catch (err) {
+        // Leave nothing of a failed restore: the source still has the container.
+        await ctx.network.detach(rec.netns, ctx.cniId(rec), spec.ports).catch(() => undefined);
+        await ctx.removeContainerDir(spec.name).catch(() => undefined);
+        throw err;
+      }
+    });
+  }
+
+  private targetRecord(spec: ContainerSpec, image: ImageConfig, opts: { migrationId: string; generation: number; mode: MigrationMode }): ContainerRecord {
+    return {
+      spec,
+      image,
+      generation: opts.generation,
+      netns: this.ctx.layout.netnsName(spec.name, opts.generation),
+      ip: '',
+      createdAt: new Date().toISOString(),
+      migration: { id: opts.migrationId, role: 'target', mode: opts.mode },
+    };
+  }
+
+  async settleRestore(migrationId: string): Promise<{ lazyPagesBytes: number }> {
+    const { ctx } = this;
+    await ctx.criu.lazyPagesEnded(migrationId, PAGE_DRAIN_TIMEOUT_MS);
+    const lazyPagesBytes = await ctx.criu.lazyPagesBytes(ctx.layout.criuWorkDir(migrationId));
+    await ctx.removeMigrationDir(migrationId);
+    return { lazyPagesBytes };
+  }
+
+  async abortRestore(migrationId: string): Promise<void> {
+    const { ctx } = this;
+    ctx.criu.killLazyPages(migrationId);
+    const name = await ctx.findByMigration(migrationId, 'target').catch(() => undefined);
+    if (name) await ctx.withLock(name, async () => ctx.removeContainer(await ctx.records.read(name)));
+    // A failed restore's logs, which its error names, were kept in failed-logs/ already.
+    await ctx.removeMigrationDir(migrationId);
+  }
+}
+
+/**
+ * Restores `rec` (generation already set) from the migration's images into its record's
+ * network namespace; on failure nothing of the new incarnation is left.
+ */
+export async function restoreIncarnation(
+  ctx: RuntimeContext,
+  rec: ContainerRecord,
+  image: ImageConfig,
+  migrationId: string,
+  mode: MigrationMode,
+  pageServer: PageServer | undefined,
+): Promise<ContainerRecord> {
+  const name = rec.spec.name;
+  const work = ctx.layout.criuWorkDir(migrationId);
+  const containerDir = ctx.layout.containerDir(name);
+  await mkdir(work, { recursive: true });
+  await ctx.mountContainerRootfs(name, image);
+  await ctx.writeBundle(rec, image);
+  await writeCriuOptions(containerDir, 'restore');
+  try {
+    const restore = await ctx.criu.restoreCommand(migrationId, { images: ctx.layout.migrationImages(migrationId), work, bundle: containerDir, mode, pageServer });
+    await ctx.runc.start(ctx.startTarget(name), [...restore.args, ctx.runcId(rec)], 'runc restore', restore.log, restore.daemonFailed);
+  } catch (err) {
+    ctx.criu.killLazyPages(migrationId);
+    await ctx.runc.destroy(ctx.runcId(rec));
+    throw await ctx.failedLogs.keepFor(err, 'restore', migrationId, work);
+  } finally {
+    await writeCriuOptions(containerDir, 'dump').catch(() => undefined);
+  }
+  delete rec.stopped;
+  return rec;
+}

@@ -1,0 +1,39 @@
+/**
+ * The CI subset of the fault matrix (bench/faults runs all of it), through the same cell code
+ * (test/support/fault-cells.ts): a protected app under load, a process paused at a step, the
+ * victim SIGKILLed exactly there, revived, then every invariant of test/support/fault-checks.ts.
+ *
+ * A cell that fails because its issue-8 item is not fixed yet is marked `todo` with what broke,
+ * so the suite stays green; drop the todo with the fix.
+ */
+import assert from 'node:assert/strict';
+import { after, before, describe, it } from 'node:test';
+import { cellId, runCell, type Cell } from '../support/fault-cells.js';
+import { ensureClusterHealthy, startLocalCluster, stopLocalCluster } from '../support/local-cluster.js';
+
+const NODE_LEASE_MS = 1_000;
+
+const CELLS: Array<{ cell: Cell; todo?: string }> = [
+  { cell: { kind: 'migration', mode: 'lazy', step: 'transfer', victim: 'controller' } },
+  { cell: { kind: 'migration', mode: 'lazy', step: 'restore', victim: 'target-host' } },
+  { cell: { kind: 'migration', mode: 'copy', step: 'transfer', victim: 'source-host' } },
+  { cell: { kind: 'checkpoint', step: 'cut', victim: 'controller' } },
+];
+
+before(async () => {
+  await startLocalCluster(3, { nodeLeaseMs: NODE_LEASE_MS });
+}, { timeout: 300_000 });
+
+after(async () => {
+  await stopLocalCluster();
+}, { timeout: 120_000 });
+
+describe('fault matrix (CI subset)', { timeout: 600_000 }, () => {
+  for (const [index, { cell, todo }] of CELLS.entries()) {
+    it(cellId(cell), { timeout: 150_000, ...(todo ? { todo } : {}) }, async () => {
+      await ensureClusterHealthy();
+      const result = await runCell(cell, { index, downMs: 2_000, settleMs: 45_000 });
+      assert.equal(result.outcome, 'ok', `${result.failures.join('; ')}${result.operation ? ` [${result.operation}]` : ''}`);
+    });
+  }
+});

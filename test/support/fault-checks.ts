@@ -1,0 +1,129 @@
+/**
+ * What must hold after any fault, checked from the outside (runc on every node, the gateway,
+ * the kernel's mount and namespace tables), not from the controller's records:
+ * - exactly one running copy, and the controller's record names its node, running;
+ * - no lock left: protection goes on (a scheduled checkpoint completes);
+ * - the route is not held, and the app answers through the gateway;
+ * - counter == acknowledged writes == lines in the app's file;
+ * - nothing left of dead incarnations or ended migrations: runc containers, network
+ *   namespaces, mounts, CRIU page servers and lazy-pages daemons, migration images.
+ */
+import { execFile } from 'node:child_process';
+import { promisify } from 'node:util';
+import { request } from 'undici';
+import { cli, controllerContainers, http, localCluster, migrationLeftovers, runcList, runningCopies } from './local-cluster.js';
+
+const execFileP = promisify(execFile);
+export const GATEWAY_HOST = '127.0.0.1';
+
+export interface Copy {
+  node: string;
+  id: string;
+}
+
+/** GET through the gateway: the body (parsed when JSON); undefined when nothing answers 200 within TIMEOUTMS. */
+export async function viaGateway<T>(port: number, path: string, timeoutMs = 3_000): Promise<T | undefined> {
+  try {
+    const res = await request(`http://${GATEWAY_HOST}:${port}${path}`, { headersTimeout: timeoutMs, bodyTimeout: timeoutMs });
+    const text = await res.body.text();
+    if (res.statusCode !== 200) return undefined;
+    try {
+      return JSON.parse(text) as T;
+    } catch {
+      return text as T;
+    }
+  } catch {
+    return undefined;
+  }
+}
+
+interface GatewayRoute {
+  state: 'open' | 'holding';
+  held: number;
+  migration?: { id: string };
+}
+
+async function gatewayRoute(name: string): Promise<GatewayRoute | undefined> {
+  const url = new URL(localCluster().state.gatewayUrl!);
+  const res = await http<GatewayRoute>(url.hostname, Number(url.port), `/v1/routes/${name}`, 'GET', { token: localCluster().token });
+  return res.status === 200 ? res.body : undefined;
+}
+
+/**
+ * The structural invariants (copies, record, route, answer). Returns what fails (empty: all
+ * hold) and the one running copy, if there is exactly one.
+ */
+export async function structuralFailures(name: string, port: number): Promise<{ failures: string[]; copy?: Copy }> {
+  const failures: string[] = [];
+  const copies = await runningCopies(name).catch((err: Error) => {
+    failures.push(`runc list failed: ${err.message}`);
+    return [] as Copy[];
+  });
+  const copy = copies.length === 1 ? copies[0] : undefined;
+  if (copies.length !== 1) failures.push(`${copies.length} running copies${copies.length ? ` (${copies.map((c) => c.id).join(', ')})` : ''}`);
+  const record = await controllerContainers()
+    .then((all) => all.find((c) => c.name === name) ?? 'none')
+    .catch((err: Error) => `controller does not answer (${err.message})`);
+  if (record === 'none') failures.push('the controller has no record of it');
+  else if (typeof record === 'string') failures.push(record);
+  else {
+    if (copy && record.node !== copy.node) failures.push(`record says ${record.node}, runc says ${copy.node}`);
+    if (record.status !== 'running') failures.push(`record says ${record.status}`);
+  }
+  const route = await gatewayRoute(name).catch(() => undefined);
+  if (!route) failures.push('the gateway has no route for it (or does not answer)');
+  else if (route.state === 'holding') failures.push(`route held (by ${route.migration?.id ?? '?'}, ${route.held} waiting)`);
+  if (!(await viaGateway(port, '/health'))) failures.push('no answer through the gateway');
+  return { failures, ...(copy ? { copy } : {}) };
+}
+
+/**
+ * No lock left: with checkpoints every few seconds, one newer than SINCE completes within
+ * WAITMS. If none does, an explicit `chipmunk checkpoint` says why (the lock that is left).
+ */
+export async function lockFailures(name: string, since: number, waitMs: number): Promise<string[]> {
+  const deadline = Date.now() + waitMs;
+  while (Date.now() < deadline) {
+    const list = await cli<Array<{ time: number }>>(['checkpoints', name], { timeoutMs: 10_000 });
+    if (list.json?.some?.((c) => c.time > since)) return [];
+    await new Promise((resolve) => setTimeout(resolve, 500));
+  }
+  const explicit = await cli(['checkpoint', name], { timeoutMs: 20_000 });
+  if (explicit.code === 0) return [`no scheduled checkpoint within ${waitMs / 1000} s (an explicit one worked)`];
+  return [`protection stopped: no checkpoint within ${waitMs / 1000} s; \`checkpoint\` says: ${explicit.error?.message ?? explicit.stderr.trim().slice(-200)}`];
+}
+
+/** Counter, lines of the app's file, acknowledged writes: all equal. FAILED requests may or may not have been applied. */
+export async function counterFailures(port: number, acked: number): Promise<{ failures: string[]; counter?: number; lines?: number }> {
+  const state = await viaGateway<{ counter: number }>(port, '/', 10_000);
+  const file = await viaGateway<{ lines: number }>(port, '/file', 10_000);
+  if (!state || !file) return { failures: ['cannot read the counter through the gateway'] };
+  const failures: string[] = [];
+  if (state.counter !== acked) failures.push(`counter ${state.counter} != acknowledged ${acked}`);
+  if (file.lines !== state.counter) failures.push(`file lines ${file.lines} != counter ${state.counter}`);
+  return { failures, counter: state.counter, lines: file.lines };
+}
+
+/** Leftovers of dead incarnations of NAME (everything but COPY) and of ended migrations. */
+export async function leftovers(name: string, copy: Copy | undefined): Promise<string[]> {
+  const left: string[] = [];
+  const escaped = name.replace(/[.]/g, '\\.');
+  for (const node of localCluster().nodes) {
+    const incarnation = new RegExp(`^chmk-${node}-${escaped}-\\d+$`);
+    for (const c of await runcList(node).catch(() => [])) {
+      if (incarnation.test(c.id) && !(copy && c.id === copy.id)) left.push(`runc ${c.id} (${c.status})`);
+    }
+    left.push(...(await migrationLeftovers(node)));
+  }
+  const netns = (await execFileP('ip', ['netns', 'list'])).stdout.split('\n').map((l) => l.split(' ')[0]!);
+  for (const ns of netns) if (new RegExp(`^chmk-node\\d+-${escaped}-\\d+$`).test(ns) && ns !== copy?.id) left.push(`netns ${ns}`);
+  const mounts = (await execFileP('findmnt', ['-rn', '-o', 'TARGET'])).stdout.split('\n');
+  for (const target of mounts) {
+    const m = /\/nodes\/(node\d+)\/containers\/([^/]+)\//.exec(`${target}/`);
+    if (m && m[2] === name && m[1] !== copy?.node) left.push(`mount ${target}`);
+    if (/\/migrations\/|criu-root/.test(target) && target.includes('/chipmunk/')) left.push(`mount ${target}`);
+  }
+  const procs = (await execFileP('ps', ['-eo', 'pid=,args='])).stdout.split('\n');
+  for (const line of procs) if (/criu.*(lazy-pages|page-server)|runc .*--lazy-pages/.test(line) && !/\bps\b/.test(line)) left.push(`process ${line.trim().slice(0, 120)}`);
+  return left;
+}

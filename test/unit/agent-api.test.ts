@@ -1,0 +1,70 @@
+/**
+ * The agent's HTTP API as the controller's client calls it (HttpAgentApi against
+ * buildAgentServer, over loopback), on a FakeRuntime: the routes of a dump and of a checkpoint
+ * taken on the agent, so client and server cannot name them differently.
+ */
+import assert from 'node:assert/strict';
+import { mkdtemp } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, before, describe, it } from 'node:test';
+import type { FastifyInstance } from 'fastify';
+import { FaultInjector } from '../../src/agent/faults.js';
+import type { ImageStore } from '../../src/agent/runtime/images.js';
+import { FakeRuntime } from '../../src/agent/runtime/fake-runtime.js';
+import { buildAgentServer } from '../../src/agent/server.js';
+import { HttpAgentApi } from '../../src/controller/agent-client.js';
+import { NotFoundError } from '../../src/shared/errors.js';
+import { removeTree } from '../../src/shared/remove-tree.js';
+
+const TOKEN = 'agent-api-test';
+
+describe('agent API over HTTP', () => {
+  let app: FastifyInstance;
+  let api: HttpAgentApi;
+  let runtime: FakeRuntime;
+  let scratch: string;
+
+  before(async () => {
+    scratch = await mkdtemp(join(tmpdir(), 'chipmunk-agent-api-'));
+    runtime = new FakeRuntime({ node: 'n1', dataDir: join(scratch, 'data') });
+    const images = { exists: async () => true } as unknown as ImageStore;
+    app = buildAgentServer({
+      info: { node: 'n1', address: '127.0.0.1', apiPort: 0, capabilities: runtime.capabilities, version: 'test' },
+      token: TOKEN,
+      runtime,
+      images,
+      scratchDir: join(scratch, 'scratch'),
+      faults: new FaultInjector(false),
+    });
+    await app.listen({ host: '127.0.0.1', port: 0 });
+    const address = app.server.address();
+    assert.ok(address && typeof address === 'object');
+    api = new HttpAgentApi({ node: 'n1', url: `http://127.0.0.1:${address.port}`, token: TOKEN });
+    await api.run({ name: 'web', image: 'chipmunk/statefulapp', command: [], env: {}, ports: [], memoryBytes: 0 });
+  });
+
+  after(async () => {
+    await app?.close();
+    await runtime?.close();
+    if (scratch) await removeTree(scratch);
+  });
+
+  it('a dump freezes the container for a migration; a rollback runs it again', async () => {
+    const dumped = await api.dump('web', { migrationId: 'm1', mode: 'copy' });
+    assert.equal(dumped.migrationId, 'm1');
+    assert.ok(dumped.imageBytes > 0);
+    assert.equal((await api.get('web')).status, 'migrating');
+    assert.equal((await api.rollback('m1')).status, 'running');
+  });
+
+  it('a checkpoint leaves the container running; its trees wait on the agent until discarded', async () => {
+    const taken = await api.checkpoint('web', { checkpointId: 'c1' });
+    assert.equal(taken.checkpointId, 'c1');
+    assert.ok(taken.imageBytes > 0);
+    assert.equal((await api.get('web')).status, 'running');
+    await api.discardCheckpoint('c1');
+    const upload = api.uploadCheckpoint('c1', { container: 'web', storeUrl: 'http://127.0.0.1:1', logPosition: null, metadata: {} });
+    await assert.rejects(upload, (err: unknown) => err instanceof NotFoundError && /no checkpoint c1 on node n1/.test(err.message));
+  });
+});
