@@ -80,8 +80,9 @@ export async function startAgent(opts: AgentOptions): Promise<RunningAgent> {
       { from: PAGE_SERVER_PORTS.first, to: PAGE_SERVER_PORTS.last, usedBy: 'migration page servers' },
     ],
   });
-  const resumed = await runtime.recoverInterruptedCheckpoints();
+  const { resumed, abandoned } = await runtime.recoverAtStart();
   if (resumed.length > 0) log.warn({ containers: resumed }, 'resumed containers an interrupted checkpoint had left paused');
+  if (abandoned.length > 0) log.warn({ left: abandoned }, 'removed what migrations and restores the previous agent process died in left behind');
   const faults = new FaultInjector(opts.enableFaults ?? process.env.CHIPMUNK_ENABLE_FAULTS === '1');
   const app = buildAgentServer({ info, token: opts.token, runtime, images, scratchDir: join(opts.dataDir, 'scratch'), faults, logger: log });
   await app.listen({ host: opts.listen.host, port: opts.listen.port });

@@ -1,19 +1,10 @@
 import { after, afterEach, before, describe, it, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import {
-  ConflictError,
-  InvalidInputError,
-  NotFoundError,
-  RuntimeFailedError,
-  TransferFailedError,
-  UnavailableError,
-  toChipmunkError,
-  type ChipmunkError,
-  type ErrorCode,
-} from '../../src/shared/errors.js';
+import { ConflictError, InvalidInputError, NotFoundError, RuntimeFailedError, TransferFailedError, UnavailableError } from '../../src/shared/errors.js';
 import type { AgentContainer, ContainerSpec, DumpResult, MigrationMode, RestoreRequest } from '../../src/shared/protocol.js';
 import type { AgentApi } from '../../src/controller/agent-client.js';
+import { assertRejects } from './errors.js';
 
 /**
  * The agent API as the controller relies on it (src/controller/migration.ts,
@@ -48,15 +39,6 @@ export interface AgentCluster {
   /** Removes everything the cluster made, whatever state a failed test left it in. */
   cleanup(): Promise<void>;
 }
-
-const CODES = new Map<Function, ErrorCode>([
-  [NotFoundError, 'CHIPMUNK_NOT_FOUND'],
-  [ConflictError, 'CHIPMUNK_CONFLICT'],
-  [InvalidInputError, 'CHIPMUNK_INVALID_INPUT'],
-  [RuntimeFailedError, 'CHIPMUNK_RUNTIME_FAILED'],
-  [TransferFailedError, 'CHIPMUNK_TRANSFER_FAILED'],
-  [UnavailableError, 'CHIPMUNK_UNAVAILABLE'],
-]);
 
 export function describeAgentContract(name: string, makeCluster: () => Promise<AgentCluster>, opts: { timeoutMs?: number } = {}): void {
   const timeout = opts.timeoutMs ?? 60_000;
@@ -189,6 +171,7 @@ export function describeAgentContract(name: string, makeCluster: () => Promise<A
       const stopped = await api.stop(s.name);
       assert.equal(stopped.status, 'stopped');
       assert.equal((await api.get(s.name)).status, 'stopped');
+      assert.equal((await api.stop(s.name)).status, 'stopped', 'stopping a stopped container is no error');
       const refused = migrationId('stopped');
       await assertRejects(api.dump(s.name, { migrationId: refused, mode: 'copy' }), ConflictError, 'dump of a stopped container');
       await assertCanRollBack(api, refused, false, 'a refused dump leaves no dump');
@@ -227,6 +210,15 @@ export function describeAgentContract(name: string, makeCluster: () => Promise<A
       await api.finish(id);
       await api.settle(id);
       await api.discardCheckpoint(checkpointId('ghost'));
+
+      // A restore of a migration its source has no dump of (the source restarted, or never dumped).
+      const target = node(1).api;
+      const orphan = migrationId('orphan');
+      const req: RestoreRequest = { migrationId: orphan, mode: 'copy', spec: spec('orphan'), generation: 1, source: { node: node(0).name, url: node(0).url } };
+      await target.prepare(orphan, req);
+      await assertRejects(target.restore(orphan, req), TransferFailedError, 'restore without a dump on the source');
+      assert.equal(await runningCopies(req.spec.name), 0);
+      await target.abort(orphan);
       await assertNothingLeft();
     });
 
@@ -336,7 +328,7 @@ export function describeAgentContract(name: string, makeCluster: () => Promise<A
       await assertNothingLeft();
     });
 
-    it('checkpoints a running container, uploads and discards it, and restores it from the store elsewhere', { timeout }, async () => {
+    it('checkpoints a running container, uploads and discards it, restores it from the store elsewhere and in place', { timeout }, async () => {
       const [home, other] = [node(0).api, node(1).api];
       const c = await home.run(spec('ckpt'));
       const cid = checkpointId('ckpt');
@@ -386,20 +378,19 @@ export function describeAgentContract(name: string, makeCluster: () => Promise<A
       assert.equal(await runningCopies(c.name), 1);
       assert.equal((await other.get(c.name)).status, 'running');
 
+      // `restore --from`: the container is removed where it runs and comes back there, one incarnation on.
+      await other.remove(c.name);
+      const undo = migrationId('restore-from');
+      assert.equal((await other.restore(undo, fromStore(undo, stored.id, c.generation + 2))).container.generation, c.generation + 2);
+      await other.settle(undo);
+      assert.equal(await runningCopies(c.name), 1);
+
       await other.remove(c.name);
       await assertNothingLeft();
     });
   });
 }
 
-async function assertRejects(p: Promise<unknown>, cls: new (...args: any[]) => ChipmunkError, what: string): Promise<void> {
-  await assert.rejects(p, (err: unknown) => {
-    const got = toChipmunkError(err);
-    assert.equal(got.code, CODES.get(cls), `${what}: expected ${cls.name} (${CODES.get(cls)}), got ${got.constructor.name} (${got.code}): ${got.message}`);
-    assert.ok(err instanceof cls, `${what}: expected an instance of ${cls.name}, got ${got.constructor.name}`);
-    return true;
-  });
-}
 
 function skip(t: TestContext, why: string): void {
   t.skip(why);

@@ -8,7 +8,7 @@
  * every agent); each agent advertises its test host's address, where its CRIU page server
  * listens for the other test host's lazy-pages daemon.
  */
-import { mkdir, mkdtemp } from 'node:fs/promises';
+import { mkdir, mkdtemp, readdir } from 'node:fs/promises';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -30,11 +30,17 @@ const PAGE_SERVER_PORT_BASE = 27400;
 /** A hung step fails the test instead of waiting the controller's 15 minutes. */
 const STEP_TIMEOUT_MS = 60_000;
 
+const TMP_PREFIX = 'chipmunk-agent-contract-';
+
 export async function makeRuncAgents(): Promise<AgentCluster> {
+  // A run killed before its cleanup left its store and scratch space (no mounts: those are the pair's).
+  for (const entry of await readdir(tmpdir())) {
+    if (entry.startsWith(TMP_PREFIX)) await runUnchecked('rm', ['-rf', '--one-file-system', '--', join(tmpdir(), entry)]);
+  }
   const pair = await makeRuncPair();
   const servers: FastifyInstance[] = [];
   let store: CheckpointStore | undefined;
-  const root = await mkdtemp(join(tmpdir(), 'chipmunk-agent-contract-'));
+  const root = await mkdtemp(join(tmpdir(), TMP_PREFIX));
   const cleanup = async () => {
     for (const server of servers) await server.close().catch(() => undefined);
     await store?.close().catch(() => undefined);

@@ -221,9 +221,9 @@ export class FakeRuntime implements ContainerRuntime {
     await removeTree(join(this.dataDir, 'checkpoints', checkpointId));
   }
 
-  async recoverInterruptedCheckpoints(): Promise<string[]> {
+  async recoverAtStart(): Promise<{ resumed: string[]; abandoned: string[] }> {
     await removeTree(join(this.dataDir, 'checkpoints'));
-    return [];
+    return { resumed: [], abandoned: [] };
   }
 
   async rollback(migrationId: string): Promise<AgentContainer> {

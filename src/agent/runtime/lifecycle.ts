@@ -97,12 +97,20 @@ export class ContainerLifecycle {
     const { ctx } = this;
     await ctx.withLock(name, async () => {
       const rec = await ctx.records.read(name);
-      ctx.assertNotMigrating(rec);
+      // Forced (a fence: the container runs elsewhere now), even a copy a migration holds goes,
+      // with its dump process or lazy-pages daemon and its migration data.
+      if (!opts.force) ctx.assertNotMigrating(rec);
       const state = await ctx.runc.state(ctx.runcId(rec));
       if (state?.status === 'running' && !opts.force) {
         throw new ConflictError(`container '${name}' is running: stop it first or remove it with force`, { name });
       }
+      if (rec.migration) {
+        ctx.sources.get(rec.migration.id)?.dump?.process.kill('SIGKILL');
+        ctx.sources.delete(rec.migration.id);
+        ctx.criu.killLazyPages(rec.migration.id);
+      }
       await ctx.removeContainer(rec);
+      if (rec.migration) await ctx.removeMigrationDir(rec.migration.id);
     });
   }
 

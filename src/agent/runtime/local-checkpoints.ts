@@ -77,8 +77,9 @@ export class LocalCheckpoints {
     for (const rec of await ctx.records.readable()) {
       const name = rec.spec.name;
       const id = ctx.runcId(rec);
-      // chipmunk pauses containers only inside a checkpoint, so a paused one is a leftover.
-      if ((await ctx.runc.state(id))?.status !== 'paused') continue;
+      // chipmunk pauses containers only inside a checkpoint, so a paused one is a leftover;
+      // except one a migration's dump froze (lazy mode): the controller settles that one.
+      if (rec.migration || (await ctx.runc.state(id))?.status !== 'paused') continue;
       const res = await ctx.runc.exec(['resume', id], { timeoutMs: 30_000 });
       if (res.code !== 0) throw new RuntimeFailedError(`container '${name}' was left paused by an interrupted checkpoint and cannot be resumed: ${lastLines(res.stderr, 3)}`, { op: 'runc resume' });
       await removeCriuNetworkLock(rec.netns);

@@ -107,8 +107,10 @@ export class RuncRuntime implements ContainerRuntime {
     return this.checkpoints.discardCheckpoint(checkpointId);
   }
 
-  recoverInterruptedCheckpoints(): Promise<string[]> {
-    return this.checkpoints.recoverInterruptedCheckpoints();
+  async recoverAtStart(): Promise<{ resumed: string[]; abandoned: string[] }> {
+    const resumed = await this.checkpoints.recoverInterruptedCheckpoints();
+    const abandoned = await this.target.removeAbandoned();
+    return { resumed, abandoned };
   }
 
   async close(): Promise<void> {

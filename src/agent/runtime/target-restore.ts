@@ -4,7 +4,7 @@
  * page in) or abort (nothing of it left).
  */
 import { existsSync } from 'node:fs';
-import { mkdir, rename } from 'node:fs/promises';
+import { mkdir, readdir, rename } from 'node:fs/promises';
 import { join } from 'node:path';
 import { ConflictError, InvalidInputError } from '../../shared/errors.js';
 import type { AgentContainer, ContainerSpec, MigrationMode } from '../../shared/protocol.js';
@@ -94,6 +94,32 @@ export class TargetRestores {
     const lazyPagesBytes = await ctx.criu.lazyPagesBytes(ctx.layout.criuWorkDir(migrationId));
     await ctx.removeMigrationDir(migrationId);
     return { lazyPagesBytes };
+  }
+
+  /**
+   * At agent start: a copy this node was restoring or preparing as a target that does not run,
+   * and migration data no container record refers to (a restore from the checkpoint store, or a
+   * target's staging, whose agent died), are removed. Returns what went.
+   */
+  async removeAbandoned(): Promise<string[]> {
+    const { ctx } = this;
+    const removed: string[] = [];
+    const records = await ctx.records.readable();
+    for (const rec of records) {
+      if (rec.migration?.role !== 'target' || (await ctx.runc.state(ctx.runcId(rec)))?.status === 'running') continue;
+      await ctx.withLock(rec.spec.name, () => ctx.removeContainer(rec));
+      await ctx.removeMigrationDir(rec.migration.id);
+      removed.push(`${rec.spec.name} (target of ${rec.migration.id})`);
+    }
+    // A source's dump, and a restored copy's images until the controller settles it (lazy pages may still arrive), stay.
+    const referenced = new Set(records.flatMap((rec) => [rec.migration?.role === 'source' ? rec.migration.id : undefined, rec.restoredBy]).filter((id): id is string => id !== undefined));
+    const migrations = join(ctx.layout.dataDir, 'migrations');
+    for (const id of existsSync(migrations) ? await readdir(migrations) : []) {
+      if (referenced.has(id)) continue;
+      await ctx.removeMigrationDir(id);
+      removed.push(`migrations/${id}`);
+    }
+    return removed;
   }
 
   async abortRestore(migrationId: string): Promise<void> {

@@ -102,10 +102,14 @@ export interface ContainerRuntime {
   /** Drops a checkpoint's trees. Idempotent. */
   discardCheckpoint(checkpointId: string): Promise<void>;
   /**
-   * At agent start: a checkpoint the previous agent process died in left its container paused
-   * and its trees behind. Resumes those containers and drops the trees; returns their names.
+   * At agent start, what the previous agent process left when it died: a checkpoint left its
+   * container paused and its trees behind (the container is resumed, the trees dropped); a
+   * restore or a preparation as a migration's target left a copy that does not run, or staged
+   * data no record refers to (removed: the controller never counts on those after a restart).
+   * A container a migration's dump froze is left as it is: only the controller may decide
+   * whether it runs again here (rollback) or elsewhere.
    */
-  recoverInterruptedCheckpoints(): Promise<string[]>;
+  recoverAtStart(): Promise<{ resumed: string[]; abandoned: string[] }>;
 
   /** Stops background work (not the containers: they outlive the agent). */
   close(): Promise<void>;
