@@ -343,7 +343,8 @@ export class HttpRouteProxy implements RouteProxy {
       const why = again ? `request ${again.uncertainSeq} was sent and may or may not have been applied` : 'the gateway restarted during it, so what it applied is unknown';
       throw new ConflictError(`the replay of container '${name}''s log into ${upstream.address}:${upstream.port} cannot go on: ${why}; restore the container again from its checkpoint and replay into the new copy`, {
         name,
-        uncertain: true,
+        // As for a record that failed after it was sent: the copy may have applied it.
+        written: true,
         ...(again ? { seq: again.uncertainSeq } : {}),
       });
     }
