@@ -78,6 +78,7 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
     async (node) => (await nodes.get(node).catch(() => undefined))?.address,
     logger,
     opts.gateway ? { ...opts.gateway, token: opts.token, owner: storeId } : undefined,
+    (node) => nodes.isReady(node),
   );
   const temporaryCheckpointDir = opts.checkpointDir || storeSpec.startsWith('sqlite:') ? undefined : await mkdtemp(join(tmpdir(), 'chipmunk-checkpoints-'));
   const checkpointDir = opts.checkpointDir ?? temporaryCheckpointDir ?? join(dirname(storeSpec.slice('sqlite:'.length)), 'checkpoints');

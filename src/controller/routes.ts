@@ -44,6 +44,8 @@ export class RouteService {
     private readonly nodeAddress: (node: string) => Promise<string | undefined>,
     private readonly log: Logger,
     gateway?: { url: string; token: string; publicHost?: string; owner: string },
+    /** Whether a node is alive: a leftover hold is released only towards a live node. */
+    private readonly nodeReady: (node: string) => Promise<boolean> = async () => true,
   ) {
     if (gateway) this.gateway = new GatewayClient({ url: gateway.url, token: gateway.token });
     this.gatewayHost = gateway?.publicHost;
@@ -191,38 +193,47 @@ export class RouteService {
     return this.serial(async () => {
       if (!this.gateway) return;
       try {
+        // Read before the routes: a route created after it is not removed even if missed below.
+        const revision = await this.store.currentRevision();
         const live = new Map((await this.gateway.listRoutes()).map((route) => [route.name, route]));
         const routes: SyncedRoute[] = [];
         const stale: Array<{ name: string; holdId: string; upstream: Upstream }> = [];
-        for (const r of await this.list()) {
+        for (const { value: r, createRevision: storeRevision } of await this.store.list<ExposedRoute>('/routes/')) {
           const container = await this.store.get<ContainerRecord>(containerKey(r.name));
           const current = live.get(r.name);
           // Without the flag the gateway stops logging and deletes the log: always state it.
           const log = container ? logs(r, container.value) : false;
           const holdId = current?.state === 'holding' ? current.migration?.id : undefined;
           if (current && container?.value.lock) {
-            routes.push({ name: r.name, protocol: r.protocol, listenPort: r.listenPort, log, ...(current.upstream ? { upstream: current.upstream } : {}), ...(holdId ? { hold: { migrationId: holdId } } : {}) });
+            routes.push({ name: r.name, protocol: r.protocol, listenPort: r.listenPort, log, storeRevision, ...(current.upstream ? { upstream: current.upstream } : {}), ...(holdId ? { hold: { migrationId: holdId } } : {}) });
             continue;
           }
           const upstream = container ? await this.upstreamOf(container.value, r) : undefined;
-          routes.push({ name: r.name, protocol: r.protocol, listenPort: r.listenPort, log, ...(upstream ? { upstream } : {}) });
-          if (holdId && upstream && current?.owner === this.owner) stale.push({ name: r.name, holdId, upstream });
+          routes.push({ name: r.name, protocol: r.protocol, listenPort: r.listenPort, log, storeRevision, ...(upstream ? { upstream } : {}) });
+          // Towards a dead node it stays held: its failover will restore the container elsewhere.
+          const settle = holdId && upstream && container && current?.owner === this.owner && (await this.nodeReady(container.value.node));
+          if (settle) stale.push({ name: r.name, holdId, upstream });
         }
-        const synced = await this.gateway.sync(this.owner, routes);
+        const synced = await this.gateway.sync(this.owner, routes, revision);
         for (const { name, holdId, upstream } of stale) {
           this.log.warn({ container: name, holdId, upstream }, `the gateway still held ${name} for ${holdId}, which no longer runs: releasing it to where the container runs`);
           await this.gateway.release(name, holdId, upstream).catch((err: unknown) => this.warn(`releasing the leftover hold ${holdId} of ${name} failed; the next sync tries again`, err));
         }
-        this.reportForeign(synced);
+        this.reportForeign(synced, new Set(routes.map((r) => r.name)));
       } catch (err) {
         this.warn('pushing the route table to the gateway failed; will retry', err);
       }
     });
   }
 
-  /** Routes at the gateway that are not this controller's: left alone, and said so once. */
-  private reportForeign(routes: RouteView[]): void {
-    const foreign = routes.filter((r) => r.owner !== this.owner).map((r) => `${r.name} (${r.owner ? `owner ${r.owner}` : 'no owner'})`);
+  /**
+   * Routes at the gateway this controller left alone, said once: other owners' (or none), and
+   * its own that its store does not have but did not see created (the store is older than them).
+   */
+  private reportForeign(routes: RouteView[], listed: Set<string>): void {
+    const foreign = routes
+      .filter((r) => r.owner !== this.owner || !listed.has(r.name))
+      .map((r) => `${r.name} (${r.owner === this.owner ? `this owner's, created at store revision ${r.storeRevision ?? '?'}, which this store has not reached` : r.owner ? `owner ${r.owner}` : 'no owner'})`);
     const summary = foreign.join(', ');
     if (summary === this.reportedForeign) return;
     this.reportedForeign = summary;

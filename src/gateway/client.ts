@@ -72,8 +72,11 @@ export class GatewayClient {
     return this.api.post(`/v1/routes/${encodeURIComponent(name)}/release`, { migrationId, upstream });
   }
 
-  /** Replaces `owner`'s routes: its routes not listed are removed, other owners' are left alone. Ends no hold. */
-  sync(owner: string, routes: SyncedRoute[]): Promise<RouteView[]> {
-    return this.api.put('/v1/routes', { owner, routes });
+  /**
+   * Replaces `owner`'s routes: its routes not listed are removed (unless created after store
+   * revision `revision`), other owners' are left alone. Ends no hold.
+   */
+  sync(owner: string, routes: SyncedRoute[], revision?: number): Promise<RouteView[]> {
+    return this.api.put('/v1/routes', { owner, routes, ...(revision !== undefined ? { revision } : {}) });
   }
 }

@@ -15,7 +15,8 @@ import { HttpRouteProxy } from './http-proxy.js';
 import type { GatewayMetrics } from './metrics.js';
 import type { HoldRequest, HoldResponse, LogPosition, ReleaseRequest, ReplayRequest, ReplayResult, Route, RouteSpec, RouteView, SyncedRoute } from './protocol.js';
 import type { RouteProxy } from './proxy.js';
-import { RequestLog, requireSameLog } from './request-log.js';
+import { requireSameLog } from './log-identity.js';
+import { RequestLog } from './request-log.js';
 import { RouteStateFile, RouteTable, sameUpstream } from './routes.js';
 import { TcpRouteProxy } from './tcp-proxy.js';
 
@@ -164,16 +165,19 @@ export class Gateway {
 
   /**
    * Makes `owner`'s routes exactly `routes` (the controller resends everything after a restart
-   * of either side); routes of other owners, or of none, are left alone. Every route that can be
-   * applied is; the ones that cannot (port taken, another owner's) keep their previous state and
-   * are named in the ConflictError thrown at the end. A sync never ends a hold.
+   * of either side); routes of other owners, or of none, are left alone, and so are the owner's
+   * routes created after store revision `revision` (the store is older than they are). Every
+   * route that can be applied is; the ones that cannot (port taken, another owner's) keep their
+   * previous state and are named in the ConflictError thrown at the end. A sync never ends a hold.
    */
-  sync(owner: string, routes: SyncedRoute[]): Promise<RouteView[]> {
+  sync(owner: string, routes: SyncedRoute[], revision?: number): Promise<RouteView[]> {
     return this.serialized(async () => {
       const wanted = new Map(routes.map((r) => [r.name, r]));
       if (wanted.size !== routes.length) throw new InvalidInputError('a route name appears twice in the sync: list each container once', { names: routes.map((r) => r.name) });
       for (const route of this.table.list()) {
-        if (route.owner === owner && !wanted.has(route.name)) await this.drop(route.name);
+        // A route its owner's store has not seen created (an older copy of the store) stays.
+        const seen = revision === undefined || (route.storeRevision !== undefined && route.storeRevision <= revision);
+        if (route.owner === owner && !wanted.has(route.name) && seen) await this.drop(route.name);
       }
       const failed: Record<string, string> = {};
       for (const synced of routes) {

@@ -21,7 +21,8 @@ import { ChipmunkError, ConflictError, InvalidInputError, toChipmunkError } from
 import { RouteGate, RouteRefusedError, UpstreamFailedError } from './gate.js';
 import type { LogPosition, ReplayResult, Route, Upstream } from './protocol.js';
 import { listenForRoute, type ProxySettings, type RouteProxy } from './proxy.js';
-import { requireSameLog, type LogRecord, type RequestLog } from './request-log.js';
+import { requireSameLog } from './log-identity.js';
+import type { LogRecord, RequestLog } from './request-log.js';
 import { sameUpstream } from './routes.js';
 
 export interface HttpProxySettings extends ProxySettings {
@@ -342,6 +343,8 @@ export class HttpRouteProxy implements RouteProxy {
       const why = again ? `request ${again.uncertainSeq} was sent and may or may not have been applied` : 'the gateway restarted during it, so what it applied is unknown';
       throw new ConflictError(`the replay of container '${name}''s log into ${upstream.address}:${upstream.port} cannot go on: ${why}; restore the container again from its checkpoint and replay into the new copy`, {
         name,
+        // As for a record that failed after it was sent: the copy may have applied it.
+        written: true,
         ...(again ? { seq: again.uncertainSeq } : {}),
       });
     }

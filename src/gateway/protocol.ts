@@ -34,6 +34,12 @@ const LogFlag = Type.Optional(Type.Boolean({ description: 'log every request dur
  */
 export const RouteOwner = Type.String({ minLength: 1, maxLength: 128, description: "the pushing controller's store id" });
 
+/**
+ * The owner's store revision that created the route (its key's createRevision). A sync from a
+ * store whose revision is below it (an older copy of the store) does not remove the route.
+ */
+const StoreRevision = Type.Optional(Type.Integer({ minimum: 1 }));
+
 
 /** PUT /v1/routes/:name: what the controller states about one container's route. */
 export const RouteSpec = Type.Object({
@@ -45,6 +51,7 @@ export const RouteSpec = Type.Object({
   log: LogFlag,
   /** Required to change or remove a route that has an owner; a route without one is claimed by the first owner that puts it. */
   owner: Type.Optional(RouteOwner),
+  storeRevision: StoreRevision,
 });
 export type RouteSpec = Static<typeof RouteSpec>;
 
@@ -79,12 +86,17 @@ export const SyncedRoute = Type.Object({
   listenPort: Port,
   upstream: Type.Optional(Upstream),
   log: LogFlag,
+  storeRevision: StoreRevision,
   hold: Type.Optional(HoldRequest),
 });
 export type SyncedRoute = Static<typeof SyncedRoute>;
 
-/** PUT /v1/routes: every route of one owner at once; that owner's routes not listed are removed, other owners' are left alone. */
-export const SyncRoutesRequest = Type.Object({ owner: RouteOwner, routes: Type.Array(SyncedRoute) });
+/**
+ * PUT /v1/routes: every route of one owner at once; that owner's routes not listed are removed,
+ * other owners' are left alone. With `revision` (the owner's store revision when it listed its
+ * routes), a route created at a later revision is not removed either: the store is older than it.
+ */
+export const SyncRoutesRequest = Type.Object({ owner: RouteOwner, revision: Type.Optional(Type.Integer({ minimum: 0 })), routes: Type.Array(SyncedRoute) });
 export type SyncRoutesRequest = Static<typeof SyncRoutesRequest>;
 
 /** The migration that holds a route, or held it last. Times are ms since the epoch (gateway clock). */
@@ -118,6 +130,7 @@ export const Route = Type.Object({
   log: LogFlag,
   /** Absent on routes put without one (older controllers, or by hand): no sync removes them. */
   owner: Type.Optional(RouteOwner),
+  storeRevision: StoreRevision,
   state: Type.Union([Type.Literal('open'), Type.Literal('holding')]),
   /** Increments with every change of the route (PUT, hold, release, hold lapse). */
   generation: Type.Integer({ minimum: 1 }),

@@ -21,13 +21,12 @@
  * this version). A position is {logId, seq}: a log deleted and created again starts its seqs
  * over, and its new id tells a position of the old one apart.
  */
-import { randomBytes } from 'node:crypto';
-import { mkdir, open, readFile, readdir, rm, unlink, type FileHandle } from 'node:fs/promises';
+import { mkdir, open, readdir, rm, unlink, type FileHandle } from 'node:fs/promises';
 import { join } from 'node:path';
 import { crc32 } from 'node:zlib';
 import { syncDirectory } from '../shared/durable.js';
-import { LogMismatchError, StoreFailedError } from '../shared/errors.js';
-import type { LogPosition } from './protocol.js';
+import { StoreFailedError } from '../shared/errors.js';
+import { logIdOf } from './log-identity.js';
 
 /** A request as it is forwarded upstream. */
 export interface LoggedRequest {
@@ -68,8 +67,6 @@ const META_LENGTH = 4;
 const MAX_RECORD_BYTES = 1024 * 1024 * 1024;
 const DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024;
 const SEGMENT_NAME = /^(\d{20})\.log$/;
-const ID_FILE = 'log-id';
-const LOG_ID = /^[0-9a-f]{16}$/;
 
 interface Segment {
   /** Seq of its first record (or of the next record appended, if it is empty). */
@@ -289,37 +286,6 @@ export class RequestLog {
     this.segments.push(segment);
     await previous.close();
   }
-}
-
-/** The log's id from its id file, made (and synced) if the log has none yet. */
-async function logIdOf(dir: string): Promise<string> {
-  const path = join(dir, ID_FILE);
-  try {
-    const id = (await readFile(path, 'utf8')).trim();
-    if (!LOG_ID.test(id)) throw new StoreFailedError(`the request log id file ${path} is damaged (${JSON.stringify(id.slice(0, 40))}): move the route's log away to start a new one`);
-    return id;
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
-  }
-  const id = randomBytes(8).toString('hex');
-  const file = await open(path, 'wx', 0o600);
-  try {
-    await file.writeFile(`${id}\n`);
-    await file.sync();
-  } finally {
-    await file.close();
-  }
-  await syncDirectory(dir);
-  return id;
-}
-
-/** Refuses a position of another log than the route's current one. */
-export function requireSameLog(name: string, logId: string, position: LogPosition, action: 'replay' | 'trim'): void {
-  if (position.logId === logId) return;
-  throw new LogMismatchError(
-    `position ${position.seq} of request log ${position.logId} is not in container '${name}''s current log (${logId}): the route was unlogged or removed since, so there is nothing to ${action} from it (restore without replay, or take a new checkpoint)`,
-    { name, logId, positionLogId: position.logId, seq: position.seq },
-  );
 }
 
 function segmentName(firstSeq: number): string {

@@ -54,6 +54,7 @@ export class RouteTable {
       throw new InvalidInputError(`only http routes can be logged: the gateway cannot replay a TCP stream (container '${name}')`, { name, protocol: spec.protocol });
     }
     const owner = spec.owner ?? previous?.owner;
+    const storeRevision = spec.storeRevision ?? previous?.storeRevision;
     const route: Route = {
       name,
       protocol: spec.protocol,
@@ -61,6 +62,7 @@ export class RouteTable {
       ...(spec.upstream ? { upstream: { address: spec.upstream.address, port: spec.upstream.port } } : {}),
       ...(spec.log ? { log: true } : {}),
       ...(owner ? { owner } : {}),
+      ...(storeRevision !== undefined ? { storeRevision } : {}),
       state: previous?.state ?? 'open',
       generation: (previous?.generation ?? 0) + 1,
       ...(previous?.migration ? { migration: previous.migration } : {}),
@@ -150,7 +152,7 @@ export function sameUpstream(a: Upstream | undefined, b: Upstream | undefined): 
 }
 
 function sameRoute(a: Route, b: Route): boolean {
-  return a.protocol === b.protocol && a.listenPort === b.listenPort && sameUpstream(a.upstream, b.upstream) && Boolean(a.log) === Boolean(b.log) && a.owner === b.owner;
+  return a.protocol === b.protocol && a.listenPort === b.listenPort && sameUpstream(a.upstream, b.upstream) && Boolean(a.log) === Boolean(b.log) && a.owner === b.owner && a.storeRevision === b.storeRevision;
 }
 
 /** The table's JSON file. Written whole to a temporary file, synced, then renamed over the old one. */

@@ -40,7 +40,7 @@ export function buildGatewayServer(opts: GatewayServerOptions): FastifyInstance 
 
   app.get('/v1/routes', { schema: { response: { 200: Type.Array(RouteView) } } }, async () => gateway.list());
 
-  app.put('/v1/routes', { schema: { body: SyncRoutesRequest, response: { 200: Type.Array(RouteView) } } }, async (req) => gateway.sync(req.body.owner, req.body.routes));
+  app.put('/v1/routes', { schema: { body: SyncRoutesRequest, response: { 200: Type.Array(RouteView) } } }, async (req) => gateway.sync(req.body.owner, req.body.routes, req.body.revision));
 
   app.get('/v1/routes/:name', { schema: { params: RouteParams, response: { 200: RouteView } } }, async (req) => gateway.get(req.params.name));
 

@@ -5,10 +5,13 @@
 import assert from 'node:assert/strict';
 import { describe, it } from 'node:test';
 import { pino } from 'pino';
+import { copyFile, mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { Writable } from 'node:stream';
 import { request } from 'undici';
 import { RouteService } from '../../src/controller/routes.js';
-import { MemoryStore, storeIdentity } from '../../src/controller/store/index.js';
+import { MemoryStore, SqliteStore, storeIdentity } from '../../src/controller/store/index.js';
 import type { ContainerRecord } from '../../src/controller/container-lock.js';
 import { ConflictError } from '../../src/shared/errors.js';
 import { LOOPBACK, TOKEN, eventually, freePort, httpUpstream, withGateway } from './gateway-env.js';
@@ -119,8 +122,14 @@ describe('RouteService', () => {
       const routes = new RouteService(store, async () => '198.18.0.11', silent, { url: gateway.url, token: TOKEN, owner: 'store-a' });
       await routes.expose('web', { port: 80, listen: await freePort() });
 
-      // A checkpoint whose controller died between hold and release: nothing runs any more.
+      // A checkpoint whose controller died between hold and release: nothing runs any more. While
+      // the container's node is dead the hold stays (never released towards a dead node).
       await client.hold('web', 'checkpoint-gone');
+      const nodeDead = new RouteService(store, async () => '198.18.0.11', silent, { url: gateway.url, token: TOKEN, owner: 'store-a' }, async () => false);
+      nodeDead.start();
+      await new Promise((r) => setTimeout(r, 300));
+      nodeDead.stop();
+      assert.equal((await client.getRoute('web')).state, 'holding');
       routes.start();
       await eventually(async () => (await client.getRoute('web')).state === 'open', 'the leftover hold released');
       routes.stop();
@@ -135,5 +144,51 @@ describe('RouteService', () => {
       assert.equal((await client.getRoute('web')).state, 'holding', 'no copy gets traffic before its replay');
       await store.close();
     });
+  });
+
+  it('a controller restarted on an older copy of its store leaves the routes created after that copy alone', async () => {
+    const dir = await mkdtemp(join(tmpdir(), 'chipmunk-old-store-'));
+    try {
+      await withGateway(async ({ gateway, client }) => {
+        const path = join(dir, 'controller.db');
+        const store = SqliteStore.open(path);
+        const owner = await storeIdentity(store);
+        await store.put('/containers/web', record());
+        await store.put('/containers/api', { ...record(), spec: { ...record().spec, name: 'api' } });
+        const routes = new RouteService(store, async () => '198.18.0.11', silent, { url: gateway.url, token: TOKEN, owner });
+        await routes.expose('web', { port: 80, listen: await freePort() });
+        await store.close();
+        await copyFile(path, join(dir, 'backup.db'));
+
+        const reopened = SqliteStore.open(path);
+        const again = new RouteService(reopened, async () => '198.18.0.11', silent, { url: gateway.url, token: TOKEN, owner });
+        await again.expose('api', { port: 80, listen: await freePort() });
+        again.start();
+        await eventually(async () => (await client.getRoute('api')).storeRevision !== undefined, 'the sync to state the route revision');
+        again.stop();
+        await reopened.close();
+
+        // The old copy: same owner, an older revision; it never saw 'api' created.
+        const old = SqliteStore.open(join(dir, 'backup.db'));
+        assert.equal(await storeIdentity(old), owner);
+        const warnings: string[] = [];
+        const sink = new Writable({ write: (chunk, _enc, done) => void (warnings.push(String(chunk)), done()) });
+        const restarted = new RouteService(old, async () => '198.18.0.11', pino({ level: 'warn' }, sink), { url: gateway.url, token: TOKEN, owner });
+        restarted.start();
+        await eventually(() => warnings.some((w) => w.includes('does not own')), 'the route reported');
+        restarted.stop();
+        assert.deepEqual((await client.listRoutes()).map((r) => r.name), ['api', 'web'], "the newer route (and its log) survives the older store's sync");
+        assert.match(warnings.join(''), /api \(this owner's, created at store revision \d+, which this store has not reached\)/);
+
+        // Deleted from the store it knew: removed.
+        await old.delete('/routes/web');
+        restarted.start();
+        await eventually(async () => (await client.listRoutes()).every((r) => r.name !== 'web'), 'the unexposed route removed');
+        restarted.stop();
+        await old.close();
+      });
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
   });
 });

@@ -356,7 +356,39 @@ describe('gateway: logged HTTP routes', () => {
       const dropping = await httpUpstream((req) => req.socket.destroy());
       await client.hold('web', 'failover-2', { drain: false });
       await assert.rejects(client.replay('web', cut, dropping.upstream), (err) => (err as { details?: { written?: boolean } }).details?.written === true);
-      await assert.rejects(client.replay('web', cut, dropping.upstream), (err) => err instanceof ConflictError && /may or may not have been applied/.test(err.message));
+      await assert.rejects(client.replay('web', cut, dropping.upstream), (err) => err instanceof ConflictError && /may or may not have been applied/.test(err.message) && err.details.written === true);
       await dropping.kill();
+    }));
+
+  it('refuses to go on with a replay the gateway restarted during: what the copy applied is unknown', () =>
+    withLogDir(async (dir) => {
+      const counter = new CounterService(0);
+      const upstream = await httpUpstream(counter.handle);
+      const options = { apiListen: { host: LOOPBACK, port: 0 }, routeHost: LOOPBACK, token: TOKEN, stateFile: join(dir, 'routes.json'), logger: pino({ level: 'silent' }) };
+      const first = await startGateway(options);
+      let cut: { logId: string; seq: number };
+      try {
+        const client = new GatewayClient({ url: first.url, token: TOKEN });
+        const url = await loggedRoute(client, 'web', upstream.upstream);
+        cut = (await client.hold('web', 'checkpoint-1')).logPosition!;
+        await client.release('web', 'checkpoint-1', upstream.upstream);
+        for (let n = 1; n <= 3; n++) assert.equal((await increment(url, n)).status, 200);
+        await client.hold('web', 'failover-1', { drain: false });
+        assert.equal((await client.replay('web', cut, upstream.upstream)).replayed, 3);
+      } finally {
+        await first.close();
+      }
+      const second = await startGateway(options);
+      try {
+        const client = new GatewayClient({ url: second.url, token: TOKEN });
+        assert.deepEqual((await client.getRoute('web')).migration?.replay, { after: cut, upstream: upstream.upstream });
+        const applied = counter.applied.length;
+        await assert.rejects(client.replay('web', cut, upstream.upstream), (err) => err instanceof ConflictError && /gateway restarted during it/.test(err.message) && err.details.written === true);
+        assert.equal(counter.applied.length, applied, 'nothing applied twice');
+        await client.release('web', 'failover-1', upstream.upstream);
+      } finally {
+        await second.close();
+        await upstream.kill();
+      }
     }));
 });
