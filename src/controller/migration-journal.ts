@@ -18,11 +18,11 @@ export function migrationKey(id: string): string {
   return MIGRATIONS_PREFIX + id;
 }
 
-/** What the orchestrator needs of the gateway (RouteService implements it). Best effort both. */
+/** What the orchestrator needs of the gateway (RouteService implements it). */
 export interface TrafficGate {
-  /** Before the container freezes: new requests wait. */
+  /** Before the container freezes: new requests wait. Throws when the gateway could not hold them: the migration then stops before the freeze. */
   hold(name: string, migrationId: string): Promise<void>;
-  /** Once it answers again, at `container`'s location (the target, or the source after a rollback). */
+  /** Once it answers again, at `container`'s location (the target, or the source after a rollback). Best effort. */
   release(name: string, migrationId: string, container: ContainerRecord): Promise<void>;
 }
 

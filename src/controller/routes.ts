@@ -97,11 +97,15 @@ export class RouteService {
     return (await this.store.list<ExposedRoute>('/routes/')).map((kv) => kv.value);
   }
 
-  /** Before the container freezes: new requests wait at the gateway. Best effort. */
+  /** Before the container freezes: new requests wait at the gateway. A gateway that does not answer fails the migration before anything froze. */
   async hold(name: string, migrationId: string): Promise<void> {
     if (!this.gateway || !(await this.get(name))) return;
     const gateway = this.gateway;
-    await this.serial(() => gateway.hold(name, migrationId)).catch((err: unknown) => this.warn(`gateway hold of ${name} failed; requests during the move may fail`, err));
+    // Without the hold, requests would reach the frozen container (a logged one could then be
+    // neither answered nor replayed): the migration does not freeze it, and nothing changes.
+    await this.serial(() => gateway.hold(name, migrationId)).catch((err: unknown) => {
+      throw new UnavailableError(`the gateway did not hold ${name}'s traffic (${toChipmunkError(err).message}): it was not frozen; migrate again once the gateway answers`, { name });
+    });
   }
 
   /**

@@ -399,6 +399,29 @@ describe('migration orchestrator', () => {
       assert.deepEqual(env.cluster.calls, ['node1.get']);
     });
 
+    it('a migration whose traffic the gateway does not hold: nothing is frozen', async () => {
+      const env = await setup();
+      const released: string[] = [];
+      const migrations = new MigrationOrchestrator({
+        store: env.store,
+        nodes: env.nodes,
+        agentFor: env.cluster.resolver,
+        locks: new ContainerLocks(env.store),
+        fences: env.fences,
+        log: silent,
+        traffic: {
+          hold: async () => {
+            throw new Error('gateway unreachable');
+          },
+          release: async (_name, _id, container) => void released.push(container.node),
+        },
+      });
+      await assert.rejects(migrations.migrate('web', { to: 'node2' }), /gateway unreachable.*still runs on node1/);
+      assert.equal(env.cluster.callIndex('node1.dump'), -1, 'not frozen');
+      assert.ok(env.cluster.callIndex('node2.abort') >= 0, 'the prepared target is undone');
+      await assertOnSource(env);
+    });
+
     it('a migration of a stopped container', async () => {
       const env = await setup();
       await env.containers.stop('web');
