@@ -49,6 +49,8 @@ export interface FailoverRecord {
   reason?: string;
   /** Restored, but the logged requests could not be replayed yet: the lock and the gateway hold stay, and the replay is retried. */
   replayPending?: boolean;
+  /** The restore under way (or last tried): where, from which checkpoint, as which incarnation. */
+  attempt?: { to: string; checkpoint: string; logPosition: CheckpointSummary['logPosition']; generation: number };
   restoredAt?: number;
   finishedAt?: number;
   replayed?: number;
@@ -176,6 +178,18 @@ export class FailoverService implements ContainerRescuer {
    */
   async resume(held: HeldLock, interrupted?: FailoverRecord): Promise<void> {
     const { locks, traffic, nodes, agentFor } = this.opts;
+    const attempt = interrupted && !interrupted.to ? interrupted.attempt : undefined;
+    if (attempt) {
+      // The controller died during that restore: if its copy runs, it is the container (recorded now, then replayed).
+      const target = await nodes.get(attempt.to);
+      const made = target && (await nodes.isReady(target.name)) ? await agentFor(target).get(held.name).catch(() => undefined) : undefined;
+      if (made?.status === 'running' && made.generation === attempt.generation) {
+        await locks.save(held, { ...held.record, node: attempt.to, status: 'running', generation: made.generation, ip: made.ip });
+        await this.opts.fences.fence(interrupted!.from, held.name, made.generation);
+        Object.assign(interrupted!, { to: attempt.to, checkpoint: attempt.checkpoint, logPosition: attempt.logPosition, restoredAt: Date.now() });
+        await this.save(interrupted!);
+      }
+    }
     const node = await nodes.get(held.record.node);
     const here = node && (await nodes.isReady(node.name)) ? await agentFor(node).get(held.name).catch(() => undefined) : undefined;
     if (here?.status === 'running' && here.generation >= held.record.generation) {
@@ -277,6 +291,9 @@ export class FailoverService implements ContainerRescuer {
           const target = targets[attempt % targets.length]!;
           attempt += 1;
           try {
+            // Written first: a controller that dies during the restore finds the copy it may have made.
+            record.attempt = { to: target, checkpoint: candidate.id, logPosition: candidate.logPosition, generation: container.generation + attempt + 1 };
+            await this.save(record);
             current = await checkpoints.restoreOn(container, target, candidate.id, `${lockId}-${attempt}`, container.generation + attempt + 1, record.timings);
             record.to = target;
             record.checkpoint = candidate.id;

@@ -388,4 +388,28 @@ describe('checkpoints and failover (controller, fake agents)', () => {
       env.failovers.stop();
     }
   });
+
+  it('issue 8 item 4: a failover cut by a crash during its restore adopts the copy that restore made: no second copy, replayed, released', async () => {
+    const env = await setup();
+    env.traffic.position = 2;
+    const ckpt = await env.checkpoints.checkpoint('web');
+    env.traffic.position = 5;
+    env.cluster.agent('node1').containers.clear();
+    const container = await env.record();
+    // What the killed controller left: its lock, its record naming the restore under way, and the copy that restore made on node2.
+    await env.cluster.agent('node2').restore('failover-dead-1', { migrationId: 'failover-dead-1', mode: 'copy', spec: container.spec, generation: 2, source: { node: 'node3', url: 'http://node3' }, checkpoint: { storeUrl: 'http://controller', id: ckpt.id } });
+    await env.store.put(containerKey('web'), { ...container, lock: { id: 'failover-dead', operation: 'failover', owner: 'controller-dead', since: Date.now() } });
+    await env.store.put('/failovers/failover-dead', {
+      id: 'failover-dead', name: 'web', from: 'node1', skipped: [], detectedAt: Date.now(), timings: {}, outcome: 'running', lockId: 'failover-dead',
+      attempt: { to: 'node2', checkpoint: ckpt.id, logPosition: ckpt.logPosition, generation: 2 },
+    });
+    env.traffic.calls.length = 0;
+    const next = env.controller();
+    await recoverStaleLocks({ locks: next.locks, nodes: env.nodes, agentFor: env.cluster.resolver, traffic: env.traffic, failovers: next.failovers, log: silent });
+    assert.equal(env.cluster.runningCopies('web'), 1, 'the copy the restore made is the container: no second one');
+    const record = await env.record();
+    assert.deepEqual([record.node, record.generation, record.lock], ['node2', 2, undefined]);
+    assert.deepEqual(env.traffic.calls, ['replay web after 2 -> node2', 'release web -> node2']);
+    assert.deepEqual(await env.fences.forNode('node1'), [{ name: 'web', generation: 2 }]);
+  });
 });

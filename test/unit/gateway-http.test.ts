@@ -400,13 +400,14 @@ describe('gateway: HTTP routes', () => {
       });
       const b = await httpUpstream(echoHandler('b'));
       const url = await httpRoute(client, 'stuck', a.upstream);
-      await client.hold('stuck', 'm1', { timeoutMs: 1_000 });
+      // Long enough that a loaded machine still releases the last request while it waits.
+      await client.hold('stuck', 'm1', { timeoutMs: 3_000 });
       const started = Date.now();
       const waited = await request(`${url}/x`);
       assert.equal(waited.statusCode, 503);
       assert.equal(waited.headers['x-chipmunk-reason'], 'hold-timeout');
       await waited.body.dump();
-      assert.ok(Date.now() - started >= 900, 'the request waited for the hold first');
+      assert.ok(Date.now() - started >= 2_900, 'the request waited for the hold first');
       const route = await client.getRoute('stuck');
       assert.equal(route.state, 'holding', 'the route is still held: the move may still be replaying');
       assert.ok(route.migration?.lapsedAt !== undefined);
