@@ -20,20 +20,49 @@ import { APP_PORT, type AppClient, type RuntimePair } from '../contract/runtime.
 
 export const CRIU = '/opt/chipmunk/bin/criu';
 /**
- * This suite's own bridge, names and subnet, so a local cluster (chmk-*, 198.18.0.0/24) or the
- * test-host test (chmkt-*, 198.18.1.0/24) can run meanwhile. Traffic goes to 198.18.2.x only.
+ * Which network this process's pairs use: CHIPMUNK_RUNC_PAIR_NET=N (2..27) gives bridge
+ * chmkrN-br0, test hosts 198.18.N.0/24, names chmkrN-*, its own temp prefix, node names and
+ * page server ports, so two test processes with different N can run at once without sweeping
+ * each other's leftovers. Unset (or 2) keeps the original names (chmkr-br0, 198.18.2.0/24).
+ * 0 and 1 are taken by the local cluster and the test-host test.
  */
-const NETWORK: TestNetwork = { bridge: 'chmkr-br0', gateway: '198.18.2.1', prefixLength: 24, netnsPrefix: 'chmkr-', vethPrefix: 'chmkrv-' };
-const TMP_PREFIX = 'chipmunk-rt-test-';
+export const RUNC_PAIR_NET = pairNet(process.env.CHIPMUNK_RUNC_PAIR_NET);
+
+function pairNet(value: string | undefined): number {
+  if (value === undefined || value === '') return 2;
+  const n = Number(value);
+  if (!Number.isInteger(n) || n < 2 || n > 27) {
+    throw new Error(`CHIPMUNK_RUNC_PAIR_NET='${value}' is not a network of the runc pair: use an integer from 2 to 27 (unset means 2)`);
+  }
+  return n;
+}
+
+/** Empty for the default network 2, so its names stay what they always were. */
+const TAG = RUNC_PAIR_NET === 2 ? '' : String(RUNC_PAIR_NET);
+/**
+ * This suite's own bridge, names and subnet, so a local cluster (chmk-*, 198.18.0.0/24) or the
+ * test-host test (chmkt-*, 198.18.1.0/24) can run meanwhile. Traffic goes to 198.18.N.x only.
+ */
+const NETWORK: TestNetwork = {
+  bridge: `chmkr${TAG}-br0`,
+  gateway: `198.18.${RUNC_PAIR_NET}.1`,
+  prefixLength: 24,
+  netnsPrefix: `chmkr${TAG}-`,
+  vethPrefix: `chmkr${TAG}v-`,
+};
+const TMP_PREFIX = `chipmunk-rt${TAG}-test-`;
+/** Container subnets 198.19.201-254.0/24, two per network. */
+const subnetOctet = 201 + 2 * (RUNC_PAIR_NET - 2);
 /** Node names are unique to these tests: they name runc ids, cgroups and container namespaces. */
 const NODES = [
-  { node: 'rtch1', host: 'h1', address: '198.18.2.11', subnet: '198.19.201.0/24' },
-  { node: 'rtch2', host: 'h2', address: '198.18.2.12', subnet: '198.19.202.0/24' },
+  { node: `rt${TAG}ch1`, host: 'h1', address: `198.18.${RUNC_PAIR_NET}.11`, subnet: `198.19.${subnetOctet}.0/24` },
+  { node: `rt${TAG}ch2`, host: 'h2', address: `198.18.${RUNC_PAIR_NET}.12`, subnet: `198.19.${subnetOctet + 1}.0/24` },
 ] as const;
 /** The nodes of a pair: its `source` is the first, its `target` the second. */
 export const RUNC_PAIR_NODES = NODES;
 const hostNetns = (host: string) => NETWORK.netnsPrefix + host;
-const PAGE_SERVER_PORT_BASE = 27300;
+/** Page servers listen in the source test host's own namespace; distinct ports still help reading logs. */
+const PAGE_SERVER_PORT_BASE = 27300 + 20 * (RUNC_PAIR_NET - 2);
 
 let capabilities: HostCapabilities | undefined;
 
@@ -121,7 +150,7 @@ export async function makeRuncPair(): Promise<RuntimePair> {
 
 async function appClient(address: string, port: number): Promise<AppClient> {
   // Only our test hosts' addresses: never send traffic anywhere else.
-  assert.match(address, /^198\.18\.2\.\d+$/);
+  assert.ok(address.startsWith(`198.18.${RUNC_PAIR_NET}.`), `${address} is not a test host of this pair`);
   const call = (method: string, path: string) => httpJson(method, address, port, path);
   const deadline = Date.now() + 30_000;
   for (;;) {
