@@ -12,6 +12,7 @@ import type { AgentContainer, ContainerSpec, HostCapabilities, MigrationMode } f
 import { removeTree } from '../../shared/remove-tree.js';
 import { buildOciConfig } from './bundle.js';
 import { Criu, criuOptionsPath, writeCriuOptions, type DumpProcess, type PageServer } from './criu.js';
+import { writeEtcFiles } from './etc-files.js';
 import { FailedLogs } from './failed-logs.js';
 import { ImageStore, type ImageConfig } from './images.js';
 import { NodeLayout } from './layout.js';
@@ -42,6 +43,11 @@ export interface RuncRuntimeOptions {
    * lazy-pages daemon run there; runc itself does not care where it runs.
    */
   hostNetns?: string;
+  /**
+   * The resolv.conf containers' own is made from (etc-files.ts), /etc/resolv.conf if not given.
+   * Tests name a file of their own: their containers must never query a resolver off the machine.
+   */
+  resolvConfPath?: string;
   /** Where warnings go (a damaged record read from its previous copy); console.warn if not given. */
   onWarning?: RecordWarning;
 }
@@ -171,6 +177,7 @@ export class RuntimeContext {
     const name = rec.spec.name;
     const dir = this.layout.containerDir(name);
     await writeCriuOptions(dir, 'dump');
+    const etcMounts = await writeEtcFiles(join(dir, 'etc'), { hostname: name, ip: rec.ip, resolvConfPath: this.opts.resolvConfPath });
     const config = buildOciConfig({
       spec: rec.spec,
       image,
@@ -179,6 +186,7 @@ export class RuntimeContext {
       cgroupsPath: this.layout.cgroupsPath(name, rec.generation),
       hostname: name,
       criuConfigPath: criuOptionsPath(dir),
+      etcMounts,
       volumeDir: (volume) => this.layout.volumeDir(name, volume),
     });
     for (const v of rec.spec.volumes ?? []) await mkdir(this.layout.volumeDir(name, v.name), { recursive: true });

@@ -7,6 +7,7 @@
  *   containers/NAME/files/logs/       stdout.log, stderr.log
  *   containers/NAME/files/volumes/V/  named volume V (bind-mounted at its path)
  *   containers/NAME/work/, rootfs/    overlay work dir and mount point
+ *   containers/NAME/etc/              hosts, resolv.conf, hostname of this incarnation (etc-files.ts)
  *   containers/NAME/config.json       OCI config of the current incarnation (runc bundle)
  *   containers/NAME/criu.conf         CRIU options runc passes on (criu.ts)
  *   migrations/ID/images/             CRIU images of one migration
