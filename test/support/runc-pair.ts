@@ -6,7 +6,7 @@
  */
 import assert from 'node:assert/strict';
 import { existsSync } from 'node:fs';
-import { mkdir, mkdtemp, readdir, readFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, readdir, readFile, writeFile } from 'node:fs/promises';
 import { request } from 'node:http';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -95,6 +95,10 @@ export async function makeRuncPair(): Promise<RuntimePair> {
   };
   try {
     await destroyTestHosts(); // what a run that died left
+    // The machine's own resolv.conf may name a resolver off the machine, where test
+    // containers must send nothing: theirs comes from this one (loopback only, so left out).
+    const resolvConf = join(root, 'resolv.conf');
+    await writeFile(resolvConf, 'nameserver 127.0.0.53\nsearch chipmunk.test\n');
     await ensureBridge(NETWORK);
     for (const n of NODES) await createTestHost(NETWORK, n.host, n.address);
     nodes = await Promise.all(
@@ -111,6 +115,7 @@ export async function makeRuncPair(): Promise<RuntimePair> {
           criuPath: CRIU,
           capabilities: capabilities!,
           hostNetns: netnsPath(hostNetns(cfg.host)),
+          resolvConfPath: resolvConf,
         });
         return { cfg, runtime, dataDir, runDir };
       }),

@@ -1,0 +1,20 @@
+"""An SQLite writer for compatibility tests: holds /data/app.db open in the journal mode given
+(wal or delete) and commits one row every 50 ms, numbered 1, 2, 3, ... so a reader can tell that
+none is missing. A failed write is printed with SQLite's own error name and retried."""
+import sqlite3
+import sys
+import time
+
+mode = sys.argv[1] if len(sys.argv) > 1 else "wal"
+db = sqlite3.connect("/data/app.db", isolation_level=None, timeout=5)
+print("journal_mode", db.execute(f"PRAGMA journal_mode={mode}").fetchone()[0], flush=True)
+db.execute("CREATE TABLE IF NOT EXISTS t (n INTEGER PRIMARY KEY, at REAL)")
+n = db.execute("SELECT COALESCE(MAX(n), 0) FROM t WHERE n > 0").fetchone()[0]
+while True:
+    try:
+        db.execute("INSERT INTO t (n, at) VALUES (?, ?)", (n + 1, time.time()))
+        n += 1
+    except sqlite3.Error as e:
+        print(f"write {n + 1} failed: {getattr(e, 'sqlite_errorname', '?')}: {e}", flush=True)
+        time.sleep(0.5)
+    time.sleep(0.05)
