@@ -53,7 +53,8 @@ async function move(pair: RuntimePair, c: AgentContainer, mode: MigrationMode): 
 
 // ------------------------------------------------------------------ SQLite
 
-const sql = (c: AgentContainer, statement: string) => mustExecIn(c, ['/usr/bin/sqlite3', '/data/app.db', statement]);
+/** sqlite3 in the container; it waits for the writer's lock like any second client should. */
+const sql = (c: AgentContainer, statement: string) => mustExecIn(c, ['/usr/bin/sqlite3', '-cmd', '.timeout 5000', '/data/app.db', statement]);
 
 /** Rows the writer committed: they are numbered 1..n, so count and max agree when none is lost. */
 async function committedRows(c: AgentContainer): Promise<number> {
@@ -65,7 +66,7 @@ async function committedRows(c: AgentContainer): Promise<number> {
 async function waitForRows(c: AgentContainer, atLeast: number): Promise<number> {
   const deadline = Date.now() + 30_000;
   for (;;) {
-    const res = await execIn(c, ['/usr/bin/sqlite3', '/data/app.db', 'SELECT COUNT(*) FROM t WHERE n > 0']);
+    const res = await execIn(c, ['/usr/bin/sqlite3', '-cmd', '.timeout 5000', '/data/app.db', 'SELECT COUNT(*) FROM t WHERE n > 0']);
     const n = res.code === 0 ? Number(res.stdout.trim()) : 0;
     if (n >= atLeast) return n;
     assert.ok(Date.now() < deadline, `the writer in ${c.name} did not reach ${atLeast} rows (at ${n}): ${res.stderr}`);
@@ -90,8 +91,8 @@ describe('SQLite in WAL mode (POSIX locks: CRIU needs --file-locks)', () => {
   it('a checkpoint leaves it running and writing; a copy move keeps every row and it writes on', { timeout }, () =>
     withPair(async (pair) => {
       let c = await pair.source.run(spec('sqlite-wal', ['/usr/bin/python3', '/app/sqlite-writer.py', 'wal']));
-      assert.equal(await sql(c, 'PRAGMA journal_mode'), 'wal');
       let rows = await waitForRows(c, 20);
+      assert.equal(await sql(c, 'PRAGMA journal_mode'), 'wal');
       const checkpointId = `ckpt-${randomBytes(3).toString('hex')}`;
       await pair.source.checkpoint(c.name, checkpointId);
       c = await pair.source.get(c.name);
