@@ -1,6 +1,8 @@
 """An SQLite writer for compatibility tests: holds /data/app.db open in the journal mode given
-(wal or delete) and commits one row every 50 ms, numbered 1, 2, 3, ... so a reader can tell that
-none is missing. A failed write is printed with SQLite's own error name and retried."""
+(wal or delete) and commits one row every 50 ms, numbered 1, 2, 3, ... so that a missing one
+shows. Every 20 rows it checks the database through its own connection and prints
+`check rows=C max=M integrity=ok`; a failed write is printed with SQLite's own error name and
+retried."""
 import sqlite3
 import sys
 import time
@@ -14,6 +16,10 @@ while True:
     try:
         db.execute("INSERT INTO t (n, at) VALUES (?, ?)", (n + 1, time.time()))
         n += 1
+        if n % 20 == 0:
+            rows, top = db.execute("SELECT COUNT(*), MAX(n) FROM t WHERE n > 0").fetchone()
+            integrity = db.execute("PRAGMA integrity_check").fetchone()[0]
+            print(f"check rows={rows} max={top} integrity={integrity}", flush=True)
     except sqlite3.Error as e:
         print(f"write {n + 1} failed: {getattr(e, 'sqlite_errorname', '?')}: {e}", flush=True)
         time.sleep(0.5)
