@@ -10,6 +10,7 @@ import { request } from 'node:http';
 import { before, describe, it } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { ensureImage } from '../../src/devtools/images.js';
+import type { WritableLayerKind } from '../../src/agent/runtime/rootfs.js';
 import type { AgentContainer, ContainerSpec, MigrationMode } from '../../src/shared/protocol.js';
 import type { RuntimePair } from '../contract/runtime.contract.js';
 import { execIn, mustExecIn } from '../support/in-container.js';
@@ -25,8 +26,8 @@ before(async () => {
   await prepareRuncPairs();
 });
 
-async function withPair(fn: (pair: RuntimePair) => Promise<void>): Promise<void> {
-  const pair = await makeRuncPair();
+async function withPair(fn: (pair: RuntimePair) => Promise<void>, opts: { writableLayer?: WritableLayerKind } = {}): Promise<void> {
+  const pair = await makeRuncPair(opts);
   try {
     await fn(pair);
   } finally {
@@ -152,6 +153,66 @@ describe('SQLite in WAL mode (POSIX locks: CRIU needs --file-locks)', () => {
       const moved = await move(pair, c, 'lazy');
       await writerChecks(pair.target, moved, before, 'after a lazy move');
     }));
+});
+
+describe('SQLite in DELETE journal mode (remembers its database file\'s inode number)', () => {
+  for (const mode of ['copy', 'lazy'] as const) {
+    it(`on an image writable layer, a ${mode} move keeps every row and the inode number, and it writes on`, { timeout }, (t) =>
+      withPair(
+        async (pair) => {
+          if (mode === 'lazy' && !pair.source.capabilities.lazyMigration) return t.skip('no lazy migration on these hosts');
+          const c = await pair.source.run(spec(`sqlite-del-${mode}`, ['/usr/bin/python3', '/app/sqlite-writer.py', 'delete']));
+          await writerChecks(pair.source, c, 0, 'before the move');
+          assert.match(await pair.source.logs(c.name), /^journal_mode delete$/m);
+          const inode = await mustExecIn(c, ['/bin/busybox', 'stat', '-c', '%i', '/data/app.db']);
+          const before = await lastCheckedRows(pair.source, c);
+          const moved = await move(pair, c, mode);
+          await writerChecks(pair.target, moved, before, `after a ${mode} move`);
+          assert.equal(await mustExecIn(moved, ['/bin/busybox', 'stat', '-c', '%i', '/data/app.db']), inode, 'the database keeps its inode number');
+          // No shared-memory index in this mode: a second connection is safe after a restore.
+          assert.equal(await sql(moved, 'PRAGMA integrity_check'), 'ok');
+          await sql(moved, 'INSERT INTO t (n, at) VALUES (-1, 0)');
+        },
+        { writableLayer: 'image' },
+      ));
+  }
+
+  it('on an image writable layer, a checkpoint restored on another node (the failover path) keeps every row and it writes on', { timeout }, () =>
+    withPair(
+      async (pair) => {
+        const c = await pair.source.run(spec('sqlite-del-ckpt', ['/usr/bin/python3', '/app/sqlite-writer.py', 'delete']));
+        await writerChecks(pair.source, c, 0, 'before the checkpoint');
+        const inode = await mustExecIn(c, ['/bin/busybox', 'stat', '-c', '%i', '/data/app.db']);
+        const rows = await lastCheckedRows(pair.source, c);
+        const checkpointId = `ckpt-${randomBytes(3).toString('hex')}`;
+        const ckpt = await pair.source.checkpoint(c.name, checkpointId);
+        // The source is lost; the checkpoint's copy comes back on the target.
+        await pair.source.stop(c.name, { timeoutMs: 5_000 });
+        await pair.source.remove(c.name);
+        const id = `restore-${randomBytes(3).toString('hex')}`;
+        await pair.copyTrees(id, ckpt.paths);
+        const back = await pair.target.restore(c.spec, { migrationId: id, mode: 'copy', generation: c.generation + 1 });
+        await pair.source.discardCheckpoint(checkpointId);
+        await writerChecks(pair.target, back, rows, 'after a restore of a checkpoint');
+        assert.equal(await mustExecIn(back, ['/bin/busybox', 'stat', '-c', '%i', '/data/app.db']), inode, 'the database keeps its inode number');
+      },
+      { writableLayer: 'image' },
+    ));
+
+  it('on a directory writable layer, every write after a move fails with SQLITE_READONLY_DBMOVED (why image layers exist)', { timeout }, () =>
+    withPair(
+      async (pair) => {
+        const c = await pair.source.run(spec('sqlite-del-dir', ['/usr/bin/python3', '/app/sqlite-writer.py', 'delete']));
+        await writerChecks(pair.source, c, 0, 'before the move');
+        const moved = await move(pair, c, 'copy');
+        const deadline = Date.now() + 15_000;
+        while (!/SQLITE_READONLY_DBMOVED/.test(await pair.target.logs(moved.name))) {
+          assert.ok(Date.now() < deadline, `the writer reported no SQLITE_READONLY_DBMOVED:\n${await pair.target.logs(moved.name)}`);
+          await sleep(200);
+        }
+      },
+      { writableLayer: 'directory' },
+    ));
 });
 
 // ------------------------------------------------------------------ Python http.server

@@ -12,6 +12,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { detectCapabilities } from '../../src/agent/host/capabilities.js';
 import { RuncRuntime } from '../../src/agent/runtime/runc-runtime.js';
+import type { WritableLayerKind } from '../../src/agent/runtime/rootfs.js';
 import type { ContainerRuntime } from '../../src/agent/runtime/types.js';
 import { createTestHost, deleteBridge, deleteTestHost, ensureBridge, killAllInHost, netnsPath, type TestNetwork } from '../../src/cluster/testhost.js';
 import { runUnchecked } from '../../src/shared/exec.js';
@@ -35,6 +36,12 @@ function pairNet(value: string | undefined): number {
     throw new Error(`CHIPMUNK_RUNC_PAIR_NET='${value}' is not a network of the runc pair: use an integer from 2 to 27 (unset means 2)`);
   }
   return n;
+}
+
+function layerFromEnv(value: string | undefined): WritableLayerKind | undefined {
+  if (value === undefined || value === '') return undefined;
+  if (value === 'directory' || value === 'image') return value;
+  throw new Error(`CHIPMUNK_RUNC_PAIR_LAYER='${value}': use directory or image (unset: the runtime's default)`);
 }
 
 /** Empty for the default network 2, so its names stay what they always were. */
@@ -80,7 +87,13 @@ interface NodeFixture {
   runDir: string;
 }
 
-export async function makeRuncPair(): Promise<RuntimePair> {
+/**
+ * `writableLayer`: what the runtimes make new containers' writable layers of; unset, what
+ * CHIPMUNK_RUNC_PAIR_LAYER says (directory or image, to run a whole suite on image layers),
+ * else the runtime's default.
+ */
+export async function makeRuncPair(opts: { writableLayer?: WritableLayerKind } = {}): Promise<RuntimePair> {
+  const writableLayer = opts.writableLayer ?? layerFromEnv(process.env.CHIPMUNK_RUNC_PAIR_LAYER);
   assert.ok(capabilities, 'call prepareRuncPairs() first');
   const root = await mkdtemp(join(tmpdir(), TMP_PREFIX));
   let nodes: NodeFixture[] = [];
@@ -116,6 +129,7 @@ export async function makeRuncPair(): Promise<RuntimePair> {
           capabilities: capabilities!,
           hostNetns: netnsPath(hostNetns(cfg.host)),
           resolvConfPath: resolvConf,
+          ...(writableLayer ? { writableLayer } : {}),
         });
         return { cfg, runtime, dataDir, runDir };
       }),

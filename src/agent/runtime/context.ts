@@ -18,7 +18,7 @@ import { ImageStore, type ImageConfig } from './images.js';
 import { NodeLayout } from './layout.js';
 import { CniNetwork, netnsPath } from './network.js';
 import { RecordStore, type ContainerRecord, type RecordWarning } from './records.js';
-import { mountRootfs, unmountBelow } from './rootfs.js';
+import { mountRootfs, syncLayer, unmountBelow, type WritableLayerKind } from './rootfs.js';
 import { Runc, type StartTarget } from './runc.js';
 
 export interface RuncRuntimeOptions {
@@ -48,6 +48,11 @@ export interface RuncRuntimeOptions {
    * Tests name a file of their own: their containers must never query a resolver off the machine.
    */
   resolvConfPath?: string;
+  /**
+   * New containers' writable layer: a directory (default) or an ext4 image that keeps inode
+   * numbers across moves and is a disk quota (rootfs.ts).
+   */
+  writableLayer?: WritableLayerKind;
   /** Where warnings go (a damaged record read from its previous copy); console.warn if not given. */
   onWarning?: RecordWarning;
 }
@@ -196,7 +201,19 @@ export class RuntimeContext {
   async mountContainerRootfs(name: string, image: ImageConfig): Promise<void> {
     const dir = this.layout.containerDir(name);
     const lower = await this.images.lowerDirs(image);
-    await mountRootfs({ lower, upper: join(dir, 'files', 'upper'), work: join(dir, 'work'), mountpoint: join(dir, 'rootfs') });
+    await mountRootfs({
+      lower,
+      newLayer: this.opts.writableLayer ?? 'directory',
+      files: join(dir, 'files'),
+      layerMount: join(dir, 'layer'),
+      directoryWork: join(dir, 'work'),
+      mountpoint: join(dir, 'rootfs'),
+    });
+  }
+
+  /** Before the container's files are copied (it is paused or dumped): see rootfs.ts. */
+  async syncLayer(name: string): Promise<void> {
+    await syncLayer(join(this.layout.containerDir(name), 'layer'));
   }
 
   async removeContainerDir(name: string): Promise<void> {
@@ -229,10 +246,10 @@ export class RuntimeContext {
   }
 }
 
-/** Bytes of a directory tree (0 if absent). */
+/** Bytes a directory tree takes on disk (0 if absent): a sparse layer image counts what is written. */
 export async function treeBytes(dir: string): Promise<number> {
   if (!existsSync(dir)) return 0;
-  const res = await runUnchecked('du', ['-sb', dir]);
+  const res = await runUnchecked('du', ['-s', '--block-size=1', dir]);
   if (res.code === 0) return Number(res.stdout.split(/\s/)[0]);
   return (await stat(dir)).size;
 }
