@@ -98,8 +98,8 @@ async function assertDatabaseWorks(rt: RuntimePair['source'], c: AgentContainer,
 
 /**
  * The writer's own account (its `check` lines) after `after` rows: it holds the only connection,
- * which is all that is safe after a restore (docs/compatibility.md: CRIU gives the restored
- * writer back its lock on the database but not the one on the WAL index, `-shm`, so a second
+ * which is all that is safe after a restore (docs/compatibility.md: CRIU gives a restored
+ * process back no lock on a file it has mapped, here the WAL index `-shm`, so a second
  * connection would take the index for abandoned and reset it under the writer).
  */
 async function writerChecks(rt: RuntimePair['source'], c: AgentContainer, after: number, what: string): Promise<void> {
