@@ -248,11 +248,16 @@ async function removeLeftovers(root: string, nodes: string[]): Promise<string[]>
   for (const t of await mountsBelow(root)) {
     if ((await runUnchecked('umount', [t])).code !== 0) await runUnchecked('umount', ['-l', t]);
   }
+  // Image writable layers: their loop devices detach with the last unmount; one still
+  // attached (a layer some process kept busy) is detached here, and reported if it stays.
+  for (const dev of await loopDevicesBelow(root)) await runUnchecked('losetup', ['-d', dev.name]);
   for (const ns of await ourNetns(nodes)) await runUnchecked('ip', ['netns', 'del', ns]);
   for (const node of nodes) await removeCgroups(node);
   const problems: string[] = [];
   const mounts = await mountsBelow(root);
   if (mounts.length) problems.push(`still mounted: ${mounts.join(', ')}`);
+  const loops = await loopDevicesBelow(root);
+  if (loops.length) problems.push(`loop devices still attached: ${loops.map((l) => `${l.name} (${l.file})`).join(', ')}`);
   const netns = await ourNetns(nodes);
   if (netns.length) problems.push(`network namespaces left: ${netns.join(', ')}`);
   return problems;
@@ -339,6 +344,18 @@ async function mountsBelow(dir: string): Promise<string[]> {
     .map((l) => l.replace(/\\x20/g, ' '))
     .filter((t) => t === dir || t.startsWith(`${dir}/`))
     .sort((a, b) => b.length - a.length);
+}
+
+/** Loop devices whose backing file is below `dir` (deleted or not). */
+async function loopDevicesBelow(dir: string): Promise<Array<{ name: string; file: string }>> {
+  const res = await runUnchecked('losetup', ['--list', '--noheadings', '--raw', '--output', 'NAME,BACK-FILE']);
+  return res.stdout
+    .split('\n')
+    .map((line) => {
+      const i = line.indexOf(' ');
+      return { name: line.slice(0, i), file: line.slice(i + 1).replace(/\\x20/g, ' ') };
+    })
+    .filter((l) => l.name && l.file.startsWith(`${dir}/`));
 }
 
 async function ourNetns(nodes: string[]): Promise<string[]> {
