@@ -199,7 +199,7 @@ describe('SQLite in DELETE journal mode (remembers its database file\'s inode nu
       { writableLayer: 'image' },
     ));
 
-  it('on a directory writable layer, every write after a move fails with SQLITE_READONLY_DBMOVED (why image layers exist)', { timeout }, () =>
+  it('on a directory writable layer, every write after a move fails with SQLITE_READONLY_DBMOVED (why image layers exist)', { timeout }, (t) =>
     withPair(
       async (pair) => {
         const c = await pair.source.run(spec('sqlite-del-dir', ['/usr/bin/python3', '/app/sqlite-writer.py', 'delete']));
@@ -210,6 +210,7 @@ describe('SQLite in DELETE journal mode (remembers its database file\'s inode nu
           assert.ok(Date.now() < deadline, `the writer reported no SQLITE_READONLY_DBMOVED:\n${await pair.target.logs(moved.name)}`);
           await sleep(200);
         }
+        t.diagnostic((await pair.target.logs(moved.name)).split('\n').find((l) => l.includes('DBMOVED'))!);
       },
       { writableLayer: 'directory' },
     ));
