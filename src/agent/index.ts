@@ -14,6 +14,7 @@ import type { AgentInfo, FencedContainer, HeartbeatResponse, RegisterNodeRequest
 import { FaultInjector } from './faults.js';
 import { ImageStore } from './runtime/images.js';
 import { RuncRuntime } from './runtime/runc-runtime.js';
+import type { WritableLayerKind } from './runtime/rootfs.js';
 import type { ContainerRuntime } from './runtime/types.js';
 import { buildAgentServer } from './server.js';
 
@@ -33,6 +34,8 @@ export interface AgentOptions {
   /** A private Podman store (root dir; runroot beside it) instead of the machine's default. */
   imageStore?: string;
   enableFaults?: boolean;
+  /** New containers' writable layer (src/agent/runtime/rootfs.ts); a directory if not given. */
+  writableLayer?: WritableLayerKind;
 }
 
 export interface RunningAgent {
@@ -74,6 +77,7 @@ export async function startAgent(opts: AgentOptions): Promise<RunningAgent> {
   const info: AgentInfo = { node: opts.node, address, apiPort: opts.listen.port, capabilities, version: AGENT_VERSION };
   const images = new ImageStore(opts.imageStore ? { root: join(opts.imageStore, 'root'), runroot: join(opts.imageStore, 'runroot') } : {});
   const runtime = new RuncRuntime({ node: opts.node, dataDir: opts.dataDir, runDir: opts.runDir, subnet: opts.subnet, criuPath, capabilities, images,
+    writableLayer: opts.writableLayer,
     onWarning: (message, details) => log.warn(details, message),
     reservedHostPorts: [
       { from: opts.listen.port, to: opts.listen.port, usedBy: 'the chipmunk agent' },

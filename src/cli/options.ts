@@ -140,3 +140,12 @@ export function addConnectionOptions(cmd: Command): Command {
     .option('--controller <url>', 'controller URL (default: $CHIPMUNK_CONTROLLER, else the local cluster)', parseUrl)
     .option('--token-file <file>', 'file holding the cluster token (default: $CHIPMUNK_TOKEN, else the local cluster)');
 }
+
+/** `chipmunk agent --writable-layer`: what new containers' writable layers are (src/agent/runtime/rootfs.ts). */
+export function parseWritableLayer(value: string): 'directory' | 'image' {
+  if (value === 'directory' || value === 'image') return value;
+  throw new UsageError(
+    `bad writable layer '${value}': use 'directory' (files copied one by one) or 'image' (an ext4 image that keeps inode numbers across moves, e.g. for SQLite)`,
+    { value },
+  );
+}

@@ -6,6 +6,7 @@
  */
 import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
+import { existsSync } from 'node:fs';
 import { chmod, copyFile, mkdir, mkdtemp, readFile, symlink, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
@@ -13,16 +14,24 @@ import { fileURLToPath } from 'node:url';
 import { CapabilityMissingError, RuntimeFailedError } from '../shared/errors.js';
 import { removeTree } from '../shared/remove-tree.js';
 
-export type TestImageName = 'chipmunk/statefulapp' | 'chipmunk/busybox';
+export type TestImageName = 'chipmunk/statefulapp' | 'chipmunk/busybox' | 'chipmunk/python';
 export type EnsureImageStatus = 'built' | 'reused';
 
-export const TEST_IMAGE_NAMES: readonly TestImageName[] = ['chipmunk/busybox', 'chipmunk/statefulapp'];
+export const TEST_IMAGE_NAMES: readonly TestImageName[] = ['chipmunk/busybox', 'chipmunk/statefulapp', 'chipmunk/python'];
 
 export const STATEFULAPP_SOURCE = fileURLToPath(new URL('./statefulapp/server.js', import.meta.url));
+/** The python image's SQLite writer (`/app/sqlite-writer.py MODE`). */
+export const SQLITE_WRITER_SOURCE = fileURLToPath(new URL('./python/sqlite-writer.py', import.meta.url));
 
 const CONTENT_HASH_LABEL = 'chipmunk.content-hash';
 const HOST_BUSYBOX = '/bin/busybox';
 const HOST_NODE = '/usr/bin/node';
+/** Debian's python3 and sqlite3 (scripts/setup.sh installs them). */
+const HOST_PYTHON = '/usr/bin/python3.11';
+const HOST_PYTHON_LIB = '/usr/lib/python3.11';
+const HOST_SQLITE3 = '/usr/bin/sqlite3';
+/** What a Debian image has: names resolve from /etc/hosts first, then DNS. */
+const NSSWITCH = 'passwd: files\ngroup: files\nhosts: files dns\n';
 const BUSYBOX_APPLETS = [
   'sh', 'ls', 'cat', 'echo', 'sleep', 'nc', 'wget', 'httpd', 'ps', 'kill', 'mkdir', 'rm', 'cp', 'mv',
   'ln', 'touch', 'chmod', 'grep', 'sed', 'awk', 'head', 'tail', 'wc', 'sort', 'tee', 'env', 'date',
@@ -37,6 +46,8 @@ const GROUP = 'root:x:0:\nnogroup:x:65534:\n';
 interface ImageRecipe {
   /** Host file → path in the image; copied with symlinks resolved. */
   copies: Array<{ from: string; to: string }>;
+  /** Host directory → path in the image; copied as is (`cp -a`), hashed by names, sizes and times. */
+  trees: Array<{ from: string; to: string }>;
   /** Path in the image → link target. */
   symlinks: Array<{ path: string; target: string }>;
   /** Path in the image → file contents. */
@@ -80,6 +91,7 @@ async function recipeFor(name: TestImageName): Promise<ImageRecipe> {
       await checkBusybox();
       return {
         copies: [{ from: HOST_BUSYBOX, to: '/bin/busybox' }],
+        trees: [],
         symlinks: BUSYBOX_APPLETS.map((applet) => ({ path: `/bin/${applet}`, target: 'busybox' })),
         files: base.files,
         dirs: base.dirs,
@@ -93,6 +105,7 @@ async function recipeFor(name: TestImageName): Promise<ImageRecipe> {
           ...(await sharedLibraries(HOST_NODE)).map((path) => ({ from: path, to: path })),
           { from: STATEFULAPP_SOURCE, to: '/app/server.js' },
         ],
+        trees: [],
         symlinks: [],
         files: [
           ...base.files,
@@ -103,7 +116,38 @@ async function recipeFor(name: TestImageName): Promise<ImageRecipe> {
         cmd: ['/usr/bin/node', '/app/server.js'],
         env: { PATH: '/usr/bin:/bin', PORT: '8080', MEMORY_MB: '0', DATA_DIR: '/data' },
       };
+    case 'chipmunk/python':
+      return pythonRecipe(base);
   }
+}
+
+/**
+ * Debian's python3 (with its standard library) and sqlite3, a busybox shell, and the SQLite
+ * writer: real programs of the kind users bring (http.server, an SQLite database).
+ */
+async function pythonRecipe(base: Pick<ImageRecipe, 'files' | 'dirs'>): Promise<ImageRecipe> {
+  await checkBusybox();
+  for (const path of [HOST_PYTHON, HOST_PYTHON_LIB, HOST_SQLITE3]) {
+    if (!existsSync(path)) throw new CapabilityMissingError(`${path} is missing: install Debian's python3 and sqlite3 (scripts/setup.sh does)`, { path });
+  }
+  const sqliteModule = join(HOST_PYTHON_LIB, 'lib-dynload', '_sqlite3.cpython-311-x86_64-linux-gnu.so');
+  const libraries = new Set<string>();
+  for (const binary of [HOST_PYTHON, HOST_SQLITE3, sqliteModule]) for (const lib of await sharedLibraries(binary)) libraries.add(lib);
+  return {
+    copies: [
+      { from: HOST_BUSYBOX, to: '/bin/busybox' },
+      { from: HOST_PYTHON, to: '/usr/bin/python3' },
+      { from: HOST_SQLITE3, to: '/usr/bin/sqlite3' },
+      ...[...libraries].map((path) => ({ from: path, to: path })),
+      { from: SQLITE_WRITER_SOURCE, to: '/app/sqlite-writer.py' },
+    ],
+    trees: [{ from: HOST_PYTHON_LIB, to: HOST_PYTHON_LIB }],
+    symlinks: BUSYBOX_APPLETS.map((applet) => ({ path: `/bin/${applet}`, target: 'busybox' })),
+    files: [...base.files, { path: '/etc/nsswitch.conf', content: NSSWITCH }],
+    dirs: [...base.dirs, { path: '/data', mode: 0o755 }],
+    cmd: ['/usr/bin/python3', '-m', 'http.server', '8080'],
+    env: { PATH: '/usr/bin:/bin', PYTHONDONTWRITEBYTECODE: '1' },
+  };
 }
 
 /** The image runs nothing but this one binary, so it must not need any library. */
@@ -140,6 +184,11 @@ async function hashRecipe(recipe: ImageRecipe): Promise<string> {
     hash.update(`\0${to}\0`);
     hash.update(await readFile(from));
   }
+  for (const { from } of recipe.trees) {
+    // Reading every file of a standard library at each check is slow; a package upgrade
+    // changes sizes or times, which is what a rebuild has to follow.
+    hash.update(await mustRun('find tree', 'find', [from, '-printf', '%P %s %T@ %l\\n']));
+  }
   return hash.digest('hex');
 }
 
@@ -171,6 +220,10 @@ async function writeRootfs(rootfs: string, recipe: ImageRecipe): Promise<void> {
   for (const { from, to } of recipe.copies) {
     await mkdir(dirname(inRootfs(to)), { recursive: true });
     await copyFile(from, inRootfs(to));
+  }
+  for (const { from, to } of recipe.trees) {
+    await mkdir(dirname(inRootfs(to)), { recursive: true });
+    await mustRun('copy tree', 'cp', ['-a', '--', from, inRootfs(to)]);
   }
   for (const { path, target } of recipe.symlinks) {
     await mkdir(dirname(inRootfs(path)), { recursive: true });

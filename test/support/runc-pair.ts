@@ -6,12 +6,13 @@
  */
 import assert from 'node:assert/strict';
 import { existsSync } from 'node:fs';
-import { mkdir, mkdtemp, readdir, readFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, readdir, readFile, writeFile } from 'node:fs/promises';
 import { request } from 'node:http';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { detectCapabilities } from '../../src/agent/host/capabilities.js';
 import { RuncRuntime } from '../../src/agent/runtime/runc-runtime.js';
+import type { WritableLayerKind } from '../../src/agent/runtime/rootfs.js';
 import type { ContainerRuntime } from '../../src/agent/runtime/types.js';
 import { createTestHost, deleteBridge, deleteTestHost, ensureBridge, killAllInHost, netnsPath, type TestNetwork } from '../../src/cluster/testhost.js';
 import { runUnchecked } from '../../src/shared/exec.js';
@@ -20,20 +21,55 @@ import { APP_PORT, type AppClient, type RuntimePair } from '../contract/runtime.
 
 export const CRIU = '/opt/chipmunk/bin/criu';
 /**
- * This suite's own bridge, names and subnet, so a local cluster (chmk-*, 198.18.0.0/24) or the
- * test-host test (chmkt-*, 198.18.1.0/24) can run meanwhile. Traffic goes to 198.18.2.x only.
+ * Which network this process's pairs use: CHIPMUNK_RUNC_PAIR_NET=N (2..27) gives bridge
+ * chmkrN-br0, test hosts 198.18.N.0/24, names chmkrN-*, its own temp prefix, node names and
+ * page server ports, so two test processes with different N can run at once without sweeping
+ * each other's leftovers. Unset (or 2) keeps the original names (chmkr-br0, 198.18.2.0/24).
+ * 0 and 1 are taken by the local cluster and the test-host test.
  */
-const NETWORK: TestNetwork = { bridge: 'chmkr-br0', gateway: '198.18.2.1', prefixLength: 24, netnsPrefix: 'chmkr-', vethPrefix: 'chmkrv-' };
-const TMP_PREFIX = 'chipmunk-rt-test-';
+export const RUNC_PAIR_NET = pairNet(process.env.CHIPMUNK_RUNC_PAIR_NET);
+
+function pairNet(value: string | undefined): number {
+  if (value === undefined || value === '') return 2;
+  const n = Number(value);
+  if (!Number.isInteger(n) || n < 2 || n > 27) {
+    throw new Error(`CHIPMUNK_RUNC_PAIR_NET='${value}' is not a network of the runc pair: use an integer from 2 to 27 (unset means 2)`);
+  }
+  return n;
+}
+
+function layerFromEnv(value: string | undefined): WritableLayerKind | undefined {
+  if (value === undefined || value === '') return undefined;
+  if (value === 'directory' || value === 'image') return value;
+  throw new Error(`CHIPMUNK_RUNC_PAIR_LAYER='${value}': use directory or image (unset: the runtime's default)`);
+}
+
+/** Empty for the default network 2, so its names stay what they always were. */
+const TAG = RUNC_PAIR_NET === 2 ? '' : String(RUNC_PAIR_NET);
+/**
+ * This suite's own bridge, names and subnet, so a local cluster (chmk-*, 198.18.0.0/24) or the
+ * test-host test (chmkt-*, 198.18.1.0/24) can run meanwhile. Traffic goes to 198.18.N.x only.
+ */
+const NETWORK: TestNetwork = {
+  bridge: `chmkr${TAG}-br0`,
+  gateway: `198.18.${RUNC_PAIR_NET}.1`,
+  prefixLength: 24,
+  netnsPrefix: `chmkr${TAG}-`,
+  vethPrefix: `chmkr${TAG}v-`,
+};
+const TMP_PREFIX = `chipmunk-rt${TAG}-test-`;
+/** Container subnets 198.19.201-254.0/24, two per network. */
+const subnetOctet = 201 + 2 * (RUNC_PAIR_NET - 2);
 /** Node names are unique to these tests: they name runc ids, cgroups and container namespaces. */
 const NODES = [
-  { node: 'rtch1', host: 'h1', address: '198.18.2.11', subnet: '198.19.201.0/24' },
-  { node: 'rtch2', host: 'h2', address: '198.18.2.12', subnet: '198.19.202.0/24' },
+  { node: `rt${TAG}ch1`, host: 'h1', address: `198.18.${RUNC_PAIR_NET}.11`, subnet: `198.19.${subnetOctet}.0/24` },
+  { node: `rt${TAG}ch2`, host: 'h2', address: `198.18.${RUNC_PAIR_NET}.12`, subnet: `198.19.${subnetOctet + 1}.0/24` },
 ] as const;
 /** The nodes of a pair: its `source` is the first, its `target` the second. */
 export const RUNC_PAIR_NODES = NODES;
 const hostNetns = (host: string) => NETWORK.netnsPrefix + host;
-const PAGE_SERVER_PORT_BASE = 27300;
+/** Page servers listen in the source test host's own namespace; distinct ports still help reading logs. */
+const PAGE_SERVER_PORT_BASE = 27300 + 20 * (RUNC_PAIR_NET - 2);
 
 let capabilities: HostCapabilities | undefined;
 
@@ -51,7 +87,13 @@ interface NodeFixture {
   runDir: string;
 }
 
-export async function makeRuncPair(): Promise<RuntimePair> {
+/**
+ * `writableLayer`: what the runtimes make new containers' writable layers of; unset, what
+ * CHIPMUNK_RUNC_PAIR_LAYER says (directory or image, to run a whole suite on image layers),
+ * else the runtime's default.
+ */
+export async function makeRuncPair(opts: { writableLayer?: WritableLayerKind } = {}): Promise<RuntimePair> {
+  const writableLayer = opts.writableLayer ?? layerFromEnv(process.env.CHIPMUNK_RUNC_PAIR_LAYER);
   assert.ok(capabilities, 'call prepareRuncPairs() first');
   const root = await mkdtemp(join(tmpdir(), TMP_PREFIX));
   let nodes: NodeFixture[] = [];
@@ -66,6 +108,10 @@ export async function makeRuncPair(): Promise<RuntimePair> {
   };
   try {
     await destroyTestHosts(); // what a run that died left
+    // The machine's own resolv.conf may name a resolver off the machine, where test
+    // containers must send nothing: theirs comes from this one (loopback only, so left out).
+    const resolvConf = join(root, 'resolv.conf');
+    await writeFile(resolvConf, 'nameserver 127.0.0.53\nsearch chipmunk.test\n');
     await ensureBridge(NETWORK);
     for (const n of NODES) await createTestHost(NETWORK, n.host, n.address);
     nodes = await Promise.all(
@@ -82,6 +128,8 @@ export async function makeRuncPair(): Promise<RuntimePair> {
           criuPath: CRIU,
           capabilities: capabilities!,
           hostNetns: netnsPath(hostNetns(cfg.host)),
+          resolvConfPath: resolvConf,
+          ...(writableLayer ? { writableLayer } : {}),
         });
         return { cfg, runtime, dataDir, runDir };
       }),
@@ -121,7 +169,7 @@ export async function makeRuncPair(): Promise<RuntimePair> {
 
 async function appClient(address: string, port: number): Promise<AppClient> {
   // Only our test hosts' addresses: never send traffic anywhere else.
-  assert.match(address, /^198\.18\.2\.\d+$/);
+  assert.ok(address.startsWith(`198.18.${RUNC_PAIR_NET}.`), `${address} is not a test host of this pair`);
   const call = (method: string, path: string) => httpJson(method, address, port, path);
   const deadline = Date.now() + 30_000;
   for (;;) {
@@ -200,11 +248,16 @@ async function removeLeftovers(root: string, nodes: string[]): Promise<string[]>
   for (const t of await mountsBelow(root)) {
     if ((await runUnchecked('umount', [t])).code !== 0) await runUnchecked('umount', ['-l', t]);
   }
+  // Image writable layers: their loop devices detach with the last unmount; one still
+  // attached (a layer some process kept busy) is detached here, and reported if it stays.
+  for (const dev of await loopDevicesBelow(root)) await runUnchecked('losetup', ['-d', dev.name]);
   for (const ns of await ourNetns(nodes)) await runUnchecked('ip', ['netns', 'del', ns]);
   for (const node of nodes) await removeCgroups(node);
   const problems: string[] = [];
   const mounts = await mountsBelow(root);
   if (mounts.length) problems.push(`still mounted: ${mounts.join(', ')}`);
+  const loops = await loopDevicesBelow(root);
+  if (loops.length) problems.push(`loop devices still attached: ${loops.map((l) => `${l.name} (${l.file})`).join(', ')}`);
   const netns = await ourNetns(nodes);
   if (netns.length) problems.push(`network namespaces left: ${netns.join(', ')}`);
   return problems;
@@ -291,6 +344,18 @@ async function mountsBelow(dir: string): Promise<string[]> {
     .map((l) => l.replace(/\\x20/g, ' '))
     .filter((t) => t === dir || t.startsWith(`${dir}/`))
     .sort((a, b) => b.length - a.length);
+}
+
+/** Loop devices whose backing file is below `dir` (deleted or not). */
+async function loopDevicesBelow(dir: string): Promise<Array<{ name: string; file: string }>> {
+  const res = await runUnchecked('losetup', ['--list', '--noheadings', '--raw', '--output', 'NAME,BACK-FILE']);
+  return res.stdout
+    .split('\n')
+    .map((line) => {
+      const i = line.indexOf(' ');
+      return { name: line.slice(0, i), file: line.slice(i + 1).replace(/\\x20/g, ' ') };
+    })
+    .filter((l) => l.name && l.file.startsWith(`${dir}/`));
 }
 
 async function ourNetns(nodes: string[]): Promise<string[]> {

@@ -61,6 +61,14 @@ describe('chipmunk command-line errors', () => {
     assert.equal(requests, 0);
   });
 
+  it('rejects an unknown writable layer kind for the agent', async () => {
+    assertUsageError(
+      await runCli(['agent', '--node', 'n1', '--controller', 'http://127.0.0.1:1', '--listen', '127.0.0.1:1', '--writable-layer', 'zfs'], env),
+      /bad writable layer 'zfs': use 'directory' .* or 'image'/,
+    );
+    assert.equal(requests, 0);
+  });
+
   it('requires --to on migrate', async () => {
     assertUsageError(await runCli(['migrate', 'web'], env), /required option '--to <node>' not specified/);
     assert.equal(requests, 0);

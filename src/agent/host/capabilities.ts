@@ -52,7 +52,7 @@ const RUN_SETUP = 'npm run setup';
 
 export async function runHostChecks(opts: HostProbeOptions = {}): Promise<HostCheck[]> {
   const criuPath = resolveCriuPath(opts);
-  const [criu, runc, cgroup, nofile, pipePages, pipeMaxSize, ipForward, podman, cni, iptables, nsenter, ip, tar] = await Promise.all([
+  const [criu, runc, cgroup, nofile, pipePages, pipeMaxSize, ipForward, podman, cni, iptables, nsenter, ip, tar, mkfsExt4] = await Promise.all([
     probeCriu(criuPath, { withSelfCheck: true }),
     checkRunc(),
     readCgroupMode(),
@@ -82,6 +82,7 @@ export async function runHostChecks(opts: HostProbeOptions = {}): Promise<HostCh
     checkTool({ id: 'nsenter', command: 'nsenter', args: ['--version'], why: 'enters network namespaces without remounting /sys' }),
     checkTool({ id: 'ip', command: 'ip', args: ['-V'], why: 'network namespaces and veth links' }),
     checkTool({ id: 'tar', command: 'tar', args: ['--version'], why: 'packs CRIU images for transfer' }),
+    checkLayerImageTool(),
   ]);
   return [
     checkRoot(),
@@ -98,7 +99,22 @@ export async function runHostChecks(opts: HostProbeOptions = {}): Promise<HostCh
     nsenter,
     ip,
     tar,
+    mkfsExt4,
   ];
+}
+
+/**
+ * mkfs.ext4 makes image writable layers (`chipmunk agent --writable-layer image`), an opt-in:
+ * without it only that option fails, so its absence is a warning, not a missing piece.
+ */
+async function checkLayerImageTool(): Promise<HostCheck> {
+  const check = await checkTool({
+    id: 'mkfs-ext4',
+    command: 'mkfs.ext4',
+    args: ['-V'],
+    why: "image writable layers (agent --writable-layer image), which keep files' inode numbers across moves",
+  });
+  return check.status === 'ok' ? check : { ...check, status: 'warn' };
 }
 
 /**

@@ -3,6 +3,7 @@
  * incarnation: a restore on another node differs in root path, network namespace and cgroup.
  */
 import type { ContainerSpec } from '../../shared/protocol.js';
+import type { EtcMounts } from './etc-files.js';
 import type { ImageConfig } from './images.js';
 
 export interface BundleInputs {
@@ -14,6 +15,8 @@ export interface BundleInputs {
   hostname: string;
   /** CRIU config file runc passes to CRIU (org.criu.config), e.g. restore options. */
   criuConfigPath: string;
+  /** /etc/hosts, /etc/resolv.conf, /etc/hostname of this incarnation (etc-files.ts). */
+  etcMounts: EtcMounts;
   /** Host directory of each named volume of the spec. */
   volumeDir(name: string): string;
 }
@@ -62,7 +65,9 @@ export function buildOciConfig(b: BundleInputs): Record<string, unknown> {
       { destination: '/dev/mqueue', type: 'mqueue', source: 'mqueue', options: ['nosuid', 'noexec', 'nodev'] },
       { destination: '/sys', type: 'sysfs', source: 'sysfs', options: ['nosuid', 'noexec', 'nodev', 'ro'] },
       // Bind mounts: runc declares them to CRIU as external mounts, and maps them to this
-      // config's sources on restore, so a volume follows its container to the new node.
+      // config's sources on restore, so a volume follows its container to the new node and
+      // the /etc files are the new node's (its address).
+      ...b.etcMounts.map((m) => ({ destination: m.destination, type: 'bind', source: m.source, options: ['rbind', 'ro'] })),
       ...(b.spec.volumes ?? []).map((v) => ({ destination: v.path, type: 'bind', source: b.volumeDir(v.name), options: ['rbind', 'rw'] })),
     ],
     linux: {

@@ -12,12 +12,13 @@ import type { AgentContainer, ContainerSpec, HostCapabilities, MigrationMode } f
 import { removeTree } from '../../shared/remove-tree.js';
 import { buildOciConfig } from './bundle.js';
 import { Criu, criuOptionsPath, writeCriuOptions, type DumpProcess, type PageServer } from './criu.js';
+import { writeEtcFiles } from './etc-files.js';
 import { FailedLogs } from './failed-logs.js';
 import { ImageStore, type ImageConfig } from './images.js';
 import { NodeLayout } from './layout.js';
 import { CniNetwork, netnsPath } from './network.js';
 import { RecordStore, type ContainerRecord, type RecordWarning } from './records.js';
-import { mountRootfs, unmountBelow } from './rootfs.js';
+import { mountRootfs, syncLayer, unmountBelow, type WritableLayerKind } from './rootfs.js';
 import { Runc, type StartTarget } from './runc.js';
 
 export interface RuncRuntimeOptions {
@@ -42,6 +43,16 @@ export interface RuncRuntimeOptions {
    * lazy-pages daemon run there; runc itself does not care where it runs.
    */
   hostNetns?: string;
+  /**
+   * The resolv.conf containers' own is made from (etc-files.ts), /etc/resolv.conf if not given.
+   * Tests name a file of their own: their containers must never query a resolver off the machine.
+   */
+  resolvConfPath?: string;
+  /**
+   * New containers' writable layer: a directory (default) or an ext4 image that keeps inode
+   * numbers across moves and is a disk quota (rootfs.ts).
+   */
+  writableLayer?: WritableLayerKind;
   /** Where warnings go (a damaged record read from its previous copy); console.warn if not given. */
   onWarning?: RecordWarning;
 }
@@ -171,6 +182,7 @@ export class RuntimeContext {
     const name = rec.spec.name;
     const dir = this.layout.containerDir(name);
     await writeCriuOptions(dir, 'dump');
+    const etcMounts = await writeEtcFiles(join(dir, 'etc'), { hostname: name, ip: rec.ip, resolvConfPath: this.opts.resolvConfPath });
     const config = buildOciConfig({
       spec: rec.spec,
       image,
@@ -179,6 +191,7 @@ export class RuntimeContext {
       cgroupsPath: this.layout.cgroupsPath(name, rec.generation),
       hostname: name,
       criuConfigPath: criuOptionsPath(dir),
+      etcMounts,
       volumeDir: (volume) => this.layout.volumeDir(name, volume),
     });
     for (const v of rec.spec.volumes ?? []) await mkdir(this.layout.volumeDir(name, v.name), { recursive: true });
@@ -188,7 +201,19 @@ export class RuntimeContext {
   async mountContainerRootfs(name: string, image: ImageConfig): Promise<void> {
     const dir = this.layout.containerDir(name);
     const lower = await this.images.lowerDirs(image);
-    await mountRootfs({ lower, upper: join(dir, 'files', 'upper'), work: join(dir, 'work'), mountpoint: join(dir, 'rootfs') });
+    await mountRootfs({
+      lower,
+      newLayer: this.opts.writableLayer ?? 'directory',
+      files: join(dir, 'files'),
+      layerMount: join(dir, 'layer'),
+      directoryWork: join(dir, 'work'),
+      mountpoint: join(dir, 'rootfs'),
+    });
+  }
+
+  /** Before the container's files are copied (it is paused or dumped): see rootfs.ts. */
+  async syncLayer(name: string): Promise<void> {
+    await syncLayer(join(this.layout.containerDir(name), 'layer'));
   }
 
   async removeContainerDir(name: string): Promise<void> {
@@ -221,10 +246,10 @@ export class RuntimeContext {
   }
 }
 
-/** Bytes of a directory tree (0 if absent). */
+/** Bytes a directory tree takes on disk (0 if absent): a sparse layer image counts what is written. */
 export async function treeBytes(dir: string): Promise<number> {
   if (!existsSync(dir)) return 0;
-  const res = await runUnchecked('du', ['-sb', dir]);
+  const res = await runUnchecked('du', ['-s', '--block-size=1', dir]);
   if (res.code === 0) return Number(res.stdout.split(/\s/)[0]);
   return (await stat(dir)).size;
 }

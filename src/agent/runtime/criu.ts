@@ -4,6 +4,11 @@
  * status fd, established TCP), the options file runc hands it, the lazy-pages daemon, the
  * network lock it can leave behind, reading its logs, and its failures as RuntimeFailedErrors
  * whose `logPath` names the log that explains them (failed-logs.ts keeps that log).
+ *
+ * Every dump and restore passes `--file-locks`: without it CRIU refuses any container holding
+ * a POSIX or flock lock ("Some file locks are hold by dumping tasks!"), which is every SQLite
+ * database in WAL mode and most databases. CRIU then dumps the locks and takes them again on
+ * restore; runc passes the flag on to CRIU for checkpoint and restore alike.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { closeSync, constants, existsSync, openSync } from 'node:fs';
@@ -37,6 +42,8 @@ const LAZY_SOCKET_WAIT_MS = 15_000;
 /** How long the last lazy pages may take to be served (source) or pulled (target). */
 export const PAGE_DRAIN_TIMEOUT_MS = 10 * 60_000;
 const PAGE_SIZE = 4096;
+/** runc's flag for CRIU's --file-locks (see the top of this file); the same on dump and restore. */
+const FILE_LOCKS = '--file-locks';
 
 /**
  * The CRIU options runc passes on (org.criu.config, the bundle's `criu.conf`). runc reads the
@@ -121,7 +128,7 @@ export class Criu {
     opts: { name: string; images: string; work: string; mode: MigrationMode; pageServer?: PageServer },
     onStarted: (dump: DumpProcess) => void,
   ): Promise<void> {
-    const args = this.runc.args(['checkpoint', '--image-path', opts.images, '--work-path', opts.work, '--tcp-established'], true);
+    const args = this.runc.args(['checkpoint', '--image-path', opts.images, '--work-path', opts.work, '--tcp-established', FILE_LOCKS], true);
     if (opts.mode === 'lazy') args.push('--lazy-pages', '--page-server', `${opts.pageServer!.address}:${opts.pageServer!.port}`, '--status-fd', '3');
     args.push(id);
     const status = opts.mode === 'lazy' ? await openStatusFifo(join(opts.work, 'status.fifo')) : undefined;
@@ -153,7 +160,7 @@ export class Criu {
    * paused (the caller resumes it). TCP connections are not dumped (criu.conf: tcp-close).
    */
   async dumpLeavingRunning(id: string, what: string, images: string, work: string): Promise<void> {
-    const res = await this.runc.exec(['checkpoint', '--leave-running', '--image-path', images, '--work-path', work, id], { inHostNetns: true, withCriu: true });
+    const res = await this.runc.exec(['checkpoint', '--leave-running', FILE_LOCKS, '--image-path', images, '--work-path', work, id], { inHostNetns: true, withCriu: true });
     if (res.code !== 0) throw await dumpFailedError(what, res, join(work, CRIU_LOG.dump));
   }
 
@@ -168,7 +175,7 @@ export class Criu {
     migrationId: string,
     opts: { images: string; work: string; bundle: string; mode: MigrationMode; pageServer?: PageServer },
   ): Promise<{ args: string[]; log: string; daemonFailed?: Promise<string> }> {
-    const args = ['restore', '-d', '--image-path', opts.images, '--work-path', opts.work, '--bundle', opts.bundle];
+    const args = ['restore', '-d', FILE_LOCKS, '--image-path', opts.images, '--work-path', opts.work, '--bundle', opts.bundle];
     const log = join(opts.work, CRIU_LOG.restore);
     if (opts.mode !== 'lazy') return { args, log };
     const pageServer = opts.pageServer!;

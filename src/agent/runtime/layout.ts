@@ -3,10 +3,14 @@
  * agent's data dir (what a newcomer debugging a node looks at):
  *   containers/NAME/state.json        what this node knows of the container (records.ts);
  *                                     state.json.prev: the copy before the last write
- *   containers/NAME/files/upper/      overlay upper layer: every file the container changed
+ *   containers/NAME/files/upper/      writable layer (overlay upper): every file the container
+ *                                     changed; or, with image layers (rootfs.ts),
+ *   containers/NAME/files/layer.img   an ext4 image (sparse) holding them, mounted at layer/
  *   containers/NAME/files/logs/       stdout.log, stderr.log
  *   containers/NAME/files/volumes/V/  named volume V (bind-mounted at its path)
- *   containers/NAME/work/, rootfs/    overlay work dir and mount point
+ *   containers/NAME/layer/            the mounted layer image: overlay upper/ and work/
+ *   containers/NAME/rootfs/, work/    overlay mount point; work dir of a directory layer
+ *   containers/NAME/etc/              hosts, resolv.conf, hostname of this incarnation (etc-files.ts)
  *   containers/NAME/config.json       OCI config of the current incarnation (runc bundle)
  *   containers/NAME/criu.conf         CRIU options runc passes on (criu.ts)
  *   migrations/ID/images/             CRIU images of one migration

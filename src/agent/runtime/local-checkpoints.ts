@@ -43,7 +43,8 @@ export class LocalCheckpoints {
       if (paused.code !== 0) throw failed('runc pause', paused.stderr);
       let failure: unknown;
       try {
-        const copied = await runUnchecked('cp', ['-a', '--reflink=auto', join(ctx.layout.containerDir(name), 'files'), paths.files]);
+        await ctx.syncLayer(name);
+        const copied = await runUnchecked('cp', ['-a', '--reflink=auto', '--sparse=always', join(ctx.layout.containerDir(name), 'files'), paths.files]);
         if (copied.code !== 0) throw failed('copying the container files', copied.stderr);
         await ctx.criu.dumpLeavingRunning(id, what, paths.images, work);
       } catch (err) {

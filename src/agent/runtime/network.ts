@@ -47,6 +47,9 @@ export class CniNetwork {
     await mkdir(this.cfg.ipamDir, { recursive: true });
     if (!existsSync(netnsPath(netns))) await run('ip', ['netns', 'add', netns], { op: 'create network namespace' });
     try {
+      // A new namespace's loopback is down: localhost (in /etc/hosts, and what many programs
+      // talk to themselves over) would be unreachable. Podman brings it up too.
+      await run('ip', ['-n', netns, 'link', 'set', 'lo', 'up'], { op: 'bring up loopback in container namespace' });
       const bridgeResult = await this.plugin('bridge', 'ADD', netns, containerId, this.bridgeConf());
       const ip = ((bridgeResult.ips as Array<{ address: string }> | undefined) ?? [])[0]?.address?.split('/')[0];
       if (!ip) throw new RuntimeFailedError('CNI bridge returned no address', { op: 'CNI bridge ADD', result: bridgeResult });

@@ -71,6 +71,8 @@ export class SourceMigrations {
         await ctx.removeMigrationDir(opts.migrationId);
         throw kept;
       }
+      // The container is dumped and gone: its layer's last writes go into the image, which travels.
+      await ctx.syncLayer(name);
       return {
         imageBytes: await treeBytes(images),
         upperBytes: await treeBytes(join(ctx.layout.containerDir(name), 'files')),

@@ -54,7 +54,7 @@ export class TargetRestores {
       await mkdir(dir, { recursive: true });
       const incoming = join(ctx.layout.migrationDir(opts.migrationId), 'files');
       if (existsSync(incoming)) await rename(incoming, join(dir, 'files'));
-      await mkdir(join(dir, 'files', 'upper'), { recursive: true });
+      await mkdir(join(dir, 'files'), { recursive: true });
       await mkdir(ctx.layout.logDir(spec.name), { recursive: true });
       await ctx.records.write(rec);
       try {

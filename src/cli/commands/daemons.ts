@@ -6,7 +6,7 @@ import type { Command } from 'commander';
 import pino from 'pino';
 
 import { daemonToken } from '../context.js';
-import { addJsonOption, parseIPv4Cidr, parseListen, parseNodeLease, parseNodeName, parsePositiveInt, parseUrl, type ListenAddress } from '../options.js';
+import { addJsonOption, parseIPv4Cidr, parseListen, parseNodeLease, parseNodeName, parsePositiveInt, parseUrl, parseWritableLayer, type ListenAddress } from '../options.js';
 import { printJson } from '../output.js';
 
 const DEFAULT_CONTROLLER_LISTEN = '127.0.0.1:7400';
@@ -78,6 +78,7 @@ interface AgentOptions {
   runDir: string;
   subnet: string;
   imageStore?: string;
+  writableLayer: 'directory' | 'image';
   json?: boolean;
 }
 
@@ -161,7 +162,13 @@ export function registerDaemonCommands(program: Command): void {
       .option('--data-dir <dir>', 'persistent state: container layers, checkpoints', DEFAULT_AGENT_DATA_DIR)
       .option('--run-dir <dir>', 'runtime state: runc root, sockets', DEFAULT_AGENT_RUN_DIR)
       .option('--subnet <cidr>', "containers' addresses on this node", parseIPv4Cidr, DEFAULT_AGENT_SUBNET)
-      .option('--image-store <dir>', "a private Podman store for this agent's images (default: the machine's)"),
+      .option('--image-store <dir>', "a private Podman store for this agent's images (default: the machine's)")
+      .option(
+        '--writable-layer <kind>',
+        "new containers' writable layer: directory, or image (ext4 in one file: keeps inode numbers across moves, which SQLite needs; a 10 GiB disk quota)",
+        parseWritableLayer,
+        'directory',
+      ),
   ).action(async (opts: AgentOptions) => {
     const token = await daemonToken(opts.tokenFile);
     const { startAgent } = await import('../../agent/index.js');
@@ -174,6 +181,7 @@ export function registerDaemonCommands(program: Command): void {
       runDir: opts.runDir,
       subnet: opts.subnet,
       imageStore: opts.imageStore,
+      writableLayer: opts.writableLayer,
     });
     await serveUntilStopped(opts.json, `agent ${opts.node}`, agent);
   });
