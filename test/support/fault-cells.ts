@@ -13,7 +13,7 @@ import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { clusterKill, clusterRevive, readClusterState } from '../../src/cluster/index.js';
 import { steadyIncrements } from './clients.js';
-import { GATEWAY_HOST, counterFailures, leftovers, lockFailures, structuralFailures, viaGateway, type Copy } from './fault-checks.js';
+import { GATEWAY_HOST, counterFailures, incarnationLeftovers, lockFailures, migrationDebris, structuralFailures, viaGateway, type Copy } from './fault-checks.js';
 import { cli, clusterStateDir, localCluster, waitFor } from './local-cluster.js';
 import { armPause, resumePause, waitForPause, type PauseHolder } from './pauses.js';
 
@@ -161,6 +161,8 @@ export async function runCell(cell: Cell, opts: CellOptions): Promise<CellResult
   let client: ReturnType<typeof steadyIncrements> | undefined;
   try {
     await setUp(name, source, port, opts.memoryMb ?? 64);
+    // What earlier cells left (migration images, mounts) is theirs, not this cell's.
+    const leftBefore = new Set(await migrationDebris());
     client = steadyIncrements(`http://${GATEWAY_HOST}:${port}`, 1, 300_000);
     await sleep(1_000);
     for (const holder of plan.holders) await armPause(holder, plan.step);
@@ -210,7 +212,7 @@ export async function runCell(cell: Cell, opts: CellOptions): Promise<CellResult
       last = await structuralFailures(name, port);
       if (last.failures.length === 0) {
         result.settleMs ??= Date.now() - killedAt;
-        left = await leftovers(name, last.copy);
+        left = [...(await incarnationLeftovers(name, last.copy)), ...(await migrationDebris()).filter((l) => !leftBefore.has(l))];
         if (left.length === 0) break;
       }
       if (Date.now() > settleDeadline) break;
@@ -252,13 +254,21 @@ export async function setUp(name: string, node: string, port: number, memoryMb: 
   await waitFor(async () => (await cli<Array<{ logPosition: number | null }>>(['checkpoints', name])).json?.some?.((c) => c.logPosition !== null), 30_000, `a checkpoint of ${name} at a log position`);
 }
 
-/** rm, retried while a lock that is still being released refuses it. */
-export async function tearDown(name: string): Promise<void> {
-  for (let attempt = 0; attempt < 5; attempt++) {
-    const rm = await cli(['rm', name], { timeoutMs: 90_000 });
-    if (rm.code === 0 || rm.error?.code === 'CHIPMUNK_NOT_FOUND') return;
+/**
+ * rm, retried while a lock that is still being released refuses it (bounded: a lock left for
+ * good, a bug the cell reports, makes rm wait and fail; the container then stays until the
+ * cluster goes down). Returns the error when it could not be removed.
+ */
+export async function tearDown(name: string): Promise<string | undefined> {
+  const deadline = Date.now() + 75_000;
+  let why = '';
+  while (Date.now() < deadline) {
+    const rm = await cli(['rm', name], { timeoutMs: Math.max(1_000, deadline - Date.now()) });
+    if (rm.code === 0 || rm.error?.code === 'CHIPMUNK_NOT_FOUND') return undefined;
+    why = rm.error?.message ?? rm.stderr.trim().slice(-200);
     await sleep(2_000);
   }
+  return `rm ${name} failed: ${why}`;
 }
 
 /** The end of a daemon's log, for a failing cell's report. */
