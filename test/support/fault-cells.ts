@@ -220,7 +220,7 @@ export async function runCell(cell: Cell, opts: CellOptions): Promise<CellResult
     }
     if (operation) result.operation = await Promise.race([operation, sleep(5_000).then(() => 'still running after the settle time')]);
     result.failures.push(...last.failures, ...left.map((l) => `leftover ${l}`));
-    if (last.failures.length === 0) result.failures.push(...(await lockFailures(name, Date.now(), 12_000)));
+    if (last.failures.length === 0) result.failures.push(...(await lockFailures(name, Date.now(), 8_000)));
     const stats = await Promise.race([client.stop(), sleep(20_000).then(() => undefined)]);
     if (!stats) result.failures.push('client stuck: a request got no answer for 20 s after the settle');
     result.acked = client.stats.ok;
