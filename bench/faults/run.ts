@@ -34,6 +34,23 @@ const { values } = parseArgs({
   },
 });
 
+const DOWN_MS = values.fast ? 2_000 : 3_000;
+const SETTLE_MS = values.fast ? 30_000 : 45_000;
+
+const HEADER = [
+  `All on one 2-core machine: 3 test hosts, node lease ${NODE_LEASE_MS} ms; the controller (with the checkpoint store) and the gateway on the same machine.`,
+  'Every container protected (checkpoint every 2 s), exposed through the gateway, one client POSTing /increment nonstop.',
+  `A process pauses at the cell's step (pause points), the victim is SIGKILLed there, revived ${DOWN_MS / 1000} s later; then up to ${SETTLE_MS / 1000} s to settle.`,
+  "Checked: exactly one running copy (runc on every node), the controller's record agrees, protection goes on (no lock left),",
+  "no held route, counter == acknowledged == lines of the app's file, no leftover runc container, netns, mount, CRIU daemon or migration image.",
+].join('\n');
+
+function matrixSection(results: CellResult[], planned: number, ms: number): string {
+  const how = `${values.only ? ` --only ${values.only}` : ''}${values.fast ? ' --fast' : ''}`.trim();
+  const partial = results.length < planned ? ` (partial: ${results.length} of ${planned} cells so far)` : '';
+  return [`Matrix, measured ${new Date().toISOString()}${how ? ` (${how})` : ''}: ${results.length} cells in ${(ms / 60_000).toFixed(0)} min${partial}.`, '', matrixTable(results)].join('\n');
+}
+
 const groupOf = (cell: Cell) => [cell.kind, cell.mode, cell.step].filter(Boolean).join(' ');
 
 function selectCells(): Cell[] {
@@ -83,13 +100,15 @@ async function main(): Promise<void> {
       log(`cell ${i + 1}/${cells.length}: ${cellId(cell)}`);
       let result: CellResult;
       try {
-        result = await runCell(cell, { index: i, ...(values.fast ? { downMs: 2_000, settleMs: 40_000 } : {}), log });
+        result = await runCell(cell, { index: i, downMs: DOWN_MS, settleMs: SETTLE_MS, log });
       } catch (err) {
         result = { id: cellId(cell), cell, outcome: 'failed', failures: [`harness error: ${(err as Error).message}`], acked: 0, failed: 0, ms: 0 };
       }
       results.push(result);
       log(`  -> ${result.outcome}${result.settleMs !== undefined ? ` settled ${result.settleMs} ms` : ''}${result.failures.length ? `: ${result.failures.join('; ')}` : ''}${result.operation ? ` [${result.operation}]` : ''} (${(result.ms / 1000).toFixed(0)} s)`);
       if (result.outcome !== 'ok' && !result.unavoidable) log(`  controller log (end):\n${await logTail('controller', 8)}`);
+      // Written after every cell: a long run stopped half-way still leaves its results.
+      await writeResults(HEADER, { matrix: matrixSection(results, cells.length, Date.now() - started) });
     }
     soakStarted = Date.now();
     if (values.soak) {
@@ -101,24 +120,14 @@ async function main(): Promise<void> {
     else await stopLocalCluster().catch((err: Error) => log(`cluster down failed: ${err.message}`));
   }
 
-  const header = [
-    `All on one 2-core machine: 3 test hosts, node lease ${NODE_LEASE_MS} ms; the controller (with the checkpoint store) and the gateway on the same machine.`,
-    'Every container protected (checkpoint every 2 s), exposed through the gateway, one client POSTing /increment nonstop.',
-    "A process pauses at the cell's step (pause points), the victim is SIGKILLed there, revived 3 s later; then up to 60 s to settle.",
-    "Checked: exactly one running copy (runc on every node), the controller's record agrees, protection goes on (no lock left),",
-    "no held route, counter == acknowledged == lines of the app's file, no leftover runc container, netns, mount, CRIU daemon or migration image.",
-  ];
   const at = new Date().toISOString();
   const sections: Record<string, string> = {};
-  if (results.length > 0) {
-    const how = `${values.only ? ` --only ${values.only}` : ''}${values.fast ? ' --fast' : ''}`;
-    sections.matrix = [`Matrix, measured ${at}${how ? ` (${how.trim()})` : ''}: ${results.length} cells in ${((soakStarted - started) / 60_000).toFixed(0)} min.`, '', matrixTable(results)].join('\n');
-  }
+  if (results.length > 0) sections.matrix = matrixSection(results, cells.length, soakStarted - started);
   if (soakRows.length > 0) {
     sections.soak = [`Failover soak, measured ${at}: ${soakRows.length} host kills in a row of one protected 64 MB app under load (checkpoint every 2 s; killed at a random moment, mid-checkpoint (the controller paused at the cut) or mid-upload (the agent paused at the upload)):`, '', soakTable(soakRows)].join('\n');
   }
-  console.log([header.join('\n'), ...Object.values(sections)].join('\n\n'));
-  await writeResults(header.join('\n'), sections);
+  console.log([HEADER, ...Object.values(sections)].join('\n\n'));
+  await writeResults(HEADER, sections);
 }
 
 /** bench/results/faults.md: a section this run produced replaces the one before; the other stays. */

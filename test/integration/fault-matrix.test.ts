@@ -7,9 +7,9 @@
  * so the suite stays green; drop the todo with the fix.
  */
 import assert from 'node:assert/strict';
-import { after, before, describe, it } from 'node:test';
+import { describe, it } from 'node:test';
 import { cellId, runCell, type Cell } from '../support/fault-cells.js';
-import { ensureClusterHealthy, startLocalCluster, stopLocalCluster } from '../support/local-cluster.js';
+import { ensureClusterHealthy, useLocalCluster } from '../support/local-cluster.js';
 
 const NODE_LEASE_MS = 1_000;
 
@@ -32,13 +32,7 @@ const CELLS: Array<{ cell: Cell; todo?: string }> = [
   },
 ];
 
-before(async () => {
-  await startLocalCluster(3, { nodeLeaseMs: NODE_LEASE_MS });
-}, { timeout: 300_000 });
-
-after(async () => {
-  await stopLocalCluster();
-}, { timeout: 120_000 });
+useLocalCluster({ nodes: 3, nodeLeaseMs: NODE_LEASE_MS });
 
 describe('fault matrix (CI subset)', { timeout: 600_000 }, () => {
   for (const [index, { cell, todo }] of CELLS.entries()) {
