@@ -75,14 +75,21 @@ export function cellId(cell: Cell): string {
   return [cell.kind, cell.mode, cell.step, cell.victim].filter(Boolean).join(' ');
 }
 
-/** Every cell of the matrix, in a stable order. */
+/**
+ * Every cell of the matrix, in a stable order that takes turns between lazy migrations, copy
+ * migrations, checkpoints and failovers, so that a run cut short has covered each kind.
+ */
 export function allCells(): Cell[] {
-  const cells: Cell[] = [];
-  for (const mode of ['lazy', 'copy'] as const) {
-    for (const step of MIGRATION_PHASES) for (const victim of MIGRATION_VICTIMS) cells.push({ kind: 'migration', mode, step, victim });
+  const groups: Cell[][] = [[], [], [], []];
+  for (const [i, mode] of (['lazy', 'copy'] as const).entries()) {
+    for (const step of MIGRATION_PHASES) for (const victim of MIGRATION_VICTIMS) groups[i]!.push({ kind: 'migration', mode, step, victim });
   }
-  for (const step of CHECKPOINT_STEPS) for (const victim of CHECKPOINT_VICTIMS) cells.push({ kind: 'checkpoint', step, victim });
-  for (const step of FAILOVER_STEPS) for (const victim of FAILOVER_VICTIMS) cells.push({ kind: 'failover', step, victim });
+  for (const step of CHECKPOINT_STEPS) for (const victim of CHECKPOINT_VICTIMS) groups[2]!.push({ kind: 'checkpoint', step, victim });
+  for (const step of FAILOVER_STEPS) for (const victim of FAILOVER_VICTIMS) groups[3]!.push({ kind: 'failover', step, victim });
+  const cells: Cell[] = [];
+  // Spread each group evenly over the run: a cell's place is its rank within its group, scaled.
+  const placed = groups.flatMap((group) => group.map((cell, i) => ({ cell, at: (i + 0.5) / group.length })));
+  for (const { cell } of placed.sort((a, b) => a.at - b.at)) cells.push(cell);
   return cells;
 }
 
