@@ -13,7 +13,7 @@
  *   --soak        also the failover soak (20 host kills in a row)
  * Prints the tables and writes bench/results/faults.md.
  */
-import { mkdir, writeFile } from 'node:fs/promises';
+import { mkdir, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
@@ -33,6 +33,23 @@ const { values } = parseArgs({
     'no-matrix': { type: 'boolean', default: false },
   },
 });
+
+const DOWN_MS = values.fast ? 2_000 : 3_000;
+const SETTLE_MS = values.fast ? 30_000 : 45_000;
+
+const HEADER = [
+  `All on one 2-core machine: 3 test hosts, node lease ${NODE_LEASE_MS} ms; the controller (with the checkpoint store) and the gateway on the same machine.`,
+  'Every container protected (checkpoint every 2 s), exposed through the gateway, one client POSTing /increment nonstop.',
+  `A process pauses at the cell's step (pause points), the victim is SIGKILLed there, revived ${DOWN_MS / 1000} s later; then up to ${SETTLE_MS / 1000} s to settle.`,
+  "Checked: exactly one running copy (runc on every node), the controller's record agrees, protection goes on (no lock left),",
+  "no held route, counter == acknowledged == lines of the app's file, no leftover runc container, netns, mount, CRIU daemon or migration image.",
+].join('\n');
+
+function matrixSection(results: CellResult[], planned: number, ms: number): string {
+  const how = `${values.only ? ` --only ${values.only}` : ''}${values.fast ? ' --fast' : ''}`.trim();
+  const partial = results.length < planned ? ` (partial: ${results.length} of ${planned} cells so far)` : '';
+  return [`Matrix, measured ${new Date().toISOString()}${how ? ` (${how})` : ''}: ${results.length} cells in ${(ms / 60_000).toFixed(0)} min${partial}.`, '', matrixTable(results)].join('\n');
+}
 
 const groupOf = (cell: Cell) => [cell.kind, cell.mode, cell.step].filter(Boolean).join(' ');
 
@@ -76,41 +93,53 @@ async function main(): Promise<void> {
   await startLocalCluster(3, { nodeLeaseMs: NODE_LEASE_MS });
   const results: CellResult[] = [];
   let soakRows: SoakRun[] = [];
+  let soakStarted = Date.now();
   try {
     for (const [i, cell] of cells.entries()) {
       await ensureClusterHealthy(log);
       log(`cell ${i + 1}/${cells.length}: ${cellId(cell)}`);
       let result: CellResult;
       try {
-        result = await runCell(cell, { index: i, ...(values.fast ? { downMs: 2_000, settleMs: 40_000 } : {}), log });
+        result = await runCell(cell, { index: i, downMs: DOWN_MS, settleMs: SETTLE_MS, log });
       } catch (err) {
         result = { id: cellId(cell), cell, outcome: 'failed', failures: [`harness error: ${(err as Error).message}`], acked: 0, failed: 0, ms: 0 };
       }
       results.push(result);
       log(`  -> ${result.outcome}${result.settleMs !== undefined ? ` settled ${result.settleMs} ms` : ''}${result.failures.length ? `: ${result.failures.join('; ')}` : ''}${result.operation ? ` [${result.operation}]` : ''} (${(result.ms / 1000).toFixed(0)} s)`);
       if (result.outcome !== 'ok' && !result.unavoidable) log(`  controller log (end):\n${await logTail('controller', 8)}`);
+      // Written after every cell: a long run stopped half-way still leaves its results.
+      await writeResults(HEADER, { matrix: matrixSection(results, cells.length, Date.now() - started) });
     }
+    soakStarted = Date.now();
     if (values.soak) {
       await ensureClusterHealthy(log);
       soakRows = await soak(Number(values['soak-runs']), log);
     }
   } finally {
-    await stopLocalCluster().catch((err: Error) => log(`cluster down failed: ${err.message}`));
+    if (process.env.CHIPMUNK_KEEP_CLUSTER === '1') log('CHIPMUNK_KEEP_CLUSTER=1: leaving the local cluster up');
+    else await stopLocalCluster().catch((err: Error) => log(`cluster down failed: ${err.message}`));
   }
 
-  const parts = [
-    `All on one 2-core machine: 3 test hosts, node lease ${NODE_LEASE_MS} ms; the controller (with the checkpoint store) and the gateway on the same machine.`,
-    'Every container protected (checkpoint every 2 s), exposed through the gateway, one client POSTing /increment nonstop.',
-    "A process pauses at the cell's step (pause points), the victim is SIGKILLed there, revived 3 s later; then up to 60 s to settle.",
-    "Checked: exactly one running copy (runc on every node), the controller's record agrees, protection goes on (no lock left),",
-    "no held route, counter == acknowledged == lines of the app's file, no leftover runc container, netns, mount, CRIU daemon or migration image.",
-  ];
-  if (results.length > 0) parts.push('', `Matrix (${results.length} cells, ${((Date.now() - started) / 60_000).toFixed(0)} min):`, '', matrixTable(results));
-  if (soakRows.length > 0) parts.push('', `Failover soak: ${soakRows.length} host kills in a row of one protected 64 MB app under load (checkpoint every 2 s):`, '', soakTable(soakRows));
-  const out = parts.join('\n');
-  console.log(out);
+  const at = new Date().toISOString();
+  const sections: Record<string, string> = {};
+  if (results.length > 0) sections.matrix = matrixSection(results, cells.length, soakStarted - started);
+  if (soakRows.length > 0) {
+    sections.soak = [`Failover soak, measured ${at}: ${soakRows.length} host kills in a row of one protected 64 MB app under load (checkpoint every 2 s; killed at a random moment, mid-checkpoint (the controller paused at the cut) or mid-upload (the agent paused at the upload)):`, '', soakTable(soakRows)].join('\n');
+  }
+  console.log([HEADER, ...Object.values(sections)].join('\n\n'));
+  await writeResults(HEADER, sections);
+}
+
+/** bench/results/faults.md: a section this run produced replaces the one before; the other stays. */
+async function writeResults(header: string, sections: Record<string, string>): Promise<void> {
+  const previous = await readFile(RESULTS, 'utf8').catch(() => '');
+  const kept = (name: string) => new RegExp(`<!-- ${name} -->\\n([\\s\\S]*?)\\n<!-- /${name} -->`).exec(previous)?.[1];
+  const body = ['matrix', 'soak']
+    .map((name) => sections[name] ?? kept(name))
+    .map((text, i) => (text ? `<!-- ${['matrix', 'soak'][i]} -->\n${text}\n<!-- /${['matrix', 'soak'][i]} -->` : undefined))
+    .filter(Boolean);
   await mkdir(join(RESULTS, '..'), { recursive: true });
-  await writeFile(RESULTS, `# bench/faults\n\nMeasured ${new Date().toISOString()}${values.only ? ` (--only ${values.only})` : ''}${values.fast ? ' (--fast)' : ''}.\n\n${out}\n`);
+  await writeFile(RESULTS, `# bench/faults\n\n${header}\n\n${body.join('\n\n')}\n`);
 }
 
 await main();

@@ -1,5 +1,8 @@
 /** Clients that load a service through the gateway in integration tests. */
+import { setTimeout as sleep } from 'node:timers/promises';
 import { Agent, request } from 'undici';
+
+const FAILURE_BACKOFF_MS = 50;
 
 /**
  * Sends POST /increment to `baseUrl` (the gateway) from `workers` clients until stopped, or
@@ -24,6 +27,8 @@ export function steadyIncrements(baseUrl: string, workers: number, maxMs: number
       } catch (err) {
         stats.failed++;
         stats.errors.push(String((err as Error).message));
+        // A refused connection fails at once: do not spin while nothing listens.
+        await sleep(FAILURE_BACKOFF_MS);
       }
       stats.maxLatencyMs = Math.max(stats.maxLatencyMs, Date.now() - t);
     }

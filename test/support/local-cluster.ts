@@ -157,10 +157,10 @@ export function localCluster(): LocalCluster {
  * Brings a local cluster of NODES nodes up before the file's first test and down after its
  * last (see the file comment). Returns a getter for the running cluster.
  */
-export function useLocalCluster(opts: { nodes?: number } = {}): () => LocalCluster {
+export function useLocalCluster(opts: { nodes?: number; nodeLeaseMs?: number } = {}): () => LocalCluster {
   const nodes = opts.nodes ?? 3;
   before(async () => {
-    await startLocalCluster(nodes);
+    await startLocalCluster(nodes, opts.nodeLeaseMs !== undefined ? { nodeLeaseMs: opts.nodeLeaseMs } : {});
   }, { timeout: CLUSTER_UP_TIMEOUT_MS + 120_000 });
   after(async () => {
     if (process.env.CHIPMUNK_KEEP_CLUSTER === '1') {
