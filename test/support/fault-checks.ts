@@ -125,7 +125,9 @@ export async function incarnationLeftovers(name: string, copy: Copy | undefined)
     }
   }
   const netns = (await execFileP('ip', ['netns', 'list'])).stdout.split('\n').map((l) => l.split(' ')[0]!);
-  for (const ns of netns) if (new RegExp(`^chmk-node\\d+-${escaped}-\\d+$`).test(ns) && ns !== copy?.id) left.push(`netns ${ns}`);
+  // The live copy's namespace is named after the incarnation that made it (a copy-mode rollback keeps it).
+  const liveNetns = copy ? await netnsOf(copy) : undefined;
+  for (const ns of netns) if (new RegExp(`^chmk-node\\d+-${escaped}-\\d+$`).test(ns) && ns !== copy?.id && ns !== liveNetns) left.push(`netns ${ns}`);
   for (const target of await mountTargets()) {
     const m = /\/nodes\/(node\d+)\/containers\/([^/]+)\//.exec(`${target}/`);
     if (m && m[2] === name && m[1] !== copy?.node) left.push(`mount ${target}`);
@@ -145,4 +147,12 @@ export async function migrationDebris(): Promise<string[]> {
 
 async function mountTargets(): Promise<string[]> {
   return (await execFileP('findmnt', ['-rn', '-o', 'TARGET'])).stdout.split('\n').filter(Boolean);
+}
+
+/** The network namespace (name) the copy's process runs in. */
+async function netnsOf(copy: Copy): Promise<string | undefined> {
+  const pid = (await runcList(copy.node).catch(() => [])).find((c) => c.id === copy.id)?.pid;
+  if (!pid) return undefined;
+  const res = await execFileP('ip', ['netns', 'identify', String(pid)]).catch(() => undefined);
+  return res?.stdout.trim() || undefined;
 }
