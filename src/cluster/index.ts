@@ -4,16 +4,15 @@ export {
   DEFAULT_STATE_DIR,
   LOCAL_NETWORK,
   MAX_NODES,
-  clusterDown,
   clusterUp,
   readClusterState,
-  type ClusterDownResult,
   type ClusterUpOptions,
   type ClusterUpResult,
   type LocalClusterDirs,
   type LocalClusterNode,
   type LocalClusterState,
 } from './local-cluster.js';
+export { clusterDown, type ClusterDownResult } from './down.js';
 export { CLUSTER_DAEMONS, clusterKill, clusterRevive, type ClusterDaemon, type KillResult, type ReviveResult } from './faults.js';
 export {
   createTestHost,
