@@ -111,6 +111,11 @@ export class ContainerLifecycle {
       }
       await ctx.removeContainer(rec);
       if (rec.migration) await ctx.removeMigrationDir(rec.migration.id);
+      // A restored copy not settled yet still has its migration's images here.
+      if (rec.restoredBy) {
+        ctx.criu.killLazyPages(rec.restoredBy);
+        await ctx.removeMigrationDir(rec.restoredBy);
+      }
     });
   }
 

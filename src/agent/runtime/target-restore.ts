@@ -115,14 +115,20 @@ export class TargetRestores {
     const { ctx } = this;
     const removed: string[] = [];
     const records = await ctx.records.readable();
+    const kept: ContainerRecord[] = [];
     for (const rec of records) {
-      if (rec.migration?.role !== 'target' || (await ctx.runc.state(ctx.runcId(rec)))?.status === 'running') continue;
+      // A target's copy (prepared, restoring, or restored and not yet settled) that does not run died with the agent's host.
+      const targetOf = rec.migration?.role === 'target' ? rec.migration.id : rec.restoredBy;
+      if (!targetOf || (await ctx.runc.state(ctx.runcId(rec)))?.status === 'running') {
+        kept.push(rec);
+        continue;
+      }
       await ctx.withLock(rec.spec.name, () => ctx.removeContainer(rec));
-      await ctx.removeMigrationDir(rec.migration.id);
-      removed.push(`${rec.spec.name} (target of ${rec.migration.id})`);
+      await ctx.removeMigrationDir(targetOf);
+      removed.push(`${rec.spec.name} (target of ${targetOf})`);
     }
-    // A source's dump, and a restored copy's images until the controller settles it (lazy pages may still arrive), stay.
-    const referenced = new Set(records.flatMap((rec) => [rec.migration?.role === 'source' ? rec.migration.id : undefined, rec.restoredBy]).filter((id): id is string => id !== undefined));
+    // A source's dump, and a running restored copy's images until the controller settles it (lazy pages may still arrive), stay.
+    const referenced = new Set(kept.flatMap((rec) => [rec.migration?.role === 'source' ? rec.migration.id : undefined, rec.restoredBy]).filter((id): id is string => id !== undefined));
     const migrations = join(ctx.layout.dataDir, 'migrations');
     for (const id of existsSync(migrations) ? await readdir(migrations) : []) {
       if (referenced.has(id)) continue;
