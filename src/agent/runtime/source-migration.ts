@@ -15,6 +15,9 @@ import type { ContainerRecord } from './records.js';
 import { restoreIncarnation } from './target-restore.js';
 import type { DumpOptions, DumpOutcome, MigrationPaths } from './types.js';
 
+/** How long a lazy rollback waits for the frozen incarnation to serve its last page and go before it answers. */
+const ROLLBACK_DRAIN_MS = 60_000;
+
 export class SourceMigrations {
   constructor(private readonly ctx: RuntimeContext) {}
 
@@ -166,12 +169,15 @@ export class SourceMigrations {
       await ctx.network.detach(rec.netns, ctx.cniId(rec), rec.spec.ports).catch(() => undefined);
       throw err;
     }
-    void mig.dump!.done
+    const frozenGone = mig.dump!.done
       .then(async () => {
         await ctx.runc.destroy(frozen.runcId);
         await ctx.network.detach(frozen.netns, frozen.cniId, []);
       })
       .catch(() => undefined);
+    // The frozen incarnation goes once its last page is served (killing it earlier corrupts the
+    // memory it still serves): waited for, bounded, so the caller sees one copy when this returns.
+    await within(frozenGone, ROLLBACK_DRAIN_MS);
     return restored;
   }
 
