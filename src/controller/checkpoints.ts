@@ -147,7 +147,7 @@ export class CheckpointService {
         const after = await this.checkpointAndUpload(current, `${lockId}-after`, cut.logPosition, 'after-restore');
         return { restoredFrom: checkpointId, safetyCheckpoint: safety.id, checkpoint: after.id };
       } finally {
-        if (cut.held) await this.opts.traffic.release(name, lockId, current);
+        if (cut.held && (await this.stillHolds(name, lockId))) await this.opts.traffic.release(name, lockId, current);
       }
     } finally {
       await this.release(held);
@@ -206,7 +206,7 @@ export class CheckpointService {
       await controllerPauses.at('checkpoint:cut');
       frozenMs = await this.checkpointOnAgent(record, lockId);
     } finally {
-      if (cut.held) await this.opts.traffic.release(record.spec.name, lockId, record);
+      if (cut.held && (await this.stillHolds(record.spec.name, lockId))) await this.opts.traffic.release(record.spec.name, lockId, record);
     }
     await controllerPauses.at('checkpoint:upload');
     const info = await this.upload(record, lockId, cut.logPosition, 'scheduled');
@@ -280,6 +280,15 @@ export class CheckpointService {
     const other = ready.find((n) => n.name !== target) ?? ready.find((n) => n.name === target);
     if (!other) throw new UnavailableError('no node is ready to supply the image: start an agent, and see `chipmunk node ls`');
     return { node: other.name, url: other.url };
+  }
+
+  /**
+   * Whether this operation still holds the container's lock. One that lost it (a failover took
+   * over: the node died) must not release the route: the failover's own hold and replay decide
+   * when traffic flows again.
+   */
+  private async stillHolds(name: string, lockId: string): Promise<boolean> {
+    return (await this.opts.locks.get(name))?.value.lock?.id === lockId;
   }
 
   /** Ends the operation's hold on the container; a lock already taken over (a failover) is not touched. */

@@ -322,6 +322,9 @@ export class FailoverService implements ContainerRescuer {
         }
         if (after) {
           const t = Date.now();
+          // Held again under this failover's id: a checkpoint the node's death cut short may have
+          // taken the hold over (its hold request crossed ours) and released it since.
+          if (held_) await traffic.holdNow(name, lockId);
           const replay = await this.replay(record, after, current).catch(async (err: unknown) => {
             // The new copy runs but lacks requests that were acknowledged: it must not get live
             // traffic, and protection must not cut a checkpoint from it. The lock and the hold stay.
