@@ -387,19 +387,25 @@ export class FailoverService implements ContainerRescuer {
       if (current?.value.lock?.id !== record.lockId) continue;
       const held: HeldLock = { name: record.name, lock: current.value.lock, record: current.value };
       await this.once(record.name, async () => {
-        if (record.replayError?.details?.written !== true) {
+        const nodeAlive = await this.opts.nodes.isReady(held.record.node);
+        if (record.replayError?.details?.written !== true && nodeAlive) {
           await this.resume(held, record);
           return record;
         }
-        // The copy may have applied a request the replay could not confirm: its state is unknown.
-        // It goes, and the container is restored again from its checkpoint, with a full replay.
-        const node = await this.opts.nodes.require(held.record.node);
-        await this.opts.agentFor(node).remove(record.name).catch((err: unknown) => {
-          if (toChipmunkError(err).code !== 'CHIPMUNK_NOT_FOUND') throw err;
-        });
+        // The copy may have applied a request the replay could not confirm (its state is unknown),
+        // or it died with its node: it goes, and the container is restored again from its
+        // checkpoint, with a full replay (here, under the lock this failover still holds).
+        if (nodeAlive) {
+          const node = await this.opts.nodes.require(held.record.node);
+          await this.opts.agentFor(node).remove(record.name).catch((err: unknown) => {
+            if (toChipmunkError(err).code !== 'CHIPMUNK_NOT_FOUND') throw err;
+          });
+        }
         await this.save({ ...record, replayPending: false });
         const again = this.newRecord(record.name, held.record.node, Date.now());
-        again.reason = `the replay into the copy restored by ${record.id} may have applied a request twice: restored again`;
+        again.reason = nodeAlive
+          ? `the replay into the copy restored by ${record.id} may have applied a request twice: restored again`
+          : `${held.record.node}, where ${record.id} restored it, died before the replay: restored again`;
         await this.save(again);
         return this.run(again, held);
       }).catch((err: unknown) => this.opts.log.warn({ container: record.name, err: toChipmunkError(err).toJSON() }, `replay of ${record.name} failed again; its route stays held`));

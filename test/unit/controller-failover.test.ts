@@ -412,4 +412,33 @@ describe('checkpoints and failover (controller, fake agents)', () => {
     assert.deepEqual(env.traffic.calls, ['replay web after 2 -> node2', 'release web -> node2']);
     assert.deepEqual(await env.fences.forNode('node1'), [{ name: 'web', generation: 2 }]);
   });
+
+  it('a failover whose new node dies before the replay restores the container again elsewhere (found by the fault matrix)', async () => {
+    const env = await setup(400);
+    env.traffic.position = 2;
+    await env.checkpoints.checkpoint('web');
+    env.traffic.position = 6;
+    env.cluster.agent('node1').containers.clear();
+    env.traffic.replayFailures.push(new Error('upstream unreachable'), new Error('upstream unreachable'), new Error('upstream unreachable'));
+    await assert.rejects(env.failovers.failover('web', 'node1'), /upstream unreachable/);
+    const [first] = await env.failovers.list();
+    const dead = first.to!;
+    const alive = ['node2', 'node3'].find((n) => n !== dead)!;
+    // The node it was restored on dies too: only `alive` keeps heartbeating.
+    env.cluster.agent(dead).containers.clear();
+    env.cluster.agent(dead).down = true;
+    await env.store.delete(`/liveness/${dead}`);
+    const beat = setInterval(() => void env.nodes.heartbeat(env.cluster.agent(alive).registration()), 50);
+    await env.failovers.start();
+    try {
+      await waitFor(async () => ((await env.record()).lock ? undefined : true), 8_000, 'the second restore');
+      const record = await env.record();
+      assert.equal(record.node, alive);
+      assert.equal(env.cluster.runningCopies('web'), 1);
+      assert.deepEqual(env.traffic.calls.slice(-2), [`replay web after 2 -> ${alive}`, `release web -> ${alive}`]);
+    } finally {
+      clearInterval(beat);
+      env.failovers.stop();
+    }
+  });
 });
