@@ -87,7 +87,14 @@ async function setup(leaseMs = 60_000) {
   const first = controller();
   await first.containers.run({ spec: spec('web'), node: 'node1', protection: { everyMs: 60_000 } });
   const record = async () => (await store.get<ContainerRecord>(containerKey('web')))!.value;
-  return { store, cluster, nodes, traffic, fences, controller, ...first, record };
+  /** These nodes heartbeat every 50 ms until the returned function is called; the others' leases run out. */
+  const keepAlive = (alive: string[]) => {
+    const timer = setInterval(() => {
+      for (const node of alive) void nodes.heartbeat(cluster.agent(node).registration());
+    }, 50);
+    return () => clearInterval(timer);
+  };
+  return { store, cluster, nodes, traffic, fences, controller, keepAlive, ...first, record };
 }
 
 describe('checkpoints and failover (controller, fake agents)', () => {
@@ -123,9 +130,7 @@ describe('checkpoints and failover (controller, fake agents)', () => {
     await env.failovers.start();
     // node2 and node3 keep heartbeating; node1 stops (its container dies with it).
     env.cluster.agent('node1').containers.clear();
-    const beat = setInterval(() => {
-      for (const node of ['node2', 'node3']) void env.nodes.heartbeat(env.cluster.agent(node).registration());
-    }, 50);
+    const stopBeating = env.keepAlive(['node2', 'node3']);
     try {
       const done = await waitFor(async () => (await env.failovers.list()).find((f) => f.outcome !== 'running'), 10_000, 'the failover');
       assert.equal(done.outcome, 'done', JSON.stringify(done));
@@ -142,7 +147,7 @@ describe('checkpoints and failover (controller, fake agents)', () => {
       await env.fences.forget('web');
       assert.deepEqual(await env.fences.forNode('node1'), [], 'removing the container drops its fences');
     } finally {
-      clearInterval(beat);
+      stopBeating();
       env.failovers.stop();
     }
   });
@@ -276,9 +281,7 @@ describe('checkpoints and failover (controller, fake agents)', () => {
     env.cluster.agent('node1').containers.clear();
     const next = env.controller();
     await next.failovers.start();
-    const beat = setInterval(() => {
-      for (const node of ['node2', 'node3']) void env.nodes.heartbeat(env.cluster.agent(node).registration());
-    }, 50);
+    const stopBeating = env.keepAlive(['node2', 'node3']);
     try {
       const done = await waitFor(async () => (await next.failovers.list()).find((f) => f.outcome === 'done'), 10_000, 'the failover of web');
       assert.equal(done.name, 'web');
@@ -288,7 +291,7 @@ describe('checkpoints and failover (controller, fake agents)', () => {
       assert.equal(env.cluster.runningCopies('web'), 1);
       assert.equal(env.cluster.runningCopies('db'), 1);
     } finally {
-      clearInterval(beat);
+      stopBeating();
       next.failovers.stop();
     }
   });
@@ -311,9 +314,7 @@ describe('checkpoints and failover (controller, fake agents)', () => {
     assert.equal((await env.record()).lock?.operation, 'failover', 'the lock stays: no checkpoint may cut the unreplayed copy');
     assert.equal((await env.failovers.list())[0].replayPending, true);
     failing = false;
-    const beat = setInterval(() => {
-      for (const node of ['node2', 'node3']) void env.nodes.heartbeat(env.cluster.agent(node).registration());
-    }, 50);
+    const stopBeating = env.keepAlive(['node2', 'node3']);
     await env.failovers.start();
     try {
       // Past the start grace (one lease), the reconcile loop retries the replay.
@@ -325,7 +326,7 @@ describe('checkpoints and failover (controller, fake agents)', () => {
       assert.equal(record.outcome, 'done');
       assert.equal(record.replayPending, false);
     } finally {
-      clearInterval(beat);
+      stopBeating();
       env.failovers.stop();
     }
   });
@@ -370,9 +371,7 @@ describe('checkpoints and failover (controller, fake agents)', () => {
     const [first] = await env.failovers.list();
     assert.equal(first.replayPending, true);
     assert.equal(env.traffic.calls.filter((c) => c.startsWith('replay')).length, 1, 'not replayed again into a copy of unknown state');
-    const beat = setInterval(() => {
-      for (const node of ['node2', 'node3']) void env.nodes.heartbeat(env.cluster.agent(node).registration());
-    }, 50);
+    const stopBeating = env.keepAlive(['node2', 'node3']);
     await env.failovers.start();
     try {
       await waitFor(async () => ((await env.record()).lock ? undefined : true), 5_000, 'the second restore');
@@ -384,7 +383,7 @@ describe('checkpoints and failover (controller, fake agents)', () => {
       assert.equal(again?.outcome, 'done');
       assert.match(again?.reason ?? '', /may have applied a request twice/);
     } finally {
-      clearInterval(beat);
+      stopBeating();
       env.failovers.stop();
     }
   });
@@ -428,7 +427,7 @@ describe('checkpoints and failover (controller, fake agents)', () => {
     env.cluster.agent(dead).containers.clear();
     env.cluster.agent(dead).down = true;
     await env.store.delete(`/liveness/${dead}`);
-    const beat = setInterval(() => void env.nodes.heartbeat(env.cluster.agent(alive).registration()), 50);
+    const stopBeating = env.keepAlive([alive]);
     await env.failovers.start();
     try {
       await waitFor(async () => ((await env.record()).lock ? undefined : true), 8_000, 'the second restore');
@@ -437,7 +436,7 @@ describe('checkpoints and failover (controller, fake agents)', () => {
       assert.equal(env.cluster.runningCopies('web'), 1);
       assert.deepEqual(env.traffic.calls.slice(-2), [`replay web after 2 -> ${alive}`, `release web -> ${alive}`]);
     } finally {
-      clearInterval(beat);
+      stopBeating();
       env.failovers.stop();
     }
   });
