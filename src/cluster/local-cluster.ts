@@ -13,6 +13,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { ChipmunkError, ConflictError, InvalidInputError, UnavailableError, toChipmunkError } from '../shared/errors.js';
 import { ApiClient } from '../shared/http.js';
 import type { NodeView } from '../shared/protocol.js';
+import { routeContainerSubnet, TEST_RANGE } from './routes.js';
 import { createTestHost, ensureBridge, netnsPath, type TestNetwork } from './testhost.js';
 import { REPO_ROOT, failOnExit, isRunning, spawnDaemon } from './processes.js';
 
@@ -99,6 +100,11 @@ function nodeAddress(i: number): string {
   return `${LOCAL_NETWORK.gateway.split('.').slice(0, 3).join('.')}.${10 + i}`;
 }
 
+/** Node i's containers take addresses in 198.19.i.0/24, routed to its test host. */
+function nodeContainerSubnet(i: number): string {
+  return `198.19.${i}.0/24`;
+}
+
 export function nodeDataDir(stateDir: string, node: string): string {
   return join(stateDir, 'nodes', node);
 }
@@ -144,7 +150,7 @@ export async function clusterUp(opts: ClusterUpOptions): Promise<ClusterUpResult
   if (existing) return { state: await checkExistingCluster(existing, opts.nodes, stateDir), alreadyUp: true };
 
   // The bridge first: it fails when the subnet is taken, and then nothing else should be left behind.
-  progress(`creating bridge ${LOCAL_NETWORK.bridge} (${LOCAL_NETWORK.gateway}/${LOCAL_NETWORK.prefixLength})`);
+  progress(`creating bridge ${LOCAL_NETWORK.bridge} (${LOCAL_NETWORK.gateway}/${LOCAL_NETWORK.prefixLength}; ${TEST_RANGE} unreachable but for test hosts)`);
   await ensureBridge(LOCAL_NETWORK);
 
   await mkdir(join(stateDir, 'logs'), { recursive: true, mode: 0o700 });
@@ -221,6 +227,8 @@ async function startAgents(
     const address = nodeAddress(i);
     progress(`creating test host ${name} (${address})`);
     const host = await createTestHost(LOCAL_NETWORK, name, address);
+    // The gateway (on this machine) reaches containers at their own address: no published port needed.
+    await routeContainerSubnet(nodeContainerSubnet(i), address, LOCAL_NETWORK.bridge);
     const agent = await spawnAgent(state, { index: i, stateDir, runDir, netns: host.netns, progress });
     state.nodes.push({ name, address, netns: host.netns, agentPid: agent.pid! });
     await writeClusterState(stateDir, state);
@@ -260,7 +268,7 @@ export async function spawnAgent(
       '--listen', `${nodeAddress(opts.index)}:${AGENT_PORT}`,
       '--controller', state.controllerUrl,
       '--token-file', state.tokenFile,
-      '--subnet', `198.19.${opts.index}.0/24`,
+      '--subnet', nodeContainerSubnet(opts.index),
       '--data-dir', dataDir,
       '--run-dir', agentRunDir,
     ],

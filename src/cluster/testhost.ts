@@ -12,6 +12,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 
 import { ConflictError, InvalidInputError, RuntimeFailedError } from '../shared/errors.js';
 import { run, runUnchecked } from '../shared/exec.js';
+import { guardTestRange } from './routes.js';
 
 /** Where `ip netns add` puts a namespace's handle. */
 export const NETNS_DIR = '/var/run/netns';
@@ -122,7 +123,12 @@ async function assertSubnetFree(network: TestNetwork): Promise<void> {
   }
 }
 
+/**
+ * Creates the test network's bridge. First of all it guards the whole test range with an
+ * `unreachable` route: from then on no test address can leave the machine, whatever fails later.
+ */
 export async function ensureBridge(network: TestNetwork): Promise<void> {
+  await guardTestRange();
   await assertSubnetFree(network);
   if (!(await linkExists(network.bridge))) {
     await run('ip', ['link', 'add', network.bridge, 'type', 'bridge'], { op: `create bridge ${network.bridge}` });
