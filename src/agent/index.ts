@@ -8,9 +8,9 @@ import { mkdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import pino, { type Logger } from 'pino';
 import { detectCapabilities } from './host/capabilities.js';
-import { ApiClient } from '../shared/http.js';
+import { ControllerClient } from '../shared/controller-client.js';
 import { PAGE_SERVER_PORTS } from '../shared/protocol.js';
-import type { AgentInfo, FencedContainer, HeartbeatResponse, RegisterNodeRequest } from '../shared/protocol.js';
+import type { AgentInfo, FencedContainer, RegisterNodeRequest } from '../shared/protocol.js';
 import { FaultInjector } from './faults.js';
 import { ImageStore } from './runtime/images.js';
 import { RuncRuntime } from './runtime/runc-runtime.js';
@@ -96,13 +96,13 @@ export async function startAgent(opts: AgentOptions): Promise<RunningAgent> {
   let heartbeat: NodeJS.Timeout | undefined;
   let closed = false;
   if (opts.controllerUrl) {
-    const controller = new ApiClient({ baseUrl: opts.controllerUrl, token: opts.token, peer: 'controller', timeoutMs: 5_000 });
+    const controller = new ControllerClient({ urls: [opts.controllerUrl], token: opts.token, timeoutMs: 5_000 });
     const registration: RegisterNodeRequest = { name: opts.node, address, url, capabilities };
     let warned = false;
     let intervalMs = opts.heartbeatMs ?? DEFAULT_HEARTBEAT_MS;
     const register = async () => {
       try {
-        const answer = await controller.put<HeartbeatResponse>(`/v1/nodes/${opts.node}`, registration);
+        const answer = await controller.heartbeat(registration);
         warned = false;
         // The controller sizes heartbeats to its node lease (unless this agent was told an interval).
         if (!opts.heartbeatMs) intervalMs = answer.heartbeatMs;

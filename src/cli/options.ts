@@ -112,6 +112,13 @@ export function parseUrl(value: string): string {
   throw new UsageError(`bad URL '${value}': use http://HOST:PORT`, { value });
 }
 
+/** `URL1,URL2,...`: the controllers of one cluster, any of which may answer. */
+export function parseUrlList(value: string): string[] {
+  const urls = value.split(',').map((url) => url.trim());
+  if (urls.some((url) => url === '')) throw new UsageError(`bad URL list '${value}': use http://HOST:PORT[,http://HOST:PORT...]`, { value });
+  return urls.map(parseUrl);
+}
+
 export function parsePositiveInt(value: string): number {
   if (!/^\d+$/.test(value) || Number(value) < 1) throw new UsageError(`bad number '${value}': use a whole number of at least 1`, { value });
   return Number(value);
@@ -137,7 +144,7 @@ export function addJsonOption(cmd: Command): Command {
  */
 export function addConnectionOptions(cmd: Command): Command {
   return cmd
-    .option('--controller <url>', 'controller URL (default: $CHIPMUNK_CONTROLLER, else the local cluster)', parseUrl)
+    .option('--controller <urls>', 'controller URL, or several comma-separated (default: $CHIPMUNK_CONTROLLER, else the local cluster)', parseUrlList)
     .option('--token-file <file>', 'file holding the cluster token (default: $CHIPMUNK_TOKEN, else the local cluster)');
 }
 

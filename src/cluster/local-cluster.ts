@@ -11,6 +11,7 @@ import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 
 import { ChipmunkError, ConflictError, InvalidInputError, UnavailableError, toChipmunkError } from '../shared/errors.js';
+import { ControllerClient } from '../shared/controller-client.js';
 import { ApiClient } from '../shared/http.js';
 import type { NodeView } from '../shared/protocol.js';
 import { routeContainerSubnet, TEST_RANGE } from './routes.js';
@@ -310,7 +311,7 @@ export async function answersHealthz(url: string): Promise<boolean> {
 
 /** Until the controller and every agent answer /healthz and every node shows as ready in the controller. */
 async function waitUntilReady(state: LocalClusterState, token: string, stateDir: string, timeoutMs: number, signal: AbortSignal): Promise<void> {
-  const controller = new ApiClient({ baseUrl: state.controllerUrl, token, timeoutMs: 2_000, peer: 'controller' });
+  const controller = new ControllerClient({ urls: [state.controllerUrl], token, timeoutMs: 2_000 });
   const deadline = Date.now() + timeoutMs;
   let waitingFor = 'controller';
   let log = logFile(stateDir, 'controller');
@@ -328,10 +329,10 @@ async function waitUntilReady(state: LocalClusterState, token: string, stateDir:
   });
 }
 
-async function firstNodeNotReady(state: LocalClusterState, controller: ApiClient): Promise<string | undefined> {
+async function firstNodeNotReady(state: LocalClusterState, controller: ControllerClient): Promise<string | undefined> {
   let views: NodeView[] = [];
   try {
-    views = await controller.get<NodeView[]>('/v1/nodes');
+    views = await controller.nodes();
   } catch (err) {
     // A wrong token will not fix itself: say so now rather than after the timeout.
     if (err instanceof ChipmunkError && err.code === 'CHIPMUNK_UNAUTHORIZED') throw err;
