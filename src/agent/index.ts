@@ -10,6 +10,7 @@ import pino, { type Logger } from 'pino';
 import { detectCapabilities } from './host/capabilities.js';
 import { ControllerClient } from '../shared/controller-client.js';
 import { PAGE_SERVER_PORTS } from '../shared/protocol.js';
+import { TermFence } from '../shared/term-fence.js';
 import type { AgentInfo, FencedContainer, RegisterNodeRequest } from '../shared/protocol.js';
 import { FaultInjector } from './faults.js';
 import { ImageStore } from './runtime/images.js';
@@ -88,7 +89,8 @@ export async function startAgent(opts: AgentOptions): Promise<RunningAgent> {
   if (resumed.length > 0) log.warn({ containers: resumed }, 'resumed containers an interrupted checkpoint had left paused');
   if (abandoned.length > 0) log.warn({ left: abandoned }, 'removed what migrations and restores the previous agent process died in left behind');
   const faults = new FaultInjector(opts.enableFaults ?? process.env.CHIPMUNK_ENABLE_FAULTS === '1');
-  const app = buildAgentServer({ info, token: opts.token, runtime, images, scratchDir: join(opts.dataDir, 'scratch'), faults, logger: log });
+  const termFence = await TermFence.open(join(opts.dataDir, 'leader-term'));
+  const app = buildAgentServer({ info, token: opts.token, runtime, images, scratchDir: join(opts.dataDir, 'scratch'), faults, termFence, logger: log });
   await app.listen({ host: opts.listen.host, port: opts.listen.port });
   const url = `http://${address}:${opts.listen.port}`;
   log.info({ url, capabilities }, 'agent listening');
