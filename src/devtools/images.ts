@@ -13,8 +13,10 @@ import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { CapabilityMissingError, RuntimeFailedError } from '../shared/errors.js';
 import { removeTree } from '../shared/remove-tree.js';
+import { compatRecipe, type CompatImageName } from './compat-images.js';
 
-export type TestImageName = 'chipmunk/statefulapp' | 'chipmunk/busybox' | 'chipmunk/python';
+/** The compat images (compat-images.ts) are built on demand, not with the test images. */
+export type TestImageName = 'chipmunk/statefulapp' | 'chipmunk/busybox' | 'chipmunk/python' | CompatImageName;
 export type EnsureImageStatus = 'built' | 'reused';
 
 export const TEST_IMAGE_NAMES: readonly TestImageName[] = ['chipmunk/busybox', 'chipmunk/statefulapp', 'chipmunk/python'];
@@ -31,8 +33,8 @@ const HOST_PYTHON = '/usr/bin/python3.11';
 const HOST_PYTHON_LIB = '/usr/lib/python3.11';
 const HOST_SQLITE3 = '/usr/bin/sqlite3';
 /** What a Debian image has: names resolve from /etc/hosts first, then DNS. */
-const NSSWITCH = 'passwd: files\ngroup: files\nhosts: files dns\n';
-const BUSYBOX_APPLETS = [
+export const NSSWITCH = 'passwd: files\ngroup: files\nhosts: files dns\n';
+export const BUSYBOX_APPLETS = [
   'sh', 'ls', 'cat', 'echo', 'sleep', 'nc', 'wget', 'httpd', 'ps', 'kill', 'mkdir', 'rm', 'cp', 'mv',
   'ln', 'touch', 'chmod', 'grep', 'sed', 'awk', 'head', 'tail', 'wc', 'sort', 'tee', 'env', 'date',
   'hostname', 'id', 'uname', 'printf', 'test', 'true', 'false', 'seq', 'dd', 'find', 'xargs', 'df',
@@ -43,7 +45,7 @@ const PASSWD = 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/none
 const GROUP = 'root:x:0:\nnogroup:x:65534:\n';
 
 /** What goes into an image; its hash (with the files' contents) names the build. */
-interface ImageRecipe {
+export interface ImageRecipe {
   /** Host file → path in the image; copied with symlinks resolved. */
   copies: Array<{ from: string; to: string }>;
   /** Host directory → path in the image; copied as is (`cp -a`), hashed by names, sizes and times. */
@@ -118,6 +120,8 @@ async function recipeFor(name: TestImageName): Promise<ImageRecipe> {
       };
     case 'chipmunk/python':
       return pythonRecipe(base);
+    default:
+      return compatRecipe(name, base);
   }
 }
 
@@ -151,22 +155,22 @@ async function pythonRecipe(base: Pick<ImageRecipe, 'files' | 'dirs'>): Promise<
 }
 
 /** The image runs nothing but this one binary, so it must not need any library. */
-async function checkBusybox(): Promise<void> {
+export async function checkBusybox(applets: readonly string[] = BUSYBOX_APPLETS): Promise<void> {
   const ldd = await run('ldd', [HOST_BUSYBOX]);
   if (ldd.code === 0) {
     throw new CapabilityMissingError(`${HOST_BUSYBOX} is not statically linked: install Debian's busybox-static (scripts/setup.sh does)`, {
       ldd: ldd.stdout,
     });
   }
-  const applets = new Set((await mustRun('busybox --list', HOST_BUSYBOX, ['--list'])).split('\n'));
-  const missing = BUSYBOX_APPLETS.filter((applet) => !applets.has(applet));
+  const listed = new Set((await mustRun('busybox --list', HOST_BUSYBOX, ['--list'])).split('\n'));
+  const missing = applets.filter((applet) => !listed.has(applet));
   if (missing.length > 0) {
     throw new CapabilityMissingError(`${HOST_BUSYBOX} lacks applets the busybox image links: ${missing.join(', ')}`, { missing });
   }
 }
 
 /** Every library `ldd` resolves for the binary, the dynamic loader included, as absolute paths. */
-async function sharedLibraries(binary: string): Promise<string[]> {
+export async function sharedLibraries(binary: string): Promise<string[]> {
   const output = await mustRun('ldd', 'ldd', [binary]);
   const notFound = output.split('\n').filter((line) => line.includes('not found'));
   if (notFound.length > 0) {
