@@ -4,7 +4,7 @@
 #
 # What it installs and why:
 #   - runc, podman (image store only), CNI plugins, iproute2, iptables, busybox-static, tar,
-#     python3, sqlite3 (test images)
+#     python3, sqlite3 (test images); redis, postgresql, nginx, memcached (compatibility suite)
 #   - CRIU >= 4.2 into a private prefix (/opt/chipmunk/criu): bookworm's criu 3.17 fails on
 #     kernels >= 6.13 (vDSO layout) and 4.1 cannot dump inet sockets here; 4.2 needs a newer
 #     glibc than bookworm's, so it runs through its own dynamic loader and libraries and never
@@ -36,6 +36,23 @@ if [ ${#missing[@]} -gt 0 ]; then
   log "installing ${missing[*]}"
   apt-get update -qq >/dev/null
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+# Programs of the compatibility suite (src/devtools/compat-images.ts copies their binaries into
+# images; their clients check them from the host). Their own services are not wanted on the host:
+# a policy-rc.d answering 101 keeps the install from starting them.
+COMPAT_PACKAGES=(redis-server redis-tools postgresql postgresql-client nginx memcached)
+missing=()
+for p in "${COMPAT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  log "installing ${missing[*]} (compatibility suite)"
+  policy_added=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d; chmod 755 /usr/sbin/policy-rc.d; policy_added=1; fi
+  apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null || { [ -z "$policy_added" ] || rm -f /usr/sbin/policy-rc.d; die "installing ${missing[*]} failed"; }
+  [ -z "$policy_added" ] || rm -f /usr/sbin/policy-rc.d
 fi
 
 # ---------------------------------------------------------------- CRIU >= 4.2 (private prefix)

@@ -1,0 +1,136 @@
+// Redis, memcached, nginx and PostgreSQL from Debian's binaries (src/devtools/compat-images.ts) on
+// the real runtime (runc + CRIU on two test hosts, test/support/runc-pair.ts), checked by their own
+// clients from this machine (test/support/compat-programs.ts, shared with bench/compat): keys
+// written before a copy or a lazy move are all there on the target, and writes go on there.
+// Needs root and `npm run setup`. Run with its own network so other pair users can run at once:
+//   CHIPMUNK_RUNC_PAIR_NET=4 node --import tsx --test test/integration/runtime-compat-programs.test.ts
+import assert from 'node:assert/strict';
+import { before, describe, it, type TestContext } from 'node:test';
+import { ensureImage } from '../../src/devtools/images.js';
+import type { ContainerRuntime } from '../../src/agent/runtime/types.js';
+import type { AgentContainer, MigrationMode } from '../../src/shared/protocol.js';
+import { COMPAT_PROGRAMS, describeKeys, waitUntilServing, writeKeys, type CompatProgram, type Endpoint } from '../support/compat-programs.js';
+import { mustExecIn } from '../support/in-container.js';
+import { moveOnPair } from '../support/pair-move.js';
+import { RUNC_PAIR_NODES, makeRuncPair, prepareRuncPairs } from '../support/runc-pair.js';
+
+const HOST_PORT = 18090;
+const timeout = 3 * 60_000;
+/** Keys written before the move, and as many after it. */
+const KEYS: Record<CompatProgram['name'], number> = { redis: 1000, memcached: 1000, nginx: 200, postgres: 200 };
+
+before(async () => {
+  for (const program of Object.values(COMPAT_PROGRAMS)) await ensureImage(program.image);
+  await prepareRuncPairs();
+});
+
+const endpoint = (node: (typeof RUNC_PAIR_NODES)[number]): Endpoint => ({ host: node.address, port: HOST_PORT });
+
+async function assertAllThere(program: CompatProgram, ep: Endpoint, n: number, what: string): Promise<void> {
+  const { missing } = await program.check(ep, n);
+  assert.deepEqual(missing, [], `${program.name} ${what}: keys ${describeKeys(missing)} of 1..${n} are missing or wrong`);
+}
+
+/** The container's processes as `ps` inside it shows them: PID and command line. */
+async function processes(c: AgentContainer): Promise<Array<{ pid: number; args: string }>> {
+  const out = await mustExecIn(c, ['/bin/ps', '-o', 'pid,args']);
+  return out.split('\n').slice(1).map((line) => {
+    const m = /^\s*(\d+)\s+(.*)$/.exec(line)!;
+    return { pid: Number(m[1]), args: m[2]! };
+  });
+}
+
+/**
+ * Starts PROGRAM on the source, writes keys 1..n, moves it in MODE, and checks on the target
+ * that keys 1..n are there and n+1..2n can be written and read back. Returns the moved container.
+ */
+async function writeMoveCheck(t: TestContext, program: CompatProgram, mode: MigrationMode, opts: { command?: string[] } = {}) {
+  const pair = await makeRuncPair();
+  try {
+    if (mode === 'lazy' && !pair.source.capabilities.lazyMigration) return t.skip('no lazy migration on these hosts');
+    const [src, dst] = RUNC_PAIR_NODES;
+    const c = await pair.source.run({
+      name: `${program.name}-${mode}`,
+      image: program.image,
+      command: opts.command ?? [],
+      env: {},
+      ports: [{ hostPort: HOST_PORT, containerPort: program.containerPort, protocol: 'tcp' }],
+      memoryBytes: 0,
+    });
+    const startMs = await waitUntilServing(program, endpoint(src), 60_000);
+    t.diagnostic(`${program.name} answered ${startMs} ms after start`);
+    const n = KEYS[program.name];
+    await writeKeys(program, endpoint(src), 1, n);
+    await assertAllThere(program, endpoint(src), n, 'before the move');
+    const before = await processes(c);
+
+    let moved: AgentContainer;
+    try {
+      moved = await moveOnPair(pair, c, mode);
+    } catch (err) {
+      await reportFailedMove(t, program, pair.source, c, err as Error, n);
+      return;
+    }
+    const answerMs = await waitUntilServing(program, endpoint(dst), 30_000);
+    t.diagnostic(`${program.name} answered its own client ${answerMs} ms after its ${mode} restore returned`);
+    await assertAllThere(program, endpoint(dst), n, `after a ${mode} move`);
+    await writeKeys(program, endpoint(dst), n + 1, 2 * n);
+    await assertAllThere(program, endpoint(dst), 2 * n, `after writing on after a ${mode} move`);
+    const after = await processes(moved);
+    assert.deepEqual(after.map((p) => p.args).sort(), before.map((p) => p.args).sort(), 'the same processes run after the move');
+    return { moved, before, after };
+  } finally {
+    await pair.cleanup();
+  }
+}
+
+/**
+ * A move that failed: the test then checks what the user is left with (the source runs on, every
+ * key is there), prints CRIU's reason, and is reported as a known limit (todo) when it is the one
+ * docs/compatibility.md names: processes of another uid cannot be dumped without CAP_SYS_RESOURCE.
+ */
+async function reportFailedMove(t: TestContext, program: CompatProgram, source: ContainerRuntime, c: AgentContainer, err: Error, n: number): Promise<void> {
+  const why = err.message;
+  t.diagnostic(`${program.name}: the move failed: ${why.slice(0, 1500)}`);
+  const now = await source.get(c.name);
+  assert.equal(now.status, 'running', `${program.name} runs on at the source after the failed move`);
+  await assertAllThere(program, endpoint(RUNC_PAIR_NODES[0]), n, 'on the source after the failed move');
+  if (/Can't get rlimit|rlimit 0/.test(why)) {
+    t.todo('non-root processes cannot be dumped here (no CAP_SYS_RESOURCE): CRIU says "Can\'t get rlimit 0: Operation not permitted"; user namespaces per container will lift it');
+    return;
+  }
+  throw err;
+}
+
+describe('Redis (redis-cli reads back what was written; append-only file on)', () => {
+  for (const mode of ['copy', 'lazy'] as const) {
+    it(`a ${mode} move keeps ${KEYS.redis} keys and it takes writes on the target`, { timeout }, (t) => writeMoveCheck(t, COMPAT_PROGRAMS.redis, mode));
+  }
+});
+
+describe('memcached (its text protocol reads back what was written)', () => {
+  for (const mode of ['copy', 'lazy'] as const) {
+    it(`a ${mode} move keeps ${KEYS.memcached} items and it takes writes on the target`, { timeout }, (t) => writeMoveCheck(t, COMPAT_PROGRAMS.memcached, mode));
+  }
+});
+
+describe('nginx (master + 2 workers; curl reads the served file and what WebDAV PUT wrote)', () => {
+  for (const mode of ['copy', 'lazy'] as const) {
+    it(`a ${mode} move keeps its files and its workers, and it takes writes on the target`, { timeout }, async (t) => {
+      const result = await writeMoveCheck(t, COMPAT_PROGRAMS.nginx, mode);
+      if (!result) return;
+      const workers = (ps: Array<{ pid: number; args: string }>) => ps.filter((p) => p.args.startsWith('nginx: worker process')).map((p) => p.pid);
+      assert.equal(workers(result.before).length, 2, 'two workers before the move');
+      // The same PIDs: the workers were restored, not respawned by the master.
+      assert.deepEqual(workers(result.after), workers(result.before), 'the same two workers after the move');
+    });
+  }
+  it('with its workers as www-data (Debian\'s default user), a copy move', { timeout }, (t) =>
+    writeMoveCheck(t, COMPAT_PROGRAMS.nginx, 'copy', { command: ['/usr/sbin/nginx', '-g', 'daemon off; user www-data;'] }));
+});
+
+describe('PostgreSQL (several processes, shared memory, runs as uid 101; psql checks)', () => {
+  for (const mode of ['copy', 'lazy'] as const) {
+    it(`a ${mode} move keeps every row and it takes inserts on the target`, { timeout }, (t) => writeMoveCheck(t, COMPAT_PROGRAMS.postgres, mode));
+  }
+});
