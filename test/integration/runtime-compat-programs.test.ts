@@ -5,9 +5,11 @@
 // Needs root and `npm run setup`. Run with its own network so other pair users can run at once:
 //   CHIPMUNK_RUNC_PAIR_NET=4 node --import tsx --test test/integration/runtime-compat-programs.test.ts
 import assert from 'node:assert/strict';
+import { readFile } from 'node:fs/promises';
 import { before, describe, it, type TestContext } from 'node:test';
 import { ensureImage } from '../../src/devtools/images.js';
 import type { ContainerRuntime } from '../../src/agent/runtime/types.js';
+import type { ChipmunkError } from '../../src/shared/errors.js';
 import type { AgentContainer, MigrationMode } from '../../src/shared/protocol.js';
 import { COMPAT_PROGRAMS, describeKeys, waitUntilServing, writeKeys, type CompatProgram, type Endpoint } from '../support/compat-programs.js';
 import { mustExecIn } from '../support/in-container.js';
@@ -90,11 +92,16 @@ async function writeMoveCheck(t: TestContext, program: CompatProgram, mode: Migr
  * docs/compatibility.md names: processes of another uid cannot be dumped without CAP_SYS_RESOURCE.
  */
 async function reportFailedMove(t: TestContext, program: CompatProgram, source: ContainerRuntime, c: AgentContainer, err: Error, n: number): Promise<void> {
-  const why = err.message;
+  // CRIU's first error is its reason; the message carries its last ones, the log all of them.
+  const logPath = (err as ChipmunkError).details?.logPath;
+  const firstError = typeof logPath === 'string' ? (await readFile(logPath, 'utf8').catch(() => '')).split('\n').find((l) => /\bError \(/.test(l) && !/RLIMIT_NOFILE/.test(l)) : undefined;
+  const why = `${err.message}${firstError ? ` [first CRIU error: ${firstError.trim()}]` : ''}`;
   t.diagnostic(`${program.name}: the move failed: ${why.slice(0, 1500)}`);
   const now = await source.get(c.name);
   assert.equal(now.status, 'running', `${program.name} runs on at the source after the failed move`);
   await assertAllThere(program, endpoint(RUNC_PAIR_NODES[0]), n, 'on the source after the failed move');
+  await writeKeys(program, endpoint(RUNC_PAIR_NODES[0]), n + 1, n + 10);
+  await assertAllThere(program, endpoint(RUNC_PAIR_NODES[0]), n + 10, 'on the source, writing on after the failed move');
   if (/Can't get rlimit|rlimit 0/.test(why)) {
     t.todo('non-root processes cannot be dumped here (no CAP_SYS_RESOURCE): CRIU says "Can\'t get rlimit 0: Operation not permitted"; user namespaces per container will lift it');
     return;
@@ -104,13 +111,17 @@ async function reportFailedMove(t: TestContext, program: CompatProgram, source: 
 
 describe('Redis (redis-cli reads back what was written; append-only file on)', () => {
   for (const mode of ['copy', 'lazy'] as const) {
-    it(`a ${mode} move keeps ${KEYS.redis} keys and it takes writes on the target`, { timeout }, (t) => writeMoveCheck(t, COMPAT_PROGRAMS.redis, mode));
+    it(`a ${mode} move keeps ${KEYS.redis} keys and it takes writes on the target`, { timeout }, async (t) => {
+      await writeMoveCheck(t, COMPAT_PROGRAMS.redis, mode);
+    });
   }
 });
 
 describe('memcached (its text protocol reads back what was written)', () => {
   for (const mode of ['copy', 'lazy'] as const) {
-    it(`a ${mode} move keeps ${KEYS.memcached} items and it takes writes on the target`, { timeout }, (t) => writeMoveCheck(t, COMPAT_PROGRAMS.memcached, mode));
+    it(`a ${mode} move keeps ${KEYS.memcached} items and it takes writes on the target`, { timeout }, async (t) => {
+      await writeMoveCheck(t, COMPAT_PROGRAMS.memcached, mode);
+    });
   }
 });
 
@@ -125,12 +136,15 @@ describe('nginx (master + 2 workers; curl reads the served file and what WebDAV 
       assert.deepEqual(workers(result.after), workers(result.before), 'the same two workers after the move');
     });
   }
-  it('with its workers as www-data (Debian\'s default user), a copy move', { timeout }, (t) =>
-    writeMoveCheck(t, COMPAT_PROGRAMS.nginx, 'copy', { command: ['/usr/sbin/nginx', '-g', 'daemon off; user www-data;'] }));
+  it('with its workers as www-data (Debian\'s default user), a copy move', { timeout }, async (t) => {
+    await writeMoveCheck(t, COMPAT_PROGRAMS.nginx, 'copy', { command: ['/usr/sbin/nginx', '-g', 'daemon off; user www-data;'] });
+  });
 });
 
 describe('PostgreSQL (several processes, shared memory, runs as uid 101; psql checks)', () => {
   for (const mode of ['copy', 'lazy'] as const) {
-    it(`a ${mode} move keeps every row and it takes inserts on the target`, { timeout }, (t) => writeMoveCheck(t, COMPAT_PROGRAMS.postgres, mode));
+    it(`a ${mode} move keeps every row and it takes inserts on the target`, { timeout }, async (t) => {
+      await writeMoveCheck(t, COMPAT_PROGRAMS.postgres, mode);
+    });
   }
 });

@@ -14,7 +14,7 @@
 import { spawn, type ChildProcessWithoutNullStreams } from 'node:child_process';
 import { connect, type Socket } from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { request } from 'undici';
+import { Agent, request } from 'undici';
 import { COMPAT_PORTS, NGINX_FILE, type CompatImageName } from '../../src/devtools/compat-images.js';
 
 export interface Endpoint {
@@ -209,13 +209,17 @@ const nginx: CompatProgram = {
   },
   async openWriter(ep) {
     assertAllowed(ep);
+    // Its own keep-alive pool: a connection must not outlive the writer (another test host may take the address).
+    const dispatcher = new Agent({ connections: 1 });
     return {
       async write(i) {
-        const res = await request(`http://${ep.host}:${ep.port}/dav/k-${i}`, { method: 'PUT', body: value(i), headersTimeout: WRITE_TIMEOUT_MS, bodyTimeout: WRITE_TIMEOUT_MS });
+        const res = await request(`http://${ep.host}:${ep.port}/dav/k-${i}`, { method: 'PUT', body: value(i), dispatcher, headersTimeout: WRITE_TIMEOUT_MS, bodyTimeout: WRITE_TIMEOUT_MS });
         const text = await res.body.text();
         if (res.statusCode !== 201 && res.statusCode !== 204) throw new Error(`PUT /dav/k-${i}: HTTP ${res.statusCode} ${text.slice(0, 200)}`);
       },
-      close() {},
+      close() {
+        void dispatcher.destroy();
+      },
     };
   },
   async check(ep, n) {
