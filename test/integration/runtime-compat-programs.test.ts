@@ -11,10 +11,11 @@ import { ensureImage } from '../../src/devtools/images.js';
 import type { ContainerRuntime } from '../../src/agent/runtime/types.js';
 import type { ChipmunkError } from '../../src/shared/errors.js';
 import type { AgentContainer, MigrationMode } from '../../src/shared/protocol.js';
-import { COMPAT_PROGRAMS, describeKeys, waitUntilServing, writeKeys, type CompatProgram, type Endpoint } from '../support/compat-programs.js';
+import { COMPAT_PROGRAMS, describeKeys, nonstopWriter, waitUntilServing, writeKeys, type CompatProgram, type Endpoint } from '../support/compat-programs.js';
 import { mustExecIn } from '../support/in-container.js';
 import { moveOnPair } from '../support/pair-move.js';
 import { RUNC_PAIR_NODES, makeRuncPair, prepareRuncPairs } from '../support/runc-pair.js';
+import { waitFor } from '../support/wait.js';
 
 const HOST_PORT = 18090;
 const timeout = 3 * 60_000;
@@ -145,6 +146,43 @@ describe('PostgreSQL (several processes, shared memory, runs as uid 101; psql ch
   for (const mode of ['copy', 'lazy'] as const) {
     it(`a ${mode} move keeps every row and it takes inserts on the target`, { timeout }, async (t) => {
       await writeMoveCheck(t, COMPAT_PROGRAMS.postgres, mode);
+    });
+  }
+});
+
+describe('a client writing nonstop through a move (the bench\'s client, bench/compat)', () => {
+  for (const [name, mode] of [['redis', 'copy'], ['memcached', 'lazy'], ['nginx', 'lazy']] as const) {
+    it(`${name}: every write acknowledged before, during and after a ${mode} move is there; the client reconnects to the new address`, { timeout }, async (t) => {
+      const program = COMPAT_PROGRAMS[name];
+      const pair = await makeRuncPair();
+      const [src, dst] = RUNC_PAIR_NODES;
+      let where = endpoint(src);
+      let writer: ReturnType<typeof nonstopWriter> | undefined;
+      try {
+        if (mode === 'lazy' && !pair.source.capabilities.lazyMigration) return t.skip('no lazy migration on these hosts');
+        const c = await pair.source.run({
+          name: `${name}-nonstop`,
+          image: program.image,
+          command: [],
+          env: {},
+          ports: [{ hostPort: HOST_PORT, containerPort: program.containerPort, protocol: 'tcp' }],
+          memoryBytes: 0,
+        });
+        await waitUntilServing(program, where, 60_000);
+        writer = nonstopWriter(program, () => where, 1, 90_000);
+        const w = writer;
+        await waitFor(() => w.stats.acked >= 100, 30_000, `100 writes to ${name}`);
+        await moveOnPair(pair, c, mode);
+        const atMove = w.stats.acked;
+        where = endpoint(dst);
+        await waitFor(() => w.stats.acked >= atMove + 100, 30_000, `100 more writes to ${name} after the move`);
+        const stats = await w.stop();
+        t.diagnostic(`${stats.acked} writes acknowledged, ${atMove} by the move; ${stats.reconnects} reconnects, ${stats.retries} retries, slowest write ${stats.maxWriteMs} ms; ${stats.errors.slice(0, 2).join('; ')}`);
+        await assertAllThere(program, where, stats.acked, `after a ${mode} move under a nonstop client`);
+      } finally {
+        await writer?.stop();
+        await pair.cleanup();
+      }
     });
   }
 });

@@ -330,9 +330,11 @@ export interface NonstopStats {
 
 /**
  * A client writing nonstop from key FROM on, until stopped or for at most MAXMS (load is
- * bounded): on a failure it opens a new connection and writes the same key again.
+ * bounded): on a failure it opens a new connection, to where ENDPOINT says the program is now
+ * (the gateway's address never changes; a test host's does with a move), and writes the same
+ * key again.
  */
-export function nonstopWriter(program: CompatProgram, ep: Endpoint, from: number, maxMs: number) {
+export function nonstopWriter(program: CompatProgram, endpoint: () => Endpoint, from: number, maxMs: number) {
   const stats: NonstopStats = { acked: from - 1, reconnects: 0, retries: 0, maxWriteMs: 0, errors: [] };
   let stop = false;
   const deadline = setTimeout(() => (stop = true), maxMs);
@@ -342,7 +344,7 @@ export function nonstopWriter(program: CompatProgram, ep: Endpoint, from: number
     let firstTry = Date.now();
     while (!stop) {
       try {
-        if (!writer) writer = await program.openWriter(ep);
+        if (!writer) writer = await program.openWriter(endpoint());
         await writer.write(i);
         stats.acked = i;
         stats.maxWriteMs = Math.max(stats.maxWriteMs, Date.now() - firstTry);
