@@ -74,6 +74,8 @@ function runClient(command: string, args: string[], opts: { env?: Record<string,
       if (code === 0) resolve(stdout);
       else reject(new Error(`${command} ${args.slice(0, 6).join(' ')}... exited ${code ?? signal}: ${stderr.trim().slice(0, 400)}`));
     });
+    // A client that exits at once (nothing listens yet) closes its stdin: its exit code says why.
+    child.stdin.on('error', () => undefined);
     child.stdin.end(opts.input ?? '');
   });
 }
@@ -266,6 +268,7 @@ const postgres: CompatProgram = {
       }
     });
     child.stderr.setEncoding('utf8').on('data', (d: string) => (err += d));
+    child.stdin.on('error', () => undefined); // psql gone: 'close' rejects the write
     child.on('close', (code) => waiting?.reject(new Error(`psql exited ${code}: ${err.trim().slice(0, 300)}`)));
     child.on('error', (e) => waiting?.reject(e));
     return {
