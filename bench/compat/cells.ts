@@ -17,7 +17,7 @@ export type CellKind = (typeof CELL_KINDS)[number];
 
 export interface CellResult {
   kind: CellKind;
-  /** What chipmunk did: `ok`, or why the operation failed (its error). */
+  /** `ok`, or why the operation failed (its error). */
   operation: string;
   /** From the start of the operation until the program answered its client through the gateway again. */
   backMs?: number;
@@ -120,7 +120,7 @@ async function runCell(program: CompatProgram, kind: CellKind, ctx: CellContext)
       const to = nodes[(nodes.indexOf(from) + 1) % nodes.length]!;
       const mode = kind === 'lazy move' ? 'lazy' : 'copy';
       const migrate = await cli(['migrate', ctx.name, '--to', to, '--mode', mode], { timeoutMs: 180_000 });
-      if (migrate.code !== 0) cell.operation = `fails: ${migrate.error?.message ?? migrate.stderr.trim().slice(-400)}`;
+      if (migrate.code !== 0) cell.operation = migrate.error?.message ?? migrate.stderr.trim().slice(-400);
       await waitUntilServing(program, ctx.gateway, 30_000).then(
         () => (cell.backMs = Date.now() - started),
         (err: Error) => cell.notes.push(err.message),
