@@ -10,7 +10,7 @@ import { before, describe, it, type TestContext } from 'node:test';
 import { ensureImage } from '../../src/devtools/images.js';
 import type { ContainerRuntime } from '../../src/agent/runtime/types.js';
 import type { ChipmunkError } from '../../src/shared/errors.js';
-import type { AgentContainer, MigrationMode } from '../../src/shared/protocol.js';
+import type { AgentContainer, ContainerSpec, MigrationMode } from '../../src/shared/protocol.js';
 import { COMPAT_PROGRAMS, describeKeys, nonstopWriter, waitUntilServing, writeKeys, type CompatProgram, type Endpoint } from '../support/compat-programs.js';
 import { mustExecIn } from '../support/in-container.js';
 import { moveOnPair } from '../support/pair-move.js';
@@ -26,6 +26,10 @@ before(async () => {
   for (const program of Object.values(COMPAT_PROGRAMS)) await ensureImage(program.image);
   await prepareRuncPairs();
 });
+
+function specFor(program: CompatProgram, name: string, command: string[]): ContainerSpec {
+  return { name, image: program.image, command, env: {}, ports: [{ hostPort: HOST_PORT, containerPort: program.containerPort, protocol: 'tcp' }], memoryBytes: 0 };
+}
 
 const endpoint = (node: (typeof RUNC_PAIR_NODES)[number]): Endpoint => ({ host: node.address, port: HOST_PORT });
 
@@ -52,14 +56,7 @@ async function writeMoveCheck(t: TestContext, program: CompatProgram, mode: Migr
   try {
     if (mode === 'lazy' && !pair.source.capabilities.lazyMigration) return t.skip('no lazy migration on these hosts');
     const [src, dst] = RUNC_PAIR_NODES;
-    const c = await pair.source.run({
-      name: `${program.name}-${mode}`,
-      image: program.image,
-      command: opts.command ?? [],
-      env: {},
-      ports: [{ hostPort: HOST_PORT, containerPort: program.containerPort, protocol: 'tcp' }],
-      memoryBytes: 0,
-    });
+    const c = await pair.source.run(specFor(program, `${program.name}-${mode}`, opts.command ?? []));
     const startMs = await waitUntilServing(program, endpoint(src), 60_000);
     t.diagnostic(`${program.name} answered ${startMs} ms after start`);
     const n = KEYS[program.name];
@@ -160,14 +157,7 @@ async function checkpointRestoreCheck(t: TestContext, program: CompatProgram): P
   const pair = await makeRuncPair();
   try {
     const [src, dst] = RUNC_PAIR_NODES;
-    const c = await pair.source.run({
-      name: `${program.name}-ckpt`,
-      image: program.image,
-      command: [],
-      env: {},
-      ports: [{ hostPort: HOST_PORT, containerPort: program.containerPort, protocol: 'tcp' }],
-      memoryBytes: 0,
-    });
+    const c = await pair.source.run(specFor(program, `${program.name}-ckpt`, []));
     await waitUntilServing(program, endpoint(src), 60_000);
     const n = KEYS[program.name];
     await writeKeys(program, endpoint(src), 1, n);
@@ -214,14 +204,7 @@ describe('a client writing nonstop through a move (the bench\'s client, bench/co
       let writer: ReturnType<typeof nonstopWriter> | undefined;
       try {
         if (mode === 'lazy' && !pair.source.capabilities.lazyMigration) return t.skip('no lazy migration on these hosts');
-        const c = await pair.source.run({
-          name: `${name}-nonstop`,
-          image: program.image,
-          command: [],
-          env: {},
-          ports: [{ hostPort: HOST_PORT, containerPort: program.containerPort, protocol: 'tcp' }],
-          memoryBytes: 0,
-        });
+        const c = await pair.source.run(specFor(program, `${name}-nonstop`, []));
         await waitUntilServing(program, where, 60_000);
         writer = nonstopWriter(program, () => where, 1, 90_000);
         const w = writer;
