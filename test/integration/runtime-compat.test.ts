@@ -11,10 +11,9 @@ import { before, describe, it } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { ensureImage } from '../../src/devtools/images.js';
 import type { WritableLayerKind } from '../../src/agent/runtime/rootfs.js';
-import type { AgentContainer, ContainerSpec } from '../../src/shared/protocol.js';
+import type { AgentContainer, ContainerSpec, MigrationMode } from '../../src/shared/protocol.js';
 import type { RuntimePair } from '../contract/runtime.contract.js';
 import { execIn, mustExecIn } from '../support/in-container.js';
-import { moveOnPair } from '../support/pair-move.js';
 import { RUNC_PAIR_NODES, makeRuncPair, prepareRuncPairs } from '../support/runc-pair.js';
 
 const IMAGE = 'chipmunk/python';
@@ -40,7 +39,18 @@ function spec(name: string, command: string[]): ContainerSpec {
   return { name, image: IMAGE, command, env: {}, ports: [{ hostPort: HOST_PORT, containerPort: HTTP_PORT, protocol: 'tcp' }], memoryBytes: 0 };
 }
 
-const move = moveOnPair;
+/** A move of `c` from the pair's source to its target, the way the controller drives one. */
+async function move(pair: RuntimePair, c: AgentContainer, mode: MigrationMode): Promise<AgentContainer> {
+  const id = `mig-${mode}-${randomBytes(3).toString('hex')}`;
+  const pageServer = mode === 'lazy' ? pair.pageServer() : undefined;
+  await pair.target.prepareRestore(c.spec, { migrationId: id, mode, generation: c.generation + 1 });
+  await pair.source.dump(c.name, { migrationId: id, mode, ...(pageServer ? { pageServer } : {}) });
+  await pair.copyTrees(id);
+  const restored = await pair.target.restore(c.spec, { migrationId: id, mode, generation: c.generation + 1, ...(pageServer ? { pageServer } : {}) });
+  await pair.source.finishMigration(id);
+  await pair.target.settleRestore(id);
+  return restored;
+}
 
 // ------------------------------------------------------------------ SQLite
 
