@@ -186,8 +186,10 @@ async function checkpointRestoreCheck(t: TestContext, program: CompatProgram): P
   }
 }
 
+// Redis (memory, an append-only file) and PostgreSQL (several processes, shared memory, a
+// non-root user); memcached and nginx take the same path, and bench/compat fails them all over.
 describe('a checkpoint restored on another node (the failover path)', () => {
-  for (const program of Object.values(COMPAT_PROGRAMS)) {
+  for (const program of [COMPAT_PROGRAMS.redis, COMPAT_PROGRAMS.postgres]) {
     it(`${program.name}: every key written before the checkpoint is there, and it takes writes`, { timeout }, async (t) => {
       await checkpointRestoreCheck(t, program);
     });
