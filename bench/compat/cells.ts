@@ -115,6 +115,8 @@ async function runCell(program: CompatProgram, kind: CellKind, ctx: CellContext)
     await sleep(ctx.writeMs);
     const started = Date.now();
     if (kind === 'failover') {
+      const checkpoints = await cli<unknown[]>(['checkpoints', ctx.name], { timeoutMs: 10_000 });
+      if (Array.isArray(checkpoints.json) && checkpoints.json.length === 0) cell.notes.push('no checkpoint of it to fail over from (its checkpoints failed: see the controller log)');
       await clusterKill(from, { stateDir: clusterStateDir() });
       revive = from;
       const back = await backElsewhere(program, ctx, from);
