@@ -133,6 +133,23 @@ export async function removeCriuNetworkLock(netnsPath: string | undefined): Prom
   }
 }
 
+/**
+ * A lazy restore opens a userfaultfd in the restored task, inside the container's user namespace
+ * when it has one, where the host's CAP_SYS_PTRACE does not reach: the kernel then allows it only
+ * with vm.unprivileged_userfaultfd=1 (scripts/setup.sh sets it). Said before the restore starts,
+ * rather than as CRIU's "Unable to open an userfaultfd descriptor" after it failed.
+ */
+export async function assertLazyRestorePossible(userNamespace: boolean): Promise<void> {
+  if (!userNamespace) return;
+  const setting = (await readFile('/proc/sys/vm/unprivileged_userfaultfd', 'utf8').catch(() => '')).trim();
+  if (setting === '0') {
+    throw new CapabilityMissingError(
+      'a lazy restore of a container in a user namespace of its own needs vm.unprivileged_userfaultfd=1 on the target node, which is 0 here: run `sysctl -w vm.unprivileged_userfaultfd=1` (npm run setup does), or migrate with --mode copy',
+      { sysctl: 'vm.unprivileged_userfaultfd' },
+    );
+  }
+}
+
 export class Criu {
   /** Lazy-pages daemons of restores on this node, by migration. */
   private readonly lazyDaemons = new Map<string, ChildProcess>();

@@ -9,7 +9,7 @@ import { join } from 'node:path';
 import { ConflictError, InvalidInputError } from '../../shared/errors.js';
 import type { AgentContainer, ContainerSpec, MigrationMode } from '../../shared/protocol.js';
 import type { RuntimeContext } from './context.js';
-import { dumpedWithUserNamespace, PAGE_DRAIN_TIMEOUT_MS, writeCriuOptions, type PageServer } from './criu.js';
+import { assertLazyRestorePossible, dumpedWithUserNamespace, PAGE_DRAIN_TIMEOUT_MS, writeCriuOptions, type PageServer } from './criu.js';
 import type { ImageConfig } from './images.js';
 import type { ContainerRecord } from './records.js';
 import type { PrepareOptions, RestoreOptions } from './types.js';
@@ -166,6 +166,7 @@ export async function restoreIncarnation(
   const images = ctx.layout.migrationImages(migrationId);
   await mkdir(work, { recursive: true });
   rec.userNamespace = await dumpedWithUserNamespace(images);
+  if (mode === 'lazy') await assertLazyRestorePossible(rec.userNamespace);
   await ctx.ensureStagedInterface(rec);
   await ctx.mountContainerRootfs(name, image);
   await ctx.writeBundle(rec, image);
