@@ -38,7 +38,7 @@ const DEFAULT_CAPS = [
  * namespace changes is who holds capabilities: the container's root holds them only over what
  * its user namespace owns, and the host's root, its owner, holds every one inside it (CRIU
  * needs CAP_SYS_RESOURCE there to dump non-root processes, criu.ts). A range of ids of its own
- * would also keep its root from being the host's (docs/operations.md: why not yet).
+ * would also keep its root from being the host's (docs/compatibility.md: why not yet).
  */
 export const USER_NAMESPACE_IDS = [{ containerID: 0, hostID: 0, size: 4294967295 }];
 

@@ -92,9 +92,10 @@ const RLIMIT_DENIED = /Can't get rlimit \d+: Operation not permitted/;
 /** A dump that failed: runc's last words, CRIU's own, and the log that has the rest. */
 async function dumpFailedError(what: string, res: { code: number; stderr: string }, logPath: string): Promise<Error> {
   const log = await readFile(logPath, 'utf8').catch(() => '');
-  if (RLIMIT_DENIED.test(log)) {
+  const denied = RLIMIT_DENIED.exec(log);
+  if (denied) {
     return new CapabilityMissingError(
-      `${what} failed: it runs a process as a non-root user, and CRIU may not read that process's resource limits without CAP_SYS_RESOURCE, which this node withholds. ` +
+      `${what} failed: it runs a process as a non-root user, and CRIU may not read that process's resource limits without CAP_SYS_RESOURCE, which this node withholds (CRIU: ${denied[0]}). ` +
         'Run the container in a user namespace of its own (start the agent without --userns off, then run the container again), or give the agent CAP_SYS_RESOURCE',
       { op: 'runc checkpoint', capability: 'CAP_SYS_RESOURCE' },
     );
