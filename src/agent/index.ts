@@ -37,6 +37,8 @@ export interface AgentOptions {
   enableFaults?: boolean;
   /** New containers' writable layer (src/agent/runtime/rootfs.ts); a directory if not given. */
   writableLayer?: WritableLayerKind;
+  /** New containers in a user namespace of their own (src/agent/runtime/bundle.ts); true if not given. */
+  userNamespace?: boolean;
 }
 
 export interface RunningAgent {
@@ -79,6 +81,7 @@ export async function startAgent(opts: AgentOptions): Promise<RunningAgent> {
   const images = new ImageStore(opts.imageStore ? { root: join(opts.imageStore, 'root'), runroot: join(opts.imageStore, 'runroot') } : {});
   const runtime = new RuncRuntime({ node: opts.node, dataDir: opts.dataDir, runDir: opts.runDir, subnet: opts.subnet, criuPath, capabilities, images,
     writableLayer: opts.writableLayer,
+    userNamespace: opts.userNamespace,
     onWarning: (message, details) => log.warn(details, message),
     reservedHostPorts: [
       { from: opts.listen.port, to: opts.listen.port, usedBy: 'the chipmunk agent' },

@@ -156,3 +156,12 @@ export function parseWritableLayer(value: string): 'directory' | 'image' {
     { value },
   );
 }
+
+/** `chipmunk agent --userns`: whether new containers get a user namespace of their own (src/agent/runtime/bundle.ts). */
+export function parseUserns(value: string): 'on' | 'off' {
+  if (value === 'on' || value === 'off') return value;
+  throw new UsageError(
+    `bad --userns '${value}': use 'on' (new containers get a user namespace of their own, the default) or 'off' (they share the host's; without CAP_SYS_RESOURCE their non-root processes cannot be checkpointed or migrated)`,
+    { value },
+  );
+}

@@ -114,6 +114,16 @@ export function nodeRunDir(runDir: string, node: string): string {
   return join(runDir, node);
 }
 
+/**
+ * The cgroup (relative to each hierarchy's root) every container of agent `node` runs under,
+ * what `cluster kill` and `cluster down` kill: the agent names its containers' cgroups so
+ * (its runtime's layout). A container in a user namespace of its own is in no namespace the
+ * cluster can name.
+ */
+export function nodeCgroup(node: string): string {
+  return `chipmunk/${node}`;
+}
+
 export function logFile(stateDir: string, daemon: string): string {
   return join(stateDir, 'logs', `${daemon}.log`);
 }
