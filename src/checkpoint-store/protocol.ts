@@ -12,8 +12,8 @@ export const CheckpointId = Type.String({ pattern: '^[0-9a-f]{16}$', description
 export const UploadId = Type.String({ pattern: '^[0-9a-f]{32}$', description: 'upload id (32 hex digits)' });
 
 /** Where an upload's checkpoint was cut in the container's request log; null when the caller keeps none. */
-const UploadLogPosition = Type.Union([LogPosition, Type.Null()], {
-  description: "position in the container's request log the checkpoint corresponds to, when the caller keeps one",
+const UploadLogPosition = Type.Union([LogPosition, Type.Object({ logId: Type.Null(), seq: Type.Integer({ minimum: 0 }) }), Type.Null()], {
+  description: "position in the container's request log the checkpoint corresponds to, when the caller keeps one (logId null only on a copy of a checkpoint stored before logs had ids)",
 });
 
 /**
@@ -36,6 +36,7 @@ export const CreateUploadRequest = Type.Object({
   parts: Type.Array(UploadPart, { minItems: 1 }),
   time: Type.Integer({ minimum: 0, description: 'when the checkpoint was taken, ms since the epoch' }),
   logPosition: Type.Optional(UploadLogPosition),
+  id: Type.Optional({ ...CheckpointId, description: 'commit under this id (the same checkpoint on several replicas); the store picks one by default' }),
   metadata: Type.Record(Type.String(), Type.Unknown(), {
     description: "opaque to the store (the controller keeps the container spec here), except volumes: [{name, path}], which places the files part's volumes/NAME/ at path",
   }),

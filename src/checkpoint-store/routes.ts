@@ -56,6 +56,7 @@ export function checkpointStoreRoutes(store: CheckpointStore): FastifyPluginAsyn
           time: req.body.time,
           logPosition: req.body.logPosition,
           metadata: req.body.metadata,
+          ...(req.body.id !== undefined ? { id: req.body.id } : {}),
         });
         return reply.code(201).send(started);
       },
