@@ -164,10 +164,11 @@ export function buildAgentServer(deps: AgentServerDeps): FastifyInstance {
     async (req) => {
       const paths = checkpoints.get(req.params.id);
       if (!paths) throw new NotFoundError(`no checkpoint ${req.params.id} on node ${deps.info.node} (it was discarded, or the agent restarted): take a new checkpoint`, { checkpointId: req.params.id });
-      const { container, storeUrl, logPosition, metadata } = req.body;
+      const { container, storeUrl, replicaUrls, logPosition, metadata } = req.body;
       await faults.pauseAt('checkpoint:upload');
       return uploadCheckpoint({
         storeUrl,
+        replicaUrls,
         token,
         container,
         parts: [
@@ -211,24 +212,27 @@ export function buildAgentServer(deps: AgentServerDeps): FastifyInstance {
       let bytes = 0;
       const fetchOne = async (what: 'images' | 'files', dest: string) => {
         const base = bytes;
-        try {
-          const res = await fetchTree({
-            url: treeUrl(what),
-            token,
-            dest,
-            onProgress: (b) => progress.set(migrationId, { migrationId, what, bytes: base + b }),
-          });
-          bytes += res.bytes;
-        } catch (err) {
-          const from = r.checkpoint ? `checkpoint ${r.checkpoint.id} in the store` : `node ${r.source.node}`;
-          throw err instanceof TransferFailedError ? err : new TransferFailedError(`fetching ${what} from ${from} failed: ${(err as Error).message}`, { what }, err);
+        const urls = treeUrls(what);
+        for (const [index, url] of urls.entries()) {
+          try {
+            const res = await fetchTree({ url, token, dest, onProgress: (b) => progress.set(migrationId, { migrationId, what, bytes: base + b }) });
+            bytes += res.bytes;
+            return;
+          } catch (err) {
+            const from = r.checkpoint ? `checkpoint ${r.checkpoint.id} in the store at ${url}` : `node ${r.source.node}`;
+            const failed = err instanceof TransferFailedError ? err : new TransferFailedError(`fetching ${what} from ${from} failed: ${(err as Error).message}`, { what }, err);
+            if (index === urls.length - 1) throw failed;
+            // fetchTree left nothing at dest: the next replica starts clean.
+            app.log.warn({ err: failed.toJSON(), next: urls[index + 1] }, `reading ${what} of checkpoint ${r.checkpoint?.id} from ${url} failed; reading it from the next replica`);
+          }
         }
       };
-      // From the source agent (a migration) or from the checkpoint store (a failover, a restore --from).
-      const treeUrl = (what: 'images' | 'files') =>
+      // From the source agent (a migration) or from the checkpoint store (a failover, a restore
+      // --from): a checkpoint from each of its replicas in turn, until one reads intact.
+      const treeUrls = (what: 'images' | 'files') =>
         r.checkpoint
-          ? checkpointPartUrl(r.checkpoint.storeUrl, r.spec.name, r.checkpoint.id, what === 'images' ? 'criu' : 'files')
-          : `${r.source.url}/v1/migrations/${migrationId}/${what}.tar`;
+          ? [r.checkpoint.storeUrl, ...(r.checkpoint.replicaUrls ?? [])].map((store) => checkpointPartUrl(store, r.spec.name, r.checkpoint!.id, what === 'images' ? 'criu' : 'files'))
+          : [`${r.source.url}/v1/migrations/${migrationId}/${what}.tar`];
       try {
         const fetchStart = Date.now();
         // From the store nothing was prepared beforehand (a failover has no time to spare): the

@@ -15,7 +15,11 @@ export class CheckpointStoreClient {
   private readonly api: ApiClient;
 
   constructor(opts: ApiClientOptions) {
-    this.api = new ApiClient({ peer: 'checkpoint store', ...opts });
+    this.api = new ApiClient({ peer: `checkpoint store ${opts.baseUrl}`, ...opts });
+  }
+
+  get url(): string {
+    return this.api.baseUrl;
   }
 
   /** Newest first. */
@@ -42,6 +46,11 @@ export class CheckpointStoreClient {
   /** Drops every checkpoint of the container. */
   forget(container: string): Promise<void> {
     return this.api.delete(`/v1/checkpoints/${enc(container)}`);
+  }
+
+  /** Drops one checkpoint from this store. */
+  remove(container: string, id: string): Promise<void> {
+    return this.api.delete(`/v1/checkpoints/${enc(container)}/${enc(id)}`);
   }
 
   /** Where a part streams as a tar archive: give it to fetchTree (src/agent/transfer.ts) with the token. */

@@ -61,6 +61,19 @@ export const UploadChunksResponse = Type.Object({
 });
 export type UploadChunksResponse = Static<typeof UploadChunksResponse>;
 
+export const ChunkFramesRequest = Type.Object({
+  missing: Type.String({ contentEncoding: 'base64', description: "the receiving replica's missing bitmap (CreateUploadResponse.missing) for this checkpoint's upload request" }),
+});
+export type ChunkFramesRequest = Static<typeof ChunkFramesRequest>;
+
+export const ReplicaState = Type.Union([Type.Literal('intact'), Type.Literal('corrupt'), Type.Literal('missing'), Type.Literal('unreachable')], {
+  description: 'intact: stored and not found damaged; corrupt: a read found a damaged chunk there; missing: that store lacks it; unreachable: that store did not answer',
+});
+export type ReplicaState = Static<typeof ReplicaState>;
+
+export const CheckpointReplica = Type.Object({ url: Type.String(), state: ReplicaState });
+export type CheckpointReplica = Static<typeof CheckpointReplica>;
+
 export const CheckpointSummary = Type.Object({
   id: CheckpointId,
   time: Type.Integer(),
@@ -68,6 +81,7 @@ export const CheckpointSummary = Type.Object({
   newBytes: Type.Integer({ minimum: 0, description: 'chunk bytes this checkpoint added to the store' }),
   logPosition: StoredLogPosition,
   corrupt: Type.Optional(Type.Boolean({ description: 'a read found a damaged chunk: restore from an older checkpoint' })),
+  replicas: Type.Optional(Type.Array(CheckpointReplica, { description: "where the checkpoint is (the controller's listings; a store's own listing has none)" })),
 });
 export type CheckpointSummary = Static<typeof CheckpointSummary>;
 
@@ -123,6 +137,8 @@ export const checkpointStoreSchemas: Record<string, TSchema> = {
   CreateUploadRequest,
   CreateUploadResponse,
   UploadChunksResponse,
+  ChunkFramesRequest,
+  CheckpointReplica,
   CheckpointSummary,
   CheckpointInfo,
   CheckpointDetail,
