@@ -34,7 +34,7 @@ import {
 import type { FaultInjector } from './faults.js';
 import type { ImageStore } from './runtime/images.js';
 import type { ContainerRuntime, MigrationPaths } from './runtime/types.js';
-import { fetchTree, serveTree } from './transfer.js';
+import { fetchTree, fetchTreeFromAny, serveTree } from './transfer.js';
 
 export interface AgentServerDeps {
   info: AgentInfo;
@@ -212,19 +212,16 @@ export function buildAgentServer(deps: AgentServerDeps): FastifyInstance {
       let bytes = 0;
       const fetchOne = async (what: 'images' | 'files', dest: string) => {
         const base = bytes;
-        const urls = treeUrls(what);
-        for (const [index, url] of urls.entries()) {
-          try {
-            const res = await fetchTree({ url, token, dest, onProgress: (b) => progress.set(migrationId, { migrationId, what, bytes: base + b }) });
-            bytes += res.bytes;
-            return;
-          } catch (err) {
-            const from = r.checkpoint ? `checkpoint ${r.checkpoint.id} in the store at ${url}` : `node ${r.source.node}`;
-            const failed = err instanceof TransferFailedError ? err : new TransferFailedError(`fetching ${what} from ${from} failed: ${(err as Error).message}`, { what }, err);
-            if (index === urls.length - 1) throw failed;
-            // fetchTree left nothing at dest: the next replica starts clean.
-            app.log.warn({ err: failed.toJSON(), next: urls[index + 1] }, `reading ${what} of checkpoint ${r.checkpoint?.id} from ${url} failed; reading it from the next replica`);
-          }
+        try {
+          const res = await fetchTreeFromAny(
+            treeUrls(what),
+            { token, dest, onProgress: (b) => progress.set(migrationId, { migrationId, what, bytes: base + b }) },
+            (url, err) => app.log.warn({ err: err.toJSON() }, `reading ${what} of checkpoint ${r.checkpoint?.id} from ${url} failed; reading it from the next replica`),
+          );
+          bytes += res.bytes;
+        } catch (err) {
+          const from = r.checkpoint ? `checkpoint ${r.checkpoint.id} in the store` : `node ${r.source.node}`;
+          throw err instanceof TransferFailedError ? err : new TransferFailedError(`fetching ${what} from ${from} failed: ${(err as Error).message}`, { what }, err);
         }
       };
       // From the source agent (a migration) or from the checkpoint store (a failover, a restore
