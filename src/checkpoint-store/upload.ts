@@ -10,6 +10,8 @@
  */
 import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
+import { once } from 'node:events';
+import { PassThrough } from 'node:stream';
 import { TAR_FLAGS } from '../agent/transfer.js';
 import { TransferFailedError } from '../shared/errors.js';
 import { lastLines } from '../shared/exec.js';
@@ -45,17 +47,21 @@ export interface UploadedCheckpoint extends CheckpointInfo {
   replicas: CheckpointReplica[];
 }
 
-/** An upload begun on one replica, its missing chunks sent. */
+/** An upload begun on one replica. */
 interface ReplicaUpload {
   url: string;
   api: ApiClient;
   uploadId: string;
+  /** The chunks this replica lacks (CreateUploadResponse.missing), and how many. */
+  missing: Buffer;
+  missingChunks: number;
   sentBytes: number;
 }
 
 /**
- * Hashes the parts once, then sends each replica the chunks it lacks (in parallel: each send
- * reads the parts again, from the page cache) and commits on all of them once all have every
+ * Hashes the parts once, begins an upload on every replica (each answers which chunks it lacks:
+ * its own deduplication), reads the parts a second time and once only, sending each chunk to the
+ * replicas that lack it, all at the same time, and commits on all of them once all have every
  * chunk. A replica that fails undoes the others (uploads aborted, commits removed): the
  * checkpoint is on every replica or on none.
  */
@@ -75,18 +81,7 @@ export async function uploadCheckpoint(opts: UploadCheckpointOptions): Promise<U
   const begin = async (url: string): Promise<ReplicaUpload> => {
     const api = new ApiClient({ baseUrl: url, token: opts.token, timeoutMs: opts.timeoutMs, peer: `checkpoint store ${url}` });
     const upload = await api.post<CreateUploadResponse>(`/v1/checkpoints/${opts.container}/uploads`, body);
-    const session: ReplicaUpload = { url, api, uploadId: upload.uploadId, sentBytes: 0 };
-    try {
-      if (upload.missingChunks > 0) {
-        const missing = Buffer.from(upload.missing, 'base64');
-        const frames = missingFrames(opts.parts, manifests, missing, (bytes) => (session.sentBytes += bytes));
-        await sendFrames(`${api.baseUrl}/v1/checkpoints/uploads/${upload.uploadId}/chunks`, opts.token, frames);
-      }
-      return session;
-    } catch (err) {
-      await abort(session);
-      throw err;
-    }
+    return { url, api, uploadId: upload.uploadId, missing: Buffer.from(upload.missing, 'base64'), missingChunks: upload.missingChunks, sentBytes: 0 };
   };
   // Frees the chunks sent so far now rather than at the store's upload timeout.
   const abort = (session: ReplicaUpload) => session.api.delete(`/v1/checkpoints/uploads/${session.uploadId}`).catch(() => {});
@@ -99,6 +94,7 @@ export async function uploadCheckpoint(opts: UploadCheckpointOptions): Promise<U
     throw failed.reason;
   }
   try {
+    await sendMissing(opts, manifests, sessions);
     await opts.beforeCommit?.();
   } catch (err) {
     await Promise.all(sessions.map(abort));
@@ -121,8 +117,38 @@ export async function uploadCheckpoint(opts: UploadCheckpointOptions): Promise<U
   return { ...info, sentBytes: sessions.reduce((sum, session) => sum + session.sentBytes, 0), replicas: urls.map((url) => ({ url, state: 'intact' as const })) };
 }
 
-/** Second pass: the frames of the chunks the bitmap asks for, checked against the first pass. */
-async function* missingFrames(parts: { name: string; dir: string }[], manifests: PartManifest[], missing: Buffer, onSent: (bytes: number) => void): AsyncGenerator<Buffer> {
+/** One read of the parts; each chunk goes to every replica that lacks it, one chunk request per replica. */
+async function sendMissing(opts: UploadCheckpointOptions, manifests: PartManifest[], sessions: ReplicaUpload[]): Promise<void> {
+  const pipes = sessions.map((session) => (session.missingChunks > 0 ? new PassThrough() : undefined));
+  const sends = sessions.map((session, i) => (pipes[i] ? sendFrames(`${session.api.baseUrl}/v1/checkpoints/uploads/${session.uploadId}/chunks`, opts.token, pipes[i]) : Promise.resolve()));
+  // Rejects as soon as one replica's request fails: the read must not wait on that replica's pipe.
+  const anyFailed = Promise.race(sends.map((send) => send.then(() => new Promise<never>(() => {}))));
+  anyFailed.catch(() => {});
+  try {
+    if (pipes.some(Boolean)) {
+      for await (const frame of missingFrames(opts.parts, manifests, sessions.map((session) => session.missing))) {
+        for (const i of frame.to) {
+          const pipe = pipes[i]!;
+          sessions[i]!.sentBytes += frame.chunk.length;
+          const roomForHead = pipe.write(frame.head);
+          if (!pipe.write(frame.chunk) || !roomForHead) await Promise.race([once(pipe, 'drain'), anyFailed]);
+        }
+      }
+    }
+    for (const pipe of pipes) pipe?.end();
+  } catch (err) {
+    for (const pipe of pipes) pipe?.destroy(err as Error);
+    await Promise.allSettled(sends);
+    throw err;
+  }
+  await Promise.all(sends);
+}
+
+/**
+ * Second pass: each chunk some bitmap asks for, with its frame header and the replicas (bitmap
+ * indices) that want it, checked against the first pass.
+ */
+async function* missingFrames(parts: { name: string; dir: string }[], manifests: PartManifest[], bitmaps: Buffer[]): AsyncGenerator<{ head: Buffer; chunk: Buffer; to: number[] }> {
   let position = 0;
   for (const [index, part] of parts.entries()) {
     const reader = new TarReader(tarOf(part.dir));
@@ -132,10 +158,11 @@ async function* missingFrames(parts: { name: string; dir: string }[], manifests:
         throw new TransferFailedError(`${part.dir} changed during the checkpoint upload (at ${recorded.path}): upload a directory that stays as it is`, { dir: part.dir });
       }
       const chunks = hashes.length / HASH_BYTES;
-      const wanted = (i: number) => (missing[(position + i) >> 3] & (0x80 >> ((position + i) & 7))) !== 0;
       let i = 0;
       for await (const chunk of reader.content(CHUNK_BYTES)) {
-        if (wanted(i)) {
+        const at = position + i;
+        const to = bitmaps.flatMap((bitmap, replica) => ((bitmap[at >> 3]! & (0x80 >> (at & 7))) !== 0 ? [replica] : []));
+        if (to.length > 0) {
           const hash = hashes.subarray(i * HASH_BYTES, (i + 1) * HASH_BYTES);
           if (!sha256(chunk).equals(hash)) {
             throw new TransferFailedError(`${part.dir}/${entry.path} changed during the checkpoint upload: upload a directory that stays as it is`, { dir: part.dir, path: entry.path });
@@ -143,9 +170,7 @@ async function* missingFrames(parts: { name: string; dir: string }[], manifests:
           const head = Buffer.alloc(HASH_BYTES + 4);
           hash.copy(head);
           head.writeUInt32BE(chunk.length, HASH_BYTES);
-          onSent(chunk.length);
-          yield head;
-          yield chunk;
+          yield { head, chunk, to };
         }
         i++;
       }
