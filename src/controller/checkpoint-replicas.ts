@@ -11,6 +11,10 @@
  * `replicate()` then copies it, store to store (chunks verified on both sides), to replicas that
  * lack it until N hold it intact again; with fewer than N replicas left it stays on those there
  * are and the log says so once. A new checkpoint needs N reachable replicas, or is not taken.
+ *
+ * Reads (list, readFrom) write nothing, so any controller may answer them; committed(),
+ * forget() and replicate() are the leader's work in an HA cluster (their state writes are what
+ * a leader's term fences).
  */
 import type { Logger } from 'pino';
 import { request } from 'undici';
@@ -54,16 +58,13 @@ export class ReplicatedCatalog implements CheckpointCatalog {
     if (records.length === 0) return [];
     const listings = await this.listings(container);
     const out: CheckpointSummary[] = [];
-    for (const { key, value } of records) {
+    for (const { value } of records) {
       // Shown: the replicas it was committed on, and any other holding a copy.
       const replicas = this.placement(value, listings).filter((r) => value.replicas.includes(r.url) || r.state === 'intact' || r.state === 'corrupt');
       const intact = replicas.some((r) => r.state === 'intact');
       const unknown = replicas.some((r) => r.state === 'unreachable');
-      if (!intact && !unknown && !replicas.some((r) => r.state === 'corrupt')) {
-        // Every replica that held it dropped it (retention, or a forget): it is gone.
-        await this.opts.state.delete(key);
-        continue;
-      }
+      // Every replica that held it dropped it (retention): gone. Its record goes in replicate(), not in a read.
+      if (!intact && !unknown && !replicas.some((r) => r.state === 'corrupt')) continue;
       const { corrupt: _corrupt, ...info } = value.info;
       out.push({ ...info, ...(intact || unknown ? {} : { corrupt: true }), replicas });
     }
@@ -126,6 +127,11 @@ export class ReplicatedCatalog implements CheckpointCatalog {
       const listings = await this.listings(container);
       for (const { key, value } of records) {
         const placement = this.placement(value, listings);
+        if (placement.every((r) => r.state === 'missing')) {
+          // Dropped by every replica's retention: the record outlived the checkpoint.
+          await this.opts.state.delete(key);
+          continue;
+        }
         const intact = placement.filter((r) => r.state === 'intact').map((r) => r.url);
         if (intact.length === 0 || intact.length >= this.opts.replicas) {
           this.reportedStuck.delete(value.info.id);
