@@ -16,7 +16,7 @@ import { pino } from 'pino';
 import { fetchTreeFromAny } from '../../src/agent/transfer.js';
 import { CheckpointStore, CheckpointStoreClient, checkpointPartUrl, checkpointStoreRoutes, uploadCheckpoint } from '../../src/checkpoint-store/index.js';
 import { ReplicatedCatalog } from '../../src/controller/checkpoint-replicas.js';
-import { checkpointReplicaCount } from '../../src/controller/index.js';
+import { checkpointReplicaCount, startController } from '../../src/controller/index.js';
 import { MemoryStore } from '../../src/controller/store/memory.js';
 import { ChipmunkError, InvalidInputError, UnavailableError } from '../../src/shared/errors.js';
 import { installApiConventions } from '../../src/shared/http.js';
@@ -261,5 +261,11 @@ describe('checkpoint replica count', () => {
     assert.match(lines.at(-1)?.msg ?? '', /checkpoints live on one host/);
     assert.equal(checkpointReplicaCount(1, ['http://10.0.0.2:7000'], log), 1);
     assert.throws(() => checkpointReplicaCount(3, ['http://10.0.0.2:7000'], log), (err: unknown) => err instanceof InvalidInputError && /knows 2/.test(err.message));
+  });
+
+  it('stops a controller start asking for more replicas than it knows, and one given a peer that is no URL', async () => {
+    const base = { listen: { host: '127.0.0.1', port: 0 }, token: TOKEN, storeSpec: 'memory:', logger: pino({ level: 'silent' }) };
+    await assert.rejects(startController({ ...base, checkpointReplicas: 2 }), (err: unknown) => err instanceof InvalidInputError && /--checkpoint-replicas 2 needs 2 .* knows 1/.test(err.message));
+    await assert.rejects(startController({ ...base, checkpointStorePeers: ['10.0.0.2:7000'] }), (err: unknown) => err instanceof InvalidInputError && /not an http\(s\) URL|not a URL/.test(err.message));
   });
 });
