@@ -31,6 +31,12 @@ interface ReadContext {
 }
 
 export class CheckpointReads {
+  /**
+   * Hex hashes of chunks a read found damaged since the store opened: an upload holding one is
+   * asked for it again and its good copy replaces the damaged one (a replica heals from another).
+   */
+  readonly damaged = new Set<string>();
+
   constructor(
     private readonly db: Database.Database,
     private readonly packs: PackFiles,
@@ -174,7 +180,10 @@ export class CheckpointReads {
       for (const row of run) {
         const chunk = data.subarray(at, at + row.length);
         at += row.length;
-        if (at > bytesRead || !sha256(chunk).equals(row.hash)) throw this.corrupt(ctx, row.hash.toString('hex'), row.pack, 'has damaged content');
+        if (at > bytesRead || !sha256(chunk).equals(row.hash)) {
+          this.damaged.add(row.hash.toString('hex'));
+          throw this.corrupt(ctx, row.hash.toString('hex'), row.pack, 'has damaged content');
+        }
       }
       // The whole verified run at once: one write downstream per megabyte, not per page.
       yield data.subarray(0, at);

@@ -114,7 +114,7 @@ export class CheckpointStore {
       if (holder !== undefined) throw new ConflictError(`this store already has checkpoint ${req.id} (of container ${holder}): a checkpoint is stored once per replica`, { checkpoint: req.id, container: holder });
     }
     const has = this.db.prepare<[Buffer], number>('SELECT 1 FROM chunks WHERE hash = ?').pluck();
-    const missing = missingChunks(parts, (hash) => has.get(hash) !== undefined);
+    const missing = missingChunks(parts, (hash) => has.get(hash) !== undefined && !this.reads.damaged.has(hash.toString('hex')));
     const upload: Upload = {
       id: randomBytes(16).toString('hex'),
       ...(req.id !== undefined ? { checkpointId: req.id } : {}),
@@ -312,8 +312,11 @@ export class CheckpointStore {
         this.db.prepare('INSERT INTO packs (id, bytes) VALUES (?, ?)').run(upload.pack.id, upload.pack.bytes);
         // OR IGNORE: another upload may have committed the same chunk meanwhile; its copy wins.
         const insert = this.db.prepare('INSERT OR IGNORE INTO chunks (hash, pack, offset, length) VALUES (?, ?, ?, ?)');
+        // A chunk found damaged is replaced by this upload's good copy.
+        const replace = this.db.prepare('INSERT OR REPLACE INTO chunks (hash, pack, offset, length) VALUES (?, ?, ?, ?)');
         for (const [hex, at] of upload.written) {
-          if (insert.run(Buffer.from(hex, 'hex'), upload.pack.id, at.offset, at.length).changes > 0) newBytes += at.length;
+          const statement = this.reads.damaged.has(hex) ? replace : insert;
+          if (statement.run(Buffer.from(hex, 'hex'), upload.pack.id, at.offset, at.length).changes > 0) newBytes += at.length;
         }
       }
       const inserted = this.db
@@ -323,6 +326,7 @@ export class CheckpointStore {
       for (const part of upload.parts) insertPart.run(inserted.lastInsertRowid, part.name, part.logicalBytes, part.decoded.entries.length, part.manifest);
       return Number(inserted.lastInsertRowid);
     })();
+    for (const hex of upload.written.keys()) this.reads.damaged.delete(hex);
     return this.infoOf(this.db.prepare<[number], CheckpointRow>('SELECT * FROM checkpoints WHERE seq = ?').get(seq)!);
   }
 

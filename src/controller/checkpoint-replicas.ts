@@ -9,7 +9,7 @@
  *
  * A recorded checkpoint keeps counting when a replica holding it is lost: it was committed on N.
  * `replicate()` then copies it, store to store (chunks verified on both sides), to replicas that
- * lack it until N hold it intact again; with fewer than N replicas left it stays on those there
+ * lack it or hold a damaged copy until N hold it intact again; with fewer than N replicas left it stays on those there
  * are and the log says so once. A new checkpoint needs N reachable replicas, or is not taken.
  *
  * Reads (list, readFrom) write nothing, so any controller may answer them; committed(),
@@ -137,7 +137,9 @@ export class ReplicatedCatalog implements CheckpointCatalog {
           this.reportedStuck.delete(value.info.id);
           continue;
         }
-        const lacking = placement.filter((r) => r.state === 'missing').map((r) => r.url);
+        // Replicas without it first; then those with a damaged copy, which is dropped and copied again.
+        const damaged = placement.filter((r) => r.state === 'corrupt').map((r) => r.url);
+        const lacking = [...placement.filter((r) => r.state === 'missing').map((r) => r.url), ...damaged];
         const targets = lacking.slice(0, this.opts.replicas - intact.length);
         const lost = placement.filter((r) => r.state !== 'intact').map((r) => `${r.url} (${r.state})`);
         if (targets.length === 0) {
@@ -152,6 +154,8 @@ export class ReplicatedCatalog implements CheckpointCatalog {
         }
         for (const target of targets) {
           try {
+            // Its store asks for the damaged chunks again (it remembers them) and keeps the good copies.
+            if (damaged.includes(target)) await this.client(target).remove(container, value.info.id);
             const copied = await copyCheckpoint({ from: intact[0]!, to: target, token: this.opts.token, container, id: value.info.id });
             value.replicas = [...new Set([...value.replicas, target])];
             await this.opts.state.put(key, value);

@@ -7,7 +7,7 @@
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { mkdir, mkdtemp, open, readFile, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, open, readFile, readdir, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Writable } from 'node:stream';
@@ -161,9 +161,21 @@ describe('checkpoints on several store replicas', () => {
     );
   });
 
-  it('reads a checkpoint with a damaged chunk on one replica from the other, and lists that replica as corrupt', async () => {
-    const [newest] = await catalog.list('app');
-    await a.store.damageUniqueChunk('app', newest!.id);
+  it('reads a checkpoint with a damaged chunk on one replica from the other, lists that replica as corrupt, then repairs it', async () => {
+    const [newest, older] = await catalog.list('app');
+    // Bit rot in a chunk both checkpoints share (memory page 0 never changed) on a's disk.
+    const page0 = (await readFile(join(dirs.criu, 'pages-1.img'))).subarray(0, PAGE);
+    let flipped = 0;
+    for (const name of await readdir(join(a.root, 'packs'))) {
+      const path = join(a.root, 'packs', name);
+      const at = (await readFile(path)).indexOf(page0);
+      if (at < 0) continue;
+      const pack = await open(path, 'r+');
+      await pack.write(Buffer.from([page0[10]! ^ 0xff]), 0, 1, at + 10);
+      await pack.close();
+      flipped++;
+    }
+    assert.equal(flipped, 1, 'a stores the shared page once');
     const dest = join(work, 'restored-1');
     // The agent is handed a first, as before the damage was known: the read falls through to b.
     const got = await fetchTreeFromAny(
@@ -180,6 +192,19 @@ describe('checkpoints on several store replicas', () => {
       { url: b.url, state: 'intact' },
     ]);
     assert.deepEqual(await catalog.readFrom('app', newest!.id), [b.url], 'later restores read the intact replica only');
+
+    // The next pass replaces a's damaged copy with b's: a asks for the damaged chunk again (the
+    // older checkpoint still uses it, so only a's memory of the damage makes it ask).
+    await catalog.replicate();
+    assert.deepEqual((await catalog.list('app')).find((x) => x.id === newest!.id)!.replicas, [
+      { url: a.url, state: 'intact' },
+      { url: b.url, state: 'intact' },
+    ]);
+    const healed = join(work, 'restored-healed');
+    await fetchTreeFromAny([checkpointPartUrl(a.url, 'app', newest!.id, 'criu')], { token: TOKEN, dest: healed });
+    assert.ok((await readFile(join(healed, 'pages-1.img'))).equals(await readFile(join(dirs.criu, 'pages-1.img'))), "a's repaired copy reads whole");
+    // The older checkpoint shared the damaged chunk: the good copy serves it too.
+    await fetchTreeFromAny([checkpointPartUrl(a.url, 'app', older!.id, 'criu')], { token: TOKEN, dest: join(work, 'restored-older') });
   });
 
   it('does not count a checkpoint a replica could not commit, and the previous one stays valid', async () => {
@@ -231,9 +256,8 @@ describe('checkpoints on several store replicas', () => {
       { url: b.url, state: 'unreachable' },
       { url: c.url, state: 'intact' },
     ]);
-    // The newest is intact on no replica but b (a's copy is damaged, b is dead): nothing to copy from.
     const newest = listed[0]!;
-    assert.equal((await c.client().list('app')).some((x) => x.id === newest.id), false);
+    assert.equal((await c.client().list('app')).some((x) => x.id === newest.id), true, 'the newest (repaired on a) was copied too');
 
     // a is lost too: the copy on c is what a restore reads.
     await a.kill();
