@@ -4,7 +4,8 @@
  * agents are the fakes, except that their checkpoint upload and their restore from the store do
  * the real thing (the agent's uploadCheckpoint of real part directories, fetchTreeFromAny over the
  * replicas the controller hands them). A checkpoint lands on both stores and is listed with both;
- * with the first replica's copy damaged, a failover restores from the second.
+ * with the first replica's copy damaged, a failover restores from the second. (Re-replication,
+ * which would repair that copy, is slowed down here: test/unit/checkpoint-replicas.test.ts has it.)
  */
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
@@ -25,6 +26,7 @@ import { ApiClient } from '../../src/shared/http.js';
 import type { RestoreRequest, UploadCheckpointRequest } from '../../src/shared/protocol.js';
 import { removeTree } from '../../src/shared/remove-tree.js';
 import { FakeCluster, type FakeAgent } from '../fakes/agents.js';
+import { runCli } from './run-cli.js';
 
 const TOKEN = 'controller-replicas-token';
 
@@ -46,6 +48,8 @@ describe('controller with two checkpoint store replicas', () => {
   let second: RunningController;
   let client: ApiClient;
   let heartbeat: NodeJS.Timeout | undefined;
+  /** The nodes that heartbeat (every 100 ms; the lease is 1 s). */
+  let alive = ['node1', 'node2'];
 
   /** A fake agent whose checkpoint upload and restore from the store are real. */
   const realStoreIo = (agent: FakeAgent): AgentApi =>
@@ -55,6 +59,8 @@ describe('controller with two checkpoint store replicas', () => {
           return async (id: string, req: UploadCheckpointRequest) => {
             if (target.down) throw new UnavailableError(`agent ${target.node} is unreachable`);
             if (!target.checkpoints.has(id)) throw new NotFoundError(`no checkpoint ${id}`);
+            // The program ran on since the last checkpoint: one page of its memory changed.
+            await writeFile(join(work, 'criu/pages-2.img'), randomBytes(4096));
             const info = await uploadCheckpoint({ ...req, token: TOKEN, parts });
             // The fake restore looks checkpoints up in the fake catalog.
             cluster.catalog.checkpoints.set(req.container, [info, ...(cluster.catalog.checkpoints.get(req.container) ?? [])]);
@@ -97,7 +103,7 @@ describe('controller with two checkpoint store replicas', () => {
     const [u1, u2] = [`http://127.0.0.1:${p1}`, `http://127.0.0.1:${p2}`];
     const saved = process.env.CHIPMUNK_ENABLE_FAULTS;
     process.env.CHIPMUNK_ENABLE_FAULTS = '1';
-    const common = { token: TOKEN, storeSpec: 'memory:', logger: pino({ level: 'silent' }), nodeReadyWithinMs: 1_000 };
+    const common = { token: TOKEN, storeSpec: 'memory:', logger: pino({ level: 'silent' }), nodeReadyWithinMs: 1_000, replicateEveryMs: 600_000 };
     try {
       first = await startController({ ...common, listen: { host: '127.0.0.1', port: p1 }, checkpointStorePeers: [u2], agentFactory: (node) => realStoreIo(cluster.agent(node.name)) });
       second = await startController({ ...common, listen: { host: '127.0.0.1', port: p2 }, checkpointStorePeers: [u1] });
@@ -106,7 +112,10 @@ describe('controller with two checkpoint store replicas', () => {
       else process.env.CHIPMUNK_ENABLE_FAULTS = saved;
     }
     client = new ApiClient({ baseUrl: first.url, token: TOKEN });
-    for (const node of ['node1', 'node2']) await putNode(first.url, node);
+    for (const node of alive) await putNode(first.url, node);
+    heartbeat = setInterval(() => {
+      for (const node of alive) void putNode(first.url, node).catch(() => undefined);
+    }, 100);
   });
 
   after(async () => {
@@ -123,11 +132,19 @@ describe('controller with two checkpoint store replicas', () => {
       { url: first.url, state: 'intact' },
       { url: second.url, state: 'intact' },
     ]);
-    const listed = await client.get<CheckpointSummary[]>('/v1/containers/web/checkpoints');
-    assert.deepEqual(listed.map((c) => [c.id, c.replicas]), [[taken.id, taken.replicas]]);
-    // The peer's own store holds it under the same id.
+    // The scheduler checkpoints a newly protected container at once too: wait for that one, so
+    // that no checkpoint is taken behind the next test's back (the next is due in 10 minutes).
+    let listed: CheckpointSummary[] = [];
+    for (let i = 0; i < 100 && listed.length < 2; i++) {
+      await sleep(50);
+      listed = await client.get<CheckpointSummary[]>('/v1/containers/web/checkpoints');
+    }
+    assert.equal(listed.length, 2, 'the manual and the scheduled checkpoint');
+    assert.ok(listed.some((c) => c.id === taken.id));
+    for (const c of listed) assert.deepEqual(c.replicas, taken.replicas, 'the scheduled checkpoint is on both replicas too');
+    // The peer's own store holds them under the same ids.
     const onPeer = await new ApiClient({ baseUrl: second.url, token: TOKEN }).get<CheckpointSummary[]>('/v1/checkpoints/web');
-    assert.deepEqual(onPeer.map((c) => c.id), [taken.id]);
+    assert.deepEqual(onPeer.map((c) => c.id), listed.map((c) => c.id));
   });
 
   it("fails a container over from the second replica when the first one's copy is damaged", async () => {
@@ -135,7 +152,7 @@ describe('controller with two checkpoint store replicas', () => {
     await client.post('/v1/debug/faults', { corruptChunkOf: { container: 'web', checkpoint: newest!.id } });
     // node1 dies: only node2 heartbeats on.
     cluster.agent('node1').down = true;
-    heartbeat = setInterval(() => void putNode(first.url, 'node2').catch(() => undefined), 100);
+    alive = ['node2'];
     let record: FailoverRecord | undefined;
     for (let i = 0; i < 150 && record?.outcome !== 'done'; i++) {
       await sleep(100);
@@ -151,5 +168,21 @@ describe('controller with two checkpoint store replicas', () => {
       { url: first.url, state: 'corrupt' },
       { url: second.url, state: 'intact' },
     ]);
+  });
+
+  it('`chipmunk checkpoints NAME` shows where each checkpoint is, and --json lists the replicas', async () => {
+    const env = { CHIPMUNK_CONTROLLER: first.url, CHIPMUNK_TOKEN: TOKEN };
+    const json = await runCli(['checkpoints', 'web', '--json'], env);
+    assert.equal(json.code, 0, json.stderr);
+    const [listed] = JSON.parse(json.stdout) as CheckpointSummary[];
+    assert.deepEqual(listed!.replicas, [
+      { url: first.url, state: 'corrupt' },
+      { url: second.url, state: 'intact' },
+    ]);
+    const table = await runCli(['checkpoints', 'web'], env);
+    assert.equal(table.code, 0, table.stderr);
+    assert.match(table.stdout, /REPLICAS/);
+    const host = (url: string) => url.replace('http://', '');
+    assert.ok(table.stdout.includes(`${host(first.url)} (corrupt), ${host(second.url)}`), table.stdout);
   });
 });
