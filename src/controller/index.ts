@@ -94,7 +94,9 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
   const logger = opts.logger ?? pino({ name: 'chipmunk-controller' });
   const storeSpec = opts.storeSpec ?? DEFAULT_STORE_SPEC;
   // Checked before anything opens: a replica count that cannot be met stops the start.
-  const peers = (opts.checkpointStorePeers ?? []).map(peerUrl);
+  // Every node of an HA cluster may be given the same list: its own URL among them is not a peer.
+  const ownUrl = opts.advertiseUrl?.replace(/\/$/, '');
+  const peers = [...new Set((opts.checkpointStorePeers ?? []).map(peerUrl))].filter((url) => url !== ownUrl);
   const replicaCount = checkpointReplicaCount(opts.checkpointReplicas, peers, logger);
   if (storeSpec.startsWith('sqlite:')) await mkdir(dirname(storeSpec.slice('sqlite:'.length)), { recursive: true });
   const store = await openStore(storeSpec);
