@@ -26,6 +26,12 @@ import type { StateStore } from './store/index.js';
 const RECORDS_PREFIX = '/checkpoints/';
 /** A replica that does not answer a listing within this is counted unreachable for it. */
 const DEFAULT_REPLICA_TIMEOUT_MS = 2_000;
+/**
+ * A replica that did not answer is taken as unreachable without asking for this long (the
+ * re-replication pass asks anyway): a dead host must not add a timeout to every listing of a
+ * failover.
+ */
+const SILENT_FOR_MS = 5_000;
 
 /** The commit record of a checkpoint: what it is, and the replicas it was committed on. */
 interface CheckpointRecord {
@@ -49,6 +55,8 @@ export class ReplicatedCatalog implements CheckpointCatalog {
   /** Under-replicated checkpoints already reported as having nowhere to go, by id. */
   private readonly reportedStuck = new Set<string>();
   private replicating?: Promise<void>;
+  /** Replicas that did not answer lately, and until when they are not asked. */
+  private readonly silentUntil = new Map<string, number>();
 
   constructor(private readonly opts: ReplicatedCatalogOptions) {}
 
@@ -85,7 +93,7 @@ export class ReplicatedCatalog implements CheckpointCatalog {
   /** N replicas that answer, this controller's own first; refused (nothing taken) with fewer. */
   async uploadTargets(): Promise<string[]> {
     const urls = this.opts.replicaUrls();
-    const up = await Promise.all(urls.map((url) => this.reachable(url)));
+    const up = await Promise.all(urls.map(async (url) => (await this.ask(url, () => this.reachable(url))) === true));
     const reachable = urls.filter((_, i) => up[i]);
     if (reachable.length < this.opts.replicas) {
       const down = urls.filter((_, i) => !up[i]);
@@ -124,7 +132,7 @@ export class ReplicatedCatalog implements CheckpointCatalog {
     const containers = new Set((await this.opts.state.list<CheckpointRecord>(RECORDS_PREFIX)).map(({ value }) => value.container));
     for (const container of containers) {
       const records = await this.records(container);
-      const listings = await this.listings(container);
+      const listings = await this.listings(container, true);
       for (const { key, value } of records) {
         const placement = this.placement(value, listings);
         if (placement.every((r) => r.state === 'missing')) {
@@ -173,9 +181,9 @@ export class ReplicatedCatalog implements CheckpointCatalog {
   }
 
   /** Each replica's answer for a container: its checkpoints by id, or undefined when it did not answer. */
-  private async listings(container: string): Promise<Map<string, Map<string, CheckpointSummary> | undefined>> {
+  private async listings(container: string, askSilent = false): Promise<Map<string, Map<string, CheckpointSummary> | undefined>> {
     const urls = this.opts.replicaUrls();
-    const answers = await Promise.all(urls.map((url) => this.client(url).list(container).catch(() => undefined)));
+    const answers = await Promise.all(urls.map((url) => this.ask(url, () => this.client(url).list(container), askSilent)));
     return new Map(urls.map((url, i) => [url, answers[i] && new Map(answers[i]!.map((c) => [c.id, c]))]));
   }
 
@@ -200,14 +208,24 @@ export class ReplicatedCatalog implements CheckpointCatalog {
     return this.opts.state.list<CheckpointRecord>(`${RECORDS_PREFIX}${container}/`);
   }
 
-  private async reachable(url: string): Promise<boolean> {
+  /** `call` on a replica; undefined when it fails, or without calling while the replica is silent (unless `askSilent`). */
+  private async ask<T>(url: string, call: () => Promise<T>, askSilent = false): Promise<T | undefined> {
+    if (!askSilent && (this.silentUntil.get(url) ?? 0) > Date.now()) return undefined;
     try {
-      const res = await request(`${url}/healthz`, { headersTimeout: this.timeoutMs(), bodyTimeout: this.timeoutMs() });
-      await res.body.dump();
-      return res.statusCode === 200;
+      const answer = await call();
+      this.silentUntil.delete(url);
+      return answer;
     } catch {
-      return false;
+      this.silentUntil.set(url, Date.now() + SILENT_FOR_MS);
+      return undefined;
     }
+  }
+
+  private async reachable(url: string): Promise<true> {
+    const res = await request(`${url}/healthz`, { headersTimeout: this.timeoutMs(), bodyTimeout: this.timeoutMs() });
+    await res.body.dump();
+    if (res.statusCode !== 200) throw new UnavailableError(`${url}/healthz answered HTTP ${res.statusCode}`);
+    return true;
   }
 
   private client(url: string): CheckpointStoreClient {

@@ -170,9 +170,9 @@ export class CheckpointService {
     const base = { migrationId: opId, mode: 'copy' as const, spec: record.spec, generation, source: imageSource };
     try {
       // One call: the agent prepares (image, network) while it fetches the trees from the store.
-      const t = Date.now();
       const [storeUrl, ...replicaUrls] = await this.opts.catalog.readFrom(record.spec.name, checkpointId);
       if (!storeUrl) throw new UnavailableError(`no replica holding checkpoint ${checkpointId} of ${record.spec.name} answers: \`chipmunk checkpoints ${record.spec.name}\` shows where it is`, { name: record.spec.name, checkpoint: checkpointId });
+      const t = Date.now();
       const restored = await agent.restore(opId, { ...base, checkpoint: { storeUrl, replicaUrls, id: checkpointId } });
       timings.restoreMs = Date.now() - t;
       if (restored.fetchMs !== undefined) timings.fetchMs = restored.fetchMs;
