@@ -133,11 +133,13 @@ export class ReplicatedCatalog implements CheckpointCatalog {
     for (const container of containers) {
       const records = await this.records(container);
       const listings = await this.listings(container, true);
-      for (const { key, value } of records) {
+      for (const { key, value, modRevision } of records) {
+        // Each write only if the record is still the one read (a forget or commit meanwhile wins).
+        let revision = modRevision;
         const placement = this.placement(value, listings);
         if (placement.every((r) => r.state === 'missing')) {
           // Dropped by every replica's retention: the record outlived the checkpoint.
-          await this.opts.state.delete(key);
+          await this.opts.state.delete(key, { expectModRevision: revision }).catch(() => undefined);
           continue;
         }
         const intact = placement.filter((r) => r.state === 'intact').map((r) => r.url);
@@ -166,7 +168,7 @@ export class ReplicatedCatalog implements CheckpointCatalog {
             if (damaged.includes(target)) await this.client(target).remove(container, value.info.id);
             const copied = await copyCheckpoint({ from: intact[0]!, to: target, token: this.opts.token, container, id: value.info.id });
             value.replicas = [...new Set([...value.replicas, target])];
-            await this.opts.state.put(key, value);
+            revision = await this.opts.state.put(key, value, { expectModRevision: revision });
             intact.push(target);
             this.opts.log.info(
               { container, checkpoint: value.info.id, from: intact[0], to: target, sentBytes: copied.sentBytes, lost },
