@@ -18,10 +18,6 @@ export class CheckpointStoreClient {
     this.api = new ApiClient({ peer: `checkpoint store ${opts.baseUrl}`, ...opts });
   }
 
-  get url(): string {
-    return this.api.baseUrl;
-  }
-
   /** Newest first. */
   list(container: string): Promise<CheckpointSummary[]> {
     return this.api.get(`/v1/checkpoints/${enc(container)}`);
