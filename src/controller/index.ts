@@ -15,7 +15,8 @@ import { ContainerService, type AgentResolver } from './containers.js';
 import { Fences } from './fences.js';
 import { MigrationOrchestrator } from './migration.js';
 import { CheckpointStore } from '../checkpoint-store/index.js';
-import { CheckpointService, type CheckpointCatalog } from './checkpoints.js';
+import { ReplicatedCatalog } from './checkpoint-replicas.js';
+import { CheckpointService } from './checkpoints.js';
 import { FailoverService } from './failover.js';
 import { DEFAULT_NODE_READY_WITHIN_MS, NodeRegistry } from './registry.js';
 import { recoverStaleLocks } from './recovery.js';
@@ -52,6 +53,36 @@ export interface ControllerOptions {
   keepCheckpoints?: number;
   /** How agents reach this controller (and its checkpoint store); the listen address by default. */
   advertiseUrl?: string;
+  /**
+   * N: each checkpoint is committed on this many checkpoint store replicas before it counts.
+   * Default: 2 when at least 2 replicas are known (this controller's store and its peers'), else
+   * 1 with a warning that checkpoints live on one host.
+   */
+  checkpointReplicas?: number;
+  /** The base URLs of the other controllers whose checkpoint stores are replicas too. */
+  checkpointStorePeers?: string[];
+  /** How often under-replicated checkpoints are looked for and copied back to N replicas. */
+  replicateEveryMs?: number;
+}
+
+const DEFAULT_REPLICATE_EVERY_MS = 5_000;
+
+/** N, from the option and the replicas known; an N that cannot be met is refused at start. */
+export function checkpointReplicaCount(requested: number | undefined, peers: string[], logger: Logger): number {
+  const known = 1 + peers.length;
+  if (requested === undefined) {
+    if (known >= 2) return 2;
+    logger.warn('checkpoints live on one host: this controller knows no other checkpoint store replica (--checkpoint-store-peers), so each checkpoint is kept on 1 replica and is lost with this host');
+    return 1;
+  }
+  if (!Number.isInteger(requested) || requested < 1) throw new InvalidInputError(`--checkpoint-replicas must be a whole number of at least 1, not ${requested}`, { checkpointReplicas: requested });
+  if (requested > known) {
+    throw new InvalidInputError(
+      `--checkpoint-replicas ${requested} needs ${requested} checkpoint store replicas, but this controller knows ${known} (its own store${peers.length ? ` and ${peers.join(', ')}` : ''}): name more with --checkpoint-store-peers, or lower --checkpoint-replicas`,
+      { checkpointReplicas: requested, known },
+    );
+  }
+  return requested;
 }
 
 export interface RunningController {
@@ -62,6 +93,11 @@ export interface RunningController {
 export async function startController(opts: ControllerOptions): Promise<RunningController> {
   const logger = opts.logger ?? pino({ name: 'chipmunk-controller' });
   const storeSpec = opts.storeSpec ?? DEFAULT_STORE_SPEC;
+  // Checked before anything opens: a replica count that cannot be met stops the start.
+  // Every node of an HA cluster may be given the same list: its own URL among them is not a peer.
+  const ownUrl = opts.advertiseUrl?.replace(/\/$/, '');
+  const peers = [...new Set((opts.checkpointStorePeers ?? []).map(peerUrl))].filter((url) => url !== ownUrl);
+  const replicaCount = checkpointReplicaCount(opts.checkpointReplicas, peers, logger);
   if (storeSpec.startsWith('sqlite:')) await mkdir(dirname(storeSpec.slice('sqlite:'.length)), { recursive: true });
   const store = await openStore(storeSpec);
   // Made once per store: it marks the gateway routes (and request logs) this controller owns.
@@ -87,13 +123,10 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
     await checkpointStore.close();
     if (temporaryCheckpointDir) await removeTree(temporaryCheckpointDir);
   };
-  const catalog: CheckpointCatalog = {
-    list: async (container) => checkpointStore.list(container),
-    forget: async (container) => void (await checkpointStore.forget(container)),
-  };
-  // Agents upload to the store through this URL: known once listening, when no advertised URL was given.
-  let storeUrl = opts.advertiseUrl ?? '';
-  const checkpoints = new CheckpointService({ store, nodes, agentFor, locks, traffic: routes, catalog, storeUrl: () => storeUrl, log: logger });
+  // Agents reach this controller's own store through this URL: known once listening, when no advertised URL was given.
+  let storeUrl = opts.advertiseUrl?.replace(/\/$/, '') ?? '';
+  const catalog = new ReplicatedCatalog({ state: store, replicaUrls: () => [storeUrl, ...peers.filter((p) => p !== storeUrl)], replicas: replicaCount, token: opts.token, log: logger });
+  const checkpoints = new CheckpointService({ store, nodes, agentFor, locks, traffic: routes, catalog, log: logger });
   const failovers = new FailoverService({ store, nodes, locks, fences, agentFor, nodeLeaseMs, checkpoints, catalog, traffic: routes, log: logger });
   const migrations = new MigrationOrchestrator({ store, nodes, agentFor, locks, fences, log: logger, traffic: routes, rescuer: failovers });
   const app = buildControllerServer({
@@ -137,11 +170,18 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
   );
   migrations.start();
   checkpoints.start();
-  logger.info({ store: storeSpec, storeId }, `controller listening on http://${host}:${address.port}`);
+  // Leader-only work in an HA cluster, like the schedulers above.
+  const replicateTimer = setInterval(
+    () => void catalog.replicate().catch((err: unknown) => logger.error({ err: (err as Error).message }, 'bringing checkpoints back to their replica count failed')),
+    opts.replicateEveryMs ?? DEFAULT_REPLICATE_EVERY_MS,
+  );
+  replicateTimer.unref();
+  logger.info({ store: storeSpec, storeId, checkpointReplicas: replicaCount, checkpointStoreReplicas: [storeUrl, ...peers] }, `controller listening on http://${host}:${address.port}`);
   return {
     url: `http://${host}:${address.port}`,
     close: async () => {
       routes.stop();
+      clearInterval(replicateTimer);
       checkpoints.stop();
       failovers.stop();
       migrations.stop();
@@ -150,4 +190,16 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
       await store.close();
     },
   };
+}
+
+/** A peer's base URL, checked: a typo here would otherwise only show as a replica that never answers. */
+function peerUrl(url: string): string {
+  let parsed: URL;
+  try {
+    parsed = new URL(url);
+  } catch {
+    throw new InvalidInputError(`--checkpoint-store-peers: '${url}' is not a URL; give each peer controller's base URL, e.g. http://10.0.0.2:7000`, { peer: url });
+  }
+  if (parsed.protocol !== 'http:' && parsed.protocol !== 'https:') throw new InvalidInputError(`--checkpoint-store-peers: '${url}' is not an http(s) URL`, { peer: url });
+  return url.replace(/\/$/, '');
 }

@@ -6,7 +6,7 @@ import type { Command } from 'commander';
 import pino from 'pino';
 
 import { daemonToken } from '../context.js';
-import { addJsonOption, parseIPv4Cidr, parseListen, parseNodeLease, parseNodeName, parsePositiveInt, parseUrl, parseUserns, parseWritableLayer, type ListenAddress } from '../options.js';
+import { addJsonOption, parseIPv4Cidr, parseListen, parseNodeLease, parseNodeName, parsePositiveInt, parseUrl, parseUrlList, parseUserns, parseWritableLayer, type ListenAddress } from '../options.js';
 import { printJson } from '../output.js';
 
 const DEFAULT_CONTROLLER_LISTEN = '127.0.0.1:7400';
@@ -52,6 +52,8 @@ interface ControllerOptions {
   advertiseUrl?: string;
   checkpointDir?: string;
   keepCheckpoints: number;
+  checkpointReplicas?: number;
+  checkpointStorePeers?: string[];
   nodeLease: number;
   json?: boolean;
 }
@@ -96,6 +98,8 @@ export function registerDaemonCommands(program: Command): void {
       .option('--advertise-url <url>', 'how agents reach this controller and its checkpoint store (default: the listen address)', parseUrl)
       .option('--checkpoint-dir <dir>', 'where the checkpoint store keeps chunks and index (default: checkpoints/ beside the SQLite store)')
       .option('--keep-checkpoints <n>', 'checkpoints kept per container', parsePositiveInt, 5)
+      .option('--checkpoint-replicas <n>', 'checkpoint store replicas each checkpoint must be committed on before it counts (default: 2 when peers are given, else 1)', parsePositiveInt)
+      .option('--checkpoint-store-peers <urls>', "other controllers (URL,URL...) whose checkpoint stores are replicas too", parseUrlList)
       .option('--node-lease <duration>', 'a node that has not heartbeated for this long is dead: its protected containers fail over', parseNodeLease, 5000),
   ).action(async (opts: ControllerOptions) => {
     const token = await daemonToken(opts.tokenFile);
@@ -112,6 +116,8 @@ export function registerDaemonCommands(program: Command): void {
       ...(opts.advertiseUrl ? { advertiseUrl: opts.advertiseUrl } : {}),
       ...(opts.checkpointDir ? { checkpointDir: opts.checkpointDir } : {}),
       keepCheckpoints: opts.keepCheckpoints,
+      ...(opts.checkpointReplicas !== undefined ? { checkpointReplicas: opts.checkpointReplicas } : {}),
+      ...(opts.checkpointStorePeers ? { checkpointStorePeers: opts.checkpointStorePeers } : {}),
       nodeReadyWithinMs: opts.nodeLease,
     });
     await serveUntilStopped(opts.json, 'controller', controller);
