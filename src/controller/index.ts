@@ -45,7 +45,7 @@ export interface ControllerOptions {
   /**
    * Where the checkpoint store keeps its chunks and index (on this, the controller's, host):
    * `checkpoints/` beside the SQLite store by default; a temporary directory, removed at close,
-   * with the memory store.
+   * with the memory store; required with an etcd store.
    */
   checkpointDir?: string;
   /** Checkpoints kept per container. */
@@ -63,6 +63,10 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
   const logger = opts.logger ?? pino({ name: 'chipmunk-controller' });
   const storeSpec = opts.storeSpec ?? DEFAULT_STORE_SPEC;
   if (storeSpec.startsWith('sqlite:')) await mkdir(dirname(storeSpec.slice('sqlite:'.length)), { recursive: true });
+  // The store is on other hosts, so there is no directory to keep checkpoints beside it; a temporary one would lose them at exit.
+  if (storeSpec.startsWith('etcd:') && !opts.checkpointDir) {
+    throw new InvalidInputError('with an etcd store, say where this controller keeps checkpoints: --checkpoint-dir DIR', { storeSpec });
+  }
   const store = await openStore(storeSpec);
   // Made once per store: it marks the gateway routes (and request logs) this controller owns.
   const storeId = await storeIdentity(store);

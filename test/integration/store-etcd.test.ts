@@ -6,7 +6,16 @@
 import { after, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { setTimeout as sleep } from 'node:timers/promises';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { Etcd3 } from 'etcd3';
+import { pino } from 'pino';
+import { request } from 'undici';
+import { ApiClient } from '../../src/shared/http.js';
+import type { ContainerView, NodeView } from '../../src/shared/protocol.js';
+import { startController } from '../../src/controller/index.js';
+import { FakeCluster } from '../fakes/agents.js';
 import { StoreFailedError } from '../../src/shared/errors.js';
 import { EtcdStore, openStore, type WatchEvent } from '../../src/controller/store/index.js';
 import { describeStoreContract } from '../contract/store.contract.js';
@@ -213,6 +222,58 @@ describe('EtcdStore on a real etcd', { concurrency: false }, () => {
     } finally {
       await store.close();
       await cluster.stop();
+    }
+  });
+
+  it('runs a controller on etcd: nodes heartbeat into etcd leases, containers run, a silent node turns unreachable', async () => {
+    const etcd = await sharedEtcd();
+    const checkpointDir = await mkdtemp(join(tmpdir(), 'chipmunk-etcd-checkpoints-'));
+    const cluster = new FakeCluster();
+    cluster.add('node1');
+    cluster.add('node2');
+    const controller = await startController({
+      listen: { host: '127.0.0.1', port: 0 },
+      token: 'test-token',
+      storeSpec: `etcd://${etcd.endpoints}/controller-test`,
+      checkpointDir,
+      nodeReadyWithinMs: 1000,
+      logger: pino({ level: 'silent' }),
+      agentFactory: cluster.resolver,
+    });
+    const client = new ApiClient({ baseUrl: controller.url, token: 'test-token', peer: 'controller' });
+    const heartbeat = async (name: string) => {
+      const res = await request(`${controller.url}/v1/nodes/${name}`, {
+        method: 'PUT',
+        headers: { authorization: 'Bearer test-token', 'content-type': 'application/json' },
+        body: JSON.stringify(cluster.agent(name).registration()),
+      });
+      assert.equal(res.statusCode, 200, await res.body.text());
+    };
+    try {
+      await heartbeat('node1');
+      await heartbeat('node2');
+      const web = await client.post<ContainerView>('/v1/containers', { spec: { name: 'web', image: 'counter', ports: [] }, node: 'node2' });
+      assert.deepEqual([web.node, web.status], ['node2', 'running']);
+
+      const lastNode2 = Date.now();
+      const beating = setInterval(() => void heartbeat('node1').catch(() => {}), 250);
+      try {
+        await waitFor(async () => (await client.get<NodeView[]>('/v1/nodes')).find((n) => n.name === 'node2')?.status === 'unreachable', 5000, 'node2 to turn unreachable');
+        assert.ok(Date.now() - lastNode2 >= 900, 'node2 turned unreachable before its 1 s lease ran out');
+        assert.equal((await client.get<NodeView[]>('/v1/nodes')).find((n) => n.name === 'node1')?.status, 'ready');
+      } finally {
+        clearInterval(beating);
+      }
+      const admin = await openStore(`etcd://${etcd.endpoints}`);
+      try {
+        assert.ok((await admin.list('/controller-test/containers/')).length === 1, 'the container record lives in etcd under the namespace');
+      } finally {
+        await admin.close();
+      }
+    } finally {
+      await controller.close();
+      await rm(checkpointDir, { recursive: true, force: true });
+      await emptyEtcd(etcd.endpoints);
     }
   });
 });

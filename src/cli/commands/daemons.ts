@@ -88,12 +88,12 @@ export function registerDaemonCommands(program: Command): void {
       .command('controller')
       .description('run the controller: it knows the nodes and containers and orchestrates migrations')
       .option('--listen <host:port>', 'address to serve the API on', parseListen, parseListen(DEFAULT_CONTROLLER_LISTEN))
-      .option('--store <spec>', 'state store: sqlite:/path/to/file.db or memory:', DEFAULT_STORE)
+      .option('--store <spec>', 'state store: sqlite:/path/to/file.db, memory:, or etcd://HOST:PORT[,HOST:PORT...][/NAMESPACE] (an etcd cluster)', DEFAULT_STORE)
       .option('--token-file <file>', 'file holding the cluster token (default: $CHIPMUNK_TOKEN)')
       .option('--gateway <url>', "the gateway's API, for exposed services", parseUrl)
       .option('--gateway-host <address>', 'where clients reach the gateway (shown by ps)')
       .option('--advertise-url <url>', 'how agents reach this controller and its checkpoint store (default: the listen address)', parseUrl)
-      .option('--checkpoint-dir <dir>', 'where the checkpoint store keeps chunks and index (default: checkpoints/ beside the SQLite store)')
+      .option('--checkpoint-dir <dir>', 'where the checkpoint store keeps chunks and index (default: checkpoints/ beside the SQLite store; required with etcd)')
       .option('--keep-checkpoints <n>', 'checkpoints kept per container', parsePositiveInt, 5)
       .option('--node-lease <duration>', 'a node that has not heartbeated for this long is dead: its protected containers fail over', parseNodeLease, 5000),
   ).action(async (opts: ControllerOptions) => {

@@ -104,7 +104,7 @@ export class EtcdStore implements StateStore {
     });
     const store = new EtcdStore(client, endpoints, options.namespace ?? '', historyRevisions);
     try {
-      await store.currentRevision();
+      await client.kv.range({ key: Buffer.from('/'), keys_only: true, limit: 1 });
     } catch (err) {
       client.close();
       throw new StoreFailedError(
