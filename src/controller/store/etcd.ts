@@ -1,4 +1,5 @@
-import { CompareResult, CompareTarget, Etcd3, EtcdLeaseInvalidError, type IKeyValue, type IRangeRequest, type IRequestOp, type ITxnResponse } from 'etcd3';
+import { ConsecutiveBreaker, circuitBreaker, handleWhen } from 'cockatiel';
+import { CompareResult, CompareTarget, Etcd3, EtcdLeaseInvalidError, isRecoverableError, type IKeyValue, type IRangeRequest, type IRequestOp, type ITxnResponse } from 'etcd3';
 import { InvalidInputError, StoreConflictError, StoreFailedError } from '../../shared/errors.js';
 import { EtcdWatch } from './etcd-watch.js';
 import type { DeleteOptions, KeyValue, PutOptions, StateStore, Txn, TxnResult, Watch, WatchEvent, WatchOptions } from './types.js';
@@ -50,6 +51,13 @@ export interface EtcdSpec {
 
 const DEFAULT_HISTORY_REVISIONS = 10_000;
 const DEFAULT_REQUEST_TIMEOUT_MS = 5000;
+/**
+ * After this many failures in a row a member is skipped (calls go to the others) for MEMBER_REST_MS.
+ * The client's default rest, 5 s, would leave a store on a member that blinked unusable for longer
+ * than a 1 s lease lasts.
+ */
+const MEMBER_FAILURES = 3;
+const MEMBER_REST_MS = 1000;
 /** Keys a list reads per call: big lists come in pages, all read at the first page's revision. */
 const LIST_PAGE = 500;
 const SPEC_FORM = '"etcd://HOST:PORT[,HOST:PORT...][/NAMESPACE]", e.g. etcd://10.0.0.1:2379,10.0.0.2:2379,10.0.0.3:2379';
@@ -99,6 +107,9 @@ export class EtcdStore implements StateStore {
     const client = new Etcd3({
       hosts: endpoints.map((endpoint) => `http://${endpoint}`),
       dialTimeout: timeoutMs,
+      faultHandling: {
+        host: () => circuitBreaker(handleWhen(isRecoverableError), { halfOpenAfter: MEMBER_REST_MS, breaker: new ConsecutiveBreaker(MEMBER_FAILURES) }),
+      },
       // Streams (watches, keep-alives) live on; every other call gets a deadline.
       defaultCallOptions: (context) => (context.isStream ? {} : { deadline: Date.now() + timeoutMs }),
     });
