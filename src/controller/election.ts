@@ -223,6 +223,14 @@ export class Election {
       if (this.closed) return;
       try {
         const candidates = await this.opts.store.list<Candidate>(this.prefix);
+        const campaign = this.campaign;
+        // The campaign key went while its lease lives on (deleted by hand): campaign again, or this candidate would never lead.
+        // (A list begun before the key was put misses it too: a fresh read tells.)
+        if (campaign && !candidates.some((kv) => kv.key === campaign.key)) {
+          if ((await this.opts.store.get(campaign.key))?.createRevision !== campaign.term && this.campaign === campaign) {
+            void this.endCampaign(true).then(() => this.closed || this.retryLater());
+          }
+        }
         this.setLeader(lowest(candidates));
       } catch (err) {
         this.opts.onError?.(err);

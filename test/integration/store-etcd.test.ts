@@ -110,6 +110,25 @@ describe('EtcdStore on a real etcd', { concurrency: false }, () => {
     }
   });
 
+  it('lists more keys than one page, all as of one revision', async () => {
+    const etcd = await sharedEtcd();
+    const store = await openStore(`etcd://${etcd.endpoints}`);
+    try {
+      // etcd takes at most 128 ops per transaction.
+      for (let batch = 0; batch < 11; batch++) {
+        const ops = Array.from({ length: 100 }, (_, i) => ({ type: 'put' as const, key: `/many/${String(batch * 100 + i).padStart(4, '0')}`, value: batch * 100 + i }));
+        await store.txn({ compare: [], ops });
+      }
+      const listed = await store.list<number>('/many/');
+      assert.equal(listed.length, 1100);
+      assert.deepEqual(listed.map((kv) => kv.value), Array.from({ length: 1100 }, (_, i) => i));
+      assert.equal(new Set(listed.map((kv) => kv.key)).size, 1100, 'no key twice at a page boundary');
+    } finally {
+      await store.close();
+      await emptyEtcd(etcd.endpoints);
+    }
+  });
+
   it('resumes a watch cut off from etcd at the first change it missed: every change once, in order', async () => {
     const etcd = await sharedEtcd();
     const proxy = await startTcpProxy(etcd.endpoints);

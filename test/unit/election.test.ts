@@ -114,4 +114,19 @@ describe('Election (on the memory store)', () => {
       await store.close();
     }
   });
+
+  it('campaigns again when its campaign key is deleted while its lease lives on', async () => {
+    const store = new MemoryStore();
+    const a = candidate(store, 'a');
+    try {
+      await a.election.start();
+      const first = a.election.term()!;
+      const [key] = await store.list('/election/controller/');
+      await store.delete(key.key);
+      await waitFor(() => (a.election.term() ?? 0) > first, 2000, 'a to lead again under a new term');
+    } finally {
+      await a.election.close();
+      await store.close();
+    }
+  });
 });
