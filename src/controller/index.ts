@@ -22,12 +22,15 @@ import { recoverStaleLocks } from './recovery.js';
 import { RouteService } from './routes.js';
 import { buildControllerServer } from './server.js';
 import { openStore, storeIdentity } from './store/index.js';
+import { Leadership, type LeaderWork } from './leadership.js';
+import type { Leader } from './election.js';
 
 export type { AgentApi } from './agent-client.js';
 export type { AgentResolver } from './containers.js';
 export type { NodeRecord } from './registry.js';
 
 export const DEFAULT_STORE_SPEC = 'sqlite:/var/lib/chipmunk/controller.db';
+export const DEFAULT_LEADER_LEASE_MS = 2000;
 
 export interface ControllerOptions {
   listen: { host: string; port: number };
@@ -52,10 +55,16 @@ export interface ControllerOptions {
   keepCheckpoints?: number;
   /** How agents reach this controller (and its checkpoint store); the listen address by default. */
   advertiseUrl?: string;
+  /** With an etcd store: the lease of a leader's campaign; a dead leader is replaced within about this long. */
+  leaderLeaseMs?: number;
 }
 
 export interface RunningController {
   url: string;
+  /** Whether this controller leads (always, with a store inside this process). */
+  leading(): boolean;
+  /** The elected leader this controller sees (etcd store only). */
+  leader(): Leader | undefined;
   close(): Promise<void>;
 }
 
@@ -131,24 +140,50 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
   const address = app.server.address() as AddressInfo;
   const host = address.family === 'IPv6' ? `[${address.address}]` : address.address;
   storeUrl ||= `http://${host}:${address.port}`;
-  routes.start();
-  // Agents heartbeat from the moment the API listens; what a previous controller left is settled
-  // from then on (its locks keep new operations off those containers meanwhile), and node deaths
-  // are judged only once agents had a lease's time to heartbeat.
-  await failovers.start();
-  void recoverStaleLocks({ locks, nodes, agentFor, traffic: routes, failovers, log: logger }).catch((err: unknown) =>
-    logger.error({ err: (err as Error).message }, 'settling what the previous controller left failed'),
-  );
-  migrations.start();
-  checkpoints.start();
-  logger.info({ store: storeSpec, storeId }, `controller listening on http://${host}:${address.port}`);
-  return {
-    url: `http://${host}:${address.port}`,
-    close: async () => {
+  const leaderWork: LeaderWork = {
+    start: async () => {
+      routes.start();
+      // Agents heartbeat from the moment the API listens; what a previous controller (or leader)
+      // left is settled from then on (its locks keep new operations off those containers
+      // meanwhile), and node deaths are judged only once agents had a lease's time to heartbeat.
+      await failovers.start();
+      void recoverStaleLocks({ locks, nodes, agentFor, traffic: routes, failovers, log: logger }).catch((err: unknown) =>
+        logger.error({ err: (err as Error).message }, 'settling what the previous controller left failed'),
+      );
+      migrations.start();
+      checkpoints.start();
+    },
+    stop: () => {
       routes.stop();
       checkpoints.stop();
       failovers.stop();
       migrations.stop();
+    },
+  };
+  let leadership: Leadership;
+  try {
+    leadership = storeSpec.startsWith('etcd:')
+      ? await Leadership.elect({
+          store,
+          candidate: { id: locks.owner, url: opts.advertiseUrl ?? `http://${host}:${address.port}` },
+          ttlMs: opts.leaderLeaseMs ?? DEFAULT_LEADER_LEASE_MS,
+          work: leaderWork,
+          log: logger,
+        })
+      : await Leadership.alone(leaderWork, logger);
+  } catch (err) {
+    await app.close();
+    await closeCheckpointStore();
+    await store.close();
+    throw err;
+  }
+  logger.info({ store: storeSpec, storeId }, `controller listening on http://${host}:${address.port}`);
+  return {
+    url: `http://${host}:${address.port}`,
+    leading: () => leadership.leading(),
+    leader: () => leadership.leader(),
+    close: async () => {
+      await leadership.close();
       await app.close();
       await closeCheckpointStore();
       await store.close();

@@ -6,7 +6,7 @@ import type { Command } from 'commander';
 import pino from 'pino';
 
 import { daemonToken } from '../context.js';
-import { addJsonOption, parseIPv4Cidr, parseListen, parseNodeLease, parseNodeName, parsePositiveInt, parseUrl, parseWritableLayer, type ListenAddress } from '../options.js';
+import { addJsonOption, parseIPv4Cidr, parseListen, parseLeaderLease, parseNodeLease, parseNodeName, parsePositiveInt, parseUrl, parseWritableLayer, type ListenAddress } from '../options.js';
 import { printJson } from '../output.js';
 
 const DEFAULT_CONTROLLER_LISTEN = '127.0.0.1:7400';
@@ -53,6 +53,7 @@ interface ControllerOptions {
   checkpointDir?: string;
   keepCheckpoints: number;
   nodeLease: number;
+  leaderLease: number;
   json?: boolean;
 }
 
@@ -95,7 +96,8 @@ export function registerDaemonCommands(program: Command): void {
       .option('--advertise-url <url>', 'how agents reach this controller and its checkpoint store (default: the listen address)', parseUrl)
       .option('--checkpoint-dir <dir>', 'where the checkpoint store keeps chunks and index (default: checkpoints/ beside the SQLite store; required with etcd)')
       .option('--keep-checkpoints <n>', 'checkpoints kept per container', parsePositiveInt, 5)
-      .option('--node-lease <duration>', 'a node that has not heartbeated for this long is dead: its protected containers fail over', parseNodeLease, 5000),
+      .option('--node-lease <duration>', 'a node that has not heartbeated for this long is dead: its protected containers fail over', parseNodeLease, 5000)
+      .option('--leader-lease <duration>', 'with an etcd store: a leader that cannot renew its lease for this long stops leading, and another takes over', parseLeaderLease, 2000),
   ).action(async (opts: ControllerOptions) => {
     const token = await daemonToken(opts.tokenFile);
     // Loaded only here: the other commands need neither fastify nor the store.
@@ -112,6 +114,7 @@ export function registerDaemonCommands(program: Command): void {
       ...(opts.checkpointDir ? { checkpointDir: opts.checkpointDir } : {}),
       keepCheckpoints: opts.keepCheckpoints,
       nodeReadyWithinMs: opts.nodeLease,
+      leaderLeaseMs: opts.leaderLease,
     });
     await serveUntilStopped(opts.json, 'controller', controller);
   });

@@ -29,6 +29,10 @@ import {
  *   is longer than what was asked is refused, since a node would then be judged dead too late.
  * - The store compacts etcd's history itself, keeping `historyRevisions` revisions for watches to
  *   replay (see compactIfDue).
+ * - A call that fails on a connection error is tried again on another member (the client's policy,
+ *   3 tries). A write whose connection broke after etcd applied it may so be applied twice (a put)
+ *   or find its compare no longer holding (a compare-and-swap: the caller sees a conflict and
+ *   re-reads, as after any conflict).
  *
  * Keys live under the spec's namespace (`etcd://h1:2379,h2:2379/NAMESPACE`, none by default), so
  * one etcd can hold several chipmunk clusters; they then share its revision counter and compaction.
