@@ -13,8 +13,11 @@ import type { KeyValue, StateStore, TxnCompare, Watch } from './store/types.js';
  *
  * A leader stops leading *before* its lease can have expired on the server: it counts from when it
  * sent the last keep-alive that succeeded and steps down once TTL - margin has passed since then,
- * whatever the store client says (etcd3 would report a lost lease only up to two TTLs later). Then
- * it campaigns again with a new lease.
+ * whatever the store client says (etcd3 would report a lost lease only up to two TTLs later). It
+ * keeps its campaign key and keeps sending keep-alives: while the key stands nobody else can lead,
+ * so if a keep-alive gets through before the lease ended (etcd elected a new member leader, a
+ * member died) it leads again under the same term; once the store says the lease is gone, it
+ * campaigns again with a new one.
  */
 
 export interface Candidate {
@@ -55,14 +58,16 @@ interface Campaign {
   aliveSince: number;
   keepAliveTimer: NodeJS.Timeout;
   stepDownTimer?: NodeJS.Timeout;
-  inFlight: number;
 }
 
 export class Election {
   private readonly prefix: string;
   private readonly marginMs: number;
   private campaign: Campaign | undefined;
+  /** The candidate whose key has the lowest create revision, as last read. */
   private leader: Leader | undefined;
+  /** What onChange was last told. */
+  private told: Leader | undefined;
   private watch: Watch | undefined;
   private closed = false;
   private retryTimer: NodeJS.Timeout | undefined;
@@ -90,9 +95,15 @@ export class Election {
     return now() - campaign.aliveSince < this.opts.ttlMs - this.marginMs ? campaign.term : undefined;
   }
 
-  /** The leader as last seen (this candidate included). */
+  /**
+   * The leader as last seen: another candidate, or this one while term() says it leads. Undefined
+   * while this candidate's key is the lowest but its lease is not surely alive (or belongs to a
+   * campaign it gave up): then nobody can be sure to lead.
+   */
   currentLeader(): Leader | undefined {
-    return this.leader;
+    const leader = this.leader;
+    if (!leader || leader.id !== this.opts.candidate.id) return leader;
+    return this.term() === leader.term ? leader : undefined;
   }
 
   /** The compare that holds only while this candidate's campaign key stands: put it in every write a leader makes. */
@@ -104,7 +115,7 @@ export class Election {
   /** Gives up leadership (or candidacy) now and campaigns again, so another candidate can lead. */
   async resign(): Promise<void> {
     await this.endCampaign(true);
-    if (!this.closed) this.retryLater();
+    this.retryLater();
   }
 
   /** Resigns for good: stops campaigning and observing. */
@@ -130,30 +141,30 @@ export class Election {
       await this.opts.store.revokeLease(lease).catch(() => {});
       return;
     }
-    const campaign: Campaign = { lease, key, term, aliveSince, inFlight: 0, keepAliveTimer: setInterval(() => this.keepAlive(campaign), this.keepAliveEveryMs()) };
+    const campaign: Campaign = { lease, key, term, aliveSince, keepAliveTimer: setInterval(() => this.keepAlive(campaign), this.keepAliveEveryMs()) };
     campaign.keepAliveTimer.unref();
     this.campaign = campaign;
     this.armStepDown(campaign);
     await this.refresh();
   }
 
-  /** Keep-alives go out on a timer, not one after another: a hung one must not hold back the next. */
+  /** Keep-alives go out on a timer, not one after another: a hung one must not hold back the next (the store bounds each). */
   private keepAlive(campaign: Campaign): void {
-    if (campaign.inFlight >= 3) return;
-    campaign.inFlight++;
     const sentAt = now();
     this.opts.store.keepAlive(campaign.lease).then(
       () => {
-        campaign.inFlight--;
         if (this.campaign !== campaign) return;
         campaign.aliveSince = Math.max(campaign.aliveSince, sentAt);
         this.armStepDown(campaign);
+        this.tell();
       },
       (err: unknown) => {
-        campaign.inFlight--;
         if (this.campaign !== campaign) return;
-        // The lease is gone on the server: nothing to wait for.
-        if (err instanceof StoreFailedError && /not found/.test(err.message)) return void this.stepDown(campaign);
+        // The lease is gone on the server: campaign again.
+        if (err instanceof StoreFailedError && /not found/.test(err.message)) {
+          void this.endCampaign(false);
+          return this.retryLater();
+        }
         this.opts.onError?.(err);
       },
     );
@@ -162,19 +173,14 @@ export class Election {
   private armStepDown(campaign: Campaign): void {
     clearTimeout(campaign.stepDownTimer);
     const due = campaign.aliveSince + this.opts.ttlMs - this.marginMs - now();
-    // Node's timers may fire a little early by the monotonic clock: then look again.
+    // term() turns undefined by itself at the deadline; this tells onChange. Node's timers may fire
+    // a little early by the monotonic clock: then look again.
     campaign.stepDownTimer = setTimeout(() => {
       if (this.campaign !== campaign) return;
-      if (now() - campaign.aliveSince >= this.opts.ttlMs - this.marginMs) void this.stepDown(campaign);
+      if (now() - campaign.aliveSince >= this.opts.ttlMs - this.marginMs) this.tell();
       else this.armStepDown(campaign);
     }, Math.max(1, Math.ceil(due)));
     campaign.stepDownTimer.unref();
-  }
-
-  private async stepDown(campaign: Campaign): Promise<void> {
-    if (this.campaign !== campaign) return;
-    await this.endCampaign(false);
-    if (!this.closed) this.retryLater();
   }
 
   /** Stops keeping the campaign's lease; REVOKE ends it on the server too (best effort: the store may be out of reach). */
@@ -184,7 +190,7 @@ export class Election {
     this.campaign = undefined;
     clearInterval(campaign.keepAliveTimer);
     clearTimeout(campaign.stepDownTimer);
-    if (this.leader?.term === campaign.term) this.setLeader(undefined);
+    this.tell();
     // Without a revoke the key stays until its lease runs out: nobody else leads before that anyway.
     const revoking = this.opts.store.revokeLease(campaign.lease).catch(() => {});
     if (revoke) await revoking;
@@ -192,6 +198,7 @@ export class Election {
 
   private retryLater(): void {
     clearTimeout(this.retryTimer);
+    if (this.closed) return;
     this.retryTimer = setTimeout(() => {
       if (this.closed || this.campaign) return;
       this.runCampaign().catch((err: unknown) => {
@@ -228,10 +235,11 @@ export class Election {
         // (A list begun before the key was put misses it too: a fresh read tells.)
         if (campaign && !candidates.some((kv) => kv.key === campaign.key)) {
           if ((await this.opts.store.get(campaign.key))?.createRevision !== campaign.term && this.campaign === campaign) {
-            void this.endCampaign(true).then(() => this.closed || this.retryLater());
+            void this.endCampaign(true).then(() => this.retryLater());
           }
         }
-        this.setLeader(lowest(candidates));
+        this.leader = lowest(candidates);
+        this.tell();
       } catch (err) {
         this.opts.onError?.(err);
         setTimeout(() => void this.refresh(), RETRY_MS).unref();
@@ -240,12 +248,12 @@ export class Election {
     return this.refreshing;
   }
 
-  private setLeader(kv: Leader | undefined): void {
-    const before = this.leader;
-    // A campaign this candidate ended no longer leads, whatever the store holds until its lease ends.
-    if (kv && kv.id === this.opts.candidate.id && kv.term !== this.campaign?.term) kv = undefined;
-    this.leader = kv;
-    if (before?.term !== kv?.term) this.opts.onChange?.(kv);
+  /** Tells onChange when the leader as seen (currentLeader) changed. */
+  private tell(): void {
+    const seen = this.currentLeader();
+    if (seen?.term === this.told?.term) return;
+    this.told = seen;
+    this.opts.onChange?.(seen);
   }
 }
 

@@ -6,6 +6,7 @@ import { after, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import { Election, type Leader } from '../../src/controller/election.js';
@@ -135,4 +136,37 @@ describe('Election on a real etcd', { concurrency: false }, () => {
       await proxy.close();
     }
   });
+
+  for (const ttlMs of [2000, 1000]) {
+    it(`a leader on ${ttlMs / 1000} s leases rides out the death of each of three etcd members in turn under the same term`, async (t) => {
+      const cluster = await startEtcd({ members: 3 });
+      const store = await EtcdStore.open(cluster.endpoints.split(','));
+      const changes: { leader: Leader | undefined; at: number }[] = [];
+      const onChange = (leader: Leader | undefined) => changes.push({ leader, at: performance.now() });
+      const election = new Election({ store, candidate: { id: 'a', url: 'http://a' }, ttlMs, onChange });
+      try {
+        await election.start();
+        const term = election.term();
+        assert.ok(term);
+        for (const member of cluster.members) {
+          await member.kill();
+          await sleep(2 * ttlMs);
+          await waitFor(() => election.term() === term, 2000, `a to lead under term ${term} with ${member.name} dead`);
+          await member.start();
+          await sleep(500);
+        }
+        // While etcd elects a new leader among its members no keep-alive gets through: with short
+        // leases the leader may pause then (it cannot be sure of its lease), but it resumes under the
+        // same term, and nobody else leads meanwhile.
+        assert.ok(changes.every((c) => c.leader === undefined || c.leader.term === term), 'no other leader, no new term');
+        const pauses = changes.flatMap((c, i) => (c.leader === undefined ? [Math.round((changes[i + 1]?.at ?? performance.now()) - c.at)] : []));
+        t.diagnostic(`paused ${pauses.length} time(s)${pauses.length ? `: ${pauses.join(', ')} ms` : ''}`);
+        if (ttlMs >= 2000) assert.deepEqual(pauses, [], 'with 2 s leases the leader never pauses');
+      } finally {
+        await election.close();
+        await store.close();
+        await cluster.stop();
+      }
+    });
+  }
 });

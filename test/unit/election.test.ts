@@ -6,7 +6,7 @@ import { MemoryStore, type StateStore } from '../../src/controller/store/index.j
 import { waitFor } from '../support/wait.js';
 
 /** A candidate with a record of the leaders it saw. */
-function candidate(store: StateStore, id: string, ttlMs = 600) {
+function candidate(store: StateStore, id: string, ttlMs = 600, marginMs?: number) {
   const seen: (Leader | undefined)[] = [];
   /** When (performance.now()) each of `seen` was told. */
   const at: number[] = [];
@@ -14,11 +14,11 @@ function candidate(store: StateStore, id: string, ttlMs = 600) {
     seen.push(leader);
     at.push(performance.now());
   };
-  return { election: new Election({ store, candidate: { id, url: `http://${id}` }, ttlMs, onChange }), seen, at };
+  return { election: new Election({ store, candidate: { id, url: `http://${id}` }, ttlMs, marginMs, onChange }), seen, at };
 }
 
 /** Keep-alives that can be made to hang, as they do when the store is out of reach. */
-function hangableKeepAlives(store: StateStore): { store: StateStore; hang: () => void } {
+function hangableKeepAlives(store: StateStore): { store: StateStore; hang: () => void; unhang: () => void } {
   let hanging = false;
   const wrapped = new Proxy(store, {
     get(target, prop) {
@@ -27,7 +27,7 @@ function hangableKeepAlives(store: StateStore): { store: StateStore; hang: () =>
       return typeof value === 'function' ? value.bind(target) : value;
     },
   });
-  return { store: wrapped, hang: () => (hanging = true) };
+  return { store: wrapped, hang: () => (hanging = true), unhang: () => (hanging = false) };
 }
 
 describe('Election (on the memory store)', () => {
@@ -126,6 +126,32 @@ describe('Election (on the memory store)', () => {
       await waitFor(() => (a.election.term() ?? 0) > first, 2000, 'a to lead again under a new term');
     } finally {
       await a.election.close();
+      await store.close();
+    }
+  });
+
+  it('leads again under the same term when a keep-alive gets through before its lease ended', async () => {
+    const store = new MemoryStore();
+    const cut = hangableKeepAlives(store);
+    // Steps down 500 ms after the last keep-alive that got through; the lease lasts 1000 ms.
+    const a = candidate(cut.store, 'a', 1000, 500);
+    const b = candidate(store, 'b', 1000, 500);
+    try {
+      await a.election.start();
+      await b.election.start();
+      const term = a.election.term()!;
+      cut.hang();
+      await waitFor(() => a.seen.length >= 2, 2000, 'a to step down');
+      assert.equal(a.seen[1], undefined);
+      assert.equal(a.election.currentLeader(), undefined, 'a is not sure anyone leads');
+      cut.unhang();
+      await waitFor(() => a.election.term(), 1000, 'a to lead again');
+      assert.equal(a.election.term(), term, 'under the same term: its key never went');
+      assert.deepEqual(a.seen, [{ id: 'a', url: 'http://a', term }, undefined, { id: 'a', url: 'http://a', term }]);
+      assert.ok(!b.seen.some((leader) => leader?.id === 'b'), 'b never led');
+    } finally {
+      await a.election.close();
+      await b.election.close();
       await store.close();
     }
   });

@@ -61,6 +61,8 @@ const DEFAULT_REQUEST_TIMEOUT_MS = 5000;
  * than a 1 s lease lasts.
  */
 const MEMBER_FAILURES = 3;
+/** A healthy member answers a keep-alive in milliseconds; one that takes this long is tried no more. */
+const KEEPALIVE_TRY_MS = 400;
 const MEMBER_REST_MS = 1000;
 /** Keys a list reads per call: big lists come in pages, all read at the first page's revision. */
 const LIST_PAGE = 500;
@@ -261,12 +263,29 @@ export class EtcdStore implements StateStore {
     return res;
   }
 
-  /** One keep-alive on its own stream: the lease's remaining TTL in seconds, 0 when etcd no longer has it. */
+  /**
+   * One keep-alive: the lease's remaining TTL in seconds, 0 when etcd no longer has it. A keep-alive
+   * is a stream, which the client neither retries nor steers away from a dead member (the stream
+   * opens and then hangs or fails), so each try is bounded by KEEPALIVE_TRY_MS and the next try
+   * goes to a member picked afresh: a leader with a 1 s lease must not lose it to one dead member.
+   */
   private async keepAliveOnce(id: string): Promise<number> {
+    let lastError: unknown;
+    for (let attempt = 0; attempt < Math.max(2, this.endpoints.length); attempt++) {
+      try {
+        return await this.keepAliveTry(id);
+      } catch (err) {
+        lastError = err;
+      }
+    }
+    throw lastError;
+  }
+
+  private async keepAliveTry(id: string): Promise<number> {
     const stream = await this.client.leaseClient.leaseKeepAlive();
     try {
       return await new Promise<number>((resolve, reject) => {
-        const timer = setTimeout(() => reject(new Error('no answer to the keep-alive in time')), DEFAULT_REQUEST_TIMEOUT_MS);
+        const timer = setTimeout(() => reject(new Error(`no answer to the keep-alive within ${KEEPALIVE_TRY_MS} ms`)), KEEPALIVE_TRY_MS);
         stream.on('data', (res) => {
           clearTimeout(timer);
           resolve(Number(res.TTL));
@@ -278,7 +297,7 @@ export class EtcdStore implements StateStore {
         stream.write({ ID: id });
       });
     } finally {
-      stream.end();
+      stream.cancel();
     }
   }
 
