@@ -44,6 +44,12 @@ export interface EtcdClusterOptions {
   heartbeatMs?: number;
 }
 
+/** Members still running when the test process exits (a test that timed out) are killed with it. */
+const liveChildren = new Set<ChildProcess>();
+process.on('exit', () => {
+  for (const child of liveChildren) child.kill('SIGKILL');
+});
+
 export async function startEtcd(options: EtcdClusterOptions = {}): Promise<EtcdCluster> {
   const count = options.members ?? 1;
   const root = await mkdtemp(join(tmpdir(), 'chipmunk-etcd-'));
@@ -94,6 +100,12 @@ function makeMember(name: string, clientPort: number, dataDir: string, args: str
       stderrTail = '';
       const proc = spawn('etcd', args, { stdio: ['ignore', 'ignore', 'pipe'] });
       child = proc;
+      const notInstalled = once(proc, 'error').then(([err]) => {
+        throw new Error(`cannot start etcd (${(err as Error).message}): install it with scripts/setup.sh (Debian's etcd-server)`);
+      });
+      notInstalled.catch(() => {});
+      liveChildren.add(proc);
+      proc.on('exit', () => liveChildren.delete(proc));
       proc.stderr!.on('data', (chunk: Buffer) => (stderrTail = (stderrTail + chunk.toString()).slice(-4000)));
       const failed = once(proc, 'exit').then(([code, signal]) => {
         throw new Error(`etcd member ${name} exited (${code ?? signal}) while starting: ${stderrTail}`);
@@ -101,7 +113,7 @@ function makeMember(name: string, clientPort: number, dataDir: string, args: str
       failed.catch(() => {});
       // A member alone cannot be healthy until a quorum runs, so the cluster's members start
       // together and each is judged by its own answer, not by the cluster's.
-      await Promise.race([failed, waitFor(() => healthy(endpoint), 20_000, `etcd member ${name} on ${endpoint} to be healthy`)]);
+      await Promise.race([failed, notInstalled, waitFor(() => healthy(endpoint), 20_000, `etcd member ${name} on ${endpoint} to be healthy`)]);
     },
     async kill(signal: NodeJS.Signals = 'SIGKILL') {
       const proc = child;
