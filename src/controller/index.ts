@@ -109,6 +109,9 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
   const checkpoints = new CheckpointService({ store, nodes, agentFor, locks, traffic: routes, catalog, storeUrl: () => storeUrl, log: logger });
   const failovers = new FailoverService({ store, nodes, locks, fences, agentFor, nodeLeaseMs, checkpoints, catalog, traffic: routes, log: logger });
   const migrations = new MigrationOrchestrator({ store, nodes, agentFor, locks, fences, log: logger, traffic: routes, rescuer: failovers });
+  // With etcd several controllers may share the store: they elect one to lead (leadership.ts).
+  const elected = storeSpec.startsWith('etcd:');
+  let leadership: Leadership | undefined;
   const app = buildControllerServer({
     token: opts.token,
     logger,
@@ -122,6 +125,8 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
     checkpointStore,
     heartbeatMs: Math.max(100, Math.floor(nodeLeaseMs / 4)),
     enableFaults: process.env.CHIPMUNK_ENABLE_FAULTS === '1',
+    // Until this controller has joined the election it neither leads nor knows who does: it answers reads only.
+    ...(elected ? { leadership: { view: { leading: () => leadership?.leading() ?? false, leader: () => leadership?.leader() }, self: locks.owner } } : {}),
   });
   try {
     await app.listen(opts.listen).catch((err: NodeJS.ErrnoException) => {
@@ -160,9 +165,8 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
       migrations.stop();
     },
   };
-  let leadership: Leadership;
   try {
-    leadership = storeSpec.startsWith('etcd:')
+    leadership = elected
       ? await Leadership.elect({
           store,
           candidate: { id: locks.owner, url: opts.advertiseUrl ?? `http://${host}:${address.port}` },
@@ -180,10 +184,10 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
   logger.info({ store: storeSpec, storeId }, `controller listening on http://${host}:${address.port}`);
   return {
     url: `http://${host}:${address.port}`,
-    leading: () => leadership.leading(),
-    leader: () => leadership.leader(),
+    leading: () => leadership!.leading(),
+    leader: () => leadership!.leader(),
     close: async () => {
-      await leadership.close();
+      await leadership!.close();
       await app.close();
       await closeCheckpointStore();
       await store.close();

@@ -11,6 +11,8 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { pino } from 'pino';
 import { request } from 'undici';
 import { ApiClient } from '../../src/shared/http.js';
+import { ChipmunkError } from '../../src/shared/errors.js';
+import { ANSWERED_BY_HEADER, FORWARDED_BY_HEADER } from '../../src/controller/forward.js';
 import type { ContainerView } from '../../src/shared/protocol.js';
 import { startController, type RunningController } from '../../src/controller/index.js';
 import { openStore } from '../../src/controller/store/index.js';
@@ -81,6 +83,84 @@ describe('controllers on one etcd', () => {
     } finally {
       for (const c of controllers) await c.close();
       await store.close();
+      for (const dir of dirs) await rm(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('a follower passes mutations and checkpoint reads on to the leader, streams included; answers reads and heartbeats itself', async () => {
+    const etcd = await sharedEtcd();
+    const spec = `etcd://${etcd.endpoints}/forward-test`;
+    const dirs: string[] = [];
+    const cluster = new FakeCluster();
+    cluster.add('node1');
+    cluster.add('node2');
+    const start = async () => {
+      const checkpointDir = await mkdtemp(join(tmpdir(), 'chipmunk-ha-checkpoints-'));
+      dirs.push(checkpointDir);
+      return startController({
+        listen: { host: '127.0.0.1', port: 0 },
+        token: TOKEN,
+        storeSpec: spec,
+        checkpointDir,
+        leaderLeaseMs: 1000,
+        logger: pino({ level: 'silent' }),
+        agentFactory: cluster.resolver,
+      });
+    };
+    const controllers: RunningController[] = [];
+    try {
+      const leader = await start();
+      controllers.push(leader);
+      await waitFor(() => leader.leading(), 5000, 'the first controller to lead');
+      const follower = await start();
+      controllers.push(follower);
+      await waitFor(() => follower.leader()?.term === leader.leader()?.term, 5000, 'the follower to see the leader');
+      assert.equal(follower.leading(), false);
+
+      for (const name of ['node1', 'node2']) {
+        const res = await request(`${follower.url}/v1/nodes/${name}`, {
+          method: 'PUT',
+          headers: { authorization: `Bearer ${TOKEN}`, 'content-type': 'application/json' },
+          body: JSON.stringify(cluster.agent(name).registration()),
+        });
+        assert.equal(res.statusCode, 200, await res.body.text());
+        assert.equal(res.headers[ANSWERED_BY_HEADER], undefined, 'the follower answers heartbeats itself');
+      }
+      const viaFollower = new ApiClient({ baseUrl: follower.url, token: TOKEN, peer: 'controller' });
+      const leaderId = leader.leader()!.id;
+      const run = await request(`${follower.url}/v1/containers`, {
+        method: 'POST',
+        headers: { authorization: `Bearer ${TOKEN}`, 'content-type': 'application/json' },
+        body: JSON.stringify({ spec: { name: 'web', image: 'counter', ports: [] }, node: 'node1' }),
+      });
+      const web = (await run.body.json()) as ContainerView;
+      assert.deepEqual([run.statusCode, run.headers[ANSWERED_BY_HEADER]], [201, leaderId], 'the leader ran it');
+      assert.deepEqual([web.name, web.node, web.status], ['web', 'node1', 'running']);
+      await assert.rejects(
+        viaFollower.post('/v1/containers', { spec: { name: 'web', image: 'counter', ports: [] } }),
+        (err: unknown) => err instanceof ChipmunkError && err.status === 409,
+        "the leader's error comes back as it answered it",
+      );
+
+      const res = await viaFollower.stream('POST', '/v1/containers/web/migrate', { to: 'node2' });
+      assert.match(String(res.headers['content-type']), /^application\/x-ndjson/);
+      assert.equal(res.headers[ANSWERED_BY_HEADER], leaderId);
+      const lines = (await res.body.text()).trimEnd().split('\n').map((line) => JSON.parse(line) as { phase?: string; summary?: { to: string } });
+      assert.deepEqual(lines.slice(0, -1).map((l) => l.phase), ['prepare', 'dump', 'transfer', 'verify', 'cleanup', 'done']);
+      assert.equal(lines.at(-1)?.summary?.to, 'node2');
+      assert.equal(cluster.runningCopies('web'), 1);
+      assert.deepEqual(await viaFollower.get<unknown[]>('/v1/containers/web/checkpoints'), []);
+
+      const unauthenticated = await request(`${follower.url}/v1/containers/web/stop`, { method: 'POST' });
+      assert.equal(unauthenticated.statusCode, 401, 'nothing unauthenticated is passed on');
+      await unauthenticated.body.dump();
+      const looped = await request(`${follower.url}/v1/containers/web/stop`, { method: 'POST', headers: { authorization: `Bearer ${TOKEN}`, [FORWARDED_BY_HEADER]: 'controller-x' } });
+      const body = (await looped.body.json()) as { code: string; message: string };
+      assert.deepEqual([looped.statusCode, body.code], [503, 'CHIPMUNK_UNAVAILABLE']);
+      assert.match(body.message, /election is under way/);
+      assert.equal((await viaFollower.get<ContainerView[]>('/v1/containers'))[0].status, 'running', 'the looped stop did not happen');
+    } finally {
+      for (const c of controllers) await c.close();
       for (const dir of dirs) await rm(dir, { recursive: true, force: true });
     }
   });
