@@ -7,8 +7,9 @@ import type { StateStore } from './store/types.js';
  * left) only while this controller leads. With a store inside this process there is one
  * controller and it always leads; with etcd the controllers elect one (election.ts).
  *
- * Not yet here (issue 10, parts 2-4): followers still serve mutations themselves instead of
- * passing them on to the leader, and writes are not yet fenced by the term.
+ * Followers pass mutations on to the leader (forward.ts). Not yet (issue 10, part 3): work that
+ * was under way when this controller stepped down runs on; fencing its store writes by the term
+ * will stop it.
  */
 
 export interface LeaderWork {
