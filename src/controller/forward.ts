@@ -55,9 +55,10 @@ export function forwardToLeader(app: FastifyInstance, leadership: LeaderView, se
   });
 }
 
-/** Mutations, except heartbeats; and everything of the checkpoint store. */
+/** Mutations, except heartbeats and this process's debug routes; and everything of the checkpoint store. */
 export function leaderOnly(method: string, url: string): boolean {
   const path = url.split('?')[0];
+  if (path.startsWith('/v1/debug/')) return false;
   if (path.startsWith('/v1/checkpoints/') || /^\/v1\/containers\/[^/]+\/checkpoints$/.test(path)) return true;
   if (method === 'GET' || method === 'HEAD' || method === 'OPTIONS') return false;
   return !(method === 'PUT' && path.startsWith('/v1/nodes/'));

@@ -23,6 +23,8 @@ import { RouteService } from './routes.js';
 import { buildControllerServer } from './server.js';
 import { openStore, storeIdentity } from './store/index.js';
 import { Leadership, type LeaderWork } from './leadership.js';
+import { FencedStore } from './store/fenced.js';
+import type { StateStore } from './store/types.js';
 import type { Leader } from './election.js';
 
 export type { AgentApi } from './agent-client.js';
@@ -82,12 +84,17 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
 
   const agentFor: AgentResolver = opts.agentFactory ?? ((node) => new HttpAgentApi({ node: node.name, url: node.url, token: opts.token }));
   const nodeLeaseMs = opts.nodeReadyWithinMs ?? DEFAULT_NODE_READY_WITHIN_MS;
+  // With etcd several controllers may share the store: they elect one to lead (leadership.ts), and
+  // every write but the nodes' heartbeats goes through the leader's fence (store/fenced.ts).
+  const elected = storeSpec.startsWith('etcd:');
+  let leadership: Leadership | undefined;
+  const leaderStore: StateStore = elected ? new FencedStore(store, () => leadership?.fence()) : store;
   const nodes = new NodeRegistry(store, nodeLeaseMs);
-  const locks = new ContainerLocks(store);
-  const fences = new Fences(store);
-  const containers = new ContainerService(store, nodes, agentFor, locks);
+  const locks = new ContainerLocks(leaderStore);
+  const fences = new Fences(leaderStore);
+  const containers = new ContainerService(leaderStore, nodes, agentFor, locks);
   const routes = new RouteService(
-    store,
+    leaderStore,
     async (node) => (await nodes.get(node).catch(() => undefined))?.address,
     logger,
     opts.gateway ? { ...opts.gateway, token: opts.token, owner: storeId } : undefined,
@@ -106,12 +113,9 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
   };
   // Agents upload to the store through this URL: known once listening, when no advertised URL was given.
   let storeUrl = opts.advertiseUrl ?? '';
-  const checkpoints = new CheckpointService({ store, nodes, agentFor, locks, traffic: routes, catalog, storeUrl: () => storeUrl, log: logger });
-  const failovers = new FailoverService({ store, nodes, locks, fences, agentFor, nodeLeaseMs, checkpoints, catalog, traffic: routes, log: logger });
-  const migrations = new MigrationOrchestrator({ store, nodes, agentFor, locks, fences, log: logger, traffic: routes, rescuer: failovers });
-  // With etcd several controllers may share the store: they elect one to lead (leadership.ts).
-  const elected = storeSpec.startsWith('etcd:');
-  let leadership: Leadership | undefined;
+  const checkpoints = new CheckpointService({ store: leaderStore, nodes, agentFor, locks, traffic: routes, catalog, storeUrl: () => storeUrl, log: logger });
+  const failovers = new FailoverService({ store: leaderStore, nodes, locks, fences, agentFor, nodeLeaseMs, checkpoints, catalog, traffic: routes, log: logger });
+  const migrations = new MigrationOrchestrator({ store: leaderStore, nodes, agentFor, locks, fences, log: logger, traffic: routes, rescuer: failovers });
   const app = buildControllerServer({
     token: opts.token,
     logger,
@@ -165,16 +169,12 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
       migrations.stop();
     },
   };
+  const leading = elected
+    ? Leadership.elected({ store, ttlMs: opts.leaderLeaseMs ?? DEFAULT_LEADER_LEASE_MS, work: leaderWork, log: logger })
+    : Leadership.alone(leaderWork, logger);
+  leadership = leading;
   try {
-    leadership = elected
-      ? await Leadership.elect({
-          store,
-          candidate: { id: locks.owner, url: opts.advertiseUrl ?? `http://${host}:${address.port}` },
-          ttlMs: opts.leaderLeaseMs ?? DEFAULT_LEADER_LEASE_MS,
-          work: leaderWork,
-          log: logger,
-        })
-      : await Leadership.alone(leaderWork, logger);
+    await leading.start({ id: locks.owner, url: opts.advertiseUrl ?? `http://${host}:${address.port}` });
   } catch (err) {
     await app.close();
     await closeCheckpointStore();
@@ -184,10 +184,10 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
   logger.info({ store: storeSpec, storeId }, `controller listening on http://${host}:${address.port}`);
   return {
     url: `http://${host}:${address.port}`,
-    leading: () => leadership!.leading(),
-    leader: () => leadership!.leader(),
+    leading: () => leading.leading(),
+    leader: () => leading.leader(),
     close: async () => {
-      await leadership!.close();
+      await leading.close();
       await app.close();
       await closeCheckpointStore();
       await store.close();

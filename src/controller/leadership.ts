@@ -1,15 +1,13 @@
 import type { Logger } from 'pino';
 import { Election, type Candidate, type Leader } from './election.js';
-import type { StateStore } from './store/types.js';
+import type { StateStore, TxnCompare } from './store/types.js';
 
 /**
  * Runs the controller's background work (schedulers, failovers, settling what an earlier leader
  * left) only while this controller leads. With a store inside this process there is one
- * controller and it always leads; with etcd the controllers elect one (election.ts).
- *
- * Followers pass mutations on to the leader (forward.ts). Not yet (issue 10, part 3): work that
- * was under way when this controller stepped down runs on; fencing its store writes by the term
- * will stop it.
+ * controller and it always leads; with etcd the controllers elect one (election.ts), the others
+ * pass mutations on to it (forward.ts), and its writes carry its fence (store/fenced.ts), so work
+ * still under way when it stepped down writes nothing more.
  */
 
 export interface LeaderWork {
@@ -20,7 +18,6 @@ export interface LeaderWork {
 
 export interface ElectedOptions {
   store: StateStore;
-  candidate: Candidate;
   ttlMs: number;
   work: LeaderWork;
   log: Logger;
@@ -35,38 +32,49 @@ export class Leadership {
   private constructor(
     private readonly work: LeaderWork,
     private readonly log: Logger,
+    private readonly elected?: Omit<ElectedOptions, 'work' | 'log'>,
   ) {}
 
-  /** The only controller: it leads from now on. */
-  static async alone(work: LeaderWork, log: Logger): Promise<Leadership> {
-    const leadership = new Leadership(work, log);
-    leadership.working = true;
-    await work.start();
-    return leadership;
+  /** The only controller: it leads from start(). */
+  static alone(work: LeaderWork, log: Logger): Leadership {
+    return new Leadership(work, log);
   }
 
-  /** One of several controllers: it does the work while the election makes it leader. */
-  static async elect(opts: ElectedOptions): Promise<Leadership> {
-    const leadership = new Leadership(opts.work, opts.log);
-    leadership.election = new Election({
-      store: opts.store,
-      candidate: opts.candidate,
-      ttlMs: opts.ttlMs,
-      onChange: (leader) => leadership.follow(leader),
-      onError: (err) => opts.log.warn({ err: (err as Error).message }, 'election: a store call failed; trying again'),
+  /** One of several controllers: from start() it does the work while the election makes it leader. */
+  static elected(opts: ElectedOptions): Leadership {
+    return new Leadership(opts.work, opts.log, { store: opts.store, ttlMs: opts.ttlMs });
+  }
+
+  /** Starts the work (alone), or campaigns as CANDIDATE (elected). */
+  async start(candidate: Candidate): Promise<void> {
+    if (!this.elected) {
+      this.working = true;
+      await this.work.start();
+      return;
+    }
+    this.election = new Election({
+      store: this.elected.store,
+      candidate,
+      ttlMs: this.elected.ttlMs,
+      onChange: (leader) => this.follow(leader),
+      onError: (err) => this.log.warn({ err: (err as Error).message }, 'election: a store call failed; trying again'),
     });
-    await leadership.election.start();
-    return leadership;
+    await this.election.start();
   }
 
   /** Whether this controller leads now (and its leadership is surely still valid). */
   leading(): boolean {
-    return this.election ? this.election.term() !== undefined : this.working;
+    return this.elected ? this.election?.term() !== undefined : this.working;
   }
 
   /** The leader this controller sees; undefined when alone (it is the leader) or when none is known. */
   leader(): Leader | undefined {
     return this.election?.currentLeader();
+  }
+
+  /** The compare every write of this leader carries; undefined while it does not lead. */
+  fence(): TxnCompare | undefined {
+    return this.election?.fence();
   }
 
   async close(): Promise<void> {

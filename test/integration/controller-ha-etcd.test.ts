@@ -18,6 +18,7 @@ import { startController, type RunningController } from '../../src/controller/in
 import { openStore } from '../../src/controller/store/index.js';
 import { FakeCluster } from '../fakes/agents.js';
 import { startEtcd, type EtcdCluster } from '../support/etcd.js';
+import { startTcpProxy } from '../support/tcp-proxy.js';
 import { waitFor } from '../support/wait.js';
 
 const TOKEN = 'test-token';
@@ -162,6 +163,74 @@ describe('controllers on one etcd', () => {
     } finally {
       for (const c of controllers) await c.close();
       for (const dir of dirs) await rm(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('a controller that stepped down mid-migration writes nothing more; leading again under a new term, it settles the migration', async () => {
+    const etcd = await sharedEtcd();
+    const namespace = '/fence-test';
+    const proxy = await startTcpProxy(etcd.endpoints);
+    const checkpointDir = await mkdtemp(join(tmpdir(), 'chipmunk-ha-checkpoints-'));
+    const cluster = new FakeCluster();
+    cluster.add('node1');
+    cluster.add('node2');
+    const store = await openStore(`etcd://${etcd.endpoints}${namespace}`);
+    const faultsBefore = process.env.CHIPMUNK_ENABLE_FAULTS;
+    process.env.CHIPMUNK_ENABLE_FAULTS = '1';
+    const a = await startController({
+      listen: { host: '127.0.0.1', port: 0 },
+      token: TOKEN,
+      storeSpec: `etcd://${proxy.endpoint}${namespace}`,
+      checkpointDir,
+      leaderLeaseMs: 1000,
+      nodeReadyWithinMs: 30_000,
+      logger: pino({ level: 'silent' }),
+      agentFactory: cluster.resolver,
+    });
+    try {
+      await waitFor(() => a.leading(), 5000, 'a to lead');
+      const term = a.leader()!.term;
+      const viaA = new ApiClient({ baseUrl: a.url, token: TOKEN, peer: 'controller' });
+      for (const name of ['node1', 'node2']) {
+        const res = await request(`${a.url}/v1/nodes/${name}`, {
+          method: 'PUT',
+          headers: { authorization: `Bearer ${TOKEN}`, 'content-type': 'application/json' },
+          body: JSON.stringify(cluster.agent(name).registration()),
+        });
+        assert.equal(res.statusCode, 200, await res.body.text());
+      }
+      await viaA.post('/v1/containers', { spec: { name: 'web', image: 'counter', ports: [] }, node: 'node1' });
+
+      // The migration stops right after preparing the target: its next step records the dump phase.
+      await viaA.post('/v1/debug/faults', { pauseAt: 'migration:prepare', pauseMaxMs: 30_000 });
+      const migrating = viaA.stream('POST', '/v1/containers/web/migrate', { to: 'node2' }).then((res) => res.body.text());
+      await waitFor(async () => (await viaA.get<{ reached: boolean }>('/v1/debug/faults')).reached, 5000, 'the migration to pause');
+
+      proxy.cut();
+      await waitFor(() => !a.leading(), 2000, 'a to step down');
+      await sleep(2000); // its lease has ended on etcd too
+      proxy.restore();
+      await viaA.post('/v1/debug/faults/resume', {});
+      type Line = { phase?: string; error?: { code: string; details?: { cause?: { code: string } } } };
+      const lines = (await migrating).trimEnd().split('\n').map((line) => JSON.parse(line) as Line);
+      const error = lines.at(-1)?.error;
+      assert.deepEqual([error?.code, error?.details?.cause?.code], ['CHIPMUNK_MIGRATION_FAILED', 'CHIPMUNK_NOT_LEADER'], `the migration ends refused: ${JSON.stringify(error)}`);
+      assert.ok(!lines.some((l) => l.phase === 'dump'), 'nothing was frozen');
+
+      await waitFor(() => a.leading(), 5000, 'a to lead again');
+      assert.ok(a.leader()!.term > term, 'under a new term');
+      const [migration] = await store.list<{ id: string }>('/migrations/');
+      await waitFor(async () => (await store.get<{ phase: string }>(migration.key))?.value.phase === 'failed', 10_000, 'the migration to be settled');
+      await waitFor(async () => (await store.get<{ lock?: unknown }>('/containers/web'))?.value.lock === undefined, 10_000, 'the lock to be released');
+      assert.equal((await store.get<{ node: string }>('/containers/web'))?.value.node, 'node1');
+      assert.equal(cluster.runningCopies('web'), 1);
+    } finally {
+      if (faultsBefore === undefined) delete process.env.CHIPMUNK_ENABLE_FAULTS;
+      else process.env.CHIPMUNK_ENABLE_FAULTS = faultsBefore;
+      await a.close();
+      await store.close();
+      await proxy.close();
+      await rm(checkpointDir, { recursive: true, force: true });
     }
   });
 });

@@ -17,6 +17,7 @@ describe('which requests a follower passes on to the leader', () => {
       ['GET', '/v1/containers/web/logs?tail=5', false],
       ['GET', '/v1/nodes', false],
       ['GET', '/healthz', false],
+      ['POST', '/v1/debug/faults', false],
     ];
     for (const [method, url, expected] of cases) assert.equal(leaderOnly(method, url), expected, `${method} ${url}`);
   });
