@@ -9,7 +9,8 @@
 #     kernels >= 6.13 (vDSO layout) and 4.1 cannot dump inet sockets here; 4.2 needs a newer
 #     glibc than bookworm's, so it runs through its own dynamic loader and libraries and never
 #     touches the system's libc.
-#   - sysctls for lazy migration of large memory (fs.pipe-user-pages-soft=0)
+#   - sysctls for lazy migration of large memory (fs.pipe-user-pages-soft=0) and of containers
+#     in their own user namespace (vm.unprivileged_userfaultfd=1)
 #   - npm dependencies (native better-sqlite3 builds from source)
 set -euo pipefail
 
@@ -124,8 +125,14 @@ PIPE_MAX=268435456
 if [ "$(cat /proc/sys/fs/pipe-max-size)" -lt "$PIPE_MAX" ]; then
   sysctl -qw fs.pipe-max-size=$PIPE_MAX
 fi
+# A lazy restore opens its userfaultfd inside the container's user namespace, where it lacks the
+# host's CAP_SYS_PTRACE: the kernel refuses it ('Unable to open an userfaultfd descriptor:
+# Operation not permitted') unless unprivileged processes may use userfaultfd.
+if [ "$(cat /proc/sys/vm/unprivileged_userfaultfd)" != 1 ]; then
+  sysctl -qw vm.unprivileged_userfaultfd=1
+fi
 mkdir -p /etc/sysctl.d
-printf 'fs.pipe-user-pages-soft = 0\nfs.pipe-max-size = %s\n' "$PIPE_MAX" >/etc/sysctl.d/90-chipmunk.conf
+printf 'fs.pipe-user-pages-soft = 0\nfs.pipe-max-size = %s\nvm.unprivileged_userfaultfd = 1\n' "$PIPE_MAX" >/etc/sysctl.d/90-chipmunk.conf
 if [ "$(cat /proc/sys/net/ipv4/ip_forward)" != 1 ]; then sysctl -qw net.ipv4.ip_forward=1; fi
 
 # ---------------------------------------------------------------- podman configuration

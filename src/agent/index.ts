@@ -8,9 +8,10 @@ import { mkdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import pino, { type Logger } from 'pino';
 import { detectCapabilities } from './host/capabilities.js';
-import { ApiClient } from '../shared/http.js';
+import { ControllerClient } from '../shared/controller-client.js';
 import { PAGE_SERVER_PORTS } from '../shared/protocol.js';
-import type { AgentInfo, FencedContainer, HeartbeatResponse, RegisterNodeRequest } from '../shared/protocol.js';
+import { TermFence } from '../shared/term-fence.js';
+import type { AgentInfo, FencedContainer, RegisterNodeRequest } from '../shared/protocol.js';
 import { FaultInjector } from './faults.js';
 import { ImageStore } from './runtime/images.js';
 import { RuncRuntime } from './runtime/runc-runtime.js';
@@ -36,6 +37,8 @@ export interface AgentOptions {
   enableFaults?: boolean;
   /** New containers' writable layer (src/agent/runtime/rootfs.ts); a directory if not given. */
   writableLayer?: WritableLayerKind;
+  /** New containers in a user namespace of their own (src/agent/runtime/bundle.ts); true if not given. */
+  userNamespace?: boolean;
 }
 
 export interface RunningAgent {
@@ -78,6 +81,7 @@ export async function startAgent(opts: AgentOptions): Promise<RunningAgent> {
   const images = new ImageStore(opts.imageStore ? { root: join(opts.imageStore, 'root'), runroot: join(opts.imageStore, 'runroot') } : {});
   const runtime = new RuncRuntime({ node: opts.node, dataDir: opts.dataDir, runDir: opts.runDir, subnet: opts.subnet, criuPath, capabilities, images,
     writableLayer: opts.writableLayer,
+    userNamespace: opts.userNamespace,
     onWarning: (message, details) => log.warn(details, message),
     reservedHostPorts: [
       { from: opts.listen.port, to: opts.listen.port, usedBy: 'the chipmunk agent' },
@@ -88,7 +92,8 @@ export async function startAgent(opts: AgentOptions): Promise<RunningAgent> {
   if (resumed.length > 0) log.warn({ containers: resumed }, 'resumed containers an interrupted checkpoint had left paused');
   if (abandoned.length > 0) log.warn({ left: abandoned }, 'removed what migrations and restores the previous agent process died in left behind');
   const faults = new FaultInjector(opts.enableFaults ?? process.env.CHIPMUNK_ENABLE_FAULTS === '1');
-  const app = buildAgentServer({ info, token: opts.token, runtime, images, scratchDir: join(opts.dataDir, 'scratch'), faults, logger: log });
+  const termFence = await TermFence.open(join(opts.dataDir, 'leader-term'));
+  const app = buildAgentServer({ info, token: opts.token, runtime, images, scratchDir: join(opts.dataDir, 'scratch'), faults, termFence, logger: log });
   await app.listen({ host: opts.listen.host, port: opts.listen.port });
   const url = `http://${address}:${opts.listen.port}`;
   log.info({ url, capabilities }, 'agent listening');
@@ -96,13 +101,13 @@ export async function startAgent(opts: AgentOptions): Promise<RunningAgent> {
   let heartbeat: NodeJS.Timeout | undefined;
   let closed = false;
   if (opts.controllerUrl) {
-    const controller = new ApiClient({ baseUrl: opts.controllerUrl, token: opts.token, peer: 'controller', timeoutMs: 5_000 });
+    const controller = new ControllerClient({ urls: [opts.controllerUrl], token: opts.token, timeoutMs: 5_000 });
     const registration: RegisterNodeRequest = { name: opts.node, address, url, capabilities };
     let warned = false;
     let intervalMs = opts.heartbeatMs ?? DEFAULT_HEARTBEAT_MS;
     const register = async () => {
       try {
-        const answer = await controller.put<HeartbeatResponse>(`/v1/nodes/${opts.node}`, registration);
+        const answer = await controller.heartbeat(registration);
         warned = false;
         // The controller sizes heartbeats to its node lease (unless this agent was told an interval).
         if (!opts.heartbeatMs) intervalMs = answer.heartbeatMs;

@@ -11,6 +11,7 @@ import { CheckpointInfo, checkpointPartUrl, uploadCheckpoint } from '../checkpoi
 import { NotFoundError, TransferFailedError } from '../shared/errors.js';
 import { installApiConventions } from '../shared/http.js';
 import { removeTree } from '../shared/remove-tree.js';
+import { installTermFence, type TermFence } from '../shared/term-fence.js';
 import {
   AgentContainer,
   AgentInfo,
@@ -43,6 +44,8 @@ export interface AgentServerDeps {
   /** Scratch space for image archives on their way to another node. */
   scratchDir: string;
   faults: FaultInjector;
+  /** Refuses calls from a deposed controller leader. */
+  termFence: TermFence;
   logger?: FastifyBaseLogger;
 }
 
@@ -54,6 +57,7 @@ export function buildAgentServer(deps: AgentServerDeps): FastifyInstance {
   const { runtime, images, token, faults } = deps;
   const app = Fastify({ ...(deps.logger ? { loggerInstance: deps.logger } : {}), disableRequestLogging: true, bodyLimit: 1024 * 1024 }).withTypeProvider<TypeBoxTypeProvider>();
   installApiConventions(app, token);
+  installTermFence(app, deps.termFence);
   /** Transfer progress of restores running on this node, for the controller to poll. */
   const progress = new Map<string, TransferProgress>();
 

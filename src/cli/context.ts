@@ -6,12 +6,12 @@ import { readFile } from 'node:fs/promises';
 import type { Command } from 'commander';
 
 import { DEFAULT_STATE_DIR, readClusterState } from '../cluster/index.js';
-import { ApiClient } from '../shared/http.js';
+import { ControllerClient } from '../shared/controller-client.js';
 import { UsageError } from './output.js';
-import { parseUrl } from './options.js';
+import { parseUrlList } from './options.js';
 
 export interface ConnectionOptions {
-  controller?: string;
+  controller?: string[];
   tokenFile?: string;
 }
 
@@ -39,20 +39,23 @@ export async function daemonToken(tokenFile: string | undefined): Promise<string
   return token;
 }
 
-/** A client for the controller CMD should talk to; its own options win over the program's. */
-export async function controllerClient(cmd: Command): Promise<ApiClient> {
+/**
+ * A client for the controllers CMD should talk to (one URL or several, comma-separated); its own
+ * options win over the program's.
+ */
+export async function controllerClient(cmd: Command): Promise<ControllerClient> {
   const opts = cmd.optsWithGlobals<ConnectionOptions>();
-  const explicitUrl = opts.controller ?? (process.env.CHIPMUNK_CONTROLLER ? parseUrl(process.env.CHIPMUNK_CONTROLLER) : undefined);
+  const explicitUrls = opts.controller ?? (process.env.CHIPMUNK_CONTROLLER ? parseUrlList(process.env.CHIPMUNK_CONTROLLER) : undefined);
   const cluster = await readClusterState(localClusterStateDir());
-  const url = explicitUrl ?? cluster?.controllerUrl;
-  if (!url) throw new UsageError("no controller: run 'chipmunk cluster up' or pass --controller URL");
+  const urls = explicitUrls ?? (cluster ? [cluster.controllerUrl] : undefined);
+  if (!urls) throw new UsageError("no controller: run 'chipmunk cluster up' or pass --controller URL[,URL...]");
 
   let token: string | undefined;
   if (opts.tokenFile) token = await readTokenFile(opts.tokenFile);
   else if (process.env.CHIPMUNK_TOKEN) token = process.env.CHIPMUNK_TOKEN;
   // The local cluster's token only for the local cluster's controller.
-  else if (cluster && cluster.controllerUrl === url) token = await readTokenFile(cluster.tokenFile);
-  if (!token) throw new UsageError(`no token for controller ${url}: pass --token-file FILE or set CHIPMUNK_TOKEN`, { url });
+  else if (cluster && urls.includes(cluster.controllerUrl)) token = await readTokenFile(cluster.tokenFile);
+  if (!token) throw new UsageError(`no token for controller ${urls.join(',')}: pass --token-file FILE or set CHIPMUNK_TOKEN`, { urls });
 
-  return new ApiClient({ baseUrl: url, token, peer: 'controller' });
+  return new ControllerClient({ urls, token });
 }

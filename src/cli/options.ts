@@ -119,6 +119,13 @@ export function parseUrl(value: string): string {
   throw new UsageError(`bad URL '${value}': use http://HOST:PORT`, { value });
 }
 
+/** `URL1,URL2,...`: the controllers of one cluster, any of which may answer. */
+export function parseUrlList(value: string): string[] {
+  const urls = value.split(',').map((url) => url.trim());
+  if (urls.some((url) => url === '')) throw new UsageError(`bad URL list '${value}': use http://HOST:PORT[,http://HOST:PORT...]`, { value });
+  return urls.map(parseUrl);
+}
+
 export function parsePositiveInt(value: string): number {
   if (!/^\d+$/.test(value) || Number(value) < 1) throw new UsageError(`bad number '${value}': use a whole number of at least 1`, { value });
   return Number(value);
@@ -144,7 +151,7 @@ export function addJsonOption(cmd: Command): Command {
  */
 export function addConnectionOptions(cmd: Command): Command {
   return cmd
-    .option('--controller <url>', 'controller URL (default: $CHIPMUNK_CONTROLLER, else the local cluster)', parseUrl)
+    .option('--controller <urls>', 'controller URL, or several comma-separated (default: $CHIPMUNK_CONTROLLER, else the local cluster)', parseUrlList)
     .option('--token-file <file>', 'file holding the cluster token (default: $CHIPMUNK_TOKEN, else the local cluster)');
 }
 
@@ -153,6 +160,15 @@ export function parseWritableLayer(value: string): 'directory' | 'image' {
   if (value === 'directory' || value === 'image') return value;
   throw new UsageError(
     `bad writable layer '${value}': use 'directory' (files copied one by one) or 'image' (an ext4 image that keeps inode numbers across moves, e.g. for SQLite)`,
+    { value },
+  );
+}
+
+/** `chipmunk agent --userns`: whether new containers get a user namespace of their own (src/agent/runtime/bundle.ts). */
+export function parseUserns(value: string): 'on' | 'off' {
+  if (value === 'on' || value === 'off') return value;
+  throw new UsageError(
+    `bad --userns '${value}': use 'on' (new containers get a user namespace of their own, the default) or 'off' (they share the host's; without CAP_SYS_RESOURCE their non-root processes cannot be checkpointed or migrated)`,
     { value },
   );
 }

@@ -9,9 +9,9 @@ import { join } from 'node:path';
 import { ChipmunkError } from '../shared/errors.js';
 import { run, runUnchecked } from '../shared/exec.js';
 import { removeTree } from '../shared/remove-tree.js';
-import { DEFAULT_RUN_DIR, DEFAULT_STATE_DIR, LOCAL_NETWORK, nodeDataDir, nodeRunDir, readClusterState, type LocalClusterDirs } from './local-cluster.js';
+import { DEFAULT_RUN_DIR, DEFAULT_STATE_DIR, LOCAL_NETWORK, nodeCgroup, nodeDataDir, nodeRunDir, readClusterState, type LocalClusterDirs } from './local-cluster.js';
 import { stopDaemon } from './processes.js';
-import { bridgeExists, deleteBridge, deleteNetns, deleteTestHost, killAllInHost, listNetns, testHostNetns } from './testhost.js';
+import { bridgeExists, deleteBridge, deleteNetns, deleteTestHost, killAllInCgroup, killAllInHost, listNetns, testHostNetns } from './testhost.js';
 
 export interface ClusterDownResult {
   /** Something of a local cluster was found (and removed). */
@@ -57,6 +57,7 @@ export async function clusterDown(dirs: LocalClusterDirs = {}): Promise<ClusterD
     await killAllInHost(testHostNetns(LOCAL_NETWORK, name));
     const containerNetns = allNetns.filter((netns) => netns.startsWith(`${testHostNetns(LOCAL_NETWORK, name)}-`));
     for (const netns of containerNetns) await killAllInHost(netns);
+    await killAllInCgroup(nodeCgroup(name));
     await deleteRuncContainers(join(nodeRunDir(runDir, name), 'runc'), warnings);
     await unmountUnder([nodeDataDir(stateDir, name), nodeRunDir(runDir, name)]);
     for (const netns of containerNetns) await deleteNetns(netns);

@@ -14,6 +14,7 @@ import {
   READY_TIMEOUT_MS,
   answersHealthz,
   logFile,
+  nodeCgroup,
   readClusterState,
   spawnAgent,
   writeClusterState,
@@ -22,7 +23,7 @@ import {
   type LocalClusterState,
 } from './local-cluster.js';
 import { isOurDaemon, isRunning, spawnDaemon } from './processes.js';
-import { killAllInHost, listNetns } from './testhost.js';
+import { killAllInCgroup, killAllInHost, listNetns } from './testhost.js';
 
 /** What `kill` and `revive` take besides node names. */
 export const CLUSTER_DAEMONS = ['controller', 'gateway'] as const;
@@ -97,8 +98,8 @@ export async function clusterKill(target: string, dirs: LocalClusterDirs = {}): 
   const entry = requireNode(state, target);
   const containerNetns = (await listNetns()).filter((netns) => netns.startsWith(`${entry.netns}-`));
   const killedAt = Date.now();
-  const killed = await Promise.all([entry.netns, ...containerNetns].map((netns) => killAllInHost(netns)));
-  return { target, node: target, killedPids: killed.flat().sort((a, b) => a - b), killedAt };
+  const killed = await Promise.all([...[entry.netns, ...containerNetns].map((netns) => killAllInHost(netns)), killAllInCgroup(nodeCgroup(entry.name))]);
+  return { target, node: target, killedPids: [...new Set(killed.flat())].sort((a, b) => a - b), killedAt };
 }
 
 /** Brings a killed node's agent, the controller or the gateway back; waits until it answers. */

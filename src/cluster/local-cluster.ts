@@ -11,8 +11,10 @@ import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 
 import { ChipmunkError, ConflictError, InvalidInputError, UnavailableError, toChipmunkError } from '../shared/errors.js';
+import { ControllerClient } from '../shared/controller-client.js';
 import { ApiClient } from '../shared/http.js';
 import type { NodeView } from '../shared/protocol.js';
+import { routeContainerSubnet, TEST_RANGE } from './routes.js';
 import { createTestHost, ensureBridge, netnsPath, type TestNetwork } from './testhost.js';
 import { REPO_ROOT, failOnExit, isRunning, spawnDaemon } from './processes.js';
 
@@ -99,12 +101,27 @@ function nodeAddress(i: number): string {
   return `${LOCAL_NETWORK.gateway.split('.').slice(0, 3).join('.')}.${10 + i}`;
 }
 
+/** Node i's containers take addresses in 198.19.i.0/24, routed to its test host. */
+function nodeContainerSubnet(i: number): string {
+  return `198.19.${i}.0/24`;
+}
+
 export function nodeDataDir(stateDir: string, node: string): string {
   return join(stateDir, 'nodes', node);
 }
 
 export function nodeRunDir(runDir: string, node: string): string {
   return join(runDir, node);
+}
+
+/**
+ * The cgroup (relative to each hierarchy's root) every container of agent `node` runs under,
+ * what `cluster kill` and `cluster down` kill: the agent names its containers' cgroups so
+ * (its runtime's layout). A container in a user namespace of its own is in no namespace the
+ * cluster can name.
+ */
+export function nodeCgroup(node: string): string {
+  return `chipmunk/${node}`;
 }
 
 export function logFile(stateDir: string, daemon: string): string {
@@ -144,7 +161,7 @@ export async function clusterUp(opts: ClusterUpOptions): Promise<ClusterUpResult
   if (existing) return { state: await checkExistingCluster(existing, opts.nodes, stateDir), alreadyUp: true };
 
   // The bridge first: it fails when the subnet is taken, and then nothing else should be left behind.
-  progress(`creating bridge ${LOCAL_NETWORK.bridge} (${LOCAL_NETWORK.gateway}/${LOCAL_NETWORK.prefixLength})`);
+  progress(`creating bridge ${LOCAL_NETWORK.bridge} (${LOCAL_NETWORK.gateway}/${LOCAL_NETWORK.prefixLength}; ${TEST_RANGE} unreachable but for test hosts)`);
   await ensureBridge(LOCAL_NETWORK);
 
   await mkdir(join(stateDir, 'logs'), { recursive: true, mode: 0o700 });
@@ -221,6 +238,8 @@ async function startAgents(
     const address = nodeAddress(i);
     progress(`creating test host ${name} (${address})`);
     const host = await createTestHost(LOCAL_NETWORK, name, address);
+    // The gateway (on this machine) reaches containers at their own address: no published port needed.
+    await routeContainerSubnet(nodeContainerSubnet(i), address, LOCAL_NETWORK.bridge);
     const agent = await spawnAgent(state, { index: i, stateDir, runDir, netns: host.netns, progress });
     state.nodes.push({ name, address, netns: host.netns, agentPid: agent.pid! });
     await writeClusterState(stateDir, state);
@@ -260,7 +279,7 @@ export async function spawnAgent(
       '--listen', `${nodeAddress(opts.index)}:${AGENT_PORT}`,
       '--controller', state.controllerUrl,
       '--token-file', state.tokenFile,
-      '--subnet', `198.19.${opts.index}.0/24`,
+      '--subnet', nodeContainerSubnet(opts.index),
       '--data-dir', dataDir,
       '--run-dir', agentRunDir,
     ],
@@ -302,7 +321,7 @@ export async function answersHealthz(url: string): Promise<boolean> {
 
 /** Until the controller and every agent answer /healthz and every node shows as ready in the controller. */
 async function waitUntilReady(state: LocalClusterState, token: string, stateDir: string, timeoutMs: number, signal: AbortSignal): Promise<void> {
-  const controller = new ApiClient({ baseUrl: state.controllerUrl, token, timeoutMs: 2_000, peer: 'controller' });
+  const controller = new ControllerClient({ urls: [state.controllerUrl], token, timeoutMs: 2_000 });
   const deadline = Date.now() + timeoutMs;
   let waitingFor = 'controller';
   let log = logFile(stateDir, 'controller');
@@ -320,10 +339,10 @@ async function waitUntilReady(state: LocalClusterState, token: string, stateDir:
   });
 }
 
-async function firstNodeNotReady(state: LocalClusterState, controller: ApiClient): Promise<string | undefined> {
+async function firstNodeNotReady(state: LocalClusterState, controller: ControllerClient): Promise<string | undefined> {
   let views: NodeView[] = [];
   try {
-    views = await controller.get<NodeView[]>('/v1/nodes');
+    views = await controller.nodes();
   } catch (err) {
     // A wrong token will not fix itself: say so now rather than after the timeout.
     if (err instanceof ChipmunkError && err.code === 'CHIPMUNK_UNAUTHORIZED') throw err;

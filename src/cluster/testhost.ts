@@ -12,6 +12,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 
 import { ConflictError, InvalidInputError, RuntimeFailedError } from '../shared/errors.js';
 import { run, runUnchecked } from '../shared/exec.js';
+import { guardTestRange } from './routes.js';
 
 /** Where `ip netns add` puts a namespace's handle. */
 export const NETNS_DIR = '/var/run/netns';
@@ -122,7 +123,12 @@ async function assertSubnetFree(network: TestNetwork): Promise<void> {
   }
 }
 
+/**
+ * Creates the test network's bridge. First of all it guards the whole test range with an
+ * `unreachable` route: from then on no test address can leave the machine, whatever fails later.
+ */
 export async function ensureBridge(network: TestNetwork): Promise<void> {
+  await guardTestRange();
   await assertSubnetFree(network);
   if (!(await linkExists(network.bridge))) {
     await run('ip', ['link', 'add', network.bridge, 'type', 'bridge'], { op: `create bridge ${network.bridge}` });
@@ -197,11 +203,6 @@ async function pidsInNetns(inode: string): Promise<number[]> {
 const KILL_ROUNDS = 50;
 const KILL_ROUND_PAUSE_MS = 100;
 
-/**
- * SIGKILLs every process in a network namespace (agents, CRIU daemons, containers) and waits
- * until none is left. Several rounds, because a dying parent may still have forked a child.
- * Returns the PIDs it killed.
- */
 /** Thaws the freezer cgroup a process is in (v1 freezer.state, v2 cgroup.freeze); nothing if it is not frozen. */
 async function thawCgroupOf(pid: number): Promise<void> {
   const cgroups = await readFile(`/proc/${pid}/cgroup`, 'utf8').catch(() => '');
@@ -213,12 +214,31 @@ async function thawCgroupOf(pid: number): Promise<void> {
   }
 }
 
+/**
+ * SIGKILLs every process in a network namespace (agents, CRIU daemons, containers) and waits
+ * until none is left. Several rounds, because a dying parent may still have forked a child.
+ * Returns the PIDs it killed.
+ */
 export async function killAllInHost(netns: string): Promise<number[]> {
   const inode = await netnsInode(netns);
   if (inode === undefined) return [];
+  return killAllOf(netns, () => pidsInNetns(inode));
+}
+
+/**
+ * SIGKILLs every process in the cgroup `path` (relative to each hierarchy's root, e.g.
+ * `chipmunk/node1`) and its descendants, in every hierarchy it exists in, and waits until none
+ * is left. What a node's containers run is there whatever namespaces it is in: a container in a
+ * user namespace of its own has a network namespace of its own too, not the one named after it.
+ */
+export async function killAllInCgroup(path: string): Promise<number[]> {
+  return killAllOf(`cgroup ${path}`, () => pidsInCgroup(path));
+}
+
+async function killAllOf(what: string, find: () => Promise<number[]>): Promise<number[]> {
   const killed = new Set<number>();
   for (let round = 0; round < KILL_ROUNDS; round++) {
-    const pids = await pidsInNetns(inode);
+    const pids = await find();
     if (pids.length === 0) return [...killed];
     for (const pid of pids) {
       try {
@@ -233,10 +253,28 @@ export async function killAllInHost(netns: string): Promise<number[]> {
     await Promise.all(pids.map(thawCgroupOf));
     await sleep(KILL_ROUND_PAUSE_MS);
   }
-  const survivors = await pidsInNetns(inode);
+  const survivors = await find();
   const states = await Promise.all(survivors.map((pid) => readFile(`/proc/${pid}/stat`, 'utf8').catch(() => `${pid} (gone)`)));
-  throw new RuntimeFailedError(`processes in ${netns} survive SIGKILL (stuck in the kernel?): ${survivors.join(', ')}`, {
-    op: `kill processes in ${netns}`,
+  throw new RuntimeFailedError(`processes in ${what} survive SIGKILL (stuck in the kernel?): ${survivors.join(', ')}`, {
+    op: `kill processes in ${what}`,
     stat: states.map((s) => s.trim().slice(0, 120)),
   });
+}
+
+/** PIDs in cgroup `path` and below, in the v2 hierarchy at /sys/fs/cgroup and in each v1 (or hybrid) one beneath it. */
+async function pidsInCgroup(path: string): Promise<number[]> {
+  const roots = ['/sys/fs/cgroup', ...(await readdir('/sys/fs/cgroup').catch(() => [] as string[])).map((c) => `/sys/fs/cgroup/${c}`)];
+  const pids = new Set<number>();
+  const walk = async (dir: string): Promise<void> => {
+    const entries = await readdir(dir, { withFileTypes: true }).catch(() => []);
+    for (const e of entries) {
+      if (e.isDirectory()) await walk(`${dir}/${e.name}`);
+      else if (e.name === 'cgroup.procs') {
+        for (const line of (await readFile(`${dir}/${e.name}`, 'utf8').catch(() => '')).split('\n')) if (line) pids.add(Number(line));
+      }
+    }
+  };
+  for (const root of roots) await walk(`${root}/${path}`);
+  pids.delete(process.pid);
+  return [...pids];
 }

@@ -75,6 +75,8 @@ export interface HttpAgentApiOptions {
   timeoutMs?: number;
   /** For the migration steps, which copy images and wait for CRIU: minutes, not seconds. */
   migrationStepTimeoutMs?: number;
+  /** The controller leader's term, sent with every call (src/shared/term-fence.ts). */
+  term?: () => number | undefined;
 }
 
 const DEFAULT_TIMEOUT_MS = 30_000;
@@ -87,7 +89,7 @@ export class HttpAgentApi implements AgentApi {
 
   constructor(opts: HttpAgentApiOptions) {
     this.requestTimeout = { timeoutMs: opts.timeoutMs ?? DEFAULT_TIMEOUT_MS };
-    this.client = new ApiClient({ baseUrl: opts.url, token: opts.token, timeoutMs: this.requestTimeout.timeoutMs, peer: `agent ${opts.node}` });
+    this.client = new ApiClient({ baseUrl: opts.url, token: opts.token, timeoutMs: this.requestTimeout.timeoutMs, peer: `agent ${opts.node}`, term: opts.term });
     this.stepTimeout = { timeoutMs: opts.migrationStepTimeoutMs ?? DEFAULT_MIGRATION_STEP_TIMEOUT_MS };
   }
 

@@ -11,13 +11,15 @@ export interface GatewayClientOptions {
   url: string;
   token: string;
   timeoutMs?: number;
+  /** The controller leader's term, sent with every call (src/shared/term-fence.ts). */
+  term?: () => number | undefined;
 }
 
 export class GatewayClient {
   private readonly api: ApiClient;
 
   constructor(opts: GatewayClientOptions) {
-    this.api = new ApiClient({ baseUrl: opts.url, token: opts.token, timeoutMs: opts.timeoutMs ?? 10_000, peer: 'gateway' });
+    this.api = new ApiClient({ baseUrl: opts.url, token: opts.token, timeoutMs: opts.timeoutMs ?? 10_000, peer: 'gateway', term: opts.term });
   }
 
   listRoutes(): Promise<RouteView[]> {

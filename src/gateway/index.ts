@@ -11,6 +11,7 @@ import type { AddressInfo } from 'node:net';
 import { dirname, join } from 'node:path';
 import { pino, type Logger } from 'pino';
 import { InvalidInputError } from '../shared/errors.js';
+import { TermFence } from '../shared/term-fence.js';
 import { DEFAULT_HOLD_LIMITS, type HoldLimits } from './gate.js';
 import { Gateway } from './gateway.js';
 import { GatewayMetrics } from './metrics.js';
@@ -94,7 +95,8 @@ export async function startGateway(opts: GatewayOptions): Promise<RunningGateway
     metrics,
     log: logger,
   });
-  const app = buildGatewayServer({ token: opts.token, logger, gateway, metrics });
+  const termFence = await TermFence.open(join(dirname(opts.stateFile), 'leader-term'));
+  const app = buildGatewayServer({ token: opts.token, logger, gateway, metrics, termFence });
   try {
     await app.listen(opts.apiListen).catch((err: NodeJS.ErrnoException) => {
       throw new InvalidInputError(`the gateway API cannot listen on ${opts.apiListen.host}:${opts.apiListen.port} (${err.code ?? err.message}): pick another address or port`, {

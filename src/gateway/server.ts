@@ -7,6 +7,7 @@ import Fastify, { LogController, type FastifyBaseLogger, type FastifyInstance } 
 import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox';
 import { Type } from '@sinclair/typebox';
 import { installApiConventions } from '../shared/http.js';
+import { installTermFence, type TermFence } from '../shared/term-fence.js';
 import { ContainerName } from '../shared/protocol.js';
 import type { Gateway } from './gateway.js';
 import type { GatewayMetrics } from './metrics.js';
@@ -17,6 +18,8 @@ export interface GatewayServerOptions {
   logger: FastifyBaseLogger;
   gateway: Gateway;
   metrics: GatewayMetrics;
+  /** Refuses calls from a deposed controller leader. */
+  termFence: TermFence;
 }
 
 const RouteParams = Type.Object({ name: ContainerName });
@@ -32,6 +35,7 @@ export function buildGatewayServer(opts: GatewayServerOptions): FastifyInstance 
     logController: new LogController({ disableRequestLogging: (req) => PUBLIC_PATHS.includes(req.url) }),
   });
   installApiConventions(base, opts.token, PUBLIC_PATHS);
+  installTermFence(base, opts.termFence);
   const app = base.withTypeProvider<TypeBoxTypeProvider>();
 
   app.get('/healthz', async () => ({ ok: true }));

@@ -25,6 +25,7 @@ export type ErrorCode =
   | 'CHIPMUNK_STATE_CORRUPT'
   | 'CHIPMUNK_LOG_MISMATCH'
   | 'CHIPMUNK_NOT_LEADER'
+  | 'CHIPMUNK_STALE_TERM'
   | 'CHIPMUNK_INTERNAL';
 
 export interface ErrorJSON {
@@ -87,6 +88,13 @@ export class ConflictError extends ChipmunkError {
 export class UnauthorizedError extends ChipmunkError {
   constructor(message = 'missing or wrong cluster token: pass the token from the cluster config (Authorization: Bearer TOKEN)') {
     super('CHIPMUNK_UNAUTHORIZED', message, { status: 401 });
+  }
+}
+
+/** A call from a controller leader that a newer leader has replaced (src/shared/term-fence.ts). */
+export class StaleTermError extends ChipmunkError {
+  constructor(message: string, details?: Record<string, unknown>) {
+    super('CHIPMUNK_STALE_TERM', message, { status: 409, details });
   }
 }
 
@@ -234,6 +242,7 @@ const byCode: Partial<Record<ErrorCode, (m: string, d: Record<string, unknown>) 
   CHIPMUNK_STATE_CORRUPT: (m, d) => new StateCorruptError(m, { ...d, path: String(d.path ?? '') }),
   CHIPMUNK_LOG_MISMATCH: (m, d) => new LogMismatchError(m, d),
   CHIPMUNK_NOT_LEADER: (m, d) => new NotLeaderError(m, d),
+  CHIPMUNK_STALE_TERM: (m, d) => new StaleTermError(m, d),
 };
 
 /** Rebuilds our error class from its wire form (HTTP client side). */

@@ -6,6 +6,7 @@
 import { request, type Dispatcher } from 'undici';
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { ChipmunkError, UnauthorizedError, UnavailableError, errorFromJSON, toChipmunkError, type ErrorJSON } from './errors.js';
+import { TERM_HEADER } from './term-fence.js';
 
 export interface ApiClientOptions {
   baseUrl: string;
@@ -14,6 +15,8 @@ export interface ApiClientOptions {
   timeoutMs?: number;
   /** Name of the remote side, for error messages ("agent node2", "controller"). */
   peer?: string;
+  /** The sender's leadership term, sent with every request (src/shared/term-fence.ts); none: not sent. */
+  term?: () => number | undefined;
 }
 
 export class ApiClient {
@@ -21,12 +24,14 @@ export class ApiClient {
   private readonly token: string;
   private readonly timeoutMs: number;
   private readonly peer: string;
+  private readonly term: () => number | undefined;
 
   constructor(opts: ApiClientOptions) {
     this.baseUrl = opts.baseUrl.replace(/\/$/, '');
     this.token = opts.token;
     this.timeoutMs = opts.timeoutMs ?? 60_000;
     this.peer = opts.peer ?? this.baseUrl;
+    this.term = opts.term ?? (() => undefined);
   }
 
   get<T>(path: string, opts: { timeoutMs?: number } = {}): Promise<T> {
@@ -64,12 +69,14 @@ export class ApiClient {
   }
 
   private async send(method: Dispatcher.HttpMethod, path: string, body: unknown, timeoutMs: number): Promise<Dispatcher.ResponseData> {
+    const term = this.term();
     try {
       return await request(this.baseUrl + path, {
         method,
         headers: {
           authorization: `Bearer ${this.token}`,
           ...(body !== undefined ? { 'content-type': 'application/json' } : {}),
+          ...(term !== undefined ? { [TERM_HEADER]: String(term) } : {}),
         },
         body: body !== undefined ? JSON.stringify(body) : undefined,
         headersTimeout: timeoutMs,

@@ -12,6 +12,7 @@ import { cli, cliFails, cliOk, ps, startLocalCluster, stopLocalCluster, waitFor 
 const GATEWAY = '127.0.0.1';
 const HTTP_PORT = 28080;
 const TCP_PORT = 29000;
+const UNPUBLISHED_PORT = 28081;
 
 before(async () => {
   await startLocalCluster(3);
@@ -102,6 +103,27 @@ describe('gateway', { timeout: 600_000 }, () => {
     assert.ok(failures.length <= 1, `at most the connection open at the freeze failed: ${failures.join('; ')}`);
     for (const f of failures) assert.match(f, /closed/, 'an open connection is closed, not refused or timed out');
     assert.ok(exchanges > 20, `connections kept coming (${exchanges})`);
+  });
+
+  it('HTTP without a published port: the gateway reaches the container at its own address, before and after a move', async () => {
+    await cliOk(['run', '--name', 'unpublished', '--node', 'node1', '-e', 'MEMORY_MB=16', 'chipmunk/statefulapp']);
+    await cliOk(['expose', 'unpublished', '--port', '8080', '--listen', String(UNPUBLISHED_PORT)]);
+    const url = `http://${GATEWAY}:${UNPUBLISHED_PORT}`;
+    await waitFor(async () => {
+      const res = await request(`${url}/health`).catch(() => undefined);
+      await res?.body.dump();
+      return res?.statusCode === 200;
+    }, 30_000, 'the unpublished container answers through the gateway');
+    const client = steadyIncrements(url, 1, 60_000);
+    await new Promise((r) => setTimeout(r, 500));
+    await cliOk(['migrate', 'unpublished', '--to', 'node2', '--mode', 'copy'], { timeoutMs: 120_000 });
+    await new Promise((r) => setTimeout(r, 500));
+    const stats = await client.stop();
+    assert.deepEqual(stats.errors, [], 'no request failed (EHOSTUNREACH before the container subnets were routed)');
+    assert.ok(stats.ok > 10, `the client kept going (${stats.ok} acknowledged)`);
+    const state = (await (await request(`${url}/`)).body.json()) as { counter: number };
+    assert.equal(state.counter, stats.ok);
+    assert.equal((await ps()).find((c) => c.name === 'unpublished')?.node, 'node2');
   });
 
   it('bad input gets a clear error and changes nothing', async () => {

@@ -1,16 +1,19 @@
 // Real programs on the real runtime (runc + CRIU on two test hosts, test/support/runc-pair.ts),
 // checked by their own clients: an SQLite writer (sqlite3 in the container reads and writes
-// after each move) and Python's http.server (answers within 2 s of start, on its new address
-// after a move). Image chipmunk/python (src/devtools/images.ts): Debian's python3 and sqlite3.
+// after each move), a server running as a non-root user (its memory and user after a
+// checkpoint and moves) and Python's http.server (answers within 2 s of start, on its new
+// address after a move). Image chipmunk/python (src/devtools/images.ts): Debian's python3 and sqlite3.
 // Needs root and `npm run setup`. Run with its own network so other pair users can run at once:
 //   CHIPMUNK_RUNC_PAIR_NET=3 node --import tsx --test test/integration/runtime-compat.test.ts
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
+import { readFileSync } from 'node:fs';
 import { request } from 'node:http';
 import { before, describe, it } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { ensureImage } from '../../src/devtools/images.js';
 import type { WritableLayerKind } from '../../src/agent/runtime/rootfs.js';
+import type { ChipmunkError } from '../../src/shared/errors.js';
 import type { AgentContainer, ContainerSpec, MigrationMode } from '../../src/shared/protocol.js';
 import type { RuntimePair } from '../contract/runtime.contract.js';
 import { execIn, mustExecIn } from '../support/in-container.js';
@@ -26,7 +29,7 @@ before(async () => {
   await prepareRuncPairs();
 });
 
-async function withPair(fn: (pair: RuntimePair) => Promise<void>, opts: { writableLayer?: WritableLayerKind } = {}): Promise<void> {
+async function withPair(fn: (pair: RuntimePair) => Promise<void>, opts: { writableLayer?: WritableLayerKind; userNamespace?: boolean } = {}): Promise<void> {
   const pair = await makeRuncPair(opts);
   try {
     await fn(pair);
@@ -213,6 +216,127 @@ describe('SQLite in DELETE journal mode (remembers its database file\'s inode nu
         t.diagnostic((await pair.target.logs(moved.name)).split('\n').find((l) => l.includes('DBMOVED'))!);
       },
       { writableLayer: 'directory' },
+    ));
+});
+
+// ------------------------------------------------------------------ a non-root user
+
+/**
+ * A server that drops to uid/gid 101 (what Debian's postgres user is) and keeps its state in
+ * memory: a counter POST / increments and a token drawn at its start, so a restart (a fresh
+ * token, count 0) cannot pass for a restore.
+ */
+const NON_ROOT_SERVER = `
+import http.server, json, os
+os.setgroups([]); os.setgid(101); os.setuid(101)
+token = os.urandom(8).hex()
+count = 0
+class H(http.server.BaseHTTPRequestHandler):
+    def answer(self):
+        body = json.dumps({"token": token, "count": count, "uid": os.getuid(), "gid": os.getgid()}).encode()
+        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers(); self.wfile.write(body)
+    def do_GET(self): self.answer()
+    def do_POST(self):
+        global count
+        count += 1
+        self.answer()
+    def log_message(self, *args): pass
+http.server.HTTPServer(("0.0.0.0", ${HTTP_PORT}), H).serve_forever()
+`;
+
+interface ServerState {
+  token: string;
+  count: number;
+  uid: number;
+  gid: number;
+}
+
+/** One request to the server on a test host of this pair; retried until it answers (a restore's first moments). */
+async function serverState(address: string, method: 'GET' | 'POST'): Promise<ServerState> {
+  assert.ok(RUNC_PAIR_NODES.some((n) => n.address === address), `${address} is not a test host of this pair`);
+  const deadline = Date.now() + 15_000;
+  for (;;) {
+    try {
+      return await new Promise<ServerState>((resolve, reject) => {
+        const req = request({ host: address, port: HOST_PORT, path: '/', method, agent: false, timeout: 2_000 }, (res) => {
+          let body = '';
+          res.setEncoding('utf8').on('data', (d: string) => (body += d));
+          res.on('end', () => (res.statusCode === 200 ? resolve(JSON.parse(body) as ServerState) : reject(new Error(`HTTP ${res.statusCode}`))));
+        });
+        req.on('timeout', () => req.destroy(new Error('timed out')));
+        req.on('error', reject);
+        req.end();
+      });
+    } catch (err) {
+      if (Date.now() > deadline) throw new Error(`${method} http://${address}:${HOST_PORT}/: ${(err as Error).message}`);
+      await sleep(100);
+    }
+  }
+}
+
+/** Runs the server on the pair's source and counts to 3; returns it and what it said. */
+async function startNonRootServer(pair: RuntimePair, name: string): Promise<{ c: AgentContainer; state: ServerState }> {
+  const c = await pair.source.run(spec(name, ['/usr/bin/python3', '-c', NON_ROOT_SERVER]));
+  const src = RUNC_PAIR_NODES[0].address;
+  for (let i = 0; i < 3; i++) await serverState(src, 'POST');
+  const state = await serverState(src, 'GET');
+  assert.deepEqual({ uid: state.uid, gid: state.gid, count: state.count }, { uid: 101, gid: 101, count: 3 }, 'the server runs as 101 and counted to 3');
+  return { c, state };
+}
+
+/** On the target: the same process memory (token), the count it had, still uid 101, and it counts on. */
+async function assertSameServer(before: ServerState, what: string): Promise<void> {
+  const dst = RUNC_PAIR_NODES[1].address;
+  const after = await serverState(dst, 'GET');
+  assert.deepEqual(after, before, `${what}: the server kept its memory and user`);
+  assert.equal((await serverState(dst, 'POST')).count, before.count + 1, `${what}: it counts on`);
+}
+
+describe('a process running as a non-root user (uid 101), in a user namespace of its own', () => {
+  it('a checkpoint leaves it running, and restored on another node (the failover path) it has its memory', { timeout }, () =>
+    withPair(async (pair) => {
+      const { c, state } = await startNonRootServer(pair, 'nonroot-ckpt');
+      const checkpointId = `ckpt-${randomBytes(3).toString('hex')}`;
+      const ckpt = await pair.source.checkpoint(c.name, checkpointId);
+      assert.equal((await pair.source.get(c.name)).status, 'running');
+      assert.deepEqual(await serverState(RUNC_PAIR_NODES[0].address, 'GET'), state, 'it runs on after the checkpoint');
+      await pair.source.stop(c.name, { timeoutMs: 5_000 });
+      await pair.source.remove(c.name);
+      const id = `restore-${randomBytes(3).toString('hex')}`;
+      await pair.target.prepareRestore(c.spec, { migrationId: id, mode: 'copy', generation: c.generation + 1 });
+      await pair.copyTrees(id, ckpt.paths);
+      await pair.target.restore(c.spec, { migrationId: id, mode: 'copy', generation: c.generation + 1 });
+      await pair.source.discardCheckpoint(checkpointId);
+      await assertSameServer(state, 'after a restore of its checkpoint');
+    }));
+
+  for (const mode of ['copy', 'lazy'] as const) {
+    it(`a ${mode} move keeps its memory and user`, { timeout }, (t) =>
+      withPair(async (pair) => {
+        if (mode === 'lazy' && !pair.source.capabilities.lazyMigration) return t.skip('no lazy migration on these hosts');
+        const { c, state } = await startNonRootServer(pair, `nonroot-${mode}`);
+        await move(pair, c, mode);
+        await assertSameServer(state, `after a ${mode} move`);
+      }));
+  }
+
+  it('without a user namespace (agent --userns off), a dump on a node without CAP_SYS_RESOURCE fails naming the capability and the fix', { timeout }, (t) =>
+    withPair(
+      async (pair) => {
+        const capEff = /^CapEff:\s*([0-9a-f]+)/m.exec(readFileSync('/proc/self/status', 'utf8'))![1]!;
+        if ((BigInt(`0x${capEff}`) >> 24n) & 1n) return t.skip('this host grants CAP_SYS_RESOURCE: CRIU can read any rlimit');
+        const { c, state } = await startNonRootServer(pair, 'nonroot-off');
+        const id = `mig-copy-${randomBytes(3).toString('hex')}`;
+        await assert.rejects(pair.source.dump(c.name, { migrationId: id, mode: 'copy' }), (err: ChipmunkError) => {
+          assert.equal(err.code, 'CHIPMUNK_CAPABILITY_MISSING', err.message);
+          assert.match(err.message, /CAP_SYS_RESOURCE/);
+          assert.match(err.message, /user namespace/);
+          assert.doesNotMatch(err.message, /NOTIFY/);
+          return true;
+        });
+        assert.deepEqual(await serverState(RUNC_PAIR_NODES[0].address, 'GET'), state, 'the failed dump left it running as it was');
+      },
+      { userNamespace: false },
     ));
 });
 

@@ -19,7 +19,8 @@ import {
   type TestHost,
   type TestNetwork,
 } from '../../src/cluster/index.js';
-import { run } from '../../src/shared/exec.js';
+import { routeContainerSubnet } from '../../src/cluster/routes.js';
+import { run, runUnchecked } from '../../src/shared/exec.js';
 
 const network: TestNetwork = {
   bridge: 'chmkt-br0',
@@ -33,10 +34,12 @@ const HOSTS = [
   { name: 'b', address: '198.18.1.12' },
 ];
 const PORT = 7499;
+const CONTAINER_SUBNET = '198.19.250.0/24';
+const CONTAINER_ADDRESS = '198.19.250.5';
 
 /** A tiny HTTP server inside a test host that names the host it runs in. */
-function startListener(host: TestHost): ChildProcess {
-  const script = `require('node:http').createServer((req, res) => res.end('hello from ${host.name}')).listen(${PORT}, '${host.address}', () => console.log('listening'))`;
+function startListener(host: TestHost, address = host.address): ChildProcess {
+  const script = `require('node:http').createServer((req, res) => res.end('hello from ${host.name}')).listen(${PORT}, '${address}', () => console.log('listening'))`;
   const [cmd, args] = inNetns(host.netns, process.execPath, ['-e', script]);
   return spawn(cmd, args, { stdio: ['ignore', 'pipe', 'inherit'] });
 }
@@ -102,6 +105,31 @@ describe('test hosts', () => {
     const [a, b] = hosts as [TestHost, TestHost];
     assert.equal(await fetchFrom(a.netns, `http://${b.address}:${PORT}/`), 'hello from b');
     assert.equal(await fetchFrom(b.netns, `http://${a.address}:${PORT}/`), 'hello from a');
+  });
+
+  it('guards the whole test range: an address no test host holds is unreachable, never sent out', async () => {
+    const stray = await runUnchecked('ip', ['route', 'get', '198.19.255.77']);
+    assert.notEqual(stray.code, 0, `198.19.255.77 would be routed: ${stray.stdout}`);
+    assert.match(stray.stderr, /No route to host/);
+    assert.match((await run('ip', ['route', 'show', '198.18.0.0/15'])).stdout, /^unreachable 198\.18\.0\.0\/15/);
+    const local = await run('ip', ['route', 'get', HOSTS[0]!.address]);
+    assert.match(local.stdout, new RegExp(`dev ${network.bridge}`), 'a test host is still reached on its bridge');
+  });
+
+  it('routes a container subnet to the test host that owns it', async () => {
+    const [a] = hosts as [TestHost];
+    // An address of the subnet on host a's loopback stands in for a container behind it.
+    await run(...inNetns(a.netns, 'ip', ['addr', 'replace', `${CONTAINER_ADDRESS}/32`, 'dev', 'lo']));
+    await routeContainerSubnet(CONTAINER_SUBNET, a.address, network.bridge);
+    await routeContainerSubnet(CONTAINER_SUBNET, a.address, network.bridge); // idempotent
+    const listener = startListener(a, CONTAINER_ADDRESS);
+    try {
+      await untilListening(listener);
+      assert.equal(await fetchFrom(undefined, `http://${CONTAINER_ADDRESS}:${PORT}/`), 'hello from a');
+    } finally {
+      listener.kill('SIGKILL');
+      await once(listener, 'exit');
+    }
   });
 
   it('killAllInHost kills every process in the test host, and only those', async () => {

@@ -21,6 +21,7 @@ import { after, before } from 'node:test';
 
 import { DEFAULT_RUN_DIR, DEFAULT_STATE_DIR, clusterRevive, readClusterState, type LocalClusterState } from '../../src/cluster/index.js';
 import { ensureTestImages } from '../../src/devtools/images.js';
+import { ControllerClient } from '../../src/shared/controller-client.js';
 import type { ErrorJSON } from '../../src/shared/errors.js';
 import type { AgentContainer, ContainerView } from '../../src/shared/protocol.js';
 import { waitFor } from './wait.js';
@@ -340,11 +341,8 @@ export async function agentContainers(node: string): Promise<AgentContainer[]> {
 
 /** What the controller records for each container (GET /v1/containers), polled quickly. */
 export async function controllerContainers(): Promise<ContainerView[]> {
-  const { controllerUrl } = localCluster().state;
-  const url = new URL(controllerUrl);
-  const res = await http<ContainerView[]>(url.hostname, Number(url.port), '/v1/containers', 'GET', { token: localCluster().token });
-  if (res.status !== 200) throw new Error(`GET /v1/containers on the controller: HTTP ${res.status} ${JSON.stringify(res.body)}`);
-  return res.body;
+  const { state, token } = localCluster();
+  return new ControllerClient({ urls: [state.controllerUrl], token, timeoutMs: 10_000 }).containers();
 }
 
 export interface RuncContainer {

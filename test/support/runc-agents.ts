@@ -21,6 +21,7 @@ import { CheckpointStore, checkpointStoreRoutes } from '../../src/checkpoint-sto
 import { HttpAgentApi } from '../../src/controller/agent-client.js';
 import { runUnchecked } from '../../src/shared/exec.js';
 import { installApiConventions } from '../../src/shared/http.js';
+import { TermFence } from '../../src/shared/term-fence.js';
 import type { AgentCluster } from '../contract/agent.contract.js';
 import { RUNC_PAIR_NODES, makeRuncPair } from './runc-pair.js';
 
@@ -72,6 +73,7 @@ export async function makeRuncAgents(): Promise<AgentCluster> {
         images: new ImageStore(),
         scratchDir,
         faults: new FaultInjector(false),
+        termFence: await TermFence.open(join(root, `leader-term-${cfg.node}`)),
       });
       servers.push(app);
       const url = await app.listen({ host: '127.0.0.1', port: 0 });

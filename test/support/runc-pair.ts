@@ -90,9 +90,10 @@ interface NodeFixture {
 /**
  * `writableLayer`: what the runtimes make new containers' writable layers of; unset, what
  * CHIPMUNK_RUNC_PAIR_LAYER says (directory or image, to run a whole suite on image layers),
- * else the runtime's default.
+ * else the runtime's default. `userNamespace`: new containers in their own user namespace; the
+ * runtime's default (yes) if not given.
  */
-export async function makeRuncPair(opts: { writableLayer?: WritableLayerKind } = {}): Promise<RuntimePair> {
+export async function makeRuncPair(opts: { writableLayer?: WritableLayerKind; userNamespace?: boolean } = {}): Promise<RuntimePair> {
   const writableLayer = opts.writableLayer ?? layerFromEnv(process.env.CHIPMUNK_RUNC_PAIR_LAYER);
   assert.ok(capabilities, 'call prepareRuncPairs() first');
   const root = await mkdtemp(join(tmpdir(), TMP_PREFIX));
@@ -130,6 +131,7 @@ export async function makeRuncPair(opts: { writableLayer?: WritableLayerKind } =
           hostNetns: netnsPath(hostNetns(cfg.host)),
           resolvConfPath: resolvConf,
           ...(writableLayer ? { writableLayer } : {}),
+          ...(opts.userNamespace !== undefined ? { userNamespace: opts.userNamespace } : {}),
         });
         return { cfg, runtime, dataDir, runDir };
       }),

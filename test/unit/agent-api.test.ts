@@ -14,7 +14,8 @@ import type { ImageStore } from '../../src/agent/runtime/images.js';
 import { FakeRuntime } from '../../src/agent/runtime/fake-runtime.js';
 import { buildAgentServer } from '../../src/agent/server.js';
 import { HttpAgentApi } from '../../src/controller/agent-client.js';
-import { NotFoundError } from '../../src/shared/errors.js';
+import { NotFoundError, StaleTermError, UnauthorizedError } from '../../src/shared/errors.js';
+import { TermFence } from '../../src/shared/term-fence.js';
 import { removeTree } from '../../src/shared/remove-tree.js';
 
 const TOKEN = 'agent-api-test';
@@ -24,6 +25,7 @@ describe('agent API over HTTP', () => {
   let api: HttpAgentApi;
   let runtime: FakeRuntime;
   let scratch: string;
+  let url: string;
 
   before(async () => {
     scratch = await mkdtemp(join(tmpdir(), 'chipmunk-agent-api-'));
@@ -36,11 +38,13 @@ describe('agent API over HTTP', () => {
       images,
       scratchDir: join(scratch, 'scratch'),
       faults: new FaultInjector(false),
+      termFence: await TermFence.open(join(scratch, 'leader-term')),
     });
     await app.listen({ host: '127.0.0.1', port: 0 });
     const address = app.server.address();
     assert.ok(address && typeof address === 'object');
-    api = new HttpAgentApi({ node: 'n1', url: `http://127.0.0.1:${address.port}`, token: TOKEN });
+    url = `http://127.0.0.1:${address.port}`;
+    api = new HttpAgentApi({ node: 'n1', url, token: TOKEN });
     await api.run({ name: 'web', image: 'chipmunk/statefulapp', command: [], env: {}, ports: [], memoryBytes: 0 });
   });
 
@@ -56,6 +60,16 @@ describe('agent API over HTTP', () => {
     assert.ok(dumped.imageBytes > 0);
     assert.equal((await api.get('web')).status, 'migrating');
     assert.equal((await api.rollback('m1')).status, 'running');
+  });
+
+  it('refuses calls from a deposed controller leader once a newer one has called', async () => {
+    const asLeader = (term: number, token = TOKEN) => new HttpAgentApi({ node: 'n1', url, token, term: () => term });
+    assert.equal((await asLeader(5).get('web')).name, 'web');
+    await assert.rejects(asLeader(99, 'wrong-token').get('web'), UnauthorizedError, 'a caller without the token raises nothing');
+    assert.equal((await asLeader(5).get('web')).name, 'web');
+    await asLeader(6).get('web');
+    await assert.rejects(asLeader(5).stop('web'), (err: unknown) => err instanceof StaleTermError && /term 6/.test(err.message));
+    assert.equal((await api.get('web')).status, 'running', 'the stale stop changed nothing; a call without a term still passes');
   });
 
   it('a checkpoint leaves the container running; its trees wait on the agent until discarded', async () => {

@@ -46,6 +46,15 @@ const events: MigrationEvent[] = [
   { migrationId: 'm1', phase: 'restore', at: 5 },
 ];
 
+/** The URL of a port nothing listens on (it was just closed). */
+async function closedPortUrl(): Promise<string> {
+  const closed = createServer();
+  await new Promise<void>((resolve) => closed.listen(0, '127.0.0.1', resolve));
+  const port = (closed.address() as AddressInfo).port;
+  await new Promise((resolve) => closed.close(resolve));
+  return `http://127.0.0.1:${port}`;
+}
+
 async function bodyOf(req: IncomingMessage): Promise<unknown> {
   let text = '';
   for await (const chunk of req) text += chunk;
@@ -94,6 +103,13 @@ describe('chipmunk against a controller', () => {
         ]);
       }
       if (route === 'POST /v1/containers/cut/migrate') return ndjson(res, events.slice(0, 2));
+      if (route === 'POST /v1/containers/dropped/migrate') {
+        // The controller dies mid-stream: the connection ends without a proper end of the response.
+        res.writeHead(200, { 'content-type': 'application/x-ndjson' });
+        res.write(`${JSON.stringify(events[0])}\n`);
+        setTimeout(() => res.socket?.destroy(), 20);
+        return;
+      }
       json(res, 404, { code: 'CHIPMUNK_NOT_FOUND', message: `no route ${route}` });
     });
     await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
@@ -190,7 +206,53 @@ describe('chipmunk against a controller', () => {
   it('migrate fails clearly when the stream ends without a summary', async () => {
     const result = await runCli(['migrate', 'cut', '--to', 'node2'], env);
     assert.equal(result.code, 1);
-    assert.match(result.stderr, /closed the progress stream before migration of cut to node2 finished/);
+    assert.match(result.stderr, /lost the progress stream of the migration of cut to node2 before it finished \(the controller closed it\)/);
+    assert.match(result.stderr, /chipmunk ps/);
+  });
+
+  it('migrate says where to look when the controller dies mid-stream', async () => {
+    const result = await runCli(['migrate', 'dropped', '--to', 'node2'], env);
+    assert.equal(result.code, 1);
+    assert.match(result.stderr, /lost the progress stream of the migration of dropped to node2 before it finished \(.+\).*'chipmunk ps' and 'chipmunk migrations' \(CHIPMUNK_UNAVAILABLE\)/);
+  });
+
+  it('with several controller URLs, goes on to the next when one cannot be reached', async () => {
+    const dead = await closedPortUrl();
+    const result = await runCli(['ps', '--json', '--controller', `${dead},${env.CHIPMUNK_CONTROLLER}`], env);
+    assert.equal(result.code, 0, result.stderr);
+    assert.equal(JSON.parse(result.stdout)[0].name, 'web');
+    const none = await runCli(['ps'], { ...env, CHIPMUNK_CONTROLLER: `${dead},${await closedPortUrl()}` });
+    assert.equal(none.code, 1);
+    assert.match(none.stderr, /^error: no controller answers: .*ECONNREFUSED.*; .*ECONNREFUSED/);
+  });
+
+  it('never sends a mutation to a second controller once the first may have received it', async () => {
+    let runs = 0;
+    const dropping = createServer((req) => {
+      runs++;
+      req.socket.destroy(); // the request arrived; the answer is lost
+    });
+    await new Promise<void>((resolve) => dropping.listen(0, '127.0.0.1', resolve));
+    const droppingUrl = `http://127.0.0.1:${(dropping.address() as AddressInfo).port}`;
+    try {
+      const before = received.filter((r) => r.method === 'POST' && r.url === '/v1/containers').length;
+      const result = await runCli(['run', '--controller', `${droppingUrl},${env.CHIPMUNK_CONTROLLER}`, '--name', 'once', 'img'], env);
+      assert.equal(result.code, 1);
+      assert.match(result.stderr, /may have reached it, so it was not sent to another controller/);
+      assert.equal(runs, 1);
+      assert.equal(received.filter((r) => r.method === 'POST' && r.url === '/v1/containers').length, before, 'the second controller got nothing');
+      // A read is safe to send again: it goes on to the next controller.
+      const ps = await runCli(['ps', '--json', '--controller', `${droppingUrl},${env.CHIPMUNK_CONTROLLER}`], env);
+      assert.equal(ps.code, 0, ps.stderr);
+    } finally {
+      dropping.close();
+    }
+  });
+
+  it('refuses a bad controller URL list before sending anything', async () => {
+    const result = await runCli(['ps', '--controller', `${env.CHIPMUNK_CONTROLLER},`], env);
+    assert.equal(result.code, 2);
+    assert.match(result.stderr, /bad URL list/);
   });
 
   it('reports the controller\'s errors with exit code 1', async () => {
@@ -203,11 +265,7 @@ describe('chipmunk against a controller', () => {
   });
 
   it('says so when the controller is unreachable', async () => {
-    const closed = createServer();
-    await new Promise<void>((resolve) => closed.listen(0, '127.0.0.1', resolve));
-    const port = (closed.address() as AddressInfo).port;
-    await new Promise((resolve) => closed.close(resolve));
-    const result = await runCli(['ps', '--json'], { ...env, CHIPMUNK_CONTROLLER: `http://127.0.0.1:${port}` });
+    const result = await runCli(['ps', '--json'], { ...env, CHIPMUNK_CONTROLLER: await closedPortUrl() });
     assert.equal(result.code, 1);
     assert.match(result.stderr, /^error: controller is unreachable at http:\/\/127\.0\.0\.1:\d+ \(ECONNREFUSED\) \(CHIPMUNK_UNAVAILABLE\)/);
     assert.equal(JSON.parse(result.stdout).error.code, 'CHIPMUNK_UNAVAILABLE');

@@ -71,6 +71,14 @@ describe('chipmunk command-line errors', () => {
     assert.equal(requests, 0);
   });
 
+  it('rejects a --userns other than on or off for the agent', async () => {
+    assertUsageError(
+      await runCli(['agent', '--node', 'n1', '--controller', 'http://127.0.0.1:1', '--listen', '127.0.0.1:1', '--userns', 'auto'], env),
+      /bad --userns 'auto': use 'on' .* or 'off'/,
+    );
+    assert.equal(requests, 0);
+  });
+
   it('requires --to on migrate', async () => {
     assertUsageError(await runCli(['migrate', 'web'], env), /required option '--to <node>' not specified/);
     assert.equal(requests, 0);

@@ -7,8 +7,9 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { pino } from 'pino';
 import { request } from 'undici';
 import { ChipmunkError, ConflictError, InvalidInputError, NotFoundError, RuntimeFailedError, UnauthorizedError } from '../../src/shared/errors.js';
+import { ControllerClient } from '../../src/shared/controller-client.js';
 import { ApiClient } from '../../src/shared/http.js';
-import type { ContainerView, MigrationEvent, MigrationRecord, MigrationSummary, NodeView, RegisterNodeRequest } from '../../src/shared/protocol.js';
+import type { HeartbeatResponse, MigrationEvent, MigrationSummary, RegisterNodeRequest } from '../../src/shared/protocol.js';
 import { startController, type ControllerOptions, type RunningController } from '../../src/controller/index.js';
 import { FakeCluster } from '../fakes/agents.js';
 
@@ -16,7 +17,9 @@ const TOKEN = 'test-token';
 
 interface Env {
   controller: RunningController;
-  client: ApiClient;
+  /** The typed client everyone uses; `api` sends raw requests where the wire format is under test. */
+  client: ControllerClient;
+  api: ApiClient;
   cluster: FakeCluster;
 }
 
@@ -31,7 +34,7 @@ async function withController(run: (env: Env) => Promise<void>, opts: Partial<Co
     ...opts,
   });
   try {
-    await run({ controller, client: new ApiClient({ baseUrl: controller.url, token: TOKEN, peer: 'controller' }), cluster });
+    await run({ controller, client: new ControllerClient({ urls: [controller.url], token: TOKEN }), api: new ApiClient({ baseUrl: controller.url, token: TOKEN, peer: 'controller' }), cluster });
   } finally {
     await controller.close();
   }
@@ -44,16 +47,9 @@ function twoNodeCluster(): FakeCluster {
   return cluster;
 }
 
-/** What an agent's heartbeat does. (ApiClient has no PUT.) */
-async function heartbeat(controller: RunningController, node: RegisterNodeRequest): Promise<NodeView> {
-  const res = await request(`${controller.url}/v1/nodes/${node.name}`, {
-    method: 'PUT',
-    headers: { authorization: `Bearer ${TOKEN}`, 'content-type': 'application/json' },
-    body: JSON.stringify(node),
-  });
-  const text = await res.body.text();
-  assert.equal(res.statusCode, 200, text);
-  return JSON.parse(text) as NodeView;
+/** What an agent's heartbeat does. */
+function heartbeat(controller: RunningController, node: RegisterNodeRequest): Promise<HeartbeatResponse> {
+  return new ControllerClient({ urls: [controller.url], token: TOKEN }).heartbeat(node);
 }
 
 async function registerAll(env: Env, names = ['node1', 'node2']): Promise<void> {
@@ -91,7 +87,7 @@ describe('controller HTTP API', () => {
   it('registers nodes by heartbeat and lists them', () =>
     withController(async (env) => {
       await registerAll(env);
-      const nodes = await env.client.get<NodeView[]>('/v1/nodes');
+      const nodes = await env.client.nodes();
       assert.deepEqual(
         nodes.map((node) => [node.name, node.address, node.status]),
         [
@@ -112,12 +108,12 @@ describe('controller HTTP API', () => {
     withController(
       async (env) => {
         await registerAll(env, ['node1']);
-        assert.equal((await env.client.get<NodeView[]>('/v1/nodes'))[0].status, 'ready');
+        assert.equal((await env.client.nodes())[0].status, 'ready');
         await sleep(300);
-        assert.equal((await env.client.get<NodeView[]>('/v1/nodes'))[0].status, 'unreachable');
-        await assert.rejects(env.client.post('/v1/containers', runRequest('web', { node: 'node1' })), /node node1 is unreachable/);
+        assert.equal((await env.client.nodes())[0].status, 'unreachable');
+        await assert.rejects(env.client.run(runRequest('web', { node: 'node1' })), /node node1 is unreachable/);
         await heartbeat(env.controller, env.cluster.agent('node1').registration());
-        assert.equal((await env.client.get<NodeView[]>('/v1/nodes'))[0].status, 'ready');
+        assert.equal((await env.client.nodes())[0].status, 'ready');
       },
       { nodeReadyWithinMs: 100 },
     ));
@@ -125,12 +121,12 @@ describe('controller HTTP API', () => {
   it('runs containers, lists them with their published ports, and places by load', () =>
     withController(async (env) => {
       await registerAll(env);
-      const web = await env.client.post<ContainerView>('/v1/containers', runRequest('web', { node: 'node2' }));
+      const web = await env.client.run(runRequest('web', { node: 'node2' }));
       assert.deepEqual([web.name, web.node, web.status, web.ports], ['web', 'node2', 'running', ['10.0.0.2:8080->80/tcp']]);
-      const db = await env.client.post<ContainerView>('/v1/containers', runRequest('db'));
+      const db = await env.client.run(runRequest('db'));
       assert.equal(db.node, 'node1', 'the ready node with fewer containers');
 
-      const listed = await env.client.get<ContainerView[]>('/v1/containers');
+      const listed = await env.client.containers();
       assert.deepEqual(
         listed.map((view) => [view.name, view.node, view.ports[0]]),
         [
@@ -139,46 +135,46 @@ describe('controller HTTP API', () => {
         ],
       );
 
-      const logs = await env.client.stream('GET', '/v1/containers/web/logs?stream=stdout&tail=10');
+      const logs = await env.client.logs('web', { stream: 'stdout', tail: 10 });
       assert.match(String(logs.headers['content-type']), /^text\/plain/);
       assert.equal(await logs.body.text(), 'web on node2 (stdout)\n');
 
-      const stopped = await env.client.post<ContainerView>('/v1/containers/web/stop');
+      const stopped = await env.client.stop('web');
       assert.equal(stopped.status, 'stopped');
-      await env.client.delete('/v1/containers/web');
-      assert.deepEqual((await env.client.get<ContainerView[]>('/v1/containers')).map((view) => view.name), ['db']);
+      await env.client.remove('web');
+      assert.deepEqual((await env.client.containers()).map((view) => view.name), ['db']);
       assert.equal(env.cluster.agent('node2').containers.has('web'), false);
     }));
 
   it('refuses bad runs with clear errors and records nothing', () =>
     withController(async (env) => {
       await registerAll(env);
-      await env.client.post('/v1/containers', runRequest('web'));
+      await env.client.run(runRequest('web'));
 
-      await assert.rejects(env.client.post('/v1/containers', runRequest('api', { node: 'node7' })), (err: unknown) => {
+      await assert.rejects(env.client.run(runRequest('api', { node: 'node7' })), (err: unknown) => {
         assert.ok(err instanceof InvalidInputError);
         assert.match(err.message, /unknown node "node7".*chipmunk node ls/);
         return true;
       });
-      await assert.rejects(env.client.post('/v1/containers', runRequest('web')), ConflictError);
+      await assert.rejects(env.client.run(runRequest('web')), ConflictError);
       // The agent's own refusal comes through unchanged (an agent answers an unknown image with CHIPMUNK_INVALID_INPUT).
-      await assert.rejects(env.client.post('/v1/containers', runRequest('api', { image: 'missing-image' })), (err: unknown) => {
+      await assert.rejects(env.client.run(runRequest('api', { image: 'missing-image' })), (err: unknown) => {
         assert.ok(err instanceof InvalidInputError);
         assert.match(err.message, /unknown image 'missing-image'.*node/);
         return true;
       });
-      await assert.rejects(env.client.post('/v1/containers', { spec: { name: 'Bad Name', image: 'counter' } }), InvalidInputError);
+      await assert.rejects(env.client.run({ spec: { name: 'Bad Name', image: 'counter' } }), InvalidInputError);
 
-      assert.deepEqual((await env.client.get<ContainerView[]>('/v1/containers')).map((view) => view.name), ['web']);
-      await assert.rejects(env.client.post('/v1/containers/nope/stop'), NotFoundError);
+      assert.deepEqual((await env.client.containers()).map((view) => view.name), ['web']);
+      await assert.rejects(env.client.stop('nope'), NotFoundError);
     }));
 
   it('streams a migration as NDJSON, ending with its summary', () =>
     withController(async (env) => {
       await registerAll(env);
-      await env.client.post('/v1/containers', runRequest('web', { node: 'node1' }));
+      await env.client.run(runRequest('web', { node: 'node1' }));
 
-      const { contentType, lines } = await migrate(env.client, 'web', { to: 'node2' });
+      const { contentType, lines } = await migrate(env.api, 'web', { to: 'node2' });
       assert.match(contentType, /^application\/x-ndjson/);
       const events = lines.slice(0, -1) as MigrationEvent[];
       assert.deepEqual(
@@ -189,9 +185,9 @@ describe('controller HTTP API', () => {
       assert.ok('summary' in last, `last line: ${JSON.stringify(last)}`);
       assert.deepEqual([last.summary.from, last.summary.to, last.summary.mode], ['node1', 'node2', 'lazy']);
 
-      const [web] = await env.client.get<ContainerView[]>('/v1/containers');
+      const [web] = await env.client.containers();
       assert.deepEqual([web.node, web.status, web.ports], ['node2', 'running', ['10.0.0.2:8080->80/tcp']]);
-      const [record] = await env.client.get<MigrationRecord[]>('/v1/migrations');
+      const [record] = await env.client.migrations();
       assert.deepEqual([record.id, record.phase], [last.summary.id, 'done']);
       assert.equal(env.cluster.runningCopies('web'), 1);
     }));
@@ -199,17 +195,17 @@ describe('controller HTTP API', () => {
   it('streams a failed migration to its error line; refuses an impossible one with an ordinary error', () =>
     withController(async (env) => {
       await registerAll(env);
-      await env.client.post('/v1/containers', runRequest('web', { node: 'node1' }));
+      await env.client.run(runRequest('web', { node: 'node1' }));
 
-      await assert.rejects(migrate(env.client, 'web', { to: 'node1' }), (err: unknown) => {
+      await assert.rejects(migrate(env.api, 'web', { to: 'node1' }), (err: unknown) => {
         assert.ok(err instanceof InvalidInputError);
         assert.match(err.message, /already on node node1/);
         return true;
       });
-      await assert.rejects(migrate(env.client, 'web', { to: 'Not A Node' }), InvalidInputError);
+      await assert.rejects(migrate(env.api, 'web', { to: 'Not A Node' }), InvalidInputError);
 
       env.cluster.agent('node2').failNext('restore', new RuntimeFailedError('criu restore failed', { op: 'restore', logPath: '/var/log/r.log' }));
-      const { lines } = await migrate(env.client, 'web', { to: 'node2' });
+      const { lines } = await migrate(env.api, 'web', { to: 'node2' });
       const last = lines.at(-1)!;
       assert.ok('error' in last, `last line: ${JSON.stringify(last)}`);
       assert.equal(last.error.code, 'CHIPMUNK_MIGRATION_FAILED');
@@ -220,9 +216,9 @@ describe('controller HTTP API', () => {
         ['rollback', 'failed'],
       );
 
-      const [web] = await env.client.get<ContainerView[]>('/v1/containers');
+      const [web] = await env.client.containers();
       assert.deepEqual([web.node, web.status], ['node1', 'running']);
-      const [record] = await env.client.get<MigrationRecord[]>('/v1/migrations');
+      const [record] = await env.client.migrations();
       assert.equal(record.phase, 'failed');
       assert.equal(record.error?.code, 'CHIPMUNK_MIGRATION_FAILED');
       assert.equal(env.cluster.runningCopies('web'), 1);
@@ -236,23 +232,23 @@ describe('controller HTTP API', () => {
       await withController(
         async (env) => {
           await registerAll(env);
-          await env.client.post('/v1/containers', runRequest('web', { node: 'node1' }));
-          await env.client.post('/v1/containers', runRequest('db', { node: 'node2' }));
-          await migrate(env.client, 'web', { to: 'node2' });
+          await env.client.run(runRequest('web', { node: 'node1' }));
+          await env.client.run(runRequest('db', { node: 'node2' }));
+          await migrate(env.api, 'web', { to: 'node2' });
         },
         { storeSpec, cluster },
       );
       await withController(
         async (env) => {
           assert.deepEqual(
-            (await env.client.get<ContainerView[]>('/v1/containers')).map((view) => [view.name, view.node, view.status]),
+            (await env.client.containers()).map((view) => [view.name, view.node, view.status]),
             [
               ['db', 'node2', 'running'],
               ['web', 'node2', 'running'],
             ],
           );
-          assert.deepEqual((await env.client.get<NodeView[]>('/v1/nodes')).map((node) => node.name), ['node1', 'node2']);
-          assert.deepEqual((await env.client.get<MigrationRecord[]>('/v1/migrations')).map((record) => record.phase), ['done']);
+          assert.deepEqual((await env.client.nodes()).map((node) => node.name), ['node1', 'node2']);
+          assert.deepEqual((await env.client.migrations()).map((record) => record.phase), ['done']);
         },
         { storeSpec, cluster },
       );

@@ -1,7 +1,7 @@
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 
-import type { HostCheck } from '../../src/agent/host/capabilities.js';
+import { sysResourceCheck, type HostCheck } from '../../src/agent/host/capabilities.js';
 import { doctorExitCode, doctorJson, renderDoctorTable } from '../../src/cli/doctor.js';
 
 const healthy: HostCheck[] = [
@@ -68,5 +68,29 @@ describe('doctorExitCode and doctorJson', () => {
   it('wraps the checks with the same verdict', () => {
     assert.deepEqual(doctorJson([...healthy, softDirtyOff]), { ok: true, checks: [...healthy, softDirtyOff] });
     assert.deepEqual(doctorJson([runcMissing]), { ok: false, checks: [runcMissing] });
+  });
+});
+
+describe('the CAP_SYS_RESOURCE check', () => {
+  const limits = 'Limit                     Soft Limit           Hard Limit           Units\nMax open files            1024                 524288               files\n';
+  // Root's usual effective set, without (bit 24 clear) and with CAP_SYS_RESOURCE.
+  const without = 'Name:\tnode\nCapEff:\t000001fffeffffff\n';
+  const withIt = 'Name:\tnode\nCapEff:\t000001ffffffffff\n';
+
+  it('without it, says that non-root processes of containers without a user namespace cannot be checkpointed or migrated, and the fix', () => {
+    const check = sysResourceCheck(limits, without);
+    assert.equal(check.status, 'warn');
+    assert.match(check.detail, /non-root processes in containers without a user namespace of their own \(agent --userns off\) cannot be checkpointed or migrated/);
+    assert.match(check.detail, /containers in their own user namespace \(the default\) are not affected/);
+    assert.doesNotMatch(check.detail, /harmless/);
+    assert.match(check.fix ?? '', /--userns on/);
+    assert.match(check.fix ?? '', /CAP_SYS_RESOURCE/);
+    assert.match(renderDoctorTable([check]), /How to fix:\n {2}keep the agent's --userns on/);
+  });
+
+  it('with it, is ok and names the limits', () => {
+    const check = sysResourceCheck(limits, withIt);
+    assert.equal(check.status, 'ok');
+    assert.match(check.detail, /^present; nofile 1024\/524288/);
   });
 });

@@ -6,7 +6,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { pino } from 'pino';
 import { request } from 'undici';
-import { ConflictError, InvalidInputError, NotFoundError, UnauthorizedError } from '../../src/shared/errors.js';
+import { ConflictError, InvalidInputError, NotFoundError, StaleTermError, UnauthorizedError } from '../../src/shared/errors.js';
 import { GatewayClient, startGateway } from '../../src/gateway/index.js';
 import type { RouteTableFile } from '../../src/gateway/protocol.js';
 import { LOOPBACK, TOKEN, eventually, freePort, httpUpstream, withGateway } from './gateway-env.js';
@@ -204,6 +204,30 @@ describe('gateway API', () => {
     } finally {
       await a.kill();
       await b.kill();
+      await rm(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('refuses calls from a deposed controller leader, also after a restart', async () => {
+    const dir = await mkdtemp(join(tmpdir(), 'chipmunk-gateway-term-'));
+    const stateFile = join(dir, 'routes.json');
+    const start = () => startGateway({ apiListen: { host: LOOPBACK, port: 0 }, routeHost: LOOPBACK, token: TOKEN, stateFile, logger: pino({ level: 'silent' }) });
+    const asLeader = (url: string, term: number) => new GatewayClient({ url, token: TOKEN, term: () => term });
+    const listenPort = await freePort();
+    const first = await start();
+    try {
+      await asLeader(first.url, 3).putRoute('web', { protocol: 'http', listenPort, upstream: { address: LOOPBACK, port: 1 } });
+      await asLeader(first.url, 4).listRoutes();
+      await rejectsWith(asLeader(first.url, 3).removeRoute('web'), StaleTermError, /newer controller leader \(term 4\)/);
+    } finally {
+      await first.close();
+    }
+    const second = await start();
+    try {
+      await rejectsWith(asLeader(second.url, 3).removeRoute('web'), StaleTermError, /term 4/);
+      assert.deepEqual((await asLeader(second.url, 4).listRoutes()).map((r) => r.name), ['web'], 'the stale remove changed nothing');
+    } finally {
+      await second.close();
       await rm(dir, { recursive: true, force: true });
     }
   });

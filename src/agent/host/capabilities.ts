@@ -46,17 +46,15 @@ const CRIU_MIN_VERSION = [4, 2] as const;
 const CNI_PLUGINS = ['bridge', 'host-local', 'portmap', 'loopback'] as const;
 const PROBE_TIMEOUT_MS = 10_000;
 const CAP_SYS_RESOURCE_BIT = 24n;
-/** What chipmunk's containers.conf sets when it may not raise rlimits (see scripts/setup.sh). */
-const CONTAINER_RLIMIT_WITHOUT_CAP = 4096;
 const RUN_SETUP = 'npm run setup';
 
 export async function runHostChecks(opts: HostProbeOptions = {}): Promise<HostCheck[]> {
   const criuPath = resolveCriuPath(opts);
-  const [criu, runc, cgroup, nofile, pipePages, pipeMaxSize, ipForward, podman, cni, iptables, nsenter, ip, tar, mkfsExt4] = await Promise.all([
+  const [criu, runc, cgroup, sysResource, pipePages, pipeMaxSize, uffd, ipForward, podman, cni, iptables, nsenter, ip, tar, mkfsExt4] = await Promise.all([
     probeCriu(criuPath, { withSelfCheck: true }),
     checkRunc(),
     readCgroupMode(),
-    checkNofile(),
+    checkSysResource(),
     checkSysctl({
       id: 'pipe-user-pages-soft',
       key: 'fs.pipe-user-pages-soft',
@@ -69,6 +67,12 @@ export async function runHostChecks(opts: HostProbeOptions = {}): Promise<HostCh
       want: '268435456',
       atLeast: true,
       why: 'the lazy page server grows its pipes past the 1 MiB default, which needs CAP_SYS_RESOURCE otherwise ("page-pipe: tee: Operation not permitted")',
+    }),
+    checkSysctl({
+      id: 'unprivileged-userfaultfd',
+      key: 'vm.unprivileged_userfaultfd',
+      want: '1',
+      why: 'a lazy restore of a container in its own user namespace opens its userfaultfd without the host\'s CAP_SYS_PTRACE ("Unable to open an userfaultfd descriptor: Operation not permitted")',
     }),
     checkSysctl({
       id: 'ip-forward',
@@ -89,9 +93,10 @@ export async function runHostChecks(opts: HostProbeOptions = {}): Promise<HostCh
     runc,
     ...criuChecks(criuPath, criu),
     cgroupCheck(cgroup),
-    nofile,
+    sysResource,
     pipePages,
     pipeMaxSize,
+    uffd,
     ipForward,
     podman,
     cni,
@@ -464,21 +469,35 @@ function cgroupCheck(mode: CgroupMode): HostCheck {
   return { id: 'cgroup', title, status: 'ok', detail: `${mode} (runc supports it)` };
 }
 
-async function checkNofile(): Promise<HostCheck> {
-  const title = 'RLIMIT_NOFILE';
+async function checkSysResource(): Promise<HostCheck> {
   const [limits, status] = await Promise.all([readText('/proc/self/limits'), readText('/proc/self/status')]);
+  return sysResourceCheck(limits, status);
+}
+
+/**
+ * What CAP_SYS_RESOURCE's absence costs, from /proc/self/limits and /proc/self/status. CRIU
+ * reads every dumped task's rlimits, which for a task of another user needs the capability in
+ * the task's user namespace: without it on the host, a container that shares the host's user
+ * namespace (agent --userns off) cannot be checkpointed or migrated once it runs a non-root
+ * process (PostgreSQL, anything that drops root). A container in a user namespace of its own
+ * (the agent's default) is not affected: the host's root, its owner, holds every capability
+ * there. Containers also get the agent's rlimits, never raised ones (setrlimit would fail).
+ */
+export function sysResourceCheck(limits: string | undefined, status: string | undefined): HostCheck {
+  const id = 'cap-sys-resource';
+  const title = 'CAP_SYS_RESOURCE';
   const nofile = limits && /^Max open files\s+(\S+)\s+(\S+)/m.exec(limits);
   const limit = nofile ? `nofile ${nofile[1]}/${nofile[2]} (soft/hard)` : 'nofile unreadable';
   const capEff = status && /^CapEff:\s*([0-9a-f]+)/m.exec(status)?.[1];
-  if (!capEff) return { id: 'nofile', title, status: 'warn', detail: `${limit}; CapEff unreadable in /proc/self/status` };
-  if ((BigInt(`0x${capEff}`) >> CAP_SYS_RESOURCE_BIT) & 1n) {
-    return { id: 'nofile', title, status: 'ok', detail: `${limit}; CAP_SYS_RESOURCE present` };
-  }
-  // Without it, a container whose config raises RLIMIT_NOFILE/NPROC fails to start (setrlimit EPERM).
+  if (!capEff) return { id, title, status: 'warn', detail: `CapEff unreadable in /proc/self/status; ${limit}` };
+  if ((BigInt(`0x${capEff}`) >> CAP_SYS_RESOURCE_BIT) & 1n) return { id, title, status: 'ok', detail: `present; ${limit}` };
   return {
-    id: 'nofile',
+    id,
     title,
     status: 'warn',
-    detail: `${limit}; no CAP_SYS_RESOURCE: containers get nofile/nproc ${CONTAINER_RLIMIT_WITHOUT_CAP}, and CRIU logs a harmless "Can't setup RLIMIT_NOFILE"`,
+    detail:
+      'absent: non-root processes in containers without a user namespace of their own (agent --userns off) cannot be checkpointed or migrated ' +
+      `(CRIU may not read their rlimits); containers in their own user namespace (the default) are not affected. Containers keep the agent's rlimits, never raised (${limit})`,
+    fix: 'keep the agent\'s --userns on (the default), or grant the agent CAP_SYS_RESOURCE',
   };
 }

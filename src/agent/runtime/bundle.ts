@@ -5,12 +5,17 @@
 import type { ContainerSpec } from '../../shared/protocol.js';
 import type { EtcMounts } from './etc-files.js';
 import type { ImageConfig } from './images.js';
+import { interfaceMoveHook } from './network.js';
 
 export interface BundleInputs {
   spec: ContainerSpec;
   image: ImageConfig;
   rootfs: string;
+  /** The namespace CNI attached: the container's own, or with a user namespace a staging one (network.ts). */
+  netns: string;
   netnsPath: string;
+  /** Run it in a user namespace of its own (USER_NAMESPACE_IDS). */
+  userNamespace: boolean;
   cgroupsPath: string;
   hostname: string;
   /** CRIU config file runc passes to CRIU (org.criu.config), e.g. restore options. */
@@ -25,6 +30,17 @@ const DEFAULT_CAPS = [
   'CAP_CHOWN', 'CAP_DAC_OVERRIDE', 'CAP_FSETID', 'CAP_FOWNER', 'CAP_MKNOD', 'CAP_NET_RAW', 'CAP_SETGID',
   'CAP_SETUID', 'CAP_SETFCAP', 'CAP_SETPCAP', 'CAP_NET_BIND_SERVICE', 'CAP_SYS_CHROOT', 'CAP_KILL', 'CAP_AUDIT_WRITE',
 ];
+
+/**
+ * The ids of a container's own user namespace: the host's, one to one, so the image's files
+ * (Podman's layers, owned by host ids) are owned inside by whom the image says, volumes and the
+ * writable layer need no change of owner, and a restore on any node maps the same way. What the
+ * namespace changes is who holds capabilities: the container's root holds them only over what
+ * its user namespace owns, and the host's root, its owner, holds every one inside it (CRIU
+ * needs CAP_SYS_RESOURCE there to dump non-root processes, criu.ts). A range of ids of its own
+ * would also keep its root from being the host's (docs/compatibility.md: why not yet).
+ */
+export const USER_NAMESPACE_IDS = [{ containerID: 0, hostID: 0, size: 4294967295 }];
 
 export function processArgs(spec: ContainerSpec, image: ImageConfig): string[] {
   const args = spec.command.length > 0 ? [...image.entrypoint, ...spec.command] : [...image.entrypoint, ...image.cmd];
@@ -70,16 +86,20 @@ export function buildOciConfig(b: BundleInputs): Record<string, unknown> {
       ...b.etcMounts.map((m) => ({ destination: m.destination, type: 'bind', source: m.source, options: ['rbind', 'ro'] })),
       ...(b.spec.volumes ?? []).map((v) => ({ destination: v.path, type: 'bind', source: b.volumeDir(v.name), options: ['rbind', 'rw'] })),
     ],
+    ...(b.userNamespace ? { hooks: { prestart: [interfaceMoveHook(b.netns)] } } : {}),
     linux: {
       cgroupsPath: b.cgroupsPath,
       resources,
       namespaces: [
         { type: 'pid' },
-        { type: 'network', path: b.netnsPath },
+        // In a user namespace, runc makes the network namespace and the hook moves the attached interface in.
+        b.userNamespace ? { type: 'network' } : { type: 'network', path: b.netnsPath },
         { type: 'ipc' },
         { type: 'uts' },
         { type: 'mount' },
+        ...(b.userNamespace ? [{ type: 'user' }] : []),
       ],
+      ...(b.userNamespace ? { uidMappings: USER_NAMESPACE_IDS, gidMappings: USER_NAMESPACE_IDS } : {}),
       maskedPaths: [
         '/proc/acpi', '/proc/asound', '/proc/kcore', '/proc/keys', '/proc/latency_stats', '/proc/timer_list',
         '/proc/timer_stats', '/proc/sched_debug', '/sys/firmware', '/proc/scsi',

@@ -53,6 +53,11 @@ export interface RuncRuntimeOptions {
    * numbers across moves and is a disk quota (rootfs.ts).
    */
   writableLayer?: WritableLayerKind;
+  /**
+   * Run new containers in a user namespace of their own (bundle.ts; default true). Without one,
+   * a node lacking CAP_SYS_RESOURCE cannot dump their non-root processes (criu.ts).
+   */
+  userNamespace?: boolean;
   /** Where warnings go (a damaged record read from its previous copy); console.warn if not given. */
   onWarning?: RecordWarning;
 }
@@ -187,7 +192,9 @@ export class RuntimeContext {
       spec: rec.spec,
       image,
       rootfs: join(dir, 'rootfs'),
+      netns: rec.netns,
       netnsPath: netnsPath(rec.netns),
+      userNamespace: rec.userNamespace === true,
       cgroupsPath: this.layout.cgroupsPath(name, rec.generation),
       hostname: name,
       criuConfigPath: criuOptionsPath(dir),
@@ -196,6 +203,29 @@ export class RuntimeContext {
     });
     for (const v of rec.spec.volumes ?? []) await mkdir(this.layout.volumeDir(name, v.name), { recursive: true });
     await writeFile(join(dir, 'config.json'), JSON.stringify(config, null, 2));
+  }
+
+  /**
+   * The network namespace the container's processes are in, for commands that act on it (CRIU's
+   * network lock); undefined when they are gone. With a user namespace it is not the attached
+   * one (network.ts) and lives only as long as they do.
+   */
+  async containerNetnsPath(rec: ContainerRecord): Promise<string | undefined> {
+    if (!rec.userNamespace) return netnsPath(rec.netns);
+    const pid = (await this.runc.state(this.runcId(rec)))?.pid;
+    return pid && pid > 0 ? `/proc/${pid}/ns/net` : undefined;
+  }
+
+  /**
+   * Before a restore into a user namespace: the staging namespace must hold its interface for
+   * the hook to move in. A rollback's earlier incarnation took it along when it was dumped, so
+   * it is attached again (possibly at another address; the bundle is written after this).
+   */
+  async ensureStagedInterface(rec: ContainerRecord): Promise<void> {
+    if (!rec.userNamespace || (await this.network.hasInterface(rec.netns))) return;
+    await this.network.detach(rec.netns, this.cniId(rec), rec.spec.ports);
+    rec.ip = (await this.network.attach(rec.netns, this.cniId(rec), rec.spec.ports)).ip;
+    await this.records.write(rec);
   }
 
   async mountContainerRootfs(name: string, image: ImageConfig): Promise<void> {

@@ -12,15 +12,15 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { closeSync, constants, existsSync, openSync } from 'node:fs';
-import { readFile, writeFile } from 'node:fs/promises';
+import { readdir, readFile, writeFile } from 'node:fs/promises';
 import { Socket } from 'node:net';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { RuntimeFailedError } from '../../shared/errors.js';
+import { CapabilityMissingError, RuntimeFailedError } from '../../shared/errors.js';
 import { lastLines, runUnchecked } from '../../shared/exec.js';
 import type { MigrationMode } from '../../shared/protocol.js';
 import { within } from '../../shared/time.js';
-import { inHostNetns, netnsPath } from './network.js';
+import { inHostNetns } from './network.js';
 import type { Runc } from './runc.js';
 
 export interface PageServer {
@@ -81,27 +81,73 @@ export async function criuFailureSummary(logPath: string): Promise<string> {
   return errors.slice(-2).join('; ');
 }
 
+/**
+ * CRIU reads every task's resource limits (prlimit), which for a task of another user needs
+ * CAP_SYS_RESOURCE in the task's user namespace. Root of a host that withholds it (a VM, a
+ * privileged pod, these test machines) has it only in user namespaces it owns: a container
+ * without one of its own (agent --userns off) cannot be dumped once it runs a non-root process.
+ */
+const RLIMIT_DENIED = /Can't get rlimit \d+: Operation not permitted/;
+
 /** A dump that failed: runc's last words, CRIU's own, and the log that has the rest. */
-async function dumpFailedError(what: string, res: { code: number; stderr: string }, logPath: string): Promise<RuntimeFailedError> {
+async function dumpFailedError(what: string, res: { code: number; stderr: string }, logPath: string): Promise<Error> {
+  const log = await readFile(logPath, 'utf8').catch(() => '');
+  const denied = RLIMIT_DENIED.exec(log);
+  if (denied) {
+    return new CapabilityMissingError(
+      `${what} failed: it runs a process as a non-root user, and CRIU may not read that process's resource limits without CAP_SYS_RESOURCE, which this node withholds (CRIU: ${denied[0]}). ` +
+        'Run the container in a user namespace of its own (start the agent without --userns off, then run the container again), or give the agent CAP_SYS_RESOURCE',
+      { op: 'runc checkpoint', capability: 'CAP_SYS_RESOURCE' },
+    );
+  }
   const criuSays = await criuFailureSummary(logPath);
   const why = [lastLines(res.stderr, 3) || `runc exited ${res.code}`, criuSays ? `CRIU: ${criuSays}` : ''].filter(Boolean).join('; ');
   return new RuntimeFailedError(`${what} failed: ${why}`, { op: 'runc checkpoint', logPath, stderr: lastLines(res.stderr, 20) });
 }
 
 /**
+ * Whether CRIU dumped the container with a user namespace of its own (a `userns-ID.img`): the
+ * restore must then run it in one too (network.ts says why that changes its network), whatever
+ * the restoring node's own setting for new containers.
+ */
+export async function dumpedWithUserNamespace(images: string): Promise<boolean> {
+  const entries = await readdir(images).catch(() => [] as string[]);
+  return entries.some((e) => /^userns-\d+\.img$/.test(e));
+}
+
+/**
  * Removes the packet filter CRIU installs in the container's namespace while it dumps
  * ("network lock"). A successful restore removes it; a dump that fails after locking
  * (e.g. the lazy page server breaking) unfreezes the processes but leaves it, and the
- * container, though running, would drop every packet.
+ * container, though running, would drop every packet. `netnsPath`: the container's namespace
+ * (RuntimeContext.containerNetnsPath); none when it is gone with the container.
  */
-export async function removeCriuNetworkLock(netns: string): Promise<void> {
+export async function removeCriuNetworkLock(netnsPath: string | undefined): Promise<void> {
+  if (!netnsPath) return;
   for (const tool of ['iptables', 'ip6tables']) {
-    const inNs = (args: string[]) => runUnchecked('nsenter', [`--net=${netnsPath(netns)}`, '--', tool, ...args]);
+    const inNs = (args: string[]) => runUnchecked('nsenter', [`--net=${netnsPath}`, '--', tool, ...args]);
     if ((await inNs(['-L', 'CRIU', '-n'])).code !== 0) continue;
     await inNs(['-D', 'INPUT', '-j', 'CRIU']);
     await inNs(['-D', 'OUTPUT', '-j', 'CRIU']);
     await inNs(['-F', 'CRIU']);
     await inNs(['-X', 'CRIU']);
+  }
+}
+
+/**
+ * A lazy restore opens a userfaultfd in the restored task, inside the container's user namespace
+ * when it has one, where the host's CAP_SYS_PTRACE does not reach: the kernel then allows it only
+ * with vm.unprivileged_userfaultfd=1 (scripts/setup.sh sets it). Said before the restore starts,
+ * rather than as CRIU's "Unable to open an userfaultfd descriptor" after it failed.
+ */
+export async function assertLazyRestorePossible(userNamespace: boolean): Promise<void> {
+  if (!userNamespace) return;
+  const setting = (await readFile('/proc/sys/vm/unprivileged_userfaultfd', 'utf8').catch(() => '')).trim();
+  if (setting === '0') {
+    throw new CapabilityMissingError(
+      'a lazy restore of a container in a user namespace of its own needs vm.unprivileged_userfaultfd=1 on the target node, which is 0 here: run `sysctl -w vm.unprivileged_userfaultfd=1` (npm run setup does), or migrate with --mode copy',
+      { sysctl: 'vm.unprivileged_userfaultfd' },
+    );
   }
 }
 

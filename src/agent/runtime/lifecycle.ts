@@ -40,6 +40,7 @@ export class ContainerLifecycle {
           netns: ctx.layout.netnsName(spec.name, 0),
           ip: '',
           createdAt: new Date().toISOString(),
+          userNamespace: ctx.opts.userNamespace ?? true,
         };
         await ctx.mountContainerRootfs(spec.name, image);
         const att = await ctx.network.attach(rec.netns, ctx.cniId(rec), spec.ports);

@@ -52,7 +52,7 @@ export class LocalCheckpoints {
       }
       const resumed = await ctx.runc.exec(['resume', id], { inHostNetns: true });
       const frozenMs = Date.now() - frozenAt;
-      await removeCriuNetworkLock(rec.netns);
+      await removeCriuNetworkLock(await ctx.containerNetnsPath(rec));
       // A container left frozen is worse than a lost checkpoint: that error wins.
       if (resumed.code !== 0) throw failed('runc resume: the container may still be frozen', resumed.stderr);
       if (failure) throw failure;
@@ -83,7 +83,7 @@ export class LocalCheckpoints {
       if (rec.migration || (await ctx.runc.state(id))?.status !== 'paused') continue;
       const res = await ctx.runc.exec(['resume', id], { timeoutMs: 30_000 });
       if (res.code !== 0) throw new RuntimeFailedError(`container '${name}' was left paused by an interrupted checkpoint and cannot be resumed: ${lastLines(res.stderr, 3)}`, { op: 'runc resume' });
-      await removeCriuNetworkLock(rec.netns);
+      await removeCriuNetworkLock(await ctx.containerNetnsPath(rec));
       resumed.push(name);
     }
     return resumed;

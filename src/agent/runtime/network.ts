@@ -3,6 +3,16 @@
  * plugins from Debian's containernetworking-plugins (bridge + host-local IPAM, then portmap for
  * published ports). The namespace is created under /var/run/netns so runc can be pointed at
  * it by path, and so a restore can put the container into a fresh namespace on the target.
+ *
+ * A container in a user namespace of its own cannot use that namespace: CRIU dumps it only if
+ * every namespace of the container belongs to the container's user namespace, and restores it
+ * into a user namespace it creates itself, which no namespace made beforehand can belong to.
+ * So runc (or CRIU, on restore) makes the container's network namespace, and the one attached
+ * here is a staging namespace: an OCI prestart hook (`interfaceMoveHook`), which runc runs once
+ * the container's namespaces exist and before its processes run (on restore: before CRIU
+ * restores their sockets), moves the attached interface into the container's namespace with
+ * its address and default route. The staging namespace keeps the name, the CNI attachment
+ * (address reservation, port mappings) and is what detach releases.
  */
 import { existsSync } from 'node:fs';
 import { mkdir } from 'node:fs/promises';
@@ -30,6 +40,26 @@ export interface Attachment {
 }
 
 const NETNS_DIR = '/var/run/netns';
+/** The interface CNI creates in the container's namespace. */
+const IFNAME = 'eth0';
+
+/**
+ * The prestart hook of a container in its own user namespace (top of this file): runc gives it
+ * the container's state (with its pid) on stdin. Address and route are read from the staging
+ * namespace before the move, which drops them.
+ */
+export function interfaceMoveHook(stagingNetns: string): { path: string; args: string[]; env: string[]; timeout: number } {
+  const script = [
+    'set -eu',
+    `pid=$(sed -n 's/.*"pid": *\\([0-9][0-9]*\\).*/\\1/p')`,
+    '[ -n "$pid" ]',
+    `addr=$(ip -n "$1" -o -4 addr show dev ${IFNAME} | awk '{print $4}')`,
+    `gw=$(ip -n "$1" -4 route show default | awk '{print $3}')`,
+    `ip -n "$1" link set ${IFNAME} netns "$pid"`,
+    `nsenter --net=/proc/$pid/ns/net -- sh -c 'ip link set lo up && ip addr add "$0" dev ${IFNAME} && ip link set ${IFNAME} up && ip route add default via "$1"' "$addr" "$gw"`,
+  ].join('\n');
+  return { path: '/bin/sh', args: ['sh', '-c', script, 'chipmunk-interface-move', stagingNetns], env: ['PATH=/usr/sbin:/usr/bin:/sbin:/bin'], timeout: 20 };
+}
 
 export function netnsPath(name: string): string {
   return `${NETNS_DIR}/${name}`;
@@ -59,6 +89,14 @@ export class CniNetwork {
       await this.detach(netns, containerId, ports);
       throw err;
     }
+  }
+
+  /**
+   * Whether the staging namespace still holds the interface: a prestart hook moved it into a
+   * container's namespace, where it died with that container's last process.
+   */
+  async hasInterface(netns: string): Promise<boolean> {
+    return (await runUnchecked('ip', ['-n', netns, 'link', 'show', IFNAME])).code === 0;
   }
 
   /** Releases only the published ports, keeping address and namespace. Idempotent. */
@@ -124,7 +162,7 @@ export class CniNetwork {
       CNI_COMMAND: command,
       CNI_CONTAINERID: containerId,
       CNI_NETNS: netnsPath(netns),
-      CNI_IFNAME: 'eth0',
+      CNI_IFNAME: IFNAME,
       CNI_PATH: this.cniPath,
     };
   }

@@ -32,8 +32,14 @@ export const ContainerRecord = Type.Object({
   /** The image as resolved when the container was created here (or prepared for a restore). */
   image: ImageConfigRecord,
   generation: Type.Integer({ minimum: 0 }),
+  /** The network namespace CNI attached (with a user namespace, a staging one: network.ts). */
   netns: Type.String(),
   ip: Type.String(),
+  /**
+   * The incarnation runs in a user namespace of its own (bundle.ts): set at run from the node's
+   * setting, at a restore from the dump. Absent in records of older agents: none.
+   */
+  userNamespace: Type.Optional(Type.Boolean()),
   createdAt: Type.String(),
   /** Set when the operator stopped it or it exited; cleared when it runs again. */
   stopped: Type.Optional(Type.Boolean()),

@@ -65,7 +65,7 @@ export class SourceMigrations {
         });
       } catch (err) {
         // CRIU has unfrozen the container: it runs here as before, minus the lock CRIU may have left.
-        await removeCriuNetworkLock(rec.netns);
+        await removeCriuNetworkLock(await ctx.containerNetnsPath(rec));
         const current = await ctx.records.read(name);
         delete current.migration;
         await ctx.records.write(current);
@@ -92,7 +92,7 @@ export class SourceMigrations {
       const rec = await ctx.records.read(name);
       // A failed dump unfreezes the container: then it simply still runs here.
       if ((await ctx.runc.state(ctx.runcId(rec)))?.status === 'running' && !isDumping(mig)) {
-        await removeCriuNetworkLock(rec.netns);
+        await removeCriuNetworkLock(await ctx.containerNetnsPath(rec));
         delete rec.migration;
         await ctx.records.write(rec);
         ctx.sources.delete(migrationId);

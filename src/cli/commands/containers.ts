@@ -1,6 +1,6 @@
 /** `chipmunk run|ps|logs|stats|stop|rm`: containers, through the controller. */
 import type { Command } from 'commander';
-import type { ContainerStats, ContainerView, ExposedRoute, PortMapping, RunRequest, VolumeMount } from '../../shared/protocol.js';
+import type { ContainerView, PortMapping, RunRequest, VolumeMount } from '../../shared/protocol.js';
 import { formatBytes, formatDuration } from '../../shared/units.js';
 import { controllerClient } from '../context.js';
 import { addConnectionOptions, addJsonOption, collectEnv, collectPort, collectVolume, parseCheckpointInterval, parseContainerName, parseMemory, parseNodeName, parsePort, parseRouteProtocol } from '../options.js';
@@ -20,10 +20,6 @@ interface RunOptions {
 function describeContainer(view: ContainerView): string {
   const ports = view.ports.length ? ` (${view.ports.join(', ')})` : '';
   return `${view.name} ${view.status} on ${view.node}${ports}`;
-}
-
-function containerPath(name: string): string {
-  return `/v1/containers/${encodeURIComponent(name)}`;
 }
 
 export function registerContainerCommands(program: Command): void {
@@ -50,14 +46,14 @@ export function registerContainerCommands(program: Command): void {
       ...(opts.node ? { node: opts.node } : {}),
       ...(opts.checkpointEvery ? { protection: { everyMs: opts.checkpointEvery } } : {}),
     };
-    const view = await (await controllerClient(cmd)).post<ContainerView>('/v1/containers', request);
+    const view = await (await controllerClient(cmd)).run(request);
     if (opts.json) printJson(view);
     else process.stdout.write(`${describeContainer(view)}\n`);
   });
 
   addConnectionOptions(addJsonOption(program.command('ps').description('list containers'))).action(
     async (opts: { json?: boolean }, cmd: Command) => {
-      const views = await (await controllerClient(cmd)).get<ContainerView[]>('/v1/containers');
+      const views = await (await controllerClient(cmd)).containers();
       const containers = views.map(({ name, node, status, image, ports, endpoints, protection }) => ({ name, node, status, image, ports, endpoints, ...(protection ? { protection } : {}) }));
       if (opts.json) {
         printJson(containers);
@@ -71,7 +67,7 @@ export function registerContainerCommands(program: Command): void {
   addConnectionOptions(
     addJsonOption(program.command('logs').description("a container's output (stdout and stderr)").argument('<name>', 'container name', parseContainerName)),
   ).action(async (name: string, opts: { json?: boolean }, cmd: Command) => {
-    const res = await (await controllerClient(cmd)).stream('GET', `${containerPath(name)}/logs`);
+    const res = await (await controllerClient(cmd)).logs(name);
     if (opts.json) {
       printJson({ name, logs: await res.body.text() });
       return;
@@ -82,7 +78,7 @@ export function registerContainerCommands(program: Command): void {
   addConnectionOptions(
     addJsonOption(program.command('stats').description("a container's CPU and memory use, from its cgroups").argument('<name>', 'container name', parseContainerName)),
   ).action(async (name: string, opts: { json?: boolean }, cmd: Command) => {
-    const stats = await (await controllerClient(cmd)).get<ContainerStats>(`${containerPath(name)}/stats`);
+    const stats = await (await controllerClient(cmd)).stats(name);
     if (opts.json) {
       printJson(stats);
       return;
@@ -103,7 +99,7 @@ export function registerContainerCommands(program: Command): void {
         .option('--protocol <protocol>', 'http or tcp', parseRouteProtocol, 'http'),
     ),
   ).action(async (name: string, opts: { port: number; listen?: number; protocol: 'http' | 'tcp'; json?: boolean }, cmd: Command) => {
-    const route = await (await controllerClient(cmd)).post<ExposedRoute>(`${containerPath(name)}/expose`, {
+    const route = await (await controllerClient(cmd)).expose(name, {
       port: opts.port,
       ...(opts.listen !== undefined ? { listen: opts.listen } : {}),
       protocol: opts.protocol,
@@ -115,7 +111,7 @@ export function registerContainerCommands(program: Command): void {
   addConnectionOptions(
     addJsonOption(program.command('unexpose').description('stop serving a container through the gateway').argument('<name>', 'container name', parseContainerName)),
   ).action(async (name: string, opts: { json?: boolean }, cmd: Command) => {
-    await (await controllerClient(cmd)).delete(`${containerPath(name)}/expose`);
+    await (await controllerClient(cmd)).unexpose(name);
     if (opts.json) printJson({ name, exposed: false });
     else process.stdout.write(`${name} is no longer exposed\n`);
   });
@@ -123,7 +119,7 @@ export function registerContainerCommands(program: Command): void {
   addConnectionOptions(
     addJsonOption(program.command('stop').description('stop a container (it stays listed)').argument('<name>', 'container name', parseContainerName)),
   ).action(async (name: string, opts: { json?: boolean }, cmd: Command) => {
-    const view = await (await controllerClient(cmd)).post<ContainerView>(`${containerPath(name)}/stop`);
+    const view = await (await controllerClient(cmd)).stop(name);
     if (opts.json) printJson(view);
     else process.stdout.write(`${describeContainer(view)}\n`);
   });
@@ -131,7 +127,7 @@ export function registerContainerCommands(program: Command): void {
   addConnectionOptions(
     addJsonOption(program.command('rm').description('remove a container').argument('<name>', 'container name', parseContainerName)),
   ).action(async (name: string, opts: { json?: boolean }, cmd: Command) => {
-    await (await controllerClient(cmd)).delete(containerPath(name));
+    await (await controllerClient(cmd)).remove(name);
     if (opts.json) printJson({ name, removed: true });
     else process.stdout.write(`${name} removed\n`);
   });

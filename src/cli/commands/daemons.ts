@@ -6,7 +6,7 @@ import type { Command } from 'commander';
 import pino from 'pino';
 
 import { daemonToken } from '../context.js';
-import { addJsonOption, parseIPv4Cidr, parseListen, parseLeaderLease, parseNodeLease, parseNodeName, parsePositiveInt, parseUrl, parseWritableLayer, type ListenAddress } from '../options.js';
+import { addJsonOption, parseIPv4Cidr, parseListen, parseLeaderLease, parseNodeLease, parseNodeName, parsePositiveInt, parseUrl, parseUserns, parseWritableLayer, type ListenAddress } from '../options.js';
 import { printJson } from '../output.js';
 
 const DEFAULT_CONTROLLER_LISTEN = '127.0.0.1:7400';
@@ -80,6 +80,7 @@ interface AgentOptions {
   subnet: string;
   imageStore?: string;
   writableLayer: 'directory' | 'image';
+  userns: 'on' | 'off';
   json?: boolean;
 }
 
@@ -171,6 +172,12 @@ export function registerDaemonCommands(program: Command): void {
         "new containers' writable layer: directory, or image (ext4 in one file: keeps inode numbers across moves, which SQLite needs; a 10 GiB disk quota)",
         parseWritableLayer,
         'directory',
+      )
+      .option(
+        '--userns <on|off>',
+        'new containers in a user namespace of their own (on: capabilities count only inside it, and CRIU can dump non-root processes where the host withholds CAP_SYS_RESOURCE) or in the host\'s (off)',
+        parseUserns,
+        'on',
       ),
   ).action(async (opts: AgentOptions) => {
     const token = await daemonToken(opts.tokenFile);
@@ -185,6 +192,7 @@ export function registerDaemonCommands(program: Command): void {
       subnet: opts.subnet,
       imageStore: opts.imageStore,
       writableLayer: opts.writableLayer,
+      userNamespace: opts.userns === 'on',
     });
     await serveUntilStopped(opts.json, `agent ${opts.node}`, agent);
   });

@@ -6,38 +6,13 @@
  */
 import { Option, type Command } from 'commander';
 
-import { ChipmunkError, MigrationFailedError, errorFromJSON, type ErrorJSON } from '../../shared/errors.js';
+import type { MigrationStreamLine } from '../../shared/controller-client.js';
+import { ChipmunkError, UnavailableError, errorFromJSON } from '../../shared/errors.js';
 import type { MigrateRequest, MigrationEvent, MigrationMode, MigrationRecord, MigrationSummary } from '../../shared/protocol.js';
 import { formatBytes } from '../../shared/units.js';
 import { controllerClient } from '../context.js';
 import { addConnectionOptions, addJsonOption, parseContainerName, parseNodeName } from '../options.js';
 import { formatDuration, printJson, renderTable } from '../output.js';
-
-type StreamLine = MigrationEvent | { summary: MigrationSummary } | { error: ErrorJSON };
-
-async function* ndjsonLines(body: AsyncIterable<Buffer>): AsyncGenerator<StreamLine> {
-  // A multi-byte character can be split across chunks: decode in streaming mode.
-  const decoder = new TextDecoder();
-  let buffered = '';
-  const parse = (line: string): StreamLine => {
-    try {
-      return JSON.parse(line) as StreamLine;
-    } catch {
-      throw new ChipmunkError('CHIPMUNK_INTERNAL', `the controller sent a malformed progress line: ${line.slice(0, 200)}`);
-    }
-  };
-  for await (const chunk of body) {
-    buffered += decoder.decode(chunk, { stream: true });
-    let newline: number;
-    while ((newline = buffered.indexOf('\n')) >= 0) {
-      const line = buffered.slice(0, newline).trim();
-      buffered = buffered.slice(newline + 1);
-      if (line) yield parse(line);
-    }
-  }
-  buffered += decoder.decode();
-  if (buffered.trim()) yield parse(buffered.trim());
-}
 
 /**
  * On a terminal, one line rewritten in place; elsewhere (a pipe, a log) one line per phase, so
@@ -84,20 +59,29 @@ function renderSummary(summary: MigrationSummary): string {
   return `migrated ${summary.name} from ${summary.from} to ${summary.to} (${summary.mode})\n\n${renderTable(['PHASE', 'TIME'], [...phases, ...totals])}`;
 }
 
-async function followMigration(lines: AsyncIterable<StreamLine>, progress: ProgressDisplay | undefined, name: string, to: string): Promise<MigrationSummary> {
+/**
+ * Follows the stream to its summary or error line. A stream cut before either (the controller
+ * died or lost its leadership) does not end the migration: the controller, or the one taking
+ * over, finishes or undoes it, so the message says where to look instead of guessing how it ended.
+ */
+async function followMigration(lines: AsyncIterable<MigrationStreamLine>, progress: ProgressDisplay | undefined, name: string, to: string): Promise<MigrationSummary> {
+  let cut = 'the controller closed it';
   try {
     for await (const line of lines) {
       if ('summary' in line) return line.summary;
       if ('error' in line) throw errorFromJSON(line.error);
       progress?.show(line);
     }
+  } catch (err) {
+    if (err instanceof ChipmunkError) throw err;
+    cut = `${(err as Error).message}${(err as { code?: string }).code ? ` (${(err as { code?: string }).code})` : ''}`;
   } finally {
     progress?.finish();
   }
-  throw new MigrationFailedError(`the controller closed the progress stream before migration of ${name} to ${to} finished: check 'chipmunk ps'`, {
-    phase: 'prepare',
-    node: to,
-  });
+  throw new UnavailableError(
+    `lost the progress stream of the migration of ${name} to ${to} before it finished (${cut}): the controller finishes or undoes it on its own; see 'chipmunk ps' and 'chipmunk migrations'`,
+    { name, to },
+  );
 }
 
 export function registerMigrateCommand(program: Command): void {
@@ -117,10 +101,9 @@ export function registerMigrateCommand(program: Command): void {
     ),
   ).action(async (name: string, opts: { to: string; mode?: MigrationMode; json?: boolean }, cmd: Command) => {
     const request: MigrateRequest = { to: opts.to, ...(opts.mode ? { mode: opts.mode } : {}) };
-    const client = await controllerClient(cmd);
     // No timeout: a large container's transfer takes as long as it takes; the stream shows progress.
-    const res = await client.stream('POST', `/v1/containers/${encodeURIComponent(name)}/migrate`, request);
-    const summary = await followMigration(ndjsonLines(res.body), opts.json ? undefined : new ProgressDisplay(process.stdout), name, opts.to);
+    const lines = await (await controllerClient(cmd)).migrate(name, request);
+    const summary = await followMigration(lines, opts.json ? undefined : new ProgressDisplay(process.stdout), name, opts.to);
     if (opts.json) {
       const { from, to, mode, downtimeMs, totalMs, bytesTransferred } = summary;
       printJson({ name: summary.name, from, to, mode, downtimeMs, totalMs, bytesTransferred });
@@ -140,7 +123,7 @@ function outcomeOf(record: MigrationRecord): string {
 export function registerMigrationsCommand(program: Command): void {
   addConnectionOptions(addJsonOption(program.command('migrations').description('migrations the controller recorded, oldest first, and how each ended'))).action(
     async (opts: { json?: boolean }, cmd: Command) => {
-      const list = await (await controllerClient(cmd)).get<MigrationRecord[]>('/v1/migrations');
+      const list = await (await controllerClient(cmd)).migrations();
       if (opts.json) {
         printJson(list);
         return;

@@ -1,7 +1,6 @@
 /** `chipmunk node ls`. */
 import type { Command } from 'commander';
 
-import type { NodeView } from '../../shared/protocol.js';
 import { controllerClient } from '../context.js';
 import { addConnectionOptions, addJsonOption } from '../options.js';
 import { printJson, renderTable } from '../output.js';
@@ -11,7 +10,7 @@ export function registerNodeCommands(program: Command): void {
 
   addConnectionOptions(addJsonOption(node.command('ls').description('list the nodes the controller knows'))).action(
     async (opts: { json?: boolean }, cmd: Command) => {
-      const nodes = (await (await controllerClient(cmd)).get<NodeView[]>('/v1/nodes')).map(({ name, address, status }) => ({ name, address, status }));
+      const nodes = (await (await controllerClient(cmd)).nodes()).map(({ name, address, status }) => ({ name, address, status }));
       if (opts.json) printJson(nodes);
       else process.stdout.write(`${renderTable(['NAME', 'ADDRESS', 'STATUS'], nodes.map((n) => [n.name, n.address, n.status]))}\n`);
     },

@@ -3,18 +3,12 @@
  * containers, their checkpoints and the file versions those hold, through the controller.
  */
 import type { Command } from 'commander';
-import type { CheckpointDiff, CheckpointSummary, DirectoryListing } from '../../checkpoint-store/protocol.js';
-import type { ProtectionPolicy } from '../../shared/protocol.js';
+import type { CheckpointSummary, DirectoryListing } from '../../checkpoint-store/protocol.js';
 import { formatBytes, formatDuration } from '../../shared/units.js';
 import { controllerClient } from '../context.js';
 import { addConnectionOptions, addJsonOption, parseCheckpointInterval, parseContainerName } from '../options.js';
 import { printJson, renderTable } from '../output.js';
 
-/** A checkpoint as `checkpoint` answers it: the stored summary and how long the container was frozen. */
-type CheckpointRow = CheckpointSummary & { frozenMs?: number };
-
-const containerPath = (name: string) => `/v1/containers/${encodeURIComponent(name)}`;
-const storePath = (name: string) => `/v1/checkpoints/${encodeURIComponent(name)}`;
 
 export function registerProtectionCommands(program: Command): void {
   addConnectionOptions(
@@ -26,7 +20,7 @@ export function registerProtectionCommands(program: Command): void {
         .requiredOption('--every <duration>', 'checkpoint interval, e.g. 30s or 5m', parseCheckpointInterval),
     ),
   ).action(async (name: string, opts: { every: number; json?: boolean }, cmd: Command) => {
-    const policy = await (await controllerClient(cmd)).put<ProtectionPolicy>(`${containerPath(name)}/protection`, { everyMs: opts.every });
+    const policy = await (await controllerClient(cmd)).protect(name, { everyMs: opts.every });
     if (opts.json) printJson({ name, protection: policy });
     else process.stdout.write(`${name} is protected: checkpointed every ${formatDuration(policy.everyMs)}\n`);
   });
@@ -34,7 +28,7 @@ export function registerProtectionCommands(program: Command): void {
   addConnectionOptions(
     addJsonOption(program.command('unprotect').description('stop checkpointing a container (its checkpoints are kept)').argument('<name>', 'container name', parseContainerName)),
   ).action(async (name: string, opts: { json?: boolean }, cmd: Command) => {
-    await (await controllerClient(cmd)).delete(`${containerPath(name)}/protection`);
+    await (await controllerClient(cmd)).unprotect(name);
     if (opts.json) printJson({ name, protection: null });
     else process.stdout.write(`${name} is no longer protected\n`);
   });
@@ -42,7 +36,7 @@ export function registerProtectionCommands(program: Command): void {
   addConnectionOptions(
     addJsonOption(program.command('checkpoint').description('checkpoint a container now; it keeps running').argument('<name>', 'container name', parseContainerName)),
   ).action(async (name: string, opts: { json?: boolean }, cmd: Command) => {
-    const c = await (await controllerClient(cmd)).post<CheckpointRow>(`${containerPath(name)}/checkpoint`);
+    const c = await (await controllerClient(cmd)).checkpoint(name);
     if (opts.json) printJson(c);
     else process.stdout.write(`checkpoint ${c.id} of ${name}: ${formatBytes(c.logicalBytes)}, ${formatBytes(c.newBytes)} new, frozen ${c.frozenMs} ms\n`);
   });
@@ -50,7 +44,7 @@ export function registerProtectionCommands(program: Command): void {
   addConnectionOptions(
     addJsonOption(program.command('checkpoints').description("a container's checkpoints, newest first").argument('<name>', 'container name', parseContainerName)),
   ).action(async (name: string, opts: { json?: boolean }, cmd: Command) => {
-    const list = await (await controllerClient(cmd)).get<CheckpointRow[]>(`${containerPath(name)}/checkpoints`);
+    const list = await (await controllerClient(cmd)).checkpoints(name);
     if (opts.json) {
       printJson(list.map(({ id, time, logicalBytes, newBytes, logPosition, corrupt }) => ({ id, time, logicalBytes, newBytes, logPosition, ...(corrupt ? { corrupt } : {}) })));
       return;
@@ -69,7 +63,7 @@ export function registerProtectionCommands(program: Command): void {
         .requiredOption('--at <checkpoint>', 'checkpoint id (see `chipmunk checkpoints NAME`)'),
     ),
   ).action(async (name: string, path: string, opts: { at: string; json?: boolean }, cmd: Command) => {
-    const res = await (await controllerClient(cmd)).stream('GET', `${storePath(name)}/${encodeURIComponent(opts.at)}/files?path=${encodeURIComponent(path)}`);
+    const res = await (await controllerClient(cmd)).files(name, opts.at, path);
     const type = String(res.headers['content-type'] ?? '');
     if (!type.startsWith('application/json')) {
       for await (const chunk of res.body) process.stdout.write(chunk as Buffer);
@@ -94,9 +88,7 @@ export function registerProtectionCommands(program: Command): void {
         .argument('<to>', 'newer checkpoint id'),
     ),
   ).action(async (name: string, from: string, to: string, opts: { json?: boolean }, cmd: Command) => {
-    const diff = await (await controllerClient(cmd)).get<CheckpointDiff>(
-      `${storePath(name)}/diff?from=${encodeURIComponent(from)}&to=${encodeURIComponent(to)}`,
-    );
+    const diff = await (await controllerClient(cmd)).diff(name, from, to);
     if (opts.json) {
       printJson(diff);
       return;
@@ -114,14 +106,14 @@ export function registerProtectionCommands(program: Command): void {
         .requiredOption('--from <checkpoint>', 'checkpoint id (see `chipmunk checkpoints NAME`)'),
     ),
   ).action(async (name: string, opts: { from: string; json?: boolean }, cmd: Command) => {
-    const res = await (await controllerClient(cmd)).post<{ restoredFrom: string; safetyCheckpoint: string; checkpoint: string }>(`${containerPath(name)}/restore`, { from: opts.from });
+    const res = await (await controllerClient(cmd)).restore(name, opts.from);
     if (opts.json) printJson({ name, ...res });
     else process.stdout.write(`${name} runs from checkpoint ${res.restoredFrom} (its state before is checkpoint ${res.safetyCheckpoint})\n`);
   });
 
   addConnectionOptions(addJsonOption(program.command('failovers').description('failovers the controller ran, oldest first'))).action(
     async (opts: { json?: boolean }, cmd: Command) => {
-      const list = await (await controllerClient(cmd)).get<Array<Record<string, unknown> & { id: string; name: string; from: string; to?: string; outcome: string; detectedAt: number; finishedAt?: number; checkpoint?: string; replayed?: number }>>('/v1/failovers');
+      const list = await (await controllerClient(cmd)).failovers();
       if (opts.json) {
         printJson(list);
         return;
@@ -133,7 +125,7 @@ export function registerProtectionCommands(program: Command): void {
 }
 
 /** "SEQ@LOGID": a position is a seq in one particular request log (no id: stored by an older version). */
-function formatLogPosition(position: CheckpointRow['logPosition']): string {
+function formatLogPosition(position: CheckpointSummary['logPosition']): string {
   if (position === null) return '-';
   return `${position.seq}@${position.logId ?? 'unknown-log'}`;
 }
