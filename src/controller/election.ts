@@ -68,6 +68,8 @@ export class Election {
   private leader: Leader | undefined;
   /** What onChange was last told. */
   private told: Leader | undefined;
+  /** The term of the newest campaign under which this candidate led. */
+  private led: number | undefined;
   private watch: Watch | undefined;
   private closed = false;
   private retryTimer: NodeJS.Timeout | undefined;
@@ -104,6 +106,16 @@ export class Election {
     const leader = this.leader;
     if (!leader || leader.id !== this.opts.candidate.id) return leader;
     return this.term() === leader.term ? leader : undefined;
+  }
+
+  /**
+   * The term under which this candidate last led, whether or not it still leads: what its calls to
+   * agents and the gateway carry, so they refuse them once a newer leader reached them (work
+   * begun under that term may still be under way). Undefined if it never led: a candidate's own
+   * campaign term is newer than the leader's, and sending it would fence the leader out.
+   */
+  heldTerm(): number | undefined {
+    return this.led;
   }
 
   /** The compare that holds only while this candidate's campaign key stands: put it in every write a leader makes. */
@@ -251,6 +263,7 @@ export class Election {
   /** Tells onChange when the leader as seen (currentLeader) changed. */
   private tell(): void {
     const seen = this.currentLeader();
+    if (seen && seen.term === this.campaign?.term) this.led = seen.term;
     if (seen?.term === this.told?.term) return;
     this.told = seen;
     this.opts.onChange?.(seen);

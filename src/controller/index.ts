@@ -82,12 +82,14 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
   // Made once per store: it marks the gateway routes (and request logs) this controller owns.
   const storeId = await storeIdentity(store);
 
-  const agentFor: AgentResolver = opts.agentFactory ?? ((node) => new HttpAgentApi({ node: node.name, url: node.url, token: opts.token }));
-  const nodeLeaseMs = opts.nodeReadyWithinMs ?? DEFAULT_NODE_READY_WITHIN_MS;
-  // With etcd several controllers may share the store: they elect one to lead (leadership.ts), and
-  // every write but the nodes' heartbeats goes through the leader's fence (store/fenced.ts).
+  // With etcd several controllers may share the store: they elect one to lead (leadership.ts);
+  // every write but the nodes' heartbeats goes through the leader's fence (store/fenced.ts), and
+  // every call to agents and the gateway carries its term (src/shared/term-fence.ts).
   const elected = storeSpec.startsWith('etcd:');
   let leadership: Leadership | undefined;
+  const term = () => leadership?.heldTerm();
+  const agentFor: AgentResolver = opts.agentFactory ?? ((node) => new HttpAgentApi({ node: node.name, url: node.url, token: opts.token, term }));
+  const nodeLeaseMs = opts.nodeReadyWithinMs ?? DEFAULT_NODE_READY_WITHIN_MS;
   const leaderStore: StateStore = elected ? new FencedStore(store, () => leadership?.fence()) : store;
   const nodes = new NodeRegistry(store, nodeLeaseMs);
   const locks = new ContainerLocks(leaderStore);
@@ -97,7 +99,7 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
     leaderStore,
     async (node) => (await nodes.get(node).catch(() => undefined))?.address,
     logger,
-    opts.gateway ? { ...opts.gateway, token: opts.token, owner: storeId } : undefined,
+    opts.gateway ? { ...opts.gateway, token: opts.token, owner: storeId, term } : undefined,
     (node) => nodes.isReady(node),
   );
   const temporaryCheckpointDir = opts.checkpointDir || storeSpec.startsWith('sqlite:') ? undefined : await mkdtemp(join(tmpdir(), 'chipmunk-checkpoints-'));

@@ -72,6 +72,11 @@ export class Leadership {
     return this.election?.currentLeader();
   }
 
+  /** What calls to agents and the gateway carry (election.ts heldTerm); none when alone. */
+  heldTerm(): number | undefined {
+    return this.election?.heldTerm();
+  }
+
   /** The compare every write of this leader carries; undefined while it does not lead. */
   fence(): TxnCompare | undefined {
     return this.election?.fence();

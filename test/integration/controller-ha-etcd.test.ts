@@ -3,6 +3,9 @@
  * another takes over that work, starting with what the old one left locked.
  */
 import { after, describe, it } from 'node:test';
+import { once } from 'node:events';
+import { createServer } from 'node:http';
+import type { AddressInfo } from 'node:net';
 import assert from 'node:assert/strict';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -12,6 +15,7 @@ import { pino } from 'pino';
 import { request } from 'undici';
 import { ApiClient } from '../../src/shared/http.js';
 import { ChipmunkError } from '../../src/shared/errors.js';
+import { TERM_HEADER } from '../../src/shared/term-fence.js';
 import { ANSWERED_BY_HEADER, FORWARDED_BY_HEADER } from '../../src/controller/forward.js';
 import type { ContainerView } from '../../src/shared/protocol.js';
 import { startController, type RunningController } from '../../src/controller/index.js';
@@ -231,6 +235,55 @@ describe('controllers on one etcd', () => {
       await store.close();
       await proxy.close();
       await rm(checkpointDir, { recursive: true, force: true });
+    }
+  });
+
+  it("sends the leader's term with its calls to agents; a follower that never led sends none", async () => {
+    const etcd = await sharedEtcd();
+    const spec = `etcd://${etcd.endpoints}/term-test`;
+    // Stands in for an agent: answers every call with an error, noting the term header it came with.
+    const seen: { method: string; url: string; term: string | undefined }[] = [];
+    const agent = createServer((req, res) => {
+      seen.push({ method: req.method!, url: req.url!, term: req.headers[TERM_HEADER] as string | undefined });
+      res.writeHead(500, { 'content-type': 'application/json' }).end(JSON.stringify({ code: 'CHIPMUNK_INTERNAL', message: 'a stand-in' }));
+    });
+    agent.listen(0, '127.0.0.1');
+    await once(agent, 'listening');
+    const agentUrl = `http://127.0.0.1:${(agent.address() as AddressInfo).port}`;
+    const dirs: string[] = [];
+    const start = async () => {
+      const checkpointDir = await mkdtemp(join(tmpdir(), 'chipmunk-ha-checkpoints-'));
+      dirs.push(checkpointDir);
+      return startController({ listen: { host: '127.0.0.1', port: 0 }, token: TOKEN, storeSpec: spec, checkpointDir, leaderLeaseMs: 1000, logger: pino({ level: 'silent' }) });
+    };
+    const controllers: RunningController[] = [];
+    try {
+      const leader = await start();
+      controllers.push(leader);
+      await waitFor(() => leader.leading(), 5000, 'the first controller to lead');
+      const follower = await start();
+      controllers.push(follower);
+      await waitFor(() => follower.leader()?.term === leader.leader()?.term, 5000, 'the follower to see the leader');
+      const heartbeat = await request(`${follower.url}/v1/nodes/node1`, {
+        method: 'PUT',
+        headers: { authorization: `Bearer ${TOKEN}`, 'content-type': 'application/json' },
+        body: JSON.stringify({ name: 'node1', address: '127.0.0.1', url: agentUrl, capabilities: { lazyMigration: true, softDirty: true, cgroupMode: 'v2' } }),
+      });
+      assert.equal(heartbeat.statusCode, 200, await heartbeat.body.text());
+
+      const viaFollower = new ApiClient({ baseUrl: follower.url, token: TOKEN, peer: 'controller' });
+      await viaFollower.get('/v1/containers'); // the follower reads the agent itself
+      await viaFollower.post('/v1/containers', { spec: { name: 'web', image: 'counter', ports: [] } }).catch(() => undefined); // the leader runs it
+      const term = String(leader.leader()!.term);
+      await waitFor(() => seen.some((call) => call.method === 'POST'), 5000, 'the leader to call the agent');
+      for (const call of seen) {
+        if (call.method === 'POST') assert.equal(call.term, term, `${call.method} ${call.url} carries the leader's term`);
+      }
+      assert.ok(seen.some((call) => call.method === 'GET' && call.term === undefined), 'the follower, which never led, reads without a term');
+    } finally {
+      for (const c of controllers) await c.close();
+      agent.close();
+      for (const dir of dirs) await rm(dir, { recursive: true, force: true });
     }
   });
 });

@@ -64,12 +64,14 @@ describe('Election (on the memory store)', () => {
       const first = a.election.term()!;
       await waitFor(() => b.election.currentLeader()?.id === 'a' && c.election.currentLeader()?.id === 'a', 2000, 'b and c to see a lead');
       assert.equal(b.election.term(), undefined);
+      assert.deepEqual([a.election.heldTerm(), b.election.heldTerm()], [first, undefined], 'only a term that led is held');
       assert.equal(c.election.term(), undefined);
 
       await a.election.close();
       await waitFor(() => b.election.term(), 2000, 'b to lead');
       const second = b.election.term()!;
       assert.ok(second > first, `term ${second} after ${first}`);
+      assert.equal(b.election.heldTerm(), second);
       await waitFor(() => c.election.currentLeader()?.id === 'b', 2000, 'c to see b lead');
       assert.equal(c.election.term(), undefined);
 
@@ -108,6 +110,7 @@ describe('Election (on the memory store)', () => {
       assert.ok(steppedDownAt < expiredAt, `a stepped down ${Math.round(steppedDownAt - cutAt)} ms after the cut, its lease expired ${Math.round(expiredAt - cutAt)} ms after`);
       await waitFor(() => b.election.term(), 2000, 'b to lead');
       assert.ok(b.election.term()! > term);
+      assert.equal(a.election.heldTerm(), term, 'a deposed leader still holds the term its work was begun under');
     } finally {
       await a.election.close();
       await b.election.close();
