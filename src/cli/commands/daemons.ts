@@ -6,7 +6,7 @@ import type { Command } from 'commander';
 import pino from 'pino';
 
 import { daemonToken } from '../context.js';
-import { addJsonOption, parseIPv4Cidr, parseListen, parseNodeLease, parseNodeName, parsePositiveInt, parseUrl, parseUrlList, parseUserns, parseWritableLayer, type ListenAddress } from '../options.js';
+import { addJsonOption, parseIPv4Cidr, parseLeaderLease, parseListen, parseNodeLease, parseNodeName, parsePositiveInt, parseUrl, parseUrlList, parseUserns, parseWritableLayer, type ListenAddress } from '../options.js';
 import { printJson } from '../output.js';
 
 const DEFAULT_CONTROLLER_LISTEN = '127.0.0.1:7400';
@@ -55,6 +55,7 @@ interface ControllerOptions {
   checkpointReplicas?: number;
   checkpointStorePeers?: string[];
   nodeLease: number;
+  leaderLease: number;
   json?: boolean;
 }
 
@@ -91,16 +92,17 @@ export function registerDaemonCommands(program: Command): void {
       .command('controller')
       .description('run the controller: it knows the nodes and containers and orchestrates migrations')
       .option('--listen <host:port>', 'address to serve the API on', parseListen, parseListen(DEFAULT_CONTROLLER_LISTEN))
-      .option('--store <spec>', 'state store: sqlite:/path/to/file.db or memory:', DEFAULT_STORE)
+      .option('--store <spec>', 'state store: sqlite:/path/to/file.db, memory:, or etcd://HOST:PORT[,HOST:PORT...][/NAMESPACE] (an etcd cluster)', DEFAULT_STORE)
       .option('--token-file <file>', 'file holding the cluster token (default: $CHIPMUNK_TOKEN)')
       .option('--gateway <url>', "the gateway's API, for exposed services", parseUrl)
       .option('--gateway-host <address>', 'where clients reach the gateway (shown by ps)')
       .option('--advertise-url <url>', 'how agents reach this controller and its checkpoint store (default: the listen address)', parseUrl)
-      .option('--checkpoint-dir <dir>', 'where the checkpoint store keeps chunks and index (default: checkpoints/ beside the SQLite store)')
+      .option('--checkpoint-dir <dir>', 'where the checkpoint store keeps chunks and index (default: checkpoints/ beside the SQLite store; required with etcd)')
       .option('--keep-checkpoints <n>', 'checkpoints kept per container', parsePositiveInt, 5)
       .option('--checkpoint-replicas <n>', 'checkpoint store replicas each checkpoint must be committed on before it counts (default: 2 when peers are given, else 1)', parsePositiveInt)
       .option('--checkpoint-store-peers <urls>', "other controllers (URL,URL...) whose checkpoint stores are replicas too", parseUrlList)
-      .option('--node-lease <duration>', 'a node that has not heartbeated for this long is dead: its protected containers fail over', parseNodeLease, 5000),
+      .option('--node-lease <duration>', 'a node that has not heartbeated for this long is dead: its protected containers fail over', parseNodeLease, 5000)
+      .option('--leader-lease <duration>', 'with an etcd store: a leader that cannot renew its lease for this long stops leading, and another takes over', parseLeaderLease, 2000),
   ).action(async (opts: ControllerOptions) => {
     const token = await daemonToken(opts.tokenFile);
     // Loaded only here: the other commands need neither fastify nor the store.
@@ -119,6 +121,7 @@ export function registerDaemonCommands(program: Command): void {
       ...(opts.checkpointReplicas !== undefined ? { checkpointReplicas: opts.checkpointReplicas } : {}),
       ...(opts.checkpointStorePeers ? { checkpointStorePeers: opts.checkpointStorePeers } : {}),
       nodeReadyWithinMs: opts.nodeLease,
+      leaderLeaseMs: opts.leaderLease,
     });
     await serveUntilStopped(opts.json, 'controller', controller);
   });
