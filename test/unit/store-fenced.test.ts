@@ -3,6 +3,14 @@ import assert from 'node:assert/strict';
 import { NotLeaderError, StoreConflictError } from '../../src/shared/errors.js';
 import { FencedStore } from '../../src/controller/store/fenced.js';
 import { MemoryStore, type TxnCompare } from '../../src/controller/store/index.js';
+import { describeStoreContract } from '../contract/store.contract.js';
+
+// While the fence holds, a leader's view is a StateStore like any other.
+describeStoreContract('FencedStore over MemoryStore, while leading', async (opts) => {
+  const inner = new MemoryStore(opts);
+  const term = await inner.put('/election/controller/1', { id: 'me' });
+  return { store: new FencedStore(inner, () => ({ key: '/election/controller/1', modRevision: term })), cleanup: () => inner.close(), ownKeys: 1 };
+});
 
 /** A memory store with a leader's campaign key; `fence` is what the election would hand out. */
 async function fenced() {
