@@ -79,6 +79,14 @@ describe('chipmunk command-line errors', () => {
     assert.equal(requests, 0);
   });
 
+  it('rejects a bad controller list for the agent', async () => {
+    assertUsageError(
+      await runCli(['agent', '--node', 'n1', '--controller', 'http://127.0.0.1:1,,http://127.0.0.1:2', '--listen', '127.0.0.1:1'], env),
+      /bad URL list/,
+    );
+    assert.equal(requests, 0);
+  });
+
   it('requires --to on migrate', async () => {
     assertUsageError(await runCli(['migrate', 'web'], env), /required option '--to <node>' not specified/);
     assert.equal(requests, 0);

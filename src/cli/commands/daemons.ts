@@ -74,7 +74,7 @@ interface GatewayDaemonOptions {
 
 interface AgentOptions {
   node: string;
-  controller: string;
+  controller: string[];
   listen: ListenAddress;
   tokenFile?: string;
   dataDir: string;
@@ -166,7 +166,7 @@ export function registerDaemonCommands(program: Command): void {
       .command('agent')
       .description("run a node's agent: it runs containers with runc and CRIU and moves them between nodes")
       .requiredOption('--node <name>', 'this node\'s name', parseNodeName)
-      .requiredOption('--controller <url>', 'controller URL to register with', parseUrl)
+      .requiredOption('--controller <urls>', 'controller URL to register with, or several comma-separated (every controller of an HA cluster)', parseUrlList)
       .requiredOption('--listen <addr:port>', 'address to serve the agent API on (other nodes reach this node there)', parseListen)
       .option('--token-file <file>', 'file holding the cluster token (default: $CHIPMUNK_TOKEN)')
       .option('--data-dir <dir>', 'persistent state: container layers, checkpoints', DEFAULT_AGENT_DATA_DIR)
@@ -191,7 +191,7 @@ export function registerDaemonCommands(program: Command): void {
     const agent = await startAgent({
       node: opts.node,
       listen: opts.listen,
-      controllerUrl: opts.controller,
+      controllerUrls: opts.controller,
       token,
       dataDir: opts.dataDir,
       runDir: opts.runDir,
