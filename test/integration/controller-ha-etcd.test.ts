@@ -18,7 +18,7 @@ import { ChipmunkError } from '../../src/shared/errors.js';
 import { TERM_HEADER } from '../../src/shared/term-fence.js';
 import { ANSWERED_BY_HEADER, FORWARDED_BY_HEADER } from '../../src/controller/forward.js';
 import type { ContainerView } from '../../src/shared/protocol.js';
-import { startController, type RunningController } from '../../src/controller/index.js';
+import { startController, type ControllerOptions, type RunningController } from '../../src/controller/index.js';
 import { openStore } from '../../src/controller/store/index.js';
 import { FakeCluster } from '../fakes/agents.js';
 import { startEtcd, type EtcdCluster } from '../support/etcd.js';
@@ -30,32 +30,53 @@ let shared: Promise<EtcdCluster> | undefined;
 const sharedEtcd = () => (shared ??= startEtcd());
 after(async () => (await shared)?.stop());
 
-describe('controllers on one etcd', () => {
-  it('one leads and does the background work; when it closes another leads and settles the lock it left', async () => {
-    const etcd = await sharedEtcd();
-    const spec = `etcd://${etcd.endpoints}/ha-test`;
-    const dirs: string[] = [];
-    const cluster = new FakeCluster();
-    cluster.add('node1');
-    const start = async () => {
+/**
+ * Controllers sharing one etcd namespace, each with its own checkpoint directory; `close` closes
+ * those still open (in start order) and removes their directories.
+ */
+function controllersOn(spec: string, extra: Partial<ControllerOptions> = {}) {
+  const dirs: string[] = [];
+  const open: RunningController[] = [];
+  return {
+    open,
+    async start(): Promise<RunningController> {
       const checkpointDir = await mkdtemp(join(tmpdir(), 'chipmunk-ha-checkpoints-'));
       dirs.push(checkpointDir);
-      return startController({
+      const controller = await startController({
         listen: { host: '127.0.0.1', port: 0 },
         token: TOKEN,
         storeSpec: spec,
         checkpointDir,
         leaderLeaseMs: 1000,
-        nodeReadyWithinMs: 2000,
         logger: pino({ level: 'silent' }),
-        agentFactory: cluster.resolver,
+        ...extra,
       });
-    };
-    const controllers: RunningController[] = [];
+      open.push(controller);
+      return controller;
+    },
+    /** Closes one now (a controller that stops), so the others see it go. */
+    async stop(controller: RunningController): Promise<void> {
+      await controller.close();
+      open.splice(open.indexOf(controller), 1);
+    },
+    async close(): Promise<void> {
+      for (const c of open) await c.close();
+      for (const dir of dirs) await rm(dir, { recursive: true, force: true });
+    },
+  };
+}
+
+describe('controllers on one etcd', () => {
+  it('one leads and does the background work; when it closes another leads and settles the lock it left', async () => {
+    const etcd = await sharedEtcd();
+    const spec = `etcd://${etcd.endpoints}/ha-test`;
+    const cluster = new FakeCluster();
+    cluster.add('node1');
+    const fleet = controllersOn(spec, { nodeReadyWithinMs: 2000, agentFactory: cluster.resolver });
+    const start = () => fleet.start();
     const store = await openStore(spec);
     try {
       const a = await start();
-      controllers.push(a);
       await waitFor(() => a.leading(), 5000, 'the first controller to lead');
       const res = await request(`${a.url}/v1/nodes/node1`, {
         method: 'PUT',
@@ -72,7 +93,6 @@ describe('controllers on one etcd', () => {
       await store.put('/containers/web', { ...record!.value, lock }, { expectModRevision: record!.modRevision });
       // Started after the lock was left: a controller that did not wait for leadership would settle it at once.
       const b = await start();
-      controllers.push(b);
       await waitFor(() => b.leader()?.term === a.leader()?.term && b.leader() !== undefined, 5000, 'the second to see the first lead');
       assert.equal(b.leading(), false);
 
@@ -80,45 +100,28 @@ describe('controllers on one etcd', () => {
       assert.deepEqual((await store.get<{ lock?: unknown }>('/containers/web'))?.value.lock, lock, 'the follower leaves it alone');
 
       const oldTerm = a.leader()!.term;
-      await a.close();
-      controllers.shift();
+      await fleet.stop(a);
       await waitFor(() => b.leading(), 5000, 'the second controller to lead');
       assert.ok(b.leader()!.term > oldTerm);
       await waitFor(async () => (await store.get<{ lock?: unknown }>('/containers/web'))?.value.lock === undefined, 5000, 'the new leader to settle the lock');
     } finally {
-      for (const c of controllers) await c.close();
+      await fleet.close();
       await store.close();
-      for (const dir of dirs) await rm(dir, { recursive: true, force: true });
     }
   });
 
   it('a follower passes mutations on to the leader, streams included; answers reads, heartbeats and its checkpoint replica itself', async () => {
     const etcd = await sharedEtcd();
     const spec = `etcd://${etcd.endpoints}/forward-test`;
-    const dirs: string[] = [];
     const cluster = new FakeCluster();
     cluster.add('node1');
     cluster.add('node2');
-    const start = async () => {
-      const checkpointDir = await mkdtemp(join(tmpdir(), 'chipmunk-ha-checkpoints-'));
-      dirs.push(checkpointDir);
-      return startController({
-        listen: { host: '127.0.0.1', port: 0 },
-        token: TOKEN,
-        storeSpec: spec,
-        checkpointDir,
-        leaderLeaseMs: 1000,
-        logger: pino({ level: 'silent' }),
-        agentFactory: cluster.resolver,
-      });
-    };
-    const controllers: RunningController[] = [];
+    const fleet = controllersOn(spec, { agentFactory: cluster.resolver });
+    const start = () => fleet.start();
     try {
       const leader = await start();
-      controllers.push(leader);
       await waitFor(() => leader.leading(), 5000, 'the first controller to lead');
       const follower = await start();
-      controllers.push(follower);
       await waitFor(() => follower.leader()?.term === leader.leader()?.term, 5000, 'the follower to see the leader');
       assert.equal(follower.leading(), false);
 
@@ -165,8 +168,7 @@ describe('controllers on one etcd', () => {
       assert.match(body.message, /election is under way/);
       assert.equal((await viaFollower.get<ContainerView[]>('/v1/containers'))[0].status, 'running', 'the looped stop did not happen');
     } finally {
-      for (const c of controllers) await c.close();
-      for (const dir of dirs) await rm(dir, { recursive: true, force: true });
+      await fleet.close();
     }
   });
 
@@ -250,19 +252,12 @@ describe('controllers on one etcd', () => {
     agent.listen(0, '127.0.0.1');
     await once(agent, 'listening');
     const agentUrl = `http://127.0.0.1:${(agent.address() as AddressInfo).port}`;
-    const dirs: string[] = [];
-    const start = async () => {
-      const checkpointDir = await mkdtemp(join(tmpdir(), 'chipmunk-ha-checkpoints-'));
-      dirs.push(checkpointDir);
-      return startController({ listen: { host: '127.0.0.1', port: 0 }, token: TOKEN, storeSpec: spec, checkpointDir, leaderLeaseMs: 1000, logger: pino({ level: 'silent' }) });
-    };
-    const controllers: RunningController[] = [];
+    const fleet = controllersOn(spec);
+    const start = () => fleet.start();
     try {
       const leader = await start();
-      controllers.push(leader);
       await waitFor(() => leader.leading(), 5000, 'the first controller to lead');
       const follower = await start();
-      controllers.push(follower);
       await waitFor(() => follower.leader()?.term === leader.leader()?.term, 5000, 'the follower to see the leader');
       const heartbeat = await request(`${follower.url}/v1/nodes/node1`, {
         method: 'PUT',
@@ -281,9 +276,8 @@ describe('controllers on one etcd', () => {
       }
       assert.ok(seen.some((call) => call.method === 'GET' && call.term === undefined), 'the follower, which never led, reads without a term');
     } finally {
-      for (const c of controllers) await c.close();
+      await fleet.close();
       agent.close();
-      for (const dir of dirs) await rm(dir, { recursive: true, force: true });
     }
   });
 });
