@@ -11,12 +11,16 @@ export interface HaproxyBackend {
   server: { address: string; port: number };
 }
 
-/** Starts HAProxy with one frontend per backend, config in `dir`; resolves to a function that stops it. */
-export async function startHaproxy(dir: string, backends: HaproxyBackend[]): Promise<() => Promise<void>> {
-  const cfg = join(dir, 'haproxy.cfg');
+/**
+ * Starts HAProxy with one frontend per backend, config in `dir`; resolves to a function that
+ * stops it. `threads`: its worker threads (default: HAProxy's own, one per CPU).
+ */
+export async function startHaproxy(dir: string, backends: HaproxyBackend[], threads?: number): Promise<() => Promise<void>> {
+  const cfg = join(dir, `haproxy-${backends[0].listenPort}.cfg`);
   const lines = [
     'global',
     '  maxconn 4096',
+    ...(threads ? [`  nbthread ${threads}`] : []),
     'defaults',
     '  mode http',
     '  option http-keep-alive',

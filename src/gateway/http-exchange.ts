@@ -150,13 +150,14 @@ export class ProxiedExchange implements Dispatcher.DispatchHandlers {
     process.nextTick(uncork, res);
     res.writeHead(statusCode, statusText || (STATUS_CODES[statusCode] ?? 'Unknown'), clientHeaders(rawHeaders));
     this.resumeUpstream = resume;
-    res.on('drain', resume);
     return true;
   }
 
   /** false pauses undici until 'drain' resumes it: the body never piles up here. */
   onData(chunk: Buffer): boolean {
-    return this.clientGone || this.res.write(chunk);
+    if (this.clientGone || this.res.write(chunk)) return true;
+    this.res.once('drain', this.resumeUpstream as () => void);
+    return false;
   }
 
   onComplete(): void {

@@ -30,7 +30,13 @@ export interface RequestBody {
   bytesInMemory: number;
 }
 
-const NO_BODY: RequestBody = { payload: null, replayable: true, bytesInMemory: 0 };
+export const NO_BODY: RequestBody = { payload: null, replayable: true, bytesInMemory: 0 };
+
+/** The request has no body at all (most GETs): nothing to read, and no need to wait for it. */
+export function hasNoBody(req: IncomingMessage): boolean {
+  const length = req.headers['content-length'];
+  return req.headers['transfer-encoding'] === undefined && (length === undefined || length === '0');
+}
 
 /** The request body: read whole if it is at most `limit` bytes, else streamed (and never sent twice). */
 export async function readBody(req: IncomingMessage, limit: number): Promise<RequestBody> {

@@ -18,7 +18,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { type ChipmunkError, InvalidInputError, toChipmunkError } from '../shared/errors.js';
 import { RouteGate, RouteRefusedError, UpstreamFailedError } from './gate.js';
 import { ProxiedExchange, type FailedSend } from './http-exchange.js';
-import { BodyTooLargeToLogError, readBody, readLoggedBody, upstreamHeaders } from './http-messages.js';
+import { BodyTooLargeToLogError, NO_BODY, hasNoBody, readBody, readLoggedBody, upstreamHeaders } from './http-messages.js';
 import { LogReplayer } from './http-replay.js';
 import type { LogPosition, ReplayResult, Route, Upstream } from './protocol.js';
 import { listenForRoute, type ProxySettings, type RouteProxy } from './proxy.js';
@@ -232,10 +232,15 @@ export class HttpRouteProxy implements RouteProxy {
     // Read before the hold queue, so that held requests leave in the order they came (the
     // queue's byte bound keeps what it holds in memory in check). A logged body is read whole:
     // the log keeps it.
-    const body = requestLog ? await readLoggedBody(req, this.gate.route.name, this.settings.maxLoggedBodyBytes) : await readBody(req, this.settings.replayableBodyBytes);
+    // The hot path (no body, route open) awaits nothing before the request is sent.
+    const body = hasNoBody(req)
+      ? NO_BODY
+      : requestLog
+        ? await readLoggedBody(req, this.gate.route.name, this.settings.maxLoggedBodyBytes)
+        : await readBody(req, this.settings.replayableBodyBytes);
     const headers = upstreamHeaders(req);
     for (let attempts = 0; ; attempts++) {
-      const route = await this.gate.pass(this.gate.route.state === 'holding' ? exchange.waitSignal() : undefined, body.bytesInMemory);
+      const route = this.gate.openRoute() ?? (await this.gate.pass(this.gate.route.state === 'holding' ? exchange.waitSignal() : undefined, body.bytesInMemory));
       if (exchange.claimed) return this.park(exchange);
       this.inFlight++;
       let failure: FailedSend | undefined;
