@@ -18,6 +18,7 @@ const TOKEN = 'bench-gateway-token';
 
 export interface Running {
   port: number;
+  pid: number;
   stop(): Promise<void>;
 }
 
@@ -53,7 +54,7 @@ async function waitForLine<T>(child: ChildProcess, what: string, match: (line: s
 export async function startStatefulApp(port: number, dataDir: string): Promise<Running> {
   const child = spawn(process.execPath, [STATEFULAPP], { env: { ...process.env, HOST: '127.0.0.1', PORT: String(port), DATA_DIR: dataDir }, stdio: ['ignore', 'pipe', 'inherit'] });
   await waitForLine(child, 'statefulapp', (line) => (line.includes('listening') ? true : undefined));
-  return { port, stop: stopper(child) };
+  return { port, pid: child.pid as number, stop: stopper(child) };
 }
 
 /** Python's http.server, HTTP/1.1, one connection at a time (issue 9, item 4), on 127.0.0.1. */
@@ -61,17 +62,17 @@ export async function startOneConnectionServer(): Promise<Running> {
   // Its stderr is left out: clients that give up make it print broken pipes.
   const child = spawn('python3', [ONE_CONNECTION_SERVER], { stdio: ['ignore', 'pipe', 'ignore'] });
   const port = await waitForLine(child, 'python http.server', (line) => (/^\d+$/.test(line.trim()) ? Number(line.trim()) : undefined));
-  return { port, stop: stopper(child) };
+  return { port, pid: child.pid as number, stop: stopper(child) };
 }
 
-/** `chipmunk gateway` with its state in `dir`, and an HTTP route listenPort -> upstream for each entry. */
+/** `chipmunk gateway` (`pid`: its node process) with its state in `dir`, and an HTTP route listenPort -> upstream for each entry. */
 export async function startGateway(
   dir: string,
   apiPort: number,
   routes: Array<{ name: string; listenPort: number; upstreamPort: number }>,
   nodeOptions: string[] = [],
   extraEnv: Record<string, string> = {},
-): Promise<() => Promise<void>> {
+): Promise<{ pid: number; stop(): Promise<void> }> {
   mkdirSync(dir, { recursive: true });
   const child = spawn(process.execPath, [...nodeOptions, CHIPMUNK, 'gateway', '--api', `127.0.0.1:${apiPort}`, '--route-host', '127.0.0.1', '--state', join(dir, 'routes.json')], {
     env: { ...process.env, CHIPMUNK_TOKEN: TOKEN, ...extraEnv },
@@ -82,5 +83,5 @@ export async function startGateway(
   const client = new GatewayClient({ url, token: TOKEN });
   for (const r of routes) await client.putRoute(r.name, { protocol: 'http', listenPort: r.listenPort, upstream: { address: '127.0.0.1', port: r.upstreamPort } });
   await sleep(200);
-  return stopper(child);
+  return { pid: child.pid as number, stop: stopper(child) };
 }

@@ -21,6 +21,7 @@ import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { removeTree } from '../../src/shared/remove-tree.js';
 import { startHaproxy } from '../support/haproxy.js';
+import { processCpu } from '../support/proc-cpu.js';
 import { wrk, type LoadRow } from '../support/wrk.js';
 import { perClientLoad, type PerClientRow } from './per-client.js';
 import { startGateway, startOneConnectionServer, startStatefulApp } from './processes.js';
@@ -54,29 +55,41 @@ function progress(text: string): void {
   process.stderr.write(text);
 }
 
-async function throughputRuns(scratch: string): Promise<LoadRow[][]> {
+interface ProxyRow extends LoadRow {
+  /** CPU time (user, system) the proxy used per request, µs; none for direct. */
+  cpuUs?: { user: number; system: number };
+}
+
+async function throughputRuns(scratch: string): Promise<ProxyRow[][]> {
   const app = await startStatefulApp(APP_PORT, join(scratch, 'app'));
-  const stopGateway = await startGateway(join(scratch, 'gateway'), GATEWAY_API_PORT, [{ name: 'bench', listenPort: GATEWAY_PORT, upstreamPort: APP_PORT }]);
-  const stopHaproxy = await startHaproxy(scratch, [{ listenPort: HAPROXY_PORT, server: { address: '127.0.0.1', port: APP_PORT } }]);
+  const gateway = await startGateway(join(scratch, 'gateway'), GATEWAY_API_PORT, [{ name: 'bench', listenPort: GATEWAY_PORT, upstreamPort: APP_PORT }]);
+  const haproxy = await startHaproxy(scratch, [{ listenPort: HAPROXY_PORT, server: { address: '127.0.0.1', port: APP_PORT } }]);
   try {
-    const all: LoadRow[][] = [];
+    const all: ProxyRow[][] = [];
     for (let run = 1; run <= runs; run++) {
-      const rows: LoadRow[] = [];
-      for (const [name, port] of [
-        ['direct', APP_PORT],
-        ['gateway', GATEWAY_PORT],
-        ['haproxy', HAPROXY_PORT],
+      const rows: ProxyRow[] = [];
+      for (const [name, port, pid] of [
+        ['direct', APP_PORT, undefined],
+        ['gateway', GATEWAY_PORT, gateway.pid],
+        ['haproxy', HAPROXY_PORT, haproxy.pid],
       ] as const) {
         progress(`run ${run}: ${name}... `);
-        rows.push(await wrk(name, `http://127.0.0.1:${port}/health`, { connections, seconds }));
-        progress(`${rows.at(-1)!.rps.toFixed(0)} req/s\n`);
+        const before = pid === undefined ? undefined : await processCpu(pid);
+        const row: ProxyRow = await wrk(name, `http://127.0.0.1:${port}/health`, { connections, seconds });
+        if (pid !== undefined && before) {
+          const after = await processCpu(pid);
+          const requests = row.rps * seconds;
+          row.cpuUs = { user: ((after.userMs - before.userMs) * 1000) / requests, system: ((after.systemMs - before.systemMs) * 1000) / requests };
+        }
+        rows.push(row);
+        progress(`${row.rps.toFixed(0)} req/s\n`);
       }
       all.push(rows);
     }
     return all;
   } finally {
-    await stopHaproxy();
-    await stopGateway();
+    await haproxy.stop();
+    await gateway.stop();
     await app.stop();
   }
 }
@@ -87,36 +100,39 @@ async function oneConnectionRows(scratch: string): Promise<PerClientRow[]> {
   for (const path of ['direct', 'gateway', 'haproxy'] as const) {
     progress(`python http.server, ${PY_CLIENTS} clients, ${path}... `);
     const py = await startOneConnectionServer();
-    let stop: (() => Promise<void>) | undefined;
+    let proxy: { stop(): Promise<void> } | undefined;
     try {
       let port = py.port;
       if (path === 'gateway') {
-        stop = await startGateway(join(scratch, 'gateway-py'), GATEWAY_API_PORT, [{ name: 'py', listenPort: GATEWAY_PY_PORT, upstreamPort: py.port }]);
+        proxy = await startGateway(join(scratch, 'gateway-py'), GATEWAY_API_PORT, [{ name: 'py', listenPort: GATEWAY_PY_PORT, upstreamPort: py.port }]);
         port = GATEWAY_PY_PORT;
       } else if (path === 'haproxy') {
-        stop = await startHaproxy(scratch, [{ listenPort: HAPROXY_PY_PORT, server: { address: '127.0.0.1', port: py.port } }]);
+        proxy = await startHaproxy(scratch, [{ listenPort: HAPROXY_PY_PORT, server: { address: '127.0.0.1', port: py.port } }]);
         port = HAPROXY_PY_PORT;
       }
       rows.push(await perClientLoad(path, `http://127.0.0.1:${port}`, PY_CLIENTS, seconds, PY_TIMEOUT_MS));
       progress(`${rows.at(-1)!.rates.map((r) => r.toFixed(0)).join(' / ')} answers/s\n`);
     } finally {
-      await stop?.();
+      await proxy?.stop();
       await py.stop();
     }
   }
   return rows;
 }
 
-function report(all: LoadRow[][], py: PerClientRow[], migration: string | undefined): string {
+function report(all: ProxyRow[][], py: PerClientRow[], migration: string | undefined): string {
   const lines = [
     `wrk, ${connections} connections, ${seconds} s each, GET /health of the stateful app (node) on 127.0.0.1; wrk, app, gateway and HAProxy (2.6, Debian's defaults) share one 2-core machine.`,
     '',
-    '| run | path | requests/s | p50 | p99 | errors |',
-    '|---|---|---:|---:|---:|---:|',
+    '| run | path | requests/s | p50 | p99 | errors | proxy CPU per request (user + system) |',
+    '|---|---|---:|---:|---:|---:|---:|',
   ];
   const verdicts: string[] = [];
   for (const [i, rows] of all.entries()) {
-    for (const r of rows) lines.push(`| ${i + 1} | ${r.path} | ${r.rps.toFixed(0)} | ${r.p50Ms.toFixed(2)} ms | ${r.p99Ms.toFixed(2)} ms | ${r.errors} |`);
+    for (const r of rows) {
+      const cpu = r.cpuUs ? `${r.cpuUs.user.toFixed(1)} + ${r.cpuUs.system.toFixed(1)} µs` : '';
+      lines.push(`| ${i + 1} | ${r.path} | ${r.rps.toFixed(0)} | ${r.p50Ms.toFixed(2)} ms | ${r.p99Ms.toFixed(2)} ms | ${r.errors} | ${cpu} |`);
+    }
     const gw = rows.find((r) => r.path === 'gateway')!;
     const ha = rows.find((r) => r.path === 'haproxy')!;
     const ratio = gw.rps / ha.rps;

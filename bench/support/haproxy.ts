@@ -12,10 +12,10 @@ export interface HaproxyBackend {
 }
 
 /**
- * Starts HAProxy with one frontend per backend, config in `dir`; resolves to a function that
- * stops it. `threads`: its worker threads (default: HAProxy's own, one per CPU).
+ * Starts HAProxy (in the foreground: `pid` is HAProxy's) with one frontend per backend, config
+ * in `dir`. `threads`: its worker threads (default: HAProxy's own, one per CPU).
  */
-export async function startHaproxy(dir: string, backends: HaproxyBackend[], threads?: number): Promise<() => Promise<void>> {
+export async function startHaproxy(dir: string, backends: HaproxyBackend[], threads?: number): Promise<{ pid: number; stop(): Promise<void> }> {
   const cfg = join(dir, `haproxy-${backends[0].listenPort}.cfg`);
   const lines = [
     'global',
@@ -41,9 +41,12 @@ export async function startHaproxy(dir: string, backends: HaproxyBackend[], thre
     sleep(500).then(() => undefined),
   ]);
   if (failed) throw new Error(failed);
-  return async () => {
-    if (child.exitCode !== null || child.signalCode !== null) return;
-    child.kill('SIGTERM');
-    await once(child, 'exit');
+  return {
+    pid: child.pid as number,
+    stop: async () => {
+      if (child.exitCode !== null || child.signalCode !== null) return;
+      child.kill('SIGTERM');
+      await once(child, 'exit');
+    },
   };
 }
