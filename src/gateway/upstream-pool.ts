@@ -14,9 +14,10 @@
  *   nothing new until the stalled ones answer, so the server moves on to them; nothing is sent
  *   twice, the stalled request itself gets its answer;
  * - it lowers its limit to the number of connections seen served at once (1 for http.server),
- *   and later probes one more connection now and then (backoff from 1 s to 30 s), so a false
- *   alarm (a first request that was only slow) is undone.
- * A rotation that frees nothing within a second stall time ends: the request was only slow.
+ *   and later probes one more connection now and then (backoff from 1 s to 30 s): an upstream
+ *   that serves more at once gets its connections back one by one.
+ * A rotation that frees nothing within a second stall time ends, and the limit is put back: it
+ * was a false alarm (a first request that was only slow, such as a long poll).
  *
  * Each connection is an undici Client with pipelining 1, and it is the undici handler of its own
  * requests (passing each call on to the request's handler), so a request costs no extra object.
@@ -93,6 +94,8 @@ class UpstreamConnection implements Dispatcher.DispatchHandlers {
   stalled = false;
   /** Opened beyond the limit to find out whether the upstream serves one more connection. */
   probe = false;
+  /** The pool's limit before this connection's stall lowered it (put back if it was a false alarm). */
+  limitBeforeStall = 0;
   /** When its current request was handed to it (performance.now()). */
   sentAt = 0;
   /** When it last got an answer's head. */
@@ -200,10 +203,11 @@ export class UpstreamPool {
       connection.served = true;
       clearTimeout(connection.stallTimer);
       if (connection.probe) {
-        // The upstream serves one more connection at once.
+        // The upstream serves one more connection at once: the next probe may follow at once.
         connection.probe = false;
         this.limit = Math.min(this.settings.maxConnections, Math.max(this.limit, this.connections.length));
         this.probeBackoffMs = FIRST_PROBE_MS;
+        this.probeAt = 0;
       }
     }
   }
@@ -281,17 +285,20 @@ export class UpstreamPool {
   private stalled(connection: UpstreamConnection, servedAtOnce: number): void {
     connection.stalled = true;
     this.stalledCount++;
+    connection.limitBeforeStall = this.limit;
     this.limit = Math.min(this.limit, servedAtOnce);
     if (connection.probe) this.probeBackoffMs = Math.min(this.probeBackoffMs * 2, MAX_PROBE_MS);
     connection.probe = false;
     this.probeAt = performance.now() + this.probeBackoffMs;
     this.closeIdle();
-    // If closing the served connections frees nothing, the request was only slow: the rotation ends.
+    // If closing the served connections frees nothing, the request was only slow: the rotation
+    // ends, and the limit is what it was.
     connection.stallTimer = setTimeout(() => {
       if (!connection.stalled) return;
       connection.stalled = false;
       connection.served = true;
       this.stalledCount--;
+      this.limit = Math.max(this.limit, connection.limitBeforeStall);
       this.pump();
     }, this.stallMs());
     connection.stallTimer.unref();

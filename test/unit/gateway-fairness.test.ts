@@ -146,4 +146,39 @@ describe('gateway: an upstream that serves one connection at a time', () => {
       },
       { upstreamConnections: 1 },
     ));
+
+  it('a first request that is only slow (an upstream that serves many connections) costs no connections for good', () =>
+    withGateway(async ({ client }) => {
+      let running = 0;
+      let mostAtOnce = 0;
+      const upstream = await httpUpstream((req, res) => {
+        const ms = Number(/^\/wait\/(\d+)/.exec(req.url ?? '')?.[1] ?? 0);
+        running++;
+        mostAtOnce = Math.max(mostAtOnce, running);
+        setTimeout(() => {
+          running--;
+          res.end('ok');
+        }, ms);
+      });
+      const listenPort = await freePort();
+      await client.putRoute('many', { protocol: 'http', listenPort, upstream: upstream.upstream });
+      const origin = `http://${LOOPBACK}:${listenPort}`;
+      const clients = Array.from({ length: 6 }, () => new Client(origin));
+      try {
+        // One client's request on a new connection takes 1.2 s, while another client's requests
+        // are answered at once on the first connection: it looks like a stall.
+        await (await clients[0].request({ path: '/wait/0', method: 'GET' })).body.text();
+        const slow = clients[1].request({ path: '/wait/1200', method: 'GET' });
+        const until = Date.now() + 900;
+        while (Date.now() < until) await (await clients[0].request({ path: '/wait/0', method: 'GET' })).body.text();
+        assert.equal(await (await slow).body.text(), 'ok');
+        // Six requests at once are still served at once.
+        mostAtOnce = 0;
+        await Promise.all(clients.map(async (c) => (await c.request({ path: '/wait/300', method: 'GET' })).body.text()));
+        assert.equal(mostAtOnce, 6);
+      } finally {
+        await Promise.all(clients.map((c) => c.close()));
+        await upstream.kill();
+      }
+    }));
 });
