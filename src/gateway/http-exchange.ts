@@ -4,9 +4,9 @@
  * client had its answer already.
  */
 import { STATUS_CODES, type IncomingMessage, type ServerResponse } from 'node:http';
-import type { Dispatcher } from 'undici';
 import { clientHeaders, type RequestBody } from './http-messages.js';
 import type { LogRecord } from './request-log.js';
+import type { UpstreamHandler } from './upstream-connection.js';
 import type { UpstreamPool } from './upstream-pool.js';
 
 export interface FailedSend {
@@ -23,7 +23,7 @@ export interface FailedSend {
  * writes the request; a connect failure (refused, timed out, reset while connecting) reaches
  * onError without it. So `written: false` means no byte of this request left the gateway.
  */
-export class ProxiedExchange implements Dispatcher.DispatchHandlers {
+export class ProxiedExchange implements UpstreamHandler {
   clientGone = false;
   /** Its place in the route's request log, once logged. */
   seq?: number;
@@ -75,7 +75,7 @@ export class ProxiedExchange implements Dispatcher.DispatchHandlers {
         resolve(failure);
       };
       // Queued in its client connection's turn: one client cannot keep the others waiting.
-      pool.dispatch(this.req.socket, { path: this.req.url as string, method: this.req.method as Dispatcher.HttpMethod, headers, body: payload }, this);
+      pool.dispatch(this.req.socket, { path: this.req.url as string, method: this.req.method as string, headers, body: payload }, this);
     });
     return this.attempt;
   }
@@ -137,7 +137,7 @@ export class ProxiedExchange implements Dispatcher.DispatchHandlers {
     if (this.clientGone && !this.claimed) abort();
   }
 
-  onHeaders(statusCode: number, rawHeaders: Buffer[], resume: () => void, statusText: string): boolean {
+  onHeaders(statusCode: number, headers: string[], resume: () => void, statusText: string): boolean {
     // Informational answers (103) are not passed on: node's ServerResponse has no way to.
     if (statusCode < 200) return true;
     this.answering = true;
@@ -148,7 +148,7 @@ export class ProxiedExchange implements Dispatcher.DispatchHandlers {
     // tick, they leave in one write instead of three.
     res.cork();
     process.nextTick(uncork, res);
-    res.writeHead(statusCode, statusText || (STATUS_CODES[statusCode] ?? 'Unknown'), clientHeaders(rawHeaders));
+    res.writeHead(statusCode, statusText || (STATUS_CODES[statusCode] ?? 'Unknown'), clientHeaders(headers));
     this.resumeUpstream = resume;
     return true;
   }
@@ -183,7 +183,7 @@ export function sendDiscardingAnswer(pool: UpstreamPool, record: LogRecord): Pro
     let written = false;
     pool.dispatch(
       record,
-      { path: record.url, method: record.method as Dispatcher.HttpMethod, headers: record.headers, body: record.body },
+      { path: record.url, method: record.method, headers: record.headers, body: record.body },
       {
         onConnect: () => {
           written = true;

@@ -115,15 +115,15 @@ export function upstreamHeaders(req: IncomingMessage): string[] {
 }
 
 /** The upstream's headers as the client gets them (latin1 both ways: bytes pass unchanged). */
-export function clientHeaders(raw: Buffer[]): string[] {
+export function clientHeaders(raw: string[]): string[] {
   const out: string[] = [];
   let named: Set<string> | undefined;
   for (let i = 0; i < raw.length; i += 2) {
-    const name = raw[i].toString('latin1');
+    const name = raw[i];
     const lower = name.toLowerCase();
-    if (lower === 'connection') named = connectionOptions(raw[i + 1].toString('latin1'));
+    if (lower === 'connection') named = connectionOptions(raw[i + 1]);
     if (isHopByHop(lower, undefined)) continue;
-    out.push(name, raw[i + 1].toString('latin1'));
+    out.push(name, raw[i + 1]);
   }
   if (!named) return out;
   const filtered: string[] = [];

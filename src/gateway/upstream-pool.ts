@@ -19,11 +19,10 @@
  * A rotation that frees nothing within a second stall time ends, and the limit is put back: it
  * was a false alarm (a first request that was only slow, such as a long poll).
  *
- * Each connection is an undici Client with pipelining 1, and it is the undici handler of its own
- * requests (passing each call on to the request's handler), so a request costs no extra object.
+ * Each connection is an UpstreamConnection (upstream-connection.ts), one request at a time.
  */
-import { Client, type Dispatcher } from 'undici';
 import type { Upstream } from './protocol.js';
+import { UpstreamConnection, type UpstreamHandler, type UpstreamRequest } from './upstream-connection.js';
 
 export interface UpstreamPoolSettings {
   /** Most connections open to the upstream at once. */
@@ -44,8 +43,8 @@ const MAX_PROBE_MS = 30_000;
 const STALL_LATENCY_FACTOR = 8;
 
 interface Queued {
-  options: Dispatcher.DispatchOptions;
-  handler: Dispatcher.DispatchHandlers;
+  request: UpstreamRequest;
+  handler: UpstreamHandler;
 }
 
 /** Requests waiting for a connection, one FIFO per key, keys served in turn. */
@@ -83,11 +82,9 @@ class FairQueue {
   }
 }
 
-/** One connection to the upstream, and the undici handler of the request it carries. */
-class UpstreamConnection implements Dispatcher.DispatchHandlers {
-  readonly client: Client;
-  /** The request on it now. */
-  handler?: Dispatcher.DispatchHandlers;
+/** A connection of the pool, with what the pool knows of it. */
+class PooledConnection {
+  readonly http: UpstreamConnection;
   /** It answered a request: the upstream serves it. */
   served = false;
   /** Its request waits in the upstream's backlog (see the file's comment). */
@@ -102,41 +99,18 @@ class UpstreamConnection implements Dispatcher.DispatchHandlers {
   answeredAt = 0;
   stallTimer?: NodeJS.Timeout;
 
-  constructor(
-    private readonly pool: UpstreamPool,
-    origin: string,
-  ) {
-    this.client = new Client(origin, { pipelining: 1 });
-  }
-
-  onConnect(abort: (err?: Error) => void): void {
-    this.handler?.onConnect?.(abort);
-  }
-
-  onHeaders(statusCode: number, rawHeaders: Buffer[], resume: () => void, statusText: string): boolean {
-    if (statusCode >= 200) this.pool.answered(this);
-    return this.handler?.onHeaders?.(statusCode, rawHeaders, resume, statusText) ?? true;
-  }
-
-  onData(chunk: Buffer): boolean {
-    return this.handler?.onData?.(chunk) ?? true;
-  }
-
-  // The answer is passed on first, then the connection takes the next request.
-  onComplete(trailers: string[] | null): void {
-    this.handler?.onComplete?.(trailers);
-    this.pool.freed(this);
-  }
-
-  onError(err: Error): void {
-    this.handler?.onError?.(err);
-    this.pool.freed(this);
+  constructor(pool: UpstreamPool, upstream: Upstream) {
+    this.http = new UpstreamConnection(
+      upstream.address,
+      upstream.port,
+      () => pool.answered(this),
+      () => pool.freed(this),
+    );
   }
 }
 
 export class UpstreamPool {
-  private readonly origin: string;
-  private readonly connections: UpstreamConnection[] = [];
+  private readonly connections: PooledConnection[] = [];
   private readonly queue = new FairQueue();
   /** Connections the upstream has been seen to serve at once; lowered by a stall, raised by a probe. */
   private limit: number;
@@ -151,8 +125,6 @@ export class UpstreamPool {
     readonly upstream: Upstream,
     private readonly settings: UpstreamPoolSettings,
   ) {
-    const host = upstream.address.includes(':') ? `[${upstream.address}]` : upstream.address;
-    this.origin = `http://${host}:${upstream.port}`;
     this.limit = settings.maxConnections;
   }
 
@@ -162,36 +134,33 @@ export class UpstreamPool {
   }
 
   /** Sends the request on a free connection, or queues it in `key`'s turn. */
-  dispatch(key: QueueKey, options: Dispatcher.DispatchOptions, handler: Dispatcher.DispatchHandlers): void {
+  dispatch(key: QueueKey, request: UpstreamRequest, handler: UpstreamHandler): void {
     if (this.destroyedWith) {
-      handler.onError?.(this.destroyedWith);
+      handler.onError(this.destroyedWith);
       return;
     }
     const connection = this.queue.size === 0 ? this.freeConnection() : undefined;
-    if (connection) this.start(connection, options, handler);
-    else this.queue.push(key, { options, handler });
+    if (connection) this.start(connection, request, handler);
+    else this.queue.push(key, { request, handler });
   }
 
   /** Closes every connection that carries no request (a hold starts: nothing may wait on one). */
   closeIdle(): void {
-    for (const connection of [...this.connections]) if (!connection.handler) this.close(connection);
+    for (const connection of [...this.connections]) if (!connection.http.busy) this.close(connection);
   }
 
   /** Fails what is queued and in progress with `err` (no byte of a queued request was written), and closes everything. */
   async destroy(err: Error): Promise<void> {
     this.destroyedWith = err;
-    for (const { handler } of this.queue.takeAll()) handler.onError?.(err);
-    const connections = this.connections.splice(0);
-    await Promise.all(
-      connections.map((connection) => {
-        clearTimeout(connection.stallTimer);
-        return connection.client.destroy(err);
-      }),
-    );
+    for (const { handler } of this.queue.takeAll()) handler.onError(err);
+    for (const connection of this.connections.splice(0)) {
+      clearTimeout(connection.stallTimer);
+      connection.http.destroy(err);
+    }
   }
 
   /** A connection got an answer's head. */
-  answered(connection: UpstreamConnection): void {
+  answered(connection: PooledConnection): void {
     const now = performance.now();
     this.latencyMs += (now - connection.sentAt - this.latencyMs) / 16;
     connection.answeredAt = now;
@@ -213,8 +182,7 @@ export class UpstreamPool {
   }
 
   /** A connection's request is over (answered or failed): the connection takes the next one, or closes. */
-  freed(connection: UpstreamConnection): void {
-    connection.handler = undefined;
+  freed(connection: PooledConnection): void {
     clearTimeout(connection.stallTimer);
     if (connection.stalled) {
       connection.stalled = false;
@@ -232,16 +200,16 @@ export class UpstreamPool {
       const connection = this.freeConnection();
       if (!connection) return;
       const next = this.queue.shift() as Queued;
-      this.start(connection, next.options, next.handler);
+      this.start(connection, next.request, next.handler);
     }
   }
 
   /** An idle connection (served ones first), or a new one if the limit allows; none while a rotation runs. */
-  private freeConnection(): UpstreamConnection | undefined {
+  private freeConnection(): PooledConnection | undefined {
     if (this.stalledCount > 0) return undefined;
-    let fresh: UpstreamConnection | undefined;
+    let fresh: PooledConnection | undefined;
     for (const connection of this.connections) {
-      if (connection.handler) continue;
+      if (connection.http.busy) continue;
       if (connection.served) return connection;
       fresh ??= connection;
     }
@@ -251,19 +219,18 @@ export class UpstreamPool {
     return undefined;
   }
 
-  private open(probe: boolean): UpstreamConnection {
-    const connection = new UpstreamConnection(this, this.origin);
+  private open(probe: boolean): PooledConnection {
+    const connection = new PooledConnection(this, this.upstream);
     connection.probe = probe;
     if (probe) this.probeAt = performance.now() + this.probeBackoffMs;
     this.connections.push(connection);
     return connection;
   }
 
-  private start(connection: UpstreamConnection, options: Dispatcher.DispatchOptions, handler: Dispatcher.DispatchHandlers): void {
-    connection.handler = handler;
+  private start(connection: PooledConnection, request: UpstreamRequest, handler: UpstreamHandler): void {
     connection.sentAt = performance.now();
     if (!connection.served) this.watchForStall(connection, connection.sentAt);
-    connection.client.dispatch(options, connection);
+    connection.http.send(request, handler);
   }
 
   private stallMs(): number {
@@ -271,10 +238,10 @@ export class UpstreamPool {
   }
 
   /** Checks a connection that never answered, after the stall time, for a stall. */
-  private watchForStall(connection: UpstreamConnection, sentAt: number): void {
+  private watchForStall(connection: PooledConnection, sentAt: number): void {
     clearTimeout(connection.stallTimer);
     connection.stallTimer = setTimeout(() => {
-      if (connection.served || connection.sentAt !== sentAt || !connection.handler || this.destroyedWith) return;
+      if (connection.served || connection.sentAt !== sentAt || !connection.http.busy || this.destroyedWith) return;
       const servedMeanwhile = this.connections.filter((other) => other !== connection && other.answeredAt > sentAt).length;
       if (servedMeanwhile === 0) return this.watchForStall(connection, sentAt);
       this.stalled(connection, servedMeanwhile);
@@ -282,7 +249,7 @@ export class UpstreamPool {
     connection.stallTimer.unref();
   }
 
-  private stalled(connection: UpstreamConnection, servedAtOnce: number): void {
+  private stalled(connection: PooledConnection, servedAtOnce: number): void {
     connection.stalled = true;
     this.stalledCount++;
     connection.limitBeforeStall = this.limit;
@@ -304,10 +271,10 @@ export class UpstreamPool {
     connection.stallTimer.unref();
   }
 
-  private close(connection: UpstreamConnection): void {
+  private close(connection: PooledConnection): void {
     const index = this.connections.indexOf(connection);
     if (index >= 0) this.connections.splice(index, 1);
     clearTimeout(connection.stallTimer);
-    void connection.client.close().catch(() => undefined);
+    connection.http.destroy(new Error('connection closed by the pool'));
   }
 }
