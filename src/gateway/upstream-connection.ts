@@ -78,6 +78,8 @@ export class UpstreamConnection {
   /** Bytes read but not passed on while the handler asked to wait. */
   private stash?: Buffer;
   private paused = false;
+  /** The upstream closed its side; acted on once the bytes read before are handled. */
+  private ended = false;
   /** Stops writing a streamed request body (the answer came first, or the connection went). */
   private stopBody?: () => void;
   private readonly resume = (): void => this.resumeReading();
@@ -142,19 +144,16 @@ export class UpstreamConnection {
       if (!this.connected) this.fail(new UpstreamSocketError(`connecting to ${this.host}:${this.port} timed out`, 'ETIMEDOUT'));
       else if (this.handler) this.fail(new UpstreamSocketError(`no answer from ${this.host}:${this.port} for ${ANSWER_TIMEOUT_MS} ms`, 'ETIMEDOUT'));
     });
-    socket.on('end', () => {
+    const ended = (): void => {
       if (this.socket !== socket) return;
-      if (this.handler && this.state === 'until-close' && !this.paused) this.complete();
-      else if (this.handler && this.state === 'until-close') this.keepAlive = false;
-      else this.fail(new UpstreamSocketError(`${this.host}:${this.port} closed the connection before the answer was complete`, 'ECONNRESET'));
-    });
+      this.ended = true;
+      if (!this.paused) this.onEnded();
+    };
+    socket.on('end', ended);
     socket.on('error', (err) => {
       if (this.socket === socket) this.fail(err);
     });
-    socket.on('close', () => {
-      if (this.socket !== socket) return;
-      this.fail(new UpstreamSocketError(`${this.host}:${this.port} closed the connection`, 'ECONNRESET'));
-    });
+    socket.on('close', ended);
   }
 
   private write(head: string, body: UpstreamRequest['body']): void {
@@ -355,6 +354,15 @@ export class UpstreamConnection {
     }
   }
 
+  /** The upstream's side is closed and every byte it sent was handled. */
+  private onEnded(): void {
+    if (this.handler && this.state === 'until-close') {
+      this.keepAlive = false;
+      this.complete();
+    } else if (this.handler) this.fail(new UpstreamSocketError(`${this.host}:${this.port} closed the connection before the answer was complete`, 'ECONNRESET'));
+    else this.dropSocket();
+  }
+
   private pause(rest: Buffer): void {
     this.paused = true;
     if (rest.length) this.stash = rest;
@@ -368,7 +376,7 @@ export class UpstreamConnection {
     this.stash = undefined;
     if (stash) this.read(stash);
     if (this.paused) return;
-    if (this.handler && this.state === 'until-close' && !this.keepAlive && this.socket?.readableEnded) return this.complete();
+    if (this.ended) return this.onEnded();
     this.socket?.resume();
   }
 
@@ -384,7 +392,7 @@ export class UpstreamConnection {
       this.stopBody();
       this.keepAlive = false;
     }
-    if (!this.keepAlive) this.dropSocket();
+    if (!this.keepAlive || this.ended) this.dropSocket();
     else this.idleTimer = setTimeout(() => this.dropSocket(), this.idleMs).unref();
     handler.onComplete();
     this.onDone();
@@ -405,6 +413,7 @@ export class UpstreamConnection {
     const socket = this.socket;
     this.socket = undefined;
     this.connected = false;
+    this.ended = false;
     this.keepAlive = true;
     this.idleMs = IDLE_MS;
     this.paused = false;

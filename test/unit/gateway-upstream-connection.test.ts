@@ -198,19 +198,22 @@ describe('gateway: upstream connection', () => {
     await new Promise<void>((resolve) => server.close(() => resolve()));
   });
 
-  it('stops reading while the handler asks it to, and loses nothing', { timeout: 10_000 }, async () => {
+  it('stops reading while the handler asks it to, and loses nothing, also when the upstream closes meanwhile', { timeout: 10_000 }, async () => {
     const body = Buffer.alloc(3 * 1024 * 1024);
     for (let i = 0; i < body.length; i++) body[i] = (i * 7) & 0xff;
-    const server = createHttpServer((_req, res) => {
+    const server = createHttpServer((req, res) => {
       res.setHeader('content-length', body.length);
+      if (req.url === '/close') res.setHeader('connection', 'close');
       res.end(body);
     });
     const port = await freePort();
     await new Promise<void>((resolve) => server.listen(port, '127.0.0.1', resolve));
     const conn = new UpstreamConnection('127.0.0.1', port, noop, noop);
-    const outcome = await exchange(conn, {}, 3);
-    assert.equal(outcome.error, undefined);
-    assert.ok(outcome.body.equals(body));
+    for (const path of ['/', '/close', '/']) {
+      const outcome = await exchange(conn, { path }, 3);
+      assert.equal(outcome.error, undefined, path);
+      assert.ok(outcome.body.equals(body), path);
+    }
     conn.destroy(new Error('done'));
     server.closeAllConnections();
     await new Promise<void>((resolve) => server.close(() => resolve()));
