@@ -16,11 +16,11 @@ export interface FailedSend {
 }
 
 /**
- * One client request on its way to the upstream, attempt after attempt; also the undici
- * handler of the current attempt (one object per request: this is the hot path).
+ * One client request on its way to the upstream, attempt after attempt; also the handler of the
+ * current attempt (one object per request: this is the hot path).
  *
- * `written` comes from undici's onConnect, which it calls on a connected socket right before it
- * writes the request; a connect failure (refused, timed out, reset while connecting) reaches
+ * `written` comes from the upstream connection's onConnect, which it calls on a connected socket
+ * right before it writes the request; a connect failure (refused, timed out, reset while connecting) reaches
  * onError without it. So `written: false` means no byte of this request left the gateway.
  */
 export class ProxiedExchange implements UpstreamHandler {
@@ -153,7 +153,7 @@ export class ProxiedExchange implements UpstreamHandler {
     return true;
   }
 
-  /** false pauses undici until 'drain' resumes it: the body never piles up here. */
+  /** false pauses the upstream connection until 'drain' resumes it: the body never piles up here. */
   onData(chunk: Buffer): boolean {
     if (this.clientGone || this.res.write(chunk)) return true;
     this.res.once('drain', this.resumeUpstream as () => void);

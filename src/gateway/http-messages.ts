@@ -84,7 +84,7 @@ async function* readAheadThenRest(first: Buffer[], rest: AsyncIterator<Buffer>):
 
 /**
  * The client's headers as the upstream gets them: hop-by-hop ones removed (also any named in
- * Connection, and Expect: node answered 100-continue already and undici cannot send it), the
+ * Connection, and Expect: node answered 100-continue already, and the upstream's interim answers are not passed on), the
  * X-Forwarded-* set. X-Forwarded-For is appended to; Proto and Host are kept if a proxy in
  * front of the gateway set them.
  */
