@@ -9,6 +9,9 @@ import type { LogRecord } from './request-log.js';
 import type { UpstreamHandler } from './upstream-connection.js';
 import type { UpstreamPool } from './upstream-pool.js';
 
+/** Answers up to this size whose body came in one chunk leave in a single write with their head. */
+const SINGLE_WRITE_BYTES = 16 * 1024;
+
 export interface FailedSend {
   error: Error;
   /** Some of the request was handed to a connection to the upstream: it may have reached the container. */
@@ -34,6 +37,8 @@ export class ProxiedExchange implements UpstreamHandler {
   private waiting?: AbortController;
   private written = false;
   private answering = false;
+  /** A body that came whole in one chunk, kept back for the end (see onData). */
+  private wholeBody?: Buffer;
   private settle?: (failure: FailedSend | undefined) => void;
   /** The attempt in progress, which a replay waits out before it answers through this exchange. */
   private attempt?: Promise<FailedSend | undefined>;
@@ -143,26 +148,33 @@ export class ProxiedExchange implements UpstreamHandler {
     this.answering = true;
     // A replayed answer whose client left is read and dropped.
     if (this.clientGone) return true;
-    const res = this.res;
-    // Head, body and end of a small answer usually arrive in one read: corked until the next
-    // tick, they leave in one write instead of three.
-    res.cork();
-    process.nextTick(uncork, res);
-    res.writeHead(statusCode, statusText || (STATUS_CODES[statusCode] ?? 'Unknown'), clientHeaders(headers));
+    // Only stored: node writes the head with the first body bytes, or at the end.
+    this.res.writeHead(statusCode, statusText || (STATUS_CODES[statusCode] ?? 'Unknown'), clientHeaders(headers));
     this.resumeUpstream = resume;
     return true;
   }
 
   /** false pauses the upstream connection until 'drain' resumes it: the body never piles up here. */
-  onData(chunk: Buffer): boolean {
-    if (this.clientGone || this.res.write(chunk)) return true;
+  onData(chunk: Buffer, endsBody: boolean): boolean {
+    if (this.clientGone) return true;
+    // A small answer's body usually comes whole in one chunk, and onComplete follows at once:
+    // kept back, it leaves with the head and the end in one write.
+    if (endsBody && !this.res.headersSent) {
+      this.wholeBody = chunk;
+      return true;
+    }
+    if (this.res.write(chunk)) return true;
     this.res.once('drain', this.resumeUpstream as () => void);
     return false;
   }
 
   onComplete(): void {
     this.abortUpstream = undefined;
-    this.res.end();
+    const body = this.wholeBody;
+    this.wholeBody = undefined;
+    // As one latin1 string, node sends head and body in one plain write (a Buffer would take a writev).
+    if (body && body.length <= SINGLE_WRITE_BYTES) this.res.end(body.toString('latin1'), 'latin1');
+    else this.res.end(body);
     this.settle?.(undefined);
   }
 
@@ -197,6 +209,3 @@ export function sendDiscardingAnswer(pool: UpstreamPool, record: LogRecord): Pro
   });
 }
 
-function uncork(res: ServerResponse): void {
-  res.uncork();
-}

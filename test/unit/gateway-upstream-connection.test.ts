@@ -85,6 +85,8 @@ async function scriptedServer(answers: string[], opts: { closeAfter?: boolean } 
   });
   const port = await freePort();
   await new Promise<void>((resolve) => server.listen(port, '127.0.0.1', resolve));
+  // A test that fails half-way must not keep the test process alive.
+  server.unref();
   return { server, port, connections: () => connections, close: () => close(server, sockets) };
 }
 
@@ -178,6 +180,8 @@ describe('gateway: upstream connection', () => {
     });
     const port = await freePort();
     await new Promise<void>((resolve) => server.listen(port, '127.0.0.1', resolve));
+  // A test that fails half-way must not keep the test process alive.
+  server.unref();
     const conn = new UpstreamConnection('127.0.0.1', port, noop, noop);
     await exchange(conn, { method: 'POST', headers: ['Content-Length', '999'], body: Buffer.from('twelve bytes') });
     await exchange(conn, { method: 'PUT', headers: [], body: Readable.from([Buffer.from('a'), Buffer.from('bc')]) });
@@ -208,6 +212,8 @@ describe('gateway: upstream connection', () => {
     });
     const port = await freePort();
     await new Promise<void>((resolve) => server.listen(port, '127.0.0.1', resolve));
+  // A test that fails half-way must not keep the test process alive.
+  server.unref();
     const conn = new UpstreamConnection('127.0.0.1', port, noop, noop);
     for (const path of ['/', '/close', '/']) {
       const outcome = await exchange(conn, { path }, 3);
