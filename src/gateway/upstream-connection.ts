@@ -9,20 +9,10 @@
  * coding is chunked; else Content-Length (a list of equal values allowed, anything else an
  * error); else until the upstream closes. An answer with both Transfer-Encoding and
  * Content-Length is read as chunked and its connection closed after it. 1xx answers are
- * skipped. Request bodies: a Buffer goes with its Content-Length; a stream with the client's
- * Content-Length if it had one, else chunked.
+ * skipped. The request's head and body framing: upstream-request.ts.
  */
 import { connect, type Socket } from 'node:net';
-import type { Readable } from 'node:stream';
-
-export interface UpstreamRequest {
-  method: string;
-  /** Path and query. */
-  path: string;
-  /** [name, value, ...] as sent (hop-by-hop ones removed already). */
-  headers: string[];
-  body: Buffer | Readable | null;
-}
+import { requestHead, TOKEN, UpstreamSocketError, writeStreamedBody, type RequestHead, type UpstreamRequest } from './upstream-request.js';
 
 /** What becomes of one request. Exactly one of onComplete and onError is called. */
 export interface UpstreamHandler {
@@ -36,28 +26,14 @@ export interface UpstreamHandler {
   onError(err: Error): void;
 }
 
-/** An upstream connection failure, with a code as node's own errors have. */
-export class UpstreamSocketError extends Error {
-  constructor(
-    message: string,
-    readonly code: string,
-  ) {
-    super(message);
-  }
-}
-
 /** Idle connections are closed after this, before a typical server's own keep-alive time-out (node's: 5 s). */
 const IDLE_MS = 4_000;
 /** Without a byte from the upstream for this long, a request fails (undici's default, kept). */
 const ANSWER_TIMEOUT_MS = 300_000;
 const CONNECT_TIMEOUT_MS = 10_000;
 const MAX_HEAD_BYTES = 64 * 1024;
-const BODYLESS_REQUEST_METHODS = new Set(['GET', 'HEAD', 'DELETE', 'OPTIONS', 'TRACE', 'CONNECT']);
 const STATUS_LINE = /^HTTP\/1\.([01]) (\d{3})(?: (.*))?$/;
-const TOKEN = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/;
 const CHUNK_SIZE = /^([0-9A-Fa-f]+)[ \t]*(;.*)?$/;
-/** CR, LF and NUL end a header line early: never let one into a request head. */
-const UNSAFE_IN_HEAD = /[\r\n\0]/;
 
 /** Where the answer's parse is; `done`: complete, to be reported once the bytes at hand are handled. */
 type ParseState = 'head' | 'length' | 'chunk-size' | 'chunk-data' | 'chunk-end' | 'trailers' | 'until-close' | 'done';
@@ -100,7 +76,7 @@ export class UpstreamConnection {
 
   /** Sends `request` (the connection must not be busy), connecting first if needed. */
   send(request: UpstreamRequest, handler: UpstreamHandler): void {
-    let head: string;
+    let head: RequestHead;
     try {
       head = requestHead(request, this.host, this.port);
     } catch (err) {
@@ -156,53 +132,23 @@ export class UpstreamConnection {
     socket.on('close', ended);
   }
 
-  private write(head: string, body: UpstreamRequest['body']): void {
+  private write(head: RequestHead, body: UpstreamRequest['body']): void {
     const socket = this.socket as Socket;
     this.handler?.onConnect(this.abort);
     if (!this.handler || this.socket !== socket) return;
-    if (body === null) socket.write(head, 'latin1');
+    if (body === null) socket.write(head.text, 'latin1');
     else if (Buffer.isBuffer(body)) {
       socket.cork();
-      socket.write(head, 'latin1');
+      socket.write(head.text, 'latin1');
       socket.write(body);
       socket.uncork();
     } else {
-      socket.write(head, 'latin1');
-      this.streamBody(body, socket, /transfer-encoding: chunked\r\n/.test(head));
+      socket.write(head.text, 'latin1');
+      this.stopBody = writeStreamedBody(body, socket, head.chunked, (err) => {
+        this.stopBody = undefined;
+        if (this.socket === socket) this.fail(err);
+      });
     }
-  }
-
-  /** Writes a streamed request body with backpressure (chunk-encoded if `chunked`). */
-  private streamBody(body: Readable, socket: Socket, chunked: boolean): void {
-    const stop = (): void => {
-      this.stopBody = undefined;
-      body.off('data', onData);
-      body.off('end', onEnd);
-      body.off('error', onError);
-      socket.off('drain', onDrain);
-    };
-    const onData = (chunk: Buffer): void => {
-      if (this.socket !== socket) return stop();
-      const ok = chunked ? (socket.write(`${chunk.length.toString(16)}\r\n`, 'latin1'), socket.write(chunk), socket.write('\r\n', 'latin1')) : socket.write(chunk);
-      if (!ok) body.pause();
-    };
-    const onDrain = (): void => {
-      body.resume();
-    };
-    const onEnd = (): void => {
-      stop();
-      if (chunked && this.socket === socket) socket.write('0\r\n\r\n', 'latin1');
-    };
-    const onError = (err: Error): void => {
-      stop();
-      if (this.socket === socket) this.fail(err);
-    };
-    this.stopBody = stop;
-    body.on('data', onData);
-    body.once('end', onEnd);
-    body.once('error', onError);
-    socket.on('drain', onDrain);
-    socket.once('close', stop);
   }
 
   private read(chunk: Buffer): void {
@@ -390,6 +336,7 @@ export class UpstreamConnection {
     // An answer that came before the whole request body was sent leaves the connection mid-request.
     if (this.stopBody) {
       this.stopBody();
+      this.stopBody = undefined;
       this.keepAlive = false;
     }
     if (!this.keepAlive || this.ended) this.dropSocket();
@@ -410,6 +357,7 @@ export class UpstreamConnection {
   private dropSocket(): void {
     clearTimeout(this.idleTimer);
     this.stopBody?.();
+    this.stopBody = undefined;
     const socket = this.socket;
     this.socket = undefined;
     this.connected = false;
@@ -420,31 +368,4 @@ export class UpstreamConnection {
     this.stash = undefined;
     socket?.destroy();
   }
-}
-
-/** The request's head: request line, its headers (Host added if missing) and the body's framing. */
-function requestHead(request: UpstreamRequest, host: string, port: number): string {
-  if (UNSAFE_IN_HEAD.test(request.path) || !TOKEN.test(request.method)) throw new UpstreamSocketError('the request line holds characters that cannot be sent', 'EINVAL');
-  let head = `${request.method} ${request.path} HTTP/1.1\r\n`;
-  let hasHost = false;
-  let streamLength: string | undefined;
-  const { headers, body } = request;
-  for (let i = 0; i < headers.length; i += 2) {
-    const name = headers[i];
-    const value = headers[i + 1];
-    if (!TOKEN.test(name) || UNSAFE_IN_HEAD.test(value)) throw new UpstreamSocketError(`header ${JSON.stringify(name)} holds characters that cannot be sent`, 'EINVAL');
-    if (name.length === 14 && name.toLowerCase() === 'content-length') {
-      // Framing is the proxy's: set below from the body actually sent.
-      streamLength = value;
-      continue;
-    }
-    if (name.length === 4 && name.toLowerCase() === 'host') hasHost = true;
-    head += `${name}: ${value}\r\n`;
-  }
-  if (!hasHost) head += `host: ${host.includes(':') ? `[${host}]` : host}:${port}\r\n`;
-  if (body === null) {
-    if (!BODYLESS_REQUEST_METHODS.has(request.method)) head += 'content-length: 0\r\n';
-  } else if (Buffer.isBuffer(body)) head += `content-length: ${body.length}\r\n`;
-  else head += streamLength !== undefined && /^\d+$/.test(streamLength) ? `content-length: ${streamLength}\r\n` : 'transfer-encoding: chunked\r\n';
-  return `${head}\r\n`;
 }

@@ -22,7 +22,8 @@
  * Each connection is an UpstreamConnection (upstream-connection.ts), one request at a time.
  */
 import type { Upstream } from './protocol.js';
-import { UpstreamConnection, type UpstreamHandler, type UpstreamRequest } from './upstream-connection.js';
+import { UpstreamConnection, type UpstreamHandler } from './upstream-connection.js';
+import type { UpstreamRequest } from './upstream-request.js';
 
 export interface UpstreamPoolSettings {
   /** Most connections open to the upstream at once. */

@@ -1,5 +1,5 @@
 /**
- * The gateway's HTTP/1.1 upstream connection (src/gateway/upstream-connection.ts) against real
+ * The gateway's HTTP/1.1 upstream connection (src/gateway/upstream-connection.ts, upstream-request.ts) against real
  * servers on loopback: answers written one byte at a time (every split a parser can meet),
  * framing by length, chunks (extensions, trailers), close; bodiless answers; interim answers;
  * keep-alive and its end; malformed answers; the request's own framing; backpressure.
@@ -10,7 +10,8 @@ import { createServer as createHttpServer, type IncomingMessage } from 'node:htt
 import { createServer, type Server, type Socket } from 'node:net';
 import { Readable } from 'node:stream';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { UpstreamConnection, type UpstreamRequest } from '../../src/gateway/upstream-connection.js';
+import { UpstreamConnection } from '../../src/gateway/upstream-connection.js';
+import type { UpstreamRequest } from '../../src/gateway/upstream-request.js';
 import { freePort } from './gateway-env.js';
 
 interface Outcome {
@@ -186,17 +187,19 @@ describe('gateway: upstream connection', () => {
     await exchange(conn, { method: 'POST', headers: ['Content-Length', '999'], body: Buffer.from('twelve bytes') });
     await exchange(conn, { method: 'PUT', headers: [], body: Readable.from([Buffer.from('a'), Buffer.from('bc')]) });
     await exchange(conn, { method: 'POST', headers: [], body: null });
+    await exchange(conn, { method: 'PUT', headers: ['x-transfer-encoding', 'chunked', 'content-length', '3'], body: Readable.from([Buffer.from('xyz')]) });
     assert.deepEqual(
       seen.map((s) => [s.headers['content-length'], s.headers['transfer-encoding'], s.body, s.headers.host]),
       [
         ['12', undefined, 'twelve bytes', `127.0.0.1:${port}`],
         [undefined, 'chunked', 'abc', `127.0.0.1:${port}`],
         ['0', undefined, '', `127.0.0.1:${port}`],
+        ['3', undefined, 'xyz', `127.0.0.1:${port}`],
       ],
     );
     const injected = await exchange(conn, { headers: ['x-a', 'b\r\nx-injected: 1'] });
     assert.deepEqual([injected.connected, injected.error?.code], [false, 'EINVAL']);
-    assert.equal(seen.length, 3);
+    assert.equal(seen.length, 4);
     conn.destroy(new Error('done'));
     server.closeAllConnections();
     await new Promise<void>((resolve) => server.close(() => resolve()));
