@@ -58,7 +58,8 @@ export class UpstreamConnection {
   private ended = false;
   /** Stops writing a streamed request body (the answer came first, or the connection went). */
   private stopBody?: () => void;
-  private readonly resume = (): void => this.resumeReading();
+  /** Counts requests, so that a `resume` of a request that is over resumes nothing. */
+  private requestCount = 0;
   private readonly abort = (err?: Error): void => this.fail(err ?? new UpstreamSocketError('the request was aborted', 'ABORTED'));
 
   constructor(
@@ -85,6 +86,7 @@ export class UpstreamConnection {
       return;
     }
     this.handler = handler;
+    this.requestCount++;
     this.headRequest = request.method === 'HEAD';
     this.state = 'head';
     this.pendingText = '';
@@ -286,7 +288,11 @@ export class UpstreamConnection {
     if ((chunked || otherCoding) && length !== undefined) this.keepAlive = false;
     const handler = this.handler as UpstreamHandler;
     this.onAnswer();
-    handler.onHeaders(statusCode, headers, this.resume, status[3] ?? '');
+    const request = this.requestCount;
+    const resume = (): void => {
+      if (request === this.requestCount) this.resumeReading();
+    };
+    handler.onHeaders(statusCode, headers, resume, status[3] ?? '');
     if (this.handler !== handler) return;
     if (this.headRequest || statusCode === 204 || statusCode === 304) this.state = 'done';
     else if (chunked) this.state = 'chunk-size';
