@@ -124,11 +124,6 @@ export class HttpRouteProxy implements RouteProxy {
     return this.replayer.running;
   }
 
-  /** The connections to the current upstream (tests). */
-  get upstreamStats(): UpstreamPool['stats'] | undefined {
-    return this.upstream?.stats;
-  }
-
   /** Starts or stops logging; a request keeps the log it started with. */
   useLog(requestLog: RequestLog | undefined): void {
     this.requestLog = requestLog;

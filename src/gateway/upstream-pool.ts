@@ -129,11 +129,6 @@ export class UpstreamPool {
     this.limit = settings.maxConnections;
   }
 
-  /** Connections open now, and how many the pool uses at most at present (for tests and the route's view). */
-  get stats(): { connections: number; limit: number; queued: number } {
-    return { connections: this.connections.length, limit: this.limit, queued: this.queue.size };
-  }
-
   /** Sends the request on a free connection, or queues it in `key`'s turn. */
   dispatch(key: QueueKey, request: UpstreamRequest, handler: UpstreamHandler): void {
     if (this.destroyedWith) {
