@@ -166,8 +166,9 @@ export class HttpRouteProxy implements RouteProxy {
   }
 
   update(route: Route): void {
+    const released = this.gate.route.state === 'holding' && route.state !== 'holding';
     // The pool first: requests the gate releases below go to the new upstream.
-    this.followUpstream(route);
+    this.followUpstream(route, released);
     this.gate.update(route);
   }
 
@@ -187,21 +188,32 @@ export class HttpRouteProxy implements RouteProxy {
    * checkpointed container's connections vanish without even a reset). Destroying them now
    * fails them at once: those safe to resend go to the new location (the route changed since
    * they were sent, see RouteGate.retryDelay), the others get a 502, or a cut answer.
+   *
+   * A release to the same upstream (`released`) gets a new pool too: the hold may have covered
+   * a dump and a restore in place (a migration rolled back), whose copy lost every connection
+   * silently; a request written to one would be reset after it left, with no way to know
+   * whether it was applied. The old pool is closed gently: a container that ran on (a
+   * checkpoint) still answers what it carries.
    */
-  private followUpstream(route: Route): void {
-    if (sameUpstream(this.upstream?.at, route.upstream)) return;
+  private followUpstream(route: Route, released = false): void {
+    if (sameUpstream(this.upstream?.at, route.upstream)) {
+      if (!released || !this.upstream || !route.upstream) return;
+      const kept = this.upstream;
+      this.upstream = { at: route.upstream, pool: this.newPool(route.upstream) };
+      void kept.pool.close().catch(() => undefined);
+      return;
+    }
     const old = this.upstream;
-    this.upstream = route.upstream
-      ? {
-          at: route.upstream,
-          pool: new Pool(`http://${hostForUrl(route.upstream.address)}:${route.upstream.port}`, { connections: this.settings.upstreamConnections }),
-        }
-      : undefined;
+    this.upstream = route.upstream ? { at: route.upstream, pool: this.newPool(route.upstream) } : undefined;
     if (old) {
       const moved = route.upstream ? `to ${route.upstream.address}:${route.upstream.port}` : 'away';
       void old.pool.destroy(new MovedAwayError(`the container moved ${moved}: given up at its old location`, this.drainedBeforeMove));
       this.drainedBeforeMove = false;
     }
+  }
+
+  private newPool(upstream: Upstream): Pool {
+    return new Pool(`http://${hostForUrl(upstream.address)}:${upstream.port}`, { connections: this.settings.upstreamConnections });
   }
 
   /**

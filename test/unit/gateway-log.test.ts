@@ -2,6 +2,7 @@ import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { access, mkdtemp, rm } from 'node:fs/promises';
 import type { IncomingMessage, ServerResponse } from 'node:http';
+import { connect, createServer as createNetServer, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { Readable } from 'node:stream';
 import { join } from 'node:path';
@@ -391,4 +392,69 @@ describe('gateway: logged HTTP routes', () => {
         await upstream.kill();
       }
     }));
+  it('sends what a rollback released on new connections: the copy restored at the same address lost the old ones', () =>
+    withGateway(
+      async ({ client }) => {
+        const counter = new CounterService(0);
+        const backend = await httpUpstream(counter.handle);
+        const container = await restorableInPlace(backend.upstream.port);
+        try {
+          const url = await loggedRoute(client, 'web', container.upstream);
+          assert.equal((await increment(url, 1)).status, 200, 'a kept-alive connection to the container now exists');
+
+          await client.hold('web', 'migration-1');
+          const held = increment(url, 2);
+          await eventually(async () => (await client.getRoute('web')).held === 1, 'the request held');
+          // The migration froze and dumped the container, failed, and restored it where it was
+          // (same address): its connections came back closed, without a word to the gateway.
+          container.dumpAndRestore();
+          await client.release('web', 'migration-1', container.upstream);
+
+          assert.deepEqual(await held, { status: 200, reason: undefined }, 'answered by the restored container, not parked on a dead connection');
+          assert.deepEqual(counter.applied, ['1', '2']);
+          assert.equal((await client.getRoute('web')).requestLog?.parked, 0);
+        } finally {
+          await container.close();
+          await backend.kill();
+        }
+      },
+      { maxReplayWaitMs: 1_000 },
+    ));
 });
+
+/**
+ * A container in front of `backendPort` whose dump and restore in place (CRIU's tcp-close) can be
+ * played: connections open at the dump are dead afterwards, and the first bytes a peer writes to
+ * one get a reset (no socket for them any more), as from the restored container's kernel.
+ */
+async function restorableInPlace(backendPort: number): Promise<{ upstream: Upstream; dumpAndRestore(): void; close(): Promise<void> }> {
+  const connections = new Set<{ client: Socket; dead: boolean }>();
+  const server = createNetServer((clientSocket) => {
+    const backend = connect(backendPort, LOOPBACK);
+    const entry = { client: clientSocket, dead: false };
+    connections.add(entry);
+    clientSocket.on('data', (chunk) => {
+      if (entry.dead) clientSocket.resetAndDestroy();
+      else backend.write(chunk);
+    });
+    backend.on('data', (chunk) => entry.dead || clientSocket.write(chunk));
+    const end = (): void => {
+      connections.delete(entry);
+      clientSocket.destroy();
+      backend.destroy();
+    };
+    clientSocket.on('close', end).on('error', end);
+    backend.on('close', end).on('error', end);
+  });
+  await new Promise<void>((resolve) => server.listen(0, LOOPBACK, resolve));
+  return {
+    upstream: { address: LOOPBACK, port: (server.address() as { port: number }).port },
+    dumpAndRestore: () => {
+      for (const entry of connections) entry.dead = true;
+    },
+    close: async () => {
+      for (const entry of connections) entry.client.destroy();
+      await new Promise<void>((resolve) => server.close(() => resolve()));
+    },
+  };
+}
