@@ -162,12 +162,7 @@ export class FailoverService implements ContainerRescuer {
 
   /** A failed migration lost the container (its memory is gone): restore it from its newest checkpoint, under the lock handed over. */
   async rescue(held: HeldLock, lostOn: string, reason: string): Promise<ContainerRecord> {
-    await this.once(held.name, async () => {
-      const started = this.newRecord(held.name, lostOn, Date.now());
-      started.reason = reason;
-      await this.save(started);
-      return this.run(started, held);
-    });
+    await this.once(held.name, () => this.restoreAgain(held, lostOn, reason));
     return (await this.opts.locks.require(held.name)).value;
   }
 
@@ -176,7 +171,17 @@ export class FailoverService implements ContainerRescuer {
    * already runs on its new node, the requests logged after its checkpoint are replayed (unless
    * that was done) and traffic released; otherwise it is restored again from its checkpoints.
    */
-  async resume(held: HeldLock, interrupted?: FailoverRecord): Promise<void> {
+  resume(held: HeldLock, interrupted?: FailoverRecord): Promise<void> {
+    return this.resumeHeld(held, interrupted, 'the controller stopped during this failover; a new one takes over', false);
+  }
+
+  /**
+   * resume(), also for a failover of this controller whose replay is owed (`insideOnce`: the
+   * caller runs under this container's once-guard already, so a restore again must not wait
+   * for it: it would wait for itself). `why` is what the interrupted failover failed of, if
+   * its copy no longer runs.
+   */
+  private async resumeHeld(held: HeldLock, interrupted: FailoverRecord | undefined, why: string, insideOnce: boolean): Promise<void> {
     const { locks, traffic, nodes, agentFor } = this.opts;
     const attempt = interrupted && !interrupted.to ? interrupted.attempt : undefined;
     if (attempt) {
@@ -206,12 +211,22 @@ export class FailoverService implements ContainerRescuer {
       await locks.release(held, current);
       return;
     }
-    if (interrupted) await this.failed(interrupted, new FailoverFailedError('the controller stopped during this failover; a new one takes over', { name: held.name, from: interrupted.from }));
+    if (interrupted) await this.failed(interrupted, new FailoverFailedError(why, { name: held.name, from: interrupted.from }));
     if (!held.record.protection) {
       await locks.release(held, { ...held.record, status: 'unknown' });
       return;
     }
-    await this.rescue(held, held.record.node, 'the controller stopped while it restored this container');
+    const reason = `${interrupted?.id ?? 'the interrupted restore'} left no running copy on ${held.record.node}: restored again`;
+    if (insideOnce) await this.restoreAgain(held, held.record.node, reason);
+    else await this.rescue(held, held.record.node, reason);
+  }
+
+  /** A new failover record, and the container restored from its checkpoints under `held` (no once-guard: the caller's). */
+  private async restoreAgain(held: HeldLock, lostOn: string, reason: string): Promise<FailoverRecord> {
+    const started = this.newRecord(held.name, lostOn, Date.now());
+    started.reason = reason;
+    await this.save(started);
+    return this.run(started, held);
   }
 
   /** The record of the failover that ran under lock `lockId`, if any. */
@@ -388,26 +403,31 @@ export class FailoverService implements ContainerRescuer {
       const held: HeldLock = { name: record.name, lock: current.value.lock, record: current.value };
       await this.once(record.name, async () => {
         const nodeAlive = await this.opts.nodes.isReady(held.record.node);
-        if (record.replayError?.details?.written !== true && nodeAlive) {
-          await this.resume(held, record);
+        const node = nodeAlive ? await this.opts.nodes.require(held.record.node) : undefined;
+        const copy = node ? await this.opts.agentFor(node).get(record.name).catch(() => undefined) : undefined;
+        const copyRuns = copy?.status === 'running' && copy.generation >= held.record.generation;
+        const uncertain = record.replayError?.details?.written === true;
+        if (!uncertain && copyRuns) {
+          await this.resumeHeld(held, record, `the replay of ${record.id} could not go on`, true);
           return record;
         }
         // The copy may have applied a request the replay could not confirm (its state is unknown),
-        // or it died with its node: it goes, and the container is restored again from its
-        // checkpoint, with a full replay (here, under the lock this failover still holds).
-        if (nodeAlive) {
-          const node = await this.opts.nodes.require(held.record.node);
+        // or it is gone (its node died, or died and came back without it): what is left of it
+        // goes, and the container is restored again from its checkpoint, with a full replay
+        // (here, under the lock this failover still holds).
+        if (node) {
           await this.opts.agentFor(node).remove(record.name).catch((err: unknown) => {
             if (toChipmunkError(err).code !== 'CHIPMUNK_NOT_FOUND') throw err;
           });
         }
         await this.save({ ...record, replayPending: false });
-        const again = this.newRecord(record.name, held.record.node, Date.now());
-        again.reason = nodeAlive
-          ? `the replay into the copy restored by ${record.id} may have applied a request twice: restored again`
-          : `${held.record.node}, where ${record.id} restored it, died before the replay: restored again`;
-        await this.save(again);
-        return this.run(again, held);
+        return this.restoreAgain(
+          held,
+          held.record.node,
+          uncertain && copyRuns
+            ? `the replay into the copy restored by ${record.id} may have applied a request twice: restored again`
+            : `the copy ${record.id} restored on ${held.record.node} ${nodeAlive ? 'no longer runs (its node restarted)' : 'died with its node'} before the replay: restored again`,
+        );
       }).catch((err: unknown) => this.opts.log.warn({ container: record.name, err: toChipmunkError(err).toJSON() }, `replay of ${record.name} failed again; its route stays held`));
     }
   }

@@ -412,6 +412,33 @@ describe('checkpoints and failover (controller, fake agents)', () => {
     assert.deepEqual(await env.fences.forNode('node1'), [{ name: 'web', generation: 2 }]);
   });
 
+  it('a failover whose new node dies during the replay and comes back without the copy restores the container again (found by the fault matrix: the retry waited for itself)', async () => {
+    const env = await setup(400);
+    env.traffic.position = 2;
+    await env.checkpoints.checkpoint('web');
+    env.traffic.position = 6;
+    env.cluster.agent('node1').containers.clear();
+    env.traffic.replayFailures.push(new Error('upstream unreachable'), new Error('upstream unreachable'), new Error('upstream unreachable'));
+    await assert.rejects(env.failovers.failover('web', 'node1'), /upstream unreachable/);
+    const [first] = await env.failovers.list();
+    // The node it was restored on was killed and revived: it heartbeats, and has no copy any more.
+    env.cluster.agent(first.to!).containers.clear();
+    const stopBeating = env.keepAlive(['node2', 'node3']);
+    await env.failovers.start();
+    try {
+      await waitFor(async () => ((await env.record()).lock ? undefined : true), 8_000, 'the restore again');
+      const record = await env.record();
+      assert.equal(env.cluster.runningCopies('web'), 1);
+      assert.deepEqual(env.traffic.calls.slice(-2), [`replay web after 2 -> ${record.node}`, `release web -> ${record.node}`]);
+      const again = (await env.failovers.list()).find((f) => f.id !== first.id);
+      assert.equal(again?.outcome, 'done');
+      assert.match(again?.reason ?? '', /no longer runs/);
+    } finally {
+      stopBeating();
+      env.failovers.stop();
+    }
+  });
+
   it('a failover whose new node dies before the replay restores the container again elsewhere (found by the fault matrix)', async () => {
     const env = await setup(400);
     env.traffic.position = 2;
