@@ -25,6 +25,8 @@ import type { NodeRegistry } from './registry.js';
 import type { StateStore, Watch } from './store/index.js';
 
 const FAILOVERS_PREFIX = '/failovers/';
+/** Ids of the failovers whose replay is owed, so the reconcile loop reads those and not every failover ever recorded. */
+const PENDING_REPLAYS_PREFIX = '/failover-replays/';
 const REPLAY_ATTEMPTS = 3;
 const REPLAY_RETRY_MS = 1_000;
 
@@ -101,6 +103,8 @@ export class FailoverService implements ContainerRescuer {
    */
   async start(): Promise<void> {
     this.listeningSince = Date.now();
+    // Records an older version wrote have no index entry yet: once, here.
+    for (const record of await this.list()) if (record.replayPending) await this.save(record);
     this.watch = await this.opts.store.watch<{ node: string }>('/liveness/', {}, (ev) => {
       if (ev.type === 'delete') void this.reconcile();
     });
@@ -396,8 +400,9 @@ export class FailoverService implements ContainerRescuer {
 
   /** Failovers whose replay failed: tried again while their lock still holds the container. */
   private async retryPendingReplays(): Promise<void> {
-    for (const record of await this.list()) {
-      if (!record.replayPending || !record.lockId || this.inProgress.has(record.name)) continue;
+    for (const { value: id } of await this.opts.store.list<string>(PENDING_REPLAYS_PREFIX)) {
+      const record = (await this.opts.store.get<FailoverRecord>(FAILOVERS_PREFIX + id))?.value;
+      if (!record?.replayPending || !record.lockId || this.inProgress.has(record.name)) continue;
       const current = await this.opts.locks.get(record.name);
       if (current?.value.lock?.id !== record.lockId) continue;
       const held: HeldLock = { name: record.name, lock: current.value.lock, record: current.value };
@@ -440,8 +445,13 @@ export class FailoverService implements ContainerRescuer {
     return ready.sort((a, b) => (load.get(a.name) ?? 0) - (load.get(b.name) ?? 0)).map((n) => n.name);
   }
 
+  /** The record, and its entry in the index of owed replays (kept or dropped with it, in one write). */
   private async save(record: FailoverRecord): Promise<void> {
-    await this.opts.store.put(FAILOVERS_PREFIX + record.id, record);
+    const pendingKey = PENDING_REPLAYS_PREFIX + record.id;
+    await this.opts.store.txn({
+      compare: [],
+      ops: [{ type: 'put', key: FAILOVERS_PREFIX + record.id, value: record }, record.replayPending ? { type: 'put', key: pendingKey, value: record.id } : { type: 'delete', key: pendingKey }],
+    });
   }
 }
 

@@ -313,12 +313,22 @@ describe('checkpoints and failover (controller, fake agents)', () => {
     assert.ok(!sinceHold.some((c) => c.startsWith('release')), `no release after a failed replay: ${sinceHold.join(', ')}`);
     assert.equal((await env.record()).lock?.operation, 'failover', 'the lock stays: no checkpoint may cut the unreplayed copy');
     assert.equal((await env.failovers.list())[0].replayPending, true);
+    assert.equal((await env.store.list('/failover-replays/')).length, 1, 'the owed replay is indexed');
     failing = false;
     const stopBeating = env.keepAlive(['node2', 'node3']);
     await env.failovers.start();
+    // The reconcile loop (every half lease) reads the index of owed replays, not every failover record.
+    const list = env.store.list.bind(env.store);
+    let failoverListings = 0;
+    env.store.list = (async (prefix: string) => {
+      if (prefix === '/failovers/') failoverListings++;
+      return list(prefix);
+    }) as typeof env.store.list;
     try {
       // Past the start grace (one lease), the reconcile loop retries the replay.
       await waitFor(async () => ((await env.record()).lock ? undefined : true), 5_000, 'the retried replay');
+      assert.equal(failoverListings, 0);
+      assert.deepEqual(await list('/failover-replays/'), [], 'the index entry went with the replay owed');
       const to = (await env.record()).node;
       assert.deepEqual(env.traffic.calls.slice(-2), [`replay web after 2 -> ${to}`, `release web -> ${to}`]);
       assert.equal((await env.record()).lock, undefined);
