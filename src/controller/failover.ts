@@ -12,7 +12,7 @@
 import { randomUUID } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { Logger } from 'pino';
-import { ConflictError, FailoverFailedError, LogMismatchError, toChipmunkError, type ErrorJSON } from '../shared/errors.js';
+import { ConflictError, FailoverFailedError, LogMismatchError, NotFoundError, toChipmunkError, type ErrorJSON } from '../shared/errors.js';
 import type { LogPosition } from '../shared/protocol.js';
 import type { CheckpointSummary } from '../checkpoint-store/index.js';
 import type { CheckpointCatalog, CheckpointService, LoggedTraffic } from './checkpoints.js';
@@ -27,6 +27,19 @@ import type { StateStore, Watch } from './store/index.js';
 const FAILOVERS_PREFIX = '/failovers/';
 /** Ids of the failovers whose replay is owed, so the reconcile loop reads those and not every failover ever recorded. */
 const PENDING_REPLAYS_PREFIX = '/failover-replays/';
+/**
+ * Containers whose failover failed, by name: tried again while their node is dead (the reconcile
+ * loop), and also once it is back if it came back without them (its host restarted).
+ */
+const OWED_PREFIX = '/failover-owed/';
+
+interface OwedFailover {
+  name: string;
+  /** The node the container was lost on, as its record still says. */
+  from: string;
+  /** The failover that failed last. */
+  failoverId: string;
+}
 const REPLAY_ATTEMPTS = 3;
 const REPLAY_RETRY_MS = 1_000;
 
@@ -142,6 +155,43 @@ export class FailoverService implements ContainerRescuer {
       );
     }
     for (const [node, names] of lost) this.warnOnce(node, names);
+    await this.retryOwed(records.map((kv) => kv.value), ready).catch((err: unknown) => this.opts.log.warn({ err: toChipmunkError(err).toJSON() }, 'retrying failed failovers failed'));
+  }
+
+  /**
+   * A container whose failover failed, and whose node is back: if the node came back running it
+   * (it was cut off, not dead), nothing is owed any more; if it came back without it (its host
+   * restarted), it is restored from its checkpoints as for a dead node. The record still names
+   * that node, so nothing else would ever bring it back.
+   */
+  private async retryOwed(records: ContainerRecord[], ready: Set<string>): Promise<void> {
+    const byName = new Map(records.map((record) => [record.spec.name, record]));
+    for (const { key, value: owed } of await this.opts.store.list<OwedFailover>(OWED_PREFIX)) {
+      const container = byName.get(owed.name);
+      if (!container?.protection || container.node !== owed.from) {
+        await this.opts.store.delete(key);
+        continue;
+      }
+      // A node still dead is the loop's; a locked container is another operation's.
+      if (!ready.has(owed.from) || container.lock || this.inProgress.has(owed.name) || !this.retryDue(owed.name)) continue;
+      const there = await this.opts.agentFor(await this.opts.nodes.require(owed.from))
+        .get(owed.name)
+        .then(
+          (c) => c,
+          (err: unknown) => (err instanceof NotFoundError ? null : undefined),
+        );
+      // No answer: asked again on the next pass.
+      if (there === undefined) continue;
+      if (there?.status === 'running' && there.generation >= container.generation) {
+        await this.opts.store.delete(key);
+        continue;
+      }
+      this.opts.log.warn({ container: owed.name, node: owed.from, failover: owed.failoverId }, `${owed.from} is back without ${owed.name}, whose failover failed: restoring it from its checkpoints`);
+      void this.failover(owed.name, owed.from).then(
+        () => this.backoff.delete(owed.name),
+        () => this.backoff.set(owed.name, nextBackoff(this.backoff.get(owed.name))),
+      );
+    }
   }
 
   /**
@@ -306,30 +356,39 @@ export class FailoverService implements ContainerRescuer {
         const targets = await this.targetsFor(deadNode);
         if (targets.length === 0) throw new FailoverFailedError(`no ready node to restore ${name} on: it stays down until a node is ready`, { name, from: deadNode });
         let attempt = 0;
-        for (const candidate of good) {
-          const target = targets[attempt % targets.length]!;
-          attempt += 1;
-          try {
-            // Written first: a controller that dies during the restore finds the copy it may have made.
-            record.attempt = { to: target, checkpoint: candidate.id, logPosition: candidate.logPosition, generation: container.generation + attempt + 1 };
-            await this.save(record);
-            current = await checkpoints.restoreOn(container, target, candidate.id, `${lockId}-${attempt}`, container.generation + attempt + 1, record.timings);
-            record.to = target;
-            record.checkpoint = candidate.id;
-            record.logPosition = candidate.logPosition;
-            record.restoredAt = Date.now();
-            break;
-          } catch (err) {
-            const corrupt = (await catalog.list(name)).find((c) => c.id === candidate.id)?.corrupt;
-            const reason = corrupt ? `corrupt: ${toChipmunkError(err).message}` : toChipmunkError(err).message;
-            record.skipped.push({ checkpoint: candidate.id, reason });
-            log.error({ container: name, checkpoint: candidate.id, target, corrupt: Boolean(corrupt) }, `restoring ${name} from checkpoint ${candidate.id} on ${target} failed (${reason}); trying the one before`);
-            await this.save(record);
+        /** Targets a restore failed on: one cut short (its agent killed) may still leave a copy there. */
+        const failedOn = new Set<string>();
+        candidates: for (const candidate of good) {
+          // A target whose agent does not answer says nothing about the checkpoint: the same one
+          // is tried on the next target; any other failure passes the checkpoint over.
+          for (let tried = 0; tried < targets.length; tried++) {
+            const target = targets[attempt % targets.length]!;
+            attempt += 1;
+            try {
+              // Written first: a controller that dies during the restore finds the copy it may have made.
+              record.attempt = { to: target, checkpoint: candidate.id, logPosition: candidate.logPosition, generation: container.generation + attempt + 1 };
+              await this.save(record);
+              current = await checkpoints.restoreOn(container, target, candidate.id, `${lockId}-${attempt}`, container.generation + attempt + 1, record.timings);
+              record.to = target;
+              record.checkpoint = candidate.id;
+              record.logPosition = candidate.logPosition;
+              record.restoredAt = Date.now();
+              break candidates;
+            } catch (err) {
+              const corrupt = (await catalog.list(name)).find((c) => c.id === candidate.id)?.corrupt;
+              const reason = corrupt ? `corrupt: ${toChipmunkError(err).message}` : toChipmunkError(err).message;
+              const targetAway = !corrupt && toChipmunkError(err).code === 'CHIPMUNK_UNAVAILABLE' && tried + 1 < targets.length;
+              failedOn.add(target);
+              record.skipped.push({ checkpoint: candidate.id, reason: `on ${target}: ${reason}` });
+              log.error({ container: name, checkpoint: candidate.id, target, corrupt: Boolean(corrupt) }, `restoring ${name} from checkpoint ${candidate.id} on ${target} failed (${reason}); ${targetAway ? 'trying it on another node' : 'trying the one before'}`);
+              await this.save(record);
+              if (!targetAway) continue candidates;
+            }
           }
         }
         if (!record.to) throw new FailoverFailedError(`no checkpoint of ${name} could be restored: ${record.skipped.map((s) => `${s.checkpoint}: ${s.reason}`).join('; ')}`, { name, from: deadNode, skipped: record.skipped });
         // From here the new incarnation is the container: fence the old one, then record the move.
-        await fences.fence(deadNode, name, current.generation);
+        for (const node of [deadNode, ...failedOn]) if (node !== record.to) await fences.fence(node, name, current.generation);
         await fences.clear(record.to, name);
         await locks.save(held, current);
         await controllerPauses.at('failover:replay');
@@ -357,6 +416,7 @@ export class FailoverService implements ContainerRescuer {
         }
         record.outcome = 'done';
         record.finishedAt = Date.now();
+        await this.opts.store.delete(OWED_PREFIX + name);
         log.info({ container: name, from: deadNode, to: record.to, checkpoint: record.checkpoint, ms: record.finishedAt - detectedAt, replayed: record.replayed }, `failed ${name} over to ${record.to}`);
         await this.save(record);
         return record;
@@ -372,6 +432,10 @@ export class FailoverService implements ContainerRescuer {
       }
     } catch (err) {
       await this.failed(record, err);
+      // Owed (tried again), unless the container is elsewhere now or its replay is owed instead.
+      if (!keepLock && !(err instanceof ConflictError)) {
+        await this.opts.store.put(OWED_PREFIX + name, { name, from: deadNode, failoverId: record.id } satisfies OwedFailover).catch(() => undefined);
+      }
       throw err;
     } finally {
       if (!keepLock) await locks.releaseIfHeld(held).catch((err: unknown) => log.error({ err: toChipmunkError(err).toJSON() }, `could not release the lock ${lockId} of ${name}`));

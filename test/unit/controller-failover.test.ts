@@ -17,7 +17,7 @@ import { recoverStaleLocks } from '../../src/controller/recovery.js';
 import { NodeRegistry } from '../../src/controller/registry.js';
 import { MemoryStore } from '../../src/controller/store/index.js';
 import { FakeCluster } from '../fakes/agents.js';
-import { ChipmunkError } from '../../src/shared/errors.js';
+import { ChipmunkError, UnavailableError } from '../../src/shared/errors.js';
 import { waitFor } from '../support/wait.js';
 
 const silent = pino({ level: process.env.DEBUG_LOG ? 'debug' : 'silent' });
@@ -420,6 +420,63 @@ describe('checkpoints and failover (controller, fake agents)', () => {
     assert.deepEqual([record.node, record.generation, record.lock], ['node2', 2, undefined]);
     assert.deepEqual(env.traffic.calls, ['replay web after 2 -> node2', 'release web -> node2']);
     assert.deepEqual(await env.fences.forNode('node1'), [{ name: 'web', generation: 2 }]);
+  });
+
+  it('a target whose agent dies during the restore gets the same checkpoint restored on the next node, and is fenced (found by the fault matrix)', async () => {
+    const env = await setup();
+    env.traffic.position = 2;
+    await env.checkpoints.checkpoint('web');
+    env.cluster.agent('node1').containers.clear();
+    env.cluster.agent('node2').failNext('restore', new UnavailableError('agent node2 is unreachable at http://10.0.0.2:7070 (UND_ERR_SOCKET)'));
+    const done = await env.failovers.failover('web', 'node1');
+    assert.equal(done.outcome, 'done');
+    assert.ok(env.cluster.callIndex('node2.restore') >= 0 && env.cluster.callIndex('node2.restore') < env.cluster.callIndex('node3.restore'), 'node2 was tried first');
+    assert.equal((await env.record()).node, 'node3');
+    assert.equal(env.cluster.runningCopies('web'), 1);
+    assert.deepEqual(env.traffic.calls.slice(-2), ['replay web after 2 -> node3', 'release web -> node3']);
+    assert.deepEqual(await env.fences.forNode('node2'), [{ name: 'web', generation: (await env.record()).generation }], 'a copy the cut-short restore may have left on node2 goes');
+  });
+
+  it('a container whose failover failed is restored once its node is back without it (its host restarted) (found by the fault matrix)', async () => {
+    const env = await setup(400);
+    env.traffic.position = 2;
+    await env.checkpoints.checkpoint('web');
+    env.cluster.agent('node1').containers.clear();
+    for (const node of ['node2', 'node3']) env.cluster.agent(node).failNext('restore', new UnavailableError(`agent ${node} is unreachable (ECONNREFUSED)`));
+    await assert.rejects(env.failovers.failover('web', 'node1'), /no checkpoint of web could be restored/);
+    assert.equal((await env.record()).node, 'node1');
+    // node1 heartbeats again: its host restarted, the container is gone from it.
+    const stopBeating = env.keepAlive(['node1', 'node2', 'node3']);
+    await env.failovers.start();
+    try {
+      await waitFor(async () => ((await env.record()).node !== 'node1' && !(await env.record()).lock ? true : undefined), 5_000, 'the owed failover');
+      assert.equal(env.cluster.runningCopies('web'), 1);
+      const record = await env.record();
+      assert.deepEqual(env.traffic.calls.slice(-2), [`replay web after 2 -> ${record.node}`, `release web -> ${record.node}`]);
+      assert.deepEqual(await env.fences.forNode('node1'), [{ name: 'web', generation: record.generation }]);
+      assert.deepEqual(await env.store.list('/failover-owed/'), []);
+    } finally {
+      stopBeating();
+      env.failovers.stop();
+    }
+  });
+
+  it('a failover that failed while its node was only cut off is not owed once the node is back running the container', async () => {
+    const env = await setup(400);
+    env.traffic.position = 2;
+    await env.checkpoints.checkpoint('web');
+    for (const node of ['node2', 'node3']) env.cluster.agent(node).failNext('restore', new UnavailableError(`agent ${node} is unreachable (ECONNREFUSED)`));
+    await assert.rejects(env.failovers.failover('web', 'node1'), /no checkpoint of web could be restored/);
+    const stopBeating = env.keepAlive(['node1', 'node2', 'node3']);
+    await env.failovers.start();
+    try {
+      await waitFor(async () => ((await env.store.list('/failover-owed/')).length === 0 ? true : undefined), 5_000, 'the owed entry dropped');
+      const record = await env.record();
+      assert.deepEqual([record.node, record.lock, env.cluster.runningCopies('web')], ['node1', undefined, 1]);
+    } finally {
+      stopBeating();
+      env.failovers.stop();
+    }
   });
 
   it('a failover whose new node dies during the replay and comes back without the copy restores the container again (found by the fault matrix: the retry waited for itself)', async () => {
