@@ -12,7 +12,7 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { closeSync, constants, existsSync, openSync } from 'node:fs';
-import { readFile, writeFile } from 'node:fs/promises';
+import { readFile, readdir, writeFile } from 'node:fs/promises';
 import { Socket } from 'node:net';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -103,6 +103,38 @@ export async function removeCriuNetworkLock(netns: string): Promise<void> {
     await inNs(['-F', 'CRIU']);
     await inNs(['-X', 'CRIU']);
   }
+}
+
+/**
+ * Kills the CRIU processes of a migration that a previous agent process started and left when
+ * it died (orphans: this process's own children are left alone) (a dump's `runc checkpoint` and its page server, a lazy-pages daemon, a `runc
+ * restore`): this process has no handle on them; they are found by the migration's images
+ * directory among their arguments. Returns their pids.
+ */
+export async function killOrphanedCriuProcesses(imagesDir: string): Promise<number[]> {
+  const killed: number[] = [];
+  for (const entry of await readdir('/proc').catch(() => [] as string[])) {
+    const pid = Number(entry);
+    if (!Number.isInteger(pid) || pid === process.pid) continue;
+    const args = (await readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '')).split('\0');
+    if (!args.includes(imagesDir)) continue;
+    // This process's own children are its to end (it holds their handles): only orphans here.
+    if ((await parentPid(pid)) === process.pid) continue;
+    try {
+      process.kill(pid, 'SIGKILL');
+      killed.push(pid);
+    } catch {
+      // It ended meanwhile.
+    }
+  }
+  return killed;
+}
+
+/** From /proc/PID/stat: "pid (comm) state ppid ...", where comm may hold spaces and parentheses. */
+async function parentPid(pid: number): Promise<number | undefined> {
+  const stat = await readFile(`/proc/${pid}/stat`, 'utf8').catch(() => '');
+  const ppid = Number(stat.slice(stat.lastIndexOf(')') + 1).trim().split(' ')[1]);
+  return Number.isInteger(ppid) ? ppid : undefined;
 }
 
 export class Criu {
@@ -220,6 +252,7 @@ export class Criu {
     this.lazyDaemons.get(migrationId)?.kill('SIGKILL');
     this.lazyDaemons.delete(migrationId);
   }
+
 
   /** Resolves when the migration's lazy-pages daemon has ended (at once if none runs), or after `timeoutMs`. */
   async lazyPagesEnded(migrationId: string, timeoutMs: number): Promise<void> {

@@ -9,7 +9,7 @@ import { join } from 'node:path';
 import { ConflictError, InvalidInputError } from '../../shared/errors.js';
 import type { AgentContainer, ContainerSpec, MigrationMode } from '../../shared/protocol.js';
 import type { RuntimeContext } from './context.js';
-import { PAGE_DRAIN_TIMEOUT_MS, writeCriuOptions, type PageServer } from './criu.js';
+import { PAGE_DRAIN_TIMEOUT_MS, killOrphanedCriuProcesses, writeCriuOptions, type PageServer } from './criu.js';
 import type { ImageConfig } from './images.js';
 import type { ContainerRecord } from './records.js';
 import type { PrepareOptions, RestoreOptions } from './types.js';
@@ -123,6 +123,7 @@ export class TargetRestores {
         kept.push(rec);
         continue;
       }
+      await killOrphanedCriuProcesses(ctx.layout.migrationImages(targetOf));
       await ctx.withLock(rec.spec.name, () => ctx.removeContainer(rec));
       await ctx.removeMigrationDir(targetOf);
       removed.push(`${rec.spec.name} (target of ${targetOf})`);
@@ -141,6 +142,7 @@ export class TargetRestores {
   async abortRestore(migrationId: string): Promise<void> {
     const { ctx } = this;
     ctx.criu.killLazyPages(migrationId);
+    await killOrphanedCriuProcesses(ctx.layout.migrationImages(migrationId));
     const name = await ctx.findByMigration(migrationId, 'target').catch(() => undefined);
     if (name) await ctx.withLock(name, async () => ctx.removeContainer(await ctx.records.read(name)));
     // A failed restore's logs, which its error names, were kept in failed-logs/ already.
