@@ -4,6 +4,7 @@
  * (pause points). Per run: is it back on another host, does it stay there after the dead host
  * returns, did any request fail, counter == acknowledged.
  */
+import { readFile, readdir } from 'node:fs/promises';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { clusterKill, clusterRevive } from '../../src/cluster/index.js';
 import { steadyIncrements } from './clients.js';
@@ -31,6 +32,9 @@ export interface SoakRun {
   timings?: Record<string, number>;
   /** Checkpoints it passed over before one restored. */
   skipped?: number;
+  /** Mounts and network namespaces on the machine when the run began: what dead incarnations may leave grows them. */
+  mounts?: number;
+  netns?: number;
   notes: string[];
 }
 
@@ -67,6 +71,8 @@ export async function soak(runs: number, log: (line: string) => void = () => {})
         row.notes.push('no running copy before the kill');
         break;
       }
+      row.mounts = (await readFile('/proc/self/mountinfo', 'utf8')).split('\n').filter(Boolean).length;
+      row.netns = (await readdir('/var/run/netns').catch(() => [])).length;
       const client = steadyIncrements(`http://${GATEWAY_HOST}:${port}`, 1, 300_000);
       await sleep(500 + Math.random() * 2_000);
       if (moment !== 'random') {
@@ -122,11 +128,11 @@ export async function soak(runs: number, log: (line: string) => void = () => {})
 
 export function soakTable(rows: SoakRun[]): string {
   const lines = [
-    '| run | killed at | from | to | back after | failover: detected / lock / restore (fetch, criu) / replay / release, ms | back elsewhere | stayed after the host returned | acknowledged | failed | counter == acknowledged | notes |',
-    '|---:|---|---|---|---:|---|---|---|---:|---:|---|---|',
+    '| run | killed at | from | to | back after | failover: detected / lock / restore (fetch, criu) / replay / release, ms | back elsewhere | stayed after the host returned | acknowledged | failed | counter == acknowledged | mounts, netns before | notes |',
+    '|---:|---|---|---|---:|---|---|---|---:|---:|---|---|---|',
     ...rows.map(
       (r) =>
-        `| ${r.run} | ${r.moment} | ${r.from} | ${r.to ?? '-'} | ${r.backMs !== undefined ? `${r.backMs} ms` : '-'} | ${timingsCell(r)} | ${r.back ? 'yes' : 'NO'} | ${r.stayed ? 'yes' : 'NO'} | ${r.acked} | ${r.failed} | ${r.counterOk ? 'yes' : 'NO'} | ${r.notes.join('; ').replace(/\|/g, '/').slice(0, 200)} |`,
+        `| ${r.run} | ${r.moment} | ${r.from} | ${r.to ?? '-'} | ${r.backMs !== undefined ? `${r.backMs} ms` : '-'} | ${timingsCell(r)} | ${r.back ? 'yes' : 'NO'} | ${r.stayed ? 'yes' : 'NO'} | ${r.acked} | ${r.failed} | ${r.counterOk ? 'yes' : 'NO'} | ${r.mounts ?? '?'}, ${r.netns ?? '?'} | ${r.notes.join('; ').replace(/\|/g, '/').slice(0, 200)} |`,
     ),
   ];
   const good = rows.filter((r) => r.back && r.stayed && r.failed === 0 && r.counterOk).length;
