@@ -422,6 +422,34 @@ describe('checkpoints and failover (controller, fake agents)', () => {
     assert.deepEqual(await env.fences.forNode('node1'), [{ name: 'web', generation: 2 }]);
   });
 
+  it('a lazy copy that did not get all its memory (its source died mid-transfer) is removed after the commit, and the container restored from its checkpoint (found by the fault matrix)', async () => {
+    const env = await setup();
+    env.traffic.position = 2;
+    await env.checkpoints.checkpoint('web');
+    env.traffic.position = 5;
+    env.cluster.agent('node2').lazyPagesFailure = 'the lazy-pages daemon ended with code 1';
+    await assert.rejects(env.migrations.migrate('web', { to: 'node2', mode: 'lazy' }), (err: ChipmunkError) => err.details.rescued === true && /did not get all of its memory from node1/.test(err.message));
+    const record = await env.record();
+    assert.notEqual(record.node, 'node2');
+    assert.equal(record.lock, undefined);
+    assert.equal(env.cluster.agent('node2').containers.has('web'), false, 'the incomplete copy is gone');
+    assert.equal(env.cluster.runningCopies('web'), 1);
+    assert.deepEqual(env.traffic.calls.slice(-2), [`replay web after 2 -> ${record.node}`, `release web -> ${record.node}`]);
+    const [failover] = await env.failovers.list();
+    assert.match(failover.reason ?? '', /did not get all of its memory/);
+    assert.equal((await env.migrations.list())[0].phase, 'failed');
+  });
+
+  it('an unprotected lazy copy that did not get all its memory is lost, said so, and its copy removed', async () => {
+    const env = await setup();
+    await env.checkpoints.unprotect('web');
+    env.cluster.agent('node2').lazyPagesFailure = 'the lazy-pages daemon ended with code 1';
+    await assert.rejects(env.migrations.migrate('web', { to: 'node2', mode: 'lazy' }), /is lost: .*did not get all of its memory/);
+    const record = await env.record();
+    assert.deepEqual([record.status, record.lock], ['lost', undefined]);
+    assert.equal(env.cluster.runningCopies('web'), 0);
+  });
+
   it('a target whose agent dies during the restore gets the same checkpoint restored on the next node, and is fenced (found by the fault matrix)', async () => {
     const env = await setup();
     env.traffic.position = 2;

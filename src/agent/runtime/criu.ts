@@ -140,6 +140,8 @@ async function parentPid(pid: number): Promise<number | undefined> {
 export class Criu {
   /** Lazy-pages daemons of restores on this node, by migration. */
   private readonly lazyDaemons = new Map<string, ChildProcess>();
+  /** How each lazy-pages daemon this process started ended (until lazyPagesEnded reports it). */
+  private readonly lazyExits = new Map<string, { code: number | null; signal: NodeJS.Signals | null }>();
 
   constructor(
     private readonly runc: Runc,
@@ -233,7 +235,12 @@ export class Criu {
     );
     daemon.unref();
     this.lazyDaemons.set(migrationId, daemon);
-    daemon.on('exit', () => this.lazyDaemons.delete(migrationId));
+    daemon.on('exit', (code, signal) => {
+      // One killLazyPages ended is no failure to report: it was let go first.
+      if (this.lazyDaemons.get(migrationId) !== daemon) return;
+      this.lazyDaemons.delete(migrationId);
+      this.lazyExits.set(migrationId, { code, signal });
+    });
     const deadline = Date.now() + LAZY_SOCKET_WAIT_MS;
     while (!existsSync(socket)) {
       if (daemon.exitCode !== null || Date.now() > deadline) {
@@ -249,16 +256,27 @@ export class Criu {
 
   /** Ends a migration's lazy-pages daemon, if it runs. */
   killLazyPages(migrationId: string): void {
-    this.lazyDaemons.get(migrationId)?.kill('SIGKILL');
+    const daemon = this.lazyDaemons.get(migrationId);
     this.lazyDaemons.delete(migrationId);
+    daemon?.kill('SIGKILL');
+    this.lazyExits.delete(migrationId);
   }
 
 
-  /** Resolves when the migration's lazy-pages daemon has ended (at once if none runs), or after `timeoutMs`. */
-  async lazyPagesEnded(migrationId: string, timeoutMs: number): Promise<void> {
+  /**
+   * Resolves when the migration's lazy-pages daemon has ended (at once if none runs), or after
+   * `timeoutMs`; with why it failed, if it did (not code 0). Unknown (another agent process
+   * started it, or it still runs) counts as not failed: the copy's own fate tells then.
+   */
+  async lazyPagesEnded(migrationId: string, timeoutMs: number): Promise<{ failed?: string }> {
     const daemon = this.lazyDaemons.get(migrationId);
-    if (!daemon || daemon.exitCode !== null || daemon.signalCode !== null) return;
-    await within(new Promise((resolve) => daemon.once('exit', resolve)), timeoutMs);
+    if (daemon && daemon.exitCode === null && daemon.signalCode === null) {
+      await within(new Promise((resolve) => daemon.once('exit', resolve)), timeoutMs);
+    }
+    const exit = this.lazyExits.get(migrationId);
+    this.lazyExits.delete(migrationId);
+    if (!exit || exit.code === 0) return {};
+    return { failed: `the lazy-pages daemon ended with ${exit.signal ?? `code ${exit.code}`}` };
   }
 
   /** Memory the lazy-pages daemon copied, from its log: one line per restored process. */

@@ -6,10 +6,10 @@
 import { existsSync } from 'node:fs';
 import { mkdir, readdir, rename } from 'node:fs/promises';
 import { join } from 'node:path';
-import { ConflictError, InvalidInputError } from '../../shared/errors.js';
+import { ConflictError, InvalidInputError, RuntimeFailedError } from '../../shared/errors.js';
 import type { AgentContainer, ContainerSpec, MigrationMode } from '../../shared/protocol.js';
 import type { RuntimeContext } from './context.js';
-import { PAGE_DRAIN_TIMEOUT_MS, killOrphanedCriuProcesses, writeCriuOptions, type PageServer } from './criu.js';
+import { CRIU_LOG, PAGE_DRAIN_TIMEOUT_MS, criuFailureSummary, killOrphanedCriuProcesses, writeCriuOptions, type PageServer } from './criu.js';
 import type { ImageConfig } from './images.js';
 import type { ContainerRecord } from './records.js';
 import type { PrepareOptions, RestoreOptions } from './types.js';
@@ -90,8 +90,17 @@ export class TargetRestores {
 
   async settleRestore(migrationId: string): Promise<{ lazyPagesBytes: number }> {
     const { ctx } = this;
-    await ctx.criu.lazyPagesEnded(migrationId, PAGE_DRAIN_TIMEOUT_MS);
-    const lazyPagesBytes = await ctx.criu.lazyPagesBytes(ctx.layout.criuWorkDir(migrationId));
+    const lazyPages = await ctx.criu.lazyPagesEnded(migrationId, PAGE_DRAIN_TIMEOUT_MS);
+    const work = ctx.layout.criuWorkDir(migrationId);
+    const lazyPagesBytes = await ctx.criu.lazyPagesBytes(work);
+    let lazyPagesFailed: string | undefined;
+    if (lazyPages.failed) {
+      // Its log (kept, in failed-logs/) says why; CRIU's own words go into the message.
+      const logPath = join(work, CRIU_LOG.lazyPages);
+      const summary = await criuFailureSummary(logPath);
+      const kept = await ctx.failedLogs.keepFor(new RuntimeFailedError(lazyPages.failed, { op: 'criu lazy-pages', logPath }), 'restore', migrationId, work);
+      lazyPagesFailed = `${lazyPages.failed}${summary ? `: ${summary}` : ''}${kept instanceof RuntimeFailedError && typeof kept.details.logPath === 'string' ? ` (log: ${kept.details.logPath})` : ''}`;
+    }
     await ctx.removeMigrationDir(migrationId);
     // Settled: the copy is the container now, and no later abort of this migration may touch it.
     const name = await ctx.findByMigration(migrationId, 'target').catch(() => undefined);
@@ -103,7 +112,7 @@ export class TargetRestores {
         await ctx.records.write(rec);
       });
     }
-    return { lazyPagesBytes };
+    return { lazyPagesBytes, ...(lazyPagesFailed ? { lazyPagesFailed } : {}) };
   }
 
   /**
