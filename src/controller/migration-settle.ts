@@ -87,7 +87,7 @@ export class MigrationSettler {
         this.opts.log.warn({ migrationId: id, err: toChipmunkError(err).toJSON() }, `settling migration ${id} on ${to} failed`);
         return { lazyPagesBytes: 0 };
       });
-    if (settled.lazyPagesFailed) return this.lostAfterCommit(run, committed, settled.lazyPagesFailed);
+    if (settled.lazyPagesFailed) return this.lostAfterCommit(run, committed, settled.lazyPagesFailed, cleanupPending);
     const finishedAt = Date.now();
     const restored = measured?.restored;
     const summary: MigrationSummary = {
@@ -202,9 +202,12 @@ export class MigrationSettler {
    * It goes; a protected container is restored from its newest checkpoint (its requests since
    * replayed), an unprotected one is lost: nothing of it is left anywhere.
    */
-  private async lostAfterCommit(run: MigrationRun, committed: ContainerRecord, why: string): Promise<never> {
+  private async lostAfterCommit(run: MigrationRun, committed: ContainerRecord, why: string, cleanupPending: boolean): Promise<never> {
     const { id, name, from, to } = run.record;
     const reason = `its copy on ${to} did not get all of its memory from ${from} (${why})`;
+    // The source's dumped incarnation goes too, whenever its node answers: its cleanup is asked
+    // again (cleanupPending), and its node is fenced in case it was restarted without it.
+    await this.opts.fences.fence(from, name, committed.generation);
     this.opts.log.error({ migrationId: id }, `migration ${id} of ${name}: ${reason}: that copy is removed`);
     await this.agent(run, 'target')
       .remove(name)
@@ -215,7 +218,7 @@ export class MigrationSettler {
       const message = `${name} ${reason}: restoring it from its newest checkpoint`;
       const failed = new MigrationFailedError(`migration ${id} of ${name} failed after it moved: ${message}`, { phase: 'cleanup', node: to }, cause);
       const event = { migrationId: id, phase: 'failed' as const, at: Date.now(), message: failed.message };
-      await this.opts.journal.amend({ ...run.record, phase: 'failed', history: [...run.record.history, event], finishedAt: event.at, error: failed.toJSON() });
+      await this.opts.journal.amend({ ...run.record, phase: 'failed', history: [...run.record.history, event], finishedAt: event.at, error: failed.toJSON(), ...(cleanupPending ? { cleanupPending } : {}) });
       this.opts.journal.emit(run, event);
       const handed = await this.opts.locks.handOver(run.held, 'failover');
       const restored = await rescuer.rescue(handed, to, reason);

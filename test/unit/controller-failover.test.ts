@@ -448,6 +448,7 @@ describe('checkpoints and failover (controller, fake agents)', () => {
     const record = await env.record();
     assert.deepEqual([record.status, record.lock], ['lost', undefined]);
     assert.equal(env.cluster.runningCopies('web'), 0);
+    assert.deepEqual((await env.fences.forNode('node1')).map((f) => f.name), ['web'], "the source's dumped incarnation goes when its node answers");
   });
 
   it('a target whose agent dies during the restore gets the same checkpoint restored on the next node, and is fenced (found by the fault matrix)', async () => {
