@@ -13,25 +13,35 @@ import { killOrphanedCriuProcesses } from '../../src/agent/runtime/criu.js';
  * A long-running process whose arguments name `imagesDir`, as `runc checkpoint --image-path DIR`
  * does, orphaned as a dead agent's are (its parent, a shell, exits at once); `pid` is its own.
  */
-async function orphanNaming(imagesDir: string): Promise<{ pid: number; alive(): boolean; kill(): void }> {
-  const shell = spawn('sh', ['-c', `"$0" -e 'setInterval(() => {}, 1000)' -- --image-path "$1" --work-path "$1-work" >/dev/null 2>&1 & echo $!`, process.execPath, imagesDir], { stdio: ['ignore', 'pipe', 'ignore'] });
-  let out = '';
-  shell.stdout!.on('data', (chunk: Buffer) => (out += chunk.toString()));
+async function orphanNaming(imagesDir: string): Promise<{ pid: number; childPid: number; alive(pid?: number): boolean; kill(): void }> {
+  // Its own child (as `criu swrk` is runc's) names no directory.
+  const script = "const c = require('child_process').spawn(process.execPath, ['-e', 'setInterval(() => {}, 1000)'], { stdio: 'ignore' }); console.log(c.pid); setInterval(() => {}, 1000)";
+  const shell = spawn('sh', ['-c', `"$0" -e "$2" -- --image-path "$1" --work-path "$1-work" 2>/dev/null & echo $!`, process.execPath, imagesDir, script], { stdio: ['ignore', 'pipe', 'ignore'] });
+  const lines: string[] = [];
+  shell.stdout!.on('data', (chunk: Buffer) => lines.push(...chunk.toString().split('\n').filter(Boolean)));
   await once(shell, 'exit');
-  const pid = Number(out.trim());
-  const alive = (): boolean => {
+  while (lines.length < 2) await new Promise((resolve) => setTimeout(resolve, 20));
+  const [pid, childPid] = lines.map(Number) as [number, number];
+  const alive = (which = pid): boolean => {
     try {
-      process.kill(pid, 0);
-      return !/^\S+ \([^)]*\) Z/.test(readFileSync(`/proc/${pid}/stat`, 'utf8'));
+      process.kill(which, 0);
+      return !/^\S+ \([^)]*\) Z/.test(readFileSync(`/proc/${which}/stat`, 'utf8'));
     } catch {
       return false;
     }
   };
-  return { pid, alive, kill: () => alive() && process.kill(pid, 'SIGKILL') };
+  return {
+    pid,
+    childPid,
+    alive,
+    kill: () => {
+      for (const p of [childPid, pid]) if (alive(p)) process.kill(p, 'SIGKILL');
+    },
+  };
 }
 
 describe('killOrphanedCriuProcesses', () => {
-  it("kills the orphaned processes naming the migration's images directory, and no other", async () => {
+  it("kills the orphaned processes naming the migration's images directory, with what runs below them, and no other", async () => {
     const orphan = await orphanNaming('/var/lib/chipmunk-test/migrations/m-1/images');
     const other = await orphanNaming('/var/lib/chipmunk-test/migrations/m-2/images');
     // A path that only starts like it is another migration's.
@@ -44,6 +54,8 @@ describe('killOrphanedCriuProcesses', () => {
       assert.deepEqual(killed, [orphan.pid]);
       await new Promise((resolve) => setTimeout(resolve, 200));
       assert.deepEqual([orphan.alive(), other.alive(), longer.alive(), own.exitCode === null], [false, true, true, true]);
+      assert.equal(orphan.alive(orphan.childPid), false, 'what runs below it (criu swrk under runc) goes too');
+      assert.equal(other.alive(other.childPid), true);
     } finally {
       for (const child of [orphan, other, longer]) child.kill();
       own.kill('SIGKILL');

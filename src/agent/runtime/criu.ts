@@ -107,12 +107,13 @@ export async function removeCriuNetworkLock(netns: string): Promise<void> {
 
 /**
  * Kills the CRIU processes of a migration that a previous agent process started and left when
- * it died (orphans: this process's own children are left alone) (a dump's `runc checkpoint` and its page server, a lazy-pages daemon, a `runc
- * restore`): this process has no handle on them; they are found by the migration's images
- * directory among their arguments. Returns their pids.
+ * it died (orphans: this process's own children are left alone): a dump's `runc checkpoint`
+ * with the `criu swrk` below it that serves the pages, a lazy-pages daemon, a `runc restore`.
+ * This process has no handle on them; they are found by the migration's images directory among
+ * their arguments. Returns the pids found.
  */
 export async function killOrphanedCriuProcesses(imagesDir: string): Promise<number[]> {
-  const killed: number[] = [];
+  const found: number[] = [];
   for (const entry of await readdir('/proc').catch(() => [] as string[])) {
     const pid = Number(entry);
     if (!Number.isInteger(pid) || pid === process.pid) continue;
@@ -120,14 +121,38 @@ export async function killOrphanedCriuProcesses(imagesDir: string): Promise<numb
     if (!args.includes(imagesDir)) continue;
     // This process's own children are its to end (it holds their handles): only orphans here.
     if ((await parentPid(pid)) === process.pid) continue;
+    found.push(pid);
+  }
+  for (const pid of found) await killProcessTree(pid);
+  return found;
+}
+
+/**
+ * SIGKILLs `pid` and every process below it. `runc checkpoint` runs CRIU as its child (`criu
+ * swrk`), which in lazy mode serves the pages and holds the page server's port: killed alone,
+ * runc would leave it serving (and the port taken) for good.
+ */
+export async function killProcessTree(pid: number): Promise<void> {
+  const children = new Map<number, number[]>();
+  for (const entry of await readdir('/proc').catch(() => [] as string[])) {
+    const child = Number(entry);
+    if (!Number.isInteger(child)) continue;
+    const ppid = await parentPid(child);
+    if (ppid !== undefined) children.set(ppid, [...(children.get(ppid) ?? []), child]);
+  }
+  const tree: number[] = [];
+  for (const queue = [pid]; queue.length > 0; ) {
+    const next = queue.shift()!;
+    tree.push(next);
+    queue.push(...(children.get(next) ?? []));
+  }
+  for (const member of tree) {
     try {
-      process.kill(pid, 'SIGKILL');
-      killed.push(pid);
+      process.kill(member, 'SIGKILL');
     } catch {
       // It ended meanwhile.
     }
   }
-  return killed;
 }
 
 /** From /proc/PID/stat: "pid (comm) state ppid ...", where comm may hold spaces and parentheses. */
