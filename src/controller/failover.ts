@@ -12,9 +12,8 @@
 import { randomUUID } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { Logger } from 'pino';
-import { ConflictError, FailoverFailedError, LogMismatchError, NotFoundError, toChipmunkError, type ErrorJSON } from '../shared/errors.js';
+import { ConflictError, FailoverFailedError, LogMismatchError, NotFoundError, toChipmunkError } from '../shared/errors.js';
 import type { LogPosition } from '../shared/protocol.js';
-import type { CheckpointSummary } from '../checkpoint-store/index.js';
 import type { CheckpointCatalog, CheckpointService, LoggedTraffic } from './checkpoints.js';
 import type { ContainerLock, ContainerLocks, ContainerRecord, HeldLock } from './container-lock.js';
 import type { AgentResolver } from './containers.js';
@@ -22,61 +21,14 @@ import { controllerPauses } from './faults.js';
 import type { Fences } from './fences.js';
 import type { ContainerRescuer } from './migration-settle.js';
 import type { NodeRegistry } from './registry.js';
+import { FailoverRecords, type FailoverRecord } from './failover-records.js';
 import type { StateStore, Watch } from './store/index.js';
 
-const FAILOVERS_PREFIX = '/failovers/';
-/** Ids of the failovers whose replay is owed, so the reconcile loop reads those and not every failover ever recorded. */
-const PENDING_REPLAYS_PREFIX = '/failover-replays/';
-/**
- * Containers whose failover failed, by name: tried again while their node is dead (the reconcile
- * loop), and also once it is back if it came back without them (its host restarted).
- */
-const OWED_PREFIX = '/failover-owed/';
+export type { FailoverRecord } from './failover-records.js';
 
-interface OwedFailover {
-  name: string;
-  /** The node the container was lost on, as its record still says. */
-  from: string;
-  /** The failover that failed last. */
-  failoverId: string;
-}
 const REPLAY_ATTEMPTS = 3;
 const REPLAY_RETRY_MS = 1_000;
 
-/** What the controller records of one failover (GET /v1/failovers). */
-export interface FailoverRecord {
-  id: string;
-  name: string;
-  from: string;
-  to?: string;
-  /** The checkpoint restored, and the log position it was cut at. */
-  checkpoint?: string;
-  logPosition?: CheckpointSummary['logPosition'];
-  /** Why the restored copy got no replay (no checkpoint was cut in the route's current request log). */
-  noReplay?: string;
-  /** The last failed replay. */
-  replayError?: ErrorJSON;
-  /** Checkpoints passed over, newest first, and why (a corrupt chunk, a failed restore). */
-  skipped: Array<{ checkpoint: string; reason: string }>;
-  /** When the node was declared dead (its lease expired), or the failed migration that lost the container gave up on it. */
-  detectedAt: number;
-  /** Why it was restored from a checkpoint when not for a dead node (a migration that lost it). */
-  reason?: string;
-  /** Restored, but the logged requests could not be replayed yet: the lock and the gateway hold stay, and the replay is retried. */
-  replayPending?: boolean;
-  /** The restore under way (or last tried): where, from which checkpoint, as which incarnation. */
-  attempt?: { to: string; checkpoint: string; logPosition: CheckpointSummary['logPosition']; generation: number };
-  restoredAt?: number;
-  finishedAt?: number;
-  replayed?: number;
-  delivered?: number;
-  /** Where the time went, ms: waiting for the lock, target preparation, fetch + restore, replay, release. */
-  timings: Record<string, number>;
-  outcome: 'running' | 'done' | 'failed';
-  /** The container lock it ran under: a restarted controller finds an interrupted failover by it. */
-  lockId?: string;
-  error?: ErrorJSON;
-}
 
 export interface FailoverTraffic extends LoggedTraffic {
   /** Holds new requests at once, without waiting for those sent to a node that is gone. */
@@ -106,7 +58,11 @@ export class FailoverService implements ContainerRescuer {
   /** When this controller started listening: agents get one lease to heartbeat before any node is judged. */
   private listeningSince = Number.POSITIVE_INFINITY;
 
-  constructor(private readonly opts: FailoverServiceOptions) {}
+  private readonly records: FailoverRecords;
+
+  constructor(private readonly opts: FailoverServiceOptions) {
+    this.records = new FailoverRecords(opts.store);
+  }
 
   /**
    * Watches node liveness (a lease that ends deletes /liveness/NODE: failover at once), and looks
@@ -117,7 +73,7 @@ export class FailoverService implements ContainerRescuer {
   async start(): Promise<void> {
     this.listeningSince = Date.now();
     // Records an older version wrote have no index entry yet: once, here.
-    for (const record of await this.list()) if (record.replayPending) await this.save(record);
+    await this.records.indexPendingReplays();
     this.watch = await this.opts.store.watch<{ node: string }>('/liveness/', {}, (ev) => {
       if (ev.type === 'delete') void this.reconcile();
     });
@@ -131,7 +87,7 @@ export class FailoverService implements ContainerRescuer {
   }
 
   list(): Promise<FailoverRecord[]> {
-    return this.opts.store.list<FailoverRecord>(FAILOVERS_PREFIX).then((kvs) => kvs.map((kv) => kv.value).sort((a, b) => a.detectedAt - b.detectedAt));
+    return this.records.list();
   }
 
   /** Fails over every protected container whose node is dead and that no other operation of this controller handles. */
@@ -166,10 +122,10 @@ export class FailoverService implements ContainerRescuer {
    */
   private async retryOwed(records: ContainerRecord[], ready: Set<string>): Promise<void> {
     const byName = new Map(records.map((record) => [record.spec.name, record]));
-    for (const { key, value: owed } of await this.opts.store.list<OwedFailover>(OWED_PREFIX)) {
+    for (const owed of await this.records.owed()) {
       const container = byName.get(owed.name);
       if (!container?.protection || container.node !== owed.from) {
-        await this.opts.store.delete(key);
+        await this.records.paid(owed.name);
         continue;
       }
       // A node still dead is the loop's; a locked container is another operation's.
@@ -183,7 +139,7 @@ export class FailoverService implements ContainerRescuer {
       // No answer: asked again on the next pass.
       if (there === undefined) continue;
       if (there?.status === 'running' && there.generation >= container.generation) {
-        await this.opts.store.delete(key);
+        await this.records.paid(owed.name);
         continue;
       }
       this.opts.log.warn({ container: owed.name, node: owed.from, failover: owed.failoverId }, `${owed.from} is back without ${owed.name}, whose failover failed: restoring it from its checkpoints`);
@@ -285,7 +241,7 @@ export class FailoverService implements ContainerRescuer {
 
   /** The record of the failover that ran under lock `lockId`, if any. */
   async byLock(lockId: string): Promise<FailoverRecord | undefined> {
-    return (await this.list()).find((r) => r.lockId === lockId);
+    return this.records.byLock(lockId);
   }
 
   private once(name: string, fn: () => Promise<FailoverRecord>): Promise<FailoverRecord> {
@@ -416,7 +372,7 @@ export class FailoverService implements ContainerRescuer {
         }
         record.outcome = 'done';
         record.finishedAt = Date.now();
-        await this.opts.store.delete(OWED_PREFIX + name);
+        await this.records.paid(name);
         log.info({ container: name, from: deadNode, to: record.to, checkpoint: record.checkpoint, ms: record.finishedAt - detectedAt, replayed: record.replayed }, `failed ${name} over to ${record.to}`);
         await this.save(record);
         return record;
@@ -434,7 +390,7 @@ export class FailoverService implements ContainerRescuer {
       await this.failed(record, err);
       // Owed (tried again), unless the container is elsewhere now or its replay is owed instead.
       if (!keepLock && !(err instanceof ConflictError)) {
-        await this.opts.store.put(OWED_PREFIX + name, { name, from: deadNode, failoverId: record.id } satisfies OwedFailover).catch(() => undefined);
+        await this.records.owe({ name, from: deadNode, failoverId: record.id }).catch(() => undefined);
       }
       throw err;
     } finally {
@@ -464,9 +420,8 @@ export class FailoverService implements ContainerRescuer {
 
   /** Failovers whose replay failed: tried again while their lock still holds the container. */
   private async retryPendingReplays(): Promise<void> {
-    for (const { value: id } of await this.opts.store.list<string>(PENDING_REPLAYS_PREFIX)) {
-      const record = (await this.opts.store.get<FailoverRecord>(FAILOVERS_PREFIX + id))?.value;
-      if (!record?.replayPending || !record.lockId || this.inProgress.has(record.name)) continue;
+    for (const record of await this.records.pendingReplays()) {
+      if (!record.lockId || this.inProgress.has(record.name)) continue;
       const current = await this.opts.locks.get(record.name);
       if (current?.value.lock?.id !== record.lockId) continue;
       const held: HeldLock = { name: record.name, lock: current.value.lock, record: current.value };
@@ -509,13 +464,8 @@ export class FailoverService implements ContainerRescuer {
     return ready.sort((a, b) => (load.get(a.name) ?? 0) - (load.get(b.name) ?? 0)).map((n) => n.name);
   }
 
-  /** The record, and its entry in the index of owed replays (kept or dropped with it, in one write). */
-  private async save(record: FailoverRecord): Promise<void> {
-    const pendingKey = PENDING_REPLAYS_PREFIX + record.id;
-    await this.opts.store.txn({
-      compare: [],
-      ops: [{ type: 'put', key: FAILOVERS_PREFIX + record.id, value: record }, record.replayPending ? { type: 'put', key: pendingKey, value: record.id } : { type: 'delete', key: pendingKey }],
-    });
+  private save(record: FailoverRecord): Promise<void> {
+    return this.records.save(record);
   }
 }
 
