@@ -197,8 +197,12 @@ export const RestoreResult = Type.Object({
 });
 export type RestoreResult = Static<typeof RestoreResult>;
 
-/** Target side, after the source finished: what the lazy-pages daemon copied. */
-export const SettleResult = Type.Object({ lazyPagesBytes: Type.Integer({ minimum: 0 }) });
+/**
+ * Target side, after the source finished: what the lazy-pages daemon copied; `lazyPagesFailed`
+ * when it did not end well (its page server went away mid-transfer, say): then the copy lacks
+ * memory it never got, and is not the container any more.
+ */
+export const SettleResult = Type.Object({ lazyPagesBytes: Type.Integer({ minimum: 0 }), lazyPagesFailed: Type.Optional(Type.String()) });
 export type SettleResult = Static<typeof SettleResult>;
 
 /** Source side: the migration failed after the dump; run the container here again. */
