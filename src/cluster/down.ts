@@ -9,7 +9,7 @@ import { join } from 'node:path';
 import { ChipmunkError } from '../shared/errors.js';
 import { run, runUnchecked } from '../shared/exec.js';
 import { removeTree } from '../shared/remove-tree.js';
-import { DEFAULT_RUN_DIR, DEFAULT_STATE_DIR, LOCAL_NETWORK, nodeCgroup, nodeDataDir, nodeRunDir, readClusterState, type LocalClusterDirs } from './local-cluster.js';
+import { DEFAULT_RUN_DIR, DEFAULT_STATE_DIR, LOCAL_NETWORK, nodeCgroup, nodeDataDir, nodeRunDir, readClusterState, type LocalClusterDirs } from './state.js';
 import { stopDaemon } from './processes.js';
 import { bridgeExists, deleteBridge, deleteNetns, deleteTestHost, killAllInCgroup, killAllInHost, listNetns, testHostNetns } from './testhost.js';
 
@@ -50,7 +50,8 @@ export async function clusterDown(dirs: LocalClusterDirs = {}): Promise<ClusterD
 
   const warnings: string[] = [];
   // The controller goes first: stopped agents look like dead nodes, and it would fail their containers over.
-  if (state) await stopDaemon(state.controllerPid, ['controller']);
+  if (state?.controllerPid !== undefined) await stopDaemon(state.controllerPid, ['controller']);
+  for (const node of state?.nodes ?? []) if (node.controllerPid !== undefined) await stopDaemon(node.controllerPid, ['controller']);
   for (const name of nodeNames) {
     const agentPid = state?.nodes.find((n) => n.name === name)?.agentPid;
     if (agentPid !== undefined) await stopDaemon(agentPid, ['agent', name]);

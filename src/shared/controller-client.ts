@@ -18,6 +18,7 @@ import type {
   ContainerSpec,
   ContainerStats,
   ContainerView,
+  ControllerView,
   ExposeRequest,
   ExposedRoute,
   HeartbeatResponse,
@@ -107,6 +108,11 @@ export class ControllerClient {
 
   nodes(): Promise<NodeView[]> {
     return this.call(true, (api) => api.get<NodeView[]>('/v1/nodes'));
+  }
+
+  /** The cluster's controllers and which one leads (and its term, when they elect one). */
+  controllers(): Promise<ControllerView[]> {
+    return this.call(true, (api) => api.get<ControllerView[]>('/v1/controllers'));
   }
 
   /** An agent's registration and heartbeat in one: the answer sizes the next heartbeat and lists what to fence. */

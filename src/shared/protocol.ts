@@ -259,6 +259,18 @@ export const NodeView = Type.Object({
 });
 export type NodeView = Static<typeof NodeView>;
 
+/** A controller of the cluster, as `GET /v1/controllers` lists it. */
+export const ControllerView = Type.Object({
+  id: Type.String(),
+  url: Type.String(),
+  /** The node it runs on (`controller --node`), when it runs on one. */
+  node: Type.Optional(NodeName),
+  leader: Type.Boolean(),
+  /** The leader's term (elected controllers only: a controller that runs alone has none). */
+  term: Type.Optional(Type.Integer()),
+});
+export type ControllerView = Static<typeof ControllerView>;
+
 export const RegisterNodeRequest = Type.Object({
   name: NodeName,
   address: Type.String({ minLength: 1 }),

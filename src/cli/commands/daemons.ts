@@ -56,6 +56,7 @@ interface ControllerOptions {
   checkpointStorePeers?: string[];
   nodeLease: number;
   leaderLease: number;
+  node?: string;
   json?: boolean;
 }
 
@@ -102,6 +103,7 @@ export function registerDaemonCommands(program: Command): void {
       .option('--checkpoint-replicas <n>', 'checkpoint store replicas each checkpoint must be committed on before it counts (default: 2 when peers are given, else 1)', parsePositiveInt)
       .option('--checkpoint-store-peers <urls>', "other controllers (URL,URL...) whose checkpoint stores are replicas too", parseUrlList)
       .option('--node-lease <duration>', 'a node that has not heartbeated for this long is dead: its protected containers fail over', parseNodeLease, 5000)
+      .option('--node <name>', 'the node this controller runs on, if any (shown by `chipmunk node ls`)', parseNodeName)
       .option('--leader-lease <duration>', 'with an etcd store: a leader that cannot renew its lease for this long stops leading, and another takes over', parseLeaderLease, 2000),
   ).action(async (opts: ControllerOptions) => {
     const token = await daemonToken(opts.tokenFile);
@@ -122,6 +124,7 @@ export function registerDaemonCommands(program: Command): void {
       ...(opts.checkpointStorePeers ? { checkpointStorePeers: opts.checkpointStorePeers } : {}),
       nodeReadyWithinMs: opts.nodeLease,
       leaderLeaseMs: opts.leaderLease,
+      ...(opts.node ? { node: opts.node } : {}),
     });
     await serveUntilStopped(opts.json, 'controller', controller);
   });
