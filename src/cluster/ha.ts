@@ -106,6 +106,7 @@ export interface HaControllerArgs {
   gatewayApi: string;
   gatewayHost: string;
   nodeLeaseMs?: number;
+  leaderLeaseMs?: number;
   chipmunkBin: string;
 }
 
@@ -123,6 +124,7 @@ export function haControllerArgs(opts: HaControllerArgs): string[] {
     '--token-file', opts.tokenFile,
     '--gateway', `http://${opts.gatewayApi}`, '--gateway-host', opts.gatewayHost,
     ...(opts.nodeLeaseMs !== undefined ? ['--node-lease', `${opts.nodeLeaseMs}ms`] : []),
+    ...(opts.leaderLeaseMs !== undefined ? ['--leader-lease', `${opts.leaderLeaseMs}ms`] : []),
   ];
 }
 
@@ -133,7 +135,10 @@ export async function spawnHaController(member: HaMember, args: string[], dataDi
 }
 
 /** HA: an etcd member in every test host, then (once etcd has a majority) a controller in each. */
-export async function startControlPlane(state: LocalClusterState, opts: { stateDir: string; nodeLeaseMs?: number; progress: (message: string) => void }): Promise<Promise<never>[]> {
+export async function startControlPlane(
+  state: LocalClusterState,
+  opts: { stateDir: string; nodeLeaseMs?: number; leaderLeaseMs?: number; progress: (message: string) => void },
+): Promise<Promise<never>[]> {
   const exits: Promise<never>[] = [];
   for (const node of state.nodes) {
     opts.progress(`starting etcd member ${node.name} (log: ${logFile(opts.stateDir, `etcd-${node.name}`)})`);
@@ -150,6 +155,7 @@ export async function startControlPlane(state: LocalClusterState, opts: { stateD
       gatewayApi: `${LOCAL_NETWORK.gateway}:${GATEWAY_API_PORT}`,
       gatewayHost: LOCAL_GATEWAY_HOST,
       ...(opts.nodeLeaseMs !== undefined ? { nodeLeaseMs: opts.nodeLeaseMs } : {}),
+      ...(opts.leaderLeaseMs !== undefined ? { leaderLeaseMs: opts.leaderLeaseMs } : {}),
       chipmunkBin: CHIPMUNK_BIN,
     });
     opts.progress(`starting controller ${node.name} at ${haControllerUrl(node.address)} (log: ${logFile(opts.stateDir, `controller-${node.name}`)})`);

@@ -142,6 +142,7 @@ function withCleanupHint(err: unknown): ChipmunkError {
 interface NodesUpOptions {
   nodes: number;
   nodeLeaseMs?: number;
+  leaderLeaseMs?: number;
   stateDir: string;
   runDir: string;
   progress: (message: string) => void;

@@ -78,6 +78,8 @@ export interface ClusterUpOptions extends LocalClusterDirs {
   nodes: number;
   /** The controller's node lease: how soon a killed node is declared dead and its protected containers fail over. */
   nodeLeaseMs?: number;
+  /** HA: how long a leader that cannot renew its lease keeps leading; a dead leader is replaced within about this long. */
+  leaderLeaseMs?: number;
   /** An etcd member and a controller on every node instead of one controller on this machine (ha.ts). */
   ha?: boolean;
   /** Start-up steps, for the operator ("starting agent node2"). */
