@@ -29,6 +29,8 @@ const runs = Number(values.runs);
 interface Row {
   leaseMs: number;
   run: number;
+  /** The run did not get to the kill, or not past it: why. */
+  error?: string;
   from: string;
   to: string;
   newLeaderMs: number;
@@ -66,20 +68,23 @@ async function oneRun(leaseMs: number, run: number): Promise<Row> {
   await runChipmunk(['run', '--name', 'ha-bench', '--node', before.node, '--checkpoint-every', '2s', '-e', 'MEMORY_MB=64', 'chipmunk/statefulapp']);
   await runChipmunk(['expose', 'ha-bench', '--port', '8080', '--listen', String(GATEWAY_PORT)]);
   await until('the app through the gateway', 30_000, async () => ((await counter()) >= 0 ? true : undefined));
-  await until('a checkpoint', 30_000, async () => ((JSON.parse(await runChipmunk(['checkpoints', 'ha-bench', '--json'])) as unknown[]).length > 0 ? true : undefined));
+  await until('a checkpoint', 60_000, async () => ((JSON.parse(await runChipmunk(['checkpoints', 'ha-bench', '--json'])) as unknown[]).length > 0 ? true : undefined));
 
   const client = steadyIncrements(URL_BASE, 1, 120_000);
   await sleep(1_000);
-  const okBefore = client.stats.ok;
   await runChipmunk(['cluster', 'kill', before.node]);
+  // `kill` returns once every process of the host is gone: no answer can come from it after this.
   const killedAt = Date.now();
-  const after = await until('another leader', 60_000, async () => {
-    const now = await leader();
-    return now && now.node !== before.node ? now : undefined;
-  });
-  const newLeaderMs = Date.now() - killedAt;
-  // The client's requests wait at the gateway while the app is down: the first one answered after the kill ends the gap.
-  const firstAnswerMs = await until('an answer from the app on its new host', 60_000, async () => (client.stats.ok > okBefore + 1 ? Date.now() - killedAt : undefined), 20);
+  const okAtKill = client.stats.ok;
+  const [newLeaderMs, firstAnswerMs] = await Promise.all([
+    until('another leader', 60_000, async () => {
+      const now = await leader();
+      return now && now.node !== before.node ? Date.now() - killedAt : undefined;
+    }),
+    // The client's requests wait at the gateway while the app is down: the first one answered after the kill ends the gap.
+    until('an answer from the app on its new host', 60_000, async () => (client.stats.ok > okAtKill ? Date.now() - killedAt : undefined), 20),
+  ]);
+  const after = (await leader())!;
   await sleep(1_000);
   const stats = await client.stop();
   return { leaseMs, run, from: before.node, to: after.node, newLeaderMs, firstAnswerMs, failed: stats.failed, acknowledged: stats.ok, counter: await counter() };
@@ -89,7 +94,11 @@ function table(rows: Row[]): string {
   const lines = [
     '| lease | run | leader host killed | new leader | new leader acting after | first answer after | failed requests | counter == acknowledged |',
     '|---:|---:|---|---|---:|---:|---:|---|',
-    ...rows.map((r) => `| ${r.leaseMs} ms | ${r.run} | ${r.from} | ${r.to} | ${r.newLeaderMs} ms | ${r.firstAnswerMs} ms | ${r.failed} | ${r.counter === r.acknowledged ? 'yes' : `no (${r.counter} vs ${r.acknowledged})`} |`),
+    ...rows.map((r) =>
+      r.error
+        ? `| ${r.leaseMs} ms | ${r.run} | FAILED: ${r.error} | | | | | |`
+        : `| ${r.leaseMs} ms | ${r.run} | ${r.from} | ${r.to} | ${r.newLeaderMs} ms | ${r.firstAnswerMs} ms | ${r.failed} | ${r.counter === r.acknowledged ? 'yes' : `no (${r.counter} vs ${r.acknowledged})`} |`,
+    ),
   ];
   return lines.join('\n');
 }
@@ -99,9 +108,9 @@ const rows: Row[] = [];
 try {
   for (const leaseMs of leases) {
     for (let run = 1; run <= runs; run++) {
-      const row = await oneRun(leaseMs, run);
+      const row = await oneRun(leaseMs, run).catch((err: Error): Row => ({ leaseMs, run, error: err.message, from: '', to: '', newLeaderMs: 0, firstAnswerMs: 0, failed: 0, acknowledged: 0, counter: 0 }));
       rows.push(row);
-      console.log(`lease ${leaseMs} ms, run ${run}: new leader after ${row.newLeaderMs} ms, first answer after ${row.firstAnswerMs} ms, ${row.failed} failed`);
+      console.log(row.error ? `lease ${leaseMs} ms, run ${run}: FAILED: ${row.error}` : `lease ${leaseMs} ms, run ${run}: new leader after ${row.newLeaderMs} ms, first answer after ${row.firstAnswerMs} ms, ${row.failed} failed`);
     }
   }
 } finally {
