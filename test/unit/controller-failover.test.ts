@@ -509,14 +509,7 @@ describe('checkpoints and failover (controller, fake agents)', () => {
   });
 
   it('a failover whose new node dies during the replay and comes back without the copy restores the container again (found by the fault matrix: the retry waited for itself)', async () => {
-    const env = await setup(400);
-    env.traffic.position = 2;
-    await env.checkpoints.checkpoint('web');
-    env.traffic.position = 6;
-    env.cluster.agent('node1').containers.clear();
-    env.traffic.replayFailures.push(new Error('upstream unreachable'), new Error('upstream unreachable'), new Error('upstream unreachable'));
-    await assert.rejects(env.failovers.failover('web', 'node1'), /upstream unreachable/);
-    const [first] = await env.failovers.list();
+    const { env, first } = await failedOverWithReplayOwed();
     // The node it was restored on was killed and revived: it heartbeats, and has no copy any more.
     env.cluster.agent(first.to!).containers.clear();
     const stopBeating = env.keepAlive(['node2', 'node3']);
@@ -536,14 +529,7 @@ describe('checkpoints and failover (controller, fake agents)', () => {
   });
 
   it('a failover whose new node dies before the replay restores the container again elsewhere (found by the fault matrix)', async () => {
-    const env = await setup(400);
-    env.traffic.position = 2;
-    await env.checkpoints.checkpoint('web');
-    env.traffic.position = 6;
-    env.cluster.agent('node1').containers.clear();
-    env.traffic.replayFailures.push(new Error('upstream unreachable'), new Error('upstream unreachable'), new Error('upstream unreachable'));
-    await assert.rejects(env.failovers.failover('web', 'node1'), /upstream unreachable/);
-    const [first] = await env.failovers.list();
+    const { env, first } = await failedOverWithReplayOwed();
     const dead = first.to!;
     const alive = ['node2', 'node3'].find((n) => n !== dead)!;
     // The node it was restored on dies too: only `alive` keeps heartbeating.
@@ -564,3 +550,19 @@ describe('checkpoints and failover (controller, fake agents)', () => {
     }
   });
 });
+
+/**
+ * node1 died after a checkpoint at log position 2 (6 requests logged since): the failover restored
+ * web elsewhere, and every replay attempt failed, so the replay is owed. Returns that failover.
+ */
+async function failedOverWithReplayOwed() {
+  const env = await setup(400);
+  env.traffic.position = 2;
+  await env.checkpoints.checkpoint('web');
+  env.traffic.position = 6;
+  env.cluster.agent('node1').containers.clear();
+  env.traffic.replayFailures.push(new Error('upstream unreachable'), new Error('upstream unreachable'), new Error('upstream unreachable'));
+  await assert.rejects(env.failovers.failover('web', 'node1'), /upstream unreachable/);
+  const [first] = await env.failovers.list();
+  return { env, first: first! };
+}
