@@ -13,7 +13,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { CapabilityMissingError, UnavailableError } from '../shared/errors.js';
 import { runUnchecked } from '../shared/exec.js';
 import { failOnExit, spawnDaemon } from './processes.js';
-import { CHIPMUNK_BIN, GATEWAY_API_PORT, LOCAL_GATEWAY_HOST, LOCAL_NETWORK, daemonEnv, logFile, nodeDataDir, writeClusterState, type LocalClusterNode, type LocalClusterState } from './state.js';
+import { CHIPMUNK_BIN, GATEWAY_API_PORT, LOCAL_GATEWAY_HOST, LOCAL_NETWORK, controlPlaneDataDir, daemonEnv, logFile, writeClusterState, type LocalClusterNode, type LocalClusterState } from './state.js';
 import { netnsPath } from './testhost.js';
 
 export const ETCD_CLIENT_PORT = 2379;
@@ -150,7 +150,7 @@ export async function startControlPlane(
     node.controllerArgs = haControllerArgs({
       member: node,
       members: state.nodes,
-      dataDir: nodeDataDir(opts.stateDir, node.name),
+      dataDir: controlPlaneDataDir(opts.stateDir, node.name),
       tokenFile: state.tokenFile,
       gatewayApi: `${LOCAL_NETWORK.gateway}:${GATEWAY_API_PORT}`,
       gatewayHost: LOCAL_GATEWAY_HOST,
@@ -168,7 +168,7 @@ export async function startControlPlane(
 
 /** HA: NODE's etcd member, in its test host; its data stays in the node's data dir across kills. */
 export async function spawnNodeEtcd(state: LocalClusterState, node: LocalClusterNode, stateDir: string): Promise<ChildProcess> {
-  const dataDir = join(nodeDataDir(stateDir, node.name), 'etcd');
+  const dataDir = join(controlPlaneDataDir(stateDir, node.name), 'etcd');
   await mkdir(dataDir, { recursive: true, mode: 0o700 });
   const etcd = await spawnEtcdMember(node, state.nodes, dataDir, logFile(stateDir, `etcd-${node.name}`));
   node.etcdPid = etcd.pid!;
@@ -177,7 +177,7 @@ export async function spawnNodeEtcd(state: LocalClusterState, node: LocalCluster
 
 /** HA: NODE's controller, in its test host, with the command line it was first started with. */
 export async function spawnNodeController(state: LocalClusterState, node: LocalClusterNode, stateDir: string): Promise<ChildProcess> {
-  const controller = await spawnHaController(node, node.controllerArgs!, nodeDataDir(stateDir, node.name), logFile(stateDir, `controller-${node.name}`), daemonEnv(state.faultsEnabled === true));
+  const controller = await spawnHaController(node, node.controllerArgs!, controlPlaneDataDir(stateDir, node.name), logFile(stateDir, `controller-${node.name}`), daemonEnv(state.faultsEnabled === true));
   node.controllerPid = controller.pid!;
   return controller;
 }

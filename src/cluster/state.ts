@@ -110,6 +110,15 @@ export function nodeContainerSubnet(i: number): string {
   return `198.19.${i}.0/24`;
 }
 
+/**
+ * HA: where a node's etcd member and controller keep their data. Beside the agent's data dir,
+ * never inside it: the agent owns what is in its own (it clears its checkpoint staging at start,
+ * which took a controller's checkpoint store with it when the two shared `nodes/nodeI/checkpoints`).
+ */
+export function controlPlaneDataDir(stateDir: string, node: string): string {
+  return join(stateDir, 'control-plane', node);
+}
+
 export function nodeDataDir(stateDir: string, node: string): string {
   return join(stateDir, 'nodes', node);
 }
