@@ -103,8 +103,11 @@ export class FailoverService implements ContainerRescuer {
       if (ready.has(value.node) || this.inProgress.has(value.spec.name)) continue;
       if (value.status === 'lost' || value.status === 'stopped' || value.status === 'created') continue;
       if (value.lock && !this.mayTakeOver(value.lock)) continue;
-      lost.set(value.node, [...(lost.get(value.node) ?? []), value.spec.name]);
-      if (!value.protection || !this.retryDue(value.spec.name)) continue;
+      if (!value.protection) {
+        lost.set(value.node, [...(lost.get(value.node) ?? []), value.spec.name]);
+        continue;
+      }
+      if (!this.retryDue(value.spec.name)) continue;
       void this.failover(value.spec.name, value.node).then(
         () => this.backoff.delete(value.spec.name),
         () => this.backoff.set(value.spec.name, nextBackoff(this.backoff.get(value.spec.name))),
