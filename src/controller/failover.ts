@@ -312,14 +312,15 @@ export class FailoverService implements ContainerRescuer {
           record.skipped.push({ checkpoint: c.id, reason: `cut ${c.logPosition ? `in request log ${c.logPosition.logId ?? '(no id)'}` : 'before the route logged'}, not in the route's current log ${logId}: the requests after it cannot be replayed` });
         }
         if (good.length === 0) throw new FailoverFailedError(`${name} has no checkpoint to restore from: it stays down until ${deadNode} returns`, { name, from: deadNode });
-        const targets = await this.targetsFor(deadNode);
+        const targets = await this.targetsFor(name, deadNode);
         if (targets.length === 0) throw new FailoverFailedError(`no ready node to restore ${name} on: it stays down until a node is ready`, { name, from: deadNode });
         let attempt = 0;
         /** Targets a restore failed on: one cut short (its agent killed) may still leave a copy there. */
         const failedOn = new Set<string>();
         candidates: for (const candidate of good) {
-          // A target whose agent does not answer says nothing about the checkpoint: the same one
-          // is tried on the next target; any other failure passes the checkpoint over.
+          // A failure on one target (its agent does not answer, it still holds a stale copy that
+          // its fence has not removed yet) says nothing about the checkpoint: the same one is tried
+          // on the next target. Only a corrupt checkpoint, or one no target could restore, is passed over.
           for (let tried = 0; tried < targets.length; tried++) {
             const target = targets[attempt % targets.length]!;
             attempt += 1;
@@ -336,12 +337,12 @@ export class FailoverService implements ContainerRescuer {
             } catch (err) {
               const corrupt = (await catalog.list(name)).find((c) => c.id === candidate.id)?.corrupt;
               const reason = corrupt ? `corrupt: ${toChipmunkError(err).message}` : toChipmunkError(err).message;
-              const targetAway = !corrupt && toChipmunkError(err).code === 'CHIPMUNK_UNAVAILABLE' && tried + 1 < targets.length;
+              const nextTarget = !corrupt && tried + 1 < targets.length;
               failedOn.add(target);
               record.skipped.push({ checkpoint: candidate.id, reason: `on ${target}: ${reason}` });
-              log.error({ container: name, checkpoint: candidate.id, target, corrupt: Boolean(corrupt) }, `restoring ${name} from checkpoint ${candidate.id} on ${target} failed (${reason}); ${targetAway ? 'trying it on another node' : 'trying the one before'}`);
+              log.error({ container: name, checkpoint: candidate.id, target, corrupt: Boolean(corrupt) }, `restoring ${name} from checkpoint ${candidate.id} on ${target} failed (${reason}); ${nextTarget ? 'trying it on another node' : 'trying the one before'}`);
               await this.save(record);
-              if (!targetAway) continue candidates;
+              if (!nextTarget) continue candidates;
             }
           }
         }
@@ -459,12 +460,18 @@ export class FailoverService implements ContainerRescuer {
     }
   }
 
-  /** Ready nodes other than the dead one, fewest containers first. */
-  private async targetsFor(deadNode: string): Promise<string[]> {
+  /**
+   * Ready nodes other than the dead one, fewest containers first; nodes that still hold a fenced
+   * (stale) copy of `name` last: their agent removes it at its next heartbeat, and until then a
+   * restore there is refused.
+   */
+  private async targetsFor(name: string, deadNode: string): Promise<string[]> {
     const ready = (await this.opts.nodes.listReady()).filter((n) => n.name !== deadNode);
     const load = new Map<string, number>();
     for (const { value } of await this.opts.store.list<ContainerRecord>('/containers/')) load.set(value.node, (load.get(value.node) ?? 0) + 1);
-    return ready.sort((a, b) => (load.get(a.name) ?? 0) - (load.get(b.name) ?? 0)).map((n) => n.name);
+    const fenced = new Set(await this.opts.fences.nodesFencing(name));
+    const rank = (node: string) => (fenced.has(node) ? 1_000_000 : 0) + (load.get(node) ?? 0);
+    return ready.sort((a, b) => rank(a.name) - rank(b.name)).map((n) => n.name);
   }
 
   private save(record: FailoverRecord): Promise<void> {

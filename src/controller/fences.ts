@@ -34,11 +34,20 @@ export class Fences {
     return (await this.store.list<FencedContainer>(`${FENCE_PREFIX}${node}/`)).map((kv) => kv.value);
   }
 
+  /** The nodes that may still hold a stale copy of `name` (fenced there, not yet cleared). */
+  async nodesFencing(name: string): Promise<string[]> {
+    return (await this.entriesOf(name)).map((key) => key.slice(FENCE_PREFIX.length, -(name.length + 1)));
+  }
+
   /**
    * A removed container's fences go with it: a later container of the same name, which starts
    * again at generation 0, must not be taken for the stale copy they were about.
    */
   async forget(name: string): Promise<void> {
-    for (const { key } of await this.store.list(FENCE_PREFIX)) if (key.endsWith(`/${name}`)) await this.store.delete(key);
+    for (const key of await this.entriesOf(name)) await this.store.delete(key);
+  }
+
+  private async entriesOf(name: string): Promise<string[]> {
+    return (await this.store.list(FENCE_PREFIX)).map((kv) => kv.key).filter((key) => key.endsWith(`/${name}`));
   }
 }

@@ -17,7 +17,7 @@ import { recoverStaleLocks } from '../../src/controller/recovery.js';
 import { NodeRegistry } from '../../src/controller/registry.js';
 import { MemoryStore } from '../../src/controller/store/index.js';
 import { FakeCluster } from '../fakes/agents.js';
-import { ChipmunkError, UnavailableError } from '../../src/shared/errors.js';
+import { ChipmunkError, ConflictError, UnavailableError } from '../../src/shared/errors.js';
 import { waitFor } from '../support/wait.js';
 
 const silent = pino({ level: process.env.DEBUG_LOG ? 'debug' : 'silent' });
@@ -466,6 +466,19 @@ describe('checkpoints and failover (controller, fake agents)', () => {
     assert.deepEqual(await env.fences.forNode('node2'), [{ name: 'web', generation: (await env.record()).generation }], 'a copy the cut-short restore may have left on node2 goes');
   });
 
+  it('a target that refuses the restore (it still has a copy of that name) gets the same checkpoint restored on the next node, not the checkpoint passed over', async () => {
+    const env = await setup();
+    env.traffic.position = 2;
+    await env.checkpoints.checkpoint('web');
+    env.cluster.agent('node1').containers.clear();
+    env.cluster.agent('node2').failNext('restore', new ConflictError("node node2 already has a container named 'web'", { name: 'web' }));
+    const done = await env.failovers.failover('web', 'node1');
+    assert.equal(done.outcome, 'done');
+    assert.equal(done.checkpoint, '0000000000000001', 'the only checkpoint was used');
+    assert.equal((await env.record()).node, 'node3');
+    assert.equal(env.cluster.runningCopies('web'), 1);
+  });
+
   it('a container whose failover failed is restored once its node is back without it (its host restarted) (found by the fault matrix)', async () => {
     const env = await setup(400);
     env.traffic.position = 2;
@@ -544,6 +557,30 @@ describe('checkpoints and failover (controller, fake agents)', () => {
       assert.equal(record.node, alive);
       assert.equal(env.cluster.runningCopies('web'), 1);
       assert.deepEqual(env.traffic.calls.slice(-2), [`replay web after 2 -> ${alive}`, `release web -> ${alive}`]);
+    } finally {
+      stopBeating();
+      env.failovers.stop();
+    }
+  });
+
+  it('a failover whose new node dies during the replay, with both dead nodes back holding stopped copies, restores the container on the node that stayed up (found by the fault matrix: failover replay target-host)', async () => {
+    const { env, first } = await failedOverWithReplayOwed();
+    const dead = first.to!;
+    const alive = ['node2', 'node3'].find((n) => n !== dead)!;
+    // Both hosts were killed and revived: their agents still list the copies they ran, stopped.
+    for (const node of ['node1', dead]) {
+      const stale = { ...(await env.cluster.agent(dead).get('web')), status: 'stopped' as const, generation: node === 'node1' ? 0 : first.attempt!.generation };
+      env.cluster.agent(node).containers.set('web', stale);
+    }
+    const stopBeating = env.keepAlive(['node1', 'node2', 'node3']);
+    await env.failovers.start();
+    try {
+      await waitFor(async () => ((await env.record()).lock ? undefined : true), 8_000, 'the restore again');
+      const record = await env.record();
+      assert.equal(env.cluster.runningCopies('web'), 1);
+      assert.equal(env.cluster.agent(record.node).containers.get('web')?.status, 'running');
+      assert.deepEqual(env.traffic.calls.slice(-2), [`replay web after 2 -> ${record.node}`, `release web -> ${record.node}`]);
+      assert.equal(record.node, alive, 'not on a node that still held a stale copy');
     } finally {
       stopBeating();
       env.failovers.stop();
