@@ -22,6 +22,7 @@ import type { Fences } from './fences.js';
 import type { ContainerRescuer } from './migration-settle.js';
 import type { NodeRegistry } from './registry.js';
 import { FailoverRecords, type FailoverRecord } from './failover-records.js';
+import { restoreFromCheckpoints, type RestoreDeps } from './failover-restore.js';
 import type { StateStore, Watch } from './store/index.js';
 
 export type { FailoverRecord } from './failover-records.js';
@@ -288,7 +289,7 @@ export class FailoverService implements ContainerRescuer {
   }
 
   private async run(record: FailoverRecord, held: HeldLock): Promise<FailoverRecord> {
-    const { checkpoints, catalog, traffic, log, locks, fences } = this.opts;
+    const { traffic, log, locks, fences } = this.opts;
     const { name, from: deadNode, detectedAt } = record;
     const lockId = held.lock.id;
     const container = held.record;
@@ -301,55 +302,13 @@ export class FailoverService implements ContainerRescuer {
       let current = container;
       try {
         await controllerPauses.at('failover:restore');
-        const intact = (await catalog.list(name)).filter((c) => !c.corrupt);
-        // Checkpoints cut in the route's current request log come with the requests after them.
-        // One cut in an earlier log (the route was unlogged or removed since), or before the route
-        // logged, would lose those: it is used only when there is nothing else, without a replay.
         const logId = await traffic.currentLogId(name);
-        const inLog = intact.filter((c) => logId !== undefined && c.logPosition?.logId === logId);
-        const good = inLog.length > 0 ? inLog : intact;
-        for (const c of inLog.length > 0 ? intact.filter((c) => !inLog.includes(c)) : []) {
-          record.skipped.push({ checkpoint: c.id, reason: `cut ${c.logPosition ? `in request log ${c.logPosition.logId ?? '(no id)'}` : 'before the route logged'}, not in the route's current log ${logId}: the requests after it cannot be replayed` });
-        }
-        if (good.length === 0) throw new FailoverFailedError(`${name} has no checkpoint to restore from: it stays down until ${deadNode} returns`, { name, from: deadNode });
-        const targets = await this.targetsFor(name, deadNode);
-        if (targets.length === 0) throw new FailoverFailedError(`no ready node to restore ${name} on: it stays down until a node is ready`, { name, from: deadNode });
-        let attempt = 0;
-        /** Targets a restore failed on: one cut short (its agent killed) may still leave a copy there. */
-        const failedOn = new Set<string>();
-        candidates: for (const candidate of good) {
-          // A failure on one target (its agent does not answer, it still holds a stale copy that
-          // its fence has not removed yet) says nothing about the checkpoint: the same one is tried
-          // on the next target. Only a corrupt checkpoint, or one no target could restore, is passed over.
-          for (let tried = 0; tried < targets.length; tried++) {
-            const target = targets[attempt % targets.length]!;
-            attempt += 1;
-            try {
-              // Written first: a controller that dies during the restore finds the copy it may have made.
-              record.attempt = { to: target, checkpoint: candidate.id, logPosition: candidate.logPosition, generation: container.generation + attempt + 1 };
-              await this.save(record);
-              current = await checkpoints.restoreOn(container, target, candidate.id, `${lockId}-${attempt}`, container.generation + attempt + 1, record.timings);
-              record.to = target;
-              record.checkpoint = candidate.id;
-              record.logPosition = candidate.logPosition;
-              record.restoredAt = Date.now();
-              break candidates;
-            } catch (err) {
-              const corrupt = (await catalog.list(name)).find((c) => c.id === candidate.id)?.corrupt;
-              const reason = corrupt ? `corrupt: ${toChipmunkError(err).message}` : toChipmunkError(err).message;
-              const nextTarget = !corrupt && tried + 1 < targets.length;
-              failedOn.add(target);
-              record.skipped.push({ checkpoint: candidate.id, reason: `on ${target}: ${reason}` });
-              log.error({ container: name, checkpoint: candidate.id, target, corrupt: Boolean(corrupt) }, `restoring ${name} from checkpoint ${candidate.id} on ${target} failed (${reason}); ${nextTarget ? 'trying it on another node' : 'trying the one before'}`);
-              await this.save(record);
-              if (!nextTarget) continue candidates;
-            }
-          }
-        }
-        if (!record.to) throw new FailoverFailedError(`no checkpoint of ${name} could be restored: ${record.skipped.map((s) => `${s.checkpoint}: ${s.reason}`).join('; ')}`, { name, from: deadNode, skipped: record.skipped });
+        const restored = await restoreFromCheckpoints(this.placement(), { record, container, lockId, logId });
+        current = restored.current;
+        const { to } = restored;
         // From here the new incarnation is the container: fence the old one, then record the move.
-        for (const node of [deadNode, ...failedOn]) if (node !== record.to) await fences.fence(node, name, current.generation);
-        await fences.clear(record.to, name);
+        for (const node of [deadNode, ...restored.failedOn]) if (node !== to) await fences.fence(node, name, current.generation);
+        await fences.clear(to, name);
         await locks.save(held, current);
         await controllerPauses.at('failover:replay');
         const position = record.logPosition;
@@ -460,18 +419,9 @@ export class FailoverService implements ContainerRescuer {
     }
   }
 
-  /**
-   * Ready nodes other than the dead one, fewest containers first; nodes that still hold a fenced
-   * (stale) copy of `name` last: their agent removes it at its next heartbeat, and until then a
-   * restore there is refused.
-   */
-  private async targetsFor(name: string, deadNode: string): Promise<string[]> {
-    const ready = (await this.opts.nodes.listReady()).filter((n) => n.name !== deadNode);
-    const load = new Map<string, number>();
-    for (const { value } of await this.opts.store.list<ContainerRecord>('/containers/')) load.set(value.node, (load.get(value.node) ?? 0) + 1);
-    const fenced = new Set(await this.opts.fences.nodesFencing(name));
-    const rank = (node: string) => (fenced.has(node) ? 1_000_000 : 0) + (load.get(node) ?? 0);
-    return ready.sort((a, b) => rank(a.name) - rank(b.name)).map((n) => n.name);
+  private placement(): RestoreDeps {
+    const { store, nodes, fences, catalog, checkpoints, log } = this.opts;
+    return { store, nodes, fences, catalog, checkpoints, log, save: (record) => this.save(record) };
   }
 
   private save(record: FailoverRecord): Promise<void> {
