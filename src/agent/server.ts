@@ -32,6 +32,7 @@ import {
   type TransferProgress,
 } from '../shared/protocol.js';
 import type { FaultInjector } from './faults.js';
+import { freePageServerPort } from './host/page-server-port.js';
 import type { ImageStore } from './runtime/images.js';
 import type { ContainerRuntime, MigrationPaths } from './runtime/types.js';
 import { fetchTree, fetchTreeFromAny, serveTree } from './transfer.js';
@@ -115,7 +116,8 @@ export function buildAgentServer(deps: AgentServerDeps): FastifyInstance {
     { schema: { params: NameParams, body: DumpRequest, response: { 200: DumpResult } } },
     async (req) => {
       const { migrationId, mode, pageServerPort } = req.body;
-      const pageServer = mode === 'lazy' && pageServerPort ? { address: deps.info.address, port: pageServerPort } : undefined;
+      const address = deps.info.address;
+      const pageServer = mode === 'lazy' && pageServerPort ? { address, port: await freePageServerPort(address, pageServerPort) } : undefined;
       const outcome = await runtime.dump(req.params.name, { migrationId, mode, pageServer });
       await faults.pauseAt('migration:dump');
       return { migrationId, ...outcome, ...(pageServer ? { pageServer } : {}) };

@@ -1,0 +1,56 @@
+/**
+ * The source agent's page server port: the controller's choice unless something on this host
+ * holds it (a page server an earlier leader's migration left, any program), then the next free
+ * port of the range.
+ */
+import { describe, it } from 'node:test';
+import assert from 'node:assert/strict';
+import { createServer, type Server } from 'node:net';
+import { freePageServerPort } from '../../src/agent/host/page-server-port.js';
+
+function listen(port: number): Promise<Server> {
+  return new Promise((resolve, reject) => {
+    const server = createServer();
+    server.once('error', reject);
+    server.listen({ host: '127.0.0.1', port }, () => resolve(server));
+  });
+}
+
+/** Three consecutive ports nobody holds now. */
+async function freeRange(): Promise<{ first: number; last: number }> {
+  const probe = await listen(0);
+  const port = (probe.address() as { port: number }).port;
+  await new Promise((resolve) => probe.close(resolve));
+  return { first: port, last: port + 2 };
+}
+
+describe('page server port', () => {
+  it('is the one asked for when it is free', async () => {
+    const range = await freeRange();
+    assert.equal(await freePageServerPort('127.0.0.1', range.first + 1, range), range.first + 1);
+  });
+
+  it('is the next free one of the range when the one asked for is held, wrapping around', async () => {
+    const range = await freeRange();
+    const held = await Promise.all([listen(range.last), listen(range.first)]);
+    try {
+      assert.equal(await freePageServerPort('127.0.0.1', range.last, range), range.first + 1);
+    } finally {
+      for (const server of held) server.close();
+    }
+  });
+
+  it('fails clearly when every port of the range is held', async () => {
+    const range = await freeRange();
+    const held = await Promise.all([listen(range.first), listen(range.first + 1), listen(range.last)]);
+    try {
+      await assert.rejects(freePageServerPort('127.0.0.1', range.first, range), (err: Error & { code?: string }) => {
+        assert.equal(err.code, 'CHIPMUNK_UNAVAILABLE');
+        assert.match(err.message, /no page server port .* is free on 127\.0\.0\.1/);
+        return true;
+      });
+    } finally {
+      for (const server of held) server.close();
+    }
+  });
+});
