@@ -297,6 +297,10 @@ export class EtcdStore implements StateStore {
         stream.write({ ID: id });
       });
     } finally {
+      // Ended first: the client takes an error on a stream still writable for a failure of the
+      // member (it counts towards opening the member's circuit breaker and drops its connection),
+      // and cancelling a stream raises one. Five keep-alives at once opened the breaker.
+      stream.end();
       stream.cancel();
     }
   }
