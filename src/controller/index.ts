@@ -133,7 +133,7 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
   // Agents reach this controller's own store through this URL: known once listening, when no advertised URL was given.
   let storeUrl = opts.advertiseUrl?.replace(/\/$/, '') ?? '';
   // Which checkpoints count is leader-only state: committed, forgotten and re-replicated through the fence.
-  const catalog = new ReplicatedCatalog({ state: leaderStore, replicaUrls: () => [storeUrl, ...peers.filter((p) => p !== storeUrl)], replicas: replicaCount, token: opts.token, log: logger });
+  const catalog = new ReplicatedCatalog({ state: leaderStore, replicaUrls: () => [storeUrl, ...peers.filter((p) => p !== storeUrl)], replicas: replicaCount, token: opts.token, log: logger, containerNames: () => locks.names() });
   const checkpoints = new CheckpointService({ store: leaderStore, nodes, agentFor, locks, traffic: routes, catalog, log: logger });
   const failovers = new FailoverService({ store: leaderStore, nodes, locks, fences, agentFor, nodeLeaseMs, checkpoints, catalog, traffic: routes, log: logger });
   const migrations = new MigrationOrchestrator({ store: leaderStore, nodes, agentFor, locks, fences, log: logger, traffic: routes, rescuer: failovers });
