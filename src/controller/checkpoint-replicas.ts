@@ -1,6 +1,7 @@
 /**
  * Checkpoints on several hosts: the controller's catalog over N checkpoint store replicas (a
- * replica is the checkpoint store a controller serves on its API: its own, and its peers').
+ * replica is the checkpoint store a controller serves on its API: its own, its peers' named with
+ * --checkpoint-store-peers, and with etcd those the running controllers published there).
  *
  * The commit point of a checkpoint is one write to the state store (etcd in an HA cluster):
  * `/checkpoints/<container>/<id>`, made only after the agent committed the checkpoint on all N
@@ -106,7 +107,7 @@ export class ReplicatedCatalog implements CheckpointCatalog {
     if (reachable.length < this.opts.replicas) {
       const down = urls.filter((_, i) => !up[i]);
       throw new UnavailableError(
-        `only ${reachable.length} of the ${this.opts.replicas} checkpoint store replicas a checkpoint needs answer (not answering: ${down.join(', ') || 'none'}; known: ${urls.length}): the checkpoint was not taken and the previous one stays valid; bring a replica back, add one (--checkpoint-store-peers), or lower --checkpoint-replicas`,
+        `only ${reachable.length} of the ${this.opts.replicas} checkpoint store replicas a checkpoint needs answer (not answering: ${down.join(', ') || 'none'}; known: ${urls.length}): the checkpoint was not taken and the previous one stays valid; bring a replica back, add one (start another controller on the etcd store, or name it in --checkpoint-store-peers), or lower --checkpoint-replicas`,
         { needed: this.opts.replicas, reachable, down },
       );
     }

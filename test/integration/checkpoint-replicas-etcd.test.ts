@@ -13,6 +13,7 @@ import { pino } from 'pino';
 import { CheckpointStoreClient } from '../../src/checkpoint-store/index.js';
 import { startController, type ControllerOptions, type RunningController } from '../../src/controller/index.js';
 import { ControllerClient } from '../../src/shared/controller-client.js';
+import { ChipmunkError } from '../../src/shared/errors.js';
 import { FakeCluster } from '../fakes/agents.js';
 import { freePorts, startEtcd, type EtcdCluster } from '../support/etcd.js';
 import { makeCheckpointParts, withRealStoreIo, type CheckpointParts } from '../support/real-store-io.js';
@@ -114,6 +115,42 @@ describe('checkpoint replicas on several controllers sharing etcd', () => {
       const missing = await runCli(['files', 'web', '/nope', '--at', second.id], env);
       assert.notEqual(missing.code, 0);
       assert.match(missing.stderr, /no \/nope in checkpoint/);
+    } finally {
+      await fleet.close();
+      await parts.remove();
+    }
+  });
+
+  it('with no peers named, the replicas are the controllers running on etcd: one that joins later takes copies and new checkpoints', async () => {
+    const parts = await makeCheckpointParts();
+    const fleet = await fleetOf(3, 'discovery-test', parts, () => ({ replicateEveryMs: 300 }));
+    const [a, b, c] = fleet.urls as [string, string, string];
+    try {
+      const leader = await fleet.start(0);
+      await waitFor(() => leader.leading(), 5000, 'the first controller to lead');
+      await fleet.start(1);
+      await waitFor(async () => (await fleet.client.controllers()).length === 2, 5000, 'the second controller to campaign');
+      await waitFor(async () => (await fleet.client.nodes()).filter((n) => n.status === 'ready').length === 2, 5000, 'both nodes ready');
+      await fleet.client.run({ spec: { name: 'web', image: 'counter' }, node: 'node1' });
+      const first = await waitFor(() => fleet.client.checkpoint('web').catch(() => undefined), 5000, 'a checkpoint once the leader knows the second store');
+      assert.deepEqual(first.replicas?.map((r) => r.url), [a, b], 'N is 2 with etcd, and the second replica is the store the other controller published');
+
+      await fleet.stop(1);
+      await assert.rejects(fleet.client.checkpoint('web'), (err: unknown) => err instanceof ChipmunkError && err.code === 'CHIPMUNK_UNAVAILABLE' && /only 1 of the 2 checkpoint store replicas/.test(err.message));
+
+      // A controller never named anywhere: it publishes its store, the leader copies the checkpoint there.
+      await fleet.start(2);
+      const placed = await waitFor(async () => {
+        const listed = (await fleet.client.checkpoints('web')).find((x) => x.id === first.id);
+        return listed?.replicas?.some((r) => r.url === c && r.state === 'intact') && listed.replicas;
+      }, 10_000, 'the checkpoint to be copied to the new controller');
+      assert.deepEqual(placed, [
+        { url: a, state: 'intact' },
+        { url: b, state: 'unreachable' },
+        { url: c, state: 'intact' },
+      ]);
+      const next = await fleet.client.checkpoint('web');
+      assert.deepEqual(next.replicas?.map((r) => r.url), [a, c]);
     } finally {
       await fleet.close();
       await parts.remove();

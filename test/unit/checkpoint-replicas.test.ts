@@ -245,13 +245,21 @@ describe('checkpoints on several store replicas', () => {
 });
 
 describe('checkpoint replica count', () => {
-  it('is 2 by default with a peer, 1 with a warning without one, and refuses more than the replicas known', () => {
+  it('is 2 by default with a peer, 1 with a warning without one, and refuses more than the replicas known (no etcd store)', () => {
     const { log, lines } = capturedLogger();
     assert.equal(checkpointReplicaCount(undefined, ['http://10.0.0.2:7000'], log), 2);
     assert.equal(checkpointReplicaCount(undefined, [], log), 1);
     assert.match(lines.at(-1)?.msg ?? '', /checkpoints live on one host/);
     assert.equal(checkpointReplicaCount(1, ['http://10.0.0.2:7000'], log), 1);
     assert.throws(() => checkpointReplicaCount(3, ['http://10.0.0.2:7000'], log), (err: unknown) => err instanceof InvalidInputError && /knows 2/.test(err.message));
+  });
+
+  it('with an etcd store (replicas published as controllers start) is 2 by default and any N is accepted at start', () => {
+    const { log, lines } = capturedLogger();
+    assert.equal(checkpointReplicaCount(undefined, [], log, true), 2);
+    assert.equal(checkpointReplicaCount(3, [], log, true), 3);
+    assert.equal(lines.length, 0, 'no warning that checkpoints live on one host');
+    assert.throws(() => checkpointReplicaCount(0, [], log, true), (err: unknown) => err instanceof InvalidInputError);
   });
 
   it('stops a controller start asking for more replicas than it knows, and one given a peer that is no URL', async () => {
