@@ -2,8 +2,9 @@
  * Typed calls to the checkpoint store's API (src/checkpoint-store/routes.ts) for the controller
  * and the CLI. Uploads are the agent's business: uploadCheckpoint in ./upload.ts.
  */
+import type { Dispatcher } from 'undici';
 import { ApiClient, type ApiClientOptions } from '../shared/http.js';
-import type { CheckpointDetail, CheckpointDiff, CheckpointSummary, DirectoryListing } from './protocol.js';
+import type { CheckpointDetail, CheckpointDiff, CheckpointSummary, CreateUploadRequest, DirectoryListing } from './protocol.js';
 
 /** A file's content, as the files route answers it. */
 export interface CheckpointFileContent {
@@ -29,10 +30,20 @@ export class CheckpointStoreClient {
 
   /** A directory's listing or a file's bytes, as the container saw them at the checkpoint. */
   async files(container: string, id: string, path: string): Promise<DirectoryListing | CheckpointFileContent> {
-    const res = await this.api.stream('GET', `/v1/checkpoints/${enc(container)}/${enc(id)}/files?path=${enc(path)}`);
+    const res = await this.filesResponse(container, id, path);
     const type = String(res.headers['content-type'] ?? '');
     if (type.startsWith('application/json')) return (await res.body.json()) as DirectoryListing;
     return { type: 'file', bytes: Buffer.from(await res.body.arrayBuffer()) };
+  }
+
+  /** The files route's answer as it streams: a directory listing (JSON) or a file's bytes (application/octet-stream). */
+  filesResponse(container: string, id: string, path: string): Promise<Dispatcher.ResponseData> {
+    return this.api.stream('GET', `/v1/checkpoints/${enc(container)}/${enc(id)}/files?path=${enc(path)}`);
+  }
+
+  /** What storing this checkpoint again takes (its manifests and metadata): a diff across replicas reads it. */
+  uploadRequest(container: string, id: string): Promise<CreateUploadRequest & { id: string }> {
+    return this.api.get(`/v1/checkpoints/${enc(container)}/${enc(id)}/upload-request`);
   }
 
   diff(container: string, from: string, to: string): Promise<CheckpointDiff> {

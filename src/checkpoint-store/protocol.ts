@@ -81,6 +81,7 @@ export const CheckpointSummary = Type.Object({
   newBytes: Type.Integer({ minimum: 0, description: 'chunk bytes this checkpoint added to the store' }),
   logPosition: StoredLogPosition,
   corrupt: Type.Optional(Type.Boolean({ description: 'a read found a damaged chunk: restore from an older checkpoint' })),
+  legacy: Type.Optional(Type.Boolean({ description: "a store's own listing: stored by a version that kept no commit records; it counts on the replicas holding it" })),
   replicas: Type.Optional(Type.Array(CheckpointReplica, { description: "where the checkpoint is (the controller's listings; a store's own listing has none)" })),
 });
 export type CheckpointSummary = Static<typeof CheckpointSummary>;

@@ -10,7 +10,7 @@ import { CheckpointNotFoundError, ChunkCorruptError, InvalidInputError, NotFound
 import type { PackCollector } from './gc.js';
 import { HASH_BYTES, chunkHashes, decodeManifest, sha256, type PartManifest } from './manifest.js';
 import type { PackFiles } from './packs.js';
-import type { CheckpointDiff, DirectoryListing } from './protocol.js';
+import type { CheckpointDiff, CreateUploadRequest, DirectoryListing } from './protocol.js';
 import { volumesOf, type CheckpointRow, type ChunkRow } from './schema.js';
 import { expandSparse, paddingOf } from './tar.js';
 import { ContainerTree, diffTrees } from './tree.js';
@@ -217,4 +217,18 @@ export class CheckpointReads {
     return new ContainerTree(this.partManifest(row, 'files'), volumesOf(JSON.parse(row.metadata) as Record<string, unknown>));
   }
 
+}
+
+/**
+ * The diff of two checkpoints from their upload requests (what a replica's `upload-request`
+ * route answers): for two checkpoints no one replica holds both of.
+ */
+export function diffUploadRequests(from: CreateUploadRequest, to: CreateUploadRequest): CheckpointDiff {
+  return diffTrees(treeOfRequest(from), treeOfRequest(to));
+}
+
+function treeOfRequest(req: CreateUploadRequest): ContainerTree {
+  const files = req.parts.find((part) => part.name === 'files');
+  if (!files) throw new NotFoundError('the checkpoint has no files part', { parts: req.parts.map((part) => part.name) });
+  return new ContainerTree(decodeManifest(Buffer.from(files.manifest, 'base64')), volumesOf(req.metadata));
 }

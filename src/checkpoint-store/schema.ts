@@ -19,6 +19,8 @@ export interface CheckpointRow {
   log_id: string | null;
   metadata: string;
   corrupt: number;
+  /** 1: stored before schema version 3, when controllers kept no commit records (see migrate). */
+  legacy: number;
 }
 
 export interface ChunkRow {
@@ -29,8 +31,11 @@ export interface ChunkRow {
 }
 
 
-/** 2: checkpoints.log_id, the request log a log_position is in. */
-export const SCHEMA_VERSION = 2;
+/**
+ * 2: checkpoints.log_id, the request log a log_position is in.
+ * 3: checkpoints.legacy, set on every checkpoint stored before: those count without a commit record.
+ */
+export const SCHEMA_VERSION = 3;
 
 export function summaryOf(row: CheckpointRow): CheckpointSummary {
   return {
@@ -40,6 +45,7 @@ export function summaryOf(row: CheckpointRow): CheckpointSummary {
     newBytes: row.new_bytes,
     logPosition: row.log_position === null ? null : { logId: row.log_id, seq: row.log_position },
     ...(row.corrupt ? { corrupt: true } : {}),
+    ...(row.legacy ? { legacy: true } : {}),
   };
 }
 
@@ -81,7 +87,8 @@ export function migrate(db: Database.Database): void {
         log_position INTEGER,
         log_id TEXT,
         metadata TEXT NOT NULL,
-        corrupt INTEGER NOT NULL DEFAULT 0
+        corrupt INTEGER NOT NULL DEFAULT 0,
+        legacy INTEGER NOT NULL DEFAULT 0
       );
       CREATE INDEX IF NOT EXISTS checkpoints_by_container ON checkpoints (container, seq);
       -- manifest: the binary part manifest of src/checkpoint-store/manifest.ts.
@@ -97,6 +104,10 @@ export function migrate(db: Database.Database): void {
     // Version 1 indexes lack log_id: their positions keep a null log id (matching no log).
     const columns = db.prepare<[], { name: string }>("SELECT name FROM pragma_table_info('checkpoints')").all();
     if (!columns.some((c) => c.name === 'log_id')) db.exec('ALTER TABLE checkpoints ADD COLUMN log_id TEXT');
+    // Before version 3 the controller kept no commit records (a checkpoint counted once its one
+    // store committed it): what is stored then is marked, so the controller's catalog still counts
+    // it (src/controller/checkpoint-replicas.ts). Copies stored from now on are never marked.
+    if (!columns.some((c) => c.name === 'legacy')) db.exec('ALTER TABLE checkpoints ADD COLUMN legacy INTEGER NOT NULL DEFAULT 0; UPDATE checkpoints SET legacy = 1');
     db.pragma(`user_version = ${SCHEMA_VERSION}`);
   }).immediate();
 }

@@ -2,20 +2,28 @@
  * The controller's checkpoint replica options (`--checkpoint-replicas N`,
  * `--checkpoint-store-peers URL,...`), checked before anything starts: a count that cannot be met
  * or a peer that is not a URL stops the start with what to do.
+ *
+ * With an etcd store the controllers publish their checkpoint stores (their election campaigns
+ * carry the URL), so the replicas are known only as controllers come and go: N is then 2 unless
+ * given, and is not checked against the replicas known at start; a checkpoint that finds fewer
+ * than N replicas answering is refused with what to do (checkpoint-replicas.ts).
  */
 import type { Logger } from 'pino';
 import { InvalidInputError } from '../shared/errors.js';
 
-/** N, from the option and the replicas known; an N that cannot be met is refused at start. */
-export function checkpointReplicaCount(requested: number | undefined, peers: string[], logger: Logger): number {
+/**
+ * N, from the option and the replicas known; an N that cannot be met is refused at start, unless
+ * DISCOVERED (an etcd store: more replicas are published as their controllers start).
+ */
+export function checkpointReplicaCount(requested: number | undefined, peers: string[], logger: Logger, discovered = false): number {
   const known = 1 + peers.length;
   if (requested === undefined) {
-    if (known >= 2) return 2;
+    if (known >= 2 || discovered) return 2;
     logger.warn('checkpoints live on one host: this controller knows no other checkpoint store replica (--checkpoint-store-peers), so each checkpoint is kept on 1 replica and is lost with this host');
     return 1;
   }
   if (!Number.isInteger(requested) || requested < 1) throw new InvalidInputError(`--checkpoint-replicas must be a whole number of at least 1, not ${requested}`, { checkpointReplicas: requested });
-  if (requested > known) {
+  if (requested > known && !discovered) {
     throw new InvalidInputError(
       `--checkpoint-replicas ${requested} needs ${requested} checkpoint store replicas, but this controller knows ${known} (its own store${peers.length ? ` and ${peers.join(', ')}` : ''}): name more with --checkpoint-store-peers, or lower --checkpoint-replicas`,
       { checkpointReplicas: requested, known },

@@ -1,6 +1,7 @@
 /**
  * Checkpoints on several hosts: the controller's catalog over N checkpoint store replicas (a
- * replica is the checkpoint store a controller serves on its API: its own, and its peers').
+ * replica is the checkpoint store a controller serves on its API: its own, its peers' named with
+ * --checkpoint-store-peers, and with etcd those the running controllers published there).
  *
  * The commit point of a checkpoint is one write to the state store (etcd in an HA cluster):
  * `/checkpoints/<container>/<id>`, made only after the agent committed the checkpoint on all N
@@ -12,6 +13,10 @@
  * lack it or hold a damaged copy until N hold it intact again; with fewer than N replicas left it stays on those there
  * are and the log says so once. A new checkpoint needs N reachable replicas, or is not taken.
  *
+ * Checkpoints stored before commit records existed (a store marks them `legacy` when its index
+ * is upgraded) count without one, on the replicas that hold them: list() shows them, and the
+ * re-replication pass writes their records (then copies them up to N like any other).
+ *
  * Reads (list, readFrom) write nothing, so any controller may answer them; committed(),
  * forget() and replicate() are the leader's work in an HA cluster (their state writes are what
  * a leader's term fences).
@@ -19,7 +24,7 @@
 import type { Logger } from 'pino';
 import { request } from 'undici';
 import { CheckpointStoreClient, copyCheckpoint, type CheckpointInfo, type CheckpointReplica, type CheckpointSummary, type ReplicaState } from '../checkpoint-store/index.js';
-import { UnavailableError, toChipmunkError } from '../shared/errors.js';
+import { StoreConflictError, UnavailableError, toChipmunkError } from '../shared/errors.js';
 import type { CheckpointCatalog } from './checkpoints.js';
 import type { StateStore } from './store/index.js';
 
@@ -32,6 +37,9 @@ const DEFAULT_REPLICA_TIMEOUT_MS = 2_000;
  * failover.
  */
 const SILENT_FOR_MS = 5_000;
+
+/** Each replica's checkpoints of one container by id; undefined for a replica that did not answer. */
+type Listings = Map<string, Map<string, CheckpointSummary> | undefined>;
 
 /** The commit record of a checkpoint: what it is, and the replicas it was committed on. */
 interface CheckpointRecord {
@@ -49,6 +57,8 @@ export interface ReplicatedCatalogOptions {
   token: string;
   log: Logger;
   replicaTimeoutMs?: number;
+  /** The containers the cluster has: where the re-replication pass looks for legacy checkpoints to record. */
+  containerNames?: () => Promise<string[]>;
 }
 
 export class ReplicatedCatalog implements CheckpointCatalog {
@@ -60,20 +70,19 @@ export class ReplicatedCatalog implements CheckpointCatalog {
 
   constructor(private readonly opts: ReplicatedCatalogOptions) {}
 
-  /** Newest first, recorded checkpoints only, each with the state of every replica. */
+  /** Newest first, recorded checkpoints and legacy ones only, each with the state of every replica. */
   async list(container: string): Promise<CheckpointSummary[]> {
     const records = await this.records(container);
-    if (records.length === 0) return [];
     const listings = await this.listings(container);
     const out: CheckpointSummary[] = [];
-    for (const { value } of records) {
+    for (const value of [...records.map((r) => r.value), ...legacyRecords(container, records, listings)]) {
       // Shown: the replicas it was committed on, and any other holding a copy.
       const replicas = this.placement(value, listings).filter((r) => value.replicas.includes(r.url) || r.state === 'intact' || r.state === 'corrupt');
       const intact = replicas.some((r) => r.state === 'intact');
       const unknown = replicas.some((r) => r.state === 'unreachable');
       // Every replica that held it dropped it (retention): gone. Its record goes in replicate(), not in a read.
       if (!intact && !unknown && !replicas.some((r) => r.state === 'corrupt')) continue;
-      const { corrupt: _corrupt, ...info } = value.info;
+      const { corrupt: _corrupt, legacy: _legacy, ...info } = value.info;
       out.push({ ...info, ...(intact || unknown ? {} : { corrupt: true }), replicas });
     }
     return out.sort((a, b) => b.time - a.time);
@@ -98,7 +107,7 @@ export class ReplicatedCatalog implements CheckpointCatalog {
     if (reachable.length < this.opts.replicas) {
       const down = urls.filter((_, i) => !up[i]);
       throw new UnavailableError(
-        `only ${reachable.length} of the ${this.opts.replicas} checkpoint store replicas a checkpoint needs answer (not answering: ${down.join(', ') || 'none'}; known: ${urls.length}): the checkpoint was not taken and the previous one stays valid; bring a replica back, add one (--checkpoint-store-peers), or lower --checkpoint-replicas`,
+        `only ${reachable.length} of the ${this.opts.replicas} checkpoint store replicas a checkpoint needs answer (not answering: ${down.join(', ') || 'none'}; known: ${urls.length}): the checkpoint was not taken and the previous one stays valid; bring a replica back, add one (start another controller on the etcd store, or name it in --checkpoint-store-peers), or lower --checkpoint-replicas`,
         { needed: this.opts.replicas, reachable, down },
       );
     }
@@ -129,10 +138,12 @@ export class ReplicatedCatalog implements CheckpointCatalog {
   }
 
   private async replicatePass(): Promise<void> {
-    const containers = new Set((await this.opts.state.list<CheckpointRecord>(RECORDS_PREFIX)).map(({ value }) => value.container));
+    const recorded = (await this.opts.state.list<CheckpointRecord>(RECORDS_PREFIX)).map(({ value }) => value.container);
+    const containers = new Set([...recorded, ...((await this.opts.containerNames?.()) ?? [])]);
     for (const container of containers) {
-      const records = await this.records(container);
       const listings = await this.listings(container, true);
+      await this.recordLegacy(container, listings);
+      const records = await this.records(container);
       for (const { key, value, modRevision } of records) {
         // Each write only if the record is still the one read (a forget or commit meanwhile wins).
         let revision = modRevision;
@@ -182,15 +193,30 @@ export class ReplicatedCatalog implements CheckpointCatalog {
     }
   }
 
+  /** Writes the commit records of legacy checkpoints (on the replicas holding them), unless one was written meanwhile. */
+  private async recordLegacy(container: string, listings: Listings): Promise<void> {
+    for (const record of legacyRecords(container, await this.records(container), listings)) {
+      try {
+        await this.opts.state.put(recordKey(container, record.info.id), record, { expectModRevision: 0 });
+        this.opts.log.info(
+          { container, checkpoint: record.info.id, replicas: record.replicas },
+          `checkpoint ${record.info.id} of ${container}, stored before commit records, is recorded as held by ${record.replicas.join(', ')}`,
+        );
+      } catch (err) {
+        if (!(err instanceof StoreConflictError)) throw err;
+      }
+    }
+  }
+
   /** Each replica's answer for a container: its checkpoints by id, or undefined when it did not answer. */
-  private async listings(container: string, askSilent = false): Promise<Map<string, Map<string, CheckpointSummary> | undefined>> {
+  private async listings(container: string, askSilent = false): Promise<Listings> {
     const urls = this.opts.replicaUrls();
     const answers = await Promise.all(urls.map((url) => this.ask(url, () => this.client(url).list(container), askSilent)));
     return new Map(urls.map((url, i) => [url, answers[i] && new Map(answers[i]!.map((c) => [c.id, c]))]));
   }
 
   /** The state of a checkpoint on every replica: those it was committed on, and every other known one. */
-  private placement(record: CheckpointRecord, listings: Map<string, Map<string, CheckpointSummary> | undefined>): CheckpointReplica[] {
+  private placement(record: CheckpointRecord, listings: Listings): CheckpointReplica[] {
     const urls = [...new Set([...record.replicas, ...this.opts.replicaUrls()])];
     const out: CheckpointReplica[] = [];
     for (const url of urls) {
@@ -241,4 +267,24 @@ export class ReplicatedCatalog implements CheckpointCatalog {
 
 function recordKey(container: string, id: string): string {
   return `${RECORDS_PREFIX}${container}/${id}`;
+}
+
+/**
+ * The records legacy checkpoints would have: each one a replica lists as legacy and no record
+ * names, as committed on every replica that lists it (a store from before commit records was
+ * the only one, so it is usually one).
+ */
+function legacyRecords(container: string, records: { value: CheckpointRecord }[], listings: Listings): CheckpointRecord[] {
+  const recorded = new Set(records.map((r) => r.value.info.id));
+  const found = new Map<string, CheckpointRecord>();
+  for (const [url, listing] of listings) {
+    for (const summary of listing?.values() ?? []) {
+      if (!summary.legacy || recorded.has(summary.id)) continue;
+      const { corrupt: _corrupt, legacy: _legacy, replicas: _replicas, ...info } = summary;
+      const record: CheckpointRecord = found.get(summary.id) ?? { container, info, replicas: [] };
+      record.replicas.push(url);
+      found.set(summary.id, record);
+    }
+  }
+  return [...found.values()];
 }

@@ -192,6 +192,11 @@ export class ContainerLocks {
     return { name: held.name, lock, record: written! };
   }
 
+  /** The name of every container the cluster has. */
+  async names(): Promise<string[]> {
+    return (await this.store.list<ContainerRecord>(CONTAINERS_PREFIX)).map(({ value }) => value.spec.name);
+  }
+
   /** Locks a controller other than this one took: their operations ended with that controller. */
   async stale(): Promise<HeldLock[]> {
     const records = await this.store.list<ContainerRecord>(CONTAINERS_PREFIX);

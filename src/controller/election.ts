@@ -28,6 +28,8 @@ export interface Candidate {
   url: string;
   /** The node it runs on, when it runs on one (`controller --node`). */
   node?: string;
+  /** Where its checkpoint store replica is served: published so the leader knows every replica (checkpoint-replicas.ts). */
+  checkpointStore?: string;
 }
 
 export interface Leader extends Candidate {
@@ -69,6 +71,8 @@ export class Election {
   private campaign: Campaign | undefined;
   /** The candidate whose key has the lowest create revision, as last read. */
   private leader: Leader | undefined;
+  /** Every candidate, as last read, oldest campaign first. */
+  private all: Candidate[] = [];
   /** What onChange was last told. */
   private told: Leader | undefined;
   /** The term of the newest campaign under which this candidate led. */
@@ -137,6 +141,11 @@ export class Election {
   async candidates(): Promise<ControllerView[]> {
     const kvs = (await this.opts.store.list<Candidate>(this.prefix)).sort((a, b) => a.createRevision - b.createRevision);
     return kvs.map((kv, i) => ({ id: kv.value.id, url: kv.value.url, ...(kv.value.node ? { node: kv.value.node } : {}), leader: i === 0, ...(i === 0 ? { term: kv.createRevision } : {}) }));
+  }
+
+  /** Every candidate as last read (the watch keeps it current), oldest campaign first; no store call. */
+  known(): Candidate[] {
+    return this.all;
   }
 
   /** Resigns for good: stops campaigning and observing. */
@@ -260,6 +269,7 @@ export class Election {
           }
         }
         this.leader = lowest(candidates);
+        this.all = [...candidates].sort((a, b) => a.createRevision - b.createRevision).map((kv) => kv.value);
         this.tell();
       } catch (err) {
         this.opts.onError?.(err);

@@ -17,6 +17,7 @@ import { MigrationOrchestrator } from './migration.js';
 import { CheckpointStore } from '../checkpoint-store/index.js';
 import { checkpointReplicaCount, checkpointStorePeers } from './checkpoint-replica-options.js';
 import { ReplicatedCatalog } from './checkpoint-replicas.js';
+import { CheckpointBrowser } from './checkpoint-browse.js';
 import { CheckpointService } from './checkpoints.js';
 import { FailoverService } from './failover.js';
 import { DEFAULT_NODE_READY_WITHIN_MS, NodeRegistry } from './registry.js';
@@ -62,11 +63,14 @@ export interface ControllerOptions {
   advertiseUrl?: string;
   /**
    * N: each checkpoint is committed on this many checkpoint store replicas before it counts.
-   * Default: 2 when at least 2 replicas are known (this controller's store and its peers'), else
-   * 1 with a warning that checkpoints live on one host.
+   * Default: 2 with an etcd store, or when at least 2 replicas are known (this controller's store
+   * and its peers'); else 1 with a warning that checkpoints live on one host.
    */
   checkpointReplicas?: number;
-  /** The base URLs of the other controllers whose checkpoint stores are replicas too. */
+  /**
+   * The base URLs of other controllers whose checkpoint stores are replicas too. With an etcd
+   * store they need not be named: every controller publishes its own there.
+   */
   checkpointStorePeers?: string[];
   /** How often under-replicated checkpoints are looked for and copied back to N replicas. */
   replicateEveryMs?: number;
@@ -92,7 +96,7 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
   const storeSpec = opts.storeSpec ?? DEFAULT_STORE_SPEC;
   // Checked before anything opens: a replica count that cannot be met stops the start.
   const peers = checkpointStorePeers(opts.checkpointStorePeers, opts.advertiseUrl);
-  const replicaCount = checkpointReplicaCount(opts.checkpointReplicas, peers, logger);
+  const replicaCount = checkpointReplicaCount(opts.checkpointReplicas, peers, logger, storeSpec.startsWith('etcd:'));
   if (storeSpec.startsWith('sqlite:')) await mkdir(dirname(storeSpec.slice('sqlite:'.length)), { recursive: true });
   // The store is on other hosts, so there is no directory to keep checkpoints beside it; a temporary one would lose them at exit.
   if (storeSpec.startsWith('etcd:') && !opts.checkpointDir) {
@@ -132,13 +136,15 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
   // Agents reach this controller's own store through this URL: known once listening, when no advertised URL was given.
   let storeUrl = opts.advertiseUrl?.replace(/\/$/, '') ?? '';
   // Which checkpoints count is leader-only state: committed, forgotten and re-replicated through the fence.
-  const catalog = new ReplicatedCatalog({ state: leaderStore, replicaUrls: () => [storeUrl, ...peers.filter((p) => p !== storeUrl)], replicas: replicaCount, token: opts.token, log: logger });
+  // The replicas: this controller's own, the peers named, and those the running controllers published (etcd).
+  const replicaUrls = () => [...new Set([storeUrl, ...peers, ...(leadership?.checkpointStores() ?? [])])];
+  const catalog = new ReplicatedCatalog({ state: leaderStore, replicaUrls, replicas: replicaCount, token: opts.token, log: logger, containerNames: () => locks.names() });
   const checkpoints = new CheckpointService({ store: leaderStore, nodes, agentFor, locks, traffic: routes, catalog, log: logger });
   const failovers = new FailoverService({ store: leaderStore, nodes, locks, fences, agentFor, nodeLeaseMs, checkpoints, catalog, traffic: routes, log: logger });
   const migrations = new MigrationOrchestrator({ store: leaderStore, nodes, agentFor, locks, fences, log: logger, traffic: routes, rescuer: failovers });
   /** This controller as its election and `GET /v1/controllers` name it; its URL is known once it listens. */
   let listening = '';
-  const candidate = () => ({ id: locks.owner, url: opts.advertiseUrl ?? listening, ...(opts.node ? { node: opts.node } : {}) });
+  const candidate = () => ({ id: locks.owner, url: opts.advertiseUrl ?? listening, checkpointStore: storeUrl, ...(opts.node ? { node: opts.node } : {}) });
   const app = buildControllerServer({
     token: opts.token,
     logger,
@@ -150,6 +156,7 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
     failovers,
     fences,
     checkpointStore,
+    browser: new CheckpointBrowser({ catalog, token: opts.token }),
     heartbeatMs: Math.max(100, Math.floor(nodeLeaseMs / 4)),
     enableFaults: process.env.CHIPMUNK_ENABLE_FAULTS === '1',
     // Until this controller has joined the election it neither leads nor knows who does: it answers reads only.
@@ -213,7 +220,7 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
     await store.close();
     throw err;
   }
-  logger.info({ store: storeSpec, storeId, checkpointReplicas: replicaCount, checkpointStoreReplicas: [storeUrl, ...peers] }, `controller listening on http://${host}:${address.port}`);
+  logger.info({ store: storeSpec, storeId, checkpointReplicas: replicaCount, checkpointStoreReplicas: replicaUrls() }, `controller listening on http://${host}:${address.port}`);
   return {
     url: `http://${host}:${address.port}`,
     leading: () => leading.leading(),

@@ -79,7 +79,12 @@ export class Leadership {
     return this.election.candidates();
   }
 
-  /** What calls to agents and the gateway carry (election.ts heldTerm); none when alone. */
+  /** The checkpoint store replicas the running controllers published (their campaigns); none when alone. */
+  checkpointStores(): string[] {
+    return (this.election?.known() ?? []).flatMap((c) => (c.checkpointStore ? [c.checkpointStore] : []));
+  }
+
+    /** What calls to agents and the gateway carry (election.ts heldTerm); none when alone. */
   heldTerm(): number | undefined {
     return this.election?.heldTerm();
   }

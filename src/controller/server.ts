@@ -25,7 +25,8 @@ import {
   RestoreFromRequest,
   RunRequest,
 } from '../shared/protocol.js';
-import { CheckpointInfo, CheckpointSummary, checkpointStoreRoutes, type CheckpointStore } from '../checkpoint-store/index.js';
+import { CheckpointDiff, CheckpointId, CheckpointInfo, CheckpointSummary, DiffQuery, FilesQuery, checkpointStoreRoutes, type CheckpointStore } from '../checkpoint-store/index.js';
+import type { CheckpointBrowser } from './checkpoint-browse.js';
 import type { CheckpointService } from './checkpoints.js';
 import type { ContainerService } from './containers.js';
 import type { FailoverService } from './failover.js';
@@ -46,8 +47,10 @@ export interface ControllerServerOptions {
   checkpoints: CheckpointService;
   failovers: FailoverService;
   fences: Fences;
-  /** The checkpoint store, served on this API for agents (uploads, downloads) and the CLI (files, diff). */
+  /** This controller's checkpoint store replica, served on this API for agents (uploads, downloads) and the other controllers. */
   checkpointStore: CheckpointStore;
+  /** The CLI's files and diff, read from the replicas that hold the checkpoint. */
+  browser: CheckpointBrowser;
   /** How often agents should heartbeat (a fraction of the node lease). */
   heartbeatMs: number;
   /** The debug route of src/controller/faults.ts answers (CHIPMUNK_ENABLE_FAULTS=1). */
@@ -63,6 +66,7 @@ const RestoreFromResult = Type.Object({ restoredFrom: Type.String(), safetyCheck
 
 const NodeParams = Type.Object({ name: NodeName });
 const ContainerParams = Type.Object({ name: ContainerName });
+const ContainerCheckpointParams = Type.Object({ name: ContainerName, id: CheckpointId });
 const LogsQuery = Type.Object({
   stream: Type.Optional(Type.Union([Type.Literal('stdout'), Type.Literal('stderr'), Type.Literal('all')])),
   tail: Type.Optional(Type.Integer({ minimum: 0 })),
@@ -163,6 +167,20 @@ export function buildControllerServer(opts: ControllerServerOptions): FastifyIns
   app.get('/v1/containers/:name/checkpoints', { schema: { params: ContainerParams, response: { 200: Type.Array(CheckpointSummary) } } }, async (req) => {
     await containers.require(req.params.name);
     return checkpoints.list(req.params.name);
+  });
+
+  // A directory answers DirectoryListing (JSON), a file its bytes (application/octet-stream), as the replica read gives them.
+  app.get('/v1/containers/:name/checkpoints/:id/files', { schema: { params: ContainerCheckpointParams, querystring: FilesQuery } }, async (req, reply) => {
+    await containers.require(req.params.name);
+    const res = await opts.browser.files(req.params.name, req.params.id, req.query.path);
+    reply.type(String(res.headers['content-type'] ?? 'application/octet-stream'));
+    if (res.headers['content-length'] !== undefined) reply.header('content-length', res.headers['content-length']);
+    return reply.send(res.body);
+  });
+
+  app.get('/v1/containers/:name/checkpoints/diff', { schema: { params: ContainerParams, querystring: DiffQuery, response: { 200: CheckpointDiff } } }, async (req) => {
+    await containers.require(req.params.name);
+    return opts.browser.diff(req.params.name, req.query.from, req.query.to);
   });
 
   app.put('/v1/containers/:name/protection', { schema: { params: ContainerParams, body: ProtectionPolicy, response: { 200: ProtectionPolicy } } }, async (req) =>

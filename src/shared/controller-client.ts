@@ -83,7 +83,6 @@ const LEADER_RETRY_MS = 500;
 
 
 const containerPath = (name: string) => `/v1/containers/${encodeURIComponent(name)}`;
-const checkpointStorePath = (name: string) => `/v1/checkpoints/${encodeURIComponent(name)}`;
 
 export class ControllerClient {
   private readonly apis: ApiClient[];
@@ -188,13 +187,13 @@ export class ControllerClient {
     return this.call(true, (api) => api.get<Array<CheckpointSummary & { corrupt?: string }>>(`${containerPath(name)}/checkpoints`));
   }
 
-  /** A directory listing (JSON) or a file's bytes, as the container's files were at checkpoint AT. */
+  /** A directory listing (JSON) or a file's bytes, as the container's files were at checkpoint AT (read from a replica holding it). */
   files(name: string, at: string, path: string): Promise<Dispatcher.ResponseData> {
-    return this.call(true, (api) => api.stream('GET', `${checkpointStorePath(name)}/${encodeURIComponent(at)}/files?path=${encodeURIComponent(path)}`));
+    return this.call(true, (api) => api.stream('GET', `${containerPath(name)}/checkpoints/${encodeURIComponent(at)}/files?path=${encodeURIComponent(path)}`));
   }
 
   diff(name: string, from: string, to: string): Promise<CheckpointDiff> {
-    return this.call(true, (api) => api.get<CheckpointDiff>(`${checkpointStorePath(name)}/diff?from=${encodeURIComponent(from)}&to=${encodeURIComponent(to)}`));
+    return this.call(true, (api) => api.get<CheckpointDiff>(`${containerPath(name)}/checkpoints/diff?from=${encodeURIComponent(from)}&to=${encodeURIComponent(to)}`));
   }
 
   restore(name: string, from: string): Promise<RestoreFromResult> {

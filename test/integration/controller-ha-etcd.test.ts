@@ -13,7 +13,7 @@ import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { pino } from 'pino';
 import { request } from 'undici';
-import { ControllerClient } from '../../src/shared/controller-client.js';
+import { ControllerClient, type FailoverView } from '../../src/shared/controller-client.js';
 import { ApiClient } from '../../src/shared/http.js';
 import { ChipmunkError } from '../../src/shared/errors.js';
 import { TERM_HEADER } from '../../src/shared/term-fence.js';
@@ -22,7 +22,8 @@ import type { ContainerView } from '../../src/shared/protocol.js';
 import { startController, type ControllerOptions, type RunningController } from '../../src/controller/index.js';
 import { openStore } from '../../src/controller/store/index.js';
 import { FakeCluster } from '../fakes/agents.js';
-import { startEtcd, type EtcdCluster } from '../support/etcd.js';
+import { freePorts, startEtcd, type EtcdCluster } from '../support/etcd.js';
+import { makeCheckpointParts, withRealStoreIo } from '../support/real-store-io.js';
 import { startTcpProxy } from '../support/tcp-proxy.js';
 import { waitFor } from '../support/wait.js';
 
@@ -40,9 +41,10 @@ function controllersOn(spec: string, extra: Partial<ControllerOptions> = {}) {
   const open: RunningController[] = [];
   return {
     open,
+    /** MORE.checkpointDir, when given, is the caller's to remove (a controller started again on its data). */
     async start(more: Partial<ControllerOptions> = {}): Promise<RunningController> {
-      const checkpointDir = await mkdtemp(join(tmpdir(), 'chipmunk-ha-checkpoints-'));
-      dirs.push(checkpointDir);
+      let checkpointDir = more.checkpointDir;
+      if (!checkpointDir) dirs.push((checkpointDir = await mkdtemp(join(tmpdir(), 'chipmunk-ha-checkpoints-'))));
       const controller = await startController({
         listen: { host: '127.0.0.1', port: 0 },
         token: TOKEN,
@@ -247,6 +249,82 @@ describe('controllers on one etcd', () => {
       await store.close();
       await proxy.close();
       await rm(checkpointDir, { recursive: true, force: true });
+    }
+  });
+
+  it('a node whose lease expired while no controller ran is failed over by the next leader; a node that heartbeats again is not', async () => {
+    const etcd = await sharedEtcd();
+    const spec = `etcd://${etcd.endpoints}/outage-test`;
+    const parts = await makeCheckpointParts();
+    const cluster = new FakeCluster();
+    for (const node of ['node1', 'node2']) cluster.add(node);
+    const readFrom: string[] = [];
+    const [portA, portB] = await freePorts(2);
+    const [urlA, urlB] = [`http://127.0.0.1:${portA}`, `http://127.0.0.1:${portB}`];
+    const [dirA, dirB] = [await mkdtemp(join(tmpdir(), 'chipmunk-ha-checkpoints-')), await mkdtemp(join(tmpdir(), 'chipmunk-ha-checkpoints-'))];
+    // Each controller's checkpoint store is a replica: every checkpoint is on both (N = 2).
+    const fleet = controllersOn(spec, {
+      nodeReadyWithinMs: 1000,
+      checkpointStorePeers: [urlA, urlB],
+      agentFactory: (node) => withRealStoreIo(cluster, cluster.agent(node.name), { token: TOKEN, parts, readFrom }),
+    });
+    const startA = () => fleet.start({ listen: { host: '127.0.0.1', port: portA }, advertiseUrl: urlA, checkpointDir: dirA });
+    const startB = () => fleet.start({ listen: { host: '127.0.0.1', port: portB }, advertiseUrl: urlB, checkpointDir: dirB });
+    // Agents heartbeat to whichever controller answers, as real ones do (--controller URL1,URL2).
+    const agents = new ControllerClient({ urls: [urlA, urlB], token: TOKEN, leaderWaitMs: 0, timeoutMs: 500 });
+    let alive = ['node1', 'node2'];
+    const heartbeat = setInterval(() => {
+      for (const node of alive) void agents.heartbeat(cluster.agent(node).registration()).catch(() => undefined);
+    }, 100);
+    const store = await openStore(spec);
+    try {
+      const a = await startA();
+      await waitFor(() => a.leading(), 5000, 'a to lead');
+      let b = await startB();
+      await waitFor(() => b.leader()?.term === a.leader()?.term, 5000, 'b to see a lead');
+      await waitFor(async () => (await agents.nodes()).every((n) => n.status === 'ready') && (await agents.nodes()).length === 2, 5000, 'both nodes ready');
+      const client = new ControllerClient({ urls: [urlA, urlB], token: TOKEN });
+      await client.run({ spec: { name: 'web', image: 'counter' }, node: 'node1', protection: { everyMs: 600_000 } });
+      await client.run({ spec: { name: 'db', image: 'counter' }, node: 'node2', protection: { everyMs: 600_000 } });
+      // A newly protected container is checkpointed at once.
+      for (const name of ['web', 'db']) await waitFor(async () => (await client.checkpoints(name)).length > 0, 10_000, `a checkpoint of ${name}`);
+      const [newest] = await client.checkpoints('web');
+      assert.deepEqual(newest!.replicas?.map((r) => r.state), ['intact', 'intact']);
+      const dbBefore = (await store.get<{ node: string; generation: number }>('/containers/db'))!.value;
+
+      // Every controller goes (the follower first, so none takes over); then node1 dies.
+      const oldTerm = a.leader()!.term;
+      await fleet.stop(b);
+      await fleet.stop(a);
+      cluster.agent('node1').down = true;
+      cluster.agent('node1').containers.clear(); // its container dies with it
+      alive = ['node2'];
+      await waitFor(async () => (await store.get('/liveness/node1')) === undefined, 5000, "node1's liveness lease to expire on etcd");
+      assert.deepEqual(await store.list('/election/'), [], 'no controller campaigns: none led while the lease expired');
+      assert.deepEqual(await store.list('/failovers/'), [], 'nothing was failed over yet');
+
+      b = await startB();
+      await waitFor(() => b.leading(), 5000, 'b to lead');
+      assert.ok(b.leader()!.term > oldTerm);
+      let record: FailoverView | undefined;
+      await waitFor(async () => {
+        record = (await client.failovers()).find((f) => f.name === 'web');
+        if (record?.outcome === 'failed') assert.fail(`failover failed: ${JSON.stringify(record)}`);
+        return record?.outcome === 'done';
+      }, 15_000, 'web to be failed over');
+      assert.deepEqual([record!.from, record!.to, record!.checkpoint], ['node1', 'node2', newest!.id]);
+      assert.deepEqual(readFrom, [urlB], 'restored from the replica that runs (a is gone)');
+      assert.equal(cluster.runningCopies('web'), 1);
+      assert.equal((await store.get<{ node: string }>('/containers/web'))!.value.node, 'node2');
+      // node2's lease expired in the outage too, but it heartbeats to the new leader: its containers stay.
+      assert.ok(!(await client.failovers()).some((f) => f.name === 'db'), 'db is not failed over');
+      assert.deepEqual((await store.get<{ node: string; generation: number }>('/containers/db'))!.value, dbBefore);
+    } finally {
+      clearInterval(heartbeat);
+      await fleet.close();
+      await store.close();
+      await parts.remove();
+      for (const dir of [dirA, dirB]) await rm(dir, { recursive: true, force: true });
     }
   });
 

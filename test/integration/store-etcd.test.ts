@@ -214,6 +214,22 @@ describe('EtcdStore on a real etcd', { concurrency: false }, () => {
     }
   });
 
+  it('keeps calling a member after many keep-alives at once (a keep-alive ends its stream; that is no failure of the member)', async () => {
+    const etcd = await sharedEtcd();
+    const store = await openStore(`etcd://${etcd.endpoints}/keepalive-burst`);
+    try {
+      const leases = await Promise.all(Array.from({ length: 4 }, () => store.grantLease(2000)));
+      // Agents' heartbeats and campaigns keep leases alive side by side; five at once opened the member's circuit breaker.
+      await Promise.all(leases.flatMap((lease) => [store.keepAlive(lease), store.keepAlive(lease)]));
+      await sleep(50);
+      await store.put('/after-burst', 1);
+      assert.equal((await store.get('/after-burst'))?.value, 1);
+    } finally {
+      await store.close();
+      await emptyEtcd(etcd.endpoints);
+    }
+  });
+
   it("refuses a lease shorter than the etcd's shortest, naming the election timeout", async () => {
     const slow = await startEtcd({ electionTimeoutMs: 1000, heartbeatMs: 100 }); // shortest lease: 2 s
     const store = await openStore(`etcd://${slow.endpoints}`);

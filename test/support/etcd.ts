@@ -135,7 +135,7 @@ async function healthy(endpoint: string): Promise<boolean> {
 }
 
 /** Ports free right now on loopback (all held open together, so they are distinct). */
-async function freePorts(count: number): Promise<number[]> {
+export async function freePorts(count: number): Promise<number[]> {
   const servers = await Promise.all(
     Array.from({ length: count }, async () => {
       const server = createServer();

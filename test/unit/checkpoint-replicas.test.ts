@@ -11,52 +11,19 @@ import { mkdir, mkdtemp, open, readFile, readdir, writeFile } from 'node:fs/prom
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Writable } from 'node:stream';
-import Fastify, { type FastifyInstance } from 'fastify';
 import { pino } from 'pino';
 import { fetchTreeFromAny } from '../../src/agent/transfer.js';
-import { CheckpointStore, CheckpointStoreClient, checkpointPartUrl, checkpointStoreRoutes, uploadCheckpoint } from '../../src/checkpoint-store/index.js';
+import { checkpointPartUrl, uploadCheckpoint } from '../../src/checkpoint-store/index.js';
 import { ReplicatedCatalog } from '../../src/controller/checkpoint-replicas.js';
 import { checkpointReplicaCount, startController } from '../../src/controller/index.js';
 import { MemoryStore } from '../../src/controller/store/memory.js';
 import { ChipmunkError, InvalidInputError, UnavailableError } from '../../src/shared/errors.js';
-import { installApiConventions } from '../../src/shared/http.js';
 import { removeTree } from '../../src/shared/remove-tree.js';
+import { Replica } from '../support/store-replica.js';
 
 const TOKEN = 'checkpoint-replicas-test-token';
 const MEMORY_BYTES = 2 * 1024 * 1024;
 const PAGE = 4096;
-
-/** A checkpoint store served as a controller serves it (token, /healthz, the store's routes). */
-class Replica {
-  store!: CheckpointStore;
-  app!: FastifyInstance;
-  url = '';
-
-  constructor(readonly root: string) {}
-
-  async start(): Promise<this> {
-    this.store = await CheckpointStore.open({ root: this.root });
-    this.app = Fastify();
-    installApiConventions(this.app, TOKEN);
-    this.app.get('/healthz', async () => ({ ok: true }));
-    await this.app.register(checkpointStoreRoutes(this.store));
-    // The same port again after a restart: replicas are known by URL.
-    const port = this.url ? Number(new URL(this.url).port) : 0;
-    this.url = (await this.app.listen({ host: '127.0.0.1', port })).replace(/\/$/, '');
-    return this;
-  }
-
-  /** Its host dies: connections cut, nothing answers any more. */
-  async kill(): Promise<void> {
-    this.app.server.closeAllConnections();
-    await this.app.close();
-    await this.store.close();
-  }
-
-  client(): CheckpointStoreClient {
-    return new CheckpointStoreClient({ baseUrl: this.url, token: TOKEN });
-  }
-}
 
 /** The log lines of a pino logger, parsed. */
 function capturedLogger() {
@@ -130,9 +97,9 @@ describe('checkpoints on several store replicas', () => {
 
   before(async () => {
     work = await mkdtemp(join(tmpdir(), 'chipmunk-replicas-'));
-    a = await new Replica(join(work, 'a')).start();
-    b = await new Replica(join(work, 'b')).start();
-    c = await new Replica(join(work, 'c')).start();
+    a = await new Replica(join(work, 'a'), TOKEN).start();
+    b = await new Replica(join(work, 'b'), TOKEN).start();
+    c = await new Replica(join(work, 'c'), TOKEN).start();
     dirs = await makeDirs(join(work, 'app'));
     // Replicas a and b at first; c is known from the re-replication test on.
     replicaUrls = [a.url, b.url];
@@ -278,13 +245,21 @@ describe('checkpoints on several store replicas', () => {
 });
 
 describe('checkpoint replica count', () => {
-  it('is 2 by default with a peer, 1 with a warning without one, and refuses more than the replicas known', () => {
+  it('is 2 by default with a peer, 1 with a warning without one, and refuses more than the replicas known (no etcd store)', () => {
     const { log, lines } = capturedLogger();
     assert.equal(checkpointReplicaCount(undefined, ['http://10.0.0.2:7000'], log), 2);
     assert.equal(checkpointReplicaCount(undefined, [], log), 1);
     assert.match(lines.at(-1)?.msg ?? '', /checkpoints live on one host/);
     assert.equal(checkpointReplicaCount(1, ['http://10.0.0.2:7000'], log), 1);
     assert.throws(() => checkpointReplicaCount(3, ['http://10.0.0.2:7000'], log), (err: unknown) => err instanceof InvalidInputError && /knows 2/.test(err.message));
+  });
+
+  it('with an etcd store (replicas published as controllers start) is 2 by default and any N is accepted at start', () => {
+    const { log, lines } = capturedLogger();
+    assert.equal(checkpointReplicaCount(undefined, [], log, true), 2);
+    assert.equal(checkpointReplicaCount(3, [], log, true), 3);
+    assert.equal(lines.length, 0, 'no warning that checkpoints live on one host');
+    assert.throws(() => checkpointReplicaCount(0, [], log, true), (err: unknown) => err instanceof InvalidInputError);
   });
 
   it('stops a controller start asking for more replicas than it knows, and one given a peer that is no URL', async () => {

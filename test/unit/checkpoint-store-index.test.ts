@@ -1,6 +1,7 @@
 /**
  * The checkpoint store's SQLite index across versions: an index written before request-log
- * positions named their log still opens, and its positions read with a null log id.
+ * positions named their log still opens, and its positions read with a null log id; checkpoints
+ * stored before version 3 (no commit records then) are listed as legacy, later ones are not.
  */
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
@@ -9,6 +10,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import Database from 'better-sqlite3';
 import { CheckpointStore } from '../../src/checkpoint-store/index.js';
+import { encodeManifest } from '../../src/checkpoint-store/manifest.js';
 
 /** The checkpoints table as schema version 1 had it (no log_id). */
 const VERSION_1 = `
@@ -39,17 +41,20 @@ describe('checkpoint store index', () => {
       const store = await CheckpointStore.open({ root });
       try {
         assert.deepEqual(
-          store.list('app1').map((c) => [c.id, c.logPosition]),
+          store.list('app1').map((c) => [c.id, c.logPosition, c.legacy]),
           [
-            ['00000000000000bb', null],
-            ['00000000000000aa', { logId: null, seq: 120 }],
+            ['00000000000000bb', null, true],
+            ['00000000000000aa', { logId: null, seq: 120 }, true],
           ],
         );
+        const { uploadId } = store.createUpload({ container: 'app1', parts: [{ name: 'files', manifest: encodeManifest({ entries: [], endBytes: 1024 }) }], time: 3, metadata: {} });
+        const stored = await store.commit(uploadId);
+        assert.equal(store.list('app1').find((c) => c.id === stored.id)?.legacy, undefined, 'a checkpoint stored by this version is not legacy');
       } finally {
         await store.close();
       }
       const migrated = new Database(join(root, 'index.sqlite'), { readonly: true });
-      assert.equal(migrated.pragma('user_version', { simple: true }), 2);
+      assert.equal(migrated.pragma('user_version', { simple: true }), 3);
       migrated.close();
     } finally {
       await rm(root, { recursive: true, force: true });

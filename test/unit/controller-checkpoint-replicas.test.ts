@@ -9,23 +9,15 @@
  */
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { randomBytes } from 'node:crypto';
-import { mkdir, mkdtemp, writeFile } from 'node:fs/promises';
 import { createServer } from 'node:net';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { pino } from 'pino';
-import { fetchTreeFromAny } from '../../src/agent/transfer.js';
-import { checkpointPartUrl, uploadCheckpoint, type CheckpointSummary } from '../../src/checkpoint-store/index.js';
-import type { AgentApi } from '../../src/controller/agent-client.js';
+import type { CheckpointSummary } from '../../src/checkpoint-store/index.js';
 import type { FailoverRecord } from '../../src/controller/failover.js';
 import { startController, type RunningController } from '../../src/controller/index.js';
-import { NotFoundError, UnavailableError } from '../../src/shared/errors.js';
 import { ApiClient } from '../../src/shared/http.js';
-import type { RestoreRequest, UploadCheckpointRequest } from '../../src/shared/protocol.js';
-import { removeTree } from '../../src/shared/remove-tree.js';
-import { FakeCluster, type FakeAgent } from '../fakes/agents.js';
+import { FakeCluster } from '../fakes/agents.js';
+import { makeCheckpointParts, withRealStoreIo, type CheckpointParts } from '../support/real-store-io.js';
 import { runCli } from './run-cli.js';
 
 const TOKEN = 'controller-replicas-token';
@@ -39,8 +31,7 @@ async function freePort(): Promise<number> {
 }
 
 describe('controller with two checkpoint store replicas', () => {
-  let work: string;
-  let parts: { name: string; dir: string }[];
+  let parts: CheckpointParts;
   const cluster = new FakeCluster();
   /** The store each restore read a part from, in order. */
   const readFrom: string[] = [];
@@ -51,53 +42,11 @@ describe('controller with two checkpoint store replicas', () => {
   /** The nodes that heartbeat (every 100 ms; the lease is 1 s). */
   let alive = ['node1', 'node2'];
 
-  /** A fake agent whose checkpoint upload and restore from the store are real. */
-  const realStoreIo = (agent: FakeAgent): AgentApi =>
-    new Proxy(agent, {
-      get(target, prop) {
-        if (prop === 'uploadCheckpoint') {
-          return async (id: string, req: UploadCheckpointRequest) => {
-            if (target.down) throw new UnavailableError(`agent ${target.node} is unreachable`);
-            if (!target.checkpoints.has(id)) throw new NotFoundError(`no checkpoint ${id}`);
-            // The program ran on since the last checkpoint: one page of its memory changed.
-            await writeFile(join(work, 'criu/pages-2.img'), randomBytes(4096));
-            const info = await uploadCheckpoint({ ...req, token: TOKEN, parts });
-            // The fake restore looks checkpoints up in the fake catalog.
-            cluster.catalog.checkpoints.set(req.container, [info, ...(cluster.catalog.checkpoints.get(req.container) ?? [])]);
-            return info;
-          };
-        }
-        if (prop === 'restore') {
-          return async (opId: string, req: RestoreRequest) => {
-            if (req.checkpoint && !target.down) {
-              const stores = [req.checkpoint.storeUrl, ...(req.checkpoint.replicaUrls ?? [])];
-              const got = await fetchTreeFromAny(
-                stores.map((store) => checkpointPartUrl(store, req.spec.name, req.checkpoint!.id, 'criu')),
-                { token: TOKEN, dest: join(work, `restore-${randomBytes(4).toString('hex')}`) },
-              );
-              readFrom.push(stores.find((store) => got.url.startsWith(store))!);
-            }
-            return target.restore(opId, req);
-          };
-        }
-        const value = Reflect.get(target, prop) as unknown;
-        return typeof value === 'function' ? (value as (...args: unknown[]) => unknown).bind(target) : value;
-      },
-    });
-
   const putNode = (url: string, node: string) =>
     new ApiClient({ baseUrl: url, token: TOKEN }).put(`/v1/nodes/${node}`, cluster.agent(node).registration());
 
   before(async () => {
-    work = await mkdtemp(join(tmpdir(), 'chipmunk-ctl-replicas-'));
-    const criu = join(work, 'criu');
-    await mkdir(criu, { recursive: true });
-    await writeFile(join(criu, 'pages-1.img'), randomBytes(512 * 1024));
-    await mkdir(join(work, 'files/upper'), { recursive: true });
-    parts = [
-      { name: 'criu', dir: criu },
-      { name: 'files', dir: join(work, 'files') },
-    ];
+    parts = await makeCheckpointParts();
     for (const node of ['node1', 'node2']) cluster.add(node);
     const [p1, p2] = [await freePort(), await freePort()];
     const [u1, u2] = [`http://127.0.0.1:${p1}`, `http://127.0.0.1:${p2}`];
@@ -105,7 +54,7 @@ describe('controller with two checkpoint store replicas', () => {
     process.env.CHIPMUNK_ENABLE_FAULTS = '1';
     const common = { token: TOKEN, storeSpec: 'memory:', logger: pino({ level: 'silent' }), nodeReadyWithinMs: 1_000, replicateEveryMs: 600_000 };
     try {
-      first = await startController({ ...common, listen: { host: '127.0.0.1', port: p1 }, checkpointStorePeers: [u2], agentFactory: (node) => realStoreIo(cluster.agent(node.name)) });
+      first = await startController({ ...common, listen: { host: '127.0.0.1', port: p1 }, checkpointStorePeers: [u2], agentFactory: (node) => withRealStoreIo(cluster, cluster.agent(node.name), { token: TOKEN, parts, readFrom }) });
       second = await startController({ ...common, listen: { host: '127.0.0.1', port: p2 }, checkpointStorePeers: [u1] });
     } finally {
       if (saved === undefined) delete process.env.CHIPMUNK_ENABLE_FAULTS;
@@ -122,7 +71,7 @@ describe('controller with two checkpoint store replicas', () => {
     clearInterval(heartbeat);
     await first?.close();
     await second?.close();
-    await removeTree(work);
+    await parts?.remove();
   });
 
   it('commits each checkpoint on both controllers\' stores and lists both', async () => {

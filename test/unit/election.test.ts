@@ -54,7 +54,7 @@ describe('Election (on the memory store)', () => {
     }
   });
 
-  it('hands leadership on when the leader resigns or closes: one leader at a time, terms growing', async () => {
+  it('hands leadership on when the leader resigns or closes: one leader at a time, terms growing; every candidate knows the others', async () => {
     const store = new MemoryStore();
     const [a, b, c] = ['a', 'b', 'c'].map((id) => candidate(store, id));
     try {
@@ -67,7 +67,10 @@ describe('Election (on the memory store)', () => {
       assert.deepEqual([a.election.heldTerm(), b.election.heldTerm()], [first, undefined], 'only a term that led is held');
       assert.equal(c.election.term(), undefined);
 
+      assert.deepEqual(c.election.known().map((k) => k.id), ['a', 'b', 'c'], 'every candidate, oldest campaign first');
       await a.election.close();
+      await waitFor(() => c.election.known().length === 2, 2000, 'c to see a go');
+      assert.deepEqual(c.election.known().map((k) => k.id), ['b', 'c']);
       await waitFor(() => b.election.term(), 2000, 'b to lead');
       const second = b.election.term()!;
       assert.ok(second > first, `term ${second} after ${first}`);

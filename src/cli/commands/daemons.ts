@@ -100,8 +100,8 @@ export function registerDaemonCommands(program: Command): void {
       .option('--advertise-url <url>', 'how agents reach this controller and its checkpoint store (default: the listen address)', parseUrl)
       .option('--checkpoint-dir <dir>', 'where the checkpoint store keeps chunks and index (default: checkpoints/ beside the SQLite store; required with etcd)')
       .option('--keep-checkpoints <n>', 'checkpoints kept per container', parsePositiveInt, 5)
-      .option('--checkpoint-replicas <n>', 'checkpoint store replicas each checkpoint must be committed on before it counts (default: 2 when peers are given, else 1)', parsePositiveInt)
-      .option('--checkpoint-store-peers <urls>', "other controllers (URL,URL...) whose checkpoint stores are replicas too", parseUrlList)
+      .option('--checkpoint-replicas <n>', 'checkpoint store replicas each checkpoint must be committed on before it counts (default: 2 with an etcd store or peers, else 1)', parsePositiveInt)
+      .option('--checkpoint-store-peers <urls>', "other controllers (URL,URL...) whose checkpoint stores are replicas too (with etcd, running controllers publish theirs: no need)", parseUrlList)
       .option('--node-lease <duration>', 'a node that has not heartbeated for this long is dead: its protected containers fail over', parseNodeLease, 5000)
       .option('--node <name>', 'the node this controller runs on, if any (shown by `chipmunk node ls`)', parseNodeName)
       .option('--leader-lease <duration>', 'with an etcd store: a leader that cannot renew its lease for this long stops leading, and another takes over', parseLeaderLease, 2000),

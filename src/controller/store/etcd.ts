@@ -283,11 +283,13 @@ export class EtcdStore implements StateStore {
 
   private async keepAliveTry(id: string): Promise<number> {
     const stream = await this.client.leaseClient.leaseKeepAlive();
+    let answered = false;
     try {
       return await new Promise<number>((resolve, reject) => {
         const timer = setTimeout(() => reject(new Error(`no answer to the keep-alive within ${KEEPALIVE_TRY_MS} ms`)), KEEPALIVE_TRY_MS);
         stream.on('data', (res) => {
           clearTimeout(timer);
+          answered = true;
           resolve(Number(res.TTL));
         });
         stream.on('error', (err) => {
@@ -297,6 +299,12 @@ export class EtcdStore implements StateStore {
         stream.write({ ID: id });
       });
     } finally {
+      // The client takes an error on a stream still writable for a failure of its member (counted
+      // towards opening the member's circuit breaker; its connection is dropped), and cancelling
+      // raises one. An answered keep-alive is ended first, so its cancel counts nothing (five at
+      // once opened the breaker and failed the next calls); one that got no answer in time is
+      // cancelled as is: counted, a hung member is soon passed over.
+      if (answered) stream.end();
       stream.cancel();
     }
   }
