@@ -69,10 +69,15 @@ export class FailoverService implements ContainerRescuer {
    * Watches node liveness (a lease that ends deletes /liveness/NODE: failover at once), and looks
    * every half lease for protected containers on nodes that are not ready, so a death this
    * process did not see (it happened while it was down or starting, or a failover that could
-   * not run then) is still acted on. Call once the API listens: agents can heartbeat from then.
+   * not run then) is still acted on.
+   *
+   * `listeningSince`: when this controller's API began to take heartbeats (default: now). No
+   * node is judged before agents had a lease's time to heartbeat to it: leases ran out while no
+   * controller answered. A follower that answered heartbeats for longer than that before it was
+   * elected judges at once (its own liveness writes are what the lapsed leader's would have been).
    */
-  async start(): Promise<void> {
-    this.listeningSince = Date.now();
+  async start(listeningSince = Date.now()): Promise<void> {
+    this.listeningSince = listeningSince;
     // Records an older version wrote have no index entry yet: once, here.
     await this.records.indexPendingReplays();
     this.watch = await this.opts.store.watch<{ node: string }>('/liveness/', {}, (ev) => {

@@ -180,15 +180,17 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
   const address = app.server.address() as AddressInfo;
   const host = address.family === 'IPv6' ? `[${address.address}]` : address.address;
   listening = `http://${host}:${address.port}`;
+  const listeningSince = Date.now();
   storeUrl ||= `http://${host}:${address.port}`;
   let replicateTimer: NodeJS.Timeout | undefined;
   const leaderWork: LeaderWork = {
     start: async () => {
       routes.start();
-      // Agents heartbeat from the moment the API listens; what a previous controller (or leader)
-      // left is settled from then on (its locks keep new operations off those containers
-      // meanwhile), and node deaths are judged only once agents had a lease's time to heartbeat.
-      await failovers.start();
+      // Agents heartbeat from the moment the API listens (a follower's too); what a previous
+      // controller (or leader) left is settled from then on (its locks keep new operations off
+      // those containers meanwhile), and node deaths are judged only once agents had a lease's
+      // time to heartbeat since the API listened.
+      await failovers.start(listeningSince);
       void recoverStaleLocks({ locks, nodes, agentFor, traffic: routes, failovers, log: logger }).catch((err: unknown) =>
         logger.error({ err: (err as Error).message }, 'settling what the previous controller left failed'),
       );

@@ -296,6 +296,32 @@ describe('checkpoints and failover (controller, fake agents)', () => {
     }
   });
 
+  it('a follower that answered heartbeats for more than a lease before it leads judges dead nodes at once; one just started waits a lease', async () => {
+    const env = await setup(2_000);
+    await env.checkpoints.checkpoint('web');
+    await env.store.delete('/liveness/node1');
+    env.cluster.agent('node1').containers.clear();
+    const stopBeating = env.keepAlive(['node2', 'node3']);
+    const justStarted = env.controller();
+    const longFollower = env.controller();
+    try {
+      await justStarted.failovers.reconcile();
+      await justStarted.failovers.start();
+      await justStarted.failovers.reconcile();
+      assert.deepEqual(await justStarted.failovers.list(), [], 'a controller that listens only now judges nobody yet');
+      justStarted.failovers.stop();
+      await longFollower.failovers.start(Date.now() - 2_500);
+      await longFollower.failovers.reconcile();
+      const done = await waitFor(async () => (await longFollower.failovers.list()).find((f) => f.outcome === 'done'), 1_500, 'the failover of web');
+      assert.equal(done.name, 'web');
+      assert.equal(env.cluster.runningCopies('web'), 1);
+    } finally {
+      stopBeating();
+      justStarted.failovers.stop();
+      longFollower.failovers.stop();
+    }
+  });
+
   it('issue 8 item 6: a failed replay never releases traffic to the new copy; it is retried, and only then released', async () => {
     const env = await setup(400);
     env.traffic.position = 2;
