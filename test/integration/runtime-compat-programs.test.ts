@@ -6,6 +6,8 @@
 //   CHIPMUNK_RUNC_PAIR_NET=4 node --import tsx --test test/integration/runtime-compat-programs.test.ts
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
+import { readFile } from 'node:fs/promises';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { before, describe, it, type TestContext } from 'node:test';
 import { ensureImage } from '../../src/devtools/images.js';
 import type { ChipmunkError } from '../../src/shared/errors.js';
@@ -153,6 +155,53 @@ describe('PostgreSQL (several processes, shared memory, runs as uid 101; psql ch
       await assertAllThere(program, src, 50, 'on the source after the refused move');
       await writeKeys(program, src, 51, 100);
       await assertAllThere(program, src, 100, 'on the source, inserting on after the refused move');
+    } finally {
+      await pair.cleanup();
+    }
+  });
+});
+
+/**
+ * Whether the cgroup of PID is frozen, as runc reads it for `paused`: the v1 freezer's state, or
+ * the v2 group's `cgroup.freeze`.
+ */
+async function frozen(pid: number): Promise<boolean> {
+  const groups = await readFile(`/proc/${pid}/cgroup`, 'utf8');
+  const v1 = /^\d+:freezer:(.*)$/m.exec(groups)?.[1];
+  if (v1 !== undefined) return (await readFile(`/sys/fs/cgroup/freezer${v1}/freezer.state`, 'utf8')).trim() !== 'THAWED';
+  const v2 = /^0::(.*)$/m.exec(groups)![1]!;
+  return (await readFile(`/sys/fs/cgroup${v2}/cgroup.freeze`, 'utf8')).trim() === '1';
+}
+
+describe('a checkpoint that leaves it running (what protection takes every few seconds)', () => {
+  // PostgreSQL's 6 processes stay frozen for most of a checkpoint. Read as `stopped` then, a
+  // protected PostgreSQL or nginx had its moves refused ("it is stopped") while it served.
+  it('PostgreSQL: while the checkpoint freezes it, its status reads running', { timeout }, async (t) => {
+    const program = COMPAT_PROGRAMS.postgres;
+    const pair = await makeRuncPair();
+    try {
+      const src = endpoint(RUNC_PAIR_NODES[0]);
+      const c = await pair.source.run(specFor(program, 'postgres-frozen', []));
+      assert.ok(c.pid, 'a running container has its init PID');
+      await waitUntilServing(program, src, 60_000);
+      await writeKeys(program, src, 1, 50);
+      let done = false;
+      const checkpoint = pair.source.checkpoint(c.name, 'ckpt-frozen').finally(() => (done = true));
+      const whileFrozen: string[] = [];
+      while (!done) {
+        const before = await frozen(c.pid);
+        const { status } = await pair.source.get(c.name);
+        // Frozen at both ends: the read fell inside the freeze (there is one).
+        if (before && (await frozen(c.pid))) whileFrozen.push(status);
+        await sleep(5);
+      }
+      const ckpt = await checkpoint;
+      t.diagnostic(`frozen ${ckpt.frozenMs} ms; ${whileFrozen.length} status reads inside the freeze: ${[...new Set(whileFrozen)].join(', ')}`);
+      assert.ok(whileFrozen.length >= 3, `only ${whileFrozen.length} status reads fell inside the freeze (${ckpt.frozenMs} ms): the test saw no freeze`);
+      assert.deepEqual([...new Set(whileFrozen)], ['running'], 'a container frozen by a checkpoint that leaves it running reads as running');
+      assert.equal((await pair.source.get(c.name)).status, 'running', 'running after the checkpoint');
+      await assertAllThere(program, src, 50, 'after the checkpoint');
+      await pair.source.discardCheckpoint('ckpt-frozen');
     } finally {
       await pair.cleanup();
     }
