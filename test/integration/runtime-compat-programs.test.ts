@@ -1,4 +1,5 @@
-// Redis, memcached, nginx and PostgreSQL from Debian's binaries (src/devtools/compat-images.ts) on
+// Redis, memcached, nginx, PostgreSQL and Python services (http.server in memory, an SQLite writer)
+// from Debian's binaries (src/devtools/compat-images.ts, images.ts) on
 // the real runtime (runc + CRIU on two test hosts, test/support/runc-pair.ts), checked by their own
 // clients from this machine (test/support/compat-programs.ts, shared with bench/compat): keys
 // written before a copy or a lazy move are all there on the target, and writes go on there.
@@ -21,7 +22,7 @@ import { waitFor } from '../support/wait.js';
 const HOST_PORT = 18090;
 const timeout = 3 * 60_000;
 /** Keys written before the move, and as many after it. */
-const KEYS: Record<CompatProgram['name'], number> = { redis: 1000, memcached: 1000, nginx: 200, postgres: 200 };
+const KEYS: Record<CompatProgram['name'], number> = { redis: 1000, memcached: 1000, nginx: 200, postgres: 200, python: 500, sqlite: 500 };
 
 before(async () => {
   for (const program of Object.values(COMPAT_PROGRAMS)) await ensureImage(program.image);
@@ -73,7 +74,7 @@ async function writeMoveCheck(t: TestContext, program: CompatProgram, mode: Migr
   try {
     if (mode === 'lazy' && !pair.source.capabilities.lazyMigration) return t.skip('no lazy migration on these hosts');
     const [src, dst] = RUNC_PAIR_NODES;
-    const c = await pair.source.run(specFor(program, `${program.name}-${mode}`, opts.command ?? []));
+    const c = await pair.source.run(specFor(program, `${program.name}-${mode}`, opts.command ?? program.command));
     const startMs = await waitUntilServing(program, endpoint(src), 60_000);
     t.diagnostic(`${program.name} answered ${startMs} ms after start`);
     const n = KEYS[program.name];
@@ -159,6 +160,16 @@ describe('PostgreSQL (several processes, shared memory, runs as uid 101; psql ch
       await pair.cleanup();
     }
   });
+});
+
+describe('Python http.server: a key-value service in memory, and the SQLite writer (WAL mode; curl reads back, SQLite\'s SELECT for the rows)', () => {
+  for (const program of [COMPAT_PROGRAMS.python, COMPAT_PROGRAMS.sqlite]) {
+    for (const mode of ['copy', 'lazy'] as const) {
+      it(`${program.name}: a ${mode} move keeps every key and it takes writes on the target`, { timeout }, async (t) => {
+        await writeMoveCheck(t, program, mode);
+      });
+    }
+  }
 });
 
 /**
