@@ -1,6 +1,6 @@
 /**
  * One program of the compatibility suite on the local cluster: protected, exposed behind the
- * gateway (HTTP route for nginx, TCP routes for the others), a client of its own protocol writing
+ * gateway (HTTP routes for nginx and the Python services, TCP routes for the others), a client of its own protocol writing
  * nonstop (test/support/compat-programs.ts), then a lazy move, a copy move and a failover (its
  * node's host killed, revived later). After each, the program's own client checks that every
  * acknowledged write is there.
@@ -60,7 +60,7 @@ export async function runProgram(program: CompatProgram, opts: ProgramOptions): 
   const failed = (what: string, r: { code: number | null; error?: { message: string }; stderr: string }) =>
     r.code === 0 ? undefined : `${what}: ${r.error?.message ?? r.stderr.trim().slice(-300)}`;
   try {
-    const run = await cli(['run', '--name', name, '--node', nodes[0]!, '-p', `${hostPort}:${program.containerPort}`, program.image], { timeoutMs: 120_000 });
+    const run = await cli(['run', '--name', name, '--node', nodes[0]!, '-p', `${hostPort}:${program.containerPort}`, program.image, ...program.command], { timeoutMs: 120_000 });
     const runFailure = failed('run', run);
     if (runFailure) return { ...result, setup: [runFailure] };
     const expose = await cli(['expose', name, '--port', String(program.containerPort), '--listen', String(gateway.port), '--protocol', program.protocol]);

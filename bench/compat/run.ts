@@ -1,12 +1,14 @@
 /**
  * bench/compat: the compatibility suite on a 3-node local cluster (1 s node lease). For each of
- * Redis, memcached, nginx and PostgreSQL (Debian's binaries, src/devtools/compat-images.ts):
+ * Redis, memcached, nginx, PostgreSQL (Debian's binaries, src/devtools/compat-images.ts), a
+ * key-value service on Python's http.server and an SQLite writer (WAL) behind HTTP
+ * (src/devtools/python/kv-server.py):
  * protected (checkpoint every 2 s), exposed behind the gateway, a client of its own protocol
  * writing nonstop, then a lazy move, a copy move and a failover (its host killed, revived);
  * after each, the program's own client checks every acknowledged write (bench/compat/cells.ts).
  *
  * Usage: npm run bench:compat [-- --only REGEX] [--write-ms 3000]
- *   --only REGEX   programs whose name matches (redis, memcached, nginx, postgres)
+ *   --only REGEX   programs whose name matches (redis, memcached, nginx, postgres, python, sqlite)
  *   --write-ms MS  how long the client writes before and after each operation
  * Needs the local cluster to itself (it brings one up and takes it down). Prints the table and
  * writes it into docs/compatibility.md between its markers.
