@@ -21,6 +21,11 @@ export interface CellResult {
   operation: string;
   /** From the start of the operation until the program answered its client through the gateway again. */
   backMs?: number;
+  /**
+   * It answered again but acknowledged no write in the writeMs after that (one that refuses
+   * writes after a move: SQLite in DELETE mode on a directory layer).
+   */
+  writesStopped: boolean;
   /** Writes acknowledged during this cell, and in all so far. */
   acked: number;
   totalAcked: number;
@@ -107,10 +112,11 @@ interface CellContext {
 async function runCell(program: CompatProgram, kind: CellKind, ctx: CellContext): Promise<CellResult> {
   const nodes = localCluster().nodes;
   const from = await nodeOf(ctx.name);
-  const cell: CellResult = { kind, operation: 'ok', acked: 0, totalAcked: ctx.from - 1, missing: [], reconnects: 0, retries: 0, maxWriteMs: 0, notes: [] };
+  const cell: CellResult = { kind, operation: 'ok', writesStopped: false, acked: 0, totalAcked: ctx.from - 1, missing: [], reconnects: 0, retries: 0, maxWriteMs: 0, notes: [] };
   if (!from) return { ...cell, operation: `${ctx.name} is on no node` };
   const writer = nonstopWriter(program, () => ctx.gateway, ctx.from, ctx.writeMs * 2 + BACK_TIMEOUT_MS + 60_000);
   let revive: string | undefined;
+  let ackedWhenBack: number | undefined;
   try {
     await sleep(ctx.writeMs);
     const started = Date.now();
@@ -120,7 +126,10 @@ async function runCell(program: CompatProgram, kind: CellKind, ctx: CellContext)
       await clusterKill(from, { stateDir: clusterStateDir() });
       revive = from;
       const back = await backElsewhere(program, ctx, from);
-      if (back) cell.backMs = Date.now() - started;
+      if (back) {
+        cell.backMs = Date.now() - started;
+        ackedWhenBack = writer.stats.acked;
+      }
       else cell.operation = `not back on another node within ${BACK_TIMEOUT_MS / 1000} s (chipmunk ps: ${await nodeOf(ctx.name)})`;
     } else {
       const to = nodes[(nodes.indexOf(from) + 1) % nodes.length]!;
@@ -128,11 +137,18 @@ async function runCell(program: CompatProgram, kind: CellKind, ctx: CellContext)
       const migrate = await cli(['migrate', ctx.name, '--to', to, '--mode', mode], { timeoutMs: 180_000 });
       if (migrate.code !== 0) cell.operation = migrate.error?.message ?? migrate.stderr.trim().slice(-400);
       await waitUntilServing(program, ctx.gateway, 30_000).then(
-        () => (cell.backMs = Date.now() - started),
+        () => {
+          cell.backMs = Date.now() - started;
+          ackedWhenBack = writer.stats.acked;
+        },
         (err: Error) => cell.notes.push(err.message),
       );
     }
     await sleep(ctx.writeMs);
+    if (ackedWhenBack !== undefined && writer.stats.acked === ackedWhenBack) {
+      cell.writesStopped = true;
+      cell.notes.push(`no write acknowledged in the ${ctx.writeMs / 1000} s after it answered again`);
+    }
     if (revive) {
       await clusterRevive(revive, { stateDir: clusterStateDir() }).catch((err: Error) => cell.notes.push(`revive ${revive}: ${err.message}`));
       revive = undefined;
@@ -200,7 +216,8 @@ export function resultsTable(results: ProgramResult[]): string {
 }
 
 function cellText(c: CellResult): string {
-  const what = c.operation === 'ok' ? (c.missing.length === 0 ? '**works**' : '**LOSES WRITES**') : `**FAILS**: ${clean(c.operation, 300)}`;
+  const what =
+    c.operation !== 'ok' ? `**FAILS**: ${clean(c.operation, 300)}` : c.missing.length > 0 ? '**LOSES WRITES**' : c.writesStopped ? '**TAKES NO WRITES** after it' : '**works**';
   const back = c.backMs !== undefined ? `, answers ${(c.backMs / 1000).toFixed(1)} s after it began` : '';
   const lost = c.missing.length ? `, ${c.missing.length} of ${c.totalAcked} acknowledged writes missing (${describeKeys(c.missing)})` : `, all ${c.totalAcked} acknowledged writes there`;
   return `${what}${back}${lost}; ${c.acked} writes in the cell, ${c.reconnects} reconnects, slowest write ${c.maxWriteMs} ms`;

@@ -22,7 +22,7 @@ import { waitFor } from '../support/wait.js';
 const HOST_PORT = 18090;
 const timeout = 3 * 60_000;
 /** Keys written before the move, and as many after it. */
-const KEYS: Record<CompatProgram['name'], number> = { redis: 1000, memcached: 1000, nginx: 200, postgres: 200, python: 500, sqlite: 500 };
+const KEYS: Record<CompatProgram['name'], number> = { redis: 1000, memcached: 1000, nginx: 200, postgres: 200, python: 500, sqlite: 500, 'sqlite-delete': 500 };
 
 before(async () => {
   for (const program of Object.values(COMPAT_PROGRAMS)) await ensureImage(program.image);

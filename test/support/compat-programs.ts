@@ -36,7 +36,7 @@ export interface CheckResult {
 }
 
 export interface CompatProgram {
-  name: 'redis' | 'postgres' | 'nginx' | 'memcached' | 'python' | 'sqlite';
+  name: 'redis' | 'postgres' | 'nginx' | 'memcached' | 'python' | 'sqlite' | 'sqlite-delete';
   image: TestImageName;
   /** Run instead of the image's CMD; empty: the image's CMD. */
   command: string[];
@@ -310,10 +310,10 @@ const KV_RANGE = 5_000;
 /**
  * A key-value service on Python's http.server (one thread, one keep-alive connection at a time),
  * keeping its keys in memory or, for the SQLite writer, as rows of an SQLite database in the
- * container's writable layer. Written with HTTP PUTs (each answered once stored, SQLite:
+ * container's writable layer (WAL or DELETE journal mode). Written with HTTP PUTs (each answered once stored, SQLite:
  * committed); checked with curl, the rows read back by SQLite's own SELECT.
  */
-function kvProgram(name: 'python' | 'sqlite', store: 'memory' | 'wal'): CompatProgram {
+function kvProgram(name: 'python' | 'sqlite' | 'sqlite-delete', store: 'memory' | 'wal' | 'delete'): CompatProgram {
   const base = (ep: Endpoint) => `http://${ep.host}:${ep.port}`;
   return {
     name,
@@ -361,6 +361,8 @@ export const COMPAT_PROGRAMS: Record<CompatProgram['name'], CompatProgram> = {
   memcached,
   python: kvProgram('python', 'memory'),
   sqlite: kvProgram('sqlite', 'wal'),
+  /** Needs image writable layers (`agent --writable-layer image`): on a copied directory layer every write after a move fails (SQLITE_READONLY_DBMOVED). */
+  'sqlite-delete': kvProgram('sqlite-delete', 'delete'),
 };
 
 /** Waits (bounded) until the program answers at EP. */
