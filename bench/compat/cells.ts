@@ -22,8 +22,9 @@ export interface CellResult {
   /** From the start of the operation until the program answered its client through the gateway again. */
   backMs?: number;
   /**
-   * It answered again but acknowledged no write in the writeMs after that (one that refuses
-   * writes after a move: SQLite in DELETE mode on a directory layer).
+   * It answered again but acknowledged no write from then until the end of the cell (writeMs, and
+   * the write in flight then): one that refuses writes after a move, as SQLite in DELETE mode on a
+   * directory layer. A write held up for a while is only slow (maxWriteMs).
    */
   writesStopped: boolean;
   /** Writes acknowledged during this cell, and in all so far. */
@@ -145,10 +146,6 @@ async function runCell(program: CompatProgram, kind: CellKind, ctx: CellContext)
       );
     }
     await sleep(ctx.writeMs);
-    if (ackedWhenBack !== undefined && writer.stats.acked === ackedWhenBack) {
-      cell.writesStopped = true;
-      cell.notes.push(`no write acknowledged in the ${ctx.writeMs / 1000} s after it answered again`);
-    }
     if (revive) {
       await clusterRevive(revive, { stateDir: clusterStateDir() }).catch((err: Error) => cell.notes.push(`revive ${revive}: ${err.message}`));
       revive = undefined;
@@ -165,6 +162,10 @@ async function runCell(program: CompatProgram, kind: CellKind, ctx: CellContext)
     cell.reconnects = stats.reconnects;
     cell.retries = stats.retries;
     cell.maxWriteMs = stats.maxWriteMs;
+    if (ackedWhenBack !== undefined && stats.acked === ackedWhenBack) {
+      cell.writesStopped = true;
+      cell.notes.push(`no write acknowledged from when it answered again until the end of the cell (${ctx.writeMs / 1000} s more)`);
+    }
     if (stats.retries > 0) cell.notes.push(...new Set(stats.errors.slice(0, 2)));
   }
   try {
