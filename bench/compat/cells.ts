@@ -1,6 +1,6 @@
 /**
  * One program of the compatibility suite on the local cluster: protected, exposed behind the
- * gateway (HTTP route for nginx, TCP routes for the others), a client of its own protocol writing
+ * gateway (HTTP routes for nginx and the Python services, TCP routes for the others), a client of its own protocol writing
  * nonstop (test/support/compat-programs.ts), then a lazy move, a copy move and a failover (its
  * node's host killed, revived later). After each, the program's own client checks that every
  * acknowledged write is there.
@@ -21,6 +21,12 @@ export interface CellResult {
   operation: string;
   /** From the start of the operation until the program answered its client through the gateway again. */
   backMs?: number;
+  /**
+   * It answered again but acknowledged no write from then until the end of the cell (writeMs, and
+   * the write in flight then): one that refuses writes after a move, as SQLite in DELETE mode on a
+   * directory layer. A write held up for a while is only slow (maxWriteMs).
+   */
+  writesStopped: boolean;
   /** Writes acknowledged during this cell, and in all so far. */
   acked: number;
   totalAcked: number;
@@ -60,7 +66,7 @@ export async function runProgram(program: CompatProgram, opts: ProgramOptions): 
   const failed = (what: string, r: { code: number | null; error?: { message: string }; stderr: string }) =>
     r.code === 0 ? undefined : `${what}: ${r.error?.message ?? r.stderr.trim().slice(-300)}`;
   try {
-    const run = await cli(['run', '--name', name, '--node', nodes[0]!, '-p', `${hostPort}:${program.containerPort}`, program.image], { timeoutMs: 120_000 });
+    const run = await cli(['run', '--name', name, '--node', nodes[0]!, '-p', `${hostPort}:${program.containerPort}`, program.image, ...program.command], { timeoutMs: 120_000 });
     const runFailure = failed('run', run);
     if (runFailure) return { ...result, setup: [runFailure] };
     const expose = await cli(['expose', name, '--port', String(program.containerPort), '--listen', String(gateway.port), '--protocol', program.protocol]);
@@ -107,10 +113,11 @@ interface CellContext {
 async function runCell(program: CompatProgram, kind: CellKind, ctx: CellContext): Promise<CellResult> {
   const nodes = localCluster().nodes;
   const from = await nodeOf(ctx.name);
-  const cell: CellResult = { kind, operation: 'ok', acked: 0, totalAcked: ctx.from - 1, missing: [], reconnects: 0, retries: 0, maxWriteMs: 0, notes: [] };
+  const cell: CellResult = { kind, operation: 'ok', writesStopped: false, acked: 0, totalAcked: ctx.from - 1, missing: [], reconnects: 0, retries: 0, maxWriteMs: 0, notes: [] };
   if (!from) return { ...cell, operation: `${ctx.name} is on no node` };
   const writer = nonstopWriter(program, () => ctx.gateway, ctx.from, ctx.writeMs * 2 + BACK_TIMEOUT_MS + 60_000);
   let revive: string | undefined;
+  let ackedWhenBack: number | undefined;
   try {
     await sleep(ctx.writeMs);
     const started = Date.now();
@@ -120,7 +127,10 @@ async function runCell(program: CompatProgram, kind: CellKind, ctx: CellContext)
       await clusterKill(from, { stateDir: clusterStateDir() });
       revive = from;
       const back = await backElsewhere(program, ctx, from);
-      if (back) cell.backMs = Date.now() - started;
+      if (back) {
+        cell.backMs = Date.now() - started;
+        ackedWhenBack = writer.stats.acked;
+      }
       else cell.operation = `not back on another node within ${BACK_TIMEOUT_MS / 1000} s (chipmunk ps: ${await nodeOf(ctx.name)})`;
     } else {
       const to = nodes[(nodes.indexOf(from) + 1) % nodes.length]!;
@@ -128,7 +138,10 @@ async function runCell(program: CompatProgram, kind: CellKind, ctx: CellContext)
       const migrate = await cli(['migrate', ctx.name, '--to', to, '--mode', mode], { timeoutMs: 180_000 });
       if (migrate.code !== 0) cell.operation = migrate.error?.message ?? migrate.stderr.trim().slice(-400);
       await waitUntilServing(program, ctx.gateway, 30_000).then(
-        () => (cell.backMs = Date.now() - started),
+        () => {
+          cell.backMs = Date.now() - started;
+          ackedWhenBack = writer.stats.acked;
+        },
         (err: Error) => cell.notes.push(err.message),
       );
     }
@@ -149,6 +162,10 @@ async function runCell(program: CompatProgram, kind: CellKind, ctx: CellContext)
     cell.reconnects = stats.reconnects;
     cell.retries = stats.retries;
     cell.maxWriteMs = stats.maxWriteMs;
+    if (ackedWhenBack !== undefined && stats.acked === ackedWhenBack) {
+      cell.writesStopped = true;
+      cell.notes.push(`no write acknowledged from when it answered again until the end of the cell (${ctx.writeMs / 1000} s more)`);
+    }
     if (stats.retries > 0) cell.notes.push(...new Set(stats.errors.slice(0, 2)));
   }
   try {
@@ -200,7 +217,8 @@ export function resultsTable(results: ProgramResult[]): string {
 }
 
 function cellText(c: CellResult): string {
-  const what = c.operation === 'ok' ? (c.missing.length === 0 ? '**works**' : '**LOSES WRITES**') : `**FAILS**: ${clean(c.operation, 300)}`;
+  const what =
+    c.operation !== 'ok' ? `**FAILS**: ${clean(c.operation, 300)}` : c.missing.length > 0 ? '**LOSES WRITES**' : c.writesStopped ? '**TAKES NO WRITES** after it' : '**works**';
   const back = c.backMs !== undefined ? `, answers ${(c.backMs / 1000).toFixed(1)} s after it began` : '';
   const lost = c.missing.length ? `, ${c.missing.length} of ${c.totalAcked} acknowledged writes missing (${describeKeys(c.missing)})` : `, all ${c.totalAcked} acknowledged writes there`;
   return `${what}${back}${lost}; ${c.acked} writes in the cell, ${c.reconnects} reconnects, slowest write ${c.maxWriteMs} ms`;

@@ -1,15 +1,20 @@
 /**
  * bench/compat: the compatibility suite on a 3-node local cluster (1 s node lease). For each of
- * Redis, memcached, nginx and PostgreSQL (Debian's binaries, src/devtools/compat-images.ts):
+ * Redis, memcached, nginx, PostgreSQL (Debian's binaries, src/devtools/compat-images.ts), a
+ * key-value service on Python's http.server and an SQLite writer (WAL) behind HTTP
+ * (src/devtools/python/kv-server.py):
  * protected (checkpoint every 2 s), exposed behind the gateway, a client of its own protocol
  * writing nonstop, then a lazy move, a copy move and a failover (its host killed, revived);
  * after each, the program's own client checks every acknowledged write (bench/compat/cells.ts).
  *
- * Usage: npm run bench:compat [-- --only REGEX] [--write-ms 3000]
- *   --only REGEX   programs whose name matches (redis, memcached, nginx, postgres)
- *   --write-ms MS  how long the client writes before and after each operation
+ * Usage: npm run bench:compat [-- --only REGEX] [--write-ms 3000] [--writable-layer image]
+ *   --only REGEX      programs whose name matches (redis, memcached, nginx, postgres, python,
+ *                     sqlite, sqlite-delete)
+ *   --write-ms MS     how long the client writes before and after each operation
+ *   --writable-layer  the agents' kind of writable layer (cluster up --writable-layer): directory
+ *                     (the default) or image
  * Needs the local cluster to itself (it brings one up and takes it down). Prints the table and
- * writes it into docs/compatibility.md between its markers.
+ * writes it into docs/compatibility.md between its markers (a table per kind of layer).
  */
 import { readFile, writeFile } from 'node:fs/promises';
 import { fileURLToPath } from 'node:url';
@@ -20,16 +25,18 @@ import { ensureClusterHealthy, startLocalCluster, stopLocalCluster } from '../..
 import { resultsTable, runProgram, type ProgramResult } from './cells.js';
 
 const DOC = fileURLToPath(new URL('../../docs/compatibility.md', import.meta.url));
-const BEGIN = '<!-- bench:compat -->';
-const END = '<!-- /bench:compat -->';
 const NODE_LEASE_MS = 1_000;
 
 const { values } = parseArgs({
   options: {
     only: { type: 'string' },
     'write-ms': { type: 'string', default: '3000' },
+    'writable-layer': { type: 'string', default: 'directory' },
   },
 });
+const layer = writableLayer(values['writable-layer']);
+const BEGIN = layer === 'directory' ? '<!-- bench:compat -->' : `<!-- bench:compat ${layer} layers -->`;
+const END = layer === 'directory' ? '<!-- /bench:compat -->' : `<!-- /bench:compat ${layer} layers -->`;
 
 async function main(): Promise<void> {
   const writeMs = Number(values['write-ms']);
@@ -39,7 +46,7 @@ async function main(): Promise<void> {
   const started = Date.now();
   const log = (line: string) => process.stderr.write(`[${((Date.now() - started) / 1000).toFixed(0)} s] ${line}\n`);
   for (const program of programs) log(`image ${program.image}: ${await ensureImage(program.image)}`);
-  await startLocalCluster(3, { nodeLeaseMs: NODE_LEASE_MS });
+  await startLocalCluster(3, { nodeLeaseMs: NODE_LEASE_MS, writableLayer: layer });
   const results: ProgramResult[] = [];
   try {
     for (const [index, program] of programs.entries()) {
@@ -54,10 +61,15 @@ async function main(): Promise<void> {
   console.log(await writeTable(results, writeMs));
 }
 
+function writableLayer(value: string | undefined): 'directory' | 'image' {
+  if (value === 'directory' || value === 'image') return value;
+  throw new Error(`--writable-layer '${value}': use directory or image`);
+}
+
 /** Replaces what stands between the markers in docs/compatibility.md; returns the new text. */
 async function writeTable(results: ProgramResult[], writeMs: number): Promise<string> {
   const text = [
-    `Measured ${new Date().toISOString()} by \`npm run bench:compat\`${values.only ? ` --only ${values.only}` : ''}: 3-node local cluster on one 2-core machine, node lease ${NODE_LEASE_MS} ms,`,
+    `Measured ${new Date().toISOString()} by \`npm run bench:compat\`${values.only ? ` --only ${values.only}` : ''}${layer === 'directory' ? '' : ` --writable-layer ${layer}`}: 3-node local cluster on one 2-core machine, node lease ${NODE_LEASE_MS} ms, ${layer} writable layers,`,
     `checkpoint every 2 s, one client writing nonstop (${writeMs / 1000} s before and after each operation) through the gateway.`,
     '',
     resultsTable(results),

@@ -41,6 +41,7 @@ import {
   type ClusterUpOptions,
   type ClusterUpResult,
   type LocalClusterState,
+  type WritableLayerKind,
 } from './state.js';
 import { createTestHost, ensureBridge, netnsPath } from './testhost.js';
 
@@ -55,7 +56,7 @@ export async function clusterUp(opts: ClusterUpOptions): Promise<ClusterUpResult
   }
 
   const existing = await readClusterState(stateDir);
-  if (existing) return { state: await checkExistingCluster(existing, opts.nodes, opts.ha ?? false, stateDir), alreadyUp: true };
+  if (existing) return { state: await checkExistingCluster(existing, opts, stateDir), alreadyUp: true };
   if (opts.ha) await assertEtcdInstalled();
 
   // The bridge first: it fails when the subnet is taken, and then nothing else should be left behind.
@@ -88,6 +89,7 @@ export async function clusterUp(opts: ClusterUpOptions): Promise<ClusterUpResult
       nodes: [],
       gatewayArgs,
       faultsEnabled,
+      ...(opts.writableLayer ? { writableLayer: opts.writableLayer } : {}),
       status: 'starting',
     };
     return finishUp(state, { ...opts, stateDir, runDir, progress }, [], token);
@@ -113,6 +115,7 @@ export async function clusterUp(opts: ClusterUpOptions): Promise<ClusterUpResult
     controllerArgs,
     gatewayArgs,
     faultsEnabled,
+    ...(opts.writableLayer ? { writableLayer: opts.writableLayer } : {}),
     status: 'starting',
   };
   return finishUp(state, { ...opts, stateDir, runDir, progress }, [failOnExit(controller, 'controller', controllerLog)], token);
@@ -207,13 +210,16 @@ export async function spawnAgent(
       '--subnet', nodeContainerSubnet(opts.index),
       '--data-dir', dataDir,
       '--run-dir', agentRunDir,
+      ...(state.writableLayer ? ['--writable-layer', state.writableLayer] : []),
     ],
     agentLog,
     daemonEnv(state.faultsEnabled === true),
   );
 }
 
-async function checkExistingCluster(existing: LocalClusterState, nodes: number, ha: boolean, stateDir: string): Promise<LocalClusterState> {
+async function checkExistingCluster(existing: LocalClusterState, opts: ClusterUpOptions, stateDir: string): Promise<LocalClusterState> {
+  const { nodes } = opts;
+  const ha = opts.ha ?? false;
   if (existing.status !== 'ready') {
     throw new ConflictError(
       `a previous 'chipmunk cluster up' did not finish (logs in ${join(stateDir, 'logs')}): run 'chipmunk cluster down' first`,
@@ -236,6 +242,12 @@ async function checkExistingCluster(existing: LocalClusterState, nodes: number, 
       `the local cluster is up with ${existing.nodes.length} nodes, not ${nodes}: run 'chipmunk cluster down' first`,
       { nodes: existing.nodes.length },
     );
+  }
+  const layer = (s: { writableLayer?: WritableLayerKind }) => s.writableLayer ?? 'directory';
+  if (layer(existing) !== layer(opts)) {
+    throw new ConflictError(`the local cluster's agents make ${layer(existing)} writable layers, not ${layer(opts)}: run 'chipmunk cluster down' first`, {
+      writableLayer: layer(existing),
+    });
   }
   return existing;
 }

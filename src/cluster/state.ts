@@ -9,6 +9,9 @@ import { join } from 'node:path';
 import { REPO_ROOT } from './processes.js';
 import type { TestNetwork } from './testhost.js';
 
+/** An agent's `--writable-layer`. */
+export type WritableLayerKind = 'directory' | 'image';
+
 export const DEFAULT_STATE_DIR = '/var/lib/chipmunk/local-cluster';
 export const DEFAULT_RUN_DIR = '/run/chipmunk/local-cluster';
 
@@ -65,6 +68,8 @@ export interface LocalClusterState {
   gatewayArgs?: string[];
   /** Started with CHIPMUNK_ENABLE_FAULTS=1: revived daemons get it too, or their fault routes would vanish. */
   faultsEnabled?: boolean;
+  /** The agents' `--writable-layer` (revived agents get it too); unset: the agent's default (directory). */
+  writableLayer?: WritableLayerKind;
   /** 'starting' until every agent is ready: what a failed `cluster up` leaves for `cluster down`. */
   status: 'starting' | 'ready';
 }
@@ -82,6 +87,8 @@ export interface ClusterUpOptions extends LocalClusterDirs {
   leaderLeaseMs?: number;
   /** An etcd member and a controller on every node instead of one controller on this machine (ha.ts). */
   ha?: boolean;
+  /** New containers' writable layer on every node (`agent --writable-layer`). */
+  writableLayer?: WritableLayerKind;
   /** Start-up steps, for the operator ("starting agent node2"). */
   onProgress?: (message: string) => void;
 }

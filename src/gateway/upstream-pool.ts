@@ -8,8 +8,8 @@
  * threading) serves one keep-alive connection until it closes, and the others wait unread in
  * its backlog. A request written on such a waiting connection is answered only once the served
  * connections close. So when a request on a connection that never answered has no answer after
- * the stall time while another connection answered meanwhile, the pool takes it for a connection
- * the upstream has not accepted yet:
+ * the stall time while another connection answered (or finished reading an answer) meanwhile,
+ * the pool takes it for a connection the upstream has not accepted yet:
  * - it closes the connections the upstream serves as soon as they are idle (rotation), and sends
  *   nothing new until the stalled ones answer, so the server moves on to them; nothing is sent
  *   twice, the stalled request itself gets its answer;
@@ -98,6 +98,8 @@ class PooledConnection {
   sentAt = 0;
   /** When it last got an answer's head. */
   answeredAt = 0;
+  /** When its last request was over (answered or failed). */
+  freedAt = 0;
   stallTimer?: NodeJS.Timeout;
 
   constructor(pool: UpstreamPool, upstream: Upstream) {
@@ -190,6 +192,7 @@ export class UpstreamPool {
 
   /** A connection's request is over (answered or failed): the connection takes the next one, or closes. */
   freed(connection: PooledConnection): void {
+    connection.freedAt = performance.now();
     clearTimeout(connection.stallTimer);
     if (connection.stalled) {
       connection.stalled = false;
@@ -254,7 +257,9 @@ export class UpstreamPool {
     clearTimeout(connection.stallTimer);
     connection.stallTimer = setTimeout(() => {
       if (connection.served || connection.sentAt !== sentAt || !connection.http.busy || this.destroyedWith) return;
-      const servedMeanwhile = this.connections.filter((other) => other !== connection && other.answeredAt > sentAt).length;
+      // Answered, or done reading an answer whose head came before: a connection still reading
+      // its answer's body when this request was sent is idle now, and the server may sit on it.
+      const servedMeanwhile = this.connections.filter((other) => other !== connection && (other.answeredAt > sentAt || other.freedAt > sentAt)).length;
       if (servedMeanwhile === 0) return this.watchForStall(connection, sentAt);
       this.stalled(connection, servedMeanwhile);
     }, this.stallMs());

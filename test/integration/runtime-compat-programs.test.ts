@@ -1,4 +1,5 @@
-// Redis, memcached, nginx and PostgreSQL from Debian's binaries (src/devtools/compat-images.ts) on
+// Redis, memcached, nginx, PostgreSQL and Python services (http.server in memory, an SQLite writer)
+// from Debian's binaries (src/devtools/compat-images.ts, images.ts) on
 // the real runtime (runc + CRIU on two test hosts, test/support/runc-pair.ts), checked by their own
 // clients from this machine (test/support/compat-programs.ts, shared with bench/compat): keys
 // written before a copy or a lazy move are all there on the target, and writes go on there.
@@ -6,6 +7,8 @@
 //   CHIPMUNK_RUNC_PAIR_NET=4 node --import tsx --test test/integration/runtime-compat-programs.test.ts
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
+import { readFile } from 'node:fs/promises';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { before, describe, it, type TestContext } from 'node:test';
 import { ensureImage } from '../../src/devtools/images.js';
 import type { ChipmunkError } from '../../src/shared/errors.js';
@@ -19,7 +22,7 @@ import { waitFor } from '../support/wait.js';
 const HOST_PORT = 18090;
 const timeout = 3 * 60_000;
 /** Keys written before the move, and as many after it. */
-const KEYS: Record<CompatProgram['name'], number> = { redis: 1000, memcached: 1000, nginx: 200, postgres: 200 };
+const KEYS: Record<CompatProgram['name'], number> = { redis: 1000, memcached: 1000, nginx: 200, postgres: 200, python: 500, sqlite: 500, 'sqlite-delete': 500 };
 
 before(async () => {
   for (const program of Object.values(COMPAT_PROGRAMS)) await ensureImage(program.image);
@@ -71,7 +74,7 @@ async function writeMoveCheck(t: TestContext, program: CompatProgram, mode: Migr
   try {
     if (mode === 'lazy' && !pair.source.capabilities.lazyMigration) return t.skip('no lazy migration on these hosts');
     const [src, dst] = RUNC_PAIR_NODES;
-    const c = await pair.source.run(specFor(program, `${program.name}-${mode}`, opts.command ?? []));
+    const c = await pair.source.run(specFor(program, `${program.name}-${mode}`, opts.command ?? program.command));
     const startMs = await waitUntilServing(program, endpoint(src), 60_000);
     t.diagnostic(`${program.name} answered ${startMs} ms after start`);
     const n = KEYS[program.name];
@@ -153,6 +156,63 @@ describe('PostgreSQL (several processes, shared memory, runs as uid 101; psql ch
       await assertAllThere(program, src, 50, 'on the source after the refused move');
       await writeKeys(program, src, 51, 100);
       await assertAllThere(program, src, 100, 'on the source, inserting on after the refused move');
+    } finally {
+      await pair.cleanup();
+    }
+  });
+});
+
+describe('Python http.server: a key-value service in memory, and the SQLite writer (WAL mode; curl reads back, SQLite\'s SELECT for the rows)', () => {
+  for (const program of [COMPAT_PROGRAMS.python, COMPAT_PROGRAMS.sqlite]) {
+    for (const mode of ['copy', 'lazy'] as const) {
+      it(`${program.name}: a ${mode} move keeps every key and it takes writes on the target`, { timeout }, async (t) => {
+        await writeMoveCheck(t, program, mode);
+      });
+    }
+  }
+});
+
+/**
+ * Whether the cgroup of PID is frozen, as runc reads it for `paused`: the v1 freezer's state, or
+ * the v2 group's `cgroup.freeze`.
+ */
+async function frozen(pid: number): Promise<boolean> {
+  const groups = await readFile(`/proc/${pid}/cgroup`, 'utf8');
+  const v1 = /^\d+:freezer:(.*)$/m.exec(groups)?.[1];
+  if (v1 !== undefined) return (await readFile(`/sys/fs/cgroup/freezer${v1}/freezer.state`, 'utf8')).trim() !== 'THAWED';
+  const v2 = /^0::(.*)$/m.exec(groups)![1]!;
+  return (await readFile(`/sys/fs/cgroup${v2}/cgroup.freeze`, 'utf8')).trim() === '1';
+}
+
+describe('a checkpoint that leaves it running (what protection takes every few seconds)', () => {
+  // PostgreSQL's 6 processes stay frozen for most of a checkpoint. Read as `stopped` then, a
+  // protected PostgreSQL or nginx had its moves refused ("it is stopped") while it served.
+  it('PostgreSQL: while the checkpoint freezes it, its status reads running', { timeout }, async (t) => {
+    const program = COMPAT_PROGRAMS.postgres;
+    const pair = await makeRuncPair();
+    try {
+      const src = endpoint(RUNC_PAIR_NODES[0]);
+      const c = await pair.source.run(specFor(program, 'postgres-frozen', []));
+      assert.ok(c.pid, 'a running container has its init PID');
+      await waitUntilServing(program, src, 60_000);
+      await writeKeys(program, src, 1, 50);
+      let done = false;
+      const checkpoint = pair.source.checkpoint(c.name, 'ckpt-frozen').finally(() => (done = true));
+      const whileFrozen: string[] = [];
+      while (!done) {
+        const before = await frozen(c.pid);
+        const { status } = await pair.source.get(c.name);
+        // Frozen at both ends: the read fell inside the freeze (there is one).
+        if (before && (await frozen(c.pid))) whileFrozen.push(status);
+        await sleep(5);
+      }
+      const ckpt = await checkpoint;
+      t.diagnostic(`frozen ${ckpt.frozenMs} ms; ${whileFrozen.length} status reads inside the freeze: ${[...new Set(whileFrozen)].join(', ')}`);
+      assert.ok(whileFrozen.length >= 3, `only ${whileFrozen.length} status reads fell inside the freeze (${ckpt.frozenMs} ms): the test saw no freeze`);
+      assert.deepEqual([...new Set(whileFrozen)], ['running'], 'a container frozen by a checkpoint that leaves it running reads as running');
+      assert.equal((await pair.source.get(c.name)).status, 'running', 'running after the checkpoint');
+      await assertAllThere(program, src, 50, 'after the checkpoint');
+      await pair.source.discardCheckpoint('ckpt-frozen');
     } finally {
       await pair.cleanup();
     }

@@ -12,10 +12,12 @@
  * Traffic goes to test hosts (198.18.0.0/15) or the local gateway (127.0.0.1) only.
  */
 import { spawn, type ChildProcessWithoutNullStreams } from 'node:child_process';
+import { readFileSync } from 'node:fs';
 import { connect, type Socket } from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { Agent, request } from 'undici';
-import { COMPAT_PORTS, NGINX_FILE, type CompatImageName } from '../../src/devtools/compat-images.js';
+import { COMPAT_PORTS, NGINX_FILE } from '../../src/devtools/compat-images.js';
+import type { TestImageName } from '../../src/devtools/images.js';
 
 export interface Endpoint {
   host: string;
@@ -34,8 +36,10 @@ export interface CheckResult {
 }
 
 export interface CompatProgram {
-  name: 'redis' | 'postgres' | 'nginx' | 'memcached';
-  image: CompatImageName;
+  name: 'redis' | 'postgres' | 'nginx' | 'memcached' | 'python' | 'sqlite' | 'sqlite-delete';
+  image: TestImageName;
+  /** Run instead of the image's CMD; empty: the image's CMD. */
+  command: string[];
   containerPort: number;
   protocol: 'http' | 'tcp';
   /** Resolves once the program answers a request of its own protocol. */
@@ -129,6 +133,7 @@ const endsWithLine = (r: string) => r.endsWith('\r\n');
 const redis: CompatProgram = {
   name: 'redis',
   image: 'chipmunk/redis',
+  command: [],
   containerPort: COMPAT_PORTS['chipmunk/redis'],
   protocol: 'tcp',
   async ping(ep) {
@@ -161,6 +166,7 @@ const redis: CompatProgram = {
 const memcached: CompatProgram = {
   name: 'memcached',
   image: 'chipmunk/memcached',
+  command: [],
   containerPort: COMPAT_PORTS['chipmunk/memcached'],
   protocol: 'tcp',
   async ping(ep) {
@@ -202,6 +208,7 @@ const memcached: CompatProgram = {
 const nginx: CompatProgram = {
   name: 'nginx',
   image: 'chipmunk/nginx',
+  command: [],
   containerPort: COMPAT_PORTS['chipmunk/nginx'],
   protocol: 'http',
   async ping(ep) {
@@ -244,6 +251,7 @@ const psqlArgs = (ep: Endpoint) => ['-h', ep.host, '-p', String(ep.port), '-X', 
 const postgres: CompatProgram = {
   name: 'postgres',
   image: 'chipmunk/postgres',
+  command: [],
   containerPort: COMPAT_PORTS['chipmunk/postgres'],
   protocol: 'tcp',
   async ping(ep) {
@@ -293,7 +301,69 @@ const postgres: CompatProgram = {
   },
 };
 
-export const COMPAT_PROGRAMS: Record<CompatProgram['name'], CompatProgram> = { redis, postgres, nginx, memcached };
+/** src/devtools/python/kv-server.py, run with `python3 -c` (the python image stays as other tests know it). */
+const KV_SERVER = readFileSync(new URL('../../src/devtools/python/kv-server.py', import.meta.url), 'utf8');
+const KV_PORT = 8080;
+/** Keys per `GET /range`: one answer of at most ~100 KB. */
+const KV_RANGE = 5_000;
+
+/**
+ * A key-value service on Python's http.server (one thread, one keep-alive connection at a time),
+ * keeping its keys in memory or, for the SQLite writer, as rows of an SQLite database in the
+ * container's writable layer (WAL or DELETE journal mode). Written with HTTP PUTs (each answered once stored, SQLite:
+ * committed); checked with curl, the rows read back by SQLite's own SELECT.
+ */
+function kvProgram(name: 'python' | 'sqlite' | 'sqlite-delete', store: 'memory' | 'wal' | 'delete'): CompatProgram {
+  const base = (ep: Endpoint) => `http://${ep.host}:${ep.port}`;
+  return {
+    name,
+    image: 'chipmunk/python',
+    command: ['/usr/bin/python3', '-c', KV_SERVER, String(KV_PORT), store],
+    containerPort: KV_PORT,
+    protocol: 'http',
+    async ping(ep) {
+      assertAllowed(ep);
+      const body = await runClient('curl', ['-sS', '--fail', '--max-time', '5', `${base(ep)}/ping`]);
+      if (body !== 'ok') throw new Error(`curl /ping: ${body.slice(0, 200)}`);
+    },
+    async openWriter(ep) {
+      assertAllowed(ep);
+      const dispatcher = new Agent({ connections: 1 });
+      return {
+        async write(i) {
+          const res = await request(`${base(ep)}/k/${i}`, { method: 'PUT', body: value(i), dispatcher, headersTimeout: WRITE_TIMEOUT_MS, bodyTimeout: WRITE_TIMEOUT_MS });
+          const text = await res.body.text();
+          if (res.statusCode !== 204) throw new Error(`PUT /k/${i}: HTTP ${res.statusCode} ${text.slice(0, 200)}`);
+        },
+        close() {
+          void dispatcher.destroy();
+        },
+      };
+    },
+    async check(ep, n) {
+      assertAllowed(ep);
+      const missing: number[] = [];
+      for (let first = 1; first <= n; first += KV_RANGE) {
+        const last = Math.min(n, first + KV_RANGE - 1);
+        const out = await runClient('curl', ['-sS', '--fail', '--max-time', '60', `${base(ep)}/range?from=${first}&to=${last}`]);
+        const got = new Map(out.split('\n').filter(Boolean).map((line) => line.split(' ') as [string, string]));
+        for (let i = first; i <= last; i++) if (got.get(String(i)) !== value(i)) missing.push(i);
+      }
+      return { missing };
+    },
+  };
+}
+
+export const COMPAT_PROGRAMS: Record<CompatProgram['name'], CompatProgram> = {
+  redis,
+  postgres,
+  nginx,
+  memcached,
+  python: kvProgram('python', 'memory'),
+  sqlite: kvProgram('sqlite', 'wal'),
+  /** Needs image writable layers (`agent --writable-layer image`): on a copied directory layer every write after a move fails (SQLITE_READONLY_DBMOVED). */
+  'sqlite-delete': kvProgram('sqlite-delete', 'delete'),
+};
 
 /** Waits (bounded) until the program answers at EP. */
 export async function waitUntilServing(program: CompatProgram, ep: Endpoint, timeoutMs = 30_000): Promise<number> {

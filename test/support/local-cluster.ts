@@ -146,7 +146,7 @@ export interface LocalCluster {
 
 let current: LocalCluster | undefined;
 /** How the current cluster was brought up: ensureClusterHealthy brings it up so again. */
-let startedWith: { nodes: number; nodeLeaseMs?: number; ha?: boolean } | undefined;
+let startedWith: { nodes: number; nodeLeaseMs?: number; ha?: boolean; writableLayer?: 'directory' | 'image' } | undefined;
 
 /** The cluster `useLocalCluster()` brought up; throws when called before it is up. */
 export function localCluster(): LocalCluster {
@@ -173,13 +173,14 @@ export function useLocalCluster(opts: { nodes?: number; nodeLeaseMs?: number; ha
   return localCluster;
 }
 
-export async function startLocalCluster(nodes: number, opts: { nodeLeaseMs?: number; ha?: boolean } = {}): Promise<LocalCluster> {
+export async function startLocalCluster(nodes: number, opts: { nodeLeaseMs?: number; ha?: boolean; writableLayer?: 'directory' | 'image' } = {}): Promise<LocalCluster> {
   // A cluster left by a crashed or interrupted run (or by hand) would be reused as it is, with
   // its containers and possibly without fault injection: always start from nothing.
   await stopLocalCluster();
   await ensureTestImages();
   const lease = opts.nodeLeaseMs !== undefined ? ['--node-lease', `${opts.nodeLeaseMs}ms`] : [];
-  const up = await cli<LocalClusterState>(['cluster', 'up', '--nodes', String(nodes), ...lease, ...(opts.ha ? ['--ha'] : [])], {
+  const layer = opts.writableLayer ? ['--writable-layer', opts.writableLayer] : [];
+  const up = await cli<LocalClusterState>(['cluster', 'up', '--nodes', String(nodes), ...lease, ...(opts.ha ? ['--ha'] : []), ...layer], {
     env: { CHIPMUNK_ENABLE_FAULTS: '1' },
     timeoutMs: CLUSTER_UP_TIMEOUT_MS,
   });

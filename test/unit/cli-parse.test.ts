@@ -47,6 +47,7 @@ describe('chipmunk command-line errors', () => {
     assertUsageError(await runCli(['run', '--name', 'web', '--checkpoint-every', '500ms', 'img'], env), /bad checkpoint interval '500ms': at least 1s/);
     assertUsageError(await runCli(['protect', 'web', '--every', 'soon'], env), /bad checkpoint interval 'soon'/);
     assertUsageError(await runCli(['cluster', 'up', '--node-lease', '100ms'], env), /bad node lease '100ms'/);
+    assertUsageError(await runCli(['cluster', 'up', '--writable-layer', 'ext4'], env), /bad writable layer 'ext4': use 'directory'/);
     assertUsageError(await runCli(['controller', '--leader-lease', '500ms'], env), /bad leader lease '500ms': whole seconds, at least 1s/);
     assertUsageError(await runCli(['controller', '--leader-lease', '1500ms'], env), /bad leader lease '1500ms'/);
   });

@@ -12,6 +12,7 @@ function flakyProgram(failAt: Set<number>, onFail: () => void = () => {}) {
   const program: CompatProgram = {
     name: 'redis',
     image: 'chipmunk/redis',
+    command: [],
     containerPort: 6379,
     protocol: 'tcp',
     ping: async () => undefined,

@@ -79,6 +79,35 @@ describe('gateway: an upstream that serves one connection at a time', () => {
       }),
     ));
 
+  it('a request sent while the served connection still reads its answer is not left behind it until the idle time-out', () =>
+    withOneConnectionServer((upstream) =>
+      withGateway(async ({ client }) => {
+        const listenPort = await freePort();
+        await client.putRoute('py', { protocol: 'http', listenPort, log: true, upstream });
+        const origin = `http://${LOOPBACK}:${listenPort}`;
+        const first = new Client(origin);
+        const second = new Client(origin);
+        try {
+          // The answer's head comes at once, its body 300 ms later: its connection is busy
+          // meanwhile, so a request sent then takes a new connection, which the server leaves in
+          // its backlog; once the first is answered, it sits on that idle connection. (After a
+          // move, a new pool met this with a client's ping and the writer: one write waited 4 s.)
+          const split = first.request({ path: '/split/300', method: 'GET' });
+          await sleep(100);
+          const started = Date.now();
+          const other = second.request({ path: '/other', method: 'POST', body: 'the other request' });
+          assert.equal(await (await split).body.text(), 'ok /split/300');
+          assert.equal(await (await other).body.text(), 'the other request');
+          const waited = Date.now() - started;
+          // Not the upstream connections' idle time-out (4 s), which used to free it.
+          assert.ok(waited < 1_500, `the other request waited ${waited} ms`);
+        } finally {
+          await first.close();
+          await second.close();
+        }
+      }),
+    ));
+
   it("a hold's drain does not wait on an idle upstream connection", () =>
     withOneConnectionServer((upstream) =>
       withGateway(

@@ -11,6 +11,7 @@ import { runUnchecked } from '../../shared/exec.js';
 import type { AgentContainer, ContainerSpec, HostCapabilities, MigrationMode } from '../../shared/protocol.js';
 import { removeTree } from '../../shared/remove-tree.js';
 import { buildOciConfig } from './bundle.js';
+import { CheckpointFreezes } from './checkpoint-freezes.js';
 import { Criu, criuOptionsPath, writeCriuOptions, type DumpProcess, type PageServer } from './criu.js';
 import { writeEtcFiles } from './etc-files.js';
 import { FailedLogs } from './failed-logs.js';
@@ -82,6 +83,8 @@ export class RuntimeContext {
   readonly failedLogs: FailedLogs;
   /** Migrations this node is the source of, by id. */
   readonly sources = new Map<string, SourceMigration>();
+  /** Containers frozen by a checkpoint that leaves them running: `running` to the outside. */
+  readonly freezes = new CheckpointFreezes();
   /** Serialises operations per container name. */
   private readonly locks = new Map<string, Promise<unknown>>();
 
@@ -129,10 +132,13 @@ export class RuntimeContext {
   }
 
   async view(rec: ContainerRecord): Promise<AgentContainer> {
+    const freezeMark = this.freezes.mark(rec.spec.name);
     const state = await this.runc.state(this.runcId(rec));
     let status: AgentContainer['status'];
     if (rec.migration) status = 'migrating';
     else if (state?.status === 'running') status = 'running';
+    // Frozen for a checkpoint that leaves it running. Paused otherwise (a resume that failed): stopped, as it serves no one.
+    else if (state?.status === 'paused' && this.freezes.overlapped(rec.spec.name, freezeMark)) status = 'running';
     else if (state?.status === 'created') status = 'created';
     else status = 'stopped';
     return {
@@ -257,6 +263,7 @@ export class RuntimeContext {
     await this.runc.destroy(this.runcId(rec));
     await this.network.detach(rec.netns, this.cniId(rec), rec.spec.ports);
     await this.removeContainerDir(rec.spec.name);
+    this.freezes.forget(rec.spec.name);
   }
 
   /** A migration's images, staged files and CRIU work dir (a failure's logs were kept before: failed-logs.ts). */

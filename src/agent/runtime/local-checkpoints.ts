@@ -39,8 +39,12 @@ export class LocalCheckpoints {
       const failed = (op: string, stderr: string) => new RuntimeFailedError(`${what} failed (${op}): ${lastLines(stderr, 3)}`, { op, stderr: lastLines(stderr, 20) });
 
       const frozenAt = Date.now();
+      ctx.freezes.begin(name);
       const paused = await ctx.runc.exec(['pause', id], { inHostNetns: true });
-      if (paused.code !== 0) throw failed('runc pause', paused.stderr);
+      if (paused.code !== 0) {
+        ctx.freezes.end(name);
+        throw failed('runc pause', paused.stderr);
+      }
       let failure: unknown;
       try {
         await ctx.syncLayer(name);
@@ -51,6 +55,7 @@ export class LocalCheckpoints {
         failure = err;
       }
       const resumed = await ctx.runc.exec(['resume', id], { inHostNetns: true });
+      ctx.freezes.end(name);
       const frozenMs = Date.now() - frozenAt;
       await removeCriuNetworkLock(await ctx.containerNetnsPath(rec));
       // A container left frozen is worse than a lost checkpoint: that error wins.

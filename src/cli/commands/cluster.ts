@@ -3,7 +3,7 @@ import type { Command } from 'commander';
 
 import { CLUSTER_DAEMONS, clusterDown, clusterKill, clusterRevive, clusterUp, type LocalClusterState } from '../../cluster/index.js';
 import { localClusterStateDir } from '../context.js';
-import { addJsonOption, parseLeaderLease, parseNodeLease, parseNodeName, parsePositiveInt } from '../options.js';
+import { addJsonOption, parseLeaderLease, parseNodeLease, parseNodeName, parsePositiveInt, parseWritableLayer } from '../options.js';
 import { printJson, renderTable } from '../output.js';
 
 const DEFAULT_NODES = 2;
@@ -29,10 +29,12 @@ export function registerClusterCommands(program: Command): void {
       .option('--nodes <n>', 'number of nodes', parsePositiveInt, DEFAULT_NODES)
       .option('--node-lease <duration>', 'how long a node may miss heartbeats before it is dead and its protected containers fail over (default 5s)', parseNodeLease)
       .option('--ha', 'no single point of failure: an etcd member and a controller on every node (use 3 nodes or more); they elect a leader')
-      .option('--leader-lease <duration>', 'with --ha: how long a leader that cannot renew its lease keeps leading (default 2s)', parseLeaderLease),
-  ).action(async (opts: { nodes: number; nodeLease?: number; ha?: boolean; leaderLease?: number; json?: boolean }) => {
+      .option('--leader-lease <duration>', 'with --ha: how long a leader that cannot renew its lease keeps leading (default 2s)', parseLeaderLease)
+      .option('--writable-layer <kind>', "every agent's new containers' writable layer: directory (default) or image (keeps inode numbers across moves, which SQLite in DELETE mode needs)", parseWritableLayer),
+  ).action(async (opts: { nodes: number; nodeLease?: number; ha?: boolean; leaderLease?: number; writableLayer?: 'directory' | 'image'; json?: boolean }) => {
     const { state, alreadyUp } = await clusterUp({
       nodes: opts.nodes,
+      ...(opts.writableLayer ? { writableLayer: opts.writableLayer } : {}),
       ...(opts.ha ? { ha: true } : {}),
       ...(opts.leaderLease !== undefined ? { leaderLeaseMs: opts.leaderLease } : {}),
       ...(opts.nodeLease !== undefined ? { nodeLeaseMs: opts.nodeLease } : {}),

@@ -1,8 +1,8 @@
 """An HTTP/1.1 server that serves one keep-alive connection at a time, as Python's http.server
 does when it is not threading: the next connection waits in the backlog until the served one
 closes. For the gateway's tests and bench (docs/gateway.md, "Upstream connections").
-Prints its port once it listens. GET answers `ok <path>` (after N ms for /sleep/N); POST echoes
-its body."""
+Prints its port once it listens. GET answers `ok <path>` (after N ms for /sleep/N; for /split/N
+the head at once and the body N ms later); POST echoes its body."""
 import http.server
 import sys
 import time
@@ -19,9 +19,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def do_GET(self):
+        body = b"ok " + self.path.encode()
         if self.path.startswith("/sleep/"):
             time.sleep(int(self.path[len("/sleep/"):]) / 1000)
-        self.answer(b"ok " + self.path.encode())
+        if self.path.startswith("/split/"):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.flush()
+            time.sleep(int(self.path[len("/split/"):]) / 1000)
+            self.wfile.write(body)
+            return
+        self.answer(body)
 
     def do_POST(self):
         self.answer(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
