@@ -380,6 +380,8 @@ export class FailoverService implements ContainerRescuer {
         record.replayError = toChipmunkError(err).toJSON();
         // The copy may have applied a request the gateway could not confirm: another replay could apply it twice.
         if (toChipmunkError(err).details.written === true || attempt >= REPLAY_ATTEMPTS) throw err;
+        // Its node died: the owed replay's retry restores the container elsewhere instead.
+        if (!(await this.opts.nodes.isReady(current.node).catch(() => true))) throw err;
         this.opts.log.warn({ container: record.name, attempt, err: toChipmunkError(err).toJSON() }, `replaying the logged requests of ${record.name} failed; trying again`);
         await sleep(REPLAY_RETRY_MS);
       }

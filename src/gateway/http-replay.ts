@@ -25,6 +25,12 @@ export class ReplayFailedError extends ChipmunkError {
 
 /** Tries per record of a replay while the restored container refuses connections (it may need a moment). */
 const REPLAY_ATTEMPTS = 8;
+/**
+ * Connect failures that say the container's host is gone, not that the container is still
+ * starting: each takes seconds (ARP, SYN time-outs), so trying again only keeps the controller
+ * from restoring the container elsewhere.
+ */
+const HOST_GONE = new Set(['EHOSTUNREACH', 'ENETUNREACH', 'EHOSTDOWN', 'ETIMEDOUT']);
 
 /** What a replay needs of its route's proxy. */
 export interface ReplaySource {
@@ -129,7 +135,7 @@ export class LogReplayer {
       const failure = client ? await client.send(pool, record.headers, record.body) : await sendDiscardingAnswer(pool, record);
       if (!failure) return;
       // Only a connection that failed is tried again: a request that was written may have been applied.
-      if (failure.written || attempt === REPLAY_ATTEMPTS) {
+      if (failure.written || attempt === REPLAY_ATTEMPTS || HOST_GONE.has((failure.error as NodeJS.ErrnoException).code ?? '')) {
         const where = `${upstream.address}:${upstream.port}`;
         const maybe = failure.written ? ' it may have been applied;' : '';
         throw new ReplayFailedError(

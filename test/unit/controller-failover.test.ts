@@ -53,8 +53,11 @@ class FakeTraffic implements FailoverTraffic {
   async trimLog(name: string, upTo: LogPosition) {
     this.calls.push(`trim ${name} ${upTo.seq}`);
   }
+  /** Runs at each replay, before it answers (a fault to inject there). */
+  onReplay?: (container: ContainerRecord) => Promise<void>;
   async replay(name: string, after: LogPosition, container: ContainerRecord) {
     this.calls.push(`replay ${name} after ${after.seq} -> ${container.node}`);
+    await this.onReplay?.(container);
     const failure = this.replayFailures.shift();
     if (failure) throw failure;
     return { replayed: this.position - after.seq, delivered: 0 };
@@ -394,6 +397,25 @@ describe('checkpoints and failover (controller, fake agents)', () => {
     assert.ok(!env2.traffic.calls.some((c) => c.startsWith('replay')), env2.traffic.calls.join(', '));
     assert.match(fallback.noReplay ?? '', /without a replay/);
     assert.equal(env2.traffic.calls.at(-1), `release web -> ${fallback.to}`);
+  });
+
+  it('a replay whose new node died is not tried again there: it is owed at once, and its retry restores elsewhere (found by the fault matrix: failover replay target-host)', async () => {
+    const env = await setup(400);
+    env.traffic.position = 2;
+    await env.checkpoints.checkpoint('web');
+    env.traffic.position = 6;
+    env.cluster.agent('node1').containers.clear();
+    env.traffic.replayFailures.push(new UnavailableError('connect EHOSTUNREACH'), new UnavailableError('connect EHOSTUNREACH'), new UnavailableError('connect EHOSTUNREACH'));
+    // The node it was restored on dies during the first replay.
+    env.traffic.onReplay = async (container) => {
+      env.traffic.onReplay = undefined;
+      env.cluster.agent(container.node).down = true;
+      await env.store.delete(`/liveness/${container.node}`);
+    };
+    await assert.rejects(env.failovers.failover('web', 'node1'), /EHOSTUNREACH/);
+    assert.equal(env.traffic.calls.filter((c) => c.startsWith('replay ')).length, 1, 'one replay, not three into a dead node');
+    const [record] = await env.failovers.list();
+    assert.equal(record?.replayPending, true);
   });
 
   it('a replay that may have applied a request twice is not replayed again: that copy goes and the container is restored again, replayed in full', async () => {

@@ -12,6 +12,7 @@ import { request } from 'undici';
 import { ConflictError, InvalidInputError, LogMismatchError } from '../../src/shared/errors.js';
 import { GatewayClient, startGateway, type Upstream } from '../../src/gateway/index.js';
 import { RequestLog, type LogRecord } from '../../src/gateway/request-log.js';
+import { guardTestRange } from '../../src/cluster/routes.js';
 import { LOOPBACK, TOKEN, eventually, freePort, httpUpstream, withGateway } from './gateway-env.js';
 
 async function loggedRoute(client: GatewayClient, name: string, upstream?: Upstream): Promise<string> {
@@ -360,6 +361,26 @@ describe('gateway: logged HTTP routes', () => {
       await assert.rejects(client.replay('web', cut, dropping.upstream), (err) => (err as { details?: { written?: boolean } }).details?.written === true);
       await assert.rejects(client.replay('web', cut, dropping.upstream), (err) => err instanceof ConflictError && /may or may not have been applied/.test(err.message) && err.details.written === true);
       await dropping.kill();
+    }));
+
+  it("a replay to a host that is gone stops at its first failed connect (the controller restores elsewhere; retrying would wait out ARP each time)", () =>
+    withGateway(async ({ client }) => {
+      // The project's guard: every test address without a route is unreachable at once.
+      await guardTestRange();
+      const counter = new CounterService(0);
+      const first = await httpUpstream(counter.handle);
+      const url = await loggedRoute(client, 'web', first.upstream);
+      const cut = (await client.hold('web', 'checkpoint-1')).logPosition!;
+      await client.release('web', 'checkpoint-1', first.upstream);
+      assert.equal((await increment(url, 1)).status, 200);
+      await first.kill();
+      await client.hold('web', 'failover-1', { drain: false });
+      const gone: Upstream = { address: '198.19.254.254', port: 80 };
+      await assert.rejects(client.replay('web', cut, gone), (err: Error & { details?: { written?: boolean } }) => {
+        assert.match(err.message, /failed after 1 attempts \(connect EHOSTUNREACH/);
+        assert.equal(err.details?.written, false);
+        return true;
+      });
     }));
 
   it('refuses to go on with a replay the gateway restarted during: what the copy applied is unknown', () =>
