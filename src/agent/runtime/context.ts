@@ -228,6 +228,19 @@ export class RuntimeContext {
     await this.records.write(rec);
   }
 
+  /**
+   * The container's cluster address (ContainerSpec.address) on its interface: here for a
+   * namespace attached directly, by the prestart hook for one in a user namespace (network.ts).
+   */
+  async addClusterAddress(rec: ContainerRecord): Promise<void> {
+    if (rec.spec.address && !rec.userNamespace) await this.network.addClusterAddress(rec.netns, rec.spec.address);
+  }
+
+  /** Once the container runs here: this node sends its cluster address to it (network.ts). */
+  async routeClusterAddress(rec: ContainerRecord): Promise<void> {
+    if (rec.spec.address) await this.network.routeClusterAddress(rec.spec.address, rec.ip);
+  }
+
   async mountContainerRootfs(name: string, image: ImageConfig): Promise<void> {
     const dir = this.layout.containerDir(name);
     const lower = await this.images.lowerDirs(image);
@@ -255,6 +268,7 @@ export class RuntimeContext {
   /** The container's incarnation, network and directory: all of it gone from this node. */
   async removeContainer(rec: ContainerRecord): Promise<void> {
     await this.runc.destroy(this.runcId(rec));
+    if (rec.spec.address && rec.ip) await this.network.unrouteClusterAddress(rec.spec.address, rec.ip);
     await this.network.detach(rec.netns, this.cniId(rec), rec.spec.ports);
     await this.removeContainerDir(rec.spec.name);
   }

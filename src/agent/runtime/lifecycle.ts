@@ -46,9 +46,11 @@ export class ContainerLifecycle {
         const att = await ctx.network.attach(rec.netns, ctx.cniId(rec), spec.ports);
         undo.push(() => ctx.network.detach(rec.netns, rec.netns, spec.ports));
         rec.ip = att.ip;
+        await ctx.addClusterAddress(rec);
         await ctx.writeBundle(rec, image);
         await ctx.records.write(rec);
         await ctx.runc.start(ctx.startTarget(spec.name), ['run', '-d', '--bundle', dir, ctx.runcId(rec)], 'runc run');
+        await ctx.routeClusterAddress(rec);
         return await ctx.view(rec);
       } catch (err) {
         for (const u of undo.reverse()) await u().catch(() => undefined);

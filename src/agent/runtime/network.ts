@@ -13,6 +13,12 @@
  * restores their sockets), moves the attached interface into the container's namespace with
  * its address and default route. The staging namespace keeps the name, the CNI attachment
  * (address reservation, port mappings) and is what detach releases.
+ *
+ * A container with a cluster-wide address (ContainerSpec.address, kept across moves) has it as a
+ * second, /32 address on its interface, beside the node's CNI address, and its node routes the
+ * /32 to the CNI address (`routeClusterAddress`). Only once it runs (restored): packets for it
+ * reach the node only after that, so none meets a namespace without the restored sockets, whose
+ * kernel would reset the connection. Other nodes route it towards this node (README).
  */
 import { existsSync } from 'node:fs';
 import { mkdir } from 'node:fs/promises';
@@ -48,7 +54,7 @@ const IFNAME = 'eth0';
  * the container's state (with its pid) on stdin. Address and route are read from the staging
  * namespace before the move, which drops them.
  */
-export function interfaceMoveHook(stagingNetns: string): { path: string; args: string[]; env: string[]; timeout: number } {
+export function interfaceMoveHook(stagingNetns: string, clusterAddress?: string): { path: string; args: string[]; env: string[]; timeout: number } {
   const script = [
     'set -eu',
     `pid=$(sed -n 's/.*"pid": *\\([0-9][0-9]*\\).*/\\1/p')`,
@@ -57,8 +63,15 @@ export function interfaceMoveHook(stagingNetns: string): { path: string; args: s
     `gw=$(ip -n "$1" -4 route show default | awk '{print $3}')`,
     `ip -n "$1" link set ${IFNAME} netns "$pid"`,
     `nsenter --net=/proc/$pid/ns/net -- sh -c 'ip link set lo up && ip addr add "$0" dev ${IFNAME} && ip link set ${IFNAME} up && ip route add default via "$1"' "$addr" "$gw"`,
+    // Before CRIU restores the sockets: an established connection is bound to this address.
+    `[ -z "$2" ] || nsenter --net=/proc/$pid/ns/net -- ip addr add "$2/32" dev ${IFNAME}`,
   ].join('\n');
-  return { path: '/bin/sh', args: ['sh', '-c', script, 'chipmunk-interface-move', stagingNetns], env: ['PATH=/usr/sbin:/usr/bin:/sbin:/bin'], timeout: 20 };
+  return {
+    path: '/bin/sh',
+    args: ['sh', '-c', script, 'chipmunk-interface-move', stagingNetns, clusterAddress ?? ''],
+    env: ['PATH=/usr/sbin:/usr/bin:/sbin:/bin'],
+    timeout: 20,
+  };
 }
 
 export function netnsPath(name: string): string {
@@ -97,6 +110,23 @@ export class CniNetwork {
    */
   async hasInterface(netns: string): Promise<boolean> {
     return (await runUnchecked('ip', ['-n', netns, 'link', 'show', IFNAME])).code === 0;
+  }
+
+  /** The cluster address on the interface of a container namespace attached directly (no user namespace). Idempotent. */
+  async addClusterAddress(netns: string, address: string): Promise<void> {
+    await run('ip', ['-n', netns, 'addr', 'replace', `${address}/32`, 'dev', IFNAME], { op: `add cluster address ${address}` });
+  }
+
+  /** This node routes `address` to the container's CNI address `containerIp` (top of this file). Idempotent. */
+  async routeClusterAddress(address: string, containerIp: string): Promise<void> {
+    await run(...inHostNetns(this.cfg.hostNetns, 'ip', ['route', 'replace', `${address}/32`, 'via', containerIp, 'dev', this.cfg.bridge]), {
+      op: `route cluster address ${address} to ${containerIp}`,
+    });
+  }
+
+  /** Removes the route `routeClusterAddress` made, only if it still leads to `containerIp` (the container may be back here since). */
+  async unrouteClusterAddress(address: string, containerIp: string): Promise<void> {
+    await runUnchecked(...inHostNetns(this.cfg.hostNetns, 'ip', ['route', 'del', `${address}/32`, 'via', containerIp]));
   }
 
   /** Releases only the published ports, keeping address and namespace. Idempotent. */

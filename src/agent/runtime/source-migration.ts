@@ -10,7 +10,7 @@ import type { AgentContainer, DumpState } from '../../shared/protocol.js';
 import { within } from '../../shared/time.js';
 import type { RuntimeContext, SourceMigration } from './context.js';
 import { treeBytes } from './context.js';
-import { CRIU_LOG, PAGE_DRAIN_TIMEOUT_MS, removeCriuNetworkLock } from './criu.js';
+import { CRIU_LOG, markKeptConnections, PAGE_DRAIN_TIMEOUT_MS, removeCriuNetworkLock, writeCriuOptions } from './criu.js';
 import type { ContainerRecord } from './records.js';
 import { restoreIncarnation } from './target-restore.js';
 import type { DumpOptions, DumpOutcome, MigrationPaths } from './types.js';
@@ -58,6 +58,13 @@ export class SourceMigrations {
       const mig: SourceMigration = { name, mode: opts.mode, pageServer: opts.pageServer };
       ctx.sources.set(opts.migrationId, mig);
       let frozenAt = Date.now();
+      // A container with a cluster address keeps it on the target, and with it its connections (criu.ts).
+      const keepConnections = rec.spec.address !== undefined;
+      const containerDir = ctx.layout.containerDir(name);
+      if (keepConnections) {
+        await writeCriuOptions(containerDir, 'dump', true);
+        await markKeptConnections(images);
+      }
       try {
         await ctx.criu.dump(id, { name, images, work, mode: opts.mode, pageServer: opts.pageServer }, (dump) => {
           frozenAt = Date.now();
@@ -73,6 +80,9 @@ export class SourceMigrations {
         const kept = await ctx.failedLogs.keepFor(err, 'dump', opts.migrationId, work);
         await ctx.removeMigrationDir(opts.migrationId);
         throw kept;
+      } finally {
+        // A later checkpoint of this container (after a rollback) must not keep them.
+        if (keepConnections) await writeCriuOptions(containerDir, 'dump').catch(() => undefined);
       }
       // The container is dumped and gone: its layer's last writes go into the image, which travels.
       await ctx.syncLayer(name);

@@ -9,7 +9,7 @@ import { join } from 'node:path';
 import { ConflictError, InvalidInputError } from '../../shared/errors.js';
 import type { AgentContainer, ContainerSpec, MigrationMode } from '../../shared/protocol.js';
 import type { RuntimeContext } from './context.js';
-import { assertLazyRestorePossible, dumpedWithUserNamespace, PAGE_DRAIN_TIMEOUT_MS, writeCriuOptions, type PageServer } from './criu.js';
+import { assertLazyRestorePossible, dumpedWithUserNamespace, keptConnections, PAGE_DRAIN_TIMEOUT_MS, writeCriuOptions, type PageServer } from './criu.js';
 import type { ImageConfig } from './images.js';
 import type { ContainerRecord } from './records.js';
 import type { PrepareOptions, RestoreOptions } from './types.js';
@@ -168,12 +168,14 @@ export async function restoreIncarnation(
   rec.userNamespace = await dumpedWithUserNamespace(images);
   if (mode === 'lazy') await assertLazyRestorePossible(rec.userNamespace);
   await ctx.ensureStagedInterface(rec);
+  await ctx.addClusterAddress(rec);
   await ctx.mountContainerRootfs(name, image);
   await ctx.writeBundle(rec, image);
-  await writeCriuOptions(containerDir, 'restore');
+  await writeCriuOptions(containerDir, 'restore', keptConnections(images));
   try {
     const restore = await ctx.criu.restoreCommand(migrationId, { images, work, bundle: containerDir, mode, pageServer });
     await ctx.runc.start(ctx.startTarget(name), [...restore.args, ctx.runcId(rec)], 'runc restore', restore.log, restore.daemonFailed);
+    await ctx.routeClusterAddress(rec);
   } catch (err) {
     ctx.criu.killLazyPages(migrationId);
     await ctx.runc.destroy(ctx.runcId(rec));

@@ -1,0 +1,151 @@
+// A container keeps its cluster address (ContainerSpec.address) across moves, and an established
+// TCP connection to it survives a lazy and a copy move: a client on the machine sends a line every
+// 10 ms over one connection to an echo server (busybox nc + cat) and must get every line back, in
+// order, with no reset or error, across both moves. The test plays the part the local cluster
+// gives the controller: after each restore it routes the address to the new node
+// (src/cluster/routes.ts). Needs root and `npm run setup`; runs on the runc pair's own network:
+//   CHIPMUNK_RUNC_PAIR_NET=4 node --import tsx --test test/integration/runtime-keep-connections.test.ts
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import { connect, type Socket } from 'node:net';
+import { after, before, describe, it } from 'node:test';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { routeContainerAddress, unrouteContainerAddress } from '../../src/cluster/routes.js';
+import { ensureImage } from '../../src/devtools/images.js';
+import type { AgentContainer, ContainerSpec, MigrationMode } from '../../src/shared/protocol.js';
+import type { RuntimePair } from '../contract/runtime.contract.js';
+import { mustExecIn } from '../support/in-container.js';
+import { RUNC_PAIR_NET, RUNC_PAIR_NODES, makeRuncPair, prepareRuncPairs } from '../support/runc-pair.js';
+
+const IMAGE = 'chipmunk/busybox';
+const ECHO_PORT = 7007;
+const timeout = 4 * 60_000;
+/** 198.19.200.0/24 is no node's subnet in the runc pair (201-254) nor in the local cluster. */
+const addressOf = (i: number) => `198.19.200.${RUNC_PAIR_NET * 8 + i}`;
+const [SOURCE, TARGET] = RUNC_PAIR_NODES;
+const hostNetns = (host: string) => `/var/run/netns/chmkr${RUNC_PAIR_NET === 2 ? '' : RUNC_PAIR_NET}-${host}`;
+const routed = new Set<string>();
+
+before(async () => {
+  await ensureImage(IMAGE);
+  await prepareRuncPairs();
+});
+
+after(async () => {
+  for (const address of routed) await unrouteContainerAddress(address);
+});
+
+function echoSpec(name: string, address: string): ContainerSpec {
+  return { name, image: IMAGE, command: ['nc', '-ll', '-p', String(ECHO_PORT), '-e', '/bin/cat'], env: {}, ports: [], memoryBytes: 0, address };
+}
+
+/** What the local cluster's controller does at each move: the machine and the other test host send the address to `node`. */
+async function routeTo(address: string, node: (typeof RUNC_PAIR_NODES)[number]): Promise<void> {
+  routed.add(address);
+  await routeContainerAddress(address, node.address);
+  for (const other of RUNC_PAIR_NODES) if (other !== node) await routeContainerAddress(address, node.address, hostNetns(other.host));
+}
+
+/** A move of `c` from the pair's source to its target, the way the controller drives one. */
+async function move(pair: RuntimePair, c: AgentContainer, mode: MigrationMode): Promise<AgentContainer> {
+  const id = `mig-${mode}-${randomBytes(3).toString('hex')}`;
+  const pageServer = mode === 'lazy' ? pair.pageServer() : undefined;
+  await pair.target.prepareRestore(c.spec, { migrationId: id, mode, generation: c.generation + 1 });
+  await pair.source.dump(c.name, { migrationId: id, mode, ...(pageServer ? { pageServer } : {}) });
+  await pair.copyTrees(id);
+  const restored = await pair.target.restore(c.spec, { migrationId: id, mode, generation: c.generation + 1, ...(pageServer ? { pageServer } : {}) });
+  await routeTo(c.spec.address!, TARGET);
+  await pair.source.finishMigration(id);
+  await pair.target.settleRestore(id);
+  return restored;
+}
+
+/** One connection sending a numbered line every 10 ms; records when each echo came back. */
+class EchoClient {
+  private readonly socket: Socket;
+  private buffered = '';
+  private next = 1;
+  private timer?: NodeJS.Timeout;
+  readonly replies: Array<{ n: number; at: number }> = [];
+  readonly errors: string[] = [];
+
+  private constructor(socket: Socket) {
+    this.socket = socket;
+    socket.setEncoding('utf8');
+    socket.on('data', (d: string) => {
+      this.buffered += d;
+      let nl: number;
+      while ((nl = this.buffered.indexOf('\n')) >= 0) {
+        this.replies.push({ n: Number(this.buffered.slice(0, nl)), at: Date.now() });
+        this.buffered = this.buffered.slice(nl + 1);
+      }
+    });
+    socket.on('error', (err) => this.errors.push(err.message));
+    socket.on('close', () => this.errors.push('connection closed'));
+  }
+
+  static async open(host: string, port: number): Promise<EchoClient> {
+    assert.ok(host.startsWith('198.19.200.'), `${host} is not a test container address`);
+    const socket = connect({ host, port });
+    await new Promise<void>((resolve, reject) => socket.once('connect', resolve).once('error', reject));
+    const client = new EchoClient(socket);
+    client.timer = setInterval(() => client.socket.write(`${client.next++}\n`), 10);
+    return client;
+  }
+
+  /** Stops sending and waits (bounded) for the echo of every line sent. */
+  async stop(): Promise<number> {
+    clearInterval(this.timer);
+    const sent = this.next - 1;
+    const deadline = Date.now() + 30_000;
+    while (this.replies.length < sent && this.errors.length === 0 && Date.now() < deadline) await sleep(20);
+    this.socket.destroy();
+    return sent;
+  }
+
+  /** Longest time between two consecutive echoes, from `since`. */
+  maxGapMs(since: number): number {
+    let gap = 0;
+    const times = this.replies.filter((r) => r.at >= since).map((r) => r.at);
+    for (let i = 1; i < times.length; i++) gap = Math.max(gap, times[i]! - times[i - 1]!);
+    return gap;
+  }
+
+  assertAllInOrder(sent: number): void {
+    assert.deepEqual(this.errors, [], 'the connection must see no reset, close or error');
+    assert.equal(this.replies.length, sent, `every line sent (${sent}) must come back, ${this.replies.length} did`);
+    this.replies.forEach((r, i) => assert.equal(r.n, i + 1, `reply ${i + 1} out of order`));
+  }
+}
+
+async function containerAddresses(c: AgentContainer): Promise<string> {
+  return mustExecIn(c, ['ip', '-4', '-o', 'addr', 'show', 'dev', 'eth0']);
+}
+
+describe('a container keeps its cluster address and its established connections across moves', { timeout }, () => {
+  for (const mode of ['lazy', 'copy'] as const) {
+    it(`an echo connection sending every 10 ms gets every reply in order across a ${mode} move`, async () => {
+      const pair = await makeRuncPair();
+      try {
+        const address = addressOf(mode === 'lazy' ? 1 : 2);
+        const c = await pair.source.run(echoSpec(`keepconn-${mode}`, address));
+        await routeTo(address, SOURCE);
+        assert.match(await containerAddresses(c), new RegExp(`${address.replace(/\./g, '\\.')}/32`));
+        const client = await EchoClient.open(address, ECHO_PORT);
+        await sleep(300);
+        assert.ok(client.replies.length > 0, 'the echo server answers on the cluster address');
+        const since = Date.now();
+        const moved = await move(pair, c, mode);
+        await sleep(500);
+        const gap = client.maxGapMs(since);
+        assert.deepEqual(client.errors, [], `after the ${mode} move the connection must still be open`);
+        assert.match(await containerAddresses(moved), new RegExp(`${address.replace(/\./g, '\\.')}/32`), 'the moved container has its address');
+        const sent = await client.stop();
+        client.assertAllInOrder(sent);
+        console.log(`${mode} move: kept connection, ${sent} lines echoed in order; longest gap between replies ${gap} ms`);
+      } finally {
+        await pair.cleanup();
+      }
+    });
+  }
+});
