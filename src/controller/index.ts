@@ -11,6 +11,7 @@ import { pino, type Logger } from 'pino';
 import { InvalidInputError } from '../shared/errors.js';
 import { HttpAgentApi } from './agent-client.js';
 import { ContainerLocks } from './container-lock.js';
+import { ContainerAddresses, DEFAULT_CONTAINER_RANGE, parseContainerRange } from './addresses.js';
 import { ContainerService, type AgentResolver } from './containers.js';
 import { Fences } from './fences.js';
 import { MigrationOrchestrator } from './migration.js';
@@ -52,6 +53,11 @@ export interface ControllerOptions {
   keepCheckpoints?: number;
   /** How agents reach this controller (and its checkpoint store); the listen address by default. */
   advertiseUrl?: string;
+  /**
+   * The range containers' cluster-wide addresses come from (addresses.ts), DEFAULT_CONTAINER_RANGE
+   * if not given; 'off': containers get none, only their node's address.
+   */
+  containerRange?: string;
 }
 
 export interface RunningController {
@@ -72,7 +78,8 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
   const nodes = new NodeRegistry(store, nodeLeaseMs);
   const locks = new ContainerLocks(store);
   const fences = new Fences(store);
-  const containers = new ContainerService(store, nodes, agentFor, locks);
+  const range = opts.containerRange === 'off' ? undefined : parseContainerRange(opts.containerRange ?? DEFAULT_CONTAINER_RANGE);
+  const containers = new ContainerService(store, nodes, agentFor, locks, new ContainerAddresses(store, range));
   const routes = new RouteService(
     store,
     async (node) => (await nodes.get(node).catch(() => undefined))?.address,

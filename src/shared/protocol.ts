@@ -305,6 +305,8 @@ export const ContainerView = Type.Object({
   /** Routes through the gateway: GATEWAY:PORT->CTRPORT/PROTO. */
   endpoints: Type.Array(Type.String(), { default: [] }),
   ip: Type.Optional(Type.String()),
+  /** Its cluster-wide address, which it keeps across moves (README: container addresses). */
+  address: Type.Optional(Type.String()),
   createdAt: Type.String(),
   /** Set for protected containers: checkpointed periodically, failed over when their node dies. */
   protection: Type.Optional(ProtectionPolicy),
