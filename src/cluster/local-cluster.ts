@@ -14,8 +14,8 @@ import { ChipmunkError, ConflictError, InvalidInputError, UnavailableError, toCh
 import { ControllerClient } from '../shared/controller-client.js';
 import { ApiClient } from '../shared/http.js';
 import type { NodeView } from '../shared/protocol.js';
-import { routeContainerSubnet, TEST_RANGE } from './routes.js';
-import { createTestHost, ensureBridge, netnsPath, type TestNetwork } from './testhost.js';
+import { formatRoutedHosts, routeContainerSubnet, TEST_RANGE, type RoutedHost } from './routes.js';
+import { createTestHost, ensureBridge, netnsPath, testHostNetns, type TestNetwork } from './testhost.js';
 import { REPO_ROOT, failOnExit, isRunning, spawnDaemon } from './processes.js';
 
 export const DEFAULT_STATE_DIR = '/var/lib/chipmunk/local-cluster';
@@ -102,6 +102,11 @@ function nodeAddress(i: number): string {
 }
 
 /** Node i's containers take addresses in 198.19.i.0/24, routed to its test host. */
+/** The test hosts `cluster up` makes, known before they exist (the controller starts first). */
+function testHosts(nodes: number): RoutedHost[] {
+  return Array.from({ length: nodes }, (_, j) => ({ netns: netnsPath(testHostNetns(LOCAL_NETWORK, nodeName(j + 1))), address: nodeAddress(j + 1) }));
+}
+
 function nodeContainerSubnet(i: number): string {
   return `198.19.${i}.0/24`;
 }
@@ -187,6 +192,8 @@ export async function clusterUp(opts: ClusterUpOptions): Promise<ClusterUpResult
     '--gateway', `http://${gatewayApi}`, '--gateway-host', LOCAL_GATEWAY_HOST,
     '--checkpoint-dir', join(stateDir, 'checkpoints'),
     ...(opts.nodeLeaseMs !== undefined ? ['--node-lease', `${opts.nodeLeaseMs}ms`] : []),
+    // Containers' cluster addresses follow them: routed on this machine and in every test host at each move.
+    '--address-routes', `${process.execPath} ${CHIPMUNK_BIN} cluster route --hosts ${formatRoutedHosts(testHosts(opts.nodes))}`,
   ];
   const controller = await spawnDaemon(process.execPath, controllerArgs, controllerLog, daemonEnv(faultsEnabled));
   const state: LocalClusterState = {

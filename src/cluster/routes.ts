@@ -8,6 +8,7 @@
  * - Each node's container subnet is routed to its test host, so the gateway (on this machine)
  *   reaches a container at its own address, with no published port.
  */
+import { InvalidInputError } from '../shared/errors.js';
 import { run, runUnchecked } from '../shared/exec.js';
 
 /** The whole range a test address may take; none of it may ever leave the machine. */
@@ -45,4 +46,42 @@ export async function unrouteContainerAddress(address: string, netns?: string): 
 
 function ipIn(netns: string | undefined, args: string[]): [string, string[]] {
   return netns ? ['nsenter', [`--net=${netns}`, '--', 'ip', ...args]] : ['ip', args];
+}
+
+/** A test host as `cluster route` sees it: its namespace (a path) and its address. */
+export interface RoutedHost {
+  netns: string;
+  address: string;
+}
+
+/**
+ * The local cluster's address routes command (`chipmunk cluster route`, run by the controller:
+ * src/controller/address-routes.ts): `address` is routed to the test host at `nodeAddress` on this
+ * machine and in every other test host; that host's agent routes it on to the container. Without
+ * `nodeAddress` (the container was removed) the routes go.
+ */
+export async function routeAddressInLocalCluster(hosts: RoutedHost[], address: string, nodeAddress?: string): Promise<void> {
+  // Only the test range: a route for any other address could send the machine's traffic astray.
+  if (!/^198\.1[89]\.\d{1,3}\.\d{1,3}$/.test(address)) throw new InvalidInputError(`${address} is outside the local cluster's test range ${TEST_RANGE}: its containers' addresses come from there`);
+  if (nodeAddress === undefined) {
+    await unrouteContainerAddress(address);
+    for (const host of hosts) await unrouteContainerAddress(address, host.netns);
+    return;
+  }
+  if (!hosts.some((h) => h.address === nodeAddress)) throw new InvalidInputError(`${nodeAddress} is no test host of the local cluster (${hosts.map((h) => h.address).join(', ')})`);
+  await routeContainerAddress(address, nodeAddress);
+  for (const host of hosts) if (host.address !== nodeAddress) await routeContainerAddress(address, nodeAddress, host.netns);
+}
+
+/** `--hosts` of `cluster route`: NETNS_PATH=ADDRESS,... */
+export function formatRoutedHosts(hosts: RoutedHost[]): string {
+  return hosts.map((h) => `${h.netns}=${h.address}`).join(',');
+}
+
+export function parseRoutedHosts(text: string): RoutedHost[] {
+  return text.split(',').map((item) => {
+    const [netns, address] = item.split('=');
+    if (!netns || !address) throw new InvalidInputError(`--hosts '${text}': give NETNS_PATH=ADDRESS pairs separated by commas`);
+    return { netns, address };
+  });
 }

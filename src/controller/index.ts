@@ -11,6 +11,7 @@ import { pino, type Logger } from 'pino';
 import { InvalidInputError } from '../shared/errors.js';
 import { HttpAgentApi } from './agent-client.js';
 import { ContainerLocks } from './container-lock.js';
+import { AddressRoutes } from './address-routes.js';
 import { ContainerAddresses, DEFAULT_CONTAINER_RANGE, parseContainerRange } from './addresses.js';
 import { ContainerService, type AgentResolver } from './containers.js';
 import { Fences } from './fences.js';
@@ -58,6 +59,12 @@ export interface ControllerOptions {
    * if not given; 'off': containers get none, only their node's address.
    */
   containerRange?: string;
+  /**
+   * A command line (words split on spaces) run as `... ADDRESS NODE_ADDRESS` at each placement of a
+   * container with an address, and `... ADDRESS` at its removal (address-routes.ts); none: the
+   * operator's network knows another way (one L2 segment with proxy ARP, a router of theirs).
+   */
+  addressRoutesCommand?: string;
 }
 
 export interface RunningController {
@@ -80,6 +87,7 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
   const fences = new Fences(store);
   const range = opts.containerRange === 'off' ? undefined : parseContainerRange(opts.containerRange ?? DEFAULT_CONTAINER_RANGE);
   const containers = new ContainerService(store, nodes, agentFor, locks, new ContainerAddresses(store, range));
+  const addressRoutes = opts.addressRoutesCommand ? new AddressRoutes(store, nodes, opts.addressRoutesCommand, logger) : undefined;
   const routes = new RouteService(
     store,
     async (node) => (await nodes.get(node).catch(() => undefined))?.address,
@@ -144,10 +152,12 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
   );
   migrations.start();
   checkpoints.start();
+  await addressRoutes?.start();
   logger.info({ store: storeSpec, storeId }, `controller listening on http://${host}:${address.port}`);
   return {
     url: `http://${host}:${address.port}`,
     close: async () => {
+      addressRoutes?.stop();
       routes.stop();
       checkpoints.stop();
       failovers.stop();

@@ -10,7 +10,7 @@ import { randomBytes } from 'node:crypto';
 import { connect, type Socket } from 'node:net';
 import { after, before, describe, it } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { routeContainerAddress, unrouteContainerAddress } from '../../src/cluster/routes.js';
+import { routeAddressInLocalCluster } from '../../src/cluster/routes.js';
 import { ensureImage } from '../../src/devtools/images.js';
 import type { AgentContainer, ContainerSpec, MigrationMode } from '../../src/shared/protocol.js';
 import type { RuntimePair } from '../contract/runtime.contract.js';
@@ -24,6 +24,7 @@ const timeout = 4 * 60_000;
 const addressOf = (i: number) => `198.19.200.${RUNC_PAIR_NET * 8 + i}`;
 const [SOURCE, TARGET] = RUNC_PAIR_NODES;
 const hostNetns = (host: string) => `/var/run/netns/chmkr${RUNC_PAIR_NET === 2 ? '' : RUNC_PAIR_NET}-${host}`;
+const HOSTS = RUNC_PAIR_NODES.map((n) => ({ netns: hostNetns(n.host), address: n.address }));
 const routed = new Set<string>();
 
 before(async () => {
@@ -32,18 +33,17 @@ before(async () => {
 });
 
 after(async () => {
-  for (const address of routed) await unrouteContainerAddress(address);
+  for (const address of routed) await routeAddressInLocalCluster(HOSTS, address);
 });
 
 function echoSpec(name: string, address: string): ContainerSpec {
   return { name, image: IMAGE, command: ['nc', '-ll', '-p', String(ECHO_PORT), '-e', '/bin/cat'], env: {}, ports: [], memoryBytes: 0, address };
 }
 
-/** What the local cluster's controller does at each move: the machine and the other test host send the address to `node`. */
+/** What the local cluster's controller has done at each move (`chipmunk cluster route`): the machine and the other test host send the address to `node`. */
 async function routeTo(address: string, node: (typeof RUNC_PAIR_NODES)[number]): Promise<void> {
   routed.add(address);
-  await routeContainerAddress(address, node.address);
-  for (const other of RUNC_PAIR_NODES) if (other !== node) await routeContainerAddress(address, node.address, hostNetns(other.host));
+  await routeAddressInLocalCluster(HOSTS, address, node.address);
 }
 
 /** A move of `c` from the pair's source to its target, the way the controller drives one. */

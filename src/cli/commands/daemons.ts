@@ -53,6 +53,8 @@ interface ControllerOptions {
   checkpointDir?: string;
   keepCheckpoints: number;
   nodeLease: number;
+  containerRange?: string;
+  addressRoutes?: string;
   json?: boolean;
 }
 
@@ -96,7 +98,9 @@ export function registerDaemonCommands(program: Command): void {
       .option('--advertise-url <url>', 'how agents reach this controller and its checkpoint store (default: the listen address)', parseUrl)
       .option('--checkpoint-dir <dir>', 'where the checkpoint store keeps chunks and index (default: checkpoints/ beside the SQLite store)')
       .option('--keep-checkpoints <n>', 'checkpoints kept per container', parsePositiveInt, 5)
-      .option('--node-lease <duration>', 'a node that has not heartbeated for this long is dead: its protected containers fail over', parseNodeLease, 5000),
+      .option('--node-lease <duration>', 'a node that has not heartbeated for this long is dead: its protected containers fail over', parseNodeLease, 5000)
+      .option('--container-range <cidr|off>', "containers' cluster-wide addresses, kept across moves (default 198.19.128.0/18; off: only their node's address)")
+      .option('--address-routes <command>', 'run as `COMMAND ADDRESS NODE_ADDRESS` whenever a container (re)starts on a node, `COMMAND ADDRESS` when removed (README: container addresses)'),
   ).action(async (opts: ControllerOptions) => {
     const token = await daemonToken(opts.tokenFile);
     // Loaded only here: the other commands need neither fastify nor the store.
@@ -113,6 +117,8 @@ export function registerDaemonCommands(program: Command): void {
       ...(opts.checkpointDir ? { checkpointDir: opts.checkpointDir } : {}),
       keepCheckpoints: opts.keepCheckpoints,
       nodeReadyWithinMs: opts.nodeLease,
+      ...(opts.containerRange ? { containerRange: opts.containerRange } : {}),
+      ...(opts.addressRoutes ? { addressRoutesCommand: opts.addressRoutes } : {}),
     });
     await serveUntilStopped(opts.json, 'controller', controller);
   });
