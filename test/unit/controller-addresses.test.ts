@@ -2,7 +2,12 @@
 // from the controller's range at run, given to the agent in the spec, kept across migrations
 // (two at once too), released with the container. Failover keeps it: controller-failover.test.ts.
 import assert from 'node:assert/strict';
+import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { describe, it } from 'node:test';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { AddressRoutes } from '../../src/controller/address-routes.js';
 import { pino } from 'pino';
 import { ContainerAddresses, DEFAULT_CONTAINER_RANGE, parseContainerRange } from '../../src/controller/addresses.js';
 import { ContainerLocks, containerKey, type ContainerRecord } from '../../src/controller/container-lock.js';
@@ -31,7 +36,7 @@ async function setup(range: string | null = DEFAULT_CONTAINER_RANGE) {
   const containers = new ContainerService(store, nodes, cluster.resolver, locks, new ContainerAddresses(store, range ? parseContainerRange(range) : undefined));
   const migrations = new MigrationOrchestrator({ store, nodes, agentFor: cluster.resolver, locks, fences: new Fences(store), log: silent });
   const record = async (name: string) => (await store.get<ContainerRecord>(containerKey(name)))!.value;
-  return { store, cluster, containers, migrations, record };
+  return { store, cluster, nodes, containers, migrations, record };
 }
 
 describe('cluster-wide container addresses (controller, fake agents)', () => {
@@ -83,5 +88,35 @@ describe('cluster-wide container addresses (controller, fake agents)', () => {
     const a = await off.containers.run({ spec: spec('a'), node: 'node1' });
     assert.equal(a.address, undefined);
     assert.equal(off.cluster.agent('node1').containers.get('a')?.spec.address, undefined);
+  });
+
+  it('the address routes command runs at run, at each move and at removal, with the node address; a restarted controller runs it again', async () => {
+    const env = await setup('198.19.128.0/24');
+    const dir = await mkdtemp(join(tmpdir(), 'chipmunk-address-routes-'));
+    try {
+      const log = join(dir, 'calls');
+      const script = join(dir, 'route.sh');
+      await writeFile(script, `echo "$*" >> ${log}\n`);
+      const calls = async () => (await readFile(log, 'utf8').catch(() => '')).trim().split('\n').filter(Boolean);
+      const routes = new AddressRoutes(env.store, env.nodes, `/bin/sh ${script}`, silent);
+      await routes.start();
+      const [node1, node2] = ['node1', 'node2'].map((n) => env.cluster.agent(n).registration().address);
+      await env.containers.run({ spec: spec('a'), node: 'node1' });
+      await env.migrations.migrate('a', { to: 'node2' }, () => undefined);
+      await env.containers.remove('a');
+      const want = [`198.19.128.1 ${node1}`, `198.19.128.1 ${node2}`, '198.19.128.1'];
+      for (let i = 0; i < 100 && (await calls()).length < want.length; i++) await sleep(20);
+      await routes.settled();
+      assert.deepEqual(await calls(), want);
+      routes.stop();
+      await env.containers.run({ spec: spec('b'), node: 'node2' });
+      const restarted = new AddressRoutes(env.store, env.nodes, `/bin/sh ${script}`, silent);
+      await restarted.start();
+      await restarted.settled();
+      restarted.stop();
+      assert.deepEqual((await calls()).slice(want.length), [`198.19.128.1 ${node2}`], 'a restarted controller routes every address again');
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
   });
 });
