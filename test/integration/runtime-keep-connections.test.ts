@@ -12,6 +12,7 @@ import { after, before, describe, it } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { routeAddressInLocalCluster } from '../../src/cluster/routes.js';
 import { ensureImage } from '../../src/devtools/images.js';
+import { runUnchecked } from '../../src/shared/exec.js';
 import type { AgentContainer, ContainerSpec, MigrationMode } from '../../src/shared/protocol.js';
 import type { RuntimePair } from '../contract/runtime.contract.js';
 import { mustExecIn } from '../support/in-container.js';
@@ -148,4 +149,63 @@ describe('a container keeps its cluster address and its established connections 
       }
     });
   }
+
+  it('two containers moved at once keep their addresses and their connections', async () => {
+    const pair = await makeRuncPair();
+    try {
+      const names = ['keepconn-a', 'keepconn-b'];
+      const addresses = [addressOf(3), addressOf(4)];
+      const containers = await Promise.all(names.map((name, i) => pair.source.run(echoSpec(name, addresses[i]!))));
+      for (const address of addresses) await routeTo(address, SOURCE);
+      const clients = await Promise.all(addresses.map((address) => EchoClient.open(address, ECHO_PORT)));
+      await sleep(300);
+      const moved = await Promise.all(containers.map((c) => move(pair, c, 'lazy')));
+      await sleep(500);
+      for (const [i, c] of moved.entries()) {
+        assert.match(await containerAddresses(c), new RegExp(`${addresses[i]!.replace(/\./g, '\\.')}/32`), `${c.name} keeps its address`);
+        const sent = await clients[i]!.stop();
+        clients[i]!.assertAllInOrder(sent);
+      }
+    } finally {
+      await pair.cleanup();
+    }
+  });
+
+  it('after a failover (a restore from a checkpoint) the old connection is reset at its next packet, and a new one works', async () => {
+    const pair = await makeRuncPair();
+    try {
+      const address = addressOf(5);
+      const c = await pair.source.run(echoSpec('keepconn-failover', address));
+      await routeTo(address, SOURCE);
+      const client = await EchoClient.open(address, ECHO_PORT);
+      await sleep(300);
+      const ckpt = await pair.source.checkpoint(c.name, `ckpt-${randomBytes(3).toString('hex')}`);
+      // The source host dies: nothing of it reaches the client any more (no FIN, no reset), then its container goes.
+      await runIn(hostNetns(SOURCE.host), 'iptables', ['-I', 'FORWARD', '-s', address, '-j', 'DROP']);
+      await pair.source.remove(c.name, { force: true });
+      const restoreId = `from-ckpt-${randomBytes(3).toString('hex')}`;
+      await pair.copyTrees(restoreId, ckpt.paths);
+      await pair.target.restore(c.spec, { migrationId: restoreId, mode: 'copy', generation: c.generation + 1 });
+      await routeTo(address, TARGET);
+      const routedAt = Date.now();
+      const deadline = routedAt + 10_000;
+      while (client.errors.length === 0 && Date.now() < deadline) await sleep(10);
+      const resetAfterMs = Date.now() - routedAt;
+      await client.stop();
+      assert.match(client.errors[0] ?? 'still silent after 10 s', /ECONNRESET/, 'the old connection is reset, not left silent');
+      console.log(`failover: the old connection was reset ${resetAfterMs} ms after the address moved`);
+      const fresh = await EchoClient.open(address, ECHO_PORT);
+      await sleep(300);
+      const sent = await fresh.stop();
+      fresh.assertAllInOrder(sent);
+      assert.ok(sent > 0);
+    } finally {
+      await pair.cleanup();
+    }
+  });
 });
+
+async function runIn(netns: string, cmd: string, args: string[]): Promise<void> {
+  const res = await runUnchecked('nsenter', [`--net=${netns}`, '--', cmd, ...args]);
+  assert.equal(res.code, 0, `${cmd} ${args.join(' ')} in ${netns}: ${res.stderr}`);
+}
