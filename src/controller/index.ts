@@ -94,6 +94,7 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
     logger,
     opts.gateway ? { ...opts.gateway, token: opts.token, owner: storeId } : undefined,
     (node) => nodes.isReady(node),
+    addressRoutes ? (address, node) => addressRoutes.isRoutedTo(address, node) : undefined,
   );
   const temporaryCheckpointDir = opts.checkpointDir || storeSpec.startsWith('sqlite:') ? undefined : await mkdtemp(join(tmpdir(), 'chipmunk-checkpoints-'));
   const checkpointDir = opts.checkpointDir ?? temporaryCheckpointDir ?? join(dirname(storeSpec.slice('sqlite:'.length)), 'checkpoints');
