@@ -14,7 +14,7 @@ import { ChipmunkError, ConflictError, InvalidInputError, UnavailableError, toCh
 import { ControllerClient } from '../shared/controller-client.js';
 import { ApiClient } from '../shared/http.js';
 import type { NodeView } from '../shared/protocol.js';
-import { formatRoutedHosts, routeContainerSubnet, TEST_RANGE, type RoutedHost } from './routes.js';
+import { routeContainerSubnet, TEST_RANGE, writeAddressRoutesScript, type RoutedHost } from './routes.js';
 import { createTestHost, ensureBridge, netnsPath, testHostNetns, type TestNetwork } from './testhost.js';
 import { REPO_ROOT, failOnExit, isRunning, spawnDaemon } from './processes.js';
 
@@ -193,7 +193,7 @@ export async function clusterUp(opts: ClusterUpOptions): Promise<ClusterUpResult
     '--checkpoint-dir', join(stateDir, 'checkpoints'),
     ...(opts.nodeLeaseMs !== undefined ? ['--node-lease', `${opts.nodeLeaseMs}ms`] : []),
     // Containers' cluster addresses follow them: routed on this machine and in every test host at each move.
-    '--address-routes', `${process.execPath} ${CHIPMUNK_BIN} cluster route --hosts ${formatRoutedHosts(testHosts(opts.nodes))}`,
+    '--address-routes', await writeAddressRoutesScript(join(stateDir, 'address-routes.sh'), testHosts(opts.nodes)),
   ];
   const controller = await spawnDaemon(process.execPath, controllerArgs, controllerLog, daemonEnv(faultsEnabled));
   const state: LocalClusterState = {

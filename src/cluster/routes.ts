@@ -8,8 +8,9 @@
  * - Each node's container subnet is routed to its test host, so the gateway (on this machine)
  *   reaches a container at its own address, with no published port.
  */
+import { writeFile } from 'node:fs/promises';
 import { InvalidInputError } from '../shared/errors.js';
-import { run, runUnchecked } from '../shared/exec.js';
+import { run } from '../shared/exec.js';
 
 /** The whole range a test address may take; none of it may ever leave the machine. */
 export const TEST_RANGE = '198.18.0.0/15';
@@ -27,61 +28,46 @@ export async function routeContainerSubnet(subnet: string, via: string, bridge: 
   await run('ip', ['route', 'replace', subnet, 'via', via, 'dev', bridge], { op: `route ${subnet} via ${via}` });
 }
 
-/**
- * Routes a container's cluster address (ContainerSpec.address) to the node it runs on, in the
- * network namespace `netns` (a path: a test host) or the machine's own; idempotent. Called at
- * each move for every test host but the container's own, and the machine (where the gateway
- * runs): the node's agent routes it on to the container (src/agent/runtime/network.ts).
- */
-export async function routeContainerAddress(address: string, nodeAddress: string, netns?: string): Promise<void> {
-  const args = ['route', 'replace', `${address}/32`, 'via', nodeAddress];
-  await run(...ipIn(netns, args), { op: `route ${address} via ${nodeAddress}` });
-}
-
-/** Removes what `routeContainerAddress` made (the container is gone); tolerates "no such route". */
-export async function unrouteContainerAddress(address: string, netns?: string): Promise<void> {
-  const args = ['route', 'del', `${address}/32`];
-  await runUnchecked(...ipIn(netns, args));
-}
-
-function ipIn(netns: string | undefined, args: string[]): [string, string[]] {
-  return netns ? ['nsenter', [`--net=${netns}`, '--', 'ip', ...args]] : ['ip', args];
-}
-
-/** A test host as `cluster route` sees it: its namespace (a path) and its address. */
+/** A test host as the address routes script sees it: its namespace (a path) and its address. */
 export interface RoutedHost {
   netns: string;
   address: string;
 }
 
 /**
- * The local cluster's address routes command (`chipmunk cluster route`, run by the controller:
- * src/controller/address-routes.ts): `address` is routed to the test host at `nodeAddress` on this
- * machine and in every other test host; that host's agent routes it on to the container. Without
- * `nodeAddress` (the container was removed) the routes go.
+ * The local cluster's address routes command (the controller's `--address-routes`, run at each
+ * placement of a container: src/controller/address-routes.ts), as a shell script: `SCRIPT ADDRESS
+ * NODE_ADDRESS` routes ADDRESS/32 via the test host at NODE_ADDRESS on this machine and in every
+ * other test host (that host's agent routes it on to the container); `SCRIPT ADDRESS` removes the
+ * routes. A script rather than a chipmunk command: it runs at every move, between the commit and
+ * the first retransmission that can reach the container, and starting node would cost a second.
  */
-export async function routeAddressInLocalCluster(hosts: RoutedHost[], address: string, nodeAddress?: string): Promise<void> {
-  // Only the test range: a route for any other address could send the machine's traffic astray.
-  if (!/^198\.1[89]\.\d{1,3}\.\d{1,3}$/.test(address)) throw new InvalidInputError(`${address} is outside the local cluster's test range ${TEST_RANGE}: its containers' addresses come from there`);
-  if (nodeAddress === undefined) {
-    await unrouteContainerAddress(address);
-    for (const host of hosts) await unrouteContainerAddress(address, host.netns);
-    return;
+export function addressRoutesScript(hosts: RoutedHost[]): string {
+  for (const h of hosts) {
+    if (!/^[\w./-]+$/.test(h.netns) || !/^\d{1,3}(\.\d{1,3}){3}$/.test(h.address)) throw new InvalidInputError(`test host ${h.netns} at ${h.address}: not a namespace path and an IPv4 address`);
   }
-  if (!hosts.some((h) => h.address === nodeAddress)) throw new InvalidInputError(`${nodeAddress} is no test host of the local cluster (${hosts.map((h) => h.address).join(', ')})`);
-  await routeContainerAddress(address, nodeAddress);
-  for (const host of hosts) if (host.address !== nodeAddress) await routeContainerAddress(address, nodeAddress, host.netns);
+  const inHost = (h: RoutedHost, args: string) => `nsenter --net=${h.netns} -- ip route ${args}`;
+  return [
+    '#!/bin/sh',
+    '# chipmunk local cluster: route a container\'s cluster address (written by `cluster up`; see src/cluster/routes.ts)',
+    'set -u',
+    'addr=$1',
+    'via=${2:-}',
+    // Only the test range: a route for any other address could send the machine's traffic astray.
+    `case "$addr" in 198.18.*|198.19.*) ;; *) echo "$addr is outside the test range ${TEST_RANGE}" >&2; exit 2 ;; esac`,
+    'if [ -z "$via" ]; then',
+    '  ip route del "$addr/32" 2>/dev/null',
+    ...hosts.map((h) => `  ${inHost(h, 'del "$addr/32"')} 2>/dev/null`),
+    '  exit 0',
+    'fi',
+    'ip route replace "$addr/32" via "$via" || exit 1',
+    ...hosts.map((h) => `[ "$via" = ${h.address} ] || ${inHost(h, 'replace "$addr/32" via "$via"')} || exit 1`),
+    '',
+  ].join('\n');
 }
 
-/** `--hosts` of `cluster route`: NETNS_PATH=ADDRESS,... */
-export function formatRoutedHosts(hosts: RoutedHost[]): string {
-  return hosts.map((h) => `${h.netns}=${h.address}`).join(',');
-}
-
-export function parseRoutedHosts(text: string): RoutedHost[] {
-  return text.split(',').map((item) => {
-    const [netns, address] = item.split('=');
-    if (!netns || !address) throw new InvalidInputError(`--hosts '${text}': give NETNS_PATH=ADDRESS pairs separated by commas`);
-    return { netns, address };
-  });
+/** Writes the script (executable) to `path`; returns the command line the controller is given. */
+export async function writeAddressRoutesScript(path: string, hosts: RoutedHost[]): Promise<string> {
+  await writeFile(path, addressRoutesScript(hosts), { mode: 0o755 });
+  return `/bin/sh ${path}`;
 }

@@ -3,8 +3,8 @@
  * a container starts on a node, or moves to another (migration, failover, restore), the
  * operator's command runs as `COMMAND ADDRESS NODE_ADDRESS`, and as `COMMAND ADDRESS` when the
  * container is removed. What it does is the operator's: routes on each host, an announcement
- * to their router (README: container addresses). The local cluster's is `chipmunk cluster
- * route`, which routes the address on this machine and in every test host. The node the
+ * to their router (README: container addresses). The local cluster's is a script
+ * (src/cluster/routes.ts) routing the address on this machine and in every test host. The node the
  * container runs on routes it on to the container by itself (its agent, network.ts).
  *
  * It follows the container records in the store, so every path that moves a container is

@@ -10,7 +10,10 @@ import { randomBytes } from 'node:crypto';
 import { connect, type Socket } from 'node:net';
 import { after, before, describe, it } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { routeAddressInLocalCluster } from '../../src/cluster/routes.js';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { writeAddressRoutesScript } from '../../src/cluster/routes.js';
 import { ensureImage } from '../../src/devtools/images.js';
 import { runUnchecked } from '../../src/shared/exec.js';
 import type { AgentContainer, ContainerSpec, MigrationMode } from '../../src/shared/protocol.js';
@@ -27,24 +30,31 @@ const [SOURCE, TARGET] = RUNC_PAIR_NODES;
 const hostNetns = (host: string) => `/var/run/netns/chmkr${RUNC_PAIR_NET === 2 ? '' : RUNC_PAIR_NET}-${host}`;
 const HOSTS = RUNC_PAIR_NODES.map((n) => ({ netns: hostNetns(n.host), address: n.address }));
 const routed = new Set<string>();
+let scriptDir = '';
+/** The local cluster's address routes command (its controller's --address-routes), for this pair's test hosts. */
+let routesCommand: string[] = [];
 
 before(async () => {
   await ensureImage(IMAGE);
   await prepareRuncPairs();
+  scriptDir = await mkdtemp(join(tmpdir(), 'chipmunk-keepconn-'));
+  routesCommand = (await writeAddressRoutesScript(join(scriptDir, 'address-routes.sh'), HOSTS)).split(' ');
 });
 
 after(async () => {
-  for (const address of routed) await routeAddressInLocalCluster(HOSTS, address);
+  for (const address of routed) await runUnchecked(routesCommand[0]!, [...routesCommand.slice(1), address]);
+  if (scriptDir) await rm(scriptDir, { recursive: true, force: true });
 });
 
 function echoSpec(name: string, address: string): ContainerSpec {
   return { name, image: IMAGE, command: ['nc', '-ll', '-p', String(ECHO_PORT), '-e', '/bin/cat'], env: {}, ports: [], memoryBytes: 0, address };
 }
 
-/** What the local cluster's controller has done at each move (`chipmunk cluster route`): the machine and the other test host send the address to `node`. */
+/** What the local cluster's controller does at each move: the machine and the other test host send the address to `node`. */
 async function routeTo(address: string, node: (typeof RUNC_PAIR_NODES)[number]): Promise<void> {
   routed.add(address);
-  await routeAddressInLocalCluster(HOSTS, address, node.address);
+  const res = await runUnchecked(routesCommand[0]!, [...routesCommand.slice(1), address, node.address]);
+  assert.equal(res.code, 0, `address routes script: ${res.stderr}`);
 }
 
 /** A move of `c` from the pair's source to its target, the way the controller drives one. */

@@ -2,7 +2,6 @@
 import type { Command } from 'commander';
 
 import { CLUSTER_DAEMONS, clusterDown, clusterKill, clusterRevive, clusterUp, type LocalClusterState } from '../../cluster/index.js';
-import { parseRoutedHosts, routeAddressInLocalCluster, type RoutedHost } from '../../cluster/routes.js';
 import { localClusterStateDir } from '../context.js';
 import { addJsonOption, parseNodeLease, parseNodeName, parsePositiveInt } from '../options.js';
 import { printJson, renderTable } from '../output.js';
@@ -71,14 +70,4 @@ export function registerClusterCommands(program: Command): void {
     if (opts.json) printJson(result);
     else process.stdout.write(`${target} is back (pid ${result.pid})\n`);
   });
-
-  cluster
-    .command('route')
-    .description("route a container's cluster address to the test host it runs on, on this machine and in the other test hosts (the local cluster's controller runs this at each move; without a node address the routes go)")
-    .argument('<address>', "the container's cluster address")
-    .argument('[node-address]', 'address of the test host it runs on')
-    .requiredOption('--hosts <list>', 'the test hosts: NETNS_PATH=ADDRESS,...', parseRoutedHosts)
-    .action(async (address: string, nodeAddress: string | undefined, opts: { hosts: RoutedHost[] }) => {
-      await routeAddressInLocalCluster(opts.hosts, address, nodeAddress);
-    });
 }
