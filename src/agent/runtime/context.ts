@@ -187,7 +187,8 @@ export class RuntimeContext {
     const name = rec.spec.name;
     const dir = this.layout.containerDir(name);
     await writeCriuOptions(dir, 'dump');
-    const etcMounts = await writeEtcFiles(join(dir, 'etc'), { hostname: name, ip: rec.ip, resolvConfPath: this.opts.resolvConfPath });
+    // Named at its cluster address when it has one: the address it keeps, which every node reaches.
+    const etcMounts = await writeEtcFiles(join(dir, 'etc'), { hostname: name, ip: rec.spec.address ?? rec.ip, resolvConfPath: this.opts.resolvConfPath });
     const config = buildOciConfig({
       spec: rec.spec,
       image,
