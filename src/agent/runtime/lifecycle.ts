@@ -50,6 +50,7 @@ export class ContainerLifecycle {
         await ctx.writeBundle(rec, image);
         await ctx.records.write(rec);
         await ctx.runc.start(ctx.startTarget(spec.name), ['run', '-d', '--bundle', dir, ctx.runcId(rec)], 'runc run');
+        undo.push(() => ctx.runc.destroy(ctx.runcId(rec)));
         await ctx.routeClusterAddress(rec);
         return await ctx.view(rec);
       } catch (err) {
