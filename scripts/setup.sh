@@ -27,8 +27,9 @@ command -v apt-get >/dev/null || die "apt-get not found: chipmunk's set-up suppo
 
 # ---------------------------------------------------------------- system packages
 # python3 and sqlite3: the compatibility test image (src/devtools/images.ts, chipmunk/python);
-# e2fsprogs: mkfs.ext4 for image writable layers (src/agent/runtime/rootfs.ts).
-APT_PACKAGES=(runc podman containernetworking-plugins iproute2 iptables busybox-static tar util-linux procps haproxy wrk python3 sqlite3 e2fsprogs)
+# e2fsprogs: mkfs.ext4 for image writable layers (src/agent/runtime/rootfs.ts);
+# etcd-server (3.4): the replicated state store of an HA control plane (`--store etcd://...`) and its tests.
+APT_PACKAGES=(runc podman containernetworking-plugins iproute2 iptables busybox-static tar util-linux procps haproxy wrk python3 sqlite3 e2fsprogs etcd-server)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

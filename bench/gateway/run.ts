@@ -1,148 +1,173 @@
 /**
- * bench/gateway: what the gateway costs, side by side in one run, and what a client sees
- * through it while the container moves.
+ * bench/gateway: what the gateway costs next to HAProxy, side by side in one run, and what
+ * clients of a server that serves one connection at a time get through each.
  *
- * On a 2-node local cluster, the stateful app on node1 (GET /health), loaded with wrk at fixed
- * concurrency for a fixed time each:
- *   direct   the container's published port on its node
- *   gateway  chipmunk's gateway (127.0.0.1)
- *   haproxy  HAProxy (Debian's) as a plain HTTP reverse proxy in front of the same port
- * Then, with two clients sending POST /increment through the gateway, the container migrates
- * (lazy) and back (copy): request latency max and p99 during that, and failures.
+ * On loopback, each its own process: the stateful test app (node, GET /health), `chipmunk
+ * gateway` and HAProxy (Debian's) in front of it, loaded with wrk at fixed concurrency for a
+ * fixed time, `--runs` times (direct, gateway, haproxy in each run). Aim (issue 9): the gateway
+ * at >= 0.7x HAProxy's requests/s and <= 2x its p99, in every run.
+ * Then Python's http.server (HTTP/1.1, one connection at a time; a fresh one per path) with 4
+ * clients sending back to back: answers/s per client, direct, through the gateway and HAProxy.
+ * With --cluster (needs the local cluster: only its owner runs this), also what a client sees
+ * through the gateway while a container migrates (migration-latency.ts).
  *
- * Usage: npm run bench:gateway [-- --connections 16 --seconds 5]
+ * Usage: npm run bench:gateway [-- --runs 3 --connections 16 --seconds 5 --cluster]
  * Prints a table and writes it to bench/results/gateway.md.
  */
-import { spawn } from 'node:child_process';
 import { mkdtemp, mkdir, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
-import { Agent, request } from 'undici';
-import { ensureTestImages } from '../../src/devtools/images.js';
-import { runChipmunk } from '../../src/devtools/run-chipmunk.js';
 import { removeTree } from '../../src/shared/remove-tree.js';
+import { startHaproxy } from '../support/haproxy.js';
+import { processCpu } from '../support/proc-cpu.js';
 import { wrk, type LoadRow } from '../support/wrk.js';
+import { perClientLoad, type PerClientRow } from './per-client.js';
+import { startGateway, startOneConnectionServer, startStatefulApp } from './processes.js';
 
 const RESULTS = fileURLToPath(new URL('../results/gateway.md', import.meta.url));
-const NODE1 = '198.18.0.11';
-const GATEWAY_PORT = 28080;
-const HAPROXY_PORT = 38080;
+const APP_PORT = 38180;
+const GATEWAY_API_PORT = 38181;
+const GATEWAY_PORT = 38182;
+const HAPROXY_PORT = 38183;
+const GATEWAY_PY_PORT = 38184;
+const HAPROXY_PY_PORT = 38185;
+/** Aims of issue 9: gateway requests/s at least this share of HAProxy's, p99 at most this multiple. */
+const AIM_THROUGHPUT = 0.7;
+const AIM_P99 = 2;
 
-const { values } = parseArgs({ options: { connections: { type: 'string', default: '16' }, seconds: { type: 'string', default: '5' } } });
+const { values } = parseArgs({
+  options: {
+    runs: { type: 'string', default: '3' },
+    connections: { type: 'string', default: '16' },
+    seconds: { type: 'string', default: '5' },
+    cluster: { type: 'boolean', default: false },
+  },
+});
+const runs = Number(values.runs);
 const connections = Number(values.connections);
 const seconds = Number(values.seconds);
+const PY_CLIENTS = 4;
+const PY_TIMEOUT_MS = 2_000;
 
-async function startHaproxy(dir: string): Promise<() => void> {
-  const cfg = join(dir, 'haproxy.cfg');
-  await writeFile(
-    cfg,
-    [
-      'global',
-      '  maxconn 4096',
-      'defaults',
-      '  mode http',
-      '  option http-keep-alive',
-      '  timeout connect 5s',
-      '  timeout client 60s',
-      '  timeout server 60s',
-      'frontend bench',
-      `  bind 127.0.0.1:${HAPROXY_PORT}`,
-      '  default_backend app',
-      'backend app',
-      `  server node1 ${NODE1}:8080`,
-      '',
-    ].join('\n'),
-  );
-  const child = spawn('haproxy', ['-db', '-f', cfg], { stdio: 'ignore' });
-  await new Promise((r) => setTimeout(r, 500));
-  if (child.exitCode !== null) throw new Error(`haproxy exited at start (config ${cfg})`);
-  return () => child.kill('SIGTERM');
+function progress(text: string): void {
+  process.stderr.write(text);
 }
 
-async function latencyDuringMigrations(): Promise<{ requests: number; failed: number; p99Ms: number; maxMs: number }> {
-  const agent = new Agent({ keepAliveTimeout: 10_000 });
-  const latencies: number[] = [];
-  let failed = 0;
-  let stop = false;
-  const loops = [0, 1].map(async () => {
-    while (!stop) {
-      const t = performance.now();
-      try {
-        const res = await request(`http://127.0.0.1:${GATEWAY_PORT}/increment`, { method: 'POST', dispatcher: agent, headersTimeout: 60_000 });
-        await res.body.dump();
-        if (res.statusCode !== 200) failed++;
-      } catch {
-        failed++;
+interface ProxyRow extends LoadRow {
+  /** CPU time (user, system) the proxy used per request, µs; none for direct. */
+  cpuUs?: { user: number; system: number };
+}
+
+async function throughputRuns(scratch: string): Promise<ProxyRow[][]> {
+  const app = await startStatefulApp(APP_PORT, join(scratch, 'app'));
+  const gateway = await startGateway(join(scratch, 'gateway'), GATEWAY_API_PORT, [{ name: 'bench', listenPort: GATEWAY_PORT, upstreamPort: APP_PORT }]);
+  const haproxy = await startHaproxy(scratch, [{ listenPort: HAPROXY_PORT, server: { address: '127.0.0.1', port: APP_PORT } }]);
+  try {
+    const all: ProxyRow[][] = [];
+    for (let run = 1; run <= runs; run++) {
+      const rows: ProxyRow[] = [];
+      for (const [name, port, pid] of [
+        ['direct', APP_PORT, undefined],
+        ['gateway', GATEWAY_PORT, gateway.pid],
+        ['haproxy', HAPROXY_PORT, haproxy.pid],
+      ] as const) {
+        progress(`run ${run}: ${name}... `);
+        const before = pid === undefined ? undefined : await processCpu(pid);
+        const row: ProxyRow = await wrk(name, `http://127.0.0.1:${port}/health`, { connections, seconds });
+        if (pid !== undefined && before) {
+          const after = await processCpu(pid);
+          const requests = row.rps * seconds;
+          row.cpuUs = { user: ((after.userMs - before.userMs) * 1000) / requests, system: ((after.systemMs - before.systemMs) * 1000) / requests };
+        }
+        rows.push(row);
+        progress(`${row.rps.toFixed(0)} req/s\n`);
       }
-      latencies.push(performance.now() - t);
+      all.push(rows);
     }
-  });
-  await new Promise((r) => setTimeout(r, 500));
-  await runChipmunk(['migrate', 'bench', '--to', 'node2', '--mode', 'lazy']);
-  await new Promise((r) => setTimeout(r, 500));
-  await runChipmunk(['migrate', 'bench', '--to', 'node1', '--mode', 'copy']);
-  await new Promise((r) => setTimeout(r, 500));
-  stop = true;
-  await Promise.all(loops);
-  await agent.close();
-  latencies.sort((a, b) => a - b);
-  return {
-    requests: latencies.length,
-    failed,
-    p99Ms: latencies[Math.floor(latencies.length * 0.99)] ?? 0,
-    maxMs: latencies.at(-1) ?? 0,
-  };
+    return all;
+  } finally {
+    await haproxy.stop();
+    await gateway.stop();
+    await app.stop();
+  }
+}
+
+/** A fresh one-connection server per path: a proxy's idle connection to it must not carry over to the next row. */
+async function oneConnectionRows(scratch: string): Promise<PerClientRow[]> {
+  const rows: PerClientRow[] = [];
+  for (const path of ['direct', 'gateway', 'haproxy'] as const) {
+    progress(`python http.server, ${PY_CLIENTS} clients, ${path}... `);
+    const py = await startOneConnectionServer();
+    let proxy: { stop(): Promise<void> } | undefined;
+    try {
+      let port = py.port;
+      if (path === 'gateway') {
+        proxy = await startGateway(join(scratch, 'gateway-py'), GATEWAY_API_PORT, [{ name: 'py', listenPort: GATEWAY_PY_PORT, upstreamPort: py.port }]);
+        port = GATEWAY_PY_PORT;
+      } else if (path === 'haproxy') {
+        proxy = await startHaproxy(scratch, [{ listenPort: HAPROXY_PY_PORT, server: { address: '127.0.0.1', port: py.port } }]);
+        port = HAPROXY_PY_PORT;
+      }
+      rows.push(await perClientLoad(path, `http://127.0.0.1:${port}`, PY_CLIENTS, seconds, PY_TIMEOUT_MS));
+      progress(`${rows.at(-1)!.rates.map((r) => r.toFixed(0)).join(' / ')} answers/s\n`);
+    } finally {
+      await proxy?.stop();
+      await py.stop();
+    }
+  }
+  return rows;
+}
+
+function report(all: ProxyRow[][], py: PerClientRow[], migration: string | undefined): string {
+  const lines = [
+    `wrk, ${connections} connections, ${seconds} s each, GET /health of the stateful app (node) on 127.0.0.1; wrk, app, gateway and HAProxy (2.6, Debian's defaults) share one 2-core machine.`,
+    '',
+    '| run | path | requests/s | p50 | p99 | errors | proxy CPU per request (user + system) |',
+    '|---|---|---:|---:|---:|---:|---:|',
+  ];
+  const verdicts: string[] = [];
+  for (const [i, rows] of all.entries()) {
+    for (const r of rows) {
+      const cpu = r.cpuUs ? `${r.cpuUs.user.toFixed(1)} + ${r.cpuUs.system.toFixed(1)} µs` : '';
+      lines.push(`| ${i + 1} | ${r.path} | ${r.rps.toFixed(0)} | ${r.p50Ms.toFixed(2)} ms | ${r.p99Ms.toFixed(2)} ms | ${r.errors} | ${cpu} |`);
+    }
+    const gw = rows.find((r) => r.path === 'gateway')!;
+    const ha = rows.find((r) => r.path === 'haproxy')!;
+    const ratio = gw.rps / ha.rps;
+    const p99 = gw.p99Ms / ha.p99Ms;
+    const met = ratio >= AIM_THROUGHPUT && p99 <= AIM_P99;
+    verdicts.push(`run ${i + 1}: throughput ${ratio.toFixed(2)}x, p99 ${p99.toFixed(2)}x (${met ? 'aim met' : 'aim missed'})`);
+  }
+  lines.push('', `gateway/haproxy (aim: >= ${AIM_THROUGHPUT}x requests/s, <= ${AIM_P99}x p99): ${verdicts.join('; ')}.`, '');
+  lines.push(
+    `Python's http.server (HTTP/1.1, one connection at a time), ${PY_CLIENTS} clients each sending GET back to back on its own keep-alive connection for ${seconds} s, a request failing after ${PY_TIMEOUT_MS} ms without an answer:`,
+    '',
+    '| path | answers/s per client | failed (time-outs) |',
+    '|---|---|---:|',
+    ...py.map((r) => `| ${r.path} | ${r.rates.map((x) => x.toFixed(0)).join(' / ')} | ${r.failures} |`),
+  );
+  if (migration) lines.push('', migration);
+  return lines.join('\n');
 }
 
 async function main(): Promise<void> {
-  await ensureTestImages();
   const scratch = await mkdtemp(join(tmpdir(), 'chipmunk-bench-gw-'));
-  let stopHaproxy: (() => void) | undefined;
   try {
-    await runChipmunk(['cluster', 'down']).catch(() => undefined);
-    await runChipmunk(['cluster', 'up', '--nodes', '2']);
-    await runChipmunk(['run', '--name', 'bench', '--node', 'node1', '-p', '8080:8080', '-e', 'MEMORY_MB=32', 'chipmunk/statefulapp']);
-    await runChipmunk(['expose', 'bench', '--port', '8080', '--listen', String(GATEWAY_PORT)]);
-    stopHaproxy = await startHaproxy(scratch);
-    await new Promise((r) => setTimeout(r, 1_000));
-    const rows: LoadRow[] = [];
-    for (const [name, url] of [
-      ['direct', `http://${NODE1}:8080/health`],
-      ['gateway', `http://127.0.0.1:${GATEWAY_PORT}/health`],
-      ['haproxy', `http://127.0.0.1:${HAPROXY_PORT}/health`],
-    ] as const) {
-      process.stderr.write(`${name}... `);
-      rows.push(await wrk(name, url, { connections, seconds }));
-      process.stderr.write(`${rows.at(-1)!.rps.toFixed(0)} req/s\n`);
+    await mkdir(join(scratch, 'app'));
+    const all = await throughputRuns(scratch);
+    const py = await oneConnectionRows(scratch);
+    let migration: string | undefined;
+    if (values.cluster) {
+      const { latencyDuringMigrations } = await import('./migration-latency.js');
+      migration = await latencyDuringMigrations();
     }
-    stopHaproxy();
-    stopHaproxy = undefined;
-    process.stderr.write('latency during two migrations... ');
-    const moving = await latencyDuringMigrations();
-    process.stderr.write('done\n');
-
-    const gw = rows.find((r) => r.path === 'gateway')!;
-    const ha = rows.find((r) => r.path === 'haproxy')!;
-    const lines = [
-      `wrk, ${connections} connections, ${seconds} s each, GET /health of the stateful app on node1; all on one 2-core machine.`,
-      '',
-      '| path | requests/s | p50 | p99 | errors |',
-      '|---|---:|---:|---:|---:|',
-      ...rows.map((r) => `| ${r.path} | ${r.rps.toFixed(0)} | ${r.p50Ms.toFixed(2)} ms | ${r.p99Ms.toFixed(2)} ms | ${r.errors} |`),
-      '',
-      `gateway/haproxy: throughput ${((gw.rps / ha.rps) * 100).toFixed(0)}%, p99 ${(gw.p99Ms / ha.p99Ms).toFixed(2)}x.`,
-      '',
-      `Through the gateway during a lazy migration and a copy migration back (2 clients, POST /increment): ${moving.requests} requests, ${moving.failed} failed, p99 ${moving.p99Ms.toFixed(1)} ms, max ${moving.maxMs.toFixed(0)} ms.`,
-    ];
-    const out = lines.join('\n');
+    const out = report(all, py, migration);
     console.log(out);
     await mkdir(join(RESULTS, '..'), { recursive: true });
     await writeFile(RESULTS, `# bench/gateway\n\nMeasured ${new Date().toISOString()}.\n\n${out}\n`);
   } finally {
-    stopHaproxy?.();
-    await runChipmunk(['cluster', 'down']).catch(() => undefined);
     await removeTree(scratch);
   }
 }

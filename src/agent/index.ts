@@ -24,7 +24,8 @@ export interface AgentOptions {
   listen: { host: string; port: number };
   /** Address other nodes and clients reach this node at; defaults to the listen host. */
   advertiseAddress?: string;
-  controllerUrl?: string;
+  /** The controllers to heartbeat to: any of them takes it; the next one when one cannot be reached. */
+  controllerUrls?: string[];
   token: string;
   dataDir: string;
   runDir: string;
@@ -100,8 +101,8 @@ export async function startAgent(opts: AgentOptions): Promise<RunningAgent> {
 
   let heartbeat: NodeJS.Timeout | undefined;
   let closed = false;
-  if (opts.controllerUrl) {
-    const controller = new ControllerClient({ urls: [opts.controllerUrl], token: opts.token, timeoutMs: 5_000 });
+  if (opts.controllerUrls?.length) {
+    const controller = new ControllerClient({ urls: opts.controllerUrls, token: opts.token, timeoutMs: 5_000 });
     const registration: RegisterNodeRequest = { name: opts.node, address, url, capabilities };
     let warned = false;
     let intervalMs = opts.heartbeatMs ?? DEFAULT_HEARTBEAT_MS;

@@ -34,7 +34,7 @@ import {
 import type { FaultInjector } from './faults.js';
 import type { ImageStore } from './runtime/images.js';
 import type { ContainerRuntime, MigrationPaths } from './runtime/types.js';
-import { fetchTree, serveTree } from './transfer.js';
+import { fetchTree, fetchTreeFromAny, serveTree } from './transfer.js';
 
 export interface AgentServerDeps {
   info: AgentInfo;
@@ -164,10 +164,11 @@ export function buildAgentServer(deps: AgentServerDeps): FastifyInstance {
     async (req) => {
       const paths = checkpoints.get(req.params.id);
       if (!paths) throw new NotFoundError(`no checkpoint ${req.params.id} on node ${deps.info.node} (it was discarded, or the agent restarted): take a new checkpoint`, { checkpointId: req.params.id });
-      const { container, storeUrl, logPosition, metadata } = req.body;
+      const { container, storeUrl, replicaUrls, logPosition, metadata } = req.body;
       await faults.pauseAt('checkpoint:upload');
       return uploadCheckpoint({
         storeUrl,
+        replicaUrls,
         token,
         container,
         parts: [
@@ -212,23 +213,23 @@ export function buildAgentServer(deps: AgentServerDeps): FastifyInstance {
       const fetchOne = async (what: 'images' | 'files', dest: string) => {
         const base = bytes;
         try {
-          const res = await fetchTree({
-            url: treeUrl(what),
-            token,
-            dest,
-            onProgress: (b) => progress.set(migrationId, { migrationId, what, bytes: base + b }),
-          });
+          const res = await fetchTreeFromAny(
+            treeUrls(what),
+            { token, dest, onProgress: (b) => progress.set(migrationId, { migrationId, what, bytes: base + b }) },
+            (url, err) => app.log.warn({ err: err.toJSON() }, `reading ${what} of checkpoint ${r.checkpoint?.id} from ${url} failed; reading it from the next replica`),
+          );
           bytes += res.bytes;
         } catch (err) {
           const from = r.checkpoint ? `checkpoint ${r.checkpoint.id} in the store` : `node ${r.source.node}`;
           throw err instanceof TransferFailedError ? err : new TransferFailedError(`fetching ${what} from ${from} failed: ${(err as Error).message}`, { what }, err);
         }
       };
-      // From the source agent (a migration) or from the checkpoint store (a failover, a restore --from).
-      const treeUrl = (what: 'images' | 'files') =>
+      // From the source agent (a migration) or from the checkpoint store (a failover, a restore
+      // --from): a checkpoint from each of its replicas in turn, until one reads intact.
+      const treeUrls = (what: 'images' | 'files') =>
         r.checkpoint
-          ? checkpointPartUrl(r.checkpoint.storeUrl, r.spec.name, r.checkpoint.id, what === 'images' ? 'criu' : 'files')
-          : `${r.source.url}/v1/migrations/${migrationId}/${what}.tar`;
+          ? [r.checkpoint.storeUrl, ...(r.checkpoint.replicaUrls ?? [])].map((store) => checkpointPartUrl(store, r.spec.name, r.checkpoint!.id, what === 'images' ? 'criu' : 'files'))
+          : [`${r.source.url}/v1/migrations/${migrationId}/${what}.tar`];
       try {
         const fetchStart = Date.now();
         // From the store nothing was prepared beforehand (a failover has no time to spare): the

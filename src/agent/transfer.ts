@@ -145,6 +145,24 @@ export async function fetchTree(opts: FetchTreeOptions): Promise<TransferResult>
   }
 }
 
+/**
+ * fetchTree from each of `urls` in turn (a checkpoint's replicas) until one arrives whole: a
+ * corrupt or missing chunk on one store, or a dead host, falls through to the next. A failed
+ * fetch leaves nothing at dest, so the next starts clean. The last failure is thrown.
+ */
+export async function fetchTreeFromAny(urls: string[], opts: Omit<FetchTreeOptions, 'url'>, onFallThrough?: (url: string, err: TransferFailedError) => void): Promise<TransferResult & { url: string }> {
+  for (const [index, url] of urls.entries()) {
+    try {
+      return { ...(await fetchTree({ ...opts, url })), url };
+    } catch (err) {
+      const failed = err instanceof TransferFailedError ? err : new TransferFailedError(`fetching ${url} failed: ${messageOf(err)}`, { url }, err);
+      if (index === urls.length - 1) throw failed;
+      onFallThrough?.(url, failed);
+    }
+  }
+  throw new TransferFailedError('no URL to fetch the tree from', {});
+}
+
 async function receiveInto(dir: string, opts: FetchTreeOptions): Promise<TransferResult> {
   const { url } = opts;
   const timeoutMs = opts.timeoutMs ?? DEFAULT_STALL_TIMEOUT_MS;

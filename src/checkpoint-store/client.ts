@@ -15,7 +15,7 @@ export class CheckpointStoreClient {
   private readonly api: ApiClient;
 
   constructor(opts: ApiClientOptions) {
-    this.api = new ApiClient({ peer: 'checkpoint store', ...opts });
+    this.api = new ApiClient({ peer: `checkpoint store ${opts.baseUrl}`, ...opts });
   }
 
   /** Newest first. */
@@ -42,6 +42,11 @@ export class CheckpointStoreClient {
   /** Drops every checkpoint of the container. */
   forget(container: string): Promise<void> {
     return this.api.delete(`/v1/checkpoints/${enc(container)}`);
+  }
+
+  /** Drops one checkpoint from this store. */
+  remove(container: string, id: string): Promise<void> {
+    return this.api.delete(`/v1/checkpoints/${enc(container)}/${enc(id)}`);
   }
 
   /** Where a part streams as a tar archive: give it to fetchTree (src/agent/transfer.ts) with the token. */

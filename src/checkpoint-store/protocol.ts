@@ -12,8 +12,8 @@ export const CheckpointId = Type.String({ pattern: '^[0-9a-f]{16}$', description
 export const UploadId = Type.String({ pattern: '^[0-9a-f]{32}$', description: 'upload id (32 hex digits)' });
 
 /** Where an upload's checkpoint was cut in the container's request log; null when the caller keeps none. */
-const UploadLogPosition = Type.Union([LogPosition, Type.Null()], {
-  description: "position in the container's request log the checkpoint corresponds to, when the caller keeps one",
+const UploadLogPosition = Type.Union([LogPosition, Type.Object({ logId: Type.Null(), seq: Type.Integer({ minimum: 0 }) }), Type.Null()], {
+  description: "position in the container's request log the checkpoint corresponds to, when the caller keeps one (logId null only on a copy of a checkpoint stored before logs had ids)",
 });
 
 /**
@@ -36,6 +36,7 @@ export const CreateUploadRequest = Type.Object({
   parts: Type.Array(UploadPart, { minItems: 1 }),
   time: Type.Integer({ minimum: 0, description: 'when the checkpoint was taken, ms since the epoch' }),
   logPosition: Type.Optional(UploadLogPosition),
+  id: Type.Optional({ ...CheckpointId, description: 'commit under this id (the same checkpoint on several replicas); the store picks one by default' }),
   metadata: Type.Record(Type.String(), Type.Unknown(), {
     description: "opaque to the store (the controller keeps the container spec here), except volumes: [{name, path}], which places the files part's volumes/NAME/ at path",
   }),
@@ -60,6 +61,19 @@ export const UploadChunksResponse = Type.Object({
 });
 export type UploadChunksResponse = Static<typeof UploadChunksResponse>;
 
+export const ChunkFramesRequest = Type.Object({
+  missing: Type.String({ contentEncoding: 'base64', description: "the receiving replica's missing bitmap (CreateUploadResponse.missing) for this checkpoint's upload request" }),
+});
+export type ChunkFramesRequest = Static<typeof ChunkFramesRequest>;
+
+export const ReplicaState = Type.Union([Type.Literal('intact'), Type.Literal('corrupt'), Type.Literal('missing'), Type.Literal('unreachable')], {
+  description: 'intact: stored and not found damaged; corrupt: a read found a damaged chunk there; missing: that store lacks it; unreachable: that store did not answer',
+});
+export type ReplicaState = Static<typeof ReplicaState>;
+
+export const CheckpointReplica = Type.Object({ url: Type.String(), state: ReplicaState });
+export type CheckpointReplica = Static<typeof CheckpointReplica>;
+
 export const CheckpointSummary = Type.Object({
   id: CheckpointId,
   time: Type.Integer(),
@@ -67,6 +81,7 @@ export const CheckpointSummary = Type.Object({
   newBytes: Type.Integer({ minimum: 0, description: 'chunk bytes this checkpoint added to the store' }),
   logPosition: StoredLogPosition,
   corrupt: Type.Optional(Type.Boolean({ description: 'a read found a damaged chunk: restore from an older checkpoint' })),
+  replicas: Type.Optional(Type.Array(CheckpointReplica, { description: "where the checkpoint is (the controller's listings; a store's own listing has none)" })),
 });
 export type CheckpointSummary = Static<typeof CheckpointSummary>;
 
@@ -122,6 +137,8 @@ export const checkpointStoreSchemas: Record<string, TSchema> = {
   CreateUploadRequest,
   CreateUploadResponse,
   UploadChunksResponse,
+  ChunkFramesRequest,
+  CheckpointReplica,
   CheckpointSummary,
   CheckpointInfo,
   CheckpointDetail,

@@ -21,6 +21,7 @@ import {
   CheckpointId,
   CheckpointInfo,
   CheckpointSummary,
+  ChunkFramesRequest,
   ContainerName,
   CreateUploadRequest,
   CreateUploadResponse,
@@ -56,6 +57,7 @@ export function checkpointStoreRoutes(store: CheckpointStore): FastifyPluginAsyn
           time: req.body.time,
           logPosition: req.body.logPosition,
           metadata: req.body.metadata,
+          ...(req.body.id !== undefined ? { id: req.body.id } : {}),
         });
         return reply.code(201).send(started);
       },
@@ -90,6 +92,22 @@ export function checkpointStoreRoutes(store: CheckpointStore): FastifyPluginAsyn
     app.get('/v1/checkpoints/:container/:id', { schema: { params: CheckpointParams, response: { 200: CheckpointDetail } } }, async (req) =>
       store.get(req.params.container, req.params.id),
     );
+
+    app.delete('/v1/checkpoints/:container/:id', { schema: { params: CheckpointParams } }, async (req, reply) => {
+      await store.remove(req.params.container, req.params.id);
+      return reply.code(204).send();
+    });
+
+    // A copy to another replica: the upload request that stores this checkpoint again, then the chunks that replica lacks.
+    app.get('/v1/checkpoints/:container/:id/upload-request', { schema: { params: CheckpointParams, response: { 200: CreateUploadRequest } } }, async (req) =>
+      store.uploadRequest(req.params.container, req.params.id),
+    );
+
+    app.post('/v1/checkpoints/:container/:id/chunk-frames', { schema: { params: CheckpointParams, body: ChunkFramesRequest } }, async (req, reply) => {
+      const frames = store.chunkFrames(req.params.container, req.params.id, Buffer.from(req.body.missing, 'base64'));
+      // A damaged chunk destroys the response: the receiving replica sees its chunks cut short.
+      return reply.type('application/octet-stream').send(Readable.from(frames));
+    });
 
     app.get('/v1/checkpoints/:container/:id/parts/:part.tar', { schema: { params: PartParams } }, async (req, reply) => {
       const archive = store.partArchive(req.params.container, req.params.id, req.params.part);

@@ -81,6 +81,13 @@ export function parseNodeLease(value: string): number {
   return ms;
 }
 
+/** etcd leases are whole seconds. */
+export function parseLeaderLease(value: string): number {
+  const ms = asUsage(() => parseDuration(value, 'leader lease'));
+  if (ms < 1000 || ms % 1000 !== 0) throw new UsageError(`bad leader lease '${value}': whole seconds, at least 1s (etcd's leases are whole seconds)`, { value });
+  return ms;
+}
+
 export interface ListenAddress {
   host: string;
   port: number;

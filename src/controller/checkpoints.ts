@@ -38,11 +38,17 @@ export interface LoggedTraffic {
   refresh(name: string): Promise<void>;
 }
 
-/** What the controller needs of the checkpoint store (in process). */
+/** What the controller needs of the checkpoint store replicas (checkpoint-replicas.ts). */
 export interface CheckpointCatalog {
-  /** Newest first. */
+  /** Checkpoints that count (committed on every replica they were sent to), newest first, with where each is. */
   list(container: string): Promise<CheckpointSummary[]>;
   forget(container: string): Promise<void>;
+  /** The store replicas a new checkpoint goes to (all of them must commit it); throws when too few answer. */
+  uploadTargets(): Promise<string[]>;
+  /** The agent committed it on every one of `replicas`: from now on it counts. */
+  committed(info: CheckpointInfo, replicas: string[]): Promise<CheckpointSummary>;
+  /** The replicas to read a checkpoint from, best first. */
+  readFrom(container: string, id: string): Promise<string[]>;
 }
 
 export type CheckpointResult = CheckpointInfo & {
@@ -57,8 +63,6 @@ export interface CheckpointServiceOptions {
   locks: ContainerLocks;
   traffic: LoggedTraffic;
   catalog: CheckpointCatalog;
-  /** Where agents reach the checkpoint store (known once the controller listens). */
-  storeUrl: () => string;
   log: Logger;
 }
 
@@ -166,8 +170,10 @@ export class CheckpointService {
     const base = { migrationId: opId, mode: 'copy' as const, spec: record.spec, generation, source: imageSource };
     try {
       // One call: the agent prepares (image, network) while it fetches the trees from the store.
+      const [storeUrl, ...replicaUrls] = await this.opts.catalog.readFrom(record.spec.name, checkpointId);
+      if (!storeUrl) throw new UnavailableError(`no replica holding checkpoint ${checkpointId} of ${record.spec.name} answers: \`chipmunk checkpoints ${record.spec.name}\` shows where it is`, { name: record.spec.name, checkpoint: checkpointId });
       const t = Date.now();
-      const restored = await agent.restore(opId, { ...base, checkpoint: { storeUrl: this.opts.storeUrl(), id: checkpointId } });
+      const restored = await agent.restore(opId, { ...base, checkpoint: { storeUrl, replicaUrls, id: checkpointId } });
       timings.restoreMs = Date.now() - t;
       if (restored.fetchMs !== undefined) timings.fetchMs = restored.fetchMs;
       if (restored.criuMs !== undefined) timings.criuMs = restored.criuMs;
@@ -234,13 +240,17 @@ export class CheckpointService {
   private async upload(record: ContainerRecord, agentCheckpointId: string, logPosition: LogPosition | null, reason: string): Promise<CheckpointInfo> {
     const agent = this.opts.agentFor(await this.opts.nodes.require(record.node));
     try {
-      return await agent.uploadCheckpoint(agentCheckpointId, {
+      const [storeUrl, ...replicaUrls] = await this.opts.catalog.uploadTargets();
+      const info = await agent.uploadCheckpoint(agentCheckpointId, {
         container: record.spec.name,
-        storeUrl: this.opts.storeUrl(),
+        storeUrl: storeUrl!,
+        replicaUrls,
         logPosition,
         // `volumes` tells the store where each volume of the files part sits in the container.
         metadata: { spec: record.spec, generation: record.generation, node: record.node, reason, volumes: record.spec.volumes ?? [] },
       });
+      // Committed on every replica: this record is what makes it count.
+      return { ...info, ...(await this.opts.catalog.committed(info, [storeUrl!, ...replicaUrls])) };
     } finally {
       await agent.discardCheckpoint(agentCheckpointId).catch(() => undefined);
     }

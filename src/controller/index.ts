@@ -17,19 +17,27 @@ import { ContainerService, type AgentResolver } from './containers.js';
 import { Fences } from './fences.js';
 import { MigrationOrchestrator } from './migration.js';
 import { CheckpointStore } from '../checkpoint-store/index.js';
-import { CheckpointService, type CheckpointCatalog } from './checkpoints.js';
+import { checkpointReplicaCount, checkpointStorePeers } from './checkpoint-replica-options.js';
+import { ReplicatedCatalog } from './checkpoint-replicas.js';
+import { CheckpointService } from './checkpoints.js';
 import { FailoverService } from './failover.js';
 import { DEFAULT_NODE_READY_WITHIN_MS, NodeRegistry } from './registry.js';
 import { recoverStaleLocks } from './recovery.js';
 import { RouteService } from './routes.js';
 import { buildControllerServer } from './server.js';
 import { openStore, storeIdentity } from './store/index.js';
+import { Leadership, type LeaderWork } from './leadership.js';
+import { FencedStore } from './store/fenced.js';
+import type { StateStore } from './store/types.js';
+import type { Leader } from './election.js';
 
 export type { AgentApi } from './agent-client.js';
 export type { AgentResolver } from './containers.js';
 export type { NodeRecord } from './registry.js';
+export { checkpointReplicaCount } from './checkpoint-replica-options.js';
 
 export const DEFAULT_STORE_SPEC = 'sqlite:/var/lib/chipmunk/controller.db';
+export const DEFAULT_LEADER_LEASE_MS = 2000;
 
 export interface ControllerOptions {
   listen: { host: string; port: number };
@@ -47,7 +55,7 @@ export interface ControllerOptions {
   /**
    * Where the checkpoint store keeps its chunks and index (on this, the controller's, host):
    * `checkpoints/` beside the SQLite store by default; a temporary directory, removed at close,
-   * with the memory store.
+   * with the memory store; required with an etcd store.
    */
   checkpointDir?: string;
   /** Checkpoints kept per container. */
@@ -65,34 +73,67 @@ export interface ControllerOptions {
    * operator's network knows another way (one L2 segment with proxy ARP, a router of theirs).
    */
   addressRoutesCommand?: string;
+  /**
+   * N: each checkpoint is committed on this many checkpoint store replicas before it counts.
+   * Default: 2 when at least 2 replicas are known (this controller's store and its peers'), else
+   * 1 with a warning that checkpoints live on one host.
+   */
+  checkpointReplicas?: number;
+  /** The base URLs of the other controllers whose checkpoint stores are replicas too. */
+  checkpointStorePeers?: string[];
+  /** How often under-replicated checkpoints are looked for and copied back to N replicas. */
+  replicateEveryMs?: number;
+  /** With an etcd store: the lease of a leader's campaign; a dead leader is replaced within about this long. */
+  leaderLeaseMs?: number;
 }
+
+const DEFAULT_REPLICATE_EVERY_MS = 5_000;
 
 export interface RunningController {
   url: string;
+  /** Whether this controller leads (always, with a store inside this process). */
+  leading(): boolean;
+  /** The elected leader this controller sees (etcd store only). */
+  leader(): Leader | undefined;
   close(): Promise<void>;
 }
 
 export async function startController(opts: ControllerOptions): Promise<RunningController> {
   const logger = opts.logger ?? pino({ name: 'chipmunk-controller' });
   const storeSpec = opts.storeSpec ?? DEFAULT_STORE_SPEC;
+  // Checked before anything opens: a replica count that cannot be met stops the start.
+  const peers = checkpointStorePeers(opts.checkpointStorePeers, opts.advertiseUrl);
+  const replicaCount = checkpointReplicaCount(opts.checkpointReplicas, peers, logger);
   if (storeSpec.startsWith('sqlite:')) await mkdir(dirname(storeSpec.slice('sqlite:'.length)), { recursive: true });
+  // The store is on other hosts, so there is no directory to keep checkpoints beside it; a temporary one would lose them at exit.
+  if (storeSpec.startsWith('etcd:') && !opts.checkpointDir) {
+    throw new InvalidInputError('with an etcd store, say where this controller keeps checkpoints: --checkpoint-dir DIR', { storeSpec });
+  }
   const store = await openStore(storeSpec);
   // Made once per store: it marks the gateway routes (and request logs) this controller owns.
   const storeId = await storeIdentity(store);
 
-  const agentFor: AgentResolver = opts.agentFactory ?? ((node) => new HttpAgentApi({ node: node.name, url: node.url, token: opts.token }));
+  // With etcd several controllers may share the store: they elect one to lead (leadership.ts);
+  // every write but the nodes' heartbeats goes through the leader's fence (store/fenced.ts), and
+  // every call to agents and the gateway carries its term (src/shared/term-fence.ts).
+  const elected = storeSpec.startsWith('etcd:');
+  let leadership: Leadership | undefined;
+  const term = () => leadership?.heldTerm();
+  const agentFor: AgentResolver = opts.agentFactory ?? ((node) => new HttpAgentApi({ node: node.name, url: node.url, token: opts.token, term }));
   const nodeLeaseMs = opts.nodeReadyWithinMs ?? DEFAULT_NODE_READY_WITHIN_MS;
+  const leaderStore: StateStore = elected ? new FencedStore(store, () => leadership?.fence()) : store;
   const nodes = new NodeRegistry(store, nodeLeaseMs);
-  const locks = new ContainerLocks(store);
-  const fences = new Fences(store);
+  const locks = new ContainerLocks(leaderStore);
+  const fences = new Fences(leaderStore);
   const range = opts.containerRange === 'off' ? undefined : parseContainerRange(opts.containerRange ?? DEFAULT_CONTAINER_RANGE);
-  const containers = new ContainerService(store, nodes, agentFor, locks, new ContainerAddresses(store, range));
+  const containers = new ContainerService(leaderStore, nodes, agentFor, locks, new ContainerAddresses(leaderStore, range));
+  // Only reads and watches the store: the leader runs it (leaderWork).
   const addressRoutes = opts.addressRoutesCommand ? new AddressRoutes(store, nodes, opts.addressRoutesCommand, logger) : undefined;
   const routes = new RouteService(
-    store,
+    leaderStore,
     async (node) => (await nodes.get(node).catch(() => undefined))?.address,
     logger,
-    opts.gateway ? { ...opts.gateway, token: opts.token, owner: storeId } : undefined,
+    opts.gateway ? { ...opts.gateway, token: opts.token, owner: storeId, term } : undefined,
     (node) => nodes.isReady(node),
     addressRoutes ? (address, node) => addressRoutes.isRoutedTo(address, node) : undefined,
   );
@@ -103,15 +144,13 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
     await checkpointStore.close();
     if (temporaryCheckpointDir) await removeTree(temporaryCheckpointDir);
   };
-  const catalog: CheckpointCatalog = {
-    list: async (container) => checkpointStore.list(container),
-    forget: async (container) => void (await checkpointStore.forget(container)),
-  };
-  // Agents upload to the store through this URL: known once listening, when no advertised URL was given.
-  let storeUrl = opts.advertiseUrl ?? '';
-  const checkpoints = new CheckpointService({ store, nodes, agentFor, locks, traffic: routes, catalog, storeUrl: () => storeUrl, log: logger });
-  const failovers = new FailoverService({ store, nodes, locks, fences, agentFor, nodeLeaseMs, checkpoints, catalog, traffic: routes, log: logger });
-  const migrations = new MigrationOrchestrator({ store, nodes, agentFor, locks, fences, log: logger, traffic: routes, rescuer: failovers });
+  // Agents reach this controller's own store through this URL: known once listening, when no advertised URL was given.
+  let storeUrl = opts.advertiseUrl?.replace(/\/$/, '') ?? '';
+  // Which checkpoints count is leader-only state: committed, forgotten and re-replicated through the fence.
+  const catalog = new ReplicatedCatalog({ state: leaderStore, replicaUrls: () => [storeUrl, ...peers.filter((p) => p !== storeUrl)], replicas: replicaCount, token: opts.token, log: logger });
+  const checkpoints = new CheckpointService({ store: leaderStore, nodes, agentFor, locks, traffic: routes, catalog, log: logger });
+  const failovers = new FailoverService({ store: leaderStore, nodes, locks, fences, agentFor, nodeLeaseMs, checkpoints, catalog, traffic: routes, log: logger });
+  const migrations = new MigrationOrchestrator({ store: leaderStore, nodes, agentFor, locks, fences, log: logger, traffic: routes, rescuer: failovers });
   const app = buildControllerServer({
     token: opts.token,
     logger,
@@ -125,6 +164,8 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
     checkpointStore,
     heartbeatMs: Math.max(100, Math.floor(nodeLeaseMs / 4)),
     enableFaults: process.env.CHIPMUNK_ENABLE_FAULTS === '1',
+    // Until this controller has joined the election it neither leads nor knows who does: it answers reads only.
+    ...(elected ? { leadership: { view: { leading: () => leadership?.leading() ?? false, leader: () => leadership?.leader() }, self: locks.owner } } : {}),
   });
   try {
     await app.listen(opts.listen).catch((err: NodeJS.ErrnoException) => {
@@ -143,26 +184,54 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
   const address = app.server.address() as AddressInfo;
   const host = address.family === 'IPv6' ? `[${address.address}]` : address.address;
   storeUrl ||= `http://${host}:${address.port}`;
-  routes.start();
-  // Agents heartbeat from the moment the API listens; what a previous controller left is settled
-  // from then on (its locks keep new operations off those containers meanwhile), and node deaths
-  // are judged only once agents had a lease's time to heartbeat.
-  await failovers.start();
-  void recoverStaleLocks({ locks, nodes, agentFor, traffic: routes, failovers, log: logger }).catch((err: unknown) =>
-    logger.error({ err: (err as Error).message }, 'settling what the previous controller left failed'),
-  );
-  migrations.start();
-  checkpoints.start();
-  await addressRoutes?.start();
-  logger.info({ store: storeSpec, storeId }, `controller listening on http://${host}:${address.port}`);
-  return {
-    url: `http://${host}:${address.port}`,
-    close: async () => {
+  let replicateTimer: NodeJS.Timeout | undefined;
+  const leaderWork: LeaderWork = {
+    start: async () => {
+      routes.start();
+      // Agents heartbeat from the moment the API listens; what a previous controller (or leader)
+      // left is settled from then on (its locks keep new operations off those containers
+      // meanwhile), and node deaths are judged only once agents had a lease's time to heartbeat.
+      await failovers.start();
+      void recoverStaleLocks({ locks, nodes, agentFor, traffic: routes, failovers, log: logger }).catch((err: unknown) =>
+        logger.error({ err: (err as Error).message }, 'settling what the previous controller left failed'),
+      );
+      migrations.start();
+      checkpoints.start();
+      replicateTimer = setInterval(
+        () => void catalog.replicate().catch((err: unknown) => logger.error({ err: (err as Error).message }, 'bringing checkpoints back to their replica count failed')),
+        opts.replicateEveryMs ?? DEFAULT_REPLICATE_EVERY_MS,
+      );
+      replicateTimer.unref();
+      await addressRoutes?.start();
+    },
+    stop: () => {
+      clearInterval(replicateTimer);
       addressRoutes?.stop();
       routes.stop();
       checkpoints.stop();
       failovers.stop();
       migrations.stop();
+    },
+  };
+  const leading = elected
+    ? Leadership.elected({ store, ttlMs: opts.leaderLeaseMs ?? DEFAULT_LEADER_LEASE_MS, work: leaderWork, log: logger })
+    : Leadership.alone(leaderWork, logger);
+  leadership = leading;
+  try {
+    await leading.start({ id: locks.owner, url: opts.advertiseUrl ?? `http://${host}:${address.port}` });
+  } catch (err) {
+    await app.close();
+    await closeCheckpointStore();
+    await store.close();
+    throw err;
+  }
+  logger.info({ store: storeSpec, storeId, checkpointReplicas: replicaCount, checkpointStoreReplicas: [storeUrl, ...peers] }, `controller listening on http://${host}:${address.port}`);
+  return {
+    url: `http://${host}:${address.port}`,
+    leading: () => leading.leading(),
+    leader: () => leading.leader(),
+    close: async () => {
+      await leading.close();
       await app.close();
       await closeCheckpointStore();
       await store.close();

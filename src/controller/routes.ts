@@ -43,7 +43,7 @@ export class RouteService {
     private readonly store: StateStore,
     private readonly nodeAddress: (node: string) => Promise<string | undefined>,
     private readonly log: Logger,
-    gateway?: { url: string; token: string; publicHost?: string; owner: string },
+    gateway?: { url: string; token: string; publicHost?: string; owner: string; term?: () => number | undefined },
     /** Whether a node is alive: a leftover hold is released only towards a live node. */
     private readonly nodeReady: (node: string) => Promise<boolean> = async () => true,
     /**
@@ -52,7 +52,7 @@ export class RouteService {
      */
     private readonly addressRouted?: (address: string, node: string) => Promise<boolean>,
   ) {
-    if (gateway) this.gateway = new GatewayClient({ url: gateway.url, token: gateway.token });
+    if (gateway) this.gateway = new GatewayClient({ url: gateway.url, token: gateway.token, term: gateway.term });
     this.gatewayHost = gateway?.publicHost;
     this.owner = gateway?.owner ?? '';
   }

@@ -30,6 +30,7 @@ import type { ContainerService } from './containers.js';
 import type { FailoverService } from './failover.js';
 import type { Fences } from './fences.js';
 import { registerControllerFaults } from './faults.js';
+import { forwardToLeader, type LeaderView } from './forward.js';
 import type { MigrationOrchestrator } from './migration.js';
 import type { NodeRegistry } from './registry.js';
 import type { RouteService } from './routes.js';
@@ -50,6 +51,8 @@ export interface ControllerServerOptions {
   heartbeatMs: number;
   /** The debug route of src/controller/faults.ts answers (CHIPMUNK_ENABLE_FAULTS=1). */
   enableFaults?: boolean;
+  /** With several controllers (an etcd store): who leads, so a follower passes requests on (forward.ts); SELF names this one. */
+  leadership?: { view: LeaderView; self: string };
 }
 
 const CheckpointResultView = Type.Composite([CheckpointInfo, Type.Object({ frozenMs: Type.Number() })]);
@@ -70,6 +73,7 @@ export function buildControllerServer(opts: ControllerServerOptions): FastifyIns
     logController: new LogController({ disableRequestLogging: (req) => isHeartbeat(req.method, req.url) || req.url === '/healthz' }),
   });
   installApiConventions(base, opts.token);
+  if (opts.leadership) forwardToLeader(base, opts.leadership.view, opts.leadership.self);
   const app = base.withTypeProvider<TypeBoxTypeProvider>();
 
   app.get('/healthz', async () => ({ ok: true }));

@@ -101,6 +101,12 @@ export class RouteGate {
     return this.waiters.size;
   }
 
+  /** The route, if traffic goes through at once (open, with an upstream): pass() without its await. */
+  openRoute(): (Route & { upstream: NonNullable<Route['upstream']> }) | undefined {
+    const route = this.current;
+    return route.state !== 'holding' && route.upstream ? (route as Route & { upstream: NonNullable<Route['upstream']> }) : undefined;
+  }
+
   /**
    * The route to send to now: at once while open, after the hold while holding. Rejects with
    * RouteRefusedError when the queue is full, the route has no upstream, or the hold ended badly.

@@ -26,6 +26,7 @@ export interface GatewaySettings {
   limits: HoldLimits;
   replayableBodyBytes: number;
   upstreamConnections: number;
+  upstreamStallMs: number;
   /** Logged routes keep their request logs in `<logDir>/<route>/`. */
   logDir: string;
   maxLoggedBodyBytes: number;
@@ -323,9 +324,9 @@ export class Gateway {
     const { routeHost: host, limits, log, metrics } = this.settings;
     const settings = { host, limits, log, metrics: metrics.forRoute(route.name) };
     if (route.protocol === 'tcp') return TcpRouteProxy.listen(route, settings);
-    const { replayableBodyBytes, upstreamConnections, maxLoggedBodyBytes, maxReplayWaitMs } = this.settings;
+    const { replayableBodyBytes, upstreamConnections, upstreamStallMs, maxLoggedBodyBytes, maxReplayWaitMs } = this.settings;
     const requestLog = await this.requestLogOf(route);
-    return HttpRouteProxy.listen(route, { ...settings, replayableBodyBytes, upstreamConnections, maxLoggedBodyBytes, maxReplayWaitMs, requestLog });
+    return HttpRouteProxy.listen(route, { ...settings, replayableBodyBytes, upstreamConnections, upstreamStallMs, maxLoggedBodyBytes, maxReplayWaitMs, requestLog });
   }
 
   /** The route's request log, opened (and kept) on first use; none if the route is not logged. */

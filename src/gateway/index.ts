@@ -38,6 +38,7 @@ export type {
 
 export const DEFAULT_REPLAYABLE_BODY_BYTES = 1024 * 1024;
 export const DEFAULT_UPSTREAM_CONNECTIONS = 256;
+export const DEFAULT_UPSTREAM_STALL_MS = 250;
 export const DEFAULT_MAX_LOGGED_BODY_BYTES = 8 * 1024 * 1024;
 export const DEFAULT_MAX_REPLAY_WAIT_MS = 60_000;
 
@@ -55,6 +56,11 @@ export interface GatewayOptions {
   replayableBodyBytes?: number;
   /** Connections per upstream (256). */
   upstreamConnections?: number;
+  /**
+   * A request on a new upstream connection without an answer for this long (250 ms), while
+   * another connection answered, waits in the upstream's backlog: docs/gateway.md, "Upstream connections".
+   */
+  upstreamStallMs?: number;
   /** Folder of the logged routes' request logs, one subfolder per route (default: `request-log` next to `stateFile`). */
   logDir?: string;
   /** Logged routes refuse larger request bodies with 413 (8 MiB). */
@@ -75,10 +81,11 @@ export async function startGateway(opts: GatewayOptions): Promise<RunningGateway
   const limits: HoldLimits = { ...DEFAULT_HOLD_LIMITS, ...opts.holdLimits };
   const replayableBodyBytes = opts.replayableBodyBytes ?? DEFAULT_REPLAYABLE_BODY_BYTES;
   const upstreamConnections = opts.upstreamConnections ?? DEFAULT_UPSTREAM_CONNECTIONS;
+  const upstreamStallMs = opts.upstreamStallMs ?? DEFAULT_UPSTREAM_STALL_MS;
   const maxLoggedBodyBytes = opts.maxLoggedBodyBytes ?? DEFAULT_MAX_LOGGED_BODY_BYTES;
   const maxReplayWaitMs = opts.maxReplayWaitMs ?? DEFAULT_MAX_REPLAY_WAIT_MS;
   const logDir = opts.logDir ?? join(dirname(opts.stateFile), 'request-log');
-  requirePositive({ ...limits, upstreamConnections, maxReplayWaitMs });
+  requirePositive({ ...limits, upstreamConnections, upstreamStallMs, maxReplayWaitMs });
   requirePositive({ replayableBodyBytes, maxLoggedBodyBytes }, 0);
 
   await mkdir(dirname(opts.stateFile), { recursive: true });
@@ -88,6 +95,7 @@ export async function startGateway(opts: GatewayOptions): Promise<RunningGateway
     limits,
     replayableBodyBytes,
     upstreamConnections,
+    upstreamStallMs,
     logDir,
     maxLoggedBodyBytes,
     maxReplayWaitMs,

@@ -7,10 +7,12 @@
  * call when no connection was made (nothing was sent, so nothing can have happened twice), and
  * for idempotent calls (reads, PUT, DELETE) whatever the connection did.
  */
+import { setTimeout as sleep } from 'node:timers/promises';
 import type { Dispatcher } from 'undici';
 
 import type { CheckpointDiff, CheckpointInfo, CheckpointSummary } from '../checkpoint-store/protocol.js';
-import { ChipmunkError, UnavailableError, type ErrorJSON } from './errors.js';
+
+import { ChipmunkError, NotLeaderError, UnavailableError, type ErrorJSON } from './errors.js';
 import { ApiClient } from './http.js';
 import type {
   ContainerSpec,
@@ -36,6 +38,8 @@ export interface ControllerClientOptions {
   token: string;
   /** Per call (streams excepted: a migration takes as long as it takes). */
   timeoutMs?: number;
+  /** How long a call waits for a leader to be elected (default 20 s). */
+  leaderWaitMs?: number;
 }
 
 /**
@@ -73,6 +77,9 @@ export interface FailoverView {
   [field: string]: unknown;
 }
 
+const DEFAULT_LEADER_WAIT_MS = 20_000;
+const LEADER_RETRY_MS = 500;
+
 /** Socket errors that mean no connection was made: the request never left. */
 const NOT_CONNECTED = new Set(['ECONNREFUSED', 'EHOSTUNREACH', 'ENETUNREACH', 'ENOTFOUND', 'EAI_AGAIN', 'UND_ERR_CONNECT_TIMEOUT']);
 
@@ -83,9 +90,11 @@ export class ControllerClient {
   private readonly apis: ApiClient[];
   /** The controller that answered last: tried first. */
   private current = 0;
+  private readonly leaderWaitMs: number;
 
   constructor(opts: ControllerClientOptions) {
     if (opts.urls.length === 0) throw new ChipmunkError('CHIPMUNK_INVALID_INPUT', 'a controller client needs at least one controller URL');
+    this.leaderWaitMs = opts.leaderWaitMs ?? DEFAULT_LEADER_WAIT_MS;
     this.apis = opts.urls.map((url) => new ApiClient({ baseUrl: url, token: opts.token, timeoutMs: opts.timeoutMs, peer: 'controller' }));
   }
 
@@ -196,9 +205,23 @@ export class ControllerClient {
 
   /**
    * Runs CALL against the controller tried first, then each other one in turn while none can be
-   * reached. A call that is not IDEMPOTENT moves on only if its connection was never made.
+   * reached. A call that is not IDEMPOTENT moves on only if its connection was never made. While
+   * no controller leads (`CHIPMUNK_NOT_LEADER`: the call reached no leader, so it is safe to send
+   * again) it tries again for up to `leaderWaitMs`: an election takes seconds.
    */
   private async call<T>(idempotent: boolean, call: (api: ApiClient) => Promise<T>): Promise<T> {
+    const deadline = Date.now() + this.leaderWaitMs;
+    for (;;) {
+      try {
+        return await this.callOnce(idempotent, call);
+      } catch (err) {
+        if (!(err instanceof NotLeaderError) || Date.now() >= deadline) throw err;
+        await sleep(LEADER_RETRY_MS);
+      }
+    }
+  }
+
+  private async callOnce<T>(idempotent: boolean, call: (api: ApiClient) => Promise<T>): Promise<T> {
     const failures: string[] = [];
     for (let tried = 0; tried < this.apis.length; tried++) {
       const index = (this.current + tried) % this.apis.length;
@@ -207,6 +230,10 @@ export class ControllerClient {
         this.current = index;
         return result;
       } catch (err) {
+        if (err instanceof NotLeaderError && tried < this.apis.length - 1) {
+          failures.push(err.message);
+          continue;
+        }
         if (!isUnreachable(err) || this.apis.length === 1) throw err;
         if (!idempotent && !NOT_CONNECTED.has(socketCode(err))) {
           throw new UnavailableError(

@@ -24,6 +24,7 @@ export type ErrorCode =
   | 'CHIPMUNK_LOCK_LOST'
   | 'CHIPMUNK_STATE_CORRUPT'
   | 'CHIPMUNK_LOG_MISMATCH'
+  | 'CHIPMUNK_NOT_LEADER'
   | 'CHIPMUNK_STALE_TERM'
   | 'CHIPMUNK_INTERNAL';
 
@@ -215,6 +216,16 @@ export class LogMismatchError extends ChipmunkError {
   }
 }
 
+/**
+ * A write of a controller that no longer leads (or never did): its term no longer holds in the
+ * store, so the write was refused. Another controller leads, or will once elected.
+ */
+export class NotLeaderError extends ChipmunkError {
+  constructor(message: string, details?: Record<string, unknown>) {
+    super('CHIPMUNK_NOT_LEADER', message, { status: 503, details });
+  }
+}
+
 const byCode: Partial<Record<ErrorCode, (m: string, d: Record<string, unknown>) => ChipmunkError>> = {
   CHIPMUNK_INVALID_INPUT: (m, d) => new InvalidInputError(m, d),
   CHIPMUNK_NOT_FOUND: (m, d) => new NotFoundError(m, d),
@@ -230,6 +241,7 @@ const byCode: Partial<Record<ErrorCode, (m: string, d: Record<string, unknown>) 
   CHIPMUNK_LOCK_LOST: (m, d) => new LockLostError(m, d),
   CHIPMUNK_STATE_CORRUPT: (m, d) => new StateCorruptError(m, { ...d, path: String(d.path ?? '') }),
   CHIPMUNK_LOG_MISMATCH: (m, d) => new LogMismatchError(m, d),
+  CHIPMUNK_NOT_LEADER: (m, d) => new NotLeaderError(m, d),
   CHIPMUNK_STALE_TERM: (m, d) => new StaleTermError(m, d),
 };
 

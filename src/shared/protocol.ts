@@ -177,6 +177,8 @@ export type PrepareRequest = Static<typeof PrepareRequest>;
 export const StoredCheckpointRef = Type.Object({
   /** The checkpoint store's API (the controller's by default). */
   storeUrl: Type.String({ minLength: 1 }),
+  /** Other store replicas holding it, read in turn when a read from storeUrl fails (a corrupt or missing chunk, a dead host). */
+  replicaUrls: Type.Optional(Type.Array(Type.String({ minLength: 1 }))),
   id: Type.String({ minLength: 1 }),
 });
 export type StoredCheckpointRef = Static<typeof StoredCheckpointRef>;
@@ -229,6 +231,8 @@ export type TakeCheckpointResult = Static<typeof TakeCheckpointResult>;
 export const UploadCheckpointRequest = Type.Object({
   container: ContainerName,
   storeUrl: Type.String({ minLength: 1 }),
+  /** Further store replicas: the checkpoint is committed on storeUrl and each of these, or on none. */
+  replicaUrls: Type.Optional(Type.Array(Type.String({ minLength: 1 }))),
   /** The gateway log position the checkpoint was cut at (null: the container is not behind a logging route). */
   logPosition: Type.Union([LogPosition, Type.Null()]),
   /** Kept with the checkpoint for restores: the container spec, its generation. */

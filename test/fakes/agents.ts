@@ -78,6 +78,19 @@ export class FakeCheckpointCatalog implements CheckpointCatalog {
   async forget(container: string): Promise<void> {
     this.checkpoints.delete(container);
   }
+
+  /** One replica, the controller's own; the fake agents' uploads land in this catalog directly. */
+  async uploadTargets(): Promise<string[]> {
+    return ['http://controller'];
+  }
+
+  async committed(info: CheckpointInfo, replicas: string[]): Promise<CheckpointSummary> {
+    return { ...info, replicas: replicas.map((url) => ({ url, state: 'intact' as const })) };
+  }
+
+  async readFrom(): Promise<string[]> {
+    return ['http://controller'];
+  }
 }
 
 export class FakeCluster {

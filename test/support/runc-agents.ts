@@ -23,7 +23,7 @@ import { runUnchecked } from '../../src/shared/exec.js';
 import { installApiConventions } from '../../src/shared/http.js';
 import { TermFence } from '../../src/shared/term-fence.js';
 import type { AgentCluster } from '../contract/agent.contract.js';
-import { RUNC_PAIR_NODES, makeRuncPair } from './runc-pair.js';
+import { RUNC_PAIR_NET, RUNC_PAIR_NODES, makeRuncPair } from './runc-pair.js';
 
 const TOKEN = 'agent-contract-token';
 /** Page server ports for this suite's lazy dumps (in the source test host's namespace). */
@@ -31,9 +31,13 @@ const PAGE_SERVER_PORT_BASE = 27400;
 /** A hung step fails the test instead of waiting the controller's 15 minutes. */
 const STEP_TIMEOUT_MS = 60_000;
 
-const TMP_PREFIX = 'chipmunk-agent-contract-';
+// Per pair network: a suite on another network must not sweep this one's directories as leftovers.
+const TMP_PREFIX = `chipmunk-agent-contract${RUNC_PAIR_NET === 2 ? '' : RUNC_PAIR_NET}-`;
 
-export async function makeRuncAgents(): Promise<AgentCluster> {
+/** The agent cluster, and a way to take its checkpoint store down as a dead host would. */
+export type RuncAgents = AgentCluster & { killStore(): Promise<void> };
+
+export async function makeRuncAgents(): Promise<RuncAgents> {
   // A run killed before its cleanup left its store and scratch space (no mounts: those are the pair's).
   for (const entry of await readdir(tmpdir())) {
     if (entry.startsWith(TMP_PREFIX)) await runUnchecked('rm', ['-rf', '--one-file-system', '--', join(tmpdir(), entry)]);
@@ -59,6 +63,10 @@ export async function makeRuncAgents(): Promise<AgentCluster> {
     installApiConventions(storeServer, TOKEN);
     await storeServer.register(checkpointStoreRoutes(store));
     const storeUrl = await storeServer.listen({ host: '127.0.0.1', port: 0 });
+    const killStore = async () => {
+      storeServer.server.closeAllConnections();
+      await storeServer.close();
+    };
 
     const runtimes = [pair.source, pair.target];
     const nodes = [];
@@ -87,6 +95,7 @@ export async function makeRuncAgents(): Promise<AgentCluster> {
       command: ['/bin/sh', '-c', 'trap "exit 0" TERM; sleep 3600 & wait'],
       storeUrl,
       pageServerPort: () => nextPort++,
+      killStore,
       unreachable: new HttpAgentApi({ node: 'gone', url: `http://127.0.0.1:${await closedPort()}`, token: TOKEN, timeoutMs: 5_000 }),
       cleanup,
     };

@@ -249,6 +249,25 @@ describe('chipmunk against a controller', () => {
     }
   });
 
+  it('waits out an election: a mutation that reached no leader is sent again', async () => {
+    let asked = 0;
+    const electing = createServer((_req, res) => {
+      asked++;
+      if (asked <= 2) return json(res, 503, { code: 'CHIPMUNK_NOT_LEADER', message: 'no controller leads right now' });
+      json(res, 200, { ...web, status: 'stopped' });
+    });
+    await new Promise<void>((resolve) => electing.listen(0, '127.0.0.1', resolve));
+    try {
+      const url = `http://127.0.0.1:${(electing.address() as AddressInfo).port}`;
+      const result = await runCli(['stop', 'web', '--json', '--controller', url], env);
+      assert.equal(result.code, 0, result.stderr);
+      assert.equal(JSON.parse(result.stdout).status, 'stopped');
+      assert.equal(asked, 3);
+    } finally {
+      electing.close();
+    }
+  });
+
   it('refuses a bad controller URL list before sending anything', async () => {
     const result = await runCli(['ps', '--controller', `${env.CHIPMUNK_CONTROLLER},`], env);
     assert.equal(result.code, 2);

@@ -47,6 +47,8 @@ describe('chipmunk command-line errors', () => {
     assertUsageError(await runCli(['run', '--name', 'web', '--checkpoint-every', '500ms', 'img'], env), /bad checkpoint interval '500ms': at least 1s/);
     assertUsageError(await runCli(['protect', 'web', '--every', 'soon'], env), /bad checkpoint interval 'soon'/);
     assertUsageError(await runCli(['cluster', 'up', '--node-lease', '100ms'], env), /bad node lease '100ms'/);
+    assertUsageError(await runCli(['controller', '--leader-lease', '500ms'], env), /bad leader lease '500ms': whole seconds, at least 1s/);
+    assertUsageError(await runCli(['controller', '--leader-lease', '1500ms'], env), /bad leader lease '1500ms'/);
   });
 
   it('rejects a bad memory size', async () => {
@@ -73,6 +75,14 @@ describe('chipmunk command-line errors', () => {
     assertUsageError(
       await runCli(['agent', '--node', 'n1', '--controller', 'http://127.0.0.1:1', '--listen', '127.0.0.1:1', '--userns', 'auto'], env),
       /bad --userns 'auto': use 'on' .* or 'off'/,
+    );
+    assert.equal(requests, 0);
+  });
+
+  it('rejects a bad controller list for the agent', async () => {
+    assertUsageError(
+      await runCli(['agent', '--node', 'n1', '--controller', 'http://127.0.0.1:1,,http://127.0.0.1:2', '--listen', '127.0.0.1:1'], env),
+      /bad URL list/,
     );
     assert.equal(requests, 0);
   });

@@ -80,7 +80,7 @@ async function setup(leaseMs = 60_000) {
   const controller = () => {
     const locks = new ContainerLocks(store);
     const containers = new ContainerService(store, nodes, cluster.resolver, locks, new ContainerAddresses(store, parseContainerRange(DEFAULT_CONTAINER_RANGE)));
-    const checkpoints = new CheckpointService({ store, nodes, agentFor: cluster.resolver, locks, traffic: traffic satisfies LoggedTraffic, catalog: cluster.catalog, storeUrl: () => 'http://controller', log: silent });
+    const checkpoints = new CheckpointService({ store, nodes, agentFor: cluster.resolver, locks, traffic: traffic satisfies LoggedTraffic, catalog: cluster.catalog, log: silent });
     const failovers = new FailoverService({ store, nodes, locks, fences, agentFor: cluster.resolver, nodeLeaseMs: leaseMs, checkpoints, catalog: cluster.catalog, traffic, log: silent });
     const migrations = new MigrationOrchestrator({ store, nodes, agentFor: cluster.resolver, locks, fences, log: silent, traffic, rescuer: failovers });
     return { locks, containers, checkpoints, failovers, migrations };

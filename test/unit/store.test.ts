@@ -6,7 +6,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { InvalidInputError, StoreFailedError } from '../../src/shared/errors.js';
-import { MemoryStore, SqliteStore, openStore } from '../../src/controller/store/index.js';
+import { MemoryStore, SqliteStore, openStore, parseEtcdSpec } from '../../src/controller/store/index.js';
 import { describeStoreContract } from '../contract/store.contract.js';
 
 describeStoreContract('MemoryStore', async (opts) => {
@@ -92,12 +92,35 @@ describe('openStore', () => {
     }));
 
   it('rejects other specs, naming the accepted forms', async () => {
-    for (const spec of ['etcd://127.0.0.1:2379', 'sqlite:', 'memory', '/var/lib/chipmunk/state.db']) {
+    for (const spec of ['sqlite:', 'memory', '/var/lib/chipmunk/state.db', 'etcd2://127.0.0.1:2379']) {
       await assert.rejects(
         openStore(spec),
-        (err) => err instanceof InvalidInputError && err.message.includes('"memory:"') && err.message.includes('"sqlite:/path/to/file.db"'),
+        (err) =>
+          err instanceof InvalidInputError && ['"memory:"', '"sqlite:/path/to/file.db"', '"etcd://host:2379'].every((form) => err.message.includes(form)),
         spec,
       );
     }
+  });
+
+  it('rejects a bad etcd spec, naming what is wrong and the form to use', async () => {
+    const cases: [string, RegExp][] = [
+      ['etcd:127.0.0.1:2379', /must start with etcd:\/\//],
+      ['etcd://', /names no etcd member/],
+      ['etcd://127.0.0.1', /member "127.0.0.1" is not HOST:PORT/],
+      ['etcd://h1:2379,,h2:2379', /member "" is not HOST:PORT/],
+      ['etcd://h1:70000', /port 70000, outside 1-65535/],
+      ['etcd://h1:2379/ns with space', /namespace/],
+    ];
+    for (const [spec, why] of cases) {
+      await assert.rejects(openStore(spec), (err) => err instanceof InvalidInputError && why.test(err.message) && err.message.includes('etcd://HOST:PORT'), spec);
+    }
+  });
+
+  it('parses the members and the namespace of an etcd spec', () => {
+    assert.deepEqual(parseEtcdSpec('etcd://10.0.0.1:2379,node-2.example:2379,[::1]:2379'), {
+      endpoints: ['10.0.0.1:2379', 'node-2.example:2379', '[::1]:2379'],
+      namespace: '',
+    });
+    assert.deepEqual(parseEtcdSpec('etcd://h1:2379/chipmunk/prod/'), { endpoints: ['h1:2379'], namespace: '/chipmunk/prod' });
   });
 });

@@ -6,7 +6,7 @@ import type { Command } from 'commander';
 import pino from 'pino';
 
 import { daemonToken } from '../context.js';
-import { addJsonOption, parseIPv4Cidr, parseListen, parseNodeLease, parseNodeName, parsePositiveInt, parseUrl, parseUserns, parseWritableLayer, type ListenAddress } from '../options.js';
+import { addJsonOption, parseIPv4Cidr, parseLeaderLease, parseListen, parseNodeLease, parseNodeName, parsePositiveInt, parseUrl, parseUrlList, parseUserns, parseWritableLayer, type ListenAddress } from '../options.js';
 import { printJson } from '../output.js';
 
 const DEFAULT_CONTROLLER_LISTEN = '127.0.0.1:7400';
@@ -52,9 +52,12 @@ interface ControllerOptions {
   advertiseUrl?: string;
   checkpointDir?: string;
   keepCheckpoints: number;
+  checkpointReplicas?: number;
+  checkpointStorePeers?: string[];
   nodeLease: number;
   containerRange?: string;
   addressRoutes?: string;
+  leaderLease: number;
   json?: boolean;
 }
 
@@ -73,7 +76,7 @@ interface GatewayDaemonOptions {
 
 interface AgentOptions {
   node: string;
-  controller: string;
+  controller: string[];
   listen: ListenAddress;
   tokenFile?: string;
   dataDir: string;
@@ -91,14 +94,17 @@ export function registerDaemonCommands(program: Command): void {
       .command('controller')
       .description('run the controller: it knows the nodes and containers and orchestrates migrations')
       .option('--listen <host:port>', 'address to serve the API on', parseListen, parseListen(DEFAULT_CONTROLLER_LISTEN))
-      .option('--store <spec>', 'state store: sqlite:/path/to/file.db or memory:', DEFAULT_STORE)
+      .option('--store <spec>', 'state store: sqlite:/path/to/file.db, memory:, or etcd://HOST:PORT[,HOST:PORT...][/NAMESPACE] (an etcd cluster)', DEFAULT_STORE)
       .option('--token-file <file>', 'file holding the cluster token (default: $CHIPMUNK_TOKEN)')
       .option('--gateway <url>', "the gateway's API, for exposed services", parseUrl)
       .option('--gateway-host <address>', 'where clients reach the gateway (shown by ps)')
       .option('--advertise-url <url>', 'how agents reach this controller and its checkpoint store (default: the listen address)', parseUrl)
-      .option('--checkpoint-dir <dir>', 'where the checkpoint store keeps chunks and index (default: checkpoints/ beside the SQLite store)')
+      .option('--checkpoint-dir <dir>', 'where the checkpoint store keeps chunks and index (default: checkpoints/ beside the SQLite store; required with etcd)')
       .option('--keep-checkpoints <n>', 'checkpoints kept per container', parsePositiveInt, 5)
+      .option('--checkpoint-replicas <n>', 'checkpoint store replicas each checkpoint must be committed on before it counts (default: 2 when peers are given, else 1)', parsePositiveInt)
+      .option('--checkpoint-store-peers <urls>', "other controllers (URL,URL...) whose checkpoint stores are replicas too", parseUrlList)
       .option('--node-lease <duration>', 'a node that has not heartbeated for this long is dead: its protected containers fail over', parseNodeLease, 5000)
+      .option('--leader-lease <duration>', 'with an etcd store: a leader that cannot renew its lease for this long stops leading, and another takes over', parseLeaderLease, 2000)
       .option('--container-range <cidr|off>', "containers' cluster-wide addresses, kept across moves (default 198.19.128.0/18; off: only their node's address)")
       .option('--address-routes <command>', 'run as `COMMAND ADDRESS NODE_ADDRESS` whenever a container (re)starts on a node, `COMMAND ADDRESS` when removed (README: container addresses)'),
   ).action(async (opts: ControllerOptions) => {
@@ -116,7 +122,10 @@ export function registerDaemonCommands(program: Command): void {
       ...(opts.advertiseUrl ? { advertiseUrl: opts.advertiseUrl } : {}),
       ...(opts.checkpointDir ? { checkpointDir: opts.checkpointDir } : {}),
       keepCheckpoints: opts.keepCheckpoints,
+      ...(opts.checkpointReplicas !== undefined ? { checkpointReplicas: opts.checkpointReplicas } : {}),
+      ...(opts.checkpointStorePeers ? { checkpointStorePeers: opts.checkpointStorePeers } : {}),
       nodeReadyWithinMs: opts.nodeLease,
+      leaderLeaseMs: opts.leaderLease,
       ...(opts.containerRange ? { containerRange: opts.containerRange } : {}),
       ...(opts.addressRoutes ? { addressRoutesCommand: opts.addressRoutes } : {}),
     });
@@ -163,7 +172,7 @@ export function registerDaemonCommands(program: Command): void {
       .command('agent')
       .description("run a node's agent: it runs containers with runc and CRIU and moves them between nodes")
       .requiredOption('--node <name>', 'this node\'s name', parseNodeName)
-      .requiredOption('--controller <url>', 'controller URL to register with', parseUrl)
+      .requiredOption('--controller <urls>', 'controller URL to register with, or several comma-separated (every controller of an HA cluster)', parseUrlList)
       .requiredOption('--listen <addr:port>', 'address to serve the agent API on (other nodes reach this node there)', parseListen)
       .option('--token-file <file>', 'file holding the cluster token (default: $CHIPMUNK_TOKEN)')
       .option('--data-dir <dir>', 'persistent state: container layers, checkpoints', DEFAULT_AGENT_DATA_DIR)
@@ -188,7 +197,7 @@ export function registerDaemonCommands(program: Command): void {
     const agent = await startAgent({
       node: opts.node,
       listen: opts.listen,
-      controllerUrl: opts.controller,
+      controllerUrls: opts.controller,
       token,
       dataDir: opts.dataDir,
       runDir: opts.runDir,

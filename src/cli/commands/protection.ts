@@ -46,11 +46,20 @@ export function registerProtectionCommands(program: Command): void {
   ).action(async (name: string, opts: { json?: boolean }, cmd: Command) => {
     const list = await (await controllerClient(cmd)).checkpoints(name);
     if (opts.json) {
-      printJson(list.map(({ id, time, logicalBytes, newBytes, logPosition, corrupt }) => ({ id, time, logicalBytes, newBytes, logPosition, ...(corrupt ? { corrupt } : {}) })));
+      printJson(list.map(({ id, time, logicalBytes, newBytes, logPosition, corrupt, replicas }) => ({ id, time, logicalBytes, newBytes, logPosition, ...(corrupt ? { corrupt } : {}), replicas: replicas ?? [] })));
       return;
     }
-    const rows = list.map((c) => [c.id, new Date(c.time).toISOString(), formatBytes(c.logicalBytes), formatBytes(c.newBytes), formatLogPosition(c.logPosition), c.corrupt ? 'CORRUPT' : 'ok']);
-    process.stdout.write(`${renderTable(['ID', 'TIME', 'SIZE', 'NEW', 'LOG POSITION', 'STATE'], rows)}\n`);
+    const rows = list.map((c) => [
+      c.id,
+      new Date(c.time).toISOString(),
+      formatBytes(c.logicalBytes),
+      formatBytes(c.newBytes),
+      formatLogPosition(c.logPosition),
+      c.corrupt ? 'CORRUPT' : 'ok',
+      // Where it is: each replica's host, and its state there unless intact.
+      (c.replicas ?? []).map((r) => `${r.url.replace(/^https?:\/\//, '')}${r.state === 'intact' ? '' : ` (${r.state})`}`).join(', '),
+    ]);
+    process.stdout.write(`${renderTable(['ID', 'TIME', 'SIZE', 'NEW', 'LOG POSITION', 'STATE', 'REPLICAS'], rows)}\n`);
   });
 
   addConnectionOptions(

@@ -1,20 +1,33 @@
 import { randomBytes } from 'node:crypto';
 import { InvalidInputError } from '../../shared/errors.js';
-import type { LocalStoreOptions } from './local.js';
+import { EtcdStore, parseEtcdSpec } from './etcd.js';
 import { MemoryStore } from './memory.js';
 import { SqliteStore } from './sqlite.js';
 import type { StateStore } from './types.js';
 
 export type * from './types.js';
 export type { LocalStoreOptions } from './local.js';
+export { EtcdStore, parseEtcdSpec, type EtcdStoreOptions } from './etcd.js';
 export { MemoryStore } from './memory.js';
 export { SqliteStore } from './sqlite.js';
 
-/** Opens the store a spec names: `memory:` or `sqlite:/path/to/file.db`. */
-export async function openStore(spec: string, options: LocalStoreOptions = {}): Promise<StateStore> {
+export interface StoreOptions {
+  /** How many revisions of change history watches can replay. */
+  historyRevisions?: number;
+}
+
+/**
+ * Opens the store a spec names: `memory:`, `sqlite:/path/to/file.db`, or
+ * `etcd://host:port[,host:port...][/namespace]` (fails at once when no member answers).
+ */
+export async function openStore(spec: string, options: StoreOptions = {}): Promise<StateStore> {
   if (spec === 'memory:') return new MemoryStore(options);
   if (spec.startsWith('sqlite:') && spec.length > 'sqlite:'.length) return SqliteStore.open(spec.slice('sqlite:'.length), options);
-  throw new InvalidInputError(`unknown state store "${spec}": use "memory:" or "sqlite:/path/to/file.db"`, { spec });
+  if (spec.startsWith('etcd:')) {
+    const { endpoints, namespace } = parseEtcdSpec(spec);
+    return EtcdStore.open(endpoints, { ...options, namespace });
+  }
+  throw new InvalidInputError(`unknown state store "${spec}": use "memory:", "sqlite:/path/to/file.db" or "etcd://host:2379[,host:2379...]"`, { spec });
 }
 
 const IDENTITY_KEY = '/identity';

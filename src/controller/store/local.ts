@@ -1,5 +1,15 @@
 import { randomUUID } from 'node:crypto';
-import { InvalidInputError, StoreConflictError, StoreFailedError } from '../../shared/errors.js';
+import { StoreConflictError, StoreFailedError } from '../../shared/errors.js';
+import {
+  assertDistinctTxnKeys,
+  assertHistoryRevisions,
+  assertKey,
+  assertLeaseTtl,
+  assertWatchFrom,
+  compactedHistoryMessage,
+  encodeValue,
+  leaseNotFoundMessage,
+} from './values.js';
 import type { KeyValue, PutOptions, DeleteOptions, StateStore, Txn, TxnResult, Watch, WatchEvent, WatchOptions } from './types.js';
 
 /**
@@ -95,9 +105,7 @@ export class LocalStore implements StateStore {
     options: LocalStoreOptions = {},
   ) {
     this.historyRevisions = options.historyRevisions ?? DEFAULT_HISTORY_REVISIONS;
-    if (!Number.isInteger(this.historyRevisions) || this.historyRevisions < 1) {
-      throw new InvalidInputError(`historyRevisions must be a positive integer, got ${this.historyRevisions}`);
-    }
+    assertHistoryRevisions(this.historyRevisions);
     const loaded = backend.load();
     this.revision = loaded.revision;
     this.compactedRevision = loaded.compactedRevision;
@@ -154,11 +162,8 @@ export class LocalStore implements StateStore {
 
   async txn(txn: Txn): Promise<TxnResult> {
     this.assertOpen();
-    const seen = new Set<string>();
+    assertDistinctTxnKeys(txn.ops.map((op) => op.key));
     const writes: PlannedWrite[] = txn.ops.map((op) => {
-      assertKey(op.key);
-      if (seen.has(op.key)) throw new InvalidInputError(`txn names key ${op.key} in more than one op; give each key at most one op`);
-      seen.add(op.key);
       if (op.type === 'delete') return op;
       if (op.lease !== undefined) this.liveLease(op.lease);
       return { type: 'put', key: op.key, valueJson: encodeValue(op.key, op.value), lease: op.lease };
@@ -173,15 +178,8 @@ export class LocalStore implements StateStore {
   async watch<T = unknown>(prefix: string, opts: WatchOptions, onEvent: (ev: WatchEvent<T>) => void): Promise<Watch> {
     this.assertOpen();
     const from = opts.fromRevision;
-    if (from !== undefined && (!Number.isInteger(from) || from < 1)) {
-      throw new InvalidInputError(`watch fromRevision must be an integer >= 1, got ${from}`);
-    }
-    if (from !== undefined && from <= this.compactedRevision) {
-      throw new StoreFailedError(
-        `cannot watch ${prefix} from revision ${from}: history up to revision ${this.compactedRevision} has been compacted; ` +
-          `list ${prefix} again and watch from the revision after the list`,
-      );
-    }
+    assertWatchFrom(from);
+    if (from !== undefined && from <= this.compactedRevision) throw new StoreFailedError(compactedHistoryMessage(prefix, from, this.compactedRevision));
     const watcher: Watcher = { prefix, startRevision: from ?? this.revision + 1, onEvent: onEvent as Watcher['onEvent'], cancelled: false };
     if (from !== undefined) {
       for (const ev of this.backend.eventsFrom(from)) if (ev.kv.key.startsWith(prefix)) deliver(watcher, ev);
@@ -198,7 +196,7 @@ export class LocalStore implements StateStore {
 
   async grantLease(ttlMs: number): Promise<string> {
     this.assertOpen();
-    if (!Number.isFinite(ttlMs) || ttlMs <= 0) throw new InvalidInputError(`lease TTL must be a positive number of milliseconds, got ${ttlMs}`);
+    assertLeaseTtl(ttlMs);
     const lease: LeaseRecord = { id: randomUUID(), ttlMs, deadlineMs: Date.now() + ttlMs };
     this.backend.commit({ revision: this.revision, compactedRevision: this.compactedRevision, saveLeases: [lease] });
     this.leases.set(lease.id, lease);
@@ -241,7 +239,7 @@ export class LocalStore implements StateStore {
       this.endLease(leaseId);
       this.armExpiryTimer();
     }
-    throw new StoreFailedError(`lease ${leaseId} not found: it expired or was revoked; grant a new lease and put its keys again`);
+    throw new StoreFailedError(leaseNotFoundMessage(leaseId));
   }
 
   /** Deletes the lease's keys and the lease itself in one commit, so a crash cannot leave one without the other. */
@@ -357,19 +355,4 @@ function toKeyValue<T>(stored: StoredKv): KeyValue<T> {
 function checkExpected(key: string, expected: number | undefined, current: StoredKv | undefined): void {
   const actual = current?.modRevision ?? 0;
   if (expected !== undefined && expected !== actual) throw new StoreConflictError(key, expected, actual);
-}
-
-function assertKey(key: string): void {
-  if (typeof key !== 'string' || key.length === 0) throw new InvalidInputError('store keys must be non-empty strings');
-}
-
-function encodeValue(key: string, value: unknown): string {
-  let json: string | undefined;
-  try {
-    json = JSON.stringify(value);
-  } catch (err) {
-    throw new InvalidInputError(`value for store key ${key} is not JSON-serialisable: ${(err as Error).message}`);
-  }
-  if (json === undefined) throw new InvalidInputError(`value for store key ${key} is not JSON-serialisable (got ${typeof value})`);
-  return json;
 }

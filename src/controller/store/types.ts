@@ -1,3 +1,5 @@
+import type { StoreFailedError } from '../../shared/errors.js';
+
 /**
  * The controller's state store. The interface is etcd v3 shaped on purpose, so the controller can
  * run on one node with SQLite now and on etcd (with leader election) later without its callers
@@ -79,6 +81,12 @@ export interface WatchOptions {
    * Without it, only changes after the watch starts are delivered.
    */
   fromRevision?: number;
+  /**
+   * Called at most once, when the watch ends by itself because it can no longer deliver every
+   * change: a store on a server (etcd) lost its connection and compacted the history it needed to
+   * resume. List again and watch afresh. The stores inside the controller's process never call it.
+   */
+  onFailed?: (err: StoreFailedError) => void;
 }
 
 export interface Watch {

@@ -1,0 +1,211 @@
+/**
+ * One client request on its way to the upstream (ProxiedExchange), attempt after attempt, and
+ * what an attempt that failed tells (FailedSend). Also the replay's send of a record whose
+ * client had its answer already.
+ */
+import { STATUS_CODES, type IncomingMessage, type ServerResponse } from 'node:http';
+import { clientHeaders, type RequestBody } from './http-messages.js';
+import type { LogRecord } from './request-log.js';
+import type { UpstreamHandler } from './upstream-connection.js';
+import type { UpstreamPool } from './upstream-pool.js';
+
+/** Answers up to this size whose body came in one chunk leave in a single write with their head. */
+const SINGLE_WRITE_BYTES = 16 * 1024;
+
+export interface FailedSend {
+  error: Error;
+  /** Some of the request was handed to a connection to the upstream: it may have reached the container. */
+  written: boolean;
+}
+
+/**
+ * One client request on its way to the upstream, attempt after attempt; also the handler of the
+ * current attempt (one object per request: this is the hot path).
+ *
+ * `written` comes from the upstream connection's onConnect, which it calls on a connected socket
+ * right before it writes the request; a connect failure (refused, timed out, reset while connecting) reaches
+ * onError without it. So `written: false` means no byte of this request left the gateway.
+ */
+export class ProxiedExchange implements UpstreamHandler {
+  clientGone = false;
+  /** Its place in the route's request log, once logged. */
+  seq?: number;
+  /** A replay answers this client: the live attempts are over. */
+  claimed = false;
+  private abortUpstream?: (err?: Error) => void;
+  private resumeUpstream?: () => void;
+  private waiting?: AbortController;
+  private written = false;
+  private answering = false;
+  /** A body that came whole in one chunk, kept back for the end (see onData). */
+  private wholeBody?: Buffer;
+  private settle?: (failure: FailedSend | undefined) => void;
+  /** The attempt in progress, which a replay waits out before it answers through this exchange. */
+  private attempt?: Promise<FailedSend | undefined>;
+  private replayDelivered = false;
+  private replayWaitExpired = false;
+  private parked?: { resolve(): void; reject(err: Error): void; lost: () => Error; timer: NodeJS.Timeout };
+
+  constructor(
+    readonly req: IncomingMessage,
+    private readonly res: ServerResponse,
+  ) {
+    res.once('close', () => {
+      if (res.writableFinished) return;
+      this.clientGone = true;
+      this.waiting?.abort();
+      this.endParking();
+      // A replayed request goes on without its client (the restored container needs it), its answer dropped.
+      if (this.claimed) this.resumeUpstream?.();
+      else this.abortUpstream?.();
+    });
+  }
+
+  /** Withdraws the request from a hold queue when the client goes away. */
+  waitSignal(): AbortSignal {
+    this.waiting ??= new AbortController();
+    return this.waiting.signal;
+  }
+
+  /**
+   * One attempt: resolves undefined once the answer went to the client (even if cut short after
+   * its headers: then the client sees the connection drop), or the failure if nothing was answered.
+   */
+  send(pool: UpstreamPool, headers: string[], payload: RequestBody['payload']): Promise<FailedSend | undefined> {
+    this.written = false;
+    this.attempt = new Promise((resolve) => {
+      this.settle = (failure) => {
+        this.settle = undefined;
+        this.attempt = undefined;
+        resolve(failure);
+      };
+      // Queued in its client connection's turn: one client cannot keep the others waiting.
+      pool.dispatch(this.req.socket, { path: this.req.url as string, method: this.req.method as string, headers, body: payload }, this);
+    });
+    return this.attempt;
+  }
+
+  /**
+   * A replay takes over answering this client, unless an answer already started (or the client
+   * left). A live attempt still in progress is given up first (its upstream was abandoned).
+   */
+  async claimForReplay(): Promise<boolean> {
+    if (this.clientGone || this.answering || this.claimed) return false;
+    this.claimed = true;
+    if (this.attempt) {
+      this.abortUpstream?.(new Error('answered by the replay instead'));
+      await this.attempt;
+    }
+    if (this.answering || this.clientGone) {
+      this.replayFinished(true);
+      return false;
+    }
+    return true;
+  }
+
+  /** The replay is done with this client: answered (`true`), or it failed before (the client waits on, bounded). */
+  replayFinished(answered: boolean): void {
+    if (answered) {
+      this.replayDelivered = true;
+      this.endParking();
+      return;
+    }
+    this.claimed = false;
+    if (this.replayWaitExpired) this.endParking(this.parked?.lost());
+  }
+
+  /** Resolves once a replay answered this client (or it left); rejects with `lost()` after `timeoutMs` without one. */
+  awaitReplay(timeoutMs: number, lost: () => Error): Promise<void> {
+    if (this.replayDelivered || this.clientGone) return Promise.resolve();
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.replayWaitExpired = true;
+        // A replay answering right now is let finish.
+        if (!this.claimed) this.endParking(lost());
+      }, timeoutMs);
+      this.parked = { resolve, reject, lost, timer };
+    });
+  }
+
+  private endParking(err?: Error): void {
+    const parked = this.parked;
+    if (!parked) return;
+    this.parked = undefined;
+    clearTimeout(parked.timer);
+    if (err) parked.reject(err);
+    else parked.resolve();
+  }
+
+  onConnect(abort: (err?: Error) => void): void {
+    this.written = true;
+    this.abortUpstream = abort;
+    if (this.clientGone && !this.claimed) abort();
+  }
+
+  onHeaders(statusCode: number, headers: string[], resume: () => void, statusText: string): boolean {
+    // Informational answers (103) are not passed on: node's ServerResponse has no way to.
+    if (statusCode < 200) return true;
+    this.answering = true;
+    // A replayed answer whose client left is read and dropped.
+    if (this.clientGone) return true;
+    // Only stored: node writes the head with the first body bytes, or at the end.
+    this.res.writeHead(statusCode, statusText || (STATUS_CODES[statusCode] ?? 'Unknown'), clientHeaders(headers));
+    this.resumeUpstream = resume;
+    return true;
+  }
+
+  /** false pauses the upstream connection until 'drain' resumes it: the body never piles up here. */
+  onData(chunk: Buffer, endsBody: boolean): boolean {
+    if (this.clientGone) return true;
+    // A small answer's body usually comes whole in one chunk, and onComplete follows at once:
+    // kept back, it leaves with the head and the end in one write.
+    if (endsBody && !this.res.headersSent) {
+      this.wholeBody = chunk;
+      return true;
+    }
+    if (this.res.write(chunk)) return true;
+    this.res.once('drain', this.resumeUpstream as () => void);
+    return false;
+  }
+
+  onComplete(): void {
+    this.abortUpstream = undefined;
+    const body = this.wholeBody;
+    this.wholeBody = undefined;
+    // As one latin1 string, node sends head and body in one plain write (a Buffer would take a writev).
+    if (body && body.length <= SINGLE_WRITE_BYTES) this.res.end(body.toString('latin1'), 'latin1');
+    else this.res.end(body);
+    this.settle?.(undefined);
+  }
+
+  onError(error: Error): void {
+    this.abortUpstream = undefined;
+    if (this.answering) {
+      this.res.destroy(error);
+      this.settle?.(undefined);
+    } else {
+      this.settle?.({ error, written: this.written });
+    }
+  }
+}
+
+/** Sends a replayed record whose client had its answer already: the answer is read and dropped. */
+export function sendDiscardingAnswer(pool: UpstreamPool, record: LogRecord): Promise<FailedSend | undefined> {
+  return new Promise((resolve) => {
+    let written = false;
+    pool.dispatch(
+      record,
+      { path: record.url, method: record.method, headers: record.headers, body: record.body },
+      {
+        onConnect: () => {
+          written = true;
+        },
+        onHeaders: () => true,
+        onData: () => true,
+        onComplete: () => resolve(undefined),
+        onError: (error) => resolve({ error, written }),
+      },
+    );
+  });
+}
+

@@ -1,0 +1,149 @@
+/**
+ * HTTP messages on their way through a route's proxy: request bodies read (whole, or up to a
+ * limit and then streamed), and headers rewritten for the other hop (hop-by-hop ones removed,
+ * X-Forwarded-* set). docs/gateway.md, "HTTP proxying".
+ */
+import type { IncomingMessage } from 'node:http';
+import { Readable } from 'node:stream';
+import { ChipmunkError } from '../shared/errors.js';
+
+/** A logged route's request whose body exceeds maxLoggedBodyBytes: it cannot be logged, so it is not forwarded. */
+export class BodyTooLargeToLogError extends ChipmunkError {
+  readonly reason = 'body-too-large-to-log';
+
+  constructor(route: string, limit: number) {
+    super('CHIPMUNK_INVALID_INPUT', `container '${route}' logs its requests, and request bodies over ${limit} bytes are not logged: send a smaller body`, {
+      status: 413,
+      details: { reason: 'body-too-large-to-log', route, maxLoggedBodyBytes: limit },
+    });
+  }
+}
+
+/** Headers of one connection, not of the message (RFC 9110 7.6.1), plus the proxy's own. */
+const HOP_BY_HOP = new Set(['connection', 'keep-alive', 'te', 'trailer', 'transfer-encoding', 'upgrade']);
+
+export interface RequestBody {
+  payload: Buffer | Readable | null;
+  /** Whole in memory, so it can be sent again. */
+  replayable: boolean;
+  /** What was read of it so far (all of it, or the read-ahead of a body that streams). */
+  bytesInMemory: number;
+}
+
+export const NO_BODY: RequestBody = { payload: null, replayable: true, bytesInMemory: 0 };
+
+/** The request has no body at all (most GETs): nothing to read, and no need to wait for it. */
+export function hasNoBody(req: IncomingMessage): boolean {
+  const length = req.headers['content-length'];
+  return req.headers['transfer-encoding'] === undefined && (length === undefined || length === '0');
+}
+
+/** The request body: read whole if it is at most `limit` bytes, else streamed (and never sent twice). */
+export async function readBody(req: IncomingMessage, limit: number): Promise<RequestBody> {
+  const length = req.headers['content-length'];
+  if (req.headers['transfer-encoding'] === undefined) {
+    if (length === undefined || length === '0') return NO_BODY;
+    if (Number(length) > limit) return { payload: req, replayable: false, bytesInMemory: 0 };
+  }
+  // Chunked (length unknown) or small: read up to the limit, and stream the rest if there is more.
+  const chunks: Buffer[] = [];
+  let size = 0;
+  const reader = req[Symbol.asyncIterator]() as AsyncIterator<Buffer>;
+  while (size <= limit) {
+    const next = await reader.next();
+    if (next.done) return { payload: Buffer.concat(chunks, size), replayable: true, bytesInMemory: size };
+    chunks.push(next.value);
+    size += next.value.length;
+  }
+  return { payload: Readable.from(readAheadThenRest(chunks, reader), { objectMode: false }), replayable: false, bytesInMemory: size };
+}
+
+/** A logged request's body, read whole; over `limit` bytes it cannot be logged. */
+export async function readLoggedBody(req: IncomingMessage, route: string, limit: number): Promise<RequestBody> {
+  const length = req.headers['content-length'];
+  if (req.headers['transfer-encoding'] === undefined) {
+    if (length === undefined || length === '0') return NO_BODY;
+    if (Number(length) > limit) throw new BodyTooLargeToLogError(route, limit);
+  }
+  const chunks: Buffer[] = [];
+  let size = 0;
+  // Not for-await: leaving that loop early would destroy the connection before the 413 is sent.
+  const reader = req[Symbol.asyncIterator]() as AsyncIterator<Buffer>;
+  for (let next = await reader.next(); !next.done; next = await reader.next()) {
+    size += next.value.length;
+    if (size > limit) throw new BodyTooLargeToLogError(route, limit);
+    chunks.push(next.value);
+  }
+  return { payload: size ? Buffer.concat(chunks, size) : null, replayable: true, bytesInMemory: size };
+}
+
+async function* readAheadThenRest(first: Buffer[], rest: AsyncIterator<Buffer>): AsyncIterable<Buffer> {
+  yield* first;
+  for (let next = await rest.next(); !next.done; next = await rest.next()) yield next.value;
+}
+
+/**
+ * The client's headers as the upstream gets them: hop-by-hop ones removed (also any named in
+ * Connection, and Expect: node answered 100-continue already, and the upstream's interim answers are not passed on), the
+ * X-Forwarded-* set. X-Forwarded-For is appended to; Proto and Host are kept if a proxy in
+ * front of the gateway set them.
+ */
+export function upstreamHeaders(req: IncomingMessage): string[] {
+  const raw = req.rawHeaders;
+  const named = connectionOptions(req.headers.connection);
+  const out: string[] = [];
+  let forwardedFor: string | undefined;
+  let hasProto = false;
+  let hasForwardedHost = false;
+  for (let i = 0; i < raw.length; i += 2) {
+    const name = raw[i];
+    const lower = name.toLowerCase();
+    if (isHopByHop(lower, named) || lower === 'expect') continue;
+    if (lower === 'x-forwarded-for') {
+      forwardedFor = forwardedFor === undefined ? raw[i + 1] : `${forwardedFor}, ${raw[i + 1]}`;
+      continue;
+    }
+    if (lower === 'x-forwarded-proto') hasProto = true;
+    else if (lower === 'x-forwarded-host') hasForwardedHost = true;
+    out.push(name, raw[i + 1]);
+  }
+  const client = clientAddress(req);
+  out.push('x-forwarded-for', forwardedFor === undefined ? client : `${forwardedFor}, ${client}`);
+  if (!hasProto) out.push('x-forwarded-proto', 'http');
+  if (!hasForwardedHost && req.headers.host !== undefined) out.push('x-forwarded-host', req.headers.host);
+  return out;
+}
+
+/** The upstream's headers as the client gets them (latin1 both ways: bytes pass unchanged). */
+export function clientHeaders(raw: string[]): string[] {
+  const out: string[] = [];
+  let named: Set<string> | undefined;
+  for (let i = 0; i < raw.length; i += 2) {
+    const name = raw[i];
+    const lower = name.toLowerCase();
+    if (lower === 'connection') named = connectionOptions(raw[i + 1]);
+    if (isHopByHop(lower, undefined)) continue;
+    out.push(name, raw[i + 1]);
+  }
+  if (!named) return out;
+  const filtered: string[] = [];
+  for (let i = 0; i < out.length; i += 2) if (!named.has(out[i].toLowerCase())) filtered.push(out[i], out[i + 1]);
+  return filtered;
+}
+
+function isHopByHop(lowerName: string, named: Set<string> | undefined): boolean {
+  return HOP_BY_HOP.has(lowerName) || lowerName.startsWith('proxy-') || (named !== undefined && named.has(lowerName));
+}
+
+/** Header names listed in a Connection header (besides keep-alive/close, which are hop-by-hop anyway). */
+function connectionOptions(value: string | undefined): Set<string> | undefined {
+  if (!value) return undefined;
+  const names = value.split(',').map((token) => token.trim().toLowerCase()).filter((token) => token && token !== 'close' && token !== 'keep-alive');
+  return names.length ? new Set(names) : undefined;
+}
+
+function clientAddress(req: IncomingMessage): string {
+  const address = req.socket.remoteAddress ?? 'unknown';
+  // An IPv4 client of a dual-stack listener shows as ::ffff:a.b.c.d; upstreams expect a.b.c.d.
+  return address.startsWith('::ffff:') ? address.slice(7) : address;
+}

@@ -1,0 +1,377 @@
+/**
+ * One HTTP/1.1 connection to an upstream, one request at a time (the pool in upstream-pool.ts
+ * decides which request goes where). Written for the proxy's hot path: the request head leaves
+ * in one write, the answer's head is parsed from latin1 text, body bytes are passed on as slices
+ * of what the socket read, with backpressure. It took about a fifth off the gateway's user CPU
+ * per request against undici's Client (docs/gateway.md, "Performance notes").
+ *
+ * Framing follows RFC 9112: no body for HEAD, 1xx, 204 and 304; chunked if the last transfer
+ * coding is chunked; else Content-Length (a list of equal values allowed, anything else an
+ * error); else until the upstream closes. An answer with both Transfer-Encoding and
+ * Content-Length is read as chunked and its connection closed after it. 1xx answers are
+ * skipped. The request's head and body framing: upstream-request.ts.
+ */
+import { connect, type Socket } from 'node:net';
+import { requestHead, TOKEN, UpstreamSocketError, writeStreamedBody, type RequestHead, type UpstreamRequest } from './upstream-request.js';
+
+/** What becomes of one request. Exactly one of onComplete and onError is called. */
+export interface UpstreamHandler {
+  /** The connection is up and the request is about to be written: from here on it may reach the upstream. */
+  onConnect(abort: (err?: Error) => void): void;
+  /** The answer's head (not for 1xx). `resume` restarts reading after onData returned false. */
+  onHeaders(statusCode: number, headers: string[], resume: () => void, statusText: string): boolean;
+  /** false: stop reading until `resume` is called. `endsBody`: the last bytes of a body framed by length (onComplete follows at once). */
+  onData(chunk: Buffer, endsBody: boolean): boolean;
+  onComplete(): void;
+  onError(err: Error): void;
+}
+
+/** Idle connections are closed after this, before a typical server's own keep-alive time-out (node's: 5 s). */
+const IDLE_MS = 4_000;
+/** Without a byte from the upstream for this long, a request fails (undici's default, kept). */
+const ANSWER_TIMEOUT_MS = 300_000;
+const CONNECT_TIMEOUT_MS = 10_000;
+const MAX_HEAD_BYTES = 64 * 1024;
+const STATUS_LINE = /^HTTP\/1\.([01]) (\d{3})(?: (.*))?$/;
+const CHUNK_SIZE = /^([0-9A-Fa-f]+)[ \t]*(;.*)?$/;
+
+/** Where the answer's parse is; `done`: complete, to be reported once the bytes at hand are handled. */
+type ParseState = 'head' | 'length' | 'chunk-size' | 'chunk-data' | 'chunk-end' | 'trailers' | 'until-close' | 'done';
+
+export class UpstreamConnection {
+  private socket?: Socket;
+  private connected = false;
+  private handler?: UpstreamHandler;
+  private headRequest = false;
+  private state: ParseState = 'head';
+  /** Text of a head (or chunk-size line, trailer block) not yet complete. */
+  private pendingText = '';
+  /** Body bytes (or chunk bytes) still to come. */
+  private remaining = 0;
+  private keepAlive = true;
+  private idleMs = IDLE_MS;
+  private idleTimer?: NodeJS.Timeout;
+  /** Bytes read but not passed on while the handler asked to wait. */
+  private stash?: Buffer;
+  private paused = false;
+  /** The upstream closed its side; acted on once the bytes read before are handled. */
+  private ended = false;
+  /** Stops writing a streamed request body (the answer came first, or the connection went). */
+  private stopBody?: () => void;
+  /** Counts requests, so that a `resume` of a request that is over resumes nothing. */
+  private requestCount = 0;
+  private readonly abort = (err?: Error): void => this.fail(err ?? new UpstreamSocketError('the request was aborted', 'ABORTED'));
+
+  constructor(
+    private readonly host: string,
+    private readonly port: number,
+    /** Told when an answer's head came (before its handler). */
+    private readonly onAnswer: () => void,
+    /** Told when the request on it is over (after its handler), so the next may start. */
+    private readonly onDone: () => void,
+  ) {}
+
+  get busy(): boolean {
+    return this.handler !== undefined;
+  }
+
+  /** Sends `request` (the connection must not be busy), connecting first if needed. */
+  send(request: UpstreamRequest, handler: UpstreamHandler): void {
+    let head: RequestHead;
+    try {
+      head = requestHead(request, this.host, this.port);
+    } catch (err) {
+      handler.onError(err as Error);
+      this.onDone();
+      return;
+    }
+    this.handler = handler;
+    this.requestCount++;
+    this.headRequest = request.method === 'HEAD';
+    this.state = 'head';
+    this.pendingText = '';
+    clearTimeout(this.idleTimer);
+    if (this.socket && this.connected) return this.write(head, request.body);
+    if (!this.socket) this.open();
+    const socket = this.socket as Socket;
+    socket.once('connect', () => {
+      if (this.handler === handler && this.socket === socket) this.write(head, request.body);
+    });
+  }
+
+  /** Closes the connection; a request on it fails with `err`. */
+  destroy(err: Error): void {
+    if (this.handler) this.fail(err);
+    else this.dropSocket();
+  }
+
+  private open(): void {
+    const socket = connect({ host: this.host, port: this.port, noDelay: true });
+    this.socket = socket;
+    this.connected = false;
+    socket.setTimeout(CONNECT_TIMEOUT_MS);
+    socket.on('connect', () => {
+      this.connected = true;
+      socket.setTimeout(ANSWER_TIMEOUT_MS);
+    });
+    socket.on('data', (chunk: Buffer) => {
+      if (this.socket === socket) this.read(chunk);
+    });
+    socket.on('timeout', () => {
+      if (this.socket !== socket) return;
+      if (!this.connected) this.fail(new UpstreamSocketError(`connecting to ${this.host}:${this.port} timed out`, 'ETIMEDOUT'));
+      else if (this.handler) this.fail(new UpstreamSocketError(`no answer from ${this.host}:${this.port} for ${ANSWER_TIMEOUT_MS} ms`, 'ETIMEDOUT'));
+    });
+    const ended = (): void => {
+      if (this.socket !== socket) return;
+      this.ended = true;
+      if (!this.paused) this.onEnded();
+    };
+    socket.on('end', ended);
+    socket.on('error', (err) => {
+      if (this.socket === socket) this.fail(err);
+    });
+    socket.on('close', ended);
+  }
+
+  private write(head: RequestHead, body: UpstreamRequest['body']): void {
+    const socket = this.socket as Socket;
+    this.handler?.onConnect(this.abort);
+    if (!this.handler || this.socket !== socket) return;
+    if (body === null) socket.write(head.text, 'latin1');
+    else if (Buffer.isBuffer(body)) {
+      socket.cork();
+      socket.write(head.text, 'latin1');
+      socket.write(body);
+      socket.uncork();
+    } else {
+      socket.write(head.text, 'latin1');
+      this.stopBody = writeStreamedBody(body, socket, head.chunked, (err) => {
+        this.stopBody = undefined;
+        if (this.socket === socket) this.fail(err);
+      });
+    }
+  }
+
+  private read(chunk: Buffer): void {
+    if (!this.handler) {
+      // Bytes nobody asked for: the connection is out of step, it cannot be used again.
+      this.dropSocket();
+      return;
+    }
+    if (this.paused) {
+      this.stash = this.stash ? Buffer.concat([this.stash, chunk]) : chunk;
+      return;
+    }
+    try {
+      this.parse(chunk);
+    } catch (err) {
+      this.fail(err as Error);
+    }
+  }
+
+  private parse(chunk: Buffer): void {
+    const handler = this.handler;
+    let at = 0;
+    while (at < chunk.length && this.handler === handler && this.state !== 'done' && !this.paused) {
+      const state = this.state;
+      if (state === 'head' || state === 'trailers' || state === 'chunk-size' || state === 'chunk-end') {
+        const end = this.lineEnd(chunk, at, state === 'head' || state === 'trailers' ? '\r\n\r\n' : '\r\n');
+        if (end < 0) return;
+        at = end;
+        continue;
+      }
+      const take = state === 'until-close' ? chunk.length - at : Math.min(this.remaining, chunk.length - at);
+      const data = at === 0 && take === chunk.length ? chunk : chunk.subarray(at, at + take);
+      at += take;
+      this.remaining -= take;
+      const more = (handler as UpstreamHandler).onData(data, state === 'length' && this.remaining === 0);
+      if (this.handler !== handler) return;
+      if (state !== 'until-close' && this.remaining === 0) this.state = state === 'length' ? 'done' : 'chunk-end';
+      if (!more && this.state !== 'done') this.pause(chunk.subarray(at));
+    }
+    if (this.handler !== handler || this.state !== 'done') return;
+    // Bytes beyond the answer: the connection is out of step, it is not used again.
+    if (at < chunk.length) this.keepAlive = false;
+    this.complete();
+  }
+
+  /**
+   * Collects text up to `terminator` (a head, a chunk-size line, trailers), then acts on it;
+   * returns the offset in `chunk` after the terminator, or -1 if it has not come yet.
+   */
+  private lineEnd(chunk: Buffer, at: number, terminator: string): number {
+    let text: string | undefined;
+    let next = -1;
+    const pending = this.pendingText;
+    if (pending.length > 0) {
+      // The terminator may begin in what came before and end in this chunk.
+      const tail = pending.slice(-(terminator.length - 1));
+      const probe = tail + chunk.toString('latin1', at, Math.min(chunk.length, at + terminator.length - 1));
+      const k = probe.indexOf(terminator);
+      if (k >= 0 && k < tail.length) {
+        text = pending.slice(0, pending.length - tail.length + k);
+        next = at + k + terminator.length - tail.length;
+      }
+    }
+    if (text === undefined) {
+      const found = chunk.indexOf(terminator, at, 'latin1');
+      if (found < 0) {
+        this.pendingText += chunk.toString('latin1', at, chunk.length);
+        if (this.pendingText.length > MAX_HEAD_BYTES) throw new UpstreamSocketError(`the answer of ${this.host}:${this.port} has a head larger than ${MAX_HEAD_BYTES} bytes`, 'EPROTO');
+        return -1;
+      }
+      text = pending + chunk.toString('latin1', at, found);
+      next = found + terminator.length;
+    }
+    this.pendingText = '';
+    if (this.state === 'head') this.onHead(text);
+    else if (this.state === 'trailers') this.state = 'done';
+    else if (this.state === 'chunk-end') {
+      if (text !== '') throw new UpstreamSocketError(`bad chunk framing from ${this.host}:${this.port}`, 'EPROTO');
+      this.state = 'chunk-size';
+    } else this.onChunkSize(text);
+    return next;
+  }
+
+  private onChunkSize(line: string): void {
+    const match = CHUNK_SIZE.exec(line);
+    if (!match || match[1].length > 12) throw new UpstreamSocketError(`bad chunk size line from ${this.host}:${this.port}`, 'EPROTO');
+    this.remaining = parseInt(match[1], 16);
+    if (this.remaining === 0) {
+      // Trailers, if any, end with an empty line; with none, that empty line comes at once.
+      this.state = 'trailers';
+      this.pendingText = '\r\n';
+    } else this.state = 'chunk-data';
+  }
+
+  private onHead(head: string): void {
+    const lines = head.split('\r\n');
+    const status = STATUS_LINE.exec(lines[0]);
+    if (!status) throw new UpstreamSocketError(`${this.host}:${this.port} did not answer with HTTP/1.x`, 'EPROTO');
+    const statusCode = Number(status[2]);
+    if (statusCode >= 100 && statusCode < 200 && statusCode !== 101) return; // interim: the real answer follows
+    if (statusCode < 200) throw new UpstreamSocketError(`${this.host}:${this.port} answered ${statusCode}, which the gateway did not ask for`, 'EPROTO');
+    const headers: string[] = [];
+    let length: number | undefined;
+    let chunked = false;
+    let otherCoding = false;
+    let connection = '';
+    for (let i = 1; i < lines.length; i++) {
+      const line = lines[i];
+      const colon = line.indexOf(':');
+      const name = colon > 0 ? line.slice(0, colon) : '';
+      if (!TOKEN.test(name)) throw new UpstreamSocketError(`${this.host}:${this.port} sent a malformed header line`, 'EPROTO');
+      const value = line.slice(colon + 1).trim();
+      headers.push(name, value);
+      // Only these lengths can be a header the framing depends on: most names are not lowered.
+      const lower = name.length === 10 || name.length === 14 || name.length === 17 ? name.toLowerCase() : '';
+      if (lower === 'content-length') {
+        const values = value.split(',').map((v) => v.trim());
+        if (!values.every((v) => /^\d{1,15}$/.test(v) && v === values[0]) || (length !== undefined && length !== Number(values[0]))) {
+          throw new UpstreamSocketError(`${this.host}:${this.port} sent a bad Content-Length`, 'EPROTO');
+        }
+        length = Number(values[0]);
+      } else if (lower === 'transfer-encoding') {
+        const codings = value.toLowerCase().split(',').map((v) => v.trim());
+        chunked = codings[codings.length - 1] === 'chunked';
+        otherCoding = !chunked;
+      } else if (lower === 'connection') connection += `,${value.toLowerCase()}`;
+      else if (lower === 'keep-alive') {
+        const timeout = /timeout=(\d+)/i.exec(value);
+        if (timeout) this.idleMs = Math.min(IDLE_MS, Math.max(0, Number(timeout[1]) * 1000 - 1000));
+      }
+    }
+    const http10 = status[1] === '0';
+    const tokens = connection.split(',').map((t) => t.trim());
+    this.keepAlive = http10 ? tokens.includes('keep-alive') : !tokens.includes('close');
+    if ((chunked || otherCoding) && length !== undefined) this.keepAlive = false;
+    const handler = this.handler as UpstreamHandler;
+    this.onAnswer();
+    const request = this.requestCount;
+    const resume = (): void => {
+      if (request === this.requestCount) this.resumeReading();
+    };
+    handler.onHeaders(statusCode, headers, resume, status[3] ?? '');
+    if (this.handler !== handler) return;
+    if (this.headRequest || statusCode === 204 || statusCode === 304) this.state = 'done';
+    else if (chunked) this.state = 'chunk-size';
+    else if (otherCoding || length === undefined) {
+      this.state = 'until-close';
+      this.keepAlive = false;
+    } else if (length === 0) this.state = 'done';
+    else {
+      this.state = 'length';
+      this.remaining = length;
+    }
+  }
+
+  /** The upstream's side is closed and every byte it sent was handled. */
+  private onEnded(): void {
+    if (this.handler && this.state === 'until-close') {
+      this.keepAlive = false;
+      this.complete();
+    } else if (this.handler) this.fail(new UpstreamSocketError(`${this.host}:${this.port} closed the connection before the answer was complete`, 'ECONNRESET'));
+    else this.dropSocket();
+  }
+
+  private pause(rest: Buffer): void {
+    this.paused = true;
+    if (rest.length) this.stash = rest;
+    this.socket?.pause();
+  }
+
+  private resumeReading(): void {
+    if (!this.paused) return;
+    this.paused = false;
+    const stash = this.stash;
+    this.stash = undefined;
+    if (stash) this.read(stash);
+    if (this.paused) return;
+    if (this.ended) return this.onEnded();
+    this.socket?.resume();
+  }
+
+  private complete(): void {
+    const handler = this.handler;
+    if (!handler) return;
+    this.handler = undefined;
+    this.state = 'head';
+    this.paused = false;
+    this.stash = undefined;
+    // An answer that came before the whole request body was sent leaves the connection mid-request.
+    if (this.stopBody) {
+      this.stopBody();
+      this.stopBody = undefined;
+      this.keepAlive = false;
+    }
+    if (!this.keepAlive || this.ended) this.dropSocket();
+    else this.idleTimer = setTimeout(() => this.dropSocket(), this.idleMs).unref();
+    handler.onComplete();
+    this.onDone();
+  }
+
+  private fail(err: Error): void {
+    const handler = this.handler;
+    this.handler = undefined;
+    this.dropSocket();
+    if (!handler) return;
+    handler.onError(err);
+    this.onDone();
+  }
+
+  private dropSocket(): void {
+    clearTimeout(this.idleTimer);
+    this.stopBody?.();
+    this.stopBody = undefined;
+    const socket = this.socket;
+    this.socket = undefined;
+    this.connected = false;
+    this.ended = false;
+    this.keepAlive = true;
+    this.idleMs = IDLE_MS;
+    this.paused = false;
+    this.stash = undefined;
+    socket?.destroy();
+  }
+}
