@@ -3,7 +3,8 @@
  * runs a stateful HTTP app holding memory, sends it requests, migrates it node1 -> node2 ->
  * node3 lazily while a client polls it, shows that its state survived and what each move
  * cost. Then protects it behind the gateway, kills its host, and shows it back on another
- * host with every acknowledged request. Tears everything down (also on failure).
+ * host with every acknowledged request. Last, an HA cluster (a controller and an etcd member on
+ * every node) loses the host of its leading controller. Tears everything down (also on failure).
  */
 import { spawn } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
@@ -113,6 +114,7 @@ async function main(): Promise<void> {
   console.log('state survived both migrations');
 
   await failover(current, acknowledged);
+  await controlPlaneFailover();
 }
 
 /** Part two: protection. The app behind the gateway, checkpointed; its host dies; it comes back elsewhere. */
@@ -149,6 +151,54 @@ sent 20 increments through the gateway after the checkpoint; counter = ${acknowl
     throw new Error(`after the failover: counter ${counter}, file lines ${file.lines}, memory ${memory.ok ? 'ok' : 'CORRUPTED'}; expected ${acknowledged}`);
   }
   console.log(`state survived the death of ${node}: counter and file lines ${acknowledged}, ${MEMORY_MB} MB of memory verified (the 20 requests after the checkpoint were replayed from the gateway's log)`);
+}
+
+/**
+ * Part three: no single point of failure. A cluster whose nodes each run an etcd member and a
+ * controller; the host of the leading controller dies, and with it a protected container: another
+ * controller takes over and brings the container back, with every acknowledged request.
+ */
+async function controlPlaneFailover(): Promise<void> {
+  console.log(`
+no single point of failure: every node runs an etcd member and a controller; they elect a leader`);
+  await chipmunk(['cluster', 'down'], { quiet: true });
+  await chipmunk(['cluster', 'up', '--nodes', '3', '--ha', '--node-lease', `${NODE_LEASE_MS}ms`]);
+  const leaderNode = async () => {
+    const nodes = JSON.parse(await chipmunk(['node', 'ls'], { json: true, quiet: true })) as Array<{ name: string; controller?: { role: string; term?: number } }>;
+    const leader = nodes.find((n) => n.controller?.role === 'leader');
+    return leader && { node: leader.name, term: leader.controller!.term! };
+  };
+  await waitUntil(async () => (await leaderNode()) !== undefined);
+  await chipmunk(['node', 'ls']);
+  const before = (await leaderNode())!;
+  await chipmunk(['run', '--name', 'db', '--node', before.node, '--checkpoint-every', '2s', '-e', 'MEMORY_MB=64', 'chipmunk/statefulapp']);
+  await chipmunk(['expose', 'db', '--port', '8080', '--listen', String(GATEWAY_PORT)]);
+  const increment = async () => {
+    const res = await request(`http://127.0.0.1:${GATEWAY_PORT}/increment`, { method: 'POST', headersTimeout: 60_000 });
+    return ((await res.body.json()) as { counter: number }).counter;
+  };
+  await waitUntil(async () => (await increment()) > 0);
+  await waitUntil(async () => JSON.parse(await chipmunk(['checkpoints', 'db'], { json: true, quiet: true })).length > 0);
+  let acknowledged = await increment();
+  for (let i = 0; i < 20; i++) acknowledged = await increment();
+  await chipmunk(['checkpoints', 'db']);
+  console.log(`
+db runs on ${before.node}, whose controller leads (term ${before.term}); counter = ${acknowledged}. Killing ${before.node}: its agent, etcd member and controller`);
+  await chipmunk(['cluster', 'kill', before.node]);
+  const killedAt = Date.now();
+  let after: { node: string; term: number } | undefined;
+  await waitUntil(async () => {
+    after = await leaderNode();
+    return after !== undefined && after.node !== before.node;
+  });
+  console.log(`controller on ${after!.node} leads (term ${after!.term}) ${Date.now() - killedAt} ms after the kill`);
+  const counter = await increment();
+  acknowledged++;
+  console.log(`a request sent after the kill was answered ${Date.now() - killedAt} ms after it: counter = ${counter} (acknowledged ${acknowledged})`);
+  await chipmunk(['node', 'ls']);
+  await chipmunk(['ps']);
+  if (counter !== acknowledged) throw new Error(`after the leader's host died: counter ${counter}, expected ${acknowledged}`);
+  console.log(`db survived the death of the leader's host: every acknowledged request is there`);
 }
 
 async function waitUntil(cond: () => Promise<boolean>, timeoutMs = 60_000): Promise<void> {

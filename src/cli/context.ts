@@ -47,14 +47,15 @@ export async function controllerClient(cmd: Command): Promise<ControllerClient> 
   const opts = cmd.optsWithGlobals<ConnectionOptions>();
   const explicitUrls = opts.controller ?? (process.env.CHIPMUNK_CONTROLLER ? parseUrlList(process.env.CHIPMUNK_CONTROLLER) : undefined);
   const cluster = await readClusterState(localClusterStateDir());
-  const urls = explicitUrls ?? (cluster ? [cluster.controllerUrl] : undefined);
+  const clusterUrls = cluster ? (cluster.controllerUrls ?? [cluster.controllerUrl]) : [];
+  const urls = explicitUrls ?? (cluster ? clusterUrls : undefined);
   if (!urls) throw new UsageError("no controller: run 'chipmunk cluster up' or pass --controller URL[,URL...]");
 
   let token: string | undefined;
   if (opts.tokenFile) token = await readTokenFile(opts.tokenFile);
   else if (process.env.CHIPMUNK_TOKEN) token = process.env.CHIPMUNK_TOKEN;
   // The local cluster's token only for the local cluster's controller.
-  else if (cluster && urls.includes(cluster.controllerUrl)) token = await readTokenFile(cluster.tokenFile);
+  else if (cluster && urls.some((url) => clusterUrls.includes(url))) token = await readTokenFile(cluster.tokenFile);
   if (!token) throw new UsageError(`no token for controller ${urls.join(',')}: pass --token-file FILE or set CHIPMUNK_TOKEN`, { urls });
 
   return new ControllerClient({ urls, token });

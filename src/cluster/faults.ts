@@ -6,22 +6,22 @@
 import { setTimeout as sleep } from 'node:timers/promises';
 
 import { ConflictError, NotFoundError, UnavailableError } from '../shared/errors.js';
+import { spawnNodeController, spawnNodeEtcd } from './ha.js';
+import { answersHealthz, spawnAgent } from './local-cluster.js';
 import {
   AGENT_PORT,
   DEFAULT_RUN_DIR,
   DEFAULT_STATE_DIR,
   READY_POLL_MS,
   READY_TIMEOUT_MS,
-  answersHealthz,
   logFile,
   nodeCgroup,
   readClusterState,
-  spawnAgent,
   writeClusterState,
   type LocalClusterDirs,
   type LocalClusterNode,
   type LocalClusterState,
-} from './local-cluster.js';
+} from './state.js';
 import { isOurDaemon, isRunning, spawnDaemon } from './processes.js';
 import { killAllInCgroup, killAllInHost, listNetns } from './testhost.js';
 
@@ -67,6 +67,9 @@ function requireNode(state: LocalClusterState, node: string): LocalClusterNode {
 
 /** The daemon's PID, command line (after the node binary) and health URL as recorded by `cluster up`. */
 function daemonOf(state: LocalClusterState, daemon: ClusterDaemon): { pid: number | undefined; args: string[]; url: string } {
+  if (state.ha && daemon === 'controller') {
+    throw new ConflictError("an HA cluster runs a controller on every node: 'chipmunk cluster kill NODE' takes one down with its node (see 'chipmunk node ls' for the leader's)", { daemon });
+  }
   const args = daemon === 'controller' ? state.controllerArgs : state.gatewayArgs;
   const pid = daemon === 'controller' ? state.controllerPid : state.gatewayPid;
   const url = daemon === 'controller' ? state.controllerUrl : state.gatewayUrl;
@@ -127,6 +130,11 @@ export async function clusterRevive(target: string, dirs: LocalClusterDirs = {})
       throw new ConflictError(`node ${target} is up (agent pid ${entry.agentPid}): only a killed node can be revived`, { node: target });
     }
     const index = Number(target.slice('node'.length));
+    // HA: the node's share of the control plane comes back first, as a rebooted machine's would.
+    if (state.ha) {
+      await spawnNodeEtcd(state, entry, stateDir);
+      await spawnNodeController(state, entry, stateDir);
+    }
     const agent = await spawnAgent(state, { index, stateDir, runDir: dirs.runDir ?? DEFAULT_RUN_DIR, netns: entry.netns, progress: () => {} });
     pid = agent.pid!;
     entry.agentPid = pid;

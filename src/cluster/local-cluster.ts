@@ -1,12 +1,12 @@
 /**
- * The local cluster: a controller on the machine and N agents, each in its own test host, all
- * on one machine. `clusterUp` starts them as detached background processes (they outlive the
+ * The local cluster: a controller on the machine (with `--ha`: an etcd member and a controller in
+ * every test host, ha.ts) and N agents, each in its own test host, all on one machine. `clusterUp` starts them as detached background processes (they outlive the
  * CLI) and records what it started in STATEDIR/cluster.json, which `clusterDown` and the CLI's
  * controller lookup read.
  */
 import { type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { chmod, mkdir, readFile, rename, writeFile } from 'node:fs/promises';
+import { chmod, mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 
@@ -14,142 +14,40 @@ import { ChipmunkError, ConflictError, InvalidInputError, UnavailableError, toCh
 import { ControllerClient } from '../shared/controller-client.js';
 import { ApiClient } from '../shared/http.js';
 import type { NodeView } from '../shared/protocol.js';
+import { assertEtcdInstalled, haControllerUrl, startControlPlane } from './ha.js';
+import { failOnExit, isRunning, spawnDaemon } from './processes.js';
 import { routeContainerSubnet, TEST_RANGE, writeAddressRoutesScript, type RoutedHost } from './routes.js';
-import { createTestHost, ensureBridge, netnsPath, testHostNetns, type TestNetwork } from './testhost.js';
-import { REPO_ROOT, failOnExit, isRunning, spawnDaemon } from './processes.js';
+import {
+  AGENT_PORT,
+  CHIPMUNK_BIN,
+  CONTROLLER_PORT,
+  DEFAULT_RUN_DIR,
+  DEFAULT_STATE_DIR,
+  GATEWAY_API_PORT,
+  LOCAL_GATEWAY_HOST,
+  LOCAL_NETWORK,
+  MACHINE_NETNS,
+  MAX_NODES,
+  READY_TIMEOUT_MS,
+  READY_POLL_MS,
+  daemonEnv,
+  logFile,
+  nodeAddress,
+  nodeContainerSubnet,
+  nodeDataDir,
+  nodeName,
+  nodeRunDir,
+  readClusterState,
+  writeClusterState,
+  type ClusterUpOptions,
+  type ClusterUpResult,
+  type LocalClusterState,
+} from './state.js';
+import { attachOwnNetns, createTestHost, ensureBridge, netnsPath, testHostNetns } from './testhost.js';
 
-export const DEFAULT_STATE_DIR = '/var/lib/chipmunk/local-cluster';
-export const DEFAULT_RUN_DIR = '/run/chipmunk/local-cluster';
-
-/** Node i is 198.18.0.(10+i); the bridge holds .1, where the controller listens. */
-export const LOCAL_NETWORK: TestNetwork = {
-  bridge: 'chmk-br0',
-  gateway: '198.18.0.1',
-  prefixLength: 24,
-  netnsPrefix: 'chmk-',
-  vethPrefix: 'chmkv-',
-};
-const CONTROLLER_PORT = 7400;
-const GATEWAY_API_PORT = 7402;
-/** Clients on this machine reach exposed services at 127.0.0.1:PORT. */
-export const LOCAL_GATEWAY_HOST = '127.0.0.1';
-export const AGENT_PORT = 7401;
-/** Each node is a full agent process on this one machine; the address plan alone would allow 244. */
-export const MAX_NODES = 50;
-
-export const READY_TIMEOUT_MS = 60_000;
-export const READY_POLL_MS = 250;
-
-const CHIPMUNK_BIN = join(REPO_ROOT, 'bin', 'chipmunk.mjs');
-
-export interface LocalClusterNode {
-  name: string;
-  address: string;
-  netns: string;
-  agentPid: number;
-}
-
-export interface LocalClusterState {
-  controllerUrl: string;
-  tokenFile: string;
-  controllerPid: number;
-  /** The gateway: its API on the bridge, its route listeners on the machine's loopback. */
-  gatewayPid?: number;
-  gatewayUrl?: string;
-  nodes: LocalClusterNode[];
-  /**
-   * The command lines (after the node binary) the controller and the gateway were started with:
-   * `cluster revive controller|gateway` starts them again exactly so (same state dir and store).
-   */
-  controllerArgs?: string[];
-  gatewayArgs?: string[];
-  /** Started with CHIPMUNK_ENABLE_FAULTS=1: revived daemons get it too, or their fault routes would vanish. */
-  faultsEnabled?: boolean;
-  /** 'starting' until every agent is ready: what a failed `cluster up` leaves for `cluster down`. */
-  status: 'starting' | 'ready';
-}
-
-export interface LocalClusterDirs {
-  stateDir?: string;
-  runDir?: string;
-}
-
-export interface ClusterUpOptions extends LocalClusterDirs {
-  nodes: number;
-  /** The controller's node lease: how soon a killed node is declared dead and its protected containers fail over. */
-  nodeLeaseMs?: number;
-  /** Start-up steps, for the operator ("starting agent node2"). */
-  onProgress?: (message: string) => void;
-}
-
-export interface ClusterUpResult {
-  state: LocalClusterState;
-  /** The cluster was already up with this many nodes: nothing was done. */
-  alreadyUp: boolean;
-}
-
-function stateFile(stateDir: string): string {
-  return join(stateDir, 'cluster.json');
-}
-
-function nodeName(i: number): string {
-  return `node${i}`;
-}
-
-/** Node i is .(10+i) in the bridge's /24. */
-function nodeAddress(i: number): string {
-  return `${LOCAL_NETWORK.gateway.split('.').slice(0, 3).join('.')}.${10 + i}`;
-}
-
-/** Node i's containers take addresses in 198.19.i.0/24, routed to its test host. */
-/** The test hosts `cluster up` makes, known before they exist (the controller starts first). */
-function testHosts(nodes: number): RoutedHost[] {
+/** The test hosts `cluster up` makes, known before they exist (the controllers start first). */
+export function testHosts(nodes: number): RoutedHost[] {
   return Array.from({ length: nodes }, (_, j) => ({ netns: netnsPath(testHostNetns(LOCAL_NETWORK, nodeName(j + 1))), address: nodeAddress(j + 1) }));
-}
-
-function nodeContainerSubnet(i: number): string {
-  return `198.19.${i}.0/24`;
-}
-
-export function nodeDataDir(stateDir: string, node: string): string {
-  return join(stateDir, 'nodes', node);
-}
-
-export function nodeRunDir(runDir: string, node: string): string {
-  return join(runDir, node);
-}
-
-/**
- * The cgroup (relative to each hierarchy's root) every container of agent `node` runs under,
- * what `cluster kill` and `cluster down` kill: the agent names its containers' cgroups so
- * (its runtime's layout). A container in a user namespace of its own is in no namespace the
- * cluster can name.
- */
-export function nodeCgroup(node: string): string {
-  return `chipmunk/${node}`;
-}
-
-export function logFile(stateDir: string, daemon: string): string {
-  return join(stateDir, 'logs', `${daemon}.log`);
-}
-
-/** The local cluster's record, or undefined when none was started (or it was taken down). */
-export async function readClusterState(stateDir = DEFAULT_STATE_DIR): Promise<LocalClusterState | undefined> {
-  let text: string;
-  try {
-    text = await readFile(stateFile(stateDir), 'utf8');
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
-    throw err;
-  }
-  return JSON.parse(text) as LocalClusterState;
-}
-
-export async function writeClusterState(stateDir: string, state: LocalClusterState): Promise<void> {
-  // Written whole then renamed, so a reader never sees half a file.
-  const file = stateFile(stateDir);
-  await writeFile(`${file}.tmp`, `${JSON.stringify(state, null, 2)}\n`);
-  await rename(`${file}.tmp`, file);
 }
 
 // ---------------------------------------------------------------- up
@@ -163,7 +61,8 @@ export async function clusterUp(opts: ClusterUpOptions): Promise<ClusterUpResult
   }
 
   const existing = await readClusterState(stateDir);
-  if (existing) return { state: await checkExistingCluster(existing, opts.nodes, stateDir), alreadyUp: true };
+  if (existing) return { state: await checkExistingCluster(existing, opts.nodes, opts.ha ?? false, stateDir), alreadyUp: true };
+  if (opts.ha) await assertEtcdInstalled();
 
   // The bridge first: it fails when the subnet is taken, and then nothing else should be left behind.
   progress(`creating bridge ${LOCAL_NETWORK.bridge} (${LOCAL_NETWORK.gateway}/${LOCAL_NETWORK.prefixLength}; ${TEST_RANGE} unreachable but for test hosts)`);
@@ -177,12 +76,32 @@ export async function clusterUp(opts: ClusterUpOptions): Promise<ClusterUpResult
   // writeFile's mode only applies when it creates the file.
   await chmod(tokenFile, 0o600);
 
+  // Containers' cluster addresses follow them: routed on this machine and in every test host at each move.
+  if (opts.ha) await attachOwnNetns(MACHINE_NETNS);
+  const addressRoutes = await writeAddressRoutesScript(join(stateDir, 'address-routes.sh'), testHosts(opts.nodes), opts.ha ? netnsPath(MACHINE_NETNS) : undefined);
+
   const gatewayApi = `${LOCAL_NETWORK.gateway}:${GATEWAY_API_PORT}`;
   const gatewayLog = logFile(stateDir, 'gateway');
   progress(`starting gateway (routes on ${LOCAL_GATEWAY_HOST}, API at http://${gatewayApi}; log: ${gatewayLog})`);
   const faultsEnabled = process.env.CHIPMUNK_ENABLE_FAULTS === '1';
   const gatewayArgs = ['--max-semi-space-size=64', CHIPMUNK_BIN, 'gateway', '--api', gatewayApi, '--route-host', LOCAL_GATEWAY_HOST, '--state', join(stateDir, 'gateway', 'routes.json'), '--token-file', tokenFile];
   const gateway = await spawnDaemon(process.execPath, gatewayArgs, gatewayLog, daemonEnv(faultsEnabled));
+  if (opts.ha) {
+    const controllerUrls = Array.from({ length: opts.nodes }, (_, i) => haControllerUrl(nodeAddress(i + 1)));
+    const state: LocalClusterState = {
+      controllerUrl: controllerUrls[0]!,
+      controllerUrls,
+      tokenFile,
+      ha: true,
+      gatewayPid: gateway.pid!,
+      gatewayUrl: `http://${gatewayApi}`,
+      nodes: [],
+      gatewayArgs,
+      faultsEnabled,
+      status: 'starting',
+    };
+    return finishUp(state, { ...opts, stateDir, runDir, progress, addressRoutes }, [], token);
+  }
   const controllerListen = `${LOCAL_NETWORK.gateway}:${CONTROLLER_PORT}`;
   const controllerUrl = `http://${controllerListen}`;
   const controllerLog = logFile(stateDir, 'controller');
@@ -192,8 +111,7 @@ export async function clusterUp(opts: ClusterUpOptions): Promise<ClusterUpResult
     '--gateway', `http://${gatewayApi}`, '--gateway-host', LOCAL_GATEWAY_HOST,
     '--checkpoint-dir', join(stateDir, 'checkpoints'),
     ...(opts.nodeLeaseMs !== undefined ? ['--node-lease', `${opts.nodeLeaseMs}ms`] : []),
-    // Containers' cluster addresses follow them: routed on this machine and in every test host at each move.
-    '--address-routes', await writeAddressRoutesScript(join(stateDir, 'address-routes.sh'), testHosts(opts.nodes)),
+    '--address-routes', addressRoutes,
   ];
   const controller = await spawnDaemon(process.execPath, controllerArgs, controllerLog, daemonEnv(faultsEnabled));
   const state: LocalClusterState = {
@@ -208,21 +126,22 @@ export async function clusterUp(opts: ClusterUpOptions): Promise<ClusterUpResult
     faultsEnabled,
     status: 'starting',
   };
-  await writeClusterState(stateDir, state);
+  return finishUp(state, { ...opts, stateDir, runDir, progress, addressRoutes }, [failOnExit(controller, 'controller', controllerLog)], token);
+}
+
+/** Starts the nodes (and, HA, their etcd members and controllers); ready once every agent is. */
+async function finishUp(state: LocalClusterState, opts: NodesUpOptions, exits: Promise<never>[], token: string): Promise<ClusterUpResult> {
+  await writeClusterState(opts.stateDir, state);
   try {
-    await startAgents(state, { ...opts, stateDir, runDir, progress }, failOnExit(controller, 'controller', controllerLog), token);
+    await startNodes(state, opts, exits, token);
   } catch (err) {
     throw withCleanupHint(err);
   }
   state.status = 'ready';
-  await writeClusterState(stateDir, state);
+  await writeClusterState(opts.stateDir, state);
   return { state, alreadyUp: false };
 }
 
-/** What every daemon of the cluster gets in its environment. */
-function daemonEnv(faultsEnabled: boolean): Record<string, string> {
-  return faultsEnabled ? { CHIPMUNK_ENABLE_FAULTS: '1' } : {};
-}
 
 /** Half a cluster is running now: the error must say how to get rid of it. */
 function withCleanupHint(err: unknown): ChipmunkError {
@@ -231,15 +150,23 @@ function withCleanupHint(err: unknown): ChipmunkError {
   return new ChipmunkError(e.code, `${e.message}; run 'chipmunk cluster down' to clean up`, { status: e.status, details: e.details });
 }
 
-/** Creates the test hosts, starts an agent in each, and waits until the whole cluster is ready. */
-async function startAgents(
-  state: LocalClusterState,
-  opts: { nodes: number; stateDir: string; runDir: string; progress: (message: string) => void },
-  controllerExit: Promise<never>,
-  token: string,
-): Promise<void> {
+interface NodesUpOptions {
+  nodes: number;
+  nodeLeaseMs?: number;
+  leaderLeaseMs?: number;
+  stateDir: string;
+  runDir: string;
+  progress: (message: string) => void;
+  /** The controllers' --address-routes command. */
+  addressRoutes: string;
+}
+
+/**
+ * Creates the test hosts; HA: starts an etcd member in each, then a controller in each; then an
+ * agent in each. Waits until the whole cluster is ready.
+ */
+async function startNodes(state: LocalClusterState, opts: NodesUpOptions, exits: Promise<never>[], token: string): Promise<void> {
   const { stateDir, runDir, progress } = opts;
-  const exits = [controllerExit];
   for (let i = 1; i <= opts.nodes; i++) {
     const name = nodeName(i);
     const address = nodeAddress(i);
@@ -247,11 +174,15 @@ async function startAgents(
     const host = await createTestHost(LOCAL_NETWORK, name, address);
     // The gateway (on this machine) reaches containers at their own address: no published port needed.
     await routeContainerSubnet(nodeContainerSubnet(i), address, LOCAL_NETWORK.bridge);
-    const agent = await spawnAgent(state, { index: i, stateDir, runDir, netns: host.netns, progress });
-    state.nodes.push({ name, address, netns: host.netns, agentPid: agent.pid! });
+    state.nodes.push({ name, address, netns: host.netns, agentPid: 0 });
     await writeClusterState(stateDir, state);
-    const agentLog = logFile(stateDir, `agent-${name}`);
-    exits.push(failOnExit(agent, `agent ${name}`, agentLog));
+  }
+  if (state.ha) exits.push(...(await startControlPlane(state, opts)));
+  for (const [i, node] of state.nodes.entries()) {
+    const agent = await spawnAgent(state, { index: i + 1, stateDir, runDir, netns: node.netns, progress });
+    node.agentPid = agent.pid!;
+    await writeClusterState(stateDir, state);
+    exits.push(failOnExit(agent, `agent ${node.name}`, logFile(stateDir, `agent-${node.name}`)));
   }
 
   progress('waiting for the controller and every agent to be ready');
@@ -284,7 +215,7 @@ export async function spawnAgent(
       'agent',
       '--node', name,
       '--listen', `${nodeAddress(opts.index)}:${AGENT_PORT}`,
-      '--controller', state.controllerUrl,
+      '--controller', (state.controllerUrls ?? [state.controllerUrl]).join(','),
       '--token-file', state.tokenFile,
       '--subnet', nodeContainerSubnet(opts.index),
       '--data-dir', dataDir,
@@ -295,16 +226,21 @@ export async function spawnAgent(
   );
 }
 
-async function checkExistingCluster(existing: LocalClusterState, nodes: number, stateDir: string): Promise<LocalClusterState> {
+async function checkExistingCluster(existing: LocalClusterState, nodes: number, ha: boolean, stateDir: string): Promise<LocalClusterState> {
   if (existing.status !== 'ready') {
     throw new ConflictError(
       `a previous 'chipmunk cluster up' did not finish (logs in ${join(stateDir, 'logs')}): run 'chipmunk cluster down' first`,
       { stateDir },
     );
   }
-  if (!(await isRunning(existing.controllerPid))) {
+  if ((existing.ha ?? false) !== ha) {
+    throw new ConflictError(`the local cluster is up ${existing.ha ? 'with' : 'without'} --ha: run 'chipmunk cluster down' first`, { ha: existing.ha ?? false });
+  }
+  const controllerPids = existing.ha ? existing.nodes.flatMap((n) => (n.controllerPid ? [n.controllerPid] : [])) : [existing.controllerPid ?? 0];
+  const running = await Promise.all(controllerPids.map((pid) => isRunning(pid)));
+  if (!running.some(Boolean)) {
     throw new ConflictError(
-      `the local cluster's controller (pid ${existing.controllerPid}) is not running: run 'chipmunk cluster down', then 'chipmunk cluster up'`,
+      `the local cluster's controller${controllerPids.length > 1 ? 's' : ''} (pid ${controllerPids.join(', ')}) ${controllerPids.length > 1 ? 'are' : 'is'} not running: run 'chipmunk cluster down', then 'chipmunk cluster up'`,
       { stateDir },
     );
   }
@@ -326,14 +262,18 @@ export async function answersHealthz(url: string): Promise<boolean> {
   }
 }
 
-/** Until the controller and every agent answer /healthz and every node shows as ready in the controller. */
+/**
+ * Until the controller (HA: a leader) and every agent answer /healthz and every node shows as
+ * ready in the controller.
+ */
 async function waitUntilReady(state: LocalClusterState, token: string, stateDir: string, timeoutMs: number, signal: AbortSignal): Promise<void> {
-  const controller = new ControllerClient({ urls: [state.controllerUrl], token, timeoutMs: 2_000 });
+  const urls = state.controllerUrls ?? [state.controllerUrl];
+  const controller = new ControllerClient({ urls, token, timeoutMs: 2_000, leaderWaitMs: 0 });
   const deadline = Date.now() + timeoutMs;
-  let waitingFor = 'controller';
-  let log = logFile(stateDir, 'controller');
+  let waitingFor = state.ha ? 'a controller leader' : 'controller';
+  let log = logFile(stateDir, state.ha ? `controller-${state.nodes[0]?.name}` : 'controller');
   while (Date.now() < deadline && !signal.aborted) {
-    if (await answersHealthz(state.controllerUrl)) {
+    if ((await Promise.all(urls.map(answersHealthz))).some(Boolean) && (!state.ha || (await hasLeader(controller)))) {
       const notReady = await firstNodeNotReady(state, controller);
       if (notReady === undefined) return;
       waitingFor = `agent ${notReady}`;
@@ -344,6 +284,10 @@ async function waitUntilReady(state: LocalClusterState, token: string, stateDir:
   throw new UnavailableError(`${waitingFor} not ready after ${timeoutMs / 1000} s: read ${log}, then run 'chipmunk cluster down'`, {
     logPath: log,
   });
+}
+
+async function hasLeader(controller: ControllerClient): Promise<boolean> {
+  return (await controller.controllers().catch(() => [])).some((c) => c.leader && c.term !== undefined);
 }
 
 async function firstNodeNotReady(state: LocalClusterState, controller: ControllerClient): Promise<string | undefined> {

@@ -41,12 +41,17 @@ export interface RoutedHost {
  * other test host (that host's agent routes it on to the container); `SCRIPT ADDRESS` removes the
  * routes. A script rather than a chipmunk command: it runs at every move, between the commit and
  * the first retransmission that can reach the container, and starting node would cost a second.
+ * MACHINE_NETNS (a handle of the machine's namespace) is where the machine's route goes when the
+ * controller runs in a test host (HA); without it, in the script's own namespace.
  */
-export function addressRoutesScript(hosts: RoutedHost[]): string {
+export function addressRoutesScript(hosts: RoutedHost[], machineNetns?: string): string {
   for (const h of hosts) {
     if (!/^[\w./-]+$/.test(h.netns) || !/^\d{1,3}(\.\d{1,3}){3}$/.test(h.address)) throw new InvalidInputError(`test host ${h.netns} at ${h.address}: not a namespace path and an IPv4 address`);
   }
+  if (machineNetns !== undefined && !/^[\w./-]+$/.test(machineNetns)) throw new InvalidInputError(`machine namespace ${machineNetns}: not a namespace path`);
   const inHost = (h: RoutedHost, args: string) => `nsenter --net=${h.netns} -- ip route ${args}`;
+  // HA controllers run inside test hosts: the machine's own routes are reached through its handle.
+  const onMachine = (args: string) => (machineNetns ? `nsenter --net=${machineNetns} -- ip route ${args}` : `ip route ${args}`);
   return [
     '#!/bin/sh',
     '# chipmunk local cluster: route a container\'s cluster address (written by `cluster up`; see src/cluster/routes.ts)',
@@ -56,18 +61,18 @@ export function addressRoutesScript(hosts: RoutedHost[]): string {
     // Only the test range: a route for any other address could send the machine's traffic astray.
     `case "$addr" in 198.18.*|198.19.*) ;; *) echo "$addr is outside the test range ${TEST_RANGE}" >&2; exit 2 ;; esac`,
     'if [ -z "$via" ]; then',
-    '  ip route del "$addr/32" 2>/dev/null',
+    `  ${onMachine('del "$addr/32"')} 2>/dev/null`,
     ...hosts.map((h) => `  ${inHost(h, 'del "$addr/32"')} 2>/dev/null`),
     '  exit 0',
     'fi',
-    'ip route replace "$addr/32" via "$via" || exit 1',
+    `${onMachine('replace "$addr/32" via "$via"')} || exit 1`,
     ...hosts.map((h) => `[ "$via" = ${h.address} ] || ${inHost(h, 'replace "$addr/32" via "$via"')} || exit 1`),
     '',
   ].join('\n');
 }
 
 /** Writes the script (executable) to `path`; returns the command line the controller is given. */
-export async function writeAddressRoutesScript(path: string, hosts: RoutedHost[]): Promise<string> {
-  await writeFile(path, addressRoutesScript(hosts), { mode: 0o755 });
+export async function writeAddressRoutesScript(path: string, hosts: RoutedHost[], machineNetns?: string): Promise<string> {
+  await writeFile(path, addressRoutesScript(hosts, machineNetns), { mode: 0o755 });
   return `/bin/sh ${path}`;
 }

@@ -75,7 +75,13 @@ export class ContainerAddresses {
     return { type: 'delete', key: addressKey(address) };
   }
 
-  async release(address: string): Promise<void> {
-    await this.store.delete(addressKey(address));
+  /**
+   * Releases `address` if `container` still holds it: a run that failed after its container was
+   * removed (which released the address already) must not free it under the next container.
+   */
+  async release(address: string, container: string): Promise<void> {
+    const held = await this.store.get<{ container: string }>(addressKey(address));
+    if (held?.value.container !== container) return;
+    await this.store.delete(addressKey(address), { expectModRevision: held.modRevision });
   }
 }

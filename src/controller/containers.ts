@@ -4,12 +4,12 @@
  * do the work; this module decides where, and keeps the record in step with what they did.
  */
 import { within } from '../shared/time.js';
-import { ConflictError, InvalidInputError, NotFoundError, StoreConflictError, UnavailableError } from '../shared/errors.js';
+import { ConflictError, InvalidInputError, NotFoundError, UnavailableError } from '../shared/errors.js';
 import type { ContainerStats, AgentContainer, ContainerStatus, ContainerView, RunRequest } from '../shared/protocol.js';
 import { assertDistinctVolumes } from '../shared/protocol.js';
 import type { ContainerAddresses } from './addresses.js';
 import type { AgentApi, LogsOptions } from './agent-client.js';
-import { containerKey, type ContainerLocks, type ContainerRecord } from './container-lock.js';
+import { type ContainerLocks, type ContainerRecord } from './container-lock.js';
 import type { NodeRecord, NodeRegistry } from './registry.js';
 import type { StateStore } from './store/index.js';
 
@@ -31,7 +31,8 @@ export class ContainerService {
    * Starts a container on the requested node, or on the ready node running the fewest. The name
    * is reserved in the store first, so two runs of one name cannot both reach an agent; if the
    * agent refuses (unknown image, port taken...), the reservation is removed and the agent's
-   * error is passed on as it is.
+   * error is passed on as it is. The record is written through the container lock module's
+   * compare-and-swap loop: a write that got in between (a protect) is kept, not a conflict.
    */
   async run(req: RunRequest): Promise<ContainerView> {
     assertDistinctVolumes(req.spec.volumes);
@@ -45,13 +46,12 @@ export class ContainerService {
     try {
       return await this.runWith({ ...req.spec, ...(address ? { address } : {}) }, node, req);
     } catch (err) {
-      if (address) await this.addresses.release(address).catch(() => undefined);
+      if (address) await this.addresses.release(address, req.spec.name).catch(() => undefined);
       throw err;
     }
   }
 
   private async runWith(spec: RunRequest['spec'], node: NodeRecord, req: RunRequest): Promise<ContainerView> {
-    const key = containerKey(spec.name);
     const reserved: ContainerRecord = {
       spec,
       node: node.name,
@@ -60,27 +60,31 @@ export class ContainerService {
       createdAt: new Date().toISOString(),
       ...(req.protection ? { protection: req.protection } : {}),
     };
-    let reservedRevision: number;
-    try {
-      reservedRevision = await this.store.put(key, reserved, { expectModRevision: 0 });
-    } catch (err) {
-      if (!(err instanceof StoreConflictError)) throw err;
-      const existing = await this.store.get<ContainerRecord>(key);
-      throw new ConflictError(
-        `container name "${spec.name}" is already in use${existing ? ` (on node ${existing.value.node})` : ''}: pick another name, or remove it with \`chipmunk rm ${spec.name}\``,
-        { name: spec.name },
-      );
-    }
+    await this.locks.update(spec.name, (current) => {
+      if (!current) return reserved;
+      throw new ConflictError(`container name "${spec.name}" is already in use (on node ${current.node}): pick another name, or remove it with \`chipmunk rm ${spec.name}\``, {
+        name: spec.name,
+      });
+    });
+    /** Still this run's reservation: not removed, nor removed and run again, meanwhile. */
+    const ours = (current: ContainerRecord | undefined): current is ContainerRecord =>
+      current !== undefined && current.status === 'created' && current.createdAt === reserved.createdAt && current.node === reserved.node;
     let started: AgentContainer;
     try {
       started = await this.agentFor(node).run(spec);
     } catch (err) {
-      await this.store.delete(key, { expectModRevision: reservedRevision });
+      await this.locks.update(spec.name, (current) => (ours(current) && !current.lock ? { record: null, ops: [] } : undefined));
       throw err;
     }
-    const record: ContainerRecord = { ...reserved, status: started.status, generation: started.generation, ip: started.ip, createdAt: started.createdAt };
-    await this.store.put(key, record, { expectModRevision: reservedRevision });
-    return toView(record, node.address);
+    const record = await this.locks.update(spec.name, (current) => {
+      if (!ours(current)) {
+        // Removed meanwhile: the copy just started belongs to no record (a run of the same name since would have been refused by the agent).
+        if (!current) void this.agentFor(node).remove(spec.name).catch(() => undefined);
+        throw new ConflictError(`container ${spec.name} was removed while it started on ${node.name}: remove what is left with \`chipmunk rm ${spec.name}\` if \`chipmunk ps\` still shows it`, { name: spec.name });
+      }
+      return { ...current, status: started.status, generation: started.generation, ip: started.ip, createdAt: started.createdAt };
+    });
+    return toView(record!, node.address);
   }
 
   /**

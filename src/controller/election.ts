@@ -1,3 +1,4 @@
+import type { ControllerView } from '../shared/protocol.js';
 import { StoreConflictError, StoreFailedError } from '../shared/errors.js';
 import type { KeyValue, StateStore, TxnCompare, Watch } from './store/types.js';
 
@@ -25,6 +26,8 @@ export interface Candidate {
   id: string;
   /** Where other controllers reach it (to pass mutations on to the leader). */
   url: string;
+  /** The node it runs on, when it runs on one (`controller --node`). */
+  node?: string;
 }
 
 export interface Leader extends Candidate {
@@ -128,6 +131,12 @@ export class Election {
   async resign(): Promise<void> {
     await this.endCampaign(true);
     this.retryLater();
+  }
+
+  /** Every candidate of this election (the leader among them), oldest campaign first. */
+  async candidates(): Promise<ControllerView[]> {
+    const kvs = (await this.opts.store.list<Candidate>(this.prefix)).sort((a, b) => a.createRevision - b.createRevision);
+    return kvs.map((kv, i) => ({ id: kv.value.id, url: kv.value.url, ...(kv.value.node ? { node: kv.value.node } : {}), leader: i === 0, ...(i === 0 ? { term: kv.createRevision } : {}) }));
   }
 
   /** Resigns for good: stops campaigning and observing. */
@@ -273,5 +282,5 @@ export class Election {
 function lowest(candidates: KeyValue<Candidate>[]): Leader | undefined {
   let best: KeyValue<Candidate> | undefined;
   for (const kv of candidates) if (!best || kv.createRevision < best.createRevision) best = kv;
-  return best && { id: best.value.id, url: best.value.url, term: best.createRevision };
+  return best && { ...best.value, term: best.createRevision };
 }

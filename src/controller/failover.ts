@@ -12,9 +12,8 @@
 import { randomUUID } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { Logger } from 'pino';
-import { ConflictError, FailoverFailedError, LogMismatchError, toChipmunkError, type ErrorJSON } from '../shared/errors.js';
+import { ConflictError, FailoverFailedError, LogMismatchError, NotFoundError, toChipmunkError } from '../shared/errors.js';
 import type { LogPosition } from '../shared/protocol.js';
-import type { CheckpointSummary } from '../checkpoint-store/index.js';
 import type { CheckpointCatalog, CheckpointService, LoggedTraffic } from './checkpoints.js';
 import type { ContainerLock, ContainerLocks, ContainerRecord, HeldLock } from './container-lock.js';
 import type { AgentResolver } from './containers.js';
@@ -22,46 +21,14 @@ import { controllerPauses } from './faults.js';
 import type { Fences } from './fences.js';
 import type { ContainerRescuer } from './migration-settle.js';
 import type { NodeRegistry } from './registry.js';
+import { FailoverRecords, type FailoverRecord } from './failover-records.js';
 import type { StateStore, Watch } from './store/index.js';
 
-const FAILOVERS_PREFIX = '/failovers/';
+export type { FailoverRecord } from './failover-records.js';
+
 const REPLAY_ATTEMPTS = 3;
 const REPLAY_RETRY_MS = 1_000;
 
-/** What the controller records of one failover (GET /v1/failovers). */
-export interface FailoverRecord {
-  id: string;
-  name: string;
-  from: string;
-  to?: string;
-  /** The checkpoint restored, and the log position it was cut at. */
-  checkpoint?: string;
-  logPosition?: CheckpointSummary['logPosition'];
-  /** Why the restored copy got no replay (no checkpoint was cut in the route's current request log). */
-  noReplay?: string;
-  /** The last failed replay. */
-  replayError?: ErrorJSON;
-  /** Checkpoints passed over, newest first, and why (a corrupt chunk, a failed restore). */
-  skipped: Array<{ checkpoint: string; reason: string }>;
-  /** When the node was declared dead (its lease expired), or the failed migration that lost the container gave up on it. */
-  detectedAt: number;
-  /** Why it was restored from a checkpoint when not for a dead node (a migration that lost it). */
-  reason?: string;
-  /** Restored, but the logged requests could not be replayed yet: the lock and the gateway hold stay, and the replay is retried. */
-  replayPending?: boolean;
-  /** The restore under way (or last tried): where, from which checkpoint, as which incarnation. */
-  attempt?: { to: string; checkpoint: string; logPosition: CheckpointSummary['logPosition']; generation: number };
-  restoredAt?: number;
-  finishedAt?: number;
-  replayed?: number;
-  delivered?: number;
-  /** Where the time went, ms: waiting for the lock, target preparation, fetch + restore, replay, release. */
-  timings: Record<string, number>;
-  outcome: 'running' | 'done' | 'failed';
-  /** The container lock it ran under: a restarted controller finds an interrupted failover by it. */
-  lockId?: string;
-  error?: ErrorJSON;
-}
 
 export interface FailoverTraffic extends LoggedTraffic {
   /** Holds new requests at once, without waiting for those sent to a node that is gone. */
@@ -91,7 +58,11 @@ export class FailoverService implements ContainerRescuer {
   /** When this controller started listening: agents get one lease to heartbeat before any node is judged. */
   private listeningSince = Number.POSITIVE_INFINITY;
 
-  constructor(private readonly opts: FailoverServiceOptions) {}
+  private readonly records: FailoverRecords;
+
+  constructor(private readonly opts: FailoverServiceOptions) {
+    this.records = new FailoverRecords(opts.store);
+  }
 
   /**
    * Watches node liveness (a lease that ends deletes /liveness/NODE: failover at once), and looks
@@ -101,6 +72,8 @@ export class FailoverService implements ContainerRescuer {
    */
   async start(): Promise<void> {
     this.listeningSince = Date.now();
+    // Records an older version wrote have no index entry yet: once, here.
+    await this.records.indexPendingReplays();
     this.watch = await this.opts.store.watch<{ node: string }>('/liveness/', {}, (ev) => {
       if (ev.type === 'delete') void this.reconcile();
     });
@@ -114,7 +87,7 @@ export class FailoverService implements ContainerRescuer {
   }
 
   list(): Promise<FailoverRecord[]> {
-    return this.opts.store.list<FailoverRecord>(FAILOVERS_PREFIX).then((kvs) => kvs.map((kv) => kv.value).sort((a, b) => a.detectedAt - b.detectedAt));
+    return this.records.list();
   }
 
   /** Fails over every protected container whose node is dead and that no other operation of this controller handles. */
@@ -130,14 +103,54 @@ export class FailoverService implements ContainerRescuer {
       if (ready.has(value.node) || this.inProgress.has(value.spec.name)) continue;
       if (value.status === 'lost' || value.status === 'stopped' || value.status === 'created') continue;
       if (value.lock && !this.mayTakeOver(value.lock)) continue;
-      lost.set(value.node, [...(lost.get(value.node) ?? []), value.spec.name]);
-      if (!value.protection || !this.retryDue(value.spec.name)) continue;
+      if (!value.protection) {
+        lost.set(value.node, [...(lost.get(value.node) ?? []), value.spec.name]);
+        continue;
+      }
+      if (!this.retryDue(value.spec.name)) continue;
       void this.failover(value.spec.name, value.node).then(
         () => this.backoff.delete(value.spec.name),
         () => this.backoff.set(value.spec.name, nextBackoff(this.backoff.get(value.spec.name))),
       );
     }
     for (const [node, names] of lost) this.warnOnce(node, names);
+    await this.retryOwed(records.map((kv) => kv.value), ready).catch((err: unknown) => this.opts.log.warn({ err: toChipmunkError(err).toJSON() }, 'retrying failed failovers failed'));
+  }
+
+  /**
+   * A container whose failover failed, and whose node is back: if the node came back running it
+   * (it was cut off, not dead), nothing is owed any more; if it came back without it (its host
+   * restarted), it is restored from its checkpoints as for a dead node. The record still names
+   * that node, so nothing else would ever bring it back.
+   */
+  private async retryOwed(records: ContainerRecord[], ready: Set<string>): Promise<void> {
+    const byName = new Map(records.map((record) => [record.spec.name, record]));
+    for (const owed of await this.records.owed()) {
+      const container = byName.get(owed.name);
+      if (!container?.protection || container.node !== owed.from) {
+        await this.records.paid(owed.name);
+        continue;
+      }
+      // A node still dead is the loop's; a locked container is another operation's.
+      if (!ready.has(owed.from) || container.lock || this.inProgress.has(owed.name) || !this.retryDue(owed.name)) continue;
+      const there = await this.opts.agentFor(await this.opts.nodes.require(owed.from))
+        .get(owed.name)
+        .then(
+          (c) => c,
+          (err: unknown) => (err instanceof NotFoundError ? null : undefined),
+        );
+      // No answer: asked again on the next pass.
+      if (there === undefined) continue;
+      if (there?.status === 'running' && there.generation >= container.generation) {
+        await this.records.paid(owed.name);
+        continue;
+      }
+      this.opts.log.warn({ container: owed.name, node: owed.from, failover: owed.failoverId }, `${owed.from} is back without ${owed.name}, whose failover failed: restoring it from its checkpoints`);
+      void this.failover(owed.name, owed.from).then(
+        () => this.backoff.delete(owed.name),
+        () => this.backoff.set(owed.name, nextBackoff(this.backoff.get(owed.name))),
+      );
+    }
   }
 
   /**
@@ -162,12 +175,7 @@ export class FailoverService implements ContainerRescuer {
 
   /** A failed migration lost the container (its memory is gone): restore it from its newest checkpoint, under the lock handed over. */
   async rescue(held: HeldLock, lostOn: string, reason: string): Promise<ContainerRecord> {
-    await this.once(held.name, async () => {
-      const started = this.newRecord(held.name, lostOn, Date.now());
-      started.reason = reason;
-      await this.save(started);
-      return this.run(started, held);
-    });
+    await this.once(held.name, () => this.restoreAgain(held, lostOn, reason));
     return (await this.opts.locks.require(held.name)).value;
   }
 
@@ -176,7 +184,17 @@ export class FailoverService implements ContainerRescuer {
    * already runs on its new node, the requests logged after its checkpoint are replayed (unless
    * that was done) and traffic released; otherwise it is restored again from its checkpoints.
    */
-  async resume(held: HeldLock, interrupted?: FailoverRecord): Promise<void> {
+  resume(held: HeldLock, interrupted?: FailoverRecord): Promise<void> {
+    return this.resumeHeld(held, interrupted, 'the controller stopped during this failover; a new one takes over', false);
+  }
+
+  /**
+   * resume(), also for a failover of this controller whose replay is owed (`insideOnce`: the
+   * caller runs under this container's once-guard already, so a restore again must not wait
+   * for it: it would wait for itself). `why` is what the interrupted failover failed of, if
+   * its copy no longer runs.
+   */
+  private async resumeHeld(held: HeldLock, interrupted: FailoverRecord | undefined, why: string, insideOnce: boolean): Promise<void> {
     const { locks, traffic, nodes, agentFor } = this.opts;
     const attempt = interrupted && !interrupted.to ? interrupted.attempt : undefined;
     if (attempt) {
@@ -206,17 +224,27 @@ export class FailoverService implements ContainerRescuer {
       await locks.release(held, current);
       return;
     }
-    if (interrupted) await this.failed(interrupted, new FailoverFailedError('the controller stopped during this failover; a new one takes over', { name: held.name, from: interrupted.from }));
+    if (interrupted) await this.failed(interrupted, new FailoverFailedError(why, { name: held.name, from: interrupted.from }));
     if (!held.record.protection) {
       await locks.release(held, { ...held.record, status: 'unknown' });
       return;
     }
-    await this.rescue(held, held.record.node, 'the controller stopped while it restored this container');
+    const reason = `${interrupted?.id ?? 'the interrupted restore'} left no running copy on ${held.record.node}: restored again`;
+    if (insideOnce) await this.restoreAgain(held, held.record.node, reason);
+    else await this.rescue(held, held.record.node, reason);
+  }
+
+  /** A new failover record, and the container restored from its checkpoints under `held` (no once-guard: the caller's). */
+  private async restoreAgain(held: HeldLock, lostOn: string, reason: string): Promise<FailoverRecord> {
+    const started = this.newRecord(held.name, lostOn, Date.now());
+    started.reason = reason;
+    await this.save(started);
+    return this.run(started, held);
   }
 
   /** The record of the failover that ran under lock `lockId`, if any. */
   async byLock(lockId: string): Promise<FailoverRecord | undefined> {
-    return (await this.list()).find((r) => r.lockId === lockId);
+    return this.records.byLock(lockId);
   }
 
   private once(name: string, fn: () => Promise<FailoverRecord>): Promise<FailoverRecord> {
@@ -287,30 +315,39 @@ export class FailoverService implements ContainerRescuer {
         const targets = await this.targetsFor(deadNode);
         if (targets.length === 0) throw new FailoverFailedError(`no ready node to restore ${name} on: it stays down until a node is ready`, { name, from: deadNode });
         let attempt = 0;
-        for (const candidate of good) {
-          const target = targets[attempt % targets.length]!;
-          attempt += 1;
-          try {
-            // Written first: a controller that dies during the restore finds the copy it may have made.
-            record.attempt = { to: target, checkpoint: candidate.id, logPosition: candidate.logPosition, generation: container.generation + attempt + 1 };
-            await this.save(record);
-            current = await checkpoints.restoreOn(container, target, candidate.id, `${lockId}-${attempt}`, container.generation + attempt + 1, record.timings);
-            record.to = target;
-            record.checkpoint = candidate.id;
-            record.logPosition = candidate.logPosition;
-            record.restoredAt = Date.now();
-            break;
-          } catch (err) {
-            const corrupt = (await catalog.list(name)).find((c) => c.id === candidate.id)?.corrupt;
-            const reason = corrupt ? `corrupt: ${toChipmunkError(err).message}` : toChipmunkError(err).message;
-            record.skipped.push({ checkpoint: candidate.id, reason });
-            log.error({ container: name, checkpoint: candidate.id, target, corrupt: Boolean(corrupt) }, `restoring ${name} from checkpoint ${candidate.id} on ${target} failed (${reason}); trying the one before`);
-            await this.save(record);
+        /** Targets a restore failed on: one cut short (its agent killed) may still leave a copy there. */
+        const failedOn = new Set<string>();
+        candidates: for (const candidate of good) {
+          // A target whose agent does not answer says nothing about the checkpoint: the same one
+          // is tried on the next target; any other failure passes the checkpoint over.
+          for (let tried = 0; tried < targets.length; tried++) {
+            const target = targets[attempt % targets.length]!;
+            attempt += 1;
+            try {
+              // Written first: a controller that dies during the restore finds the copy it may have made.
+              record.attempt = { to: target, checkpoint: candidate.id, logPosition: candidate.logPosition, generation: container.generation + attempt + 1 };
+              await this.save(record);
+              current = await checkpoints.restoreOn(container, target, candidate.id, `${lockId}-${attempt}`, container.generation + attempt + 1, record.timings);
+              record.to = target;
+              record.checkpoint = candidate.id;
+              record.logPosition = candidate.logPosition;
+              record.restoredAt = Date.now();
+              break candidates;
+            } catch (err) {
+              const corrupt = (await catalog.list(name)).find((c) => c.id === candidate.id)?.corrupt;
+              const reason = corrupt ? `corrupt: ${toChipmunkError(err).message}` : toChipmunkError(err).message;
+              const targetAway = !corrupt && toChipmunkError(err).code === 'CHIPMUNK_UNAVAILABLE' && tried + 1 < targets.length;
+              failedOn.add(target);
+              record.skipped.push({ checkpoint: candidate.id, reason: `on ${target}: ${reason}` });
+              log.error({ container: name, checkpoint: candidate.id, target, corrupt: Boolean(corrupt) }, `restoring ${name} from checkpoint ${candidate.id} on ${target} failed (${reason}); ${targetAway ? 'trying it on another node' : 'trying the one before'}`);
+              await this.save(record);
+              if (!targetAway) continue candidates;
+            }
           }
         }
         if (!record.to) throw new FailoverFailedError(`no checkpoint of ${name} could be restored: ${record.skipped.map((s) => `${s.checkpoint}: ${s.reason}`).join('; ')}`, { name, from: deadNode, skipped: record.skipped });
         // From here the new incarnation is the container: fence the old one, then record the move.
-        await fences.fence(deadNode, name, current.generation);
+        for (const node of [deadNode, ...failedOn]) if (node !== record.to) await fences.fence(node, name, current.generation);
         await fences.clear(record.to, name);
         await locks.save(held, current);
         await controllerPauses.at('failover:replay');
@@ -338,6 +375,7 @@ export class FailoverService implements ContainerRescuer {
         }
         record.outcome = 'done';
         record.finishedAt = Date.now();
+        await this.records.paid(name);
         log.info({ container: name, from: deadNode, to: record.to, checkpoint: record.checkpoint, ms: record.finishedAt - detectedAt, replayed: record.replayed }, `failed ${name} over to ${record.to}`);
         await this.save(record);
         return record;
@@ -353,6 +391,10 @@ export class FailoverService implements ContainerRescuer {
       }
     } catch (err) {
       await this.failed(record, err);
+      // Owed (tried again), unless the container is elsewhere now or its replay is owed instead.
+      if (!keepLock && !(err instanceof ConflictError)) {
+        await this.records.owe({ name, from: deadNode, failoverId: record.id }).catch(() => undefined);
+      }
       throw err;
     } finally {
       if (!keepLock) await locks.releaseIfHeld(held).catch((err: unknown) => log.error({ err: toChipmunkError(err).toJSON() }, `could not release the lock ${lockId} of ${name}`));
@@ -381,33 +423,38 @@ export class FailoverService implements ContainerRescuer {
 
   /** Failovers whose replay failed: tried again while their lock still holds the container. */
   private async retryPendingReplays(): Promise<void> {
-    for (const record of await this.list()) {
-      if (!record.replayPending || !record.lockId || this.inProgress.has(record.name)) continue;
+    for (const record of await this.records.pendingReplays()) {
+      if (!record.lockId || this.inProgress.has(record.name)) continue;
       const current = await this.opts.locks.get(record.name);
       if (current?.value.lock?.id !== record.lockId) continue;
       const held: HeldLock = { name: record.name, lock: current.value.lock, record: current.value };
       await this.once(record.name, async () => {
         const nodeAlive = await this.opts.nodes.isReady(held.record.node);
-        if (record.replayError?.details?.written !== true && nodeAlive) {
-          await this.resume(held, record);
+        const node = nodeAlive ? await this.opts.nodes.require(held.record.node) : undefined;
+        const copy = node ? await this.opts.agentFor(node).get(record.name).catch(() => undefined) : undefined;
+        const copyRuns = copy?.status === 'running' && copy.generation >= held.record.generation;
+        const uncertain = record.replayError?.details?.written === true;
+        if (!uncertain && copyRuns) {
+          await this.resumeHeld(held, record, `the replay of ${record.id} could not go on`, true);
           return record;
         }
         // The copy may have applied a request the replay could not confirm (its state is unknown),
-        // or it died with its node: it goes, and the container is restored again from its
-        // checkpoint, with a full replay (here, under the lock this failover still holds).
-        if (nodeAlive) {
-          const node = await this.opts.nodes.require(held.record.node);
+        // or it is gone (its node died, or died and came back without it): what is left of it
+        // goes, and the container is restored again from its checkpoint, with a full replay
+        // (here, under the lock this failover still holds).
+        if (node) {
           await this.opts.agentFor(node).remove(record.name).catch((err: unknown) => {
             if (toChipmunkError(err).code !== 'CHIPMUNK_NOT_FOUND') throw err;
           });
         }
         await this.save({ ...record, replayPending: false });
-        const again = this.newRecord(record.name, held.record.node, Date.now());
-        again.reason = nodeAlive
-          ? `the replay into the copy restored by ${record.id} may have applied a request twice: restored again`
-          : `${held.record.node}, where ${record.id} restored it, died before the replay: restored again`;
-        await this.save(again);
-        return this.run(again, held);
+        return this.restoreAgain(
+          held,
+          held.record.node,
+          uncertain && copyRuns
+            ? `the replay into the copy restored by ${record.id} may have applied a request twice: restored again`
+            : `the copy ${record.id} restored on ${held.record.node} ${nodeAlive ? 'no longer runs (its node restarted)' : 'died with its node'} before the replay: restored again`,
+        );
       }).catch((err: unknown) => this.opts.log.warn({ container: record.name, err: toChipmunkError(err).toJSON() }, `replay of ${record.name} failed again; its route stays held`));
     }
   }
@@ -420,8 +467,8 @@ export class FailoverService implements ContainerRescuer {
     return ready.sort((a, b) => (load.get(a.name) ?? 0) - (load.get(b.name) ?? 0)).map((n) => n.name);
   }
 
-  private async save(record: FailoverRecord): Promise<void> {
-    await this.opts.store.put(FAILOVERS_PREFIX + record.id, record);
+  private save(record: FailoverRecord): Promise<void> {
+    return this.records.save(record);
   }
 }
 

@@ -14,6 +14,7 @@ import { pipeline } from 'node:stream/promises';
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { request } from 'undici';
 import { NotLeaderError, UnavailableError } from '../shared/errors.js';
+import { neverConnected } from '../shared/http.js';
 import type { Leader } from './election.js';
 
 export interface LeaderView {
@@ -27,8 +28,6 @@ export const FORWARDED_BY_HEADER = 'x-chipmunk-forwarded-by';
 /** Set on an answer a follower passed on: the leader that gave it. */
 export const ANSWERED_BY_HEADER = 'x-chipmunk-answered-by';
 
-/** Socket errors that mean no connection was made: the request never reached the leader. */
-const NOT_CONNECTED = new Set(['ECONNREFUSED', 'EHOSTUNREACH', 'ENETUNREACH', 'ENOTFOUND', 'EAI_AGAIN', 'UND_ERR_CONNECT_TIMEOUT']);
 
 /** Headers of one hop that must not be passed on (RFC 9110 7.6.1), and the host, which names this controller. */
 const HOP_HEADERS = new Set(['connection', 'keep-alive', 'proxy-connection', 'transfer-encoding', 'te', 'trailer', 'upgrade', 'host']);
@@ -54,7 +53,7 @@ export function forwardToLeader(app: FastifyInstance, leadership: LeaderView, se
       });
     } catch (err) {
       const code = (err as { code?: string }).code ?? '';
-      if (NOT_CONNECTED.has(code)) {
+      if (neverConnected(code)) {
         throw new NotLeaderError(`the leader ${leader.id} at ${leader.url} cannot be reached (${code}): it may have just died; try again in a few seconds`, { leader: leader.url });
       }
       throw new UnavailableError(`lost the leader ${leader.id} at ${leader.url} while passing the request on (${code || (err as Error).message}): it may or may not have acted; check before trying again`, { leader: leader.url }, err);

@@ -85,6 +85,8 @@ export interface ControllerOptions {
   replicateEveryMs?: number;
   /** With an etcd store: the lease of a leader's campaign; a dead leader is replaced within about this long. */
   leaderLeaseMs?: number;
+  /** The node this controller runs on, if it runs on one (shown by `chipmunk node ls`). */
+  node?: string;
 }
 
 const DEFAULT_REPLICATE_EVERY_MS = 5_000;
@@ -151,6 +153,9 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
   const checkpoints = new CheckpointService({ store: leaderStore, nodes, agentFor, locks, traffic: routes, catalog, log: logger });
   const failovers = new FailoverService({ store: leaderStore, nodes, locks, fences, agentFor, nodeLeaseMs, checkpoints, catalog, traffic: routes, log: logger });
   const migrations = new MigrationOrchestrator({ store: leaderStore, nodes, agentFor, locks, fences, log: logger, traffic: routes, rescuer: failovers });
+  /** This controller as its election and `GET /v1/controllers` name it; its URL is known once it listens. */
+  let listening = '';
+  const candidate = () => ({ id: locks.owner, url: opts.advertiseUrl ?? listening, ...(opts.node ? { node: opts.node } : {}) });
   const app = buildControllerServer({
     token: opts.token,
     logger,
@@ -166,6 +171,7 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
     enableFaults: process.env.CHIPMUNK_ENABLE_FAULTS === '1',
     // Until this controller has joined the election it neither leads nor knows who does: it answers reads only.
     ...(elected ? { leadership: { view: { leading: () => leadership?.leading() ?? false, leader: () => leadership?.leader() }, self: locks.owner } } : {}),
+    controllers: async () => (leadership ? leadership.controllers(candidate()) : []),
   });
   try {
     await app.listen(opts.listen).catch((err: NodeJS.ErrnoException) => {
@@ -183,6 +189,7 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
 
   const address = app.server.address() as AddressInfo;
   const host = address.family === 'IPv6' ? `[${address.address}]` : address.address;
+  listening = `http://${host}:${address.port}`;
   storeUrl ||= `http://${host}:${address.port}`;
   let replicateTimer: NodeJS.Timeout | undefined;
   const leaderWork: LeaderWork = {
@@ -218,7 +225,7 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
     : Leadership.alone(leaderWork, logger);
   leadership = leading;
   try {
-    await leading.start({ id: locks.owner, url: opts.advertiseUrl ?? `http://${host}:${address.port}` });
+    await leading.start(candidate());
   } catch (err) {
     await app.close();
     await closeCheckpointStore();

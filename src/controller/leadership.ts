@@ -1,5 +1,6 @@
 import type { Logger } from 'pino';
 import { Election, type Candidate, type Leader } from './election.js';
+import type { ControllerView } from '../shared/protocol.js';
 import type { StateStore, TxnCompare } from './store/types.js';
 
 /**
@@ -70,6 +71,12 @@ export class Leadership {
   /** The leader this controller sees; undefined when alone (it is the leader) or when none is known. */
   leader(): Leader | undefined {
     return this.election?.currentLeader();
+  }
+
+  /** The controllers of the cluster: the candidates of the election, or this one alone. */
+  async controllers(self: Candidate): Promise<ControllerView[]> {
+    if (!this.election) return [{ id: self.id, url: self.url, ...(self.node ? { node: self.node } : {}), leader: true }];
+    return this.election.candidates();
   }
 
   /** What calls to agents and the gateway carry (election.ts heldTerm); none when alone. */

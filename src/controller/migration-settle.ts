@@ -18,8 +18,8 @@
  */
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { Logger } from 'pino';
-import { MigrationFailedError, NotFoundError, UnavailableError, toChipmunkError, type ChipmunkError } from '../shared/errors.js';
-import type { AgentContainer, MigrationRecord, MigrationSummary, RestoreResult } from '../shared/protocol.js';
+import { MigrationFailedError, NotFoundError, RuntimeFailedError, UnavailableError, toChipmunkError, type ChipmunkError } from '../shared/errors.js';
+import type { AgentContainer, MigrationRecord, MigrationSummary, RestoreResult, SettleResult } from '../shared/protocol.js';
 import type { AgentApi } from './agent-client.js';
 import { unlocked, type ContainerLocks, type ContainerRecord, type HeldLock } from './container-lock.js';
 import type { AgentResolver } from './containers.js';
@@ -81,12 +81,13 @@ export class MigrationSettler {
     await this.opts.journal.release(run, committed);
     await controllerPauses.at('migration:cleanup');
     const cleanupPending = !(await this.finishSource(run.record));
-    const settled = await this.agent(run, 'target')
+    const settled: SettleResult = await this.agent(run, 'target')
       .settle(id)
       .catch((err: unknown) => {
         this.opts.log.warn({ migrationId: id, err: toChipmunkError(err).toJSON() }, `settling migration ${id} on ${to} failed`);
         return { lazyPagesBytes: 0 };
       });
+    if (settled.lazyPagesFailed) return this.lostAfterCommit(run, committed, settled.lazyPagesFailed, cleanupPending);
     const finishedAt = Date.now();
     const restored = measured?.restored;
     const summary: MigrationSummary = {
@@ -193,6 +194,38 @@ export class MigrationSettler {
       case 'lost':
         return this.lost(run, cause, where.reason, live);
     }
+  }
+
+  /**
+   * After the commit, the target's lazy-pages daemon did not get every page (its source went
+   * away mid-transfer): the copy there runs on memory it never got, so it is not the container.
+   * It goes; a protected container is restored from its newest checkpoint (its requests since
+   * replayed), an unprotected one is lost: nothing of it is left anywhere.
+   */
+  private async lostAfterCommit(run: MigrationRun, committed: ContainerRecord, why: string, cleanupPending: boolean): Promise<never> {
+    const { id, name, from, to } = run.record;
+    const reason = `its copy on ${to} did not get all of its memory from ${from} (${why})`;
+    // The source's dumped incarnation goes too, whenever its node answers: its cleanup is asked
+    // again (cleanupPending), and its node is fenced in case it was restarted without it.
+    await this.opts.fences.fence(from, name, committed.generation);
+    this.opts.log.error({ migrationId: id }, `migration ${id} of ${name}: ${reason}: that copy is removed`);
+    await this.agent(run, 'target')
+      .remove(name)
+      .catch((err: unknown) => this.opts.log.warn({ migrationId: id, err: toChipmunkError(err).toJSON() }, `removing the incomplete copy of ${name} on ${to} failed: it is fenced`));
+    const cause = new RuntimeFailedError(`${name} ${reason}`, { op: 'lazy-pages' });
+    const { rescuer } = this.opts;
+    if (committed.protection && rescuer) {
+      const message = `${name} ${reason}: restoring it from its newest checkpoint`;
+      const failed = new MigrationFailedError(`migration ${id} of ${name} failed after it moved: ${message}`, { phase: 'cleanup', node: to }, cause);
+      const event = { migrationId: id, phase: 'failed' as const, at: Date.now(), message: failed.message };
+      await this.opts.journal.amend({ ...run.record, phase: 'failed', history: [...run.record.history, event], finishedAt: event.at, error: failed.toJSON(), ...(cleanupPending ? { cleanupPending } : {}) });
+      this.opts.journal.emit(run, event);
+      const handed = await this.opts.locks.handOver(run.held, 'failover');
+      const restored = await rescuer.rescue(handed, to, reason);
+      throw new MigrationFailedError(`${failed.message}; it runs on ${restored.node} again (see \`chipmunk failovers\`)`, { phase: 'cleanup', node: to, rescued: true }, cause);
+    }
+    await this.opts.fences.fence(to, name, committed.generation + 1);
+    throw await this.fail(run, { ...committed, status: 'lost' }, cause, `${name} is lost: ${reason}. An unprotected container cannot survive this (\`chipmunk protect\` gives it checkpoints to come back from)`);
   }
 
   /** The memory is gone from the source and the target does not run the container. */

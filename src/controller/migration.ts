@@ -25,6 +25,7 @@ import {
   ConflictError,
   InvalidInputError,
   LockLostError,
+  MigrationFailedError,
   NotFoundError,
   RuntimeFailedError,
   UnavailableError,
@@ -271,6 +272,8 @@ export class MigrationOrchestrator {
       return await this.settler.rollForward(run, running, { frozenAt: dump.frozenAt, restored });
     } catch (err) {
       if (err instanceof LockLostError) throw await this.journal.abandoned(run, err);
+      // Settled already (after the commit, the copy turned out incomplete and was restored elsewhere).
+      if (err instanceof MigrationFailedError) throw err;
       return this.settler.afterFailure(run, err, progress);
     }
   }

@@ -132,14 +132,15 @@ export class RouteService {
   }
 
   /**
-   * A failover: hold at once (nothing will come back from the dead node). The route stays held
+   * A failover: hold at once (nothing will come back from the dead node), taking over the hold
+   * of the operation whose lock it took (a checkpoint's cut, a migration). The route stays held
    * until released, however long the restore and replay take.
    */
   async holdNow(name: string, holdId: string): Promise<boolean> {
     if (!this.gateway || !(await this.get(name))) return false;
     const gateway = this.gateway;
     try {
-      await this.serial(() => gateway.hold(name, holdId, { drain: false }));
+      await this.serial(() => gateway.hold(name, holdId, { drain: false, takeOver: true }));
       return true;
     } catch (err) {
       this.warn(`gateway hold of ${name} for its failover failed; its clients may see errors`, err);

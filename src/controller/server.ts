@@ -12,6 +12,7 @@ import {
   ContainerName,
   ContainerStats,
   ContainerView,
+  ControllerView,
   ExposeRequest,
   ExposedRoute,
   HeartbeatResponse,
@@ -53,6 +54,8 @@ export interface ControllerServerOptions {
   enableFaults?: boolean;
   /** With several controllers (an etcd store): who leads, so a follower passes requests on (forward.ts); SELF names this one. */
   leadership?: { view: LeaderView; self: string };
+  /** The cluster's controllers and which one leads. */
+  controllers: () => Promise<ControllerView[]>;
 }
 
 const CheckpointResultView = Type.Composite([CheckpointInfo, Type.Object({ frozenMs: Type.Number() })]);
@@ -88,6 +91,8 @@ export function buildControllerServer(opts: ControllerServerOptions): FastifyIns
     const view = await nodes.heartbeat(req.body);
     return { ...view, heartbeatMs: opts.heartbeatMs, fence: await opts.fences.forNode(req.params.name) };
   });
+
+  app.get('/v1/controllers', { schema: { response: { 200: Type.Array(ControllerView) } } }, async () => opts.controllers());
 
   app.get('/v1/nodes', { schema: { response: { 200: Type.Array(NodeView) } } }, async () => nodes.list());
 

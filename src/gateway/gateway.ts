@@ -102,7 +102,7 @@ export class Gateway {
    */
   hold(name: string, request: HoldRequest): Promise<HoldResponse> {
     return this.serialized(async () => {
-      this.applyHold(name, request);
+      this.applyHold(name, request, request.takeOver === true);
       await this.save();
       // Answers only once requests already sent have been answered (bounded): the controller
       // freezes the container right after, and a request it applied must not lose its answer.

@@ -87,7 +87,7 @@ export class HttpRouteProxy implements RouteProxy {
   ) {
     this.gate = new RouteGate(route, settings.limits, settings.metrics.held);
     this.requestLog = settings.requestLog;
-    this.followUpstream(route);
+    this.followUpstream(route, false);
     this.replayer = new LogReplayer({
       route: () => this.gate.route,
       requestLog: () => this.requestLog,
@@ -146,8 +146,9 @@ export class HttpRouteProxy implements RouteProxy {
   }
 
   update(route: Route): void {
+    const released = this.gate.route.state === 'holding' && route.state !== 'holding';
     // The pool first: requests the gate releases below go to the new upstream.
-    this.followUpstream(route);
+    this.followUpstream(route, released);
     // Nothing may wait on an idle connection during the hold's drain: an upstream that serves
     // one connection at a time would serve that one and leave the requests in flight unread.
     if (route.state === 'holding' || route.generation !== this.gate.route.generation) this.upstream?.closeIdle();
@@ -170,18 +171,32 @@ export class HttpRouteProxy implements RouteProxy {
    * checkpointed container's connections vanish without even a reset). Destroying them now
    * fails them at once: those safe to resend go to the new location (the route changed since
    * they were sent, see RouteGate.retryDelay), the others get a 502, or a cut answer.
+   *
+   * A release to the same upstream (`released`) gets a new pool too: the hold may have covered
+   * a dump and a restore in place (a migration rolled back), whose copy lost every connection
+   * silently; a request written to one would be reset after it left, with no way to know
+   * whether it was applied. The old pool is closed gently: a container that ran on (a
+   * checkpoint) still answers what it carries.
    */
-  private followUpstream(route: Route): void {
-    if (sameUpstream(this.upstream?.upstream, route.upstream)) return;
+  private followUpstream(route: Route, released: boolean): void {
+    if (sameUpstream(this.upstream?.upstream, route.upstream)) {
+      if (!released || !this.upstream || !route.upstream) return;
+      const kept = this.upstream;
+      this.upstream = this.newPool(route.upstream);
+      kept.retire();
+      return;
+    }
     const old = this.upstream;
-    this.upstream = route.upstream
-      ? new UpstreamPool(route.upstream, { maxConnections: this.settings.upstreamConnections, stallMs: this.settings.upstreamStallMs })
-      : undefined;
+    this.upstream = route.upstream ? this.newPool(route.upstream) : undefined;
     if (old) {
       const moved = route.upstream ? `to ${route.upstream.address}:${route.upstream.port}` : 'away';
       void old.destroy(new MovedAwayError(`the container moved ${moved}: given up at its old location`, this.drainedBeforeMove));
       this.drainedBeforeMove = false;
     }
+  }
+
+  private newPool(upstream: Upstream): UpstreamPool {
+    return new UpstreamPool(upstream, { maxConnections: this.settings.upstreamConnections, stallMs: this.settings.upstreamStallMs });
   }
 
   /**

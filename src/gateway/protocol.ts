@@ -68,6 +68,12 @@ export const HoldRequest = Type.Object({
    * freeze. A failover sets it false: what was sent to a dead node will not be answered from there.
    */
   drain: Type.Optional(Type.Boolean()),
+  /**
+   * Take the hold over from the operation holding the route now, if another does (a failover
+   * that took the container's lock from a checkpoint or a migration): the route stays held
+   * throughout, and only this hold's release opens it. Without it such a hold is refused (409).
+   */
+  takeOver: Type.Optional(Type.Boolean()),
 });
 export type HoldRequest = Static<typeof HoldRequest>;
 

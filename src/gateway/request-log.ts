@@ -204,7 +204,8 @@ export class RequestLog {
 
   /**
    * Drops every record with seq <= upToSeq: the segments holding only such records are deleted
-   * (the one being appended to first gives way to a new one if it holds nothing newer).
+   * (the one being appended to first gives way to a new one if it holds any of them: so a
+   * segment holds the records between two trims, and goes one trim later).
    */
   async trim(upToSeq: number): Promise<void> {
     await this.flushed();
@@ -212,7 +213,12 @@ export class RequestLog {
       const through = Math.min(upToSeq, this.durableSeq);
       if (through <= this.trimmedThrough) return;
       try {
-        if (through === this.durableSeq && this.segments[this.segments.length - 1].bytes > 0) await this.roll();
+        // The segment being appended to gives way to a new one whenever it holds records up to
+        // `through`: it goes at the next trim past its end. Rolled only at the log's end, a log
+        // under steady load (a checkpoint's position is always behind it) would never shrink,
+        // and every replay would read it from its first record.
+        const active = this.segments[this.segments.length - 1];
+        if (active.bytes > 0 && active.firstSeq <= through) await this.roll();
         const doomed: Segment[] = [];
         while (this.segments.length > 1 && this.segments[1].firstSeq - 1 <= through) doomed.push(this.segments.shift() as Segment);
         for (const segment of doomed) await unlink(segment.path);

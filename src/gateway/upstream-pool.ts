@@ -121,6 +121,8 @@ export class UpstreamPool {
   /** Usual time from sending a request to its answer's head, ms (moving average). */
   private latencyMs = 0;
   private destroyedWith?: Error;
+  /** Replaced by a new pool to the same upstream (retire()): connections close once free. */
+  private retired = false;
 
   constructor(
     readonly upstream: Upstream,
@@ -143,6 +145,15 @@ export class UpstreamPool {
   /** Closes every connection that carries no request (a hold starts: nothing may wait on one). */
   closeIdle(): void {
     for (const connection of [...this.connections]) if (!connection.http.busy) this.close(connection);
+  }
+
+  /**
+   * Takes no more connections' worth of work: idle connections close now, busy ones once their
+   * request is over (a container that ran on through a hold still answers what it carries).
+   */
+  retire(): void {
+    this.retired = true;
+    this.closeIdle();
   }
 
   /** Fails what is queued and in progress with `err` (no byte of a queued request was written), and closes everything. */
@@ -185,6 +196,11 @@ export class UpstreamPool {
       this.stalledCount--;
     }
     if (this.destroyedWith) return;
+    if (this.retired) {
+      this.close(connection);
+      this.pump();
+      return;
+    }
     // While requests stall, served connections close as they get free: the upstream moves on to
     // the stalled ones. Beyond the limit (lowered meanwhile) a connection closes too.
     if ((this.stalledCount > 0 && connection.served) || this.connections.length > this.limit) this.close(connection);

@@ -13,11 +13,12 @@ import type { Dispatcher } from 'undici';
 import type { CheckpointDiff, CheckpointInfo, CheckpointSummary } from '../checkpoint-store/protocol.js';
 
 import { ChipmunkError, NotLeaderError, UnavailableError, type ErrorJSON } from './errors.js';
-import { ApiClient } from './http.js';
+import { ApiClient, neverConnected } from './http.js';
 import type {
   ContainerSpec,
   ContainerStats,
   ContainerView,
+  ControllerView,
   ExposeRequest,
   ExposedRoute,
   HeartbeatResponse,
@@ -80,8 +81,6 @@ export interface FailoverView {
 const DEFAULT_LEADER_WAIT_MS = 20_000;
 const LEADER_RETRY_MS = 500;
 
-/** Socket errors that mean no connection was made: the request never left. */
-const NOT_CONNECTED = new Set(['ECONNREFUSED', 'EHOSTUNREACH', 'ENETUNREACH', 'ENOTFOUND', 'EAI_AGAIN', 'UND_ERR_CONNECT_TIMEOUT']);
 
 const containerPath = (name: string) => `/v1/containers/${encodeURIComponent(name)}`;
 const checkpointStorePath = (name: string) => `/v1/checkpoints/${encodeURIComponent(name)}`;
@@ -107,6 +106,11 @@ export class ControllerClient {
 
   nodes(): Promise<NodeView[]> {
     return this.call(true, (api) => api.get<NodeView[]>('/v1/nodes'));
+  }
+
+  /** The cluster's controllers and which one leads (and its term, when they elect one). */
+  controllers(): Promise<ControllerView[]> {
+    return this.call(true, (api) => api.get<ControllerView[]>('/v1/controllers'));
   }
 
   /** An agent's registration and heartbeat in one: the answer sizes the next heartbeat and lists what to fence. */
@@ -235,7 +239,7 @@ export class ControllerClient {
           continue;
         }
         if (!isUnreachable(err) || this.apis.length === 1) throw err;
-        if (!idempotent && !NOT_CONNECTED.has(socketCode(err))) {
+        if (!idempotent && !neverConnected(socketCode(err))) {
           throw new UnavailableError(
             `${(err as Error).message}; the request may have reached it, so it was not sent to another controller: check with 'chipmunk ps' before trying again`,
             (err as ChipmunkError).details,

@@ -8,6 +8,16 @@ import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { ChipmunkError, UnauthorizedError, UnavailableError, errorFromJSON, toChipmunkError, type ErrorJSON } from './errors.js';
 import { TERM_HEADER } from './term-fence.js';
 
+/**
+ * Socket error codes that mean no connection was made, so the request never left: sending it
+ * again (to the same or another server) cannot apply it twice.
+ */
+const NOT_CONNECTED = new Set(['ECONNREFUSED', 'EHOSTUNREACH', 'ENETUNREACH', 'ENOTFOUND', 'EAI_AGAIN', 'UND_ERR_CONNECT_TIMEOUT']);
+
+export function neverConnected(code: string): boolean {
+  return NOT_CONNECTED.has(code);
+}
+
 export interface ApiClientOptions {
   baseUrl: string;
   token: string;

@@ -203,8 +203,12 @@ export const RestoreResult = Type.Object({
 });
 export type RestoreResult = Static<typeof RestoreResult>;
 
-/** Target side, after the source finished: what the lazy-pages daemon copied. */
-export const SettleResult = Type.Object({ lazyPagesBytes: Type.Integer({ minimum: 0 }) });
+/**
+ * Target side, after the source finished: what the lazy-pages daemon copied; `lazyPagesFailed`
+ * when it did not end well (its page server went away mid-transfer, say): then the copy lacks
+ * memory it never got, and is not the container any more.
+ */
+export const SettleResult = Type.Object({ lazyPagesBytes: Type.Integer({ minimum: 0 }), lazyPagesFailed: Type.Optional(Type.String()) });
 export type SettleResult = Static<typeof SettleResult>;
 
 /** Source side: the migration failed after the dump; run the container here again. */
@@ -260,6 +264,18 @@ export const NodeView = Type.Object({
   lastSeen: Type.Optional(Type.String()),
 });
 export type NodeView = Static<typeof NodeView>;
+
+/** A controller of the cluster, as `GET /v1/controllers` lists it. */
+export const ControllerView = Type.Object({
+  id: Type.String(),
+  url: Type.String(),
+  /** The node it runs on (`controller --node`), when it runs on one. */
+  node: Type.Optional(NodeName),
+  leader: Type.Boolean(),
+  /** The leader's term (elected controllers only: a controller that runs alone has none). */
+  term: Type.Optional(Type.Integer()),
+});
+export type ControllerView = Static<typeof ControllerView>;
 
 export const RegisterNodeRequest = Type.Object({
   name: NodeName,

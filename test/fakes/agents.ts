@@ -139,6 +139,8 @@ export class FakeAgent implements AgentApi {
   down = false;
   /** The next restore starts the container, which dies at once (its memory pages could not be had). */
   crashNextRestore = false;
+  /** Set: a lazy restore's daemon ends badly (its source went away mid-transfer); settle says so. */
+  lazyPagesFailure?: string;
 
   constructor(
     private readonly cluster: FakeCluster,
@@ -330,6 +332,7 @@ export class FakeAgent implements AgentApi {
       const target = this.targets.get(migrationId);
       if (!target?.restored) return { lazyPagesBytes: 0 };
       this.targets.delete(migrationId);
+      if (target.mode === 'lazy' && this.lazyPagesFailure) return { lazyPagesBytes: 0, lazyPagesFailed: this.lazyPagesFailure };
       return { lazyPagesBytes: target.mode === 'lazy' ? FAKE_LAZY_PAGES_BYTES : 0 };
     });
   }

@@ -13,6 +13,7 @@ import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { pino } from 'pino';
 import { request } from 'undici';
+import { ControllerClient } from '../../src/shared/controller-client.js';
 import { ApiClient } from '../../src/shared/http.js';
 import { ChipmunkError } from '../../src/shared/errors.js';
 import { TERM_HEADER } from '../../src/shared/term-fence.js';
@@ -39,7 +40,7 @@ function controllersOn(spec: string, extra: Partial<ControllerOptions> = {}) {
   const open: RunningController[] = [];
   return {
     open,
-    async start(): Promise<RunningController> {
+    async start(more: Partial<ControllerOptions> = {}): Promise<RunningController> {
       const checkpointDir = await mkdtemp(join(tmpdir(), 'chipmunk-ha-checkpoints-'));
       dirs.push(checkpointDir);
       const controller = await startController({
@@ -50,6 +51,7 @@ function controllersOn(spec: string, extra: Partial<ControllerOptions> = {}) {
         leaderLeaseMs: 1000,
         logger: pino({ level: 'silent' }),
         ...extra,
+        ...more,
       });
       open.push(controller);
       return controller;
@@ -117,13 +119,21 @@ describe('controllers on one etcd', () => {
     cluster.add('node1');
     cluster.add('node2');
     const fleet = controllersOn(spec, { agentFactory: cluster.resolver });
-    const start = () => fleet.start();
     try {
-      const leader = await start();
+      const leader = await fleet.start({ node: 'node1' });
       await waitFor(() => leader.leading(), 5000, 'the first controller to lead');
-      const follower = await start();
+      const follower = await fleet.start({ node: 'node2' });
       await waitFor(() => follower.leader()?.term === leader.leader()?.term, 5000, 'the follower to see the leader');
       assert.equal(follower.leading(), false);
+      const listed = await new ControllerClient({ urls: [follower.url], token: TOKEN }).controllers();
+      assert.deepEqual(
+        listed.map(({ url, node, leader: leads, term }) => ({ url, node, leads, term })),
+        [
+          { url: leader.url, node: 'node1', leads: true, term: leader.leader()!.term },
+          { url: follower.url, node: 'node2', leads: false, term: undefined },
+        ],
+        'any controller lists the controllers, the leader with its term',
+      );
 
       for (const name of ['node1', 'node2']) {
         const res = await request(`${follower.url}/v1/nodes/${name}`, {

@@ -11,7 +11,7 @@ import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { fileURLToPath } from 'node:url';
 import { createTestHost, deleteTestHost, killAllInHost, netnsPath } from '../../src/cluster/testhost.js';
-import { LOCAL_NETWORK } from '../../src/cluster/local-cluster.js';
+import { LOCAL_NETWORK } from '../../src/cluster/state.js';
 import { runUnchecked } from '../../src/shared/exec.js';
 import { removeTree } from '../../src/shared/remove-tree.js';
 import { unmountBelow } from '../../src/agent/runtime/rootfs.js';

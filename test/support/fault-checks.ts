@@ -9,9 +9,11 @@
  *   namespaces, mounts, CRIU page servers and lazy-pages daemons, migration images.
  */
 import { execFile } from 'node:child_process';
+import { readFile } from 'node:fs/promises';
+import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { request } from 'undici';
-import { cli, controllerContainers, http, localCluster, migrationLeftovers, runcList, runningCopies } from './local-cluster.js';
+import { cli, clusterStateDir, controllerContainers, http, localCluster, migrationLeftovers, runcList, runningCopies } from './local-cluster.js';
 
 const execFileP = promisify(execFile);
 export const GATEWAY_HOST = '127.0.0.1';
@@ -125,9 +127,11 @@ export async function incarnationLeftovers(name: string, copy: Copy | undefined)
     }
   }
   const netns = (await execFileP('ip', ['netns', 'list'])).stdout.split('\n').map((l) => l.split(' ')[0]!);
-  // The live copy's namespace is named after the incarnation that made it (a copy-mode rollback keeps it).
-  const liveNetns = copy ? await netnsOf(copy) : undefined;
-  for (const ns of netns) if (new RegExp(`^chmk-node\\d+-${escaped}-\\d+$`).test(ns) && ns !== copy?.id && ns !== liveNetns) left.push(`netns ${ns}`);
+  // The live copy's namespace is named after the incarnation that made it (a copy-mode rollback
+  // keeps it); in a user namespace its process runs in a namespace of its own, and the named one
+  // its agent records is where its interface is staged: both belong to it.
+  const live = copy ? [await netnsOf(copy), await recordedNetns(name, copy)] : [];
+  for (const ns of netns) if (new RegExp(`^chmk-node\\d+-${escaped}-\\d+$`).test(ns) && ns !== copy?.id && !live.includes(ns)) left.push(`netns ${ns}`);
   for (const target of await mountTargets()) {
     const m = /\/nodes\/(node\d+)\/containers\/([^/]+)\//.exec(`${target}/`);
     if (m && m[2] === name && m[1] !== copy?.node) left.push(`mount ${target}`);
@@ -150,6 +154,13 @@ async function mountTargets(): Promise<string[]> {
 }
 
 /** The network namespace (name) the copy's process runs in. */
+/** The network namespace the copy's agent records for it (containers/NAME/state.json). */
+async function recordedNetns(name: string, copy: Copy): Promise<string | undefined> {
+  const file = join(clusterStateDir(), 'nodes', copy.node, 'containers', name, 'state.json');
+  const record = await readFile(file, 'utf8').then((text) => JSON.parse(text) as { netns?: string }).catch(() => undefined);
+  return record?.netns;
+}
+
 async function netnsOf(copy: Copy): Promise<string | undefined> {
   const pid = (await runcList(copy.node).catch(() => [])).find((c) => c.id === copy.id)?.pid;
   if (!pid) return undefined;

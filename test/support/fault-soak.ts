@@ -4,12 +4,13 @@
  * (pause points). Per run: is it back on another host, does it stay there after the dead host
  * returns, did any request fail, counter == acknowledged.
  */
+import { readFile, readdir } from 'node:fs/promises';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { clusterKill, clusterRevive } from '../../src/cluster/index.js';
 import { steadyIncrements } from './clients.js';
 import { GATEWAY_HOST, counterFailures, structuralFailures } from './fault-checks.js';
 import { setUp, tearDown } from './fault-cells.js';
-import { clusterStateDir, localCluster, runningCopies } from './local-cluster.js';
+import { cli, clusterStateDir, localCluster, runningCopies } from './local-cluster.js';
 import { armPause, resumePause, waitForPause } from './pauses.js';
 
 export type SoakMoment = 'random' | 'mid-checkpoint' | 'mid-upload';
@@ -27,7 +28,29 @@ export interface SoakRun {
   acked: number;
   failed: number;
   counterOk: boolean;
+  /** The failover's own account (chipmunk failovers): where its time went, ms. */
+  timings?: Record<string, number>;
+  /** Checkpoints it passed over before one restored. */
+  skipped?: number;
+  /** Mounts and network namespaces on the machine when the run began: what dead incarnations may leave grows them. */
+  mounts?: number;
+  netns?: number;
   notes: string[];
+}
+
+interface FailoverRow {
+  name: string;
+  detectedAt: number;
+  outcome: string;
+  timings: Record<string, number>;
+  skipped: unknown[];
+  replayed?: number;
+}
+
+/** The newest failover of NAME detected after SINCE, as `chipmunk failovers` reports it. */
+async function failoverAfter(name: string, since: number): Promise<FailoverRow | undefined> {
+  const res = await cli<FailoverRow[]>(['failovers'], { timeoutMs: 10_000 });
+  return res.json?.filter?.((f) => f.name === name && f.detectedAt >= since).at(-1);
 }
 
 const MOMENTS: SoakMoment[] = ['random', 'mid-checkpoint', 'mid-upload'];
@@ -48,6 +71,8 @@ export async function soak(runs: number, log: (line: string) => void = () => {})
         row.notes.push('no running copy before the kill');
         break;
       }
+      row.mounts = (await readFile('/proc/self/mountinfo', 'utf8')).split('\n').filter(Boolean).length;
+      row.netns = (await readdir('/var/run/netns').catch(() => [])).length;
       const client = steadyIncrements(`http://${GATEWAY_HOST}:${port}`, 1, 300_000);
       await sleep(500 + Math.random() * 2_000);
       if (moment !== 'random') {
@@ -68,6 +93,11 @@ export async function soak(runs: number, log: (line: string) => void = () => {})
           break;
         }
         await sleep(250);
+      }
+      const failover = await failoverAfter(name, killedAt - 60_000).catch(() => undefined);
+      if (failover) {
+        row.timings = { ...failover.timings, detectMs: failover.detectedAt - killedAt, ...(failover.replayed !== undefined ? { replayed: failover.replayed } : {}) };
+        row.skipped = failover.skipped.length;
       }
       await clusterRevive(from, { stateDir: clusterStateDir() }).catch((err: Error) => row.notes.push(`revive ${from}: ${err.message}`));
       await sleep(5_000);
@@ -98,14 +128,23 @@ export async function soak(runs: number, log: (line: string) => void = () => {})
 
 export function soakTable(rows: SoakRun[]): string {
   const lines = [
-    '| run | killed at | from | to | back after | back elsewhere | stayed after the host returned | acknowledged | failed | counter == acknowledged | notes |',
-    '|---:|---|---|---|---:|---|---|---:|---:|---|---|',
+    '| run | killed at | from | to | back after | failover: detected / lock / restore (fetch, criu) / replay / release, ms | back elsewhere | stayed after the host returned | acknowledged | failed | counter == acknowledged | mounts, netns before | notes |',
+    '|---:|---|---|---|---:|---|---|---|---:|---:|---|---|---|',
     ...rows.map(
       (r) =>
-        `| ${r.run} | ${r.moment} | ${r.from} | ${r.to ?? '-'} | ${r.backMs !== undefined ? `${r.backMs} ms` : '-'} | ${r.back ? 'yes' : 'NO'} | ${r.stayed ? 'yes' : 'NO'} | ${r.acked} | ${r.failed} | ${r.counterOk ? 'yes' : 'NO'} | ${r.notes.join('; ').replace(/\|/g, '/').slice(0, 200)} |`,
+        `| ${r.run} | ${r.moment} | ${r.from} | ${r.to ?? '-'} | ${r.backMs !== undefined ? `${r.backMs} ms` : '-'} | ${timingsCell(r)} | ${r.back ? 'yes' : 'NO'} | ${r.stayed ? 'yes' : 'NO'} | ${r.acked} | ${r.failed} | ${r.counterOk ? 'yes' : 'NO'} | ${r.mounts ?? '?'}, ${r.netns ?? '?'} | ${r.notes.join('; ').replace(/\|/g, '/').slice(0, 200)} |`,
     ),
   ];
   const good = rows.filter((r) => r.back && r.stayed && r.failed === 0 && r.counterOk).length;
   lines.push('', `${good} of ${rows.length} runs: back on another host, stayed there, 0 failed requests, counter == acknowledged.`);
   return lines.join('\n');
+}
+
+/** "1010 / 3 / 1900 (1200, 600) / 40 / 5", plus the checkpoints passed over and the records replayed. */
+function timingsCell(row: SoakRun): string {
+  const t = row.timings;
+  if (!t) return '-';
+  const ms = (key: string) => (t[key] !== undefined ? String(Math.round(t[key]!)) : '?');
+  const extra = [row.skipped ? `${row.skipped} skipped` : '', t.replayed !== undefined ? `${t.replayed} replayed` : ''].filter(Boolean).join(', ');
+  return `${ms('detectMs')} / ${ms('lockMs')} / ${ms('restoreMs')} (${ms('fetchMs')}, ${ms('criuMs')}) / ${ms('replayMs')} / ${ms('releaseMs')}${extra ? `; ${extra}` : ''}`;
 }

@@ -146,7 +146,7 @@ export interface LocalCluster {
 
 let current: LocalCluster | undefined;
 /** How the current cluster was brought up: ensureClusterHealthy brings it up so again. */
-let startedWith: { nodes: number; nodeLeaseMs?: number } | undefined;
+let startedWith: { nodes: number; nodeLeaseMs?: number; ha?: boolean } | undefined;
 
 /** The cluster `useLocalCluster()` brought up; throws when called before it is up. */
 export function localCluster(): LocalCluster {
@@ -158,10 +158,10 @@ export function localCluster(): LocalCluster {
  * Brings a local cluster of NODES nodes up before the file's first test and down after its
  * last (see the file comment). Returns a getter for the running cluster.
  */
-export function useLocalCluster(opts: { nodes?: number; nodeLeaseMs?: number } = {}): () => LocalCluster {
+export function useLocalCluster(opts: { nodes?: number; nodeLeaseMs?: number; ha?: boolean } = {}): () => LocalCluster {
   const nodes = opts.nodes ?? 3;
   before(async () => {
-    await startLocalCluster(nodes, opts.nodeLeaseMs !== undefined ? { nodeLeaseMs: opts.nodeLeaseMs } : {});
+    await startLocalCluster(nodes, { ...(opts.nodeLeaseMs !== undefined ? { nodeLeaseMs: opts.nodeLeaseMs } : {}), ...(opts.ha ? { ha: true } : {}) });
   }, { timeout: CLUSTER_UP_TIMEOUT_MS + 120_000 });
   after(async () => {
     if (process.env.CHIPMUNK_KEEP_CLUSTER === '1') {
@@ -173,13 +173,13 @@ export function useLocalCluster(opts: { nodes?: number; nodeLeaseMs?: number } =
   return localCluster;
 }
 
-export async function startLocalCluster(nodes: number, opts: { nodeLeaseMs?: number } = {}): Promise<LocalCluster> {
+export async function startLocalCluster(nodes: number, opts: { nodeLeaseMs?: number; ha?: boolean } = {}): Promise<LocalCluster> {
   // A cluster left by a crashed or interrupted run (or by hand) would be reused as it is, with
   // its containers and possibly without fault injection: always start from nothing.
   await stopLocalCluster();
   await ensureTestImages();
   const lease = opts.nodeLeaseMs !== undefined ? ['--node-lease', `${opts.nodeLeaseMs}ms`] : [];
-  const up = await cli<LocalClusterState>(['cluster', 'up', '--nodes', String(nodes), ...lease], {
+  const up = await cli<LocalClusterState>(['cluster', 'up', '--nodes', String(nodes), ...lease, ...(opts.ha ? ['--ha'] : [])], {
     env: { CHIPMUNK_ENABLE_FAULTS: '1' },
     timeoutMs: CLUSTER_UP_TIMEOUT_MS,
   });

@@ -5,7 +5,7 @@ import assert from 'node:assert/strict';
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
 
-import type { ContainerView, MigrationEvent, MigrationSummary, NodeView, RunRequest } from '../../src/shared/protocol.js';
+import type { ContainerView, ControllerView, MigrationEvent, MigrationSummary, NodeView, RunRequest } from '../../src/shared/protocol.js';
 import { runCli } from './run-cli.js';
 
 const TOKEN = 'test-token';
@@ -13,6 +13,11 @@ const TOKEN = 'test-token';
 const nodes: NodeView[] = [
   { name: 'node1', address: '198.18.0.11', url: 'http://198.18.0.11:7401', status: 'ready', lastSeen: '2025-01-01T00:00:00Z' },
   { name: 'node2', address: '198.18.0.12', url: 'http://198.18.0.12:7401', status: 'unreachable' },
+];
+/** Two controllers on the nodes, the one on node2 leading (as an HA cluster lists them). */
+const controllers: ControllerView[] = [
+  { id: 'controller-b', url: 'http://198.18.0.12:7400', node: 'node2', leader: true, term: 42 },
+  { id: 'controller-a', url: 'http://198.18.0.11:7400', node: 'node1', leader: false },
 ];
 const web: ContainerView = {
   name: 'web',
@@ -90,6 +95,7 @@ describe('chipmunk against a controller', () => {
       received.push({ method: req.method!, url: req.url!, body });
       const route = `${req.method} ${req.url}`;
       if (route === 'GET /v1/nodes') return json(res, 200, nodes);
+      if (route === 'GET /v1/controllers') return json(res, 200, controllers);
       if (route === 'GET /v1/containers') return json(res, 200, [web]);
       if (route === 'POST /v1/containers') return json(res, 201, { ...web, name: (body as RunRequest).spec.name });
       if (route === 'GET /v1/containers/web/logs') return void res.writeHead(200, { 'content-type': 'text/plain' }).end('line 1\nline 2\n');
@@ -124,13 +130,16 @@ describe('chipmunk against a controller', () => {
     return received.filter((r) => r.method === method && r.url === url).at(-1)?.body;
   }
 
-  it('node ls --json prints name, address and status of each node', async () => {
+  it('node ls --json prints name, address and status of each node, and the controller on it', async () => {
     const result = await runCli(['node', 'ls', '--json'], env);
     assert.equal(result.code, 0, result.stderr);
     assert.deepEqual(JSON.parse(result.stdout), [
-      { name: 'node1', address: '198.18.0.11', status: 'ready' },
-      { name: 'node2', address: '198.18.0.12', status: 'unreachable' },
+      { name: 'node1', address: '198.18.0.11', status: 'ready', controller: { role: 'follower' } },
+      { name: 'node2', address: '198.18.0.12', status: 'unreachable', controller: { role: 'leader', term: 42 } },
     ]);
+    const table = await runCli(['node', 'ls'], env);
+    assert.match(table.stdout, /^NAME\s+ADDRESS\s+STATUS\s+CONTROLLER\n/);
+    assert.match(table.stdout, /node2\s+198\.18\.0\.12\s+unreachable\s+leader \(term 42\)/);
   });
 
   it('ps prints a table, and ps --json the documented fields only', async () => {

@@ -84,6 +84,13 @@ describe('controller HTTP API', () => {
       await assert.rejects(wrong.get('/v1/nodes'), UnauthorizedError);
     }));
 
+  it('a controller that runs alone lists itself as the leader, without a term', () =>
+    withController(async (env) => {
+      const [self, ...others] = await env.client.controllers();
+      assert.deepEqual(others, []);
+      assert.deepEqual([self?.url, self?.leader, self?.term, self?.node], [env.controller.url, true, undefined, undefined]);
+    }));
+
   it('registers nodes by heartbeat and lists them', () =>
     withController(async (env) => {
       await registerAll(env);

@@ -18,7 +18,7 @@ import { recoverStaleLocks } from '../../src/controller/recovery.js';
 import { NodeRegistry } from '../../src/controller/registry.js';
 import { MemoryStore } from '../../src/controller/store/index.js';
 import { FakeCluster } from '../fakes/agents.js';
-import { ChipmunkError } from '../../src/shared/errors.js';
+import { ChipmunkError, UnavailableError } from '../../src/shared/errors.js';
 import { waitFor } from '../support/wait.js';
 
 const silent = pino({ level: process.env.DEBUG_LOG ? 'debug' : 'silent' });
@@ -318,12 +318,22 @@ describe('checkpoints and failover (controller, fake agents)', () => {
     assert.ok(!sinceHold.some((c) => c.startsWith('release')), `no release after a failed replay: ${sinceHold.join(', ')}`);
     assert.equal((await env.record()).lock?.operation, 'failover', 'the lock stays: no checkpoint may cut the unreplayed copy');
     assert.equal((await env.failovers.list())[0].replayPending, true);
+    assert.equal((await env.store.list('/failover-replays/')).length, 1, 'the owed replay is indexed');
     failing = false;
     const stopBeating = env.keepAlive(['node2', 'node3']);
     await env.failovers.start();
+    // The reconcile loop (every half lease) reads the index of owed replays, not every failover record.
+    const list = env.store.list.bind(env.store);
+    let failoverListings = 0;
+    env.store.list = (async (prefix: string) => {
+      if (prefix === '/failovers/') failoverListings++;
+      return list(prefix);
+    }) as typeof env.store.list;
     try {
       // Past the start grace (one lease), the reconcile loop retries the replay.
       await waitFor(async () => ((await env.record()).lock ? undefined : true), 5_000, 'the retried replay');
+      assert.equal(failoverListings, 0);
+      assert.deepEqual(await list('/failover-replays/'), [], 'the index entry went with the replay owed');
       const to = (await env.record()).node;
       assert.deepEqual(env.traffic.calls.slice(-2), [`replay web after 2 -> ${to}`, `release web -> ${to}`]);
       assert.equal((await env.record()).lock, undefined);
@@ -417,15 +427,114 @@ describe('checkpoints and failover (controller, fake agents)', () => {
     assert.deepEqual(await env.fences.forNode('node1'), [{ name: 'web', generation: 2 }]);
   });
 
-  it('a failover whose new node dies before the replay restores the container again elsewhere (found by the fault matrix)', async () => {
+  it('a lazy copy that did not get all its memory (its source died mid-transfer) is removed after the commit, and the container restored from its checkpoint (found by the fault matrix)', async () => {
+    const env = await setup();
+    env.traffic.position = 2;
+    await env.checkpoints.checkpoint('web');
+    env.traffic.position = 5;
+    env.cluster.agent('node2').lazyPagesFailure = 'the lazy-pages daemon ended with code 1';
+    await assert.rejects(env.migrations.migrate('web', { to: 'node2', mode: 'lazy' }), (err: ChipmunkError) => err.details.rescued === true && /did not get all of its memory from node1/.test(err.message));
+    const record = await env.record();
+    assert.notEqual(record.node, 'node2');
+    assert.equal(record.lock, undefined);
+    assert.equal(env.cluster.agent('node2').containers.has('web'), false, 'the incomplete copy is gone');
+    assert.equal(env.cluster.runningCopies('web'), 1);
+    assert.deepEqual(env.traffic.calls.slice(-2), [`replay web after 2 -> ${record.node}`, `release web -> ${record.node}`]);
+    const [failover] = await env.failovers.list();
+    assert.match(failover.reason ?? '', /did not get all of its memory/);
+    assert.equal((await env.migrations.list())[0].phase, 'failed');
+  });
+
+  it('an unprotected lazy copy that did not get all its memory is lost, said so, and its copy removed', async () => {
+    const env = await setup();
+    await env.checkpoints.unprotect('web');
+    env.cluster.agent('node2').lazyPagesFailure = 'the lazy-pages daemon ended with code 1';
+    await assert.rejects(env.migrations.migrate('web', { to: 'node2', mode: 'lazy' }), /is lost: .*did not get all of its memory/);
+    const record = await env.record();
+    assert.deepEqual([record.status, record.lock], ['lost', undefined]);
+    assert.equal(env.cluster.runningCopies('web'), 0);
+    assert.deepEqual((await env.fences.forNode('node1')).map((f) => f.name), ['web'], "the source's dumped incarnation goes when its node answers");
+  });
+
+  it('a target whose agent dies during the restore gets the same checkpoint restored on the next node, and is fenced (found by the fault matrix)', async () => {
+    const env = await setup();
+    env.traffic.position = 2;
+    await env.checkpoints.checkpoint('web');
+    env.cluster.agent('node1').containers.clear();
+    env.cluster.agent('node2').failNext('restore', new UnavailableError('agent node2 is unreachable at http://10.0.0.2:7070 (UND_ERR_SOCKET)'));
+    const done = await env.failovers.failover('web', 'node1');
+    assert.equal(done.outcome, 'done');
+    assert.ok(env.cluster.callIndex('node2.restore') >= 0 && env.cluster.callIndex('node2.restore') < env.cluster.callIndex('node3.restore'), 'node2 was tried first');
+    assert.equal((await env.record()).node, 'node3');
+    assert.equal(env.cluster.runningCopies('web'), 1);
+    assert.deepEqual(env.traffic.calls.slice(-2), ['replay web after 2 -> node3', 'release web -> node3']);
+    assert.deepEqual(await env.fences.forNode('node2'), [{ name: 'web', generation: (await env.record()).generation }], 'a copy the cut-short restore may have left on node2 goes');
+  });
+
+  it('a container whose failover failed is restored once its node is back without it (its host restarted) (found by the fault matrix)', async () => {
     const env = await setup(400);
     env.traffic.position = 2;
     await env.checkpoints.checkpoint('web');
-    env.traffic.position = 6;
     env.cluster.agent('node1').containers.clear();
-    env.traffic.replayFailures.push(new Error('upstream unreachable'), new Error('upstream unreachable'), new Error('upstream unreachable'));
-    await assert.rejects(env.failovers.failover('web', 'node1'), /upstream unreachable/);
-    const [first] = await env.failovers.list();
+    for (const node of ['node2', 'node3']) env.cluster.agent(node).failNext('restore', new UnavailableError(`agent ${node} is unreachable (ECONNREFUSED)`));
+    await assert.rejects(env.failovers.failover('web', 'node1'), /no checkpoint of web could be restored/);
+    assert.equal((await env.record()).node, 'node1');
+    // node1 heartbeats again: its host restarted, the container is gone from it.
+    const stopBeating = env.keepAlive(['node1', 'node2', 'node3']);
+    await env.failovers.start();
+    try {
+      await waitFor(async () => ((await env.record()).node !== 'node1' && !(await env.record()).lock ? true : undefined), 5_000, 'the owed failover');
+      assert.equal(env.cluster.runningCopies('web'), 1);
+      const record = await env.record();
+      assert.deepEqual(env.traffic.calls.slice(-2), [`replay web after 2 -> ${record.node}`, `release web -> ${record.node}`]);
+      assert.deepEqual(await env.fences.forNode('node1'), [{ name: 'web', generation: record.generation }]);
+      assert.deepEqual(await env.store.list('/failover-owed/'), []);
+    } finally {
+      stopBeating();
+      env.failovers.stop();
+    }
+  });
+
+  it('a failover that failed while its node was only cut off is not owed once the node is back running the container', async () => {
+    const env = await setup(400);
+    env.traffic.position = 2;
+    await env.checkpoints.checkpoint('web');
+    for (const node of ['node2', 'node3']) env.cluster.agent(node).failNext('restore', new UnavailableError(`agent ${node} is unreachable (ECONNREFUSED)`));
+    await assert.rejects(env.failovers.failover('web', 'node1'), /no checkpoint of web could be restored/);
+    const stopBeating = env.keepAlive(['node1', 'node2', 'node3']);
+    await env.failovers.start();
+    try {
+      await waitFor(async () => ((await env.store.list('/failover-owed/')).length === 0 ? true : undefined), 5_000, 'the owed entry dropped');
+      const record = await env.record();
+      assert.deepEqual([record.node, record.lock, env.cluster.runningCopies('web')], ['node1', undefined, 1]);
+    } finally {
+      stopBeating();
+      env.failovers.stop();
+    }
+  });
+
+  it('a failover whose new node dies during the replay and comes back without the copy restores the container again (found by the fault matrix: the retry waited for itself)', async () => {
+    const { env, first } = await failedOverWithReplayOwed();
+    // The node it was restored on was killed and revived: it heartbeats, and has no copy any more.
+    env.cluster.agent(first.to!).containers.clear();
+    const stopBeating = env.keepAlive(['node2', 'node3']);
+    await env.failovers.start();
+    try {
+      await waitFor(async () => ((await env.record()).lock ? undefined : true), 8_000, 'the restore again');
+      const record = await env.record();
+      assert.equal(env.cluster.runningCopies('web'), 1);
+      assert.deepEqual(env.traffic.calls.slice(-2), [`replay web after 2 -> ${record.node}`, `release web -> ${record.node}`]);
+      const again = (await env.failovers.list()).find((f) => f.id !== first.id);
+      assert.equal(again?.outcome, 'done');
+      assert.match(again?.reason ?? '', /no longer runs/);
+    } finally {
+      stopBeating();
+      env.failovers.stop();
+    }
+  });
+
+  it('a failover whose new node dies before the replay restores the container again elsewhere (found by the fault matrix)', async () => {
+    const { env, first } = await failedOverWithReplayOwed();
     const dead = first.to!;
     const alive = ['node2', 'node3'].find((n) => n !== dead)!;
     // The node it was restored on dies too: only `alive` keeps heartbeating.
@@ -446,3 +555,19 @@ describe('checkpoints and failover (controller, fake agents)', () => {
     }
   });
 });
+
+/**
+ * node1 died after a checkpoint at log position 2 (6 requests logged since): the failover restored
+ * web elsewhere, and every replay attempt failed, so the replay is owed. Returns that failover.
+ */
+async function failedOverWithReplayOwed() {
+  const env = await setup(400);
+  env.traffic.position = 2;
+  await env.checkpoints.checkpoint('web');
+  env.traffic.position = 6;
+  env.cluster.agent('node1').containers.clear();
+  env.traffic.replayFailures.push(new Error('upstream unreachable'), new Error('upstream unreachable'), new Error('upstream unreachable'));
+  await assert.rejects(env.failovers.failover('web', 'node1'), /upstream unreachable/);
+  const [first] = await env.failovers.list();
+  return { env, first: first! };
+}

@@ -87,6 +87,18 @@ describe('gateway API', () => {
       assert.equal((await client.release('web', 'm1', { address: LOOPBACK, port: 8081 })).generation, released.generation, 'a resent release changes nothing');
     }));
 
+  it("lets a failover take another operation's hold over (takeOver): held throughout, opened only by the new hold's release", () =>
+    withGateway(async ({ client }) => {
+      await client.putRoute('web', { protocol: 'http', listenPort: await freePort(), upstream: { address: LOOPBACK, port: 8080 } });
+      await client.hold('web', 'checkpoint-1');
+      const taken = await client.hold('web', 'failover-1', { drain: false, takeOver: true });
+      assert.deepEqual([taken.state, taken.migration?.id], ['holding', 'failover-1']);
+      await rejectsWith(client.release('web', 'checkpoint-1', { address: LOOPBACK, port: 8080 }), ConflictError, /held by migration failover-1/);
+      assert.equal((await client.getRoute('web')).state, 'holding', "the checkpoint's late release does not open it");
+      const released = await client.release('web', 'failover-1', { address: LOOPBACK, port: 8081 });
+      assert.deepEqual([released.state, released.upstream], ['open', { address: LOOPBACK, port: 8081 }]);
+    }));
+
   it('refuses a port in use, by another route or by another program', () =>
     withGateway(async ({ client }) => {
       const port = await freePort();

@@ -88,6 +88,24 @@ describe('gateway: request log file', () => {
       await reopened.close();
     }));
 
+  it('trims behind a log that keeps growing: a trim short of its end still lets the records up to it go, one trim later (found by the failover soak: replays got slower with every kill)', () =>
+    withDir(async (dir) => {
+      const log = await RequestLog.open(dir);
+      for (let n = 1; n <= 100; n++) await log.append(increment(n));
+      const perRecord = log.state().bytes / 100;
+      // Checkpoints cut at 50, then at 150, while requests keep coming: never at the log's end.
+      await log.trim(50);
+      for (let n = 101; n <= 200; n++) await log.append(increment(n));
+      await log.trim(150);
+      for (let n = 201; n <= 210; n++) await log.append(increment(n));
+      const { firstSeq, bytes } = log.state();
+      assert.equal(firstSeq, 151);
+      // What a replay reads through: the records up to the first trim are gone from disk, not only skipped.
+      assert.ok(bytes <= 115 * perRecord, `at most the 110 records since the first trim are on disk: ${Math.round(bytes / perRecord)} are`);
+      assert.deepEqual((await collect(log.read(160))).map((r) => r.seq).slice(0, 2), [161, 162]);
+      await log.close();
+    }));
+
   it('trims whole segments, keeps the seq going across a trim of everything and a restart', () =>
     withDir(async (dir) => {
       const log = await RequestLog.open(dir, { segmentBytes: 200 });

@@ -2,9 +2,11 @@ import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { access, mkdtemp, rm } from 'node:fs/promises';
 import type { IncomingMessage, ServerResponse } from 'node:http';
+import { connect, createServer as createNetServer, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { Readable } from 'node:stream';
 import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { pino } from 'pino';
 import { request } from 'undici';
 import { ConflictError, InvalidInputError, LogMismatchError } from '../../src/shared/errors.js';
@@ -391,4 +393,76 @@ describe('gateway: logged HTTP routes', () => {
         await upstream.kill();
       }
     }));
+  // The restored copy's kernel resets a connection it does not know, or (CRIU's per-connection
+  // network lock left in place) drops what arrives on it: a logged POST would be parked, or in
+  // flight for good, and every checkpoint after it would find no clean cut.
+  for (const lost of ['reset', 'dropped'] as const) {
+    it(`sends what a rollback released on new connections: the copy restored at the same address lost the old ones (${lost})`, () =>
+      withGateway(
+        async ({ client }) => {
+          const counter = new CounterService(0);
+          const backend = await httpUpstream(counter.handle);
+          const container = await restorableInPlace(backend.upstream.port);
+          try {
+            const url = await loggedRoute(client, 'web', container.upstream);
+            assert.equal((await increment(url, 1)).status, 200, 'a kept-alive connection to the container now exists');
+
+            await client.hold('web', 'migration-1');
+            const held = increment(url, 2);
+            await eventually(async () => (await client.getRoute('web')).held === 1, 'the request held');
+            // The migration froze and dumped the container, failed, and restored it where it was
+            // (same address): its connections came back closed, without a word to the gateway.
+            container.dumpAndRestore(lost);
+            await client.release('web', 'migration-1', container.upstream);
+
+            const answer = await Promise.race([held, sleep(3_000).then(() => 'no answer in 3 s')]);
+            assert.deepEqual(answer, { status: 200, reason: undefined }, 'answered by the restored container, not parked or stuck on a dead connection');
+            assert.deepEqual(counter.applied, ['1', '2']);
+            assert.equal((await client.hold('web', 'checkpoint-1')).uncleanCut, undefined, 'the next checkpoint has a clean cut');
+            await client.release('web', 'checkpoint-1', container.upstream);
+          } finally {
+            await container.close();
+            await backend.kill();
+          }
+        },
+        { maxReplayWaitMs: 1_000 },
+      ));
+  }
 });
+
+/**
+ * A container in front of `backendPort` whose dump and restore in place (CRIU's tcp-close) can be
+ * played: connections open at the dump are dead afterwards; what a peer writes to one gets a
+ * reset, or is dropped.
+ */
+async function restorableInPlace(backendPort: number): Promise<{ upstream: Upstream; dumpAndRestore(lost: 'reset' | 'dropped'): void; close(): Promise<void> }> {
+  const connections = new Set<{ client: Socket; dead?: 'reset' | 'dropped' }>();
+  const server = createNetServer((clientSocket) => {
+    const backend = connect(backendPort, LOOPBACK);
+    const entry: { client: Socket; dead?: 'reset' | 'dropped' } = { client: clientSocket };
+    connections.add(entry);
+    clientSocket.on('data', (chunk) => {
+      if (entry.dead === 'reset') clientSocket.resetAndDestroy();
+      else if (!entry.dead) backend.write(chunk);
+    });
+    backend.on('data', (chunk) => entry.dead || clientSocket.write(chunk));
+    const end = (): void => {
+      connections.delete(entry);
+      clientSocket.destroy();
+      backend.destroy();
+    };
+    clientSocket.on('close', end).on('error', end);
+    backend.on('close', end).on('error', end);
+  });
+  await new Promise<void>((resolve) => server.listen(0, LOOPBACK, resolve));
+  return {
+    upstream: { address: LOOPBACK, port: (server.address() as { port: number }).port },
+    dumpAndRestore: (lost) => {
+      for (const entry of connections) entry.dead = lost;
+    },
+    close: async () => {
+      for (const entry of connections) entry.client.destroy();
+      await new Promise<void>((resolve) => server.close(() => resolve()));
+    },
+  };
+}

@@ -173,9 +173,68 @@ export async function assertLazyRestorePossible(userNamespace: boolean): Promise
   }
 }
 
+/**
+ * Kills the CRIU processes of a migration that a previous agent process started and left when
+ * it died (orphans: this process's own children are left alone): a dump's `runc checkpoint`
+ * with the `criu swrk` below it that serves the pages, a lazy-pages daemon, a `runc restore`.
+ * This process has no handle on them; they are found by the migration's images directory among
+ * their arguments. Returns the pids found.
+ */
+export async function killOrphanedCriuProcesses(imagesDir: string): Promise<number[]> {
+  const found: number[] = [];
+  for (const entry of await readdir('/proc').catch(() => [] as string[])) {
+    const pid = Number(entry);
+    if (!Number.isInteger(pid) || pid === process.pid) continue;
+    const args = (await readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '')).split('\0');
+    if (!args.includes(imagesDir)) continue;
+    // This process's own children are its to end (it holds their handles): only orphans here.
+    if ((await parentPid(pid)) === process.pid) continue;
+    found.push(pid);
+  }
+  for (const pid of found) await killProcessTree(pid);
+  return found;
+}
+
+/**
+ * SIGKILLs `pid` and every process below it. `runc checkpoint` runs CRIU as its child (`criu
+ * swrk`), which in lazy mode serves the pages and holds the page server's port: killed alone,
+ * runc would leave it serving (and the port taken) for good.
+ */
+export async function killProcessTree(pid: number): Promise<void> {
+  const children = new Map<number, number[]>();
+  for (const entry of await readdir('/proc').catch(() => [] as string[])) {
+    const child = Number(entry);
+    if (!Number.isInteger(child)) continue;
+    const ppid = await parentPid(child);
+    if (ppid !== undefined) children.set(ppid, [...(children.get(ppid) ?? []), child]);
+  }
+  const tree: number[] = [];
+  for (const queue = [pid]; queue.length > 0; ) {
+    const next = queue.shift()!;
+    tree.push(next);
+    queue.push(...(children.get(next) ?? []));
+  }
+  for (const member of tree) {
+    try {
+      process.kill(member, 'SIGKILL');
+    } catch {
+      // It ended meanwhile.
+    }
+  }
+}
+
+/** From /proc/PID/stat: "pid (comm) state ppid ...", where comm may hold spaces and parentheses. */
+async function parentPid(pid: number): Promise<number | undefined> {
+  const stat = await readFile(`/proc/${pid}/stat`, 'utf8').catch(() => '');
+  const ppid = Number(stat.slice(stat.lastIndexOf(')') + 1).trim().split(' ')[1]);
+  return Number.isInteger(ppid) ? ppid : undefined;
+}
+
 export class Criu {
   /** Lazy-pages daemons of restores on this node, by migration. */
   private readonly lazyDaemons = new Map<string, ChildProcess>();
+  /** How each lazy-pages daemon this process started ended (until lazyPagesEnded reports it). */
+  private readonly lazyExits = new Map<string, { code: number | null; signal: NodeJS.Signals | null }>();
 
   constructor(
     private readonly runc: Runc,
@@ -269,7 +328,12 @@ export class Criu {
     );
     daemon.unref();
     this.lazyDaemons.set(migrationId, daemon);
-    daemon.on('exit', () => this.lazyDaemons.delete(migrationId));
+    daemon.on('exit', (code, signal) => {
+      // One killLazyPages ended is no failure to report: it was let go first.
+      if (this.lazyDaemons.get(migrationId) !== daemon) return;
+      this.lazyDaemons.delete(migrationId);
+      this.lazyExits.set(migrationId, { code, signal });
+    });
     const deadline = Date.now() + LAZY_SOCKET_WAIT_MS;
     while (!existsSync(socket)) {
       if (daemon.exitCode !== null || Date.now() > deadline) {
@@ -285,15 +349,27 @@ export class Criu {
 
   /** Ends a migration's lazy-pages daemon, if it runs. */
   killLazyPages(migrationId: string): void {
-    this.lazyDaemons.get(migrationId)?.kill('SIGKILL');
+    const daemon = this.lazyDaemons.get(migrationId);
     this.lazyDaemons.delete(migrationId);
+    daemon?.kill('SIGKILL');
+    this.lazyExits.delete(migrationId);
   }
 
-  /** Resolves when the migration's lazy-pages daemon has ended (at once if none runs), or after `timeoutMs`. */
-  async lazyPagesEnded(migrationId: string, timeoutMs: number): Promise<void> {
+
+  /**
+   * Resolves when the migration's lazy-pages daemon has ended (at once if none runs), or after
+   * `timeoutMs`; with why it failed, if it did (not code 0). Unknown (another agent process
+   * started it, or it still runs) counts as not failed: the copy's own fate tells then.
+   */
+  async lazyPagesEnded(migrationId: string, timeoutMs: number): Promise<{ failed?: string }> {
     const daemon = this.lazyDaemons.get(migrationId);
-    if (!daemon || daemon.exitCode !== null || daemon.signalCode !== null) return;
-    await within(new Promise((resolve) => daemon.once('exit', resolve)), timeoutMs);
+    if (daemon && daemon.exitCode === null && daemon.signalCode === null) {
+      await within(new Promise((resolve) => daemon.once('exit', resolve)), timeoutMs);
+    }
+    const exit = this.lazyExits.get(migrationId);
+    this.lazyExits.delete(migrationId);
+    if (!exit || exit.code === 0) return {};
+    return { failed: `the lazy-pages daemon ended with ${exit.signal ?? `code ${exit.code}`}` };
   }
 
   /** Memory the lazy-pages daemon copied, from its log: one line per restored process. */

@@ -8,6 +8,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { ConflictError, InvalidInputError, NotFoundError, StateCorruptError } from '../../shared/errors.js';
 import type { AgentContainer, ContainerSpec, ContainerStats } from '../../shared/protocol.js';
 import { MIN_MEMORY_BYTES } from '../../shared/units.js';
+import { killOrphanedCriuProcesses, killProcessTree } from './criu.js';
 import type { RuntimeContext } from './context.js';
 import type { ContainerRecord } from './records.js';
 import type { LogStream, RemoveOptions } from './types.js';
@@ -109,15 +110,19 @@ export class ContainerLifecycle {
         throw new ConflictError(`container '${name}' is running: stop it first or remove it with force`, { name });
       }
       if (rec.migration) {
-        ctx.sources.get(rec.migration.id)?.dump?.process.kill('SIGKILL');
+        const dumpPid = ctx.sources.get(rec.migration.id)?.dump?.process.pid;
+        if (dumpPid !== undefined) await killProcessTree(dumpPid);
         ctx.sources.delete(rec.migration.id);
         ctx.criu.killLazyPages(rec.migration.id);
+        // Those a previous agent process started (it died during the migration).
+        await killOrphanedCriuProcesses(ctx.layout.migrationImages(rec.migration.id));
       }
       await ctx.removeContainer(rec);
       if (rec.migration) await ctx.removeMigrationDir(rec.migration.id);
       // A restored copy not settled yet still has its migration's images here.
       if (rec.restoredBy) {
         ctx.criu.killLazyPages(rec.restoredBy);
+        await killOrphanedCriuProcesses(ctx.layout.migrationImages(rec.restoredBy));
         await ctx.removeMigrationDir(rec.restoredBy);
       }
     });

@@ -10,7 +10,7 @@ import type { AgentContainer, DumpState } from '../../shared/protocol.js';
 import { within } from '../../shared/time.js';
 import type { RuntimeContext, SourceMigration } from './context.js';
 import { treeBytes } from './context.js';
-import { CRIU_LOG, markKeptConnections, PAGE_DRAIN_TIMEOUT_MS, removeCriuNetworkLock, writeCriuOptions } from './criu.js';
+import { CRIU_LOG, killProcessTree, markKeptConnections, PAGE_DRAIN_TIMEOUT_MS, removeCriuNetworkLock, writeCriuOptions } from './criu.js';
 import type { ContainerRecord } from './records.js';
 import { restoreIncarnation } from './target-restore.js';
 import type { DumpOptions, DumpOutcome, MigrationPaths } from './types.js';
@@ -205,7 +205,7 @@ export class SourceMigrations {
     const name = mig?.name ?? (await ctx.findByMigration(migrationId, 'source').catch(() => undefined));
     if (mig) {
       const drained = mig.dump ? await within(mig.dump.done, PAGE_DRAIN_TIMEOUT_MS) : true;
-      if (!drained) mig.dump?.process.kill('SIGKILL');
+      if (!drained && mig.dump?.process.pid !== undefined) await killProcessTree(mig.dump.process.pid);
       ctx.sources.delete(migrationId);
     }
     if (name) {

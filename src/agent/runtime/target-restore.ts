@@ -6,10 +6,10 @@
 import { existsSync } from 'node:fs';
 import { mkdir, readdir, rename } from 'node:fs/promises';
 import { join } from 'node:path';
-import { ConflictError, InvalidInputError } from '../../shared/errors.js';
+import { ConflictError, InvalidInputError, RuntimeFailedError } from '../../shared/errors.js';
 import type { AgentContainer, ContainerSpec, MigrationMode } from '../../shared/protocol.js';
 import type { RuntimeContext } from './context.js';
-import { assertLazyRestorePossible, dumpedWithUserNamespace, keptConnections, PAGE_DRAIN_TIMEOUT_MS, writeCriuOptions, type PageServer } from './criu.js';
+import { CRIU_LOG, PAGE_DRAIN_TIMEOUT_MS, assertLazyRestorePossible, criuFailureSummary, dumpedWithUserNamespace, keptConnections, killOrphanedCriuProcesses, writeCriuOptions, type PageServer } from './criu.js';
 import type { ImageConfig } from './images.js';
 import type { ContainerRecord } from './records.js';
 import type { PrepareOptions, RestoreOptions } from './types.js';
@@ -90,8 +90,17 @@ export class TargetRestores {
 
   async settleRestore(migrationId: string): Promise<{ lazyPagesBytes: number }> {
     const { ctx } = this;
-    await ctx.criu.lazyPagesEnded(migrationId, PAGE_DRAIN_TIMEOUT_MS);
-    const lazyPagesBytes = await ctx.criu.lazyPagesBytes(ctx.layout.criuWorkDir(migrationId));
+    const lazyPages = await ctx.criu.lazyPagesEnded(migrationId, PAGE_DRAIN_TIMEOUT_MS);
+    const work = ctx.layout.criuWorkDir(migrationId);
+    const lazyPagesBytes = await ctx.criu.lazyPagesBytes(work);
+    let lazyPagesFailed: string | undefined;
+    if (lazyPages.failed) {
+      // Its log (kept, in failed-logs/) says why; CRIU's own words go into the message.
+      const logPath = join(work, CRIU_LOG.lazyPages);
+      const summary = await criuFailureSummary(logPath);
+      const kept = await ctx.failedLogs.keepFor(new RuntimeFailedError(lazyPages.failed, { op: 'criu lazy-pages', logPath }), 'restore', migrationId, work);
+      lazyPagesFailed = `${lazyPages.failed}${summary ? `: ${summary}` : ''}${kept instanceof RuntimeFailedError && typeof kept.details.logPath === 'string' ? ` (log: ${kept.details.logPath})` : ''}`;
+    }
     await ctx.removeMigrationDir(migrationId);
     // Settled: the copy is the container now, and no later abort of this migration may touch it.
     const name = await ctx.findByMigration(migrationId, 'target').catch(() => undefined);
@@ -103,7 +112,7 @@ export class TargetRestores {
         await ctx.records.write(rec);
       });
     }
-    return { lazyPagesBytes };
+    return { lazyPagesBytes, ...(lazyPagesFailed ? { lazyPagesFailed } : {}) };
   }
 
   /**
@@ -123,6 +132,7 @@ export class TargetRestores {
         kept.push(rec);
         continue;
       }
+      await killOrphanedCriuProcesses(ctx.layout.migrationImages(targetOf));
       await ctx.withLock(rec.spec.name, () => ctx.removeContainer(rec));
       await ctx.removeMigrationDir(targetOf);
       removed.push(`${rec.spec.name} (target of ${targetOf})`);
@@ -141,6 +151,7 @@ export class TargetRestores {
   async abortRestore(migrationId: string): Promise<void> {
     const { ctx } = this;
     ctx.criu.killLazyPages(migrationId);
+    await killOrphanedCriuProcesses(ctx.layout.migrationImages(migrationId));
     const name = await ctx.findByMigration(migrationId, 'target').catch(() => undefined);
     if (name) await ctx.withLock(name, async () => ctx.removeContainer(await ctx.records.read(name)));
     // A failed restore's logs, which its error names, were kept in failed-logs/ already.

@@ -3,14 +3,19 @@ import type { Command } from 'commander';
 
 import { CLUSTER_DAEMONS, clusterDown, clusterKill, clusterRevive, clusterUp, type LocalClusterState } from '../../cluster/index.js';
 import { localClusterStateDir } from '../context.js';
-import { addJsonOption, parseNodeLease, parseNodeName, parsePositiveInt } from '../options.js';
+import { addJsonOption, parseLeaderLease, parseNodeLease, parseNodeName, parsePositiveInt } from '../options.js';
 import { printJson, renderTable } from '../output.js';
 
 const DEFAULT_NODES = 2;
 
 function describeCluster(state: LocalClusterState): string {
-  const rows = state.nodes.map((node) => [node.name, node.address, node.netns, String(node.agentPid)]);
   const gateway = state.gatewayUrl ? `\ngateway: ${state.gatewayUrl} (pid ${state.gatewayPid})` : '';
+  if (state.ha) {
+    const rows = state.nodes.map((node) => [node.name, node.address, node.netns, String(node.agentPid), String(node.etcdPid ?? '-'), String(node.controllerPid ?? '-')]);
+    const table = renderTable(['NODE', 'ADDRESS', 'NETNS', 'AGENT PID', 'ETCD PID', 'CONTROLLER PID'], rows);
+    return `${table}\n\ncontrollers: ${(state.controllerUrls ?? []).join(', ')} (one leads: 'chipmunk node ls')${gateway}`;
+  }
+  const rows = state.nodes.map((node) => [node.name, node.address, node.netns, String(node.agentPid)]);
   return `${renderTable(['NODE', 'ADDRESS', 'NETNS', 'AGENT PID'], rows)}\n\ncontroller: ${state.controllerUrl} (pid ${state.controllerPid})${gateway}`;
 }
 
@@ -22,10 +27,14 @@ export function registerClusterCommands(program: Command): void {
       .command('up')
       .description('start a controller and N agents, each agent in its own test host (network namespace)')
       .option('--nodes <n>', 'number of nodes', parsePositiveInt, DEFAULT_NODES)
-      .option('--node-lease <duration>', 'how long a node may miss heartbeats before it is dead and its protected containers fail over (default 5s)', parseNodeLease),
-  ).action(async (opts: { nodes: number; nodeLease?: number; json?: boolean }) => {
+      .option('--node-lease <duration>', 'how long a node may miss heartbeats before it is dead and its protected containers fail over (default 5s)', parseNodeLease)
+      .option('--ha', 'no single point of failure: an etcd member and a controller on every node (use 3 nodes or more); they elect a leader')
+      .option('--leader-lease <duration>', 'with --ha: how long a leader that cannot renew its lease keeps leading (default 2s)', parseLeaderLease),
+  ).action(async (opts: { nodes: number; nodeLease?: number; ha?: boolean; leaderLease?: number; json?: boolean }) => {
     const { state, alreadyUp } = await clusterUp({
       nodes: opts.nodes,
+      ...(opts.ha ? { ha: true } : {}),
+      ...(opts.leaderLease !== undefined ? { leaderLeaseMs: opts.leaderLease } : {}),
       ...(opts.nodeLease !== undefined ? { nodeLeaseMs: opts.nodeLease } : {}),
       stateDir: localClusterStateDir(),
       onProgress: opts.json ? undefined : (message) => process.stderr.write(`${message}\n`),
