@@ -7,7 +7,7 @@
 //   CHIPMUNK_RUNC_PAIR_NET=4 node --import tsx --test test/integration/runtime-keep-connections.test.ts
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { connect, type Socket } from 'node:net';
+import { connect, createServer, type Server, type Socket } from 'node:net';
 import { after, before, describe, it } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { mkdtemp, rm } from 'node:fs/promises';
@@ -27,6 +27,10 @@ const timeout = 4 * 60_000;
 /** 198.19.200.0/24 is no node's subnet in the runc pair (201-254) nor in the local cluster. */
 const addressOf = (i: number) => `198.19.200.${RUNC_PAIR_NET * 8 + i}`;
 const [SOURCE, TARGET] = RUNC_PAIR_NODES;
+/** The machine's address on the pair's bridge: the clients' side. */
+const MACHINE = `198.18.${RUNC_PAIR_NET}.1`;
+const PUBLISHED_PORT = 17100 + RUNC_PAIR_NET;
+const OUTBOUND_PORT = 17200 + RUNC_PAIR_NET;
 const hostNetns = (host: string) => `/var/run/netns/chmkr${RUNC_PAIR_NET === 2 ? '' : RUNC_PAIR_NET}-${host}`;
 const HOSTS = RUNC_PAIR_NODES.map((n) => ({ netns: hostNetns(n.host), address: n.address }));
 const routed = new Set<string>();
@@ -96,7 +100,7 @@ class EchoClient {
   }
 
   static async open(host: string, port: number): Promise<EchoClient> {
-    assert.ok(host.startsWith('198.19.200.'), `${host} is not a test container address`);
+    assert.ok(host.startsWith('198.19.200.') || host.startsWith(`198.18.${RUNC_PAIR_NET}.`), `${host} is neither a test container address nor a node of this pair`);
     const socket = connect({ host, port });
     await new Promise<void>((resolve, reject) => socket.once('connect', resolve).once('error', reject));
     const client = new EchoClient(socket);
@@ -181,6 +185,50 @@ describe('a container keeps its cluster address and its established connections 
     }
   });
 
+  it('a move keeps the connection through a published port too, and resets the one the container opened itself', async () => {
+    const pair = await makeRuncPair();
+    const outbound = await outboundPeer(OUTBOUND_PORT);
+    try {
+      const address = addressOf(6);
+      // The echo server, and a connection of the container's own to the machine (bound to its node's CNI address).
+      const spec: ContainerSpec = {
+        ...echoSpec('keepconn-published', address),
+        command: ['sh', '-c', `nc ${MACHINE} ${OUTBOUND_PORT} -e /bin/cat & exec nc -ll -p ${ECHO_PORT} -e /bin/cat`],
+        ports: [{ hostPort: PUBLISHED_PORT, containerPort: ECHO_PORT, protocol: 'tcp' }],
+      };
+      const c = await pair.source.run(spec);
+      await routeTo(address, SOURCE);
+      const direct = await EchoClient.open(address, ECHO_PORT);
+      const published = await EchoClient.open(SOURCE.address, PUBLISHED_PORT);
+      await sleep(300);
+      const deadline = Date.now() + 10_000;
+      while ((outbound.peers[0]?.echoed ?? 0) === 0 && Date.now() < deadline) await sleep(20);
+      assert.ok((outbound.peers[0]?.echoed ?? 0) > 0, "the container's own connection to the machine echoes");
+      assert.ok(direct.replies.length > 0 && published.replies.length > 0, 'both clients get answers before the move');
+
+      const since = Date.now();
+      const moved = await move(pair, c, 'lazy');
+      await sleep(500);
+      assert.match(await containerAddresses(moved), new RegExp(`${address.replace(/\./g, '\\.')}/32`));
+      assert.deepEqual(outbound.peers[0]!.errors, ['ECONNRESET'], "the container's own connection is reset (its address stays behind), never left silent");
+      for (const [what, client] of [['cluster address', direct], ['published port', published]] as const) {
+        const gap = client.maxGapMs(since);
+        const sent = await client.stop();
+        client.assertAllInOrder(sent);
+        console.log(`published-port move: the ${what} client kept its connection, ${sent} lines in order, longest gap ${gap} ms`);
+      }
+      const fresh = await EchoClient.open(TARGET.address, PUBLISHED_PORT);
+      await sleep(300);
+      const sent = await fresh.stop();
+      fresh.assertAllInOrder(sent);
+      assert.ok(sent > 0, 'a new connection to the published port on the new node works');
+    } finally {
+      for (const peer of outbound.peers) peer.stop();
+      outbound.server.close();
+      await pair.cleanup();
+    }
+  });
+
   it('after a failover (a restore from a checkpoint) the old connection is reset at its next packet, and a new one works', async () => {
     const pair = await makeRuncPair();
     try {
@@ -214,6 +262,33 @@ describe('a container keeps its cluster address and its established connections 
     }
   });
 });
+
+/** A listener on the machine's end of the pair's bridge; the container opens a connection to it and echoes. */
+async function outboundPeer(port: number): Promise<{ server: Server; peers: EchoPeer[] }> {
+  const peers: EchoPeer[] = [];
+  const server = createServer((socket) => peers.push(new EchoPeer(socket)));
+  await new Promise<void>((resolve, reject) => server.once('error', reject).listen(port, MACHINE, resolve));
+  return { server, peers };
+}
+
+/** The machine's end of a connection the container opened: sends a line every 10 ms, records echoes and errors. */
+class EchoPeer {
+  readonly errors: string[] = [];
+  echoed = 0;
+  private readonly timer: NodeJS.Timeout;
+
+  constructor(private readonly socket: Socket) {
+    socket.on('data', (d) => (this.echoed += d.toString().split('\n').length - 1));
+    socket.on('error', (err) => this.errors.push((err as NodeJS.ErrnoException).code ?? err.message));
+    socket.on('close', () => clearInterval(this.timer));
+    this.timer = setInterval(() => socket.write('ping\n'), 10);
+  }
+
+  stop(): void {
+    clearInterval(this.timer);
+    this.socket.destroy();
+  }
+}
 
 async function runIn(netns: string, cmd: string, args: string[]): Promise<void> {
   const res = await runUnchecked('nsenter', [`--net=${netns}`, '--', cmd, ...args]);

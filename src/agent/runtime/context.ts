@@ -44,6 +44,11 @@ export interface RuncRuntimeOptions {
    */
   hostNetns?: string;
   /**
+   * This node's address (other nodes reach it there): connections through published ports to a
+   * container with a cluster address are SNATed to it, so they survive its moves (network.ts).
+   */
+  nodeAddress?: string;
+  /**
    * The resolv.conf containers' own is made from (etc-files.ts), /etc/resolv.conf if not given.
    * Tests name a file of their own: their containers must never query a resolver off the machine.
    */
@@ -99,6 +104,7 @@ export class RuntimeContext {
       subnet: opts.subnet,
       ipamDir: join(opts.dataDir, 'cni'),
       hostNetns: opts.hostNetns,
+      ...(opts.nodeAddress ? { nodeAddress: opts.nodeAddress } : {}),
     });
   }
 
@@ -224,8 +230,8 @@ export class RuntimeContext {
    */
   async ensureStagedInterface(rec: ContainerRecord): Promise<void> {
     if (!rec.userNamespace || (await this.network.hasInterface(rec.netns))) return;
-    await this.network.detach(rec.netns, this.cniId(rec), rec.spec.ports);
-    rec.ip = (await this.network.attach(rec.netns, this.cniId(rec), rec.spec.ports)).ip;
+    await this.network.detach(rec.netns, this.cniId(rec), rec.spec);
+    rec.ip = (await this.network.attach(rec.netns, this.cniId(rec), rec.spec)).ip;
     await this.records.write(rec);
   }
 
@@ -270,7 +276,7 @@ export class RuntimeContext {
   async removeContainer(rec: ContainerRecord): Promise<void> {
     await this.runc.destroy(this.runcId(rec));
     if (rec.spec.address && rec.ip) await this.network.unrouteClusterAddress(rec.spec.address, rec.ip);
-    await this.network.detach(rec.netns, this.cniId(rec), rec.spec.ports);
+    await this.network.detach(rec.netns, this.cniId(rec), rec.spec);
     await this.removeContainerDir(rec.spec.name);
   }
 

@@ -44,8 +44,8 @@ export class ContainerLifecycle {
           userNamespace: ctx.opts.userNamespace ?? true,
         };
         await ctx.mountContainerRootfs(spec.name, image);
-        const att = await ctx.network.attach(rec.netns, ctx.cniId(rec), spec.ports);
-        undo.push(() => ctx.network.detach(rec.netns, rec.netns, spec.ports));
+        const att = await ctx.network.attach(rec.netns, ctx.cniId(rec), spec);
+        undo.push(() => ctx.network.detach(rec.netns, rec.netns, spec));
         rec.ip = att.ip;
         await ctx.addClusterAddress(rec);
         await ctx.writeBundle(rec, image);

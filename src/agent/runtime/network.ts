@@ -19,12 +19,20 @@
  * /32 to the CNI address (`routeClusterAddress`). Only once it runs (restored): packets for it
  * reach the node only after that, so none meets a namespace without the restored sockets, whose
  * kernel would reset the connection. Other nodes route it towards this node (README).
+ *
+ * Its published ports lead to that address too (portmap DNATs to it), and a connection through
+ * one is SNATed to this node's address (`nodeAddress`): the container's end of it is then bound to
+ * an address that moves with it and talks to a peer every node reaches, so CRIU keeps it across a
+ * move, and the replies come back through this node, whose conntrack entry still translates
+ * them for the client (the price: the container sees this node, not the client, as its peer).
+ * Without a node address to SNAT to, published ports lead to the CNI address as before, and such
+ * connections are reset before a move (connections.ts).
  */
 import { existsSync } from 'node:fs';
 import { mkdir } from 'node:fs/promises';
 import { RuntimeFailedError } from '../../shared/errors.js';
 import { run, runUnchecked } from '../../shared/exec.js';
-import type { PortMapping } from '../../shared/protocol.js';
+import type { ContainerSpec } from '../../shared/protocol.js';
 
 export interface NetworkConfig {
   /** Unique per node: names the CNI network and its iptables chains. */
@@ -38,7 +46,12 @@ export interface NetworkConfig {
   cniPath?: string;
   /** Run the plugins in this network namespace (path) instead of the current one. */
   hostNetns?: string;
+  /** This node's address, which connections through published ports are SNATed to (top of this file). */
+  nodeAddress?: string;
 }
+
+/** What of a container's spec its network attachment depends on. */
+export type Published = Pick<ContainerSpec, 'ports' | 'address'>;
 
 export interface Attachment {
   netns: string;
@@ -86,7 +99,7 @@ export class CniNetwork {
   }
 
   /** Creates the namespace and attaches it; on failure nothing is left behind. */
-  async attach(netns: string, containerId: string, ports: PortMapping[]): Promise<Attachment> {
+  async attach(netns: string, containerId: string, published: Published): Promise<Attachment> {
     await mkdir(this.cfg.ipamDir, { recursive: true });
     if (!existsSync(netnsPath(netns))) await run('ip', ['netns', 'add', netns], { op: 'create network namespace' });
     try {
@@ -96,12 +109,37 @@ export class CniNetwork {
       const bridgeResult = await this.plugin('bridge', 'ADD', netns, containerId, this.bridgeConf());
       const ip = ((bridgeResult.ips as Array<{ address: string }> | undefined) ?? [])[0]?.address?.split('/')[0];
       if (!ip) throw new RuntimeFailedError('CNI bridge returned no address', { op: 'CNI bridge ADD', result: bridgeResult });
-      if (ports.length > 0) await this.plugin('portmap', 'ADD', netns, containerId, this.portmapConf(ports, bridgeResult));
+      if (published.ports.length > 0) {
+        const target = this.publishedTarget(published);
+        await this.plugin('portmap', 'ADD', netns, containerId, this.portmapConf(published, target ? { ...bridgeResult, ips: [{ address: `${target.address}/32` }] } : bridgeResult));
+        if (target) await this.snatPublished(target.address, target.nodeAddress, containerId, 'add');
+      }
       return { netns, ip };
     } catch (err) {
-      await this.detach(netns, containerId, ports);
+      await this.detach(netns, containerId, published);
       throw err;
     }
+  }
+
+  /** Where published ports lead: the cluster address, SNATed to this node (top of this file); undefined: the CNI address. */
+  private publishedTarget(published: Published): { address: string; nodeAddress: string } | undefined {
+    const nodeAddress = this.cfg.nodeAddress;
+    if (!published.address || !nodeAddress || nodeAddress === '0.0.0.0' || nodeAddress.includes(':')) return undefined;
+    return { address: published.address, nodeAddress };
+  }
+
+  /**
+   * Adds or deletes the SNAT rule of one container's published ports (conntrack keeps the
+   * translation of connections made meanwhile: deleting the rule ends none of them). Idempotent.
+   */
+  private async snatPublished(address: string, nodeAddress: string, containerId: string, action: 'add' | 'delete'): Promise<void> {
+    const rule = ['POSTROUTING', '-d', `${address}/32`, '-m', 'conntrack', '--ctstate', 'DNAT', '-m', 'comment', '--comment', `chipmunk published ${containerId}`, '-j', 'SNAT', '--to-source', nodeAddress];
+    const present = async () => (await runUnchecked(...inHostNetns(this.cfg.hostNetns, 'iptables', ['-w', '-t', 'nat', '-C', ...rule]))).code === 0;
+    if (action === 'add') {
+      if (!(await present())) await run(...inHostNetns(this.cfg.hostNetns, 'iptables', ['-w', '-t', 'nat', '-A', ...rule]), { op: `SNAT published ports of ${address} to ${nodeAddress}` });
+      return;
+    }
+    while (await present()) await run(...inHostNetns(this.cfg.hostNetns, 'iptables', ['-w', '-t', 'nat', '-D', ...rule]), { op: `remove the SNAT of ${address}'s published ports` });
   }
 
   /**
@@ -130,13 +168,16 @@ export class CniNetwork {
   }
 
   /** Releases only the published ports, keeping address and namespace. Idempotent. */
-  async unmapPorts(netns: string, containerId: string, ports: PortMapping[]): Promise<void> {
-    if (ports.length > 0) await this.pluginBestEffort('portmap', netns, containerId, this.portmapConf(ports, null));
+  async unmapPorts(netns: string, containerId: string, published: Published): Promise<void> {
+    if (published.ports.length === 0) return;
+    await this.pluginBestEffort('portmap', netns, containerId, this.portmapConf(published, null));
+    const target = this.publishedTarget(published);
+    if (target) await this.snatPublished(target.address, target.nodeAddress, containerId, 'delete').catch(() => undefined);
   }
 
   /** Releases ports, address and namespace. Idempotent: every step tolerates "already gone". */
-  async detach(netns: string, containerId: string, ports: PortMapping[]): Promise<void> {
-    if (ports.length > 0) await this.pluginBestEffort('portmap', netns, containerId, this.portmapConf(ports, null));
+  async detach(netns: string, containerId: string, published: Published): Promise<void> {
+    await this.unmapPorts(netns, containerId, published);
     await this.pluginBestEffort('bridge', netns, containerId, this.bridgeConf());
     if (existsSync(netnsPath(netns))) await runUnchecked('ip', ['netns', 'del', netns]);
   }
@@ -157,7 +198,7 @@ export class CniNetwork {
     };
   }
 
-  private portmapConf(ports: PortMapping[], prevResult: unknown): Record<string, unknown> {
+  private portmapConf({ ports }: Published, prevResult: unknown): Record<string, unknown> {
     return {
       cniVersion: '1.0.0',
       name: this.cfg.networkName,

@@ -10,6 +10,7 @@ import type { AgentContainer, DumpState } from '../../shared/protocol.js';
 import { within } from '../../shared/time.js';
 import type { RuntimeContext, SourceMigration } from './context.js';
 import { treeBytes } from './context.js';
+import { resetUnrestorableConnections } from './connections.js';
 import { CRIU_LOG, killProcessTree, markKeptConnections, PAGE_DRAIN_TIMEOUT_MS, removeCriuNetworkLock, writeCriuOptions } from './criu.js';
 import type { ContainerRecord } from './records.js';
 import { restoreIncarnation } from './target-restore.js';
@@ -66,6 +67,9 @@ export class SourceMigrations {
         await markKeptConnections(images);
       }
       try {
+        // What the target could not restore is reset now, or the whole move would roll back (connections.ts).
+        const netns = keepConnections ? await ctx.containerNetnsPath(rec) : undefined;
+        if (netns) await resetUnrestorableConnections(netns, rec.spec.address!);
         await ctx.criu.dump(id, { name, images, work, mode: opts.mode, pageServer: opts.pageServer }, (dump) => {
           frozenAt = Date.now();
           mig.dump = dump;
@@ -169,20 +173,20 @@ export class SourceMigrations {
     const { ctx } = this;
     const frozen = { runcId: ctx.runcId(rec), netns: rec.netns, cniId: ctx.cniId(rec) };
     rec.generation += 1;
-    await ctx.network.unmapPorts(frozen.netns, frozen.cniId, rec.spec.ports);
+    await ctx.network.unmapPorts(frozen.netns, frozen.cniId, rec.spec);
     rec.netns = ctx.layout.netnsName(rec.spec.name, rec.generation);
     let restored: ContainerRecord;
     try {
-      rec.ip = (await ctx.network.attach(rec.netns, ctx.cniId(rec), rec.spec.ports)).ip;
+      rec.ip = (await ctx.network.attach(rec.netns, ctx.cniId(rec), rec.spec)).ip;
       restored = await restoreIncarnation(ctx, rec, rec.image, migrationId, 'lazy', mig.pageServer);
     } catch (err) {
-      await ctx.network.detach(rec.netns, ctx.cniId(rec), rec.spec.ports).catch(() => undefined);
+      await ctx.network.detach(rec.netns, ctx.cniId(rec), rec.spec).catch(() => undefined);
       throw err;
     }
     const frozenGone = mig.dump!.done
       .then(async () => {
         await ctx.runc.destroy(frozen.runcId);
-        await ctx.network.detach(frozen.netns, frozen.cniId, []);
+        await ctx.network.detach(frozen.netns, frozen.cniId, { ports: [] });
       })
       .catch(() => undefined);
     // The frozen incarnation goes once its last page is served (killing it earlier corrupts the

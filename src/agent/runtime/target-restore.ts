@@ -29,7 +29,7 @@ export class TargetRestores {
       await mkdir(ctx.layout.containerDir(spec.name), { recursive: true });
       await ctx.records.write(rec);
       try {
-        rec.ip = (await ctx.network.attach(rec.netns, ctx.cniId(rec), spec.ports)).ip;
+        rec.ip = (await ctx.network.attach(rec.netns, ctx.cniId(rec), spec)).ip;
         await ctx.records.write(rec);
       } catch (err) {
         await ctx.removeContainerDir(spec.name).catch(() => undefined);
@@ -59,7 +59,7 @@ export class TargetRestores {
       await ctx.records.write(rec);
       try {
         if (!rec.ip) {
-          rec.ip = (await ctx.network.attach(rec.netns, ctx.cniId(rec), spec.ports)).ip;
+          rec.ip = (await ctx.network.attach(rec.netns, ctx.cniId(rec), spec)).ip;
           await ctx.records.write(rec);
         }
         const restored = await restoreIncarnation(ctx, rec, rec.image, opts.migrationId, opts.mode, opts.pageServer);
@@ -69,7 +69,7 @@ export class TargetRestores {
         return await ctx.view(restored);
       } catch (err) {
         // Leave nothing of a failed restore: the source still has the container.
-        await ctx.network.detach(rec.netns, ctx.cniId(rec), spec.ports).catch(() => undefined);
+        await ctx.network.detach(rec.netns, ctx.cniId(rec), spec).catch(() => undefined);
         await ctx.removeContainerDir(spec.name).catch(() => undefined);
         throw err;
       }
