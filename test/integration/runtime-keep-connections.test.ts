@@ -1,78 +1,45 @@
 // A container keeps its cluster address (ContainerSpec.address) across moves, and an established
 // TCP connection to it survives a lazy and a copy move: a client on the machine sends a line every
 // 10 ms over one connection to an echo server (busybox nc + cat) and must get every line back, in
-// order, with no reset or error, across both moves. The test plays the part the local cluster
+// order, with no reset or error, across both moves; so does one through a published port, while
+// a connection the container opened itself is reset. The test plays the part the local cluster
 // gives the controller: after each restore it routes the address to the new node
-// (src/cluster/routes.ts). Needs root and `npm run setup`; runs on the runc pair's own network:
+// (test/support/pair-addresses.ts). Needs root and `npm run setup`; runs on the runc pair's own network:
 //   CHIPMUNK_RUNC_PAIR_NET=4 node --import tsx --test test/integration/runtime-keep-connections.test.ts
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { connect, createServer, type Server, type Socket } from 'node:net';
 import { after, before, describe, it } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { mkdtemp, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
-import { writeAddressRoutesScript } from '../../src/cluster/routes.js';
 import { ensureImage } from '../../src/devtools/images.js';
 import { runUnchecked } from '../../src/shared/exec.js';
-import type { AgentContainer, ContainerSpec, MigrationMode } from '../../src/shared/protocol.js';
-import type { RuntimePair } from '../contract/runtime.contract.js';
+import type { AgentContainer, ContainerSpec } from '../../src/shared/protocol.js';
 import { mustExecIn } from '../support/in-container.js';
+import { PairAddressRoutes, pairAddress as addressOf, pairHostNetns } from '../support/pair-addresses.js';
 import { RUNC_PAIR_NET, RUNC_PAIR_NODES, makeRuncPair, prepareRuncPairs } from '../support/runc-pair.js';
 
 const IMAGE = 'chipmunk/busybox';
 const ECHO_PORT = 7007;
 const timeout = 4 * 60_000;
-/** 198.19.200.0/24 is no node's subnet in the runc pair (201-254) nor in the local cluster. */
-const addressOf = (i: number) => `198.19.200.${RUNC_PAIR_NET * 8 + i}`;
 const [SOURCE, TARGET] = RUNC_PAIR_NODES;
 /** The machine's address on the pair's bridge: the clients' side. */
 const MACHINE = `198.18.${RUNC_PAIR_NET}.1`;
 const PUBLISHED_PORT = 17100 + RUNC_PAIR_NET;
 const OUTBOUND_PORT = 17200 + RUNC_PAIR_NET;
-const hostNetns = (host: string) => `/var/run/netns/chmkr${RUNC_PAIR_NET === 2 ? '' : RUNC_PAIR_NET}-${host}`;
-const HOSTS = RUNC_PAIR_NODES.map((n) => ({ netns: hostNetns(n.host), address: n.address }));
-const routed = new Set<string>();
-let scriptDir = '';
-/** The local cluster's address routes command (its controller's --address-routes), for this pair's test hosts. */
-let routesCommand: string[] = [];
+let routes: PairAddressRoutes;
 
 before(async () => {
   await ensureImage(IMAGE);
   await prepareRuncPairs();
-  scriptDir = await mkdtemp(join(tmpdir(), 'chipmunk-keepconn-'));
-  routesCommand = (await writeAddressRoutesScript(join(scriptDir, 'address-routes.sh'), HOSTS)).split(' ');
+  routes = await PairAddressRoutes.create();
 });
 
 after(async () => {
-  for (const address of routed) await runUnchecked(routesCommand[0]!, [...routesCommand.slice(1), address]);
-  if (scriptDir) await rm(scriptDir, { recursive: true, force: true });
+  await routes?.cleanup();
 });
 
 function echoSpec(name: string, address: string): ContainerSpec {
   return { name, image: IMAGE, command: ['nc', '-ll', '-p', String(ECHO_PORT), '-e', '/bin/cat'], env: {}, ports: [], memoryBytes: 0, address };
-}
-
-/** What the local cluster's controller does at each move: the machine and the other test host send the address to `node`. */
-async function routeTo(address: string, node: (typeof RUNC_PAIR_NODES)[number]): Promise<void> {
-  routed.add(address);
-  const res = await runUnchecked(routesCommand[0]!, [...routesCommand.slice(1), address, node.address]);
-  assert.equal(res.code, 0, `address routes script: ${res.stderr}`);
-}
-
-/** A move of `c` from the pair's source to its target, the way the controller drives one. */
-async function move(pair: RuntimePair, c: AgentContainer, mode: MigrationMode): Promise<AgentContainer> {
-  const id = `mig-${mode}-${randomBytes(3).toString('hex')}`;
-  const pageServer = mode === 'lazy' ? pair.pageServer() : undefined;
-  await pair.target.prepareRestore(c.spec, { migrationId: id, mode, generation: c.generation + 1 });
-  await pair.source.dump(c.name, { migrationId: id, mode, ...(pageServer ? { pageServer } : {}) });
-  await pair.copyTrees(id);
-  const restored = await pair.target.restore(c.spec, { migrationId: id, mode, generation: c.generation + 1, ...(pageServer ? { pageServer } : {}) });
-  await routeTo(c.spec.address!, TARGET);
-  await pair.source.finishMigration(id);
-  await pair.target.settleRestore(id);
-  return restored;
 }
 
 /** One connection sending a numbered line every 10 ms; records when each echo came back. */
@@ -144,13 +111,13 @@ describe('a container keeps its cluster address and its established connections 
       try {
         const address = addressOf(mode === 'lazy' ? 1 : 2);
         const c = await pair.source.run(echoSpec(`keepconn-${mode}`, address));
-        await routeTo(address, SOURCE);
+        await routes.routeTo(address, SOURCE);
         assert.match(await containerAddresses(c), new RegExp(`${address.replace(/\./g, '\\.')}/32`));
         const client = await EchoClient.open(address, ECHO_PORT);
         await sleep(300);
         assert.ok(client.replies.length > 0, 'the echo server answers on the cluster address');
         const since = Date.now();
-        const moved = await move(pair, c, mode);
+        const moved = await routes.move(pair, c, mode);
         await sleep(500);
         const gap = client.maxGapMs(since);
         assert.deepEqual(client.errors, [], `after the ${mode} move the connection must still be open`);
@@ -170,10 +137,10 @@ describe('a container keeps its cluster address and its established connections 
       const names = ['keepconn-a', 'keepconn-b'];
       const addresses = [addressOf(3), addressOf(4)];
       const containers = await Promise.all(names.map((name, i) => pair.source.run(echoSpec(name, addresses[i]!))));
-      for (const address of addresses) await routeTo(address, SOURCE);
+      for (const address of addresses) await routes.routeTo(address, SOURCE);
       const clients = await Promise.all(addresses.map((address) => EchoClient.open(address, ECHO_PORT)));
       await sleep(300);
-      const moved = await Promise.all(containers.map((c) => move(pair, c, 'lazy')));
+      const moved = await Promise.all(containers.map((c) => routes.move(pair, c, 'lazy')));
       await sleep(500);
       for (const [i, c] of moved.entries()) {
         assert.match(await containerAddresses(c), new RegExp(`${addresses[i]!.replace(/\./g, '\\.')}/32`), `${c.name} keeps its address`);
@@ -197,7 +164,7 @@ describe('a container keeps its cluster address and its established connections 
         ports: [{ hostPort: PUBLISHED_PORT, containerPort: ECHO_PORT, protocol: 'tcp' }],
       };
       const c = await pair.source.run(spec);
-      await routeTo(address, SOURCE);
+      await routes.routeTo(address, SOURCE);
       const direct = await EchoClient.open(address, ECHO_PORT);
       const published = await EchoClient.open(SOURCE.address, PUBLISHED_PORT);
       await sleep(300);
@@ -207,10 +174,12 @@ describe('a container keeps its cluster address and its established connections 
       assert.ok(direct.replies.length > 0 && published.replies.length > 0, 'both clients get answers before the move');
 
       const since = Date.now();
-      const moved = await move(pair, c, 'lazy');
+      const moved = await routes.move(pair, c, 'lazy');
       await sleep(500);
       assert.match(await containerAddresses(moved), new RegExp(`${address.replace(/\./g, '\\.')}/32`));
       assert.deepEqual(outbound.peers[0]!.errors, ['ECONNRESET'], "the container's own connection is reset (its address stays behind), never left silent");
+      const sourceNat = await runUnchecked('nsenter', [`--net=${pairHostNetns(SOURCE)}`, '--', 'iptables-save', '-t', 'nat']);
+      assert.doesNotMatch(sourceNat.stdout, /chipmunk published/, 'the source dropped its SNAT rule with the container (conntrack keeps the connection)');
       for (const [what, client] of [['cluster address', direct], ['published port', published]] as const) {
         const gap = client.maxGapMs(since);
         const sent = await client.stop();
@@ -234,17 +203,17 @@ describe('a container keeps its cluster address and its established connections 
     try {
       const address = addressOf(5);
       const c = await pair.source.run(echoSpec('keepconn-failover', address));
-      await routeTo(address, SOURCE);
+      await routes.routeTo(address, SOURCE);
       const client = await EchoClient.open(address, ECHO_PORT);
       await sleep(300);
       const ckpt = await pair.source.checkpoint(c.name, `ckpt-${randomBytes(3).toString('hex')}`);
       // The source host dies: nothing of it reaches the client any more (no FIN, no reset), then its container goes.
-      await runIn(hostNetns(SOURCE.host), 'iptables', ['-I', 'FORWARD', '-s', address, '-j', 'DROP']);
+      await runIn(pairHostNetns(SOURCE), 'iptables', ['-I', 'FORWARD', '-s', address, '-j', 'DROP']);
       await pair.source.remove(c.name, { force: true });
       const restoreId = `from-ckpt-${randomBytes(3).toString('hex')}`;
       await pair.copyTrees(restoreId, ckpt.paths);
       await pair.target.restore(c.spec, { migrationId: restoreId, mode: 'copy', generation: c.generation + 1 });
-      await routeTo(address, TARGET);
+      await routes.routeTo(address, TARGET);
       const routedAt = Date.now();
       const deadline = routedAt + 10_000;
       while (client.errors.length === 0 && Date.now() < deadline) await sleep(10);
