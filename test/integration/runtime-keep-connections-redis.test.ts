@@ -42,7 +42,7 @@ class IncrClient {
 
   private constructor(
     private readonly socket: Socket,
-    private readonly key: string,
+    readonly key: string,
   ) {
     socket.setEncoding('latin1');
     socket.on('data', (d: string) => {
@@ -123,7 +123,7 @@ describe('Redis clients keep their connections across moves', { timeout }, () =>
           const gap = client.maxGapMs(since);
           const sent = await client.stop();
           client.assertEveryReplyInOrder(sent);
-          console.log(`redis ${mode} move: ${sent} INCRs answered in order on one connection; longest gap ${gap} ms`);
+          console.log(`redis ${mode} move, client ${client.key}: ${sent} INCRs answered in order on one connection; longest gap ${gap} ms`);
         }
         const { missing } = await redis.check({ host: TARGET.address, port: PUBLISHED_PORT }, KEYS);
         assert.deepEqual(missing, [], `keys ${describeKeys(missing)} of 1..${KEYS} are missing after the move`);
