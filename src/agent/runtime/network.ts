@@ -124,7 +124,8 @@ export class CniNetwork {
   /** Where published ports lead: the cluster address, SNATed to this node (top of this file); undefined: the CNI address. */
   private publishedTarget(published: Published): { address: string; nodeAddress: string } | undefined {
     const nodeAddress = this.cfg.nodeAddress;
-    if (!published.address || !nodeAddress || nodeAddress === '0.0.0.0' || nodeAddress.includes(':')) return undefined;
+    // Only an IPv4 address other nodes reach: not the wildcard, nor loopback (a node of its own).
+    if (!published.address || !nodeAddress || !/^\d+\.\d+\.\d+\.\d+$/.test(nodeAddress) || nodeAddress === '0.0.0.0' || nodeAddress.startsWith('127.')) return undefined;
     return { address: published.address, nodeAddress };
   }
 
