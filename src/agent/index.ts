@@ -81,6 +81,7 @@ export async function startAgent(opts: AgentOptions): Promise<RunningAgent> {
   const info: AgentInfo = { node: opts.node, address, apiPort: opts.listen.port, capabilities, version: AGENT_VERSION };
   const images = new ImageStore(opts.imageStore ? { root: join(opts.imageStore, 'root'), runroot: join(opts.imageStore, 'runroot') } : {});
   const runtime = new RuncRuntime({ node: opts.node, dataDir: opts.dataDir, runDir: opts.runDir, subnet: opts.subnet, criuPath, capabilities, images,
+    nodeAddress: address,
     writableLayer: opts.writableLayer,
     userNamespace: opts.userNamespace,
     onWarning: (message, details) => log.warn(details, message),

@@ -9,7 +9,7 @@ import { join } from 'node:path';
 import { ChipmunkError } from '../shared/errors.js';
 import { run, runUnchecked } from '../shared/exec.js';
 import { removeTree } from '../shared/remove-tree.js';
-import { DEFAULT_RUN_DIR, DEFAULT_STATE_DIR, LOCAL_NETWORK, nodeCgroup, nodeDataDir, nodeRunDir, readClusterState, type LocalClusterDirs } from './state.js';
+import { DEFAULT_RUN_DIR, DEFAULT_STATE_DIR, LOCAL_NETWORK, MACHINE_NETNS, nodeCgroup, nodeDataDir, nodeRunDir, readClusterState, type LocalClusterDirs } from './state.js';
 import { stopDaemon } from './processes.js';
 import { bridgeExists, deleteBridge, deleteNetns, deleteTestHost, killAllInCgroup, killAllInHost, listNetns, testHostNetns } from './testhost.js';
 
@@ -45,7 +45,7 @@ export async function clusterDown(dirs: LocalClusterDirs = {}): Promise<ClusterD
     if (netns.startsWith(LOCAL_NETWORK.netnsPrefix) && /^node\d+$/.test(node)) nodeNames.add(node);
   }
   const wasUp =
-    state !== undefined || nodeNames.size > 0 || (await bridgeExists(LOCAL_NETWORK)) || (await exists(stateDir)) || (await exists(runDir));
+    state !== undefined || nodeNames.size > 0 || allNetns.includes(MACHINE_NETNS) || (await bridgeExists(LOCAL_NETWORK)) || (await exists(stateDir)) || (await exists(runDir));
   if (!wasUp) return { wasUp: false, warnings: [] };
 
   const warnings: string[] = [];
@@ -71,6 +71,7 @@ export async function clusterDown(dirs: LocalClusterDirs = {}): Promise<ClusterD
   // Mounts before directories: removeTree does not cross into file systems, so it would leave them.
   await unmountUnder([join(stateDir, 'nodes'), runDir]);
   await deleteBridge(LOCAL_NETWORK);
+  await deleteNetns(MACHINE_NETNS);
   await removeTree(runDir);
   await removeTree(stateDir);
   return { wasUp: true, warnings };

@@ -107,6 +107,8 @@ export interface HaControllerArgs {
   gatewayHost: string;
   nodeLeaseMs?: number;
   leaderLeaseMs?: number;
+  /** The controller's --address-routes command (routes.ts), if any. */
+  addressRoutes?: string;
   chipmunkBin: string;
 }
 
@@ -125,6 +127,7 @@ export function haControllerArgs(opts: HaControllerArgs): string[] {
     '--gateway', `http://${opts.gatewayApi}`, '--gateway-host', opts.gatewayHost,
     ...(opts.nodeLeaseMs !== undefined ? ['--node-lease', `${opts.nodeLeaseMs}ms`] : []),
     ...(opts.leaderLeaseMs !== undefined ? ['--leader-lease', `${opts.leaderLeaseMs}ms`] : []),
+    ...(opts.addressRoutes !== undefined ? ['--address-routes', opts.addressRoutes] : []),
   ];
 }
 
@@ -137,7 +140,7 @@ export async function spawnHaController(member: HaMember, args: string[], dataDi
 /** HA: an etcd member in every test host, then (once etcd has a majority) a controller in each. */
 export async function startControlPlane(
   state: LocalClusterState,
-  opts: { stateDir: string; nodeLeaseMs?: number; leaderLeaseMs?: number; progress: (message: string) => void },
+  opts: { stateDir: string; nodeLeaseMs?: number; leaderLeaseMs?: number; addressRoutes?: string; progress: (message: string) => void },
 ): Promise<Promise<never>[]> {
   const exits: Promise<never>[] = [];
   for (const node of state.nodes) {
@@ -156,6 +159,7 @@ export async function startControlPlane(
       gatewayHost: LOCAL_GATEWAY_HOST,
       ...(opts.nodeLeaseMs !== undefined ? { nodeLeaseMs: opts.nodeLeaseMs } : {}),
       ...(opts.leaderLeaseMs !== undefined ? { leaderLeaseMs: opts.leaderLeaseMs } : {}),
+      ...(opts.addressRoutes !== undefined ? { addressRoutes: opts.addressRoutes } : {}),
       chipmunkBin: CHIPMUNK_BIN,
     });
     opts.progress(`starting controller ${node.name} at ${haControllerUrl(node.address)} (log: ${logFile(opts.stateDir, `controller-${node.name}`)})`);

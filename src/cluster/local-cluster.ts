@@ -16,7 +16,7 @@ import { ApiClient } from '../shared/http.js';
 import type { NodeView } from '../shared/protocol.js';
 import { assertEtcdInstalled, haControllerUrl, startControlPlane } from './ha.js';
 import { failOnExit, isRunning, spawnDaemon } from './processes.js';
-import { routeContainerSubnet, TEST_RANGE } from './routes.js';
+import { routeContainerSubnet, TEST_RANGE, writeAddressRoutesScript, type RoutedHost } from './routes.js';
 import {
   AGENT_PORT,
   CHIPMUNK_BIN,
@@ -26,6 +26,7 @@ import {
   GATEWAY_API_PORT,
   LOCAL_GATEWAY_HOST,
   LOCAL_NETWORK,
+  MACHINE_NETNS,
   MAX_NODES,
   READY_TIMEOUT_MS,
   READY_POLL_MS,
@@ -43,7 +44,12 @@ import {
   type LocalClusterState,
   type WritableLayerKind,
 } from './state.js';
-import { createTestHost, ensureBridge, netnsPath } from './testhost.js';
+import { attachOwnNetns, createTestHost, ensureBridge, netnsPath, testHostNetns } from './testhost.js';
+
+/** The test hosts `cluster up` makes, known before they exist (the controllers start first). */
+export function testHosts(nodes: number): RoutedHost[] {
+  return Array.from({ length: nodes }, (_, j) => ({ netns: netnsPath(testHostNetns(LOCAL_NETWORK, nodeName(j + 1))), address: nodeAddress(j + 1) }));
+}
 
 // ---------------------------------------------------------------- up
 
@@ -71,6 +77,10 @@ export async function clusterUp(opts: ClusterUpOptions): Promise<ClusterUpResult
   // writeFile's mode only applies when it creates the file.
   await chmod(tokenFile, 0o600);
 
+  // Containers' cluster addresses follow them: routed on this machine and in every test host at each move.
+  if (opts.ha) await attachOwnNetns(MACHINE_NETNS);
+  const addressRoutes = await writeAddressRoutesScript(join(stateDir, 'address-routes.sh'), testHosts(opts.nodes), opts.ha ? netnsPath(MACHINE_NETNS) : undefined);
+
   const gatewayApi = `${LOCAL_NETWORK.gateway}:${GATEWAY_API_PORT}`;
   const gatewayLog = logFile(stateDir, 'gateway');
   progress(`starting gateway (routes on ${LOCAL_GATEWAY_HOST}, API at http://${gatewayApi}; log: ${gatewayLog})`);
@@ -92,7 +102,7 @@ export async function clusterUp(opts: ClusterUpOptions): Promise<ClusterUpResult
       ...(opts.writableLayer ? { writableLayer: opts.writableLayer } : {}),
       status: 'starting',
     };
-    return finishUp(state, { ...opts, stateDir, runDir, progress }, [], token);
+    return finishUp(state, { ...opts, stateDir, runDir, progress, addressRoutes }, [], token);
   }
   const controllerListen = `${LOCAL_NETWORK.gateway}:${CONTROLLER_PORT}`;
   const controllerUrl = `http://${controllerListen}`;
@@ -103,6 +113,7 @@ export async function clusterUp(opts: ClusterUpOptions): Promise<ClusterUpResult
     '--gateway', `http://${gatewayApi}`, '--gateway-host', LOCAL_GATEWAY_HOST,
     '--checkpoint-dir', join(stateDir, 'checkpoints'),
     ...(opts.nodeLeaseMs !== undefined ? ['--node-lease', `${opts.nodeLeaseMs}ms`] : []),
+    '--address-routes', addressRoutes,
   ];
   const controller = await spawnDaemon(process.execPath, controllerArgs, controllerLog, daemonEnv(faultsEnabled));
   const state: LocalClusterState = {
@@ -118,7 +129,7 @@ export async function clusterUp(opts: ClusterUpOptions): Promise<ClusterUpResult
     ...(opts.writableLayer ? { writableLayer: opts.writableLayer } : {}),
     status: 'starting',
   };
-  return finishUp(state, { ...opts, stateDir, runDir, progress }, [failOnExit(controller, 'controller', controllerLog)], token);
+  return finishUp(state, { ...opts, stateDir, runDir, progress, addressRoutes }, [failOnExit(controller, 'controller', controllerLog)], token);
 }
 
 /** Starts the nodes (and, HA, their etcd members and controllers); ready once every agent is. */
@@ -149,6 +160,8 @@ interface NodesUpOptions {
   stateDir: string;
   runDir: string;
   progress: (message: string) => void;
+  /** The controllers' --address-routes command. */
+  addressRoutes: string;
 }
 
 /**

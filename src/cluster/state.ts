@@ -23,6 +23,11 @@ export const LOCAL_NETWORK: TestNetwork = {
   netnsPrefix: 'chmk-',
   vethPrefix: 'chmkv-',
 };
+/**
+ * With --ha, a handle (`ip netns attach`) of this machine's own network namespace: the controllers
+ * run in test hosts, and the address routes script routes cluster addresses on the machine too.
+ */
+export const MACHINE_NETNS = `${LOCAL_NETWORK.netnsPrefix}machine`;
 export const CONTROLLER_PORT = 7400;
 export const GATEWAY_API_PORT = 7402;
 /** Clients on this machine reach exposed services at 127.0.0.1:PORT. */

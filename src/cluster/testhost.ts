@@ -82,6 +82,12 @@ export async function netnsExists(netns: string): Promise<boolean> {
   return (await listNetns()).includes(netns);
 }
 
+/** Names this process's own network namespace NETNS (a handle in NETNS_DIR); nothing if the name exists. */
+export async function attachOwnNetns(netns: string): Promise<void> {
+  if (!(await netnsExists(netns))) await run('ip', ['netns', 'attach', netns, String(process.pid)], { op: `name this machine's network namespace ${netns}` });
+}
+
+/** Removes a namespace's handle; the namespace itself goes once nothing else holds it. */
 export async function deleteNetns(netns: string): Promise<void> {
   if (await netnsExists(netns)) await run('ip', ['netns', 'delete', netns], { op: `delete network namespace ${netns}` });
 }

@@ -4,9 +4,10 @@
  * do the work; this module decides where, and keeps the record in step with what they did.
  */
 import { within } from '../shared/time.js';
-import { ConflictError, NotFoundError, UnavailableError } from '../shared/errors.js';
+import { ConflictError, InvalidInputError, NotFoundError, UnavailableError } from '../shared/errors.js';
 import type { ContainerStats, AgentContainer, ContainerStatus, ContainerView, RunRequest } from '../shared/protocol.js';
 import { assertDistinctVolumes } from '../shared/protocol.js';
+import type { ContainerAddresses } from './addresses.js';
 import type { AgentApi, LogsOptions } from './agent-client.js';
 import { type ContainerLocks, type ContainerRecord } from './container-lock.js';
 import type { NodeRecord, NodeRegistry } from './registry.js';
@@ -23,6 +24,7 @@ export class ContainerService {
     private readonly nodes: NodeRegistry,
     private readonly agentFor: AgentResolver,
     private readonly locks: ContainerLocks,
+    private readonly addresses: ContainerAddresses,
   ) {}
 
   /**
@@ -33,9 +35,23 @@ export class ContainerService {
    * compare-and-swap loop: a write that got in between (a protect) is kept, not a conflict.
    */
   async run(req: RunRequest): Promise<ContainerView> {
-    const { spec } = req;
-    assertDistinctVolumes(spec.volumes);
+    assertDistinctVolumes(req.spec.volumes);
+    if (req.spec.address !== undefined) {
+      throw new InvalidInputError(`spec.address '${req.spec.address}' was given: the controller allocates each container's address from its --container-range; leave it out`, {
+        address: req.spec.address,
+      });
+    }
     const node = await this.placement(req.node);
+    const address = await this.addresses.allocate(req.spec.name);
+    try {
+      return await this.runWith({ ...req.spec, ...(address ? { address } : {}) }, node, req);
+    } catch (err) {
+      if (address) await this.addresses.release(address, req.spec.name).catch(() => undefined);
+      throw err;
+    }
+  }
+
+  private async runWith(spec: RunRequest['spec'], node: NodeRecord, req: RunRequest): Promise<ContainerView> {
     const reserved: ContainerRecord = {
       spec,
       node: node.name,
@@ -124,7 +140,8 @@ export class ContainerService {
         // The agent does not have it (a run the controller did not see through): only the record is left to remove.
         if (!(err instanceof NotFoundError)) throw err;
       }
-      await this.locks.remove(held);
+      // Its address goes with its record, in one transaction: never one without the other.
+      await this.locks.remove(held, held.record.spec.address ? [this.addresses.releaseOp(held.record.spec.address)] : []);
     } finally {
       await this.locks.releaseIfHeld(held);
     }
@@ -167,6 +184,7 @@ function toView(record: ContainerRecord, nodeAddress: string): ContainerView {
     ports: record.spec.ports.map((port) => `${nodeAddress}:${port.hostPort}->${port.containerPort}/${port.protocol}`),
     endpoints: [],
     ...(record.ip !== undefined ? { ip: record.ip } : {}),
+    ...(record.spec.address !== undefined ? { address: record.spec.address } : {}),
     createdAt: record.createdAt,
     ...(record.protection ? { protection: record.protection } : {}),
   };

@@ -11,6 +11,8 @@ import { pino, type Logger } from 'pino';
 import { InvalidInputError } from '../shared/errors.js';
 import { HttpAgentApi } from './agent-client.js';
 import { ContainerLocks } from './container-lock.js';
+import { AddressRoutes } from './address-routes.js';
+import { ContainerAddresses, DEFAULT_CONTAINER_RANGE, parseContainerRange } from './addresses.js';
 import { ContainerService, type AgentResolver } from './containers.js';
 import { Fences } from './fences.js';
 import { MigrationOrchestrator } from './migration.js';
@@ -61,6 +63,17 @@ export interface ControllerOptions {
   keepCheckpoints?: number;
   /** How agents reach this controller (and its checkpoint store); the listen address by default. */
   advertiseUrl?: string;
+  /**
+   * The range containers' cluster-wide addresses come from (addresses.ts), DEFAULT_CONTAINER_RANGE
+   * if not given; 'off': containers get none, only their node's address.
+   */
+  containerRange?: string;
+  /**
+   * A command line (words split on spaces) run as `... ADDRESS NODE_ADDRESS` at each placement of a
+   * container with an address, and `... ADDRESS` at its removal (address-routes.ts); none: the
+   * operator's network knows another way (one L2 segment with proxy ARP, a router of theirs).
+   */
+  addressRoutesCommand?: string;
   /**
    * N: each checkpoint is committed on this many checkpoint store replicas before it counts.
    * Default: 2 with an etcd store, or when at least 2 replicas are known (this controller's store
@@ -118,13 +131,17 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
   const nodes = new NodeRegistry(store, nodeLeaseMs);
   const locks = new ContainerLocks(leaderStore);
   const fences = new Fences(leaderStore);
-  const containers = new ContainerService(leaderStore, nodes, agentFor, locks);
+  const range = opts.containerRange === 'off' ? undefined : parseContainerRange(opts.containerRange ?? DEFAULT_CONTAINER_RANGE);
+  const containers = new ContainerService(leaderStore, nodes, agentFor, locks, new ContainerAddresses(leaderStore, range));
+  // Only reads and watches the store: the leader runs it (leaderWork).
+  const addressRoutes = opts.addressRoutesCommand ? new AddressRoutes(store, nodes, opts.addressRoutesCommand, logger) : undefined;
   const routes = new RouteService(
     leaderStore,
     async (node) => (await nodes.get(node).catch(() => undefined))?.address,
     logger,
     opts.gateway ? { ...opts.gateway, token: opts.token, owner: storeId, term } : undefined,
     (node) => nodes.isReady(node),
+    addressRoutes ? (address, node) => addressRoutes.isRoutedTo(address, node) : undefined,
   );
   const temporaryCheckpointDir = opts.checkpointDir || storeSpec.startsWith('sqlite:') ? undefined : await mkdtemp(join(tmpdir(), 'chipmunk-checkpoints-'));
   const checkpointDir = opts.checkpointDir ?? temporaryCheckpointDir ?? join(dirname(storeSpec.slice('sqlite:'.length)), 'checkpoints');
@@ -201,9 +218,11 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
         opts.replicateEveryMs ?? DEFAULT_REPLICATE_EVERY_MS,
       );
       replicateTimer.unref();
+      await addressRoutes?.start();
     },
     stop: () => {
       clearInterval(replicateTimer);
+      addressRoutes?.stop();
       routes.stop();
       checkpoints.stop();
       failovers.stop();

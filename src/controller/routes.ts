@@ -46,6 +46,11 @@ export class RouteService {
     gateway?: { url: string; token: string; publicHost?: string; owner: string; term?: () => number | undefined },
     /** Whether a node is alive: a leftover hold is released only towards a live node. */
     private readonly nodeReady: (node: string) => Promise<boolean> = async () => true,
+    /**
+     * Whether a container's cluster address is routed to `node` (address-routes.ts), waiting for
+     * it a bounded time; absent when the controller routes no addresses.
+     */
+    private readonly addressRouted?: (address: string, node: string) => Promise<boolean>,
   ) {
     if (gateway) this.gateway = new GatewayClient({ url: gateway.url, token: gateway.token, term: gateway.term });
     this.gatewayHost = gateway?.publicHost;
@@ -252,11 +257,15 @@ export class RouteService {
   }
 
   /**
-   * Where the gateway reaches the container: its node's address and the host port it
-   * publishes for the exposed port (reachable from anywhere the node is), else its own
+   * Where the gateway reaches the container: at its cluster address, once that is routed to its
+   * node: the upstream then stays the same across moves, so the gateway's open TCP connections
+   * stay open (the container keeps them too). Else its node's address and the host port it
+   * publishes for the exposed port (reachable from anywhere the node is), else its node-local
    * address, which needs a route to the node's container subnet.
    */
   private async upstreamOf(container: ContainerRecord, route: ExposedRoute): Promise<Upstream | undefined> {
+    const kept = container.spec.address;
+    if (kept && this.addressRouted && (await this.addressRouted(kept, container.node))) return { address: kept, port: route.containerPort };
     const published = container.spec.ports.find((p) => p.containerPort === route.containerPort && p.protocol === 'tcp');
     if (published) {
       const address = await this.nodeAddress(container.node);

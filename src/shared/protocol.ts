@@ -68,6 +68,12 @@ export const ContainerSpec = Type.Object({
   /** Memory limit in bytes; 0 means none. */
   memoryBytes: Type.Integer({ minimum: 0, default: 0 }),
   volumes: Type.Optional(Type.Array(VolumeMount)),
+  /**
+   * The container's cluster-wide address (IPv4), which the controller allocates and which stays
+   * with it across moves, failovers and restores; set by the controller, never by a client.
+   * Absent: the container has only its node's address from the node's subnet.
+   */
+  address: Type.Optional(Type.String({ pattern: '^\\d{1,3}(\\.\\d{1,3}){3}$' })),
 });
 export type ContainerSpec = Static<typeof ContainerSpec>;
 
@@ -319,6 +325,8 @@ export const ContainerView = Type.Object({
   /** Routes through the gateway: GATEWAY:PORT->CTRPORT/PROTO. */
   endpoints: Type.Array(Type.String(), { default: [] }),
   ip: Type.Optional(Type.String()),
+  /** Its cluster-wide address, which it keeps across moves (README: container addresses). */
+  address: Type.Optional(Type.String()),
   createdAt: Type.String(),
   /** Set for protected containers: checkpointed periodically, failed over when their node dies. */
   protection: Type.Optional(ProtectionPolicy),

@@ -3,7 +3,8 @@ import { randomBytes } from 'node:crypto';
 import type { AgentContainer, MigrationMode } from '../../src/shared/protocol.js';
 import type { RuntimePair } from '../contract/runtime.contract.js';
 
-export async function moveOnPair(pair: RuntimePair, c: AgentContainer, mode: MigrationMode): Promise<AgentContainer> {
+/** `restored`: what the controller does once the target runs it, before the source lets go (a container's address routed to it). */
+export async function moveOnPair(pair: RuntimePair, c: AgentContainer, mode: MigrationMode, restored?: () => Promise<void>): Promise<AgentContainer> {
   const id = `mig-${mode}-${randomBytes(3).toString('hex')}`;
   const pageServer = mode === 'lazy' ? pair.pageServer() : undefined;
   await pair.target.prepareRestore(c.spec, { migrationId: id, mode, generation: c.generation + 1 });
@@ -15,8 +16,9 @@ export async function moveOnPair(pair: RuntimePair, c: AgentContainer, mode: Mig
     throw err;
   }
   await pair.copyTrees(id);
-  const restored = await pair.target.restore(c.spec, { migrationId: id, mode, generation: c.generation + 1, ...(pageServer ? { pageServer } : {}) });
+  const moved = await pair.target.restore(c.spec, { migrationId: id, mode, generation: c.generation + 1, ...(pageServer ? { pageServer } : {}) });
+  await restored?.();
   await pair.source.finishMigration(id);
   await pair.target.settleRestore(id);
-  return restored;
+  return moved;
 }

@@ -129,6 +129,7 @@ export async function makeRuncPair(opts: { writableLayer?: WritableLayerKind; us
           criuPath: CRIU,
           capabilities: capabilities!,
           hostNetns: netnsPath(hostNetns(cfg.host)),
+          nodeAddress: cfg.address,
           resolvConfPath: resolvConf,
           ...(writableLayer ? { writableLayer } : {}),
           ...(opts.userNamespace !== undefined ? { userNamespace: opts.userNamespace } : {}),

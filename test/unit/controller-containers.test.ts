@@ -7,6 +7,7 @@ import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import type { ContainerSpec } from '../../src/shared/protocol.js';
 import { ContainerLocks, containerKey, type ContainerRecord } from '../../src/controller/container-lock.js';
+import { ContainerAddresses, parseContainerRange } from '../../src/controller/addresses.js';
 import { ContainerService } from '../../src/controller/containers.js';
 import { NodeRegistry } from '../../src/controller/registry.js';
 import { MemoryStore } from '../../src/controller/store/index.js';
@@ -24,9 +25,10 @@ async function setup() {
   const nodes = new NodeRegistry(store, 60_000);
   await nodes.heartbeat(cluster.agent('node1').registration());
   const locks = new ContainerLocks(store);
-  const containers = new ContainerService(store, nodes, cluster.resolver, locks);
+  // A /30: two addresses to hand out, so a released one is the next one given.
+  const containers = new ContainerService(store, nodes, cluster.resolver, locks, new ContainerAddresses(store, parseContainerRange('198.19.128.0/30')));
   const record = async (name: string) => (await store.get<ContainerRecord>(containerKey(name)))?.value;
-  return { store, cluster, locks, containers, record };
+  return { store, cluster, nodes, locks, containers, record };
 }
 
 describe('containers: run', () => {
@@ -61,5 +63,20 @@ describe('containers: run', () => {
     await assert.rejects(running, (err) => err instanceof ConflictError && /was removed while it started/.test(err.message));
     await new Promise((resolve) => setTimeout(resolve, 20));
     assert.equal(env.cluster.runningCopies('web'), 0);
+  });
+
+  it('a run whose container was removed while it started leaves the address alone once another container holds it', async () => {
+    const env = await setup();
+    const release = env.cluster.agent('node1').hold('run');
+    const running = env.containers.run({ spec: spec('web'), node: 'node1' });
+    while (!(await env.record('web'))) await new Promise((resolve) => setTimeout(resolve, 5));
+    await env.containers.remove('web');
+    env.cluster.add('node2');
+    await env.nodes.heartbeat(env.cluster.agent('node2').registration());
+    const db = await env.containers.run({ spec: spec('db'), node: 'node2' });
+    assert.equal(db.address, '198.19.128.1', "web's address, released by its removal");
+    release();
+    await assert.rejects(running, /was removed while it started/);
+    assert.equal((await env.store.get<{ container: string }>('/addresses/198.19.128.1'))?.value.container, 'db');
   });
 });

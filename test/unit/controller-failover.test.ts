@@ -10,6 +10,7 @@ import type { ContainerSpec, LogPosition } from '../../src/shared/protocol.js';
 import { CheckpointService, type LoggedTraffic } from '../../src/controller/checkpoints.js';
 import { ContainerLocks, containerKey, type ContainerRecord } from '../../src/controller/container-lock.js';
 import { ContainerService } from '../../src/controller/containers.js';
+import { ContainerAddresses, DEFAULT_CONTAINER_RANGE, parseContainerRange } from '../../src/controller/addresses.js';
 import { FailoverService, type FailoverTraffic } from '../../src/controller/failover.js';
 import { Fences, fenceKey } from '../../src/controller/fences.js';
 import { MigrationOrchestrator } from '../../src/controller/migration.js';
@@ -81,7 +82,7 @@ async function setup(leaseMs = 60_000) {
   /** One controller instance: its lock owner and services. A second call is a restarted controller. */
   const controller = () => {
     const locks = new ContainerLocks(store);
-    const containers = new ContainerService(store, nodes, cluster.resolver, locks);
+    const containers = new ContainerService(store, nodes, cluster.resolver, locks, new ContainerAddresses(store, parseContainerRange(DEFAULT_CONTAINER_RANGE)));
     const checkpoints = new CheckpointService({ store, nodes, agentFor: cluster.resolver, locks, traffic: traffic satisfies LoggedTraffic, catalog: cluster.catalog, log: silent });
     const failovers = new FailoverService({ store, nodes, locks, fences, agentFor: cluster.resolver, nodeLeaseMs: leaseMs, checkpoints, catalog: cluster.catalog, traffic, log: silent });
     const migrations = new MigrationOrchestrator({ store, nodes, agentFor: cluster.resolver, locks, fences, log: silent, traffic, rescuer: failovers });
@@ -127,6 +128,8 @@ describe('checkpoints and failover (controller, fake agents)', () => {
 
   it("a node whose lease ends: its protected container runs elsewhere from the newest checkpoint, the log replayed from that cut, and its old node fenced", async () => {
     const env = await setup(300);
+    const address = (await env.record()).spec.address;
+    assert.ok(address, 'the container has a cluster address');
     env.traffic.position = 3;
     const ckpt = await env.checkpoints.checkpoint('web');
     env.traffic.position = 9;
@@ -144,6 +147,8 @@ describe('checkpoints and failover (controller, fake agents)', () => {
       assert.equal(record.lock, undefined);
       assert.equal(env.cluster.runningCopies('web'), 1);
       assert.ok(record.generation > 0);
+      assert.equal(record.spec.address, address, 'the failed-over container keeps its address');
+      assert.equal(env.cluster.agent(done.to!).containers.get('web')?.spec.address, address, 'its new node was given that address');
       assert.deepEqual(env.traffic.calls.slice(-3), ['holdNow web', `replay web after 3 -> ${done.to}`, `release web -> ${done.to}`], 'replayed before live traffic');
       assert.deepEqual((await env.store.get(fenceKey('node1', 'web')))?.value, { name: 'web', generation: record.generation });
       assert.deepEqual(await env.fences.forNode('node1'), [{ name: 'web', generation: record.generation }]);

@@ -14,6 +14,7 @@ import {
 import type { ContainerSpec, MigrationEvent, MigrationRecord, MigrationPhaseName } from '../../src/shared/protocol.js';
 import { ContainerLocks, containerKey, type ContainerRecord } from '../../src/controller/container-lock.js';
 import { ContainerService } from '../../src/controller/containers.js';
+import { ContainerAddresses, DEFAULT_CONTAINER_RANGE, parseContainerRange } from '../../src/controller/addresses.js';
 import { Fences } from '../../src/controller/fences.js';
 import { MigrationOrchestrator, migrationKey } from '../../src/controller/migration.js';
 import { NodeRegistry } from '../../src/controller/registry.js';
@@ -36,7 +37,7 @@ async function setup(opts: { lazy?: { node1?: boolean; node2?: boolean }; leaseM
   for (const node of ['node1', 'node2']) await nodes.heartbeat(cluster.agent(node).registration());
   const locks = new ContainerLocks(store);
   const fences = new Fences(store);
-  const containers = new ContainerService(store, nodes, cluster.resolver, locks);
+  const containers = new ContainerService(store, nodes, cluster.resolver, locks, new ContainerAddresses(store, parseContainerRange(DEFAULT_CONTAINER_RANGE)));
   /** A new orchestrator with its own lock owner: a restarted controller. */
   const orchestrator = () => new MigrationOrchestrator({ store, nodes, agentFor: cluster.resolver, locks: new ContainerLocks(store), fences, log: silent });
   const migrations = new MigrationOrchestrator({ store, nodes, agentFor: cluster.resolver, locks, fences, log: silent });

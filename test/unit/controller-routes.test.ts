@@ -51,6 +51,27 @@ describe('RouteService', () => {
     });
   });
 
+  it('a container with a cluster address routed to its node is reached there, at the container port: the upstream stays the same across a move', async () => {
+    await withGateway(async ({ gateway, client }) => {
+      const store = new MemoryStore();
+      const withAddress = { ...record(), spec: { ...record().spec, address: '198.19.128.5' } };
+      await store.put('/containers/web', withAddress);
+      let routedTo = 'node1';
+      const routes = new RouteService(store, async (node) => (node === 'node1' ? '198.18.0.11' : '198.18.0.12'), silent, { url: gateway.url, token: TOKEN, owner: 'store-a' }, async () => true, async (address, node) => address === '198.19.128.5' && node === routedTo);
+      await routes.expose('web', { port: 80, listen: await freePort() });
+      assert.deepEqual((await client.getRoute('web')).upstream, { address: '198.19.128.5', port: 80 });
+      await store.put('/containers/web', { ...withAddress, node: 'node2' });
+      routedTo = 'node2';
+      await routes.refresh('web');
+      assert.deepEqual((await client.getRoute('web')).upstream, { address: '198.19.128.5', port: 80 }, 'moved: the same upstream');
+      routedTo = 'elsewhere';
+      await routes.refresh('web');
+      assert.deepEqual((await client.getRoute('web')).upstream, { address: '198.18.0.12', port: 8080 }, 'not routed (yet): the published port, as without an address');
+      await routes.unexpose('web');
+      await store.close();
+    });
+  });
+
   it("the periodic sync keeps a running migration's hold, and opens the route once the migration is recorded done", async () => {
     await withGateway(async ({ gateway, client }) => {
       const store = new MemoryStore();

@@ -40,7 +40,16 @@ describe('the OCI config', () => {
     const hooks = config.hooks?.prestart ?? [];
     assert.equal(hooks.length, 1);
     assert.equal(hooks[0]!.path, '/bin/sh');
-    assert.equal(hooks[0]!.args.at(-1), 'chmk-n1-web-0', 'the hook is told the staging namespace');
+    assert.equal(hooks[0]!.args.at(-2), 'chmk-n1-web-0', 'the hook is told the staging namespace');
+    assert.equal(hooks[0]!.args.at(-1), '', 'and no cluster address');
     assert.match(hooks[0]!.args[2]!, /link set eth0 netns "\$pid"/);
+  });
+
+  it('a container with a cluster address: the hook adds it as a /32 in the container namespace', () => {
+    const b = inputs(true);
+    const config = buildOciConfig({ ...b, spec: { ...b.spec, address: '198.19.128.7' } }) as Config;
+    const hook = config.hooks!.prestart[0]!;
+    assert.equal(hook.args.at(-1), '198.19.128.7');
+    assert.match(hook.args[2]!, /ip addr add "\$2\/32" dev eth0/);
   });
 });

@@ -86,7 +86,7 @@ export function buildOciConfig(b: BundleInputs): Record<string, unknown> {
       ...b.etcMounts.map((m) => ({ destination: m.destination, type: 'bind', source: m.source, options: ['rbind', 'ro'] })),
       ...(b.spec.volumes ?? []).map((v) => ({ destination: v.path, type: 'bind', source: b.volumeDir(v.name), options: ['rbind', 'rw'] })),
     ],
-    ...(b.userNamespace ? { hooks: { prestart: [interfaceMoveHook(b.netns)] } } : {}),
+    ...(b.userNamespace ? { hooks: { prestart: [interfaceMoveHook(b.netns, b.spec.address)] } } : {}),
     linux: {
       cgroupsPath: b.cgroupsPath,
       resources,

@@ -45,6 +45,11 @@ export interface RuncRuntimeOptions {
    */
   hostNetns?: string;
   /**
+   * This node's address (other nodes reach it there): connections through published ports to a
+   * container with a cluster address are SNATed to it, so they survive its moves (network.ts).
+   */
+  nodeAddress?: string;
+  /**
    * The resolv.conf containers' own is made from (etc-files.ts), /etc/resolv.conf if not given.
    * Tests name a file of their own: their containers must never query a resolver off the machine.
    */
@@ -102,6 +107,7 @@ export class RuntimeContext {
       subnet: opts.subnet,
       ipamDir: join(opts.dataDir, 'cni'),
       hostNetns: opts.hostNetns,
+      ...(opts.nodeAddress ? { nodeAddress: opts.nodeAddress } : {}),
     });
   }
 
@@ -193,7 +199,8 @@ export class RuntimeContext {
     const name = rec.spec.name;
     const dir = this.layout.containerDir(name);
     await writeCriuOptions(dir, 'dump');
-    const etcMounts = await writeEtcFiles(join(dir, 'etc'), { hostname: name, ip: rec.ip, resolvConfPath: this.opts.resolvConfPath });
+    // Named at its cluster address when it has one: the address it keeps, which every node reaches.
+    const etcMounts = await writeEtcFiles(join(dir, 'etc'), { hostname: name, ip: rec.spec.address ?? rec.ip, resolvConfPath: this.opts.resolvConfPath });
     const config = buildOciConfig({
       spec: rec.spec,
       image,
@@ -229,9 +236,22 @@ export class RuntimeContext {
    */
   async ensureStagedInterface(rec: ContainerRecord): Promise<void> {
     if (!rec.userNamespace || (await this.network.hasInterface(rec.netns))) return;
-    await this.network.detach(rec.netns, this.cniId(rec), rec.spec.ports);
-    rec.ip = (await this.network.attach(rec.netns, this.cniId(rec), rec.spec.ports)).ip;
+    await this.network.detach(rec.netns, this.cniId(rec), rec.spec);
+    rec.ip = (await this.network.attach(rec.netns, this.cniId(rec), rec.spec)).ip;
     await this.records.write(rec);
+  }
+
+  /**
+   * The container's cluster address (ContainerSpec.address) on its interface: here for a
+   * namespace attached directly, by the prestart hook for one in a user namespace (network.ts).
+   */
+  async addClusterAddress(rec: ContainerRecord): Promise<void> {
+    if (rec.spec.address && !rec.userNamespace) await this.network.addClusterAddress(rec.netns, rec.spec.address);
+  }
+
+  /** Once the container runs here: this node sends its cluster address to it (network.ts). */
+  async routeClusterAddress(rec: ContainerRecord): Promise<void> {
+    if (rec.spec.address) await this.network.routeClusterAddress(rec.spec.address, rec.ip);
   }
 
   async mountContainerRootfs(name: string, image: ImageConfig): Promise<void> {
@@ -261,7 +281,8 @@ export class RuntimeContext {
   /** The container's incarnation, network and directory: all of it gone from this node. */
   async removeContainer(rec: ContainerRecord): Promise<void> {
     await this.runc.destroy(this.runcId(rec));
-    await this.network.detach(rec.netns, this.cniId(rec), rec.spec.ports);
+    if (rec.spec.address && rec.ip) await this.network.unrouteClusterAddress(rec.spec.address, rec.ip);
+    await this.network.detach(rec.netns, this.cniId(rec), rec.spec);
     await this.removeContainerDir(rec.spec.name);
     this.freezes.forget(rec.spec.name);
   }

@@ -51,15 +51,37 @@ const FILE_LOCKS = '--file-locks';
  * one path, whose content is switched to the restore options around a restore.
  * - skip-in-flight (dump): a connection still in the listen backlog would fail the dump; its
  *   client retries.
- * - tcp-close (restore): connections dumped with --tcp-established come back closed, since the
- *   target has another address, instead of failing the restore; their clients reconnect.
- * - network-lock skip (restore): the namespace is new and holds no connection to protect;
- *   locked, it would silently drop the first clients' SYNs and cost them a one-second
- *   retransmission; unlocked, they are refused until the listener is back and retry at once.
+ * - tcp-close: established connections are dumped closed and come back closed, unless
+ *   `keepConnections` (a migration of a container with a cluster address, which it keeps on the
+ *   target): then CRIU dumps them with their state (tcp-established) and restores them, and
+ *   their peers see a retransmission. A checkpoint (failover) never keeps them: their state
+ *   died with the host, and a peer's next packet to the address meets the restored copy's
+ *   kernel, which has no such connection and resets it.
+ * - network-lock skip (restore): the namespace is new. With kept connections no packet for the
+ *   cluster address reaches it before the restore returns (the node routes the address to it
+ *   only then, network.ts); without, locked, it would silently drop the first clients' SYNs and
+ *   cost them a one-second retransmission; unlocked, they are refused until the listener is
+ *   back and retry at once.
  */
-export async function writeCriuOptions(containerDir: string, purpose: 'dump' | 'restore'): Promise<void> {
-  const options = purpose === 'dump' ? ['skip-in-flight', 'tcp-close'] : ['skip-in-flight', 'tcp-close', 'network-lock skip'];
+export async function writeCriuOptions(containerDir: string, purpose: 'dump' | 'restore', keepConnections = false): Promise<void> {
+  const tcp = keepConnections ? 'tcp-established' : 'tcp-close';
+  const options = purpose === 'dump' ? ['skip-in-flight', tcp] : ['skip-in-flight', tcp, 'network-lock skip'];
   await writeFile(criuOptionsPath(containerDir), `${options.join('\n')}\n`);
+}
+
+/**
+ * Written into a migration's images when its dump kept the established connections: the
+ * restore must then keep them too (CRIU refuses to restore a dump's connections in the other
+ * mode). Travels with the images; CRIU ignores files it does not know.
+ */
+const KEPT_CONNECTIONS_MARKER = 'chipmunk-kept-connections';
+
+export async function markKeptConnections(images: string): Promise<void> {
+  await writeFile(join(images, KEPT_CONNECTIONS_MARKER), '');
+}
+
+export function keptConnections(images: string): boolean {
+  return existsSync(join(images, KEPT_CONNECTIONS_MARKER));
 }
 
 export function criuOptionsPath(containerDir: string): string {

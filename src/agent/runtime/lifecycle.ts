@@ -44,12 +44,15 @@ export class ContainerLifecycle {
           userNamespace: ctx.opts.userNamespace ?? true,
         };
         await ctx.mountContainerRootfs(spec.name, image);
-        const att = await ctx.network.attach(rec.netns, ctx.cniId(rec), spec.ports);
-        undo.push(() => ctx.network.detach(rec.netns, rec.netns, spec.ports));
+        const att = await ctx.network.attach(rec.netns, ctx.cniId(rec), spec);
+        undo.push(() => ctx.network.detach(rec.netns, rec.netns, spec));
         rec.ip = att.ip;
+        await ctx.addClusterAddress(rec);
         await ctx.writeBundle(rec, image);
         await ctx.records.write(rec);
         await ctx.runc.start(ctx.startTarget(spec.name), ['run', '-d', '--bundle', dir, ctx.runcId(rec)], 'runc run');
+        undo.push(() => ctx.runc.destroy(ctx.runcId(rec)));
+        await ctx.routeClusterAddress(rec);
         return await ctx.view(rec);
       } catch (err) {
         for (const u of undo.reverse()) await u().catch(() => undefined);

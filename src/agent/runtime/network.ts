@@ -13,12 +13,26 @@
  * restores their sockets), moves the attached interface into the container's namespace with
  * its address and default route. The staging namespace keeps the name, the CNI attachment
  * (address reservation, port mappings) and is what detach releases.
+ *
+ * A container with a cluster-wide address (ContainerSpec.address, kept across moves) has it as a
+ * second, /32 address on its interface, beside the node's CNI address, and its node routes the
+ * /32 to the CNI address (`routeClusterAddress`). Only once it runs (restored): packets for it
+ * reach the node only after that, so none meets a namespace without the restored sockets, whose
+ * kernel would reset the connection. Other nodes route it towards this node (README).
+ *
+ * Its published ports lead to that address too (portmap DNATs to it), and a connection through
+ * one is SNATed to this node's address (`nodeAddress`): the container's end of it is then bound to
+ * an address that moves with it and talks to a peer every node reaches, so CRIU keeps it across a
+ * move, and the replies come back through this node, whose conntrack entry still translates
+ * them for the client (the price: the container sees this node, not the client, as its peer).
+ * Without a node address to SNAT to, published ports lead to the CNI address as before, and such
+ * connections are reset before a move (connections.ts).
  */
 import { existsSync } from 'node:fs';
 import { mkdir } from 'node:fs/promises';
 import { RuntimeFailedError } from '../../shared/errors.js';
 import { run, runUnchecked } from '../../shared/exec.js';
-import type { PortMapping } from '../../shared/protocol.js';
+import type { ContainerSpec } from '../../shared/protocol.js';
 
 export interface NetworkConfig {
   /** Unique per node: names the CNI network and its iptables chains. */
@@ -32,7 +46,12 @@ export interface NetworkConfig {
   cniPath?: string;
   /** Run the plugins in this network namespace (path) instead of the current one. */
   hostNetns?: string;
+  /** This node's address, which connections through published ports are SNATed to (top of this file). */
+  nodeAddress?: string;
 }
+
+/** What of a container's spec its network attachment depends on. */
+export type Published = Pick<ContainerSpec, 'ports' | 'address'>;
 
 export interface Attachment {
   netns: string;
@@ -48,7 +67,7 @@ const IFNAME = 'eth0';
  * the container's state (with its pid) on stdin. Address and route are read from the staging
  * namespace before the move, which drops them.
  */
-export function interfaceMoveHook(stagingNetns: string): { path: string; args: string[]; env: string[]; timeout: number } {
+export function interfaceMoveHook(stagingNetns: string, clusterAddress?: string): { path: string; args: string[]; env: string[]; timeout: number } {
   const script = [
     'set -eu',
     `pid=$(sed -n 's/.*"pid": *\\([0-9][0-9]*\\).*/\\1/p')`,
@@ -57,8 +76,15 @@ export function interfaceMoveHook(stagingNetns: string): { path: string; args: s
     `gw=$(ip -n "$1" -4 route show default | awk '{print $3}')`,
     `ip -n "$1" link set ${IFNAME} netns "$pid"`,
     `nsenter --net=/proc/$pid/ns/net -- sh -c 'ip link set lo up && ip addr add "$0" dev ${IFNAME} && ip link set ${IFNAME} up && ip route add default via "$1"' "$addr" "$gw"`,
+    // Before CRIU restores the sockets: an established connection is bound to this address.
+    `[ -z "$2" ] || nsenter --net=/proc/$pid/ns/net -- ip addr add "$2/32" dev ${IFNAME}`,
   ].join('\n');
-  return { path: '/bin/sh', args: ['sh', '-c', script, 'chipmunk-interface-move', stagingNetns], env: ['PATH=/usr/sbin:/usr/bin:/sbin:/bin'], timeout: 20 };
+  return {
+    path: '/bin/sh',
+    args: ['sh', '-c', script, 'chipmunk-interface-move', stagingNetns, clusterAddress ?? ''],
+    env: ['PATH=/usr/sbin:/usr/bin:/sbin:/bin'],
+    timeout: 20,
+  };
 }
 
 export function netnsPath(name: string): string {
@@ -73,7 +99,7 @@ export class CniNetwork {
   }
 
   /** Creates the namespace and attaches it; on failure nothing is left behind. */
-  async attach(netns: string, containerId: string, ports: PortMapping[]): Promise<Attachment> {
+  async attach(netns: string, containerId: string, published: Published): Promise<Attachment> {
     await mkdir(this.cfg.ipamDir, { recursive: true });
     if (!existsSync(netnsPath(netns))) await run('ip', ['netns', 'add', netns], { op: 'create network namespace' });
     try {
@@ -83,12 +109,38 @@ export class CniNetwork {
       const bridgeResult = await this.plugin('bridge', 'ADD', netns, containerId, this.bridgeConf());
       const ip = ((bridgeResult.ips as Array<{ address: string }> | undefined) ?? [])[0]?.address?.split('/')[0];
       if (!ip) throw new RuntimeFailedError('CNI bridge returned no address', { op: 'CNI bridge ADD', result: bridgeResult });
-      if (ports.length > 0) await this.plugin('portmap', 'ADD', netns, containerId, this.portmapConf(ports, bridgeResult));
+      if (published.ports.length > 0) {
+        const target = this.publishedTarget(published);
+        await this.plugin('portmap', 'ADD', netns, containerId, this.portmapConf(published, target ? { ...bridgeResult, ips: [{ address: `${target.address}/32` }] } : bridgeResult));
+        if (target) await this.snatPublished(target.address, target.nodeAddress, containerId, 'add');
+      }
       return { netns, ip };
     } catch (err) {
-      await this.detach(netns, containerId, ports);
+      await this.detach(netns, containerId, published);
       throw err;
     }
+  }
+
+  /** Where published ports lead: the cluster address, SNATed to this node (top of this file); undefined: the CNI address. */
+  private publishedTarget(published: Published): { address: string; nodeAddress: string } | undefined {
+    const nodeAddress = this.cfg.nodeAddress;
+    // Only an IPv4 address other nodes reach: not the wildcard, nor loopback (a node of its own).
+    if (!published.address || !nodeAddress || !/^\d+\.\d+\.\d+\.\d+$/.test(nodeAddress) || nodeAddress === '0.0.0.0' || nodeAddress.startsWith('127.')) return undefined;
+    return { address: published.address, nodeAddress };
+  }
+
+  /**
+   * Adds or deletes the SNAT rule of one container's published ports (conntrack keeps the
+   * translation of connections made meanwhile: deleting the rule ends none of them). Idempotent.
+   */
+  private async snatPublished(address: string, nodeAddress: string, containerId: string, action: 'add' | 'delete'): Promise<void> {
+    const rule = ['POSTROUTING', '-d', `${address}/32`, '-m', 'conntrack', '--ctstate', 'DNAT', '-m', 'comment', '--comment', `chipmunk published ${containerId}`, '-j', 'SNAT', '--to-source', nodeAddress];
+    const present = async () => (await runUnchecked(...inHostNetns(this.cfg.hostNetns, 'iptables', ['-w', '-t', 'nat', '-C', ...rule]))).code === 0;
+    if (action === 'add') {
+      if (!(await present())) await run(...inHostNetns(this.cfg.hostNetns, 'iptables', ['-w', '-t', 'nat', '-A', ...rule]), { op: `SNAT published ports of ${address} to ${nodeAddress}` });
+      return;
+    }
+    while (await present()) await run(...inHostNetns(this.cfg.hostNetns, 'iptables', ['-w', '-t', 'nat', '-D', ...rule]), { op: `remove the SNAT of ${address}'s published ports` });
   }
 
   /**
@@ -99,14 +151,34 @@ export class CniNetwork {
     return (await runUnchecked('ip', ['-n', netns, 'link', 'show', IFNAME])).code === 0;
   }
 
+  /** The cluster address on the interface of a container namespace attached directly (no user namespace). Idempotent. */
+  async addClusterAddress(netns: string, address: string): Promise<void> {
+    await run('ip', ['-n', netns, 'addr', 'replace', `${address}/32`, 'dev', IFNAME], { op: `add cluster address ${address}` });
+  }
+
+  /** This node routes `address` to the container's CNI address `containerIp` (top of this file). Idempotent. */
+  async routeClusterAddress(address: string, containerIp: string): Promise<void> {
+    await run(...inHostNetns(this.cfg.hostNetns, 'ip', ['route', 'replace', `${address}/32`, 'via', containerIp, 'dev', this.cfg.bridge]), {
+      op: `route cluster address ${address} to ${containerIp}`,
+    });
+  }
+
+  /** Removes the route `routeClusterAddress` made, only if it still leads to `containerIp` (the container may be back here since). */
+  async unrouteClusterAddress(address: string, containerIp: string): Promise<void> {
+    await runUnchecked(...inHostNetns(this.cfg.hostNetns, 'ip', ['route', 'del', `${address}/32`, 'via', containerIp]));
+  }
+
   /** Releases only the published ports, keeping address and namespace. Idempotent. */
-  async unmapPorts(netns: string, containerId: string, ports: PortMapping[]): Promise<void> {
-    if (ports.length > 0) await this.pluginBestEffort('portmap', netns, containerId, this.portmapConf(ports, null));
+  async unmapPorts(netns: string, containerId: string, published: Published): Promise<void> {
+    if (published.ports.length === 0) return;
+    await this.pluginBestEffort('portmap', netns, containerId, this.portmapConf(published, null));
+    const target = this.publishedTarget(published);
+    if (target) await this.snatPublished(target.address, target.nodeAddress, containerId, 'delete').catch(() => undefined);
   }
 
   /** Releases ports, address and namespace. Idempotent: every step tolerates "already gone". */
-  async detach(netns: string, containerId: string, ports: PortMapping[]): Promise<void> {
-    if (ports.length > 0) await this.pluginBestEffort('portmap', netns, containerId, this.portmapConf(ports, null));
+  async detach(netns: string, containerId: string, published: Published): Promise<void> {
+    await this.unmapPorts(netns, containerId, published);
     await this.pluginBestEffort('bridge', netns, containerId, this.bridgeConf());
     if (existsSync(netnsPath(netns))) await runUnchecked('ip', ['netns', 'del', netns]);
   }
@@ -127,7 +199,7 @@ export class CniNetwork {
     };
   }
 
-  private portmapConf(ports: PortMapping[], prevResult: unknown): Record<string, unknown> {
+  private portmapConf({ ports }: Published, prevResult: unknown): Record<string, unknown> {
     return {
       cniVersion: '1.0.0',
       name: this.cfg.networkName,

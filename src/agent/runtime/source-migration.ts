@@ -10,7 +10,8 @@ import type { AgentContainer, DumpState } from '../../shared/protocol.js';
 import { within } from '../../shared/time.js';
 import type { RuntimeContext, SourceMigration } from './context.js';
 import { treeBytes } from './context.js';
-import { CRIU_LOG, PAGE_DRAIN_TIMEOUT_MS, killProcessTree, removeCriuNetworkLock } from './criu.js';
+import { resetUnrestorableConnections } from './connections.js';
+import { CRIU_LOG, killProcessTree, markKeptConnections, PAGE_DRAIN_TIMEOUT_MS, removeCriuNetworkLock, writeCriuOptions } from './criu.js';
 import type { ContainerRecord } from './records.js';
 import { restoreIncarnation } from './target-restore.js';
 import type { DumpOptions, DumpOutcome, MigrationPaths } from './types.js';
@@ -58,7 +59,17 @@ export class SourceMigrations {
       const mig: SourceMigration = { name, mode: opts.mode, pageServer: opts.pageServer };
       ctx.sources.set(opts.migrationId, mig);
       let frozenAt = Date.now();
+      // A container with a cluster address keeps it on the target, and with it its connections (criu.ts).
+      const keepConnections = rec.spec.address !== undefined;
+      const containerDir = ctx.layout.containerDir(name);
+      if (keepConnections) {
+        await writeCriuOptions(containerDir, 'dump', true);
+        await markKeptConnections(images);
+      }
       try {
+        // What the target could not restore is reset now, or the whole move would roll back (connections.ts).
+        const netns = keepConnections ? await ctx.containerNetnsPath(rec) : undefined;
+        if (netns) await resetUnrestorableConnections(netns, rec.spec.address!);
         await ctx.criu.dump(id, { name, images, work, mode: opts.mode, pageServer: opts.pageServer }, (dump) => {
           frozenAt = Date.now();
           mig.dump = dump;
@@ -73,6 +84,9 @@ export class SourceMigrations {
         const kept = await ctx.failedLogs.keepFor(err, 'dump', opts.migrationId, work);
         await ctx.removeMigrationDir(opts.migrationId);
         throw kept;
+      } finally {
+        // A later checkpoint of this container (after a rollback) must not keep them.
+        if (keepConnections) await writeCriuOptions(containerDir, 'dump').catch(() => undefined);
       }
       // The container is dumped and gone: its layer's last writes go into the image, which travels.
       await ctx.syncLayer(name);
@@ -159,20 +173,20 @@ export class SourceMigrations {
     const { ctx } = this;
     const frozen = { runcId: ctx.runcId(rec), netns: rec.netns, cniId: ctx.cniId(rec) };
     rec.generation += 1;
-    await ctx.network.unmapPorts(frozen.netns, frozen.cniId, rec.spec.ports);
+    await ctx.network.unmapPorts(frozen.netns, frozen.cniId, rec.spec);
     rec.netns = ctx.layout.netnsName(rec.spec.name, rec.generation);
     let restored: ContainerRecord;
     try {
-      rec.ip = (await ctx.network.attach(rec.netns, ctx.cniId(rec), rec.spec.ports)).ip;
+      rec.ip = (await ctx.network.attach(rec.netns, ctx.cniId(rec), rec.spec)).ip;
       restored = await restoreIncarnation(ctx, rec, rec.image, migrationId, 'lazy', mig.pageServer);
     } catch (err) {
-      await ctx.network.detach(rec.netns, ctx.cniId(rec), rec.spec.ports).catch(() => undefined);
+      await ctx.network.detach(rec.netns, ctx.cniId(rec), rec.spec).catch(() => undefined);
       throw err;
     }
     const frozenGone = mig.dump!.done
       .then(async () => {
         await ctx.runc.destroy(frozen.runcId);
-        await ctx.network.detach(frozen.netns, frozen.cniId, []);
+        await ctx.network.detach(frozen.netns, frozen.cniId, { ports: [] });
       })
       .catch(() => undefined);
     // The frozen incarnation goes once its last page is served (killing it earlier corrupts the

@@ -9,7 +9,7 @@ import { join } from 'node:path';
 import { ConflictError, InvalidInputError, RuntimeFailedError } from '../../shared/errors.js';
 import type { AgentContainer, ContainerSpec, MigrationMode } from '../../shared/protocol.js';
 import type { RuntimeContext } from './context.js';
-import { CRIU_LOG, PAGE_DRAIN_TIMEOUT_MS, assertLazyRestorePossible, criuFailureSummary, dumpedWithUserNamespace, killOrphanedCriuProcesses, writeCriuOptions, type PageServer } from './criu.js';
+import { CRIU_LOG, PAGE_DRAIN_TIMEOUT_MS, assertLazyRestorePossible, criuFailureSummary, dumpedWithUserNamespace, keptConnections, killOrphanedCriuProcesses, writeCriuOptions, type PageServer } from './criu.js';
 import type { ImageConfig } from './images.js';
 import type { ContainerRecord } from './records.js';
 import type { PrepareOptions, RestoreOptions } from './types.js';
@@ -29,7 +29,7 @@ export class TargetRestores {
       await mkdir(ctx.layout.containerDir(spec.name), { recursive: true });
       await ctx.records.write(rec);
       try {
-        rec.ip = (await ctx.network.attach(rec.netns, ctx.cniId(rec), spec.ports)).ip;
+        rec.ip = (await ctx.network.attach(rec.netns, ctx.cniId(rec), spec)).ip;
         await ctx.records.write(rec);
       } catch (err) {
         await ctx.removeContainerDir(spec.name).catch(() => undefined);
@@ -59,7 +59,7 @@ export class TargetRestores {
       await ctx.records.write(rec);
       try {
         if (!rec.ip) {
-          rec.ip = (await ctx.network.attach(rec.netns, ctx.cniId(rec), spec.ports)).ip;
+          rec.ip = (await ctx.network.attach(rec.netns, ctx.cniId(rec), spec)).ip;
           await ctx.records.write(rec);
         }
         const restored = await restoreIncarnation(ctx, rec, rec.image, opts.migrationId, opts.mode, opts.pageServer);
@@ -69,7 +69,7 @@ export class TargetRestores {
         return await ctx.view(restored);
       } catch (err) {
         // Leave nothing of a failed restore: the source still has the container.
-        await ctx.network.detach(rec.netns, ctx.cniId(rec), spec.ports).catch(() => undefined);
+        await ctx.network.detach(rec.netns, ctx.cniId(rec), spec).catch(() => undefined);
         await ctx.removeContainerDir(spec.name).catch(() => undefined);
         throw err;
       }
@@ -179,12 +179,14 @@ export async function restoreIncarnation(
   rec.userNamespace = await dumpedWithUserNamespace(images);
   if (mode === 'lazy') await assertLazyRestorePossible(rec.userNamespace);
   await ctx.ensureStagedInterface(rec);
+  await ctx.addClusterAddress(rec);
   await ctx.mountContainerRootfs(name, image);
   await ctx.writeBundle(rec, image);
-  await writeCriuOptions(containerDir, 'restore');
+  await writeCriuOptions(containerDir, 'restore', keptConnections(images));
   try {
     const restore = await ctx.criu.restoreCommand(migrationId, { images, work, bundle: containerDir, mode, pageServer });
     await ctx.runc.start(ctx.startTarget(name), [...restore.args, ctx.runcId(rec)], 'runc restore', restore.log, restore.daemonFailed);
+    await ctx.routeClusterAddress(rec);
   } catch (err) {
     ctx.criu.killLazyPages(migrationId);
     await ctx.runc.destroy(ctx.runcId(rec));

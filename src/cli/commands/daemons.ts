@@ -55,6 +55,8 @@ interface ControllerOptions {
   checkpointReplicas?: number;
   checkpointStorePeers?: string[];
   nodeLease: number;
+  containerRange?: string;
+  addressRoutes?: string;
   leaderLease: number;
   node?: string;
   json?: boolean;
@@ -104,7 +106,9 @@ export function registerDaemonCommands(program: Command): void {
       .option('--checkpoint-store-peers <urls>', "other controllers (URL,URL...) whose checkpoint stores are replicas too (with etcd, running controllers publish theirs: no need)", parseUrlList)
       .option('--node-lease <duration>', 'a node that has not heartbeated for this long is dead: its protected containers fail over', parseNodeLease, 5000)
       .option('--node <name>', 'the node this controller runs on, if any (shown by `chipmunk node ls`)', parseNodeName)
-      .option('--leader-lease <duration>', 'with an etcd store: a leader that cannot renew its lease for this long stops leading, and another takes over', parseLeaderLease, 2000),
+      .option('--leader-lease <duration>', 'with an etcd store: a leader that cannot renew its lease for this long stops leading, and another takes over', parseLeaderLease, 2000)
+      .option('--container-range <cidr|off>', "containers' cluster-wide addresses, kept across moves (default 198.19.128.0/18; off: only their node's address)")
+      .option('--address-routes <command>', 'run as `COMMAND ADDRESS NODE_ADDRESS` whenever a container (re)starts on a node, `COMMAND ADDRESS` when removed (README: container addresses)'),
   ).action(async (opts: ControllerOptions) => {
     const token = await daemonToken(opts.tokenFile);
     // Loaded only here: the other commands need neither fastify nor the store.
@@ -124,6 +128,8 @@ export function registerDaemonCommands(program: Command): void {
       ...(opts.checkpointStorePeers ? { checkpointStorePeers: opts.checkpointStorePeers } : {}),
       nodeReadyWithinMs: opts.nodeLease,
       leaderLeaseMs: opts.leaderLease,
+      ...(opts.containerRange ? { containerRange: opts.containerRange } : {}),
+      ...(opts.addressRoutes ? { addressRoutesCommand: opts.addressRoutes } : {}),
       ...(opts.node ? { node: opts.node } : {}),
     });
     await serveUntilStopped(opts.json, 'controller', controller);

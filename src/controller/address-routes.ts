@@ -1,0 +1,119 @@
+/**
+ * Tells the network where each container's cluster address (ContainerSpec.address) is: whenever
+ * a container starts on a node, or moves to another (migration, failover, restore), the
+ * operator's command runs as `COMMAND ADDRESS NODE_ADDRESS`, and as `COMMAND ADDRESS` when the
+ * container is removed. What it does is the operator's: routes on each host, an announcement
+ * to their router (README: container addresses). The local cluster's is a script
+ * (src/cluster/routes.ts) routing the address on this machine and in every test host. The node the
+ * container runs on routes it on to the container by itself (its agent, network.ts).
+ *
+ * It follows the container records in the store, so every path that moves a container is
+ * covered, and a restarted controller announces every address again (the command must be
+ * idempotent). One address's announcements run in order.
+ */
+import { setTimeout as sleep } from 'node:timers/promises';
+import type { Logger } from 'pino';
+import { runUnchecked } from '../shared/exec.js';
+import type { ContainerRecord } from './container-lock.js';
+import type { NodeRegistry } from './registry.js';
+import type { StateStore, Watch } from './store/index.js';
+
+const CONTAINERS_PREFIX = '/containers/';
+const COMMAND_TIMEOUT_MS = 30_000;
+/** How long the gateway's upstream waits for a container's address to be routed to its new node. */
+const ROUTED_WAIT_MS = 10_000;
+const ROUTED_POLL_MS = 20;
+const WATCH_GRACE_MS = 500;
+
+export class AddressRoutes {
+  private watch?: Watch;
+  private readonly queues = new Map<string, Promise<void>>();
+  /** The node each address was last routed to, by a command that succeeded. */
+  private readonly routedTo = new Map<string, string>();
+
+  constructor(
+    private readonly store: StateStore,
+    private readonly nodes: NodeRegistry,
+    /** A command line: words split on spaces (no quoting). */
+    private readonly commandLine: string,
+    private readonly log: Logger,
+  ) {}
+
+  async start(): Promise<void> {
+    const revision = await this.store.currentRevision();
+    for (const { value } of await this.store.list<ContainerRecord>(CONTAINERS_PREFIX)) {
+      if (value.spec.address) this.announce(value.spec.address, value.node);
+    }
+    this.watch = await this.store.watch<ContainerRecord>(CONTAINERS_PREFIX, { fromRevision: revision + 1 }, (ev) => {
+      const address = ev.kv.value?.spec?.address;
+      if (!address) return;
+      if (ev.type === 'delete') this.withdraw(address);
+      else if (ev.prevKv?.value.node !== ev.kv.value.node) this.announce(address, ev.kv.value.node);
+    });
+  }
+
+  stop(): void {
+    this.watch?.cancel();
+  }
+
+  /**
+   * Whether `address` is routed to `node`, waiting up to `timeoutMs` for a queued command (a
+   * container just placed there): the gateway sends to the address only then. The record's node
+   * is written before its watch event arrives: a caller that read it may ask before the command is
+   * queued, so a short grace period covers that.
+   */
+  async isRoutedTo(address: string, node: string, timeoutMs = ROUTED_WAIT_MS): Promise<boolean> {
+    const start = Date.now();
+    // Waits while a command for it is queued or running (a failed one is not waited for again),
+    // or for the grace period in which the record's watch event may still be on its way.
+    while (this.routedTo.get(address) !== node) {
+      const waited = Date.now() - start;
+      if (waited >= timeoutMs || (!this.queues.has(address) && waited >= WATCH_GRACE_MS)) return false;
+      await sleep(ROUTED_POLL_MS);
+    }
+    return true;
+  }
+
+  /** Resolves once every announcement queued so far has run (tests). */
+  async settled(): Promise<void> {
+    await Promise.all(this.queues.values());
+  }
+
+  private announce(address: string, node: string): void {
+    this.enqueue(address, async () => {
+      const nodeAddress = (await this.nodes.get(node).catch(() => undefined))?.address;
+      if (!nodeAddress) {
+        this.log.warn({ address, node }, `cannot route ${address}: node ${node} is not registered`);
+        return;
+      }
+      this.routedTo.delete(address);
+      if (await this.runCommand([address, nodeAddress])) this.routedTo.set(address, node);
+    });
+  }
+
+  private withdraw(address: string): void {
+    this.routedTo.delete(address);
+    this.enqueue(address, async () => void (await this.runCommand([address])));
+  }
+
+  private enqueue(address: string, step: () => Promise<void>): void {
+    const next = (this.queues.get(address) ?? Promise.resolve()).then(step).catch((err: unknown) => {
+      this.log.error({ address, err: (err as Error).message }, `the address routes command failed for ${address}`);
+    });
+    this.queues.set(address, next);
+    void next.then(() => {
+      if (this.queues.get(address) === next) this.queues.delete(address);
+    });
+  }
+
+  private async runCommand(args: string[]): Promise<boolean> {
+    const [cmd, ...fixed] = this.commandLine.trim().split(/\s+/);
+    const res = await runUnchecked(cmd!, [...fixed, ...args], { timeoutMs: COMMAND_TIMEOUT_MS });
+    if (res.code !== 0) {
+      this.log.error({ command: this.commandLine, args, code: res.code, stderr: res.stderr.slice(-2000) }, `${this.commandLine} ${args.join(' ')} failed (exit ${res.code})`);
+      return false;
+    }
+    this.log.info({ command: this.commandLine, args }, `routed ${args[0]}${args[1] ? ` via ${args[1]}` : ' (withdrawn)'}`);
+    return true;
+  }
+}
