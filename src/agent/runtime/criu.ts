@@ -12,13 +12,14 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { closeSync, constants, existsSync, openSync } from 'node:fs';
-import { readdir, readFile, writeFile } from 'node:fs/promises';
+import { readdir, readFile, stat, writeFile } from 'node:fs/promises';
 import { Socket } from 'node:net';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { CapabilityMissingError, RuntimeFailedError } from '../../shared/errors.js';
 import { lastLines, runUnchecked } from '../../shared/exec.js';
-import type { MigrationMode } from '../../shared/protocol.js';
+import type { MigrationMode, MigrationStep } from '../../shared/protocol.js';
+import type { StepClock } from '../../shared/steps.js';
 import { within } from '../../shared/time.js';
 import { inHostNetns } from './network.js';
 import type { Runc } from './runc.js';
@@ -138,6 +139,54 @@ export async function dumpedWithUserNamespace(images: string): Promise<boolean> 
 }
 
 /**
+ * The steps of a CRIU run inside its frozen window, from its log: each line carries the time
+ * since CRIU started, `(SS.uuuuuu)`, and the log's modification time is when its last line was
+ * written, which places the whole log on the wall clock. Read right when the run's part in the
+ * window ends (a lazy dump's page server is ready: its log is quiet until the target pulls pages).
+ * - dump: `criu-init` (start to freezing), `freeze` (the cgroup frozen, tasks seized),
+ *   `network-lock`, `criu-dump` (frozen to dumped: the state, and in copy mode the memory).
+ * - restore: `criu-init` (start to the first task forked), `criu-namespaces` (tasks forked into
+ *   the namespaces, cgroups, mounts), `criu-restore` (files, sockets, memory mappings, up to
+ *   "Tasks resumed").
+ * A line that is missing (another CRIU version, a failure) leaves its step out; nothing throws.
+ */
+export async function criuLogSteps(logPath: string, run: 'dump' | 'restore'): Promise<MigrationStep[]> {
+  const [text, st] = await Promise.all([readFile(logPath, 'utf8').catch(() => ''), stat(logPath).catch(() => undefined)]);
+  const lines = [...text.matchAll(/^\((\d+)\.(\d{6})\) (.*)$/gm)].map((m) => ({ s: Number(m[1]) * 1000 + Number(m[2]) / 1000, text: m[3]! }));
+  const last = lines.at(-1);
+  if (!st || !last) return [];
+  const base = st.mtimeMs - last.s;
+  const at = (pattern: RegExp, from = 0) => {
+    const i = lines.findIndex((l, n) => n >= from && pattern.test(l.text));
+    return i < 0 ? undefined : i;
+  };
+  const steps: MigrationStep[] = [];
+  const span = (step: string, from: number | undefined, to: number | undefined) => {
+    if (from === undefined || to === undefined || to < from) return;
+    steps.push({ step, at: Math.round(base + lines[from]!.s), ms: Math.round((lines[to]!.s - lines[from]!.s) * 10) / 10 });
+  };
+  if (run === 'dump') {
+    const freezing = at(/^freezing cgroup /);
+    const frozen = at(/^freezing processes: .*done/, freezing) ?? at(/^freezer\.state=FROZEN/, freezing);
+    const lock = at(/^net: Lock network/);
+    const locked = lock === undefined ? undefined : at(/^Running network-lock scripts/, lock);
+    const dumped = at(/^Running status-ready scripts/) ?? at(/^Dumping finished successfully/) ?? lines.length - 1;
+    span('criu-init', 0, freezing);
+    span('freeze', freezing, frozen);
+    span('network-lock', lock, locked === undefined ? undefined : Math.min(locked + 1, lines.length - 1));
+    span('criu-dump', frozen, dumped);
+  } else {
+    const forking = at(/^Forking task /);
+    const namespaced = at(/^Running post-setup-namespaces scripts/, forking);
+    const resumed = at(/^Restore finished successfully/, namespaced) ?? lines.length - 1;
+    span('criu-init', 0, forking);
+    span('criu-namespaces', forking, namespaced);
+    span('criu-restore', namespaced, resumed);
+  }
+  return steps;
+}
+
+/**
  * Removes the packet filter CRIU installs in the container's namespace while it dumps
  * ("network lock"). A successful restore removes it; a dump that fails after locking
  * (e.g. the lazy page server breaking) unfreezes the processes but leaves it, and the
@@ -252,9 +301,10 @@ export class Criu {
    */
   async dump(
     id: string,
-    opts: { name: string; images: string; work: string; mode: MigrationMode; pageServer?: PageServer },
+    opts: { name: string; images: string; work: string; mode: MigrationMode; pageServer?: PageServer; steps?: StepClock },
     onStarted: (dump: DumpProcess) => void,
   ): Promise<void> {
+    const started = Date.now();
     const args = this.runc.args(['checkpoint', '--image-path', opts.images, '--work-path', opts.work, '--tcp-established', FILE_LOCKS], true);
     if (opts.mode === 'lazy') args.push('--lazy-pages', '--page-server', `${opts.pageServer!.address}:${opts.pageServer!.port}`, '--status-fd', '3');
     args.push(id);
@@ -280,6 +330,8 @@ export class Criu {
       captured = (await done).code === 0;
     }
     if (!captured) throw await dumpFailedError(`dump of '${opts.name}'`, await done, join(opts.work, CRIU_LOG.dump));
+    opts.steps?.add('runc-checkpoint', started, Date.now());
+    opts.steps?.addAll(await criuLogSteps(join(opts.work, CRIU_LOG.dump), 'dump'));
   }
 
   /**
