@@ -7,7 +7,7 @@
  * and heartbeat as real ones do. Needs root and `npm run setup`; CHIPMUNK_RUNC_PAIR_NET picks
  * the pair's network (never the local cluster's).
  */
-import { mkdir, mkdtemp } from 'node:fs/promises';
+import { mkdir, mkdtemp, readFile, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import pino from 'pino';
@@ -32,6 +32,8 @@ export interface PairCluster {
   /** The pair's nodes: containers start on `source` and move to `target` and back. */
   source: string;
   target: string;
+  /** The controller's moves of `address`'s routes (the local cluster's routes script), when each began and ended. */
+  routeMoves(address: string): Promise<Array<{ began: number; ended: number; via: string }>>;
   close(): Promise<void>;
 }
 
@@ -50,6 +52,10 @@ export async function startPairCluster(): Promise<PairCluster> {
   };
   try {
     const routes = await writeAddressRoutesScript(join(root, 'address-routes.sh'), RUNC_PAIR_NODES.map((n) => ({ netns: pairHostNetns(n), address: n.address })));
+    // The same script, timed: when each route move began and ended (ms since epoch), for the bench's breakdown.
+    const routesLog = join(root, 'address-routes.log');
+    const timed = join(root, 'address-routes-timed.sh');
+    await writeFile(timed, `began=$(date +%s%3N)\n${routes} "$@"\nrc=$?\necho "$began $(date +%s%3N) $*" >> ${routesLog}\nexit $rc\n`, { mode: 0o755 });
     const controller: RunningController = await startController({
       listen: { host: '127.0.0.1', port: 0 },
       token: TOKEN,
@@ -57,7 +63,7 @@ export async function startPairCluster(): Promise<PairCluster> {
       logger: pino({ level: 'warn' }),
       // 8 addresses per pair network, none of them a node's subnet (pair-addresses.ts).
       containerRange: `198.19.200.${RUNC_PAIR_NET * 8}/29`,
-      addressRoutesCommand: routes,
+      addressRoutesCommand: `/bin/sh ${timed}`,
     });
     closers.push(() => controller.close());
     const client = new ControllerClient({ urls: [controller.url], token: TOKEN, timeoutMs: 60_000 });
@@ -86,7 +92,13 @@ export async function startPairCluster(): Promise<PairCluster> {
     closers.push(async () => {
       for (const c of await client.containers().catch(() => [])) if (c.address) await runUnchecked('/bin/sh', [join(root, 'address-routes.sh'), c.address]);
     });
-    return { client, source: RUNC_PAIR_NODES[0].node, target: RUNC_PAIR_NODES[1].node, close };
+    const routeMoves = async (address: string) =>
+      (await readFile(routesLog, 'utf8').catch(() => ''))
+        .split('\n')
+        .map((line) => line.split(' '))
+        .filter((words) => words[2] === address && words[3] !== undefined)
+        .map(([began, ended, , via]) => ({ began: Number(began), ended: Number(ended), via: via! }));
+    return { client, source: RUNC_PAIR_NODES[0].node, target: RUNC_PAIR_NODES[1].node, routeMoves, close };
   } catch (err) {
     await close().catch(() => undefined);
     throw err;

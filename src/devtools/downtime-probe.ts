@@ -5,6 +5,7 @@
  * gap between the two. Bounded: it stops by itself after `maxMs` whatever happens.
  */
 import { setTimeout as sleep } from 'node:timers/promises';
+import { connect } from 'node:net';
 import { Agent, request } from 'undici';
 
 /**
@@ -174,14 +175,14 @@ export function longestGap(answers: number[], since: number): { lastBefore: numb
 const OVERLAPPING_ATTEMPTS = 8;
 /** Long enough for an answer on a loaded 2-core machine; a dropped SYN is retried by the next attempt meanwhile. */
 const ATTEMPT_TIMEOUT_MS = 250;
-const freshClient = new Agent({ connect: { timeout: ATTEMPT_TIMEOUT_MS }, pipelining: 0 });
 
 /**
  * New clients at one address (a container's cluster address, the same before and after its
  * move): a request on a fresh connection starts about every millisecond, up to a few at once, so
  * a SYN dropped while the container is frozen (or its network locked) does not blind the probe
  * for a whole connect time-out: the first answer after the move is seen within a millisecond or
- * two. Bounded by `maxMs`.
+ * two. Plain sockets, each attempt on its own (an HTTP client's pool could queue one attempt
+ * behind another's connect). Bounded by `maxMs`.
  */
 export class FreshConnectionProbe {
   private stopped = false;
@@ -189,11 +190,14 @@ export class FreshConnectionProbe {
   private inFlight = 0;
   private loop: Promise<void> = Promise.resolve();
   private deadline: NodeJS.Timeout | undefined;
+  private readonly target: URL;
 
   constructor(
-    private readonly url: string,
+    url: string,
     private readonly maxMs = 120_000,
-  ) {}
+  ) {
+    this.target = new URL(url);
+  }
 
   start(): void {
     this.loop = (async () => {
@@ -218,18 +222,34 @@ export class FreshConnectionProbe {
     return this.times;
   }
 
-  private async attempt(): Promise<void> {
+  /** One GET on a new connection: answered when the status line says 2xx-4xx. */
+  private attempt(): Promise<void> {
     this.inFlight++;
     this.times.requests++;
-    try {
-      const res = await request(this.url, { dispatcher: freshClient, headersTimeout: ATTEMPT_TIMEOUT_MS, bodyTimeout: ATTEMPT_TIMEOUT_MS, reset: true });
-      await res.body.dump();
-      if (res.statusCode < 500) this.times.answers.push(Date.now());
-    } catch {
-      // refused, dropped or timed out: no answer from this attempt
-    } finally {
-      this.inFlight--;
-    }
+    return new Promise<void>((resolve) => {
+      const socket = connect({ host: this.target.hostname, port: Number(this.target.port || 80) });
+      let head = '';
+      let finished = false;
+      const done = (answered: boolean) => {
+        if (finished) return;
+        finished = true;
+        if (answered) this.times.answers.push(Date.now());
+        clearTimeout(timer);
+        socket.destroy();
+        this.inFlight--;
+        resolve();
+      };
+      const timer = setTimeout(() => done(false), ATTEMPT_TIMEOUT_MS);
+      socket.setNoDelay(true);
+      socket.once('connect', () => socket.write(`GET ${this.target.pathname} HTTP/1.1\r\nHost: ${this.target.host}\r\nConnection: close\r\n\r\n`));
+      socket.on('data', (d: Buffer) => {
+        head += d.toString('latin1');
+        const status = /^HTTP\/1\.[01] (\d{3})/.exec(head);
+        if (status) done(Number(status[1]) < 500);
+      });
+      socket.once('error', () => done(false));
+      socket.once('close', () => done(false));
+    });
   }
 }
 
