@@ -12,13 +12,16 @@
  * move to the first after it, so the pieces add up to the gap. Prints p50 (and p99) per piece.
  *
  * Usage (root, after `npm run setup`):
- *   CHIPMUNK_RUNC_PAIR_NET=3 npx tsx bench/downtime/run.ts [--moves 10] [--sizes 256,64] [--mode lazy]
+ *   CHIPMUNK_RUNC_PAIR_NET=3 npx tsx bench/downtime/run.ts [--moves 10] [--sizes 256,64] [--mode lazy] [--freeze agent,criu]
+ * --freeze: who freezes the container for its dump (src/agent/runtime/freezer.ts); with both, each
+ * size's moves take turns, so the ways are measured side by side under the same load.
  * Writes bench/results/downtime-breakdown.md.
  */
 import { writeFile } from 'node:fs/promises';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { setTimeout as sleep } from 'node:timers/promises';
+import type { DumpFreezer } from '../../src/agent/runtime/freezer.js';
 import { ensureImage } from '../../src/devtools/images.js';
 import { FreshConnectionProbe, KeptConnectionProbe, firstAnswer, longestGap } from '../../src/devtools/downtime-probe.js';
 import type { MigrationMode, MigrationRecord, MigrationStep } from '../../src/shared/protocol.js';
@@ -33,8 +36,12 @@ const { values } = parseArgs({
     moves: { type: 'string', default: '10' },
     sizes: { type: 'string', default: '256,64' },
     mode: { type: 'string', default: 'lazy' },
+    freeze: { type: 'string', default: 'agent' },
   },
 });
+/** Who freezes the container for its dump (src/agent/runtime/freezer.ts): with both, the moves take turns. */
+const ways = values.freeze!.split(',') as DumpFreezer[];
+if (ways.some((w) => w !== 'agent' && w !== 'criu')) throw new Error(`--freeze ${values.freeze}: agent, criu, or both comma-separated`);
 const moves = Number(values.moves);
 if (!Number.isInteger(moves) || moves < 1 || moves > MAX_MOVES) throw new Error(`--moves ${values.moves}: give 1 to ${MAX_MOVES}`);
 const sizes = values.sizes!.split(',').map(Number);
@@ -56,7 +63,7 @@ interface MoveResult {
  * (copy mode has no lazy-pages daemon; a CRIU log line another version lacks) is skipped, so its
  * time goes to the next piece.
  */
-function piecesOf(record: MigrationRecord, lastBefore: number, firstAfter: number): Map<string, number> {
+function piecesOf(record: MigrationRecord, lastBefore: number, firstAfter: number, routeMove?: { began: number; ended: number }): Map<string, number> {
   const event = (phase: string) => record.history.find((e) => e.phase === phase);
   const dumpSteps = event('dump')?.steps ?? [];
   const restoreSteps = event('transfer')?.steps ?? [];
@@ -65,14 +72,13 @@ function piecesOf(record: MigrationRecord, lastBefore: number, firstAfter: numbe
   const end = (s?: MigrationStep) => (s ? s.at + s.ms : undefined);
   const d = (name: string) => step(dumpSteps, name);
   const r = (name: string) => step(restoreSteps, name);
-  // Frozen by the agent (freezer.ts), runc and CRIU start inside the window; by CRIU, before it.
+  // Frozen by the agent once CRIU started (freezer.ts): CRIU's start until its freeze is in the window too.
   const byAgent = d('agent-freeze');
   const freezing: Array<[string, number | undefined]> = byAgent
     ? [
         ['running until the agent freezes it', start(byAgent)],
-        ['agent freeze (cgroup frozen)', end(byAgent)],
-        ['runc checkpoint until CRIU starts', start(d('criu-init'))],
-        ['CRIU init', start(d('freeze'))],
+        ['agent freeze (every task frozen)', end(byAgent)],
+        ['CRIU start until its freeze', start(d('freeze'))],
         ['CRIU freeze (found frozen), tasks seized', end(d('freeze'))],
       ]
     : [
@@ -97,7 +103,9 @@ function piecesOf(record: MigrationRecord, lastBefore: number, firstAfter: numbe
     ['address routed on the target (network unlock)', end(r('route-address'))],
     ['restore answer, verify write', event('verify')?.at],
     ['verify, commit write', event('cleanup')?.at],
-    ['route moved, first answer (lazy page faults)', firstAfter],
+    ['commit seen, routes script starts', routeMove?.began],
+    ['routes script (machine and test hosts)', routeMove?.ended],
+    ['first answer (client retry, lazy page faults)', firstAfter],
   ];
   const pieces = new Map<string, number>();
   let previous = lastBefore;
@@ -109,7 +117,8 @@ function piecesOf(record: MigrationRecord, lastBefore: number, firstAfter: numbe
   return pieces;
 }
 
-async function moveOnce(cluster: PairCluster, name: string, url: string, to: string): Promise<MoveResult> {
+async function moveOnce(cluster: PairCluster, name: string, address: string, to: string): Promise<MoveResult> {
+  const url = `http://${address}:${APP_PORT}/health`;
   const fresh = new FreshConnectionProbe(url);
   const kept = new KeptConnectionProbe(url);
   fresh.start();
@@ -128,12 +137,13 @@ async function moveOnce(cluster: PairCluster, name: string, url: string, to: str
   if (!gap) throw new Error(`no answers around the move of ${name}: the probe saw ${freshTimes.requests} requests unanswered`);
   const record = (await cluster.client.migrations()).find((m) => m.id === summary!.id);
   if (!record) throw new Error(`migration ${summary.id} is not in the controller's records`);
+  const routeMove = (await cluster.routeMoves(address)).find((m) => m.began >= since);
   return {
     gapMs: gap.gapMs,
     keptGapMs: longestGap(keptTimes.answers, since)?.gapMs,
     keptErrors: keptTimes.errors,
     recordedDowntimeMs: summary.downtimeMs,
-    pieces: piecesOf(record, gap.lastBefore, gap.firstAfter),
+    pieces: piecesOf(record, gap.lastBefore, gap.firstAfter, routeMove),
   };
 }
 
@@ -144,14 +154,14 @@ function percentile(values: number[], p: number): number {
 
 const ms = (v: number | undefined) => (v === undefined ? '-' : `${Math.round(v)} ms`);
 
-function table(sizeMB: number, results: MoveResult[]): string {
+function table(sizeMB: number, way: DumpFreezer, results: MoveResult[]): string {
   const gaps = results.map((r) => r.gapMs);
   const keptGaps = results.flatMap((r) => (r.keptGapMs === undefined ? [] : [r.keptGapMs]));
   const keptErrors = results.filter((r) => r.keptErrors.length > 0).length;
   const recorded = results.map((r) => r.recordedDowntimeMs);
   const names = [...new Set(results.flatMap((r) => [...r.pieces.keys()]))];
   const lines = [
-    `### ${sizeMB} MB, ${mode}, ${results.length} moves`,
+    `### ${sizeMB} MB, ${mode}, frozen by ${way === 'agent' ? 'the agent' : 'CRIU'}, ${results.length} moves`,
     '',
     '| | p50 | p99 |',
     '|---|---:|---:|',
@@ -174,6 +184,7 @@ async function main(): Promise<void> {
   await ensureImage('chipmunk/statefulapp');
   const cluster = await startPairCluster();
   const sections: string[] = [];
+  const summary: string[] = ['| memory | frozen by | client-seen gap p50 | p99 | kept connection p50 | recorded downtime p50 |', '|---:|---|---:|---:|---:|---:|'];
   try {
     for (const sizeMB of sizes) {
       const name = `dt-${sizeMB}`;
@@ -181,23 +192,33 @@ async function main(): Promise<void> {
       if (!view.address) throw new Error(`${name} got no cluster address: the bench needs one`);
       const url = `http://${view.address}:${APP_PORT}/health`;
       await firstAnswer(url, 120_000);
-      const results: MoveResult[] = [];
+      const results = new Map<DumpFreezer, MoveResult[]>(ways.map((w) => [w, []]));
+      let onTarget = false;
       for (let i = 0; i < moves; i++) {
-        const to = i % 2 === 0 ? cluster.target : cluster.source;
-        const result = await moveOnce(cluster, name, url, to);
-        results.push(result);
-        console.error(`${sizeMB} MB move ${i + 1}/${moves} to ${to}: client-seen gap ${Math.round(result.gapMs)} ms, kept connection ${ms(result.keptGapMs)}${result.keptErrors.length ? ` (errors: ${result.keptErrors[0]})` : ''}`);
+        for (const way of ways) {
+          // The agents run in this process and read it at each dump.
+          process.env.CHIPMUNK_DUMP_FREEZE = way;
+          const to = onTarget ? cluster.source : cluster.target;
+          const result = await moveOnce(cluster, name, view.address, to);
+          onTarget = !onTarget;
+          results.get(way)!.push(result);
+          console.error(`${sizeMB} MB move ${i + 1}/${moves} (${way}) to ${to}: client-seen gap ${Math.round(result.gapMs)} ms, kept connection ${ms(result.keptGapMs)}${result.keptErrors.length ? ` (errors: ${result.keptErrors[0]})` : ''}`);
+        }
       }
       await cluster.client.remove(name).catch(() => cluster.client.stop(name).then(() => cluster.client.remove(name)));
-      const section = table(sizeMB, results);
-      console.log(section);
-      sections.push(section);
+      for (const [way, rows] of results) {
+        const section = table(sizeMB, way, rows);
+        console.log(section);
+        sections.push(section);
+        summary.push(`| ${sizeMB} MB | ${way} | ${ms(percentile(rows.map((r) => r.gapMs), 50))} | ${ms(percentile(rows.map((r) => r.gapMs), 99))} | ${ms(percentile(rows.flatMap((r) => (r.keptGapMs === undefined ? [] : [r.keptGapMs])), 50))} | ${ms(percentile(rows.map((r) => r.recordedDowntimeMs), 50))} |`);
+      }
     }
   } finally {
     await cluster.close();
   }
-  const header = `# bench/downtime: the frozen window of a move, step by step\n\nMeasured ${new Date().toISOString()} on the runc pair (2 cores shared with other work), one run: \`CHIPMUNK_RUNC_PAIR_NET=${process.env.CHIPMUNK_RUNC_PAIR_NET ?? 2} npx tsx bench/downtime/run.ts --moves ${moves} --sizes ${values.sizes} --mode ${mode}\`.\n\n`;
-  await writeFile(RESULTS, header + sections.join('\n'));
+  const header = `# bench/downtime: the frozen window of a move, step by step\n\nMeasured ${new Date().toISOString()} on the runc pair (2 cores shared with other work), one run: \`CHIPMUNK_RUNC_PAIR_NET=${process.env.CHIPMUNK_RUNC_PAIR_NET ?? 2} npx tsx bench/downtime/run.ts --moves ${moves} --sizes ${values.sizes} --mode ${mode} --freeze ${values.freeze}\`.\n\n`;
+  console.log(summary.join('\n'));
+  await writeFile(RESULTS, `${header}${summary.join('\n')}\n\n${sections.join('\n')}`);
   console.log(`written to ${RESULTS}`);
 }
 
