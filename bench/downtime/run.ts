@@ -12,16 +12,13 @@
  * move to the first after it, so the pieces add up to the gap. Prints p50 (and p99) per piece.
  *
  * Usage (root, after `npm run setup`):
- *   CHIPMUNK_RUNC_PAIR_NET=3 npx tsx bench/downtime/run.ts [--moves 10] [--sizes 256,64] [--mode lazy] [--freeze agent,criu]
- * --freeze: who freezes the container for its dump (src/agent/runtime/freezer.ts); with both, each
- * size's moves take turns, so the ways are measured side by side under the same load.
+ *   CHIPMUNK_RUNC_PAIR_NET=3 npx tsx bench/downtime/run.ts [--moves 10] [--sizes 256,64] [--mode lazy|copy]
  * Writes bench/results/downtime-breakdown.md.
  */
 import { writeFile } from 'node:fs/promises';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { setTimeout as sleep } from 'node:timers/promises';
-import type { DumpFreezer } from '../../src/agent/runtime/freezer.js';
 import { ensureImage } from '../../src/devtools/images.js';
 import { FreshConnectionProbe, KeptConnectionProbe, firstAnswer, longestGap } from '../../src/devtools/downtime-probe.js';
 import type { MigrationMode, MigrationRecord, MigrationStep } from '../../src/shared/protocol.js';
@@ -36,12 +33,8 @@ const { values } = parseArgs({
     moves: { type: 'string', default: '10' },
     sizes: { type: 'string', default: '256,64' },
     mode: { type: 'string', default: 'lazy' },
-    freeze: { type: 'string', default: 'agent' },
   },
 });
-/** Who freezes the container for its dump (src/agent/runtime/freezer.ts): with both, the moves take turns. */
-const ways = values.freeze!.split(',') as DumpFreezer[];
-if (ways.some((w) => w !== 'agent' && w !== 'criu')) throw new Error(`--freeze ${values.freeze}: agent, criu, or both comma-separated`);
 const moves = Number(values.moves);
 if (!Number.isInteger(moves) || moves < 1 || moves > MAX_MOVES) throw new Error(`--moves ${values.moves}: give 1 to ${MAX_MOVES}`);
 const sizes = values.sizes!.split(',').map(Number);
@@ -72,21 +65,9 @@ function piecesOf(record: MigrationRecord, lastBefore: number, firstAfter: numbe
   const end = (s?: MigrationStep) => (s ? s.at + s.ms : undefined);
   const d = (name: string) => step(dumpSteps, name);
   const r = (name: string) => step(restoreSteps, name);
-  // Frozen by the agent once CRIU started (freezer.ts): CRIU's start until its freeze is in the window too.
-  const byAgent = d('agent-freeze');
-  const freezing: Array<[string, number | undefined]> = byAgent
-    ? [
-        ['running until the agent freezes it', start(byAgent)],
-        ['agent freeze (every task frozen)', end(byAgent)],
-        ['CRIU start until its freeze', start(d('freeze'))],
-        ['CRIU freeze (found frozen), tasks seized', end(d('freeze'))],
-      ]
-    : [
-        ['running until CRIU freezes it', start(d('freeze'))],
-        ['CRIU freeze (cgroup frozen, tasks seized)', end(d('freeze'))],
-      ];
   const points: Array<[string, number | undefined]> = [
-    ...freezing,
+    ['running until CRIU freezes it', start(d('freeze'))],
+    ['CRIU freeze (cgroup frozen, tasks seized)', end(d('freeze'))],
     ['CRIU dump (network lock, state; copy: memory)', end(d('criu-dump'))],
     ['runc checkpoint returns', end(d('runc-checkpoint'))],
     ['layer sync, sizes', end(d('sync-layer'))],
@@ -154,14 +135,14 @@ function percentile(values: number[], p: number): number {
 
 const ms = (v: number | undefined) => (v === undefined ? '-' : `${Math.round(v)} ms`);
 
-function table(sizeMB: number, way: DumpFreezer, results: MoveResult[]): string {
+function table(sizeMB: number, results: MoveResult[]): string {
   const gaps = results.map((r) => r.gapMs);
   const keptGaps = results.flatMap((r) => (r.keptGapMs === undefined ? [] : [r.keptGapMs]));
   const keptErrors = results.filter((r) => r.keptErrors.length > 0).length;
   const recorded = results.map((r) => r.recordedDowntimeMs);
   const names = [...new Set(results.flatMap((r) => [...r.pieces.keys()]))];
   const lines = [
-    `### ${sizeMB} MB, ${mode}, frozen by ${way === 'agent' ? 'the agent' : 'CRIU'}, ${results.length} moves`,
+    `### ${sizeMB} MB, ${mode}, ${results.length} moves`,
     '',
     '| | p50 | p99 |',
     '|---|---:|---:|',
@@ -184,7 +165,7 @@ async function main(): Promise<void> {
   await ensureImage('chipmunk/statefulapp');
   const cluster = await startPairCluster();
   const sections: string[] = [];
-  const summary: string[] = ['| memory | frozen by | client-seen gap p50 | p99 | kept connection p50 | recorded downtime p50 |', '|---:|---|---:|---:|---:|---:|'];
+  const summary: string[] = ['| memory | client-seen gap p50 | p99 | kept connection p50 | recorded downtime p50 |', '|---:|---:|---:|---:|---:|'];
   try {
     for (const sizeMB of sizes) {
       const name = `dt-${sizeMB}`;
@@ -192,31 +173,23 @@ async function main(): Promise<void> {
       if (!view.address) throw new Error(`${name} got no cluster address: the bench needs one`);
       const url = `http://${view.address}:${APP_PORT}/health`;
       await firstAnswer(url, 120_000);
-      const results = new Map<DumpFreezer, MoveResult[]>(ways.map((w) => [w, []]));
-      let onTarget = false;
+      const rows: MoveResult[] = [];
       for (let i = 0; i < moves; i++) {
-        for (const way of ways) {
-          // The agents run in this process and read it at each dump.
-          process.env.CHIPMUNK_DUMP_FREEZE = way;
-          const to = onTarget ? cluster.source : cluster.target;
-          const result = await moveOnce(cluster, name, view.address, to);
-          onTarget = !onTarget;
-          results.get(way)!.push(result);
-          console.error(`${sizeMB} MB move ${i + 1}/${moves} (${way}) to ${to}: client-seen gap ${Math.round(result.gapMs)} ms, kept connection ${ms(result.keptGapMs)}${result.keptErrors.length ? ` (errors: ${result.keptErrors[0]})` : ''}`);
-        }
+        const to = i % 2 === 0 ? cluster.target : cluster.source;
+        const result = await moveOnce(cluster, name, view.address, to);
+        rows.push(result);
+        console.error(`${sizeMB} MB move ${i + 1}/${moves} to ${to}: client-seen gap ${Math.round(result.gapMs)} ms, kept connection ${ms(result.keptGapMs)}${result.keptErrors.length ? ` (errors: ${result.keptErrors[0]})` : ''}`);
       }
       await cluster.client.remove(name).catch(() => cluster.client.stop(name).then(() => cluster.client.remove(name)));
-      for (const [way, rows] of results) {
-        const section = table(sizeMB, way, rows);
-        console.log(section);
-        sections.push(section);
-        summary.push(`| ${sizeMB} MB | ${way} | ${ms(percentile(rows.map((r) => r.gapMs), 50))} | ${ms(percentile(rows.map((r) => r.gapMs), 99))} | ${ms(percentile(rows.flatMap((r) => (r.keptGapMs === undefined ? [] : [r.keptGapMs])), 50))} | ${ms(percentile(rows.map((r) => r.recordedDowntimeMs), 50))} |`);
-      }
+      const section = table(sizeMB, rows);
+      console.log(section);
+      sections.push(section);
+      summary.push(`| ${sizeMB} MB | ${ms(percentile(rows.map((r) => r.gapMs), 50))} | ${ms(percentile(rows.map((r) => r.gapMs), 99))} | ${ms(percentile(rows.flatMap((r) => (r.keptGapMs === undefined ? [] : [r.keptGapMs])), 50))} | ${ms(percentile(rows.map((r) => r.recordedDowntimeMs), 50))} |`);
     }
   } finally {
     await cluster.close();
   }
-  const header = `# bench/downtime: the frozen window of a move, step by step\n\nMeasured ${new Date().toISOString()} on the runc pair (2 cores shared with other work), one run: \`CHIPMUNK_RUNC_PAIR_NET=${process.env.CHIPMUNK_RUNC_PAIR_NET ?? 2} npx tsx bench/downtime/run.ts --moves ${moves} --sizes ${values.sizes} --mode ${mode} --freeze ${values.freeze}\`.\n\n`;
+  const header = `# bench/downtime: the frozen window of a move, step by step\n\nMeasured ${new Date().toISOString()} on the runc pair (2 cores shared with other work), one run: \`CHIPMUNK_RUNC_PAIR_NET=${process.env.CHIPMUNK_RUNC_PAIR_NET ?? 2} npx tsx bench/downtime/run.ts --moves ${moves} --sizes ${values.sizes} --mode ${mode}\`.\n\n`;
   console.log(summary.join('\n'));
   await writeFile(RESULTS, `${header}${summary.join('\n')}\n\n${sections.join('\n')}`);
   console.log(`written to ${RESULTS}`);

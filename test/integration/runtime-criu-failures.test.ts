@@ -66,7 +66,6 @@ describe('CRIU failures on the real runtime', { timeout: 5 * 60_000 }, () => {
       (e: unknown) => e,
     );
     await assertKeptLog(dumpErr, 'dump', migrationId);
-    // The agent froze it as CRIU started (freezer.ts): a failed dump must thaw it, or it stays paused.
     assert.equal((await pair.source.get(c.name)).status, 'running', 'the container runs on after a failed dump too');
     assert.ok(!existsSync(pair.source.migrationPaths(migrationId).images), 'the failed dump left no images behind');
     await pair.source.remove(c.name, { force: true });

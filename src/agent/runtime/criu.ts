@@ -21,7 +21,6 @@ import { lastLines, runUnchecked } from '../../shared/exec.js';
 import type { MigrationMode, MigrationStep } from '../../shared/protocol.js';
 import type { StepClock } from '../../shared/steps.js';
 import { within } from '../../shared/time.js';
-import { freezeOnceCriuStarts } from './freezer.js';
 import { inHostNetns } from './network.js';
 import type { Runc } from './runc.js';
 
@@ -302,7 +301,7 @@ export class Criu {
    */
   async dump(
     id: string,
-    opts: { name: string; images: string; work: string; mode: MigrationMode; pageServer?: PageServer; steps?: StepClock; freezeCgroup?: string },
+    opts: { name: string; images: string; work: string; mode: MigrationMode; pageServer?: PageServer; steps?: StepClock },
     onStarted: (dump: DumpProcess) => void,
   ): Promise<void> {
     const started = Date.now();
@@ -319,8 +318,6 @@ export class Criu {
       child.on('error', (e) => resolve({ code: 1, stderr: e.message }));
     });
     onStarted({ process: child, done });
-    // The agent freezes the container once CRIU runs, so CRIU finds it frozen (freezer.ts).
-    const freezing = opts.freezeCgroup ? freezeOnceCriuStarts(opts.freezeCgroup, join(opts.work, CRIU_LOG.dump), done) : undefined;
     let captured: boolean;
     if (status) {
       // If runc exits first (EOF without a byte), the dump failed.
@@ -332,13 +329,7 @@ export class Criu {
     } else {
       captured = (await done).code === 0;
     }
-    const frozen = await freezing;
-    if (!captured) {
-      // CRIU leaves the cgroup as it found it: frozen, if the agent got there first.
-      await frozen?.thaw();
-      throw await dumpFailedError(`dump of '${opts.name}'`, await done, join(opts.work, CRIU_LOG.dump));
-    }
-    if (frozen?.timing) opts.steps?.add('agent-freeze', frozen.timing.at, frozen.timing.end);
+    if (!captured) throw await dumpFailedError(`dump of '${opts.name}'`, await done, join(opts.work, CRIU_LOG.dump));
     opts.steps?.add('runc-checkpoint', started, Date.now());
     opts.steps?.addAll(await criuLogSteps(join(opts.work, CRIU_LOG.dump), 'dump'));
   }

@@ -13,7 +13,6 @@ import type { RuntimeContext, SourceMigration } from './context.js';
 import { treeBytes } from './context.js';
 import { resetUnrestorableConnections } from './connections.js';
 import { CRIU_LOG, killProcessTree, markKeptConnections, PAGE_DRAIN_TIMEOUT_MS, removeCriuNetworkLock, writeCriuOptions } from './criu.js';
-import { dumpFreezer } from './freezer.js';
 import type { ContainerRecord } from './records.js';
 import { restoreIncarnation } from './target-restore.js';
 import type { DumpOptions, DumpOutcome, MigrationPaths } from './types.js';
@@ -73,8 +72,7 @@ export class SourceMigrations {
         // What the target could not restore is reset now, or the whole move would roll back (connections.ts).
         const netns = keepConnections ? await ctx.containerNetnsPath(rec) : undefined;
         if (netns) await steps.time('reset-connections', () => resetUnrestorableConnections(netns, rec.spec.address!));
-        const freezeCgroup = dumpFreezer() === 'agent' ? ctx.layout.cgroupsPath(name, rec.generation) : undefined;
-        await ctx.criu.dump(id, { name, images, work, mode: opts.mode, pageServer: opts.pageServer, steps, freezeCgroup }, (dump) => {
+        await ctx.criu.dump(id, { name, images, work, mode: opts.mode, pageServer: opts.pageServer, steps }, (dump) => {
           frozenAt = Date.now();
           mig.dump = dump;
         });
@@ -97,7 +95,9 @@ export class SourceMigrations {
         await ctx.syncLayer(name);
         return { imageBytes: await treeBytes(images), upperBytes: await treeBytes(join(ctx.layout.containerDir(name), 'files')) };
       });
-      return { ...sizes, frozenAt };
+      // CRIU's freeze, when its log names it: runc and CRIU start while the container still runs.
+      const freeze = steps.steps.find((s) => s.step === 'freeze');
+      return { ...sizes, frozenAt: freeze?.at ?? frozenAt };
     });
   }
 
