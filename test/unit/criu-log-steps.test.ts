@@ -1,11 +1,11 @@
-// The frozen window's CRIU steps read from its logs (src/agent/runtime/criu.ts criuLogSteps): the
+// The frozen window's CRIU steps read from its logs (src/agent/runtime/criu-steps.ts): the
 // relative times of the marker lines, placed on the wall clock by the log's modification time.
 import assert from 'node:assert/strict';
 import { mkdtemp, rm, utimes, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
-import { criuLogSteps } from '../../src/agent/runtime/criu.js';
+import { criuLogSteps } from '../../src/agent/runtime/criu-steps.js';
 
 let dir: string;
 before(async () => (dir = await mkdtemp(join(tmpdir(), 'chipmunk-criu-steps-'))));

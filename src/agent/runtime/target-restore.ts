@@ -10,7 +10,8 @@ import { ConflictError, InvalidInputError, RuntimeFailedError } from '../../shar
 import type { AgentContainer, ContainerSpec, MigrationMode } from '../../shared/protocol.js';
 import { StepClock } from '../../shared/steps.js';
 import type { RuntimeContext } from './context.js';
-import { CRIU_LOG, PAGE_DRAIN_TIMEOUT_MS, assertLazyRestorePossible, criuFailureSummary, criuLogSteps, dumpedWithUserNamespace, keptConnections, killOrphanedCriuProcesses, writeCriuOptions, type PageServer } from './criu.js';
+import { CRIU_LOG, PAGE_DRAIN_TIMEOUT_MS, assertLazyRestorePossible, criuFailureSummary, dumpedWithUserNamespace, keptConnections, killOrphanedCriuProcesses, writeCriuOptions, type PageServer } from './criu.js';
+import { criuLogSteps } from './criu-steps.js';
 import type { ImageConfig } from './images.js';
 import type { ContainerRecord } from './records.js';
 import type { PrepareOptions, RestoreOptions } from './types.js';
