@@ -11,6 +11,7 @@ import { CheckpointInfo, checkpointPartUrl, uploadCheckpoint } from '../checkpoi
 import { NotFoundError, TransferFailedError } from '../shared/errors.js';
 import { installApiConventions } from '../shared/http.js';
 import { removeTree } from '../shared/remove-tree.js';
+import { StepClock } from '../shared/steps.js';
 import { installTermFence, type TermFence } from '../shared/term-fence.js';
 import {
   AgentContainer,
@@ -118,9 +119,10 @@ export function buildAgentServer(deps: AgentServerDeps): FastifyInstance {
       const { migrationId, mode, pageServerPort } = req.body;
       const address = deps.info.address;
       const pageServer = mode === 'lazy' && pageServerPort ? { address, port: await freePageServerPort(address, pageServerPort) } : undefined;
-      const outcome = await runtime.dump(req.params.name, { migrationId, mode, pageServer });
+      const steps = new StepClock();
+      const outcome = await runtime.dump(req.params.name, { migrationId, mode, pageServer, steps });
       await faults.pauseAt('migration:dump');
-      return { migrationId, ...outcome, ...(pageServer ? { pageServer } : {}) };
+      return { migrationId, ...outcome, ...(pageServer ? { pageServer } : {}), steps: steps.steps };
     },
   );
 
@@ -212,14 +214,15 @@ export function buildAgentServer(deps: AgentServerDeps): FastifyInstance {
       const paths = runtime.migrationPaths(migrationId);
       await faults.beforeTransfer();
       let bytes = 0;
+      const steps = new StepClock();
       const fetchOne = async (what: 'images' | 'files', dest: string) => {
         const base = bytes;
         try {
-          const res = await fetchTreeFromAny(
+          const res = await steps.time(`fetch-${what}`, () => fetchTreeFromAny(
             treeUrls(what),
             { token, dest, onProgress: (b) => progress.set(migrationId, { migrationId, what, bytes: base + b }) },
             (url, err) => app.log.warn({ err: err.toJSON() }, `reading ${what} of checkpoint ${r.checkpoint?.id} from ${url} failed; reading it from the next replica`),
-          );
+          ));
           bytes += res.bytes;
         } catch (err) {
           const from = r.checkpoint ? `checkpoint ${r.checkpoint.id} in the store` : `node ${r.source.node}`;
@@ -247,9 +250,9 @@ export function buildAgentServer(deps: AgentServerDeps): FastifyInstance {
         const fetchMs = Date.now() - fetchStart;
         await faults.beforeRestore(paths.images);
         const criuStart = Date.now();
-        const container = await runtime.restore(r.spec, { migrationId, mode: r.mode, generation: r.generation, pageServer: r.pageServer });
+        const container = await runtime.restore(r.spec, { migrationId, mode: r.mode, generation: r.generation, pageServer: r.pageServer, steps });
         await faults.afterRestore(r.mode, paths.images);
-        return { container, bytesTransferred: bytes, restoredAt: Date.now(), fetchMs, criuMs: Date.now() - criuStart };
+        return { container, bytesTransferred: bytes, restoredAt: Date.now(), fetchMs, criuMs: Date.now() - criuStart, steps: steps.steps };
       } finally {
         progress.delete(migrationId);
       }

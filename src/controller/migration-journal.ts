@@ -7,7 +7,7 @@
  */
 import type { Logger } from 'pino';
 import { MigrationFailedError, toChipmunkError, type LockLostError, type MigrationPhase } from '../shared/errors.js';
-import type { MigrationEvent, MigrationPhaseName, MigrationRecord } from '../shared/protocol.js';
+import type { MigrationEvent, MigrationPhaseName, MigrationRecord, MigrationStep } from '../shared/protocol.js';
 import type { ContainerLocks, ContainerRecord, HeldLock } from './container-lock.js';
 import type { NodeRecord } from './registry.js';
 import type { StateStore } from './store/index.js';
@@ -52,10 +52,15 @@ export class MigrationJournal {
     return records.sort((a, b) => a.startedAt - b.startedAt);
   }
 
-  /** Records the phase (the lock's phase and the migration record in one write), then reports it. `container` replaces the record (the commit). */
-  async enter(run: MigrationRun, phase: MigrationPhaseName, detail: EventDetail, container: ContainerRecord = run.held.record): Promise<void> {
+  /**
+   * Records the phase (the lock's phase and the migration record in one write), then reports it.
+   * `container` replaces the record (the commit). `endedSteps`: what the node of the phase that
+   * ends here did, step by step (src/shared/steps.ts), kept on that phase's event.
+   */
+  async enter(run: MigrationRun, phase: MigrationPhaseName, detail: EventDetail, container: ContainerRecord = run.held.record, endedSteps?: MigrationStep[]): Promise<void> {
     const event: MigrationEvent = { migrationId: run.record.id, phase, at: Date.now(), ...detail };
-    const record: MigrationRecord = { ...run.record, phase, history: [...run.record.history, event] };
+    const history = endedSteps?.length ? withStepsOnLast(run.record.history, endedSteps) : run.record.history;
+    const record: MigrationRecord = { ...run.record, phase, history: [...history, event] };
     run.held.lock.phase = phase;
     await this.locks.save(run.held, container, [{ type: 'put', key: migrationKey(record.id), value: record }]);
     run.record = record;
@@ -109,6 +114,11 @@ export class MigrationJournal {
       this.log.warn({ migrationId: run.record.id, err: toChipmunkError(err).toJSON() }, 'migration event listener failed');
     }
   }
+}
+
+function withStepsOnLast(history: MigrationEvent[], steps: MigrationStep[]): MigrationEvent[] {
+  const last = history.at(-1);
+  return last ? [...history.slice(0, -1), { ...last, steps }] : history;
 }
 
 /** The phase to blame for a failure while the record says `phase`. */

@@ -99,7 +99,11 @@ export class MigrationSettler {
       downtimeMs: measured && restored ? restored.restoredAt - measured.frozenAt : 0,
       totalMs: finishedAt - run.record.startedAt,
       bytesTransferred: (restored?.bytesTransferred ?? 0) + settled.lazyPagesBytes,
-      phases: run.record.history.map((event, i) => ({ phase: event.phase, ms: (run.record.history[i + 1]?.at ?? finishedAt) - event.at })),
+      phases: run.record.history.map((event, i) => ({
+        phase: event.phase,
+        ms: (run.record.history[i + 1]?.at ?? finishedAt) - event.at,
+        ...(event.steps ? { steps: event.steps.map(({ step, ms }) => ({ step, ms })) } : {}),
+      })),
     };
     await this.opts.journal.end(run, committed, { phase: 'done', summary, ...(cleanupPending ? { cleanupPending } : {}) }, `${name} runs on ${to}`);
     return summary;

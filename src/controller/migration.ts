@@ -243,7 +243,7 @@ export class MigrationOrchestrator {
         });
 
       const transferTotal = dump.imageBytes + dump.upperBytes;
-      await this.journal.enter(run, 'transfer', { totalBytes: transferTotal, message: `${to} fetches the dump from ${from} and restores ${name}` });
+      await this.journal.enter(run, 'transfer', { totalBytes: transferTotal, message: `${to} fetches the dump from ${from} and restores ${name}` }, undefined, dump.steps);
       await controllerPauses.at('migration:transfer');
       // Bytes as the target receives them: reported live, not recorded (the phase is).
       const poll = setInterval(() => {
@@ -263,7 +263,7 @@ export class MigrationOrchestrator {
         })
         .finally(() => clearInterval(poll));
 
-      await this.journal.enter(run, 'verify', { bytes: restored.bytesTransferred, message: `checking that ${name} runs on ${to}` });
+      await this.journal.enter(run, 'verify', { bytes: restored.bytesTransferred, message: `checking that ${name} runs on ${to}` }, undefined, restored.steps);
       await controllerPauses.at('migration:verify');
       const running = await target.get(name);
       if (running.status !== 'running') {

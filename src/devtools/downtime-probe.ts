@@ -5,6 +5,7 @@
  * gap between the two. Bounded: it stops by itself after `maxMs` whatever happens.
  */
 import { setTimeout as sleep } from 'node:timers/promises';
+import { connect } from 'node:net';
 import { Agent, request } from 'undici';
 
 /**
@@ -148,5 +149,152 @@ export async function firstAnswer(url: string, timeoutMs = 60_000): Promise<numb
     }
     if (Date.now() > until) throw new Error(`${url} did not answer within ${timeoutMs} ms`);
     await sleep(POLL_INTERVAL_MS);
+  }
+}
+
+/** A client's view of one address while a container that keeps it moves: when it answered. */
+export interface AnswerTimes {
+  /** When each answer arrived, in order. */
+  answers: number[];
+  requests: number;
+  /** Errors a kept connection saw (a reset, a close): it should see none. */
+  errors: string[];
+}
+
+/** The longest silence between two answers from `since` on: the previous answer, the next, and the gap. */
+export function longestGap(answers: number[], since: number): { lastBefore: number; firstAfter: number; gapMs: number } | undefined {
+  let best: { lastBefore: number; firstAfter: number; gapMs: number } | undefined;
+  for (let i = 1; i < answers.length; i++) {
+    const [a, b] = [answers[i - 1]!, answers[i]!];
+    if (b < since) continue;
+    if (!best || b - a > best.gapMs) best = { lastBefore: a, firstAfter: b, gapMs: b - a };
+  }
+  return best;
+}
+
+const OVERLAPPING_ATTEMPTS = 8;
+/** Long enough for an answer on a loaded 2-core machine; a dropped SYN is retried by the next attempt meanwhile. */
+const ATTEMPT_TIMEOUT_MS = 250;
+
+/**
+ * New clients at one address (a container's cluster address, the same before and after its
+ * move): a request on a fresh connection starts about every millisecond, up to a few at once, so
+ * a SYN dropped while the container is frozen (or its network locked) does not blind the probe
+ * for a whole connect time-out: the first answer after the move is seen within a millisecond or
+ * two. Plain sockets, each attempt on its own (an HTTP client's pool could queue one attempt
+ * behind another's connect). Bounded by `maxMs`.
+ */
+export class FreshConnectionProbe {
+  private stopped = false;
+  private readonly times: AnswerTimes = { answers: [], requests: 0, errors: [] };
+  private inFlight = 0;
+  private loop: Promise<void> = Promise.resolve();
+  private deadline: NodeJS.Timeout | undefined;
+  private readonly target: URL;
+
+  constructor(
+    url: string,
+    private readonly maxMs = 120_000,
+  ) {
+    this.target = new URL(url);
+  }
+
+  start(): void {
+    this.loop = (async () => {
+      const pending = new Set<Promise<void>>();
+      while (!this.stopped) {
+        if (this.inFlight < OVERLAPPING_ATTEMPTS) {
+          const attempt = this.attempt().finally(() => pending.delete(attempt));
+          pending.add(attempt);
+        }
+        await sleep(POLL_INTERVAL_MS);
+      }
+      await Promise.all(pending);
+    })();
+    this.deadline = setTimeout(() => (this.stopped = true), this.maxMs);
+  }
+
+  async stop(): Promise<AnswerTimes> {
+    this.stopped = true;
+    clearTimeout(this.deadline);
+    await this.loop;
+    this.times.answers.sort((a, b) => a - b);
+    return this.times;
+  }
+
+  /** One GET on a new connection: answered when the status line says 2xx-4xx. */
+  private attempt(): Promise<void> {
+    this.inFlight++;
+    this.times.requests++;
+    return new Promise<void>((resolve) => {
+      const socket = connect({ host: this.target.hostname, port: Number(this.target.port || 80) });
+      let head = '';
+      let finished = false;
+      const done = (answered: boolean) => {
+        if (finished) return;
+        finished = true;
+        if (answered) this.times.answers.push(Date.now());
+        clearTimeout(timer);
+        socket.destroy();
+        this.inFlight--;
+        resolve();
+      };
+      const timer = setTimeout(() => done(false), ATTEMPT_TIMEOUT_MS);
+      socket.setNoDelay(true);
+      socket.once('connect', () => socket.write(`GET ${this.target.pathname} HTTP/1.1\r\nHost: ${this.target.host}\r\nConnection: close\r\n\r\n`));
+      socket.on('data', (d: Buffer) => {
+        head += d.toString('latin1');
+        const status = /^HTTP\/1\.[01] (\d{3})/.exec(head);
+        if (status) done(Number(status[1]) < 500);
+      });
+      socket.once('error', () => done(false));
+      socket.once('close', () => done(false));
+    });
+  }
+}
+
+/**
+ * One client that keeps its connection: requests one after the other on a single kept-alive
+ * connection, about every millisecond, never timed out (a time-out would close it). Across a
+ * move that keeps connections it must see no error; its gap includes TCP's retransmission wait.
+ */
+export class KeptConnectionProbe {
+  private stopped = false;
+  private readonly times: AnswerTimes = { answers: [], requests: 0, errors: [] };
+  private loop: Promise<void> = Promise.resolve();
+  private readonly client: Agent;
+  private deadline: NodeJS.Timeout | undefined;
+
+  constructor(
+    private readonly url: string,
+    private readonly maxMs = 120_000,
+  ) {
+    this.client = new Agent({ connections: 1, pipelining: 1, keepAliveTimeout: maxMs, keepAliveMaxTimeout: maxMs, headersTimeout: 0, bodyTimeout: 0 });
+  }
+
+  start(): void {
+    this.loop = (async () => {
+      while (!this.stopped) {
+        this.times.requests++;
+        try {
+          const res = await request(this.url, { dispatcher: this.client });
+          await res.body.dump();
+          if (res.statusCode < 500) this.times.answers.push(Date.now());
+        } catch (err) {
+          this.times.errors.push((err as Error).message);
+          if (this.times.errors.length > 10) break;
+        }
+        await sleep(POLL_INTERVAL_MS);
+      }
+    })();
+    this.deadline = setTimeout(() => (this.stopped = true), this.maxMs);
+  }
+
+  async stop(): Promise<AnswerTimes> {
+    this.stopped = true;
+    clearTimeout(this.deadline);
+    await this.loop;
+    await this.client.close();
+    return this.times;
   }
 }

@@ -136,6 +136,13 @@ export type AgentInfo = Static<typeof AgentInfo>;
 
 // ------------------------------------------------------------------ agent: migration steps
 
+/**
+ * One timed step of a migration's frozen window (src/shared/steps.ts), by the clock of the node
+ * that did it: `at` its start (ms since epoch), `ms` how long it took.
+ */
+export const MigrationStep = Type.Object({ step: Type.String(), at: Type.Number(), ms: Type.Number({ minimum: 0 }) });
+export type MigrationStep = Static<typeof MigrationStep>;
+
 /** Ports the controller hands to source agents for CRIU page servers (lazy mode). */
 export const PAGE_SERVER_PORTS = { first: 27000, last: 27999 } as const;
 
@@ -160,6 +167,8 @@ export const DumpResult = Type.Object({
   /** When the container stopped answering (ms since epoch, source clock). */
   frozenAt: Type.Number(),
   pageServer: Type.Optional(PageServerAddress),
+  /** The dump step by step (runc, CRIU's freeze, network lock and dump, the layer's sync). */
+  steps: Type.Optional(Type.Array(MigrationStep)),
 });
 export type DumpResult = Static<typeof DumpResult>;
 
@@ -200,6 +209,8 @@ export const RestoreResult = Type.Object({
   /** Where the target's time went, ms: fetching the trees (from the store: with preparing), and runc/CRIU restoring. */
   fetchMs: Type.Optional(Type.Number()),
   criuMs: Type.Optional(Type.Number()),
+  /** The fetch and restore step by step (trees, bundle, runc, CRIU's restore, the address routed). */
+  steps: Type.Optional(Type.Array(MigrationStep)),
 });
 export type RestoreResult = Static<typeof RestoreResult>;
 
@@ -394,6 +405,8 @@ export const MigrationEvent = Type.Object({
   bytes: Type.Optional(Type.Integer()),
   totalBytes: Type.Optional(Type.Integer()),
   message: Type.Optional(Type.String()),
+  /** What the phase's node did, step by step (dump: the source's; transfer: the target's), written when the phase ends. */
+  steps: Type.Optional(Type.Array(MigrationStep)),
 });
 export type MigrationEvent = Static<typeof MigrationEvent>;
 
@@ -407,7 +420,8 @@ export const MigrationSummary = Type.Object({
   downtimeMs: Type.Number(),
   totalMs: Type.Number(),
   bytesTransferred: Type.Integer(),
-  phases: Type.Array(Type.Object({ phase: Type.String(), ms: Type.Number() })),
+  /** Each phase's time, and the steps its node reported (the frozen window's: dump, transfer). */
+  phases: Type.Array(Type.Object({ phase: Type.String(), ms: Type.Number(), steps: Type.Optional(Type.Array(Type.Object({ step: Type.String(), ms: Type.Number() }))) })),
 });
 export type MigrationSummary = Static<typeof MigrationSummary>;
 
@@ -449,6 +463,7 @@ export const schemas: Record<string, TSchema> = {
   AgentContainer,
   ContainerStats,
   AgentInfo,
+  MigrationStep,
   DumpRequest,
   DumpResult,
   PrepareRequest,

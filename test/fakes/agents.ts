@@ -243,6 +243,7 @@ export class FakeAgent implements AgentApi {
         upperBytes: 96,
         frozenAt: Date.now(),
         ...(req.mode === 'lazy' ? { pageServer: { address: this.address, port: req.pageServerPort! } } : {}),
+        steps: [{ step: 'criu-dump', at: Date.now(), ms: 1 }],
       };
     });
   }
@@ -273,7 +274,7 @@ export class FakeAgent implements AgentApi {
         container.status = 'stopped';
         throw new RuntimeFailedError('the restored process died: a memory page could not be fetched', { op: 'restore' });
       }
-      return { container, bytesTransferred: dump.bytes, restoredAt: Date.now() };
+      return { container, bytesTransferred: dump.bytes, restoredAt: Date.now(), steps: [{ step: 'fetch-images', at: Date.now(), ms: 2 }, { step: 'criu-restore', at: Date.now(), ms: 3 }] };
     });
   }
 

@@ -39,7 +39,7 @@ const summary: MigrationSummary = {
   totalMs: 1234,
   bytesTransferred: 5 * 1024 * 1024,
   phases: [
-    { phase: 'dump', ms: 250 },
+    { phase: 'dump', ms: 250, steps: [{ step: 'freeze', ms: 100 }, { step: 'criu-dump', ms: 140 }] },
     { phase: 'transfer', ms: 600 },
   ],
 };
@@ -200,6 +200,7 @@ describe('chipmunk against a controller', () => {
     assert.match(result.stdout, /transfer\s+1\.0 MiB \/ 5\.0 MiB/);
     assert.match(result.stdout, /migrated web from node1 to node2 \(lazy\)/);
     assert.match(result.stdout, /downtime\s+321 ms\ntotal\s+1\.23 s\ntransferred\s+5\.0 MiB/);
+    assert.match(result.stdout, /dump\s+250 ms\n  freeze\s+100 ms\n  criu-dump\s+140 ms\ntransfer\s+600 ms/, "a phase's steps, indented below it");
     assert.deepEqual(lastBodySentTo('POST', '/v1/containers/web/migrate'), { to: 'node2' });
   });
 

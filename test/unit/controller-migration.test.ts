@@ -127,7 +127,10 @@ describe('migration orchestrator', () => {
     assert.ok(checkpoint.pageServerPort! >= 27000 && checkpoint.pageServerPort! <= 27999, 'lazy mode gets a page server port');
     const stored = (await env.store.get<MigrationRecord>(migrationKey(summary.id)))!.value;
     assert.equal(stored.phase, 'done');
-    assert.deepEqual(stored.history, events);
+    // The frozen window's steps, as the source's dump and the target's restore answered them, on their phases' events.
+    assert.deepEqual(stored.history.map((event) => event.steps?.map((s) => s.step)), [undefined, ['criu-dump'], ['fetch-images', 'criu-restore'], undefined, undefined, undefined]);
+    assert.deepEqual(stored.history.map(({ steps: _steps, ...event }) => event), events, 'the rest as streamed, in order');
+    assert.deepEqual(summary.phases.find((p) => p.phase === 'transfer')?.steps, [{ step: 'fetch-images', ms: 2 }, { step: 'criu-restore', ms: 3 }]);
     assert.deepEqual(stored.summary, summary);
 
     // And back again: the container record follows.

@@ -19,7 +19,9 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { CapabilityMissingError, RuntimeFailedError } from '../../shared/errors.js';
 import { lastLines, runUnchecked } from '../../shared/exec.js';
 import type { MigrationMode } from '../../shared/protocol.js';
+import type { StepClock } from '../../shared/steps.js';
 import { within } from '../../shared/time.js';
+import { criuLogSteps } from './criu-steps.js';
 import { inHostNetns } from './network.js';
 import type { Runc } from './runc.js';
 
@@ -252,9 +254,10 @@ export class Criu {
    */
   async dump(
     id: string,
-    opts: { name: string; images: string; work: string; mode: MigrationMode; pageServer?: PageServer },
+    opts: { name: string; images: string; work: string; mode: MigrationMode; pageServer?: PageServer; steps?: StepClock },
     onStarted: (dump: DumpProcess) => void,
   ): Promise<void> {
+    const started = Date.now();
     const args = this.runc.args(['checkpoint', '--image-path', opts.images, '--work-path', opts.work, '--tcp-established', FILE_LOCKS], true);
     if (opts.mode === 'lazy') args.push('--lazy-pages', '--page-server', `${opts.pageServer!.address}:${opts.pageServer!.port}`, '--status-fd', '3');
     args.push(id);
@@ -280,6 +283,8 @@ export class Criu {
       captured = (await done).code === 0;
     }
     if (!captured) throw await dumpFailedError(`dump of '${opts.name}'`, await done, join(opts.work, CRIU_LOG.dump));
+    opts.steps?.add('runc-checkpoint', started, Date.now());
+    opts.steps?.addAll(await criuLogSteps(join(opts.work, CRIU_LOG.dump), 'dump'));
   }
 
   /**

@@ -7,6 +7,7 @@ import { mkdir, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { CapabilityMissingError, ConflictError, InvalidInputError, RuntimeFailedError } from '../../shared/errors.js';
 import type { AgentContainer, DumpState } from '../../shared/protocol.js';
+import { StepClock } from '../../shared/steps.js';
 import { within } from '../../shared/time.js';
 import type { RuntimeContext, SourceMigration } from './context.js';
 import { treeBytes } from './context.js';
@@ -66,11 +67,12 @@ export class SourceMigrations {
         await writeCriuOptions(containerDir, 'dump', true);
         await markKeptConnections(images);
       }
+      const steps = opts.steps ?? new StepClock();
       try {
         // What the target could not restore is reset now, or the whole move would roll back (connections.ts).
         const netns = keepConnections ? await ctx.containerNetnsPath(rec) : undefined;
-        if (netns) await resetUnrestorableConnections(netns, rec.spec.address!);
-        await ctx.criu.dump(id, { name, images, work, mode: opts.mode, pageServer: opts.pageServer }, (dump) => {
+        if (netns) await steps.time('reset-connections', () => resetUnrestorableConnections(netns, rec.spec.address!));
+        await ctx.criu.dump(id, { name, images, work, mode: opts.mode, pageServer: opts.pageServer, steps }, (dump) => {
           frozenAt = Date.now();
           mig.dump = dump;
         });
@@ -89,12 +91,13 @@ export class SourceMigrations {
         if (keepConnections) await writeCriuOptions(containerDir, 'dump').catch(() => undefined);
       }
       // The container is dumped and gone: its layer's last writes go into the image, which travels.
-      await ctx.syncLayer(name);
-      return {
-        imageBytes: await treeBytes(images),
-        upperBytes: await treeBytes(join(ctx.layout.containerDir(name), 'files')),
-        frozenAt,
-      };
+      const sizes = await steps.time('sync-layer', async () => {
+        await ctx.syncLayer(name);
+        return { imageBytes: await treeBytes(images), upperBytes: await treeBytes(join(ctx.layout.containerDir(name), 'files')) };
+      });
+      // CRIU's freeze, when its log names it: runc and CRIU start while the container still runs.
+      const freeze = steps.steps.find((s) => s.step === 'freeze');
+      return { ...sizes, frozenAt: freeze?.at ?? frozenAt };
     });
   }
 

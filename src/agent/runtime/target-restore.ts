@@ -8,8 +8,10 @@ import { mkdir, readdir, rename } from 'node:fs/promises';
 import { join } from 'node:path';
 import { ConflictError, InvalidInputError, RuntimeFailedError } from '../../shared/errors.js';
 import type { AgentContainer, ContainerSpec, MigrationMode } from '../../shared/protocol.js';
+import { StepClock } from '../../shared/steps.js';
 import type { RuntimeContext } from './context.js';
 import { CRIU_LOG, PAGE_DRAIN_TIMEOUT_MS, assertLazyRestorePossible, criuFailureSummary, dumpedWithUserNamespace, keptConnections, killOrphanedCriuProcesses, writeCriuOptions, type PageServer } from './criu.js';
+import { criuLogSteps } from './criu-steps.js';
 import type { ImageConfig } from './images.js';
 import type { ContainerRecord } from './records.js';
 import type { PrepareOptions, RestoreOptions } from './types.js';
@@ -62,7 +64,7 @@ export class TargetRestores {
           rec.ip = (await ctx.network.attach(rec.netns, ctx.cniId(rec), spec)).ip;
           await ctx.records.write(rec);
         }
-        const restored = await restoreIncarnation(ctx, rec, rec.image, opts.migrationId, opts.mode, opts.pageServer);
+        const restored = await restoreIncarnation(ctx, rec, rec.image, opts.migrationId, opts.mode, opts.pageServer, opts.steps);
         delete restored.migration;
         restored.restoredBy = opts.migrationId;
         await ctx.records.write(restored);
@@ -170,23 +172,29 @@ export async function restoreIncarnation(
   migrationId: string,
   mode: MigrationMode,
   pageServer: PageServer | undefined,
+  steps = new StepClock(),
 ): Promise<ContainerRecord> {
   const name = rec.spec.name;
   const work = ctx.layout.criuWorkDir(migrationId);
   const containerDir = ctx.layout.containerDir(name);
   const images = ctx.layout.migrationImages(migrationId);
-  await mkdir(work, { recursive: true });
-  rec.userNamespace = await dumpedWithUserNamespace(images);
-  if (mode === 'lazy') await assertLazyRestorePossible(rec.userNamespace);
-  await ctx.ensureStagedInterface(rec);
-  await ctx.addClusterAddress(rec);
-  await ctx.mountContainerRootfs(name, image);
-  await ctx.writeBundle(rec, image);
-  await writeCriuOptions(containerDir, 'restore', keptConnections(images));
+  await steps.time('bundle', async () => {
+    await mkdir(work, { recursive: true });
+    rec.userNamespace = await dumpedWithUserNamespace(images);
+    if (mode === 'lazy') await assertLazyRestorePossible(rec.userNamespace);
+    await ctx.ensureStagedInterface(rec);
+    await ctx.addClusterAddress(rec);
+    await ctx.mountContainerRootfs(name, image);
+    await ctx.writeBundle(rec, image);
+    await writeCriuOptions(containerDir, 'restore', keptConnections(images));
+  });
   try {
-    const restore = await ctx.criu.restoreCommand(migrationId, { images, work, bundle: containerDir, mode, pageServer });
-    await ctx.runc.start(ctx.startTarget(name), [...restore.args, ctx.runcId(rec)], 'runc restore', restore.log, restore.daemonFailed);
-    await ctx.routeClusterAddress(rec);
+    const command = () => ctx.criu.restoreCommand(migrationId, { images, work, bundle: containerDir, mode, pageServer });
+    const restore = await (mode === 'lazy' ? steps.time('lazy-pages-daemon', command) : command());
+    await steps.time('runc-restore', () => ctx.runc.start(ctx.startTarget(name), [...restore.args, ctx.runcId(rec)], 'runc restore', restore.log, restore.daemonFailed));
+    steps.addAll(await criuLogSteps(restore.log, 'restore'));
+    // The network's unlock: packets for the address reach the restored copy from here on.
+    await steps.time('route-address', () => ctx.routeClusterAddress(rec));
   } catch (err) {
     ctx.criu.killLazyPages(migrationId);
     await ctx.runc.destroy(ctx.runcId(rec));

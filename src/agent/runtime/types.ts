@@ -10,6 +10,7 @@
  * `finishMigration` waits for the last lazy pages and removes what is left of it.
  */
 import type { AgentContainer, ContainerSpec, ContainerStats, DumpState, HostCapabilities, MigrationMode } from '../../shared/protocol.js';
+import type { StepClock } from '../../shared/steps.js';
 
 export type LogStream = 'stdout' | 'stderr' | 'all';
 
@@ -18,6 +19,8 @@ export interface DumpOptions {
   mode: MigrationMode;
   /** Lazy mode: where the source's CRIU page server listens. */
   pageServer?: { address: string; port: number };
+  /** Where the dump's steps are recorded (src/shared/steps.ts). */
+  steps?: StepClock;
 }
 
 export interface DumpOutcome {
@@ -43,6 +46,8 @@ export interface RestoreOptions {
   generation: number;
   /** Lazy mode: the source's page server, where the lazy-pages daemon fetches memory from. */
   pageServer?: { address: string; port: number };
+  /** Where the restore's steps are recorded (src/shared/steps.ts). */
+  steps?: StepClock;
 }
 
 export interface PrepareOptions {

@@ -50,7 +50,8 @@ class ProgressDisplay {
 }
 
 function renderSummary(summary: MigrationSummary): string {
-  const phases = summary.phases.map((p) => [p.phase, formatDuration(p.ms)]);
+  // A phase's steps (the frozen window's, as its node timed them) go below it, indented.
+  const phases = summary.phases.flatMap((p) => [[p.phase, formatDuration(p.ms)], ...(p.steps ?? []).map((s) => [`  ${s.step}`, formatDuration(s.ms)])]);
   const totals = [
     ['downtime', formatDuration(summary.downtimeMs)],
     ['total', formatDuration(summary.totalMs)],
@@ -128,8 +129,12 @@ export function registerMigrationsCommand(program: Command): void {
         printJson(list);
         return;
       }
-      const rows = list.map((m) => [m.id.slice(0, 8), m.name, m.from, m.to, m.mode, new Date(m.startedAt).toISOString(), m.finishedAt ? formatDuration(m.finishedAt - m.startedAt) : '-', outcomeOf(m)]);
-      process.stdout.write(`${renderTable(['ID', 'CONTAINER', 'FROM', 'TO', 'MODE', 'STARTED', 'TOOK', 'OUTCOME'], rows)}\n`);
+      // The frozen window's steps are in the history of each record (--json).
+      const rows = list.map((m) => [
+        m.id.slice(0, 8), m.name, m.from, m.to, m.mode, new Date(m.startedAt).toISOString(),
+        m.finishedAt ? formatDuration(m.finishedAt - m.startedAt) : '-', m.summary ? formatDuration(m.summary.downtimeMs) : '-', outcomeOf(m),
+      ]);
+      process.stdout.write(`${renderTable(['ID', 'CONTAINER', 'FROM', 'TO', 'MODE', 'STARTED', 'TOOK', 'DOWNTIME', 'OUTCOME'], rows)}\n`);
     },
   );
 }
