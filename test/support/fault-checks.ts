@@ -13,6 +13,7 @@ import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { request } from 'undici';
+import { DEFAULT_RUN_DIR } from '../../src/cluster/state.js';
 import { cli, clusterStateDir, controllerContainers, http, localCluster, migrationLeftovers, runcList, runningCopies } from './local-cluster.js';
 
 const execFileP = promisify(execFile);
@@ -145,7 +146,9 @@ export async function migrationDebris(): Promise<string[]> {
   for (const node of localCluster().nodes) left.push(...(await migrationLeftovers(node)));
   for (const target of await mountTargets()) if (/\/migrations\/|criu-root/.test(target) && target.includes('/chipmunk/')) left.push(`mount ${target}`);
   const procs = (await execFileP('ps', ['-eo', 'pid=,args='])).stdout.split('\n');
-  for (const line of procs) if (/criu.*(lazy-pages|page-server)|runc .*--lazy-pages/.test(line)) left.push(`process ${line.trim().slice(0, 120)}`);
+  // Only the local cluster's: a runc pair of another test on this machine has its own under /tmp.
+  const ours = (line: string) => line.includes(clusterStateDir()) || line.includes(DEFAULT_RUN_DIR);
+  for (const line of procs) if (/criu.*(lazy-pages|page-server)|runc .*--lazy-pages/.test(line) && ours(line)) left.push(`process ${line.trim().slice(0, 120)}`);
   return left;
 }
 
