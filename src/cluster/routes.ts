@@ -28,6 +28,14 @@ export async function routeContainerSubnet(subnet: string, via: string, bridge: 
   await run('ip', ['route', 'replace', subnet, 'via', via, 'dev', bridge], { op: `route ${subnet} via ${via}` });
 }
 
+/**
+ * Inside a test host, the route towards the host that runs a container yields to the host's own
+ * route to a container it runs (its agent's, metric 0): a placement routed by a controller that
+ * was behind (it restarted mid-migration, and its start routed the record it read then) can never
+ * shadow the route to the copy that runs here.
+ */
+const TOWARDS_OWNER_METRIC = 100;
+
 /** A test host as the address routes script sees it: its namespace (a path) and its address. */
 export interface RoutedHost {
   netns: string;
@@ -62,11 +70,14 @@ export function addressRoutesScript(hosts: RoutedHost[], machineNetns?: string):
     `case "$addr" in 198.18.*|198.19.*) ;; *) echo "$addr is outside the test range ${TEST_RANGE}" >&2; exit 2 ;; esac`,
     'if [ -z "$via" ]; then',
     `  ${onMachine('del "$addr/32"')} 2>/dev/null`,
-    ...hosts.map((h) => `  ${inHost(h, 'del "$addr/32"')} 2>/dev/null`),
+    ...hosts.map((h) => `  ${inHost(h, `del "$addr/32" metric ${TOWARDS_OWNER_METRIC}`)} 2>/dev/null`),
     '  exit 0',
     'fi',
     `${onMachine('replace "$addr/32" via "$via"')} || exit 1`,
-    ...hosts.map((h) => `[ "$via" = ${h.address} ] || ${inHost(h, 'replace "$addr/32" via "$via"')} || exit 1`),
+    ...hosts.map(
+      (h) =>
+        `if [ "$via" = ${h.address} ]; then ${inHost(h, `del "$addr/32" metric ${TOWARDS_OWNER_METRIC}`)} 2>/dev/null; else ${inHost(h, `replace "$addr/32" via "$via" metric ${TOWARDS_OWNER_METRIC}`)} || exit 1; fi`,
+    ),
     '',
   ].join('\n');
 }

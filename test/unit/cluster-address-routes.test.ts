@@ -34,22 +34,24 @@ async function runScript(machineNetns: string | undefined, args: string[]): Prom
 }
 
 describe('local cluster address routes script', () => {
-  it('routes the address on the machine and in every other test host, not in its own', async () => {
+  it("routes the address on the machine and, below the host's own route, in every other test host; its own host drops any route elsewhere", async () => {
     assert.deepEqual(await runScript(undefined, ['198.19.128.7', '198.18.0.11']), [
       'ip route replace 198.19.128.7/32 via 198.18.0.11',
-      'nsenter --net=/var/run/netns/t-node2 -- ip route replace 198.19.128.7/32 via 198.18.0.11',
+      'nsenter --net=/var/run/netns/t-node1 -- ip route del 198.19.128.7/32 metric 100',
+      'nsenter --net=/var/run/netns/t-node2 -- ip route replace 198.19.128.7/32 via 198.18.0.11 metric 100',
     ]);
   });
 
   it("with the machine's namespace handle (HA controllers run in test hosts), the machine's route goes there", async () => {
     assert.deepEqual(await runScript('/var/run/netns/t-machine', ['198.19.128.7', '198.18.0.12']), [
       'nsenter --net=/var/run/netns/t-machine -- ip route replace 198.19.128.7/32 via 198.18.0.12',
-      'nsenter --net=/var/run/netns/t-node1 -- ip route replace 198.19.128.7/32 via 198.18.0.12',
+      'nsenter --net=/var/run/netns/t-node1 -- ip route replace 198.19.128.7/32 via 198.18.0.12 metric 100',
+      'nsenter --net=/var/run/netns/t-node2 -- ip route del 198.19.128.7/32 metric 100',
     ]);
     assert.deepEqual(await runScript('/var/run/netns/t-machine', ['198.19.128.7']), [
       'nsenter --net=/var/run/netns/t-machine -- ip route del 198.19.128.7/32',
-      'nsenter --net=/var/run/netns/t-node1 -- ip route del 198.19.128.7/32',
-      'nsenter --net=/var/run/netns/t-node2 -- ip route del 198.19.128.7/32',
+      'nsenter --net=/var/run/netns/t-node1 -- ip route del 198.19.128.7/32 metric 100',
+      'nsenter --net=/var/run/netns/t-node2 -- ip route del 198.19.128.7/32 metric 100',
     ]);
   });
 
