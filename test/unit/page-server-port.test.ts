@@ -40,6 +40,11 @@ describe('page server port', () => {
     }
   });
 
+  it('is the one asked for when this process cannot tell (the address is not in its network namespace)', async () => {
+    const range = await freeRange();
+    assert.equal(await freePageServerPort('198.19.254.254', range.first, range), range.first);
+  });
+
   it('fails clearly when every port of the range is held', async () => {
     const range = await freeRange();
     const held = await Promise.all([listen(range.first), listen(range.first + 1), listen(range.last)]);
