@@ -7,21 +7,17 @@
  * and heartbeat as real ones do. Needs root and `npm run setup`; CHIPMUNK_RUNC_PAIR_NET picks
  * the pair's network (never the local cluster's).
  */
-import { mkdir, mkdtemp, readFile, writeFile } from 'node:fs/promises';
+import { mkdtemp, readFile, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import pino from 'pino';
-import { AGENT_VERSION } from '../../src/agent/index.js';
-import { FaultInjector } from '../../src/agent/faults.js';
-import { ImageStore } from '../../src/agent/runtime/images.js';
-import { buildAgentServer } from '../../src/agent/server.js';
 import { writeAddressRoutesScript } from '../../src/cluster/routes.js';
 import { startController, type RunningController } from '../../src/controller/index.js';
 import { ControllerClient } from '../../src/shared/controller-client.js';
 import { runUnchecked } from '../../src/shared/exec.js';
-import { TermFence } from '../../src/shared/term-fence.js';
 import { pairHostNetns } from '../../test/support/pair-addresses.js';
 import { RUNC_PAIR_NET, RUNC_PAIR_NODES, makeRuncPair, prepareRuncPairs } from '../../test/support/runc-pair.js';
+import { startPairAgentServers } from '../../test/support/runc-agents.js';
 
 const TOKEN = 'pair-cluster-token';
 const HEARTBEAT_MS = 500;
@@ -67,23 +63,9 @@ export async function startPairCluster(): Promise<PairCluster> {
     });
     closers.push(() => controller.close());
     const client = new ControllerClient({ urls: [controller.url], token: TOKEN, timeoutMs: 60_000 });
-    const runtimes = [pair.source, pair.target];
-    for (const [i, cfg] of RUNC_PAIR_NODES.entries()) {
-      const scratchDir = join(root, `scratch-${cfg.node}`);
-      await mkdir(scratchDir, { recursive: true });
-      const info = { node: cfg.node, address: cfg.address, apiPort: 0, capabilities: runtimes[i]!.capabilities, version: AGENT_VERSION };
-      const app = buildAgentServer({
-        info,
-        token: TOKEN,
-        runtime: runtimes[i]!,
-        images: new ImageStore(),
-        scratchDir,
-        faults: new FaultInjector(false),
-        termFence: await TermFence.open(join(root, `leader-term-${cfg.node}`)),
-      });
-      closers.push(() => app.close());
-      const url = await app.listen({ host: '127.0.0.1', port: 0 });
-      const registration = { name: cfg.node, address: cfg.address, url, capabilities: info.capabilities };
+    for (const agent of await startPairAgentServers(pair, root, TOKEN)) {
+      closers.push(() => agent.app.close());
+      const registration = { name: agent.node, address: agent.address, url: agent.url, capabilities: agent.capabilities };
       await client.heartbeat(registration);
       const timer = setInterval(() => void client.heartbeat(registration).catch(() => undefined), HEARTBEAT_MS);
       closers.push(async () => clearInterval(timer));

@@ -24,6 +24,8 @@ import { installApiConventions } from '../../src/shared/http.js';
 import { TermFence } from '../../src/shared/term-fence.js';
 import type { AgentCluster } from '../contract/agent.contract.js';
 import { RUNC_PAIR_NET, RUNC_PAIR_NODES, makeRuncPair } from './runc-pair.js';
+import type { RuntimePair } from '../contract/runtime.contract.js';
+import type { HostCapabilities } from '../../src/shared/protocol.js';
 
 const TOKEN = 'agent-contract-token';
 /** Page server ports for this suite's lazy dumps (in the source test host's namespace). */
@@ -68,25 +70,9 @@ export async function makeRuncAgents(): Promise<RuncAgents> {
       await storeServer.close();
     };
 
-    const runtimes = [pair.source, pair.target];
-    const nodes = [];
-    for (const [i, cfg] of RUNC_PAIR_NODES.entries()) {
-      const scratchDir = join(root, `scratch-${cfg.node}`);
-      await mkdir(scratchDir, { recursive: true });
-      const app = buildAgentServer({
-        // apiPort is informational here: the server listens on loopback, its port picked below.
-        info: { node: cfg.node, address: cfg.address, apiPort: 0, capabilities: runtimes[i]!.capabilities, version: AGENT_VERSION },
-        token: TOKEN,
-        runtime: runtimes[i]!,
-        images: new ImageStore(),
-        scratchDir,
-        faults: new FaultInjector(false),
-        termFence: await TermFence.open(join(root, `leader-term-${cfg.node}`)),
-      });
-      servers.push(app);
-      const url = await app.listen({ host: '127.0.0.1', port: 0 });
-      nodes.push({ name: cfg.node, url, api: new HttpAgentApi({ node: cfg.node, url, token: TOKEN, migrationStepTimeoutMs: STEP_TIMEOUT_MS }) });
-    }
+    const agents = await startPairAgentServers(pair, root, TOKEN);
+    servers.push(...agents.map((a) => a.app));
+    const nodes = agents.map(({ node, url }) => ({ name: node, url, api: new HttpAgentApi({ node, url, token: TOKEN, migrationStepTimeoutMs: STEP_TIMEOUT_MS }) }));
     let nextPort = PAGE_SERVER_PORT_BASE;
     return {
       nodes,
@@ -103,6 +89,44 @@ export async function makeRuncAgents(): Promise<RuncAgents> {
     await cleanup().catch(() => undefined);
     throw err;
   }
+}
+
+/** An agent's HTTP server over one runtime of a runc pair. */
+export interface PairAgentServer {
+  node: string;
+  /** Its test host's address (where its CRIU page server listens). */
+  address: string;
+  /** Its API, on loopback. */
+  url: string;
+  capabilities: HostCapabilities;
+  app: FastifyInstance;
+}
+
+/**
+ * The agent's HTTP server (buildAgentServer) over each runtime of `pair`, in this process,
+ * listening on loopback and advertising its test host's address; scratch space and term fence in `root`.
+ */
+export async function startPairAgentServers(pair: RuntimePair, root: string, token: string): Promise<PairAgentServer[]> {
+  const runtimes = [pair.source, pair.target];
+  const started: PairAgentServer[] = [];
+  for (const [i, cfg] of RUNC_PAIR_NODES.entries()) {
+    const scratchDir = join(root, `scratch-${cfg.node}`);
+    await mkdir(scratchDir, { recursive: true });
+    const capabilities = runtimes[i]!.capabilities;
+    const app = buildAgentServer({
+      // apiPort is informational here: the server listens on loopback, its port picked below.
+      info: { node: cfg.node, address: cfg.address, apiPort: 0, capabilities, version: AGENT_VERSION },
+      token,
+      runtime: runtimes[i]!,
+      images: new ImageStore(),
+      scratchDir,
+      faults: new FaultInjector(false),
+      termFence: await TermFence.open(join(root, `leader-term-${cfg.node}`)),
+    });
+    const url = await app.listen({ host: '127.0.0.1', port: 0 });
+    started.push({ node: cfg.node, address: cfg.address, url, capabilities, app });
+  }
+  return started;
 }
 
 /** A loopback port nothing listens on (it was free a moment ago). */
