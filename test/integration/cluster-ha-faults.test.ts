@@ -252,8 +252,7 @@ test('the leader cut off from etcd inside its test host: it stops acting within 
     const cutAt = Date.now();
 
     // Its own API says at once that it does not lead: it answers a mutation with NOT_LEADER, not by acting.
-    await waitFor(async () => (await mutationAnswer(old.leader)) === 'CHIPMUNK_NOT_LEADER', 10_000, `${old.leader}'s controller to stop leading`);
-    const stoppedMs = Date.now() - cutAt;
+    const stoppedMs = await stopsLeading(old.leader, cutAt, 10_000);
     assert.ok(stoppedMs < LEADER_LEASE_MS + 500, `it stopped leading ${stoppedMs} ms after the cut, within its ${LEADER_LEASE_MS} ms lease`);
     const now = await waitFor(async () => {
       const seen = await leadingController(reachable).catch(() => undefined);
@@ -325,6 +324,27 @@ async function etcdHealthy(node: string): Promise<boolean> {
 async function mutationAnswer(node: string): Promise<string> {
   const res = await http<{ code?: string }>(node, 7400, '/v1/containers/hf-none/checkpoint', 'POST', { token: localCluster().token, body: {}, timeoutMs: 1_000 }).catch(() => undefined);
   return res?.body?.code ?? (res ? `HTTP ${res.status}` : 'no answer');
+}
+
+/**
+ * When NODE's controller first answered a mutation with NOT_LEADER (ms after SINCE). Asked every
+ * 100 ms without waiting for earlier answers: until it steps down, a mutation waits on its store.
+ */
+function stopsLeading(node: string, since: number, timeoutMs: number): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const poll = setInterval(() => {
+      void mutationAnswer(node).then((code) => {
+        if (code !== 'CHIPMUNK_NOT_LEADER') return;
+        clearInterval(poll);
+        clearTimeout(deadline);
+        resolve(Date.now() - since);
+      });
+    }, 100);
+    const deadline = setTimeout(() => {
+      clearInterval(poll);
+      reject(new Error(`${node}'s controller still acts as the leader ${timeoutMs} ms after it was cut off from etcd`));
+    }, timeoutMs);
+  });
 }
 
 /** What NODE's agent answers to a read that carries TERM: 'ok' or its error code. */
