@@ -71,9 +71,14 @@ async function newLeader(old: { leader: string; term: number }, killedAt: number
   return { node: now.node, term: now.term, afterMs: Date.now() - killedAt };
 }
 
-/** Everything up again: every node ready, a controller on each, one of them leading. */
+/**
+ * Everything up again: every etcd member healthy (the next test kills a host: a member still
+ * catching up would leave etcd without a majority), every node ready, a controller on each, one
+ * of them leading.
+ */
 async function clusterWhole(): Promise<void> {
   const nodes = localCluster().nodes;
+  await waitFor(async () => (await Promise.all(nodes.map(etcdHealthy))).every(Boolean), 30_000, 'every etcd member healthy');
   await waitFor(async () => {
     const client = controllerClient();
     const [views, controllers] = await Promise.all([client.nodes(), client.controllers()]);
@@ -247,6 +252,10 @@ test('the leader cut off from etcd inside its test host: it stops acting within 
   try {
     const campaign = (await store.list('/election/controller/')).find((kv) => kv.createRevision === old.term);
     assert.ok(campaign, `the leader's campaign key (term ${old.term}) is in etcd`);
+    const underOldTerm = new FencedStore(store, () => ({ key: campaign.key, modRevision: old.term }));
+    const probe = '/fence-probe/old-term';
+    await underOldTerm.put(probe, { by: old.leader }); // goes through while the term stands
+    await store.delete(probe);
     await cutFromEtcd(old.leader);
     cut = true;
     const cutAt = Date.now();
@@ -264,11 +273,8 @@ test('the leader cut off from etcd inside its test host: it stops acting within 
     assert.equal(controllers.filter((c) => c.leader).length, 1, 'one leader');
 
     // A write under the old term is refused by etcd, and a call carrying it by the agents.
-    await assert.rejects(
-      new FencedStore(store, () => ({ key: campaign.key, modRevision: old.term })).put('/fence-probe/old-term', { by: old.leader }),
-      (err: unknown) => err instanceof NotLeaderError,
-      'a store write fenced by the old term is refused',
-    );
+    await assert.rejects(underOldTerm.put(probe, { by: old.leader }), (err: unknown) => err instanceof NotLeaderError, 'a store write fenced by the old term is refused');
+    assert.equal(await store.get(probe), undefined, 'and wrote nothing');
     await waitFor(async () => (await agentAnswer(old.leader, old.term)) === 'CHIPMUNK_STALE_TERM', 15_000, `${old.leader}'s agent to refuse the old term ${old.term}`);
     assert.equal(await agentAnswer(old.leader, now.term), 'ok', 'the new term is let through');
 
