@@ -121,6 +121,11 @@ async function settled(name: string, port: number): Promise<string> {
   return found.node;
 }
 
+/** Still exactly one copy, on NODE, once the client stopped (the settle was not a passing moment). */
+async function stillOneCopy(name: string, node: string): Promise<void> {
+  assert.deepEqual((await runningCopies(name)).map((c) => c.node), [node], `one running copy of ${name}, on ${node}`);
+}
+
 /** Stops the client; then counter within [acknowledged, acknowledged + failed], and the app's file agrees. */
 async function noWriteLost(client: ReturnType<typeof steadyIncrements>, port: number): Promise<{ ok: number; failed: number }> {
   const stats = await Promise.race([client.stop(), sleep(30_000).then(() => undefined)]);
@@ -163,6 +168,7 @@ test("the leader's host dies while a migration on other nodes is paused at trans
     const ended = await Promise.race([migrate, sleep(10_000).then(() => undefined)]);
     assert.ok(ended, 'the migrate command ended');
     const counts = await noWriteLost(client, port);
+    await stillOneCopy(name, node);
     log(`migration: leader ${old.leader} -> ${now.node} in ${now.afterMs} ms; migration ${migration.phase}, ${name} on ${node}; ${counts.ok} acknowledged, ${counts.failed} failed`);
   } finally {
     await client.stop();
@@ -192,8 +198,9 @@ test("the leader's host dies while a checkpoint is paused at upload: the new lea
     }, 20_000, `a checkpoint of ${name} taken after the kill`);
     const nextMs = Date.now() - killedAt;
     assert.ok((next.replicas ?? []).length >= 2, `the new checkpoint is on 2 replicas: ${JSON.stringify(next.replicas)}`);
-    await settled(name, port);
+    const node = await settled(name, port);
     const counts = await noWriteLost(client, port);
+    await stillOneCopy(name, node);
     log(`checkpoint: leader ${old.leader} -> ${now.node} in ${now.afterMs} ms; next checkpoint listed ${nextMs} ms after the kill; ${counts.ok} acknowledged, ${counts.failed} failed`);
   } finally {
     await client.stop();
@@ -235,6 +242,7 @@ test("the leader's host dies during a failover (paused at replay): the new leade
     assert.equal(failover.outcome, 'done', `the last failover ended ${failover.outcome}: ${JSON.stringify(failover)}`);
     assert.equal(failover.to, node, 'the record names where the copy runs');
     const counts = await noWriteLost(client, port);
+    await stillOneCopy(name, node);
     log(
       `failover: ${host} killed, leader ${old.leader} -> ${now.node} in ${now.afterMs} ms; ${name} settled on ${node} ${backMs} ms after its host died ` +
         `(${failovers.length} failover records, the last replayed ${failover.replayed ?? 0}); ${counts.ok} acknowledged, ${counts.failed} failed`,
@@ -302,6 +310,7 @@ test('the leader cut off from etcd inside its test host: it stops acting within 
     }, 30_000, `${old.leader}'s controller back as a follower`);
     await settled(name, port);
     const counts = await noWriteLost(client, port);
+    await stillOneCopy(name, old.leader);
     log(`cut off: ${old.leader} stopped leading ${stoppedMs} ms after the cut, ${now.node} led after ${ledMs} ms (term ${old.term} -> ${now.term}); ${counts.ok} acknowledged, ${counts.failed} failed`);
   } finally {
     await client.stop();
