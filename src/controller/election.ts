@@ -235,27 +235,15 @@ export class Election {
     return Math.max(50, Math.floor((this.opts.ttlMs - this.marginMs) / 3));
   }
 
-  /**
-   * Watches the candidates' keys: every change re-reads them. A watch that fails is made again,
-   * and so is one etcd did not create (a member still rejoining, a controller started with its
-   * host): tried until it works, as the campaign is.
-   */
+  /** Watches the candidates' keys: every change re-reads them. A watch that fails is made again. */
   private async observe(): Promise<void> {
-    for (;;) {
-      if (this.closed) return;
-      try {
-        const revision = await this.opts.store.currentRevision();
-        this.watch = await this.opts.store.watch(this.prefix, {
-          fromRevision: revision + 1,
-          onFailed: () => void this.observe(),
-        }, () => void this.refresh());
-        await this.refresh();
-        return;
-      } catch (err) {
-        this.opts.onError?.(err);
-        await new Promise((resolve) => setTimeout(resolve, RETRY_MS).unref());
-      }
-    }
+    if (this.closed) return;
+    const revision = await this.opts.store.currentRevision();
+    this.watch = await this.opts.store.watch(this.prefix, {
+      fromRevision: revision + 1,
+      onFailed: () => void this.observe().catch((err: unknown) => this.opts.onError?.(err)),
+    }, () => void this.refresh());
+    await this.refresh();
   }
 
   private refresh(): Promise<void> {
