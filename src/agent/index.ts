@@ -8,11 +8,11 @@ import { mkdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import pino, { type Logger } from 'pino';
 import { detectCapabilities } from './host/capabilities.js';
-import { ControllerClient } from '../shared/controller-client.js';
 import { PAGE_SERVER_PORTS } from '../shared/protocol.js';
 import { TermFence } from '../shared/term-fence.js';
-import type { AgentInfo, FencedContainer, RegisterNodeRequest } from '../shared/protocol.js';
+import type { AgentInfo, FencedContainer } from '../shared/protocol.js';
 import { FaultInjector } from './faults.js';
+import { startHeartbeats } from './heartbeat.js';
 import { ImageStore } from './runtime/images.js';
 import { RuncRuntime } from './runtime/runc-runtime.js';
 import type { WritableLayerKind } from './runtime/rootfs.js';
@@ -49,7 +49,6 @@ export interface RunningAgent {
 }
 
 export const AGENT_VERSION = '0.1.0';
-const DEFAULT_HEARTBEAT_MS = 2_000;
 
 /**
  * Fencing: a container the controller restored elsewhere while this node was cut off must not
@@ -100,38 +99,22 @@ export async function startAgent(opts: AgentOptions): Promise<RunningAgent> {
   const url = `http://${address}:${opts.listen.port}`;
   log.info({ url, capabilities }, 'agent listening');
 
-  let heartbeat: NodeJS.Timeout | undefined;
-  let closed = false;
-  if (opts.controllerUrls?.length) {
-    const controller = new ControllerClient({ urls: opts.controllerUrls, token: opts.token, timeoutMs: 5_000 });
-    const registration: RegisterNodeRequest = { name: opts.node, address, url, capabilities };
-    let warned = false;
-    let intervalMs = opts.heartbeatMs ?? DEFAULT_HEARTBEAT_MS;
-    const register = async () => {
-      try {
-        const answer = await controller.heartbeat(registration);
-        warned = false;
-        // The controller sizes heartbeats to its node lease (unless this agent was told an interval).
-        if (!opts.heartbeatMs) intervalMs = answer.heartbeatMs;
-        await fenceMovedContainers(runtime, answer.fence, log);
-      } catch (err) {
-        if (!warned) log.warn({ err: (err as Error).message }, 'cannot reach the controller; will keep trying');
-        warned = true;
-      }
-    };
-    const loop = async () => {
-      await register();
-      if (!closed) heartbeat = setTimeout(loop, intervalMs);
-    };
-    await loop();
-  }
+  const heartbeats = opts.controllerUrls?.length
+    ? await startHeartbeats({
+        controllerUrls: opts.controllerUrls,
+        token: opts.token,
+        registration: { name: opts.node, address, url, capabilities },
+        ...(opts.heartbeatMs !== undefined ? { intervalMs: opts.heartbeatMs } : {}),
+        onAnswer: (answer) => fenceMovedContainers(runtime, answer.fence, log),
+        log,
+      })
+    : undefined;
 
   return {
     url,
     info,
     async close() {
-      closed = true;
-      if (heartbeat) clearTimeout(heartbeat);
+      heartbeats?.stop();
       await app.close();
       await runtime.close();
     },

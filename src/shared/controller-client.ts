@@ -5,7 +5,8 @@
  * A client may know several controller URLs (`--controller URL1,URL2`): it sticks to the one that
  * answered last and moves on to the next when that one cannot be reached. It moves on for any
  * call when no connection was made (nothing was sent, so nothing can have happened twice), and
- * for idempotent calls (reads, PUT, DELETE) whatever the connection did.
+ * for idempotent calls (reads, PUT, DELETE) whatever the connection did, and when a controller
+ * answers that it cannot reach the state store (cut off from etcd: another one may not be).
  */
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { Dispatcher } from 'undici';
@@ -113,8 +114,8 @@ export class ControllerClient {
   }
 
   /** An agent's registration and heartbeat in one: the answer sizes the next heartbeat and lists what to fence. */
-  heartbeat(node: RegisterNodeRequest): Promise<HeartbeatResponse> {
-    return this.call(true, (api) => api.put<HeartbeatResponse>(`/v1/nodes/${encodeURIComponent(node.name)}`, node));
+  heartbeat(node: RegisterNodeRequest, opts: { timeoutMs?: number } = {}): Promise<HeartbeatResponse> {
+    return this.call(true, (api) => api.put<HeartbeatResponse>(`/v1/nodes/${encodeURIComponent(node.name)}`, node, opts));
   }
 
   // ------------------------------------------------------------ containers
@@ -237,6 +238,11 @@ export class ControllerClient {
           failures.push(err.message);
           continue;
         }
+        // A controller cut off from the cluster's state answers, but cannot serve: for an idempotent call, another may.
+        if (idempotent && isStoreFailure(err) && tried < this.apis.length - 1) {
+          failures.push(err.message);
+          continue;
+        }
         if (!isUnreachable(err) || this.apis.length === 1) throw err;
         if (!idempotent && !neverConnected(socketCode(err))) {
           throw new UnavailableError(
@@ -250,6 +256,11 @@ export class ControllerClient {
     }
     throw new UnavailableError(`no controller answers: ${failures.join('; ')}`, { urls: this.apis.map((api) => api.baseUrl) });
   }
+}
+
+/** A controller that answered it could not reach its state store (etcd out of its reach). */
+function isStoreFailure(err: unknown): err is ChipmunkError {
+  return err instanceof ChipmunkError && err.code === 'CHIPMUNK_STORE_FAILED';
 }
 
 /** A controller that could not be reached (not one that answered with an error of its own). */

@@ -129,6 +129,20 @@ describe('EtcdStore on a real etcd', { concurrency: false }, () => {
     }
   });
 
+  it('a watch etcd does not create in time fails with a store error (it used to throw a ReferenceError that crashed a starting controller)', async () => {
+    const etcd = await sharedEtcd();
+    const proxy = await startTcpProxy(etcd.endpoints);
+    const store = await openStore(`etcd://${proxy.endpoint}`);
+    try {
+      proxy.stall();
+      await assert.rejects(store.watch('/never/', {}, () => {}), (err: unknown) => err instanceof StoreFailedError);
+    } finally {
+      proxy.restore();
+      await store.close();
+      await proxy.close();
+    }
+  });
+
   it('resumes a watch cut off from etcd at the first change it missed: every change once, in order', async () => {
     const etcd = await sharedEtcd();
     const proxy = await startTcpProxy(etcd.endpoints);

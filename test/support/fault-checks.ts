@@ -106,13 +106,19 @@ export async function lockFailures(name: string, since: number, waitMs: number):
   return [`protection stopped: no checkpoint within ${waitMs / 1000} s; \`checkpoint\` ${says}`];
 }
 
-/** Counter, lines of the app's file, acknowledged writes: all equal. FAILED requests may or may not have been applied. */
-export async function counterFailures(port: number, acked: number): Promise<{ failures: string[]; counter?: number; lines?: number }> {
+/**
+ * Counter, lines of the app's file, acknowledged writes: all equal. FAILED requests (no answer, or
+ * not 200) may or may not have been applied: with FAILED given, the counter may exceed ACKED by
+ * at most that many; never fall below it (an acknowledged write lost).
+ */
+export async function counterFailures(port: number, acked: number, failed = 0): Promise<{ failures: string[]; counter?: number; lines?: number }> {
   const state = await viaGateway<{ counter: number }>(port, '/', 10_000);
   const file = await viaGateway<{ lines: number }>(port, '/file', 10_000);
   if (!state || !file) return { failures: ['cannot read the counter through the gateway'] };
   const failures: string[] = [];
-  if (state.counter !== acked) failures.push(`counter ${state.counter} != acknowledged ${acked}`);
+  if (state.counter < acked || state.counter > acked + failed) {
+    failures.push(failed === 0 ? `counter ${state.counter} != acknowledged ${acked}` : `counter ${state.counter} outside acknowledged ${acked} .. acknowledged + failed ${acked + failed}`);
+  }
   if (file.lines !== state.counter) failures.push(`file lines ${file.lines} != counter ${state.counter}`);
   return { failures, counter: state.counter, lines: file.lines };
 }

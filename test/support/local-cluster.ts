@@ -23,7 +23,7 @@ import { DEFAULT_RUN_DIR, DEFAULT_STATE_DIR, clusterRevive, readClusterState, ty
 import { ensureTestImages } from '../../src/devtools/images.js';
 import { ControllerClient } from '../../src/shared/controller-client.js';
 import type { ErrorJSON } from '../../src/shared/errors.js';
-import type { AgentContainer, ContainerView } from '../../src/shared/protocol.js';
+import type { AgentContainer, ContainerView, ControllerView } from '../../src/shared/protocol.js';
 import { waitFor } from './wait.js';
 
 const BIN = fileURLToPath(new URL('../../bin/chipmunk.mjs', import.meta.url));
@@ -264,7 +264,7 @@ export function http<T = any>(
   port: number,
   path: string,
   method: 'GET' | 'POST' | 'PUT' | 'DELETE' = 'GET',
-  opts: { timeoutMs?: number; body?: unknown; token?: string } = {},
+  opts: { timeoutMs?: number; body?: unknown; token?: string; headers?: Record<string, string> } = {},
 ): Promise<HttpResult<T>> {
   const host = addressOf(node);
   const payload = opts.body === undefined ? undefined : JSON.stringify(opts.body);
@@ -278,6 +278,7 @@ export function http<T = any>(
         agent: false,
         headers: {
           connection: 'close',
+          ...opts.headers,
           ...(payload !== undefined ? { 'content-type': 'application/json', 'content-length': Buffer.byteLength(payload) } : {}),
           ...(opts.token ? { authorization: `Bearer ${opts.token}` } : {}),
         },
@@ -340,10 +341,27 @@ export async function agentContainers(node: string): Promise<AgentContainer[]> {
   return res.body;
 }
 
+/** Every controller's URL: the one controller's, or (HA) one on each node. */
+export function controllerUrls(): string[] {
+  const { state } = localCluster();
+  return state.controllerUrls ?? [state.controllerUrl];
+}
+
+/** A client of the cluster's controllers (URLS: all of them by default), calls bounded by TIMEOUTMS. */
+export function controllerClient(urls = controllerUrls(), timeoutMs = 10_000): ControllerClient {
+  return new ControllerClient({ urls, token: localCluster().token, timeoutMs });
+}
+
 /** What the controller records for each container (GET /v1/containers), polled quickly. */
 export async function controllerContainers(): Promise<ContainerView[]> {
-  const { state, token } = localCluster();
-  return new ControllerClient({ urls: [state.controllerUrl], token, timeoutMs: 10_000 }).containers();
+  return controllerClient().containers();
+}
+
+/** HA: the leading controller as the store names it (asked of the controllers at URLS), if one leads. */
+export async function leadingController(urls = controllerUrls()): Promise<(ControllerView & { node: string; term: number }) | undefined> {
+  const leader = (await controllerClient(urls).controllers()).find((c) => c.leader);
+  if (!leader?.node || leader.term === undefined) return undefined;
+  return { ...leader, node: leader.node, term: leader.term };
 }
 
 export interface RuncContainer {

@@ -3,13 +3,23 @@
  * controller or a node's agent, wait until it got there, resume it. The fault harness kills
  * processes exactly there. Needs a cluster started with CHIPMUNK_ENABLE_FAULTS=1.
  */
+import { HA_CONTROLLER_PORT } from '../../src/cluster/ha.js';
 import { http, localCluster } from './local-cluster.js';
 import { waitFor } from './wait.js';
 
 const AGENT_PORT = 7401;
+const HA_CONTROLLER_PREFIX = 'controller@';
 
-/** 'controller' or a node name (its agent). */
+/**
+ * 'controller' (the one controller of a cluster without --ha), a node name (its agent), or
+ * `controller@NODE` (HA: the controller on NODE; see haController()).
+ */
 export type PauseHolder = string;
+
+/** HA: the holder naming the controller that runs on NODE (the leader's, to pause leader-only work). */
+export function haController(node: string): PauseHolder {
+  return `${HA_CONTROLLER_PREFIX}${node}`;
+}
 
 interface PauseStatus {
   step?: string;
@@ -22,6 +32,7 @@ function endpoint(holder: PauseHolder): { host: string; port: number } {
     const url = new URL(localCluster().state.controllerUrl);
     return { host: url.hostname, port: Number(url.port) };
   }
+  if (holder.startsWith(HA_CONTROLLER_PREFIX)) return { host: localCluster().address(holder.slice(HA_CONTROLLER_PREFIX.length)), port: HA_CONTROLLER_PORT };
   return { host: localCluster().address(holder), port: AGENT_PORT };
 }
 

@@ -197,7 +197,9 @@ export class EtcdStore implements StateStore {
     assertWatchFrom(opts.fromRevision);
     if (opts.fromRevision !== undefined) await this.assertRetained(prefix, opts.fromRevision);
     const range = this.prefixRange(prefix);
-    const watch = await EtcdWatch.start({
+    // A watch that fails to start ends (onEnd) before start() returns: nothing to delete then.
+    let watch: EtcdWatch | undefined;
+    watch = await EtcdWatch.start({
       client: this.client,
       describe: `watch on ${prefix}`,
       key: range.key,
@@ -206,7 +208,7 @@ export class EtcdStore implements StateStore {
       toKeyValue: (kv) => this.toKeyValue(kv),
       onEvent: onEvent as (ev: WatchEvent) => void,
       onFailed: opts.onFailed,
-      onEnd: () => this.watches.delete(watch),
+      onEnd: () => watch && this.watches.delete(watch),
     });
     this.watches.add(watch);
     return watch;
