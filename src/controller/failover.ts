@@ -78,18 +78,39 @@ export class FailoverService implements ContainerRescuer {
    */
   async start(listeningSince = Date.now()): Promise<void> {
     this.listeningSince = listeningSince;
+    this.stopped = false;
     // Records an older version wrote have no index entry yet: once, here.
     await this.records.indexPendingReplays();
-    this.watch = await this.opts.store.watch<{ node: string }>('/liveness/', {}, (ev) => {
-      if (ev.type === 'delete') void this.reconcile();
-    });
-    this.timer = setInterval(() => void this.reconcile(), Math.max(250, Math.floor(this.opts.nodeLeaseMs / 2)));
+    await this.watchLiveness();
+    this.timer = setInterval(() => {
+      // A watch that could not be made (the store member a new leader's client still pointed at
+      // was dead) is made again; the pass below acts on deaths meanwhile, only later.
+      if (!this.watch) void this.watchLiveness();
+      void this.reconcile();
+    }, Math.max(250, Math.floor(this.opts.nodeLeaseMs / 2)));
     this.timer.unref();
   }
 
   stop(): void {
+    this.stopped = true;
     this.watch?.cancel();
+    this.watch = undefined;
     if (this.timer) clearInterval(this.timer);
+  }
+
+  private stopped = false;
+
+  /** Fails over at once when a liveness key goes; a failure to watch is logged, not thrown: start() must not stop the leader's work. */
+  private async watchLiveness(): Promise<void> {
+    try {
+      const watch = await this.opts.store.watch<{ node: string }>('/liveness/', {}, (ev) => {
+        if (ev.type === 'delete') void this.reconcile();
+      });
+      if (this.stopped) watch.cancel();
+      else this.watch = watch;
+    } catch (err) {
+      this.opts.log.warn({ err: toChipmunkError(err).toJSON() }, 'watching node liveness failed; dead nodes are found by the periodic pass until the watch is made again');
+    }
   }
 
   list(): Promise<FailoverRecord[]> {

@@ -330,6 +330,32 @@ describe('checkpoints and failover (controller, fake agents)', () => {
     }
   });
 
+  it('a liveness watch the store refuses at start does not stop failover: start() goes on, the periodic pass fails the node over, and the watch is made again (found on the HA cluster)', async () => {
+    const env = await setup(400);
+    await env.checkpoints.checkpoint('web');
+    let watches = 0;
+    const realWatch = env.store.watch.bind(env.store);
+    env.store.watch = (async (...args: Parameters<typeof env.store.watch>) => {
+      watches++;
+      if (watches === 1) throw new Error('connect ECONNREFUSED 198.18.0.13:2379');
+      return realWatch(...args);
+    }) as typeof env.store.watch;
+    const next = env.controller();
+    await next.failovers.start(Date.now() - 1_000);
+    await env.store.delete('/liveness/node1');
+    env.cluster.agent('node1').containers.clear();
+    const stopBeating = env.keepAlive(['node2', 'node3']);
+    try {
+      const done = await waitFor(async () => (await next.failovers.list()).find((f) => f.outcome === 'done'), 10_000, 'the failover of web');
+      assert.equal(done.name, 'web');
+      assert.equal(env.cluster.runningCopies('web'), 1);
+      await waitFor(async () => (watches >= 2 ? true : undefined), 2_000, 'the watch made again');
+    } finally {
+      stopBeating();
+      next.failovers.stop();
+    }
+  });
+
   it('issue 8 item 6: a failed replay never releases traffic to the new copy; it is retried, and only then released', async () => {
     const env = await setup(400);
     env.traffic.position = 2;
