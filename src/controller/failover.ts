@@ -58,6 +58,8 @@ export class FailoverService implements ContainerRescuer {
   private readonly inProgress = new Map<string, Promise<FailoverRecord>>();
   /** When this controller started listening: agents get one lease to heartbeat before any node is judged. */
   private listeningSince = Number.POSITIVE_INFINITY;
+  /** stop() was called: a watch made after it is cancelled at once. */
+  private stopped = false;
 
   private readonly records: FailoverRecords;
 
@@ -97,8 +99,6 @@ export class FailoverService implements ContainerRescuer {
     this.watch = undefined;
     if (this.timer) clearInterval(this.timer);
   }
-
-  private stopped = false;
 
   /** Fails over at once when a liveness key goes; a failure to watch is logged, not thrown: start() must not stop the leader's work. */
   private async watchLiveness(): Promise<void> {
