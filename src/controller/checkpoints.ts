@@ -68,11 +68,19 @@ export interface CheckpointServiceOptions {
 
 /** How often the scheduler looks for protected containers whose checkpoint is due. */
 const SCHEDULER_TICK_MS = 250;
+/**
+ * A failed scheduled checkpoint is tried again after this, doubled at each failure in a row and
+ * never later than the policy's period: waiting a whole period (minutes) would leave the
+ * container with no checkpoint, or an old one, for that long.
+ */
+const FIRST_RETRY_MS = 1000;
 
 export class CheckpointService {
   private timer?: NodeJS.Timeout;
-  /** When each protected container was last checkpointed (or tried), by name. */
-  private readonly lastAttempt = new Map<string, number>();
+  /** When each protected container's next scheduled checkpoint is due, by name (absent: at once). */
+  private readonly dueAt = new Map<string, number>();
+  /** Scheduled checkpoints that failed in a row, by name. */
+  private readonly failuresInRow = new Map<string, number>();
   private readonly running = new Set<string>();
 
   constructor(private readonly opts: CheckpointServiceOptions) {}
@@ -91,7 +99,8 @@ export class CheckpointService {
       if (!record) throw unknownContainer(name);
       return { ...record, protection: policy };
     });
-    this.lastAttempt.delete(name);
+    this.dueAt.delete(name);
+    this.failuresInRow.delete(name);
     await this.opts.traffic.refresh(name);
     return policy;
   }
@@ -191,13 +200,14 @@ export class CheckpointService {
    * newest checkpoint must be one cut at a log position.
    */
   expedite(name: string): void {
-    this.lastAttempt.delete(name);
+    this.dueAt.delete(name);
   }
 
   /** Drops every checkpoint of a removed container. */
   async forget(name: string): Promise<void> {
     await this.opts.catalog.forget(name);
-    this.lastAttempt.delete(name);
+    this.dueAt.delete(name);
+    this.failuresInRow.delete(name);
   }
 
   /** Checkpoints of the container, newest first, from the store. */
@@ -273,13 +283,23 @@ export class CheckpointService {
     for (const { value } of await this.opts.store.list<ContainerRecord>('/containers/').catch(() => [])) {
       const name = value.spec.name;
       if (!value.protection || value.status !== 'running' || value.lock || this.running.has(name)) continue;
-      if (now - (this.lastAttempt.get(name) ?? 0) < value.protection.everyMs) continue;
+      if (now < (this.dueAt.get(name) ?? 0)) continue;
       if (!(await this.opts.nodes.isReady(value.node))) continue;
-      this.lastAttempt.set(name, now);
+      const everyMs = value.protection.everyMs;
+      this.dueAt.set(name, now + everyMs);
       this.running.add(name);
       void this.checkpoint(name)
-        .then((c) => this.opts.log.info({ container: name, checkpoint: c.id, frozenMs: c.frozenMs, newBytes: c.newBytes, logPosition: c.logPosition }, `checkpointed ${name}`))
-        .catch((err: unknown) => this.opts.log.warn({ container: name, err: toChipmunkError(err).toJSON() }, `scheduled checkpoint of ${name} failed; the previous one stays valid`))
+        .then((c) => {
+          this.failuresInRow.delete(name);
+          this.opts.log.info({ container: name, checkpoint: c.id, frozenMs: c.frozenMs, newBytes: c.newBytes, logPosition: c.logPosition }, `checkpointed ${name}`);
+        })
+        .catch((err: unknown) => {
+          const failures = (this.failuresInRow.get(name) ?? 0) + 1;
+          this.failuresInRow.set(name, failures);
+          const retryInMs = Math.min(everyMs, FIRST_RETRY_MS * 2 ** Math.min(failures - 1, 16));
+          this.dueAt.set(name, Date.now() + retryInMs);
+          this.opts.log.warn({ container: name, failuresInRow: failures, retryInMs, err: toChipmunkError(err).toJSON() }, `scheduled checkpoint of ${name} failed; the previous one stays valid, trying again in ${retryInMs} ms`);
+        })
         .finally(() => this.running.delete(name));
     }
   }

@@ -126,6 +126,24 @@ describe('checkpoints and failover (controller, fake agents)', () => {
     assert.deepEqual(await env.checkpoints.list('web'), []);
   });
 
+  it('a scheduled checkpoint that fails is tried again within seconds, not a whole period (10 minutes) later', async () => {
+    const env = await setup();
+    await env.locks.update('web', (record) => ({ ...record!, protection: { everyMs: 600_000 } }));
+    env.cluster.agent('node1').failNext('checkpoint', new Error('criu dump failed'));
+    env.checkpoints.start();
+    try {
+      const [taken] = await waitFor(async () => {
+        const list = await env.checkpoints.list('web');
+        return list.length > 0 ? list : undefined;
+      }, 5_000, 'a checkpoint after the failed one');
+      assert.ok(taken);
+      const attempts = env.cluster.calls.filter((c) => c === 'node1.checkpoint').length;
+      assert.equal(attempts, 2, 'the failed attempt, then the one that worked');
+    } finally {
+      env.checkpoints.stop();
+    }
+  });
+
   it("a node whose lease ends: its protected container runs elsewhere from the newest checkpoint, the log replayed from that cut, and its old node fenced", async () => {
     const env = await setup(300);
     const address = (await env.record()).spec.address;
