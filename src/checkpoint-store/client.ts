@@ -4,7 +4,7 @@
  */
 import type { Dispatcher } from 'undici';
 import { ApiClient, type ApiClientOptions } from '../shared/http.js';
-import type { CheckpointDetail, CheckpointDiff, CheckpointSummary, CreateUploadRequest, DirectoryListing } from './protocol.js';
+import type { CheckpointDetail, CheckpointDiff, CheckpointSummary, CreateUploadRequest, DirectoryListing, StoreUsage } from './protocol.js';
 
 /** A file's content, as the files route answers it. */
 export interface CheckpointFileContent {
@@ -22,6 +22,11 @@ export class CheckpointStoreClient {
   /** Newest first. */
   list(container: string): Promise<CheckpointSummary[]> {
     return this.api.get(`/v1/checkpoints/${enc(container)}`);
+  }
+
+  /** What this store holds: checkpoints, containers, bytes on disk. */
+  usage(): Promise<StoreUsage> {
+    return this.api.get('/v1/checkpoint-store');
   }
 
   get(container: string, id: string): Promise<CheckpointDetail> {

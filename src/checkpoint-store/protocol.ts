@@ -133,7 +133,18 @@ export const CheckpointDiff = Type.Object({
 });
 export type CheckpointDiff = Static<typeof CheckpointDiff>;
 
+export const StoreUsage = Type.Object(
+  {
+    checkpoints: Type.Integer({ minimum: 0, description: 'checkpoints this store holds, of every container' }),
+    containers: Type.Integer({ minimum: 0, description: 'containers it holds checkpoints of' }),
+    bytes: Type.Integer({ minimum: 0, description: 'bytes of its pack files: what its checkpoints take on disk, deduplicated' }),
+  },
+  { description: "answer of GET /v1/checkpoint-store: what one store replica holds (the controller's replica listing shows it)" },
+);
+export type StoreUsage = Static<typeof StoreUsage>;
+
 export const checkpointStoreSchemas: Record<string, TSchema> = {
+  StoreUsage,
   UploadPart,
   CreateUploadRequest,
   CreateUploadResponse,

@@ -28,6 +28,7 @@ import {
   DiffQuery,
   FilesQuery,
   PartName,
+  StoreUsage,
   UploadChunksResponse,
   UploadId,
 } from './protocol.js';
@@ -75,6 +76,9 @@ export function checkpointStoreRoutes(store: CheckpointStore): FastifyPluginAsyn
       await store.abort(req.params.uploadId);
       return reply.code(204).send();
     });
+
+    // Not under /v1/checkpoints/: a container may be called anything there.
+    app.get('/v1/checkpoint-store', { schema: { response: { 200: StoreUsage } } }, async () => store.usage());
 
     app.get('/v1/checkpoints/:container', { schema: { params: ContainerParams, response: { 200: Type.Array(CheckpointSummary) } } }, async (req) =>
       store.list(req.params.container),

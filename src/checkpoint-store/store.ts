@@ -25,7 +25,7 @@ import { openExclusiveSqlite } from '../shared/durable.js';
 import { PackCollector, type GcResult } from './gc.js';
 import { chunkHashes } from './manifest.js';
 import { PackFiles } from './packs.js';
-import type { CheckpointDetail, CheckpointDiff, CheckpointInfo, CheckpointSummary, CreateUploadRequest, CreateUploadResponse, DirectoryListing, UploadChunksResponse } from './protocol.js';
+import type { CheckpointDetail, CheckpointDiff, CheckpointInfo, CheckpointSummary, CreateUploadRequest, CreateUploadResponse, DirectoryListing, StoreUsage, UploadChunksResponse } from './protocol.js';
 import { CheckpointReads, type CheckpointFile } from './reads.js';
 import { migrate, summaryOf, volumesOf, type CheckpointRow } from './schema.js';
 import { decodeParts, missingChunks, receiveFrames, type Upload } from './upload-session.js';
@@ -204,6 +204,13 @@ export class CheckpointStore {
   list(container: string): CheckpointSummary[] {
     const rows = this.db.prepare<[string], CheckpointRow>(`SELECT * FROM checkpoints WHERE container = ? ${NEWEST_FIRST}`).all(container);
     return rows.map(summaryOf);
+  }
+
+  /** How many checkpoints it holds, of how many containers, and the bytes of its packs. */
+  usage(): StoreUsage {
+    const counts = this.db.prepare<[], { checkpoints: number; containers: number }>('SELECT COUNT(*) AS checkpoints, COUNT(DISTINCT container) AS containers FROM checkpoints').get()!;
+    const bytes = this.db.prepare<[], number>('SELECT COALESCE(SUM(bytes), 0) FROM packs').pluck().get()!;
+    return { ...counts, bytes };
   }
 
   get(container: string, id: string): CheckpointDetail {

@@ -8,6 +8,7 @@ import { registerDoctorCommand } from './commands/doctor.js';
 import { registerMigrateCommand, registerMigrationsCommand } from './commands/migrate.js';
 import { registerNodeCommands } from './commands/nodes.js';
 import { registerProtectionCommands } from './commands/protection.js';
+import { registerReplicaCommands } from './commands/replicas.js';
 import { parseUrl } from './options.js';
 import { reportError } from './output.js';
 
@@ -28,6 +29,7 @@ function buildProgram(): Command {
   registerMigrateCommand(program);
   registerMigrationsCommand(program);
   registerProtectionCommands(program);
+  registerReplicaCommands(program);
   registerDoctorCommand(program);
   registerDaemonCommands(program);
   return program;

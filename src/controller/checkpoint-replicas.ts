@@ -17,26 +17,22 @@
  * is upgraded) count without one, on the replicas that hold them: list() shows them, and the
  * re-replication pass writes their records (then copies them up to N like any other).
  *
+ * Which replicas there are is the replica set's business (checkpoint-replica-set.ts): a replica
+ * being retired takes nothing new and its copies count for nothing, but they are read and copied
+ * from; a retired one is left out of everything, the records naming it included.
+ *
  * Reads (list, readFrom) write nothing, so any controller may answer them; committed(),
  * forget() and replicate() are the leader's work in an HA cluster (their state writes are what
  * a leader's term fences).
  */
 import type { Logger } from 'pino';
-import { request } from 'undici';
-import { CheckpointStoreClient, copyCheckpoint, type CheckpointInfo, type CheckpointReplica, type CheckpointSummary, type ReplicaState } from '../checkpoint-store/index.js';
+import { copyCheckpoint, type CheckpointInfo, type CheckpointReplica, type CheckpointSummary, type ReplicaState } from '../checkpoint-store/index.js';
 import { StoreConflictError, UnavailableError, toChipmunkError } from '../shared/errors.js';
 import type { CheckpointCatalog } from './checkpoints.js';
+import { ReplicaSet, type Members } from './checkpoint-replica-set.js';
 import type { StateStore } from './store/index.js';
 
 const RECORDS_PREFIX = '/checkpoints/';
-/** A replica that does not answer a listing within this is counted unreachable for it. */
-const DEFAULT_REPLICA_TIMEOUT_MS = 2_000;
-/**
- * A replica that did not answer is taken as unreachable without asking for this long (the
- * re-replication pass asks anyway): a dead host must not add a timeout to every listing of a
- * failover.
- */
-const SILENT_FOR_MS = 5_000;
 
 /** Each replica's checkpoints of one container by id; undefined for a replica that did not answer. */
 type Listings = Map<string, Map<string, CheckpointSummary> | undefined>;
@@ -46,6 +42,14 @@ interface CheckpointRecord {
   container: string;
   info: CheckpointSummary;
   replicas: string[];
+}
+
+/** A checkpoint held intact by fewer than N active replicas. */
+export interface UnderReplicated {
+  container: string;
+  id: string;
+  /** Active replicas holding it intact. */
+  intact: string[];
 }
 
 export interface ReplicatedCatalogOptions {
@@ -62,22 +66,31 @@ export interface ReplicatedCatalogOptions {
 }
 
 export class ReplicatedCatalog implements CheckpointCatalog {
+  readonly set: ReplicaSet;
   /** Under-replicated checkpoints already reported as having nowhere to go, by id. */
   private readonly reportedStuck = new Set<string>();
-  private replicating?: Promise<void>;
-  /** Replicas that did not answer lately, and until when they are not asked. */
-  private readonly silentUntil = new Map<string, number>();
+  /** The re-replication pass that will start next, shared by the calls made before it starts. */
+  private nextPass?: Promise<number>;
+  private lastPass: Promise<unknown> = Promise.resolve();
 
-  constructor(private readonly opts: ReplicatedCatalogOptions) {}
+  constructor(private readonly opts: ReplicatedCatalogOptions) {
+    this.set = new ReplicaSet({ state: opts.state, urls: opts.replicaUrls, token: opts.token, replicaTimeoutMs: opts.replicaTimeoutMs });
+  }
+
+  /** N. */
+  get replicaCount(): number {
+    return this.opts.replicas;
+  }
 
   /** Newest first, recorded checkpoints and legacy ones only, each with the state of every replica. */
   async list(container: string): Promise<CheckpointSummary[]> {
+    const members = await this.set.members();
     const records = await this.records(container);
-    const listings = await this.listings(container);
+    const listings = await this.listings(container, members);
     const out: CheckpointSummary[] = [];
     for (const value of [...records.map((r) => r.value), ...legacyRecords(container, records, listings)]) {
       // Shown: the replicas it was committed on, and any other holding a copy.
-      const replicas = this.placement(value, listings).filter((r) => value.replicas.includes(r.url) || r.state === 'intact' || r.state === 'corrupt');
+      const replicas = placement(value, listings, members).filter((r) => value.replicas.includes(r.url) || r.state === 'intact' || r.state === 'corrupt');
       const intact = replicas.some((r) => r.state === 'intact');
       const unknown = replicas.some((r) => r.state === 'unreachable');
       // Every replica that held it dropped it (retention): gone. Its record goes in replicate(), not in a read.
@@ -89,9 +102,11 @@ export class ReplicatedCatalog implements CheckpointCatalog {
   }
 
   async forget(container: string): Promise<void> {
+    const { active, retiring } = await this.set.members();
     await Promise.all(
-      this.opts.replicaUrls().map((url) =>
-        this.client(url)
+      [...active, ...retiring].map((url) =>
+        this.set
+          .client(url)
           .forget(container)
           .catch((err: unknown) => this.opts.log.warn({ container, replica: url, err: toChipmunkError(err).toJSON() }, `could not drop the checkpoints of ${container} on replica ${url}; they stay there unlisted`)),
       ),
@@ -99,15 +114,15 @@ export class ReplicatedCatalog implements CheckpointCatalog {
     for (const { key } of await this.records(container)) await this.opts.state.delete(key);
   }
 
-  /** N replicas that answer, this controller's own first; refused (nothing taken) with fewer. */
+  /** N active replicas that answer, this controller's own first; refused (nothing taken) with fewer. */
   async uploadTargets(): Promise<string[]> {
-    const urls = this.opts.replicaUrls();
-    const up = await Promise.all(urls.map(async (url) => (await this.ask(url, () => this.reachable(url))) === true));
+    const urls = (await this.set.members()).active;
+    const up = await this.set.answering(urls);
     const reachable = urls.filter((_, i) => up[i]);
     if (reachable.length < this.opts.replicas) {
       const down = urls.filter((_, i) => !up[i]);
       throw new UnavailableError(
-        `only ${reachable.length} of the ${this.opts.replicas} checkpoint store replicas a checkpoint needs answer (not answering: ${down.join(', ') || 'none'}; known: ${urls.length}): the checkpoint was not taken and the previous one stays valid; bring a replica back, add one (start another controller on the etcd store, or name it in --checkpoint-store-peers), or lower --checkpoint-replicas`,
+        `only ${reachable.length} of the ${this.opts.replicas} checkpoint store replicas a checkpoint needs answer (not answering: ${down.join(', ') || 'none'}; active: ${urls.length}): the checkpoint was not taken and the previous one stays valid; bring a replica back, add one (start another controller on the etcd store, or name it in --checkpoint-store-peers), or lower --checkpoint-replicas`,
         { needed: this.opts.replicas, reachable, down },
       );
     }
@@ -121,48 +136,100 @@ export class ReplicatedCatalog implements CheckpointCatalog {
     return { ...summary, replicas: replicas.map((url) => ({ url, state: 'intact' as const })) };
   }
 
-  /** Where to read a checkpoint from, in order: replicas that hold it intact, then those that did not answer. */
+  /** Where to read a checkpoint from, in order: active replicas that hold it intact, retiring ones, then those that did not answer. */
   async readFrom(container: string, id: string): Promise<string[]> {
     const found = (await this.list(container)).find((c) => c.id === id);
+    const { retiring } = await this.set.members();
     const replicas = found?.replicas ?? [];
-    return [...replicas.filter((r) => r.state === 'intact'), ...replicas.filter((r) => r.state === 'unreachable')].map((r) => r.url);
+    const intact = replicas.filter((r) => r.state === 'intact').map((r) => r.url);
+    return [...intact.filter((url) => !retiring.includes(url)), ...intact.filter((url) => retiring.includes(url)), ...replicas.filter((r) => r.state === 'unreachable').map((r) => r.url)];
   }
 
   /**
-   * Brings every recorded checkpoint held intact by fewer than N answering replicas back to N,
-   * copying it from one that holds it to those that lack it. One pass at a time.
+   * Brings every recorded checkpoint held intact by fewer than N active replicas that answer back
+   * to N, copying it from one that holds it (a retiring one too) to active ones that lack it.
+   * One pass at a time; a call made while one runs gets the next pass, which sees what changed
+   * before the call (a replica marked retiring). Resolves to the copies made.
    */
-  replicate(): Promise<void> {
-    this.replicating ??= this.replicatePass().finally(() => (this.replicating = undefined));
-    return this.replicating;
+  replicate(): Promise<number> {
+    this.nextPass ??= this.lastPass.then(() => {
+      this.nextPass = undefined;
+      return this.replicatePass();
+    });
+    this.lastPass = this.nextPass.catch(() => undefined);
+    return this.nextPass;
   }
 
-  private async replicatePass(): Promise<void> {
-    const recorded = (await this.opts.state.list<CheckpointRecord>(RECORDS_PREFIX)).map(({ value }) => value.container);
-    const containers = new Set([...recorded, ...((await this.opts.containerNames?.()) ?? [])]);
-    for (const container of containers) {
-      const listings = await this.listings(container, true);
-      await this.recordLegacy(container, listings);
+  /** Checkpoints that live on URL (committed there, or held there) with fewer than N intact copies on active replicas. */
+  async underReplicatedOn(url: string): Promise<{ living: number; under: UnderReplicated[] }> {
+    const members = await this.set.members();
+    let living = 0;
+    const under: UnderReplicated[] = [];
+    for (const container of await this.containers()) {
+      const listings = await this.listings(container, members, true);
       const records = await this.records(container);
-      for (const { key, value, modRevision } of records) {
+      for (const value of [...records.map((r) => r.value), ...legacyRecords(container, records, listings)]) {
+        const states = placement(value, listings, members);
+        const there = states.find((r) => r.url === url);
+        if (!value.replicas.includes(url) && there?.state !== 'intact' && there?.state !== 'corrupt') continue;
+        // Corrupt everywhere, or only ever on a replica that is gone: it does not count, there is nothing to move.
+        if (!states.some((r) => r.state === 'intact' || (r.url === url && r.state === 'unreachable'))) continue;
+        living++;
+        const intact = states.filter((r) => r.state === 'intact' && members.active.includes(r.url)).map((r) => r.url);
+        if (intact.length < this.opts.replicas) under.push({ container, id: value.info.id, intact });
+      }
+    }
+    return { living, under };
+  }
+
+  /** Takes URL out of every commit record (once it is retired: its copies count for nothing). */
+  async dropFromRecords(url: string): Promise<void> {
+    for (const { key, value, modRevision } of await this.opts.state.list<CheckpointRecord>(RECORDS_PREFIX)) {
+      if (!value.replicas.includes(url)) continue;
+      await this.opts.state.put(key, { ...value, replicas: value.replicas.filter((r) => r !== url) }, { expectModRevision: modRevision }).catch((err: unknown) => {
+        // Changed meanwhile (a copy recorded, a forget): the listing leaves retired replicas out anyway.
+        if (!(err instanceof StoreConflictError)) throw err;
+      });
+    }
+  }
+
+  /** How many recorded checkpoints name each replica. */
+  async recordedOn(): Promise<Map<string, number>> {
+    const counts = new Map<string, number>();
+    for (const { value } of await this.opts.state.list<CheckpointRecord>(RECORDS_PREFIX)) {
+      for (const url of value.replicas) counts.set(url, (counts.get(url) ?? 0) + 1);
+    }
+    return counts;
+  }
+
+  private async replicatePass(): Promise<number> {
+    const members = await this.set.members();
+    let copies = 0;
+    for (const container of await this.containers()) {
+      const listings = await this.listings(container, members, true);
+      await this.recordLegacy(container, listings);
+      for (const { key, value, modRevision } of await this.records(container)) {
         // Each write only if the record is still the one read (a forget or commit meanwhile wins).
         let revision = modRevision;
-        const placement = this.placement(value, listings);
-        if (placement.every((r) => r.state === 'missing')) {
+        const states = placement(value, listings, members);
+        if (states.every((r) => r.state === 'missing')) {
           // Dropped by every replica's retention: the record outlived the checkpoint.
           await this.opts.state.delete(key, { expectModRevision: revision }).catch(() => undefined);
           continue;
         }
-        const intact = placement.filter((r) => r.state === 'intact').map((r) => r.url);
-        if (intact.length === 0 || intact.length >= this.opts.replicas) {
+        const counts = (url: string) => members.active.includes(url);
+        // Sources: active replicas first, then retiring ones. Only the active count towards N.
+        const sources = states.filter((r) => r.state === 'intact').map((r) => r.url).sort((x, y) => Number(counts(y)) - Number(counts(x)));
+        const intact = sources.filter(counts);
+        if (sources.length === 0 || intact.length >= this.opts.replicas) {
           this.reportedStuck.delete(value.info.id);
           continue;
         }
-        // Replicas without it first; then those with a damaged copy, which is dropped and copied again.
-        const damaged = placement.filter((r) => r.state === 'corrupt').map((r) => r.url);
-        const lacking = [...placement.filter((r) => r.state === 'missing').map((r) => r.url), ...damaged];
+        // Active replicas without it first; then those with a damaged copy, which is dropped and copied again.
+        const damaged = states.filter((r) => r.state === 'corrupt' && counts(r.url)).map((r) => r.url);
+        const lacking = [...states.filter((r) => r.state === 'missing' && counts(r.url)).map((r) => r.url), ...damaged];
         const targets = lacking.slice(0, this.opts.replicas - intact.length);
-        const lost = placement.filter((r) => r.state !== 'intact').map((r) => `${r.url} (${r.state})`);
+        const lost = states.filter((r) => !intact.includes(r.url)).map((r) => `${r.url} (${members.retiring.includes(r.url) ? 'retiring' : r.state})`);
         if (targets.length === 0) {
           if (!this.reportedStuck.has(value.info.id)) {
             this.reportedStuck.add(value.info.id);
@@ -173,24 +240,33 @@ export class ReplicatedCatalog implements CheckpointCatalog {
           }
           continue;
         }
+        const from = sources[0]!;
         for (const target of targets) {
           try {
             // Its store asks for the damaged chunks again (it remembers them) and keeps the good copies.
-            if (damaged.includes(target)) await this.client(target).remove(container, value.info.id);
-            const copied = await copyCheckpoint({ from: intact[0]!, to: target, token: this.opts.token, container, id: value.info.id });
+            if (damaged.includes(target)) await this.set.client(target).remove(container, value.info.id);
+            const copied = await copyCheckpoint({ from, to: target, token: this.opts.token, container, id: value.info.id });
             value.replicas = [...new Set([...value.replicas, target])];
             revision = await this.opts.state.put(key, value, { expectModRevision: revision });
             intact.push(target);
+            copies++;
             this.opts.log.info(
-              { container, checkpoint: value.info.id, from: intact[0], to: target, sentBytes: copied.sentBytes, lost },
-              `checkpoint ${value.info.id} of ${container} had ${intact.length - 1} of ${this.opts.replicas} intact replicas (${lost.join(', ')}): copied it from ${intact[0]} to ${target}`,
+              { container, checkpoint: value.info.id, from, to: target, sentBytes: copied.sentBytes, lost },
+              `checkpoint ${value.info.id} of ${container} had ${intact.length - 1} of ${this.opts.replicas} intact replicas (${lost.join(', ')}): copied it from ${from} to ${target}`,
             );
           } catch (err) {
-            this.opts.log.warn({ container, checkpoint: value.info.id, from: intact[0], to: target, err: toChipmunkError(err).toJSON() }, `copying checkpoint ${value.info.id} of ${container} to replica ${target} failed; tried again on the next pass`);
+            this.opts.log.warn({ container, checkpoint: value.info.id, from, to: target, err: toChipmunkError(err).toJSON() }, `copying checkpoint ${value.info.id} of ${container} to replica ${target} failed; tried again on the next pass`);
           }
         }
       }
     }
+    return copies;
+  }
+
+  /** Containers with recorded checkpoints, and those the cluster has (which may hold legacy ones). */
+  private async containers(): Promise<Set<string>> {
+    const recorded = (await this.opts.state.list<CheckpointRecord>(RECORDS_PREFIX)).map(({ value }) => value.container);
+    return new Set([...recorded, ...((await this.opts.containerNames?.()) ?? [])]);
   }
 
   /** Writes the commit records of legacy checkpoints (on the replicas holding them), unless one was written meanwhile. */
@@ -208,61 +284,35 @@ export class ReplicatedCatalog implements CheckpointCatalog {
     }
   }
 
-  /** Each replica's answer for a container: its checkpoints by id, or undefined when it did not answer. */
-  private async listings(container: string, askSilent = false): Promise<Listings> {
-    const urls = this.opts.replicaUrls();
-    const answers = await Promise.all(urls.map((url) => this.ask(url, () => this.client(url).list(container), askSilent)));
+  /** Each active or retiring replica's answer for a container: its checkpoints by id, or undefined when it did not answer. */
+  private async listings(container: string, members: Members, askSilent = false): Promise<Listings> {
+    const urls = [...members.active, ...members.retiring];
+    const answers = await Promise.all(urls.map((url) => this.set.ask(url, () => this.set.client(url).list(container), askSilent)));
     return new Map(urls.map((url, i) => [url, answers[i] && new Map(answers[i]!.map((c) => [c.id, c]))]));
-  }
-
-  /** The state of a checkpoint on every replica: those it was committed on, and every other known one. */
-  private placement(record: CheckpointRecord, listings: Listings): CheckpointReplica[] {
-    const urls = [...new Set([...record.replicas, ...this.opts.replicaUrls()])];
-    const out: CheckpointReplica[] = [];
-    for (const url of urls) {
-      const known = listings.has(url);
-      const listing = listings.get(url);
-      const found = listing?.get(record.info.id);
-      let state: ReplicaState;
-      if (!known || !listing) state = 'unreachable';
-      else if (!found) state = 'missing';
-      else state = found.corrupt ? 'corrupt' : 'intact';
-      out.push({ url, state });
-    }
-    return out;
   }
 
   private async records(container: string) {
     return this.opts.state.list<CheckpointRecord>(`${RECORDS_PREFIX}${container}/`);
   }
+}
 
-  /** `call` on a replica; undefined when it fails, or without calling while the replica is silent (unless `askSilent`). */
-  private async ask<T>(url: string, call: () => Promise<T>, askSilent = false): Promise<T | undefined> {
-    if (!askSilent && (this.silentUntil.get(url) ?? 0) > Date.now()) return undefined;
-    try {
-      const answer = await call();
-      this.silentUntil.delete(url);
-      return answer;
-    } catch {
-      this.silentUntil.set(url, Date.now() + SILENT_FOR_MS);
-      return undefined;
-    }
+/**
+ * The state of a checkpoint on every replica but the retired: those it was committed on, and
+ * every other active or retiring one.
+ */
+function placement(record: CheckpointRecord, listings: Listings, members: Members): CheckpointReplica[] {
+  const urls = [...new Set([...record.replicas, ...members.active, ...members.retiring])].filter((url) => !members.retired.has(url));
+  const out: CheckpointReplica[] = [];
+  for (const url of urls) {
+    const listing = listings.get(url);
+    const found = listing?.get(record.info.id);
+    let state: ReplicaState;
+    if (!listing) state = 'unreachable';
+    else if (!found) state = 'missing';
+    else state = found.corrupt ? 'corrupt' : 'intact';
+    out.push({ url, state });
   }
-
-  private async reachable(url: string): Promise<true> {
-    const res = await request(`${url}/healthz`, { headersTimeout: this.timeoutMs(), bodyTimeout: this.timeoutMs() });
-    await res.body.dump();
-    if (res.statusCode !== 200) throw new UnavailableError(`${url}/healthz answered HTTP ${res.statusCode}`);
-    return true;
-  }
-
-  private client(url: string): CheckpointStoreClient {
-    return new CheckpointStoreClient({ baseUrl: url, token: this.opts.token, timeoutMs: this.timeoutMs() });
-  }
-
-  private timeoutMs(): number {
-    return this.opts.replicaTimeoutMs ?? DEFAULT_REPLICA_TIMEOUT_MS;
-  }
+  return out;
 }
 
 function recordKey(container: string, id: string): string {

@@ -19,6 +19,7 @@ import { MigrationOrchestrator } from './migration.js';
 import { CheckpointStore } from '../checkpoint-store/index.js';
 import { checkpointReplicaCount, checkpointStorePeers } from './checkpoint-replica-options.js';
 import { ReplicatedCatalog } from './checkpoint-replicas.js';
+import { ReplicaAdmin } from './checkpoint-replica-admin.js';
 import { CheckpointBrowser } from './checkpoint-browse.js';
 import { CheckpointService } from './checkpoints.js';
 import { FailoverService } from './failover.js';
@@ -174,6 +175,7 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
     fences,
     checkpointStore,
     browser: new CheckpointBrowser({ catalog, token: opts.token }),
+    replicas: new ReplicaAdmin({ catalog, hosts: () => leadership?.checkpointStoreHosts(candidate()) ?? [] }),
     heartbeatMs: Math.max(100, Math.floor(nodeLeaseMs / 4)),
     enableFaults: process.env.CHIPMUNK_ENABLE_FAULTS === '1',
     // Until this controller has joined the election it neither leads nor knows who does: it answers reads only.

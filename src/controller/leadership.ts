@@ -84,7 +84,12 @@ export class Leadership {
     return (this.election?.known() ?? []).flatMap((c) => (c.checkpointStore ? [c.checkpointStore] : []));
   }
 
-    /** What calls to agents and the gateway carry (election.ts heldTerm); none when alone. */
+  /** The controllers known to run that serve a checkpoint store: the candidates of the election, or this one alone. */
+  checkpointStoreHosts(self: Candidate): (Candidate & { checkpointStore: string })[] {
+    return (this.election ? this.election.known() : [self]).flatMap((c) => (c.checkpointStore ? [{ ...c, checkpointStore: c.checkpointStore }] : []));
+  }
+
+  /** What calls to agents and the gateway carry (election.ts heldTerm); none when alone. */
   heldTerm(): number | undefined {
     return this.election?.heldTerm();
   }

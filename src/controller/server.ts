@@ -26,7 +26,9 @@ import {
   RunRequest,
 } from '../shared/protocol.js';
 import { CheckpointDiff, CheckpointId, CheckpointInfo, CheckpointSummary, DiffQuery, FilesQuery, checkpointStoreRoutes, type CheckpointStore } from '../checkpoint-store/index.js';
+import { CheckpointReplicaView, RetireReplicaRequest, RetireReplicaResult } from '../shared/replica-protocol.js';
 import type { CheckpointBrowser } from './checkpoint-browse.js';
+import type { ReplicaAdmin } from './checkpoint-replica-admin.js';
 import type { CheckpointService } from './checkpoints.js';
 import type { ContainerService } from './containers.js';
 import type { FailoverService } from './failover.js';
@@ -51,6 +53,8 @@ export interface ControllerServerOptions {
   checkpointStore: CheckpointStore;
   /** The CLI's files and diff, read from the replicas that hold the checkpoint. */
   browser: CheckpointBrowser;
+  /** The checkpoint replica set: listed, and a replica retired for good. */
+  replicas: ReplicaAdmin;
   /** How often agents should heartbeat (a fraction of the node lease). */
   heartbeatMs: number;
   /** The debug route of src/controller/faults.ts answers (CHIPMUNK_ENABLE_FAULTS=1). */
@@ -197,6 +201,11 @@ export function buildControllerServer(opts: ControllerServerOptions): FastifyIns
   );
 
   app.get('/v1/failovers', async () => failovers.list());
+
+  // Not under /v1/checkpoints/: that is this controller's own store replica, which followers answer themselves.
+  app.get('/v1/checkpoint-replicas', { schema: { response: { 200: Type.Array(CheckpointReplicaView) } } }, async () => opts.replicas.list());
+
+  app.post('/v1/checkpoint-replicas/retire', { schema: { body: RetireReplicaRequest, response: { 200: RetireReplicaResult } } }, async (req) => opts.replicas.retire(req.body.url));
 
   void base.register(checkpointStoreRoutes(opts.checkpointStore));
   registerControllerFaults(base, opts.checkpointStore, opts.enableFaults ?? false);

@@ -2,16 +2,17 @@
 import type { TSchema } from '@sinclair/typebox';
 import { checkpointStoreSchemas } from '../checkpoint-store/protocol.js';
 import { schemas } from './protocol.js';
+import { replicaSchemas } from './replica-protocol.js';
 
 export function renderApiDocs(): string {
   const parts = [
     '# chipmunk API messages',
     '',
-    'Generated from `src/shared/protocol.ts` and `src/checkpoint-store/protocol.ts` by `npm run docs`; do not edit by hand.',
+    'Generated from `src/shared/protocol.ts`, `src/shared/replica-protocol.ts` and `src/checkpoint-store/protocol.ts` by `npm run docs`; do not edit by hand.',
     'The routes that carry them are listed in `docs/design.md`.',
     '',
   ];
-  for (const [name, schema] of Object.entries({ ...schemas, ...checkpointStoreSchemas })) {
+  for (const [name, schema] of Object.entries({ ...schemas, ...replicaSchemas, ...checkpointStoreSchemas })) {
     parts.push(`## ${name}`, '');
     if (schema.description) parts.push(schema.description, '');
     if (schema.type === 'object' && schema.properties) {

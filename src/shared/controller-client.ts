@@ -33,6 +33,7 @@ import type {
   RegisterNodeRequest,
   RunRequest,
 } from './protocol.js';
+import type { CheckpointReplicaView, RetireReplicaResult } from './replica-protocol.js';
 
 export interface ControllerClientOptions {
   /** One URL per controller; at least one. */
@@ -80,6 +81,8 @@ export interface FailoverView {
 }
 
 const DEFAULT_LEADER_WAIT_MS = 20_000;
+/** A retirement copies every checkpoint the replica holds before it answers. */
+const RETIRE_TIMEOUT_MS = 30 * 60_000;
 const LEADER_RETRY_MS = 500;
 
 
@@ -203,6 +206,18 @@ export class ControllerClient {
 
   failovers(): Promise<FailoverView[]> {
     return this.call(true, (api) => api.get<FailoverView[]>('/v1/failovers'));
+  }
+
+  // ------------------------------------------------------------ checkpoint replicas
+
+  /** The checkpoint store replicas: active, retiring and retired, with what each holds. */
+  checkpointReplicas(): Promise<CheckpointReplicaView[]> {
+    return this.call(true, (api) => api.get<CheckpointReplicaView[]>('/v1/checkpoint-replicas'));
+  }
+
+  /** Retires a replica for good once its checkpoints are on N others (idempotent: sent again, it answers `alreadyRetired`). */
+  retireCheckpointReplica(url: string): Promise<RetireReplicaResult> {
+    return this.call(true, (api) => api.post<RetireReplicaResult>('/v1/checkpoint-replicas/retire', { url }, { timeoutMs: RETIRE_TIMEOUT_MS }));
   }
 
   // ------------------------------------------------------------ controller choice
