@@ -85,7 +85,8 @@ export class ReplicaAdmin {
         { url, remaining, needed: n },
       );
     }
-    const up = await catalog.set.answering(remaining);
+    // Asked even if silent lately: an operator's command deserves a fresh answer.
+    const up = await catalog.set.answering(remaining, true);
     const answering = remaining.filter((_, i) => up[i]);
     if (answering.length < n) {
       const down = remaining.filter((_, i) => !up[i]);

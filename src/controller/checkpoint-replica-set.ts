@@ -92,9 +92,9 @@ export class ReplicaSet {
     }
   }
 
-  /** Which of URLS answer /healthz now (silent ones are not asked). */
-  async answering(urls: string[]): Promise<boolean[]> {
-    return Promise.all(urls.map(async (url) => (await this.ask(url, () => this.healthy(url))) === true));
+  /** Which of URLS answer /healthz now (silent ones are not asked, unless ASK_SILENT). */
+  async answering(urls: string[], askSilent = false): Promise<boolean[]> {
+    return Promise.all(urls.map(async (url) => (await this.ask(url, () => this.healthy(url), askSilent)) === true));
   }
 
   client(url: string): CheckpointStoreClient {
