@@ -38,14 +38,18 @@ export interface ReplicaAdminOptions {
 export class ReplicaAdmin {
   constructor(private readonly opts: ReplicaAdminOptions) {}
 
-  /** Every replica: active ones in the order checkpoints go to them, then those only records name, retiring and retired ones. */
+  /**
+   * Every replica: active ones (those of running controllers in their campaigns' order, the same
+   * whichever controller answers), then those only records name, retiring and retired ones.
+   */
   async list(): Promise<CheckpointReplicaView[]> {
     const { catalog } = this.opts;
     const members = await catalog.set.members();
     const recorded = await catalog.recordedOn();
     const since = new Map(members.retirements.map((r) => [r.value.url, r.value.since]));
-    const urls = [...new Set([...members.active, ...recorded.keys(), ...members.retiring, ...members.retired])];
     const hosts = this.opts.hosts();
+    const hosted = hosts.map((h) => h.checkpointStore).filter((url) => members.active.includes(url));
+    const urls = [...new Set([...hosted, ...members.active, ...recorded.keys(), ...members.retiring, ...members.retired])];
     return Promise.all(
       urls.map(async (url): Promise<CheckpointReplicaView> => {
         const host = hosts.find((h) => h.checkpointStore === url);

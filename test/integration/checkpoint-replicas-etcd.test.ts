@@ -2,7 +2,9 @@
  * Checkpoint replicas with several controllers on one real etcd: each controller's checkpoint
  * store is a replica, a checkpoint goes to N = 2 of 3, and `chipmunk files` / `diff` sent to any
  * controller (a follower whose own replica lacks the checkpoint included) read it from a replica
- * that holds it. The agents are fakes whose checkpoint upload and restore do the real thing.
+ * that holds it; a replica retired with `chipmunk checkpoint-replicas retire` has its checkpoints
+ * copied away first and is never read again, even by a failover under a new leader. The agents
+ * are fakes whose checkpoint upload and restore do the real thing.
  */
 import { after, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
@@ -14,6 +16,7 @@ import { CheckpointStoreClient } from '../../src/checkpoint-store/index.js';
 import { startController, type ControllerOptions, type RunningController } from '../../src/controller/index.js';
 import { ControllerClient } from '../../src/shared/controller-client.js';
 import { ChipmunkError } from '../../src/shared/errors.js';
+import type { CheckpointReplicaView } from '../../src/shared/replica-protocol.js';
 import { FakeCluster } from '../fakes/agents.js';
 import { freePorts, startEtcd, type EtcdCluster } from '../support/etcd.js';
 import { makeCheckpointParts, withRealStoreIo, type CheckpointParts } from '../support/real-store-io.js';
@@ -29,7 +32,7 @@ after(async () => (await shared)?.stop());
  * COUNT controllers on one etcd namespace, each on a port of its own with its own checkpoint
  * directory, over fake agents node1 and node2 that heartbeat to whichever controller answers.
  */
-async function fleetOf(count: number, namespace: string, parts: CheckpointParts, extra: (urls: string[]) => Partial<ControllerOptions>) {
+async function fleetOf(count: number, namespace: string, parts: CheckpointParts, extra: (urls: string[]) => Partial<ControllerOptions>, offered?: string[][]) {
   const etcd = await sharedEtcd();
   const cluster = new FakeCluster();
   for (const node of ['node1', 'node2']) cluster.add(node);
@@ -39,7 +42,7 @@ async function fleetOf(count: number, namespace: string, parts: CheckpointParts,
   const running: (RunningController | undefined)[] = urls.map(() => undefined);
   const agents = new ControllerClient({ urls, token: TOKEN, leaderWaitMs: 0, timeoutMs: 500 });
   const heartbeat = setInterval(() => {
-    for (const node of ['node1', 'node2']) void agents.heartbeat(cluster.agent(node).registration()).catch(() => undefined);
+    for (const node of ['node1', 'node2']) if (!cluster.agent(node).down) void agents.heartbeat(cluster.agent(node).registration()).catch(() => undefined);
   }, 100);
   return {
     cluster,
@@ -56,7 +59,7 @@ async function fleetOf(count: number, namespace: string, parts: CheckpointParts,
         leaderLeaseMs: 1000,
         nodeReadyWithinMs: 1000,
         logger: pino({ level: 'silent' }),
-        agentFactory: (node) => withRealStoreIo(cluster, cluster.agent(node.name), { token: TOKEN, parts }),
+        agentFactory: (node) => withRealStoreIo(cluster, cluster.agent(node.name), { token: TOKEN, parts, ...(offered ? { offered } : {}) }),
         ...extra(urls),
       });
       return running[i]!;
@@ -151,6 +154,85 @@ describe('checkpoint replicas on several controllers sharing etcd', () => {
       ]);
       const next = await fleet.client.checkpoint('web');
       assert.deepEqual(next.replicas?.map((r) => r.url), [a, c]);
+    } finally {
+      await fleet.close();
+      await parts.remove();
+    }
+  });
+
+  it('`checkpoint-replicas retire` copies what a replica holds to the others, refuses bad input changing nothing, and no failover reads from it afterwards', async () => {
+    const parts = await makeCheckpointParts();
+    const offered: string[][] = [];
+    const fleet = await fleetOf(3, 'retire-test', parts, () => ({ replicateEveryMs: 300 }), offered);
+    const cli = (args: string[]) => runCli(args, { CHIPMUNK_CONTROLLER: fleet.urls.join(','), CHIPMUNK_TOKEN: TOKEN });
+    const sorted = (urls: string[] | undefined) => [...(urls ?? [])].sort();
+    try {
+      const leader = await fleet.start(0);
+      await waitFor(() => leader.leading(), 5000, 'the first controller to lead');
+      for (const i of [1, 2]) await fleet.start(i);
+      await waitFor(async () => (await fleet.client.controllers()).length === 3, 5000, 'every controller to campaign');
+      await waitFor(async () => (await fleet.client.nodes()).filter((n) => n.status === 'ready').length === 2, 5000, 'both nodes ready');
+      await fleet.client.run({ spec: { name: 'web', image: 'counter' }, node: 'node1', protection: { everyMs: 600_000 } });
+      const first = await waitFor(async () => (await fleet.client.checkpoints('web'))[0], 10_000, 'the first (scheduled) checkpoint');
+      // On 2 of the 3 (the leader's own first): the second holder is retired, the first keeps its copy, the third takes one.
+      const [keeper, retiree] = first.replicas!.map((r) => r.url) as [string, string];
+      const spare = fleet.urls.find((url) => url !== keeper && url !== retiree)!;
+
+      // Every controller's replica, which controller serves it, what it holds.
+      const ls = await cli(['checkpoint-replicas', '--json']);
+      assert.equal(ls.code, 0, ls.stderr);
+      const listed = JSON.parse(ls.stdout) as CheckpointReplicaView[];
+      assert.deepEqual(
+        sorted(listed.map((r) => JSON.stringify([r.url, r.status, r.reachable, r.checkpoints, r.stored]))),
+        sorted([[keeper, 'active', true, 1, 1], [retiree, 'active', true, 1, 1], [spare, 'active', true, 0, 0]].map((row) => JSON.stringify(row))),
+      );
+      assert.ok(listed.every((r) => r.controller), 'each replica names the controller serving it');
+      const table = await cli(['checkpoint-replicas']);
+      assert.match(table.stdout, /^URL\s+CONTROLLER\s+STATUS\s+REACHABLE\s+CHECKPOINTS\s+SIZE/);
+
+      // Bad input: an unknown URL, something that is no URL. Nothing changes.
+      const unknown = await cli(['checkpoint-replicas', 'retire', 'http://127.0.0.1:1']);
+      assert.equal(unknown.code, 1);
+      assert.match(unknown.stderr, /is no checkpoint replica of this cluster .*\(CHIPMUNK_NOT_FOUND\)/);
+      const notUrl = await cli(['checkpoint-replicas', 'retire', 'node2']);
+      assert.equal(notUrl.code, 2, 'a word that is no URL is a usage error');
+      assert.deepEqual((await fleet.client.checkpointReplicas()).map((r) => r.status), ['active', 'active', 'active']);
+
+      // Whichever controller the CLI reaches, the leader does it.
+      const retired = await cli(['checkpoint-replicas', 'retire', retiree]);
+      assert.equal(retired.code, 0, retired.stderr);
+      assert.match(retired.stdout, new RegExp(`${retiree} is retired: 1 checkpoint\\(s\\) lived on it`));
+      const placed = (await fleet.client.checkpoints('web'))[0]!.replicas!;
+      assert.deepEqual(sorted(placed.map((r) => r.url)), sorted([keeper, spare]), 'copied to the spare before the retiree was retired');
+      assert.ok(placed.every((r) => r.state === 'intact'));
+      // Now only 2 are active: retiring either would leave too few for N = 2.
+      const tooFew = await cli(['checkpoint-replicas', 'retire', keeper, '--json']);
+      assert.equal(tooFew.code, 1);
+      assert.equal((JSON.parse(tooFew.stdout) as { error: { code: string } }).error.code, 'CHIPMUNK_CONFLICT');
+      assert.match(tooFew.stderr, /would leave 1 active checkpoint replica/);
+      const statuses = Object.fromEntries((await fleet.client.checkpointReplicas()).map((r) => [r.url, r.status]));
+      assert.deepEqual(statuses, { [keeper]: 'active', [spare]: 'active', [retiree]: 'retired' });
+      const again = await cli(['checkpoint-replicas', 'retire', retiree]);
+      assert.equal(again.code, 0, again.stderr);
+      assert.match(again.stdout, /was already retired/);
+      const next = await fleet.client.checkpoint('web');
+      assert.deepEqual(sorted(next.replicas?.map((r) => r.url)), sorted([keeper, spare]), 'a new checkpoint skips the retired replica');
+
+      // The leader goes, then node1: whoever leads now (the retiree's controller included: it still
+      // runs, its replica is just not used) fails web over from a copy that is not the retiree's.
+      const gone = fleet.leader();
+      await fleet.stop(gone);
+      await waitFor(() => fleet.leader() >= 0 && fleet.leader() !== gone, 10_000, 'another controller to lead');
+      fleet.cluster.agent('node1').down = true;
+      fleet.cluster.agent('node1').containers.clear();
+      const failover = await waitFor(async () => (await fleet.client.failovers()).find((f) => f.name === 'web' && f.outcome !== 'running'), 20_000, 'the failover of web');
+      assert.equal(failover.outcome, 'done', JSON.stringify(failover));
+      assert.equal(failover.checkpoint, next.id);
+      assert.ok(offered.length > 0, 'the failover restored from the store');
+      for (const stores of offered) {
+        assert.ok(!stores.includes(retiree), `a restore was handed the retired replica: ${stores.join(', ')}`);
+        assert.notEqual(stores[0], fleet.urls[gone], 'the intact replica that answers comes first');
+      }
     } finally {
       await fleet.close();
       await parts.remove();

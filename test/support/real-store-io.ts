@@ -46,6 +46,8 @@ export interface RealStoreIoOptions {
   parts: CheckpointParts;
   /** Each restore appends the store it read the checkpoint from. */
   readFrom?: string[];
+  /** Each restore appends the stores the controller handed it, in order. */
+  offered?: string[][];
 }
 
 export function withRealStoreIo(cluster: FakeCluster, agent: FakeAgent, opts: RealStoreIoOptions): AgentApi {
@@ -68,6 +70,7 @@ export function withRealStoreIo(cluster: FakeCluster, agent: FakeAgent, opts: Re
         return async (opId: string, req: RestoreRequest) => {
           if (req.checkpoint && !target.down) {
             const stores = [req.checkpoint.storeUrl, ...(req.checkpoint.replicaUrls ?? [])];
+            opts.offered?.push(stores);
             const got = await fetchTreeFromAny(
               stores.map((store) => checkpointPartUrl(store, req.spec.name, req.checkpoint!.id, 'criu')),
               { token: opts.token, dest: join(work, `restore-${randomBytes(4).toString('hex')}`) },
