@@ -2,8 +2,9 @@
  * The local cluster with no single point of failure (`cluster up --ha`): every test host runs an
  * etcd member and a controller beside its agent, so killing a node (`cluster kill NODE`) takes
  * down its share of the control plane with it, as a power loss would. The controllers elect their
- * leader on the 3 (or N) member etcd; each serves a checkpoint store replica, and the others are
- * its peers. The gateway stays on this machine.
+ * leader on the 3 (or N) member etcd; each serves a checkpoint store replica and publishes its
+ * URL (its --advertise-url) there, which is how the others know it: no peer list is given. The
+ * gateway stays on this machine.
  */
 import { type ChildProcess } from 'node:child_process';
 import { mkdir } from 'node:fs/promises';
@@ -122,7 +123,6 @@ export function haControllerArgs(opts: HaControllerArgs): string[] {
     '--advertise-url', url,
     '--store', etcdStoreSpec(opts.members),
     '--checkpoint-dir', join(opts.dataDir, 'checkpoints'),
-    '--checkpoint-store-peers', opts.members.map((m) => haControllerUrl(m.address)).join(','),
     '--token-file', opts.tokenFile,
     '--gateway', `http://${opts.gatewayApi}`, '--gateway-host', opts.gatewayHost,
     ...(opts.nodeLeaseMs !== undefined ? ['--node-lease', `${opts.nodeLeaseMs}ms`] : []),

@@ -84,9 +84,14 @@ export class Leadership {
     return (this.election?.known() ?? []).flatMap((c) => (c.checkpointStore ? [c.checkpointStore] : []));
   }
 
-  /** The controllers known to run that serve a checkpoint store: the candidates of the election, or this one alone. */
+  /**
+   * The controllers known to run that serve a checkpoint store: the candidates of the election
+   * (this one among them even while its campaign key is being made again), or this one alone.
+   */
   checkpointStoreHosts(self: Candidate): (Candidate & { checkpointStore: string })[] {
-    return (this.election ? this.election.known() : [self]).flatMap((c) => (c.checkpointStore ? [{ ...c, checkpointStore: c.checkpointStore }] : []));
+    const known = this.election?.known() ?? [];
+    const all = known.some((c) => c.id === self.id) ? known : [self, ...known];
+    return all.flatMap((c) => (c.checkpointStore ? [{ ...c, checkpointStore: c.checkpointStore }] : []));
   }
 
   /** What calls to agents and the gateway carry (election.ts heldTerm); none when alone. */

@@ -178,7 +178,9 @@ describe('checkpoint replicas on several controllers sharing etcd', () => {
       const [keeper, retiree] = first.replicas!.map((r) => r.url) as [string, string];
       const spare = fleet.urls.find((url) => url !== keeper && url !== retiree)!;
 
-      // Every controller's replica, which controller serves it, what it holds.
+      // Every controller's replica, which controller serves it (once every campaign is seen: a
+      // loaded machine may have one made again), what it holds.
+      await waitFor(async () => (await fleet.client.checkpointReplicas()).every((r) => r.controller), 5000, 'each replica to name the controller serving it');
       const ls = await cli(['checkpoint-replicas', '--json']);
       assert.equal(ls.code, 0, ls.stderr);
       const listed = JSON.parse(ls.stdout) as CheckpointReplicaView[];
@@ -186,7 +188,6 @@ describe('checkpoint replicas on several controllers sharing etcd', () => {
         sorted(listed.map((r) => JSON.stringify([r.url, r.status, r.reachable, r.checkpoints, r.stored]))),
         sorted([[keeper, 'active', true, 1, 1], [retiree, 'active', true, 1, 1], [spare, 'active', true, 0, 0]].map((row) => JSON.stringify(row))),
       );
-      assert.ok(listed.every((r) => r.controller), 'each replica names the controller serving it');
       const table = await cli(['checkpoint-replicas']);
       assert.match(table.stdout, /^URL\s+CONTROLLER\s+STATUS\s+REACHABLE\s+CHECKPOINTS\s+SIZE/);
 
