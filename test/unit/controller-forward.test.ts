@@ -27,6 +27,10 @@ describe('which requests a follower passes on to the leader', () => {
       ['GET', '/v1/nodes', false],
       ['GET', '/healthz', false],
       ['POST', '/v1/debug/faults', false],
+      // Retiring a replica is the leader's (it copies and writes records); listing them any controller answers.
+      ['POST', '/v1/checkpoint-replicas/retire', true],
+      ['GET', '/v1/checkpoint-replicas', false],
+      ['GET', '/v1/checkpoint-store', false],
     ];
     for (const [method, url, expected] of cases) assert.equal(leaderOnly(method, url), expected, `${method} ${url}`);
   });
