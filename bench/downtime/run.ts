@@ -12,8 +12,8 @@
  * move to the first after it, so the pieces add up to the gap. Prints p50 (and p99) per piece.
  *
  * Usage (root, after `npm run setup`):
- *   CHIPMUNK_RUNC_PAIR_NET=3 npx tsx bench/downtime/run.ts [--moves 10] [--sizes 256,64] [--mode lazy|copy]
- * Writes bench/results/downtime-breakdown.md.
+ *   CHIPMUNK_RUNC_PAIR_NET=3 npx tsx bench/downtime/run.ts [--moves 10] [--sizes 256,64] [--mode lazy|copy] [--out FILE]
+ * Writes bench/results/downtime-breakdown.md (or FILE).
  */
 import { writeFile } from 'node:fs/promises';
 import { fileURLToPath } from 'node:url';
@@ -33,6 +33,8 @@ const { values } = parseArgs({
     moves: { type: 'string', default: '10' },
     sizes: { type: 'string', default: '256,64' },
     mode: { type: 'string', default: 'lazy' },
+    out: { type: 'string', default: RESULTS },
+    compare: { type: 'string' },
   },
 });
 const moves = Number(values.moves);
@@ -40,6 +42,12 @@ if (!Number.isInteger(moves) || moves < 1 || moves > MAX_MOVES) throw new Error(
 const sizes = values.sizes!.split(',').map(Number);
 if (sizes.some((s) => !Number.isInteger(s) || s < 1 || s > 4096)) throw new Error(`--sizes ${values.sizes}: give sizes in MB, 1 to 4096, comma-separated`);
 const mode = values.mode as MigrationMode;
+/**
+ * `--compare LEVER`: the moves take turns (two by two, so each way goes in both directions) with
+ * the lever and without it (CHIPMUNK_DOWNTIME_OFF=LEVER, read where the lever acts), side by side
+ * under the same load; each gets its table.
+ */
+const variants = values.compare ? [`with ${values.compare}`, `without ${values.compare}`] : [''];
 if (mode !== 'lazy' && mode !== 'copy') throw new Error(`--mode ${values.mode}: lazy or copy`);
 
 /** One move, cut into consecutive pieces (ms) from the last answer before it to the first after. */
@@ -82,9 +90,14 @@ function piecesOf(record: MigrationRecord, lastBefore: number, firstAfter: numbe
     ['CRIU restore (files, sockets, memory map)', end(r('criu-restore'))],
     ['runc restore returns', end(r('runc-restore'))],
     ['address routed on the target (network unlock)', end(r('route-address'))],
-    ['restore answer, verify write', event('verify')?.at],
-    ['verify, commit write', event('cleanup')?.at],
-    ['commit seen, routes script starts', routeMove?.began],
+    // Routed ahead (the restore's answer moves the route): verify and commit are written meanwhile, out of the gap.
+    ...(routeMove && routeMove.began < (event('cleanup')?.at ?? Infinity)
+      ? ([['restore answer, routes script starts', routeMove.began]] as Array<[string, number | undefined]>)
+      : ([
+          ['restore answer, verify write', event('verify')?.at],
+          ['verify, commit write', event('cleanup')?.at],
+          ['commit seen, routes script starts', routeMove?.began],
+        ] as Array<[string, number | undefined]>)),
     ['routes script (machine and test hosts)', routeMove?.ended],
     ['first answer (client retry, lazy page faults)', firstAfter],
   ];
@@ -135,14 +148,14 @@ function percentile(values: number[], p: number): number {
 
 const ms = (v: number | undefined) => (v === undefined ? '-' : `${Math.round(v)} ms`);
 
-function table(sizeMB: number, results: MoveResult[]): string {
+function table(sizeMB: number, results: MoveResult[], variant: string): string {
   const gaps = results.map((r) => r.gapMs);
   const keptGaps = results.flatMap((r) => (r.keptGapMs === undefined ? [] : [r.keptGapMs]));
   const keptErrors = results.filter((r) => r.keptErrors.length > 0).length;
   const recorded = results.map((r) => r.recordedDowntimeMs);
   const names = [...new Set(results.flatMap((r) => [...r.pieces.keys()]))];
   const lines = [
-    `### ${sizeMB} MB, ${mode}, ${results.length} moves`,
+    `### ${sizeMB} MB, ${mode}${variant ? `, ${variant}` : ''}, ${results.length} moves`,
     '',
     '| | p50 | p99 |',
     '|---|---:|---:|',
@@ -165,7 +178,9 @@ async function main(): Promise<void> {
   await ensureImage('chipmunk/statefulapp');
   const cluster = await startPairCluster();
   const sections: string[] = [];
-  const summary: string[] = ['| memory | client-seen gap p50 | p99 | kept connection p50 | recorded downtime p50 |', '|---:|---:|---:|---:|---:|'];
+  const summary: string[] = values.compare
+    ? ['| memory | lever | client-seen gap p50 | p99 | kept connection p50 | recorded downtime p50 |', '|---:|---|---:|---:|---:|---:|']
+    : ['| memory | client-seen gap p50 | p99 | kept connection p50 | recorded downtime p50 |', '|---:|---:|---:|---:|---:|'];
   try {
     for (const sizeMB of sizes) {
       const name = `dt-${sizeMB}`;
@@ -173,26 +188,32 @@ async function main(): Promise<void> {
       if (!view.address) throw new Error(`${name} got no cluster address: the bench needs one`);
       const url = `http://${view.address}:${APP_PORT}/health`;
       await firstAnswer(url, 120_000);
-      const rows: MoveResult[] = [];
-      for (let i = 0; i < moves; i++) {
+      const rows = new Map<string, MoveResult[]>(variants.map((v) => [v, []]));
+      for (let i = 0; i < moves * variants.length; i++) {
         const to = i % 2 === 0 ? cluster.target : cluster.source;
+        const variant = variants[Math.floor(i / 2) % variants.length]!;
+        if (variant.startsWith('without ')) process.env.CHIPMUNK_DOWNTIME_OFF = values.compare;
+        else delete process.env.CHIPMUNK_DOWNTIME_OFF;
         const result = await moveOnce(cluster, name, view.address, to);
-        rows.push(result);
-        console.error(`${sizeMB} MB move ${i + 1}/${moves} to ${to}: client-seen gap ${Math.round(result.gapMs)} ms, kept connection ${ms(result.keptGapMs)}${result.keptErrors.length ? ` (errors: ${result.keptErrors[0]})` : ''}`);
+        rows.get(variant)!.push(result);
+        console.error(`${sizeMB} MB ${variant} move ${i + 1}/${moves * variants.length} to ${to}: client-seen gap ${Math.round(result.gapMs)} ms, kept connection ${ms(result.keptGapMs)}${result.keptErrors.length ? ` (errors: ${result.keptErrors[0]})` : ''}`);
       }
+      delete process.env.CHIPMUNK_DOWNTIME_OFF;
       await cluster.client.remove(name).catch(() => cluster.client.stop(name).then(() => cluster.client.remove(name)));
-      const section = table(sizeMB, rows);
-      console.log(section);
-      sections.push(section);
-      summary.push(`| ${sizeMB} MB | ${ms(percentile(rows.map((r) => r.gapMs), 50))} | ${ms(percentile(rows.map((r) => r.gapMs), 99))} | ${ms(percentile(rows.flatMap((r) => (r.keptGapMs === undefined ? [] : [r.keptGapMs])), 50))} | ${ms(percentile(rows.map((r) => r.recordedDowntimeMs), 50))} |`);
+      for (const [variant, results] of rows) {
+        const section = table(sizeMB, results, variant);
+        console.log(section);
+        sections.push(section);
+        summary.push(`| ${sizeMB} MB |${values.compare ? ` ${variant} |` : ''} ${ms(percentile(results.map((r) => r.gapMs), 50))} | ${ms(percentile(results.map((r) => r.gapMs), 99))} | ${ms(percentile(results.flatMap((r) => (r.keptGapMs === undefined ? [] : [r.keptGapMs])), 50))} | ${ms(percentile(results.map((r) => r.recordedDowntimeMs), 50))} |`);
+      }
     }
   } finally {
     await cluster.close();
   }
-  const header = `# bench/downtime: the frozen window of a move, step by step\n\nMeasured ${new Date().toISOString()} on the runc pair (2 cores shared with other work), one run: \`CHIPMUNK_RUNC_PAIR_NET=${process.env.CHIPMUNK_RUNC_PAIR_NET ?? 2} npx tsx bench/downtime/run.ts --moves ${moves} --sizes ${values.sizes} --mode ${mode}\`.\n\n`;
+  const header = `# bench/downtime: the frozen window of a move, step by step\n\nMeasured ${new Date().toISOString()} on the runc pair (2 cores shared with other work), one run: \`CHIPMUNK_RUNC_PAIR_NET=${process.env.CHIPMUNK_RUNC_PAIR_NET ?? 2} npx tsx bench/downtime/run.ts --moves ${moves} --sizes ${values.sizes} --mode ${mode}${values.compare ? ` --compare ${values.compare}` : ''}\`.\n\n`;
   console.log(summary.join('\n'));
-  await writeFile(RESULTS, `${header}${summary.join('\n')}\n\n${sections.join('\n')}`);
-  console.log(`written to ${RESULTS}`);
+  await writeFile(values.out!, `${header}${summary.join('\n')}\n\n${sections.join('\n')}`);
+  console.log(`written to ${values.out}`);
 }
 
 await main();
