@@ -4,8 +4,10 @@
  * same load: CHIPMUNK_DOWNTIME_OFF=LEVER[,LEVER] (read where the lever acts, at each move).
  * - route-ahead: the controller routes the address to the target as soon as the restore answered
  *   (migration.ts), not after the verify and commit writes.
+ * - in-process-checks: the agents ask whether a layer is mounted and how big a tree is in their
+ *   own process (rootfs.ts, context.ts), not with `mountpoint` and `du`.
  */
-export type DowntimeLever = 'route-ahead';
+export type DowntimeLever = 'route-ahead' | 'in-process-checks';
 
 export function leverOff(lever: DowntimeLever): boolean {
   return (process.env.CHIPMUNK_DOWNTIME_OFF ?? '').split(',').includes(lever);
