@@ -3,7 +3,7 @@
 # so `npm test` and `npm run demo` can call it each time.
 #
 # What it installs and why:
-#   - runc, podman (image store only), CNI plugins, iproute2, iptables, nftables, busybox-static, tar,
+#   - runc, podman (image store only), CNI plugins, iproute2, iptables, busybox-static, tar,
 #     python3, sqlite3 (test images); redis, postgresql, nginx, memcached (compatibility suite)
 #   - CRIU >= 4.2 into a private prefix (/opt/chipmunk/criu): bookworm's criu 3.17 fails on
 #     kernels >= 6.13 (vDSO layout) and 4.1 cannot dump inet sockets here; 4.2 needs a newer
@@ -29,7 +29,7 @@ command -v apt-get >/dev/null || die "apt-get not found: chipmunk's set-up suppo
 # python3 and sqlite3: the compatibility test image (src/devtools/images.ts, chipmunk/python);
 # e2fsprogs: mkfs.ext4 for image writable layers (src/agent/runtime/rootfs.ts);
 # etcd-server (3.4): the replicated state store of an HA control plane (`--store etcd://...`) and its tests.
-APT_PACKAGES=(runc podman containernetworking-plugins iproute2 iptables nftables busybox-static tar util-linux procps haproxy wrk python3 sqlite3 e2fsprogs etcd-server)
+APT_PACKAGES=(runc podman containernetworking-plugins iproute2 iptables busybox-static tar util-linux procps haproxy wrk python3 sqlite3 e2fsprogs etcd-server)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -6,10 +6,8 @@
  *   (migration.ts), not after the verify and commit writes.
  * - in-process-checks: the agents ask whether a layer is mounted and how big a tree is in their
  *   own process (rootfs.ts, context.ts), not with `mountpoint` and `du`.
- * - nft-lock: a migration's dump locks the container's network with CRIU's nftables method, in
- *   CRIU's process, not by starting iptables-restore twice (criu.ts).
  */
-export type DowntimeLever = 'route-ahead' | 'in-process-checks' | 'nft-lock';
+export type DowntimeLever = 'route-ahead' | 'in-process-checks';
 
 export function leverOff(lever: DowntimeLever): boolean {
   return (process.env.CHIPMUNK_DOWNTIME_OFF ?? '').split(',').includes(lever);

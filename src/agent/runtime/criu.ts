@@ -17,7 +17,6 @@ import { Socket } from 'node:net';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { CapabilityMissingError, RuntimeFailedError } from '../../shared/errors.js';
-import { leverOff } from '../../shared/downtime-levers.js';
 import { lastLines, runUnchecked } from '../../shared/exec.js';
 import type { MigrationMode } from '../../shared/protocol.js';
 import type { StepClock } from '../../shared/steps.js';
@@ -45,8 +44,6 @@ const LAZY_SOCKET_WAIT_MS = 15_000;
 /** How long the last lazy pages may take to be served (source) or pulled (target). */
 export const PAGE_DRAIN_TIMEOUT_MS = 10 * 60_000;
 const PAGE_SIZE = 4096;
-/** CRIU's network lock method through libnftables (writeCriuOptions). */
-const NFT_LOCK = 'nftables';
 /** runc's flag for CRIU's --file-locks (see the top of this file); the same on dump and restore. */
 const FILE_LOCKS = '--file-locks';
 
@@ -62,9 +59,6 @@ const FILE_LOCKS = '--file-locks';
  *   their peers see a retransmission. A checkpoint (failover) never keeps them: their state
  *   died with the host, and a peer's next packet to the address meets the restored copy's
  *   kernel, which has no such connection and resets it.
- * - network-lock nftables (a migration's dump that keeps connections): CRIU locks the namespace
- *   through libnftables in its own process (a table `inet CRIU-PID`), not by starting
- *   iptables-restore and ip6tables-restore inside the frozen window.
  * - network-lock skip (restore): the namespace is new. With kept connections no packet for the
  *   cluster address reaches it before the restore returns (the node routes the address to it
  *   only then, network.ts); without, locked, it would silently drop the first clients' SYNs and
@@ -74,7 +68,6 @@ const FILE_LOCKS = '--file-locks';
 export async function writeCriuOptions(containerDir: string, purpose: 'dump' | 'restore', keepConnections = false): Promise<void> {
   const tcp = keepConnections ? 'tcp-established' : 'tcp-close';
   const options = purpose === 'dump' ? ['skip-in-flight', tcp] : ['skip-in-flight', tcp, 'network-lock skip'];
-  if (purpose === 'dump' && keepConnections && !leverOff('nft-lock')) options.push(`network-lock ${NFT_LOCK}`);
   await writeFile(criuOptionsPath(containerDir), `${options.join('\n')}\n`);
 }
 
@@ -148,17 +141,13 @@ export async function dumpedWithUserNamespace(images: string): Promise<boolean> 
 
 /**
  * Removes the packet filter CRIU installs in the container's namespace while it dumps
- * ("network lock": iptables chains CRIU, or an nftables table CRIU-PID). A successful restore removes it; a dump that fails after locking
+ * ("network lock"). A successful restore removes it; a dump that fails after locking
  * (e.g. the lazy page server breaking) unfreezes the processes but leaves it, and the
  * container, though running, would drop every packet. `netnsPath`: the container's namespace
  * (RuntimeContext.containerNetnsPath); none when it is gone with the container.
  */
 export async function removeCriuNetworkLock(netnsPath: string | undefined): Promise<void> {
   if (!netnsPath) return;
-  const nft = (args: string[]) => runUnchecked('nsenter', [`--net=${netnsPath}`, '--', 'nft', ...args]);
-  for (const table of (await nft(['list', 'tables'])).stdout.matchAll(/^table (\S+) (CRIU\S*)$/gm)) {
-    await nft(['delete', 'table', table[1]!, table[2]!]);
-  }
   for (const tool of ['iptables', 'ip6tables']) {
     const inNs = (args: string[]) => runUnchecked('nsenter', [`--net=${netnsPath}`, '--', tool, ...args]);
     if ((await inNs(['-L', 'CRIU', '-n'])).code !== 0) continue;
