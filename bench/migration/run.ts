@@ -16,7 +16,7 @@
  *
  * Usage (root, after `npm run setup`; 4 GB needs about 9 GB free):
  *   CHIPMUNK_RUNC_PAIR_NET=3 npm run bench:migration -- [--sizes 64,256,1024,4096] [--modes lazy,copy,podman]
- *     [--moves 10] [--copy-moves N (default --moves)] [--podman-moves 1]
+ *     [--moves 10] [--copy-moves N (default --moves)] [--large-copy-moves 3 (copy, 2 GB and more)] [--podman-moves 1]
  * Prints the tables and writes them to bench/results/migration.md.
  */
 import { mkdir, writeFile } from 'node:fs/promises';
@@ -43,6 +43,7 @@ const { values } = parseArgs({
     modes: { type: 'string', default: 'lazy,copy,podman' },
     moves: { type: 'string', default: '10' },
     'copy-moves': { type: 'string' },
+    'large-copy-moves': { type: 'string', default: '3' },
     'podman-moves': { type: 'string', default: '1' },
   },
 });
@@ -60,6 +61,10 @@ const movesOf: Record<Way, number> = {
   copy: count('copy-moves', values['copy-moves'] ?? values.moves),
   podman: count('podman-moves', values['podman-moves']),
 };
+/** A copy move of 2 GB or more takes a minute or more (all of its memory is dumped, sent and read back): fewer of them. */
+const LARGE_MB = 2048;
+const largeCopyMoves = count('large-copy-moves', values['large-copy-moves']);
+const movesFor = (way: Way, sizeMB: number) => (way === 'copy' && sizeMB >= LARGE_MB ? Math.min(largeCopyMoves, movesOf.copy) : movesOf[way]);
 
 interface Row {
   sizeMB: number;
@@ -82,11 +87,12 @@ async function chipmunkWay(cluster: PairCluster, sizeMB: number, mode: 'lazy' | 
     if (!view.address) throw new Error(`${name} got no cluster address: the bench needs one`);
     await firstAnswer(`http://${view.address}:${APP_PORT}/health`, 300_000);
     const moves: MoveResult[] = [];
-    for (let i = 0; i < movesOf[mode]; i++) {
+    const total = movesFor(mode, sizeMB);
+    for (let i = 0; i < total; i++) {
       const to = i % 2 === 0 ? cluster.target : cluster.source;
       const move = await moveOnce(cluster, name, view.address, to, mode, KEPT_INTERVAL_MS);
       moves.push(move);
-      process.stderr.write(`  ${sizeMB} MB ${mode} move ${i + 1}/${movesOf[mode]}: downtime ${Math.round(move.gapMs)} ms, connection ${move.connectionKept ? 'kept' : 'RESET'}\n`);
+      process.stderr.write(`  ${sizeMB} MB ${mode} move ${i + 1}/${total}: downtime ${Math.round(move.gapMs)} ms, connection ${move.connectionKept ? 'kept' : 'RESET'}\n`);
     }
     const verify = (await (await request(`http://${view.address}:${APP_PORT}/verify-memory`, { bodyTimeout: 300_000, headersTimeout: 300_000 })).body.json()) as { ok: boolean };
     return {
@@ -147,7 +153,7 @@ async function main(): Promise<void> {
     for (const size of sizes) {
       for (const way of ways) {
         process.stderr.write(`${size} MB, ${way}:\n`);
-        const row = way === 'podman' ? podmanRow(size, await podmanMoves(size, movesOf.podman)) : await chipmunkWay(cluster!, size, way);
+        const row = way === 'podman' ? podmanRow(size, await podmanMoves(size, movesFor('podman', size))) : await chipmunkWay(cluster!, size, way);
         rows.push(row);
         process.stderr.write(`${size} MB, ${way}: downtime p50 ${p(row.downtimes, 50)}, p99 ${p(row.downtimes, 99)}\n`);
       }
@@ -160,7 +166,7 @@ async function main(): Promise<void> {
   console.log(out);
   const header =
     `# bench/migration\n\nMeasured ${new Date().toISOString()} on the runc pair (${(await run('nproc', [])).stdout.trim()} cores shared with other work), one run: ` +
-    `\`CHIPMUNK_RUNC_PAIR_NET=${process.env.CHIPMUNK_RUNC_PAIR_NET ?? 2} npm run bench:migration -- --sizes ${values.sizes} --modes ${values.modes} --moves ${movesOf.lazy} --copy-moves ${movesOf.copy} --podman-moves ${movesOf.podman}\`.\n\n`;
+    `\`CHIPMUNK_RUNC_PAIR_NET=${process.env.CHIPMUNK_RUNC_PAIR_NET ?? 2} npm run bench:migration -- --sizes ${values.sizes} --modes ${values.modes} --moves ${movesOf.lazy} --copy-moves ${movesOf.copy} --large-copy-moves ${largeCopyMoves} --podman-moves ${movesOf.podman}\`.\n\n`;
   await mkdir(fileURLToPath(new URL('../results', import.meta.url)), { recursive: true });
   await writeFile(RESULTS, `${header}${out}\n`);
   console.error(`written to ${RESULTS}`);
