@@ -6,10 +6,8 @@
  *   (migration.ts), not after the verify and commit writes.
  * - in-process-checks: the agents ask whether a layer is mounted and how big a tree is in their
  *   own process (rootfs.ts, context.ts), not with `mountpoint` and `du`.
- * - parallel-answer: a target writes the restored copy's record and asks runc for its state at
- *   once before it answers the restore (target-restore.ts), not one after the other.
  */
-export type DowntimeLever = 'route-ahead' | 'in-process-checks' | 'parallel-answer';
+export type DowntimeLever = 'route-ahead' | 'in-process-checks';
 
 export function leverOff(lever: DowntimeLever): boolean {
   return (process.env.CHIPMUNK_DOWNTIME_OFF ?? '').split(',').includes(lever);

@@ -8,7 +8,6 @@ import { mkdir, readdir, rename } from 'node:fs/promises';
 import { join } from 'node:path';
 import { ConflictError, InvalidInputError, RuntimeFailedError } from '../../shared/errors.js';
 import type { AgentContainer, ContainerSpec, MigrationMode } from '../../shared/protocol.js';
-import { leverOff } from '../../shared/downtime-levers.js';
 import { StepClock } from '../../shared/steps.js';
 import type { RuntimeContext } from './context.js';
 import { CRIU_LOG, PAGE_DRAIN_TIMEOUT_MS, assertLazyRestorePossible, criuFailureSummary, dumpedWithUserNamespace, keptConnections, killOrphanedCriuProcesses, writeCriuOptions, type PageServer } from './criu.js';
@@ -68,13 +67,8 @@ export class TargetRestores {
         const restored = await restoreIncarnation(ctx, rec, rec.image, opts.migrationId, opts.mode, opts.pageServer, opts.steps);
         delete restored.migration;
         restored.restoredBy = opts.migrationId;
-        if (leverOff('parallel-answer')) {
-          await ctx.records.write(restored);
-          return await ctx.view(restored);
-        }
-        // The answer waits for the record on disk, but not for it before asking runc (the controller routes clients here on this answer).
-        const [, view] = await Promise.all([ctx.records.write(restored), ctx.view(restored)]);
-        return view;
+        await ctx.records.write(restored);
+        return await ctx.view(restored);
       } catch (err) {
         // Leave nothing of a failed restore: the source still has the container.
         await ctx.network.detach(rec.netns, ctx.cniId(rec), spec).catch(() => undefined);
