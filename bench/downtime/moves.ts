@@ -20,6 +20,8 @@ export interface MoveResult {
   keptErrors: string[];
   /** The kept connection was the same one from before the move to after it, and saw no error. */
   connectionKept: boolean;
+  /** Why not, when not: its first error, or that it was closed and a new one opened. */
+  connectionLost?: string;
   recordedDowntimeMs: number;
   /** The whole migration, as its summary says. */
   totalMs: number;
@@ -110,6 +112,11 @@ export async function moveOnce(cluster: PairCluster, name: string, address: stri
     keptGapMs: longestGap(keptTimes.answers, since)?.gapMs,
     keptErrors: keptTimes.errors,
     connectionKept: keptTimes.errors.length === 0 && keptTimes.connections === 1,
+    ...(keptTimes.errors.length > 0
+      ? { connectionLost: keptTimes.errors[0] }
+      : keptTimes.connections !== 1
+        ? { connectionLost: `closed without an error; the client opened ${keptTimes.connections} connections` }
+        : {}),
     recordedDowntimeMs: summary.downtimeMs,
     totalMs: summary.totalMs,
     bytesTransferred: summary.bytesTransferred,

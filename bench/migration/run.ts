@@ -134,6 +134,8 @@ function table(rows: Row[]): string {
     const moved = r.bytes.length ? `${(percentile(r.bytes, 50) / 2 ** 20).toFixed(1)} MiB` : '-';
     lines.push(`| ${r.sizeMB} MB | ${r.way} | ${r.downtimes.length} | ${p(r.downtimes, 50)} | ${p(r.downtimes, 99)} | ${kept} | ${p(r.totals, 50)} | ${p(r.frozen, 50)} | ${moved}${r.note ? ` ${r.note}` : ''} |`);
   }
+  const lost = rows.flatMap((r) => (r.moves ?? []).flatMap((m, i) => (m.connectionKept ? [] : [`${r.sizeMB} MB ${r.way} move ${i + 1}: ${m.connectionLost} (its gap ${ms(m.keptGapMs)}, new connections' ${ms(m.gapMs)})`])));
+  if (lost.length) lines.push('', `Connections not kept: ${lost.join('; ')}.`);
   for (const size of sizes) {
     const lazy = rows.find((r) => r.sizeMB === size && r.way === 'lazy');
     const pod = rows.find((r) => r.sizeMB === size && r.way === 'podman');
