@@ -10,6 +10,8 @@ import { FreshConnectionProbe, KeptConnectionProbe, longestGap } from '../../src
 import type { MigrationMode, MigrationRecord, MigrationStep } from '../../src/shared/protocol.js';
 import type { PairCluster } from './pair-cluster.js';
 
+/** The probes' own bound: a copy move of 4 GB on a loaded machine takes minutes (they stopped at 2 and missed its end). */
+const PROBE_MAX_MS = 20 * 60_000;
 /** The stateful app's port (src/devtools/statefulapp). */
 export const APP_PORT = 8080;
 
@@ -88,8 +90,8 @@ export function piecesOf(record: MigrationRecord, lastBefore: number, firstAfter
  */
 export async function moveOnce(cluster: PairCluster, name: string, address: string, to: string, mode: MigrationMode, keptIntervalMs = 1): Promise<MoveResult> {
   const url = `http://${address}:${APP_PORT}/health`;
-  const fresh = new FreshConnectionProbe(url);
-  const kept = new KeptConnectionProbe(url, 120_000, keptIntervalMs);
+  const fresh = new FreshConnectionProbe(url, PROBE_MAX_MS);
+  const kept = new KeptConnectionProbe(url, PROBE_MAX_MS, keptIntervalMs);
   fresh.start();
   kept.start();
   await sleep(300);

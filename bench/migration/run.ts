@@ -16,10 +16,11 @@
  *
  * Usage (root, after `npm run setup`; 4 GB needs about 9 GB free):
  *   CHIPMUNK_RUNC_PAIR_NET=3 npm run bench:migration -- [--sizes 64,256,1024,4096] [--modes lazy,copy,podman]
- *     [--moves 10] [--copy-moves N (default --moves)] [--large-copy-moves 3 (copy, 2 GB and more)] [--podman-moves 1]
- * Prints the tables and writes them to bench/results/migration.md.
+ *     [--moves 10] [--copy-moves N (default --moves)] [--large-copy-moves 3 (copy, 2 GB and more)] [--podman-moves 1] [--out FILE]
+ * Prints the tables and writes them to bench/results/migration.md (or FILE).
  */
 import { mkdir, writeFile } from 'node:fs/promises';
+import { dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { request } from 'undici';
@@ -45,6 +46,7 @@ const { values } = parseArgs({
     'copy-moves': { type: 'string' },
     'large-copy-moves': { type: 'string', default: '3' },
     'podman-moves': { type: 'string', default: '1' },
+    out: { type: 'string', default: RESULTS },
   },
 });
 const count = (flag: string, value: string | undefined) => {
@@ -169,9 +171,9 @@ async function main(): Promise<void> {
   const header =
     `# bench/migration\n\nMeasured ${new Date().toISOString()} on the runc pair (${(await run('nproc', [])).stdout.trim()} cores shared with other work), one run: ` +
     `\`CHIPMUNK_RUNC_PAIR_NET=${process.env.CHIPMUNK_RUNC_PAIR_NET ?? 2} npm run bench:migration -- --sizes ${values.sizes} --modes ${values.modes} --moves ${movesOf.lazy} --copy-moves ${movesOf.copy} --large-copy-moves ${largeCopyMoves} --podman-moves ${movesOf.podman}\`.\n\n`;
-  await mkdir(fileURLToPath(new URL('../results', import.meta.url)), { recursive: true });
-  await writeFile(RESULTS, `${header}${out}\n`);
-  console.error(`written to ${RESULTS}`);
+  await mkdir(dirname(values.out!), { recursive: true });
+  await writeFile(values.out!, `${header}${out}\n`);
+  console.error(`written to ${values.out}`);
 }
 
 await main();
