@@ -42,7 +42,7 @@ export class AddressRoutes {
   async start(): Promise<void> {
     const revision = await this.store.currentRevision();
     for (const { value } of await this.store.list<ContainerRecord>(CONTAINERS_PREFIX)) {
-      if (value.spec.address) this.announce(value.spec.address, value.node);
+      if (value.spec.address) this.announce(value.spec.address, value.node, { again: true });
     }
     this.watch = await this.store.watch<ContainerRecord>(CONTAINERS_PREFIX, { fromRevision: revision + 1 }, (ev) => {
       const address = ev.kv.value?.spec?.address;
@@ -74,13 +74,39 @@ export class AddressRoutes {
     return true;
   }
 
+  /**
+   * A migration's target runs the container (its restore answered): its address goes there now,
+   * not after the verify and commit writes, which clients would wait for. The commit's record
+   * event then finds it routed there. A migration that does not commit calls `follow`.
+   */
+  routeAhead(address: string, node: string): void {
+    this.announce(address, node);
+  }
+
+  /**
+   * Routes the container's address to the node its record names now: after a migration that
+   * routed it ahead failed (rolled back: the record still names the source; rolled forward or
+   * restored elsewhere: its node changed, and this runs after the event's own announcement).
+   */
+  follow(name: string): void {
+    void this.store.get<ContainerRecord>(CONTAINERS_PREFIX + name).then((kv) => {
+      if (kv?.value.spec.address) this.announce(kv.value.spec.address, kv.value.node, { again: true });
+    }).catch((err: unknown) => this.log.error({ name, err: (err as Error).message }, `cannot read ${name}'s record to route its address`));
+  }
+
   /** Resolves once every announcement queued so far has run (tests). */
   async settled(): Promise<void> {
     await Promise.all(this.queues.values());
   }
 
-  private announce(address: string, node: string): void {
+  /**
+   * Runs the command for `address` at `node`, in order after those queued before; one that this
+   * process already ran successfully for the same node (a migration routed it ahead) is not run
+   * again, unless `again` (a start, a `follow`: the network may have changed since).
+   */
+  private announce(address: string, node: string, opts: { again?: boolean } = {}): void {
     this.enqueue(address, async () => {
+      if (!opts.again && this.routedTo.get(address) === node) return;
       const nodeAddress = (await this.nodes.get(node).catch(() => undefined))?.address;
       if (!nodeAddress) {
         this.log.warn({ address, node }, `cannot route ${address}: node ${node} is not registered`);

@@ -159,7 +159,7 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
   const catalog = new ReplicatedCatalog({ state: leaderStore, replicaUrls, replicas: replicaCount, token: opts.token, log: logger, containerNames: () => locks.names() });
   const checkpoints = new CheckpointService({ store: leaderStore, nodes, agentFor, locks, traffic: routes, catalog, log: logger });
   const failovers = new FailoverService({ store: leaderStore, nodes, locks, fences, agentFor, nodeLeaseMs, checkpoints, catalog, traffic: routes, log: logger });
-  const migrations = new MigrationOrchestrator({ store: leaderStore, nodes, agentFor, locks, fences, log: logger, traffic: routes, rescuer: failovers });
+  const migrations = new MigrationOrchestrator({ store: leaderStore, nodes, agentFor, locks, fences, log: logger, traffic: routes, rescuer: failovers, ...(addressRoutes ? { addressRoutes } : {}) });
   /** This controller as its election and `GET /v1/controllers` name it; its URL is known once it listens. */
   let listening = '';
   const candidate = () => ({ id: locks.owner, url: opts.advertiseUrl ?? listening, checkpointStore: storeUrl, ...(opts.node ? { node: opts.node } : {}) });

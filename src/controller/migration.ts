@@ -31,6 +31,7 @@ import {
   UnavailableError,
   toChipmunkError,
 } from '../shared/errors.js';
+import { leverOff } from '../shared/downtime-levers.js';
 import type { MigrateRequest, MigrationEvent, MigrationMode, MigrationRecord, MigrationSummary } from '../shared/protocol.js';
 import { PAGE_SERVER_PORTS } from '../shared/protocol.js';
 import { lockedError, type ContainerLocks } from './container-lock.js';
@@ -38,6 +39,7 @@ import { controllerPauses } from './faults.js';
 import { unreachable, type AgentResolver } from './containers.js';
 import { MigrationJournal, migrationKey, type MigrationRun, type TrafficGate } from './migration-journal.js';
 import { MigrationSettler, type ContainerRescuer, type Progress } from './migration-settle.js';
+import type { AddressRoutes } from './address-routes.js';
 import type { Fences } from './fences.js';
 import type { NodeRecord, NodeRegistry } from './registry.js';
 import type { StateStore } from './store/index.js';
@@ -71,6 +73,8 @@ export interface MigrationOrchestratorOptions {
   traffic?: TrafficGate;
   /** Restores a protected container from its newest checkpoint when a failed migration lost it. */
   rescuer?: ContainerRescuer;
+  /** Moves containers' cluster addresses (address-routes.ts): a migration routes it to the target as soon as it runs there. */
+  addressRoutes?: Pick<AddressRoutes, 'routeAhead' | 'follow'>;
 }
 
 export class MigrationOrchestrator {
@@ -81,6 +85,7 @@ export class MigrationOrchestrator {
   private readonly pageServerPorts: PortPool;
   private readonly journal: MigrationJournal;
   private readonly settler: MigrationSettler;
+  private readonly addressRoutes?: Pick<AddressRoutes, 'routeAhead' | 'follow'>;
   /** Migrations this process runs now: the retry loop leaves them to their run. */
   private readonly active = new Set<string>();
   private timer?: NodeJS.Timeout;
@@ -94,6 +99,7 @@ export class MigrationOrchestrator {
     this.pageServerPorts = new PortPool(opts.pageServerPorts ?? PAGE_SERVER_PORTS);
     this.journal = new MigrationJournal(opts.store, opts.locks, opts.log, opts.traffic);
     this.settler = new MigrationSettler({ ...opts, journal: this.journal });
+    this.addressRoutes = opts.addressRoutes;
   }
 
   /**
@@ -225,6 +231,8 @@ export class MigrationOrchestrator {
     const target = this.agentFor(run.target);
     const generation = run.held.record.generation + 1;
     const progress: Progress = { dumpStarted: false };
+    const address = run.held.record.spec.address;
+    let routedAhead = false;
     try {
       // The target gets ready (image, network namespace, address, ports) while the container
       // still runs: none of it has to happen inside the downtime.
@@ -262,6 +270,12 @@ export class MigrationOrchestrator {
           ...(dump.pageServer ? { pageServer: dump.pageServer } : {}),
         })
         .finally(() => clearInterval(poll));
+      // The copy runs on the target: clients reach it there from now on, while verify and commit
+      // are written (a failure below routes it to wherever the record says then).
+      if (address && this.addressRoutes && !leverOff('route-ahead')) {
+        this.addressRoutes.routeAhead(address, to);
+        routedAhead = true;
+      }
 
       await this.journal.enter(run, 'verify', { bytes: restored.bytesTransferred, message: `checking that ${name} runs on ${to}` }, undefined, restored.steps);
       await controllerPauses.at('migration:verify');
@@ -271,10 +285,15 @@ export class MigrationOrchestrator {
       }
       return await this.settler.rollForward(run, running, { frozenAt: dump.frozenAt, restored });
     } catch (err) {
-      if (err instanceof LockLostError) throw await this.journal.abandoned(run, err);
-      // Settled already (after the commit, the copy turned out incomplete and was restored elsewhere).
-      if (err instanceof MigrationFailedError) throw err;
-      return this.settler.afterFailure(run, err, progress);
+      try {
+        if (err instanceof LockLostError) throw await this.journal.abandoned(run, err);
+        // Settled already (after the commit, the copy turned out incomplete and was restored elsewhere).
+        if (err instanceof MigrationFailedError) throw err;
+        return await this.settler.afterFailure(run, err, progress);
+      } finally {
+        // Routed ahead, then failed: the address goes where the record says the container runs now.
+        if (routedAhead) this.addressRoutes?.follow(name);
+      }
     }
   }
 }

@@ -6,7 +6,7 @@
  */
 import { setTimeout as sleep } from 'node:timers/promises';
 import { connect } from 'node:net';
-import { Agent, request } from 'undici';
+import { Agent, buildConnector, request } from 'undici';
 
 /**
  * Fresh connection per request, and a short connect timeout: a SYN that is dropped (a frozen
@@ -159,6 +159,8 @@ export interface AnswerTimes {
   requests: number;
   /** Errors a kept connection saw (a reset, a close): it should see none. */
   errors: string[];
+  /** Connections a kept-connection client opened: 1 when its connection was kept. */
+  connections?: number;
 }
 
 /** The longest silence between two answers from `since` on: the previous answer, the next, and the gap. */
@@ -255,8 +257,10 @@ export class FreshConnectionProbe {
 
 /**
  * One client that keeps its connection: requests one after the other on a single kept-alive
- * connection, about every millisecond, never timed out (a time-out would close it). Across a
- * move that keeps connections it must see no error; its gap includes TCP's retransmission wait.
+ * connection, `intervalMs` apart (about every millisecond by default), never timed out (a
+ * time-out would close it). Across a move that keeps connections it must see no error and open
+ * no second connection (a reset while idle is no request's error: the client would quietly
+ * connect again); its gap includes TCP's retransmission wait.
  */
 export class KeptConnectionProbe {
   private stopped = false;
@@ -268,8 +272,21 @@ export class KeptConnectionProbe {
   constructor(
     private readonly url: string,
     private readonly maxMs = 120_000,
+    private readonly intervalMs = POLL_INTERVAL_MS,
   ) {
-    this.client = new Agent({ connections: 1, pipelining: 1, keepAliveTimeout: maxMs, keepAliveMaxTimeout: maxMs, headersTimeout: 0, bodyTimeout: 0 });
+    const connect = buildConnector({});
+    this.client = new Agent({
+      connections: 1,
+      pipelining: 1,
+      keepAliveTimeout: maxMs,
+      keepAliveMaxTimeout: maxMs,
+      headersTimeout: 0,
+      bodyTimeout: 0,
+      connect: (opts, callback) => {
+        this.times.connections = (this.times.connections ?? 0) + 1;
+        return connect(opts, callback);
+      },
+    });
   }
 
   start(): void {
@@ -284,7 +301,7 @@ export class KeptConnectionProbe {
           this.times.errors.push((err as Error).message);
           if (this.times.errors.length > 10) break;
         }
-        await sleep(POLL_INTERVAL_MS);
+        await sleep(this.intervalMs);
       }
     })();
     this.deadline = setTimeout(() => (this.stopped = true), this.maxMs);

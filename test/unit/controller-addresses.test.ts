@@ -90,6 +90,57 @@ describe('cluster-wide container addresses (controller, fake agents)', () => {
     assert.equal(off.cluster.agent('node1').containers.get('a')?.spec.address, undefined);
   });
 
+  it("a migration routes the address to the target once its restore answered, before the commit; one that then fails routes it back where the record says", async () => {
+    const store = new MemoryStore();
+    const cluster = new FakeCluster();
+    for (const node of ['node1', 'node2']) cluster.add(node);
+    const nodes = new NodeRegistry(store);
+    for (const node of ['node1', 'node2']) await nodes.heartbeat(cluster.agent(node).registration());
+    const locks = new ContainerLocks(store);
+    const containers = new ContainerService(store, nodes, cluster.resolver, locks, new ContainerAddresses(store, parseContainerRange('198.19.128.0/24')));
+    const dir = await mkdtemp(join(tmpdir(), 'chipmunk-address-routes-'));
+    try {
+      const log = join(dir, 'calls');
+      const script = join(dir, 'route.sh');
+      await writeFile(script, `echo "$*" >> ${log}\n`);
+      const calls = async () => (await readFile(log, 'utf8').catch(() => '')).trim().split('\n').filter(Boolean);
+      const routes = new AddressRoutes(store, nodes, `/bin/sh ${script}`, silent);
+      await routes.start();
+      const migrations = new MigrationOrchestrator({ store, nodes, agentFor: cluster.resolver, locks, fences: new Fences(store), log: silent, addressRoutes: routes });
+      const [node1, node2] = ['node1', 'node2'].map((n) => cluster.agent(n).registration().address);
+      const phaseOf = async () => (await migrations.list())[0]?.phase;
+      await containers.run({ spec: spec('a'), node: 'node1' });
+
+      // The verify call waits: the address is routed to node2 while the record is not committed yet.
+      const releaseVerify = cluster.agent('node2').hold('get');
+      const moved = migrations.migrate('a', { to: 'node2' }, () => undefined);
+      for (let i = 0; i < 200 && !(await calls()).includes(`198.19.128.1 ${node2}`); i++) await sleep(10);
+      assert.deepEqual(await calls(), [`198.19.128.1 ${node1}`, `198.19.128.1 ${node2}`], 'routed to the target before the commit');
+      assert.equal(await phaseOf(), 'verify');
+      releaseVerify();
+      await moved;
+      await routes.settled();
+      assert.deepEqual(await calls(), [`198.19.128.1 ${node1}`, `198.19.128.1 ${node2}`], 'the commit finds it routed: no second command');
+
+      // The copy is gone by the time it is verified: rolled back, the address goes back to node1.
+      const releaseAgain = cluster.agent('node1').hold('get');
+      const failed = migrations.migrate('a', { to: 'node1' }, () => undefined);
+      for (let i = 0; i < 200 && (await calls()).length < 3; i++) await sleep(10);
+      assert.deepEqual((await calls()).slice(2), [`198.19.128.1 ${node1}`], 'routed ahead to node1');
+      cluster.agent('node1').containers.delete('a');
+      releaseAgain();
+      await assert.rejects(failed);
+      for (let i = 0; i < 200 && (await calls()).length < 4; i++) await sleep(10);
+      await routes.settled();
+      const record = (await store.get<ContainerRecord>(containerKey('a')))!.value;
+      assert.equal(record.node, 'node2', 'rolled back to node2');
+      assert.deepEqual((await calls()).slice(3), [`198.19.128.1 ${node2}`], 'the address follows the record back to node2');
+      routes.stop();
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
+  });
+
   it('the address routes command runs at run, at each move and at removal, with the node address; a restarted controller runs it again', async () => {
     const env = await setup('198.19.128.0/24');
     const dir = await mkdtemp(join(tmpdir(), 'chipmunk-address-routes-'));

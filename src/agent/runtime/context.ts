@@ -4,11 +4,12 @@
  * lock, and the helpers more than one of them needs.
  */
 import { existsSync } from 'node:fs';
-import { mkdir, stat, writeFile } from 'node:fs/promises';
+import { lstat, mkdir, readdir, stat, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { ConflictError, InvalidInputError, NotFoundError } from '../../shared/errors.js';
 import { runUnchecked } from '../../shared/exec.js';
 import type { AgentContainer, ContainerSpec, HostCapabilities, MigrationMode } from '../../shared/protocol.js';
+import { leverOff } from '../../shared/downtime-levers.js';
 import { removeTree } from '../../shared/remove-tree.js';
 import { buildOciConfig } from './bundle.js';
 import { CheckpointFreezes } from './checkpoint-freezes.js';
@@ -304,10 +305,26 @@ export class RuntimeContext {
   }
 }
 
-/** Bytes a directory tree takes on disk (0 if absent): a sparse layer image counts what is written. */
+/**
+ * Bytes a directory tree takes on disk (0 if absent), as `du -s` counts them (blocks, each
+ * hard-linked file once): a sparse layer image counts what is written. Walked in this process,
+ * no `du` started: a move's dump asks inside its frozen window.
+ */
 export async function treeBytes(dir: string): Promise<number> {
   if (!existsSync(dir)) return 0;
-  const res = await runUnchecked('du', ['-s', '--block-size=1', dir]);
-  if (res.code === 0) return Number(res.stdout.split(/\s/)[0]);
-  return (await stat(dir)).size;
+  if (leverOff('in-process-checks')) {
+    const res = await runUnchecked('du', ['-s', '--block-size=1', dir]);
+    if (res.code === 0) return Number(res.stdout.split(/\s/)[0]);
+    return (await stat(dir)).size;
+  }
+  const seen = new Set<string>();
+  const walk = async (path: string): Promise<number> => {
+    const st = await lstat(path).catch(() => undefined);
+    if (!st || seen.has(`${st.dev}:${st.ino}`)) return 0;
+    seen.add(`${st.dev}:${st.ino}`);
+    let bytes = st.blocks * 512;
+    if (st.isDirectory()) for (const entry of await readdir(path).catch(() => [] as string[])) bytes += await walk(join(path, entry));
+    return bytes;
+  };
+  return walk(dir);
 }

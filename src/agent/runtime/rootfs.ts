@@ -18,8 +18,9 @@
  * keeps its kind whatever the node's setting: the setting picks the kind of new layers only.
  */
 import { existsSync } from 'node:fs';
-import { mkdir, rm } from 'node:fs/promises';
+import { mkdir, readFile, realpath, rm } from 'node:fs/promises';
 import { join } from 'node:path';
+import { leverOff } from '../../shared/downtime-levers.js';
 import { run, runUnchecked } from '../../shared/exec.js';
 
 /** Size of a new writable layer: the container's disk quota. Sparse: only what is written takes space. */
@@ -94,8 +95,17 @@ export async function syncLayer(layerMount: string): Promise<void> {
   if (await isMountpoint(layerMount)) await run('sync', ['-f', layerMount], { op: 'sync container layer' });
 }
 
+/**
+ * Whether a file system is mounted at `path`, from this process's mount table (no process to
+ * start: it is asked inside a move's frozen window, where every spawn counts).
+ */
 export async function isMountpoint(path: string): Promise<boolean> {
-  return (await runUnchecked('mountpoint', ['-q', path])).code === 0;
+  if (leverOff('in-process-checks')) return (await runUnchecked('mountpoint', ['-q', path])).code === 0;
+  const real = await realpath(path).catch(() => undefined);
+  if (!real) return false;
+  const table = await readFile('/proc/self/mountinfo', 'utf8');
+  // Field 5 is the mount point, with space, tab, newline and backslash escaped as octal.
+  return table.split('\n').some((line) => line.split(' ')[4]?.replace(/\\([0-7]{3})/g, (_, o: string) => String.fromCharCode(parseInt(o, 8))) === real);
 }
 
 /**

@@ -1,0 +1,14 @@
+/**
+ * The levers that cut a move's downtime can each be switched off, one move at a time, so that
+ * bench/downtime (`--compare LEVER`) measures a move with and without it side by side under the
+ * same load: CHIPMUNK_DOWNTIME_OFF=LEVER[,LEVER] (read where the lever acts, at each move).
+ * - route-ahead: the controller routes the address to the target as soon as the restore answered
+ *   (migration.ts), not after the verify and commit writes.
+ * - in-process-checks: the agents ask whether a layer is mounted and how big a tree is in their
+ *   own process (rootfs.ts, context.ts), not with `mountpoint` and `du`.
+ */
+export type DowntimeLever = 'route-ahead' | 'in-process-checks';
+
+export function leverOff(lever: DowntimeLever): boolean {
+  return (process.env.CHIPMUNK_DOWNTIME_OFF ?? '').split(',').includes(lever);
+}
