@@ -28,6 +28,8 @@ import { startPairAgentServers } from '../../test/support/runc-agents.js';
 const TOKEN = 'pair-cluster-token';
 const HEARTBEAT_MS = 500;
 const TMP_PREFIX = `chipmunk-pair-cluster${RUNC_PAIR_NET}-`;
+/** The controller's and the gateway's log level (stdout): CHIPMUNK_PAIR_LOG=info to see route moves and holds. */
+const LOG_LEVEL = process.env.CHIPMUNK_PAIR_LOG ?? 'warn';
 
 export interface PairClusterOptions {
   /** A gateway in this process, its route listeners on 127.0.0.1, known to the controller. */
@@ -74,7 +76,7 @@ export async function startPairCluster(opts: PairClusterOptions = {}): Promise<P
     await writeFile(timed, `began=$(date +%s%3N)\n${routes} "$@"\nrc=$?\necho "$began $(date +%s%3N) $*" >> ${routesLog}\nexit $rc\n`, { mode: 0o755 });
     let gateway: { url: string; publicHost: string } | undefined;
     if (opts.gateway) {
-      const running = await startGateway({ apiListen: { host: '127.0.0.1', port: 0 }, routeHost: '127.0.0.1', token: TOKEN, stateFile: join(root, 'gateway', 'routes.json'), logger: pino({ level: 'warn' }) });
+      const running = await startGateway({ apiListen: { host: '127.0.0.1', port: 0 }, routeHost: '127.0.0.1', token: TOKEN, stateFile: join(root, 'gateway', 'routes.json'), logger: pino({ level: LOG_LEVEL }) });
       closers.push(() => running.close());
       gateway = { url: running.url, publicHost: '127.0.0.1' };
     }
@@ -82,7 +84,7 @@ export async function startPairCluster(opts: PairClusterOptions = {}): Promise<P
       listen: { host: '127.0.0.1', port: 0 },
       token: TOKEN,
       storeSpec: 'memory:',
-      logger: pino({ level: 'warn' }),
+      logger: pino({ level: LOG_LEVEL }),
       // 8 addresses per pair network, none of them a node's subnet (pair-addresses.ts).
       containerRange: `198.19.200.${RUNC_PAIR_NET * 8}/29`,
       addressRoutesCommand: `/bin/sh ${timed}`,

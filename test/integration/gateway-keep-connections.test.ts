@@ -48,12 +48,17 @@ async function freePort(): Promise<number> {
   return port;
 }
 
-async function migrate(name: string, to: string, mode: MigrationMode): Promise<void> {
+/** Returns the downtime the migration's record says (frozen to restored), to set the client-seen gaps against. */
+async function migrate(name: string, to: string, mode: MigrationMode): Promise<number> {
+  let downtimeMs: number | undefined;
   for await (const line of await cluster.client.migrate(name, { to, mode })) {
     if ('error' in line) throw new Error(`migration of ${name} to ${to} failed: ${line.error.message}`);
+    if ('summary' in line) downtimeMs = line.summary.downtimeMs;
   }
   const row = (await cluster.client.containers()).find((c) => c.name === name);
   assert.equal(row?.node, to, `${name} runs on ${to} after its ${mode} move`);
+  assert.ok(downtimeMs !== undefined, `the ${mode} move of ${name} ended without a summary`);
+  return downtimeMs;
 }
 
 /** Runs `name` on the source with a cluster address and exposes `port` (no published port) at a free gateway port. */
@@ -80,14 +85,29 @@ async function until(check: () => Promise<boolean> | boolean, what: string, time
   }
 }
 
-/** Moves `name` lazily to the target, then back by copy; returns [start, end] of each move. */
-async function moveThereAndBack(name: string): Promise<Array<{ mode: MigrationMode; since: number; until: number }>> {
-  const moves: Array<{ mode: MigrationMode; since: number; until: number }> = [];
+interface Move {
+  mode: MigrationMode;
+  since: number;
+  until: number;
+  /** Frozen to restored, as the migration's record says. */
+  downtimeMs: number;
+}
+
+/** Which move a client's first error came in, for the assertion's message. */
+function whenFailed(at: number | undefined, moves: Move[]): string {
+  if (at === undefined) return '';
+  const during = moves.find((m) => at >= m.since && at <= m.until);
+  return during ? ` (first error ${at - during.since} ms into the ${during.mode} move)` : ' (first error outside the moves)';
+}
+
+/** Moves `name` lazily to the target, then back by copy; returns when each move began and ended. */
+async function moveThereAndBack(name: string): Promise<Move[]> {
+  const moves: Move[] = [];
   for (const [mode, to] of [['lazy', cluster.target], ['copy', cluster.source]] as const) {
     const since = Date.now();
-    await migrate(name, to, mode);
+    const downtimeMs = await migrate(name, to, mode);
     await sleep(500);
-    moves.push({ mode, since, until: Date.now() });
+    moves.push({ mode, since, until: Date.now(), downtimeMs });
   }
   return moves;
 }
@@ -109,8 +129,9 @@ describe('the gateway keeps open connections across moves (containers keep their
       await sleep(300);
       const moves = await moveThereAndBack(name);
       const sent = await client.stop();
+      assert.deepEqual(client.errors, [], `the connection must see no reset, close or error${whenFailed(client.firstErrorAt, moves)}`);
       client.assertAllInOrder(sent);
-      for (const m of moves) console.log(`gateway TCP route, ${m.mode} move: the client's one connection kept, longest gap between echoes ${client.maxGapMs(m.since, m.until)} ms`);
+      for (const m of moves) console.log(`gateway TCP route, ${m.mode} move: the client's one connection kept, longest gap between echoes ${client.maxGapMs(m.since, m.until)} ms (recorded downtime ${m.downtimeMs} ms)`);
       console.log(`gateway TCP route: ${sent} lines echoed in order over one connection`);
       const fresh = await EchoClient.open(ep);
       await sleep(300);
@@ -168,11 +189,11 @@ describe('the gateway keeps open connections across moves (containers keep their
       assert.equal(state.counter, answers.length, 'every acknowledged increment, and only those, is in the state');
       assert.equal(sockets.size, 1, 'the client kept its one connection to the gateway');
       agent.destroy();
-      const gap = (m: { since: number; until: number }) => {
+      const gap = (m: Move) => {
         const times = answers.filter((t) => t >= m.since && t <= m.until);
         return times.reduce((g, t, i) => (i === 0 ? 0 : Math.max(g, t - times[i - 1]!)), 0);
       };
-      for (const m of moves) console.log(`gateway HTTP route, ${m.mode} move: no failed request, longest gap between answers ${gap(m)} ms`);
+      for (const m of moves) console.log(`gateway HTTP route, ${m.mode} move: no failed request, longest gap between answers ${gap(m)} ms (recorded downtime ${m.downtimeMs} ms)`);
       console.log(`gateway HTTP route: ${answers.length} increments acknowledged over one client connection, counter ${state.counter}`);
     } finally {
       await removeQuietly(name);
@@ -189,8 +210,9 @@ describe('the gateway keeps open connections across moves (containers keep their
       await sleep(300);
       const moves = await moveThereAndBack(name);
       const sent = await client.stop();
+      assert.deepEqual(client.errors, [], `the connection must see no reset, close or error${whenFailed(client.firstErrorAt, moves)}`);
       client.assertEveryReplyInOrder(sent);
-      for (const m of moves) console.log(`redis through the gateway, ${m.mode} move: connection kept, longest gap ${client.maxGapMs(m.since, m.until)} ms`);
+      for (const m of moves) console.log(`redis through the gateway, ${m.mode} move: connection kept, longest gap ${client.maxGapMs(m.since, m.until)} ms (recorded downtime ${m.downtimeMs} ms)`);
       console.log(`redis through the gateway: ${sent} INCRs answered in order on one connection`);
     } finally {
       await removeQuietly(name);

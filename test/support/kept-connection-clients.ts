@@ -30,6 +30,8 @@ abstract class KeptConnectionClient<Reply extends { at: number }> {
   private timer?: NodeJS.Timeout;
   readonly replies: Reply[] = [];
   readonly errors: string[] = [];
+  /** When the first of `errors` came (ms since the epoch), to tell which move it was. */
+  firstErrorAt?: number;
 
   protected constructor(protected readonly socket: Socket) {
     socket.setEncoding('latin1');
@@ -37,8 +39,14 @@ abstract class KeptConnectionClient<Reply extends { at: number }> {
       this.buffered += d;
       this.parse();
     });
-    socket.on('error', (err: NodeJS.ErrnoException) => this.errors.push(err.code ?? err.message));
-    socket.on('close', () => this.errors.push('connection closed'));
+    socket.on('end', () => this.failed('end of stream'));
+    socket.on('error', (err: NodeJS.ErrnoException) => this.failed(err.code ?? err.message));
+    socket.on('close', () => this.failed('connection closed'));
+  }
+
+  protected failed(what: string): void {
+    this.firstErrorAt ??= Date.now();
+    this.errors.push(what);
   }
 
   protected abstract parse(): void;
@@ -116,7 +124,7 @@ export class IncrClient extends KeptConnectionClient<{ value: number; at: number
       const line = this.buffered.slice(0, end);
       this.buffered = this.buffered.slice(end + 2);
       if (line.startsWith(':')) this.replies.push({ value: Number(line.slice(1)), at: Date.now() });
-      else this.errors.push(`unexpected reply ${line}`);
+      else this.failed(`unexpected reply ${line}`);
     }
   }
 
