@@ -65,10 +65,18 @@ abstract class KeptConnectionClient<Reply extends { at: number }> {
     return this.sent;
   }
 
-  /** Longest time between two consecutive replies from `since` (until `until`, if given). */
+  /**
+   * Longest time between two consecutive replies whose interval overlaps `since`..`until`: a
+   * silence that began before `since` or ended after `until` counts whole. A client that got no
+   * reply after `since` at all has been silent since its last one: that counts until now.
+   */
   maxGapMs(since: number, until = Infinity): number {
-    const times = this.replies.filter((r) => r.at >= since && r.at <= until).map((r) => r.at);
-    return times.reduce((gap, t, i) => (i === 0 ? 0 : Math.max(gap, t - times[i - 1]!)), 0);
+    const times = this.replies.map((r) => r.at);
+    let gap = 0;
+    for (let i = 1; i < times.length; i++) if (times[i]! >= since && times[i - 1]! <= until) gap = Math.max(gap, times[i]! - times[i - 1]!);
+    const last = times.at(-1);
+    if (last !== undefined && last < until) gap = Math.max(gap, Math.min(until, Date.now()) - Math.max(last, since));
+    return gap;
   }
 }
 
