@@ -68,16 +68,14 @@ export class TcpRouteProxy implements RouteProxy {
   /**
    * The container's copy is lost (a failover's hold): what it held of each connection died with
    * it. Every piped connection is reset now, so its client reconnects, and waits for the release.
-   * Returns how many were reset.
    */
-  resetLost(): number {
+  resetLost(): void {
     const lost = [...this.piped];
     for (const [socket, { client }] of lost) {
       client.resetAndDestroy();
       socket.destroy();
     }
     if (lost.length) this.settings.log.info({ route: this.gate.route.name, connections: lost.length }, "the container's copy is lost: its connections were reset");
-    return lost.length;
   }
 
   async close(reason: 'route-removed' | 'shutting-down'): Promise<void> {
