@@ -134,13 +134,14 @@ export class RouteService {
   /**
    * A failover: hold at once (nothing will come back from the dead node), taking over the hold
    * of the operation whose lock it took (a checkpoint's cut, a migration). The route stays held
-   * until released, however long the restore and replay take.
+   * until released, however long the restore and replay take. The container's open connections
+   * died with its copy: a TCP route resets them now, never leaving them silent.
    */
   async holdNow(name: string, holdId: string): Promise<boolean> {
     if (!this.gateway || !(await this.get(name))) return false;
     const gateway = this.gateway;
     try {
-      await this.serial(() => gateway.hold(name, holdId, { drain: false, takeOver: true }));
+      await this.serial(() => gateway.hold(name, holdId, { drain: false, takeOver: true, connectionsLost: true }));
       return true;
     } catch (err) {
       this.warn(`gateway hold of ${name} for its failover failed; its clients may see errors`, err);

@@ -46,12 +46,13 @@ export class GatewayClient {
    * (capped by the gateway) get 503 hold-timeout, but the route stays held. On a logged route the answer has the cut: `logPosition`, or `uncleanCut`
    * saying why a checkpoint taken now is not a restore point.
    */
-  hold(name: string, migrationId: string, opts: { timeoutMs?: number; drain?: boolean; takeOver?: boolean } = {}): Promise<HoldResponse> {
+  hold(name: string, migrationId: string, opts: { timeoutMs?: number; drain?: boolean; takeOver?: boolean; connectionsLost?: boolean } = {}): Promise<HoldResponse> {
     return this.api.post(`/v1/routes/${encodeURIComponent(name)}/hold`, {
       migrationId,
       ...(opts.timeoutMs !== undefined ? { timeoutMs: opts.timeoutMs } : {}),
       ...(opts.drain !== undefined ? { drain: opts.drain } : {}),
       ...(opts.takeOver !== undefined ? { takeOver: opts.takeOver } : {}),
+      ...(opts.connectionsLost !== undefined ? { connectionsLost: opts.connectionsLost } : {}),
     });
   }
 

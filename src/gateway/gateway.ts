@@ -104,6 +104,8 @@ export class Gateway {
     return this.serialized(async () => {
       this.applyHold(name, request, request.takeOver === true);
       await this.save();
+      const lost = this.proxies.get(name);
+      if (request.connectionsLost && lost instanceof TcpRouteProxy) lost.resetLost();
       // Answers only once requests already sent have been answered (bounded): the controller
       // freezes the container right after, and a request it applied must not lose its answer.
       // One turn of the event loop first: a request let through just before the hold may

@@ -74,6 +74,14 @@ export const HoldRequest = Type.Object({
    * throughout, and only this hold's release opens it. Without it such a hold is refused (409).
    */
   takeOver: Type.Optional(Type.Boolean()),
+  /**
+   * The container's running copy is lost (its host died: a failover restores it from a
+   * checkpoint), and with it the state of its open TCP connections. A TCP route resets the
+   * connections it pipes to the container at once, so their clients reconnect (their new
+   * connections wait for the release) instead of sending into silence until a packet reaches the
+   * restored copy, whose kernel resets it.
+   */
+  connectionsLost: Type.Optional(Type.Boolean()),
 });
 export type HoldRequest = Static<typeof HoldRequest>;
 

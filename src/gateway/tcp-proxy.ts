@@ -4,12 +4,18 @@
  * client sends waits in the kernel) and connected once the hold ends. Nothing is retried after
  * a connection is piped: the gateway cannot know what the bytes meant.
  *
- * Connections open when a migration starts stay piped to the old location: a container's TCP
- * connections do not survive a move to another address. They end when the old upstream closes
- * or resets them, or at the latest when the route's upstream changes (a checkpointed container's
- * connections vanish without a reset, so the gateway cannot wait for one). Either way the client
- * gets what was already piped, then a clean end of stream (FIN), and can reconnect, through the
- * gateway, to the new location.
+ * Connections open when a migration starts stay piped to their upstream. A container that keeps
+ * its cluster address (the upstream the controller gives once that address is routed) keeps its
+ * established connections across the move, and so do they: the route's upstream does not change,
+ * and the gateway's side sees a retransmission, as any client does. An upstream that changes (a
+ * container without a cluster address, which loses its connections when it moves) gives up the
+ * connections piped to the old one: a checkpointed container's connections vanish without a
+ * reset, so the gateway cannot wait for one. The client gets what was already piped, then a clean
+ * end of stream (FIN), and can reconnect through the gateway to the new location.
+ *
+ * A connection that cannot be kept is reset, never left silent: when the upstream resets it (a
+ * container restored from a checkpoint has no such connection), and at once when a failover's
+ * hold says the container's copy is lost (resetLost).
  */
 import { createServer, connect, type Server, type Socket } from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -27,8 +33,8 @@ export class TcpRouteProxy implements RouteProxy {
   private readonly gate: RouteGate;
   private readonly server: Server;
   private readonly sockets = new Set<Socket>();
-  /** Upstream connections in use, with where they go. */
-  private readonly piped = new Map<Socket, Upstream>();
+  /** Upstream connections in use: where each goes, and its client's connection. */
+  private readonly piped = new Map<Socket, { upstream: Upstream; client: Socket }>();
 
   private constructor(
     route: Route,
@@ -49,14 +55,27 @@ export class TcpRouteProxy implements RouteProxy {
     return this.gate.held;
   }
 
-  /** Open connections are not drained: they end with the container's move (docs/gateway.md). */
+  /** Open connections are not drained: they stay open across the move, or end with it (docs/gateway.md). */
   idle(): Promise<void> {
     return Promise.resolve();
   }
 
   update(route: Route): void {
-    for (const [socket, upstream] of this.piped) if (!sameUpstream(upstream, route.upstream)) socket.destroy();
+    for (const [socket, piped] of this.piped) if (!sameUpstream(piped.upstream, route.upstream)) socket.destroy();
     this.gate.update(route);
+  }
+
+  /**
+   * The container's copy is lost (a failover's hold): what it held of each connection died with
+   * it. Every piped connection is reset now, so its client reconnects, and waits for the release.
+   */
+  resetLost(): void {
+    const lost = [...this.piped];
+    for (const [socket, { client }] of lost) {
+      client.resetAndDestroy();
+      socket.destroy();
+    }
+    if (lost.length) this.settings.log.info({ route: this.gate.route.name, connections: lost.length }, "the container's copy is lost: its connections were reset");
   }
 
   async close(reason: 'route-removed' | 'shutting-down'): Promise<void> {
@@ -111,7 +130,7 @@ export class TcpRouteProxy implements RouteProxy {
         continue;
       }
       this.settings.metrics.connection('proxied');
-      this.piped.set(upstream, route.upstream);
+      this.piped.set(upstream, { upstream: route.upstream, client });
       upstream.once('close', () => this.piped.delete(upstream));
       this.splice(client, upstream);
       return;
@@ -124,10 +143,16 @@ export class TcpRouteProxy implements RouteProxy {
     client.pipe(upstream);
     upstream.pipe(client);
     client.on('close', () => upstream.destroy());
-    // Closed or reset by the upstream (the container stopped or hung up), or given up because the
-    // container moved: the client gets what was already piped, then a clean end of stream.
-    upstream.once('close', () => {
+    // Closed by the upstream (the container hung up or stopped), or given up because the
+    // container moved without it: the client gets what was already piped, then a clean end of
+    // stream. Reset by the upstream (an error: a restored copy's kernel that has no such
+    // connection): the client is reset too, so it cannot take the broken stream for a whole one.
+    upstream.once('close', (hadError) => {
       if (client.destroyed) return;
+      if (hadError) {
+        client.resetAndDestroy();
+        return;
+      }
       client.unpipe(upstream);
       client.resume();
       client.end();

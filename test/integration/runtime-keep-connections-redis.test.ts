@@ -6,12 +6,12 @@
 // Needs root and `npm run setup`; runs on the runc pair's own network:
 //   CHIPMUNK_RUNC_PAIR_NET=4 node --import tsx --test test/integration/runtime-keep-connections-redis.test.ts
 import assert from 'node:assert/strict';
-import { connect, type Socket } from 'node:net';
 import { after, before, describe, it } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { ensureImage } from '../../src/devtools/images.js';
 import type { ContainerSpec } from '../../src/shared/protocol.js';
 import { COMPAT_PROGRAMS, describeKeys, waitUntilServing, writeKeys, type Endpoint } from '../support/compat-programs.js';
+import { IncrClient } from '../support/kept-connection-clients.js';
 import { PairAddressRoutes, pairAddress } from '../support/pair-addresses.js';
 import { RUNC_PAIR_NET, RUNC_PAIR_NODES, makeRuncPair, prepareRuncPairs } from '../support/runc-pair.js';
 
@@ -31,66 +31,6 @@ before(async () => {
 after(async () => {
   await routes?.cleanup();
 });
-
-/** One RESP connection sending `INCR key` every 10 ms; records each integer reply and when it came. */
-class IncrClient {
-  private buffered = '';
-  private sent = 0;
-  private timer?: NodeJS.Timeout;
-  readonly replies: Array<{ value: number; at: number }> = [];
-  readonly errors: string[] = [];
-
-  private constructor(
-    private readonly socket: Socket,
-    readonly key: string,
-  ) {
-    socket.setEncoding('latin1');
-    socket.on('data', (d: string) => {
-      this.buffered += d;
-      let end: number;
-      while ((end = this.buffered.indexOf('\r\n')) >= 0) {
-        const line = this.buffered.slice(0, end);
-        this.buffered = this.buffered.slice(end + 2);
-        if (line.startsWith(':')) this.replies.push({ value: Number(line.slice(1)), at: Date.now() });
-        else this.errors.push(`unexpected reply ${line}`);
-      }
-    });
-    socket.on('error', (err) => this.errors.push(err.message));
-    socket.on('close', () => this.errors.push('connection closed'));
-  }
-
-  static async open(ep: Endpoint, key: string): Promise<IncrClient> {
-    assert.match(ep.host, /^198\.1[89]\./, `${ep.host} is not a test address`);
-    const socket = connect(ep);
-    await new Promise<void>((resolve, reject) => socket.once('connect', resolve).once('error', reject));
-    const client = new IncrClient(socket, key);
-    client.timer = setInterval(() => {
-      client.sent++;
-      client.socket.write(`*2\r\n$4\r\nINCR\r\n$${Buffer.byteLength(key)}\r\n${key}\r\n`);
-    }, 10);
-    return client;
-  }
-
-  /** Stops sending and waits (bounded) for the reply to every command sent; returns how many were sent. */
-  async stop(): Promise<number> {
-    clearInterval(this.timer);
-    const deadline = Date.now() + 30_000;
-    while (this.replies.length < this.sent && this.errors.length === 0 && Date.now() < deadline) await sleep(20);
-    this.socket.destroy();
-    return this.sent;
-  }
-
-  maxGapMs(since: number): number {
-    const times = this.replies.filter((r) => r.at >= since).map((r) => r.at);
-    return times.reduce((gap, t, i) => (i === 0 ? 0 : Math.max(gap, t - times[i - 1]!)), 0);
-  }
-
-  assertEveryReplyInOrder(sent: number): void {
-    assert.deepEqual(this.errors, [], `${this.key}: the connection must see no reset, close or error`);
-    assert.equal(this.replies.length, sent, `${this.key}: every INCR sent (${sent}) must be answered, ${this.replies.length} were`);
-    this.replies.forEach((r, i) => assert.equal(r.value, i + 1, `${this.key}: reply ${i + 1} is ${r.value}`));
-  }
-}
 
 describe('Redis clients keep their connections across moves', { timeout }, () => {
   for (const [i, mode] of (['lazy', 'copy'] as const).entries()) {

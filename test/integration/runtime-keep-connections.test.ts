@@ -8,13 +8,14 @@
 //   CHIPMUNK_RUNC_PAIR_NET=4 node --import tsx --test test/integration/runtime-keep-connections.test.ts
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { connect, createServer, type Server, type Socket } from 'node:net';
+import { createServer, type Server, type Socket } from 'node:net';
 import { after, before, describe, it } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { ensureImage } from '../../src/devtools/images.js';
 import { runUnchecked } from '../../src/shared/exec.js';
 import type { AgentContainer, ContainerSpec } from '../../src/shared/protocol.js';
 import { mustExecIn } from '../support/in-container.js';
+import { EchoClient } from '../support/kept-connection-clients.js';
 import { PairAddressRoutes, pairAddress as addressOf, pairHostNetns } from '../support/pair-addresses.js';
 import { RUNC_PAIR_NET, RUNC_PAIR_NODES, makeRuncPair, prepareRuncPairs } from '../support/runc-pair.js';
 
@@ -42,64 +43,6 @@ function echoSpec(name: string, address: string): ContainerSpec {
   return { name, image: IMAGE, command: ['nc', '-ll', '-p', String(ECHO_PORT), '-e', '/bin/cat'], env: {}, ports: [], memoryBytes: 0, address };
 }
 
-/** One connection sending a numbered line every 10 ms; records when each echo came back. */
-class EchoClient {
-  private readonly socket: Socket;
-  private buffered = '';
-  private next = 1;
-  private timer?: NodeJS.Timeout;
-  readonly replies: Array<{ n: number; at: number }> = [];
-  readonly errors: string[] = [];
-
-  private constructor(socket: Socket) {
-    this.socket = socket;
-    socket.setEncoding('utf8');
-    socket.on('data', (d: string) => {
-      this.buffered += d;
-      let nl: number;
-      while ((nl = this.buffered.indexOf('\n')) >= 0) {
-        this.replies.push({ n: Number(this.buffered.slice(0, nl)), at: Date.now() });
-        this.buffered = this.buffered.slice(nl + 1);
-      }
-    });
-    socket.on('error', (err) => this.errors.push(err.message));
-    socket.on('close', () => this.errors.push('connection closed'));
-  }
-
-  static async open(host: string, port: number): Promise<EchoClient> {
-    assert.ok(host.startsWith('198.19.200.') || host.startsWith(`198.18.${RUNC_PAIR_NET}.`), `${host} is neither a test container address nor a node of this pair`);
-    const socket = connect({ host, port });
-    await new Promise<void>((resolve, reject) => socket.once('connect', resolve).once('error', reject));
-    const client = new EchoClient(socket);
-    client.timer = setInterval(() => client.socket.write(`${client.next++}\n`), 10);
-    return client;
-  }
-
-  /** Stops sending and waits (bounded) for the echo of every line sent. */
-  async stop(): Promise<number> {
-    clearInterval(this.timer);
-    const sent = this.next - 1;
-    const deadline = Date.now() + 30_000;
-    while (this.replies.length < sent && this.errors.length === 0 && Date.now() < deadline) await sleep(20);
-    this.socket.destroy();
-    return sent;
-  }
-
-  /** Longest time between two consecutive echoes, from `since`. */
-  maxGapMs(since: number): number {
-    let gap = 0;
-    const times = this.replies.filter((r) => r.at >= since).map((r) => r.at);
-    for (let i = 1; i < times.length; i++) gap = Math.max(gap, times[i]! - times[i - 1]!);
-    return gap;
-  }
-
-  assertAllInOrder(sent: number): void {
-    assert.deepEqual(this.errors, [], 'the connection must see no reset, close or error');
-    assert.equal(this.replies.length, sent, `every line sent (${sent}) must come back, ${this.replies.length} did`);
-    this.replies.forEach((r, i) => assert.equal(r.n, i + 1, `reply ${i + 1} out of order`));
-  }
-}
-
 async function containerAddresses(c: AgentContainer): Promise<string> {
   return mustExecIn(c, ['ip', '-4', '-o', 'addr', 'show', 'dev', 'eth0']);
 }
@@ -113,7 +56,7 @@ describe('a container keeps its cluster address and its established connections 
         const c = await pair.source.run(echoSpec(`keepconn-${mode}`, address));
         await routes.routeTo(address, SOURCE);
         assert.match(await containerAddresses(c), new RegExp(`${address.replace(/\./g, '\\.')}/32`));
-        const client = await EchoClient.open(address, ECHO_PORT);
+        const client = await EchoClient.open({ host: address, port: ECHO_PORT });
         await sleep(300);
         assert.ok(client.replies.length > 0, 'the echo server answers on the cluster address');
         const since = Date.now();
@@ -138,7 +81,7 @@ describe('a container keeps its cluster address and its established connections 
       const addresses = [addressOf(3), addressOf(4)];
       const containers = await Promise.all(names.map((name, i) => pair.source.run(echoSpec(name, addresses[i]!))));
       for (const address of addresses) await routes.routeTo(address, SOURCE);
-      const clients = await Promise.all(addresses.map((address) => EchoClient.open(address, ECHO_PORT)));
+      const clients = await Promise.all(addresses.map((address) => EchoClient.open({ host: address, port: ECHO_PORT })));
       await sleep(300);
       const moved = await Promise.all(containers.map((c) => routes.move(pair, c, 'lazy')));
       await sleep(500);
@@ -165,8 +108,8 @@ describe('a container keeps its cluster address and its established connections 
       };
       const c = await pair.source.run(spec);
       await routes.routeTo(address, SOURCE);
-      const direct = await EchoClient.open(address, ECHO_PORT);
-      const published = await EchoClient.open(SOURCE.address, PUBLISHED_PORT);
+      const direct = await EchoClient.open({ host: address, port: ECHO_PORT });
+      const published = await EchoClient.open({ host: SOURCE.address, port: PUBLISHED_PORT });
       await sleep(300);
       const deadline = Date.now() + 10_000;
       while ((outbound.peers[0]?.echoed ?? 0) === 0 && Date.now() < deadline) await sleep(20);
@@ -186,7 +129,7 @@ describe('a container keeps its cluster address and its established connections 
         client.assertAllInOrder(sent);
         console.log(`published-port move: the ${what} client kept its connection, ${sent} lines in order, longest gap ${gap} ms`);
       }
-      const fresh = await EchoClient.open(TARGET.address, PUBLISHED_PORT);
+      const fresh = await EchoClient.open({ host: TARGET.address, port: PUBLISHED_PORT });
       await sleep(300);
       const sent = await fresh.stop();
       fresh.assertAllInOrder(sent);
@@ -204,7 +147,7 @@ describe('a container keeps its cluster address and its established connections 
       const address = addressOf(5);
       const c = await pair.source.run(echoSpec('keepconn-failover', address));
       await routes.routeTo(address, SOURCE);
-      const client = await EchoClient.open(address, ECHO_PORT);
+      const client = await EchoClient.open({ host: address, port: ECHO_PORT });
       await sleep(300);
       const ckpt = await pair.source.checkpoint(c.name, `ckpt-${randomBytes(3).toString('hex')}`);
       // The source host dies: nothing of it reaches the client any more (no FIN, no reset), then its container goes.
@@ -221,7 +164,7 @@ describe('a container keeps its cluster address and its established connections 
       await client.stop();
       assert.match(client.errors[0] ?? 'still silent after 10 s', /ECONNRESET/, 'the old connection is reset, not left silent');
       console.log(`failover: the old connection was reset ${resetAfterMs} ms after the address moved`);
-      const fresh = await EchoClient.open(address, ECHO_PORT);
+      const fresh = await EchoClient.open({ host: address, port: ECHO_PORT });
       await sleep(300);
       const sent = await fresh.stop();
       fresh.assertAllInOrder(sent);

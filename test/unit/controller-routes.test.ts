@@ -9,12 +9,13 @@ import { copyFile, mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Writable } from 'node:stream';
+import { connect } from 'node:net';
 import { request } from 'undici';
 import { RouteService } from '../../src/controller/routes.js';
 import { MemoryStore, SqliteStore, storeIdentity } from '../../src/controller/store/index.js';
 import type { ContainerRecord } from '../../src/controller/container-lock.js';
 import { ConflictError } from '../../src/shared/errors.js';
-import { LOOPBACK, TOKEN, eventually, freePort, httpUpstream, withGateway } from './gateway-env.js';
+import { LOOPBACK, TOKEN, echoUpstream, eventually, freePort, httpUpstream, withGateway } from './gateway-env.js';
 
 const silent = pino({ level: 'silent' });
 
@@ -68,6 +69,31 @@ describe('RouteService', () => {
       await routes.refresh('web');
       assert.deepEqual((await client.getRoute('web')).upstream, { address: '198.18.0.12', port: 8080 }, 'not routed (yet): the published port, as without an address');
       await routes.unexpose('web');
+      await store.close();
+    });
+  });
+
+  it("a failover's hold resets the TCP route's open connections at once (the container's copy and its connections are lost)", async () => {
+    await withGateway(async ({ gateway }) => {
+      const echo = await echoUpstream('E:');
+      const store = new MemoryStore();
+      await store.put('/containers/web', record(undefined, echo.upstream.port));
+      const routes = new RouteService(store, async () => LOOPBACK, silent, { url: gateway.url, token: TOKEN, owner: 'store-a' });
+      const listen = await freePort();
+      await routes.expose('web', { port: 80, listen, protocol: 'tcp' });
+      const socket = connect(listen, LOOPBACK);
+      let received = '';
+      socket.on('data', (d: Buffer) => (received += d.toString()));
+      const closed = new Promise<string | undefined>((resolve) => {
+        socket.on('error', (err: NodeJS.ErrnoException) => resolve(err.code));
+        socket.on('close', () => resolve(undefined));
+      });
+      await eventually(() => received === 'E:', 'the echo answers through the route');
+      assert.equal(await routes.holdNow('web', 'failover-1'), true);
+      const outcome = await Promise.race([closed, new Promise<string>((resolve) => setTimeout(() => resolve('still open after 5 s'), 5_000))]);
+      assert.equal(outcome, 'ECONNRESET', 'reset at once, not left to a dead host');
+      socket.destroy();
+      await echo.kill();
       await store.close();
     });
   });

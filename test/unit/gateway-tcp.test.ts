@@ -28,6 +28,11 @@ class TestConnection {
     this.closed = new Promise((resolve) => this.socket.once('close', () => resolve()));
   }
 
+  /** Bounded: a connection left open fails the test instead of hanging it. */
+  async closedWithin(ms = 5_000): Promise<void> {
+    await Promise.race([this.closed, sleep(ms).then(() => Promise.reject(new Error(`the connection was still open after ${ms} ms (got "${this.received}")`)))]);
+  }
+
   until(text: string): Promise<void> {
     return eventually(() => this.received.includes(text), `"${text}" (got "${this.received}")`);
   }
@@ -94,6 +99,64 @@ describe('gateway: TCP routes', () => {
       assert.equal(conn.ended, true);
       assert.equal(conn.error, undefined);
       assert.equal(conn.received, 'A:last words');
+    }));
+
+  it('passes a reset of the upstream on as a reset, not as a clean end', () =>
+    withGateway(async ({ client }) => {
+      const a = await echoUpstream('A:');
+      const port = await tcpRoute(client, 'reset', a.upstream);
+      const conn = new TestConnection(port);
+      conn.socket.write('hello');
+      await conn.until('A:hello');
+      // What a restored copy's kernel does to a connection it has no state for.
+      for (const socket of a.sockets) socket.resetAndDestroy();
+      await conn.closedWithin();
+      assert.equal(conn.error, 'ECONNRESET');
+      assert.equal(conn.ended, false, 'no end of stream: the client must not take the broken stream for a whole one');
+      await a.kill();
+    }));
+
+  it('keeps a piped connection open across a hold and a release to the same upstream (a container that keeps its address)', () =>
+    withGateway(async ({ client }) => {
+      const a = await echoUpstream('A:');
+      const port = await tcpRoute(client, 'kept', a.upstream);
+      const conn = new TestConnection(port);
+      conn.socket.write('before');
+      await conn.until('A:before');
+      await client.hold('kept', 'm1');
+      conn.socket.write(' during');
+      await conn.until('during');
+      await client.release('kept', 'm1', a.upstream);
+      conn.socket.write(' after');
+      await conn.until('A:before during after');
+      assert.equal(a.connections, 1, 'one upstream connection throughout');
+      assert.equal(conn.error, undefined);
+      assert.equal(conn.ended, false);
+      conn.socket.destroy();
+      await a.kill();
+    }));
+
+  it("resets piped connections at once when a failover's hold says the container's copy is lost; new ones wait for the release", () =>
+    withGateway(async ({ client }) => {
+      const a = await echoUpstream('A:');
+      const b = await echoUpstream('B:');
+      const port = await tcpRoute(client, 'lost', a.upstream);
+      const conn = new TestConnection(port);
+      conn.socket.write('x');
+      await conn.until('A:x');
+      // A dead host answers nothing: the old upstream stays open and silent, the reset comes from the gateway.
+      await client.hold('lost', 'failover-1', { drain: false, takeOver: true, connectionsLost: true });
+      await conn.closedWithin();
+      assert.equal(conn.error, 'ECONNRESET', 'reset at the hold, not left silent');
+      assert.equal(conn.ended, false);
+      const again = new TestConnection(port);
+      again.socket.write('y');
+      await eventually(async () => (await client.getRoute('lost')).held === 1, 'the reconnection is held');
+      await client.release('lost', 'failover-1', b.upstream);
+      await again.until('B:y');
+      again.socket.destroy();
+      await a.kill();
+      await b.kill();
     }));
 
   it('resets connections beyond the queue limit', () =>
