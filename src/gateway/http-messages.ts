@@ -6,6 +6,7 @@
 import type { IncomingMessage } from 'node:http';
 import { Readable } from 'node:stream';
 import { ChipmunkError } from '../shared/errors.js';
+import type { ClientRequest } from './http-client-connection.js';
 
 /** A logged route's request whose body exceeds maxLoggedBodyBytes: it cannot be logged, so it is not forwarded. */
 export class BodyTooLargeToLogError extends ChipmunkError {
@@ -33,7 +34,7 @@ export interface RequestBody {
 export const NO_BODY: RequestBody = { payload: null, replayable: true, bytesInMemory: 0 };
 
 /** The request has no body at all (most GETs): nothing to read, and no need to wait for it. */
-export function hasNoBody(req: IncomingMessage): boolean {
+export function hasNoBody(req: ClientRequest): boolean {
   const length = req.headers['content-length'];
   return req.headers['transfer-encoding'] === undefined && (length === undefined || length === '0');
 }
@@ -88,7 +89,7 @@ async function* readAheadThenRest(first: Buffer[], rest: AsyncIterator<Buffer>):
  * X-Forwarded-* set. X-Forwarded-For is appended to; Proto and Host are kept if a proxy in
  * front of the gateway set them.
  */
-export function upstreamHeaders(req: IncomingMessage): string[] {
+export function upstreamHeaders(req: ClientRequest): string[] {
   const raw = req.rawHeaders;
   const named = connectionOptions(req.headers.connection);
   const out: string[] = [];
@@ -142,7 +143,7 @@ function connectionOptions(value: string | undefined): Set<string> | undefined {
   return names.length ? new Set(names) : undefined;
 }
 
-function clientAddress(req: IncomingMessage): string {
+function clientAddress(req: ClientRequest): string {
   const address = req.socket.remoteAddress ?? 'unknown';
   // An IPv4 client of a dual-stack listener shows as ::ffff:a.b.c.d; upstreams expect a.b.c.d.
   return address.startsWith('::ffff:') ? address.slice(7) : address;

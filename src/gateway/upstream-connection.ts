@@ -20,8 +20,8 @@ export interface UpstreamHandler {
   onConnect(abort: (err?: Error) => void): void;
   /** The answer's head (not for 1xx). `resume` restarts reading after onData returned false. */
   onHeaders(statusCode: number, headers: string[], resume: () => void, statusText: string): boolean;
-  /** false: stop reading until `resume` is called. `endsBody`: the last bytes of a body framed by length (onComplete follows at once). */
-  onData(chunk: Buffer, endsBody: boolean): boolean;
+  /** false: stop reading until `resume` is called. */
+  onData(chunk: Buffer): boolean;
   onComplete(): void;
   onError(err: Error): void;
 }
@@ -185,7 +185,7 @@ export class UpstreamConnection {
       const data = at === 0 && take === chunk.length ? chunk : chunk.subarray(at, at + take);
       at += take;
       this.remaining -= take;
-      const more = (handler as UpstreamHandler).onData(data, state === 'length' && this.remaining === 0);
+      const more = (handler as UpstreamHandler).onData(data);
       if (this.handler !== handler) return;
       if (state !== 'until-close' && this.remaining === 0) this.state = state === 'length' ? 'done' : 'chunk-end';
       if (!more && this.state !== 'done') this.pause(chunk.subarray(at));
