@@ -98,7 +98,11 @@ export function upstreamHeaders(req: ClientRequest): string[] {
   let hasForwardedHost = false;
   for (let i = 0; i < raw.length; i += 2) {
     const name = raw[i];
-    const lower = name.toLowerCase();
+    const lower = watchedName(name, named);
+    if (lower === '') {
+      out.push(name, raw[i + 1]);
+      continue;
+    }
     if (isHopByHop(lower, named) || lower === 'expect') continue;
     if (lower === 'x-forwarded-for') {
       forwardedFor = forwardedFor === undefined ? raw[i + 1] : `${forwardedFor}, ${raw[i + 1]}`;
@@ -121,7 +125,7 @@ export function clientHeaders(raw: string[]): string[] {
   let named: Set<string> | undefined;
   for (let i = 0; i < raw.length; i += 2) {
     const name = raw[i];
-    const lower = name.toLowerCase();
+    const lower = watchedName(name, undefined);
     if (lower === 'connection') named = connectionOptions(raw[i + 1]);
     if (isHopByHop(lower, undefined)) continue;
     out.push(name, raw[i + 1]);
@@ -130,6 +134,18 @@ export function clientHeaders(raw: string[]): string[] {
   const filtered: string[] = [];
   for (let i = 0; i < out.length; i += 2) if (!named.has(out[i].toLowerCase())) filtered.push(out[i], out[i + 1]);
   return filtered;
+}
+
+/**
+ * Lengths of the header names the proxy acts on (hop-by-hop ones, Expect, X-Forwarded-*; Proxy-*
+ * are told by their first letter): the others are passed on without being lowered, on the hot path.
+ */
+const WATCHED_LENGTH = [2, 6, 7, 10, 15, 16, 17].reduce((watched, n) => ((watched[n] = true), watched), [] as boolean[]);
+
+/** The name lowered if the proxy may act on it (any name if a Connection header named others), else ''. */
+function watchedName(name: string, named: Set<string> | undefined): string {
+  if (named === undefined && WATCHED_LENGTH[name.length] !== true && (name.charCodeAt(0) | 0x20) !== 0x70) return '';
+  return name.toLowerCase();
 }
 
 function isHopByHop(lowerName: string, named: Set<string> | undefined): boolean {

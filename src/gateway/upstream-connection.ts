@@ -51,6 +51,7 @@ export class UpstreamConnection {
   private keepAlive = true;
   private idleMs = IDLE_MS;
   private idleTimer?: NodeJS.Timeout;
+  private idleTimerMs = 0;
   /** Bytes read but not passed on while the handler asked to wait. */
   private stash?: Buffer;
   private paused = false;
@@ -90,7 +91,6 @@ export class UpstreamConnection {
     this.headRequest = request.method === 'HEAD';
     this.state = 'head';
     this.pendingText = '';
-    clearTimeout(this.idleTimer);
     if (this.socket && this.connected) return this.write(head, request.body);
     if (!this.socket) this.open();
     const socket = this.socket as Socket;
@@ -283,8 +283,11 @@ export class UpstreamConnection {
       }
     }
     const http10 = status[1] === '0';
-    const tokens = connection.split(',').map((t) => t.trim());
-    this.keepAlive = http10 ? tokens.includes('keep-alive') : !tokens.includes('close');
+    if (connection === '') this.keepAlive = !http10;
+    else {
+      const tokens = connection.split(',').map((t) => t.trim());
+      this.keepAlive = http10 ? tokens.includes('keep-alive') : !tokens.includes('close');
+    }
     if ((chunked || otherCoding) && length !== undefined) this.keepAlive = false;
     const handler = this.handler as UpstreamHandler;
     this.onAnswer();
@@ -346,7 +349,7 @@ export class UpstreamConnection {
       this.keepAlive = false;
     }
     if (!this.keepAlive || this.ended) this.dropSocket();
-    else this.idleTimer = setTimeout(() => this.dropSocket(), this.idleMs).unref();
+    else this.armIdle();
     handler.onComplete();
     this.onDone();
   }
@@ -360,8 +363,22 @@ export class UpstreamConnection {
     this.onDone();
   }
 
+  /** One timer while the socket lasts, refreshed at each answer (no new timer per request); it acts only on an idle connection. */
+  private armIdle(): void {
+    if (this.idleTimer && this.idleTimerMs === this.idleMs) {
+      this.idleTimer.refresh();
+      return;
+    }
+    clearTimeout(this.idleTimer);
+    this.idleTimerMs = this.idleMs;
+    this.idleTimer = setTimeout(() => {
+      if (!this.handler) this.dropSocket();
+    }, this.idleMs).unref();
+  }
+
   private dropSocket(): void {
     clearTimeout(this.idleTimer);
+    this.idleTimer = undefined;
     this.stopBody?.();
     this.stopBody = undefined;
     const socket = this.socket;
