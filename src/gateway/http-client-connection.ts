@@ -54,9 +54,10 @@ const MAX_PIPELINED = 16;
 /** Body chunks up to this size are copied into the answer's text, so head and body leave in one write. */
 const COPY_BYTES = 16 * 1024;
 const REQUEST_LINE = /^([!#$%&'*+\-.^_`|~0-9A-Za-z]+) (\/[!-~\x80-\xff]*) HTTP\/1\.1$/;
-const TOKEN = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/;
-/** A byte that may not be in a head outside its line ends. */
-const STRAY_BYTE = /[\0\n\r]/;
+/** A request head the lean path takes, checked whole: its request line, then header lines whose names are tokens and whose values hold no CR, LF or NUL. */
+const PLAIN_HEAD = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+ \/[!-~\x80-\xff]* HTTP\/1\.1(?:\r\n[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\0\r\n]*)*$/;
+/** A status line and header lines, each ended by CRLF, with no other CR, LF or NUL; names are tokens. */
+const WELL_FORMED_HEAD = /^HTTP\/1\.1 \d{3} [^\0\r\n]*\r\n(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+: [^\0\r\n]*\r\n)*$/;
 /** Statuses that have no body (RFC 9110 6.4.1). */
 const BODYLESS_STATUS = (status: number): boolean => status < 200 || status === 204 || status === 304;
 
@@ -98,27 +99,26 @@ export class LeanResponse extends EventEmitter implements ClientAnswer {
 
   writeHead(statusCode: number, textOrHeaders: string | Record<string, string | number>, list?: string[]): this {
     if (this.headersSent) throw new Error('the answer’s head was written already');
-    const headers: string[] = [];
     let statusText: string;
+    let headers: string[];
     if (typeof textOrHeaders === 'string') {
       statusText = textOrHeaders;
-      if (list) headers.push(...list);
+      headers = list ?? [];
     } else {
       statusText = STATUS_CODES[statusCode] ?? 'Unknown';
-      for (const [name, value] of Object.entries(textOrHeaders)) headers.push(name, String(value));
+      headers = Object.entries(textOrHeaders).flatMap(([name, value]) => [name, String(value)]);
     }
-    if (STRAY_BYTE.test(statusText)) throw new TypeError('invalid character in the status text');
     this.statusCode = statusCode;
     if (BODYLESS_STATUS(statusCode)) this.noBody = true;
     let head = `HTTP/1.1 ${statusCode} ${statusText}\r\n`;
     let hasLength = false;
     for (let i = 0; i < headers.length; i += 2) {
       const name = headers[i];
-      const value = headers[i + 1];
-      if (!TOKEN.test(name) || STRAY_BYTE.test(value)) throw new TypeError(`invalid header ${JSON.stringify(name)} in the answer`);
       if (name.length === 14 && name.toLowerCase() === 'content-length') hasLength = true;
-      head += `${name}: ${value}\r\n`;
+      head += `${name}: ${headers[i + 1]}\r\n`;
     }
+    // One check for the whole head: a name that is not a token, or a value holding CR, LF or NUL (header injection), throws as node's writeHead does.
+    if (!WELL_FORMED_HEAD.test(head)) throw new TypeError(`invalid character in a header of the answer (status ${statusCode})`);
     this.chunked = !hasLength && !this.noBody;
     if (this.chunked) head += 'transfer-encoding: chunked\r\n';
     head += this.closeAfter ? 'connection: close\r\n\r\n' : `connection: keep-alive\r\nkeep-alive: timeout=${KEEP_ALIVE_MS / 1000}\r\n\r\n`;
@@ -309,19 +309,17 @@ export class ClientConnection {
 
   /** A plain request's head (see the file's comment), or undefined if node's server must read it. */
   private parseHead(head: string): { req: LeanRequest; method: string; closeAfter: boolean } | undefined {
+    if (!PLAIN_HEAD.test(head)) return undefined;
     const lines = head.split('\r\n');
-    const line = REQUEST_LINE.exec(lines[0]);
-    if (!line) return undefined;
+    const line = REQUEST_LINE.exec(lines[0]) as RegExpExecArray;
     const rawHeaders: string[] = [];
     let host: string | undefined;
     let connection: string | undefined;
     for (let i = 1; i < lines.length; i++) {
       const text = lines[i];
       const colon = text.indexOf(':');
-      if (colon <= 0) return undefined;
       const name = text.slice(0, colon);
       const value = text.slice(colon + 1).trim();
-      if (!TOKEN.test(name) || STRAY_BYTE.test(value)) return undefined;
       rawHeaders.push(name, value);
       const n = name.length;
       if (n !== 4 && n !== 6 && n !== 7 && n !== 10 && n !== 14 && n !== 17) continue;
