@@ -16,7 +16,6 @@
  * does it: closed after 5 s idle, after `Connection: close`, or when the client ends its side
  * (once the answers it waits for are written).
  */
-import { EventEmitter } from 'node:events';
 import { STATUS_CODES } from 'node:http';
 import type { Socket } from 'node:net';
 
@@ -71,20 +70,22 @@ export class LeanRequest implements ClientRequest {
   ) {}
 }
 
-export class LeanResponse extends EventEmitter implements ClientAnswer {
+export class LeanResponse implements ClientAnswer {
   statusCode = 200;
   headersSent = false;
   writableFinished = false;
   /** Output not yet handed to the socket (latin1 text). */
   private text = '';
   /** Output waiting for its turn or for the tick's write, in order (text and large buffers). */
-  private parts: Array<string | Buffer> = [];
+  private parts?: Array<string | Buffer>;
+  /** once() listeners (an EventEmitter per answer cost more than all of this). */
+  private closeListeners?: Array<() => void>;
+  private drainListeners?: Array<() => void>;
   private chunked = false;
   private noBody: boolean;
   ended = false;
   /** This answer's turn came: it writes to the socket. */
   active = false;
-  private flushScheduled = false;
   private needDrain = false;
 
   constructor(
@@ -93,7 +94,6 @@ export class LeanResponse extends EventEmitter implements ClientAnswer {
     /** The client asked to close after this answer. */
     readonly closeAfter: boolean,
   ) {
-    super();
     this.noBody = headRequest;
   }
 
@@ -135,7 +135,7 @@ export class LeanResponse extends EventEmitter implements ClientAnswer {
       this.needDrain = true;
       return false;
     }
-    this.scheduleFlush();
+    this.connection.flushNextTick();
     if (this.connection.socket.writableNeedDrain || this.connection.socket.writableLength > COPY_BYTES * 4) {
       this.needDrain = true;
       return false;
@@ -174,14 +174,16 @@ export class LeanResponse extends EventEmitter implements ClientAnswer {
   drained(): void {
     if (!this.needDrain) return;
     this.needDrain = false;
-    this.emit('drain');
+    const listeners = this.drainListeners;
+    this.drainListeners = undefined;
+    if (listeners) for (const listener of listeners) listener();
   }
 
   /** Hands everything buffered to the socket. */
   flush(): void {
     const socket = this.connection.socket;
-    for (const part of this.parts) socket.write(part, 'latin1');
-    this.parts.length = 0;
+    if (this.parts) for (const part of this.parts) socket.write(part, 'latin1');
+    this.parts = undefined;
     if (this.text) socket.write(this.text, 'latin1');
     this.text = '';
   }
@@ -191,19 +193,28 @@ export class LeanResponse extends EventEmitter implements ClientAnswer {
     if (this.chunked) this.text += `${chunk.length.toString(16)}\r\n`;
     if (chunk.length <= COPY_BYTES) this.text += chunk.toString('latin1');
     else {
-      this.parts.push(this.text, chunk);
+      (this.parts ??= []).push(this.text, chunk);
       this.text = '';
     }
     if (this.chunked) this.text += '\r\n';
   }
 
-  private scheduleFlush(): void {
-    if (this.flushScheduled) return;
-    this.flushScheduled = true;
-    process.nextTick(() => {
-      this.flushScheduled = false;
-      if (this.active && !this.ended && !this.connection.socket.destroyed) this.flush();
-    });
+  once(event: 'close' | 'drain', listener: () => void): this {
+    if (event === 'close') (this.closeListeners ??= []).push(listener);
+    else (this.drainListeners ??= []).push(listener);
+    return this;
+  }
+
+  /** The connection went before this answer was finished. */
+  closed(): void {
+    const listeners = this.closeListeners;
+    this.closeListeners = undefined;
+    if (listeners) for (const listener of listeners) listener();
+  }
+
+  /** The tick's writes go out (unless end() took them along already). */
+  flushOpen(): void {
+    if (this.active && !this.ended && !this.connection.socket.destroyed) this.flush();
   }
 }
 
@@ -226,12 +237,17 @@ export class ClientConnection {
   };
   private readonly onClose = (): void => {
     clearTimeout(this.idleTimer);
-    for (const answer of this.answers.splice(0)) answer.emit('close');
+    for (const answer of this.answers.splice(0)) answer.closed();
   };
   private readonly onError = (): void => {
     this.socket.destroy();
   };
   private readonly onDrain = (): void => this.answers[0]?.drained();
+  private flushScheduled = false;
+  private readonly flushTick = (): void => {
+    this.flushScheduled = false;
+    this.answers[0]?.flushOpen();
+  };
 
   constructor(
     readonly socket: Socket,
@@ -258,6 +274,13 @@ export class ClientConnection {
     if (this.answers.length === 0 && this.handoff === undefined) this.socket.destroy();
   }
 
+  /** The writing answer's writes of this tick leave together at its end. */
+  flushNextTick(): void {
+    if (this.flushScheduled) return;
+    this.flushScheduled = true;
+    process.nextTick(this.flushTick);
+  }
+
   /** The answer at the head of the queue is complete: written, and the next one's turn comes. */
   finish(answer: LeanResponse): void {
     answer.flush();
@@ -265,7 +288,7 @@ export class ClientConnection {
     this.answers.shift();
     if (answer.closeAfter) {
       this.socket.end();
-      for (const later of this.answers.splice(0)) later.emit('close');
+      for (const later of this.answers.splice(0)) later.closed();
       return;
     }
     const next = this.answers[0];

@@ -12,7 +12,7 @@
  * skipped. The request's head and body framing: upstream-request.ts.
  */
 import { connect, type Socket } from 'node:net';
-import { requestHead, TOKEN, UpstreamSocketError, writeStreamedBody, type RequestHead, type UpstreamRequest } from './upstream-request.js';
+import { requestHead, UpstreamSocketError, writeStreamedBody, type RequestHead, type UpstreamRequest } from './upstream-request.js';
 
 /** What becomes of one request. Exactly one of onComplete and onError is called. */
 export interface UpstreamHandler {
@@ -33,6 +33,9 @@ const ANSWER_TIMEOUT_MS = 300_000;
 const CONNECT_TIMEOUT_MS = 10_000;
 const MAX_HEAD_BYTES = 64 * 1024;
 const STATUS_LINE = /^HTTP\/1\.([01]) (\d{3})(?: (.*))?$/;
+/** The header lines of a head, after its status line. */
+const HEADER_LINES = /^(?:\r\n[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\0\r\n]*)*$/;
+const PLAIN_LENGTH = /^\d{1,15}$/;
 const CHUNK_SIZE = /^([0-9A-Fa-f]+)[ \t]*(;.*)?$/;
 
 /** Where the answer's parse is; `done`: complete, to be reported once the bytes at hand are handled. */
@@ -248,6 +251,8 @@ export class UpstreamConnection {
   private onHead(head: string): void {
     const lines = head.split('\r\n');
     const status = STATUS_LINE.exec(lines[0]);
+    // One check for every header line: a token, a colon, no stray CR, LF or NUL.
+    if (status && lines.length > 1 && !HEADER_LINES.test(head.slice(lines[0].length))) throw new UpstreamSocketError(`${this.host}:${this.port} sent a malformed header line`, 'EPROTO');
     if (!status) throw new UpstreamSocketError(`${this.host}:${this.port} did not answer with HTTP/1.x`, 'EPROTO');
     const statusCode = Number(status[2]);
     if (statusCode >= 100 && statusCode < 200 && statusCode !== 101) return; // interim: the real answer follows
@@ -260,13 +265,13 @@ export class UpstreamConnection {
     for (let i = 1; i < lines.length; i++) {
       const line = lines[i];
       const colon = line.indexOf(':');
-      const name = colon > 0 ? line.slice(0, colon) : '';
-      if (!TOKEN.test(name)) throw new UpstreamSocketError(`${this.host}:${this.port} sent a malformed header line`, 'EPROTO');
+      const name = line.slice(0, colon);
       const value = line.slice(colon + 1).trim();
       headers.push(name, value);
       // Only these lengths can be a header the framing depends on: most names are not lowered.
       const lower = name.length === 10 || name.length === 14 || name.length === 17 ? name.toLowerCase() : '';
-      if (lower === 'content-length') {
+      if (lower === 'content-length' && PLAIN_LENGTH.test(value) && (length === undefined || length === Number(value))) length = Number(value);
+      else if (lower === 'content-length') {
         const values = value.split(',').map((v) => v.trim());
         if (!values.every((v) => /^\d{1,15}$/.test(v) && v === values[0]) || (length !== undefined && length !== Number(values[0]))) {
           throw new UpstreamSocketError(`${this.host}:${this.port} sent a bad Content-Length`, 'EPROTO');
