@@ -55,6 +55,8 @@ export class UpstreamConnection {
   private idleMs = IDLE_MS;
   private idleTimer?: NodeJS.Timeout;
   private idleTimerMs = 0;
+  /** The upstream's last Keep-Alive header, as read into idleMs. */
+  private keepAliveHint = '';
   /** Bytes read but not passed on while the handler asked to wait. */
   private stash?: Buffer;
   private paused = false;
@@ -278,17 +280,21 @@ export class UpstreamConnection {
         }
         length = Number(values[0]);
       } else if (lower === 'transfer-encoding') {
-        const codings = value.toLowerCase().split(',').map((v) => v.trim());
-        chunked = codings[codings.length - 1] === 'chunked';
+        // The common value is read without splitting it.
+        const lowered = value.toLowerCase();
+        chunked = lowered === 'chunked' || lowered.split(',').at(-1)?.trim() === 'chunked';
         otherCoding = !chunked;
       } else if (lower === 'connection') connection += `,${value.toLowerCase()}`;
-      else if (lower === 'keep-alive') {
+      else if (lower === 'keep-alive' && value !== this.keepAliveHint) {
+        // The same hint comes with every answer: read once.
+        this.keepAliveHint = value;
         const timeout = /timeout=(\d+)/i.exec(value);
         if (timeout) this.idleMs = Math.min(IDLE_MS, Math.max(0, Number(timeout[1]) * 1000 - 1000));
       }
     }
     const http10 = status[1] === '0';
     if (connection === '') this.keepAlive = !http10;
+    else if (connection === ',keep-alive') this.keepAlive = true;
     else {
       const tokens = connection.split(',').map((t) => t.trim());
       this.keepAlive = http10 ? tokens.includes('keep-alive') : !tokens.includes('close');
@@ -397,6 +403,7 @@ export class UpstreamConnection {
     this.ended = false;
     this.keepAlive = true;
     this.idleMs = IDLE_MS;
+    this.keepAliveHint = '';
     this.paused = false;
     this.stash = undefined;
     socket?.destroy();
