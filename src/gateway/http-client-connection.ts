@@ -136,7 +136,8 @@ export class LeanResponse implements ClientAnswer {
       return false;
     }
     this.connection.flushNextTick();
-    if (this.connection.socket.writableNeedDrain || this.connection.socket.writableLength > COPY_BYTES * 4) {
+    // What is written at the next tick is at most one read of the upstream's: the socket's own bound holds.
+    if (this.connection.socket.writableNeedDrain) {
       this.needDrain = true;
       return false;
     }
