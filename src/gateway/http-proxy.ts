@@ -105,7 +105,8 @@ export class HttpRouteProxy implements RouteProxy {
     this.server = createServer({ noDelay: true }, (req, res) => void this.forward(req, res));
     // The server's own 'connection' listener is its HTTP machinery: a connection gets it only
     // once a request needs it (see http-client-connection.ts).
-    const [nodeConnection] = this.server.listeners('connection') as Array<(socket: Socket) => void>;
+    const [nodeConnection, ...others] = this.server.listeners('connection') as Array<(socket: Socket) => void>;
+    if (typeof nodeConnection !== 'function' || others.length > 0) throw new Error("node's HTTP server no longer has exactly one 'connection' listener: http-client-connection.ts needs revisiting for this node version");
     this.server.removeListener('connection', nodeConnection);
     this.server.on('connection', (socket: Socket) => {
       const connection = new ClientConnection(
