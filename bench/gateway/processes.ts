@@ -74,7 +74,8 @@ export async function startGateway(
   extraEnv: Record<string, string> = {},
 ): Promise<{ pid: number; stop(): Promise<void> }> {
   mkdirSync(dir, { recursive: true });
-  const child = spawn(process.execPath, [...nodeOptions, CHIPMUNK, 'gateway', '--api', `127.0.0.1:${apiPort}`, '--route-host', '127.0.0.1', '--state', join(dir, 'routes.json')], {
+  // The flag bin/chipmunk.mjs's first line gives node (this runs it with node directly).
+  const child = spawn(process.execPath, ['--max-semi-space-size=64', ...nodeOptions, CHIPMUNK, 'gateway', '--api', `127.0.0.1:${apiPort}`, '--route-host', '127.0.0.1', '--state', join(dir, 'routes.json')], {
     env: { ...process.env, CHIPMUNK_TOKEN: TOKEN, ...extraEnv },
     // Its log (stderr) goes to `dir`: the API's request lines would drown the bench's table.
     stdio: ['ignore', 'pipe', openSync(join(dir, 'gateway.log'), 'a')],

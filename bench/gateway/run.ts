@@ -4,7 +4,7 @@
  *
  * On loopback, each its own process: the stateful test app (node, GET /health), `chipmunk
  * gateway` and HAProxy (Debian's) in front of it, loaded with wrk at fixed concurrency for a
- * fixed time, `--runs` times (direct, gateway, haproxy in each run). Aim (issue 9): the gateway
+ * fixed time, `--runs` times (direct, gateway, haproxy in each run), after a warm-up of each. Aim (issue 9): the gateway
  * at >= 0.7x HAProxy's requests/s and <= 2x its p99, in every run.
  * Then Python's http.server (HTTP/1.1, one connection at a time; a fresh one per path) with 4
  * clients sending back to back: answers/s per client, direct, through the gateway and HAProxy.
@@ -49,6 +49,8 @@ const runs = Number(values.runs);
 const connections = Number(values.connections);
 const seconds = Number(values.seconds);
 const PY_CLIENTS = 4;
+/** Load on each path before the measured runs, not reported: the gateway's JIT compiles its hot path (HAProxy gets the same). */
+const WARMUP_SECONDS = 2;
 const PY_TIMEOUT_MS = 2_000;
 
 function progress(text: string): void {
@@ -65,6 +67,9 @@ async function throughputRuns(scratch: string): Promise<ProxyRow[][]> {
   const gateway = await startGateway(join(scratch, 'gateway'), GATEWAY_API_PORT, [{ name: 'bench', listenPort: GATEWAY_PORT, upstreamPort: APP_PORT }]);
   const haproxy = await startHaproxy(scratch, [{ listenPort: HAPROXY_PORT, server: { address: '127.0.0.1', port: APP_PORT } }]);
   try {
+    progress('warming up... ');
+    for (const port of [APP_PORT, GATEWAY_PORT, HAPROXY_PORT]) await wrk('warm-up', `http://127.0.0.1:${port}/health`, { connections, seconds: WARMUP_SECONDS });
+    progress('done\n');
     const all: ProxyRow[][] = [];
     for (let run = 1; run <= runs; run++) {
       const rows: ProxyRow[] = [];
@@ -122,7 +127,7 @@ async function oneConnectionRows(scratch: string): Promise<PerClientRow[]> {
 
 function report(all: ProxyRow[][], py: PerClientRow[], migration: string | undefined): string {
   const lines = [
-    `wrk, ${connections} connections, ${seconds} s each, GET /health of the stateful app (node) on 127.0.0.1; wrk, app, gateway and HAProxy (2.6, Debian's defaults) share one 2-core machine.`,
+    `wrk, ${connections} connections, ${seconds} s each after a ${WARMUP_SECONDS} s warm-up of each path, GET /health of the stateful app (node) on 127.0.0.1; wrk, app, gateway and HAProxy (2.6, Debian's defaults) share one 2-core machine.`,
     '',
     '| run | path | requests/s | p50 | p99 | errors | proxy CPU per request (user + system) |',
     '|---|---|---:|---:|---:|---:|---:|',

@@ -3,14 +3,12 @@
  * what an attempt that failed tells (FailedSend). Also the replay's send of a record whose
  * client had its answer already.
  */
-import { STATUS_CODES, type IncomingMessage, type ServerResponse } from 'node:http';
+import { STATUS_CODES } from 'node:http';
+import type { ClientAnswer, ClientRequest } from './http-client-connection.js';
 import { clientHeaders, type RequestBody } from './http-messages.js';
 import type { LogRecord } from './request-log.js';
 import type { UpstreamHandler } from './upstream-connection.js';
 import type { UpstreamPool } from './upstream-pool.js';
-
-/** Answers up to this size whose body came in one chunk leave in a single write with their head. */
-const SINGLE_WRITE_BYTES = 16 * 1024;
 
 export interface FailedSend {
   error: Error;
@@ -37,8 +35,6 @@ export class ProxiedExchange implements UpstreamHandler {
   private waiting?: AbortController;
   private written = false;
   private answering = false;
-  /** A body that came whole in one chunk, kept back for the end (see onData). */
-  private wholeBody?: Buffer;
   private settle?: (failure: FailedSend | undefined) => void;
   /** The attempt in progress, which a replay waits out before it answers through this exchange. */
   private attempt?: Promise<FailedSend | undefined>;
@@ -47,8 +43,8 @@ export class ProxiedExchange implements UpstreamHandler {
   private parked?: { resolve(): void; reject(err: Error): void; lost: () => Error; timer: NodeJS.Timeout };
 
   constructor(
-    readonly req: IncomingMessage,
-    private readonly res: ServerResponse,
+    readonly req: ClientRequest,
+    private readonly res: ClientAnswer,
   ) {
     res.once('close', () => {
       if (res.writableFinished) return;
@@ -155,14 +151,9 @@ export class ProxiedExchange implements UpstreamHandler {
   }
 
   /** false pauses the upstream connection until 'drain' resumes it: the body never piles up here. */
-  onData(chunk: Buffer, endsBody: boolean): boolean {
+  onData(chunk: Buffer): boolean {
     if (this.clientGone) return true;
-    // A small answer's body usually comes whole in one chunk, and onComplete follows at once:
-    // kept back, it leaves with the head and the end in one write.
-    if (endsBody && !this.res.headersSent) {
-      this.wholeBody = chunk;
-      return true;
-    }
+    // Both kinds of answer gather the writes of one tick: a small answer (head, body, end) leaves in one write.
     if (this.res.write(chunk)) return true;
     this.res.once('drain', this.resumeUpstream as () => void);
     return false;
@@ -170,11 +161,7 @@ export class ProxiedExchange implements UpstreamHandler {
 
   onComplete(): void {
     this.abortUpstream = undefined;
-    const body = this.wholeBody;
-    this.wholeBody = undefined;
-    // As one latin1 string, node sends head and body in one plain write (a Buffer would take a writev).
-    if (body && body.length <= SINGLE_WRITE_BYTES) this.res.end(body.toString('latin1'), 'latin1');
-    else this.res.end(body);
+    this.res.end();
     this.settle?.(undefined);
   }
 

@@ -6,6 +6,7 @@
 import type { IncomingMessage } from 'node:http';
 import { Readable } from 'node:stream';
 import { ChipmunkError } from '../shared/errors.js';
+import type { ClientRequest } from './http-client-connection.js';
 
 /** A logged route's request whose body exceeds maxLoggedBodyBytes: it cannot be logged, so it is not forwarded. */
 export class BodyTooLargeToLogError extends ChipmunkError {
@@ -33,7 +34,7 @@ export interface RequestBody {
 export const NO_BODY: RequestBody = { payload: null, replayable: true, bytesInMemory: 0 };
 
 /** The request has no body at all (most GETs): nothing to read, and no need to wait for it. */
-export function hasNoBody(req: IncomingMessage): boolean {
+export function hasNoBody(req: ClientRequest): boolean {
   const length = req.headers['content-length'];
   return req.headers['transfer-encoding'] === undefined && (length === undefined || length === '0');
 }
@@ -88,7 +89,7 @@ async function* readAheadThenRest(first: Buffer[], rest: AsyncIterator<Buffer>):
  * X-Forwarded-* set. X-Forwarded-For is appended to; Proto and Host are kept if a proxy in
  * front of the gateway set them.
  */
-export function upstreamHeaders(req: IncomingMessage): string[] {
+export function upstreamHeaders(req: ClientRequest): string[] {
   const raw = req.rawHeaders;
   const named = connectionOptions(req.headers.connection);
   const out: string[] = [];
@@ -97,7 +98,11 @@ export function upstreamHeaders(req: IncomingMessage): string[] {
   let hasForwardedHost = false;
   for (let i = 0; i < raw.length; i += 2) {
     const name = raw[i];
-    const lower = name.toLowerCase();
+    const lower = watchedName(name, named);
+    if (lower === '') {
+      out.push(name, raw[i + 1]);
+      continue;
+    }
     if (isHopByHop(lower, named) || lower === 'expect') continue;
     if (lower === 'x-forwarded-for') {
       forwardedFor = forwardedFor === undefined ? raw[i + 1] : `${forwardedFor}, ${raw[i + 1]}`;
@@ -120,7 +125,7 @@ export function clientHeaders(raw: string[]): string[] {
   let named: Set<string> | undefined;
   for (let i = 0; i < raw.length; i += 2) {
     const name = raw[i];
-    const lower = name.toLowerCase();
+    const lower = watchedName(name, undefined);
     if (lower === 'connection') named = connectionOptions(raw[i + 1]);
     if (isHopByHop(lower, undefined)) continue;
     out.push(name, raw[i + 1]);
@@ -129,6 +134,18 @@ export function clientHeaders(raw: string[]): string[] {
   const filtered: string[] = [];
   for (let i = 0; i < out.length; i += 2) if (!named.has(out[i].toLowerCase())) filtered.push(out[i], out[i + 1]);
   return filtered;
+}
+
+/**
+ * Lengths of the header names the proxy acts on (hop-by-hop ones, Expect, X-Forwarded-*; Proxy-*
+ * are told by their first letter): the others are passed on without being lowered, on the hot path.
+ */
+const WATCHED_LENGTH = [2, 6, 7, 10, 15, 16, 17].reduce((watched, n) => ((watched[n] = true), watched), [] as boolean[]);
+
+/** The name lowered if the proxy may act on it (any name if a Connection header named others), else ''. */
+function watchedName(name: string, named: Set<string> | undefined): string {
+  if (named === undefined && WATCHED_LENGTH[name.length] !== true && (name.charCodeAt(0) | 0x20) !== 0x70) return '';
+  return name.toLowerCase();
 }
 
 function isHopByHop(lowerName: string, named: Set<string> | undefined): boolean {
@@ -142,7 +159,7 @@ function connectionOptions(value: string | undefined): Set<string> | undefined {
   return names.length ? new Set(names) : undefined;
 }
 
-function clientAddress(req: IncomingMessage): string {
+function clientAddress(req: ClientRequest): string {
   const address = req.socket.remoteAddress ?? 'unknown';
   // An IPv4 client of a dual-stack listener shows as ::ffff:a.b.c.d; upstreams expect a.b.c.d.
   return address.startsWith('::ffff:') ? address.slice(7) : address;

@@ -10,13 +10,16 @@
  * for replay(), which sends the log after a checkpoint's position to the restored container
  * and gives each waiting client the answer to its own request (http-replay.ts).
  *
- * node:http serves the clients: keep-alive, and pipelined requests answered in order (each
- * request gets its own ServerResponse, which node writes out only after the previous one).
+ * Client connections are served lean while their requests are plain, and by node's HTTP server
+ * from their first request that is not (http-client-connection.ts): keep-alive, and pipelined
+ * requests answered in order, either way.
  */
-import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
+import { createServer, type IncomingMessage, type Server } from 'node:http';
+import type { Socket } from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { type ChipmunkError, InvalidInputError, toChipmunkError } from '../shared/errors.js';
 import { RouteGate, RouteRefusedError, UpstreamFailedError } from './gate.js';
+import { ClientConnection, type ClientAnswer, type ClientRequest } from './http-client-connection.js';
 import { ProxiedExchange, type FailedSend } from './http-exchange.js';
 import { BodyTooLargeToLogError, NO_BODY, hasNoBody, readBody, readLoggedBody, upstreamHeaders } from './http-messages.js';
 import { LogReplayer } from './http-replay.js';
@@ -65,6 +68,8 @@ const CLOSE_GRACE_MS = 1_000;
 export class HttpRouteProxy implements RouteProxy {
   private readonly gate: RouteGate;
   private readonly server: Server;
+  /** Client connections still served lean (node's server keeps track of the others). */
+  private readonly leanConnections = new Set<ClientConnection>();
   private upstream?: UpstreamPool;
   /** Requests sent to the upstream and not yet answered. */
   private inFlight = 0;
@@ -98,6 +103,23 @@ export class HttpRouteProxy implements RouteProxy {
       stallMs: settings.upstreamStallMs,
     });
     this.server = createServer({ noDelay: true }, (req, res) => void this.forward(req, res));
+    // The server's own 'connection' listener is its HTTP machinery: a connection gets it only
+    // once a request needs it (see http-client-connection.ts).
+    const [nodeConnection, ...others] = this.server.listeners('connection') as Array<(socket: Socket) => void>;
+    if (typeof nodeConnection !== 'function' || others.length > 0) throw new Error("node's HTTP server no longer has exactly one 'connection' listener: http-client-connection.ts needs revisiting for this node version");
+    this.server.removeListener('connection', nodeConnection);
+    this.server.on('connection', (socket: Socket) => {
+      const connection = new ClientConnection(
+        socket,
+        (req, res) => void this.forward(req, res),
+        (handed) => {
+          this.leanConnections.delete(connection);
+          nodeConnection.call(this.server, handed);
+        },
+      );
+      this.leanConnections.add(connection);
+      socket.once('close', () => this.leanConnections.delete(connection));
+    });
   }
 
   static async listen(route: Route, settings: HttpProxySettings): Promise<HttpRouteProxy> {
@@ -159,8 +181,10 @@ export class HttpRouteProxy implements RouteProxy {
     const closed = new Promise<void>((resolve) => this.server.close(() => resolve()));
     this.gate.refuseAll(reason, reason === 'route-removed' ? `the route of container '${this.gate.route.name}' was removed` : 'the gateway is shutting down');
     this.server.closeIdleConnections();
+    for (const connection of this.leanConnections) connection.closeWhenDone();
     await Promise.race([closed, sleep(CLOSE_GRACE_MS)]);
     this.server.closeAllConnections();
+    for (const connection of this.leanConnections) connection.socket.destroy();
     await closed;
     await this.upstream?.destroy(new Error(`the gateway stopped proxying container '${this.gate.route.name}'`));
   }
@@ -222,7 +246,7 @@ export class HttpRouteProxy implements RouteProxy {
     });
   }
 
-  private async forward(req: IncomingMessage, res: ServerResponse): Promise<void> {
+  private async forward(req: ClientRequest, res: ClientAnswer): Promise<void> {
     const exchange = new ProxiedExchange(req, res);
     try {
       await this.exchange(exchange);
@@ -243,11 +267,12 @@ export class HttpRouteProxy implements RouteProxy {
     // queue's byte bound keeps what it holds in memory in check). A logged body is read whole:
     // the log keeps it.
     // The hot path (no body, route open) awaits nothing before the request is sent.
+    // Only node's server reads requests with a body (a lean request never has one).
     const body = hasNoBody(req)
       ? NO_BODY
       : requestLog
-        ? await readLoggedBody(req, this.gate.route.name, this.settings.maxLoggedBodyBytes)
-        : await readBody(req, this.settings.replayableBodyBytes);
+        ? await readLoggedBody(req as IncomingMessage, this.gate.route.name, this.settings.maxLoggedBodyBytes)
+        : await readBody(req as IncomingMessage, this.settings.replayableBodyBytes);
     const headers = upstreamHeaders(req);
     for (let attempts = 0; ; attempts++) {
       const route = this.gate.openRoute() ?? (await this.gate.pass(this.gate.route.state === 'holding' ? exchange.waitSignal() : undefined, body.bytesInMemory));
@@ -326,7 +351,7 @@ export class HttpRouteProxy implements RouteProxy {
     return this.replayer.replay(after, upstream, resumable);
   }
 
-  private answerError(res: ServerResponse, err: ChipmunkError): void {
+  private answerError(res: ClientAnswer, err: ChipmunkError): void {
     if (res.headersSent) {
       res.destroy();
       return;

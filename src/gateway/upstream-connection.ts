@@ -12,7 +12,7 @@
  * skipped. The request's head and body framing: upstream-request.ts.
  */
 import { connect, type Socket } from 'node:net';
-import { requestHead, TOKEN, UpstreamSocketError, writeStreamedBody, type RequestHead, type UpstreamRequest } from './upstream-request.js';
+import { requestHead, UpstreamSocketError, writeStreamedBody, type RequestHead, type UpstreamRequest } from './upstream-request.js';
 
 /** What becomes of one request. Exactly one of onComplete and onError is called. */
 export interface UpstreamHandler {
@@ -20,8 +20,8 @@ export interface UpstreamHandler {
   onConnect(abort: (err?: Error) => void): void;
   /** The answer's head (not for 1xx). `resume` restarts reading after onData returned false. */
   onHeaders(statusCode: number, headers: string[], resume: () => void, statusText: string): boolean;
-  /** false: stop reading until `resume` is called. `endsBody`: the last bytes of a body framed by length (onComplete follows at once). */
-  onData(chunk: Buffer, endsBody: boolean): boolean;
+  /** false: stop reading until `resume` is called. */
+  onData(chunk: Buffer): boolean;
   onComplete(): void;
   onError(err: Error): void;
 }
@@ -33,6 +33,9 @@ const ANSWER_TIMEOUT_MS = 300_000;
 const CONNECT_TIMEOUT_MS = 10_000;
 const MAX_HEAD_BYTES = 64 * 1024;
 const STATUS_LINE = /^HTTP\/1\.([01]) (\d{3})(?: (.*))?$/;
+/** The header lines of a head, after its status line. */
+const HEADER_LINES = /^(?:\r\n[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\0\r\n]*)*$/;
+const PLAIN_LENGTH = /^\d{1,15}$/;
 const CHUNK_SIZE = /^([0-9A-Fa-f]+)[ \t]*(;.*)?$/;
 
 /** Where the answer's parse is; `done`: complete, to be reported once the bytes at hand are handled. */
@@ -51,6 +54,9 @@ export class UpstreamConnection {
   private keepAlive = true;
   private idleMs = IDLE_MS;
   private idleTimer?: NodeJS.Timeout;
+  private idleTimerMs = 0;
+  /** The upstream's last Keep-Alive header, as read into idleMs. */
+  private keepAliveHint = '';
   /** Bytes read but not passed on while the handler asked to wait. */
   private stash?: Buffer;
   private paused = false;
@@ -90,7 +96,6 @@ export class UpstreamConnection {
     this.headRequest = request.method === 'HEAD';
     this.state = 'head';
     this.pendingText = '';
-    clearTimeout(this.idleTimer);
     if (this.socket && this.connected) return this.write(head, request.body);
     if (!this.socket) this.open();
     const socket = this.socket as Socket;
@@ -185,7 +190,7 @@ export class UpstreamConnection {
       const data = at === 0 && take === chunk.length ? chunk : chunk.subarray(at, at + take);
       at += take;
       this.remaining -= take;
-      const more = (handler as UpstreamHandler).onData(data, state === 'length' && this.remaining === 0);
+      const more = (handler as UpstreamHandler).onData(data);
       if (this.handler !== handler) return;
       if (state !== 'until-close' && this.remaining === 0) this.state = state === 'length' ? 'done' : 'chunk-end';
       if (!more && this.state !== 'done') this.pause(chunk.subarray(at));
@@ -248,6 +253,8 @@ export class UpstreamConnection {
   private onHead(head: string): void {
     const lines = head.split('\r\n');
     const status = STATUS_LINE.exec(lines[0]);
+    // One check for every header line: a token, a colon, no stray CR, LF or NUL.
+    if (status && lines.length > 1 && !HEADER_LINES.test(head.slice(lines[0].length))) throw new UpstreamSocketError(`${this.host}:${this.port} sent a malformed header line`, 'EPROTO');
     if (!status) throw new UpstreamSocketError(`${this.host}:${this.port} did not answer with HTTP/1.x`, 'EPROTO');
     const statusCode = Number(status[2]);
     if (statusCode >= 100 && statusCode < 200 && statusCode !== 101) return; // interim: the real answer follows
@@ -260,39 +267,51 @@ export class UpstreamConnection {
     for (let i = 1; i < lines.length; i++) {
       const line = lines[i];
       const colon = line.indexOf(':');
-      const name = colon > 0 ? line.slice(0, colon) : '';
-      if (!TOKEN.test(name)) throw new UpstreamSocketError(`${this.host}:${this.port} sent a malformed header line`, 'EPROTO');
+      const name = line.slice(0, colon);
       const value = line.slice(colon + 1).trim();
       headers.push(name, value);
       // Only these lengths can be a header the framing depends on: most names are not lowered.
       const lower = name.length === 10 || name.length === 14 || name.length === 17 ? name.toLowerCase() : '';
-      if (lower === 'content-length') {
+      if (lower === 'content-length' && PLAIN_LENGTH.test(value) && (length === undefined || length === Number(value))) length = Number(value);
+      else if (lower === 'content-length') {
         const values = value.split(',').map((v) => v.trim());
         if (!values.every((v) => /^\d{1,15}$/.test(v) && v === values[0]) || (length !== undefined && length !== Number(values[0]))) {
           throw new UpstreamSocketError(`${this.host}:${this.port} sent a bad Content-Length`, 'EPROTO');
         }
         length = Number(values[0]);
       } else if (lower === 'transfer-encoding') {
-        const codings = value.toLowerCase().split(',').map((v) => v.trim());
-        chunked = codings[codings.length - 1] === 'chunked';
+        // The common value is read without splitting it.
+        const lowered = value.toLowerCase();
+        chunked = lowered === 'chunked' || lowered.split(',').at(-1)?.trim() === 'chunked';
         otherCoding = !chunked;
       } else if (lower === 'connection') connection += `,${value.toLowerCase()}`;
-      else if (lower === 'keep-alive') {
+      else if (lower === 'keep-alive' && value !== this.keepAliveHint) {
+        // The same hint comes with every answer: read once.
+        this.keepAliveHint = value;
         const timeout = /timeout=(\d+)/i.exec(value);
         if (timeout) this.idleMs = Math.min(IDLE_MS, Math.max(0, Number(timeout[1]) * 1000 - 1000));
       }
     }
     const http10 = status[1] === '0';
-    const tokens = connection.split(',').map((t) => t.trim());
-    this.keepAlive = http10 ? tokens.includes('keep-alive') : !tokens.includes('close');
+    if (connection === '') this.keepAlive = !http10;
+    else if (connection === ',keep-alive') this.keepAlive = true;
+    else {
+      const tokens = connection.split(',').map((t) => t.trim());
+      this.keepAlive = http10 ? tokens.includes('keep-alive') : !tokens.includes('close');
+    }
     if ((chunked || otherCoding) && length !== undefined) this.keepAlive = false;
     const handler = this.handler as UpstreamHandler;
     this.onAnswer();
     const request = this.requestCount;
-    const resume = (): void => {
-      if (request === this.requestCount) this.resumeReading();
-    };
-    handler.onHeaders(statusCode, headers, resume, status[3] ?? '');
+    // An inline closure: one bound to a name gets a name set at each call (tsx keeps names), which costs on the hot path.
+    handler.onHeaders(
+      statusCode,
+      headers,
+      () => {
+        if (request === this.requestCount) this.resumeReading();
+      },
+      status[3] ?? '',
+    );
     if (this.handler !== handler) return;
     if (this.headRequest || statusCode === 204 || statusCode === 304) this.state = 'done';
     else if (chunked) this.state = 'chunk-size';
@@ -346,7 +365,7 @@ export class UpstreamConnection {
       this.keepAlive = false;
     }
     if (!this.keepAlive || this.ended) this.dropSocket();
-    else this.idleTimer = setTimeout(() => this.dropSocket(), this.idleMs).unref();
+    else this.armIdle();
     handler.onComplete();
     this.onDone();
   }
@@ -360,8 +379,22 @@ export class UpstreamConnection {
     this.onDone();
   }
 
+  /** One timer while the socket lasts, refreshed at each answer (no new timer per request); it acts only on an idle connection. */
+  private armIdle(): void {
+    if (this.idleTimer && this.idleTimerMs === this.idleMs) {
+      this.idleTimer.refresh();
+      return;
+    }
+    clearTimeout(this.idleTimer);
+    this.idleTimerMs = this.idleMs;
+    this.idleTimer = setTimeout(() => {
+      if (!this.handler) this.dropSocket();
+    }, this.idleMs).unref();
+  }
+
   private dropSocket(): void {
     clearTimeout(this.idleTimer);
+    this.idleTimer = undefined;
     this.stopBody?.();
     this.stopBody = undefined;
     const socket = this.socket;
@@ -370,6 +403,7 @@ export class UpstreamConnection {
     this.ended = false;
     this.keepAlive = true;
     this.idleMs = IDLE_MS;
+    this.keepAliveHint = '';
     this.paused = false;
     this.stash = undefined;
     socket?.destroy();

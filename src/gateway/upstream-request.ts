@@ -27,7 +27,7 @@ export class UpstreamSocketError extends Error {
 }
 
 /** A header name (RFC 9110 token). */
-export const TOKEN = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/;
+const TOKEN = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/;
 /** CR, LF and NUL end a header line early: never let one into a request head. */
 const UNSAFE_IN_HEAD = /[\r\n\0]/;
 const BODYLESS_REQUEST_METHODS = new Set(['GET', 'HEAD', 'DELETE', 'OPTIONS', 'TRACE', 'CONNECT']);

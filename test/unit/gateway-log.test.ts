@@ -1,4 +1,4 @@
-import { describe, it } from 'node:test';
+import { after, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { access, mkdtemp, rm } from 'node:fs/promises';
 import type { IncomingMessage, ServerResponse } from 'node:http';
@@ -8,7 +8,7 @@ import { Readable } from 'node:stream';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { pino } from 'pino';
-import { request } from 'undici';
+import { Agent, request } from 'undici';
 import { ConflictError, InvalidInputError, LogMismatchError } from '../../src/shared/errors.js';
 import { GatewayClient, startGateway, type Upstream } from '../../src/gateway/index.js';
 import { RequestLog, type LogRecord } from '../../src/gateway/request-log.js';
@@ -46,10 +46,25 @@ class CounterService {
   };
 }
 
+/**
+ * The increments' client closes a connection idle for 1 s, well before the gateway does (5 s).
+ * undici's own idle time-out (the gateway's Keep-Alive hint less 2 s) runs on timers that fall
+ * behind real time when the event loop lags: under full-suite load the gateway could close an
+ * idle connection just as a POST went out on it ('other side closed'), a race of HTTP/1.1
+ * keep-alive, not a lost request.
+ */
+const incrementAgent = new Agent({ keepAliveTimeout: 1_000, keepAliveMaxTimeout: 1_000 });
+after(() => incrementAgent.close());
+
+/** An increment's answer; a transport failure is an answer too (status 0), never a rejection left unhandled by a test that awaits it later. */
 async function increment(url: string, n: number): Promise<{ status: number; reason?: string }> {
-  const res = await request(`${url}/increment`, { method: 'POST', headers: { 'x-n': String(n) }, body: `increment ${n}` });
-  await res.body.text();
-  return { status: res.statusCode, reason: res.headers['x-chipmunk-reason'] as string | undefined };
+  try {
+    const res = await request(`${url}/increment`, { method: 'POST', headers: { 'x-n': String(n) }, body: `increment ${n}`, dispatcher: incrementAgent });
+    await res.body.text();
+    return { status: res.statusCode, reason: res.headers['x-chipmunk-reason'] as string | undefined };
+  } catch (err) {
+    return { status: 0, reason: `no answer: ${(err as Error).message}` };
+  }
 }
 
 async function readLog(dir: string): Promise<LogRecord[]> {

@@ -169,6 +169,19 @@ describe('gateway: upstream connection', () => {
     assert.deepEqual([refused.connected, refused.error?.code], [false, 'ECONNREFUSED']);
   });
 
+  it('fails an answer whose header lines hold a stray LF or NUL, or a name that is not a token, before its head is passed on', { timeout: 10_000 }, async () => {
+    const s = await scriptedServer(
+      ['HTTP/1.1 200 OK\r\nX-A: one\ntwo\r\nContent-Length: 0\r\n\r\n', 'HTTP/1.1 200 OK\r\nX-B: a\0b\r\nContent-Length: 0\r\n\r\n', 'HTTP/1.1 200 OK\r\nBad Name: x\r\nContent-Length: 0\r\n\r\n'],
+      { closeAfter: true },
+    );
+    for (let i = 0; i < 3; i++) {
+      const outcome = await exchange(new UpstreamConnection('127.0.0.1', s.port, noop, noop), {});
+      // No head reached the handler: the client gets a 502, not an answer cut after its head.
+      assert.deepEqual([outcome.error?.code, outcome.status], ['EPROTO', undefined], `answer ${i + 1}`);
+    }
+    await s.close();
+  });
+
   it('frames request bodies itself (length of the body sent, chunked for a stream of unknown length) and refuses header injection', { timeout: 10_000 }, async () => {
     const seen: Array<{ headers: IncomingMessage['headers']; body: string }> = [];
     const server = createHttpServer((req, res) => {
