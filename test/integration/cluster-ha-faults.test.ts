@@ -301,8 +301,8 @@ test('the leader cut off from etcd inside its test host: it stops acting within 
     // A write under the old term is refused by etcd, and a call carrying it by the agents.
     await assert.rejects(underOldTerm.put(probe, { by: old.leader }), (err: unknown) => err instanceof NotLeaderError, 'a store write fenced by the old term is refused');
     assert.equal(await store.get(probe), undefined, 'and wrote nothing');
-    await waitFor(async () => (await agentAnswer(old.leader, old.term)) === 'CHIPMUNK_STALE_TERM', 15_000, `${old.leader}'s agent to refuse the old term ${old.term}`);
-    assert.equal(await agentAnswer(old.leader, now.term), 'ok', 'the new term is let through');
+    await waitFor(async () => (await agentAnswer(old.leader, old.term)) === 'CHIPMUNK_STALE_TERM', 15_000, `${old.leader}'s agent to refuse a command under the old term ${old.term}`);
+    assert.equal(await agentAnswer(old.leader, now.term), 'CHIPMUNK_NOT_FOUND', 'the new term is let through (to the agent, which has no such container)');
 
     // The container served on: same incarnation, on its node, still acknowledging writes.
     const okAt = client.stats.ok;
@@ -380,8 +380,12 @@ function stopsLeading(node: string, since: number, timeoutMs: number): Promise<n
   });
 }
 
-/** What NODE's agent answers to a read that carries TERM: 'ok' or its error code. */
+/**
+ * What NODE's agent answers to a command that carries TERM (a stop of a container it does not
+ * have, so a let-through one changes nothing): 'ok' or its error code. Reads are answered
+ * whatever their term (term-fence.ts): only commands are fenced.
+ */
 async function agentAnswer(node: string, term: number): Promise<string> {
-  const res = await http<{ code?: string }>(node, AGENT_PORT, '/v1/containers', 'GET', { token: localCluster().token, headers: { [TERM_HEADER]: String(term) } });
+  const res = await http<{ code?: string }>(node, AGENT_PORT, '/v1/containers/hf-none/stop', 'POST', { token: localCluster().token, headers: { [TERM_HEADER]: String(term) } });
   return res.status === 200 ? 'ok' : (res.body?.code ?? `HTTP ${res.status}`);
 }
