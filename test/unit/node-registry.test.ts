@@ -60,7 +60,8 @@ describe('NodeRegistry heartbeats', () => {
       await sleep(350);
       calls.length = 0;
       await registry.heartbeat(node1);
-      assert.equal(calls[0], 'keepAlive', 'the lease first');
+      // The lease of 300 ms ran out meanwhile, so it may be granted anew: either way, first.
+      assert.ok(['keepAlive', 'grantLease'].includes(calls[0]!), `the lease first: ${calls.join(', ')}`);
       assert.equal(calls.at(-1), 'put /nodes/node1');
       assert.ok((await registry.get('node1'))!.lastSeen > first);
     } finally {
