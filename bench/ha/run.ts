@@ -38,6 +38,19 @@ interface Row {
   failed: number;
   acknowledged: number;
   counter: number;
+  /** Where the time to the first answer went, from the failover record: "death seen 1300, lock 10, restore 1200 (fetch 400, criu 700), replay 30, release 5". */
+  breakdown: string;
+}
+
+/** The failover of ha-bench's record, read as `chipmunk failovers --json` lists it, summed up from the kill. */
+async function breakdown(killedAt: number): Promise<string> {
+  const records = JSON.parse(await runChipmunk(['failovers', '--json'])) as Array<{ name: string; detectedAt: number; outcome: string; timings: Record<string, number> }>;
+  const record = records.filter((r) => r.name === 'ha-bench').sort((a, b) => b.detectedAt - a.detectedAt)[0];
+  if (!record) return 'no failover record';
+  const t = record.timings;
+  const part = (label: string, ms: number | undefined) => (ms === undefined ? [] : [`${label} ${Math.round(ms)}`]);
+  const restore = t.restoreMs === undefined ? [] : [`restore ${t.restoreMs}${t.fetchMs !== undefined ? ` (fetch ${t.fetchMs}, criu ${t.criuMs ?? '?'})` : ''}`];
+  return [`death seen ${record.detectedAt - killedAt}`, ...part('lock', t.lockMs), ...restore, ...part('replay', t.replayMs), ...part('release', t.releaseMs)].join(', ');
 }
 
 async function leader(): Promise<{ node: string; term: number } | undefined> {
@@ -87,17 +100,18 @@ async function oneRun(leaseMs: number, run: number): Promise<Row> {
   const after = (await leader())!;
   await sleep(1_000);
   const stats = await client.stop();
-  return { leaseMs, run, from: before.node, to: after.node, newLeaderMs, firstAnswerMs, failed: stats.failed, acknowledged: stats.ok, counter: await counter() };
+  const where = await breakdown(killedAt).catch((err: Error) => `failover record unread: ${err.message}`);
+  return { leaseMs, run, from: before.node, to: after.node, newLeaderMs, firstAnswerMs, failed: stats.failed, acknowledged: stats.ok, counter: await counter(), breakdown: where };
 }
 
 function table(rows: Row[]): string {
   const lines = [
-    '| lease | run | leader host killed | new leader | new leader acting after | first answer after | failed requests | counter == acknowledged |',
-    '|---:|---:|---|---|---:|---:|---:|---|',
+    '| lease | run | leader host killed | new leader | new leader acting after | first answer after | failed requests | counter == acknowledged | failover from the kill (ms) |',
+    '|---:|---:|---|---|---:|---:|---:|---|---|',
     ...rows.map((r) =>
       r.error
-        ? `| ${r.leaseMs} ms | ${r.run} | FAILED: ${r.error} | | | | | |`
-        : `| ${r.leaseMs} ms | ${r.run} | ${r.from} | ${r.to} | ${r.newLeaderMs} ms | ${r.firstAnswerMs} ms | ${r.failed} | ${r.counter === r.acknowledged ? 'yes' : `no (${r.counter} vs ${r.acknowledged})`} |`,
+        ? `| ${r.leaseMs} ms | ${r.run} | FAILED: ${r.error} | | | | | | |`
+        : `| ${r.leaseMs} ms | ${r.run} | ${r.from} | ${r.to} | ${r.newLeaderMs} ms | ${r.firstAnswerMs} ms | ${r.failed} | ${r.counter === r.acknowledged ? 'yes' : `no (${r.counter} vs ${r.acknowledged})`} | ${r.breakdown} |`,
     ),
   ];
   return lines.join('\n');
@@ -108,7 +122,7 @@ const rows: Row[] = [];
 try {
   for (const leaseMs of leases) {
     for (let run = 1; run <= runs; run++) {
-      const row = await oneRun(leaseMs, run).catch((err: Error): Row => ({ leaseMs, run, error: err.message, from: '', to: '', newLeaderMs: 0, firstAnswerMs: 0, failed: 0, acknowledged: 0, counter: 0 }));
+      const row = await oneRun(leaseMs, run).catch((err: Error): Row => ({ leaseMs, run, error: err.message, from: '', to: '', newLeaderMs: 0, firstAnswerMs: 0, failed: 0, acknowledged: 0, counter: 0, breakdown: '' }));
       rows.push(row);
       console.log(row.error ? `lease ${leaseMs} ms, run ${run}: FAILED: ${row.error}` : `lease ${leaseMs} ms, run ${run}: new leader after ${row.newLeaderMs} ms, first answer after ${row.firstAnswerMs} ms, ${row.failed} failed`);
     }
@@ -122,7 +136,9 @@ Measured ${new Date().toISOString()} on one 2-core machine: an HA local cluster 
 controller and an agent on each; the gateway on the machine). A protected 64 MB app (checkpoint every 2 s) on the leader's
 host behind the gateway, one client POSTing /increment nonstop; the leader's host killed (every process on it).
 "New leader acting": until \`chipmunk node ls\` (polled every 100 ms) names another leader. "First answer": until the
-client's first answer from the app on its new host. Node lease = leader lease.
+client's first answer from the app on its new host. Node lease = leader lease. The last column is the failover's own
+record: when the leader saw the node's lease end (from the kill), then its steps (container lock, restore: fetch from a
+checkpoint replica and CRIU, replay of the logged requests, release of the gateway's hold).
 
 ${table(rows)}
 `;
