@@ -2,20 +2,22 @@
  * bench/ha: the control plane losing its leader. On an HA local cluster (an etcd member and a
  * controller on each of 3 test hosts), a protected 64 MB app runs on the leader's host behind the
  * gateway with a client sending POST /increment nonstop; the leader's host is killed. Measured
- * from the kill: when another controller leads (polled with `chipmunk node ls` every 100 ms), and
+ * from the kill: when another controller leads (GET /v1/controllers polled every 100 ms), and
  * the client's first answer from the app on its new host; and what the client lost (failed
  * requests, counter against acknowledged). For each lease (node lease = leader lease), N runs.
  *
- * Usage: npm run bench:ha [-- --leases 1000,2000 --runs 3]
+ * Usage: npm run bench:ha [-- --leases 1000,2000 --runs 3] (CHIPMUNK_KEEP_CLUSTER=1: the last run's cluster stays up)
  * Prints the table and writes it to bench/results/ha.md.
  */
-import { writeFile } from 'node:fs/promises';
+import { readFile, writeFile } from 'node:fs/promises';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { request } from 'undici';
 import { ensureTestImages } from '../../src/devtools/images.js';
 import { runChipmunk } from '../../src/devtools/run-chipmunk.js';
+import { readClusterState } from '../../src/cluster/state.js';
+import { ControllerClient } from '../../src/shared/controller-client.js';
 import { steadyIncrements } from '../../test/support/clients.js';
 
 const RESULTS = fileURLToPath(new URL('../results/ha.md', import.meta.url));
@@ -53,10 +55,17 @@ async function breakdown(killedAt: number): Promise<string> {
   return [`death seen ${record.detectedAt - killedAt}`, ...part('lock', t.lockMs), ...restore, ...part('replay', t.replayMs), ...part('release', t.releaseMs)].join(', ');
 }
 
+/**
+ * The leader as the controllers name it (GET /v1/controllers), asked from this process: a
+ * `chipmunk node ls` per poll would add a CLI start (hundreds of ms on a loaded machine) to the
+ * measurement.
+ */
 async function leader(): Promise<{ node: string; term: number } | undefined> {
-  const nodes = JSON.parse(await runChipmunk(['node', 'ls', '--json'])) as Array<{ name: string; controller?: { role: string; term?: number } }>;
-  const row = nodes.find((n) => n.controller?.role === 'leader');
-  return row && { node: row.name, term: row.controller!.term! };
+  const state = await readClusterState();
+  if (!state) throw new Error('no local cluster');
+  const client = new ControllerClient({ urls: state.controllerUrls ?? [state.controllerUrl], token: (await readFile(state.tokenFile, 'utf8')).trim(), timeoutMs: 1_000 });
+  const row = (await client.controllers()).find((c) => c.leader);
+  return row?.node !== undefined && row.term !== undefined ? { node: row.node, term: row.term } : undefined;
 }
 
 async function until<T>(what: string, timeoutMs: number, probe: () => Promise<T | undefined>, everyMs = 100): Promise<T> {
@@ -128,14 +137,15 @@ try {
     }
   }
 } finally {
-  await runChipmunk(['cluster', 'down']).catch((err: Error) => console.error(`cluster down: ${err.message}`));
+  // CHIPMUNK_KEEP_CLUSTER=1 leaves the last run's cluster up for a post-mortem (its logs, `chipmunk failovers`).
+  if (process.env.CHIPMUNK_KEEP_CLUSTER !== '1') await runChipmunk(['cluster', 'down']).catch((err: Error) => console.error(`cluster down: ${err.message}`));
 }
 const text = `# bench/ha
 
 Measured ${new Date().toISOString()} on one 2-core machine: an HA local cluster of 3 test hosts (an etcd member, a
 controller and an agent on each; the gateway on the machine). A protected 64 MB app (checkpoint every 2 s) on the leader's
 host behind the gateway, one client POSTing /increment nonstop; the leader's host killed (every process on it).
-"New leader acting": until \`chipmunk node ls\` (polled every 100 ms) names another leader. "First answer": until the
+"New leader acting": until the controllers' \`GET /v1/controllers\` (polled every 100 ms) names another leader. "First answer": until the
 client's first answer from the app on its new host. Node lease = leader lease. The last column is the failover's own
 record: when the leader saw the node's lease end (from the kill), then its steps (container lock, restore: fetch from a
 checkpoint replica and CRIU, replay of the logged requests, release of the gateway's hold).
