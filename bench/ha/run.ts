@@ -44,15 +44,23 @@ interface Row {
   breakdown: string;
 }
 
-/** The failover of ha-bench's record, read as `chipmunk failovers --json` lists it, summed up from the kill. */
+/**
+ * ha-bench's failovers since the kill, as `chipmunk failovers --json` lists them, each summed up
+ * from the kill: "death seen 1300, lock 10, restore 1200 (fetch 400, criu 700), replay 30, release 5";
+ * one that failed, or restored without a replay, says why.
+ */
 async function breakdown(killedAt: number): Promise<string> {
-  const records = JSON.parse(await runChipmunk(['failovers', '--json'])) as Array<{ name: string; detectedAt: number; outcome: string; timings: Record<string, number> }>;
-  const record = records.filter((r) => r.name === 'ha-bench').sort((a, b) => b.detectedAt - a.detectedAt)[0];
-  if (!record) return 'no failover record';
-  const t = record.timings;
+  type Record = { name: string; detectedAt: number; outcome: string; timings: { [step: string]: number }; noReplay?: string; error?: { message: string } };
+  const records = (JSON.parse(await runChipmunk(['failovers', '--json'])) as Record[]).filter((r) => r.name === 'ha-bench' && r.detectedAt >= killedAt - 5_000);
+  if (records.length === 0) return 'no failover record';
   const part = (label: string, ms: number | undefined) => (ms === undefined ? [] : [`${label} ${Math.round(ms)}`]);
-  const restore = t.restoreMs === undefined ? [] : [`restore ${t.restoreMs}${t.fetchMs !== undefined ? ` (fetch ${t.fetchMs}, criu ${t.criuMs ?? '?'})` : ''}`];
-  return [`death seen ${record.detectedAt - killedAt}`, ...part('lock', t.lockMs), ...restore, ...part('replay', t.replayMs), ...part('release', t.releaseMs)].join(', ');
+  const one = (r: Record) => {
+    const t = r.timings;
+    const restore = t.restoreMs === undefined ? [] : [`restore ${t.restoreMs}${t.fetchMs !== undefined ? ` (fetch ${t.fetchMs}, criu ${t.criuMs ?? '?'})` : ''}`];
+    const why = r.outcome === 'failed' ? [`FAILED: ${r.error?.message ?? '?'}`] : r.noReplay ? [`NO REPLAY: ${r.noReplay}`] : [];
+    return [`death seen ${r.detectedAt - killedAt}`, ...part('lock', t.lockMs), ...restore, ...part('replay', t.replayMs), ...part('release', t.releaseMs), ...why].join(', ');
+  };
+  return records.sort((a, b) => a.detectedAt - b.detectedAt).map(one).join('; then ');
 }
 
 /**
@@ -90,7 +98,12 @@ async function oneRun(leaseMs: number, run: number): Promise<Row> {
   await runChipmunk(['run', '--name', 'ha-bench', '--node', before.node, '--checkpoint-every', '2s', '-e', 'MEMORY_MB=64', 'chipmunk/statefulapp']);
   await runChipmunk(['expose', 'ha-bench', '--port', '8080', '--listen', String(GATEWAY_PORT)]);
   await until('the app through the gateway', 30_000, async () => ((await counter()) >= 0 ? true : undefined));
-  await until('a checkpoint', 60_000, async () => ((JSON.parse(await runChipmunk(['checkpoints', 'ha-bench', '--json'])) as unknown[]).length > 0 ? true : undefined));
+  // One cut in the route's request log (after expose): a failover replays the requests after it. One
+  // cut before has no position in the log, and a failover from it would lose what the client wrote.
+  await until('a checkpoint at a log position', 60_000, async () => {
+    const list = JSON.parse(await runChipmunk(['checkpoints', 'ha-bench', '--json'])) as Array<{ logPosition?: unknown }>;
+    return list.some((c) => c.logPosition) ? true : undefined;
+  });
 
   const client = steadyIncrements(URL_BASE, 1, 120_000);
   await sleep(1_000);
