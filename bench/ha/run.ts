@@ -2,20 +2,22 @@
  * bench/ha: the control plane losing its leader. On an HA local cluster (an etcd member and a
  * controller on each of 3 test hosts), a protected 64 MB app runs on the leader's host behind the
  * gateway with a client sending POST /increment nonstop; the leader's host is killed. Measured
- * from the kill: when another controller leads (polled with `chipmunk node ls` every 100 ms), and
+ * from the kill: when another controller leads (GET /v1/controllers polled every 100 ms), and
  * the client's first answer from the app on its new host; and what the client lost (failed
  * requests, counter against acknowledged). For each lease (node lease = leader lease), N runs.
  *
- * Usage: npm run bench:ha [-- --leases 1000,2000 --runs 3]
+ * Usage: npm run bench:ha [-- --leases 1000,2000 --runs 3] (CHIPMUNK_KEEP_CLUSTER=1: the last run's cluster stays up)
  * Prints the table and writes it to bench/results/ha.md.
  */
-import { writeFile } from 'node:fs/promises';
+import { readFile, writeFile } from 'node:fs/promises';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { request } from 'undici';
 import { ensureTestImages } from '../../src/devtools/images.js';
 import { runChipmunk } from '../../src/devtools/run-chipmunk.js';
+import { readClusterState } from '../../src/cluster/state.js';
+import { ControllerClient } from '../../src/shared/controller-client.js';
 import { steadyIncrements } from '../../test/support/clients.js';
 
 const RESULTS = fileURLToPath(new URL('../results/ha.md', import.meta.url));
@@ -38,12 +40,40 @@ interface Row {
   failed: number;
   acknowledged: number;
   counter: number;
+  /** Where the time to the first answer went, from the failover record: "death seen 1300, lock 10, restore 1200 (fetch 400, criu 700), replay 30, release 5". */
+  breakdown: string;
 }
 
+/**
+ * ha-bench's failovers since the kill, as `chipmunk failovers --json` lists them, each summed up
+ * from the kill: "death seen 1300, lock 10, restore 1200 (fetch 400, criu 700), replay 30, release 5";
+ * one that failed, or restored without a replay, says why.
+ */
+async function breakdown(killedAt: number): Promise<string> {
+  type Record = { name: string; detectedAt: number; outcome: string; timings: { [step: string]: number }; noReplay?: string; error?: { message: string } };
+  const records = (JSON.parse(await runChipmunk(['failovers', '--json'])) as Record[]).filter((r) => r.name === 'ha-bench' && r.detectedAt >= killedAt - 5_000);
+  if (records.length === 0) return 'no failover record';
+  const part = (label: string, ms: number | undefined) => (ms === undefined ? [] : [`${label} ${Math.round(ms)}`]);
+  const one = (r: Record) => {
+    const t = r.timings;
+    const restore = t.restoreMs === undefined ? [] : [`restore ${t.restoreMs}${t.fetchMs !== undefined ? ` (fetch ${t.fetchMs}, criu ${t.criuMs ?? '?'})` : ''}`];
+    const why = r.outcome === 'failed' ? [`FAILED: ${r.error?.message ?? '?'}`] : r.noReplay ? [`NO REPLAY: ${r.noReplay}`] : [];
+    return [`death seen ${r.detectedAt - killedAt}`, ...part('lock', t.lockMs), ...restore, ...part('replay', t.replayMs), ...part('release', t.releaseMs), ...why].join(', ');
+  };
+  return records.sort((a, b) => a.detectedAt - b.detectedAt).map(one).join('; then ');
+}
+
+/**
+ * The leader as the controllers name it (GET /v1/controllers), asked from this process: a
+ * `chipmunk node ls` per poll would add a CLI start (hundreds of ms on a loaded machine) to the
+ * measurement.
+ */
 async function leader(): Promise<{ node: string; term: number } | undefined> {
-  const nodes = JSON.parse(await runChipmunk(['node', 'ls', '--json'])) as Array<{ name: string; controller?: { role: string; term?: number } }>;
-  const row = nodes.find((n) => n.controller?.role === 'leader');
-  return row && { node: row.name, term: row.controller!.term! };
+  const state = await readClusterState();
+  if (!state) throw new Error('no local cluster');
+  const client = new ControllerClient({ urls: state.controllerUrls ?? [state.controllerUrl], token: (await readFile(state.tokenFile, 'utf8')).trim(), timeoutMs: 1_000 });
+  const row = (await client.controllers()).find((c) => c.leader);
+  return row?.node !== undefined && row.term !== undefined ? { node: row.node, term: row.term } : undefined;
 }
 
 async function until<T>(what: string, timeoutMs: number, probe: () => Promise<T | undefined>, everyMs = 100): Promise<T> {
@@ -68,7 +98,12 @@ async function oneRun(leaseMs: number, run: number): Promise<Row> {
   await runChipmunk(['run', '--name', 'ha-bench', '--node', before.node, '--checkpoint-every', '2s', '-e', 'MEMORY_MB=64', 'chipmunk/statefulapp']);
   await runChipmunk(['expose', 'ha-bench', '--port', '8080', '--listen', String(GATEWAY_PORT)]);
   await until('the app through the gateway', 30_000, async () => ((await counter()) >= 0 ? true : undefined));
-  await until('a checkpoint', 60_000, async () => ((JSON.parse(await runChipmunk(['checkpoints', 'ha-bench', '--json'])) as unknown[]).length > 0 ? true : undefined));
+  // One cut in the route's request log (after expose): a failover replays the requests after it. One
+  // cut before has no position in the log, and a failover from it would lose what the client wrote.
+  await until('a checkpoint at a log position', 60_000, async () => {
+    const list = JSON.parse(await runChipmunk(['checkpoints', 'ha-bench', '--json'])) as Array<{ logPosition?: unknown }>;
+    return list.some((c) => c.logPosition) ? true : undefined;
+  });
 
   const client = steadyIncrements(URL_BASE, 1, 120_000);
   await sleep(1_000);
@@ -87,17 +122,18 @@ async function oneRun(leaseMs: number, run: number): Promise<Row> {
   const after = (await leader())!;
   await sleep(1_000);
   const stats = await client.stop();
-  return { leaseMs, run, from: before.node, to: after.node, newLeaderMs, firstAnswerMs, failed: stats.failed, acknowledged: stats.ok, counter: await counter() };
+  const where = await breakdown(killedAt).catch((err: Error) => `failover record unread: ${err.message}`);
+  return { leaseMs, run, from: before.node, to: after.node, newLeaderMs, firstAnswerMs, failed: stats.failed, acknowledged: stats.ok, counter: await counter(), breakdown: where };
 }
 
 function table(rows: Row[]): string {
   const lines = [
-    '| lease | run | leader host killed | new leader | new leader acting after | first answer after | failed requests | counter == acknowledged |',
-    '|---:|---:|---|---|---:|---:|---:|---|',
+    '| lease | run | leader host killed | new leader | new leader acting after | first answer after | failed requests | counter == acknowledged | failover from the kill (ms) |',
+    '|---:|---:|---|---|---:|---:|---:|---|---|',
     ...rows.map((r) =>
       r.error
-        ? `| ${r.leaseMs} ms | ${r.run} | FAILED: ${r.error} | | | | | |`
-        : `| ${r.leaseMs} ms | ${r.run} | ${r.from} | ${r.to} | ${r.newLeaderMs} ms | ${r.firstAnswerMs} ms | ${r.failed} | ${r.counter === r.acknowledged ? 'yes' : `no (${r.counter} vs ${r.acknowledged})`} |`,
+        ? `| ${r.leaseMs} ms | ${r.run} | FAILED: ${r.error} | | | | | | |`
+        : `| ${r.leaseMs} ms | ${r.run} | ${r.from} | ${r.to} | ${r.newLeaderMs} ms | ${r.firstAnswerMs} ms | ${r.failed} | ${r.counter === r.acknowledged ? 'yes' : `no (${r.counter} vs ${r.acknowledged})`} | ${r.breakdown} |`,
     ),
   ];
   return lines.join('\n');
@@ -108,21 +144,24 @@ const rows: Row[] = [];
 try {
   for (const leaseMs of leases) {
     for (let run = 1; run <= runs; run++) {
-      const row = await oneRun(leaseMs, run).catch((err: Error): Row => ({ leaseMs, run, error: err.message, from: '', to: '', newLeaderMs: 0, firstAnswerMs: 0, failed: 0, acknowledged: 0, counter: 0 }));
+      const row = await oneRun(leaseMs, run).catch((err: Error): Row => ({ leaseMs, run, error: err.message, from: '', to: '', newLeaderMs: 0, firstAnswerMs: 0, failed: 0, acknowledged: 0, counter: 0, breakdown: '' }));
       rows.push(row);
       console.log(row.error ? `lease ${leaseMs} ms, run ${run}: FAILED: ${row.error}` : `lease ${leaseMs} ms, run ${run}: new leader after ${row.newLeaderMs} ms, first answer after ${row.firstAnswerMs} ms, ${row.failed} failed`);
     }
   }
 } finally {
-  await runChipmunk(['cluster', 'down']).catch((err: Error) => console.error(`cluster down: ${err.message}`));
+  // CHIPMUNK_KEEP_CLUSTER=1 leaves the last run's cluster up for a post-mortem (its logs, `chipmunk failovers`).
+  if (process.env.CHIPMUNK_KEEP_CLUSTER !== '1') await runChipmunk(['cluster', 'down']).catch((err: Error) => console.error(`cluster down: ${err.message}`));
 }
 const text = `# bench/ha
 
 Measured ${new Date().toISOString()} on one 2-core machine: an HA local cluster of 3 test hosts (an etcd member, a
 controller and an agent on each; the gateway on the machine). A protected 64 MB app (checkpoint every 2 s) on the leader's
 host behind the gateway, one client POSTing /increment nonstop; the leader's host killed (every process on it).
-"New leader acting": until \`chipmunk node ls\` (polled every 100 ms) names another leader. "First answer": until the
-client's first answer from the app on its new host. Node lease = leader lease.
+"New leader acting": until the controllers' \`GET /v1/controllers\` (polled every 100 ms) names another leader. "First answer": until the
+client's first answer from the app on its new host. Node lease = leader lease. The last column is the failover's own
+record: when the leader saw the node's lease end (from the kill), then its steps (container lock, restore: fetch from a
+checkpoint replica and CRIU, replay of the logged requests, release of the gateway's hold).
 
 ${table(rows)}
 `;

@@ -22,7 +22,10 @@ export interface HeartbeatOptions {
   registration: RegisterNodeRequest;
   /** A fixed interval; by default the one each answer gives. */
   intervalMs?: number;
-  /** Acts on an answer (fencing); runs before the next heartbeat is scheduled. */
+  /**
+   * Acts on an answer (fencing), beside the heartbeats: one pass at a time, and an answer that
+   * comes while one runs is not acted on (the next one lists what is still to do).
+   */
   onAnswer: (answer: HeartbeatResponse) => Promise<void>;
   log: Logger;
 }
@@ -38,12 +41,19 @@ export async function startHeartbeats(opts: HeartbeatOptions): Promise<Heartbeat
   let timer: NodeJS.Timeout | undefined;
   let stopped = false;
   let warned = false;
+  let acting: Promise<void> | undefined;
   const beat = async () => {
     try {
       const answer = await controller.heartbeat(opts.registration, { timeoutMs: TRY_INTERVALS * intervalMs });
       warned = false;
       if (opts.intervalMs === undefined) intervalMs = answer.heartbeatMs;
-      await opts.onAnswer(answer);
+      // Not awaited: removing a fenced copy (runc, mounts, network) can take seconds on a loaded
+      // host, and heartbeats held back that long let the node's lease run out: it was judged dead
+      // again and its containers failed over once more (seen in cluster-ha-faults).
+      acting ??= opts
+        .onAnswer(answer)
+        .catch((err: unknown) => opts.log.error({ err: (err as Error).message }, 'acting on the heartbeat answer failed; the next answer says what is still to do'))
+        .finally(() => (acting = undefined));
     } catch (err) {
       if (!warned) opts.log.warn({ err: (err as Error).message }, 'cannot reach the controller; will keep trying');
       warned = true;

@@ -29,6 +29,7 @@ import {
   TakeCheckpointRequest,
   TakeCheckpointResult,
   UploadCheckpointRequest,
+  type StoredCheckpointRef,
   assertDistinctVolumes,
   type TransferProgress,
 } from '../shared/protocol.js';
@@ -215,6 +216,8 @@ export function buildAgentServer(deps: AgentServerDeps): FastifyInstance {
       await faults.beforeTransfer();
       let bytes = 0;
       const steps = new StepClock();
+      /** The replicas the checkpoint's trees came from (a replica that failed is passed over). */
+      const readFrom = new Set<string>();
       const fetchOne = async (what: 'images' | 'files', dest: string) => {
         const base = bytes;
         try {
@@ -224,6 +227,7 @@ export function buildAgentServer(deps: AgentServerDeps): FastifyInstance {
             (url, err) => app.log.warn({ err: err.toJSON() }, `reading ${what} of checkpoint ${r.checkpoint?.id} from ${url} failed; reading it from the next replica`),
           ));
           bytes += res.bytes;
+          if (r.checkpoint) readFrom.add(checkpointStores(r.checkpoint)[treeUrls(what).indexOf(res.url)]!);
         } catch (err) {
           const from = r.checkpoint ? `checkpoint ${r.checkpoint.id} in the store` : `node ${r.source.node}`;
           throw err instanceof TransferFailedError ? err : new TransferFailedError(`fetching ${what} from ${from} failed: ${(err as Error).message}`, { what }, err);
@@ -233,7 +237,7 @@ export function buildAgentServer(deps: AgentServerDeps): FastifyInstance {
       // --from): a checkpoint from each of its replicas in turn, until one reads intact.
       const treeUrls = (what: 'images' | 'files') =>
         r.checkpoint
-          ? [r.checkpoint.storeUrl, ...(r.checkpoint.replicaUrls ?? [])].map((store) => checkpointPartUrl(store, r.spec.name, r.checkpoint!.id, what === 'images' ? 'criu' : 'files'))
+          ? checkpointStores(r.checkpoint).map((store) => checkpointPartUrl(store, r.spec.name, r.checkpoint!.id, what === 'images' ? 'criu' : 'files'))
           : [`${r.source.url}/v1/migrations/${migrationId}/${what}.tar`];
       try {
         const fetchStart = Date.now();
@@ -252,7 +256,7 @@ export function buildAgentServer(deps: AgentServerDeps): FastifyInstance {
         const criuStart = Date.now();
         const container = await runtime.restore(r.spec, { migrationId, mode: r.mode, generation: r.generation, pageServer: r.pageServer, steps });
         await faults.afterRestore(r.mode, paths.images);
-        return { container, bytesTransferred: bytes, restoredAt: Date.now(), fetchMs, criuMs: Date.now() - criuStart, steps: steps.steps };
+        return { container, bytesTransferred: bytes, restoredAt: Date.now(), fetchMs, criuMs: Date.now() - criuStart, steps: steps.steps, ...(readFrom.size > 0 ? { readFrom: [...readFrom] } : {}) };
       } finally {
         progress.delete(migrationId);
       }
@@ -300,4 +304,9 @@ export function buildAgentServer(deps: AgentServerDeps): FastifyInstance {
 
   faults.registerRoutes(app);
   return app;
+}
+
+/** A stored checkpoint's replicas in the order to read them: the one named first, then the others. */
+function checkpointStores(ref: StoredCheckpointRef): string[] {
+  return [ref.storeUrl, ...(ref.replicaUrls ?? [])];
 }

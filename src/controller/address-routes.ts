@@ -24,9 +24,13 @@ const COMMAND_TIMEOUT_MS = 30_000;
 const ROUTED_WAIT_MS = 10_000;
 const ROUTED_POLL_MS = 20;
 const WATCH_GRACE_MS = 500;
+/** After a store call failed: follow the records again this much later. */
+const RETRY_MS = 1_000;
 
 export class AddressRoutes {
   private watch?: Watch;
+  private stopped = true;
+  private retryTimer: NodeJS.Timeout | undefined;
   private readonly queues = new Map<string, Promise<void>>();
   /** The node each address was last routed to, by a command that succeeded. */
   private readonly routedTo = new Map<string, string>();
@@ -39,21 +43,51 @@ export class AddressRoutes {
     private readonly log: Logger,
   ) {}
 
+  /**
+   * Announces every address, then follows the records. A store call that fails (a new leader's
+   * etcd client still on a dead member: the watch is refused) does not fail the start, and with it
+   * the leader's work: all is tried again a second later, and again when a watch fails for good.
+   */
   async start(): Promise<void> {
-    const revision = await this.store.currentRevision();
-    for (const { value } of await this.store.list<ContainerRecord>(CONTAINERS_PREFIX)) {
-      if (value.spec.address) this.announce(value.spec.address, value.node, { again: true });
-    }
-    this.watch = await this.store.watch<ContainerRecord>(CONTAINERS_PREFIX, { fromRevision: revision + 1 }, (ev) => {
-      const address = ev.kv.value?.spec?.address;
-      if (!address) return;
-      if (ev.type === 'delete') this.withdraw(address);
-      else if (ev.prevKv?.value.node !== ev.kv.value.node) this.announce(address, ev.kv.value.node);
-    });
+    this.stopped = false;
+    await this.followRecords();
   }
 
   stop(): void {
+    this.stopped = true;
+    clearTimeout(this.retryTimer);
     this.watch?.cancel();
+    this.watch = undefined;
+  }
+
+  private async followRecords(): Promise<void> {
+    if (this.stopped) return;
+    try {
+      const revision = await this.store.currentRevision();
+      for (const { value } of await this.store.list<ContainerRecord>(CONTAINERS_PREFIX)) {
+        if (value.spec.address) this.announce(value.spec.address, value.node, { again: true });
+      }
+      const watch = await this.store.watch<ContainerRecord>(CONTAINERS_PREFIX, { fromRevision: revision + 1, onFailed: () => this.followLater() }, (ev) => {
+        const address = ev.kv.value?.spec?.address;
+        if (!address) return;
+        if (ev.type === 'delete') this.withdraw(address);
+        else if (ev.prevKv?.value.node !== ev.kv.value.node) this.announce(address, ev.kv.value.node);
+      });
+      if (this.stopped) watch.cancel();
+      else this.watch = watch;
+    } catch (err) {
+      this.log.warn({ err: (err as Error).message }, `following the containers for their address routes failed; trying again in ${RETRY_MS} ms`);
+      this.followLater();
+    }
+  }
+
+  /** Every address announced again (the command is idempotent), then followed from there. */
+  private followLater(): void {
+    this.watch = undefined;
+    clearTimeout(this.retryTimer);
+    if (this.stopped) return;
+    this.retryTimer = setTimeout(() => void this.followRecords(), RETRY_MS);
+    this.retryTimer.unref();
   }
 
   /**

@@ -170,9 +170,18 @@ export class CheckpointService {
   /**
    * Restores checkpoint `checkpointId` of the container on `nodeName` (which must not run it):
    * the agent prepares (image, network), fetches the trees from the store and restores them.
-   * Returns the record of the container running there.
+   * Returns the record of the container running there; TIMINGS and READFROM (the replicas the
+   * agent read the checkpoint from) are filled in.
    */
-  async restoreOn(record: ContainerRecord, nodeName: string, checkpointId: string, opId: string, generation: number, timings: Record<string, number> = {}): Promise<ContainerRecord> {
+  async restoreOn(
+    record: ContainerRecord,
+    nodeName: string,
+    checkpointId: string,
+    opId: string,
+    generation: number,
+    timings: Record<string, number> = {},
+    readFrom: string[] = [],
+  ): Promise<ContainerRecord> {
     const node = await this.opts.nodes.require(nodeName);
     const agent = this.opts.agentFor(node);
     const imageSource = await this.imageSourceFor(node.name);
@@ -186,6 +195,7 @@ export class CheckpointService {
       timings.restoreMs = Date.now() - t;
       if (restored.fetchMs !== undefined) timings.fetchMs = restored.fetchMs;
       if (restored.criuMs !== undefined) timings.criuMs = restored.criuMs;
+      readFrom.push(...(restored.readFrom ?? []));
       await agent.settle(opId).catch(() => undefined);
       const running = restored.container;
       return { ...record, node: node.name, status: running.status, generation: running.generation, ...(running.ip ? { ip: running.ip } : {}) };

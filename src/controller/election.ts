@@ -91,10 +91,15 @@ export class Election {
     }
   }
 
-  /** Starts observing the leader and campaigning; resolves once this candidate's key is in the store. */
+  /**
+   * Starts observing the leader and campaigning; resolves once this candidate's key is in the
+   * store. A store call that fails meanwhile (a controller revived with its host, its etcd member
+   * still rejoining: the watch is not made in time) is tried again until it works, as a campaign
+   * is later: failing here would end the controller's process.
+   */
   async start(): Promise<void> {
-    await this.observe();
-    await this.runCampaign();
+    await this.untilItWorks(() => this.observe());
+    await this.untilItWorks(() => this.runCampaign());
   }
 
   /** This candidate's term while it leads and its lease is surely alive on the server; undefined otherwise. */
@@ -244,14 +249,29 @@ export class Election {
     return Math.max(50, Math.floor((this.opts.ttlMs - this.marginMs) / 3));
   }
 
-  /** Watches the candidates' keys: every change re-reads them. A watch that fails is made again. */
+  /** Runs STEP until it succeeds or the election is closed, reporting each failure. */
+  private async untilItWorks(step: () => Promise<void>): Promise<void> {
+    for (;;) {
+      if (this.closed) return;
+      try {
+        return await step();
+      } catch (err) {
+        if (!(err instanceof StoreConflictError)) this.opts.onError?.(err);
+        await new Promise((resolve) => setTimeout(resolve, RETRY_MS));
+      }
+    }
+  }
+
+  /** Watches the candidates' keys: every change re-reads them. A watch that fails is made again (until it works). */
   private async observe(): Promise<void> {
     if (this.closed) return;
     const revision = await this.opts.store.currentRevision();
-    this.watch = await this.opts.store.watch(this.prefix, {
+    const watch = await this.opts.store.watch(this.prefix, {
       fromRevision: revision + 1,
-      onFailed: () => void this.observe().catch((err: unknown) => this.opts.onError?.(err)),
+      onFailed: () => void this.untilItWorks(() => this.observe()),
     }, () => void this.refresh());
+    if (this.closed) return watch.cancel();
+    this.watch = watch;
     await this.refresh();
   }
 

@@ -23,6 +23,8 @@ export interface FailoverRecord {
   /** The checkpoint restored, and the log position it was cut at. */
   checkpoint?: string;
   logPosition?: CheckpointSummary['logPosition'];
+  /** The checkpoint store replicas the restore read it from (a replica that failed was passed over). */
+  readFrom?: string[];
   /** Why the restored copy got no replay (no checkpoint was cut in the route's current request log). */
   noReplay?: string;
   /** The last failed replay. */

@@ -68,9 +68,11 @@ export async function restoreFromCheckpoints(deps: RestoreDeps, req: RestoreRequ
         // Written first: a controller that dies during the restore finds the copy it may have made.
         record.attempt = { to: target, checkpoint: candidate.id, logPosition: candidate.logPosition, generation };
         await save(record);
-        const current = await checkpoints.restoreOn(container, target, candidate.id, `${lockId}-${attempt}`, generation, record.timings);
+        const readFrom: string[] = [];
+        const current = await checkpoints.restoreOn(container, target, candidate.id, `${lockId}-${attempt}`, generation, record.timings, readFrom);
         record.to = target;
         record.checkpoint = candidate.id;
+        if (readFrom.length > 0) record.readFrom = readFrom;
         record.logPosition = candidate.logPosition;
         record.restoredAt = Date.now();
         return { current, to: target, failedOn };

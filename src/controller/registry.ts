@@ -31,6 +31,9 @@ const NODES_PREFIX = '/nodes/';
 const LIVENESS_PREFIX = '/liveness/';
 
 export class NodeRegistry {
+  /** Each node's record as this controller last wrote it, and when. */
+  private readonly written = new Map<string, { record: NodeRecord; at: number }>();
+
   /** @param readyWithinMs a node is ready if it heartbeated at most this long ago */
   constructor(
     private readonly store: StateStore,
@@ -42,10 +45,22 @@ export class NodeRegistry {
     return this.readyWithinMs;
   }
 
+  /**
+   * Keeps the node alive first: a write (with etcd, a commit synced to disk on a majority) may
+   * take long on a loaded host, and a keep-alive waiting behind it let 1 s node leases run out
+   * (spurious failovers, seen under load in cluster-ha-faults). The record is written when it
+   * changed, and otherwise once per lease (so `lastSeen` is at most a lease behind): a
+   * heartbeat every quarter lease no longer writes to the store four times a lease.
+   */
   async heartbeat(req: RegisterNodeRequest): Promise<NodeView> {
-    const record: NodeRecord = { name: req.name, address: req.address, url: req.url, capabilities: req.capabilities, lastSeen: new Date().toISOString() };
-    await this.store.put(NODES_PREFIX + req.name, record);
+    const now = Date.now();
+    const record: NodeRecord = { name: req.name, address: req.address, url: req.url, capabilities: req.capabilities, lastSeen: new Date(now).toISOString() };
     await this.keepLivenessLease(req.name);
+    const last = this.written.get(req.name);
+    if (!last || now - last.at >= this.readyWithinMs || !sameNode(last.record, record)) {
+      await this.store.put(NODES_PREFIX + req.name, record);
+      this.written.set(req.name, { record, at: now });
+    }
     return toView(record, true);
   }
 
@@ -92,6 +107,11 @@ export class NodeRegistry {
     const lease = await this.store.grantLease(this.readyWithinMs);
     await this.store.put(LIVENESS_PREFIX + name, { node: name }, { lease });
   }
+}
+
+/** The same node as registered (its record but for lastSeen). */
+function sameNode(a: NodeRecord, b: NodeRecord): boolean {
+  return a.address === b.address && a.url === b.url && JSON.stringify(a.capabilities) === JSON.stringify(b.capabilities);
 }
 
 function toView(record: NodeRecord, ready: boolean): NodeView {

@@ -74,6 +74,8 @@ export interface FailoverView {
   to?: string;
   outcome: 'running' | 'done' | 'failed';
   checkpoint?: string;
+  /** The checkpoint store replicas the restore read the checkpoint from. */
+  readFrom?: string[];
   replayed?: number;
   detectedAt: number;
   finishedAt?: number;

@@ -209,6 +209,8 @@ export const RestoreResult = Type.Object({
   /** Where the target's time went, ms: fetching the trees (from the store: with preparing), and runc/CRIU restoring. */
   fetchMs: Type.Optional(Type.Number()),
   criuMs: Type.Optional(Type.Number()),
+  /** A restore from the checkpoint store: the replicas (store URLs) its trees were read from, images' first; one when both came from the same. */
+  readFrom: Type.Optional(Type.Array(Type.String())),
   /** The fetch and restore step by step (trees, bundle, runc, CRIU's restore, the address routed). */
   steps: Type.Optional(Type.Array(MigrationStep)),
 });

@@ -82,10 +82,20 @@ export function parseTerm(raw: string | string[] | undefined): number | undefine
   return Number(text);
 }
 
-/** Server side: every request carrying a term passes FENCE first. */
+/** Requests that change nothing: answered whatever term they carry. */
+const READS = new Set(['GET', 'HEAD']);
+
+/**
+ * Server side: every request carrying a term passes FENCE first, but a read with an older term is
+ * answered all the same: the fence guards what changes something, and a deposed leader, now a
+ * follower answering an operator's `ps`, would otherwise see every container of this node as
+ * `unknown` until it leads again.
+ */
 export function installTermFence(app: FastifyInstance, fence: TermFence): void {
   app.addHook('onRequest', async (req: FastifyRequest) => {
     const term = parseTerm(req.headers[TERM_HEADER]);
-    if (term !== undefined) await fence.admit(term);
+    if (term === undefined) return;
+    if (READS.has(req.method) && term < fence.newestTerm) return;
+    await fence.admit(term);
   });
 }

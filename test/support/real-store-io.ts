@@ -68,6 +68,7 @@ export function withRealStoreIo(cluster: FakeCluster, agent: FakeAgent, opts: Re
       }
       if (prop === 'restore') {
         return async (opId: string, req: RestoreRequest) => {
+          let store: string | undefined;
           if (req.checkpoint && !target.down) {
             const stores = [req.checkpoint.storeUrl, ...(req.checkpoint.replicaUrls ?? [])];
             opts.offered?.push(stores);
@@ -75,9 +76,12 @@ export function withRealStoreIo(cluster: FakeCluster, agent: FakeAgent, opts: Re
               stores.map((store) => checkpointPartUrl(store, req.spec.name, req.checkpoint!.id, 'criu')),
               { token: opts.token, dest: join(work, `restore-${randomBytes(4).toString('hex')}`) },
             );
-            opts.readFrom?.push(stores.find((store) => got.url.startsWith(store))!);
+            store = stores.find((s) => got.url.startsWith(s))!;
+            opts.readFrom?.push(store);
           }
-          return target.restore(opId, req);
+          const restored = await target.restore(opId, req);
+          // As the real agent reports it.
+          return store ? { ...restored, readFrom: [store] } : restored;
         };
       }
       const value = Reflect.get(target, prop) as unknown;

@@ -72,6 +72,15 @@ describe('agent API over HTTP', () => {
     assert.equal((await api.get('web')).status, 'running', 'the stale stop changed nothing; a call without a term still passes');
   });
 
+  it('answers reads from a deposed leader (a follower now, answering `ps`): only what changes something is fenced', async () => {
+    const asLeader = (term: number) => new HttpAgentApi({ node: 'n1', url, token: TOKEN, term: () => term });
+    await asLeader(20).get('web');
+    assert.deepEqual((await asLeader(19).listContainers()).map((c) => [c.name, c.status]), [['web', 'running']], 'the old term still reads what runs');
+    assert.equal((await asLeader(19).get('web')).status, 'running');
+    await assert.rejects(asLeader(19).stop('web'), StaleTermError, 'a command under the old term is still refused');
+    assert.equal((await api.get('web')).status, 'running');
+  });
+
   it('a checkpoint leaves the container running; its trees wait on the agent until discarded', async () => {
     const taken = await api.checkpoint('web', { checkpointId: 'c1' });
     assert.equal(taken.checkpointId, 'c1');

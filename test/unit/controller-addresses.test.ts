@@ -16,7 +16,7 @@ import { Fences } from '../../src/controller/fences.js';
 import { MigrationOrchestrator } from '../../src/controller/migration.js';
 import { NodeRegistry } from '../../src/controller/registry.js';
 import { MemoryStore } from '../../src/controller/store/index.js';
-import { InvalidInputError, UnavailableError } from '../../src/shared/errors.js';
+import { InvalidInputError, StoreFailedError, UnavailableError } from '../../src/shared/errors.js';
 import type { ContainerSpec } from '../../src/shared/protocol.js';
 import { FakeCluster } from '../fakes/agents.js';
 
@@ -166,6 +166,43 @@ describe('cluster-wide container addresses (controller, fake agents)', () => {
       await restarted.settled();
       restarted.stop();
       assert.deepEqual((await calls()).slice(want.length), [`198.19.128.1 ${node2}`], 'a restarted controller routes every address again');
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('a leader whose first watch of the records the store refuses (its etcd member dead) still starts, and routes once the watch is made', async () => {
+    const env = await setup('198.19.128.0/24');
+    const dir = await mkdtemp(join(tmpdir(), 'chipmunk-address-routes-'));
+    let refuse = true;
+    const flaky = new Proxy(env.store, {
+      get(target, prop) {
+        if (prop === 'watch' && refuse) {
+          refuse = false;
+          return () => Promise.reject(new StoreFailedError('etcd: starting the watch on /containers/ failed: 14 UNAVAILABLE: connect ECONNREFUSED'));
+        }
+        const value: unknown = Reflect.get(target, prop, target);
+        return typeof value === 'function' ? value.bind(target) : value;
+      },
+    });
+    try {
+      const log = join(dir, 'calls');
+      const script = join(dir, 'route.sh');
+      await writeFile(script, `echo "$*" >> ${log}\n`);
+      const calls = async () => (await readFile(log, 'utf8').catch(() => '')).trim().split('\n').filter(Boolean);
+      const routes = new AddressRoutes(flaky, env.nodes, `/bin/sh ${script}`, silent);
+      await routes.start();
+      await env.containers.run({ spec: spec('a'), node: 'node1' });
+      const node1 = env.cluster.agent('node1').registration().address;
+      for (let i = 0; i < 150 && (await calls()).length < 1; i++) await sleep(20);
+      // The wait may have outlasted the nodes' one heartbeat (setup's).
+      for (const node of ['node1', 'node2']) await env.nodes.heartbeat(env.cluster.agent(node).registration());
+      await env.migrations.migrate('a', { to: 'node2' }, () => undefined);
+      const node2 = env.cluster.agent('node2').registration().address;
+      for (let i = 0; i < 150 && !(await calls()).includes(`198.19.128.1 ${node2}`); i++) await sleep(20);
+      await routes.settled();
+      routes.stop();
+      assert.deepEqual(await calls(), [`198.19.128.1 ${node1}`, `198.19.128.1 ${node2}`], 'routed where it ran, then where it moved: the watch was made again');
     } finally {
       await rm(dir, { recursive: true, force: true });
     }

@@ -112,6 +112,7 @@ describe('controller with two checkpoint store replicas', () => {
     assert.equal(record!.to, 'node2');
     assert.equal(record!.checkpoint, newest!.id, 'the newest checkpoint, not an older one: the second replica had it intact');
     assert.deepEqual(readFrom, [second.url], "the first replica's damaged copy fell through to the second");
+    assert.deepEqual(record!.readFrom, [second.url], 'the failover record names the replica the restore read from');
     const listed = await client.get<CheckpointSummary[]>('/v1/containers/web/checkpoints');
     assert.deepEqual(listed.find((c) => c.id === newest!.id)!.replicas, [
       { url: first.url, state: 'corrupt' },

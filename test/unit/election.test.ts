@@ -3,6 +3,7 @@ import assert from 'node:assert/strict';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { Election, type Leader } from '../../src/controller/election.js';
 import { MemoryStore, type StateStore } from '../../src/controller/store/index.js';
+import { StoreFailedError } from '../../src/shared/errors.js';
 import { waitFor } from '../support/wait.js';
 
 /** A candidate with a record of the leaders it saw. */
@@ -158,6 +159,35 @@ describe('Election (on the memory store)', () => {
     } finally {
       await a.election.close();
       await b.election.close();
+      await store.close();
+    }
+  });
+
+  it("rides out store calls that fail at start (a controller revived with its host, its etcd member still rejoining): start() waits, then it leads", async () => {
+    const store = new MemoryStore();
+    // The first watch and the first lease grant fail, as they did against a member still catching up.
+    const failing = new Set(['watch', 'grantLease']);
+    const flaky = new Proxy(store, {
+      get(target, prop) {
+        if (typeof prop === 'string' && failing.has(prop)) {
+          failing.delete(prop);
+          return () => Promise.reject(new StoreFailedError(`etcd: starting the ${prop} failed: etcd did not create the watch within 5000 ms`));
+        }
+        const value: unknown = Reflect.get(target, prop, target);
+        return typeof value === 'function' ? value.bind(target) : value;
+      },
+    });
+    const errors: unknown[] = [];
+    const a = new Election({ store: flaky, candidate: { id: 'a', url: 'http://a' }, ttlMs: 600, onError: (err) => errors.push(err) });
+    try {
+      await a.start();
+      assert.ok(a.term() !== undefined, 'it leads once the store answers');
+      assert.equal(errors.length, 2, 'each failure was reported');
+      const [key] = await store.list('/election/controller/');
+      await store.delete(key.key);
+      await waitFor(() => a.term() !== undefined && a.term() !== key.createRevision, 2000, 'its watch works: a deleted key is noticed and it campaigns again');
+    } finally {
+      await a.close();
       await store.close();
     }
   });
