@@ -21,6 +21,7 @@ import { CniNetwork, netnsPath } from './network.js';
 import { RecordStore, type ContainerRecord, type RecordWarning } from './records.js';
 import { mountRootfs, syncLayer, unmountBelow, type WritableLayerKind } from './rootfs.js';
 import { Runc, type StartTarget } from './runc.js';
+import type { CheckpointFreezeMethod } from './types.js';
 
 export interface RuncRuntimeOptions {
   node: string;
@@ -59,6 +60,13 @@ export interface RuncRuntimeOptions {
    * numbers across moves and is a disk quota (rootfs.ts).
    */
   writableLayer?: WritableLayerKind;
+  /**
+   * How a checkpoint spends its freeze (local-checkpoints.ts): `pre-copy` (default) copies a
+   * directory layer before the freeze and only its changes inside it, beside the CRIU dump;
+   * `parallel` copies all of it inside the freeze, beside the dump; `serial` copies, then dumps
+   * (chipmunk up to 0.2). bench/checkpoint-freeze compares them.
+   */
+  checkpointFreeze?: CheckpointFreezeMethod;
   /**
    * Run new containers in a user namespace of their own (bundle.ts; default true). Without one,
    * a node lacking CAP_SYS_RESOURCE cannot dump their non-root processes (criu.ts).
