@@ -11,7 +11,7 @@
  * than the frozen time. `pre-copy` is spent before the freeze, while the program runs.
  *
  * Usage (root, after `npm run setup`; its own pair network):
- *   CHIPMUNK_RUNC_PAIR_NET=5 npx tsx bench/checkpoint-freeze/run.ts [--checkpoints 10] [--period-ms 2000]
+ *   CHIPMUNK_RUNC_PAIR_NET=5 npm run bench:freeze -- [--checkpoints 10] [--period-ms 2000]
  *     [--only postgres|statefulapp] [--methods serial,parallel,pre-copy]
  * Writes bench/results/checkpoint-freeze.md.
  */

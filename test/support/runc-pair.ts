@@ -91,7 +91,8 @@ interface NodeFixture {
  * `writableLayer`: what the runtimes make new containers' writable layers of; unset, what
  * CHIPMUNK_RUNC_PAIR_LAYER says (directory or image, to run a whole suite on image layers),
  * else the runtime's default. `userNamespace`: new containers in their own user namespace; the
- * runtime's default (yes) if not given.
+ * runtime's default (yes) if not given. `checkpointFreeze`: how checkpoints spend their freeze
+ * (RuncRuntimeOptions.checkpointFreeze), the runtime's default if not given.
  */
 export async function makeRuncPair(
   opts: { writableLayer?: WritableLayerKind; userNamespace?: boolean; checkpointFreeze?: CheckpointFreezeMethod } = {},
