@@ -1,18 +1,17 @@
 /**
  * bench/checkpoint-freeze: how long a checkpoint (protection's, every `everyMs`) keeps the
- * container frozen, and where that time goes, per way of spending the freeze
- * (RuncRuntimeOptions.checkpointFreeze: serial, parallel, pre-copy), on the runc pair.
+ * container frozen, and where that time goes, per way of copying its files
+ * (RuncRuntimeOptions.checkpointFreeze: copy-in-freeze, pre-copy), on the runc pair.
  *
  * For each program (PostgreSQL with its own client writing rows between checkpoints; the stateful
  * app holding 256 MB, a file and a counter written between checkpoints) and each method: a fresh
  * pair, the program started, then N checkpoints one period apart, each discarded once taken.
  * Prints frozen ms p50/p99 and the p50 of each step: pause, files (copy inside the freeze), CRIU
- * dump, resume; files and dump overlap in `parallel` and `pre-copy`, so steps can add up to more
- * than the frozen time. `pre-copy` is spent before the freeze, while the program runs.
+ * dump, resume; and `pre-copy`, spent before the freeze while the program runs.
  *
  * Usage (root, after `npm run setup`; its own pair network):
  *   CHIPMUNK_RUNC_PAIR_NET=5 npm run bench:freeze -- [--checkpoints 10] [--period-ms 2000]
- *     [--only postgres|statefulapp] [--methods serial,parallel,pre-copy]
+ *     [--only postgres|statefulapp] [--methods copy-in-freeze,pre-copy]
  * Writes bench/results/checkpoint-freeze.md.
  */
 import { writeFile } from 'node:fs/promises';
@@ -28,7 +27,7 @@ import { CRIU, RUNC_PAIR_NODES, makeRuncPair, prepareRuncPairs } from '../../tes
 
 const RESULTS = fileURLToPath(new URL('../results/checkpoint-freeze.md', import.meta.url));
 const HOST_PORT = 18190;
-const METHODS: CheckpointFreezeMethod[] = ['serial', 'parallel', 'pre-copy'];
+const METHODS: CheckpointFreezeMethod[] = ['copy-in-freeze', 'pre-copy'];
 
 const { values } = parseArgs({
   options: {

@@ -61,10 +61,9 @@ export interface RuncRuntimeOptions {
    */
   writableLayer?: WritableLayerKind;
   /**
-   * How a checkpoint spends its freeze (local-checkpoints.ts): `pre-copy` (default) copies a
-   * directory layer before the freeze and only its changes inside it, beside the CRIU dump;
-   * `parallel` copies all of it inside the freeze, beside the dump; `serial` copies, then dumps
-   * (chipmunk up to 0.2). bench/checkpoint-freeze compares them.
+   * How a checkpoint copies the files (local-checkpoints.ts): `pre-copy` (default) copies a
+   * directory layer before the freeze and only its changes inside it; `copy-in-freeze` copies
+   * all of it inside the freeze (what chipmunk did before). bench/checkpoint-freeze compares them.
    */
   checkpointFreeze?: CheckpointFreezeMethod;
   /**

@@ -20,9 +20,10 @@ export class LocalCheckpoints {
   /**
    * runc pause first: the cgroup freezer holds every task while the files are copied and CRIU
    * dumps (it dumps a paused container and leaves it paused); so files and memory are of the
-   * same instant. Inside the freeze the copy and the dump run side by side. A directory layer is
-   * copied before the freeze, while the container runs, and only what changed since inside it
-   * (checkpoint-files.ts); an image layer (one file) wholly inside it. TCP connections are not
+   * same instant. A directory layer is copied before the freeze, while the container runs, and
+   * only what changed since inside it (checkpoint-files.ts); an image layer (one file) wholly
+   * inside it. The copy and the dump run one after the other: side by side they fought for the
+   * disk and the CPU and froze PostgreSQL longer (bench/results/checkpoint-freeze.md). TCP connections are not
    * dumped (criu.conf: tcp-close): a restore from a checkpoint happens after a failure, when
    * those connections are gone anyway.
    */
@@ -72,13 +73,8 @@ export class LocalCheckpoints {
       }
       let failure: unknown;
       try {
-        if (method === 'serial') {
-          await timed('filesMs', copyFiles);
-          await timed('dumpMs', dump);
-        } else {
-          const [copied, dumped] = await Promise.allSettled([timed('filesMs', copyFiles), timed('dumpMs', dump)]);
-          for (const r of [dumped, copied]) if (r.status === 'rejected') failure ??= r.reason;
-        }
+        await timed('filesMs', copyFiles);
+        await timed('dumpMs', dump);
       } catch (err) {
         failure = err;
       }

@@ -42,13 +42,9 @@ export interface LocalCheckpoint {
   filesBytes: number;
 }
 
-/**
- * A checkpoint's frozen time by step, ms. `files` and `dump` may overlap (they run side by side
- * inside the freeze), so the steps can add up to more than `frozenMs`. `preCopy` is spent before
- * the freeze, while the container runs.
- */
+/** A checkpoint's frozen time by step, ms. `preCopy` is spent before the freeze, while the container runs. */
 /** RuncRuntimeOptions.checkpointFreeze. */
-export type CheckpointFreezeMethod = 'serial' | 'parallel' | 'pre-copy';
+export type CheckpointFreezeMethod = 'copy-in-freeze' | 'pre-copy';
 
 export interface FrozenPhases {
   preCopyMs: number;
