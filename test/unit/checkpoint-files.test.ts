@@ -103,4 +103,14 @@ describe('a copy finished inside the freeze', () => {
     const links = await runUnchecked('stat', ['-c', '%h', join(dst, 'data', 'wal', 'rel1-link')]);
     assert.equal(links.stdout.trim(), '2');
   });
+
+  it('a hard link below a directory copied again: the whole tree is copied again, links kept', async () => {
+    await runUnchecked('ln', [join(src, 'data', 'base', 'rel2'), join(src, 'swap', 'a', 'rel2-link')]);
+    const pre = await pastMargin(await preCopied());
+    await writeFile(join(src, 'swap', 'a', 'new'), 'a new entry: swap/a is copied again');
+    assert.deepEqual(await finishCopy(pre), { files: 0, subtrees: [''] });
+    assert.equal(await manifest(dst), await manifest(src));
+    const links = await runUnchecked('stat', ['-c', '%h', join(dst, 'data', 'base', 'rel2')]);
+    assert.equal(links.stdout.trim(), '2', 'rel2 and swap/a/rel2-link are still one file');
+  });
 });

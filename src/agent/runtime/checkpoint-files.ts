@@ -14,9 +14,9 @@
  * So a directory with a newer ctime is copied again whole (its subtree: removals, renames and
  * attributes come with it; in a running service that is rare: a new table, a WAL segment), and
  * any other newer entry alone (tar, no recursion: owners, modes, times, xattrs, devices such as
- * overlay whiteouts). Where one entry cannot be copied alone faithfully (a hard link, which tar
- * would split from a name outside the list; a socket, which tar skips), the whole tree is copied
- * again inside the freeze: slower, never wrong.
+ * overlay whiteouts). Where that cannot be faithful (a hard link copied again, which would be
+ * split from its names that are not; a socket, which tar skips), the whole tree is copied again
+ * inside the freeze: slower, never wrong.
  *
  * Only for a directory layer (files/upper): an image layer is one file that changes at every
  * write, so its copy stays wholly inside the freeze (local-checkpoints.ts).
@@ -66,15 +66,18 @@ interface Entry {
 
 /** Inside the freeze: makes the pre-copy the tree as it is now. */
 export async function finishCopy(pre: PreCopied): Promise<FinishedCopy> {
-  const changed = (await listTree(pre.src)).filter((e) => e.ctimeMs >= pre.changedSinceMs);
   // find lists a directory before its entries: a subtree's root comes before what is below it.
+  const entries = await listTree(pre.src);
   const subtrees: string[] = [];
   const files: string[] = [];
   const below = (path: string) => subtrees.some((d) => d === '' || path.startsWith(`${d}/`));
-  for (const e of changed) {
-    if (below(e.path)) continue;
+  for (const e of entries) {
+    const copiedAgain = below(e.path);
+    // A hard link copied again (alone, or in a subtree) would be split from its other names.
+    if (e.type !== 'd' && e.links > 1 && (copiedAgain || e.ctimeMs >= pre.changedSinceMs)) return copyWholeTree(pre);
+    if (copiedAgain || e.ctimeMs < pre.changedSinceMs) continue;
     if (e.type === 'd') subtrees.push(e.path);
-    else if (e.type === 's' || e.links > 1) return copyWholeTree(pre);
+    else if (e.type === 's') return copyWholeTree(pre);
     else files.push(e.path);
   }
   for (const d of subtrees) {
