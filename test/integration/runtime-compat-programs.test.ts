@@ -189,7 +189,8 @@ describe('a checkpoint that leaves it running (what protection takes every few s
   // protected PostgreSQL or nginx had its moves refused ("it is stopped") while it served.
   it('PostgreSQL: while the checkpoint freezes it, its status reads running', { timeout }, async (t) => {
     const program = COMPAT_PROGRAMS.postgres;
-    const pair = await makeRuncPair();
+    // Its files copied wholly inside the freeze: a freeze long enough for several status reads.
+    const pair = await makeRuncPair({ checkpointFreeze: 'copy-in-freeze' });
     try {
       const src = endpoint(RUNC_PAIR_NODES[0]);
       const c = await pair.source.run(specFor(program, 'postgres-frozen', []));

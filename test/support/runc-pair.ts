@@ -13,7 +13,7 @@ import { join } from 'node:path';
 import { detectCapabilities } from '../../src/agent/host/capabilities.js';
 import { RuncRuntime } from '../../src/agent/runtime/runc-runtime.js';
 import type { WritableLayerKind } from '../../src/agent/runtime/rootfs.js';
-import type { ContainerRuntime } from '../../src/agent/runtime/types.js';
+import type { CheckpointFreezeMethod, ContainerRuntime } from '../../src/agent/runtime/types.js';
 import { createTestHost, deleteBridge, deleteTestHost, ensureBridge, killAllInHost, netnsPath, type TestNetwork } from '../../src/cluster/testhost.js';
 import { runUnchecked } from '../../src/shared/exec.js';
 import type { AgentContainer, HostCapabilities } from '../../src/shared/protocol.js';
@@ -91,9 +91,12 @@ interface NodeFixture {
  * `writableLayer`: what the runtimes make new containers' writable layers of; unset, what
  * CHIPMUNK_RUNC_PAIR_LAYER says (directory or image, to run a whole suite on image layers),
  * else the runtime's default. `userNamespace`: new containers in their own user namespace; the
- * runtime's default (yes) if not given.
+ * runtime's default (yes) if not given. `checkpointFreeze`: how checkpoints spend their freeze
+ * (RuncRuntimeOptions.checkpointFreeze), the runtime's default if not given.
  */
-export async function makeRuncPair(opts: { writableLayer?: WritableLayerKind; userNamespace?: boolean } = {}): Promise<RuntimePair> {
+export async function makeRuncPair(
+  opts: { writableLayer?: WritableLayerKind; userNamespace?: boolean; checkpointFreeze?: CheckpointFreezeMethod } = {},
+): Promise<RuntimePair> {
   const writableLayer = opts.writableLayer ?? layerFromEnv(process.env.CHIPMUNK_RUNC_PAIR_LAYER);
   assert.ok(capabilities, 'call prepareRuncPairs() first');
   const root = await mkdtemp(join(tmpdir(), TMP_PREFIX));
@@ -133,6 +136,7 @@ export async function makeRuncPair(opts: { writableLayer?: WritableLayerKind; us
           resolvConfPath: resolvConf,
           ...(writableLayer ? { writableLayer } : {}),
           ...(opts.userNamespace !== undefined ? { userNamespace: opts.userNamespace } : {}),
+          ...(opts.checkpointFreeze ? { checkpointFreeze: opts.checkpointFreeze } : {}),
         });
         return { cfg, runtime, dataDir, runDir };
       }),

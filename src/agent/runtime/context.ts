@@ -22,6 +22,7 @@ import { CniNetwork, netnsPath } from './network.js';
 import { RecordStore, type ContainerRecord, type RecordWarning } from './records.js';
 import { mountRootfs, syncLayer, unmountBelow, type WritableLayerKind } from './rootfs.js';
 import { Runc, type StartTarget } from './runc.js';
+import type { CheckpointFreezeMethod } from './types.js';
 
 export interface RuncRuntimeOptions {
   node: string;
@@ -60,6 +61,12 @@ export interface RuncRuntimeOptions {
    * numbers across moves and is a disk quota (rootfs.ts).
    */
   writableLayer?: WritableLayerKind;
+  /**
+   * How a checkpoint copies the files (local-checkpoints.ts): `pre-copy` (default) copies a
+   * directory layer before the freeze and only its changes inside it; `copy-in-freeze` copies
+   * all of it inside the freeze (what chipmunk did before). bench/checkpoint-freeze compares them.
+   */
+  checkpointFreeze?: CheckpointFreezeMethod;
   /**
    * Run new containers in a user namespace of their own (bundle.ts; default true). Without one,
    * a node lacking CAP_SYS_RESOURCE cannot dump their non-root processes (criu.ts).

@@ -216,6 +216,7 @@ export class FakeRuntime implements ContainerRuntime {
     return {
       paths,
       frozenMs: 0,
+      frozenPhases: { preCopyMs: 0, pauseMs: 0, filesMs: 0, dumpMs: 0, resumeMs: 0 },
       imageBytes: (await stat(join(paths.images, IMAGE_FILE))).size,
       filesBytes: (await stat(join(paths.files, FILES_FILE))).size,
     };

@@ -2,26 +2,34 @@
  * Checkpoints taken on this node: the container runs on, its memory and files wait under
  * checkpoints/ID until the agent uploads them to the checkpoint store, then are discarded.
  */
+import { existsSync } from 'node:fs';
 import { mkdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { ConflictError, RuntimeFailedError } from '../../shared/errors.js';
-import { lastLines, runUnchecked } from '../../shared/exec.js';
+import { lastLines } from '../../shared/exec.js';
 import { removeTree } from '../../shared/remove-tree.js';
+import { copyTree, finishCopy, preCopy } from './checkpoint-files.js';
 import { treeBytes, type RuntimeContext } from './context.js';
 import { removeCriuNetworkLock } from './criu.js';
-import type { LocalCheckpoint, MigrationPaths } from './types.js';
+import { layerImagePath } from './rootfs.js';
+import type { FrozenPhases, LocalCheckpoint, MigrationPaths } from './types.js';
 
 export class LocalCheckpoints {
   constructor(private readonly ctx: RuntimeContext) {}
 
   /**
-   * runc pause first: the cgroup freezer holds every task while the upper layer and logs are
-   * copied, and CRIU dumps a paused container and leaves it paused; so files and memory are of
-   * the same instant. TCP connections are not dumped (criu.conf: tcp-close): a restore from a
-   * checkpoint happens after a failure, when those connections are gone anyway.
+   * runc pause first: the cgroup freezer holds every task while the files are copied and CRIU
+   * dumps (it dumps a paused container and leaves it paused); so files and memory are of the
+   * same instant. A directory layer is copied before the freeze, while the container runs, and
+   * only what changed since inside it (checkpoint-files.ts); an image layer (one file) wholly
+   * inside it. The copy and the dump run one after the other: side by side they fought for the
+   * disk and the CPU and froze PostgreSQL longer (bench/results/checkpoint-freeze.md). TCP connections are not
+   * dumped (criu.conf: tcp-close): a restore from a checkpoint happens after a failure, when
+   * those connections are gone anyway.
    */
   async checkpoint(name: string, checkpointId: string): Promise<LocalCheckpoint> {
     const { ctx } = this;
+    const method = ctx.opts.checkpointFreeze ?? 'pre-copy';
     return ctx.withLock(name, async () => {
       const rec = await ctx.records.read(name);
       ctx.assertNotMigrating(rec);
@@ -37,31 +45,47 @@ export class LocalCheckpoints {
       await mkdir(work, { recursive: true });
       const what = `checkpoint of '${name}'`;
       const failed = (op: string, stderr: string) => new RuntimeFailedError(`${what} failed (${op}): ${lastLines(stderr, 3)}`, { op, stderr: lastLines(stderr, 20) });
+      const files = join(ctx.layout.containerDir(name), 'files');
+
+      const phases: FrozenPhases = { preCopyMs: 0, pauseMs: 0, filesMs: 0, dumpMs: 0, resumeMs: 0 };
+      const timed = async <T>(phase: keyof FrozenPhases, step: () => Promise<T>): Promise<T> => {
+        const began = Date.now();
+        try {
+          return await step();
+        } finally {
+          phases[phase] = Date.now() - began;
+        }
+      };
+      const preCopied = method === 'pre-copy' && !existsSync(layerImagePath(files)) ? await timed('preCopyMs', () => preCopy(files, paths.files)) : undefined;
+      const copyFiles = async () => {
+        await ctx.syncLayer(name);
+        if (preCopied) await finishCopy(preCopied);
+        else await copyTree(files, paths.files);
+      };
+      const dump = () => ctx.criu.dumpLeavingRunning(id, what, paths.images, work);
 
       const frozenAt = Date.now();
       ctx.freezes.begin(name);
-      const paused = await ctx.runc.exec(['pause', id], { inHostNetns: true });
+      const paused = await timed('pauseMs', () => ctx.runc.exec(['pause', id], { inHostNetns: true }));
       if (paused.code !== 0) {
         ctx.freezes.end(name);
         throw failed('runc pause', paused.stderr);
       }
       let failure: unknown;
       try {
-        await ctx.syncLayer(name);
-        const copied = await runUnchecked('cp', ['-a', '--reflink=auto', '--sparse=always', join(ctx.layout.containerDir(name), 'files'), paths.files]);
-        if (copied.code !== 0) throw failed('copying the container files', copied.stderr);
-        await ctx.criu.dumpLeavingRunning(id, what, paths.images, work);
+        await timed('filesMs', copyFiles);
+        await timed('dumpMs', dump);
       } catch (err) {
         failure = err;
       }
-      const resumed = await ctx.runc.exec(['resume', id], { inHostNetns: true });
+      const resumed = await timed('resumeMs', () => ctx.runc.exec(['resume', id], { inHostNetns: true }));
       ctx.freezes.end(name);
       const frozenMs = Date.now() - frozenAt;
       await removeCriuNetworkLock(await ctx.containerNetnsPath(rec));
       // A container left frozen is worse than a lost checkpoint: that error wins.
       if (resumed.code !== 0) throw failed('runc resume: the container may still be frozen', resumed.stderr);
       if (failure) throw failure;
-      return { paths, frozenMs, imageBytes: await treeBytes(paths.images), filesBytes: await treeBytes(paths.files) };
+      return { paths, frozenMs, frozenPhases: phases, imageBytes: await treeBytes(paths.images), filesBytes: await treeBytes(paths.files) };
     }).catch(async (err: unknown) => {
       const dir = ctx.layout.checkpointDir(checkpointId);
       const kept = await ctx.failedLogs.keepFor(err, 'checkpoint', checkpointId, join(dir, 'criu-work'));

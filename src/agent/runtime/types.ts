@@ -36,8 +36,22 @@ export interface LocalCheckpoint {
   paths: MigrationPaths;
   /** How long the container was frozen. */
   frozenMs: number;
+  /** Where the frozen time went (bench/checkpoint-freeze). */
+  frozenPhases: FrozenPhases;
   imageBytes: number;
   filesBytes: number;
+}
+
+/** A checkpoint's frozen time by step, ms. `preCopy` is spent before the freeze, while the container runs. */
+/** RuncRuntimeOptions.checkpointFreeze. */
+export type CheckpointFreezeMethod = 'copy-in-freeze' | 'pre-copy';
+
+export interface FrozenPhases {
+  preCopyMs: number;
+  pauseMs: number;
+  filesMs: number;
+  dumpMs: number;
+  resumeMs: number;
 }
 
 export interface RestoreOptions {
