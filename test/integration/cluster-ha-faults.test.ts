@@ -327,9 +327,12 @@ test('the leader cut off from etcd inside its test host: it stops acting within 
 test("a checkpoint replica's host dies with the container on it: the failover restores from the other replica, one copy, no write lost", { timeout: 180_000 }, async () => {
   const old = await roles();
   const url = (node: string) => haControllerUrl(localCluster().address(node));
-  // The leader commits each checkpoint on its own store and the first other one that answers, in
-  // the peers' order (node1, node2, ...): the container's host is that one, so it holds a replica.
-  const host = localCluster().nodes.find((n) => n !== old.leader)!;
+  // The leader commits each checkpoint on its own store and the first other active one that
+  // answers, in the controllers' campaign order (as `checkpoint-replicas` lists them): the
+  // container's host is that one, so it holds a replica.
+  const replicaSet = await controllerClient().checkpointReplicas();
+  const host = replicaSet.find((r) => r.status === 'active' && r.reachable && r.node !== undefined && r.node !== old.leader)?.node;
+  assert.ok(host, `a replica on a node other than the leader ${old.leader}: ${JSON.stringify(replicaSet)}`);
   const name = 'hf-replica';
   const port = 28105;
   const client = await protectedApp(name, host, port);
