@@ -95,14 +95,31 @@ export class CheckpointService {
   }
 
   async protect(name: string, policy: ProtectionPolicy): Promise<ContainerView['protection']> {
-    await this.opts.locks.update(name, (record) => {
-      if (!record) throw unknownContainer(name);
-      return { ...record, protection: policy };
+    await this.startingLog(name, 'protect', async () => {
+      await this.opts.locks.update(name, (record) => {
+        if (!record) throw unknownContainer(name);
+        return { ...record, protection: policy };
+      });
+      await this.opts.traffic.refresh(name);
     });
     this.dueAt.delete(name);
     this.failuresInRow.delete(name);
-    await this.opts.traffic.refresh(name);
     return policy;
+  }
+
+  /**
+   * Runs `change` (a protect or an expose: what may start the route's request log) under the
+   * container's lock, so that no checkpoint is cut across the log's start. Every checkpoint cut
+   * outside the route's current log then precedes all of it, and a failover from one replays the
+   * whole log (failover-restore.ts) instead of losing the requests acknowledged since it began.
+   */
+  async startingLog<T>(name: string, operation: 'protect' | 'expose', change: () => Promise<T>): Promise<T> {
+    const held = await this.opts.locks.acquire(name, operation);
+    try {
+      return await change();
+    } finally {
+      await this.release(held);
+    }
   }
 
   async unprotect(name: string): Promise<void> {

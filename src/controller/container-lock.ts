@@ -21,7 +21,7 @@ import { ConflictError, LockLostError, MigrationInProgressError, NotFoundError, 
 import type { ContainerSpec, ContainerStatus, MigrationPhaseName, ProtectionPolicy } from '../shared/protocol.js';
 import type { KeyValue, StateStore, TxnOp } from './store/index.js';
 
-export type LockOperation = 'migration' | 'checkpoint' | 'restore' | 'failover' | 'stop' | 'remove';
+export type LockOperation = 'migration' | 'checkpoint' | 'restore' | 'failover' | 'stop' | 'remove' | 'protect' | 'expose';
 
 export interface ContainerLock {
   id: string;

@@ -4,6 +4,7 @@
  */
 import type { Logger } from 'pino';
 import { FailoverFailedError, toChipmunkError } from '../shared/errors.js';
+import type { CheckpointSummary } from '../checkpoint-store/index.js';
 import type { CheckpointCatalog, CheckpointService } from './checkpoints.js';
 import type { ContainerRecord } from './container-lock.js';
 import type { FailoverRecord } from './failover-records.js';
@@ -41,11 +42,18 @@ export async function restoreFromCheckpoints(deps: RestoreDeps, req: RestoreRequ
   const { catalog, checkpoints, log, save } = deps;
   const { record, container, lockId, logId } = req;
   const { name, from: deadNode } = record;
-  const intact = (await catalog.list(name)).filter((c) => !c.corrupt);
+  const all = await catalog.list(name);
+  const intact = all.filter((c) => !c.corrupt);
   // Checkpoints cut in the route's current request log come with the requests after them.
   // One cut in an earlier log (the route was unlogged or removed since), or before the route
-  // logged, would lose those: it is used only when there is nothing else, without a replay.
+  // logged, is used only when there is nothing else.
   const inLog = intact.filter((c) => logId !== undefined && c.logPosition?.logId === logId);
+  // A route's log starts only between checkpoints (CheckpointService.startingLog: under the
+  // container's lock), so every checkpoint cut outside the current log was cut before it began:
+  // the whole log is replayed onto it. Unless a checkpoint was cut in that log, even a corrupt one:
+  // the log may then be trimmed, and its first requests gone.
+  const wholeLog = logId !== undefined && !all.some((c) => c.logPosition?.logId === logId) ? { logId, seq: 0 } : undefined;
+  const replayFrom = (c: CheckpointSummary) => (inLog.includes(c) ? c.logPosition : (wholeLog ?? c.logPosition));
   const good = inLog.length > 0 ? inLog : intact;
   for (const c of inLog.length > 0 ? intact.filter((c) => !inLog.includes(c)) : []) {
     record.skipped.push({ checkpoint: c.id, reason: `cut ${c.logPosition ? `in request log ${c.logPosition.logId ?? '(no id)'}` : 'before the route logged'}, not in the route's current log ${logId}: the requests after it cannot be replayed` });
@@ -66,14 +74,14 @@ export async function restoreFromCheckpoints(deps: RestoreDeps, req: RestoreRequ
       const generation = container.generation + attempt + 1;
       try {
         // Written first: a controller that dies during the restore finds the copy it may have made.
-        record.attempt = { to: target, checkpoint: candidate.id, logPosition: candidate.logPosition, generation };
+        record.attempt = { to: target, checkpoint: candidate.id, logPosition: replayFrom(candidate), generation };
         await save(record);
         const readFrom: string[] = [];
         const current = await checkpoints.restoreOn(container, target, candidate.id, `${lockId}-${attempt}`, generation, record.timings, readFrom);
         record.to = target;
         record.checkpoint = candidate.id;
         if (readFrom.length > 0) record.readFrom = readFrom;
-        record.logPosition = candidate.logPosition;
+        record.logPosition = replayFrom(candidate);
         record.restoredAt = Date.now();
         return { current, to: target, failedOn };
       } catch (err) {

@@ -61,6 +61,11 @@ async function settle(opts: RecoveryOptions, held: HeldLock): Promise<void> {
       await locks.release(held, { ...held.record, status: here ? here.status : 'unknown' });
       return;
     }
+    case 'protect':
+    case 'expose':
+      // The record and the route are written or not; the route table's periodic push settles the gateway.
+      await locks.release(held);
+      return;
     case 'restore':
     case 'failover':
       await failovers.resume(held, await failovers.byLock(held.lock.id));

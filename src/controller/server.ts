@@ -115,7 +115,7 @@ export function buildControllerServer(opts: ControllerServerOptions): FastifyIns
   });
 
   app.post('/v1/containers/:name/expose', { schema: { params: ContainerParams, body: ExposeRequest, response: { 200: ExposedRoute } } }, async (req) => {
-    const route = await opts.routes.expose(req.params.name, req.body);
+    const route = await checkpoints.startingLog(req.params.name, 'expose', () => opts.routes.expose(req.params.name, req.body));
     checkpoints.expedite(req.params.name);
     return route;
   });

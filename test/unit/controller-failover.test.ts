@@ -191,6 +191,55 @@ describe('checkpoints and failover (controller, fake agents)', () => {
     assert.equal(env.traffic.calls.find((c) => c.startsWith('replay')), `replay web after 2 -> ${done.to}`);
   });
 
+  it('a checkpoint cut before the route logged (protected, then exposed): the failover replays the whole log onto it, nothing acknowledged since is lost', async () => {
+    const env = await setup();
+    env.traffic.logged = false;
+    const before = await env.checkpoints.checkpoint('web');
+    assert.equal(before.logPosition, null);
+    // The route starts logging (the container is exposed) and 4 requests are answered; the host dies before the next checkpoint.
+    env.traffic.logged = true;
+    env.traffic.position = 4;
+    env.cluster.agent('node1').containers.clear();
+    const done = await env.failovers.failover('web', 'node1');
+    assert.equal(done.checkpoint, before.id);
+    assert.equal(done.noReplay, undefined, done.noReplay);
+    assert.deepEqual(env.traffic.calls.slice(-3), ['holdNow web', `replay web after 0 -> ${done.to}`, `release web -> ${done.to}`]);
+  });
+
+  it('but not when a checkpoint was cut in that log (even a corrupt one): the log may be trimmed, so the older checkpoint is restored without a replay, and the record says so', async () => {
+    const env = await setup();
+    env.traffic.logged = false;
+    const before = await env.checkpoints.checkpoint('web');
+    env.traffic.logged = true;
+    env.traffic.position = 2;
+    const inLog = await env.checkpoints.checkpoint('web');
+    env.cluster.catalog.find('web', inLog.id)!.corrupt = true;
+    env.cluster.agent('node1').containers.clear();
+    const done = await env.failovers.failover('web', 'node1');
+    assert.equal(done.checkpoint, before.id);
+    assert.match(done.noReplay ?? '', /without a replay/);
+    assert.ok(!env.traffic.calls.some((c) => c.startsWith('replay')), env.traffic.calls.join(', '));
+  });
+
+  it('protect and expose start the route log under the container lock: they wait for a checkpoint in progress', async () => {
+    const env = await setup();
+    const release = env.cluster.agent('node1').hold('checkpoint');
+    const checkpointing = env.checkpoints.checkpoint('web');
+    while ((await env.record()).lock?.operation !== 'checkpoint') await new Promise((resolve) => setTimeout(resolve, 5));
+    const order: string[] = [];
+    const protecting = env.checkpoints.protect('web', { everyMs: 5_000 }).then(() => order.push('protect'));
+    const exposing = env.checkpoints.startingLog('web', 'expose', async () => order.push('expose'));
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    assert.equal(order.length, 0, 'both wait while the checkpoint holds the lock');
+    release();
+    await checkpointing.then(() => order.push('checkpoint'));
+    await Promise.all([protecting, exposing]);
+    assert.equal(order[0], 'checkpoint');
+    assert.deepEqual(order.slice(1).sort(), ['expose', 'protect']);
+    assert.equal((await env.record()).lock, undefined);
+    assert.deepEqual((await env.record()).protection, { everyMs: 5_000 });
+  });
+
   it('without any checkpoint the failover fails clearly and the route stays held (nothing goes back to the dead node)', async () => {
     const env = await setup();
     await assert.rejects(env.failovers.failover('web', 'node1'), (err: Error & { code?: string }) => err.code === 'CHIPMUNK_FAILOVER_FAILED' && /no checkpoint/.test(err.message));
@@ -433,7 +482,9 @@ describe('checkpoints and failover (controller, fake agents)', () => {
     assert.deepEqual(done.logPosition, { logId: 'log-2', seq: 1 });
     assert.match(done.skipped.find((s) => s.checkpoint === older.id)?.reason ?? '', /in request log log-1, not in the route's current log log-2/);
 
-    // Only a checkpoint of an earlier log left: restored, but nothing replayed from a position of another log.
+    // Only a checkpoint of an earlier log left: restored, and nothing replayed from a position of
+    // another log; the new log began after it (protect starts a log under the container's lock),
+    // so the whole new log is replayed.
     const env2 = await setup();
     env2.traffic.position = 3;
     const only = await env2.checkpoints.checkpoint('web');
@@ -443,9 +494,9 @@ describe('checkpoints and failover (controller, fake agents)', () => {
     const fallback = await env2.failovers.failover('web', 'node1');
     assert.equal(fallback.outcome, 'done');
     assert.equal(fallback.checkpoint, only.id);
-    assert.ok(!env2.traffic.calls.some((c) => c.startsWith('replay')), env2.traffic.calls.join(', '));
-    assert.match(fallback.noReplay ?? '', /without a replay/);
-    assert.equal(env2.traffic.calls.at(-1), `release web -> ${fallback.to}`);
+    assert.deepEqual(fallback.logPosition, { logId: 'log-2', seq: 0 });
+    assert.equal(fallback.noReplay, undefined);
+    assert.deepEqual(env2.traffic.calls.slice(-2), [`replay web after 0 -> ${fallback.to}`, `release web -> ${fallback.to}`]);
   });
 
   it('a replay whose new node died is not tried again there: it is owed at once, and its retry restores elsewhere (found by the fault matrix: failover replay target-host)', async () => {
