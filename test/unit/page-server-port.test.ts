@@ -8,12 +8,26 @@ import assert from 'node:assert/strict';
 import { createServer, type Server } from 'node:net';
 import { freePageServerPort } from '../../src/agent/host/page-server-port.js';
 
+/** Unref'd: a server left open by a failed test must not keep the test file's process from exiting. */
 function listen(port: number): Promise<Server> {
   return new Promise((resolve, reject) => {
     const server = createServer();
+    server.unref();
     server.once('error', reject);
     server.listen({ host: '127.0.0.1', port }, () => resolve(server));
   });
+}
+
+/** Holds `ports` of a fresh free range (`pick` chooses which), trying other ranges while another program takes one first. */
+async function holdPorts(pick: (range: { first: number; last: number }) => number[]): Promise<{ range: { first: number; last: number }; held: Server[] }> {
+  for (let attempt = 0; ; attempt++) {
+    const range = await freeRange();
+    const results = await Promise.allSettled(pick(range).map((port) => listen(port)));
+    const held = results.flatMap((r) => (r.status === 'fulfilled' ? [r.value] : []));
+    if (held.length === results.length) return { range, held };
+    for (const server of held) server.close();
+    if (attempt === 10) throw new Error('could not hold three consecutive ports in 10 tries');
+  }
 }
 
 /** Three consecutive ports nobody holds now. */
@@ -31,8 +45,7 @@ describe('page server port', () => {
   });
 
   it('is the next free one of the range when the one asked for is held, wrapping around', async () => {
-    const range = await freeRange();
-    const held = await Promise.all([listen(range.last), listen(range.first)]);
+    const { range, held } = await holdPorts((r) => [r.last, r.first]);
     try {
       assert.equal(await freePageServerPort('127.0.0.1', range.last, range), range.first + 1);
     } finally {
@@ -46,8 +59,7 @@ describe('page server port', () => {
   });
 
   it('fails clearly when every port of the range is held', async () => {
-    const range = await freeRange();
-    const held = await Promise.all([listen(range.first), listen(range.first + 1), listen(range.last)]);
+    const { range, held } = await holdPorts((r) => [r.first, r.first + 1, r.last]);
     try {
       await assert.rejects(freePageServerPort('127.0.0.1', range.first, range), (err: Error & { code?: string }) => {
         assert.equal(err.code, 'CHIPMUNK_UNAVAILABLE');
