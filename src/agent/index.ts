@@ -7,7 +7,7 @@
 import { mkdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import pino, { type Logger } from 'pino';
-import { detectCapabilities } from './host/capabilities.js';
+import { detectCapabilities } from '../shared/host/capabilities.js';
 import { PAGE_SERVER_PORTS } from '../shared/protocol.js';
 import { TermFence } from '../shared/term-fence.js';
 import type { AgentInfo, FencedContainer } from '../shared/protocol.js';

@@ -1,9 +1,9 @@
 /**
  * `chipmunk doctor`: presents the host checks as a table (or JSON) and turns them into an
- * exit code. The checks themselves live in the agent (src/agent/host/capabilities.ts).
+ * exit code. The checks themselves live in src/shared/host/ (the agent runs some of them at start).
  */
 
-import type { HostCheck } from '../agent/host/capabilities.js';
+import type { HostCheck } from '../shared/host/capabilities.js';
 
 const COLUMN_GAP = '  ';
 

@@ -116,10 +116,14 @@ export const ContainerStats = Type.Object({
 });
 export type ContainerStats = Static<typeof ContainerStats>;
 
+/** What a host can do for migrations (src/shared/host/capabilities.ts probes it). */
 export const HostCapabilities = Type.Object({
+  /** Post-copy migration: CRIU >= 4.2 and userfaultfd for non-cooperative processes. */
   lazyMigration: Type.Boolean(),
+  /** Soft-dirty page tracking, which CRIU pre-dump (iterative pre-copy) needs. */
   softDirty: Type.Boolean(),
   criuVersion: Type.Optional(Type.String()),
+  /** v1, v2, hybrid or none. */
   cgroupMode: Type.String(),
 });
 export type HostCapabilities = Static<typeof HostCapabilities>;

@@ -3,7 +3,7 @@
 import { before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 
-import { detectCapabilities, runHostChecks, type HostCheck } from '../../src/agent/host/capabilities.js';
+import { detectCapabilities, runHostChecks, type HostCheck } from '../../src/shared/host/capabilities.js';
 
 function checkById(checks: HostCheck[], id: string): HostCheck {
   const check = checks.find((c) => c.id === id);

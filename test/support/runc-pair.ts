@@ -10,7 +10,7 @@ import { mkdir, mkdtemp, readdir, readFile, writeFile } from 'node:fs/promises';
 import { request } from 'node:http';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { detectCapabilities } from '../../src/agent/host/capabilities.js';
+import { detectCapabilities } from '../../src/shared/host/capabilities.js';
 import { RuncRuntime } from '../../src/agent/runtime/runc-runtime.js';
 import type { WritableLayerKind } from '../../src/agent/runtime/rootfs.js';
 import type { CheckpointFreezeMethod, ContainerRuntime } from '../../src/agent/runtime/types.js';

@@ -1,7 +1,7 @@
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 
-import { sysResourceCheck, type HostCheck } from '../../src/agent/host/capabilities.js';
+import { sysResourceCheck, type HostCheck } from '../../src/shared/host/capabilities.js';
 import { doctorExitCode, doctorJson, renderDoctorTable } from '../../src/cli/doctor.js';
 
 const healthy: HostCheck[] = [

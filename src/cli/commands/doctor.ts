@@ -1,7 +1,7 @@
 /** `chipmunk doctor`: can this host run chipmunk, and what to do if not. */
 import type { Command } from 'commander';
 
-import { runHostChecks } from '../../agent/host/capabilities.js';
+import { runHostChecks } from '../../shared/host/capabilities.js';
 import { doctorExitCode, doctorJson, renderDoctorTable } from '../doctor.js';
 import { addJsonOption } from '../options.js';
 import { printJson } from '../output.js';
