@@ -4,23 +4,22 @@
  * runs on both), but nothing runs: a "container" is a record, its "process" is `state`, a plain
  * object a test may read and change (`fakeState(name)`), which travels with a migration.
  *
- * Migrations are real on disk, so the transfer layer can copy them between two fakes:
- * `dump` and `checkpoint` write images/fake-criu-images.json (spec, generation, state) and
- * files/fake-files.json (logs) under `migrationPaths(id)`; `restore` on another FakeRuntime
- * reads them from its own `migrationPaths(id)` and fails like runc would when they are absent.
- * A lazy dump "listens" on its page server address in a registry shared by all fakes of
- * the process, so a lazy restore from an address nobody serves fails as it would for real.
+ * Migrations are real on disk (fake-images.ts), so the transfer layer can copy them between two
+ * fakes: `dump` and `checkpoint` write them under `migrationPaths(id)`; `restore` on another
+ * FakeRuntime reads them from its own `migrationPaths(id)` and fails like runc would when they
+ * are absent. A lazy dump "listens" on its page server address in a registry shared by all fakes
+ * of the process, so a lazy restore from an address nobody serves fails as it would for real.
  * Not modelled: lazy pages being consumed (a lazy rollback always works here).
  */
 import { randomBytes } from 'node:crypto';
 import { existsSync } from 'node:fs';
-import { mkdir, readFile, stat, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { ChipmunkError, ConflictError, InvalidInputError, NotFoundError, RuntimeFailedError } from '../../shared/errors.js';
 import type { AgentContainer, ContainerSpec, ContainerStats, DumpState, HostCapabilities, MigrationMode } from '../../shared/protocol.js';
 import { removeTree } from '../../shared/remove-tree.js';
 import { MIN_MEMORY_BYTES } from '../../shared/units.js';
+import { fakePageServers, readFakeImages, writeFakeImages, type FakeCriuImages, type FakeLogs } from './fake-images.js';
 import type { ContainerRuntime, RemoveOptions, DumpOptions, DumpOutcome, LocalCheckpoint, LogStream, MigrationPaths, RestoreOptions } from './types.js';
 
 export interface FakeRuntimeOptions {
@@ -41,30 +40,16 @@ interface FakeContainer {
   ip: string;
   pid: number;
   createdAt: string;
-  logs: { stdout: string; stderr: string };
+  logs: FakeLogs;
   state: Record<string, unknown>;
   migration?: { id: string; role: 'source' | 'target'; mode: MigrationMode; pageServer?: string };
   /** Target side: the migration that restored it here, so abortRestore can still undo it. */
   restoredBy?: string;
 }
 
-interface FakeCriuImages {
-  /** The migration or checkpoint that wrote it. */
-  migrationId: string;
-  mode: MigrationMode;
-  spec: ContainerSpec;
-  generation: number;
-  state: Record<string, unknown>;
-}
-
 export const FAKE_DEFAULT_IMAGES = ['chipmunk/statefulapp', 'chipmunk/busybox'];
-const IMAGE_FILE = 'fake-criu-images.json';
-const FILES_FILE = 'fake-files.json';
 
 let nextPid = 1000;
-/** Page servers of lazy dumps in flight, "address:port", across all fakes. */
-const pageServers = new Set<string>();
-const pageServerKey = (ps: { address: string; port: number }) => `${ps.address}:${ps.port}`;
 
 export class FakeRuntime implements ContainerRuntime {
   readonly capabilities: HostCapabilities;
@@ -133,7 +118,7 @@ export class FakeRuntime implements ContainerRuntime {
     }
     this.containers.delete(name);
     if (c.migration) {
-      if (c.migration.pageServer) pageServers.delete(c.migration.pageServer);
+      if (c.migration.pageServer) fakePageServers.delete(c.migration.pageServer);
       await this.removeMigrationDir(c.migration.id);
     }
   }
@@ -171,33 +156,27 @@ export class FakeRuntime implements ContainerRuntime {
     if (c.status !== 'running') {
       throw new ConflictError(`container '${name}' is not running on node ${this.node}; only running containers migrate`, { name });
     }
-    if (opts.pageServer && pageServers.has(pageServerKey(opts.pageServer))) {
-      throw new RuntimeFailedError(`dump of '${name}' failed: page server address ${pageServerKey(opts.pageServer)} is in use`, { op: 'runc checkpoint' });
+    if (opts.pageServer && fakePageServers.has(fakePageServers.key(opts.pageServer))) {
+      throw new RuntimeFailedError(`dump of '${name}' failed: page server address ${fakePageServers.key(opts.pageServer)} is in use`, { op: 'runc checkpoint' });
     }
     c.migration = { id: opts.migrationId, role: 'source', mode: opts.mode };
     if (opts.mode === 'lazy') {
-      c.migration.pageServer = pageServerKey(opts.pageServer!);
-      pageServers.add(c.migration.pageServer);
+      c.migration.pageServer = fakePageServers.key(opts.pageServer!);
+      fakePageServers.add(c.migration.pageServer);
     }
     delete c.restoredBy;
     const frozenAt = Date.now();
     const paths = this.migrationPaths(opts.migrationId);
     const image: FakeCriuImages = { migrationId: opts.migrationId, mode: opts.mode, spec: c.spec, generation: c.generation, state: c.state };
+    let written: { imageBytes: number; filesBytes: number };
     try {
-      await mkdir(paths.images, { recursive: true });
-      await mkdir(paths.files, { recursive: true });
-      await writeFile(join(paths.images, IMAGE_FILE), JSON.stringify(image));
-      await writeFile(join(paths.files, FILES_FILE), JSON.stringify({ logs: c.logs }));
+      written = await writeFakeImages(paths, image, c.logs);
     } catch (err) {
-      if (c.migration.pageServer) pageServers.delete(c.migration.pageServer);
+      if (c.migration.pageServer) fakePageServers.delete(c.migration.pageServer);
       delete c.migration;
       throw new RuntimeFailedError(`dump of '${name}' failed: ${(err as Error).message}`, { op: 'runc checkpoint' }, err);
     }
-    return {
-      imageBytes: (await stat(join(paths.images, IMAGE_FILE))).size,
-      upperBytes: (await stat(join(paths.files, FILES_FILE))).size,
-      frozenAt,
-    };
+    return { imageBytes: written.imageBytes, upperBytes: written.filesBytes, frozenAt };
   }
 
   async checkpoint(name: string, checkpointId: string): Promise<LocalCheckpoint> {
@@ -209,17 +188,8 @@ export class FakeRuntime implements ContainerRuntime {
     const dir = join(this.dataDir, 'checkpoints', checkpointId);
     const paths: MigrationPaths = { images: join(dir, 'images'), files: join(dir, 'files') };
     const image: FakeCriuImages = { migrationId: checkpointId, mode: 'copy', spec: c.spec, generation: c.generation, state: structuredClone(c.state) };
-    await mkdir(paths.images, { recursive: true });
-    await mkdir(paths.files, { recursive: true });
-    await writeFile(join(paths.images, IMAGE_FILE), JSON.stringify(image));
-    await writeFile(join(paths.files, FILES_FILE), JSON.stringify({ logs: c.logs }));
-    return {
-      paths,
-      frozenMs: 0,
-      frozenPhases: { preCopyMs: 0, pauseMs: 0, filesMs: 0, dumpMs: 0, resumeMs: 0 },
-      imageBytes: (await stat(join(paths.images, IMAGE_FILE))).size,
-      filesBytes: (await stat(join(paths.files, FILES_FILE))).size,
-    };
+    const written = await writeFakeImages(paths, image, c.logs);
+    return { paths, frozenMs: 0, frozenPhases: { preCopyMs: 0, pauseMs: 0, filesMs: 0, dumpMs: 0, resumeMs: 0 }, ...written };
   }
 
   async discardCheckpoint(checkpointId: string): Promise<void> {
@@ -236,7 +206,7 @@ export class FakeRuntime implements ContainerRuntime {
     c.generation += 1;
     c.status = 'running';
     c.pid = nextPid++;
-    if (c.migration?.pageServer) pageServers.delete(c.migration.pageServer);
+    if (c.migration?.pageServer) fakePageServers.delete(c.migration.pageServer);
     delete c.migration;
     return this.view(c);
   }
@@ -248,7 +218,7 @@ export class FakeRuntime implements ContainerRuntime {
 
   async finishMigration(migrationId: string): Promise<void> {
     const c = [...this.containers.values()].find((x) => x.migration?.id === migrationId && x.migration.role === 'source');
-    if (c?.migration?.pageServer) pageServers.delete(c.migration.pageServer);
+    if (c?.migration?.pageServer) fakePageServers.delete(c.migration.pageServer);
     if (c) this.containers.delete(c.spec.name);
     await this.removeMigrationDir(migrationId);
   }
@@ -266,21 +236,20 @@ export class FakeRuntime implements ContainerRuntime {
     this.containers.set(spec.name, c);
     try {
       const paths = this.migrationPaths(opts.migrationId);
-      const image = await readJson<FakeCriuImages>(join(paths.images, IMAGE_FILE));
+      const { image, logs } = await readFakeImages(paths);
       if (!image) {
         throw new RuntimeFailedError(`runc restore of '${spec.name}' failed: no CRIU images for migration ${opts.migrationId} in ${paths.images}`, {
           op: 'runc restore',
         });
       }
-      if (opts.mode === 'lazy' && !pageServers.has(pageServerKey(opts.pageServer!))) {
+      if (opts.mode === 'lazy' && !fakePageServers.has(fakePageServers.key(opts.pageServer!))) {
         throw new RuntimeFailedError(
-          `runc restore of '${spec.name}' failed: the CRIU lazy-pages daemon failed fetching memory from the page server ${pageServerKey(opts.pageServer!)}`,
+          `runc restore of '${spec.name}' failed: the CRIU lazy-pages daemon failed fetching memory from the page server ${fakePageServers.key(opts.pageServer!)}`,
           { op: 'runc restore' },
         );
       }
-      const files = await readJson<{ logs: FakeContainer['logs'] }>(join(paths.files, FILES_FILE));
       c.state = image.state;
-      if (files) c.logs = files.logs;
+      if (logs) c.logs = logs;
       delete c.migration;
       c.restoredBy = opts.migrationId;
       return this.view(c);
@@ -401,13 +370,5 @@ export class FakeRuntime implements ContainerRuntime {
       ...(status === 'running' ? { pid: c.pid } : {}),
       createdAt: c.createdAt,
     };
-  }
-}
-
-async function readJson<T>(path: string): Promise<T | undefined> {
-  try {
-    return JSON.parse(await readFile(path, 'utf8')) as T;
-  } catch {
-    return undefined;
   }
 }
