@@ -1,6 +1,8 @@
 import { ConsecutiveBreaker, circuitBreaker, handleWhen } from 'cockatiel';
-import { CompareResult, CompareTarget, Etcd3, EtcdLeaseInvalidError, isRecoverableError, type IKeyValue, type IRangeRequest, type IRequestOp, type ITxnResponse } from 'etcd3';
-import { InvalidInputError, StoreConflictError, StoreFailedError } from '../../shared/errors.js';
+import { Etcd3, EtcdLeaseInvalidError, isRecoverableError, type IRangeRequest, type IRequestOp, type ITxnResponse } from 'etcd3';
+import { StoreConflictError, StoreFailedError } from '../../shared/errors.js';
+import { EtcdKeyspace, leaseNumber } from './etcd-codec.js';
+import { keepAliveOnce } from './etcd-keepalive.js';
 import { EtcdWatch } from './etcd-watch.js';
 import type { DeleteOptions, KeyValue, PutOptions, StateStore, Txn, TxnResult, Watch, WatchEvent, WatchOptions } from './types.js';
 import {
@@ -47,12 +49,6 @@ export interface EtcdStoreOptions {
   requestTimeoutMs?: number;
 }
 
-export interface EtcdSpec {
-  /** host:port of each member. */
-  endpoints: string[];
-  namespace: string;
-}
-
 const DEFAULT_HISTORY_REVISIONS = 10_000;
 const DEFAULT_REQUEST_TIMEOUT_MS = 5000;
 /**
@@ -61,32 +57,9 @@ const DEFAULT_REQUEST_TIMEOUT_MS = 5000;
  * than a 1 s lease lasts.
  */
 const MEMBER_FAILURES = 3;
-/** A healthy member answers a keep-alive in milliseconds; one that takes this long is tried no more. */
-const KEEPALIVE_TRY_MS = 400;
 const MEMBER_REST_MS = 1000;
 /** Keys a list reads per call: big lists come in pages, all read at the first page's revision. */
 const LIST_PAGE = 500;
-const SPEC_FORM = '"etcd://HOST:PORT[,HOST:PORT...][/NAMESPACE]", e.g. etcd://10.0.0.1:2379,10.0.0.2:2379,10.0.0.3:2379';
-
-/** Parses `etcd://h1:2379,h2:2379[/namespace]`, naming what is wrong with a bad one. */
-export function parseEtcdSpec(spec: string): EtcdSpec {
-  const bad = (why: string) => new InvalidInputError(`bad etcd store "${spec}": ${why}; use ${SPEC_FORM}`, { spec });
-  if (!spec.startsWith('etcd://')) throw bad('it must start with etcd://');
-  const rest = spec.slice('etcd://'.length);
-  const slash = rest.indexOf('/');
-  const hosts = slash === -1 ? rest : rest.slice(0, slash);
-  const namespace = slash === -1 ? '' : rest.slice(slash).replace(/\/+$/, '');
-  if (hosts === '') throw bad('it names no etcd member');
-  if (/[\s?#@]/.test(namespace)) throw bad(`namespace "${namespace}" has a space, ?, # or @`);
-  const endpoints = hosts.split(',').map((endpoint) => {
-    const match = /^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$/.exec(endpoint);
-    if (!match) throw bad(`member "${endpoint}" is not HOST:PORT`);
-    const port = Number(match[2]);
-    if (port < 1 || port > 65535) throw bad(`member "${endpoint}" has port ${port}, outside 1-65535`);
-    return endpoint;
-  });
-  return { endpoints, namespace };
-}
 
 export class EtcdStore implements StateStore {
   private readonly watches = new Set<EtcdWatch>();
@@ -98,7 +71,7 @@ export class EtcdStore implements StateStore {
   private constructor(
     private readonly client: Etcd3,
     private readonly endpoints: string[],
-    private readonly namespace: string,
+    private readonly keys: EtcdKeyspace,
     private readonly historyRevisions: number,
   ) {
     // Compacting on every write would double the calls; a tenth of the history in arrears is cheap.
@@ -119,7 +92,7 @@ export class EtcdStore implements StateStore {
       // Streams (watches, keep-alives) live on; every other call gets a deadline.
       defaultCallOptions: (context) => (context.isStream ? {} : { deadline: Date.now() + timeoutMs }),
     });
-    const store = new EtcdStore(client, endpoints, options.namespace ?? '', historyRevisions);
+    const store = new EtcdStore(client, endpoints, new EtcdKeyspace(options.namespace ?? ''), historyRevisions);
     try {
       await client.kv.range({ key: Buffer.from('/'), keys_only: true, limit: 1 });
     } catch (err) {
@@ -133,18 +106,18 @@ export class EtcdStore implements StateStore {
   }
 
   async currentRevision(): Promise<number> {
-    const res = await this.call('reading the revision', () => this.client.kv.range({ key: this.encodeKey('/'), keys_only: true, limit: 1 }));
+    const res = await this.call('reading the revision', () => this.client.kv.range({ key: this.keys.encode('/'), keys_only: true, limit: 1 }));
     return Number(res.header.revision);
   }
 
   async get<T = unknown>(key: string): Promise<KeyValue<T> | undefined> {
     assertKey(key);
-    const res = await this.call(`reading ${key}`, () => this.client.kv.range({ key: this.encodeKey(key) }));
-    return res.kvs[0] && this.toKeyValue<T>(res.kvs[0]);
+    const res = await this.call(`reading ${key}`, () => this.client.kv.range({ key: this.keys.encode(key) }));
+    return res.kvs[0] && this.keys.toKeyValue<T>(res.kvs[0]);
   }
 
   async list<T = unknown>(prefix: string): Promise<KeyValue<T>[]> {
-    const range = this.prefixRange(prefix);
+    const range = this.keys.prefixRange(prefix);
     const kvs: KeyValue<T>[] = [];
     let revision: number | undefined;
     let from = range.key;
@@ -152,7 +125,7 @@ export class EtcdStore implements StateStore {
       const req: IRangeRequest = { key: from, range_end: range.range_end, limit: LIST_PAGE, ...(revision ? { revision } : {}) };
       const res = await this.call(`listing ${prefix}`, () => this.client.kv.range(req));
       revision ??= Number(res.header.revision);
-      for (const kv of res.kvs) kvs.push(this.toKeyValue<T>(kv));
+      for (const kv of res.kvs) kvs.push(this.keys.toKeyValue<T>(kv));
       if (!res.more || res.kvs.length === 0) return kvs;
       // The next page starts right after the last key: the same key with a zero byte appended.
       from = Buffer.concat([res.kvs[res.kvs.length - 1].key, Buffer.from([0])]);
@@ -161,7 +134,7 @@ export class EtcdStore implements StateStore {
 
   async put(key: string, value: unknown, opts: PutOptions = {}): Promise<number> {
     assertKey(key);
-    const put: IRequestOp = { request_put: { key: this.encodeKey(key), value: Buffer.from(encodeValue(key, value)), lease: leaseNumber(opts.lease) } };
+    const put: IRequestOp = { request_put: { key: this.keys.encode(key), value: Buffer.from(encodeValue(key, value)), lease: leaseNumber(opts.lease) } };
     const res = await this.conditional(`putting ${key}`, key, opts.expectModRevision, put, opts.lease);
     const revision = Number(res.header.revision);
     await this.compactIfDue(revision);
@@ -170,7 +143,7 @@ export class EtcdStore implements StateStore {
 
   async delete(key: string, opts: DeleteOptions = {}): Promise<boolean> {
     assertKey(key);
-    const res = await this.conditional(`deleting ${key}`, key, opts.expectModRevision, { request_delete_range: { key: this.encodeKey(key) } });
+    const res = await this.conditional(`deleting ${key}`, key, opts.expectModRevision, { request_delete_range: { key: this.keys.encode(key) } });
     const deleted = Number(res.responses[0].response_delete_range.deleted) > 0;
     if (deleted) await this.compactIfDue(Number(res.header.revision));
     return deleted;
@@ -181,12 +154,12 @@ export class EtcdStore implements StateStore {
     for (const { key } of txn.compare) assertKey(key);
     const ops: IRequestOp[] = txn.ops.map((op) =>
       op.type === 'delete'
-        ? { request_delete_range: { key: this.encodeKey(op.key) } }
-        : { request_put: { key: this.encodeKey(op.key), value: Buffer.from(encodeValue(op.key, op.value)), lease: leaseNumber(op.lease) } },
+        ? { request_delete_range: { key: this.keys.encode(op.key) } }
+        : { request_put: { key: this.keys.encode(op.key), value: Buffer.from(encodeValue(op.key, op.value)), lease: leaseNumber(op.lease) } },
     );
     const leases = txn.ops.flatMap((op) => (op.type === 'put' && op.lease !== undefined ? [op.lease] : []));
     const res = await this.call('a transaction', leases.join(', ') || undefined, () =>
-      this.client.kv.txn({ compare: txn.compare.map((c) => this.modCompare(c.key, c.modRevision)), success: ops, failure: [] }),
+      this.client.kv.txn({ compare: txn.compare.map((c) => this.keys.modCompare(c.key, c.modRevision)), success: ops, failure: [] }),
     );
     const revision = Number(res.header.revision);
     if (res.succeeded) await this.compactIfDue(revision);
@@ -196,7 +169,7 @@ export class EtcdStore implements StateStore {
   async watch<T = unknown>(prefix: string, opts: WatchOptions, onEvent: (ev: WatchEvent<T>) => void): Promise<Watch> {
     assertWatchFrom(opts.fromRevision);
     if (opts.fromRevision !== undefined) await this.assertRetained(prefix, opts.fromRevision);
-    const range = this.prefixRange(prefix);
+    const range = this.keys.prefixRange(prefix);
     // A watch that fails to start ends (onEnd) before start() returns: nothing to delete then.
     let watch: EtcdWatch | undefined;
     watch = await EtcdWatch.start({
@@ -205,7 +178,7 @@ export class EtcdStore implements StateStore {
       key: range.key,
       rangeEnd: range.range_end,
       fromRevision: opts.fromRevision,
-      toKeyValue: (kv) => this.toKeyValue(kv),
+      toKeyValue: (kv) => this.keys.toKeyValue(kv),
       onEvent: onEvent as (ev: WatchEvent) => void,
       onFailed: opts.onFailed,
       onEnd: () => watch && this.watches.delete(watch),
@@ -231,7 +204,7 @@ export class EtcdStore implements StateStore {
 
   async keepAlive(leaseId: string): Promise<void> {
     const id = leaseNumber(leaseId);
-    const ttl = await this.call(`keeping lease ${leaseId} alive`, leaseId, () => this.keepAliveOnce(id));
+    const ttl = await this.call(`keeping lease ${leaseId} alive`, leaseId, () => keepAliveOnce(this.client, this.endpoints.length, id));
     if (ttl <= 0) throw new StoreFailedError(leaseNotFoundMessage(leaseId));
   }
 
@@ -250,10 +223,10 @@ export class EtcdStore implements StateStore {
 
   /** A write, guarded by the key's mod revision when one is expected; a refused guard reads the key in the same transaction. */
   private async conditional(what: string, key: string, expected: number | undefined, op: IRequestOp, lease?: string): Promise<ITxnResponse> {
-    const encoded = this.encodeKey(key);
+    const encoded = this.keys.encode(key);
     const res = await this.call(what, lease, () =>
       this.client.kv.txn({
-        compare: expected === undefined ? [] : [this.modCompare(key, expected)],
+        compare: expected === undefined ? [] : [this.keys.modCompare(key, expected)],
         success: [op],
         failure: [{ request_range: { key: encoded } }],
       }),
@@ -266,52 +239,6 @@ export class EtcdStore implements StateStore {
   }
 
   /**
-   * One keep-alive: the lease's remaining TTL in seconds, 0 when etcd no longer has it. A keep-alive
-   * is a stream, which the client neither retries nor steers away from a dead member (the stream
-   * opens and then hangs or fails), so each try is bounded by KEEPALIVE_TRY_MS and the next try
-   * goes to a member picked afresh: a leader with a 1 s lease must not lose it to one dead member.
-   */
-  private async keepAliveOnce(id: string): Promise<number> {
-    let lastError: unknown;
-    for (let attempt = 0; attempt < Math.max(2, this.endpoints.length); attempt++) {
-      try {
-        return await this.keepAliveTry(id);
-      } catch (err) {
-        lastError = err;
-      }
-    }
-    throw lastError;
-  }
-
-  private async keepAliveTry(id: string): Promise<number> {
-    const stream = await this.client.leaseClient.leaseKeepAlive();
-    let answered = false;
-    try {
-      return await new Promise<number>((resolve, reject) => {
-        const timer = setTimeout(() => reject(new Error(`no answer to the keep-alive within ${KEEPALIVE_TRY_MS} ms`)), KEEPALIVE_TRY_MS);
-        stream.on('data', (res) => {
-          clearTimeout(timer);
-          answered = true;
-          resolve(Number(res.TTL));
-        });
-        stream.on('error', (err) => {
-          clearTimeout(timer);
-          reject(err);
-        });
-        stream.write({ ID: id });
-      });
-    } finally {
-      // The client takes an error on a stream still writable for a failure of its member (counted
-      // towards opening the member's circuit breaker; its connection is dropped), and cancelling
-      // raises one. An answered keep-alive is ended first, so its cancel counts nothing (five at
-      // once opened the breaker and failed the next calls); one that got no answer in time is
-      // cancelled as is: counted, a hung member is soon passed over.
-      if (answered) stream.end();
-      stream.cancel();
-    }
-  }
-
-  /**
    * Refuses a watch from history this store or etcd has compacted, before the watch is made: etcd
    * itself would accept it and cancel it a moment later. A compaction racing the watch still
    * reaches the caller, through onFailed.
@@ -320,7 +247,7 @@ export class EtcdStore implements StateStore {
     const current = await this.currentRevision();
     if (from > current) return;
     try {
-      await this.client.kv.range({ key: this.encodeKey('/'), keys_only: true, limit: 1, revision: from });
+      await this.client.kv.range({ key: this.keys.encode('/'), keys_only: true, limit: 1, revision: from });
     } catch (err) {
       if (!/compacted/.test((err as Error).message)) throw this.failure(`checking history for a watch on ${prefix}`, err);
       // etcd does not say up to where it compacted: this store knows its own compactions, and the refused revision bounds the rest.
@@ -345,40 +272,6 @@ export class EtcdStore implements StateStore {
     }
   }
 
-  private modCompare(key: string, modRevision: number) {
-    return { key: this.encodeKey(key), target: CompareTarget.Mod, result: CompareResult.Equal, mod_revision: modRevision };
-  }
-
-  private encodeKey(key: string): Buffer {
-    return Buffer.from(this.namespace + key);
-  }
-
-  /** etcd's range for every key starting with the prefix: up to the prefix with its last byte raised. */
-  private prefixRange(prefix: string): { key: Buffer; range_end: Buffer } {
-    const key = this.encodeKey(prefix);
-    const end = Buffer.from(key);
-    for (let i = end.length - 1; i >= 0; i--) {
-      if (end[i] < 0xff) {
-        end[i]++;
-        return { key, range_end: end.subarray(0, i + 1) };
-      }
-    }
-    // An empty prefix (or all 0xff bytes): from the key to the end of the keyspace, in etcd's spelling.
-    return { key: key.length > 0 ? key : Buffer.from([0]), range_end: Buffer.from([0]) };
-  }
-
-  private toKeyValue<T>(kv: IKeyValue): KeyValue<T> {
-    const key = kv.key.toString().slice(this.namespace.length);
-    return {
-      key,
-      value: JSON.parse(kv.value.toString()) as T,
-      createRevision: Number(kv.create_revision),
-      modRevision: Number(kv.mod_revision),
-      version: Number(kv.version),
-      ...(kv.lease !== '0' ? { lease: kv.lease } : {}),
-    };
-  }
-
   /** Runs one call to etcd, turning its errors into the store's; LEASE names the lease(s) the call uses, for a lease etcd no longer has. */
   private async call<T>(what: string, lease: string | undefined, run: () => Promise<T>): Promise<T>;
   private async call<T>(what: string, run: () => Promise<T>): Promise<T>;
@@ -400,9 +293,3 @@ export class EtcdStore implements StateStore {
   }
 }
 
-/** etcd names leases by 64-bit numbers, which the store hands out as decimal strings; 0 is "no lease". */
-function leaseNumber(lease: string | undefined): string {
-  if (lease === undefined) return '0';
-  if (!/^[1-9]\d{0,19}$/.test(lease)) throw new InvalidInputError(`lease "${lease}" is not an etcd lease id (a decimal number this store granted)`);
-  return lease;
-}

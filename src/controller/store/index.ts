@@ -1,13 +1,15 @@
 import { randomBytes } from 'node:crypto';
 import { InvalidInputError } from '../../shared/errors.js';
-import { EtcdStore, parseEtcdSpec } from './etcd.js';
+import { EtcdStore } from './etcd.js';
+import { parseEtcdSpec } from './etcd-spec.js';
 import { MemoryStore } from './memory.js';
 import { SqliteStore } from './sqlite.js';
 import type { StateStore } from './types.js';
 
 export type * from './types.js';
 export type { LocalStoreOptions } from './local.js';
-export { EtcdStore, parseEtcdSpec, type EtcdStoreOptions } from './etcd.js';
+export { EtcdStore, type EtcdStoreOptions } from './etcd.js';
+export { parseEtcdSpec } from './etcd-spec.js';
 export { MemoryStore } from './memory.js';
 export { SqliteStore } from './sqlite.js';
 
