@@ -4,7 +4,7 @@
  */
 import { randomUUID } from 'node:crypto';
 import { join } from 'node:path';
-import Fastify, { type FastifyBaseLogger, type FastifyInstance } from 'fastify';
+import Fastify, { LogController, type FastifyBaseLogger, type FastifyInstance } from 'fastify';
 import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox';
 import { Type } from '@sinclair/typebox';
 import { CheckpointInfo, checkpointPartUrl, uploadCheckpoint } from '../checkpoint-store/index.js';
@@ -58,7 +58,13 @@ const IdParams = Type.Object({ id: Type.String({ pattern: '^[A-Za-z0-9_-]{1,64}$
 
 export function buildAgentServer(deps: AgentServerDeps): FastifyInstance {
   const { runtime, images, token, faults } = deps;
-  const app = Fastify({ ...(deps.logger ? { loggerInstance: deps.logger } : {}), disableRequestLogging: true, bodyLimit: 1024 * 1024 }).withTypeProvider<TypeBoxTypeProvider>();
+  const app = Fastify({
+    ...(deps.logger ? { loggerInstance: deps.logger } : {}),
+    // Per-request lines would drown the log (the controller polls progress); fastify 5 takes this
+    // through a LogController (the top-level disableRequestLogging is deprecated: FSTDEP023).
+    logController: new LogController({ disableRequestLogging: true }),
+    bodyLimit: 1024 * 1024,
+  }).withTypeProvider<TypeBoxTypeProvider>();
   installApiConventions(app, token);
   installTermFence(app, deps.termFence);
   /** Transfer progress of restores running on this node, for the controller to poll. */

@@ -9,6 +9,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, describe, it } from 'node:test';
 import type { FastifyInstance } from 'fastify';
+import { pino } from 'pino';
 import { FaultInjector } from '../../src/agent/faults.js';
 import type { ImageStore } from '../../src/agent/runtime/images.js';
 import { FakeRuntime } from '../../src/agent/runtime/fake-runtime.js';
@@ -89,5 +90,34 @@ describe('agent API over HTTP', () => {
     await api.discardCheckpoint('c1');
     const upload = api.uploadCheckpoint('c1', { container: 'web', storeUrl: 'http://127.0.0.1:1', logPosition: null, metadata: {} });
     await assert.rejects(upload, (err: unknown) => err instanceof NotFoundError && /no checkpoint c1 on node n1/.test(err.message));
+  });
+
+  it('logs no line per request, and fastify warns of no deprecated option (FSTDEP023: disableRequestLogging at the top level)', async () => {
+    const warnings: string[] = [];
+    const onWarning = (warning: Error & { code?: string }) => warnings.push(warning.code ?? warning.name);
+    process.on('warning', onWarning);
+    const lines: string[] = [];
+    const logger = pino({ level: 'info' }, { write: (line: string) => void lines.push(line) });
+    const quiet = buildAgentServer({
+      info: { node: 'n2', address: '127.0.0.1', apiPort: 0, capabilities: runtime.capabilities, version: 'test' },
+      token: TOKEN,
+      runtime,
+      images: { exists: async () => true } as unknown as ImageStore,
+      scratchDir: join(scratch, 'scratch-quiet'),
+      faults: new FaultInjector(false),
+      termFence: await TermFence.open(join(scratch, 'leader-term-quiet')),
+      logger,
+    });
+    try {
+      const res = await quiet.inject({ method: 'GET', url: '/healthz' });
+      assert.equal(res.statusCode, 200);
+      // Process warnings are emitted on a later tick.
+      await new Promise((resolve) => setImmediate(resolve));
+    } finally {
+      process.off('warning', onWarning);
+      await quiet.close();
+    }
+    assert.deepEqual(warnings.filter((code) => code.startsWith('FSTDEP')), []);
+    assert.deepEqual(lines.filter((line) => /incoming request|request completed/.test(line)), []);
   });
 });
