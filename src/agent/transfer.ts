@@ -23,17 +23,7 @@ import { request, type Dispatcher } from 'undici';
 import { ChipmunkError, InvalidInputError, NotFoundError, TransferFailedError, errorFromJSON, type ErrorJSON } from '../shared/errors.js';
 import { lastLines } from '../shared/exec.js';
 import { removeTree } from '../shared/remove-tree.js';
-
-export const SHA256_TRAILER = 'x-chipmunk-sha256';
-export const BYTES_TRAILER = 'x-chipmunk-bytes';
-
-/**
- * Both ends use the same flags: numeric ids because the hosts' user databases may differ;
- * every xattr namespace (the default is user.* only) so overlay opaque dirs keep
- * trusted.overlay.*; ACLs; sparse files stay sparse. Whiteouts (char devices 0/0) need no
- * flag, only root, which the agent is.
- */
-export const TAR_FLAGS = ['--numeric-owner', '--xattrs', '--xattrs-include=*', '--acls', '-S'];
+import { BYTES_TRAILER, SHA256_TRAILER, TAR_FLAGS } from '../shared/tree-archive.js';
 
 const PROGRESS_EVERY_BYTES = 64 * 1024;
 const PROGRESS_EVERY_MS = 100;

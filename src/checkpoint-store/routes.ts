@@ -13,7 +13,7 @@ import { Readable } from 'node:stream';
 import type { FastifyPluginAsync, FastifyReply } from 'fastify';
 import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox';
 import { Type } from '@sinclair/typebox';
-import { BYTES_TRAILER, SHA256_TRAILER } from '../agent/transfer.js';
+import { BYTES_TRAILER, SHA256_TRAILER } from '../shared/tree-archive.js';
 import { toChipmunkError } from '../shared/errors.js';
 import {
   CheckpointDetail,

@@ -12,7 +12,7 @@ import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { once } from 'node:events';
 import { PassThrough } from 'node:stream';
-import { TAR_FLAGS } from '../agent/transfer.js';
+import { TAR_FLAGS } from '../shared/tree-archive.js';
 import { TransferFailedError } from '../shared/errors.js';
 import { lastLines } from '../shared/exec.js';
 import { ApiClient } from '../shared/http.js';

@@ -15,8 +15,7 @@
 import type { Logger } from 'pino';
 import { ConflictError, InvalidInputError, NotFoundError, UnavailableError, toChipmunkError } from '../shared/errors.js';
 import type { StateStore } from './store/index.js';
-import { GatewayClient } from '../gateway/client.js';
-import type { LogPosition, RouteView, SyncedRoute, Upstream } from '../gateway/protocol.js';
+import { GatewayClient, type LogPosition, type RouteView, type SyncedRoute, type Upstream } from '../gateway/index.js';
 import type { ExposeRequest, ExposedRoute } from '../shared/protocol.js';
 import { containerKey, type ContainerRecord } from './container-lock.js';
 

@@ -5,7 +5,7 @@ import { randomBytes } from 'node:crypto';
 import { link, mkdir, mkdtemp, open, readFile, readlink, stat, symlink, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { TAR_FLAGS } from '../../src/agent/transfer.js';
+import { TAR_FLAGS } from '../../src/shared/tree-archive.js';
 import { decodeManifest, encodeManifest, scanTar } from '../../src/checkpoint-store/manifest.js';
 import { expandSparse, paddingOf, TarReader } from '../../src/checkpoint-store/tar.js';
 import { removeTree } from '../../src/shared/remove-tree.js';

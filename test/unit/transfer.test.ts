@@ -6,7 +6,8 @@ import { lstat, mkdir, mkdtemp, open, readFile, readdir, readlink, symlink, writ
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import Fastify, { type FastifyInstance } from 'fastify';
-import { BYTES_TRAILER, SHA256_TRAILER, fetchTree, serveTree, treeSize, type TransferResult } from '../../src/agent/transfer.js';
+import { fetchTree, serveTree, treeSize, type TransferResult } from '../../src/agent/transfer.js';
+import { BYTES_TRAILER, SHA256_TRAILER } from '../../src/shared/tree-archive.js';
 import { InvalidInputError, NotFoundError, TransferFailedError, UnauthorizedError } from '../../src/shared/errors.js';
 import { installApiConventions } from '../../src/shared/http.js';
 import { removeTree } from '../../src/shared/remove-tree.js';

@@ -3,7 +3,7 @@
  * containers, their checkpoints and the file versions those hold, through the controller.
  */
 import type { Command } from 'commander';
-import type { CheckpointSummary, DirectoryListing } from '../../checkpoint-store/protocol.js';
+import type { CheckpointSummary, DirectoryListing } from '../../checkpoint-store/index.js';
 import { formatBytes, formatDuration } from '../../shared/units.js';
 import { controllerClient } from '../context.js';
 import { addConnectionOptions, addJsonOption, parseCheckpointInterval, parseContainerName } from '../options.js';
