@@ -5,7 +5,7 @@
  */
 import { writeFile } from 'node:fs/promises';
 import { fileURLToPath } from 'node:url';
-import { renderApiDocs } from '../src/shared/api-docs.js';
+import { renderApiDocs } from '../src/devtools/api-docs.js';
 
 const out = fileURLToPath(new URL('../docs/api.md', import.meta.url));
 await writeFile(out, renderApiDocs());

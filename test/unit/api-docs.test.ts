@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { readFile } from 'node:fs/promises';
 import { test } from 'node:test';
-import { renderApiDocs } from '../../src/shared/api-docs.js';
+import { renderApiDocs } from '../../src/devtools/api-docs.js';
 
 test('docs/api.md matches the protocol schemas (run npm run docs after changing them)', async () => {
   const onDisk = await readFile(new URL('../../docs/api.md', import.meta.url), 'utf8');

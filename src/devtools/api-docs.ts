@@ -1,8 +1,8 @@
 /** Renders the protocol schemas as a Markdown reference (docs/api.md). */
 import type { TSchema } from '@sinclair/typebox';
-import { checkpointStoreSchemas } from '../checkpoint-store/protocol.js';
-import { schemas } from './protocol.js';
-import { replicaSchemas } from './replica-protocol.js';
+import { checkpointStoreSchemas } from '../checkpoint-store/index.js';
+import { schemas } from '../shared/protocol.js';
+import { replicaSchemas } from '../shared/replica-protocol.js';
 
 export function renderApiDocs(): string {
   const parts = [
