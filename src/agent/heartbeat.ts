@@ -12,7 +12,7 @@ import { ControllerClient } from '../shared/controller-client.js';
 import type { HeartbeatResponse, RegisterNodeRequest } from '../shared/protocol.js';
 
 /** Until the first answer says otherwise. */
-export const DEFAULT_HEARTBEAT_MS = 2_000;
+const DEFAULT_HEARTBEAT_MS = 2_000;
 /** A try may use this many intervals: with intervals of a quarter lease, half of it. */
 const TRY_INTERVALS = 2;
 

@@ -18,7 +18,7 @@ import { CHIPMUNK_BIN, GATEWAY_API_PORT, LOCAL_GATEWAY_HOST, LOCAL_NETWORK, cont
 import { netnsPath } from './testhost.js';
 
 export const ETCD_CLIENT_PORT = 2379;
-export const ETCD_PEER_PORT = 2380;
+const ETCD_PEER_PORT = 2380;
 export const HA_CONTROLLER_PORT = 7400;
 /** Node leases of 1 s need etcd leases of 1 s, which etcd grants only with an election timeout of 500 ms or less. */
 const ETCD_ELECTION_TIMEOUT_MS = 500;
@@ -46,7 +46,7 @@ export function etcdStoreSpec(members: HaMember[]): string {
  * Starts MEMBER's etcd inside its test host. The initial cluster names every member; etcd reads it
  * only when its data directory is new, so the same command line brings a killed member back.
  */
-export function spawnEtcdMember(member: HaMember, members: HaMember[], dataDir: string, log: string): Promise<ChildProcess> {
+function spawnEtcdMember(member: HaMember, members: HaMember[], dataDir: string, log: string): Promise<ChildProcess> {
   const peer = (m: HaMember) => `http://${m.address}:${ETCD_PEER_PORT}`;
   const client = `http://${member.address}:${ETCD_CLIENT_PORT}`;
   return spawnDaemon('nsenter', [
@@ -75,7 +75,7 @@ export async function assertEtcdInstalled(): Promise<void> {
 }
 
 /** Until a majority of the members answer /health: before that no controller can elect a leader. */
-export async function waitForEtcd(members: HaMember[], log: (member: HaMember) => string): Promise<void> {
+async function waitForEtcd(members: HaMember[], log: (member: HaMember) => string): Promise<void> {
   const deadline = Date.now() + ETCD_READY_TIMEOUT_MS;
   const majority = Math.floor(members.length / 2) + 1;
   for (;;) {
@@ -132,7 +132,7 @@ export function haControllerArgs(opts: HaControllerArgs): string[] {
 }
 
 /** Starts a controller inside MEMBER's test host with ARGS (from haControllerArgs). */
-export async function spawnHaController(member: HaMember, args: string[], dataDir: string, log: string, env: Record<string, string>): Promise<ChildProcess> {
+async function spawnHaController(member: HaMember, args: string[], dataDir: string, log: string, env: Record<string, string>): Promise<ChildProcess> {
   await mkdir(join(dataDir, 'checkpoints'), { recursive: true });
   return spawnDaemon('nsenter', [`--net=${netnsPath(member.netns)}`, process.execPath, ...args], log, env);
 }

@@ -47,7 +47,7 @@ import {
 import { attachOwnNetns, createTestHost, ensureBridge, netnsPath, testHostNetns } from './testhost.js';
 
 /** The test hosts `cluster up` makes, known before they exist (the controllers start first). */
-export function testHosts(nodes: number): RoutedHost[] {
+function testHosts(nodes: number): RoutedHost[] {
   return Array.from({ length: nodes }, (_, j) => ({ netns: netnsPath(testHostNetns(LOCAL_NETWORK, nodeName(j + 1))), address: nodeAddress(j + 1) }));
 }
 

@@ -52,7 +52,7 @@ export interface RoutedHost {
  * MACHINE_NETNS (a handle of the machine's namespace) is where the machine's route goes when the
  * controller runs in a test host (HA); without it, in the script's own namespace.
  */
-export function addressRoutesScript(hosts: RoutedHost[], machineNetns?: string): string {
+function addressRoutesScript(hosts: RoutedHost[], machineNetns?: string): string {
   for (const h of hosts) {
     if (!/^[\w./-]+$/.test(h.netns) || !/^\d{1,3}(\.\d{1,3}){3}$/.test(h.address)) throw new InvalidInputError(`test host ${h.netns} at ${h.address}: not a namespace path and an IPv4 address`);
   }

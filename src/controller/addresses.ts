@@ -35,7 +35,7 @@ export function parseContainerRange(cidr: string, what = '--container-range'): A
   return { cidr, first: network + 1, last: network + size - 2 };
 }
 
-export function formatAddress(n: number): string {
+function formatAddress(n: number): string {
   return [24, 16, 8, 0].map((shift) => Math.floor(n / 2 ** shift) % 256).join('.');
 }
 

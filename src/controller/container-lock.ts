@@ -49,7 +49,7 @@ export interface ContainerRecord {
 }
 
 /** How long an operation waits for another's lock before it gives up with a conflict. */
-export const LOCK_WAIT_MS = 60_000;
+const LOCK_WAIT_MS = 60_000;
 const LOCK_POLL_MS = 100;
 
 const CONTAINERS_PREFIX = '/containers/';

@@ -11,8 +11,6 @@ import { CapabilityMissingError } from '../shared/errors.js';
 import { BUSYBOX_APPLETS, NSSWITCH, checkBusybox, sharedLibraries, type ImageRecipe } from './images.js';
 
 export type CompatImageName = 'chipmunk/redis' | 'chipmunk/postgres' | 'chipmunk/nginx' | 'chipmunk/memcached';
-export const COMPAT_IMAGE_NAMES: readonly CompatImageName[] = ['chipmunk/redis', 'chipmunk/postgres', 'chipmunk/nginx', 'chipmunk/memcached'];
-
 /** The container port each program listens on (its usual one). */
 export const COMPAT_PORTS: Record<CompatImageName, number> = {
   'chipmunk/redis': 6379,

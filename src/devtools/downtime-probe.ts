@@ -14,11 +14,6 @@ import { Agent, buildConnector, request } from 'undici';
  */
 const client = new Agent({ connect: { timeout: 100 }, pipelining: 0 });
 
-export interface ProbeTarget {
-  /** http://ADDRESS:PORT/PATH, an address of this machine's test hosts or loopback only. */
-  url: string;
-}
-
 export interface DowntimeResult {
   lastSourceAnswerAt?: number;
   firstTargetAnswerAt?: number;

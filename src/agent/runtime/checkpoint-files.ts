@@ -27,7 +27,7 @@ import { lastLines, runUnchecked } from '../../shared/exec.js';
 import { removeTree } from '../../shared/remove-tree.js';
 
 /** More than the coarse clock's lag (a jiffy: 1-10 ms): entries changed this long before the pre-copy began are copied again. */
-export const CTIME_MARGIN_MS = 1_000;
+const CTIME_MARGIN_MS = 1_000;
 
 export interface PreCopied {
   src: string;
