@@ -1,10 +1,22 @@
 /**
- * Typed calls to the checkpoint store's API (src/checkpoint-store/routes.ts) for the controller
- * and the CLI. Uploads are the agent's business: uploadCheckpoint in ./upload.ts.
+ * Typed calls to the checkpoint store's API (src/checkpoint-store/routes.ts): reads for the
+ * controller and the CLI, and the steps of an upload, which uploadCheckpoint (./upload.ts, the
+ * agent's) and copyCheckpoint (./replicate.ts, store to store) put together.
  */
-import type { Dispatcher } from 'undici';
+import { Readable } from 'node:stream';
+import { request, type Dispatcher } from 'undici';
+import { ChipmunkError, TransferFailedError, UnavailableError, errorFromJSON, type ErrorJSON } from '../shared/errors.js';
 import { ApiClient, type ApiClientOptions } from '../shared/http.js';
-import type { CheckpointDetail, CheckpointDiff, CheckpointSummary, CreateUploadRequest, DirectoryListing, StoreUsage } from './protocol.js';
+import type {
+  CheckpointDetail,
+  CheckpointDiff,
+  CheckpointInfo,
+  CheckpointSummary,
+  CreateUploadRequest,
+  CreateUploadResponse,
+  DirectoryListing,
+  StoreUsage,
+} from './protocol.js';
 
 /** A file's content, as the files route answers it. */
 export interface CheckpointFileContent {
@@ -14,9 +26,15 @@ export interface CheckpointFileContent {
 
 export class CheckpointStoreClient {
   private readonly api: ApiClient;
+  private readonly token: string;
 
   constructor(opts: ApiClientOptions) {
     this.api = new ApiClient({ peer: `checkpoint store ${opts.baseUrl}`, ...opts });
+    this.token = opts.token;
+  }
+
+  get baseUrl(): string {
+    return this.api.baseUrl;
   }
 
   /** Newest first. */
@@ -63,6 +81,52 @@ export class CheckpointStoreClient {
   /** Drops one checkpoint from this store. */
   remove(container: string, id: string): Promise<void> {
     return this.api.delete(`/v1/checkpoints/${enc(container)}/${enc(id)}`);
+  }
+
+  /** Begins an upload: the store answers which of the manifests' chunks it lacks. */
+  beginUpload(container: string, upload: CreateUploadRequest): Promise<CreateUploadResponse> {
+    return this.api.post(`/v1/checkpoints/${enc(container)}/uploads`, upload);
+  }
+
+  /** PUTs chunk frames to an upload, as they come; the store's error answer is raised as ours. */
+  async sendChunks(uploadId: string, frames: AsyncIterable<Buffer>): Promise<void> {
+    const url = `${this.api.baseUrl}/v1/checkpoints/uploads/${enc(uploadId)}/chunks`;
+    let res;
+    try {
+      res = await request(url, {
+        method: 'PUT',
+        headers: { authorization: `Bearer ${this.token}`, 'content-type': 'application/octet-stream' },
+        body: Readable.from(frames),
+      });
+    } catch (err) {
+      if (err instanceof ChipmunkError) throw err;
+      throw new UnavailableError(`sending checkpoint chunks to ${url} failed: ${(err as Error).message}`, { url }, err);
+    }
+    const text = await res.body.text();
+    if (res.statusCode < 400) return;
+    let parsed: ErrorJSON | undefined;
+    try {
+      parsed = JSON.parse(text) as ErrorJSON;
+    } catch {
+      // not one of our error bodies: described below
+    }
+    if (parsed && typeof parsed.code === 'string') throw errorFromJSON(parsed, res.statusCode);
+    throw new TransferFailedError(`checkpoint store answered HTTP ${res.statusCode} to the chunks: ${text.slice(0, 300)}`, { url });
+  }
+
+  /** Makes the upload count: it is a checkpoint of this store from now on. */
+  commitUpload(uploadId: string): Promise<CheckpointInfo> {
+    return this.api.post(`/v1/checkpoints/uploads/${enc(uploadId)}/commit`);
+  }
+
+  /** Drops an upload not committed, and the chunks sent to it (now rather than at the store's upload timeout). */
+  abortUpload(uploadId: string): Promise<void> {
+    return this.api.delete(`/v1/checkpoints/uploads/${enc(uploadId)}`);
+  }
+
+  /** The chunks of a stored checkpoint that `missing` names (CreateUploadResponse.missing), as frames for sendChunks. */
+  chunkFrames(container: string, id: string, missing: string): Promise<Dispatcher.ResponseData> {
+    return this.api.stream('POST', `/v1/checkpoints/${enc(container)}/${enc(id)}/chunk-frames`, { missing });
   }
 
   /** Where a part streams as a tar archive: give it to fetchTree (src/agent/transfer.ts) with the token. */

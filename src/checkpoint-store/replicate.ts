@@ -5,11 +5,8 @@
  * verified against their hashes as it reads them, the receiving store verifies them again as it
  * stores them, and the commit makes the copy count there.
  */
-import { Readable } from 'node:stream';
-import { request } from 'undici';
-import { ChipmunkError, TransferFailedError, UnavailableError, errorFromJSON, type ErrorJSON } from '../shared/errors.js';
-import { ApiClient } from '../shared/http.js';
-import type { CheckpointInfo, CreateUploadRequest, CreateUploadResponse } from './protocol.js';
+import { CheckpointStoreClient } from './client.js';
+import type { CheckpointInfo } from './protocol.js';
 
 export interface CopyCheckpointOptions {
   /** Base URLs of the sending and the receiving store. */
@@ -28,45 +25,18 @@ export interface CopiedCheckpoint extends CheckpointInfo {
 }
 
 export async function copyCheckpoint(opts: CopyCheckpointOptions): Promise<CopiedCheckpoint> {
-  const source = new ApiClient({ baseUrl: opts.from, token: opts.token, timeoutMs: opts.timeoutMs, peer: `checkpoint store ${opts.from}` });
-  const target = new ApiClient({ baseUrl: opts.to, token: opts.token, timeoutMs: opts.timeoutMs, peer: `checkpoint store ${opts.to}` });
-  const path = `/v1/checkpoints/${encodeURIComponent(opts.container)}/${encodeURIComponent(opts.id)}`;
-  const body = await source.get<CreateUploadRequest>(`${path}/upload-request`);
-  const upload = await target.post<CreateUploadResponse>(`/v1/checkpoints/${encodeURIComponent(opts.container)}/uploads`, body);
+  const source = new CheckpointStoreClient({ baseUrl: opts.from, token: opts.token, timeoutMs: opts.timeoutMs });
+  const target = new CheckpointStoreClient({ baseUrl: opts.to, token: opts.token, timeoutMs: opts.timeoutMs });
+  const upload = await target.beginUpload(opts.container, await source.uploadRequest(opts.container, opts.id));
   try {
     if (upload.missingChunks > 0) {
-      const frames = await source.stream('POST', `${path}/chunk-frames`, { missing: upload.missing });
-      await sendFrames(`${target.baseUrl}/v1/checkpoints/uploads/${upload.uploadId}/chunks`, opts.token, frames.body);
+      const frames = await source.chunkFrames(opts.container, opts.id, upload.missing);
+      await target.sendChunks(upload.uploadId, frames.body);
     }
-    const info = await target.post<CheckpointInfo>(`/v1/checkpoints/uploads/${upload.uploadId}/commit`);
+    const info = await target.commitUpload(upload.uploadId);
     return { ...info, sentBytes: upload.missingBytes };
   } catch (err) {
-    await target.delete(`/v1/checkpoints/uploads/${upload.uploadId}`).catch(() => {});
+    await target.abortUpload(upload.uploadId).catch(() => {});
     throw err;
   }
-}
-
-/** PUT chunk frames to an upload of a store; its error answer is raised as ours. */
-export async function sendFrames(url: string, token: string, frames: AsyncIterable<Buffer>): Promise<void> {
-  let res;
-  try {
-    res = await request(url, {
-      method: 'PUT',
-      headers: { authorization: `Bearer ${token}`, 'content-type': 'application/octet-stream' },
-      body: Readable.from(frames),
-    });
-  } catch (err) {
-    if (err instanceof ChipmunkError) throw err;
-    throw new UnavailableError(`sending checkpoint chunks to ${url} failed: ${(err as Error).message}`, { url }, err);
-  }
-  const text = await res.body.text();
-  if (res.statusCode < 400) return;
-  let parsed: ErrorJSON | undefined;
-  try {
-    parsed = JSON.parse(text) as ErrorJSON;
-  } catch {
-    // not one of our error bodies: described below
-  }
-  if (parsed && typeof parsed.code === 'string') throw errorFromJSON(parsed, res.statusCode);
-  throw new TransferFailedError(`checkpoint store answered HTTP ${res.statusCode} to the chunks: ${text.slice(0, 300)}`, { url });
 }

@@ -1,6 +1,6 @@
 /**
  * The agent's side of a checkpoint upload: tar each part directory (the flags of
- * src/agent/transfer.ts), hash its content into 4 KiB chunks, ask the store which chunks it
+ * src/shared/tree-archive.ts), hash its content into 4 KiB chunks, ask the store which chunks it
  * lacks, send only those, commit: on every replica of the store, or on none.
  *
  * Each part is read twice (hash pass, then send pass) rather than holding a 1 GB image in
@@ -15,10 +15,9 @@ import { PassThrough } from 'node:stream';
 import { TAR_FLAGS } from '../shared/tree-archive.js';
 import { TransferFailedError } from '../shared/errors.js';
 import { lastLines } from '../shared/exec.js';
-import { ApiClient } from '../shared/http.js';
 import { CHUNK_BYTES, HASH_BYTES, encodeManifest, scanTar, sha256, type PartManifest } from './manifest.js';
-import type { CheckpointInfo, CheckpointReplica, CreateUploadRequest, CreateUploadResponse, LogPosition } from './protocol.js';
-import { sendFrames } from './replicate.js';
+import { CheckpointStoreClient } from './client.js';
+import type { CheckpointInfo, CheckpointReplica, CreateUploadRequest, LogPosition } from './protocol.js';
 import { TarReader } from './tar.js';
 
 export interface UploadCheckpointOptions {
@@ -50,7 +49,7 @@ export interface UploadedCheckpoint extends CheckpointInfo {
 /** An upload begun on one replica. */
 interface ReplicaUpload {
   url: string;
-  api: ApiClient;
+  store: CheckpointStoreClient;
   uploadId: string;
   /** The chunks this replica lacks (CreateUploadResponse.missing), and how many. */
   missing: Buffer;
@@ -70,21 +69,22 @@ export async function uploadCheckpoint(opts: UploadCheckpointOptions): Promise<U
   const manifests: PartManifest[] = [];
   for (const part of opts.parts) manifests.push((await scanTar(tarOf(part.dir))).manifest);
 
+  // One id on every replica: they hold the same checkpoint.
+  const id = randomBytes(8).toString('hex');
   const body: CreateUploadRequest = {
     parts: opts.parts.map((part, index) => ({ name: part.name, manifest: encodeManifest(manifests[index]).toString('base64') })),
     time: opts.time ?? Date.now(),
     logPosition: opts.logPosition ?? null,
     metadata: opts.metadata,
-    // One id on every replica: they hold the same checkpoint.
-    id: randomBytes(8).toString('hex'),
+    id,
   };
   const begin = async (url: string): Promise<ReplicaUpload> => {
-    const api = new ApiClient({ baseUrl: url, token: opts.token, timeoutMs: opts.timeoutMs, peer: `checkpoint store ${url}` });
-    const upload = await api.post<CreateUploadResponse>(`/v1/checkpoints/${opts.container}/uploads`, body);
-    return { url, api, uploadId: upload.uploadId, missing: Buffer.from(upload.missing, 'base64'), missingChunks: upload.missingChunks, sentBytes: 0 };
+    const store = new CheckpointStoreClient({ baseUrl: url, token: opts.token, timeoutMs: opts.timeoutMs });
+    const upload = await store.beginUpload(opts.container, body);
+    return { url, store, uploadId: upload.uploadId, missing: Buffer.from(upload.missing, 'base64'), missingChunks: upload.missingChunks, sentBytes: 0 };
   };
   // Frees the chunks sent so far now rather than at the store's upload timeout.
-  const abort = (session: ReplicaUpload) => session.api.delete(`/v1/checkpoints/uploads/${session.uploadId}`).catch(() => {});
+  const abort = (session: ReplicaUpload) => session.store.abortUpload(session.uploadId).catch(() => {});
 
   const begun = await Promise.allSettled(urls.map(begin));
   const sessions = begun.flatMap((outcome) => (outcome.status === 'fulfilled' ? [outcome.value] : []));
@@ -100,14 +100,14 @@ export async function uploadCheckpoint(opts: UploadCheckpointOptions): Promise<U
     await Promise.all(sessions.map(abort));
     throw err;
   }
-  const commits = await Promise.allSettled(sessions.map((session) => session.api.post<CheckpointInfo>(`/v1/checkpoints/uploads/${session.uploadId}/commit`)));
+  const commits = await Promise.allSettled(sessions.map((session) => session.store.commitUpload(session.uploadId)));
   const refused = commits.find((outcome) => outcome.status === 'rejected');
   if (refused) {
     // Committed on some replicas only: it must count nowhere, so those copies go.
     await Promise.all(
       sessions.map((session, index) =>
         commits[index]!.status === 'fulfilled'
-          ? session.api.delete(`/v1/checkpoints/${opts.container}/${body.id}`).catch(() => {})
+          ? session.store.remove(opts.container, id).catch(() => {})
           : abort(session),
       ),
     );
@@ -120,7 +120,7 @@ export async function uploadCheckpoint(opts: UploadCheckpointOptions): Promise<U
 /** One read of the parts; each chunk goes to every replica that lacks it, one chunk request per replica. */
 async function sendMissing(opts: UploadCheckpointOptions, manifests: PartManifest[], sessions: ReplicaUpload[]): Promise<void> {
   const pipes = sessions.map((session) => (session.missingChunks > 0 ? new PassThrough() : undefined));
-  const sends = sessions.map((session, i) => (pipes[i] ? sendFrames(`${session.api.baseUrl}/v1/checkpoints/uploads/${session.uploadId}/chunks`, opts.token, pipes[i]) : Promise.resolve()));
+  const sends = sessions.map((session, i) => (pipes[i] ? session.store.sendChunks(session.uploadId, pipes[i]) : Promise.resolve()));
   // Rejects as soon as one replica's request fails: the read must not wait on that replica's pipe.
   const anyFailed = Promise.race(sends.map((send) => send.then(() => new Promise<never>(() => {}))));
   anyFailed.catch(() => {});
