@@ -7,7 +7,7 @@
 import { mkdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import pino, { type Logger } from 'pino';
-import { detectCapabilities } from '../shared/host/capabilities.js';
+import { detectCapabilities, resolveCriuPath } from '../shared/host/capabilities.js';
 import { PAGE_SERVER_PORTS } from '../shared/protocol.js';
 import { TermFence } from '../shared/term-fence.js';
 import type { AgentInfo, FencedContainer } from '../shared/protocol.js';
@@ -72,7 +72,7 @@ async function fenceMovedContainers(runtime: ContainerRuntime, fence: FencedCont
 
 export async function startAgent(opts: AgentOptions): Promise<RunningAgent> {
   const log = pino({ name: `agent-${opts.node}`, level: process.env.CHIPMUNK_LOG_LEVEL ?? 'info' });
-  const criuPath = opts.criuPath ?? process.env.CHIPMUNK_CRIU ?? '/opt/chipmunk/bin/criu';
+  const criuPath = resolveCriuPath(opts);
   await mkdir(opts.dataDir, { recursive: true });
   await mkdir(opts.runDir, { recursive: true });
   const capabilities = await detectCapabilities({ criuPath });

@@ -99,6 +99,7 @@ export async function detectCapabilities(opts: HostProbeOptions = {}): Promise<H
   };
 }
 
-function resolveCriuPath(opts: HostProbeOptions): string {
+/** The CRIU binary the agent runs and the probes check: the one given, else $CHIPMUNK_CRIU, else the set-up's private install. */
+export function resolveCriuPath(opts: HostProbeOptions): string {
   return opts.criuPath ?? process.env.CHIPMUNK_CRIU ?? DEFAULT_CRIU_PATH;
 }
