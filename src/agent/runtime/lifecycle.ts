@@ -45,7 +45,7 @@ export class ContainerLifecycle {
         };
         await ctx.mountContainerRootfs(spec.name, image);
         const att = await ctx.network.attach(rec.netns, ctx.cniId(rec), spec);
-        undo.push(() => ctx.network.detach(rec.netns, rec.netns, spec));
+        undo.push(() => ctx.network.detach(rec.netns, ctx.cniId(rec), spec));
         rec.ip = att.ip;
         await ctx.addClusterAddress(rec);
         await ctx.writeBundle(rec, image);

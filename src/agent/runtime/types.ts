@@ -42,10 +42,10 @@ export interface LocalCheckpoint {
   filesBytes: number;
 }
 
-/** A checkpoint's frozen time by step, ms. `preCopy` is spent before the freeze, while the container runs. */
 /** RuncRuntimeOptions.checkpointFreeze. */
 export type CheckpointFreezeMethod = 'copy-in-freeze' | 'pre-copy';
 
+/** A checkpoint's frozen time by step, ms. `preCopy` is spent before the freeze, while the container runs. */
 export interface FrozenPhases {
   preCopyMs: number;
   pauseMs: number;
