@@ -6,11 +6,12 @@
 import { existsSync } from 'node:fs';
 import { mkdir, readdir, rename } from 'node:fs/promises';
 import { join } from 'node:path';
+import { leverOff } from '../../shared/downtime-levers.js';
 import { ConflictError, InvalidInputError, RuntimeFailedError } from '../../shared/errors.js';
 import type { AgentContainer, ContainerSpec, MigrationMode } from '../../shared/protocol.js';
 import { StepClock } from '../../shared/steps.js';
 import type { RuntimeContext } from './context.js';
-import { CRIU_LOG, PAGE_DRAIN_TIMEOUT_MS, assertLazyRestorePossible, criuFailureSummary, dumpedWithUserNamespace, keptConnections, killOrphanedCriuProcesses, writeCriuOptions, type PageServer } from './criu.js';
+import { CRIU_LOG, PAGE_DRAIN_TIMEOUT_MS, assertLazyRestorePossible, criuFailureSummary, dumpedWithUserNamespace, ensureKerndatCache, keptConnections, killOrphanedCriuProcesses, writeCriuOptions, type PageServer } from './criu.js';
 import { criuLogSteps } from './criu-steps.js';
 import type { ImageConfig } from './images.js';
 import type { ContainerRecord } from './records.js';
@@ -21,6 +22,8 @@ export class TargetRestores {
 
   async prepareRestore(spec: ContainerSpec, opts: PrepareOptions): Promise<void> {
     const { ctx } = this;
+    // Before the freeze: the restore's CRIU runs (restore, lazy-pages daemon) then skip probing the kernel.
+    if (!leverOff('kerndat-cache')) await ensureKerndatCache(ctx.opts.criuPath);
     await ctx.withLock(spec.name, async () => {
       const existing = await ctx.records.find(spec.name);
       if (existing?.migration?.id === opts.migrationId && existing.migration.role === 'target') return;
