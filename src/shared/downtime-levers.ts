@@ -6,10 +6,12 @@
  *   (migration.ts), not after the verify and commit writes.
  * - in-process-checks: the agents ask whether a layer is mounted and how big a tree is in their
  *   own process (rootfs.ts, context.ts), not with `mountpoint` and `du`.
+ * - lean-hook: the prestart hook that moves a restored container's interface in starts 3
+ *   programs, not 13 (network.ts).
  * - kerndat-cache: the target makes CRIU's kernel-feature cache before the freeze if it is missing
  *   (target-restore.ts, criu.ts); bench/downtime removes it before each move without the lever.
  */
-export type DowntimeLever = 'route-ahead' | 'in-process-checks' | 'kerndat-cache';
+export type DowntimeLever = 'route-ahead' | 'in-process-checks' | 'kerndat-cache' | 'lean-hook';
 
 export function leverOff(lever: DowntimeLever): boolean {
   return (process.env.CHIPMUNK_DOWNTIME_OFF ?? '').split(',').includes(lever);
