@@ -193,19 +193,28 @@ export async function restoreIncarnation(
   const work = ctx.layout.criuWorkDir(migrationId);
   const containerDir = ctx.layout.containerDir(name);
   const images = ctx.layout.migrationImages(migrationId);
-  await steps.time('bundle', async () => {
-    await mkdir(work, { recursive: true });
-    rec.userNamespace = await dumpedWithUserNamespace(images);
-    if (mode === 'lazy') await assertLazyRestorePossible(rec.userNamespace);
-    await ctx.ensureStagedInterface(rec);
-    await ctx.addClusterAddress(rec);
-    await ctx.mountContainerRootfs(name, image);
-    await ctx.writeBundle(rec, image);
-    await writeCriuOptions(containerDir, 'restore', keptConnections(images));
-  });
+  await mkdir(work, { recursive: true });
+  rec.userNamespace = await dumpedWithUserNamespace(images);
+  if (mode === 'lazy') await assertLazyRestorePossible(rec.userNamespace);
+  const command = () => ctx.criu.restoreCommand(migrationId, { images, work, bundle: containerDir, mode, pageServer });
+  // The lazy-pages daemon needs only the images: it starts while the bundle is made.
+  const early = mode === 'lazy' && !leverOff('daemon-overlap') ? steps.time('lazy-pages-daemon', command) : undefined;
+  early?.catch(() => undefined);
   try {
-    const command = () => ctx.criu.restoreCommand(migrationId, { images, work, bundle: containerDir, mode, pageServer });
-    const restore = await (mode === 'lazy' ? steps.time('lazy-pages-daemon', command) : command());
+    await steps.time('bundle', async () => {
+      await ctx.ensureStagedInterface(rec);
+      await ctx.addClusterAddress(rec);
+      await ctx.mountContainerRootfs(name, image);
+      await ctx.writeBundle(rec, image);
+      await writeCriuOptions(containerDir, 'restore', keptConnections(images));
+    });
+  } catch (err) {
+    await early?.catch(() => undefined);
+    ctx.criu.killLazyPages(migrationId);
+    throw err;
+  }
+  try {
+    const restore = await (early ?? (mode === 'lazy' ? steps.time('lazy-pages-daemon', command) : command()));
     const args = [...restore.args, '--pid-file', join(containerDir, RESTORED_PID_FILE), ctx.runcId(rec)];
     await steps.time('runc-restore', () => ctx.runc.start(ctx.startTarget(name), args, 'runc restore', restore.log, restore.daemonFailed));
     steps.addAll(await criuLogSteps(restore.log, 'restore'));
