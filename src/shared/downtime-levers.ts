@@ -8,14 +8,12 @@
  *   own process (rootfs.ts, context.ts), not with `mountpoint` and `du`.
  * - lean-hook: the prestart hook that moves a restored container's interface in starts 3
  *   programs, not 13 (network.ts).
- * - restore-view: the target answers a restore with the pid `runc restore` wrote, without
- *   asking `runc state` (target-restore.ts).
  * - daemon-overlap: a lazy restore starts CRIU's lazy-pages daemon while the bundle is made,
  *   not after it (target-restore.ts).
  * - kerndat-cache: the target makes CRIU's kernel-feature cache before the freeze if it is missing
  *   (target-restore.ts, criu.ts); bench/downtime removes it before each move without the lever.
  */
-export type DowntimeLever = 'route-ahead' | 'in-process-checks' | 'kerndat-cache' | 'lean-hook' | 'restore-view' | 'daemon-overlap';
+export type DowntimeLever = 'route-ahead' | 'in-process-checks' | 'kerndat-cache' | 'lean-hook' | 'daemon-overlap';
 
 export function leverOff(lever: DowntimeLever): boolean {
   return (process.env.CHIPMUNK_DOWNTIME_OFF ?? '').split(',').includes(lever);

@@ -21,7 +21,7 @@ import { NodeLayout } from './layout.js';
 import { CniNetwork, netnsPath } from './network.js';
 import { RecordStore, type ContainerRecord, type RecordWarning } from './records.js';
 import { mountRootfs, syncLayer, unmountBelow, type WritableLayerKind } from './rootfs.js';
-import { Runc, type RuncState, type StartTarget } from './runc.js';
+import { Runc, type StartTarget } from './runc.js';
 import type { CheckpointFreezeMethod } from './types.js';
 
 export interface RuncRuntimeOptions {
@@ -145,10 +145,9 @@ export class RuntimeContext {
     return { name, containerDir: this.layout.containerDir(name), logDir: this.layout.logDir(name) };
   }
 
-  /** `known`: runc's state as the caller just learnt it (a restore that returned), instead of asking runc again. */
-  async view(rec: ContainerRecord, known?: RuncState): Promise<AgentContainer> {
+  async view(rec: ContainerRecord): Promise<AgentContainer> {
     const freezeMark = this.freezes.mark(rec.spec.name);
-    const state = known ?? (await this.runc.state(this.runcId(rec)));
+    const state = await this.runc.state(this.runcId(rec));
     let status: AgentContainer['status'];
     if (rec.migration) status = 'migrating';
     else if (state?.status === 'running') status = 'running';

@@ -4,7 +4,7 @@
  * page in) or abort (nothing of it left).
  */
 import { existsSync } from 'node:fs';
-import { mkdir, readdir, readFile, rename } from 'node:fs/promises';
+import { mkdir, readdir, rename } from 'node:fs/promises';
 import { join } from 'node:path';
 import { leverOff } from '../../shared/downtime-levers.js';
 import { ConflictError, InvalidInputError, RuntimeFailedError } from '../../shared/errors.js';
@@ -15,7 +15,6 @@ import { CRIU_LOG, PAGE_DRAIN_TIMEOUT_MS, assertLazyRestorePossible, criuFailure
 import { criuLogSteps } from './criu-steps.js';
 import type { ImageConfig } from './images.js';
 import type { ContainerRecord } from './records.js';
-import type { RuncState } from './runc.js';
 import type { PrepareOptions, RestoreOptions } from './types.js';
 
 export class TargetRestores {
@@ -72,9 +71,7 @@ export class TargetRestores {
         delete restored.migration;
         restored.restoredBy = opts.migrationId;
         await ctx.records.write(restored);
-        // runc restore returned: the copy runs with the pid runc wrote, and the answer needs no `runc state`
-        // (the controller's verify asks the node again).
-        return await ctx.view(restored, leverOff('restore-view') ? undefined : await restoredState(dir));
+        return await ctx.view(restored);
       } catch (err) {
         // Leave nothing of a failed restore: the source still has the container.
         await ctx.network.detach(rec.netns, ctx.cniId(rec), spec).catch(() => undefined);
@@ -167,15 +164,6 @@ export class TargetRestores {
   }
 }
 
-/** Where `runc restore` writes the restored process's pid, in the container's directory. */
-const RESTORED_PID_FILE = 'restored.pid';
-
-/** The state of a copy `runc restore` just restored, from the pid file it wrote; undefined without one. */
-async function restoredState(containerDir: string): Promise<RuncState | undefined> {
-  const pid = Number((await readFile(join(containerDir, RESTORED_PID_FILE), 'utf8').catch(() => '')).trim());
-  return Number.isInteger(pid) && pid > 0 ? { status: 'running', pid } : undefined;
-}
-
 /**
  * Restores `rec` (generation already set) from the migration's images into its record's
  * network namespace; on failure nothing of the new incarnation is left.
@@ -215,8 +203,7 @@ export async function restoreIncarnation(
   }
   try {
     const restore = await (early ?? (mode === 'lazy' ? steps.time('lazy-pages-daemon', command) : command()));
-    const args = [...restore.args, '--pid-file', join(containerDir, RESTORED_PID_FILE), ctx.runcId(rec)];
-    await steps.time('runc-restore', () => ctx.runc.start(ctx.startTarget(name), args, 'runc restore', restore.log, restore.daemonFailed));
+    await steps.time('runc-restore', () => ctx.runc.start(ctx.startTarget(name), [...restore.args, ctx.runcId(rec)], 'runc restore', restore.log, restore.daemonFailed));
     steps.addAll(await criuLogSteps(restore.log, 'restore'));
     // The network's unlock: packets for the address reach the restored copy from here on.
     await steps.time('route-address', () => ctx.routeClusterAddress(rec));
