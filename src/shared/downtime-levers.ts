@@ -10,10 +10,12 @@
  *   programs, not 13 (network.ts).
  * - daemon-overlap: a lazy restore starts CRIU's lazy-pages daemon while the bundle is made,
  *   not after it (target-restore.ts).
+ * - fresh-network: a target's restore does not ask whether the staged interface is still there
+ *   (one `ip` less in the bundle): its namespace was attached for this migration (target-restore.ts).
  * - kerndat-cache: the target makes CRIU's kernel-feature cache before the freeze if it is missing
  *   (target-restore.ts, criu.ts); bench/downtime removes it before each move without the lever.
  */
-export type DowntimeLever = 'route-ahead' | 'in-process-checks' | 'kerndat-cache' | 'lean-hook' | 'daemon-overlap';
+export type DowntimeLever = 'route-ahead' | 'in-process-checks' | 'kerndat-cache' | 'lean-hook' | 'daemon-overlap' | 'fresh-network';
 
 export function leverOff(lever: DowntimeLever): boolean {
   return (process.env.CHIPMUNK_DOWNTIME_OFF ?? '').split(',').includes(lever);

@@ -67,7 +67,8 @@ export class TargetRestores {
           rec.ip = (await ctx.network.attach(rec.netns, ctx.cniId(rec), spec)).ip;
           await ctx.records.write(rec);
         }
-        const restored = await restoreIncarnation(ctx, rec, rec.image, opts.migrationId, opts.mode, opts.pageServer, opts.steps);
+        // Its network was attached for this migration (prepare, or just above): the staged interface is there.
+        const restored = await restoreIncarnation(ctx, rec, rec.image, opts.migrationId, opts.mode, opts.pageServer, opts.steps, true);
         delete restored.migration;
         restored.restoredBy = opts.migrationId;
         await ctx.records.write(restored);
@@ -166,7 +167,8 @@ export class TargetRestores {
 
 /**
  * Restores `rec` (generation already set) from the migration's images into its record's
- * network namespace; on failure nothing of the new incarnation is left.
+ * network namespace; on failure nothing of the new incarnation is left. `freshNetwork`: the
+ * namespace was attached for this restore, so its staged interface needs no check.
  */
 export async function restoreIncarnation(
   ctx: RuntimeContext,
@@ -176,6 +178,7 @@ export async function restoreIncarnation(
   mode: MigrationMode,
   pageServer: PageServer | undefined,
   steps = new StepClock(),
+  freshNetwork = false,
 ): Promise<ContainerRecord> {
   const name = rec.spec.name;
   const work = ctx.layout.criuWorkDir(migrationId);
@@ -190,7 +193,8 @@ export async function restoreIncarnation(
   early?.catch(() => undefined);
   try {
     await steps.time('bundle', async () => {
-      await ctx.ensureStagedInterface(rec);
+      // A rollback's namespace gave its interface to the dumped incarnation; a fresh one still holds it.
+      if (!freshNetwork || leverOff('fresh-network')) await ctx.ensureStagedInterface(rec);
       await ctx.addClusterAddress(rec);
       await ctx.mountContainerRootfs(name, image);
       await ctx.writeBundle(rec, image);
