@@ -1,7 +1,8 @@
 /**
  * restoreIncarnation (target-restore.ts): a lazy restore starts CRIU's lazy-pages daemon while
  * the bundle is made, not after it (it needs only the images); a bundle that fails ends the
- * daemon and leaves the restore undone. The runtime's parts are stand-ins that record when they
+ * daemon and leaves the restore undone; a namespace attached for the restore is not asked for its
+ * staged interface. The runtime's parts are stand-ins that record when they
  * ran; no runc or CRIU.
  */
 import { after, before, describe, it } from 'node:test';
@@ -38,7 +39,7 @@ function standIns(dir: string, opts: { bundleFails?: boolean } = {}) {
       },
       killLazyPages: () => mark('daemon killed'),
     },
-    ensureStagedInterface: async () => undefined,
+    ensureStagedInterface: async () => mark('staged interface checked'),
     addClusterAddress: async () => undefined,
     mountContainerRootfs: async () => {
       await slow('bundle')();
@@ -69,6 +70,15 @@ describe('a lazy restore, in order', () => {
     await restoreIncarnation(ctx, rec(), {} as never, 'm1', 'lazy', { address: '198.18.4.11', port: 27000 });
     assert.ok(at('daemon start')! < at('bundle end')!, 'the daemon started before the bundle was made');
     assert.ok(at('runc restore')! >= Math.max(at('daemon end')!, at('bundle end')!), 'runc restore waits for both');
+  });
+
+  it("asks for the staged interface only in a namespace not attached for this restore (a rollback's)", async () => {
+    const fresh = standIns(dir);
+    await restoreIncarnation(fresh.ctx, rec(), {} as never, 'm1', 'copy', undefined, undefined, true);
+    assert.equal(fresh.at('staged interface checked'), undefined);
+    const reused = standIns(dir);
+    await restoreIncarnation(reused.ctx, rec(), {} as never, 'm1', 'copy', undefined);
+    assert.ok(reused.at('staged interface checked'));
   });
 
   it('a bundle that fails ends the daemon, and runc restore never runs', async () => {
