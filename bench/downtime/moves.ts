@@ -43,6 +43,7 @@ export function piecesOf(record: MigrationRecord, lastBefore: number, firstAfter
   const step = (steps: MigrationStep[], name: string) => steps.find((s) => s.step === name);
   const start = (s?: MigrationStep) => s?.at;
   const end = (s?: MigrationStep) => (s ? s.at + s.ms : undefined);
+  const latest = (...ats: Array<number | undefined>) => (ats.some((at) => at === undefined) ? ats.find((at) => at !== undefined) : Math.max(...(ats as number[])));
   const d = (name: string) => step(dumpSteps, name);
   const r = (name: string) => step(restoreSteps, name);
   const points: Array<[string, number | undefined]> = [
@@ -55,9 +56,12 @@ export function piecesOf(record: MigrationRecord, lastBefore: number, firstAfter
     ['fetch images', end(r('fetch-images'))],
     ['fetch files', end(r('fetch-files'))],
     ['bundle (address, rootfs, config)', end(r('bundle'))],
-    ['lazy-pages daemon start', end(r('lazy-pages-daemon'))],
+    // Started while the bundle is made (daemon-overlap): only what it takes beyond the bundle.
+    ['lazy-pages daemon start', latest(end(r('bundle')), end(r('lazy-pages-daemon')))],
     ['runc restore until CRIU starts', start(r('criu-init'))],
     ['CRIU init', start(r('criu-namespaces'))],
+    ['CRIU namespaces before the prestart hooks (fork)', start(r('prestart-hooks'))],
+    ['prestart hooks (interface moved in)', end(r('prestart-hooks'))],
     ['CRIU namespaces (fork, cgroups, mounts)', start(r('criu-restore'))],
     ['CRIU restore (files, sockets, memory map)', end(r('criu-restore'))],
     ['runc restore returns', end(r('runc-restore'))],

@@ -5,18 +5,20 @@
  * For each memory size, the stateful app (src/devtools/statefulapp, every page touched) moves N
  * times between the pair's two nodes (back and forth, lazy mode by default), measured and cut
  * into the pieces of its frozen window by bench/downtime/moves.ts. Prints p50 (and p99) per
- * piece. `--compare LEVER` measures one lever of src/shared/downtime-levers.ts side by side.
+ * piece. `--compare LEVER[,LEVER]` measures levers of src/shared/downtime-levers.ts side by side
+ * (several at once: all with against all without).
  *
  * Usage (root, after `npm run setup`):
  *   CHIPMUNK_RUNC_PAIR_NET=3 npx tsx bench/downtime/run.ts [--moves 10] [--sizes 256,64] [--mode lazy|copy] [--compare LEVER] [--out FILE]
  * Writes bench/results/downtime-breakdown.md (or FILE).
  */
-import { writeFile } from 'node:fs/promises';
+import { rm, writeFile } from 'node:fs/promises';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { ensureImage } from '../../src/devtools/images.js';
 import { firstAnswer } from '../../src/devtools/downtime-probe.js';
 import type { MigrationMode } from '../../src/shared/protocol.js';
+import { KERNDAT } from '../../src/agent/runtime/criu.js';
 import { APP_PORT, breakdownTable, moveOnce, ms, percentile, type MoveResult } from './moves.js';
 import { startPairCluster } from './pair-cluster.js';
 
@@ -65,6 +67,8 @@ async function main(): Promise<void> {
         const variant = variants[Math.floor(i / 2) % variants.length]!;
         if (variant.startsWith('without ')) process.env.CHIPMUNK_DOWNTIME_OFF = values.compare;
         else delete process.env.CHIPMUNK_DOWNTIME_OFF;
+        // Without the cache lever, no cache: every CRIU run of the move probes the kernel again.
+        if (variant.startsWith('without ') && values.compare!.split(',').includes('kerndat-cache')) await rm(KERNDAT.cache, { force: true });
         const result = await moveOnce(cluster, name, view.address, to, mode);
         rows.get(variant)!.push(result);
         console.error(`${sizeMB} MB ${variant} move ${i + 1}/${moves * variants.length} to ${to}: client-seen gap ${Math.round(result.gapMs)} ms, kept connection ${ms(result.keptGapMs)}${result.keptErrors.length ? ` (errors: ${result.keptErrors[0]})` : ''}`);

@@ -51,6 +51,21 @@ describe('CRIU log steps', () => {
     assert.equal(steps[2]!.at, 2_000_000_122);
   });
 
+  it("a restore with prestart hooks: runc's answer to the setup-namespaces notice, within the namespaces step", async () => {
+    const path = await log('restore-hooks.log', [
+      '(00.000000) CRIU run id = x',
+      '(00.039704) Forking task with 1 pid (flags 0x7c028000)',
+      '(00.090698) Running setup-namespaces scripts',
+      '(00.090707) \tRPC',
+      '(00.149540)      1: cg: Move into 2',
+      '(00.201705) Running post-setup-namespaces scripts',
+      '(00.308840) Restore finished successfully. Tasks resumed.',
+    ], 4_000_000_308.84);
+    const steps = await criuLogSteps(path, 'restore');
+    assert.deepEqual(steps.map((s) => [s.step, s.ms]), [['criu-init', 39.7], ['criu-namespaces', 162], ['prestart-hooks', 58.8], ['criu-restore', 107.1]]);
+    assert.equal(steps[2]!.at, 4_000_000_091);
+  });
+
   it('a missing log or missing markers give no step rather than an error', async () => {
     assert.deepEqual(await criuLogSteps(join(dir, 'absent.log'), 'dump'), []);
     const path = await log('odd.log', ['(00.000000) CRIU run id = x', '(00.010000) something else'], 3_000_000_010);

@@ -14,7 +14,7 @@ import type { MigrationStep } from '../../shared/protocol.js';
  *   `network-lock`, `criu-dump` (frozen to dumped: the state, and in copy mode the memory).
  * - restore: `criu-init` (start to the first task forked), `criu-namespaces` (tasks forked into
  *   the namespaces, cgroups, mounts), `criu-restore` (files, sockets, memory mappings, up to
- *   "Tasks resumed").
+ *   "Tasks resumed"); within the namespaces, `prestart-hooks` (runc runs the bundle's hooks).
  * A line that is missing (another CRIU version, a failure) leaves its step out; nothing throws.
  */
 export async function criuLogSteps(logPath: string, run: 'dump' | 'restore'): Promise<MigrationStep[]> {
@@ -46,8 +46,12 @@ export async function criuLogSteps(logPath: string, run: 'dump' | 'restore'): Pr
     const forking = at(/^Forking task /);
     const namespaced = at(/^Running post-setup-namespaces scripts/, forking);
     const resumed = at(/^Restore finished successfully/, namespaced) ?? lines.length - 1;
+    // runc's answer to the setup-namespaces notice: it ran the OCI prestart hooks meanwhile.
+    const hooks = at(/^Running setup-namespaces scripts/, forking);
+    const hooksDone = hooks === undefined ? undefined : lines.findIndex((l, n) => n > hooks && !/^\s*RPC$/.test(l.text));
     span('criu-init', 0, forking);
     span('criu-namespaces', forking, namespaced);
+    span('prestart-hooks', hooks, hooksDone !== undefined && hooksDone >= 0 ? hooksDone : undefined);
     span('criu-restore', namespaced, resumed);
   }
   return steps;

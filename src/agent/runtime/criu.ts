@@ -12,7 +12,7 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { closeSync, constants, existsSync, openSync } from 'node:fs';
-import { readdir, readFile, writeFile } from 'node:fs/promises';
+import { readdir, readFile, rename, writeFile } from 'node:fs/promises';
 import { Socket } from 'node:net';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -23,7 +23,11 @@ import type { StepClock } from '../../shared/steps.js';
 import { within } from '../../shared/time.js';
 import { criuLogSteps } from './criu-steps.js';
 import { inHostNetns } from './network.js';
+import { killProcessTree, parentPid } from './process-tree.js';
 import type { Runc } from './runc.js';
+
+// Its users end CRIU's processes (a dump's page server) through this boundary too.
+export { killProcessTree };
 
 export interface PageServer {
   address: string;
@@ -197,39 +201,29 @@ export async function killOrphanedCriuProcesses(imagesDir: string): Promise<numb
   return found;
 }
 
-/**
- * SIGKILLs `pid` and every process below it. `runc checkpoint` runs CRIU as its child (`criu
- * swrk`), which in lazy mode serves the pages and holds the page server's port: killed alone,
- * runc would leave it serving (and the port taken) for good.
- */
-export async function killProcessTree(pid: number): Promise<void> {
-  const children = new Map<number, number[]>();
-  for (const entry of await readdir('/proc').catch(() => [] as string[])) {
-    const child = Number(entry);
-    if (!Number.isInteger(child)) continue;
-    const ppid = await parentPid(child);
-    if (ppid !== undefined) children.set(ppid, [...(children.get(ppid) ?? []), child]);
-  }
-  const tree: number[] = [];
-  for (const queue = [pid]; queue.length > 0; ) {
-    const next = queue.shift()!;
-    tree.push(next);
-    queue.push(...(children.get(next) ?? []));
-  }
-  for (const member of tree) {
-    try {
-      process.kill(member, 'SIGKILL');
-    } catch {
-      // It ended meanwhile.
-    }
-  }
-}
+/** CRIU's kernel-feature cache (`kerndat`) where CRIU reads it as root, and the boot it was made in. */
+export const KERNDAT = { cache: '/run/criu.kdat', boot: '/run/chipmunk-criu-kdat.boot' };
 
-/** From /proc/PID/stat: "pid (comm) state ppid ...", where comm may hold spaces and parentheses. */
-async function parentPid(pid: number): Promise<number | undefined> {
-  const stat = await readFile(`/proc/${pid}/stat`, 'utf8').catch(() => '');
-  const ppid = Number(stat.slice(stat.lastIndexOf(')') + 1).trim().split(' ')[1]);
-  return Number.isInteger(ppid) ? ppid : undefined;
+/**
+ * Makes CRIU's kernel-feature cache when it is missing. Without it every CRIU run probes the
+ * kernel anew, `iptables -L` included: 45-100 ms at the start of a restore and of a lazy-pages
+ * daemon, inside a move's frozen window. CRIU saves it only onto a tmpfs /run (a reboot must
+ * clear it), so on a host whose /run is not one it never does: CRIU runs once (`criu check`) in
+ * a private mount namespace whose /run is a tmpfs, and its cache is copied out to /run, where
+ * CRIU reads it whatever the file system. Made anew in another boot. Best effort.
+ */
+export async function ensureKerndatCache(criuPath: string, paths = KERNDAT): Promise<void> {
+  const boot = (await readFile('/proc/sys/kernel/random/boot_id', 'utf8').catch(() => '')).trim();
+  const madeIn = (await readFile(paths.boot, 'utf8').catch(() => '')).trim();
+  if (existsSync(paths.cache) && (madeIn === boot || !existsSync(paths.boot))) return;
+  const made = await runUnchecked('unshare', ['--mount', '--propagation', 'private', 'sh', '-c',
+    `mount -t tmpfs -o size=1m,mode=755 chipmunk-kdat /run && "$0" check >/dev/null 2>&1; base64 -w0 ${KERNDAT.cache}`, criuPath], { timeoutMs: 30_000 });
+  const cache = Buffer.from(made.stdout.trim(), 'base64');
+  if (made.code !== 0 || cache.length === 0) return;
+  const tmp = `${paths.cache}.chipmunk-${process.pid}`;
+  await writeFile(tmp, cache, { mode: 0o600 });
+  await writeFile(paths.boot, `${boot}\n`);
+  await rename(tmp, paths.cache);
 }
 
 export class Criu {

@@ -6,11 +6,12 @@
 import { existsSync } from 'node:fs';
 import { mkdir, readdir, rename } from 'node:fs/promises';
 import { join } from 'node:path';
+import { leverOff } from '../../shared/downtime-levers.js';
 import { ConflictError, InvalidInputError, RuntimeFailedError } from '../../shared/errors.js';
 import type { AgentContainer, ContainerSpec, MigrationMode } from '../../shared/protocol.js';
 import { StepClock } from '../../shared/steps.js';
 import type { RuntimeContext } from './context.js';
-import { CRIU_LOG, PAGE_DRAIN_TIMEOUT_MS, assertLazyRestorePossible, criuFailureSummary, dumpedWithUserNamespace, keptConnections, killOrphanedCriuProcesses, writeCriuOptions, type PageServer } from './criu.js';
+import { CRIU_LOG, PAGE_DRAIN_TIMEOUT_MS, assertLazyRestorePossible, criuFailureSummary, dumpedWithUserNamespace, ensureKerndatCache, keptConnections, killOrphanedCriuProcesses, writeCriuOptions, type PageServer } from './criu.js';
 import { criuLogSteps } from './criu-steps.js';
 import type { ImageConfig } from './images.js';
 import type { ContainerRecord } from './records.js';
@@ -21,6 +22,8 @@ export class TargetRestores {
 
   async prepareRestore(spec: ContainerSpec, opts: PrepareOptions): Promise<void> {
     const { ctx } = this;
+    // Before the freeze: the restore's CRIU runs (restore, lazy-pages daemon) then skip probing the kernel.
+    if (!leverOff('kerndat-cache')) await ensureKerndatCache(ctx.opts.criuPath);
     await ctx.withLock(spec.name, async () => {
       const existing = await ctx.records.find(spec.name);
       if (existing?.migration?.id === opts.migrationId && existing.migration.role === 'target') return;
@@ -64,7 +67,8 @@ export class TargetRestores {
           rec.ip = (await ctx.network.attach(rec.netns, ctx.cniId(rec), spec)).ip;
           await ctx.records.write(rec);
         }
-        const restored = await restoreIncarnation(ctx, rec, rec.image, opts.migrationId, opts.mode, opts.pageServer, opts.steps);
+        // Its network was attached for this migration (prepare, or just above): the staged interface is there.
+        const restored = await restoreIncarnation(ctx, rec, rec.image, opts.migrationId, opts.mode, opts.pageServer, opts.steps, true);
         delete restored.migration;
         restored.restoredBy = opts.migrationId;
         await ctx.records.write(restored);
@@ -163,7 +167,8 @@ export class TargetRestores {
 
 /**
  * Restores `rec` (generation already set) from the migration's images into its record's
- * network namespace; on failure nothing of the new incarnation is left.
+ * network namespace; on failure nothing of the new incarnation is left. `freshNetwork`: the
+ * namespace was attached for this restore, so its staged interface needs no check.
  */
 export async function restoreIncarnation(
   ctx: RuntimeContext,
@@ -173,24 +178,35 @@ export async function restoreIncarnation(
   mode: MigrationMode,
   pageServer: PageServer | undefined,
   steps = new StepClock(),
+  freshNetwork = false,
 ): Promise<ContainerRecord> {
   const name = rec.spec.name;
   const work = ctx.layout.criuWorkDir(migrationId);
   const containerDir = ctx.layout.containerDir(name);
   const images = ctx.layout.migrationImages(migrationId);
-  await steps.time('bundle', async () => {
-    await mkdir(work, { recursive: true });
-    rec.userNamespace = await dumpedWithUserNamespace(images);
-    if (mode === 'lazy') await assertLazyRestorePossible(rec.userNamespace);
-    await ctx.ensureStagedInterface(rec);
-    await ctx.addClusterAddress(rec);
-    await ctx.mountContainerRootfs(name, image);
-    await ctx.writeBundle(rec, image);
-    await writeCriuOptions(containerDir, 'restore', keptConnections(images));
-  });
+  await mkdir(work, { recursive: true });
+  rec.userNamespace = await dumpedWithUserNamespace(images);
+  if (mode === 'lazy') await assertLazyRestorePossible(rec.userNamespace);
+  const command = () => ctx.criu.restoreCommand(migrationId, { images, work, bundle: containerDir, mode, pageServer });
+  // The lazy-pages daemon needs only the images: it starts while the bundle is made.
+  const early = mode === 'lazy' && !leverOff('daemon-overlap') ? steps.time('lazy-pages-daemon', command) : undefined;
+  early?.catch(() => undefined);
   try {
-    const command = () => ctx.criu.restoreCommand(migrationId, { images, work, bundle: containerDir, mode, pageServer });
-    const restore = await (mode === 'lazy' ? steps.time('lazy-pages-daemon', command) : command());
+    await steps.time('bundle', async () => {
+      // A rollback's namespace gave its interface to the dumped incarnation; a fresh one still holds it.
+      if (!freshNetwork || leverOff('fresh-network')) await ctx.ensureStagedInterface(rec);
+      await ctx.addClusterAddress(rec);
+      await ctx.mountContainerRootfs(name, image);
+      await ctx.writeBundle(rec, image);
+      await writeCriuOptions(containerDir, 'restore', keptConnections(images));
+    });
+  } catch (err) {
+    await early?.catch(() => undefined);
+    ctx.criu.killLazyPages(migrationId);
+    throw err;
+  }
+  try {
+    const restore = await (early ?? (mode === 'lazy' ? steps.time('lazy-pages-daemon', command) : command()));
     await steps.time('runc-restore', () => ctx.runc.start(ctx.startTarget(name), [...restore.args, ctx.runcId(rec)], 'runc restore', restore.log, restore.daemonFailed));
     steps.addAll(await criuLogSteps(restore.log, 'restore'));
     // The network's unlock: packets for the address reach the restored copy from here on.
