@@ -9,7 +9,9 @@
  * Usage: npm run bench:ha [-- --leases 1000,2000 --runs 3] (CHIPMUNK_KEEP_CLUSTER=1: the last run's cluster stays up)
  * Prints the table and writes it to bench/results/ha.md.
  */
-import { readFile, writeFile } from 'node:fs/promises';
+import { cp, mkdir, readFile, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { dirname, join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
@@ -18,7 +20,7 @@ import { request } from 'undici';
 import { ensureTestImages } from '../../src/devtools/images.js';
 import { runChipmunk } from '../../src/devtools/run-chipmunk.js';
 import { ETCD_CLIENT_PORT } from '../../src/cluster/ha.js';
-import { readClusterState } from '../../src/cluster/state.js';
+import { DEFAULT_STATE_DIR, readClusterState } from '../../src/cluster/state.js';
 import { ControllerClient } from '../../src/shared/controller-client.js';
 import { steadyIncrements } from '../../test/support/clients.js';
 
@@ -123,16 +125,28 @@ async function oneRun(leaseMs: number, run: number): Promise<Row> {
   // log began replays the whole log (failover-restore.ts), so nothing acknowledged is lost either way.
 
   const client = steadyIncrements(URL_BASE, 1, 120_000);
+  try {
+    return await killAndMeasure(leaseMs, run, before.node, client);
+  } finally {
+    // A run that failed must not leave its client writing into the next run's cluster (same
+    // gateway port): its increments would count there, never acknowledged (a counter of 1176
+    // against 372 after a run that timed out, and 326 against 159).
+    await Promise.race([client.stop(), sleep(65_000)]);
+  }
+}
+
+/** Kills the leader's host with CLIENT writing; measures the new leader, the first answer and what the client lost. */
+async function killAndMeasure(leaseMs: number, run: number, leaderNode: string, client: ReturnType<typeof steadyIncrements>): Promise<Row> {
   await sleep(1_000);
   const raftLeaderAtKill = await raftLeader().catch(() => undefined);
-  await runChipmunk(['cluster', 'kill', before.node]);
+  await runChipmunk(['cluster', 'kill', leaderNode]);
   // `kill` returns once every process of the host is gone: no answer can come from it after this.
   const killedAt = Date.now();
   const okAtKill = client.stats.ok;
   const [newLeaderMs, firstAnswerMs] = await Promise.all([
     until('another leader', 60_000, async () => {
       const now = await leader();
-      return now && now.node !== before.node ? Date.now() - killedAt : undefined;
+      return now && now.node !== leaderNode ? Date.now() - killedAt : undefined;
     }),
     // The client's requests wait at the gateway while the app is down: the first one answered after the kill ends the gap.
     until('an answer from the app on its new host', 60_000, async () => (client.stats.ok > okAtKill ? Date.now() - killedAt : undefined), 20),
@@ -141,7 +155,24 @@ async function oneRun(leaseMs: number, run: number): Promise<Row> {
   await sleep(1_000);
   const stats = await client.stop();
   const where = await breakdown(killedAt).catch((err: Error) => `failover record unread: ${err.message}`);
-  return { leaseMs, run, from: before.node, ...(raftLeaderAtKill ? { raftLeader: raftLeaderAtKill } : {}), to: after.node, newLeaderMs, firstAnswerMs, failed: stats.failed, acknowledged: stats.ok, counter: await counter(), breakdown: where };
+  const row: Row = { leaseMs, run, from: leaderNode, ...(raftLeaderAtKill ? { raftLeader: raftLeaderAtKill } : {}), to: after.node, newLeaderMs, firstAnswerMs, failed: stats.failed, acknowledged: stats.ok, counter: await counter(), breakdown: where };
+  if (row.counter !== row.acknowledged) row.breakdown += `; logs kept in ${await keepLogs(leaseMs, run)}`;
+  return row;
+}
+
+/**
+ * A run whose counter is off keeps the cluster's logs and the gateway's request logs (the next
+ * run's `cluster down` deletes them): the failover's and the gateway's side of what was applied twice or lost.
+ */
+async function keepLogs(leaseMs: number, run: number): Promise<string> {
+  const state = await readClusterState();
+  const into = join(tmpdir(), `chipmunk-bench-ha-${new Date().toISOString().replace(/[:.]/g, '-')}-${leaseMs}ms-run${run}`);
+  await mkdir(into, { recursive: true });
+  const from = state ? dirname(state.tokenFile) : DEFAULT_STATE_DIR;
+  await writeFile(join(into, 'failovers.json'), await runChipmunk(['failovers', '--json']).catch((err: Error) => err.message));
+  await cp(join(from, 'logs'), join(into, 'logs'), { recursive: true }).catch(() => undefined);
+  await cp(join(from, 'gateway'), join(into, 'gateway'), { recursive: true }).catch(() => undefined);
+  return into;
 }
 
 function table(rows: Row[]): string {
@@ -162,7 +193,9 @@ const rows: Row[] = [];
 try {
   for (const leaseMs of leases) {
     for (let run = 1; run <= runs; run++) {
-      const row = await oneRun(leaseMs, run).catch((err: Error): Row => ({ leaseMs, run, error: err.message, from: '', to: '', newLeaderMs: 0, firstAnswerMs: 0, failed: 0, acknowledged: 0, counter: 0, breakdown: '' }));
+      const row = await oneRun(leaseMs, run).catch(
+        async (err: Error): Promise<Row> => ({ leaseMs, run, error: `${err.message} (logs kept in ${await keepLogs(leaseMs, run).catch((e: Error) => e.message)})`, from: '', to: '', newLeaderMs: 0, firstAnswerMs: 0, failed: 0, acknowledged: 0, counter: 0, breakdown: '' }),
+      );
       rows.push(row);
       console.log(row.error ? `lease ${leaseMs} ms, run ${run}: FAILED: ${row.error}` : `lease ${leaseMs} ms, run ${run}: new leader after ${row.newLeaderMs} ms, first answer after ${row.firstAnswerMs} ms, ${row.failed} failed`);
     }
