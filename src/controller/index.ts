@@ -157,7 +157,7 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
   // The replicas: this controller's own, the peers named, and those the running controllers published (etcd).
   const replicaUrls = () => [...new Set([storeUrl, ...peers, ...(leadership?.checkpointStores() ?? [])])];
   const catalog = new ReplicatedCatalog({ state: leaderStore, replicaUrls, replicas: replicaCount, token: opts.token, log: logger, containerNames: () => locks.names() });
-  const checkpoints = new CheckpointService({ store: leaderStore, nodes, agentFor, locks, traffic: routes, catalog, log: logger });
+  const checkpoints = new CheckpointService({ store: leaderStore, nodes, agentFor, locks, traffic: routes, catalog, log: logger, ...(elected ? { quietAfterStartMs: nodeLeaseMs } : {}) });
   const failovers = new FailoverService({ store: leaderStore, nodes, locks, fences, agentFor, nodeLeaseMs, checkpoints, catalog, traffic: routes, log: logger });
   const migrations = new MigrationOrchestrator({ store: leaderStore, nodes, agentFor, locks, fences, log: logger, traffic: routes, rescuer: failovers, ...(addressRoutes ? { addressRoutes } : {}) });
   /** This controller as its election and `GET /v1/controllers` name it; its URL is known once it listens. */

@@ -144,6 +144,27 @@ describe('checkpoints and failover (controller, fake agents)', () => {
     }
   });
 
+  it('a leader that just started cuts no checkpoint for a node lease: a node that died with the old leader still has its lease, and a cut there would hold the route and the lock for nothing (found on the HA cluster: the failover waited 5 s for the lock)', async () => {
+    const env = await setup(1_000);
+    // Made by a new leader: node1 (the old leader's host) died right after its last heartbeat.
+    const checkpoints = new CheckpointService({ store: env.store, nodes: env.nodes, agentFor: env.cluster.resolver, locks: env.locks, traffic: env.traffic, catalog: env.cluster.catalog, log: silent, quietAfterStartMs: 1_000 });
+    assert.equal(await env.nodes.isReady('node1'), true, 'its lease still runs');
+    checkpoints.start();
+    try {
+      await new Promise((resolve) => setTimeout(resolve, 1_600));
+      assert.deepEqual(env.cluster.calls.filter((c) => c === 'node1.checkpoint'), [], 'no checkpoint on the dead node');
+      // A live node's container is checkpointed once the quiet time is over.
+      const stopHeartbeats = env.keepAlive(['node1']);
+      try {
+        await waitFor(async () => ((await checkpoints.list('web')).length > 0 ? true : undefined), 3_000, 'a checkpoint once node1 heartbeats');
+      } finally {
+        stopHeartbeats();
+      }
+    } finally {
+      checkpoints.stop();
+    }
+  });
+
   it("a node whose lease ends: its protected container runs elsewhere from the newest checkpoint, the log replayed from that cut, and its old node fenced", async () => {
     const env = await setup(300);
     const address = (await env.record()).spec.address;
