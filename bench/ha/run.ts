@@ -121,8 +121,12 @@ async function oneRun(leaseMs: number, run: number): Promise<Row> {
   await runChipmunk(['run', '--name', 'ha-bench', '--node', before.node, '--checkpoint-every', '2s', '-e', 'MEMORY_MB=64', 'chipmunk/statefulapp']);
   await runChipmunk(['expose', 'ha-bench', '--port', '8080', '--listen', String(GATEWAY_PORT)]);
   await until('the app through the gateway', 30_000, async () => ((await counter()) >= 0 ? true : undefined));
-  // No wait for a checkpoint cut in the route's request log: a failover from one cut before the
-  // log began replays the whole log (failover-restore.ts), so nothing acknowledged is lost either way.
+  // A protected container fails over only once it has a checkpoint: under load the first one (64 MB
+  // to 2 replicas) took longer than the run's lead-up, and a kill before it left the app down for
+  // good ("no checkpoint to restore from": the runs that timed out, and the failed request of the
+  // loaded run). No wait for one cut in the route's request log: a failover from one cut before
+  // the log began replays the whole log (failover-restore.ts).
+  await until('a first checkpoint of the app', 60_000, async () => ((JSON.parse(await runChipmunk(['checkpoints', 'ha-bench', '--json'])) as unknown[]).length > 0 ? true : undefined), 250);
 
   const client = steadyIncrements(URL_BASE, 1, 120_000);
   try {
