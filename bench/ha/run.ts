@@ -10,7 +10,7 @@
  * Prints the table and writes it to bench/results/ha.md.
  */
 import { cp, mkdir, readFile, writeFile } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
+import { loadavg, tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
@@ -46,6 +46,8 @@ interface Row {
   failed: number;
   acknowledged: number;
   counter: number;
+  /** The machine's 1-minute load average at the kill (other work shares its 2 cores). */
+  load?: number;
   /** Where the time to the first answer went, from the failover record: "death seen 1300, lock 10, restore 1200 (fetch 400, criu 700), replay 30, release 5". */
   breakdown: string;
 }
@@ -143,6 +145,7 @@ async function oneRun(leaseMs: number, run: number): Promise<Row> {
 async function killAndMeasure(leaseMs: number, run: number, leaderNode: string, client: ReturnType<typeof steadyIncrements>): Promise<Row> {
   await sleep(1_000);
   const raftLeaderAtKill = await raftLeader().catch(() => undefined);
+  const load = loadavg()[0]!;
   await runChipmunk(['cluster', 'kill', leaderNode]);
   // `kill` returns once every process of the host is gone: no answer can come from it after this.
   const killedAt = Date.now();
@@ -159,7 +162,7 @@ async function killAndMeasure(leaseMs: number, run: number, leaderNode: string, 
   await sleep(1_000);
   const stats = await client.stop();
   const where = await breakdown(killedAt).catch((err: Error) => `failover record unread: ${err.message}`);
-  const row: Row = { leaseMs, run, from: leaderNode, ...(raftLeaderAtKill ? { raftLeader: raftLeaderAtKill } : {}), to: after.node, newLeaderMs, firstAnswerMs, failed: stats.failed, acknowledged: stats.ok, counter: await counter(), breakdown: where };
+  const row: Row = { leaseMs, run, from: leaderNode, ...(raftLeaderAtKill ? { raftLeader: raftLeaderAtKill } : {}), to: after.node, load, newLeaderMs, firstAnswerMs, failed: stats.failed, acknowledged: stats.ok, counter: await counter(), breakdown: where };
   if (row.counter !== row.acknowledged) row.breakdown += `; logs kept in ${await keepLogs(leaseMs, run)}`;
   return row;
 }
@@ -181,12 +184,12 @@ async function keepLogs(leaseMs: number, run: number): Promise<string> {
 
 function table(rows: Row[]): string {
   const lines = [
-    '| lease | run | leader host killed | etcd raft leader then | new leader | new leader acting after | first answer after | failed requests | counter == acknowledged | failover from the kill (ms) |',
-    '|---:|---:|---|---|---|---:|---:|---:|---|---|',
+    '| lease | run | load | leader host killed | etcd raft leader then | new leader | new leader acting after | first answer after | failed requests | counter == acknowledged | failover from the kill (ms) |',
+    '|---:|---:|---:|---|---|---|---:|---:|---:|---|---|',
     ...rows.map((r) =>
       r.error
-        ? `| ${r.leaseMs} ms | ${r.run} | FAILED: ${r.error} | | | | | | | |`
-        : `| ${r.leaseMs} ms | ${r.run} | ${r.from} | ${r.raftLeader ?? '?'} | ${r.to} | ${r.newLeaderMs} ms | ${r.firstAnswerMs} ms | ${r.failed} | ${r.counter === r.acknowledged ? 'yes' : `no (${r.counter} vs ${r.acknowledged})`} | ${r.breakdown} |`,
+        ? `| ${r.leaseMs} ms | ${r.run} | | FAILED: ${r.error} | | | | | | | |`
+        : `| ${r.leaseMs} ms | ${r.run} | ${r.load?.toFixed(1) ?? '?'} | ${r.from} | ${r.raftLeader ?? '?'} | ${r.to} | ${r.newLeaderMs} ms | ${r.firstAnswerMs} ms | ${r.failed} | ${r.counter === r.acknowledged ? 'yes' : `no (${r.counter} vs ${r.acknowledged})`} | ${r.breakdown} |`,
     ),
   ];
   return lines.join('\n');
@@ -216,7 +219,8 @@ host behind the gateway, one client POSTing /increment nonstop; the leader's hos
 "New leader acting": until the controllers' \`GET /v1/controllers\` (polled every 100 ms) names another leader. "First answer": until the
 client's first answer from the app on its new host. Node lease = leader lease. "etcd raft leader then": the node whose etcd
 member led raft just before the kill (when it is the killed host, etcd elects a raft leader first, which renews every lease).
-No wait for a checkpoint cut in the request log before the kill. The last column is the failover's own
+The kill comes once the app has a first checkpoint (no wait for one cut in the request log). The leading
+controller moves etcd's raft leadership off its host (src/controller/store/etcd-raft.ts). "Load": the machine's 1-minute load average at the kill. The last column is the failover's own
 record: when the leader saw the node's lease end (from the kill), then its steps (container lock, restore: fetch from a
 checkpoint replica and CRIU, replay of the logged requests, release of the gateway's hold).
 
