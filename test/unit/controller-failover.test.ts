@@ -17,6 +17,7 @@ import { MigrationOrchestrator } from '../../src/controller/migration.js';
 import { recoverStaleLocks } from '../../src/controller/recovery.js';
 import { NodeRegistry } from '../../src/controller/registry.js';
 import { MemoryStore } from '../../src/controller/store/index.js';
+import { FencedStore } from '../../src/controller/store/fenced.js';
 import { FakeCluster } from '../fakes/agents.js';
 import { ChipmunkError, ConflictError, UnavailableError } from '../../src/shared/errors.js';
 import { waitFor } from '../support/wait.js';
@@ -163,6 +164,21 @@ describe('checkpoints and failover (controller, fake agents)', () => {
     } finally {
       checkpoints.stop();
     }
+  });
+
+  it("an operation whose lock release was refused while its controller had stepped down for a moment leaves a lock the next start of its leader work recovers (found on the HA cluster: a failover cut by a leader flap kept the container down for good)", async () => {
+    const env = await setup();
+    let leading = true;
+    const fenced = new FencedStore(env.store, () => (leading ? { key: '/test-fence', modRevision: 0 } : undefined));
+    const locks = new ContainerLocks(fenced);
+    const held = await locks.acquire('web', 'checkpoint');
+    assert.deepEqual(await locks.stale(), [], 'its operation still runs');
+    leading = false;
+    await assert.rejects(locks.releaseIfHeld(held), /does not lead/);
+    leading = true;
+    assert.deepEqual((await locks.stale()).map((l) => l.lock.id), [held.lock.id], 'left by an operation that ended: stale');
+    await recoverStaleLocks({ locks, nodes: env.nodes, agentFor: env.cluster.resolver, traffic: env.traffic, failovers: env.failovers, log: silent });
+    assert.equal((await env.record()).lock, undefined, 'recovered and released');
   });
 
   it("a node whose lease ends: its protected container runs elsewhere from the newest checkpoint, the log replayed from that cut, and its old node fenced", async () => {
