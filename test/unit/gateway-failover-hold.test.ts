@@ -45,25 +45,25 @@ describe('gateway: a failover hold on a logged route', () => {
         const restored = new Counter();
         const copy = await httpUpstream(restored.handle);
         try {
-        const listenPort = await freePort();
-        await client.putRoute('web', { protocol: 'http', listenPort, log: true, upstream: old.upstream });
-        const url = `http://${LOOPBACK}:${listenPort}`;
-        // #1 is in flight at the copy (answered late); #2 waits in the route's only connection's queue.
-        const first = increment(url, 1);
-        await eventually(() => lost.applied.length === 1, '#1 reached the copy');
-        const second = increment(url, 2);
-        await eventually(async () => (await client.getRoute('web')).requestLog?.lastSeq === 2, '#2 logged');
+          const listenPort = await freePort();
+          await client.putRoute('web', { protocol: 'http', listenPort, log: true, upstream: old.upstream });
+          const url = `http://${LOOPBACK}:${listenPort}`;
+          // #1 is in flight at the copy (answered late); #2 waits in the route's only connection's queue.
+          const first = increment(url, 1);
+          await eventually(() => lost.applied.length === 1, '#1 reached the copy');
+          const second = increment(url, 2);
+          await eventually(async () => (await client.getRoute('web')).requestLog?.lastSeq === 2, '#2 logged');
 
-        // The copy's node is dead: the failover holds (connections lost), restores, replays from the log's start.
-        await client.hold('web', 'failover-1', { drain: false, takeOver: true, connectionsLost: true });
-        await sleep(2_000);
-        assert.deepEqual(lost.applied, ['1'], 'nothing reached the lost copy after the hold (#1 answered there, then #2 would have gone)');
+          // The copy's node is dead: the failover holds (connections lost), restores, replays from the log's start.
+          await client.hold('web', 'failover-1', { drain: false, takeOver: true, connectionsLost: true });
+          await sleep(2_000);
+          assert.deepEqual(lost.applied, ['1'], 'nothing reached the lost copy after the hold (#1 answered there, then #2 would have gone)');
 
-        const replay = await client.replay('web', { logId: (await client.getRoute('web')).requestLog!.logId, seq: 0 }, copy.upstream);
-        await client.release('web', 'failover-1', copy.upstream);
-        assert.deepEqual(await Promise.all([first, second]), [200, 200], 'both clients answered, by the replay');
-        assert.deepEqual(restored.applied, ['1', '2'], 'the restored copy applied each request once');
-        assert.equal(replay.delivered, 2);
+          const replay = await client.replay('web', { logId: (await client.getRoute('web')).requestLog!.logId, seq: 0 }, copy.upstream);
+          await client.release('web', 'failover-1', copy.upstream);
+          assert.deepEqual(await Promise.all([first, second]), [200, 200], 'both clients answered, by the replay');
+          assert.deepEqual(restored.applied, ['1', '2'], 'the restored copy applied each request once');
+          assert.equal(replay.delivered, 2);
         } finally {
           await old.kill();
           await copy.kill();
