@@ -9,7 +9,9 @@
  * Usage: npm run bench:ha [-- --leases 1000,2000 --runs 3] (CHIPMUNK_KEEP_CLUSTER=1: the last run's cluster stays up)
  * Prints the table and writes it to bench/results/ha.md.
  */
-import { readFile, writeFile } from 'node:fs/promises';
+import { cp, mkdir, readFile, writeFile } from 'node:fs/promises';
+import { loadavg, tmpdir } from 'node:os';
+import { dirname, join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
@@ -18,7 +20,7 @@ import { request } from 'undici';
 import { ensureTestImages } from '../../src/devtools/images.js';
 import { runChipmunk } from '../../src/devtools/run-chipmunk.js';
 import { ETCD_CLIENT_PORT } from '../../src/cluster/ha.js';
-import { readClusterState } from '../../src/cluster/state.js';
+import { DEFAULT_STATE_DIR, readClusterState } from '../../src/cluster/state.js';
 import { ControllerClient } from '../../src/shared/controller-client.js';
 import { steadyIncrements } from '../../test/support/clients.js';
 
@@ -44,6 +46,8 @@ interface Row {
   failed: number;
   acknowledged: number;
   counter: number;
+  /** The machine's 1-minute load average at the kill (other work shares its 2 cores). */
+  load?: number;
   /** Where the time to the first answer went, from the failover record: "death seen 1300, lock 10, restore 1200 (fetch 400, criu 700), replay 30, release 5". */
   breakdown: string;
 }
@@ -119,20 +123,37 @@ async function oneRun(leaseMs: number, run: number): Promise<Row> {
   await runChipmunk(['run', '--name', 'ha-bench', '--node', before.node, '--checkpoint-every', '2s', '-e', 'MEMORY_MB=64', 'chipmunk/statefulapp']);
   await runChipmunk(['expose', 'ha-bench', '--port', '8080', '--listen', String(GATEWAY_PORT)]);
   await until('the app through the gateway', 30_000, async () => ((await counter()) >= 0 ? true : undefined));
-  // No wait for a checkpoint cut in the route's request log: a failover from one cut before the
-  // log began replays the whole log (failover-restore.ts), so nothing acknowledged is lost either way.
+  // A protected container fails over only once it has a checkpoint: under load the first one (64 MB
+  // to 2 replicas) took longer than the run's lead-up, and a kill before it left the app down for
+  // good ("no checkpoint to restore from": the runs that timed out, and the failed request of the
+  // loaded run). No wait for one cut in the route's request log: a failover from one cut before
+  // the log began replays the whole log (failover-restore.ts).
+  await until('a first checkpoint of the app', 60_000, async () => ((JSON.parse(await runChipmunk(['checkpoints', 'ha-bench', '--json'])) as unknown[]).length > 0 ? true : undefined), 250);
 
   const client = steadyIncrements(URL_BASE, 1, 120_000);
+  try {
+    return await killAndMeasure(leaseMs, run, before.node, client);
+  } finally {
+    // A run that failed must not leave its client writing into the next run's cluster (same
+    // gateway port): its increments would count there, never acknowledged (a counter of 1176
+    // against 372 after a run that timed out, and 326 against 159).
+    await Promise.race([client.stop(), sleep(65_000)]);
+  }
+}
+
+/** Kills the leader's host with CLIENT writing; measures the new leader, the first answer and what the client lost. */
+async function killAndMeasure(leaseMs: number, run: number, leaderNode: string, client: ReturnType<typeof steadyIncrements>): Promise<Row> {
   await sleep(1_000);
   const raftLeaderAtKill = await raftLeader().catch(() => undefined);
-  await runChipmunk(['cluster', 'kill', before.node]);
+  const load = loadavg()[0]!;
+  await runChipmunk(['cluster', 'kill', leaderNode]);
   // `kill` returns once every process of the host is gone: no answer can come from it after this.
   const killedAt = Date.now();
   const okAtKill = client.stats.ok;
   const [newLeaderMs, firstAnswerMs] = await Promise.all([
     until('another leader', 60_000, async () => {
       const now = await leader();
-      return now && now.node !== before.node ? Date.now() - killedAt : undefined;
+      return now && now.node !== leaderNode ? Date.now() - killedAt : undefined;
     }),
     // The client's requests wait at the gateway while the app is down: the first one answered after the kill ends the gap.
     until('an answer from the app on its new host', 60_000, async () => (client.stats.ok > okAtKill ? Date.now() - killedAt : undefined), 20),
@@ -141,17 +162,34 @@ async function oneRun(leaseMs: number, run: number): Promise<Row> {
   await sleep(1_000);
   const stats = await client.stop();
   const where = await breakdown(killedAt).catch((err: Error) => `failover record unread: ${err.message}`);
-  return { leaseMs, run, from: before.node, ...(raftLeaderAtKill ? { raftLeader: raftLeaderAtKill } : {}), to: after.node, newLeaderMs, firstAnswerMs, failed: stats.failed, acknowledged: stats.ok, counter: await counter(), breakdown: where };
+  const row: Row = { leaseMs, run, from: leaderNode, ...(raftLeaderAtKill ? { raftLeader: raftLeaderAtKill } : {}), to: after.node, load, newLeaderMs, firstAnswerMs, failed: stats.failed, acknowledged: stats.ok, counter: await counter(), breakdown: where };
+  if (row.counter !== row.acknowledged) row.breakdown += `; logs kept in ${await keepLogs(leaseMs, run)}`;
+  return row;
+}
+
+/**
+ * A run whose counter is off keeps the cluster's logs and the gateway's request logs (the next
+ * run's `cluster down` deletes them): the failover's and the gateway's side of what was applied twice or lost.
+ */
+async function keepLogs(leaseMs: number, run: number): Promise<string> {
+  const state = await readClusterState();
+  const into = join(tmpdir(), `chipmunk-bench-ha-${new Date().toISOString().replace(/[:.]/g, '-')}-${leaseMs}ms-run${run}`);
+  await mkdir(into, { recursive: true });
+  const from = state ? dirname(state.tokenFile) : DEFAULT_STATE_DIR;
+  await writeFile(join(into, 'failovers.json'), await runChipmunk(['failovers', '--json']).catch((err: Error) => err.message));
+  await cp(join(from, 'logs'), join(into, 'logs'), { recursive: true }).catch(() => undefined);
+  await cp(join(from, 'gateway'), join(into, 'gateway'), { recursive: true }).catch(() => undefined);
+  return into;
 }
 
 function table(rows: Row[]): string {
   const lines = [
-    '| lease | run | leader host killed | etcd raft leader then | new leader | new leader acting after | first answer after | failed requests | counter == acknowledged | failover from the kill (ms) |',
-    '|---:|---:|---|---|---|---:|---:|---:|---|---|',
+    '| lease | run | load | leader host killed | etcd raft leader then | new leader | new leader acting after | first answer after | failed requests | counter == acknowledged | failover from the kill (ms) |',
+    '|---:|---:|---:|---|---|---|---:|---:|---:|---|---|',
     ...rows.map((r) =>
       r.error
-        ? `| ${r.leaseMs} ms | ${r.run} | FAILED: ${r.error} | | | | | | | |`
-        : `| ${r.leaseMs} ms | ${r.run} | ${r.from} | ${r.raftLeader ?? '?'} | ${r.to} | ${r.newLeaderMs} ms | ${r.firstAnswerMs} ms | ${r.failed} | ${r.counter === r.acknowledged ? 'yes' : `no (${r.counter} vs ${r.acknowledged})`} | ${r.breakdown} |`,
+        ? `| ${r.leaseMs} ms | ${r.run} | | FAILED: ${r.error} | | | | | | | |`
+        : `| ${r.leaseMs} ms | ${r.run} | ${r.load?.toFixed(1) ?? '?'} | ${r.from} | ${r.raftLeader ?? '?'} | ${r.to} | ${r.newLeaderMs} ms | ${r.firstAnswerMs} ms | ${r.failed} | ${r.counter === r.acknowledged ? 'yes' : `no (${r.counter} vs ${r.acknowledged})`} | ${r.breakdown} |`,
     ),
   ];
   return lines.join('\n');
@@ -162,7 +200,9 @@ const rows: Row[] = [];
 try {
   for (const leaseMs of leases) {
     for (let run = 1; run <= runs; run++) {
-      const row = await oneRun(leaseMs, run).catch((err: Error): Row => ({ leaseMs, run, error: err.message, from: '', to: '', newLeaderMs: 0, firstAnswerMs: 0, failed: 0, acknowledged: 0, counter: 0, breakdown: '' }));
+      const row = await oneRun(leaseMs, run).catch(
+        async (err: Error): Promise<Row> => ({ leaseMs, run, error: `${err.message} (logs kept in ${await keepLogs(leaseMs, run).catch((e: Error) => e.message)})`, from: '', to: '', newLeaderMs: 0, firstAnswerMs: 0, failed: 0, acknowledged: 0, counter: 0, breakdown: '' }),
+      );
       rows.push(row);
       console.log(row.error ? `lease ${leaseMs} ms, run ${run}: FAILED: ${row.error}` : `lease ${leaseMs} ms, run ${run}: new leader after ${row.newLeaderMs} ms, first answer after ${row.firstAnswerMs} ms, ${row.failed} failed`);
     }
@@ -179,7 +219,8 @@ host behind the gateway, one client POSTing /increment nonstop; the leader's hos
 "New leader acting": until the controllers' \`GET /v1/controllers\` (polled every 100 ms) names another leader. "First answer": until the
 client's first answer from the app on its new host. Node lease = leader lease. "etcd raft leader then": the node whose etcd
 member led raft just before the kill (when it is the killed host, etcd elects a raft leader first, which renews every lease).
-No wait for a checkpoint cut in the request log before the kill. The last column is the failover's own
+The kill comes once the app has a first checkpoint (no wait for one cut in the request log). The leading
+controller moves etcd's raft leadership off its host (src/controller/store/etcd-raft.ts). "Load": the machine's 1-minute load average at the kill. The last column is the failover's own
 record: when the leader saw the node's lease end (from the kill), then its steps (container lock, restore: fetch from a
 checkpoint replica and CRIU, replay of the logged requests, release of the gateway's hold).
 

@@ -64,6 +64,13 @@ export interface CheckpointServiceOptions {
   traffic: LoggedTraffic;
   catalog: CheckpointCatalog;
   log: Logger;
+  /**
+   * After start() the scheduler cuts nothing for this long (the node lease). A leader that just
+   * took over from one whose host died still sees that host's node lease for up to a lease: a
+   * checkpoint there would hold the route waiting for requests the dead container never answers
+   * (5 s), and keep the failover waiting for the container's lock.
+   */
+  quietAfterStartMs?: number;
 }
 
 /** How often the scheduler looks for protected containers whose checkpoint is due. */
@@ -82,10 +89,13 @@ export class CheckpointService {
   /** Scheduled checkpoints that failed in a row, by name. */
   private readonly failuresInRow = new Map<string, number>();
   private readonly running = new Set<string>();
+  /** The scheduler cuts nothing before this (see quietAfterStartMs). */
+  private quietUntil = 0;
 
   constructor(private readonly opts: CheckpointServiceOptions) {}
 
   start(): void {
+    this.quietUntil = Date.now() + (this.opts.quietAfterStartMs ?? 0);
     this.timer = setInterval(() => void this.checkpointDue(), SCHEDULER_TICK_MS);
     this.timer.unref();
   }
@@ -307,6 +317,7 @@ export class CheckpointService {
 
   private async checkpointDue(): Promise<void> {
     const now = Date.now();
+    if (now < this.quietUntil) return;
     for (const { value } of await this.opts.store.list<ContainerRecord>('/containers/').catch(() => [])) {
       const name = value.spec.name;
       if (!value.protection || value.status !== 'running' || value.lock || this.running.has(name)) continue;

@@ -89,6 +89,13 @@ export interface AcquireOptions {
 export type RecordChange = ContainerRecord | { record: ContainerRecord | null; ops: TxnOp[] } | undefined;
 
 export class ContainerLocks {
+  /**
+   * Ids of this instance's locks whose operation still runs here. One of its own locks not in it
+   * was left by an operation that ended without releasing it (its release was refused while
+   * this controller had stepped down for a moment): stale like another controller's.
+   */
+  private readonly running = new Set<string>();
+
   constructor(
     private readonly store: StateStore,
     /** This controller instance. */
@@ -144,7 +151,10 @@ export class ContainerLocks {
         opts.admit?.(current);
         return { record: { ...current, lock }, ops: opts.ops ?? [] };
       });
-      if (written) return { name, lock, record: written };
+      if (written) {
+        this.running.add(lock.id);
+        return { name, lock, record: written };
+      }
       // A migration can take minutes and may end elsewhere: refused at once rather than waited for.
       if (Date.now() >= deadline || blockedBy!.operation === 'migration') throw lockedError(name, blockedBy!);
       await sleep(LOCK_POLL_MS);
@@ -162,6 +172,8 @@ export class ContainerLocks {
 
   /** Writes the record without the lock (the operation is over), as long as `held` still holds it. */
   async release(held: HeldLock, record: ContainerRecord = held.record, ops: TxnOp[] = []): Promise<ContainerRecord> {
+    // Its operation is over even if the write is refused: the lock is then stale (see `running`).
+    this.running.delete(held.lock.id);
     const written = await this.update(held.name, (current) => {
       this.assertHolds(held, current);
       return { record: unlocked(record), ops };
@@ -171,6 +183,7 @@ export class ContainerLocks {
 
   /** Deletes the record (a removal), as long as `held` still holds the lock. */
   async remove(held: HeldLock, ops: TxnOp[] = []): Promise<void> {
+    this.running.delete(held.lock.id);
     await this.update(held.name, (current) => {
       this.assertHolds(held, current);
       return { record: null, ops };
@@ -179,6 +192,7 @@ export class ContainerLocks {
 
   /** Releases the lock if `held` still holds it, leaving the record otherwise as it is. Never throws for a lost lock. */
   async releaseIfHeld(held: HeldLock): Promise<void> {
+    this.running.delete(held.lock.id);
     await this.update(held.name, (current) => (current?.lock?.id === held.lock.id ? unlocked(current) : undefined));
   }
 
@@ -189,6 +203,8 @@ export class ContainerLocks {
       this.assertHolds(held, current);
       return { ...current!, lock };
     });
+    this.running.delete(held.lock.id);
+    this.running.add(lock.id);
     return { name: held.name, lock, record: written! };
   }
 
@@ -197,11 +213,14 @@ export class ContainerLocks {
     return (await this.store.list<ContainerRecord>(CONTAINERS_PREFIX)).map(({ value }) => value.spec.name);
   }
 
-  /** Locks a controller other than this one took: their operations ended with that controller. */
+  /**
+   * Locks whose operation no longer runs: another controller's (they ended with it), and this
+   * one's whose operation ended without releasing them (see `running`).
+   */
   async stale(): Promise<HeldLock[]> {
     const records = await this.store.list<ContainerRecord>(CONTAINERS_PREFIX);
     return records
-      .filter(({ value }) => value.lock !== undefined && value.lock.owner !== this.owner)
+      .filter(({ value }) => value.lock !== undefined && (value.lock.owner !== this.owner || !this.running.has(value.lock.id)))
       .map(({ value }) => ({ name: value.spec.name, lock: value.lock!, record: value }));
   }
 
@@ -212,6 +231,7 @@ export class ContainerLocks {
       this.assertHolds(stale, current);
       return { ...current!, lock };
     });
+    this.running.add(lock.id);
     return { name: stale.name, lock, record: written! };
   }
 

@@ -29,6 +29,8 @@ import { RouteService } from './routes.js';
 import { buildControllerServer } from './server.js';
 import { openStore, storeIdentity } from './store/index.js';
 import { Leadership, type LeaderWork } from './leadership.js';
+import { RaftPlacement } from './store/etcd-raft.js';
+import { parseEtcdSpec } from './store/etcd.js';
 import { FencedStore } from './store/fenced.js';
 import type { StateStore } from './store/types.js';
 import type { Leader } from './election.js';
@@ -157,7 +159,7 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
   // The replicas: this controller's own, the peers named, and those the running controllers published (etcd).
   const replicaUrls = () => [...new Set([storeUrl, ...peers, ...(leadership?.checkpointStores() ?? [])])];
   const catalog = new ReplicatedCatalog({ state: leaderStore, replicaUrls, replicas: replicaCount, token: opts.token, log: logger, containerNames: () => locks.names() });
-  const checkpoints = new CheckpointService({ store: leaderStore, nodes, agentFor, locks, traffic: routes, catalog, log: logger });
+  const checkpoints = new CheckpointService({ store: leaderStore, nodes, agentFor, locks, traffic: routes, catalog, log: logger, ...(elected ? { quietAfterStartMs: nodeLeaseMs } : {}) });
   const failovers = new FailoverService({ store: leaderStore, nodes, locks, fences, agentFor, nodeLeaseMs, checkpoints, catalog, traffic: routes, log: logger });
   const migrations = new MigrationOrchestrator({ store: leaderStore, nodes, agentFor, locks, fences, log: logger, traffic: routes, rescuer: failovers, ...(addressRoutes ? { addressRoutes } : {}) });
   /** This controller as its election and `GET /v1/controllers` name it; its URL is known once it listens. */
@@ -202,6 +204,11 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
   const listeningSince = Date.now();
   storeUrl ||= `http://${host}:${address.port}`;
   let replicateTimer: NodeJS.Timeout | undefined;
+  // Raft leadership kept off this host while this controller leads: one host's death then costs
+  // either a raft election or a leader lease, not both. Hosts are matched by the advertised URL.
+  const ownHost = opts.advertiseUrl ? new URL(opts.advertiseUrl).hostname : undefined;
+  const raftPlacement =
+    elected && ownHost ? new RaftPlacement({ endpoints: parseEtcdSpec(storeSpec).endpoints, ownHost, log: logger }) : undefined;
   const leaderWork: LeaderWork = {
     start: async () => {
       routes.start();
@@ -220,9 +227,11 @@ export async function startController(opts: ControllerOptions): Promise<RunningC
         opts.replicateEveryMs ?? DEFAULT_REPLICATE_EVERY_MS,
       );
       replicateTimer.unref();
+      raftPlacement?.start();
       await addressRoutes?.start();
     },
     stop: () => {
+      raftPlacement?.stop();
       clearInterval(replicateTimer);
       addressRoutes?.stop();
       routes.stop();

@@ -106,6 +106,7 @@ export class Gateway {
       await this.save();
       const lost = this.proxies.get(name);
       if (request.connectionsLost && lost instanceof TcpRouteProxy) lost.resetLost();
+      if (request.connectionsLost && lost instanceof HttpRouteProxy) lost.connectionsLost();
       // Answers only once requests already sent have been answered (bounded): the controller
       // freezes the container right after, and a request it applied must not lose its answer.
       // One turn of the event loop first: a request let through just before the hold may

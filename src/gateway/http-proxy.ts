@@ -71,6 +71,11 @@ export class HttpRouteProxy implements RouteProxy {
   /** Client connections still served lean (node's server keeps track of the others). */
   private readonly leanConnections = new Set<ClientConnection>();
   private upstream?: UpstreamPool;
+  /**
+   * Pools replaced by a release to the same upstream (retire()), still finishing what they
+   * carry: a failover gives them up with the current one (abandonUpstream).
+   */
+  private readonly retired = new Set<UpstreamPool>();
   /** Requests sent to the upstream and not yet answered. */
   private inFlight = 0;
   /**
@@ -208,6 +213,8 @@ export class HttpRouteProxy implements RouteProxy {
       const kept = this.upstream;
       this.upstream = this.newPool(route.upstream);
       kept.retire();
+      for (const pool of this.retired) if (pool.idle) this.retired.delete(pool);
+      this.retired.add(kept);
       return;
     }
     const old = this.upstream;
@@ -224,15 +231,30 @@ export class HttpRouteProxy implements RouteProxy {
   }
 
   /**
-   * Gives the current upstream up (the container is lost there and restored elsewhere): what is
-   * in progress there fails now, and logged requests park for the replay. The next route update
-   * makes a pool again.
+   * A failover's hold: the container's copy is lost, so nothing more may go to its address. With
+   * a cluster address the restored copy answers at that same address, and a request still
+   * queued or connecting there would reach it before (or beside) the replay, which sends it
+   * again: applied twice.
+   */
+  connectionsLost(): void {
+    this.abandonUpstream();
+  }
+
+  /**
+   * Gives the current upstream up (the container is lost there and restored elsewhere), and the
+   * pools retired before it: what is in progress there fails now, and logged requests park for
+   * the replay (those not yet written wait at the hold and are claimed by it). The next route
+   * update makes a pool again.
    */
   private abandonUpstream(): void {
     const lost = this.upstream;
     this.upstream = undefined;
     this.drainedBeforeMove = false;
-    void lost?.destroy(new MovedAwayError(`container '${this.gate.route.name}' is being restored elsewhere: given up at ${lost.upstream.address}:${lost.upstream.port}`, false));
+    const name = this.gate.route.name;
+    for (const pool of [...(lost ? [lost] : []), ...this.retired]) {
+      void pool.destroy(new MovedAwayError(`container '${name}' is being restored elsewhere: given up at ${pool.upstream.address}:${pool.upstream.port}`, false));
+    }
+    this.retired.clear();
   }
 
   async idle(timeoutMs: number): Promise<void> {

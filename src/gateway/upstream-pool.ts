@@ -144,6 +144,11 @@ export class UpstreamPool {
     else this.queue.push(key, { request, handler });
   }
 
+  /** Nothing open, nothing queued: a retired pool in this state is done. */
+  get idle(): boolean {
+    return this.connections.length === 0 && this.queue.size === 0;
+  }
+
   /** Closes every connection that carries no request (a hold starts: nothing may wait on one). */
   closeIdle(): void {
     for (const connection of [...this.connections]) if (!connection.http.busy) this.close(connection);

@@ -23,6 +23,12 @@ const LEFTOVER_GRACE_MS = 10_000;
 export const MIGRATION_PHASES = ['prepare', 'dump', 'transfer', 'restore', 'verify', 'cleanup'] as const;
 export const CHECKPOINT_STEPS = ['cut', 'dump', 'upload', 'commit'] as const;
 export const FAILOVER_STEPS = ['restore', 'replay', 'release'] as const;
+/**
+ * A failover of a container whose route's request log has no checkpoint cut in it yet: exposed
+ * after its only checkpoint, its host killed before the next. The failover restores that
+ * checkpoint and replays the whole log (position 0).
+ */
+export const BEFORE_FIRST_CUT = 'before-first-cut';
 export const MIGRATION_VICTIMS = ['source-agent', 'target-agent', 'source-host', 'target-host', 'controller', 'gateway'] as const;
 /** A checkpoint has one node: the container's (its "source"). */
 export const CHECKPOINT_VICTIMS = ['source-agent', 'source-host', 'controller', 'gateway'] as const;
@@ -86,6 +92,7 @@ export function allCells(): Cell[] {
   }
   for (const step of CHECKPOINT_STEPS) for (const victim of CHECKPOINT_VICTIMS) groups[2]!.push({ kind: 'checkpoint', step, victim });
   for (const step of FAILOVER_STEPS) for (const victim of FAILOVER_VICTIMS) groups[3]!.push({ kind: 'failover', step, victim });
+  groups[3]!.push({ kind: 'failover', step: BEFORE_FIRST_CUT, victim: 'source-host' });
   const cells: Cell[] = [];
   // Spread each group evenly over the run: a cell's place is its rank within its group, scaled.
   const placed = groups.flatMap((group) => group.map((cell, i) => ({ cell, at: (i + 0.5) / group.length })));
@@ -171,44 +178,54 @@ export async function runCell(cell: Cell, opts: CellOptions): Promise<CellResult
   const revive = new Set<string>();
   const plan = pausePlan(cell, source, target, others);
   let client: ReturnType<typeof steadyIncrements> | undefined;
+  const beforeFirstCut = cell.step === BEFORE_FIRST_CUT;
   try {
-    await setUp(name, source, port, opts.memoryMb ?? 64);
+    if (beforeFirstCut) await setUpBeforeFirstCut(name, source, port, opts.memoryMb ?? 64);
+    else await setUp(name, source, port, opts.memoryMb ?? 64);
     // What earlier cells left (migration images, mounts) is theirs, not this cell's.
     const leftBefore = new Set(await migrationDebris());
     client = steadyIncrements(`http://${GATEWAY_HOST}:${port}`, 1, 300_000);
     await sleep(1_000);
-    for (const holder of plan.holders) await armPause(holder, plan.step);
     let operation: Promise<string> | undefined;
-    if (cell.kind === 'migration') {
-      operation = cli(['migrate', name, '--to', target, '--mode', cell.mode!], { timeoutMs: 120_000 }).then((r) => (r.code === 0 ? 'migrated' : `migrate: ${r.error?.message ?? r.stderr.trim().slice(-300)}`));
-    } else if (cell.kind === 'failover') {
+    let killedAt: number;
+    if (beforeFirstCut) {
+      // No pause: the host dies with the client writing, long before the next scheduled cut.
+      killedAt = Date.now();
       revive.add(await kill({ target: source }));
+      log(`${id}: killed ${source} before the first cut in the log`);
+    } else {
+      for (const holder of plan.holders) await armPause(holder, plan.step);
+      if (cell.kind === 'migration') {
+        operation = cli(['migrate', name, '--to', target, '--mode', cell.mode!], { timeoutMs: 120_000 }).then((r) => (r.code === 0 ? 'migrated' : `migrate: ${r.error?.message ?? r.stderr.trim().slice(-300)}`));
+      } else if (cell.kind === 'failover') {
+        revive.add(await kill({ target: source }));
+      }
+      // Checkpoints come by themselves: the container is checkpointed every 2 s.
+      let holder: PauseHolder;
+      try {
+        holder = await waitForPause(plan.holders, 45_000, `${plan.step} on ${plan.holders.join(' or ')}`);
+      } catch (err) {
+        result.outcome = 'not reached';
+        result.failures.push((err as Error).message);
+        if (operation) result.operation = await operation;
+        return result;
+      }
+      for (const other of plan.holders) if (other !== holder) await resumePause(other);
+      // The failover's target: the node that paused restoring, or (later steps) where the record says it is now.
+      const failoverTarget = cell.kind === 'failover' ? (cell.step === 'restore' ? holder : await recordedNode(name)) : undefined;
+      const victimNode = cell.victim.startsWith('source') ? source : (failoverTarget ?? target);
+      const victim =
+        cell.victim === 'controller' || cell.victim === 'gateway'
+          ? { target: cell.victim }
+          : cell.victim.endsWith('agent')
+            ? { agent: victimNode }
+            : { target: victimNode };
+      killedAt = Date.now();
+      revive.add(await kill(victim));
+      log(`${id}: ${plan.step} reached on ${holder}; killed ${JSON.stringify(victim)}`);
+      const holderDied = holder === ('target' in victim ? victim.target : victim.agent);
+      if (!holderDied) await resumePause(holder);
     }
-    // Checkpoints come by themselves: the container is checkpointed every 2 s.
-    let holder: PauseHolder;
-    try {
-      holder = await waitForPause(plan.holders, 45_000, `${plan.step} on ${plan.holders.join(' or ')}`);
-    } catch (err) {
-      result.outcome = 'not reached';
-      result.failures.push((err as Error).message);
-      if (operation) result.operation = await operation;
-      return result;
-    }
-    for (const other of plan.holders) if (other !== holder) await resumePause(other);
-    // The failover's target: the node that paused restoring, or (later steps) where the record says it is now.
-    const failoverTarget = cell.kind === 'failover' ? (cell.step === 'restore' ? holder : await recordedNode(name)) : undefined;
-    const victimNode = cell.victim.startsWith('source') ? source : (failoverTarget ?? target);
-    const victim =
-      cell.victim === 'controller' || cell.victim === 'gateway'
-        ? { target: cell.victim }
-        : cell.victim.endsWith('agent')
-          ? { agent: victimNode }
-          : { target: victimNode };
-    const killedAt = Date.now();
-    revive.add(await kill(victim));
-    log(`${id}: ${plan.step} reached on ${holder}; killed ${JSON.stringify(victim)}`);
-    const holderDied = holder === ('target' in victim ? victim.target : victim.agent);
-    if (!holderDied) await resumePause(holder);
     await sleep(opts.downMs ?? 3_000);
     for (const down of revive) {
       const failure = await reviveIfDown(down);
@@ -237,7 +254,17 @@ export async function runCell(cell: Cell, opts: CellOptions): Promise<CellResult
     }
     if (operation) result.operation = await Promise.race([operation, sleep(5_000).then(() => 'still running after the settle time')]);
     result.failures.push(...last.failures, ...left.map((l) => `leftover ${l}`));
-    if (last.failures.length === 0) result.failures.push(...(await lockFailures(name, Date.now(), 8_000)));
+    // Checkpoints every 20 s here (see setUpBeforeFirstCut): the next scheduled one may take that long.
+    if (last.failures.length === 0) result.failures.push(...(await lockFailures(name, Date.now(), beforeFirstCut ? 25_000 : 8_000)));
+    if (beforeFirstCut) {
+      const replay = await wholeLogReplay(name, killedAt);
+      result.operation = replay.said;
+      if (!replay.reached) {
+        result.outcome = 'not reached';
+        result.failures.push(replay.said);
+        return result;
+      }
+    }
     const stats = await Promise.race([client.stop(), sleep(20_000).then(() => undefined)]);
     if (!stats) result.failures.push('client stuck: a request got no answer for 20 s after the settle');
     result.acked = client.stats.ok;
@@ -277,6 +304,31 @@ export async function setUp(name: string, node: string, port: number, memoryMb: 
   if (expose.code !== 0) throw new Error(`expose ${name}: ${expose.error?.message ?? expose.stderr}`);
   await waitFor(() => viaGateway(port, '/health'), 30_000, `${name} answers through the gateway`);
   await waitFor(async () => (await cli<Array<{ logPosition: number | null }>>(['checkpoints', name])).json?.some?.((c) => c.logPosition !== null), 30_000, `a checkpoint of ${name} at a log position`);
+}
+
+/**
+ * A protected app on NODE whose only checkpoint was cut before its route logged: checkpointed
+ * every 20 s, exposed once its first checkpoint is in; the cell's kill then comes seconds before
+ * the next cut.
+ */
+async function setUpBeforeFirstCut(name: string, node: string, port: number, memoryMb: number): Promise<void> {
+  const run = await cli(['run', '--name', name, '--node', node, '-p', `${port}:8080`, '-e', `MEMORY_MB=${memoryMb}`, '--memory', `${memoryMb + 256}m`, '--checkpoint-every', '20s', 'chipmunk/statefulapp']);
+  if (run.code !== 0) throw new Error(`run ${name} on ${node}: ${run.error?.message ?? run.stderr}`);
+  await waitFor(async () => ((await cli<unknown[]>(['checkpoints', name])).json?.length ?? 0) > 0, 30_000, `a first checkpoint of ${name}`);
+  const expose = await cli(['expose', name, '--port', '8080', '--listen', String(port)]);
+  if (expose.code !== 0) throw new Error(`expose ${name}: ${expose.error?.message ?? expose.stderr}`);
+  await waitFor(() => viaGateway(port, '/health'), 30_000, `${name} answers through the gateway`);
+}
+
+/** The failover of NAME since KILLEDAT: whether it replayed the whole log (position 0), and what it did. */
+async function wholeLogReplay(name: string, killedAt: number): Promise<{ reached: boolean; said: string }> {
+  type Record = { name: string; detectedAt: number; outcome: string; checkpoint?: string; logPosition?: { logId?: string; seq: number } | null; replayed?: number; delivered?: number; noReplay?: string };
+  const records = ((await cli<Record[]>(['failovers'], { timeoutMs: 10_000 })).json ?? []).filter((r) => r.name === name && r.detectedAt >= killedAt);
+  const done = records.find((r) => r.outcome === 'done');
+  if (!done) return { reached: false, said: `no finished failover of ${name} (${records.map((r) => r.outcome).join(', ') || 'none'})` };
+  const at = done.logPosition ? `${done.logPosition.seq}@${done.logPosition.logId ?? '?'}` : 'no position';
+  const said = `failover from ${done.checkpoint ?? '?'} at ${at}: replayed ${done.replayed ?? 0}, delivered ${done.delivered ?? 0}${done.noReplay ? `; NO REPLAY: ${done.noReplay}` : ''}`;
+  return { reached: done.logPosition?.seq === 0, said };
 }
 
 /**

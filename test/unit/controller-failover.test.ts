@@ -17,6 +17,7 @@ import { MigrationOrchestrator } from '../../src/controller/migration.js';
 import { recoverStaleLocks } from '../../src/controller/recovery.js';
 import { NodeRegistry } from '../../src/controller/registry.js';
 import { MemoryStore } from '../../src/controller/store/index.js';
+import { FencedStore } from '../../src/controller/store/fenced.js';
 import { FakeCluster } from '../fakes/agents.js';
 import { ChipmunkError, ConflictError, UnavailableError } from '../../src/shared/errors.js';
 import { waitFor } from '../support/wait.js';
@@ -142,6 +143,42 @@ describe('checkpoints and failover (controller, fake agents)', () => {
     } finally {
       env.checkpoints.stop();
     }
+  });
+
+  it('a leader that just started cuts no checkpoint for a node lease: a node that died with the old leader still has its lease, and a cut there would hold the route and the lock for nothing (found on the HA cluster: the failover waited 5 s for the lock)', async () => {
+    const env = await setup(1_000);
+    // Made by a new leader: node1 (the old leader's host) died right after its last heartbeat.
+    const checkpoints = new CheckpointService({ store: env.store, nodes: env.nodes, agentFor: env.cluster.resolver, locks: env.locks, traffic: env.traffic, catalog: env.cluster.catalog, log: silent, quietAfterStartMs: 1_000 });
+    assert.equal(await env.nodes.isReady('node1'), true, 'its lease still runs');
+    checkpoints.start();
+    try {
+      await new Promise((resolve) => setTimeout(resolve, 1_600));
+      assert.deepEqual(env.cluster.calls.filter((c) => c === 'node1.checkpoint'), [], 'no checkpoint on the dead node');
+      // A live node's container is checkpointed once the quiet time is over.
+      const stopHeartbeats = env.keepAlive(['node1']);
+      try {
+        await waitFor(async () => ((await checkpoints.list('web')).length > 0 ? true : undefined), 3_000, 'a checkpoint once node1 heartbeats');
+      } finally {
+        stopHeartbeats();
+      }
+    } finally {
+      checkpoints.stop();
+    }
+  });
+
+  it("an operation whose lock release was refused while its controller had stepped down for a moment leaves a lock the next start of its leader work recovers (found on the HA cluster: a failover cut by a leader flap kept the container down for good)", async () => {
+    const env = await setup();
+    let leading = true;
+    const fenced = new FencedStore(env.store, () => (leading ? { key: '/test-fence', modRevision: 0 } : undefined));
+    const locks = new ContainerLocks(fenced);
+    const held = await locks.acquire('web', 'checkpoint');
+    assert.deepEqual(await locks.stale(), [], 'its operation still runs');
+    leading = false;
+    await assert.rejects(locks.releaseIfHeld(held), /does not lead/);
+    leading = true;
+    assert.deepEqual((await locks.stale()).map((l) => l.lock.id), [held.lock.id], 'left by an operation that ended: stale');
+    await recoverStaleLocks({ locks, nodes: env.nodes, agentFor: env.cluster.resolver, traffic: env.traffic, failovers: env.failovers, log: silent });
+    assert.equal((await env.record()).lock, undefined, 'recovered and released');
   });
 
   it("a node whose lease ends: its protected container runs elsewhere from the newest checkpoint, the log replayed from that cut, and its old node fenced", async () => {
