@@ -30,7 +30,7 @@ import { buildControllerServer } from './server.js';
 import { openStore, storeIdentity } from './store/index.js';
 import { Leadership, type LeaderWork } from './leadership.js';
 import { RaftPlacement } from './store/etcd-raft.js';
-import { parseEtcdSpec } from './store/etcd.js';
+import { parseEtcdSpec } from './store/etcd-spec.js';
 import { FencedStore } from './store/fenced.js';
 import type { StateStore } from './store/types.js';
 import type { Leader } from './election.js';
