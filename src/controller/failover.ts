@@ -8,28 +8,27 @@
  * /fence/NODE/NAME; when the node heartbeats again its agent is told to stop and remove any older
  * incarnation it still has. The gateway routes to the new node from the moment of the release,
  * and held traffic never goes back to the dead one.
+ *
+ * This file runs one failover (and resumes or rescues one); when one starts, and for which
+ * containers, is failover-scheduler.ts's; the restore step is failover-restore.ts's.
  */
 import { randomUUID } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
-import type { Logger } from 'pino';
-import { ConflictError, FailoverFailedError, LogMismatchError, NotFoundError, toChipmunkError } from '../shared/errors.js';
+import { ConflictError, FailoverFailedError, LogMismatchError, toChipmunkError } from '../shared/errors.js';
 import type { LogPosition } from '../shared/protocol.js';
 import type { CheckpointCatalog, CheckpointService, LoggedTraffic } from './checkpoints.js';
 import type { ContainerLock, ContainerLocks, ContainerRecord, HeldLock } from './container-lock.js';
-import type { AgentResolver } from './containers.js';
 import { controllerPauses } from './faults.js';
 import type { Fences } from './fences.js';
 import type { ContainerRescuer } from './migration-settle.js';
-import type { NodeRegistry } from './registry.js';
 import { FailoverRecords, type FailoverRecord } from './failover-records.js';
 import { restoreFromCheckpoints, type RestoreDeps } from './failover-restore.js';
-import type { StateStore, Watch } from './store/index.js';
+import { FailoverScheduler, type FailoverSchedulerOptions } from './failover-scheduler.js';
 
 export type { FailoverRecord } from './failover-records.js';
 
 const REPLAY_ATTEMPTS = 3;
 const REPLAY_RETRY_MS = 1_000;
-
 
 export interface FailoverTraffic extends LoggedTraffic {
   /** Holds new requests at once, without waiting for those sent to a node that is gone. */
@@ -38,33 +37,28 @@ export interface FailoverTraffic extends LoggedTraffic {
   currentLogId(name: string): Promise<string | undefined>;
 }
 
-export interface FailoverServiceOptions {
-  store: StateStore;
-  nodes: NodeRegistry;
+/** The scheduler's options (store, nodes, agentFor, nodeLeaseMs, log), and what a failover itself uses. */
+export interface FailoverServiceOptions extends FailoverSchedulerOptions {
   locks: ContainerLocks;
   fences: Fences;
-  agentFor: AgentResolver;
-  /** A node is dead once its lease (this long) expired; nothing is failed over before the controller has listened this long. */
-  nodeLeaseMs: number;
   checkpoints: CheckpointService;
   catalog: CheckpointCatalog;
   traffic: FailoverTraffic;
-  log: Logger;
 }
 
 export class FailoverService implements ContainerRescuer {
-  private watch?: Watch;
-  private timer?: NodeJS.Timeout;
   private readonly inProgress = new Map<string, Promise<FailoverRecord>>();
-  /** When this controller started listening: agents get one lease to heartbeat before any node is judged. */
-  private listeningSince = Number.POSITIVE_INFINITY;
-  /** stop() was called: a watch made after it is cancelled at once. */
-  private stopped = false;
-
   private readonly records: FailoverRecords;
+  private readonly scheduler: FailoverScheduler;
 
   constructor(private readonly opts: FailoverServiceOptions) {
     this.records = new FailoverRecords(opts.store);
+    this.scheduler = new FailoverScheduler(opts, this.records, {
+      failover: (name, deadNode) => this.failover(name, deadNode),
+      inProgress: (name) => this.inProgress.has(name),
+      mayTakeOver: (lock) => this.mayTakeOver(lock),
+      retryPendingReplays: () => this.retryPendingReplays(),
+    });
   }
 
   /**
@@ -78,106 +72,21 @@ export class FailoverService implements ContainerRescuer {
    * controller answered. A follower that answered heartbeats for longer than that before it was
    * elected judges at once (its own liveness writes are what the lapsed leader's would have been).
    */
-  async start(listeningSince = Date.now()): Promise<void> {
-    this.listeningSince = listeningSince;
-    this.stopped = false;
-    // Records an older version wrote have no index entry yet: once, here.
-    await this.records.indexPendingReplays();
-    await this.watchLiveness();
-    this.timer = setInterval(() => {
-      // A watch that could not be made (the store member a new leader's client still pointed at
-      // was dead) is made again; the pass below acts on deaths meanwhile, only later.
-      if (!this.watch) void this.watchLiveness();
-      void this.reconcile();
-    }, Math.max(250, Math.floor(this.opts.nodeLeaseMs / 2)));
-    this.timer.unref();
+  start(listeningSince = Date.now()): Promise<void> {
+    return this.scheduler.start(listeningSince);
   }
 
   stop(): void {
-    this.stopped = true;
-    this.watch?.cancel();
-    this.watch = undefined;
-    if (this.timer) clearInterval(this.timer);
-  }
-
-  /** Fails over at once when a liveness key goes; a failure to watch is logged, not thrown: start() must not stop the leader's work. */
-  private async watchLiveness(): Promise<void> {
-    try {
-      const watch = await this.opts.store.watch<{ node: string }>('/liveness/', {}, (ev) => {
-        if (ev.type === 'delete') void this.reconcile();
-      });
-      if (this.stopped) watch.cancel();
-      else this.watch = watch;
-    } catch (err) {
-      this.opts.log.warn({ err: toChipmunkError(err).toJSON() }, 'watching node liveness failed; dead nodes are found by the periodic pass until the watch is made again');
-    }
+    this.scheduler.stop();
   }
 
   list(): Promise<FailoverRecord[]> {
     return this.records.list();
   }
 
-  /** Fails over every protected container whose node is dead and that no other operation of this controller handles. */
-  async reconcile(): Promise<void> {
-    // Right after a start no agent has had the chance to heartbeat to this controller yet.
-    if (Date.now() - this.listeningSince < this.opts.nodeLeaseMs) return;
-    await this.retryPendingReplays().catch((err: unknown) => this.opts.log.warn({ err: toChipmunkError(err).toJSON() }, 'retrying pending replays failed'));
-    const records = await this.opts.store.list<ContainerRecord>('/containers/').catch(() => []);
-    const ready = new Set((await this.opts.nodes.listReady().catch(() => undefined))?.map((n) => n.name) ?? []);
-    if (ready.size === 0) return;
-    const lost = new Map<string, string[]>();
-    for (const { value } of records) {
-      if (ready.has(value.node) || this.inProgress.has(value.spec.name)) continue;
-      if (value.status === 'lost' || value.status === 'stopped' || value.status === 'created') continue;
-      if (value.lock && !this.mayTakeOver(value.lock)) continue;
-      if (!value.protection) {
-        lost.set(value.node, [...(lost.get(value.node) ?? []), value.spec.name]);
-        continue;
-      }
-      if (!this.retryDue(value.spec.name)) continue;
-      void this.failover(value.spec.name, value.node).then(
-        () => this.backoff.delete(value.spec.name),
-        () => this.backoff.set(value.spec.name, nextBackoff(this.backoff.get(value.spec.name))),
-      );
-    }
-    for (const [node, names] of lost) this.warnOnce(node, names);
-    await this.retryOwed(records.map((kv) => kv.value), ready).catch((err: unknown) => this.opts.log.warn({ err: toChipmunkError(err).toJSON() }, 'retrying failed failovers failed'));
-  }
-
-  /**
-   * A container whose failover failed, and whose node is back: if the node came back running it
-   * (it was cut off, not dead), nothing is owed any more; if it came back without it (its host
-   * restarted), it is restored from its checkpoints as for a dead node. The record still names
-   * that node, so nothing else would ever bring it back.
-   */
-  private async retryOwed(records: ContainerRecord[], ready: Set<string>): Promise<void> {
-    const byName = new Map(records.map((record) => [record.spec.name, record]));
-    for (const owed of await this.records.owed()) {
-      const container = byName.get(owed.name);
-      if (!container?.protection || container.node !== owed.from) {
-        await this.records.paid(owed.name);
-        continue;
-      }
-      // A node still dead is the loop's; a locked container is another operation's.
-      if (!ready.has(owed.from) || container.lock || this.inProgress.has(owed.name) || !this.retryDue(owed.name)) continue;
-      const there = await this.opts.agentFor(await this.opts.nodes.require(owed.from))
-        .get(owed.name)
-        .then(
-          (c) => c,
-          (err: unknown) => (err instanceof NotFoundError ? null : undefined),
-        );
-      // No answer: asked again on the next pass.
-      if (there === undefined) continue;
-      if (there?.status === 'running' && there.generation >= container.generation) {
-        await this.records.paid(owed.name);
-        continue;
-      }
-      this.opts.log.warn({ container: owed.name, node: owed.from, failover: owed.failoverId }, `${owed.from} is back without ${owed.name}, whose failover failed: restoring it from its checkpoints`);
-      void this.failover(owed.name, owed.from).then(
-        () => this.backoff.delete(owed.name),
-        () => this.backoff.set(owed.name, nextBackoff(this.backoff.get(owed.name))),
-      );
-    }
+  /** Fails over every protected container whose node is dead and that no other operation of this controller handles (failover-scheduler.ts). */
+  reconcile(): Promise<void> {
+    return this.scheduler.reconcile();
   }
 
   /**
@@ -289,21 +198,6 @@ export class FailoverService implements ContainerRescuer {
 
   private newRecord(name: string, from: string, detectedAt: number): FailoverRecord {
     return { id: `failover-${randomUUID().slice(0, 8)}`, name, from, skipped: [], detectedAt, timings: {}, outcome: 'running' };
-  }
-
-  private readonly warned = new Set<string>();
-  /** Containers whose failover failed: when to try again, and the wait that led there. */
-  private readonly backoff = new Map<string, { at: number; waitMs: number }>();
-
-  private retryDue(name: string): boolean {
-    return (this.backoff.get(name)?.at ?? 0) <= Date.now();
-  }
-
-  private warnOnce(node: string, names: string[]): void {
-    const key = `${node}:${names.join(',')}`;
-    if (this.warned.has(key)) return;
-    this.warned.add(key);
-    this.opts.log.warn({ node, containers: names }, `node ${node} is dead (its lease expired); unprotected containers on it stay down until it returns (\`chipmunk protect\` makes them fail over)`);
   }
 
   private async failed(record: FailoverRecord, err: unknown): Promise<void> {
@@ -457,8 +351,3 @@ export class FailoverService implements ContainerRescuer {
   }
 }
 
-/** A failed failover is tried again after 5 s, then twice as long each time, up to 5 minutes. */
-function nextBackoff(previous: { waitMs: number } | undefined): { at: number; waitMs: number } {
-  const waitMs = Math.min(previous ? previous.waitMs * 2 : 5_000, 5 * 60_000);
-  return { at: Date.now() + waitMs, waitMs };
-}
