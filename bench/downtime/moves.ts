@@ -46,7 +46,13 @@ export function piecesOf(record: MigrationRecord, lastBefore: number, firstAfter
   const d = (name: string) => step(dumpSteps, name);
   const r = (name: string) => step(restoreSteps, name);
   const points: Array<[string, number | undefined]> = [
-    ['running until CRIU freezes it', start(d('freeze'))],
+    // Paused first (pre-freeze): frozen during the pause step, then runc and CRIU start.
+    ...(d('pause')
+      ? ([
+          ['running until paused (runc pause)', end(d('pause'))],
+          ['runc checkpoint and CRIU start (paused)', start(d('freeze'))],
+        ] as Array<[string, number | undefined]>)
+      : ([['running until CRIU freezes it', start(d('freeze'))]] as Array<[string, number | undefined]>)),
     ['CRIU freeze (cgroup frozen, tasks seized)', end(d('freeze'))],
     ['CRIU dump (network lock, state; copy: memory)', end(d('criu-dump'))],
     ['runc checkpoint returns', end(d('runc-checkpoint'))],

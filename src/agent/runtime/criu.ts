@@ -22,6 +22,7 @@ import type { MigrationMode } from '../../shared/protocol.js';
 import type { StepClock } from '../../shared/steps.js';
 import { within } from '../../shared/time.js';
 import { criuLogSteps } from './criu-steps.js';
+import { killProcessTree, parentPid } from './process-tree.js';
 import { inHostNetns } from './network.js';
 import type { Runc } from './runc.js';
 
@@ -197,41 +198,6 @@ export async function killOrphanedCriuProcesses(imagesDir: string): Promise<numb
   return found;
 }
 
-/**
- * SIGKILLs `pid` and every process below it. `runc checkpoint` runs CRIU as its child (`criu
- * swrk`), which in lazy mode serves the pages and holds the page server's port: killed alone,
- * runc would leave it serving (and the port taken) for good.
- */
-export async function killProcessTree(pid: number): Promise<void> {
-  const children = new Map<number, number[]>();
-  for (const entry of await readdir('/proc').catch(() => [] as string[])) {
-    const child = Number(entry);
-    if (!Number.isInteger(child)) continue;
-    const ppid = await parentPid(child);
-    if (ppid !== undefined) children.set(ppid, [...(children.get(ppid) ?? []), child]);
-  }
-  const tree: number[] = [];
-  for (const queue = [pid]; queue.length > 0; ) {
-    const next = queue.shift()!;
-    tree.push(next);
-    queue.push(...(children.get(next) ?? []));
-  }
-  for (const member of tree) {
-    try {
-      process.kill(member, 'SIGKILL');
-    } catch {
-      // It ended meanwhile.
-    }
-  }
-}
-
-/** From /proc/PID/stat: "pid (comm) state ppid ...", where comm may hold spaces and parentheses. */
-async function parentPid(pid: number): Promise<number | undefined> {
-  const stat = await readFile(`/proc/${pid}/stat`, 'utf8').catch(() => '');
-  const ppid = Number(stat.slice(stat.lastIndexOf(')') + 1).trim().split(' ')[1]);
-  return Number.isInteger(ppid) ? ppid : undefined;
-}
-
 export class Criu {
   /** Lazy-pages daemons of restores on this node, by migration. */
   private readonly lazyDaemons = new Map<string, ChildProcess>();
@@ -249,10 +215,44 @@ export class Criu {
    * but memory, which a page server keeps serving until the target has pulled every page.
    * Resolves once the container's state is captured (copy: the dump ended well; lazy: the page
    * server is ready, signalled by one byte CRIU writes to the status fd). Rejects when runc
-   * exits first or fails: CRIU has then unfrozen the container. `onStarted` sees the process
-   * before it is waited for.
+   * exits first or fails: the container then runs again. `onStarted` sees the process before it
+   * is waited for. `frozenFirst`: the container is paused first (`pause` says why).
    */
   async dump(
+    id: string,
+    opts: { name: string; images: string; work: string; mode: MigrationMode; pageServer?: PageServer; steps?: StepClock; frozenFirst?: boolean },
+    onStarted: (dump: DumpProcess) => void,
+  ): Promise<void> {
+    if (opts.frozenFirst) await this.pause(id, opts.name, opts.steps);
+    try {
+      await this.runDump(id, opts, onStarted);
+    } catch (err) {
+      // A dump that fails leaves a cgroup frozen before it frozen (CRIU restores its state): the
+      // container must run here again.
+      if (opts.frozenFirst) await this.runc.exec(['resume', id]);
+      throw err;
+    }
+  }
+
+  /**
+   * `runc pause` before `runc checkpoint`: CRIU, which freezes the cgroup itself and then looks
+   * whether it is frozen only every 100 ms (criu/seize.c), finds it FROZEN, skips its wait and
+   * seizes the tasks at once. runc freezes by writing and reading the freezer in a tight loop: the
+   * container stops within a ms, and only runc's and CRIU's start (host/criu-kernel-cache.ts makes
+   * CRIU's short) come into the frozen window in place of the 100 ms step, which a busy container used to
+   * hit at most moves. The `pause` step: the container freezes during it.
+   */
+  private async pause(id: string, name: string, steps?: StepClock): Promise<void> {
+    const at = Date.now();
+    const res = await this.runc.exec(['pause', id]);
+    steps?.add('pause', at, Date.now());
+    if (res.code !== 0) {
+      await this.runc.exec(['resume', id]);
+      throw new RuntimeFailedError(`dump of '${name}' failed: runc pause: ${lastLines(res.stderr, 3) || `runc exited ${res.code}`}`, { op: 'runc pause', stderr: lastLines(res.stderr, 20) });
+    }
+  }
+
+  private async runDump(
     id: string,
     opts: { name: string; images: string; work: string; mode: MigrationMode; pageServer?: PageServer; steps?: StepClock },
     onStarted: (dump: DumpProcess) => void,
