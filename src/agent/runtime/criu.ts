@@ -223,31 +223,31 @@ export class Criu {
     opts: { name: string; images: string; work: string; mode: MigrationMode; pageServer?: PageServer; steps?: StepClock; frozenFirst?: boolean },
     onStarted: (dump: DumpProcess) => void,
   ): Promise<void> {
-    if (opts.frozenFirst) await this.pause(id, opts.name, opts.steps);
+    // Made before the pause: nothing but runc and CRIU's start between the freeze and the dump.
+    const status = opts.mode === 'lazy' ? await openStatusFifo(join(opts.work, 'status.fifo')) : undefined;
     try {
-      await this.runDump(id, opts, onStarted);
+      if (opts.frozenFirst) await this.pause(id, opts.name, opts.steps);
+      await this.runDump(id, opts, status, onStarted);
     } catch (err) {
-      // A dump that fails leaves a cgroup frozen before it frozen (CRIU restores its state): the
-      // container must run here again.
+      // CRIU leaves a cgroup that was frozen before it frozen: the container must run here again.
       if (opts.frozenFirst) await this.runc.exec(['resume', id]);
+      status?.closeWriteEnd();
+      status?.readable.destroy();
       throw err;
     }
   }
 
   /**
-   * `runc pause` before `runc checkpoint`: CRIU, which freezes the cgroup itself and then looks
-   * whether it is frozen only every 100 ms (criu/seize.c), finds it FROZEN, skips its wait and
-   * seizes the tasks at once. runc freezes by writing and reading the freezer in a tight loop: the
-   * container stops within a ms, and only runc's and CRIU's start (host/criu-kernel-cache.ts makes
-   * CRIU's short) come into the frozen window in place of the 100 ms step, which a busy container used to
-   * hit at most moves. The `pause` step: the container freezes during it.
+   * `runc pause` first: CRIU, which freezes the cgroup itself and then looks whether it is frozen
+   * only every 100 ms (criu/seize.c), finds it FROZEN and seizes the tasks at once. runc freezes in
+   * a tight loop: the container stops within a ms, and runc's and CRIU's start replace the 100 ms
+   * step in the frozen window. The `pause` step: the container freezes during it.
    */
   private async pause(id: string, name: string, steps?: StepClock): Promise<void> {
     const at = Date.now();
     const res = await this.runc.exec(['pause', id]);
     steps?.add('pause', at, Date.now());
     if (res.code !== 0) {
-      await this.runc.exec(['resume', id]);
       throw new RuntimeFailedError(`dump of '${name}' failed: runc pause: ${lastLines(res.stderr, 3) || `runc exited ${res.code}`}`, { op: 'runc pause', stderr: lastLines(res.stderr, 20) });
     }
   }
@@ -255,13 +255,13 @@ export class Criu {
   private async runDump(
     id: string,
     opts: { name: string; images: string; work: string; mode: MigrationMode; pageServer?: PageServer; steps?: StepClock },
+    status: StatusFifo | undefined,
     onStarted: (dump: DumpProcess) => void,
   ): Promise<void> {
     const started = Date.now();
     const args = this.runc.args(['checkpoint', '--image-path', opts.images, '--work-path', opts.work, '--tcp-established', FILE_LOCKS], true);
     if (opts.mode === 'lazy') args.push('--lazy-pages', '--page-server', `${opts.pageServer!.address}:${opts.pageServer!.port}`, '--status-fd', '3');
     args.push(id);
-    const status = opts.mode === 'lazy' ? await openStatusFifo(join(opts.work, 'status.fifo')) : undefined;
     const child = spawn(...inHostNetns(this.hostNetns, this.runc.opts.runcPath, args), { stdio: ['ignore', 'ignore', 'pipe', status?.writeFd ?? 'ignore'], detached: true });
     status?.closeWriteEnd();
     const stderr: Buffer[] = [];
@@ -391,12 +391,23 @@ export class Criu {
  * socket pairs runc rejects: so a FIFO, opened for reading first (non-blocking) so that opening
  * its write end does not block.
  */
-async function openStatusFifo(path: string): Promise<{ writeFd: number; readable: NodeJS.ReadableStream & { destroy(): void }; closeWriteEnd(): void }> {
+interface StatusFifo {
+  writeFd: number;
+  readable: NodeJS.ReadableStream & { destroy(): void };
+  closeWriteEnd(): void;
+}
+
+async function openStatusFifo(path: string): Promise<StatusFifo> {
   await runUnchecked('rm', ['-f', path]);
   await runUnchecked('mkfifo', ['-m', '600', path]);
   const readFd = openSync(path, constants.O_RDONLY | constants.O_NONBLOCK);
   const writeFd = openSync(path, constants.O_WRONLY);
   // A libuv pipe handle, not an fs stream: fs streams fail with EAGAIN on a non-blocking FIFO.
   const readable = new Socket({ fd: readFd, readable: true, writable: false });
-  return { writeFd, readable, closeWriteEnd: () => closeSync(writeFd) };
+  let writeOpen = true;
+  const closeWriteEnd = () => {
+    if (writeOpen) closeSync(writeFd);
+    writeOpen = false;
+  };
+  return { writeFd, readable, closeWriteEnd };
 }
