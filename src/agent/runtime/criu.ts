@@ -11,9 +11,8 @@
  * restore; runc passes the flag on to CRIU for checkpoint and restore alike.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { closeSync, constants, existsSync, openSync } from 'node:fs';
+import { existsSync } from 'node:fs';
 import { readdir, readFile, writeFile } from 'node:fs/promises';
-import { Socket } from 'node:net';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { CapabilityMissingError, RuntimeFailedError } from '../../shared/errors.js';
@@ -22,6 +21,7 @@ import type { MigrationMode } from '../../shared/protocol.js';
 import type { StepClock } from '../../shared/steps.js';
 import { within } from '../../shared/time.js';
 import { criuLogSteps } from './criu-steps.js';
+import { openStatusFifo, type StatusFifo } from './status-fifo.js';
 import { killProcessTree, parentPid } from './process-tree.js';
 import { inHostNetns } from './network.js';
 import type { Runc } from './runc.js';
@@ -384,30 +384,4 @@ export class Criu {
     for (const m of log.matchAll(/UFFD transferred pages: \((\d+)\/\d+\)/g)) pages += Number(m[1]);
     return pages * PAGE_SIZE;
   }
-}
-
-/**
- * runc wants a writable file descriptor for --status-fd, and the stdio "pipes" node creates are
- * socket pairs runc rejects: so a FIFO, opened for reading first (non-blocking) so that opening
- * its write end does not block.
- */
-interface StatusFifo {
-  writeFd: number;
-  readable: NodeJS.ReadableStream & { destroy(): void };
-  closeWriteEnd(): void;
-}
-
-async function openStatusFifo(path: string): Promise<StatusFifo> {
-  await runUnchecked('rm', ['-f', path]);
-  await runUnchecked('mkfifo', ['-m', '600', path]);
-  const readFd = openSync(path, constants.O_RDONLY | constants.O_NONBLOCK);
-  const writeFd = openSync(path, constants.O_WRONLY);
-  // A libuv pipe handle, not an fs stream: fs streams fail with EAGAIN on a non-blocking FIFO.
-  const readable = new Socket({ fd: readFd, readable: true, writable: false });
-  let writeOpen = true;
-  const closeWriteEnd = () => {
-    if (writeOpen) closeSync(writeFd);
-    writeOpen = false;
-  };
-  return { writeFd, readable, closeWriteEnd };
 }
