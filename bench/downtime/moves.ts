@@ -46,11 +46,12 @@ export function piecesOf(record: MigrationRecord, lastBefore: number, firstAfter
   const d = (name: string) => step(dumpSteps, name);
   const r = (name: string) => step(restoreSteps, name);
   const points: Array<[string, number | undefined]> = [
-    // Paused first (pre-freeze): frozen during the pause step, then runc and CRIU start.
+    // Frozen first (pre-freeze): by runc's CRIU wrapper just before the dump's CRIU starts.
     ...(d('pause')
       ? ([
-          ['running until paused (runc pause)', end(d('pause'))],
-          ['runc checkpoint and CRIU start (paused)', start(d('freeze'))],
+          ['running until frozen (before the dump\'s CRIU starts)', end(d('pause'))],
+          ['CRIU starts (frozen)', start(d('criu-init'))],
+          ['CRIU init (frozen)', start(d('freeze'))],
         ] as Array<[string, number | undefined]>)
       : ([['running until CRIU freezes it', start(d('freeze'))]] as Array<[string, number | undefined]>)),
     ['CRIU freeze (cgroup frozen, tasks seized)', end(d('freeze'))],

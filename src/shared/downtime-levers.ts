@@ -6,8 +6,8 @@
  *   (migration.ts), not after the verify and commit writes.
  * - in-process-checks: the agents ask whether a layer is mounted and how big a tree is in their
  *   own process (rootfs.ts, context.ts), not with `mountpoint` and `du`.
- * - pre-freeze: the source pauses the container before `runc checkpoint`, so CRIU finds it frozen
- *   and skips its 100 ms freezer step (criu.ts, Criu.dump).
+ * - pre-freeze: the source freezes the container just before the dump's CRIU starts, so CRIU finds
+ *   it frozen and skips its 100 ms freezer step (freeze-first.ts).
  */
 export type DowntimeLever = 'route-ahead' | 'in-process-checks' | 'pre-freeze';
 

@@ -21,6 +21,7 @@ import type { MigrationMode } from '../../shared/protocol.js';
 import type { StepClock } from '../../shared/steps.js';
 import { within } from '../../shared/time.js';
 import { criuLogSteps } from './criu-steps.js';
+import { CRIU_RUNS_BEFORE_DUMP, freezeFirstWrapper, frozenFirstAt, type FreezeFirst } from './freeze-first.js';
 import { openStatusFifo, type StatusFifo } from './status-fifo.js';
 import { killProcessTree, parentPid } from './process-tree.js';
 import { inHostNetns } from './network.js';
@@ -216,53 +217,47 @@ export class Criu {
    * Resolves once the container's state is captured (copy: the dump ended well; lazy: the page
    * server is ready, signalled by one byte CRIU writes to the status fd). Rejects when runc
    * exits first or fails: the container then runs again. `onStarted` sees the process before it
-   * is waited for. `frozenFirst`: the container is paused first (`pause` says why).
+   * is waited for. `frozenFirst`: frozen just before the dump's CRIU starts (freeze-first.ts), the
+   * `pause` step.
    */
   async dump(
     id: string,
     opts: { name: string; images: string; work: string; mode: MigrationMode; pageServer?: PageServer; steps?: StepClock; frozenFirst?: boolean },
     onStarted: (dump: DumpProcess) => void,
   ): Promise<void> {
-    // Made before the pause: nothing but runc and CRIU's start between the freeze and the dump.
     const status = opts.mode === 'lazy' ? await openStatusFifo(join(opts.work, 'status.fifo')) : undefined;
+    const pid = opts.frozenFirst ? (await this.runc.state(id))?.pid : undefined;
+    const freezer = pid ? await freezeFirstWrapper(opts.work, this.criuPath, pid, CRIU_RUNS_BEFORE_DUMP[opts.mode]) : undefined;
     try {
-      if (opts.frozenFirst) await this.pause(id, opts.name, opts.steps);
-      await this.runDump(id, opts, status, onStarted);
+      await this.runDump(id, opts, status, freezer, onStarted);
     } catch (err) {
-      // CRIU leaves a cgroup that was frozen before it frozen: the container must run here again.
-      if (opts.frozenFirst) await this.runc.exec(['resume', id]);
+      // CRIU leaves a cgroup that was frozen before it started frozen: the container must run here again.
+      if (freezer) await this.runc.exec(['resume', id]);
       status?.closeWriteEnd();
       status?.readable.destroy();
       throw err;
     }
-  }
-
-  /**
-   * `runc pause` first: CRIU, which freezes the cgroup itself and then looks whether it is frozen
-   * only every 100 ms (criu/seize.c), finds it FROZEN and seizes the tasks at once. runc freezes in
-   * a tight loop: the container stops within a ms, and runc's and CRIU's start replace the 100 ms
-   * step in the frozen window. The `pause` step: the container freezes during it.
-   */
-  private async pause(id: string, name: string, steps?: StepClock): Promise<void> {
-    const at = Date.now();
-    const res = await this.runc.exec(['pause', id]);
-    steps?.add('pause', at, Date.now());
-    if (res.code !== 0) {
-      throw new RuntimeFailedError(`dump of '${name}' failed: runc pause: ${lastLines(res.stderr, 3) || `runc exited ${res.code}`}`, { op: 'runc pause', stderr: lastLines(res.stderr, 20) });
-    }
+    const frozenAt = freezer ? await frozenFirstAt(opts.work) : undefined;
+    if (frozenAt) opts.steps?.add('pause', frozenAt, frozenAt);
   }
 
   private async runDump(
     id: string,
     opts: { name: string; images: string; work: string; mode: MigrationMode; pageServer?: PageServer; steps?: StepClock },
     status: StatusFifo | undefined,
+    freezer: FreezeFirst | undefined,
     onStarted: (dump: DumpProcess) => void,
   ): Promise<void> {
     const started = Date.now();
-    const args = this.runc.args(['checkpoint', '--image-path', opts.images, '--work-path', opts.work, '--tcp-established', FILE_LOCKS], true);
+    const checkpoint = ['checkpoint', '--image-path', opts.images, '--work-path', opts.work, '--tcp-established', FILE_LOCKS];
+    const args = freezer ? this.runc.args(['--criu', freezer.criuPath, ...checkpoint]) : this.runc.args(checkpoint, true);
     if (opts.mode === 'lazy') args.push('--lazy-pages', '--page-server', `${opts.pageServer!.address}:${opts.pageServer!.port}`, '--status-fd', '3');
     args.push(id);
-    const child = spawn(...inHostNetns(this.hostNetns, this.runc.opts.runcPath, args), { stdio: ['ignore', 'ignore', 'pipe', status?.writeFd ?? 'ignore'], detached: true });
+    const child = spawn(...inHostNetns(this.hostNetns, this.runc.opts.runcPath, args), {
+      stdio: ['ignore', 'ignore', 'pipe', status?.writeFd ?? 'ignore'],
+      detached: true,
+      env: { ...process.env, ...freezer?.env },
+    });
     status?.closeWriteEnd();
     const stderr: Buffer[] = [];
     child.stderr!.on('data', (d: Buffer) => stderr.push(d));

@@ -98,8 +98,8 @@ export class SourceMigrations {
         await ctx.syncLayer(name);
         return { imageBytes: await treeBytes(images), upperBytes: await treeBytes(join(ctx.layout.containerDir(name), 'files')) };
       });
-      // When it froze: as the pause began, or at CRIU's own freeze (its log names it; runc and
-      // CRIU start while the container still runs).
+      // When it froze: just before the dump's CRIU started (freeze-first.ts), or at CRIU's own
+      // freeze (its log names it; runc and CRIU start while the container still runs).
       const freeze = steps.steps.find((s) => s.step === 'pause') ?? steps.steps.find((s) => s.step === 'freeze');
       return { ...sizes, frozenAt: freeze?.at ?? frozenAt };
     });
