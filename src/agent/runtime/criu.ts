@@ -228,8 +228,9 @@ export class Criu {
     const status = opts.mode === 'lazy' ? await openStatusFifo(join(opts.work, 'status.fifo')) : undefined;
     const pid = opts.frozenFirst ? (await this.runc.state(id))?.pid : undefined;
     const freezer = pid ? await freezeFirstWrapper(opts.work, this.criuPath, pid, CRIU_RUNS_BEFORE_DUMP[opts.mode]) : undefined;
+    let dump: DumpProcess | undefined;
     try {
-      await this.runDump(id, opts, status, freezer, onStarted);
+      await this.runDump(id, opts, status, freezer, (d) => onStarted((dump = d)));
     } catch (err) {
       // CRIU leaves a cgroup that was frozen before it started frozen: the container must run here again.
       if (freezer) await this.runc.exec(['resume', id]);
@@ -237,6 +238,9 @@ export class Criu {
       status?.readable.destroy();
       throw err;
     }
+    // A lazy page server that fails later has CRIU resume the tasks, the cgroup left frozen as it
+    // found it: the container runs here again, as it did when CRIU froze it.
+    if (freezer) void dump?.done.then((res) => (res.code !== 0 ? this.runc.exec(['resume', id]) : undefined)).catch(() => undefined);
     const frozenAt = freezer ? await frozenFirstAt(opts.work) : undefined;
     if (frozenAt) opts.steps?.add('pause', frozenAt, frozenAt);
   }
