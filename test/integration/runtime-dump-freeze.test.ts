@@ -1,6 +1,7 @@
 // The source's dump on the real runtime (runc + CRIU on a test host, test/support/runc-pair.ts):
-// the container is paused before `runc checkpoint`, so CRIU finds its cgroup frozen and skips the
-// freezer step it would otherwise wait 100 ms in (criu.ts, Criu.dump). Read from CRIU's own log:
+// the container is frozen just before the dump's CRIU starts (freeze-first.ts), so CRIU finds its
+// cgroup frozen and skips the freezer step it would otherwise wait 100 ms in; a dump that fails,
+// at once or later (its lazy page server), leaves it running here. Read from CRIU's own log:
 // the first freezer state it reads is FROZEN and it never waits for "freezing processes".
 // CHIPMUNK_DOWNTIME_OFF=pre-freeze (bench/downtime's comparison) lets CRIU freeze it, as before.
 // Needs root and `npm run setup`.
@@ -57,7 +58,7 @@ describe('the dump freezes the container before CRIU starts', { timeout: 5 * 60_
     await pair?.cleanup();
   });
 
-  it('CRIU finds the cgroup FROZEN and does not wait for a freeze of its own; the pause is a step of the dump', async () => {
+  it('CRIU finds the cgroup FROZEN and does not wait for a freeze of its own; the freeze is the dump\'s pause step', async () => {
     const c = await pair.source.run({ ...BUSY, name: 'prefrozen' });
     const migrationId = `mig-${randomBytes(3).toString('hex')}`;
     const steps = new StepClock();
