@@ -6,7 +6,7 @@
  * that the pieces add up to the gap. Shared by bench/downtime and bench/migration.
  */
 import { setTimeout as sleep } from 'node:timers/promises';
-import { FreshConnectionProbe, KeptConnectionProbe, longestGap } from '../../src/devtools/downtime-probe.js';
+import { FreshConnectionProbe, KeptConnectionProbe, KeptRedisProbe, longestGap } from '../../src/devtools/downtime-probe.js';
 import type { MigrationMode, MigrationRecord, MigrationStep } from '../../src/shared/protocol.js';
 import type { PairCluster } from './pair-cluster.js';
 
@@ -47,7 +47,14 @@ export function piecesOf(record: MigrationRecord, lastBefore: number, firstAfter
   const d = (name: string) => step(dumpSteps, name);
   const r = (name: string) => step(restoreSteps, name);
   const points: Array<[string, number | undefined]> = [
-    ['running until CRIU freezes it', start(d('freeze'))],
+    // Frozen first (pre-freeze): by runc's CRIU wrapper just before the dump's CRIU starts.
+    ...(d('pause')
+      ? ([
+          ['running until frozen (before the dump\'s CRIU starts)', end(d('pause'))],
+          ['CRIU starts (frozen)', start(d('criu-init'))],
+          ['CRIU init (frozen)', start(d('freeze'))],
+        ] as Array<[string, number | undefined]>)
+      : ([['running until CRIU freezes it', start(d('freeze'))]] as Array<[string, number | undefined]>)),
     ['CRIU freeze (cgroup frozen, tasks seized)', end(d('freeze'))],
     ['CRIU dump (network lock, state; copy: memory)', end(d('criu-dump'))],
     ['runc checkpoint returns', end(d('runc-checkpoint'))],
@@ -90,12 +97,19 @@ export function piecesOf(record: MigrationRecord, lastBefore: number, firstAfter
 /**
  * Moves `name` to `to` once while two clients watch its cluster address: new connections about
  * every millisecond (the client-seen gap) and one kept connection sending a request every
- * `keptIntervalMs` (kept or reset).
+ * `keptIntervalMs` (kept or reset). `url`: the stateful app's, or redis://ADDRESS:6379 (PING).
  */
-export async function moveOnce(cluster: PairCluster, name: string, address: string, to: string, mode: MigrationMode, keptIntervalMs = 1): Promise<MoveResult> {
-  const url = `http://${address}:${APP_PORT}/health`;
+export async function moveOnce(
+  cluster: PairCluster,
+  name: string,
+  address: string,
+  to: string,
+  mode: MigrationMode,
+  keptIntervalMs = 1,
+  url = `http://${address}:${APP_PORT}/health`,
+): Promise<MoveResult> {
   const fresh = new FreshConnectionProbe(url, PROBE_MAX_MS);
-  const kept = new KeptConnectionProbe(url, PROBE_MAX_MS, keptIntervalMs);
+  const kept = url.startsWith('redis:') ? new KeptRedisProbe(url, PROBE_MAX_MS, keptIntervalMs) : new KeptConnectionProbe(url, PROBE_MAX_MS, keptIntervalMs);
   fresh.start();
   kept.start();
   await sleep(300);

@@ -8,6 +8,7 @@ import { mkdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import pino, { type Logger } from 'pino';
 import { detectCapabilities, resolveCriuPath } from '../shared/host/capabilities.js';
+import { CRIU_KERNEL_CACHE, prepareCriuKernelCache } from './host/criu-kernel-cache.js';
 import { PAGE_SERVER_PORTS } from '../shared/protocol.js';
 import { TermFence } from '../shared/term-fence.js';
 import type { AgentInfo, FencedContainer } from '../shared/protocol.js';
@@ -76,6 +77,7 @@ export async function startAgent(opts: AgentOptions): Promise<RunningAgent> {
   await mkdir(opts.dataDir, { recursive: true });
   await mkdir(opts.runDir, { recursive: true });
   const capabilities = await detectCapabilities({ criuPath });
+  if (!(await prepareCriuKernelCache(criuPath).catch(() => false))) log.warn({ cache: CRIU_KERNEL_CACHE }, 'CRIU has no kernel cache: each CRIU run probes the kernel again, inside migrations\' frozen windows');
   const address = opts.advertiseAddress ?? opts.listen.host;
   const info: AgentInfo = { node: opts.node, address, apiPort: opts.listen.port, capabilities, version: AGENT_VERSION };
   const images = new ImageStore(opts.imageStore ? { root: join(opts.imageStore, 'root'), runroot: join(opts.imageStore, 'runroot') } : {});

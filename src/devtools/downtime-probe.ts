@@ -5,7 +5,7 @@
  * gap between the two. Bounded: it stops by itself after `maxMs` whatever happens.
  */
 import { setTimeout as sleep } from 'node:timers/promises';
-import { connect } from 'node:net';
+import { connect, type Socket } from 'node:net';
 import { Agent, buildConnector, request } from 'undici';
 
 /**
@@ -170,6 +170,8 @@ export function longestGap(answers: number[], since: number): { lastBefore: numb
 }
 
 const OVERLAPPING_ATTEMPTS = 8;
+const REDIS_PORT = 6379;
+const STOP_GRACE_MS = 5_000;
 /** Long enough for an answer on a loaded 2-core machine; a dropped SYN is retried by the next attempt meanwhile. */
 const ATTEMPT_TIMEOUT_MS = 250;
 
@@ -219,12 +221,13 @@ export class FreshConnectionProbe {
     return this.times;
   }
 
-  /** One GET on a new connection: answered when the status line says 2xx-4xx. */
+  /** One GET on a new connection: answered when the status line says 2xx-4xx (redis://: PING answered +PONG). */
   private attempt(): Promise<void> {
+    const redis = this.target.protocol === 'redis:';
     this.inFlight++;
     this.times.requests++;
     return new Promise<void>((resolve) => {
-      const socket = connect({ host: this.target.hostname, port: Number(this.target.port || 80) });
+      const socket = connect({ host: this.target.hostname, port: Number(this.target.port || (redis ? REDIS_PORT : 80)) });
       let head = '';
       let finished = false;
       const done = (answered: boolean) => {
@@ -238,9 +241,13 @@ export class FreshConnectionProbe {
       };
       const timer = setTimeout(() => done(false), ATTEMPT_TIMEOUT_MS);
       socket.setNoDelay(true);
-      socket.once('connect', () => socket.write(`GET ${this.target.pathname} HTTP/1.1\r\nHost: ${this.target.host}\r\nConnection: close\r\n\r\n`));
+      socket.once('connect', () => socket.write(redis ? 'PING\r\n' : `GET ${this.target.pathname} HTTP/1.1\r\nHost: ${this.target.host}\r\nConnection: close\r\n\r\n`));
       socket.on('data', (d: Buffer) => {
         head += d.toString('latin1');
+        if (redis) {
+          if (head.includes('\r\n')) done(head.startsWith('+PONG'));
+          return;
+        }
         const status = /^HTTP\/1\.[01] (\d{3})/.exec(head);
         if (status) done(Number(status[1]) < 500);
       });
@@ -307,6 +314,79 @@ export class KeptConnectionProbe {
     clearTimeout(this.deadline);
     await this.loop;
     await this.client.close();
+    return this.times;
+  }
+}
+
+/**
+ * KeptConnectionProbe's twin for Redis (redis://ADDRESS:PORT): one connection, a PING and its
+ * +PONG, `intervalMs` apart. It never reconnects: an error or a close ends it, and is recorded.
+ */
+export class KeptRedisProbe {
+  private readonly times: AnswerTimes = { answers: [], requests: 0, errors: [], connections: 1 };
+  private stopped = false;
+  private loop: Promise<void> = Promise.resolve();
+  private deadline: NodeJS.Timeout | undefined;
+  private readonly target: URL;
+  private socket: Socket | undefined;
+
+  constructor(
+    url: string,
+    private readonly maxMs = 120_000,
+    private readonly intervalMs = POLL_INTERVAL_MS,
+  ) {
+    this.target = new URL(url);
+  }
+
+  start(): void {
+    const socket = (this.socket = connect({ host: this.target.hostname, port: Number(this.target.port || REDIS_PORT) }));
+    socket.setNoDelay(true);
+    let buffered = '';
+    let answered: (() => void) | undefined;
+    let failed: ((why: string) => void) | undefined;
+    socket.on('data', (d: Buffer) => {
+      buffered += d.toString('latin1');
+      while (buffered.includes('\r\n')) {
+        const line = buffered.slice(0, buffered.indexOf('\r\n'));
+        buffered = buffered.slice(line.length + 2);
+        if (line === '+PONG') answered?.();
+        else failed?.(`unexpected reply: ${line}`);
+      }
+    });
+    socket.once('error', (err) => failed?.(err.message));
+    socket.once('close', () => failed?.('connection closed'));
+    this.loop = (async () => {
+      await new Promise<void>((resolve, reject) => {
+        socket.once('connect', resolve);
+        socket.once('error', reject);
+      }).catch((err: Error) => this.times.errors.push(err.message));
+      while (!this.stopped && this.times.errors.length === 0) {
+        this.times.requests++;
+        const ok = await new Promise<boolean>((resolve) => {
+          answered = () => resolve(true);
+          failed = (why) => {
+            this.times.errors.push(why);
+            resolve(false);
+          };
+          socket.write('PING\r\n');
+        });
+        answered = failed = undefined;
+        if (!ok) break;
+        this.times.answers.push(Date.now());
+        await sleep(this.intervalMs);
+      }
+      socket.destroy();
+    })();
+    this.deadline = setTimeout(() => (this.stopped = true), this.maxMs);
+  }
+
+  /** A PING still unanswered STOP_GRACE_MS after the stop is an error: its connection went silent. */
+  async stop(): Promise<AnswerTimes> {
+    this.stopped = true;
+    clearTimeout(this.deadline);
+    const silent = setTimeout(() => this.socket?.destroy(new Error(`no answer within ${STOP_GRACE_MS} ms of the probe's stop`)), STOP_GRACE_MS);
+    await this.loop;
+    clearTimeout(silent);
     return this.times;
   }
 }

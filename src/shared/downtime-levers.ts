@@ -13,9 +13,12 @@
  * - fresh-network: a target's restore does not ask whether the staged interface is still there
  *   (one `ip` less in the bundle): its namespace was attached for this migration (target-restore.ts).
  * - kerndat-cache: the target makes CRIU's kernel-feature cache before the freeze if it is missing
- *   (target-restore.ts, criu.ts); bench/downtime removes it before each move without the lever.
+ *   (target-restore.ts, host/criu-kernel-cache.ts); bench/downtime removes it before each move
+ *   without the lever.
+ * - pre-freeze: the source freezes the container just before the dump's CRIU starts, so CRIU finds
+ *   it frozen and skips its 100 ms freezer step (freeze-first.ts).
  */
-export type DowntimeLever = 'route-ahead' | 'in-process-checks' | 'kerndat-cache' | 'lean-hook' | 'daemon-overlap' | 'fresh-network';
+export type DowntimeLever = 'route-ahead' | 'in-process-checks' | 'kerndat-cache' | 'lean-hook' | 'daemon-overlap' | 'fresh-network' | 'pre-freeze';
 
 export function leverOff(lever: DowntimeLever): boolean {
   return (process.env.CHIPMUNK_DOWNTIME_OFF ?? '').split(',').includes(lever);

@@ -11,6 +11,7 @@ import { request } from 'node:http';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { detectCapabilities } from '../../src/shared/host/capabilities.js';
+import { prepareCriuKernelCache } from '../../src/agent/host/criu-kernel-cache.js';
 import { RuncRuntime } from '../../src/agent/runtime/runc-runtime.js';
 import type { WritableLayerKind } from '../../src/agent/runtime/rootfs.js';
 import type { CheckpointFreezeMethod, ContainerRuntime } from '../../src/agent/runtime/types.js';
@@ -77,6 +78,8 @@ let capabilities: HostCapabilities | undefined;
 export async function prepareRuncPairs(): Promise<void> {
   assert.ok(existsSync(CRIU), `${CRIU} is missing: run scripts/setup.sh`);
   capabilities = await detectCapabilities({ criuPath: CRIU });
+  // As an agent does at start (src/agent/index.ts).
+  await prepareCriuKernelCache(CRIU);
   await sweepLeftovers();
 }
 

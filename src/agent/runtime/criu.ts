@@ -11,9 +11,8 @@
  * restore; runc passes the flag on to CRIU for checkpoint and restore alike.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { closeSync, constants, existsSync, openSync } from 'node:fs';
-import { readdir, readFile, rename, writeFile } from 'node:fs/promises';
-import { Socket } from 'node:net';
+import { existsSync } from 'node:fs';
+import { readdir, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { CapabilityMissingError, RuntimeFailedError } from '../../shared/errors.js';
@@ -22,12 +21,12 @@ import type { MigrationMode } from '../../shared/protocol.js';
 import type { StepClock } from '../../shared/steps.js';
 import { within } from '../../shared/time.js';
 import { criuLogSteps } from './criu-steps.js';
-import { inHostNetns } from './network.js';
+import { CRIU_RUNS_BEFORE_DUMP, freezeFirstWrapper, frozenFirstAt, type FreezeFirst } from './freeze-first.js';
+import { openStatusFifo, type StatusFifo } from './status-fifo.js';
 import { killProcessTree, parentPid } from './process-tree.js';
+import { inHostNetns } from './network.js';
 import type { Runc } from './runc.js';
 
-// Its users end CRIU's processes (a dump's page server) through this boundary too.
-export { killProcessTree };
 
 export interface PageServer {
   address: string;
@@ -201,31 +200,6 @@ export async function killOrphanedCriuProcesses(imagesDir: string): Promise<numb
   return found;
 }
 
-/** CRIU's kernel-feature cache (`kerndat`) where CRIU reads it as root, and the boot it was made in. */
-export const KERNDAT = { cache: '/run/criu.kdat', boot: '/run/chipmunk-criu-kdat.boot' };
-
-/**
- * Makes CRIU's kernel-feature cache when it is missing. Without it every CRIU run probes the
- * kernel anew, `iptables -L` included: 45-100 ms at the start of a restore and of a lazy-pages
- * daemon, inside a move's frozen window. CRIU saves it only onto a tmpfs /run (a reboot must
- * clear it), so on a host whose /run is not one it never does: CRIU runs once (`criu check`) in
- * a private mount namespace whose /run is a tmpfs, and its cache is copied out to /run, where
- * CRIU reads it whatever the file system. Made anew in another boot. Best effort.
- */
-export async function ensureKerndatCache(criuPath: string, paths = KERNDAT): Promise<void> {
-  const boot = (await readFile('/proc/sys/kernel/random/boot_id', 'utf8').catch(() => '')).trim();
-  const madeIn = (await readFile(paths.boot, 'utf8').catch(() => '')).trim();
-  if (existsSync(paths.cache) && (madeIn === boot || !existsSync(paths.boot))) return;
-  const made = await runUnchecked('unshare', ['--mount', '--propagation', 'private', 'sh', '-c',
-    `mount -t tmpfs -o size=1m,mode=755 chipmunk-kdat /run && "$0" check >/dev/null 2>&1; base64 -w0 ${KERNDAT.cache}`, criuPath], { timeoutMs: 30_000 });
-  const cache = Buffer.from(made.stdout.trim(), 'base64');
-  if (made.code !== 0 || cache.length === 0) return;
-  const tmp = `${paths.cache}.chipmunk-${process.pid}`;
-  await writeFile(tmp, cache, { mode: 0o600 });
-  await writeFile(paths.boot, `${boot}\n`);
-  await rename(tmp, paths.cache);
-}
-
 export class Criu {
   /** Lazy-pages daemons of restores on this node, by migration. */
   private readonly lazyDaemons = new Map<string, ChildProcess>();
@@ -243,20 +217,52 @@ export class Criu {
    * but memory, which a page server keeps serving until the target has pulled every page.
    * Resolves once the container's state is captured (copy: the dump ended well; lazy: the page
    * server is ready, signalled by one byte CRIU writes to the status fd). Rejects when runc
-   * exits first or fails: CRIU has then unfrozen the container. `onStarted` sees the process
-   * before it is waited for.
+   * exits first or fails: the container then runs again. `onStarted` sees the process before it
+   * is waited for. `frozenFirst`: frozen just before the dump's CRIU starts (freeze-first.ts), the
+   * `pause` step.
    */
   async dump(
     id: string,
+    opts: { name: string; images: string; work: string; mode: MigrationMode; pageServer?: PageServer; steps?: StepClock; frozenFirst?: boolean },
+    onStarted: (dump: DumpProcess) => void,
+  ): Promise<void> {
+    const status = opts.mode === 'lazy' ? await openStatusFifo(join(opts.work, 'status.fifo')) : undefined;
+    const pid = opts.frozenFirst ? (await this.runc.state(id))?.pid : undefined;
+    const freezer = pid ? await freezeFirstWrapper(opts.work, this.criuPath, pid, CRIU_RUNS_BEFORE_DUMP[opts.mode]) : undefined;
+    let dump: DumpProcess | undefined;
+    try {
+      await this.runDump(id, opts, status, freezer, (d) => onStarted((dump = d)));
+    } catch (err) {
+      // CRIU leaves a cgroup that was frozen before it started frozen: the container must run here again.
+      if (freezer) await this.runc.exec(['resume', id]);
+      status?.closeWriteEnd();
+      status?.readable.destroy();
+      throw err;
+    }
+    // A lazy page server that fails later has CRIU resume the tasks, the cgroup left frozen as it
+    // found it: the container runs here again, as it did when CRIU froze it.
+    if (freezer) void dump?.done.then((res) => (res.code !== 0 ? this.runc.exec(['resume', id]) : undefined)).catch(() => undefined);
+    const frozenAt = freezer ? await frozenFirstAt(opts.work) : undefined;
+    if (frozenAt) opts.steps?.add('pause', frozenAt, frozenAt);
+  }
+
+  private async runDump(
+    id: string,
     opts: { name: string; images: string; work: string; mode: MigrationMode; pageServer?: PageServer; steps?: StepClock },
+    status: StatusFifo | undefined,
+    freezer: FreezeFirst | undefined,
     onStarted: (dump: DumpProcess) => void,
   ): Promise<void> {
     const started = Date.now();
-    const args = this.runc.args(['checkpoint', '--image-path', opts.images, '--work-path', opts.work, '--tcp-established', FILE_LOCKS], true);
+    const checkpoint = ['checkpoint', '--image-path', opts.images, '--work-path', opts.work, '--tcp-established', FILE_LOCKS];
+    const args = freezer ? this.runc.args(['--criu', freezer.criuPath, ...checkpoint]) : this.runc.args(checkpoint, true);
     if (opts.mode === 'lazy') args.push('--lazy-pages', '--page-server', `${opts.pageServer!.address}:${opts.pageServer!.port}`, '--status-fd', '3');
     args.push(id);
-    const status = opts.mode === 'lazy' ? await openStatusFifo(join(opts.work, 'status.fifo')) : undefined;
-    const child = spawn(...inHostNetns(this.hostNetns, this.runc.opts.runcPath, args), { stdio: ['ignore', 'ignore', 'pipe', status?.writeFd ?? 'ignore'], detached: true });
+    const child = spawn(...inHostNetns(this.hostNetns, this.runc.opts.runcPath, args), {
+      stdio: ['ignore', 'ignore', 'pipe', status?.writeFd ?? 'ignore'],
+      detached: true,
+      env: { ...process.env, ...freezer?.env },
+    });
     status?.closeWriteEnd();
     const stderr: Buffer[] = [];
     child.stderr!.on('data', (d: Buffer) => stderr.push(d));
@@ -378,19 +384,4 @@ export class Criu {
     for (const m of log.matchAll(/UFFD transferred pages: \((\d+)\/\d+\)/g)) pages += Number(m[1]);
     return pages * PAGE_SIZE;
   }
-}
-
-/**
- * runc wants a writable file descriptor for --status-fd, and the stdio "pipes" node creates are
- * socket pairs runc rejects: so a FIFO, opened for reading first (non-blocking) so that opening
- * its write end does not block.
- */
-async function openStatusFifo(path: string): Promise<{ writeFd: number; readable: NodeJS.ReadableStream & { destroy(): void }; closeWriteEnd(): void }> {
-  await runUnchecked('rm', ['-f', path]);
-  await runUnchecked('mkfifo', ['-m', '600', path]);
-  const readFd = openSync(path, constants.O_RDONLY | constants.O_NONBLOCK);
-  const writeFd = openSync(path, constants.O_WRONLY);
-  // A libuv pipe handle, not an fs stream: fs streams fail with EAGAIN on a non-blocking FIFO.
-  const readable = new Socket({ fd: readFd, readable: true, writable: false });
-  return { writeFd, readable, closeWriteEnd: () => closeSync(writeFd) };
 }

@@ -11,7 +11,6 @@
  */
 import type { AgentContainer, ContainerSpec, ContainerStats, DumpState, HostCapabilities } from '../../shared/protocol.js';
 import { RuntimeContext, type RuncRuntimeOptions } from './context.js';
-import { ensureKerndatCache } from './criu.js';
 import { ContainerLifecycle } from './lifecycle.js';
 import { LocalCheckpoints } from './local-checkpoints.js';
 import { SourceMigrations } from './source-migration.js';
@@ -27,11 +26,8 @@ export class RuncRuntime implements ContainerRuntime {
   private readonly target: TargetRestores;
   private readonly checkpoints: LocalCheckpoints;
 
-  private readonly criuPath: string;
-
   constructor(opts: RuncRuntimeOptions) {
     this.capabilities = opts.capabilities;
-    this.criuPath = opts.criuPath;
     const ctx = new RuntimeContext(opts);
     this.lifecycle = new ContainerLifecycle(ctx);
     this.source = new SourceMigrations(ctx);
@@ -112,7 +108,6 @@ export class RuncRuntime implements ContainerRuntime {
   }
 
   async recoverAtStart(): Promise<{ resumed: string[]; abandoned: string[] }> {
-    await ensureKerndatCache(this.criuPath);
     const resumed = await this.checkpoints.recoverInterruptedCheckpoints();
     const abandoned = await this.target.removeAbandoned();
     return { resumed, abandoned };

@@ -7,12 +7,14 @@ import { mkdir, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { CapabilityMissingError, ConflictError, InvalidInputError, RuntimeFailedError } from '../../shared/errors.js';
 import type { AgentContainer, DumpState } from '../../shared/protocol.js';
+import { leverOff } from '../../shared/downtime-levers.js';
 import { StepClock } from '../../shared/steps.js';
 import { within } from '../../shared/time.js';
 import type { RuntimeContext, SourceMigration } from './context.js';
 import { treeBytes } from './context.js';
 import { resetUnrestorableConnections } from './connections.js';
-import { CRIU_LOG, killProcessTree, markKeptConnections, PAGE_DRAIN_TIMEOUT_MS, removeCriuNetworkLock, writeCriuOptions } from './criu.js';
+import { CRIU_LOG, markKeptConnections, PAGE_DRAIN_TIMEOUT_MS, removeCriuNetworkLock, writeCriuOptions } from './criu.js';
+import { killProcessTree } from './process-tree.js';
 import type { ContainerRecord } from './records.js';
 import { restoreIncarnation } from './target-restore.js';
 import type { DumpOptions, DumpOutcome, MigrationPaths } from './types.js';
@@ -72,12 +74,13 @@ export class SourceMigrations {
         // What the target could not restore is reset now, or the whole move would roll back (connections.ts).
         const netns = keepConnections ? await ctx.containerNetnsPath(rec) : undefined;
         if (netns) await steps.time('reset-connections', () => resetUnrestorableConnections(netns, rec.spec.address!));
-        await ctx.criu.dump(id, { name, images, work, mode: opts.mode, pageServer: opts.pageServer, steps }, (dump) => {
+        const frozenFirst = !leverOff('pre-freeze');
+        await ctx.criu.dump(id, { name, images, work, mode: opts.mode, pageServer: opts.pageServer, steps, frozenFirst }, (dump) => {
           frozenAt = Date.now();
           mig.dump = dump;
         });
       } catch (err) {
-        // CRIU has unfrozen the container: it runs here as before, minus the lock CRIU may have left.
+        // The container runs here again (Criu.dump), minus the network lock CRIU may have left.
         await removeCriuNetworkLock(await ctx.containerNetnsPath(rec));
         const current = await ctx.records.read(name);
         delete current.migration;
@@ -95,8 +98,9 @@ export class SourceMigrations {
         await ctx.syncLayer(name);
         return { imageBytes: await treeBytes(images), upperBytes: await treeBytes(join(ctx.layout.containerDir(name), 'files')) };
       });
-      // CRIU's freeze, when its log names it: runc and CRIU start while the container still runs.
-      const freeze = steps.steps.find((s) => s.step === 'freeze');
+      // When it froze: just before the dump's CRIU started (freeze-first.ts), or at CRIU's own
+      // freeze (its log names it; runc and CRIU start while the container still runs).
+      const freeze = steps.steps.find((s) => s.step === 'pause') ?? steps.steps.find((s) => s.step === 'freeze');
       return { ...sizes, frozenAt: freeze?.at ?? frozenAt };
     });
   }

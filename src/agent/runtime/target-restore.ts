@@ -11,7 +11,8 @@ import { ConflictError, InvalidInputError, RuntimeFailedError } from '../../shar
 import type { AgentContainer, ContainerSpec, MigrationMode } from '../../shared/protocol.js';
 import { StepClock } from '../../shared/steps.js';
 import type { RuntimeContext } from './context.js';
-import { CRIU_LOG, PAGE_DRAIN_TIMEOUT_MS, assertLazyRestorePossible, criuFailureSummary, dumpedWithUserNamespace, ensureKerndatCache, keptConnections, killOrphanedCriuProcesses, writeCriuOptions, type PageServer } from './criu.js';
+import { CRIU_LOG, PAGE_DRAIN_TIMEOUT_MS, assertLazyRestorePossible, criuFailureSummary, dumpedWithUserNamespace, keptConnections, killOrphanedCriuProcesses, writeCriuOptions, type PageServer } from './criu.js';
+import { prepareCriuKernelCache } from '../host/criu-kernel-cache.js';
 import { criuLogSteps } from './criu-steps.js';
 import type { ImageConfig } from './images.js';
 import type { ContainerRecord } from './records.js';
@@ -23,7 +24,7 @@ export class TargetRestores {
   async prepareRestore(spec: ContainerSpec, opts: PrepareOptions): Promise<void> {
     const { ctx } = this;
     // Before the freeze: the restore's CRIU runs (restore, lazy-pages daemon) then skip probing the kernel.
-    if (!leverOff('kerndat-cache')) await ensureKerndatCache(ctx.opts.criuPath);
+    if (!leverOff('kerndat-cache')) await prepareCriuKernelCache(ctx.opts.criuPath);
     await ctx.withLock(spec.name, async () => {
       const existing = await ctx.records.find(spec.name);
       if (existing?.migration?.id === opts.migrationId && existing.migration.role === 'target') return;
