@@ -72,6 +72,8 @@ export async function startGateway(
   routes: Array<{ name: string; listenPort: number; upstreamPort: number }>,
   nodeOptions: string[] = [],
   extraEnv: Record<string, string> = {},
+  /** Each line the gateway prints on stdout after it listens (e.g. node's --trace-gc lines); else they are dropped. */
+  onStdoutLine?: (line: string) => void,
 ): Promise<{ pid: number; stop(): Promise<void> }> {
   mkdirSync(dir, { recursive: true });
   // The flag bin/chipmunk.mjs's first line gives node (this runs it with node directly).
@@ -81,6 +83,14 @@ export async function startGateway(
     stdio: ['ignore', 'pipe', openSync(join(dir, 'gateway.log'), 'a')],
   });
   const url = await waitForLine(child, 'chipmunk gateway', (line) => /listening at (\S+)/.exec(line)?.[1]);
+  // Kept flowing: a full pipe would block the gateway's writes to stdout.
+  let rest = '';
+  child.stdout?.on('data', (d: Buffer) => {
+    if (!onStdoutLine) return;
+    const lines = (rest + d.toString()).split('\n');
+    rest = lines.pop() as string;
+    for (const line of lines) onStdoutLine(line);
+  });
   const client = new GatewayClient({ url, token: TOKEN });
   for (const r of routes) await client.putRoute(r.name, { protocol: 'http', listenPort: r.listenPort, upstream: { address: '127.0.0.1', port: r.upstreamPort } });
   await sleep(200);
