@@ -8,8 +8,11 @@
  * --sites: one more load, with V8's sampling heap profiler in the gateway (heap-sampler.mjs):
  * the functions that allocate most, in bytes per request (sampled: roughly, and slower).
  *
- * Usage: npx tsx bench/gateway/cost.ts [--runs 3 --seconds 5 --connections 16 --haproxy --sites]
- * Prints tables; writes nothing.
+ * --base DIR: another checkout's gateway too (e.g. a worktree of the commit before a change,
+ * with node_modules), loaded in turn with this one's, run after run.
+ *
+ * Usage: npx tsx bench/gateway/cost.ts [--runs 3 --seconds 5 --connections 16 --haproxy --sites --base DIR]
+ * Prints tables; writes nothing (--gc-log FILE: node's GC trace lines during the loads).
  */
 import { mkdtemp, mkdir, readFile, writeFile } from 'node:fs/promises';
 import { loadavg, tmpdir } from 'node:os';
@@ -28,6 +31,8 @@ const APP_PORT = 38190;
 const GATEWAY_API_PORT = 38191;
 const GATEWAY_PORT = 38192;
 const HAPROXY_PORT = 38193;
+const BASE_API_PORT = 38194;
+const BASE_PORT = 38195;
 const WARMUP_SECONDS = 2;
 
 const { values } = parseArgs({
@@ -38,6 +43,7 @@ const { values } = parseArgs({
     haproxy: { type: 'boolean', default: false },
     sites: { type: 'boolean', default: false },
     'gc-log': { type: 'string' },
+    base: { type: 'string' },
   },
 });
 const runs = Number(values.runs);
@@ -109,8 +115,9 @@ async function measured(name: string, port: number, pid: number | undefined, gc:
 
 async function allocationSites(scratch: string): Promise<string> {
   const profilePath = join(scratch, 'heap-profile.json');
-  const gateway = await startGateway(join(scratch, 'gateway-sites'), GATEWAY_API_PORT, [{ name: 'bench', listenPort: GATEWAY_PORT, upstreamPort: APP_PORT }], ['--import', HEAP_SAMPLER], {
-    CHIPMUNK_BENCH_HEAP_PROFILE: profilePath,
+  const gateway = await startGateway(join(scratch, 'gateway-sites'), GATEWAY_API_PORT, [{ name: 'bench', listenPort: GATEWAY_PORT, upstreamPort: APP_PORT }], {
+    nodeOptions: ['--import', HEAP_SAMPLER],
+    env: { CHIPMUNK_BENCH_HEAP_PROFILE: profilePath },
   });
   try {
     await wrk('warm-up', `http://127.0.0.1:${GATEWAY_PORT}/health`, { connections, seconds: WARMUP_SECONDS });
@@ -171,23 +178,31 @@ async function main(): Promise<void> {
   const scratch = await mkdtemp(join(tmpdir(), 'chipmunk-bench-gw-cost-'));
   await mkdir(join(scratch, 'app'));
   const app = await startStatefulApp(APP_PORT, join(scratch, 'app'));
-  const gc = new GcTally();
-  const gateway = await startGateway(join(scratch, 'gateway'), GATEWAY_API_PORT, [{ name: 'bench', listenPort: GATEWAY_PORT, upstreamPort: APP_PORT }], ['--trace-gc-nvp'], {}, (line) => gc.line(line));
+  const route = (listenPort: number) => [{ name: 'bench', listenPort, upstreamPort: APP_PORT }];
+  const gateways: Array<{ label: string; port: number; pid: number; gc: GcTally; stop(): Promise<void> }> = [];
   const haproxy = values.haproxy ? await startHaproxy(scratch, [{ listenPort: HAPROXY_PORT, server: { address: '127.0.0.1', port: APP_PORT } }]) : undefined;
   try {
-    await wrk('warm-up', `http://127.0.0.1:${GATEWAY_PORT}/health`, { connections, seconds: WARMUP_SECONDS });
+    for (const [label, port, apiPort, chipmunk] of [
+      ['this', GATEWAY_PORT, GATEWAY_API_PORT, undefined],
+      ...(values.base ? [['base', BASE_PORT, BASE_API_PORT, join(values.base, 'bin', 'chipmunk.mjs')] as const] : []),
+    ] as const) {
+      const gc = new GcTally();
+      const running = await startGateway(join(scratch, `gateway-${label}`), apiPort, route(port), { nodeOptions: ['--trace-gc-nvp'], onStdoutLine: (line) => gc.line(line), chipmunk });
+      gateways.push({ label, port, gc, ...running });
+    }
+    for (const g of gateways) await wrk('warm-up', `http://127.0.0.1:${g.port}/health`, { connections, seconds: WARMUP_SECONDS });
     if (haproxy) await wrk('warm-up', `http://127.0.0.1:${HAPROXY_PORT}/health`, { connections, seconds: WARMUP_SECONDS });
     const rows: CostRow[] = [];
     for (let run = 1; run <= runs; run++) {
-      rows.push(await measured(`gateway ${run}`, GATEWAY_PORT, gateway.pid, gc));
+      for (const g of gateways) rows.push(await measured(`${g.label} ${run}`, g.port, g.pid, g.gc));
       if (haproxy) rows.push(await measured(`haproxy ${run}`, HAPROXY_PORT, haproxy.pid, undefined));
       process.stderr.write(`run ${run} done\n`);
     }
     console.log(table(rows));
-    if (values['gc-log']) await writeFile(values['gc-log'], `${gc.lines.join('\n')}\n`);
+    if (values['gc-log']) await writeFile(values['gc-log'], `${gateways[0].gc.lines.join('\n')}\n`);
   } finally {
     await haproxy?.stop();
-    await gateway.stop();
+    for (const g of gateways) await g.stop();
   }
   try {
     if (values.sites) console.log(`\n${await allocationSites(scratch)}`);
