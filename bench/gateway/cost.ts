@@ -5,8 +5,9 @@
  * and latency. Same set-up as bench/gateway's loopback rows (stateful app, `chipmunk gateway`,
  * wrk at fixed concurrency after a warm-up); HAProxy's row too with --haproxy.
  *
- * --sites: one more load, with V8's sampling heap profiler in the gateway (heap-sampler.mjs):
- * the functions that allocate most, in bytes per request (sampled: roughly, and slower).
+ * --sites: one more load, with V8's sampling heap profiler in the gateway (profiler.mjs): the
+ * functions that allocate most, in bytes per request (sampled: roughly, and slower).
+ * --cpu-sites: the same with V8's CPU profiler: the functions that take most CPU themselves.
  *
  * --base DIR: another checkout's gateway too (e.g. a worktree of the commit before a change,
  * with node_modules), loaded in turn with this one's, run after run.
@@ -26,7 +27,7 @@ import { processCpu } from '../support/proc-cpu.js';
 import { wrk, type LoadRow } from '../support/wrk.js';
 import { startGateway, startStatefulApp } from './processes.js';
 
-const HEAP_SAMPLER = fileURLToPath(new URL('./heap-sampler.mjs', import.meta.url));
+const PROFILER = fileURLToPath(new URL('./profiler.mjs', import.meta.url));
 const APP_PORT = 38190;
 const GATEWAY_API_PORT = 38191;
 const GATEWAY_PORT = 38192;
@@ -42,6 +43,7 @@ const { values } = parseArgs({
     seconds: { type: 'string', default: '5' },
     haproxy: { type: 'boolean', default: false },
     sites: { type: 'boolean', default: false },
+    'cpu-sites': { type: 'boolean', default: false },
     'gc-log': { type: 'string' },
     base: { type: 'string' },
   },
@@ -113,50 +115,82 @@ async function measured(name: string, port: number, pid: number | undefined, gc:
   return row;
 }
 
-async function allocationSites(scratch: string): Promise<string> {
-  const profilePath = join(scratch, 'heap-profile.json');
-  const gateway = await startGateway(join(scratch, 'gateway-sites'), GATEWAY_API_PORT, [{ name: 'bench', listenPort: GATEWAY_PORT, upstreamPort: APP_PORT }], {
-    nodeOptions: ['--import', HEAP_SAMPLER],
-    env: { CHIPMUNK_BENCH_HEAP_PROFILE: profilePath },
+/** One load with a profiler in the gateway; the profile of the measured part, and the requests it served. */
+async function profiled(scratch: string, kind: 'heap' | 'cpu'): Promise<{ profile: unknown; requests: number }> {
+  const profilePath = join(scratch, `${kind}-profile.json`);
+  const gateway = await startGateway(join(scratch, `gateway-${kind}`), GATEWAY_API_PORT, [{ name: 'bench', listenPort: GATEWAY_PORT, upstreamPort: APP_PORT }], {
+    nodeOptions: ['--import', PROFILER],
+    env: { CHIPMUNK_BENCH_PROFILE: profilePath, CHIPMUNK_BENCH_PROFILE_KIND: kind },
   });
   try {
     await wrk('warm-up', `http://127.0.0.1:${GATEWAY_PORT}/health`, { connections, seconds: WARMUP_SECONDS });
     process.kill(gateway.pid, 'SIGUSR2');
     await sleep(100);
-    const row = await wrk('sampled', `http://127.0.0.1:${GATEWAY_PORT}/health`, { connections, seconds });
+    const row = await wrk('profiled', `http://127.0.0.1:${GATEWAY_PORT}/health`, { connections, seconds });
     process.kill(gateway.pid, 'SIGUSR2');
-    let text: string | undefined;
-    for (let i = 0; i < 100 && text === undefined; i++) {
+    for (let i = 0; i < 100; i++) {
       await sleep(100);
-      text = await readFile(profilePath, 'utf8').catch(() => undefined);
+      const text = await readFile(profilePath, 'utf8').catch(() => undefined);
+      if (text !== undefined) return { profile: JSON.parse(text), requests: row.rps * seconds };
     }
-    if (text === undefined) throw new Error('the gateway wrote no heap profile');
-    return sitesTable(JSON.parse(text) as { head: ProfileNode }, row.rps * seconds);
+    throw new Error('the gateway wrote no profile');
   } finally {
     await gateway.stop();
   }
 }
 
-interface ProfileNode {
-  callFrame: { functionName: string; url: string; lineNumber: number };
-  selfSize: number;
-  children: ProfileNode[];
+interface CallFrame {
+  functionName: string;
+  url: string;
+  lineNumber: number;
+  columnNumber: number;
 }
 
-function sitesTable(profile: { head: ProfileNode }, requests: number): string {
+/** A function's name and where it is (tsx compiles a file to few lines: the column tells functions of one name apart). */
+function siteName({ functionName, url, lineNumber, columnNumber }: CallFrame): string {
+  return `${functionName || '(anonymous)'} ${url.replace(/^.*\/(src|node_modules)\//, '$1/')}:${lineNumber + 1}:${columnNumber + 1}`;
+}
+
+function topTable(title: string, unit: string, bySite: Map<string, number>, divisor: number, total: number): string {
+  const lines = [`${title} (${(total / divisor).toFixed(unit === 'µs' ? 1 : 0)} ${unit} per request in all):`, '', `| function | ${unit} per request |`, '|---|---:|'];
+  for (const [site, amount] of [...bySite].sort((a, b) => b[1] - a[1]).slice(0, 30)) lines.push(`| ${site} | ${(amount / divisor).toFixed(unit === 'µs' ? 2 : 0)} |`);
+  return lines.join('\n');
+}
+
+interface HeapNode {
+  callFrame: CallFrame;
+  selfSize: number;
+  children: HeapNode[];
+}
+
+async function allocationSites(scratch: string): Promise<string> {
+  const { profile, requests } = await profiled(scratch, 'heap');
   const bySite = new Map<string, number>();
   let total = 0;
-  const walk = (node: ProfileNode): void => {
-    const { functionName, url, lineNumber } = node.callFrame;
-    const site = `${functionName || '(anonymous)'} ${url.replace(/^.*\/(src|node_modules)\//, '$1/')}:${lineNumber + 1}`;
+  const walk = (node: HeapNode): void => {
+    const site = siteName(node.callFrame);
     if (node.selfSize) bySite.set(site, (bySite.get(site) ?? 0) + node.selfSize);
     total += node.selfSize;
     for (const child of node.children) walk(child);
   };
-  walk(profile.head);
-  const lines = [`Allocation by function, sampled (${(total / requests).toFixed(0)} bytes per request in all):`, '', '| function | bytes per request |', '|---|---:|'];
-  for (const [site, bytes] of [...bySite].sort((a, b) => b[1] - a[1]).slice(0, 25)) lines.push(`| ${site} | ${(bytes / requests).toFixed(0)} |`);
-  return lines.join('\n');
+  walk((profile as { head: HeapNode }).head);
+  return topTable('Allocation by function, sampled', 'bytes', bySite, requests, total);
+}
+
+async function cpuSites(scratch: string): Promise<string> {
+  const { profile, requests } = await profiled(scratch, 'cpu');
+  const { nodes, samples, timeDeltas } = profile as { nodes: Array<{ id: number; callFrame: CallFrame }>; samples: number[]; timeDeltas: number[] };
+  const site = new Map(nodes.map((n) => [n.id, siteName(n.callFrame)]));
+  const bySite = new Map<string, number>();
+  let busy = 0;
+  // A sample stands for the time until the next one (µs): samples come late on a loaded machine.
+  for (let i = 0; i < samples.length - 1; i++) {
+    const name = site.get(samples[i]) as string;
+    if (name.startsWith('(idle)')) continue;
+    busy += timeDeltas[i + 1];
+    bySite.set(name, (bySite.get(name) ?? 0) + timeDeltas[i + 1]);
+  }
+  return topTable("Main thread's time by function, sampled (not idle; a system call's time counts as its caller's)", 'µs', bySite, requests, busy);
 }
 
 function table(rows: CostRow[]): string {
@@ -206,6 +240,7 @@ async function main(): Promise<void> {
   }
   try {
     if (values.sites) console.log(`\n${await allocationSites(scratch)}`);
+    if (values['cpu-sites']) console.log(`\n${await cpuSites(scratch)}`);
   } finally {
     await app.stop();
     await removeTree(scratch);

@@ -6,6 +6,7 @@
 import { STATUS_CODES } from 'node:http';
 import type { ClientAnswer, ClientRequest } from './http-client-connection.js';
 import { clientHeaders, type RequestBody } from './http-messages.js';
+import type { Route } from './protocol.js';
 import type { LogRecord } from './request-log.js';
 import type { UpstreamHandler } from './upstream-connection.js';
 import type { UpstreamPool } from './upstream-pool.js';
@@ -14,6 +15,11 @@ export interface FailedSend {
   error: Error;
   /** Some of the request was handed to a connection to the upstream: it may have reached the container. */
   written: boolean;
+}
+
+/** Told when an attempt started with ProxiedExchange.start is over (the proxy's hot path: no promise per request). */
+export interface AttemptListener {
+  attemptOver(exchange: ProxiedExchange, failure: FailedSend | undefined): void;
 }
 
 /**
@@ -30,12 +36,17 @@ export class ProxiedExchange implements UpstreamHandler {
   seq?: number;
   /** A replay answers this client: the live attempts are over. */
   claimed = false;
+  /** The route as it was when the attempt in progress started (the proxy's, for its retry decision). */
+  route?: Route;
   private abortUpstream?: (err?: Error) => void;
   private resumeUpstream?: () => void;
   private waiting?: AbortController;
   private written = false;
   private answering = false;
-  private settle?: (failure: FailedSend | undefined) => void;
+  /** An attempt is in progress: its end resolves send's promise, or is told to start's listener. */
+  private attemptOpen = false;
+  private resolveAttempt?: (failure: FailedSend | undefined) => void;
+  private listener?: AttemptListener;
   /** The attempt in progress, which a replay waits out before it answers through this exchange. */
   private attempt?: Promise<FailedSend | undefined>;
   private replayDelivered = false;
@@ -44,7 +55,7 @@ export class ProxiedExchange implements UpstreamHandler {
 
   constructor(
     readonly req: ClientRequest,
-    private readonly res: ClientAnswer,
+    readonly res: ClientAnswer,
   ) {
     res.once('close', () => {
       if (res.writableFinished) return;
@@ -70,15 +81,31 @@ export class ProxiedExchange implements UpstreamHandler {
   send(pool: UpstreamPool, headers: string[], payload: RequestBody['payload']): Promise<FailedSend | undefined> {
     this.written = false;
     this.attempt = new Promise((resolve) => {
-      this.settle = (failure) => {
-        this.settle = undefined;
-        this.attempt = undefined;
-        resolve(failure);
-      };
+      this.attemptOpen = true;
+      this.resolveAttempt = resolve;
       // Queued in its client connection's turn: one client cannot keep the others waiting.
       pool.dispatch(this.req.socket, { path: this.req.url as string, method: this.req.method as string, headers, body: payload }, this);
     });
     return this.attempt;
+  }
+
+  /** One attempt, as send() makes, whose end is told to `listener` instead of a promise (the hot path). */
+  start(pool: UpstreamPool, headers: string[], payload: RequestBody['payload'], listener: AttemptListener): void {
+    this.written = false;
+    this.attemptOpen = true;
+    this.listener = listener;
+    pool.dispatch(this.req.socket, { path: this.req.url as string, method: this.req.method as string, headers, body: payload }, this);
+  }
+
+  private attemptEnded(failure: FailedSend | undefined): void {
+    if (!this.attemptOpen) return;
+    this.attemptOpen = false;
+    const { resolveAttempt, listener } = this;
+    this.resolveAttempt = undefined;
+    this.listener = undefined;
+    this.attempt = undefined;
+    if (resolveAttempt) resolveAttempt(failure);
+    else listener?.attemptOver(this, failure);
   }
 
   /**
@@ -162,16 +189,16 @@ export class ProxiedExchange implements UpstreamHandler {
   onComplete(): void {
     this.abortUpstream = undefined;
     this.res.end();
-    this.settle?.(undefined);
+    this.attemptEnded(undefined);
   }
 
   onError(error: Error): void {
     this.abortUpstream = undefined;
     if (this.answering) {
       this.res.destroy(error);
-      this.settle?.(undefined);
+      this.attemptEnded(undefined);
     } else {
-      this.settle?.({ error, written: this.written });
+      this.attemptEnded({ error, written: this.written });
     }
   }
 }

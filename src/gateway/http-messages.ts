@@ -155,6 +155,8 @@ function isHopByHop(lowerName: string, named: Set<string> | undefined): boolean 
 /** Header names listed in a Connection header (besides keep-alive/close, which are hop-by-hop anyway). */
 function connectionOptions(value: string | undefined): Set<string> | undefined {
   if (!value) return undefined;
+  // Most answers and many requests carry one of these alone: nothing to split.
+  if ((value.length === 10 || value.length === 5) && (value === 'keep-alive' || value === 'close' || /^(?:keep-alive|close)$/i.test(value))) return undefined;
   const names = value.split(',').map((token) => token.trim().toLowerCase()).filter((token) => token && token !== 'close' && token !== 'keep-alive');
   return names.length ? new Set(names) : undefined;
 }
