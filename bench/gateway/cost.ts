@@ -166,15 +166,26 @@ interface HeapNode {
 async function allocationSites(scratch: string): Promise<string> {
   const { profile, requests } = await profiled(scratch, 'heap');
   const bySite = new Map<string, number>();
+  /** Per site, bytes by the caller that allocated them through it (a builtin's own name says little). */
+  const byCaller = new Map<string, Map<string, number>>();
   let total = 0;
-  const walk = (node: HeapNode): void => {
+  const walk = (node: HeapNode, caller: string): void => {
     const site = siteName(node.callFrame);
-    if (node.selfSize) bySite.set(site, (bySite.get(site) ?? 0) + node.selfSize);
+    if (node.selfSize) {
+      bySite.set(site, (bySite.get(site) ?? 0) + node.selfSize);
+      const callers = byCaller.get(site) ?? new Map<string, number>();
+      byCaller.set(site, callers.set(caller, (callers.get(caller) ?? 0) + node.selfSize));
+    }
     total += node.selfSize;
-    for (const child of node.children) walk(child);
+    for (const child of node.children) walk(child, site);
   };
-  walk((profile as { head: HeapNode }).head);
-  return topTable('Allocation by function, sampled', 'bytes', bySite, requests, total);
+  walk((profile as { head: HeapNode }).head, '');
+  const named = new Map<string, number>();
+  for (const [site, bytes] of bySite) {
+    const [caller] = [...(byCaller.get(site) as Map<string, number>)].sort((a, b) => b[1] - a[1])[0];
+    named.set(`${site} (mostly from ${caller || 'the event loop'})`, bytes);
+  }
+  return topTable('Allocation by function, sampled', 'bytes', named, requests, total);
 }
 
 async function cpuSites(scratch: string): Promise<string> {

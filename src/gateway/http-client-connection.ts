@@ -18,6 +18,7 @@
  */
 import { STATUS_CODES } from 'node:http';
 import type { Socket } from 'node:net';
+import type { AnswerHead } from './upstream-answer-head.js';
 
 /** What the proxy reads of a client's request, lean or node's IncomingMessage. */
 export interface ClientRequest {
@@ -55,8 +56,12 @@ const COPY_BYTES = 16 * 1024;
 const REQUEST_LINE = /^([!#$%&'*+\-.^_`|~0-9A-Za-z]+) (\/[!-~\x80-\xff]*) HTTP\/1\.1$/;
 /** A request head the lean path takes, checked whole: its request line, then header lines whose names are tokens and whose values hold no CR, LF or NUL. */
 const PLAIN_HEAD = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+ \/[!-~\x80-\xff]* HTTP\/1\.1(?:\r\n[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\0\r\n]*)*$/;
-/** A status line and header lines, each ended by CRLF, with no other CR, LF or NUL; names are tokens. */
-const WELL_FORMED_HEAD = /^HTTP\/1\.1 \d{3} [^\0\r\n]*\r\n(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+: [^\0\r\n]*\r\n)*$/;
+/** A status line and header lines, each after a CRLF, with no other CR, LF or NUL; names are tokens. */
+const WELL_FORMED_HEAD = /^HTTP\/1\.1 \d{3} [^\0\r\n]*(?:\r\n[!#$%&'*+\-.^_`|~0-9A-Za-z]+: [^\0\r\n]*)*$/;
+/** The end of every answer's head: its framing (unless it has a Content-Length) and the connection's own lines. */
+const CHUNKED_LINE = '\r\ntransfer-encoding: chunked';
+const KEEP_ALIVE_END = `\r\nconnection: keep-alive\r\nkeep-alive: timeout=${KEEP_ALIVE_MS / 1000}\r\n\r\n`;
+const CLOSE_END = '\r\nconnection: close\r\n\r\n';
 /** Statuses that have no body (RFC 9110 6.4.1). */
 const BODYLESS_STATUS = (status: number): boolean => status < 200 || status === 204 || status === 304;
 
@@ -98,7 +103,6 @@ export class LeanResponse implements ClientAnswer {
   }
 
   writeHead(statusCode: number, textOrHeaders: string | Record<string, string | number>, list?: string[]): this {
-    if (this.headersSent) throw new Error('the answer’s head was written already');
     let statusText: string;
     let headers: string[];
     if (typeof textOrHeaders === 'string') {
@@ -108,22 +112,31 @@ export class LeanResponse implements ClientAnswer {
       statusText = STATUS_CODES[statusCode] ?? 'Unknown';
       headers = Object.entries(textOrHeaders).flatMap(([name, value]) => [name, String(value)]);
     }
-    this.statusCode = statusCode;
-    if (BODYLESS_STATUS(statusCode)) this.noBody = true;
-    let head = `HTTP/1.1 ${statusCode} ${statusText}\r\n`;
+    let head = `HTTP/1.1 ${statusCode} ${statusText}`;
     let hasLength = false;
     for (let i = 0; i < headers.length; i += 2) {
       const name = headers[i];
       if (name.length === 14 && name.toLowerCase() === 'content-length') hasLength = true;
-      head += `${name}: ${headers[i + 1]}\r\n`;
+      head += `\r\n${name}: ${headers[i + 1]}`;
     }
     // One check for the whole head: a name that is not a token, or a value holding CR, LF or NUL (header injection), throws as node's writeHead does.
     if (!WELL_FORMED_HEAD.test(head)) throw new TypeError(`invalid character in a header of the answer (status ${statusCode})`);
+    return this.startAnswer(statusCode, head, hasLength);
+  }
+
+  /** The upstream's answer head, its text written on as it came (readAnswerHead checked it). */
+  writeUpstreamHead(head: AnswerHead): this {
+    return this.startAnswer(head.statusCode, head.text, head.hasLength);
+  }
+
+  /** `head`: the status line and header lines, each after a CRLF; the framing and connection lines are the connection's own. */
+  private startAnswer(statusCode: number, head: string, hasLength: boolean): this {
+    if (this.headersSent) throw new Error('the answer’s head was written already');
+    this.statusCode = statusCode;
+    if (BODYLESS_STATUS(statusCode)) this.noBody = true;
     this.chunked = !hasLength && !this.noBody;
-    if (this.chunked) head += 'transfer-encoding: chunked\r\n';
-    head += this.closeAfter ? 'connection: close\r\n\r\n' : `connection: keep-alive\r\nkeep-alive: timeout=${KEEP_ALIVE_MS / 1000}\r\n\r\n`;
     this.headersSent = true;
-    this.text = head;
+    this.text = head + (this.chunked ? CHUNKED_LINE : '') + (this.closeAfter ? CLOSE_END : KEEP_ALIVE_END);
     return this;
   }
 

@@ -4,10 +4,11 @@
  * client had its answer already.
  */
 import { STATUS_CODES } from 'node:http';
-import type { ClientAnswer, ClientRequest } from './http-client-connection.js';
-import { clientHeaders, type RequestBody } from './http-messages.js';
+import { LeanResponse, type ClientAnswer, type ClientRequest } from './http-client-connection.js';
+import type { RequestBody } from './http-messages.js';
 import type { Route } from './protocol.js';
 import type { LogRecord } from './request-log.js';
+import { headerList, type AnswerHead } from './upstream-answer-head.js';
 import type { UpstreamHandler } from './upstream-connection.js';
 import type { UpstreamPool } from './upstream-pool.js';
 
@@ -165,16 +166,16 @@ export class ProxiedExchange implements UpstreamHandler {
     if (this.clientGone && !this.claimed) abort();
   }
 
-  onHeaders(statusCode: number, headers: string[], resume: () => void, statusText: string): boolean {
-    // Informational answers (103) are not passed on: node's ServerResponse has no way to.
-    if (statusCode < 200) return true;
+  onHeaders(head: AnswerHead, resume: () => void): void {
     this.answering = true;
     // A replayed answer whose client left is read and dropped.
-    if (this.clientGone) return true;
-    // Only stored: node writes the head with the first body bytes, or at the end.
-    this.res.writeHead(statusCode, statusText || (STATUS_CODES[statusCode] ?? 'Unknown'), clientHeaders(headers));
+    if (this.clientGone) return;
+    // Only stored: the head leaves with the first body bytes, or at the end. A lean client
+    // connection writes the head's text on as it came; node's ServerResponse needs a list.
+    const res = this.res;
+    if (res instanceof LeanResponse) res.writeUpstreamHead(head);
+    else res.writeHead(head.statusCode, head.statusText || (STATUS_CODES[head.statusCode] ?? 'Unknown'), headerList(head));
     this.resumeUpstream = resume;
-    return true;
   }
 
   /** false pauses the upstream connection until 'drain' resumes it: the body never piles up here. */
@@ -214,7 +215,7 @@ export function sendDiscardingAnswer(pool: UpstreamPool, record: LogRecord): Pro
         onConnect: () => {
           written = true;
         },
-        onHeaders: () => true,
+        onHeaders: () => undefined,
         onData: () => true,
         onComplete: () => resolve(undefined),
         onError: (error) => resolve({ error, written }),

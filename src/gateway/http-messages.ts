@@ -1,7 +1,8 @@
 /**
  * HTTP messages on their way through a route's proxy: request bodies read (whole, or up to a
- * limit and then streamed), and headers rewritten for the other hop (hop-by-hop ones removed,
- * X-Forwarded-* set). docs/gateway.md, "HTTP proxying".
+ * limit and then streamed), and request headers rewritten for the other hop (hop-by-hop ones
+ * removed, X-Forwarded-* set); an answer's are as its head is read (upstream-answer-head.ts).
+ * docs/gateway.md, "HTTP proxying".
  */
 import type { IncomingMessage } from 'node:http';
 import { Readable } from 'node:stream';
@@ -20,8 +21,8 @@ export class BodyTooLargeToLogError extends ChipmunkError {
   }
 }
 
-/** Headers of one connection, not of the message (RFC 9110 7.6.1), plus the proxy's own. */
-const HOP_BY_HOP = new Set(['connection', 'keep-alive', 'te', 'trailer', 'transfer-encoding', 'upgrade']);
+/** Headers of one connection, not of the message (RFC 9110 7.6.1); also Proxy-*, and any a Connection header names. */
+export const HOP_BY_HOP = new Set(['connection', 'keep-alive', 'te', 'trailer', 'transfer-encoding', 'upgrade']);
 
 export interface RequestBody {
   payload: Buffer | Readable | null;
@@ -119,23 +120,6 @@ export function upstreamHeaders(req: ClientRequest): string[] {
   return out;
 }
 
-/** The upstream's headers as the client gets them (latin1 both ways: bytes pass unchanged). */
-export function clientHeaders(raw: string[]): string[] {
-  const out: string[] = [];
-  let named: Set<string> | undefined;
-  for (let i = 0; i < raw.length; i += 2) {
-    const name = raw[i];
-    const lower = watchedName(name, undefined);
-    if (lower === 'connection') named = connectionOptions(raw[i + 1]);
-    if (isHopByHop(lower, undefined)) continue;
-    out.push(name, raw[i + 1]);
-  }
-  if (!named) return out;
-  const filtered: string[] = [];
-  for (let i = 0; i < out.length; i += 2) if (!named.has(out[i].toLowerCase())) filtered.push(out[i], out[i + 1]);
-  return filtered;
-}
-
 /**
  * Lengths of the header names the proxy acts on (hop-by-hop ones, Expect, X-Forwarded-*; Proxy-*
  * are told by their first letter): the others are passed on without being lowered, on the hot path.
@@ -155,7 +139,7 @@ function isHopByHop(lowerName: string, named: Set<string> | undefined): boolean 
 /** Header names listed in a Connection header (besides keep-alive/close, which are hop-by-hop anyway). */
 function connectionOptions(value: string | undefined): Set<string> | undefined {
   if (!value) return undefined;
-  // Most answers and many requests carry one of these alone: nothing to split.
+  // Many requests carry one of these alone: nothing to split.
   if ((value.length === 10 || value.length === 5) && (value === 'keep-alive' || value === 'close' || /^(?:keep-alive|close)$/i.test(value))) return undefined;
   const names = value.split(',').map((token) => token.trim().toLowerCase()).filter((token) => token && token !== 'close' && token !== 'keep-alive');
   return names.length ? new Set(names) : undefined;

@@ -10,6 +10,7 @@ import { createServer as createHttpServer, type IncomingMessage } from 'node:htt
 import { createServer, type Server, type Socket } from 'node:net';
 import { Readable } from 'node:stream';
 import { setTimeout as sleep } from 'node:timers/promises';
+import { headerList } from '../../src/gateway/upstream-answer-head.js';
 import { UpstreamConnection } from '../../src/gateway/upstream-connection.js';
 import type { UpstreamRequest } from '../../src/gateway/upstream-request.js';
 import { freePort } from './gateway-env.js';
@@ -33,11 +34,10 @@ function exchange(conn: UpstreamConnection, request: Partial<UpstreamRequest>, p
       { method: 'GET', path: '/', headers: ['host', 'test'], body: null, ...request },
       {
         onConnect: () => (outcome.connected = true),
-        onHeaders: (status, headers, resume) => {
-          outcome.status = status;
-          outcome.headers = headers;
+        onHeaders: (head, resume) => {
+          outcome.status = head.statusCode;
+          outcome.headers = headerList(head);
           resumeFn = resume;
-          return true;
         },
         onData: (chunk) => {
           assert.equal(paused, false, 'onData while paused');
