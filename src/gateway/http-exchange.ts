@@ -5,12 +5,13 @@
  */
 import { STATUS_CODES } from 'node:http';
 import { LeanResponse, type ClientAnswer, type ClientRequest } from './http-client-connection.js';
-import type { RequestBody } from './http-messages.js';
+import { headerList, type RequestBody } from './http-messages.js';
 import type { Route } from './protocol.js';
 import type { LogRecord } from './request-log.js';
-import { headerList, type AnswerHead } from './upstream-answer-head.js';
+import type { AnswerHead } from './upstream-answer-head.js';
 import type { UpstreamHandler } from './upstream-connection.js';
 import type { UpstreamPool } from './upstream-pool.js';
+import type { UpstreamRequest } from './upstream-request.js';
 
 export interface FailedSend {
   error: Error;
@@ -91,7 +92,7 @@ export class ProxiedExchange implements UpstreamHandler {
   }
 
   /** One attempt, as send() makes, whose end is told to `listener` instead of a promise (the hot path). */
-  start(pool: UpstreamPool, headers: string[], payload: RequestBody['payload'], listener: AttemptListener): void {
+  start(pool: UpstreamPool, headers: UpstreamRequest['headers'], payload: RequestBody['payload'], listener: AttemptListener): void {
     this.written = false;
     this.attemptOpen = true;
     this.listener = listener;
@@ -174,7 +175,7 @@ export class ProxiedExchange implements UpstreamHandler {
     // connection writes the head's text on as it came; node's ServerResponse needs a list.
     const res = this.res;
     if (res instanceof LeanResponse) res.writeUpstreamHead(head);
-    else res.writeHead(head.statusCode, head.statusText || (STATUS_CODES[head.statusCode] ?? 'Unknown'), headerList(head));
+    else res.writeHead(head.statusCode, head.statusText || (STATUS_CODES[head.statusCode] ?? 'Unknown'), headerList(head.text, head.fieldsAt));
     this.resumeUpstream = resume;
   }
 

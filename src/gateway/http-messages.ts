@@ -94,29 +94,87 @@ export function upstreamHeaders(req: ClientRequest): string[] {
   const raw = req.rawHeaders;
   const named = connectionOptions(req.headers.connection);
   const out: string[] = [];
-  let forwardedFor: string | undefined;
-  let hasProto = false;
-  let hasForwardedHost = false;
-  for (let i = 0; i < raw.length; i += 2) {
-    const name = raw[i];
-    const lower = watchedName(name, named);
-    if (lower === '') {
-      out.push(name, raw[i + 1]);
-      continue;
-    }
-    if (isHopByHop(lower, named) || lower === 'expect') continue;
-    if (lower === 'x-forwarded-for') {
-      forwardedFor = forwardedFor === undefined ? raw[i + 1] : `${forwardedFor}, ${raw[i + 1]}`;
-      continue;
-    }
-    if (lower === 'x-forwarded-proto') hasProto = true;
-    else if (lower === 'x-forwarded-host') hasForwardedHost = true;
-    out.push(name, raw[i + 1]);
+  const seen: ForwardedSeen = { forwardedFor: undefined, proto: false, host: false };
+  for (let i = 0; i < raw.length; i += 2) if (keptUpstream(raw[i], raw[i + 1], named, seen)) out.push(raw[i], raw[i + 1]);
+  out.push('x-forwarded-for', forwardedFor(req, seen));
+  if (!seen.proto) out.push('x-forwarded-proto', 'http');
+  if (!seen.host && req.headers.host !== undefined) out.push('x-forwarded-host', req.headers.host);
+  return out;
+}
+
+/**
+ * upstreamHeaders' rules on the text of a lean client request's head (its request line, then
+ * each header line after a CRLF): the head the upstream gets, lines passed on as they came,
+ * without the CRLFs that end it. Slicing the head into a list and joining it again cost more
+ * than all the rest of sending a request.
+ */
+export function upstreamHeadText(req: ClientRequest & { readonly head: string; readonly fieldsAt: number }): string {
+  const { head } = req;
+  const named = connectionOptions(req.headers.connection);
+  const seen: ForwardedSeen = { forwardedFor: undefined, proto: false, host: false };
+  let out = '';
+  /** Where the run of lines passed on unchanged, not yet in `out`, began. */
+  let runStart = 0;
+  for (let at = req.fieldsAt; at < head.length; ) {
+    const start = at + 2;
+    const colon = head.indexOf(':', start);
+    const end = lineEnd(head, colon);
+    at = end;
+    // Most names are passed on without a string made of them (keptUpstream's first test, on the text).
+    if (named === undefined && WATCHED_LENGTH[colon - start] !== true && (head.charCodeAt(start) | 0x20) !== 0x70) continue;
+    if (keptUpstream(head.slice(start, colon), head.slice(colon + 1, end).trim(), named, seen)) continue;
+    out += head.slice(runStart, start - 2);
+    runStart = end;
   }
+  out += head.slice(runStart);
+  out += `\r\nx-forwarded-for: ${forwardedFor(req, seen)}`;
+  if (!seen.proto) out += '\r\nx-forwarded-proto: http';
+  if (!seen.host && req.headers.host !== undefined) out += `\r\nx-forwarded-host: ${req.headers.host}`;
+  return out;
+}
+
+/** The X-Forwarded-* headers a client's request came with. */
+interface ForwardedSeen {
+  /** Its X-Forwarded-For values, joined. */
+  forwardedFor: string | undefined;
+  proto: boolean;
+  host: boolean;
+}
+
+/** Whether a client's header goes upstream as it is (upstreamHeaders' rules); notes the X-Forwarded-* ones in `seen`. */
+function keptUpstream(name: string, value: string, named: Set<string> | undefined, seen: ForwardedSeen): boolean {
+  const lower = watchedName(name, named);
+  if (lower === '') return true;
+  if (isHopByHop(lower, named) || lower === 'expect') return false;
+  if (lower === 'x-forwarded-for') {
+    seen.forwardedFor = seen.forwardedFor === undefined ? value : `${seen.forwardedFor}, ${value}`;
+    return false;
+  }
+  if (lower === 'x-forwarded-proto') seen.proto = true;
+  else if (lower === 'x-forwarded-host') seen.host = true;
+  return true;
+}
+
+function forwardedFor(req: ClientRequest, seen: ForwardedSeen): string {
   const client = clientAddress(req);
-  out.push('x-forwarded-for', forwardedFor === undefined ? client : `${forwardedFor}, ${client}`);
-  if (!hasProto) out.push('x-forwarded-proto', 'http');
-  if (!hasForwardedHost && req.headers.host !== undefined) out.push('x-forwarded-host', req.headers.host);
+  return seen.forwardedFor === undefined ? client : `${seen.forwardedFor}, ${client}`;
+}
+
+/** Where the line around `from` in a head's text ends (its CRLF), or the end of the text. */
+export function lineEnd(text: string, from: number): number {
+  const end = text.indexOf('\r\n', from);
+  return end < 0 ? text.length : end;
+}
+
+/** The header lines of a head's text (each after a CRLF, from `fieldsAt` on) as [name, value, ...], values trimmed. */
+export function headerList(text: string, fieldsAt: number): string[] {
+  const out: string[] = [];
+  for (let at = fieldsAt; at < text.length; ) {
+    const colon = text.indexOf(':', at + 2);
+    const end = lineEnd(text, colon);
+    out.push(text.slice(at + 2, colon), text.slice(colon + 1, end).trim());
+    at = end;
+  }
   return out;
 }
 

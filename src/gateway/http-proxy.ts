@@ -19,9 +19,9 @@ import type { Socket } from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { type ChipmunkError, InvalidInputError, toChipmunkError } from '../shared/errors.js';
 import { RouteGate, RouteRefusedError, UpstreamFailedError } from './gate.js';
-import { ClientConnection, type ClientAnswer, type ClientRequest } from './http-client-connection.js';
+import { ClientConnection, LeanRequest, type ClientAnswer, type ClientRequest } from './http-client-connection.js';
 import { ProxiedExchange, type AttemptListener, type FailedSend } from './http-exchange.js';
-import { BodyTooLargeToLogError, NO_BODY, hasNoBody, readBody, readLoggedBody, upstreamHeaders } from './http-messages.js';
+import { BodyTooLargeToLogError, NO_BODY, hasNoBody, readBody, readLoggedBody, upstreamHeadText, upstreamHeaders } from './http-messages.js';
 import { LogReplayer } from './http-replay.js';
 import type { LogPosition, ReplayResult, Route, Upstream } from './protocol.js';
 import { listenForRoute, type ProxySettings, type RouteProxy } from './proxy.js';
@@ -260,7 +260,7 @@ export class HttpRouteProxy implements RouteProxy, AttemptListener {
     exchange.route = route;
     this.inFlight++;
     try {
-      exchange.start(upstream, upstreamHeaders(req), null, this);
+      exchange.start(upstream, req instanceof LeanRequest ? upstreamHeadText(req) : upstreamHeaders(req), null, this);
     } catch (err) {
       // Unexpected: failed as an attempt that failed, so its end is told once.
       exchange.onError(err as Error);

@@ -3,7 +3,7 @@
  * its body's framing, whether the connection stays open after it, and its end-to-end header
  * lines as they came, hop-by-hop ones (RFC 9110 7.6.1) cut out. A lean client connection writes
  * that text on as it is (http-client-connection.ts); node's ServerResponse gets it as a list
- * (headerList). Splitting the head into one string per line and per name and value cost more
+ * (http-messages.ts, headerList). Splitting the head into one string per line and per name and value cost more
  * than all the rest of reading an answer.
  *
  * Framing follows RFC 9112 6.3: chunked if the last transfer coding is chunked; else
@@ -12,7 +12,7 @@
  * former, its Content-Length is not passed on, and its connection is closed after it.
  */
 import { STATUS_CODES } from 'node:http';
-import { HOP_BY_HOP } from './http-messages.js';
+import { HOP_BY_HOP, lineEnd } from './http-messages.js';
 import { UpstreamSocketError } from './upstream-request.js';
 
 export interface AnswerHead {
@@ -122,12 +122,6 @@ export function readAnswerHead(head: string, from: string): AnswerHead | undefin
   return { statusCode, statusText, text, fieldsAt, hasLength, length, chunked, otherCoding, keepAlive, keepAliveHeader };
 }
 
-/** Where the line around `from` ends (its CRLF), or the end of `text`. */
-function lineEnd(text: string, from: number): number {
-  const end = text.indexOf('\r\n', from);
-  return end < 0 ? text.length : end;
-}
-
 /** The body length `value` gives, checked against what an earlier Content-Length gave (-1: none). */
 function contentLength(value: string, earlier: number, from: string): number {
   if (PLAIN_LENGTH.test(value) && (earlier < 0 || earlier === Number(value))) return Number(value);
@@ -145,19 +139,6 @@ function withoutFields(text: string, fieldsAt: number, names: Set<string>): stri
     const colon = text.indexOf(':', at + 2);
     const end = lineEnd(text, colon);
     if (!names.has(text.slice(at + 2, colon).toLowerCase())) out += text.slice(at, end);
-    at = end;
-  }
-  return out;
-}
-
-/** The header lines of `head` (readAnswerHead's text) as [name, value, ...], values trimmed. */
-export function headerList(head: Pick<AnswerHead, 'text' | 'fieldsAt'>): string[] {
-  const { text } = head;
-  const out: string[] = [];
-  for (let at = head.fieldsAt; at < text.length; ) {
-    const colon = text.indexOf(':', at + 2);
-    const end = lineEnd(text, colon);
-    out.push(text.slice(at + 2, colon), text.slice(colon + 1, end).trim());
     at = end;
   }
   return out;

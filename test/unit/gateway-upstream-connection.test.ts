@@ -10,7 +10,7 @@ import { createServer as createHttpServer, type IncomingMessage } from 'node:htt
 import { createServer, type Server, type Socket } from 'node:net';
 import { Readable } from 'node:stream';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { headerList } from '../../src/gateway/upstream-answer-head.js';
+import { headerList } from '../../src/gateway/http-messages.js';
 import { UpstreamConnection } from '../../src/gateway/upstream-connection.js';
 import type { UpstreamRequest } from '../../src/gateway/upstream-request.js';
 import { freePort } from './gateway-env.js';
@@ -36,7 +36,7 @@ function exchange(conn: UpstreamConnection, request: Partial<UpstreamRequest>, p
         onConnect: () => (outcome.connected = true),
         onHeaders: (head, resume) => {
           outcome.status = head.statusCode;
-          outcome.headers = headerList(head);
+          outcome.headers = headerList(head.text, head.fieldsAt);
           resumeFn = resume;
         },
         onData: (chunk) => {
