@@ -10,6 +10,7 @@
  * 1xx answers are skipped. The request's head and body framing: upstream-request.ts.
  */
 import { connect, type Socket } from 'node:net';
+import { ChunkedFraming } from './chunked-framing.js';
 import { readAnswerHead, type AnswerHead } from './upstream-answer-head.js';
 import { requestHead, UpstreamSocketError, writeStreamedBody, type RequestHead, type UpstreamRequest } from './upstream-request.js';
 
@@ -31,10 +32,9 @@ const IDLE_MS = 4_000;
 const ANSWER_TIMEOUT_MS = 300_000;
 const CONNECT_TIMEOUT_MS = 10_000;
 const MAX_HEAD_BYTES = 64 * 1024;
-const CHUNK_SIZE = /^([0-9A-Fa-f]+)[ \t]*(;.*)?$/;
 
 /** Where the answer's parse is; `done`: complete, to be reported once the bytes at hand are handled. */
-type ParseState = 'head' | 'length' | 'chunk-size' | 'chunk-data' | 'chunk-end' | 'trailers' | 'until-close' | 'done';
+type ParseState = 'head' | 'length' | 'chunked' | 'until-close' | 'done';
 
 export class UpstreamConnection {
   private socket?: Socket;
@@ -42,10 +42,11 @@ export class UpstreamConnection {
   private handler?: UpstreamHandler;
   private headRequest = false;
   private state: ParseState = 'head';
-  /** Text of a head (or chunk-size line, trailer block) not yet complete. */
+  /** Text of a head not yet complete. */
   private pendingText = '';
-  /** Body bytes (or chunk bytes) still to come. */
+  /** Body bytes still to come (framed by length). */
   private remaining = 0;
+  private readonly framing: ChunkedFraming;
   private keepAlive = true;
   private idleMs = IDLE_MS;
   private idleTimer?: NodeJS.Timeout;
@@ -74,6 +75,7 @@ export class UpstreamConnection {
     private readonly onDone: () => void,
   ) {
     this.where = `${host}:${port}`;
+    this.framing = new ChunkedFraming(this.where);
   }
 
   get busy(): boolean {
@@ -176,22 +178,29 @@ export class UpstreamConnection {
 
   private parse(chunk: Buffer): void {
     const handler = this.handler;
+    const framing = this.framing;
     let at = 0;
     while (at < chunk.length && this.handler === handler && this.state !== 'done' && !this.paused) {
       const state = this.state;
-      if (state === 'head' || state === 'trailers' || state === 'chunk-size' || state === 'chunk-end') {
-        const end = this.lineEnd(chunk, at, state === 'head' || state === 'trailers' ? '\r\n\r\n' : '\r\n');
+      if (state === 'head') {
+        const end = this.headEnd(chunk, at);
         if (end < 0) return;
         at = end;
         continue;
       }
-      const take = state === 'until-close' ? chunk.length - at : Math.min(this.remaining, chunk.length - at);
+      if (state === 'chunked' && !framing.inData) {
+        at = framing.read(chunk, at);
+        if (framing.done) this.state = 'done';
+        continue;
+      }
+      const available = chunk.length - at;
+      const take = state === 'until-close' ? available : Math.min(state === 'chunked' ? framing.remaining : this.remaining, available);
       const data = at === 0 && take === chunk.length ? chunk : chunk.subarray(at, at + take);
       at += take;
-      this.remaining -= take;
       const more = (handler as UpstreamHandler).onData(data);
       if (this.handler !== handler) return;
-      if (state !== 'until-close' && this.remaining === 0) this.state = state === 'length' ? 'done' : 'chunk-end';
+      if (state === 'chunked') framing.consumed(take);
+      else if (state === 'length' && (this.remaining -= take) === 0) this.state = 'done';
       if (!more && this.state !== 'done') this.pause(chunk.subarray(at));
     }
     if (this.handler !== handler || this.state !== 'done') return;
@@ -201,52 +210,37 @@ export class UpstreamConnection {
   }
 
   /**
-   * Collects text up to `terminator` (a head, a chunk-size line, trailers), then acts on it;
-   * returns the offset in `chunk` after the terminator, or -1 if it has not come yet.
+   * Collects the answer's head up to its blank line, then acts on it; returns the offset in
+   * `chunk` after the blank line, or -1 if it has not come yet.
    */
-  private lineEnd(chunk: Buffer, at: number, terminator: string): number {
+  private headEnd(chunk: Buffer, at: number): number {
     let text: string | undefined;
     let next = -1;
     const pending = this.pendingText;
     if (pending.length > 0) {
-      // The terminator may begin in what came before and end in this chunk.
-      const tail = pending.slice(-(terminator.length - 1));
-      const probe = tail + chunk.toString('latin1', at, Math.min(chunk.length, at + terminator.length - 1));
-      const k = probe.indexOf(terminator);
+      // The blank line may begin in what came before and end in this chunk.
+      const tail = pending.slice(-3);
+      const probe = tail + chunk.toString('latin1', at, Math.min(chunk.length, at + 3));
+      const k = probe.indexOf('\r\n\r\n');
       if (k >= 0 && k < tail.length) {
         text = pending.slice(0, pending.length - tail.length + k);
-        next = at + k + terminator.length - tail.length;
+        next = at + k + 4 - tail.length;
       }
     }
     if (text === undefined) {
-      const found = chunk.indexOf(terminator, at, 'latin1');
+      const found = chunk.indexOf('\r\n\r\n', at, 'latin1');
       if (found < 0) {
         this.pendingText += chunk.toString('latin1', at, chunk.length);
-        if (this.pendingText.length > MAX_HEAD_BYTES) throw new UpstreamSocketError(`the answer of ${this.host}:${this.port} has a head larger than ${MAX_HEAD_BYTES} bytes`, 'EPROTO');
+        if (this.pendingText.length > MAX_HEAD_BYTES) throw new UpstreamSocketError(`the answer of ${this.where} has a head larger than ${MAX_HEAD_BYTES} bytes`, 'EPROTO');
         return -1;
       }
       text = pending + chunk.toString('latin1', at, found);
-      next = found + terminator.length;
+      next = found + 4;
     }
     this.pendingText = '';
-    if (this.state === 'head') this.onHead(text);
-    else if (this.state === 'trailers') this.state = 'done';
-    else if (this.state === 'chunk-end') {
-      if (text !== '') throw new UpstreamSocketError(`bad chunk framing from ${this.host}:${this.port}`, 'EPROTO');
-      this.state = 'chunk-size';
-    } else this.onChunkSize(text);
+    if (text.length > MAX_HEAD_BYTES) throw new UpstreamSocketError(`the answer of ${this.where} has a head larger than ${MAX_HEAD_BYTES} bytes`, 'EPROTO');
+    this.onHead(text);
     return next;
-  }
-
-  private onChunkSize(line: string): void {
-    const match = CHUNK_SIZE.exec(line);
-    if (!match || match[1].length > 12) throw new UpstreamSocketError(`bad chunk size line from ${this.host}:${this.port}`, 'EPROTO');
-    this.remaining = parseInt(match[1], 16);
-    if (this.remaining === 0) {
-      // Trailers, if any, end with an empty line; with none, that empty line comes at once.
-      this.state = 'trailers';
-      this.pendingText = '\r\n';
-    } else this.state = 'chunk-data';
   }
 
   private onHead(text: string): void {
@@ -269,7 +263,10 @@ export class UpstreamConnection {
     if (this.handler !== handler) return;
     const { statusCode, length } = head;
     if (this.headRequest || statusCode === 204 || statusCode === 304) this.state = 'done';
-    else if (head.chunked) this.state = 'chunk-size';
+    else if (head.chunked) {
+      this.state = 'chunked';
+      this.framing.reset();
+    }
     else if (head.otherCoding || length < 0) {
       this.state = 'until-close';
       this.keepAlive = false;
