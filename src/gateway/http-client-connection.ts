@@ -96,6 +96,8 @@ export class LeanResponse implements ClientAnswer {
   /** once() listeners (an EventEmitter per answer cost more than all of this). */
   private closeListeners?: Array<() => void>;
   private drainListeners?: Array<() => void>;
+  /** Told when the connection goes before this answer is finished, as a 'close' listener would be (one object, no closure per answer). */
+  watcher?: { clientClosed(): void };
   private chunked = false;
   private noBody: boolean;
   ended = false;
@@ -231,6 +233,7 @@ export class LeanResponse implements ClientAnswer {
 
   /** The connection went before this answer was finished. */
   closed(): void {
+    this.watcher?.clientClosed();
     const listeners = this.closeListeners;
     this.closeListeners = undefined;
     if (listeners) for (const listener of listeners) listener();

@@ -3,13 +3,12 @@
  * what an attempt that failed tells (FailedSend). Also the replay's send of a record whose
  * client had its answer already.
  */
-import { STATUS_CODES } from 'node:http';
 import { LeanResponse, type ClientAnswer, type ClientRequest } from './http-client-connection.js';
 import { headerList, type RequestBody } from './http-messages.js';
 import type { Route } from './protocol.js';
 import type { LogRecord } from './request-log.js';
-import type { AnswerHead } from './upstream-answer-head.js';
-import type { UpstreamHandler } from './upstream-connection.js';
+import { statusText, type AnswerHead } from './upstream-answer-head.js';
+import type { AnswerReading, UpstreamHandler } from './upstream-connection.js';
 import type { UpstreamPool } from './upstream-pool.js';
 import type { UpstreamRequest } from './upstream-request.js';
 
@@ -41,7 +40,7 @@ export class ProxiedExchange implements UpstreamHandler {
   /** The route as it was when the attempt in progress started (the proxy's, for its retry decision). */
   route?: Route;
   private abortUpstream?: (err?: Error) => void;
-  private resumeUpstream?: () => void;
+  private upstreamReading?: AnswerReading;
   private waiting?: AbortController;
   private written = false;
   private answering = false;
@@ -59,15 +58,20 @@ export class ProxiedExchange implements UpstreamHandler {
     readonly req: ClientRequest,
     readonly res: ClientAnswer,
   ) {
-    res.once('close', () => {
-      if (res.writableFinished) return;
-      this.clientGone = true;
-      this.waiting?.abort();
-      this.endParking();
-      // A replayed request goes on without its client (the restored container needs it), its answer dropped.
-      if (this.claimed) this.resumeUpstream?.();
-      else this.abortUpstream?.();
-    });
+    // A lean answer tells its watcher without a listener made per request.
+    if (res instanceof LeanResponse) res.watcher = this;
+    else res.once('close', () => this.clientClosed());
+  }
+
+  /** The client's connection closed (before its answer was finished, or after). */
+  clientClosed(): void {
+    if (this.res.writableFinished) return;
+    this.clientGone = true;
+    this.waiting?.abort();
+    this.endParking();
+    // A replayed request goes on without its client (the restored container needs it), its answer dropped.
+    if (this.claimed) this.upstreamReading?.resume(this);
+    else this.abortUpstream?.();
   }
 
   /** Withdraws the request from a hold queue when the client goes away. */
@@ -167,7 +171,7 @@ export class ProxiedExchange implements UpstreamHandler {
     if (this.clientGone && !this.claimed) abort();
   }
 
-  onHeaders(head: AnswerHead, resume: () => void): void {
+  onHeaders(head: AnswerHead, reading: AnswerReading): void {
     this.answering = true;
     // A replayed answer whose client left is read and dropped.
     if (this.clientGone) return;
@@ -175,8 +179,8 @@ export class ProxiedExchange implements UpstreamHandler {
     // connection writes the head's text on as it came; node's ServerResponse needs a list.
     const res = this.res;
     if (res instanceof LeanResponse) res.writeUpstreamHead(head);
-    else res.writeHead(head.statusCode, head.statusText || (STATUS_CODES[head.statusCode] ?? 'Unknown'), headerList(head.text, head.fieldsAt));
-    this.resumeUpstream = resume;
+    else res.writeHead(head.statusCode, statusText(head), headerList(head.text, head.fieldsAt));
+    this.upstreamReading = reading;
   }
 
   /** false pauses the upstream connection until 'drain' resumes it: the body never piles up here. */
@@ -184,7 +188,7 @@ export class ProxiedExchange implements UpstreamHandler {
     if (this.clientGone) return true;
     // Both kinds of answer gather the writes of one tick: a small answer (head, body, end) leaves in one write.
     if (this.res.write(chunk)) return true;
-    this.res.once('drain', this.resumeUpstream as () => void);
+    this.res.once('drain', () => this.upstreamReading?.resume(this));
     return false;
   }
 

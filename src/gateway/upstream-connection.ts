@@ -18,12 +18,17 @@ import { requestHead, UpstreamSocketError, writeStreamedBody, type RequestHead, 
 export interface UpstreamHandler {
   /** The connection is up and the request is about to be written: from here on it may reach the upstream. */
   onConnect(abort: (err?: Error) => void): void;
-  /** The answer's head (not for 1xx). `resume` restarts reading after onData returned false. */
-  onHeaders(head: AnswerHead, resume: () => void): void;
+  /** The answer's head (not for 1xx). `reading` restarts reading after onData returned false. */
+  onHeaders(head: AnswerHead, reading: AnswerReading): void;
   /** false: stop reading until `resume` is called. */
   onData(chunk: Buffer): boolean;
   onComplete(): void;
   onError(err: Error): void;
+}
+
+/** Restarts reading the answer of a handler whose onData returned false (nothing if its request is over). */
+export interface AnswerReading {
+  resume(handler: UpstreamHandler): void;
 }
 
 /** Idle connections are closed after this, before a typical server's own keep-alive time-out (node's: 5 s). */
@@ -36,7 +41,7 @@ const MAX_HEAD_BYTES = 64 * 1024;
 /** Where the answer's parse is; `done`: complete, to be reported once the bytes at hand are handled. */
 type ParseState = 'head' | 'length' | 'chunked' | 'until-close' | 'done';
 
-export class UpstreamConnection {
+export class UpstreamConnection implements AnswerReading {
   private socket?: Socket;
   private connected = false;
   private handler?: UpstreamHandler;
@@ -60,8 +65,6 @@ export class UpstreamConnection {
   private ended = false;
   /** Stops writing a streamed request body (the answer came first, or the connection went). */
   private stopBody?: () => void;
-  /** Counts requests, so that a `resume` of a request that is over resumes nothing. */
-  private requestCount = 0;
   private readonly abort = (err?: Error): void => this.fail(err ?? new UpstreamSocketError('the request was aborted', 'ABORTED'));
   /** host:port, for errors. */
   private readonly where: string;
@@ -93,7 +96,6 @@ export class UpstreamConnection {
       return;
     }
     this.handler = handler;
-    this.requestCount++;
     this.headRequest = request.method === 'HEAD';
     this.state = 'head';
     this.pendingText = '';
@@ -244,7 +246,7 @@ export class UpstreamConnection {
   }
 
   private onHead(text: string): void {
-    const head = readAnswerHead(text, this.where);
+    const head = readAnswerHead(text, this.where, this.keepAliveHint);
     if (!head) return; // interim: the real answer follows
     this.keepAlive = head.keepAlive;
     if (head.keepAliveHeader !== undefined && head.keepAliveHeader !== this.keepAliveHint) {
@@ -255,11 +257,7 @@ export class UpstreamConnection {
     }
     const handler = this.handler as UpstreamHandler;
     this.onAnswer();
-    const request = this.requestCount;
-    // An inline closure: one bound to a name gets a name set at each call (tsx keeps names), which costs on the hot path.
-    handler.onHeaders(head, () => {
-      if (request === this.requestCount) this.resumeReading();
-    });
+    handler.onHeaders(head, this);
     if (this.handler !== handler) return;
     const { statusCode, length } = head;
     if (this.headRequest || statusCode === 204 || statusCode === 304) this.state = 'done';
@@ -290,6 +288,10 @@ export class UpstreamConnection {
     this.paused = true;
     if (rest.length) this.stash = rest;
     this.socket?.pause();
+  }
+
+  resume(handler: UpstreamHandler): void {
+    if (handler === this.handler) this.resumeReading();
   }
 
   private resumeReading(): void {
