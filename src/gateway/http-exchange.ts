@@ -1,10 +1,12 @@
 /**
  * One client request on its way to the upstream (ProxiedExchange), attempt after attempt, and
- * what an attempt that failed tells (FailedSend). Also the replay's send of a record whose
+ * what an attempt that failed tells (FailedSend: whether it may be sent again, its 502). Also the replay's send of a record whose
  * client had its answer already.
  */
-import { LeanResponse, type ClientAnswer, type ClientRequest } from './http-client-connection.js';
+import { UpstreamFailedError } from './gate.js';
+import type { ClientAnswer, ClientRequest } from './http-client-connection.js';
 import { headerList, type RequestBody } from './http-messages.js';
+import { LeanResponse } from './lean-response.js';
 import type { Route } from './protocol.js';
 import type { LogRecord } from './request-log.js';
 import { statusText, type AnswerHead } from './upstream-answer-head.js';
@@ -16,6 +18,39 @@ export interface FailedSend {
   error: Error;
   /** Some of the request was handed to a connection to the upstream: it may have reached the container. */
   written: boolean;
+}
+
+/** Sent again even if they may have reached the container: they change nothing there. */
+const ALWAYS_RESENDABLE = new Set(['GET', 'HEAD', 'OPTIONS']);
+
+/** What requests still at a container's old location fail with when it has moved. */
+export class MovedAwayError extends Error {
+  constructor(
+    message: string,
+    /** Every request sent before the freeze had been answered (the hold drained). */
+    readonly drainedBeforeMove: boolean,
+  ) {
+    super(message);
+  }
+}
+
+/**
+ * Sending the request again after `failure` cannot do harm (its body at hand): the method changes
+ * nothing, or the request cannot have reached the container (no byte of it was written, or it
+ * went to a container that froze after its hold drained, which never read it).
+ */
+export function mayResend(method: string | undefined, failure: FailedSend): boolean {
+  return ALWAYS_RESENDABLE.has(method ?? '') || !failure.written || (failure.error instanceof MovedAwayError && failure.error.drainedBeforeMove);
+}
+
+/** The 502 a failed request is answered with. */
+export function upstreamFailure(route: Route, failure: FailedSend): UpstreamFailedError {
+  const where = `${route.upstream?.address}:${route.upstream?.port}`;
+  const code = (failure.error as { code?: string }).code;
+  const detail = code ? `${code}: ${failure.error.message}` : failure.error.message;
+  return failure.written
+    ? new UpstreamFailedError('upstream-failed', `container '${route.name}' at ${where} failed before answering (${detail})`, { route: route.name, upstream: where, code })
+    : new UpstreamFailedError('upstream-unreachable', `container '${route.name}' cannot be reached at ${where} (${detail})`, { route: route.name, upstream: where, code });
 }
 
 /** Told when an attempt started with ProxiedExchange.start is over (the proxy's hot path: no promise per request). */

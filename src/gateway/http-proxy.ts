@@ -20,7 +20,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { type ChipmunkError, InvalidInputError, toChipmunkError } from '../shared/errors.js';
 import { RouteGate, RouteRefusedError, UpstreamFailedError } from './gate.js';
 import { ClientConnection, LeanRequest, type ClientAnswer, type ClientRequest } from './http-client-connection.js';
-import { ProxiedExchange, type AttemptListener, type FailedSend } from './http-exchange.js';
+import { MovedAwayError, ProxiedExchange, mayResend, upstreamFailure, type AttemptListener, type FailedSend } from './http-exchange.js';
 import { BodyTooLargeToLogError, NO_BODY, hasNoBody, readBody, readLoggedBody, upstreamHeadText, upstreamHeaders } from './http-messages.js';
 import { LogReplayer } from './http-replay.js';
 import type { LogPosition, ReplayResult, Route, Upstream } from './protocol.js';
@@ -42,24 +42,6 @@ export interface HttpProxySettings extends ProxySettings {
   maxReplayWaitMs: number;
   /** The route's request log, if it is logged. */
   requestLog?: RequestLog;
-}
-
-/** Sent again even if they may have reached the container: they change nothing there. */
-const ALWAYS_RESENDABLE = new Set(['GET', 'HEAD', 'OPTIONS']);
-
-/** What requests still at a container's old location fail with when it has moved. */
-class MovedAwayError extends Error {
-  constructor(
-    message: string,
-    /** Every request sent before the freeze had been answered (the hold drained). */
-    readonly drainedBeforeMove: boolean,
-  ) {
-    super(message);
-  }
-}
-
-function unprocessedByMovedContainer(err: Error): boolean {
-  return err instanceof MovedAwayError && err.drainedBeforeMove;
 }
 
 /** How long close() lets answers in progress finish before it cuts the connections. */
@@ -271,7 +253,9 @@ export class HttpRouteProxy implements RouteProxy, AttemptListener {
   attemptOver(exchange: ProxiedExchange, failure: FailedSend | undefined): void {
     this.attemptEnded();
     if (!failure || exchange.clientGone) return this.counted(exchange);
-    void this.forwardSlowly(exchange, { route: exchange.route as Route, failure });
+    // Judged in a microtask, as after an await of the attempt: a failure told while update()
+    // switches pools is judged once the gate has the new route.
+    queueMicrotask(() => void this.forwardSlowly(exchange, { route: exchange.route as Route, failure }));
   }
 
   private async forwardSlowly(exchange: ProxiedExchange, first?: { route: Route; failure: FailedSend }): Promise<void> {
@@ -334,9 +318,8 @@ export class HttpRouteProxy implements RouteProxy, AttemptListener {
         if (exchange.claimed) return this.park(exchange);
         if (!failure || exchange.clientGone) return;
       }
-      // Sent again only if that cannot do harm: the body is at hand, and the method changes
-      // nothing or the request cannot have reached the container (no byte of it was written).
-      const resendable = body.replayable && (ALWAYS_RESENDABLE.has(req.method ?? '') || !failure.written || unprocessedByMovedContainer(failure.error));
+      // Sent again only if that cannot do harm: the body is at hand, and mayResend.
+      const resendable = body.replayable && mayResend(req.method, failure);
       const delay = this.gate.retryDelay({ route, resendable, connectFailed: !failure.written, attempts });
       if (delay === undefined) {
         // A logged request may or may not have reached the container: not a 502, its answer
@@ -410,13 +393,3 @@ export class HttpRouteProxy implements RouteProxy, AttemptListener {
     res.end(text);
   }
 }
-
-function upstreamFailure(route: Route, failure: FailedSend): UpstreamFailedError {
-  const where = `${route.upstream?.address}:${route.upstream?.port}`;
-  const code = (failure.error as { code?: string }).code;
-  const detail = code ? `${code}: ${failure.error.message}` : failure.error.message;
-  return failure.written
-    ? new UpstreamFailedError('upstream-failed', `container '${route.name}' at ${where} failed before answering (${detail})`, { route: route.name, upstream: where, code })
-    : new UpstreamFailedError('upstream-unreachable', `container '${route.name}' cannot be reached at ${where} (${detail})`, { route: route.name, upstream: where, code });
-}
-
