@@ -65,22 +65,40 @@ export async function startOneConnectionServer(): Promise<Running> {
   return { port, pid: child.pid as number, stop: stopper(child) };
 }
 
+export interface GatewayProcessOptions {
+  /** More node flags (e.g. --trace-gc-nvp). */
+  nodeOptions?: string[];
+  env?: Record<string, string>;
+  /** Each line the gateway prints on stdout after it listens (e.g. node's GC traces); else they are dropped. */
+  onStdoutLine?: (line: string) => void;
+  /** Another checkout's bin/chipmunk.mjs (to compare its gateway with this one's); default this checkout's. */
+  chipmunk?: string;
+}
+
 /** `chipmunk gateway` (`pid`: its node process) with its state in `dir`, and an HTTP route listenPort -> upstream for each entry. */
 export async function startGateway(
   dir: string,
   apiPort: number,
   routes: Array<{ name: string; listenPort: number; upstreamPort: number }>,
-  nodeOptions: string[] = [],
-  extraEnv: Record<string, string> = {},
+  opts: GatewayProcessOptions = {},
 ): Promise<{ pid: number; stop(): Promise<void> }> {
   mkdirSync(dir, { recursive: true });
   // The flag bin/chipmunk.mjs's first line gives node (this runs it with node directly).
-  const child = spawn(process.execPath, ['--max-semi-space-size=64', ...nodeOptions, CHIPMUNK, 'gateway', '--api', `127.0.0.1:${apiPort}`, '--route-host', '127.0.0.1', '--state', join(dir, 'routes.json')], {
-    env: { ...process.env, CHIPMUNK_TOKEN: TOKEN, ...extraEnv },
+  const child = spawn(process.execPath, ['--max-semi-space-size=64', ...(opts.nodeOptions ?? []), opts.chipmunk ?? CHIPMUNK, 'gateway', '--api', `127.0.0.1:${apiPort}`, '--route-host', '127.0.0.1', '--state', join(dir, 'routes.json')], {
+    env: { ...process.env, CHIPMUNK_TOKEN: TOKEN, ...opts.env },
     // Its log (stderr) goes to `dir`: the API's request lines would drown the bench's table.
     stdio: ['ignore', 'pipe', openSync(join(dir, 'gateway.log'), 'a')],
   });
   const url = await waitForLine(child, 'chipmunk gateway', (line) => /listening at (\S+)/.exec(line)?.[1]);
+  // Kept flowing: a full pipe would block the gateway's writes to stdout.
+  let rest = '';
+  const { onStdoutLine } = opts;
+  child.stdout?.on('data', (d: Buffer) => {
+    if (!onStdoutLine) return;
+    const lines = (rest + d.toString()).split('\n');
+    rest = lines.pop() as string;
+    for (const line of lines) onStdoutLine(line);
+  });
   const client = new GatewayClient({ url, token: TOKEN });
   for (const r of routes) await client.putRoute(r.name, { protocol: 'http', listenPort: r.listenPort, upstream: { address: '127.0.0.1', port: r.upstreamPort } });
   await sleep(200);

@@ -5,19 +5,18 @@
  *
  * Plain: HTTP/1.1, origin-form target, a Host header, no body (neither Content-Length nor
  * Transfer-Encoding), no Expect or Upgrade, a head under 16 KiB made of well-formed lines. Such a
- * request gets a LeanRequest and a LeanResponse; anything else (a body, HTTP/1.0, a malformed or
+ * request gets a LeanRequest and a LeanResponse (lean-response.ts); anything else (a body, HTTP/1.0, a malformed or
  * huge head, ...) hands the connection to node's HTTP server for the rest of its life, once the
  * answers in progress on it are written: from there node parses, answers 400/431, reads bodies,
  * exactly as for connections that never were lean.
  *
- * Pipelined requests are answered in order: only the oldest unfinished answer writes to the
- * socket, the next ones buffer theirs (and tell the upstream to wait) until their turn. An
- * answer's head and the body bytes of one tick leave in one write. Keep-alive as node's server
+ * Pipelined requests are answered in order (lean-response.ts). Keep-alive as node's server
  * does it: closed after 5 s idle, after `Connection: close`, or when the client ends its side
  * (once the answers it waits for are written).
  */
-import { STATUS_CODES } from 'node:http';
 import type { Socket } from 'node:net';
+import { headerList, lineEnd } from './http-messages.js';
+import { KEEP_ALIVE_MS, LeanResponse } from './lean-response.js';
 
 /** What the proxy reads of a client's request, lean or node's IncomingMessage. */
 export interface ClientRequest {
@@ -44,178 +43,30 @@ export interface ClientAnswer {
   once(event: 'close' | 'drain', listener: () => void): unknown;
 }
 
-/** node's defaults: keep-alive time-out, and the largest head it reads. */
-const KEEP_ALIVE_MS = 5_000;
+/** node's defaults: the largest head it reads (and KEEP_ALIVE_MS). */
 const MAX_HEAD_BYTES = 16 * 1024;
 const HEADERS_TIMEOUT_MS = 60_000;
 /** A client with this many requests unanswered is not read further until one is answered. */
 const MAX_PIPELINED = 16;
-/** Body chunks up to this size are copied into the answer's text, so head and body leave in one write. */
-const COPY_BYTES = 16 * 1024;
-const REQUEST_LINE = /^([!#$%&'*+\-.^_`|~0-9A-Za-z]+) (\/[!-~\x80-\xff]*) HTTP\/1\.1$/;
 /** A request head the lean path takes, checked whole: its request line, then header lines whose names are tokens and whose values hold no CR, LF or NUL. */
 const PLAIN_HEAD = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+ \/[!-~\x80-\xff]* HTTP\/1\.1(?:\r\n[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\0\r\n]*)*$/;
-/** A status line and header lines, each ended by CRLF, with no other CR, LF or NUL; names are tokens. */
-const WELL_FORMED_HEAD = /^HTTP\/1\.1 \d{3} [^\0\r\n]*\r\n(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+: [^\0\r\n]*\r\n)*$/;
-/** Statuses that have no body (RFC 9110 6.4.1). */
-const BODYLESS_STATUS = (status: number): boolean => status < 200 || status === 204 || status === 304;
-
 export class LeanRequest implements ClientRequest {
+  private list?: string[];
+
   constructor(
     readonly method: string,
     readonly url: string,
-    readonly rawHeaders: string[],
+    /** The request line, then each header line after a CRLF, as they came (PLAIN_HEAD checked them). */
+    readonly head: string,
+    /** Where the header lines begin in `head`. */
+    readonly fieldsAt: number,
     readonly headers: { host: string; connection?: string },
     readonly socket: Socket,
   ) {}
-}
 
-export class LeanResponse implements ClientAnswer {
-  statusCode = 200;
-  headersSent = false;
-  writableFinished = false;
-  /** Output not yet handed to the socket (latin1 text). */
-  private text = '';
-  /** Output waiting for its turn or for the tick's write, in order (text and large buffers). */
-  private parts?: Array<string | Buffer>;
-  /** once() listeners (an EventEmitter per answer cost more than all of this). */
-  private closeListeners?: Array<() => void>;
-  private drainListeners?: Array<() => void>;
-  private chunked = false;
-  private noBody: boolean;
-  ended = false;
-  /** This answer's turn came: it writes to the socket. */
-  active = false;
-  private needDrain = false;
-
-  constructor(
-    private readonly connection: ClientConnection,
-    headRequest: boolean,
-    /** The client asked to close after this answer. */
-    readonly closeAfter: boolean,
-  ) {
-    this.noBody = headRequest;
-  }
-
-  writeHead(statusCode: number, textOrHeaders: string | Record<string, string | number>, list?: string[]): this {
-    if (this.headersSent) throw new Error('the answer’s head was written already');
-    let statusText: string;
-    let headers: string[];
-    if (typeof textOrHeaders === 'string') {
-      statusText = textOrHeaders;
-      headers = list ?? [];
-    } else {
-      statusText = STATUS_CODES[statusCode] ?? 'Unknown';
-      headers = Object.entries(textOrHeaders).flatMap(([name, value]) => [name, String(value)]);
-    }
-    this.statusCode = statusCode;
-    if (BODYLESS_STATUS(statusCode)) this.noBody = true;
-    let head = `HTTP/1.1 ${statusCode} ${statusText}\r\n`;
-    let hasLength = false;
-    for (let i = 0; i < headers.length; i += 2) {
-      const name = headers[i];
-      if (name.length === 14 && name.toLowerCase() === 'content-length') hasLength = true;
-      head += `${name}: ${headers[i + 1]}\r\n`;
-    }
-    // One check for the whole head: a name that is not a token, or a value holding CR, LF or NUL (header injection), throws as node's writeHead does.
-    if (!WELL_FORMED_HEAD.test(head)) throw new TypeError(`invalid character in a header of the answer (status ${statusCode})`);
-    this.chunked = !hasLength && !this.noBody;
-    if (this.chunked) head += 'transfer-encoding: chunked\r\n';
-    head += this.closeAfter ? 'connection: close\r\n\r\n' : `connection: keep-alive\r\nkeep-alive: timeout=${KEEP_ALIVE_MS / 1000}\r\n\r\n`;
-    this.headersSent = true;
-    this.text = head;
-    return this;
-  }
-
-  write(chunk: Buffer): boolean {
-    if (this.ended) throw new Error('write after the end of the answer');
-    if (!this.headersSent) this.writeHead(200, 'OK', []);
-    this.append(chunk);
-    if (!this.active) {
-      this.needDrain = true;
-      return false;
-    }
-    this.connection.flushNextTick();
-    // What is written at the next tick is at most one read of the upstream's: the socket's own bound holds.
-    if (this.connection.socket.writableNeedDrain) {
-      this.needDrain = true;
-      return false;
-    }
-    return true;
-  }
-
-  end(chunk?: Buffer | string): this {
-    if (this.ended) return this;
-    if (!this.headersSent) {
-      const body = typeof chunk === 'string' ? Buffer.from(chunk) : chunk;
-      this.writeHead(200, 'OK', ['content-length', String(body?.length ?? 0)]);
-      chunk = body;
-    }
-    if (chunk !== undefined && chunk.length > 0) this.append(typeof chunk === 'string' ? Buffer.from(chunk) : chunk);
-    if (this.chunked) this.text += '0\r\n\r\n';
-    this.ended = true;
-    if (this.active) this.connection.finish(this);
-    return this;
-  }
-
-  destroy(): this {
-    this.connection.socket.destroy();
-    return this;
-  }
-
-  /** Its turn came: what it buffered goes out now; 'drain' if it told the upstream to wait. */
-  activate(): void {
-    this.active = true;
-    if (this.ended) return this.connection.finish(this);
-    this.flush();
-    // Else the socket's 'drain' tells it.
-    if (this.needDrain && !this.connection.socket.writableNeedDrain) this.drained();
-  }
-
-  drained(): void {
-    if (!this.needDrain) return;
-    this.needDrain = false;
-    const listeners = this.drainListeners;
-    this.drainListeners = undefined;
-    if (listeners) for (const listener of listeners) listener();
-  }
-
-  /** Hands everything buffered to the socket. */
-  flush(): void {
-    const socket = this.connection.socket;
-    if (this.parts) for (const part of this.parts) socket.write(part, 'latin1');
-    this.parts = undefined;
-    if (this.text) socket.write(this.text, 'latin1');
-    this.text = '';
-  }
-
-  private append(chunk: Buffer): void {
-    if (this.noBody || chunk.length === 0) return;
-    if (this.chunked) this.text += `${chunk.length.toString(16)}\r\n`;
-    if (chunk.length <= COPY_BYTES) this.text += chunk.toString('latin1');
-    else {
-      (this.parts ??= []).push(this.text, chunk);
-      this.text = '';
-    }
-    if (this.chunked) this.text += '\r\n';
-  }
-
-  once(event: 'close' | 'drain', listener: () => void): this {
-    if (event === 'close') (this.closeListeners ??= []).push(listener);
-    else (this.drainListeners ??= []).push(listener);
-    return this;
-  }
-
-  /** The connection went before this answer was finished. */
-  closed(): void {
-    const listeners = this.closeListeners;
-    this.closeListeners = undefined;
-    if (listeners) for (const listener of listeners) listener();
-  }
-
-  /** The tick's writes go out (unless end() took them along already). */
-  flushOpen(): void {
-    if (this.active && !this.ended && !this.connection.socket.destroyed) this.flush();
+  /** Made when asked: the hot path passes the head's text on (upstreamHeadText). */
+  get rawHeaders(): string[] {
+    return (this.list ??= headerList(this.head, this.fieldsAt));
   }
 }
 
@@ -316,7 +167,7 @@ export class ClientConnection {
       const request = end - at <= MAX_HEAD_BYTES ? this.parseHead(text.slice(at, end)) : undefined;
       if (!request) return this.startHandoff(text.slice(at));
       at = end + 4;
-      const answer = new LeanResponse(this, request.method === 'HEAD', request.closeAfter);
+      const answer = new LeanResponse(this, request.req.method === 'HEAD', request.closeAfter);
       this.answers.push(answer);
       if (this.answers.length === 1) answer.active = true;
       this.onRequest(request.req, answer);
@@ -332,32 +183,35 @@ export class ClientConnection {
   }
 
   /** A plain request's head (see the file's comment), or undefined if node's server must read it. */
-  private parseHead(head: string): { req: LeanRequest; method: string; closeAfter: boolean } | undefined {
+  private parseHead(head: string): { req: LeanRequest; closeAfter: boolean } | undefined {
     if (!PLAIN_HEAD.test(head)) return undefined;
-    const lines = head.split('\r\n');
-    const line = REQUEST_LINE.exec(lines[0]) as RegExpExecArray;
-    const rawHeaders: string[] = [];
+    // The request line is `method SP path SP HTTP/1.1` (PLAIN_HEAD): no regex needed to take it apart.
+    const methodEnd = head.indexOf(' ');
+    const urlEnd = head.indexOf(' ', methodEnd + 1);
+    const fieldsAt = lineEnd(head, urlEnd);
     let host: string | undefined;
     let connection: string | undefined;
-    for (let i = 1; i < lines.length; i++) {
-      const text = lines[i];
-      const colon = text.indexOf(':');
-      const name = text.slice(0, colon);
-      const value = text.slice(colon + 1).trim();
-      rawHeaders.push(name, value);
-      const n = name.length;
+    for (let at = fieldsAt; at < head.length; ) {
+      const start = at + 2;
+      const colon = head.indexOf(':', start);
+      const end = lineEnd(head, colon);
+      at = end;
+      const n = colon - start;
       if (n !== 4 && n !== 6 && n !== 7 && n !== 10 && n !== 14 && n !== 17) continue;
-      const lower = name.toLowerCase();
+      const lower = head.slice(start, colon).toLowerCase();
       if (lower === 'host') {
         if (host !== undefined) return undefined;
-        host = value;
-      } else if (lower === 'connection') connection = connection === undefined ? value : `${connection}, ${value}`;
-      else if (lower === 'content-length' || lower === 'transfer-encoding' || lower === 'expect' || lower === 'upgrade') return undefined;
+        host = head.slice(colon + 1, end).trim();
+      } else if (lower === 'connection') {
+        const value = head.slice(colon + 1, end).trim();
+        connection = connection === undefined ? value : `${connection}, ${value}`;
+      } else if (lower === 'content-length' || lower === 'transfer-encoding' || lower === 'expect' || lower === 'upgrade') return undefined;
     }
     if (host === undefined) return undefined;
     const closeAfter = connection !== undefined && /(?:^|,)\s*close\s*(?:,|$)/i.test(connection);
     const headers = connection === undefined ? { host } : { host, connection };
-    return { req: new LeanRequest(line[1], line[2], rawHeaders, headers, this.socket), method: line[1], closeAfter };
+    const method = methodEnd === 3 && head.startsWith('GET') ? 'GET' : head.slice(0, methodEnd);
+    return { req: new LeanRequest(method, head.slice(methodEnd + 1, urlEnd), head, fieldsAt, headers, this.socket), closeAfter };
   }
 
   private startHandoff(rest: string): void {

@@ -1,19 +1,61 @@
 /**
  * One client request on its way to the upstream (ProxiedExchange), attempt after attempt, and
- * what an attempt that failed tells (FailedSend). Also the replay's send of a record whose
+ * what an attempt that failed tells (FailedSend: whether it may be sent again, its 502). Also the replay's send of a record whose
  * client had its answer already.
  */
-import { STATUS_CODES } from 'node:http';
+import { UpstreamFailedError } from './gate.js';
 import type { ClientAnswer, ClientRequest } from './http-client-connection.js';
-import { clientHeaders, type RequestBody } from './http-messages.js';
+import { headerList, type RequestBody } from './http-messages.js';
+import { LeanResponse } from './lean-response.js';
+import type { Route } from './protocol.js';
 import type { LogRecord } from './request-log.js';
-import type { UpstreamHandler } from './upstream-connection.js';
+import { statusText, type AnswerHead } from './upstream-answer-head.js';
+import type { AnswerReading, UpstreamHandler } from './upstream-connection.js';
 import type { UpstreamPool } from './upstream-pool.js';
+import type { UpstreamRequest } from './upstream-request.js';
 
 export interface FailedSend {
   error: Error;
   /** Some of the request was handed to a connection to the upstream: it may have reached the container. */
   written: boolean;
+}
+
+/** Sent again even if they may have reached the container: they change nothing there. */
+const ALWAYS_RESENDABLE = new Set(['GET', 'HEAD', 'OPTIONS']);
+
+/** What requests still at a container's old location fail with when it has moved. */
+export class MovedAwayError extends Error {
+  constructor(
+    message: string,
+    /** Every request sent before the freeze had been answered (the hold drained). */
+    readonly drainedBeforeMove: boolean,
+  ) {
+    super(message);
+  }
+}
+
+/**
+ * Sending the request again after `failure` cannot do harm (its body at hand): the method changes
+ * nothing, or the request cannot have reached the container (no byte of it was written, or it
+ * went to a container that froze after its hold drained, which never read it).
+ */
+export function mayResend(method: string | undefined, failure: FailedSend): boolean {
+  return ALWAYS_RESENDABLE.has(method ?? '') || !failure.written || (failure.error instanceof MovedAwayError && failure.error.drainedBeforeMove);
+}
+
+/** The 502 a failed request is answered with. */
+export function upstreamFailure(route: Route, failure: FailedSend): UpstreamFailedError {
+  const where = `${route.upstream?.address}:${route.upstream?.port}`;
+  const code = (failure.error as { code?: string }).code;
+  const detail = code ? `${code}: ${failure.error.message}` : failure.error.message;
+  return failure.written
+    ? new UpstreamFailedError('upstream-failed', `container '${route.name}' at ${where} failed before answering (${detail})`, { route: route.name, upstream: where, code })
+    : new UpstreamFailedError('upstream-unreachable', `container '${route.name}' cannot be reached at ${where} (${detail})`, { route: route.name, upstream: where, code });
+}
+
+/** Told when an attempt started with ProxiedExchange.start is over (the proxy's hot path: no promise per request). */
+export interface AttemptListener {
+  attemptOver(exchange: ProxiedExchange, failure: FailedSend | undefined): void;
 }
 
 /**
@@ -30,12 +72,17 @@ export class ProxiedExchange implements UpstreamHandler {
   seq?: number;
   /** A replay answers this client: the live attempts are over. */
   claimed = false;
+  /** The route as it was when the attempt in progress started (the proxy's, for its retry decision). */
+  route?: Route;
   private abortUpstream?: (err?: Error) => void;
-  private resumeUpstream?: () => void;
+  private upstreamReading?: AnswerReading;
   private waiting?: AbortController;
   private written = false;
   private answering = false;
-  private settle?: (failure: FailedSend | undefined) => void;
+  /** An attempt is in progress: its end resolves send's promise, or is told to start's listener. */
+  private attemptOpen = false;
+  private resolveAttempt?: (failure: FailedSend | undefined) => void;
+  private listener?: AttemptListener;
   /** The attempt in progress, which a replay waits out before it answers through this exchange. */
   private attempt?: Promise<FailedSend | undefined>;
   private replayDelivered = false;
@@ -44,17 +91,22 @@ export class ProxiedExchange implements UpstreamHandler {
 
   constructor(
     readonly req: ClientRequest,
-    private readonly res: ClientAnswer,
+    readonly res: ClientAnswer,
   ) {
-    res.once('close', () => {
-      if (res.writableFinished) return;
-      this.clientGone = true;
-      this.waiting?.abort();
-      this.endParking();
-      // A replayed request goes on without its client (the restored container needs it), its answer dropped.
-      if (this.claimed) this.resumeUpstream?.();
-      else this.abortUpstream?.();
-    });
+    // A lean answer tells its watcher without a listener made per request.
+    if (res instanceof LeanResponse) res.watcher = this;
+    else res.once('close', () => this.clientClosed());
+  }
+
+  /** The client's connection closed (before its answer was finished, or after). */
+  clientClosed(): void {
+    if (this.res.writableFinished) return;
+    this.clientGone = true;
+    this.waiting?.abort();
+    this.endParking();
+    // A replayed request goes on without its client (the restored container needs it), its answer dropped.
+    if (this.claimed) this.upstreamReading?.resume(this);
+    else this.abortUpstream?.();
   }
 
   /** Withdraws the request from a hold queue when the client goes away. */
@@ -70,15 +122,31 @@ export class ProxiedExchange implements UpstreamHandler {
   send(pool: UpstreamPool, headers: string[], payload: RequestBody['payload']): Promise<FailedSend | undefined> {
     this.written = false;
     this.attempt = new Promise((resolve) => {
-      this.settle = (failure) => {
-        this.settle = undefined;
-        this.attempt = undefined;
-        resolve(failure);
-      };
+      this.attemptOpen = true;
+      this.resolveAttempt = resolve;
       // Queued in its client connection's turn: one client cannot keep the others waiting.
       pool.dispatch(this.req.socket, { path: this.req.url as string, method: this.req.method as string, headers, body: payload }, this);
     });
     return this.attempt;
+  }
+
+  /** One attempt, as send() makes, whose end is told to `listener` instead of a promise (the hot path). */
+  start(pool: UpstreamPool, headers: UpstreamRequest['headers'], payload: RequestBody['payload'], listener: AttemptListener): void {
+    this.written = false;
+    this.attemptOpen = true;
+    this.listener = listener;
+    pool.dispatch(this.req.socket, { path: this.req.url as string, method: this.req.method as string, headers, body: payload }, this);
+  }
+
+  private attemptEnded(failure: FailedSend | undefined): void {
+    if (!this.attemptOpen) return;
+    this.attemptOpen = false;
+    const { resolveAttempt, listener } = this;
+    this.resolveAttempt = undefined;
+    this.listener = undefined;
+    this.attempt = undefined;
+    if (resolveAttempt) resolveAttempt(failure);
+    else listener?.attemptOver(this, failure);
   }
 
   /**
@@ -138,16 +206,16 @@ export class ProxiedExchange implements UpstreamHandler {
     if (this.clientGone && !this.claimed) abort();
   }
 
-  onHeaders(statusCode: number, headers: string[], resume: () => void, statusText: string): boolean {
-    // Informational answers (103) are not passed on: node's ServerResponse has no way to.
-    if (statusCode < 200) return true;
+  onHeaders(head: AnswerHead, reading: AnswerReading): void {
     this.answering = true;
     // A replayed answer whose client left is read and dropped.
-    if (this.clientGone) return true;
-    // Only stored: node writes the head with the first body bytes, or at the end.
-    this.res.writeHead(statusCode, statusText || (STATUS_CODES[statusCode] ?? 'Unknown'), clientHeaders(headers));
-    this.resumeUpstream = resume;
-    return true;
+    if (this.clientGone) return;
+    // Only stored: the head leaves with the first body bytes, or at the end. A lean client
+    // connection writes the head's text on as it came; node's ServerResponse needs a list.
+    const res = this.res;
+    if (res instanceof LeanResponse) res.writeUpstreamHead(head);
+    else res.writeHead(head.statusCode, statusText(head), headerList(head.text, head.fieldsAt));
+    this.upstreamReading = reading;
   }
 
   /** false pauses the upstream connection until 'drain' resumes it: the body never piles up here. */
@@ -155,23 +223,23 @@ export class ProxiedExchange implements UpstreamHandler {
     if (this.clientGone) return true;
     // Both kinds of answer gather the writes of one tick: a small answer (head, body, end) leaves in one write.
     if (this.res.write(chunk)) return true;
-    this.res.once('drain', this.resumeUpstream as () => void);
+    this.res.once('drain', () => this.upstreamReading?.resume(this));
     return false;
   }
 
   onComplete(): void {
     this.abortUpstream = undefined;
     this.res.end();
-    this.settle?.(undefined);
+    this.attemptEnded(undefined);
   }
 
   onError(error: Error): void {
     this.abortUpstream = undefined;
     if (this.answering) {
       this.res.destroy(error);
-      this.settle?.(undefined);
+      this.attemptEnded(undefined);
     } else {
-      this.settle?.({ error, written: this.written });
+      this.attemptEnded({ error, written: this.written });
     }
   }
 }
@@ -187,7 +255,7 @@ export function sendDiscardingAnswer(pool: UpstreamPool, record: LogRecord): Pro
         onConnect: () => {
           written = true;
         },
-        onHeaders: () => true,
+        onHeaders: () => undefined,
         onData: () => true,
         onComplete: () => resolve(undefined),
         onError: (error) => resolve({ error, written }),

@@ -1,7 +1,8 @@
 /**
  * HTTP messages on their way through a route's proxy: request bodies read (whole, or up to a
- * limit and then streamed), and headers rewritten for the other hop (hop-by-hop ones removed,
- * X-Forwarded-* set). docs/gateway.md, "HTTP proxying".
+ * limit and then streamed), and request headers rewritten for the other hop (hop-by-hop ones
+ * removed, X-Forwarded-* set); an answer's are as its head is read (upstream-answer-head.ts).
+ * docs/gateway.md, "HTTP proxying".
  */
 import type { IncomingMessage } from 'node:http';
 import { Readable } from 'node:stream';
@@ -20,8 +21,8 @@ export class BodyTooLargeToLogError extends ChipmunkError {
   }
 }
 
-/** Headers of one connection, not of the message (RFC 9110 7.6.1), plus the proxy's own. */
-const HOP_BY_HOP = new Set(['connection', 'keep-alive', 'te', 'trailer', 'transfer-encoding', 'upgrade']);
+/** Headers of one connection, not of the message (RFC 9110 7.6.1); also Proxy-*, and any a Connection header names. */
+export const HOP_BY_HOP = new Set(['connection', 'keep-alive', 'te', 'trailer', 'transfer-encoding', 'upgrade']);
 
 export interface RequestBody {
   payload: Buffer | Readable | null;
@@ -93,47 +94,88 @@ export function upstreamHeaders(req: ClientRequest): string[] {
   const raw = req.rawHeaders;
   const named = connectionOptions(req.headers.connection);
   const out: string[] = [];
-  let forwardedFor: string | undefined;
-  let hasProto = false;
-  let hasForwardedHost = false;
-  for (let i = 0; i < raw.length; i += 2) {
-    const name = raw[i];
-    const lower = watchedName(name, named);
-    if (lower === '') {
-      out.push(name, raw[i + 1]);
-      continue;
-    }
-    if (isHopByHop(lower, named) || lower === 'expect') continue;
-    if (lower === 'x-forwarded-for') {
-      forwardedFor = forwardedFor === undefined ? raw[i + 1] : `${forwardedFor}, ${raw[i + 1]}`;
-      continue;
-    }
-    if (lower === 'x-forwarded-proto') hasProto = true;
-    else if (lower === 'x-forwarded-host') hasForwardedHost = true;
-    out.push(name, raw[i + 1]);
-  }
-  const client = clientAddress(req);
-  out.push('x-forwarded-for', forwardedFor === undefined ? client : `${forwardedFor}, ${client}`);
-  if (!hasProto) out.push('x-forwarded-proto', 'http');
-  if (!hasForwardedHost && req.headers.host !== undefined) out.push('x-forwarded-host', req.headers.host);
+  const seen: ForwardedSeen = { forwardedFor: undefined, proto: false, host: false };
+  for (let i = 0; i < raw.length; i += 2) if (keptUpstream(raw[i], raw[i + 1], named, seen)) out.push(raw[i], raw[i + 1]);
+  out.push('x-forwarded-for', forwardedFor(req, seen));
+  if (!seen.proto) out.push('x-forwarded-proto', 'http');
+  if (!seen.host && req.headers.host !== undefined) out.push('x-forwarded-host', req.headers.host);
   return out;
 }
 
-/** The upstream's headers as the client gets them (latin1 both ways: bytes pass unchanged). */
-export function clientHeaders(raw: string[]): string[] {
-  const out: string[] = [];
-  let named: Set<string> | undefined;
-  for (let i = 0; i < raw.length; i += 2) {
-    const name = raw[i];
-    const lower = watchedName(name, undefined);
-    if (lower === 'connection') named = connectionOptions(raw[i + 1]);
-    if (isHopByHop(lower, undefined)) continue;
-    out.push(name, raw[i + 1]);
+/**
+ * upstreamHeaders' rules on the text of a lean client request's head (its request line, then
+ * each header line after a CRLF): the head the upstream gets, lines passed on as they came,
+ * without the CRLFs that end it. Slicing the head into a list and joining it again cost more
+ * than all the rest of sending a request.
+ */
+export function upstreamHeadText(req: ClientRequest & { readonly head: string; readonly fieldsAt: number }): string {
+  const { head } = req;
+  const named = connectionOptions(req.headers.connection);
+  const seen: ForwardedSeen = { forwardedFor: undefined, proto: false, host: false };
+  let out = '';
+  /** Where the run of lines passed on unchanged, not yet in `out`, began. */
+  let runStart = 0;
+  for (let at = req.fieldsAt; at < head.length; ) {
+    const start = at + 2;
+    const colon = head.indexOf(':', start);
+    const end = lineEnd(head, colon);
+    at = end;
+    // Most names are passed on without a string made of them (keptUpstream's first test, on the text).
+    if (named === undefined && WATCHED_LENGTH[colon - start] !== true && (head.charCodeAt(start) | 0x20) !== 0x70) continue;
+    if (keptUpstream(head.slice(start, colon), head.slice(colon + 1, end).trim(), named, seen)) continue;
+    out += head.slice(runStart, start - 2);
+    runStart = end;
   }
-  if (!named) return out;
-  const filtered: string[] = [];
-  for (let i = 0; i < out.length; i += 2) if (!named.has(out[i].toLowerCase())) filtered.push(out[i], out[i + 1]);
-  return filtered;
+  out += head.slice(runStart);
+  out += `\r\nx-forwarded-for: ${forwardedFor(req, seen)}`;
+  if (!seen.proto) out += '\r\nx-forwarded-proto: http';
+  if (!seen.host && req.headers.host !== undefined) out += `\r\nx-forwarded-host: ${req.headers.host}`;
+  return out;
+}
+
+/** The X-Forwarded-* headers a client's request came with. */
+interface ForwardedSeen {
+  /** Its X-Forwarded-For values, joined. */
+  forwardedFor: string | undefined;
+  proto: boolean;
+  host: boolean;
+}
+
+/** Whether a client's header goes upstream as it is (upstreamHeaders' rules); notes the X-Forwarded-* ones in `seen`. */
+function keptUpstream(name: string, value: string, named: Set<string> | undefined, seen: ForwardedSeen): boolean {
+  const lower = watchedName(name, named);
+  if (lower === '') return true;
+  if (isHopByHop(lower, named) || lower === 'expect') return false;
+  if (lower === 'x-forwarded-for') {
+    seen.forwardedFor = seen.forwardedFor === undefined ? value : `${seen.forwardedFor}, ${value}`;
+    return false;
+  }
+  if (lower === 'x-forwarded-proto') seen.proto = true;
+  else if (lower === 'x-forwarded-host') seen.host = true;
+  return true;
+}
+
+function forwardedFor(req: ClientRequest, seen: ForwardedSeen): string {
+  const client = clientAddress(req);
+  return seen.forwardedFor === undefined ? client : `${seen.forwardedFor}, ${client}`;
+}
+
+/** Where the line around `from` in a head's text ends (its CRLF), or the end of the text. */
+export function lineEnd(text: string, from: number): number {
+  const end = text.indexOf('\r\n', from);
+  return end < 0 ? text.length : end;
+}
+
+/** The header lines of a head's text (each after a CRLF, from `fieldsAt` on) as [name, value, ...], values trimmed. */
+export function headerList(text: string, fieldsAt: number): string[] {
+  const out: string[] = [];
+  for (let at = fieldsAt; at < text.length; ) {
+    const colon = text.indexOf(':', at + 2);
+    const end = lineEnd(text, colon);
+    out.push(text.slice(at + 2, colon), text.slice(colon + 1, end).trim());
+    at = end;
+  }
+  return out;
 }
 
 /**
@@ -155,6 +197,8 @@ function isHopByHop(lowerName: string, named: Set<string> | undefined): boolean 
 /** Header names listed in a Connection header (besides keep-alive/close, which are hop-by-hop anyway). */
 function connectionOptions(value: string | undefined): Set<string> | undefined {
   if (!value) return undefined;
+  // Many requests carry one of these alone: nothing to split.
+  if ((value.length === 10 || value.length === 5) && (value === 'keep-alive' || value === 'close' || /^(?:keep-alive|close)$/i.test(value))) return undefined;
   const names = value.split(',').map((token) => token.trim().toLowerCase()).filter((token) => token && token !== 'close' && token !== 'keep-alive');
   return names.length ? new Set(names) : undefined;
 }

@@ -19,9 +19,9 @@ import type { Socket } from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { type ChipmunkError, InvalidInputError, toChipmunkError } from '../shared/errors.js';
 import { RouteGate, RouteRefusedError, UpstreamFailedError } from './gate.js';
-import { ClientConnection, type ClientAnswer, type ClientRequest } from './http-client-connection.js';
-import { ProxiedExchange, type FailedSend } from './http-exchange.js';
-import { BodyTooLargeToLogError, NO_BODY, hasNoBody, readBody, readLoggedBody, upstreamHeaders } from './http-messages.js';
+import { ClientConnection, LeanRequest, type ClientAnswer, type ClientRequest } from './http-client-connection.js';
+import { MovedAwayError, ProxiedExchange, mayResend, upstreamFailure, type AttemptListener, type FailedSend } from './http-exchange.js';
+import { BodyTooLargeToLogError, NO_BODY, hasNoBody, readBody, readLoggedBody, upstreamHeadText, upstreamHeaders } from './http-messages.js';
 import { LogReplayer } from './http-replay.js';
 import type { LogPosition, ReplayResult, Route, Upstream } from './protocol.js';
 import { listenForRoute, type ProxySettings, type RouteProxy } from './proxy.js';
@@ -44,28 +44,10 @@ export interface HttpProxySettings extends ProxySettings {
   requestLog?: RequestLog;
 }
 
-/** Sent again even if they may have reached the container: they change nothing there. */
-const ALWAYS_RESENDABLE = new Set(['GET', 'HEAD', 'OPTIONS']);
-
-/** What requests still at a container's old location fail with when it has moved. */
-class MovedAwayError extends Error {
-  constructor(
-    message: string,
-    /** Every request sent before the freeze had been answered (the hold drained). */
-    readonly drainedBeforeMove: boolean,
-  ) {
-    super(message);
-  }
-}
-
-function unprocessedByMovedContainer(err: Error): boolean {
-  return err instanceof MovedAwayError && err.drainedBeforeMove;
-}
-
 /** How long close() lets answers in progress finish before it cuts the connections. */
 const CLOSE_GRACE_MS = 1_000;
 
-export class HttpRouteProxy implements RouteProxy {
+export class HttpRouteProxy implements RouteProxy, AttemptListener {
   private readonly gate: RouteGate;
   private readonly server: Server;
   /** Client connections still served lean (node's server keeps track of the others). */
@@ -268,27 +250,67 @@ export class HttpRouteProxy implements RouteProxy {
     });
   }
 
-  private async forward(req: ClientRequest, res: ClientAnswer): Promise<void> {
+  /**
+   * A client's request. The hot path (no body, route open and not logged) sends it at once and
+   * makes no promise: it is most requests, and a promise or an await per request shows in the
+   * gateway's garbage collection. Everything else, and a hot-path attempt that failed, goes on
+   * through exchange().
+   */
+  private forward(req: ClientRequest, res: ClientAnswer): void {
     const exchange = new ProxiedExchange(req, res);
+    const upstream = this.upstream;
+    const route = this.requestLog === undefined && upstream !== undefined && req.url?.[0] === '/' && hasNoBody(req) ? this.gate.openRoute() : undefined;
+    if (route === undefined || upstream === undefined) return void this.forwardSlowly(exchange);
+    exchange.route = route;
+    this.inFlight++;
     try {
-      await this.exchange(exchange);
+      exchange.start(upstream, req instanceof LeanRequest ? upstreamHeadText(req) : upstreamHeaders(req), null, this);
     } catch (err) {
-      if (!exchange.clientGone) this.answerError(res, toChipmunkError(err));
+      // Unexpected: failed as an attempt that failed, so its end is told once.
+      exchange.onError(err as Error);
+    }
+  }
+
+  /** A hot-path attempt is over (AttemptListener): answered, or what failed goes through exchange(). */
+  attemptOver(exchange: ProxiedExchange, failure: FailedSend | undefined): void {
+    this.attemptEnded();
+    if (!failure || exchange.clientGone) return this.counted(exchange);
+    // Judged in a microtask, as after an await of the attempt: a failure told while update()
+    // switches pools is judged once the gate has the new route.
+    queueMicrotask(() => void this.forwardSlowly(exchange, { route: exchange.route as Route, failure }));
+  }
+
+  private async forwardSlowly(exchange: ProxiedExchange, first?: { route: Route; failure: FailedSend }): Promise<void> {
+    try {
+      await this.exchange(exchange, first);
+    } catch (err) {
+      if (!exchange.clientGone) this.answerError(exchange.res, toChipmunkError(err));
     } finally {
       if (exchange.seq !== undefined) this.unanswered.delete(exchange.seq);
     }
-    this.settings.metrics.request(exchange.clientGone && !res.headersSent ? 0 : res.statusCode);
+    this.counted(exchange);
   }
 
-  /** Sends the request until it is answered, or throws the error to answer with. */
-  private async exchange(exchange: ProxiedExchange): Promise<void> {
+  private counted({ clientGone, res }: ProxiedExchange): void {
+    this.settings.metrics.request(clientGone && !res.headersSent ? 0 : res.statusCode);
+  }
+
+  private attemptEnded(): void {
+    if (--this.inFlight === 0 && this.idleWaiters.length > 0) for (const wake of this.idleWaiters.splice(0)) wake();
+  }
+
+  /**
+   * Sends the request until it is answered, or throws the error to answer with. `first`: its
+   * first attempt, on the hot path, failed so (it had no body and no log).
+   */
+  private async exchange(exchange: ProxiedExchange, first?: { route: Route; failure: FailedSend }): Promise<void> {
     const { req } = exchange;
     if (req.url?.[0] !== '/') throw new InvalidInputError('the gateway only proxies origin-form request targets (a path starting with /)');
-    const requestLog = this.requestLog;
+    // A request keeps the log it started with.
+    const requestLog = first ? undefined : this.requestLog;
     // Read before the hold queue, so that held requests leave in the order they came (the
     // queue's byte bound keeps what it holds in memory in check). A logged body is read whole:
     // the log keeps it.
-    // The hot path (no body, route open) awaits nothing before the request is sent.
     // Only node's server reads requests with a body (a lean request never has one).
     const body = hasNoBody(req)
       ? NO_BODY
@@ -297,26 +319,29 @@ export class HttpRouteProxy implements RouteProxy {
         : await readBody(req as IncomingMessage, this.settings.replayableBodyBytes);
     const headers = upstreamHeaders(req);
     for (let attempts = 0; ; attempts++) {
-      const route = this.gate.openRoute() ?? (await this.gate.pass(this.gate.route.state === 'holding' ? exchange.waitSignal() : undefined, body.bytesInMemory));
-      if (exchange.claimed) return this.park(exchange);
-      this.inFlight++;
+      let route: Route;
       let failure: FailedSend | undefined;
-      try {
-        // Logged when it is about to be forwarded, not while it was held: so a request is
-        // either in the log before a cut, or forwarded after it, never replayed and sent live.
-        if (requestLog && exchange.seq === undefined) await this.logRequest(requestLog, exchange, headers, body.payload as Buffer | null);
-        // A replay may have taken the request over meanwhile, or given the upstream up.
-        if (exchange.claimed) failure = undefined;
-        else if (this.upstream) failure = await exchange.send(this.upstream, headers, body.payload);
-        else failure = { error: new Error(`container '${route.name}' is being restored elsewhere`), written: false };
-      } finally {
-        if (--this.inFlight === 0) for (const wake of this.idleWaiters.splice(0)) wake();
+      if (attempts === 0 && first) ({ route, failure } = first);
+      else {
+        route = this.gate.openRoute() ?? (await this.gate.pass(this.gate.route.state === 'holding' ? exchange.waitSignal() : undefined, body.bytesInMemory));
+        if (exchange.claimed) return this.park(exchange);
+        this.inFlight++;
+        try {
+          // Logged when it is about to be forwarded, not while it was held: so a request is
+          // either in the log before a cut, or forwarded after it, never replayed and sent live.
+          if (requestLog && exchange.seq === undefined) await this.logRequest(requestLog, exchange, headers, body.payload as Buffer | null);
+          // A replay may have taken the request over meanwhile, or given the upstream up.
+          if (exchange.claimed) failure = undefined;
+          else if (this.upstream) failure = await exchange.send(this.upstream, headers, body.payload);
+          else failure = { error: new Error(`container '${route.name}' is being restored elsewhere`), written: false };
+        } finally {
+          this.attemptEnded();
+        }
+        if (exchange.claimed) return this.park(exchange);
+        if (!failure || exchange.clientGone) return;
       }
-      if (exchange.claimed) return this.park(exchange);
-      if (!failure || exchange.clientGone) return;
-      // Sent again only if that cannot do harm: the body is at hand, and the method changes
-      // nothing or the request cannot have reached the container (no byte of it was written).
-      const resendable = body.replayable && (ALWAYS_RESENDABLE.has(req.method ?? '') || !failure.written || unprocessedByMovedContainer(failure.error));
+      // Sent again only if that cannot do harm: the body is at hand, and mayResend.
+      const resendable = body.replayable && mayResend(req.method, failure);
       const delay = this.gate.retryDelay({ route, resendable, connectFailed: !failure.written, attempts });
       if (delay === undefined) {
         // A logged request may or may not have reached the container: not a 502, its answer
@@ -390,13 +415,3 @@ export class HttpRouteProxy implements RouteProxy {
     res.end(text);
   }
 }
-
-function upstreamFailure(route: Route, failure: FailedSend): UpstreamFailedError {
-  const where = `${route.upstream?.address}:${route.upstream?.port}`;
-  const code = (failure.error as { code?: string }).code;
-  const detail = code ? `${code}: ${failure.error.message}` : failure.error.message;
-  return failure.written
-    ? new UpstreamFailedError('upstream-failed', `container '${route.name}' at ${where} failed before answering (${detail})`, { route: route.name, upstream: where, code })
-    : new UpstreamFailedError('upstream-unreachable', `container '${route.name}' cannot be reached at ${where} (${detail})`, { route: route.name, upstream: where, code });
-}
-

@@ -1,29 +1,34 @@
 /**
  * One HTTP/1.1 connection to an upstream, one request at a time (the pool in upstream-pool.ts
  * decides which request goes where). Written for the proxy's hot path: the request head leaves
- * in one write, the answer's head is parsed from latin1 text, body bytes are passed on as slices
- * of what the socket read, with backpressure. It took about a fifth off the gateway's user CPU
- * per request against undici's Client (docs/gateway.md, "Performance notes").
+ * in one write, the answer's head is read from latin1 text in one pass (upstream-answer-head.ts),
+ * body bytes are passed on as slices of what the socket read, with backpressure. It took about
+ * a fifth off the gateway's user CPU per request against undici's Client (docs/gateway.md,
+ * "Performance notes").
  *
- * Framing follows RFC 9112: no body for HEAD, 1xx, 204 and 304; chunked if the last transfer
- * coding is chunked; else Content-Length (a list of equal values allowed, anything else an
- * error); else until the upstream closes. An answer with both Transfer-Encoding and
- * Content-Length is read as chunked and its connection closed after it. 1xx answers are
- * skipped. The request's head and body framing: upstream-request.ts.
+ * No body for HEAD, 1xx, 204 and 304; else as the head frames it (upstream-answer-head.ts).
+ * 1xx answers are skipped. The request's head and body framing: upstream-request.ts.
  */
 import { connect, type Socket } from 'node:net';
+import { ChunkedFraming } from './chunked-framing.js';
+import { readAnswerHead, type AnswerHead } from './upstream-answer-head.js';
 import { requestHead, UpstreamSocketError, writeStreamedBody, type RequestHead, type UpstreamRequest } from './upstream-request.js';
 
 /** What becomes of one request. Exactly one of onComplete and onError is called. */
 export interface UpstreamHandler {
   /** The connection is up and the request is about to be written: from here on it may reach the upstream. */
   onConnect(abort: (err?: Error) => void): void;
-  /** The answer's head (not for 1xx). `resume` restarts reading after onData returned false. */
-  onHeaders(statusCode: number, headers: string[], resume: () => void, statusText: string): boolean;
+  /** The answer's head (not for 1xx). `reading` restarts reading after onData returned false. */
+  onHeaders(head: AnswerHead, reading: AnswerReading): void;
   /** false: stop reading until `resume` is called. */
   onData(chunk: Buffer): boolean;
   onComplete(): void;
   onError(err: Error): void;
+}
+
+/** Restarts reading the answer of a handler whose onData returned false (nothing if its request is over). */
+export interface AnswerReading {
+  resume(handler: UpstreamHandler): void;
 }
 
 /** Idle connections are closed after this, before a typical server's own keep-alive time-out (node's: 5 s). */
@@ -32,25 +37,21 @@ const IDLE_MS = 4_000;
 const ANSWER_TIMEOUT_MS = 300_000;
 const CONNECT_TIMEOUT_MS = 10_000;
 const MAX_HEAD_BYTES = 64 * 1024;
-const STATUS_LINE = /^HTTP\/1\.([01]) (\d{3})(?: (.*))?$/;
-/** The header lines of a head, after its status line. */
-const HEADER_LINES = /^(?:\r\n[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\0\r\n]*)*$/;
-const PLAIN_LENGTH = /^\d{1,15}$/;
-const CHUNK_SIZE = /^([0-9A-Fa-f]+)[ \t]*(;.*)?$/;
 
 /** Where the answer's parse is; `done`: complete, to be reported once the bytes at hand are handled. */
-type ParseState = 'head' | 'length' | 'chunk-size' | 'chunk-data' | 'chunk-end' | 'trailers' | 'until-close' | 'done';
+type ParseState = 'head' | 'length' | 'chunked' | 'until-close' | 'done';
 
-export class UpstreamConnection {
+export class UpstreamConnection implements AnswerReading {
   private socket?: Socket;
   private connected = false;
   private handler?: UpstreamHandler;
   private headRequest = false;
   private state: ParseState = 'head';
-  /** Text of a head (or chunk-size line, trailer block) not yet complete. */
+  /** Text of a head not yet complete. */
   private pendingText = '';
-  /** Body bytes (or chunk bytes) still to come. */
+  /** Body bytes still to come (framed by length). */
   private remaining = 0;
+  private readonly framing: ChunkedFraming;
   private keepAlive = true;
   private idleMs = IDLE_MS;
   private idleTimer?: NodeJS.Timeout;
@@ -64,9 +65,9 @@ export class UpstreamConnection {
   private ended = false;
   /** Stops writing a streamed request body (the answer came first, or the connection went). */
   private stopBody?: () => void;
-  /** Counts requests, so that a `resume` of a request that is over resumes nothing. */
-  private requestCount = 0;
   private readonly abort = (err?: Error): void => this.fail(err ?? new UpstreamSocketError('the request was aborted', 'ABORTED'));
+  /** host:port, for errors. */
+  private readonly where: string;
 
   constructor(
     private readonly host: string,
@@ -75,7 +76,10 @@ export class UpstreamConnection {
     private readonly onAnswer: () => void,
     /** Told when the request on it is over (after its handler), so the next may start. */
     private readonly onDone: () => void,
-  ) {}
+  ) {
+    this.where = `${host}:${port}`;
+    this.framing = new ChunkedFraming(this.where);
+  }
 
   get busy(): boolean {
     return this.handler !== undefined;
@@ -92,7 +96,6 @@ export class UpstreamConnection {
       return;
     }
     this.handler = handler;
-    this.requestCount++;
     this.headRequest = request.method === 'HEAD';
     this.state = 'head';
     this.pendingText = '';
@@ -177,22 +180,29 @@ export class UpstreamConnection {
 
   private parse(chunk: Buffer): void {
     const handler = this.handler;
+    const framing = this.framing;
     let at = 0;
     while (at < chunk.length && this.handler === handler && this.state !== 'done' && !this.paused) {
       const state = this.state;
-      if (state === 'head' || state === 'trailers' || state === 'chunk-size' || state === 'chunk-end') {
-        const end = this.lineEnd(chunk, at, state === 'head' || state === 'trailers' ? '\r\n\r\n' : '\r\n');
+      if (state === 'head') {
+        const end = this.headEnd(chunk, at);
         if (end < 0) return;
         at = end;
         continue;
       }
-      const take = state === 'until-close' ? chunk.length - at : Math.min(this.remaining, chunk.length - at);
+      if (state === 'chunked' && !framing.inData) {
+        at = framing.read(chunk, at);
+        if (framing.done) this.state = 'done';
+        continue;
+      }
+      const available = chunk.length - at;
+      const take = state === 'until-close' ? available : Math.min(state === 'chunked' ? framing.remaining : this.remaining, available);
       const data = at === 0 && take === chunk.length ? chunk : chunk.subarray(at, at + take);
       at += take;
-      this.remaining -= take;
       const more = (handler as UpstreamHandler).onData(data);
       if (this.handler !== handler) return;
-      if (state !== 'until-close' && this.remaining === 0) this.state = state === 'length' ? 'done' : 'chunk-end';
+      if (state === 'chunked') framing.consumed(take);
+      else if (state === 'length' && (this.remaining -= take) === 0) this.state = 'done';
       if (!more && this.state !== 'done') this.pause(chunk.subarray(at));
     }
     if (this.handler !== handler || this.state !== 'done') return;
@@ -202,120 +212,60 @@ export class UpstreamConnection {
   }
 
   /**
-   * Collects text up to `terminator` (a head, a chunk-size line, trailers), then acts on it;
-   * returns the offset in `chunk` after the terminator, or -1 if it has not come yet.
+   * Collects the answer's head up to its blank line, then acts on it; returns the offset in
+   * `chunk` after the blank line, or -1 if it has not come yet.
    */
-  private lineEnd(chunk: Buffer, at: number, terminator: string): number {
+  private headEnd(chunk: Buffer, at: number): number {
     let text: string | undefined;
     let next = -1;
     const pending = this.pendingText;
     if (pending.length > 0) {
-      // The terminator may begin in what came before and end in this chunk.
-      const tail = pending.slice(-(terminator.length - 1));
-      const probe = tail + chunk.toString('latin1', at, Math.min(chunk.length, at + terminator.length - 1));
-      const k = probe.indexOf(terminator);
+      // The blank line may begin in what came before and end in this chunk.
+      const tail = pending.slice(-3);
+      const probe = tail + chunk.toString('latin1', at, Math.min(chunk.length, at + 3));
+      const k = probe.indexOf('\r\n\r\n');
       if (k >= 0 && k < tail.length) {
         text = pending.slice(0, pending.length - tail.length + k);
-        next = at + k + terminator.length - tail.length;
+        next = at + k + 4 - tail.length;
       }
     }
     if (text === undefined) {
-      const found = chunk.indexOf(terminator, at, 'latin1');
+      const found = chunk.indexOf('\r\n\r\n', at, 'latin1');
       if (found < 0) {
         this.pendingText += chunk.toString('latin1', at, chunk.length);
-        if (this.pendingText.length > MAX_HEAD_BYTES) throw new UpstreamSocketError(`the answer of ${this.host}:${this.port} has a head larger than ${MAX_HEAD_BYTES} bytes`, 'EPROTO');
+        if (this.pendingText.length > MAX_HEAD_BYTES) throw new UpstreamSocketError(`the answer of ${this.where} has a head larger than ${MAX_HEAD_BYTES} bytes`, 'EPROTO');
         return -1;
       }
       text = pending + chunk.toString('latin1', at, found);
-      next = found + terminator.length;
+      next = found + 4;
     }
     this.pendingText = '';
-    if (this.state === 'head') this.onHead(text);
-    else if (this.state === 'trailers') this.state = 'done';
-    else if (this.state === 'chunk-end') {
-      if (text !== '') throw new UpstreamSocketError(`bad chunk framing from ${this.host}:${this.port}`, 'EPROTO');
-      this.state = 'chunk-size';
-    } else this.onChunkSize(text);
+    if (text.length > MAX_HEAD_BYTES) throw new UpstreamSocketError(`the answer of ${this.where} has a head larger than ${MAX_HEAD_BYTES} bytes`, 'EPROTO');
+    this.onHead(text);
     return next;
   }
 
-  private onChunkSize(line: string): void {
-    const match = CHUNK_SIZE.exec(line);
-    if (!match || match[1].length > 12) throw new UpstreamSocketError(`bad chunk size line from ${this.host}:${this.port}`, 'EPROTO');
-    this.remaining = parseInt(match[1], 16);
-    if (this.remaining === 0) {
-      // Trailers, if any, end with an empty line; with none, that empty line comes at once.
-      this.state = 'trailers';
-      this.pendingText = '\r\n';
-    } else this.state = 'chunk-data';
-  }
-
-  private onHead(head: string): void {
-    const lines = head.split('\r\n');
-    const status = STATUS_LINE.exec(lines[0]);
-    // One check for every header line: a token, a colon, no stray CR, LF or NUL.
-    if (status && lines.length > 1 && !HEADER_LINES.test(head.slice(lines[0].length))) throw new UpstreamSocketError(`${this.host}:${this.port} sent a malformed header line`, 'EPROTO');
-    if (!status) throw new UpstreamSocketError(`${this.host}:${this.port} did not answer with HTTP/1.x`, 'EPROTO');
-    const statusCode = Number(status[2]);
-    if (statusCode >= 100 && statusCode < 200 && statusCode !== 101) return; // interim: the real answer follows
-    if (statusCode < 200) throw new UpstreamSocketError(`${this.host}:${this.port} answered ${statusCode}, which the gateway did not ask for`, 'EPROTO');
-    const headers: string[] = [];
-    let length: number | undefined;
-    let chunked = false;
-    let otherCoding = false;
-    let connection = '';
-    for (let i = 1; i < lines.length; i++) {
-      const line = lines[i];
-      const colon = line.indexOf(':');
-      const name = line.slice(0, colon);
-      const value = line.slice(colon + 1).trim();
-      headers.push(name, value);
-      // Only these lengths can be a header the framing depends on: most names are not lowered.
-      const lower = name.length === 10 || name.length === 14 || name.length === 17 ? name.toLowerCase() : '';
-      if (lower === 'content-length' && PLAIN_LENGTH.test(value) && (length === undefined || length === Number(value))) length = Number(value);
-      else if (lower === 'content-length') {
-        const values = value.split(',').map((v) => v.trim());
-        if (!values.every((v) => /^\d{1,15}$/.test(v) && v === values[0]) || (length !== undefined && length !== Number(values[0]))) {
-          throw new UpstreamSocketError(`${this.host}:${this.port} sent a bad Content-Length`, 'EPROTO');
-        }
-        length = Number(values[0]);
-      } else if (lower === 'transfer-encoding') {
-        // The common value is read without splitting it.
-        const lowered = value.toLowerCase();
-        chunked = lowered === 'chunked' || lowered.split(',').at(-1)?.trim() === 'chunked';
-        otherCoding = !chunked;
-      } else if (lower === 'connection') connection += `,${value.toLowerCase()}`;
-      else if (lower === 'keep-alive' && value !== this.keepAliveHint) {
-        // The same hint comes with every answer: read once.
-        this.keepAliveHint = value;
-        const timeout = /timeout=(\d+)/i.exec(value);
-        if (timeout) this.idleMs = Math.min(IDLE_MS, Math.max(0, Number(timeout[1]) * 1000 - 1000));
-      }
+  private onHead(text: string): void {
+    const head = readAnswerHead(text, this.where, this.keepAliveHint);
+    if (!head) return; // interim: the real answer follows
+    this.keepAlive = head.keepAlive;
+    if (head.keepAliveHeader !== undefined && head.keepAliveHeader !== this.keepAliveHint) {
+      // The same hint comes with every answer: read once.
+      this.keepAliveHint = head.keepAliveHeader;
+      const timeout = /timeout=(\d+)/i.exec(head.keepAliveHeader);
+      if (timeout) this.idleMs = Math.min(IDLE_MS, Math.max(0, Number(timeout[1]) * 1000 - 1000));
     }
-    const http10 = status[1] === '0';
-    if (connection === '') this.keepAlive = !http10;
-    else if (connection === ',keep-alive') this.keepAlive = true;
-    else {
-      const tokens = connection.split(',').map((t) => t.trim());
-      this.keepAlive = http10 ? tokens.includes('keep-alive') : !tokens.includes('close');
-    }
-    if ((chunked || otherCoding) && length !== undefined) this.keepAlive = false;
     const handler = this.handler as UpstreamHandler;
     this.onAnswer();
-    const request = this.requestCount;
-    // An inline closure: one bound to a name gets a name set at each call (tsx keeps names), which costs on the hot path.
-    handler.onHeaders(
-      statusCode,
-      headers,
-      () => {
-        if (request === this.requestCount) this.resumeReading();
-      },
-      status[3] ?? '',
-    );
+    handler.onHeaders(head, this);
     if (this.handler !== handler) return;
+    const { statusCode, length } = head;
     if (this.headRequest || statusCode === 204 || statusCode === 304) this.state = 'done';
-    else if (chunked) this.state = 'chunk-size';
-    else if (otherCoding || length === undefined) {
+    else if (head.chunked) {
+      this.state = 'chunked';
+      this.framing.reset();
+    }
+    else if (head.otherCoding || length < 0) {
       this.state = 'until-close';
       this.keepAlive = false;
     } else if (length === 0) this.state = 'done';
@@ -338,6 +288,10 @@ export class UpstreamConnection {
     this.paused = true;
     if (rest.length) this.stash = rest;
     this.socket?.pause();
+  }
+
+  resume(handler: UpstreamHandler): void {
+    if (handler === this.handler) this.resumeReading();
   }
 
   private resumeReading(): void {

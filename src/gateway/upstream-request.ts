@@ -11,8 +11,12 @@ export interface UpstreamRequest {
   method: string;
   /** Path and query. */
   path: string;
-  /** [name, value, ...] as sent (hop-by-hop ones removed already). */
-  headers: string[];
+  /**
+   * [name, value, ...] as sent (hop-by-hop ones removed already); or, as text, the whole head
+   * but its framing: the request line, then each header line after a CRLF, Host among them,
+   * checked already for characters that cannot be sent (a lean client request's, upstreamHeadText).
+   */
+  headers: string[] | string;
   body: Buffer | Readable | null;
 }
 
@@ -40,11 +44,16 @@ export interface RequestHead {
 
 /** The request's head: request line, its headers (Host added if missing) and the body's framing. */
 export function requestHead(request: UpstreamRequest, host: string, port: number): RequestHead {
+  const { headers, body } = request;
+  if (typeof headers === 'string') {
+    // Only a lean client request comes so, and it has no body.
+    if (body !== null) throw new Error('a request head given as text cannot have a body');
+    return { text: BODYLESS_REQUEST_METHODS.has(request.method) ? `${headers}\r\n\r\n` : `${headers}\r\ncontent-length: 0\r\n\r\n`, chunked: false };
+  }
   if (UNSAFE_IN_HEAD.test(request.path) || !TOKEN.test(request.method)) throw new UpstreamSocketError('the request line holds characters that cannot be sent', 'EINVAL');
   let head = `${request.method} ${request.path} HTTP/1.1\r\n`;
   let hasHost = false;
   let streamLength: string | undefined;
-  const { headers, body } = request;
   for (let i = 0; i < headers.length; i += 2) {
     const name = headers[i];
     const value = headers[i + 1];

@@ -4,7 +4,7 @@
  */
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { connect } from 'node:net';
+import { connect, createServer, type AddressInfo } from 'node:net';
 import { request } from 'undici';
 import type { GatewayClient, Upstream } from '../../src/gateway/index.js';
 import { LOOPBACK, freePort, httpUpstream, withGateway } from './gateway-env.js';
@@ -163,6 +163,54 @@ describe('gateway: lean client connections', () => {
       const res = await request(`http://${LOOPBACK}:${port}/fine`);
       assert.equal(await res.body.text(), 'answer /fine 1.1');
       await a.kill();
+    }));
+
+  it('passes upstream heads on as text both ways: hop-by-hop lines cut, chunk framing and a large head intact, a malformed answer a 502', () =>
+    withGateway(async ({ client }) => {
+      // Answers written as bytes, to have chunk extensions, trailers and malformed heads.
+      const big = Array.from({ length: 300 }, (_, i) => `X-Big-${i}: ${'b'.repeat(i % 40)}`).join('\r\n');
+      const scripted: Record<string, string> = {
+        '/chunked': 'HTTP/1.1 200 OK\r\nX-A: 1\r\nConnection: keep-alive, X-Secret\r\nX-Secret: s\r\nKeep-Alive: timeout=9\r\nTransfer-Encoding: chunked\r\n\r\n3;ext=1\r\nabc\r\n4\r\ndefg\r\n0\r\nX-Trailer: t\r\n\r\n',
+        '/big': `HTTP/1.1 200 OK\r\n${big}\r\nContent-Length: 2\r\n\r\nok`,
+        '/both': 'HTTP/1.1 200 OK\r\nContent-Length: 99\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n',
+        '/malformed': 'HTTP/1.1 200 OK\r\nX-A: one\ntwo\r\nContent-Length: 0\r\n\r\n',
+      };
+      const seen: string[] = [];
+      const server = createServer((socket) => {
+        let buffered = '';
+        socket.on('error', () => undefined);
+        socket.on('data', (data) => {
+          buffered += data.toString('latin1');
+          for (let end = buffered.indexOf('\r\n\r\n'); end >= 0; end = buffered.indexOf('\r\n\r\n')) {
+            const head = buffered.slice(0, end);
+            buffered = buffered.slice(end + 4);
+            seen.push(head);
+            socket.write(scripted[head.split(' ')[1]], 'latin1');
+          }
+        });
+      });
+      await new Promise<void>((resolve) => server.listen(0, LOOPBACK, resolve));
+      const port = await httpRoute(client, 'text-heads', { address: LOOPBACK, port: (server.address() as AddressInfo).port });
+      const writes = ['GET /chunked HTTP/1.1\r\nHost: x\r\nConnection: X-Hidden\r\nX-Hidden: h\r\nX-Forwarded-For: 203.0.113.9\r\n\r\nGET /big HTTP/1.1\r\nHost: x\r\n\r\nGET /both HTTP/1.1\r\nhost:y\r\n\r\n'];
+      const { received } = await exchange(port, writes, (r) => r.endsWith('hi\r\n0\r\n\r\n'));
+      const got = answers(received);
+      assert.deepEqual(
+        got.map((x) => [x.status, x.body]),
+        [
+          [200, 'abcdefg'],
+          [200, 'ok'],
+          [200, 'hi'],
+        ],
+      );
+      assert.equal(got[0].head, 'HTTP/1.1 200 OK\r\nX-A: 1\r\ntransfer-encoding: chunked\r\nconnection: keep-alive\r\nkeep-alive: timeout=5');
+      assert.ok(!received.includes('X-Trailer'), 'trailers are not passed on');
+      assert.ok(got[1].head.startsWith(`HTTP/1.1 200 OK\r\n${big}\r\nContent-Length: 2\r\n`));
+      assert.ok(!/content-length/i.test(got[2].head), 'the Content-Length of a chunked answer is not passed on');
+      assert.equal(seen[0], 'GET /chunked HTTP/1.1\r\nHost: x\r\nx-forwarded-for: 203.0.113.9, 127.0.0.1\r\nx-forwarded-proto: http\r\nx-forwarded-host: x');
+      assert.equal(seen[2], 'GET /both HTTP/1.1\r\nhost:y\r\nx-forwarded-for: 127.0.0.1\r\nx-forwarded-proto: http\r\nx-forwarded-host: y');
+      const malformed = await exchange(port, ['GET /malformed HTTP/1.1\r\nHost: x\r\n\r\n'], (r) => r.includes('\r\n\r\n') && r.includes('}'));
+      assert.match(malformed.received, /^HTTP\/1\.1 502 /);
+      server.close();
     }));
 
   it('gives a client that leaves mid-answer no answer and the others theirs', () =>

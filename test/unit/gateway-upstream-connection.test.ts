@@ -10,7 +10,8 @@ import { createServer as createHttpServer, type IncomingMessage } from 'node:htt
 import { createServer, type Server, type Socket } from 'node:net';
 import { Readable } from 'node:stream';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { UpstreamConnection } from '../../src/gateway/upstream-connection.js';
+import { headerList } from '../../src/gateway/http-messages.js';
+import { UpstreamConnection, type UpstreamHandler } from '../../src/gateway/upstream-connection.js';
 import type { UpstreamRequest } from '../../src/gateway/upstream-request.js';
 import { freePort } from './gateway-env.js';
 
@@ -29,33 +30,30 @@ function exchange(conn: UpstreamConnection, request: Partial<UpstreamRequest>, p
     const chunks: Buffer[] = [];
     let resumeFn: (() => void) | undefined;
     let paused = false;
-    conn.send(
-      { method: 'GET', path: '/', headers: ['host', 'test'], body: null, ...request },
-      {
-        onConnect: () => (outcome.connected = true),
-        onHeaders: (status, headers, resume) => {
-          outcome.status = status;
-          outcome.headers = headers;
-          resumeFn = resume;
-          return true;
-        },
-        onData: (chunk) => {
-          assert.equal(paused, false, 'onData while paused');
-          chunks.push(Buffer.from(chunk));
-          if (pauseEvery && chunks.length % pauseEvery === 0) {
-            paused = true;
-            setTimeout(() => {
-              paused = false;
-              resumeFn?.();
-            }, 10);
-            return false;
-          }
-          return true;
-        },
-        onComplete: () => resolve({ ...outcome, body: Buffer.concat(chunks) }),
-        onError: (error) => resolve({ ...outcome, body: Buffer.concat(chunks), error }),
+    const handler: UpstreamHandler = {
+      onConnect: () => (outcome.connected = true),
+      onHeaders: (head, reading) => {
+        outcome.status = head.statusCode;
+        outcome.headers = headerList(head.text, head.fieldsAt);
+        resumeFn = () => reading.resume(handler);
       },
-    );
+      onData: (chunk) => {
+        assert.equal(paused, false, 'onData while paused');
+        chunks.push(Buffer.from(chunk));
+        if (pauseEvery && chunks.length % pauseEvery === 0) {
+          paused = true;
+          setTimeout(() => {
+            paused = false;
+            resumeFn?.();
+          }, 10);
+          return false;
+        }
+        return true;
+      },
+      onComplete: () => resolve({ ...outcome, body: Buffer.concat(chunks) }),
+      onError: (error) => resolve({ ...outcome, body: Buffer.concat(chunks), error }),
+    };
+    conn.send({ method: 'GET', path: '/', headers: ['host', 'test'], body: null, ...request }, handler);
   });
 }
 
