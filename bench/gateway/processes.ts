@@ -100,7 +100,13 @@ export async function startGateway(
     for (const line of lines) onStdoutLine(line);
   });
   const client = new GatewayClient({ url, token: TOKEN });
-  for (const r of routes) await client.putRoute(r.name, { protocol: 'http', listenPort: r.listenPort, upstream: { address: '127.0.0.1', port: r.upstreamPort } });
+  const stop = stopper(child);
+  try {
+    for (const r of routes) await client.putRoute(r.name, { protocol: 'http', listenPort: r.listenPort, upstream: { address: '127.0.0.1', port: r.upstreamPort } });
+  } catch (err) {
+    await stop();
+    throw err;
+  }
   await sleep(200);
-  return { pid: child.pid as number, stop: stopper(child) };
+  return { pid: child.pid as number, stop };
 }

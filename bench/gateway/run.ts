@@ -27,12 +27,14 @@ import { perClientLoad, type PerClientRow } from './per-client.js';
 import { startGateway, startOneConnectionServer, startStatefulApp } from './processes.js';
 
 const RESULTS = fileURLToPath(new URL('../results/gateway.md', import.meta.url));
-const APP_PORT = 38180;
-const GATEWAY_API_PORT = 38181;
-const GATEWAY_PORT = 38182;
-const HAPROXY_PORT = 38183;
-const GATEWAY_PY_PORT = 38184;
-const HAPROXY_PY_PORT = 38185;
+// Below the kernel's ephemeral range (32768-60999 by default): a client's own end of a connection
+// there once took 38184 and the next run's route could not listen.
+const APP_PORT = 24180;
+const GATEWAY_API_PORT = 24181;
+const GATEWAY_PORT = 24182;
+const HAPROXY_PORT = 24183;
+const GATEWAY_PY_PORT = 24184;
+const HAPROXY_PY_PORT = 24185;
 /** Aims of issue 9: gateway requests/s at least this share of HAProxy's, p99 at most this multiple. */
 const AIM_THROUGHPUT = 0.7;
 const AIM_P99 = 2;
