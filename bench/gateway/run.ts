@@ -11,7 +11,7 @@
  * With --cluster (needs the local cluster: only its owner runs this), also what a client sees
  * through the gateway while a container migrates (migration-latency.ts).
  *
- * Usage: npm run bench:gateway [-- --runs 3 --connections 16 --seconds 5 --cluster]
+ * Usage: npm run bench:gateway [-- --runs 3 --connections 16 --seconds 5 --cluster --compare-node-flags '--min-semi-space-size=16']
  * Prints a table and writes it to bench/results/gateway.md.
  */
 import { mkdtemp, mkdir, writeFile } from 'node:fs/promises';
@@ -35,6 +35,8 @@ const GATEWAY_PORT = 24182;
 const HAPROXY_PORT = 24183;
 const GATEWAY_PY_PORT = 24184;
 const HAPROXY_PY_PORT = 24185;
+const FLAGGED_API_PORT = 24186;
+const FLAGGED_PORT = 24187;
 /** Aims of issue 9: gateway requests/s at least this share of HAProxy's, p99 at most this multiple. */
 const AIM_THROUGHPUT = 0.7;
 const AIM_P99 = 2;
@@ -45,11 +47,16 @@ const { values } = parseArgs({
     connections: { type: 'string', default: '16' },
     seconds: { type: 'string', default: '5' },
     cluster: { type: 'boolean', default: false },
+    // A second gateway, started with these node flags besides the usual ones, measured in every
+    // round next to the first: a flag's effect side by side, e.g. '--min-semi-space-size=16'.
+    'compare-node-flags': { type: 'string' },
   },
 });
 const runs = Number(values.runs);
 const connections = Number(values.connections);
 const seconds = Number(values.seconds);
+const flaggedNodeOptions = values['compare-node-flags']?.split(/\s+/).filter(Boolean);
+const FLAGGED_PATH = flaggedNodeOptions ? `gateway ${flaggedNodeOptions.join(' ')}` : undefined;
 const PY_CLIENTS = 4;
 /** Load on each path before the measured runs, not reported: the gateway's JIT compiles its hot path (HAProxy gets the same). */
 const WARMUP_SECONDS = 2;
@@ -67,19 +74,26 @@ interface ProxyRow extends LoadRow {
 async function throughputRuns(scratch: string): Promise<ProxyRow[][]> {
   const app = await startStatefulApp(APP_PORT, join(scratch, 'app'));
   const gateway = await startGateway(join(scratch, 'gateway'), GATEWAY_API_PORT, [{ name: 'bench', listenPort: GATEWAY_PORT, upstreamPort: APP_PORT }]);
+  const flagged = flaggedNodeOptions
+    ? await startGateway(join(scratch, 'gateway-flagged'), FLAGGED_API_PORT, [{ name: 'bench', listenPort: FLAGGED_PORT, upstreamPort: APP_PORT }], { nodeOptions: flaggedNodeOptions })
+    : undefined;
   const haproxy = await startHaproxy(scratch, [{ listenPort: HAPROXY_PORT, server: { address: '127.0.0.1', port: APP_PORT } }]);
   try {
     progress('warming up... ');
-    for (const port of [APP_PORT, GATEWAY_PORT, HAPROXY_PORT]) await wrk('warm-up', `http://127.0.0.1:${port}/health`, { connections, seconds: WARMUP_SECONDS });
+    for (const port of [APP_PORT, GATEWAY_PORT, ...(flagged ? [FLAGGED_PORT] : []), HAPROXY_PORT]) await wrk('warm-up', `http://127.0.0.1:${port}/health`, { connections, seconds: WARMUP_SECONDS });
     progress('done\n');
     const all: ProxyRow[][] = [];
     for (let run = 1; run <= runs; run++) {
       const rows: ProxyRow[] = [];
-      for (const [name, port, pid] of [
+      const paths: Array<[string, number, number | undefined]> = [
         ['direct', APP_PORT, undefined],
         ['gateway', GATEWAY_PORT, gateway.pid],
+        ...(flagged ? [[FLAGGED_PATH!, FLAGGED_PORT, flagged.pid] as [string, number, number]] : []),
         ['haproxy', HAPROXY_PORT, haproxy.pid],
-      ] as const) {
+      ];
+      // Which gateway goes first alternates from round to round, so neither always meets the machine first.
+      if (flagged && run % 2 === 0) [paths[1], paths[2]] = [paths[2]!, paths[1]!];
+      for (const [name, port, pid] of paths) {
         progress(`run ${run}: ${name}... `);
         const before = pid === undefined ? undefined : await processCpu(pid);
         const row: ProxyRow = await wrk(name, `http://127.0.0.1:${port}/health`, { connections, seconds });
@@ -96,6 +110,7 @@ async function throughputRuns(scratch: string): Promise<ProxyRow[][]> {
     return all;
   } finally {
     await haproxy.stop();
+    await flagged?.stop();
     await gateway.stop();
     await app.stop();
   }
@@ -140,12 +155,14 @@ function report(all: ProxyRow[][], py: PerClientRow[], migration: string | undef
       const cpu = r.cpuUs ? `${r.cpuUs.user.toFixed(1)} + ${r.cpuUs.system.toFixed(1)} µs` : '';
       lines.push(`| ${i + 1} | ${r.path} | ${r.rps.toFixed(0)} | ${r.p50Ms.toFixed(2)} ms | ${r.p99Ms.toFixed(2)} ms | ${r.errors} | ${cpu} |`);
     }
-    const gw = rows.find((r) => r.path === 'gateway')!;
     const ha = rows.find((r) => r.path === 'haproxy')!;
-    const ratio = gw.rps / ha.rps;
-    const p99 = gw.p99Ms / ha.p99Ms;
-    const met = ratio >= AIM_THROUGHPUT && p99 <= AIM_P99;
-    verdicts.push(`run ${i + 1}: throughput ${ratio.toFixed(2)}x, p99 ${p99.toFixed(2)}x (${met ? 'aim met' : 'aim missed'})`);
+    for (const gw of rows.filter((r) => r.path === 'gateway' || r.path === FLAGGED_PATH)) {
+      const ratio = gw.rps / ha.rps;
+      const p99 = gw.p99Ms / ha.p99Ms;
+      const met = ratio >= AIM_THROUGHPUT && p99 <= AIM_P99;
+      const which = FLAGGED_PATH ? ` ${gw.path}` : '';
+      verdicts.push(`run ${i + 1}${which}: throughput ${ratio.toFixed(2)}x, p99 ${p99.toFixed(2)}x (${met ? 'aim met' : 'aim missed'})`);
+    }
   }
   lines.push('', `gateway/haproxy (aim: >= ${AIM_THROUGHPUT}x requests/s, <= ${AIM_P99}x p99): ${verdicts.join('; ')}.`, '');
   lines.push(
