@@ -11,7 +11,7 @@
  * With --cluster (needs the local cluster: only its owner runs this), also what a client sees
  * through the gateway while a container migrates (migration-latency.ts).
  *
- * Usage: npm run bench:gateway [-- --runs 3 --connections 16 --seconds 5 --cluster --compare-node-flags '--min-semi-space-size=16']
+ * Usage: npm run bench:gateway [-- --runs 3 --connections 16 --seconds 5 --cluster --compare-node-flags=--min-semi-space-size=16]
  * Prints a table and writes it to bench/results/gateway.md.
  */
 import { mkdtemp, mkdir, writeFile } from 'node:fs/promises';
